@@ -1,0 +1,32 @@
+"""Shared fixtures: the built corpus and skip reasons for root/kernel tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paths import CONFORMANCE, CORPUS, build_corpus  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def corpus_build() -> Path:
+    """The directory holding the built corpus objects and targets."""
+    if not CORPUS.is_dir():
+        pytest.skip(f"shared corpus not found at {CORPUS}")
+    return build_corpus()
+
+
+@pytest.fixture(scope="session")
+def conformance_dir() -> Path:
+    if not CONFORMANCE.is_dir():
+        pytest.skip(f"bpf_conformance not found at {CONFORMANCE}")
+    return CONFORMANCE
+
+
+def root_skip_reason() -> str | None:
+    return None if os.geteuid() == 0 else "needs root"
