@@ -1,0 +1,257 @@
+"""Turn an inert ``ObjectSpec`` into live maps and runnable programs.
+
+This is the only place that joins the loader, the verifier, the maps, the
+helpers and the engines.  The order mirrors what libbpf + the kernel do:
+CO-RE against the target BTF, verification of the spec-level bytecode, map
+creation (global data included), relocation of map references to host
+addresses, then compilation/preparation for the chosen engine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ubpf_py.errors import NotSupportedError, ObjectLoadError, UbpfError
+from ubpf_py.isa.instruction import Instruction
+from ubpf_py.isa.opcodes import (
+    BPF_PSEUDO_MAP_IDX,
+    BPF_PSEUDO_MAP_IDX_VALUE,
+    LDDW,
+)
+from ubpf_py.obj.spec import MapSpec, ObjectSpec, ProgramSpec
+from ubpf_py.vm.env import ExecEnv, HitContext
+from ubpf_py.vm.memory import HostBuffer, MemoryMap, Region
+
+ENGINES = ("jit", "interp")
+VERIFIER_MODES = ("strict", "warn", "off")
+MAP_TYPE_PROG_ARRAY = 3
+MAP_TYPE_ARRAY_OF_MAPS = 12
+MAP_TYPE_HASH_OF_MAPS = 13
+PT_REGS_SIZE = 168
+
+
+def possible_cpus() -> int:
+    """Number of possible CPUs, as the kernel sizes per-CPU maps and perf arrays."""
+    try:
+        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += (int(hi) - int(lo) + 1) if hi else 1
+    return count
+
+
+@dataclass
+class LoadedProgram:
+    """A program ready to run: its spec, live bytecode and engine executable."""
+
+    spec: ProgramSpec
+    instructions: list[Instruction]
+    executable: Any
+    env: ExecEnv
+    #: verifier report (None when the verifier is off)
+    report: Any = None
+    #: statistics kept by the caller of ``run``
+    runs: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def run(self, ctx_addr: int) -> int:
+        """Run once with r1 = ctx_addr; resets the per-run tail-call budget."""
+        self.env.tail_call_count = 0
+        self.runs += 1
+        return self.executable.run(ctx_addr)
+
+
+@dataclass
+class Collection:
+    """Live maps and programs of one object, sharing one ``ExecEnv``."""
+
+    spec: ObjectSpec
+    maps: dict[str, Any]
+    programs: dict[str, LoadedProgram]
+    env: ExecEnv
+    #: maps in spec order (index = the MAP_IDX used in spec-level bytecode)
+    map_list: list[Any] = field(default_factory=list)
+    #: pt_regs buffer the probe engine copies registers into (also registered as a region)
+    ctx_buffer: HostBuffer | None = None
+
+    @classmethod
+    def load(cls, spec: ObjectSpec, *, engine: str = "jit", verifier: str = "strict",
+             programs: Iterable[str] | None = None, target_btf: Any = None,
+             check_memory: bool = True, ncpus: int | None = None) -> Collection:
+        """Load ``spec`` (or only the named ``programs`` and what they reference)."""
+        if engine not in ENGINES:
+            raise UbpfError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+        if verifier not in VERIFIER_MODES:
+            raise UbpfError(f"unknown verifier mode {verifier!r}: use one of {', '.join(VERIFIER_MODES)}")
+        wanted = list(spec.programs) if programs is None else list(programs)
+        for name in wanted:
+            if name not in spec.programs:
+                raise ObjectLoadError(f"{spec.path}: no program named {name!r} "
+                                      f"(programs: {', '.join(spec.programs) or 'none'})")
+
+        from ubpf_py.helpers import build_helper_table, check_helpers
+        from ubpf_py.maps import create_map
+
+        ncpus = ncpus or possible_cpus()
+        memory = MemoryMap()
+        env = ExecEnv(memory=memory, hit=HitContext())
+        ctx_buffer = HostBuffer(PT_REGS_SIZE)
+        memory.add(Region.of(ctx_buffer, "context (struct pt_regs)", writable=False))
+
+        # programs: CO-RE, helper check, verification on spec-level bytecode
+        prepared: dict[str, tuple[ProgramSpec, list[Instruction], Any]] = {}
+        for name in _with_tail_call_targets(spec, wanted):
+            prog = spec.programs[name]
+            insns = _apply_core(spec, prog, target_btf)
+            check_helpers(insns)
+            report = _verify(spec, prog, insns, verifier)
+            prepared[name] = (prog, insns, report)
+
+        # maps (all of them: globals and maps are shared between programs)
+        live_maps: list[Any] = []
+        for mspec in spec.maps:
+            live = create_map(mspec, ncpus=ncpus)
+            live_maps.append(live)
+            env.maps_by_addr[live.handle_addr] = live
+            for region in live.regions():
+                memory.add(region)
+        env.helpers = build_helper_table(env)
+
+        loaded: dict[str, LoadedProgram] = {}
+        for name, (prog, insns, report) in prepared.items():
+            live_insns = relocate_maps(insns, spec.maps, live_maps, prog.name)
+            executable = _make_executable(engine, live_insns, env, check_memory)
+            loaded[name] = LoadedProgram(prog, live_insns, executable, env, report)
+
+        _init_slots(spec, live_maps, loaded)
+        by_name = {m.spec.name: m for m in live_maps}
+        env.resolve_tail_call = _tail_call_resolver(env)
+        return cls(spec, by_name, loaded, env, live_maps, ctx_buffer)
+
+    def program(self, name: str) -> LoadedProgram:
+        try:
+            return self.programs[name]
+        except KeyError:
+            raise UbpfError(f"no program named {name!r} in {self.spec.path} "
+                            f"(programs: {', '.join(self.programs)})") from None
+
+
+def _with_tail_call_targets(spec: ObjectSpec, wanted: list[str]) -> list[str]:
+    """The wanted programs plus every program a PROG_ARRAY initialiser names."""
+    names = list(wanted)
+    for m in spec.maps:
+        if m.type == MAP_TYPE_PROG_ARRAY:
+            for target in m.init_slots.values():
+                if target in spec.programs and target not in names:
+                    names.append(target)
+    return names
+
+
+def _apply_core(spec: ObjectSpec, prog: ProgramSpec, target_btf: Any) -> list[Instruction]:
+    if not prog.core_relocs:
+        return list(prog.instructions)
+    from ubpf_py.obj import core
+
+    return core.apply_core_relocs(prog, spec.btf, target_btf)
+
+
+def _verify(spec: ObjectSpec, prog: ProgramSpec, insns: list[Instruction], mode: str) -> Any:
+    if mode == "off":
+        return None
+    from ubpf_py.verifier import verify_program
+
+    checked = prog if insns is prog.instructions else _replace_insns(prog, insns)
+    return verify_program(checked, spec.maps, mode=mode, btf=spec.btf)
+
+
+def _replace_insns(prog: ProgramSpec, insns: list[Instruction]) -> ProgramSpec:
+    import dataclasses
+
+    return dataclasses.replace(prog, instructions=insns)
+
+
+def relocate_maps(insns: list[Instruction], specs: list[MapSpec], live: list[Any],
+                  prog_name: str) -> list[Instruction]:
+    """Replace spec-level map references (lddw src=5/6) by host addresses (src=0)."""
+    out = list(insns)
+    for i, ins in enumerate(out):
+        if ins.opcode != LDDW or ins.src == 0:
+            continue
+        if ins.src in (BPF_PSEUDO_MAP_IDX, BPF_PSEUDO_MAP_IDX_VALUE):
+            idx = ins.imm
+            if not 0 <= idx < len(live):
+                raise ObjectLoadError(f"program {prog_name}: instruction {i} references map index {idx}, "
+                                      f"but the object has {len(live)} maps")
+            m = live[idx]
+            if ins.src == BPF_PSEUDO_MAP_IDX:
+                addr = m.handle_addr
+            else:
+                base = m.lookup_addr(b"\0" * specs[idx].key_size)
+                if not base:
+                    raise ObjectLoadError(f"program {prog_name}: instruction {i} takes the address of a value "
+                                          f"of map {specs[idx].name}, which has no value at key 0")
+                addr = base + (ins.imm_hi & 0xFFFFFFFF)
+            out[i] = ins.replace(src=0, imm=_s32(addr & 0xFFFFFFFF), imm_hi=_s32(addr >> 32))
+        elif ins.src == 4:  # BPF_PSEUDO_FUNC: engines handle callbacks themselves
+            continue
+        else:
+            raise NotSupportedError(f"lddw pseudo source {ins.src} (instruction {i} of {prog_name})")
+    return out
+
+
+def _s32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v & 0x80000000 else v
+
+
+def _make_executable(engine: str, insns: list[Instruction], env: ExecEnv, check_memory: bool) -> Any:
+    if engine == "interp":
+        from ubpf_py.vm.interpreter import Interpreter
+
+        return Interpreter(insns, env, check_memory=check_memory)
+    from ubpf_py.vm.jit import JitProgram
+
+    return JitProgram(insns, env, check_memory=check_memory)
+
+
+def _init_slots(spec: ObjectSpec, live_maps: list[Any], loaded: dict[str, LoadedProgram]) -> None:
+    """Static ``__array(values, ...)`` initialisation of prog arrays and map-in-map."""
+    by_name = {m.spec.name: m for m in live_maps}
+    for m in live_maps:
+        for slot, target in m.spec.init_slots.items():
+            if m.spec.type == MAP_TYPE_PROG_ARRAY:
+                if target not in loaded:
+                    raise ObjectLoadError(f"map {m.spec.name}: slot {slot} names program {target!r}, "
+                                          f"which was not loaded")
+                m.set_program(slot, loaded[target].executable)
+            elif m.spec.type in (MAP_TYPE_ARRAY_OF_MAPS, MAP_TYPE_HASH_OF_MAPS):
+                if target not in by_name:
+                    raise ObjectLoadError(f"map {m.spec.name}: slot {slot} names map {target!r}, which does not exist")
+                key = slot.to_bytes(m.spec.key_size, "little")
+                inner = by_name[target].handle_addr.to_bytes(8, "little")
+                rc = m.update(key, inner[: m.spec.value_size] if m.spec.value_size < 8 else inner, 0)
+                if rc:
+                    raise ObjectLoadError(f"map {m.spec.name}: cannot store inner map {target} in slot {slot} "
+                                          f"(error {rc})")
+
+
+def _tail_call_resolver(env: ExecEnv):
+    maps_by_addr = env.maps_by_addr
+
+    def resolve(handle: int, index: int) -> Any:
+        m = maps_by_addr.get(handle)
+        if m is None or m.spec.type != MAP_TYPE_PROG_ARRAY:
+            return None
+        return m.get_program(index)
+
+    return resolve
