@@ -1,0 +1,184 @@
+"""``ubpf-run``: run a libbpf-style uprobe object against a process, without kernel BPF.
+
+Every failure a user can cause ends as one line ``ubpf-run: error: ...`` and a
+documented exit code; tracebacks are shown only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+
+from ubpf_py.errors import UbpfError, UsageError
+
+EXIT_CODES = """exit codes:
+  0   success (the target's own exit status is reported, not returned)
+  1   error (runtime, helper, map)
+  2   the object cannot be loaded (not a BPF ELF, bad relocation, BTF)
+  3   the verifier rejected a program (--check: any program rejected)
+  4   attaching failed (no such pid, permission, missing symbol or binary)
+  5   the kernel backend failed (bpf() or perf_event_open refused)
+  64  bad command line
+  70  internal error (a bug in ubpf-run: please report it with --debug output)
+  130 interrupted before tracing started
+"""
+
+EXAMPLES = """examples:
+  ubpf-run hello.bpf.o -- ./hello                 trace a new process (auto-attach from SEC names)
+  ubpf-run prog.o --pid 1234                      attach to a running process
+  ubpf-run prog.o --attach add_entry=./hello:add -- ./hello
+  ubpf-run prog.o --attach multi=./app:f+4@0x100 --pid 1234   offset and cookie
+  ubpf-run funclat.bpf.o --set 'targ_tgid=$PID' -- ./funclat
+  ubpf-run prog.o --format json -o events.jsonl -- ./app      machine-readable output
+  ubpf-run --check prog.o                         verify every program; no target, no privileges
+  ubpf-run --list 'uprobe:./app:*alloc*'          list probe-able functions (also --list PATTERN --pid N)
+  ubpf-run prog.o --backend kernel -- ./app       the same object in the kernel (needs root)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ubpf-run",
+        description="Run unmodified libbpf-style uprobe BPF objects in userspace (ptrace + JIT), "
+                    "printing bpf_printk lines, ring/perf buffer events and maps like the kernel tools.",
+        epilog=EXAMPLES + "\n" + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("object", nargs="?", help="BPF object file (clang -target bpf)")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="command to start under tracing, after --")
+    p.add_argument("-p", "--pid", type=int, help="attach to this running process")
+    p.add_argument("-a", "--attach", action="append", default=[], metavar="PROG=BINARY:FUNC[+OFF][@COOKIE]",
+                   help="attach a program (repeatable); USDT programs take BINARY:PROVIDER:NAME")
+    p.add_argument("--no-auto", action="store_true", help="do not auto-attach programs from their section names")
+    p.add_argument("-s", "--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a global before load (numbers, strings, $PID for the traced pid)")
+    p.add_argument("-d", "--duration", type=float, help="stop tracing after this many seconds")
+    p.add_argument("--follow-forks", action="store_true", help="also trace children the target forks")
+    p.add_argument("--engine", choices=["jit", "interp"], default="jit", help="execution engine (default jit)")
+    p.add_argument("--no-memory-checks", action="store_true",
+                   help="JIT without runtime memory checks (trust the verifier)")
+    p.add_argument("--verifier", choices=["strict", "warn", "off"], default="strict",
+                   help="strict: reject unsafe programs (default); warn: log and run; off")
+    p.add_argument("--verifier-log", action="store_true", help="print the full verifier log")
+    p.add_argument("--backend", choices=["userspace", "kernel"], default="userspace",
+                   help="userspace (ptrace, default) or kernel (bpf() + perf_event uprobes, needs root)")
+    p.add_argument("-f", "--format", choices=["text", "json"], default="text", help="output format")
+    p.add_argument("-o", "--output", metavar="FILE", help="write output here instead of stdout")
+    p.add_argument("--event-type", metavar="STRUCT", help="decode ring/perf buffer records as this BTF struct")
+    p.add_argument("--check", action="store_true", help="load and verify every program, attach nothing")
+    p.add_argument("-l", "--list", nargs="?", const="*", metavar="PATTERN",
+                   help="list probe-able functions (and USDT probes) of a binary or --pid")
+    p.add_argument("-v", "--verbose", action="store_true", help="per-probe hit counts and overhead at exit")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks for internal errors")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    args.command = cmd
+    if args.list is not None:
+        return args
+    if not args.object:
+        raise UsageError("no BPF object given: ubpf-run OBJECT.o [--pid PID | -- COMMAND ...] (see --help)")
+    if args.check:
+        return args
+    if args.pid is None and not cmd:
+        raise UsageError("nothing to trace: give --pid PID or a command after -- (or --check to only verify)")
+    if args.pid is not None and cmd:
+        raise UsageError("give either --pid or a command after --, not both")
+    for item in args.set:
+        if "=" not in item or not item.partition("=")[0]:
+            raise UsageError(f"bad --set {item!r}: expected NAME=VALUE")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+        return _dispatch(args)
+    except UbpfError as e:
+        _error(str(e))
+        if debug:
+            traceback.print_exc()
+        return e.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 0
+    except SystemExit:
+        raise
+    except Exception as e:  # the edge: nothing else may turn into a traceback for users
+        _error(f"internal error: {type(e).__name__}: {e} (run with --debug for details and please report it)")
+        if debug:
+            traceback.print_exc()
+        return 70
+
+
+def _error(msg: str) -> None:
+    print(f"ubpf-run: error: {msg}", file=sys.stderr, flush=True)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.list is not None:
+        return _cmd_list(args)
+    if args.check:
+        return _cmd_check(args)
+    # SIGTERM/SIGHUP end tracing like Ctrl-C: the session restores the target on the way out
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+    if args.backend == "kernel":
+        from ubpf_py.kernel.cli_backend import run_kernel_backend
+
+        return run_kernel_backend(args)
+    from ubpf_py.live.tracing import run_userspace
+
+    return run_userspace(args)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from ubpf_py.verifier import check_object, format_verdict
+
+    reports = check_object(args.object, mode="strict" if args.verifier == "off" else args.verifier)
+    rejected = 0
+    for rep in reports:
+        print(format_verdict(rep))
+        rejected += not rep.ok
+        if args.verifier_log and rep.log:
+            print(rep.log.rstrip())
+    return 3 if rejected else 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from ubpf_py.probe.listing import list_functions
+
+    pattern = args.list
+    target: str | int | None = args.pid if args.pid is not None else args.object
+    # bpftrace style: uprobe:BINARY:PATTERN
+    if pattern.startswith(("uprobe:", "uretprobe:", "usdt:")):
+        _, _, rest = pattern.partition(":")
+        binary, sep, pat = rest.rpartition(":")
+        if sep and binary:
+            target, pattern = binary, pat or "*"
+    if target is None:
+        raise UsageError("--list needs a binary (ubpf-run --list 'uprobe:BINARY:PATTERN') or --pid")
+    for line in list_functions(target, pattern):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

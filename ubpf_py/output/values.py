@@ -1,0 +1,64 @@
+"""Bytes -> readable values, through BTF when the object has it.
+
+Without a BTF type (id 0, or no BTF), integers of 1/2/4/8 bytes print as
+unsigned decimals and anything else as hex, which is what bpftool does for
+objects without BTF.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ubpf_py.errors import UbpfError
+
+_DECODE_ERRORS = (UbpfError, ValueError, KeyError, IndexError, TypeError)
+
+
+class ValueDecoder:
+    def __init__(self, btf: Any) -> None:
+        self.btf = btf
+
+    def _fmt(self):
+        if self.btf is None:
+            return None
+        try:
+            from ubpf_py.obj import btf_format
+        except ImportError:
+            return None
+        return btf_format
+
+    def value(self, type_id: int, data: bytes) -> Any:
+        """A JSON-able Python value."""
+        fmt = self._fmt()
+        if fmt is not None and type_id:
+            try:
+                return fmt.to_python(self.btf, type_id, data)
+            except _DECODE_ERRORS:  # a decoding gap must not lose the raw data
+                pass
+        if len(data) in (1, 2, 4, 8):
+            return int.from_bytes(data, "little")
+        return data.hex()
+
+    def text(self, type_id: int, data: bytes, size: int) -> str:
+        fmt = self._fmt()
+        if fmt is not None and type_id:
+            try:
+                return fmt.to_text(self.btf, type_id, data)
+            except _DECODE_ERRORS:
+                pass
+        if len(data) in (1, 2, 4, 8):
+            return str(int.from_bytes(data, "little"))
+        return data.hex()
+
+    def int_array(self, type_id: int, data: bytes) -> list[int] | None:
+        """The value as a list of integers when its type is an integer array."""
+        v = self.value(type_id, data)
+        if isinstance(v, list) and v and all(isinstance(x, int) for x in v):
+            return v
+        return None
+
+    def sum_percpu(self, type_id: int, values: list[bytes], size: int) -> str | None:
+        """Sum of per-CPU integer values (what bpftool/bpftrace show for counters)."""
+        if size not in (1, 2, 4, 8):
+            return None
+        return str(sum(int.from_bytes(v[:size], "little") for v in values))
