@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from paths import CONFORMANCE, CORPUS, build_corpus  # noqa: E402
+from paths import CONFORMANCE, CORPUS, build_corpus
 
 
 @pytest.fixture(scope="session")
