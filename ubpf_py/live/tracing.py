@@ -1,0 +1,270 @@
+"""The userspace backend of ``ubpf-run``: load, attach through ptrace, run, report.
+
+Order matters and mirrors the kernel oracle: start (or seize) the target so it
+is stopped before ``main``; set globals (``$PID`` needs the pid); load and
+verify; attach every planned probe; let the target run; on exit, Ctrl-C,
+SIGTERM or an error, detach (the probe engine restores the target) and print
+the maps and globals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ubpf_py.errors import SymbolError, UbpfError, UsageError
+from ubpf_py.live.attach import AttachRequest, parse_attach_option, plan_attachments
+from ubpf_py.live.collection import Collection, LoadedProgram
+from ubpf_py.output.dump import snapshot_globals, snapshot_map
+from ubpf_py.output.values import ValueDecoder
+from ubpf_py.output.writers import Writer, make_writer
+from ubpf_py.vm.env import HitContext
+from ubpf_py.vm.memory import Region
+
+PT_REGS_SIZE = 168
+USDT_SPECS_MAP = "__bpf_usdt_specs"
+USDT_IP_MAP = "__bpf_usdt_ip_to_spec_id"
+
+
+def parse_set_value(text: str, pid: int | None) -> int | str:
+    """``--set`` values: integers (any base), ``$PID``, otherwise a string."""
+    if text == "$PID":
+        if pid is None:
+            raise UsageError("--set ...=$PID needs a traced process")
+        return pid
+    try:
+        return int(text, 0)
+    except ValueError:
+        return text
+
+
+@dataclass
+class ProbeStats:
+    """Per attachment: hits and time spent running the program."""
+
+    request: AttachRequest
+    hits: int = 0
+    prog_ns: int = 0
+
+
+@dataclass
+class OutputPump:
+    """Moves program output (printk, ring buffers, perf buffers) to the writer."""
+
+    writer: Writer
+    collection: Collection
+    ringbufs: list[Any] = field(default_factory=list)
+    perfbufs: list[Any] = field(default_factory=list)
+    decoder: ValueDecoder | None = None
+    event_type_id: int = 0
+    reported_lost: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for m in self.collection.map_list:
+            if m.spec.type_name == "ringbuf":
+                self.ringbufs.append(m)
+            elif m.spec.type_name == "perf_event_array":
+                self.perfbufs.append(m)
+
+    def printk(self, hit: HitContext, message: str) -> None:
+        comm = hit.comm.decode(errors="replace") if isinstance(hit.comm, bytes) else str(hit.comm)
+        self.writer.printk(comm, hit.tgid, hit.tid, hit.cpu, time.monotonic_ns(), message)
+
+    def drain(self) -> None:
+        for m in self.ringbufs:
+            for data in m.consume():
+                self.writer.record("ringbuf", m.spec.name, None, bytes(data), self._fields(data))
+        for m in self.perfbufs:
+            for cpu, data in m.consume():
+                self.writer.record("perfbuf", m.spec.name, cpu, bytes(data), self._fields(data))
+
+    def _fields(self, data: bytes) -> Any:
+        if self.decoder is None or not self.event_type_id:
+            return None
+        return self.decoder.value(self.event_type_id, bytes(data))
+
+    def report_lost(self) -> None:
+        for m in self.ringbufs + self.perfbufs:
+            lost = int(getattr(m, "dropped", 0) or getattr(m, "lost", 0) or 0)
+            if lost:
+                kind = "ringbuf" if m in self.ringbufs else "perfbuf"
+                self.writer.lost(kind, m.spec.name, lost)
+
+
+def run_userspace(args: argparse.Namespace) -> int:
+    """Entry point for the userspace backend (called by the CLI)."""
+    from ubpf_py.obj.elf import load_object
+    from ubpf_py.obj.globals import set_global
+    from ubpf_py.probe.engine import ProbeSession
+
+    spec = load_object(args.object)
+    explicit = [parse_attach_option(a, spec) for a in args.attach]
+    plan = plan_attachments(spec, explicit, auto=not args.no_auto)
+    if not plan:
+        raise UsageError(f"{args.object}: nothing to attach: no program names its target in its section "
+                         f"and no --attach was given (programs: {', '.join(spec.programs)})")
+
+    out = open(args.output, "w") if args.output else None  # noqa: SIM115 - closed in finally
+    session = None
+    try:
+        if args.command:
+            session = ProbeSession.launch(args.command, follow_forks=args.follow_forks)
+        else:
+            session = ProbeSession.attach(args.pid, follow_forks=args.follow_forks)
+        pid = session.pid
+        for item in args.set:
+            name, _, value = item.partition("=")
+            set_global(spec, name, parse_set_value(value, pid))
+
+        programs = sorted({r.program for r in plan})
+        coll = Collection.load(spec, engine=args.engine, verifier=args.verifier, programs=programs,
+                               check_memory=not args.no_memory_checks)
+        if args.verifier_log:
+            for lp in coll.programs.values():
+                if lp.report is not None and lp.report.log:
+                    print(lp.report.log.rstrip(), file=sys.stderr)
+        decoder = ValueDecoder(spec.btf)
+        writer = make_writer(args.format, out, decoder)
+        pump = OutputPump(writer, coll, decoder=decoder,
+                          event_type_id=_event_type_id(spec, args.event_type))
+        coll.env.printk = pump.printk
+        stats = _attach_all(session, coll, plan, pump, writer)
+        try:
+            status = session.run(duration=args.duration)
+        except KeyboardInterrupt:
+            status = None
+            writer.note("interrupted: detaching")
+        finally:
+            pump.drain()
+            session.detach()
+        if status is not None:
+            writer.proc_maps(pid, getattr(session, "exit_maps", []) or [])
+            writer.target_exit(pid, status.exit_code, status.signal)
+        pump.report_lost()
+        for m in coll.map_list:
+            writer.map_dump(snapshot_map(m))
+        for g in snapshot_globals(spec, coll.maps):
+            writer.global_var(g)
+        if args.verbose:
+            writer.stats(_stats_report(stats))
+        writer.close()
+        return 0
+    finally:
+        if session is not None:
+            with contextlib.suppress(UbpfError, OSError):
+                session.detach()
+        if out is not None:
+            out.close()
+
+
+def _event_type_id(spec: Any, name: str | None) -> int:
+    if not name:
+        return 0
+    btf = spec.btf
+    if btf is None:
+        raise UsageError(f"--event-type {name}: the object has no BTF to find the type in")
+    tid = btf.find_struct(name.removeprefix("struct ").strip())
+    if not tid:
+        raise UsageError(f"--event-type {name}: no struct of that name in the object's BTF")
+    return tid
+
+
+def _attach_all(session: Any, coll: Collection, plan: list[AttachRequest], pump: OutputPump,
+                writer: Writer) -> list[ProbeStats]:
+    from ubpf_py.probe import resolve, symbols
+
+    stats = []
+    usdt_next_id = 0
+    for req in plan:
+        prog = coll.program(req.program)
+        st = ProbeStats(req)
+        if req.usdt:
+            from ubpf_py.probe import usdt
+
+            path = resolve.resolve_binary(req.binary, pid=session.pid)
+            notes = usdt.find_usdt(path, req.usdt[0], req.usdt[1])
+            if not notes:
+                raise SymbolError(f"no USDT probe {req.usdt[0]}:{req.usdt[1]} in {path} "
+                                  f"(list them with: ubpf-run --list 'usdt:{req.binary}:*')")
+            for note in notes:
+                spec_id = usdt_next_id
+                usdt_next_id += 1
+                _fill_usdt_maps(coll, note, spec_id, req.cookie)
+                session.add_probe(path, note.file_offset, _make_handler(prog, st, pump), cookie=spec_id,
+                                  semaphore_offset=getattr(note, "semaphore_file_offset", 0) or 0)
+            writer.attached(req.program, req.describe(), f"{len(notes)} site(s) in {path}")
+        else:
+            if req.binary:
+                path = resolve.resolve_binary(req.binary, pid=session.pid)
+                offset = symbols.resolve_function(path, req.function, req.offset)
+                detail = ""
+            else:
+                path, offset, detail = resolve.find_function_in_process(session.pid, req.function)
+                offset += req.offset
+            session.add_probe(path, offset, _make_handler(prog, st, pump), is_return=req.retprobe,
+                              cookie=req.cookie)
+            writer.attached(req.program, req.describe(), detail)
+        stats.append(st)
+    return stats
+
+
+def _fill_usdt_maps(coll: Collection, note: Any, spec_id: int, cookie: int) -> None:
+    from ubpf_py.probe import usdt
+
+    specs = coll.maps.get(USDT_SPECS_MAP)
+    if specs is None:
+        raise UbpfError(f"the object has USDT programs but no {USDT_SPECS_MAP} map: "
+                        f"build it with libbpf's usdt.bpf.h")
+    data = usdt.encode_usdt_spec(note, cookie)
+    rc = specs.update(spec_id.to_bytes(4, "little"), data, 0)
+    if rc:
+        raise UbpfError(f"cannot store USDT spec {spec_id} in {USDT_SPECS_MAP} (error {rc}): "
+                        f"the map is too small for this many probe sites")
+
+
+def _make_handler(prog: LoadedProgram, st: ProbeStats, pump: OutputPump):
+    """The per-hit callback: point the env at this hit, run the program, move output."""
+    env = prog.env
+    memory = env.memory
+    registered: set[int] = set()
+    clock = time.perf_counter_ns
+
+    def handler(hit: HitContext) -> None:
+        ctx = hit.ctx_addr
+        if ctx not in registered:
+            _register_ctx(memory, ctx)
+            registered.add(ctx)
+        env.hit = hit
+        t0 = clock()
+        prog.run(ctx)
+        st.prog_ns += clock() - t0
+        st.hits += 1
+        if pump.ringbufs or pump.perfbufs:
+            pump.drain()
+
+    return handler
+
+
+def _register_ctx(memory: Any, addr: int) -> None:
+    """Let programs read the probe engine's pt_regs buffer (read-only)."""
+    if memory.find(addr, PT_REGS_SIZE) is not None:
+        return
+    raw = (ctypes.c_char * PT_REGS_SIZE).from_address(addr)
+    memory.add(Region(addr, addr + PT_REGS_SIZE, False, "context (struct pt_regs)", memoryview(raw).cast("B"), raw))
+
+
+def _stats_report(stats: list[ProbeStats]) -> dict:
+    rows = []
+    lines = []
+    for st in stats:
+        per_hit = st.prog_ns / st.hits if st.hits else 0.0
+        rows.append({"program": st.request.program, "target": st.request.describe(), "hits": st.hits,
+                     "program_ns": st.prog_ns, "program_ns_per_hit": per_hit})
+        lines.append(f"{st.request.program} on {st.request.describe()}: {st.hits} hits, "
+                     f"{st.prog_ns / 1e6:.3f} ms in the program ({per_hit:.0f} ns/hit)")
+    return {"probes": rows, "lines": lines}
