@@ -17,7 +17,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 	[ -e /sys/kernel/tracing/trace_pipe ] || mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
 fi
 
-python3 -m pip install -q -e '.[test]'
+PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q -e '.[test]'
 
 build=${UBPF_CORPUS_BUILD:-$PWD/.corpus-build}
 if [ ! -e "$build/.built" ]; then

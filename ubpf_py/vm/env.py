@@ -105,5 +105,7 @@ class ExecEnv:
     invoke_callback: Callable[[int, int, int, int, int, int], int] | None = None
     #: resolver for tail calls: (prog_array map handle, index) -> Executable or None
     resolve_tail_call: Callable[[int, int], Any] | None = None
+    #: tail calls taken in the current chain (kernel MAX_TAIL_CALL_CNT = 33); see ARCHITECTURE.md
+    tail_call_count: int = 0
     #: where bpf_trace_printk/vprintk messages go: (hit, message text without newline)
     printk: Callable[[HitContext, str], None] | None = None

@@ -76,12 +76,15 @@ class MemoryMap:
     one-entry cache (most programs hammer the stack or one map value).
     """
 
-    __slots__ = ("_last", "_regions", "_starts")
+    __slots__ = ("_last", "_regions", "_starts", "version")
 
     def __init__(self) -> None:
         self._starts: list[int] = []
         self._regions: list[Region] = []
         self._last: Region | None = None
+        #: bumped on every add/remove, so engines that mirror the regions natively
+        #: (the JIT's region table) know when to refresh their copy
+        self.version = 0
 
     def add(self, region: Region) -> Region:
         i = bisect.bisect_left(self._starts, region.start)
@@ -90,6 +93,7 @@ class MemoryMap:
             raise ValueError(f"region {region.name} overlaps an existing region")
         self._starts.insert(i, region.start)
         self._regions.insert(i, region)
+        self.version += 1
         return region
 
     def remove(self, region: Region) -> None:
@@ -97,6 +101,7 @@ class MemoryMap:
         if i < len(self._regions) and self._regions[i] is region:
             del self._starts[i]
             del self._regions[i]
+            self.version += 1
         if self._last is region:
             self._last = None
 
