@@ -13,6 +13,9 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 		apt-get update -q
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q $need
 	fi
+	# the unprivileged-user test runs this same Python as uid 65534: let it reach the interpreter
+	py=$(python3 -c 'import sys; print(sys.prefix)')
+	d=$py; while [ "$d" != / ]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done
 	# tracefs for the kernel oracle's trace_pipe
 	[ -e /sys/kernel/tracing/trace_pipe ] || mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
 fi

@@ -1,0 +1,54 @@
+"""Every corpus case through ``ubpf-run --format json``, checked by the oracle's checker.
+
+The same case is also run through the kernel reference loader when the kernel
+can (root, BPF, tracefs), so the expectations are re-confirmed on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from corpus import CHECK, load_manifest, run_case
+
+CASES = load_manifest()
+IDS = [c["name"] for c in CASES]
+
+
+def _missing_parts(case: dict, build) -> list[str]:
+    return [p for p in (case["bpf"], case["target"][0]) if not (build / p).exists()]
+
+
+@pytest.mark.parametrize("engine", ["jit", "interp"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_corpus_case_ubpf(case, engine, corpus_build):
+    missing = _missing_parts(case, corpus_build)
+    if missing:
+        pytest.skip(f"not built (toolchain missing?): {missing}")
+    ok, text = run_case(case, corpus_build, engine)
+    assert ok, text
+
+
+def _kernel_oracle_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "the kernel oracle needs root"
+    if not os.path.exists("/sys/kernel/tracing/trace_pipe"):
+        return "tracefs is not mounted at /sys/kernel/tracing"
+    from ubpf_py.kernel.syscall import kernel_bpf_skip_reason
+
+    return kernel_bpf_skip_reason()
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_corpus_case_kernel_oracle(case, corpus_build):
+    reason = _kernel_oracle_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    if _missing_parts(case, corpus_build):
+        pytest.skip("not built")
+    p = subprocess.run([sys.executable, str(CHECK), "--build", str(corpus_build), case["name"]],
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0 and f"PASS {case['name']}" in p.stdout, p.stdout + p.stderr
