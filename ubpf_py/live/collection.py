@@ -101,6 +101,7 @@ class Collection:
 
         from ubpf_py.helpers import build_helper_table, check_helpers
         from ubpf_py.maps import create_map
+        from ubpf_py.obj.globals import freeze
 
         ncpus = ncpus or possible_cpus()
         memory = MemoryMap()
@@ -136,6 +137,7 @@ class Collection:
         _init_slots(spec, live_maps, loaded)
         by_name = {m.spec.name: m for m in live_maps}
         env.resolve_tail_call = _tail_call_resolver(env)
+        freeze(spec)  # like libbpf: .rodata/.kconfig cannot be changed once loaded
         return cls(spec, by_name, loaded, env, live_maps, ctx_buffer)
 
     def program(self, name: str) -> LoadedProgram:

@@ -84,9 +84,11 @@ class OutputPump:
                 self.writer.record("perfbuf", m.spec.name, cpu, bytes(data), self._fields(data))
 
     def _fields(self, data: bytes) -> Any:
-        if self.decoder is None or not self.event_type_id:
+        """Decode a record: --event-type, else the only struct of the record's size, else None (hexdump)."""
+        if self.decoder is None:
             return None
-        return self.decoder.value(self.event_type_id, bytes(data))
+        tid = self.event_type_id or self.decoder.unique_struct_of_size(len(data))
+        return self.decoder.value(tid, bytes(data)) if tid else None
 
     def report_lost(self) -> None:
         for m in self.ringbufs + self.perfbufs:
@@ -168,7 +170,9 @@ def _event_type_id(spec: Any, name: str | None) -> int:
     btf = spec.btf
     if btf is None:
         raise UsageError(f"--event-type {name}: the object has no BTF to find the type in")
-    tid = btf.find_struct(name.removeprefix("struct ").strip())
+    from ubpf_py.obj.btf import KIND_STRUCT
+
+    tid = btf.find(name.removeprefix("struct ").strip(), KIND_STRUCT)
     if not tid:
         raise UsageError(f"--event-type {name}: no struct of that name in the object's BTF")
     return tid

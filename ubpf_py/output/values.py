@@ -43,12 +43,26 @@ class ValueDecoder:
         fmt = self._fmt()
         if fmt is not None and type_id:
             try:
-                return fmt.to_text(self.btf, type_id, data)
+                return fmt.format_value(self.btf, type_id, data)
             except _DECODE_ERRORS:
                 pass
         if len(data) in (1, 2, 4, 8):
             return str(int.from_bytes(data, "little"))
         return data.hex()
+
+    def unique_struct_of_size(self, size: int) -> int:
+        """The BTF id of the only named struct with this byte size, else 0 (for event decoding)."""
+        if self.btf is None or size <= 0:
+            return 0
+        cache = self.__dict__.setdefault("_by_size", {})
+        if size not in cache:
+            from ubpf_py.obj.btf import KIND_STRUCT
+
+            found = [t for t in range(1, self.btf.last_id + 1)
+                     if self.btf.kind_of(t) == KIND_STRUCT and self.btf.name_of(t)
+                     and self.btf.type(t).size == size]
+            cache[size] = found[0] if len(found) == 1 else 0
+        return cache[size]
 
     def int_array(self, type_id: int, data: bytes) -> list[int] | None:
         """The value as a list of integers when its type is an integer array."""
