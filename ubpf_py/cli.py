@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("-a", "--attach", action="append", default=[], metavar="PROG=BINARY:FUNC[+OFF][@COOKIE]",
                    help="attach a program (repeatable); USDT programs take BINARY:PROVIDER:NAME")
-    p.add_argument("--no-auto", action="store_true", help="do not auto-attach programs from their section names")
+    p.add_argument("--no-auto", action="store_true",
+                   help="do not auto-attach programs from their section names")
     p.add_argument("-s", "--set", action="append", default=[], metavar="NAME=VALUE",
                    help="set a global before load (numbers, strings, $PID for the traced pid)")
     p.add_argument("-d", "--duration", type=float, help="stop tracing after this many seconds")
@@ -163,22 +164,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from ubpf_py.probe.listing import list_functions
+    from ubpf_py.probe.listing import list_functions, parse_list_pattern
 
-    pattern = args.list
-    target: str | int | None = args.pid if args.pid is not None else args.object
-    # bpftrace style: uprobe:BINARY:PATTERN
-    if pattern.startswith(("uprobe:", "uretprobe:", "usdt:")):
-        _, _, rest = pattern.partition(":")
-        binary, sep, pat = rest.rpartition(":")
-        if sep and binary:
-            target, pattern = binary, pat or "*"
+    kind, binary, glob = parse_list_pattern(args.list)
+    target: str | int | None = binary or (args.pid if args.pid is not None else args.object)
     if target is None:
         raise UsageError("--list needs a binary (ubpf-run --list 'uprobe:BINARY:PATTERN') or --pid")
-    for line in list_functions(target, pattern):
-        print(line)
+    for item in list_functions(target, glob, kind=kind):
+        print(item)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -183,24 +183,25 @@ def _attach_all(session: Any, coll: Collection, plan: list[AttachRequest], pump:
     from ubpf_py.probe import resolve, symbols
 
     stats = []
-    usdt_next_id = 0
+    spec_ids = None
     for req in plan:
         prog = coll.program(req.program)
         st = ProbeStats(req)
         if req.usdt:
             from ubpf_py.probe import usdt
 
+            spec_ids = spec_ids or usdt.UsdtSpecIds(_usdt_max_specs(coll))
             path = resolve.resolve_binary(req.binary, pid=session.pid)
             notes = usdt.find_usdt(path, req.usdt[0], req.usdt[1])
             if not notes:
                 raise SymbolError(f"no USDT probe {req.usdt[0]}:{req.usdt[1]} in {path} "
                                   f"(list them with: ubpf-run --list 'usdt:{req.binary}:*')")
             for note in notes:
-                spec_id = usdt_next_id
-                usdt_next_id += 1
-                _fill_usdt_maps(coll, note, spec_id, req.cookie)
+                spec_id, is_new = spec_ids.assign(note, req.cookie)
+                if is_new:
+                    _fill_usdt_spec(coll, note, spec_id, req.cookie)
                 session.add_probe(path, note.file_offset, _make_handler(prog, st, pump), cookie=spec_id,
-                                  semaphore_offset=getattr(note, "semaphore_file_offset", 0) or 0)
+                                  semaphore_offset=note.sema_offset)
             writer.attached(req.program, req.describe(), f"{len(notes)} site(s) in {path}")
         else:
             if req.binary:
@@ -217,18 +218,21 @@ def _attach_all(session: Any, coll: Collection, plan: list[AttachRequest], pump:
     return stats
 
 
-def _fill_usdt_maps(coll: Collection, note: Any, spec_id: int, cookie: int) -> None:
-    from ubpf_py.probe import usdt
-
+def _usdt_max_specs(coll: Collection) -> int:
     specs = coll.maps.get(USDT_SPECS_MAP)
     if specs is None:
         raise UbpfError(f"the object has USDT programs but no {USDT_SPECS_MAP} map: "
                         f"build it with libbpf's usdt.bpf.h")
-    data = usdt.encode_usdt_spec(note, cookie)
-    rc = specs.update(spec_id.to_bytes(4, "little"), data, 0)
+    return specs.spec.max_entries
+
+
+def _fill_usdt_spec(coll: Collection, note: Any, spec_id: int, cookie: int) -> None:
+    """Write the argument spec libbpf's usdt.bpf.h reads (the attach cookie is the spec id)."""
+    from ubpf_py.probe import usdt
+
+    rc = coll.maps[USDT_SPECS_MAP].update(spec_id.to_bytes(4, "little"), usdt.encode_usdt_spec(note, cookie), 0)
     if rc:
-        raise UbpfError(f"cannot store USDT spec {spec_id} in {USDT_SPECS_MAP} (error {rc}): "
-                        f"the map is too small for this many probe sites")
+        raise UbpfError(f"cannot store USDT spec {spec_id} in {USDT_SPECS_MAP} (error {rc})")
 
 
 def _make_handler(prog: LoadedProgram, st: ProbeStats, pump: OutputPump):
