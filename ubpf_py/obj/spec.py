@@ -126,6 +126,8 @@ class ProgramSpec:
     core_relocs: list[CoreReloc] = field(default_factory=list)
     #: instruction index in the original ELF section of instruction 0
     section_offset: int = 0
+    #: False for libbpf's SEC("?...") programs (not loaded unless asked for)
+    autoload: bool = True
 
     @property
     def is_return_probe(self) -> bool:
@@ -161,6 +163,10 @@ class ObjectSpec:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     #: .kconfig externs the object needs: name -> GlobalVar
     kconfig: dict[str, GlobalVar] = field(default_factory=dict)
+    #: libbpf's object name (file name up to the first '.'), prefix of internal map names
+    name: str = ""
+    #: parsed .BTF.ext (ubpf_py.obj.btf_ext.BtfExt) or None
+    btf_ext: Any = None
 
     def map_by_name(self, name: str) -> MapSpec:
         for m in self.maps:

@@ -1,0 +1,192 @@
+"""/proc/PID/maps: which file is mapped where in a target.
+
+A probe location is kernel-like ``(binary_path, file_offset)``.  The kernel turns
+it into addresses per VMA of that *inode*; we do the same from the maps text.
+Files are matched by (device, inode) because the path a user names may differ
+from the one in maps (symlinks such as ``libc.so.6 -> libc-2.36.so``, bind
+mounts, ``/proc/PID/root`` prefixes); the resolved path is the fallback for
+filesystems whose maps device differs from ``stat()`` (overlayfs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ubpf_py.errors import TargetError
+
+_DELETED = " (deleted)"
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """One line of /proc/PID/maps."""
+
+    start: int
+    end: int
+    perms: str          # e.g. "r-xp"
+    offset: int         # file offset of ``start``
+    dev: tuple[int, int]  # (major, minor)
+    inode: int
+    path: str           # "" for anonymous mappings; "[heap]", "[vdso]"...; " (deleted)" stripped
+    deleted: bool = False
+
+    @property
+    def readable(self) -> bool:
+        return self.perms[0] == "r"
+
+    @property
+    def writable(self) -> bool:
+        return self.perms[1] == "w"
+
+    @property
+    def executable(self) -> bool:
+        return self.perms[2] == "x"
+
+    @property
+    def private(self) -> bool:
+        return self.perms[3] == "p"
+
+    @property
+    def is_file(self) -> bool:
+        """Backed by a file (not anonymous, not a [pseudo] mapping)."""
+        return self.inode != 0 and self.path.startswith("/")
+
+    def contains(self, addr: int) -> bool:
+        return self.start <= addr < self.end
+
+    def contains_file_offset(self, file_offset: int) -> bool:
+        return self.offset <= file_offset < self.offset + (self.end - self.start)
+
+
+def parse_maps(text: str) -> list[Mapping]:
+    """Parse the text of a maps file (also the oracle's saved copies)."""
+    out: list[Mapping] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        # the path may contain spaces: split the five fixed fields only
+        parts = line.split(None, 5)
+        if len(parts) < 5:
+            raise TargetError(f"malformed /proc/PID/maps line: {line!r}")
+        rng, perms, off, dev, inode = parts[:5]
+        path = parts[5].strip() if len(parts) == 6 else ""
+        deleted = path.endswith(_DELETED)
+        if deleted:
+            path = path[: -len(_DELETED)]
+        lo, hi = rng.split("-")
+        major, minor = dev.split(":")
+        out.append(Mapping(int(lo, 16), int(hi, 16), perms, int(off, 16),
+                           (int(major, 16), int(minor, 16)), int(inode), path, deleted))
+    return out
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    """The current mappings of process ``pid``."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return parse_maps(f.read())
+    except FileNotFoundError:
+        raise TargetError(f"no such process: pid {pid}") from None
+    except PermissionError:
+        raise TargetError(f"cannot read /proc/{pid}/maps: permission denied "
+                          "(run as the target's user or as root)") from None
+
+
+def file_identity(path: str) -> tuple[tuple[int, int], int] | None:
+    """((major, minor), inode) of ``path`` as maps shows them, or None if missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (os.major(st.st_dev), os.minor(st.st_dev)), st.st_ino
+
+
+def mappings_of_file(maps: list[Mapping], path: str) -> list[Mapping]:
+    """Mappings of the file ``path``: same (dev, inode), else the same resolved path."""
+    ident = file_identity(path)
+    real = os.path.realpath(path)
+    found: list[Mapping] = []
+    for m in maps:
+        if not m.is_file:
+            continue
+        same_file = ident is not None and (m.dev, m.inode) == ident
+        # same path on another device: overlayfs and friends report the
+        # underlying inode in maps; a deleted (replaced) file is not this one
+        same_path = (m.path in (path, real) and not m.deleted
+                     and (ident is None or m.dev != ident[0]))
+        if same_file or same_path:
+            found.append(m)
+    return found
+
+
+def mappings_of_inode(maps: list[Mapping], dev: tuple[int, int], inode: int) -> list[Mapping]:
+    """Mappings of one (dev, inode): how the kernel identifies a uprobe's file."""
+    return [m for m in maps if m.inode == inode and m.dev == dev]
+
+
+def file_offset_to_addr(maps: list[Mapping], path: str, file_offset: int, *,
+                        writable: bool = False) -> list[int]:
+    """Runtime addresses of ``file_offset`` of ``path`` in these mappings.
+
+    Code (the default) follows the kernel's ``valid_vma()`` for uprobes: private,
+    non-writable mappings.  ``writable=True`` follows the rule for USDT semaphores
+    (``ref_ctr_offset``): private writable mappings.  A file mapped several times
+    yields several addresses; none when it is not mapped (yet).
+    """
+    addrs: list[int] = []
+    for m in mappings_of_file(maps, path):
+        if not m.private or m.writable != writable:
+            continue
+        if m.contains_file_offset(file_offset):
+            addrs.append(m.start + (file_offset - m.offset))
+    return sorted(set(addrs))
+
+
+def find_mapping(maps: list[Mapping], addr: int) -> Mapping | None:
+    """The mapping containing ``addr``."""
+    for m in maps:
+        if m.start <= addr < m.end:
+            return m
+    return None
+
+
+def addr_to_file_offset(maps: list[Mapping], addr: int) -> tuple[str, int] | None:
+    """(path, file offset) of a runtime address in a file mapping, or None."""
+    m = find_mapping(maps, addr)
+    if m is None or not m.is_file:
+        return None
+    return m.path, m.offset + (addr - m.start)
+
+
+def mapped_files(maps: list[Mapping]) -> list[str]:
+    """Distinct file paths mapped, in address order (executable usually first)."""
+    seen: dict[str, None] = {}
+    for m in sorted(maps, key=lambda m: m.start):
+        if m.is_file and m.path not in seen:
+            seen[m.path] = None
+    return list(seen)
+
+
+def load_bias(maps: list[Mapping], path: str, vaddr: int, file_offset: int) -> int | None:
+    """Runtime address minus link-time address for a file (PIE / shared library)."""
+    addrs = file_offset_to_addr(maps, path, file_offset)
+    if not addrs:
+        return None
+    return addrs[0] - vaddr
+
+
+def exe_path(pid: int) -> str:
+    """The target's executable (``/proc/PID/exe``), as a path we can open."""
+    try:
+        target = os.readlink(f"/proc/{pid}/exe")
+    except FileNotFoundError:
+        raise TargetError(f"no such process: pid {pid}") from None
+    except PermissionError:
+        raise TargetError(f"cannot read /proc/{pid}/exe: permission denied "
+                          "(run as the target's user or as root)") from None
+    if target.endswith(_DELETED) or not os.path.exists(target):
+        # replaced or deleted on disk, or in another mount namespace: the
+        # magic link still opens the very file the process runs
+        return f"/proc/{pid}/exe"
+    return target
