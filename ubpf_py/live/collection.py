@@ -240,8 +240,7 @@ def _init_slots(spec: ObjectSpec, live_maps: list[Any], loaded: dict[str, Loaded
                 if target not in by_name:
                     raise ObjectLoadError(f"map {m.spec.name}: slot {slot} names map {target!r}, which does not exist")
                 key = slot.to_bytes(m.spec.key_size, "little")
-                inner = by_name[target].handle_addr.to_bytes(8, "little")
-                rc = m.update(key, inner[: m.spec.value_size] if m.spec.value_size < 8 else inner, 0)
+                rc = m.update(key, by_name[target], 0)
                 if rc:
                     raise ObjectLoadError(f"map {m.spec.name}: cannot store inner map {target} in slot {slot} "
                                           f"(error {rc})")

@@ -1,0 +1,160 @@
+"""ARRAY and PERCPU_ARRAY maps (ARRAY also holds global data: .data/.rodata/.bss/.kconfig).
+
+One HostBuffer holds every element (``round_up(value_size, 8)`` apart, per CPU
+for PERCPU_ARRAY), so ``lookup_addr`` is an address computation.  Elements
+always exist: updates with BPF_NOEXIST fail with -EEXIST and deletion is
+-EINVAL, as in the kernel.  A global data map is an ARRAY with one element whose
+initial bytes are ``MapSpec.data``; ``.rodata``/``.kconfig`` are read-only to
+programs (their region is registered non-writable) and frozen by the loader.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ubpf_py.maps import consts as C
+from ubpf_py.maps.base import Map, check_flags_common, check_update_flags, map_create_error, write_value
+from ubpf_py.obj.spec import MapSpec
+from ubpf_py.vm.memory import HostBuffer, Region
+
+ARRAY_CREATE_FLAG_MASK = (C.BPF_F_NUMA_NODE | C.BPF_F_MMAPABLE | C.ACCESS_MASK | C.BPF_F_PRESERVE_ELEMS
+                          | C.BPF_F_INNER_MAP)
+PCPU_MIN_UNIT_SIZE = 32 << 10
+_U32 = struct.Struct("<I")
+
+
+def check_array_spec(spec: MapSpec, percpu: bool, value_size_fixed: int | None = None) -> None:
+    """Kernel array_map_alloc_check (shared with the fd arrays and perf event array)."""
+    check_flags_common(spec, ARRAY_CREATE_FLAG_MASK)
+    if spec.max_entries == 0 or spec.key_size != 4 or spec.value_size == 0:
+        raise map_create_error(spec, f"array maps need key_size 4 (got {spec.key_size}), value_size > 0 "
+                               f"and max_entries > 0 (got {spec.max_entries})")
+    if value_size_fixed is not None and spec.value_size != value_size_fixed:
+        raise map_create_error(spec, f"value_size must be {value_size_fixed} (got {spec.value_size})")
+    if percpu and spec.flags & C.BPF_F_NUMA_NODE:
+        raise map_create_error(spec, "BPF_F_NUMA_NODE is not allowed for per-CPU arrays")
+    if spec.type != C.ARRAY and spec.flags & (C.BPF_F_MMAPABLE | C.BPF_F_INNER_MAP):
+        raise map_create_error(spec, "BPF_F_MMAPABLE/BPF_F_INNER_MAP are only for plain arrays")
+    if spec.type != C.PERF_EVENT_ARRAY and spec.flags & C.BPF_F_PRESERVE_ELEMS:
+        raise map_create_error(spec, "BPF_F_PRESERVE_ELEMS is only for perf event arrays")
+    if percpu and C.round8(spec.value_size) > PCPU_MIN_UNIT_SIZE:
+        raise map_create_error(spec, f"per-CPU value_size {spec.value_size} is larger than "
+                               f"{PCPU_MIN_UNIT_SIZE}", C.E2BIG)
+
+
+def array_next_key(key: bytes | None, max_entries: int) -> bytes | None:
+    """Kernel array get_next_key: unknown/out-of-range key -> 0; last index -> end."""
+    index = 0xFFFFFFFF if key is None else _U32.unpack(key)[0]
+    if index >= max_entries:
+        return _U32.pack(0)
+    if index == max_entries - 1:
+        return None
+    return _U32.pack(index + 1)
+
+
+class ArrayMap(Map):
+    """Kernel BPF_MAP_TYPE_ARRAY."""
+
+    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
+        super().__init__(spec, ncpus)
+        check_array_spec(spec, self.percpu)
+        self._vstride = C.round8(self.value_size)
+        self._elem = self._vstride * (self.ncpus if self.percpu else 1)
+        self._buf = HostBuffer(self._elem * self.max_entries)
+        self._base = self._buf.addr
+        self._view = self._buf.view
+        if spec.data is not None:
+            if len(spec.data) > self.value_size:
+                raise map_create_error(spec, f"initial data is {len(spec.data)} bytes, larger than "
+                                       f"value_size {self.value_size}")
+            self._view[0:len(spec.data)] = spec.data
+
+    def regions(self) -> list[Region]:
+        return [Region.of(self._buf, f"map {self.name}", writable=not self.readonly_for_programs)]
+
+    @property
+    def value_addr(self) -> int:
+        """Address of element 0 (global data maps: where the section's bytes live)."""
+        return self._base
+
+    def _index(self, key: bytes) -> int:
+        return _U32.unpack(key)[0]
+
+    def lookup_addr(self, key: bytes, cpu: int = 0) -> int:
+        i = _U32.unpack(key)[0]
+        if i >= self.max_entries:
+            return 0
+        return self._base + i * self._elem
+
+    def lookup(self, key: bytes) -> bytes | None:
+        self._check_key(key)
+        i = self._index(key)
+        if i >= self.max_entries:
+            return None
+        off = i * self._elem
+        return bytes(self._view[off:off + (self._elem if self.percpu else self.value_size)])
+
+    def update(self, key: bytes, value: bytes, flags: int = C.BPF_ANY, cpu: int | None = None) -> int:
+        if (flags == 0 or flags == C.BPF_EXIST) and cpu is not None and not self.percpu \
+                and len(value) == self.value_size and len(key) == 4:
+            i = _U32.unpack(key)[0]   # a program's plain update: one copy
+            if i >= self.max_entries:
+                return -C.E2BIG
+            off = i * self._elem
+            self._view[off:off + len(value)] = value
+            return 0
+        rc = check_update_flags(flags, self.spin_lock_off is not None)
+        if rc:
+            return rc
+        self._check_key(key)
+        if cpu is None:
+            if self.frozen or self.flags & C.BPF_F_RDONLY:
+                return -C.EPERM
+            value = self._user_value(value)
+        elif len(value) != self.value_size:
+            raise ValueError(f"map {self.name}: value is {len(value)} bytes, value_size is {self.value_size}")
+        i = self._index(key)
+        if i >= self.max_entries:
+            return -C.E2BIG
+        if flags & 3 == C.BPF_NOEXIST:
+            return -C.EEXIST
+        off = i * self._elem
+        with_lock = bool(flags & C.BPF_F_LOCK)
+        with self.lock:
+            if self.percpu and cpu is None:
+                self._view[off:off + self._elem] = value
+            else:
+                if self.percpu:
+                    off += cpu * self._vstride  # type: ignore[operator]
+                write_value(self._view, off, value, self.spin_lock_off, with_lock)
+        return 0
+
+    def delete(self, key: bytes, cpu: int | None = None) -> int:
+        return -C.EINVAL
+
+    def get_next_key(self, key: bytes | None) -> bytes | None:
+        return array_next_key(key, self.max_entries)
+
+    def items(self):
+        step = self._elem if self.percpu else self.value_size
+        for i in range(self.max_entries):
+            off = i * self._elem
+            yield _U32.pack(i), bytes(self._view[off:off + step])
+
+    def keys(self) -> list[bytes]:
+        return [_U32.pack(i) for i in range(self.max_entries)]
+
+    def __len__(self) -> int:
+        return self.max_entries
+
+
+class PercpuArrayMap(ArrayMap):
+    """Kernel BPF_MAP_TYPE_PERCPU_ARRAY: one copy of every element per CPU."""
+
+    percpu = True
+
+    def lookup_addr(self, key: bytes, cpu: int = 0) -> int:
+        i = _U32.unpack(key)[0]
+        if i >= self.max_entries:
+            return 0
+        return self._base + i * self._elem + cpu * self._vstride

@@ -1,0 +1,237 @@
+"""Maps whose values are references to other objects: PROG_ARRAY, ARRAY_OF_MAPS, HASH_OF_MAPS.
+
+User space refers to programs and maps by id (the kernel returns ids from
+lookups of these maps; we have no fds, so updates take ids too).  Programs get
+what the kernel gives them: a tail-call target for PROG_ARRAY (through
+``program_at``), and for map-in-map lookups the inner map's *handle address*,
+which the program then passes to other map helpers.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from ubpf_py.maps import consts as C
+from ubpf_py.maps.array import array_next_key, check_array_spec
+from ubpf_py.maps.base import Map, check_flags_common, map_by_id, map_create_error
+from ubpf_py.obj.spec import MapSpec
+
+_U32 = struct.Struct("<I")
+
+
+class ProgArrayMap(Map):
+    """Tail-call table: slot -> program (``Executable``) with a u32 program id."""
+
+    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
+        super().__init__(spec, ncpus)
+        check_array_spec(spec, False, value_size_fixed=4)
+        self._progs: list[Any] = [None] * self.max_entries
+        self._ids = [0] * self.max_entries
+        #: programs user space may store by id (the loader registers every program it loads)
+        self.known_programs: dict[int, Any] = {}
+
+    def register_program(self, prog_id: int, executable: Any) -> None:
+        self.known_programs[prog_id] = executable
+
+    def set_program(self, index: int, executable: Any, prog_id: int = 0) -> None:
+        """Put a program in a slot (loader: static ``__array(values, ...)`` initialisation)."""
+        if not 0 <= index < self.max_entries:
+            raise IndexError(f"prog array {self.name}: index {index} is beyond max_entries {self.max_entries}")
+        with self.lock:
+            self._progs[index] = executable
+            self._ids[index] = prog_id
+        if prog_id:
+            self.known_programs.setdefault(prog_id, executable)
+
+    def program_at(self, index: int) -> Any:
+        """The program a tail call to ``index`` runs, or None (the call falls through)."""
+        if 0 <= index < self.max_entries:
+            return self._progs[index]
+        return None
+
+    get_program = program_at
+
+    def lookup(self, key: bytes) -> bytes | None:
+        self._check_key(key)
+        i = _U32.unpack(key)[0]
+        if i >= self.max_entries or self._progs[i] is None:
+            return None
+        return _U32.pack(self._ids[i])
+
+    def update(self, key: bytes, value: bytes, flags: int = C.BPF_ANY, cpu: int | None = None) -> int:
+        if cpu is not None:
+            return -C.EINVAL  # programs cannot update fd arrays
+        if flags != C.BPF_ANY:
+            return -C.EINVAL
+        self._check_key(key)
+        i = _U32.unpack(key)[0]
+        if i >= self.max_entries:
+            return -C.E2BIG
+        prog_id = _U32.unpack(value)[0]
+        prog = self.known_programs.get(prog_id)
+        if prog is None:
+            return -C.EBADF
+        self.set_program(i, prog, prog_id)
+        return 0
+
+    def delete(self, key: bytes, cpu: int | None = None) -> int:
+        self._check_key(key)
+        i = _U32.unpack(key)[0]
+        if i >= self.max_entries:
+            return -C.E2BIG
+        with self.lock:
+            if self._progs[i] is None:
+                return -C.ENOENT
+            self._progs[i] = None
+            self._ids[i] = 0
+        return 0
+
+    def get_next_key(self, key: bytes | None) -> bytes | None:
+        return array_next_key(key, self.max_entries)
+
+
+def _inner_compatible(template: MapSpec, inner: Map, dynamic_size: bool) -> bool:
+    """Kernel bpf_map_meta_equal: same type, key/value size, flags (and max_entries unless
+    the template was declared with BPF_F_INNER_MAP)."""
+    s = inner.spec
+    return (s.type == template.type and inner.key_size == template.key_size
+            and inner.value_size == template.value_size and s.flags == template.flags
+            and (dynamic_size or inner.max_entries == template.max_entries))
+
+
+class _MapInMapMixin:
+    """Shared by ARRAY_OF_MAPS and HASH_OF_MAPS: values are inner maps."""
+
+    spec: MapSpec
+    name: str
+    holds_maps = True
+
+    def _setup_inner(self, spec: MapSpec) -> None:
+        if spec.inner is None:
+            raise map_create_error(spec, "map-in-map needs an inner map template (__array(values, ...))")
+        if spec.value_size != 4:
+            raise map_create_error(spec, f"map-in-map value_size must be 4 (got {spec.value_size})")
+        if spec.inner.type in (C.ARRAY_OF_MAPS, C.HASH_OF_MAPS, C.PROG_ARRAY):
+            raise map_create_error(spec, "inner maps cannot themselves be map-in-map or prog arrays")
+        self.inner_template = spec.inner
+        self._dynamic = bool(spec.inner.flags & C.BPF_F_INNER_MAP)
+
+    def resolve_inner(self, value: bytes | Map) -> Map | int:
+        """A user-space value (inner map id or a Map) -> the map, or -errno."""
+        inner = value if isinstance(value, Map) else map_by_id(_U32.unpack(value)[0])
+        if inner is None:
+            return -C.EBADF
+        if not _inner_compatible(self.inner_template, inner, self._dynamic):
+            return -C.EINVAL
+        return inner
+
+
+class ArrayOfMapsMap(_MapInMapMixin, Map):
+    """BPF_MAP_TYPE_ARRAY_OF_MAPS."""
+
+    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
+        Map.__init__(self, spec, ncpus)
+        self._setup_inner(spec)
+        check_array_spec(MapSpec(spec.name, spec.type, spec.key_size, 4, spec.max_entries,
+                                 spec.flags & ~C.BPF_F_INNER_MAP), False)
+        self._slots: list[Map | None] = [None] * self.max_entries
+
+    def inner_at(self, index: int) -> Map | None:
+        return self._slots[index] if 0 <= index < self.max_entries else None
+
+    def lookup_addr(self, key: bytes, cpu: int = 0) -> int:
+        i = _U32.unpack(key)[0]
+        if i >= self.max_entries:
+            return 0
+        m = self._slots[i]
+        return 0 if m is None else m.handle_addr
+
+    def lookup(self, key: bytes) -> bytes | None:
+        self._check_key(key)
+        i = _U32.unpack(key)[0]
+        m = self._slots[i] if i < self.max_entries else None
+        return None if m is None else _U32.pack(m.map_id)
+
+    def update(self, key: bytes, value: bytes | Map, flags: int = C.BPF_ANY, cpu: int | None = None) -> int:
+        if cpu is not None or flags != C.BPF_ANY:  # fd arrays take BPF_ANY only
+            return -C.EINVAL
+        self._check_key(key)
+        i = _U32.unpack(key)[0]
+        if i >= self.max_entries:
+            return -C.E2BIG
+        inner = self.resolve_inner(value)
+        if isinstance(inner, int):
+            return inner
+        self._slots[i] = inner
+        return 0
+
+    def delete(self, key: bytes, cpu: int | None = None) -> int:
+        self._check_key(key)
+        i = _U32.unpack(key)[0]
+        if i >= self.max_entries:
+            return -C.E2BIG
+        if self._slots[i] is None:
+            return -C.ENOENT
+        self._slots[i] = None
+        return 0
+
+    def get_next_key(self, key: bytes | None) -> bytes | None:
+        return array_next_key(key, self.max_entries)
+
+
+class HashOfMapsMap(_MapInMapMixin, Map):
+    """BPF_MAP_TYPE_HASH_OF_MAPS (a hash whose values are inner maps)."""
+
+    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
+        Map.__init__(self, spec, ncpus)
+        self._setup_inner(spec)
+        check_flags_common(spec, C.BPF_F_NO_PREALLOC | C.BPF_F_NUMA_NODE | C.ACCESS_MASK | C.BPF_F_ZERO_SEED)
+        if spec.max_entries == 0 or spec.key_size == 0:
+            raise map_create_error(spec, "key_size and max_entries must be > 0")
+        self._entries: dict[bytes, Map] = {}
+
+    def inner_for(self, key: bytes) -> Map | None:
+        return self._entries.get(bytes(key))
+
+    def lookup_addr(self, key: bytes, cpu: int = 0) -> int:
+        m = self._entries.get(key)
+        return 0 if m is None else m.handle_addr
+
+    def lookup(self, key: bytes) -> bytes | None:
+        m = self._entries.get(bytes(key))
+        return None if m is None else _U32.pack(m.map_id)
+
+    def update(self, key: bytes, value: bytes | Map, flags: int = C.BPF_ANY, cpu: int | None = None) -> int:
+        if cpu is not None:
+            return -C.EINVAL
+        if flags > C.BPF_EXIST:
+            return -C.EINVAL
+        key = bytes(key)
+        self._check_key(key)
+        inner = self.resolve_inner(value)
+        if isinstance(inner, int):
+            return inner
+        with self.lock:
+            exists = key in self._entries
+            if exists and flags == C.BPF_NOEXIST:
+                return -C.EEXIST
+            if not exists and flags == C.BPF_EXIST:
+                return -C.ENOENT
+            if not exists and len(self._entries) >= self.max_entries:
+                return -C.E2BIG
+            self._entries[key] = inner
+        return 0
+
+    def delete(self, key: bytes, cpu: int | None = None) -> int:
+        with self.lock:
+            return 0 if self._entries.pop(bytes(key), None) is not None else -C.ENOENT
+
+    def get_next_key(self, key: bytes | None) -> bytes | None:
+        keys = list(self._entries)
+        if not keys:
+            return None
+        if key is None or bytes(key) not in self._entries:
+            return keys[0]
+        i = keys.index(bytes(key))
+        return keys[i + 1] if i + 1 < len(keys) else None

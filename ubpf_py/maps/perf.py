@@ -1,0 +1,144 @@
+"""BPF_MAP_TYPE_PERF_EVENT_ARRAY: per-CPU perf buffers for bpf_perf_event_output.
+
+Each CPU slot stands for the BPF-output perf event libbpf's ``perf_buffer__new``
+opens on that CPU.  A sample is stored the way the kernel writes it into the
+perf mmap ring -- ``struct perf_event_header`` (type PERF_RECORD_SAMPLE), a u32
+raw size, then the raw bytes padded with zeroes so that ``4 + size`` is a
+multiple of 8 -- in a byte ring of ``pages * PAGE_SIZE`` bytes per CPU.  When a
+sample does not fit, it is dropped and counted as lost (the kernel's
+PERF_RECORD_LOST), and the helper returns -ENOSPC like the kernel.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from ubpf_py.maps import consts as C
+from ubpf_py.maps.array import check_array_spec
+from ubpf_py.maps.base import Map
+from ubpf_py.obj.spec import MapSpec
+
+PERF_RECORD_SAMPLE = 9
+_HDR = struct.Struct("<IHHI")  # perf_event_header + u32 raw size
+DEFAULT_PAGES = 64
+
+
+class _CpuRing:
+    """One CPU's perf ring: bytes between ``tail`` (consumer) and ``head`` (producer)."""
+
+    __slots__ = ("buf", "head", "lost", "size", "tail")
+
+    def __init__(self, size: int) -> None:
+        self.buf = np.zeros(size, dtype=np.uint8)
+        self.size = size
+        self.head = 0
+        self.tail = 0
+        self.lost = 0
+
+    def put(self, rec: bytes) -> bool:
+        n = len(rec)
+        if self.size - (self.head - self.tail) < n:
+            self.lost += 1
+            return False
+        off = self.head % self.size
+        first = min(n, self.size - off)
+        self.buf[off:off + first] = np.frombuffer(rec, dtype=np.uint8, count=first)
+        if first < n:
+            self.buf[0:n - first] = np.frombuffer(rec, dtype=np.uint8, offset=first)
+        self.head += n
+        return True
+
+    def take(self, n: int) -> bytes:
+        off = self.tail % self.size
+        first = min(n, self.size - off)
+        out = self.buf[off:off + first].tobytes()
+        if first < n:
+            out += self.buf[0:n - first].tobytes()
+        self.tail += n
+        return out
+
+
+class PerfEventArrayMap(Map):
+    """Per-CPU sample buffers; ``output(cpu, data)`` produces, ``consume()`` drains."""
+
+    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
+        super().__init__(spec, ncpus)
+        check_array_spec(spec, False, value_size_fixed=4)
+        self.pages = DEFAULT_PAGES
+        self._rings: dict[int, _CpuRing] = {}
+        self.samples = 0
+
+    def set_buffer_pages(self, pages: int) -> None:
+        """Per-CPU buffer size in pages (libbpf's perf_buffer__new page_cnt; a power of two)."""
+        if pages <= 0 or pages & (pages - 1):
+            raise ValueError(f"perf buffer page count must be a power of two, got {pages}")
+        self.pages = pages
+
+    @property
+    def lost(self) -> int:
+        """Samples dropped because a CPU's buffer was full (sum over CPUs)."""
+        return sum(r.lost for r in self._rings.values())
+
+    def lost_per_cpu(self) -> dict[int, int]:
+        return {cpu: r.lost for cpu, r in self._rings.items()}
+
+    # ---- producer -------------------------------------------------------------------------
+    def output(self, cpu: int, data: bytes, flags: int = C.BPF_F_CURRENT_CPU) -> int:
+        """bpf_perf_event_output on ``cpu``: 0, -EINVAL (flags), -E2BIG (index beyond
+        max_entries), -ENOENT (no buffer on that index), -EOPNOTSUPP (another CPU's buffer),
+        -ENOSPC (buffer full: the sample is counted as lost)."""
+        if flags & ~C.BPF_F_INDEX_MASK:
+            return -C.EINVAL
+        index = flags & C.BPF_F_INDEX_MASK
+        if index == C.BPF_F_CURRENT_CPU:
+            index = cpu
+        if index >= self.max_entries:
+            return -C.E2BIG
+        if index >= self.ncpus:
+            return -C.ENOENT
+        if index != cpu:
+            return -C.EOPNOTSUPP
+        raw = len(data)
+        padded = ((raw + 4 + 7) & ~7) - 4
+        rec = _HDR.pack(PERF_RECORD_SAMPLE, 0, 8 + 4 + padded, padded) + bytes(data) + bytes(padded - raw)
+        with self.lock:
+            ring = self._rings.get(cpu)
+            if ring is None:
+                ring = self._rings[cpu] = _CpuRing(self.pages * C.PAGE_SIZE)
+            if not ring.put(rec):
+                return -C.ENOSPC
+            self.samples += 1
+        return 0
+
+    # ---- consumer -------------------------------------------------------------------------
+    def consume(self) -> list[tuple[int, bytes]]:
+        """Every pending sample as ``(cpu, raw data)``, CPU by CPU (data includes the
+        kernel's zero padding, as libbpf's sample callback sees it)."""
+        out: list[tuple[int, bytes]] = []
+        with self.lock:
+            for cpu in sorted(self._rings):
+                ring = self._rings[cpu]
+                while ring.head > ring.tail:
+                    hdr = ring.take(_HDR.size)
+                    _t, _m, size, raw = _HDR.unpack(hdr)
+                    out.append((cpu, ring.take(raw)))
+                    rest = size - _HDR.size - raw
+                    if rest:
+                        ring.take(rest)
+        return out
+
+    # ---- map API (user space sees fds, which we do not have) -------------------------------
+    def lookup(self, key: bytes) -> bytes | None:
+        return None
+
+    def update(self, key: bytes, value: bytes, flags: int = C.BPF_ANY, cpu: int | None = None) -> int:
+        return -C.EOPNOTSUPP
+
+    def delete(self, key: bytes, cpu: int | None = None) -> int:
+        return -C.EOPNOTSUPP
+
+    def get_next_key(self, key: bytes | None) -> bytes | None:
+        from ubpf_py.maps.array import array_next_key
+        return array_next_key(key, self.max_entries)

@@ -1,0 +1,210 @@
+"""BPF_MAP_TYPE_RINGBUF: the kernel's multi-producer, single-consumer ring buffer.
+
+Layout and protocol follow kernel/bpf/ringbuf.c so that records, sizes and the
+"full" decisions match the kernel:
+
+* data area of ``max_entries`` bytes (a power of two, a multiple of the page
+  size); positions are free-running 64-bit counters masked into it;
+* each record starts with an 8-byte header ``u32 len, u32 pg_off``; ``len``
+  carries BUSY (bit 31) while reserved and DISCARD (bit 30) when discarded;
+  records occupy ``round_up(len + 8, 8)`` bytes;
+* reserve fails (returns 0, counted in ``dropped``) when the producer would get
+  more than ``size - 1`` bytes ahead of the consumer or of the oldest record not
+  yet committed.
+
+The kernel maps the data pages twice so a record that wraps is contiguous.  We
+allocate ``2 * size`` bytes instead: a record is reserved contiguously past the
+end when it wraps, and at commit the part beyond the end is copied to the start,
+where the consumer (which reads modulo ``size``) expects it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator
+
+from ubpf_py.maps import consts as C
+from ubpf_py.maps.base import Map, map_create_error
+from ubpf_py.obj.spec import MapSpec
+from ubpf_py.vm.memory import HostBuffer, Region
+
+_HDR = struct.Struct("<II")
+_U32 = struct.Struct("<I")
+RINGBUF_MAX_RECORD_SZ = 0xFFFFFFFF // 4
+
+
+class RingBufMap(Map):
+    """A ring buffer; programs reserve/commit records, user space ``consume()``s them."""
+
+    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
+        super().__init__(spec, ncpus)
+        if spec.flags & ~C.BPF_F_NUMA_NODE:
+            raise map_create_error(spec, f"map_flags {spec.flags:#x} not allowed for a ring buffer")
+        size = spec.max_entries
+        if spec.key_size or spec.value_size or size <= 0 or size & (size - 1) or size % C.PAGE_SIZE:
+            raise map_create_error(spec, f"ring buffers need key_size 0, value_size 0 and max_entries a "
+                                   f"power of two multiple of the page size {C.PAGE_SIZE} "
+                                   f"(got key {spec.key_size} value {spec.value_size} max_entries {size})")
+        self.size = size
+        self.mask = size - 1
+        self._buf = HostBuffer(2 * size, align=8)
+        self._view = self._buf.view
+        self.data_addr = self._buf.addr
+        self.producer_pos = 0
+        self.consumer_pos = 0
+        self.pending_pos = 0
+        #: records whose reservation failed (bpf_ringbuf_reserve returned NULL / output -EAGAIN)
+        self.dropped = 0
+        #: called when the kernel would wake the consumer (epoll); None = nobody waits
+        self.wakeup: Callable[[], None] | None = None
+
+    def regions(self) -> list[Region]:
+        buf = self._buf
+        return [Region(buf.addr, buf.addr + buf.size, True, f"ringbuf {self.name}", buf.view, self)]
+
+    def lookup(self, key: bytes) -> bytes | None:
+        return None
+
+    def update(self, key: bytes, value: bytes, flags: int = C.BPF_ANY, cpu: int | None = None) -> int:
+        return -C.ENOTSUPP
+
+    def delete(self, key: bytes, cpu: int | None = None) -> int:
+        return -C.ENOTSUPP
+
+    def get_next_key(self, key: bytes | None) -> bytes | None:
+        return None
+
+    def keys(self) -> list[bytes]:
+        return []
+
+    # ---- producer side (helpers) ----------------------------------------------------------
+    def reserve(self, size: int) -> int:
+        """Address of ``size`` writable bytes (after the 8-byte header), or 0 when full/too big."""
+        if size > RINGBUF_MAX_RECORD_SZ:
+            self.dropped += 1
+            return 0
+        length = (size + C.BPF_RINGBUF_HDR_SZ + 7) & ~7
+        if length > self.size:
+            self.dropped += 1
+            return 0
+        view = self._view
+        with self.lock:
+            prod = self.producer_pos
+            pend = self._advance_pending(prod)
+            new_prod = prod + length
+            if new_prod - self.consumer_pos > self.mask or new_prod - pend > self.mask:
+                self.dropped += 1
+                return 0
+            off = prod & self.mask
+            # pg_off: the header's distance in pages from the ring's metadata (kernel ABI field)
+            _HDR.pack_into(view, off, size | C.BPF_RINGBUF_BUSY_BIT, (off >> 12) + 2)
+            self.producer_pos = new_prod
+        return self.data_addr + off + C.BPF_RINGBUF_HDR_SZ
+
+    def commit(self, sample_addr: int, discard: bool = False, flags: int = 0) -> None:
+        """bpf_ringbuf_submit/discard of a record returned by ``reserve``."""
+        hoff = sample_addr - C.BPF_RINGBUF_HDR_SZ - self.data_addr
+        if not (0 <= hoff < self.size) or hoff & 7:
+            raise ValueError(f"ringbuf {self.name}: 0x{sample_addr:x} is not a reserved record")
+        view = self._view
+        hlen = _U32.unpack_from(view, hoff)[0]
+        if not hlen & C.BPF_RINGBUF_BUSY_BIT:
+            raise ValueError(f"ringbuf {self.name}: record at 0x{sample_addr:x} was already committed")
+        size = hlen & ~(C.BPF_RINGBUF_BUSY_BIT | C.BPF_RINGBUF_DISCARD_BIT)
+        end = hoff + C.BPF_RINGBUF_HDR_SZ + size
+        if end > self.size:  # wrapped: move the tail to the start of the ring
+            view[0:end - self.size] = view[self.size:end]
+        new_len = size | (C.BPF_RINGBUF_DISCARD_BIT if discard else 0)
+        _U32.pack_into(view, hoff, new_len)
+        if self.wakeup is not None and (flags & C.BPF_RB_FORCE_WAKEUP or (
+                (self.consumer_pos & self.mask) == hoff and not flags & C.BPF_RB_NO_WAKEUP)):
+            self.wakeup()
+
+    def output(self, data: bytes, flags: int = 0) -> int:
+        """bpf_ringbuf_output: 0, -EINVAL for bad flags, -EAGAIN when there is no room.
+        Reserve, copy and commit in one step (nobody can see the record half-written,
+        so it never needs the BUSY bit)."""
+        if flags & ~(C.BPF_RB_NO_WAKEUP | C.BPF_RB_FORCE_WAKEUP):
+            return -C.EINVAL
+        size = len(data)
+        length = (size + 15) & ~7
+        view = self._view
+        with self.lock:
+            prod = self.producer_pos
+            new_prod = prod + length
+            if (new_prod - self.consumer_pos > self.mask or length > self.size
+                    or (self.pending_pos < prod and new_prod - self._advance_pending(prod) > self.mask)):
+                self.dropped += 1
+                return -C.EAGAIN
+            off = prod & self.mask
+            start = off + C.BPF_RINGBUF_HDR_SZ
+            end = start + size
+            view[start:end] = data
+            if end > self.size:
+                view[0:end - self.size] = view[self.size:end]
+            _HDR.pack_into(view, off, size, (off >> 12) + 2)
+            self.producer_pos = new_prod
+            if self.pending_pos == prod:
+                self.pending_pos = new_prod
+        if self.wakeup is not None and (flags & C.BPF_RB_FORCE_WAKEUP or (
+                (self.consumer_pos & self.mask) == off and not flags & C.BPF_RB_NO_WAKEUP)):
+            self.wakeup()
+        return 0
+
+    def _advance_pending(self, prod: int) -> int:
+        """Move the oldest-uncommitted position over committed records (lock held)."""
+        view = self._view
+        pend = self.pending_pos
+        while pend < prod:
+            hlen = _U32.unpack_from(view, pend & self.mask)[0]
+            if hlen & C.BPF_RINGBUF_BUSY_BIT:
+                break
+            pend += ((hlen & ~(C.BPF_RINGBUF_BUSY_BIT | C.BPF_RINGBUF_DISCARD_BIT))
+                     + C.BPF_RINGBUF_HDR_SZ + 7) & ~7
+        self.pending_pos = pend
+        return pend
+
+    def query(self, flags: int) -> int:
+        """bpf_ringbuf_query."""
+        if flags == C.BPF_RB_AVAIL_DATA:
+            return self.producer_pos - self.consumer_pos
+        if flags == C.BPF_RB_RING_SIZE:
+            return self.size
+        if flags == C.BPF_RB_CONS_POS:
+            return self.consumer_pos
+        if flags == C.BPF_RB_PROD_POS:
+            return self.producer_pos
+        return 0
+
+    # ---- consumer side (user space) ---------------------------------------------------------
+    def records(self) -> Iterator[bytes]:
+        """Committed records in order, advancing the consumer position as libbpf's
+        ring_buffer__consume does; stops at the first record still being written."""
+        view = self._view
+        while True:
+            cons = self.consumer_pos
+            if cons >= self.producer_pos:
+                return
+            off = cons & self.mask
+            hlen = _U32.unpack_from(view, off)[0]
+            if hlen & C.BPF_RINGBUF_BUSY_BIT:
+                return
+            size = hlen & ~(C.BPF_RINGBUF_BUSY_BIT | C.BPF_RINGBUF_DISCARD_BIT)
+            rec = None
+            if not hlen & C.BPF_RINGBUF_DISCARD_BIT:
+                start = off + C.BPF_RINGBUF_HDR_SZ
+                end = start + size
+                if end <= self.size:
+                    rec = bytes(view[start:end])
+                else:
+                    rec = bytes(view[start:self.size]) + bytes(view[0:end - self.size])
+            self.consumer_pos = cons + ((size + C.BPF_RINGBUF_HDR_SZ + 7) & ~7)
+            if rec is not None:
+                yield rec
+
+    def consume(self) -> list[bytes]:
+        """Every committed record not consumed yet."""
+        return list(self.records())
+
+    def avail(self) -> int:
+        return self.producer_pos - self.consumer_pos
