@@ -42,14 +42,14 @@ EXAMPLES = """examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ubpf-run",
+        usage="ubpf-run OBJECT.o [--pid PID | -- COMMAND [ARGS...]] [options]\n"
+              "       ubpf-run --check OBJECT.o\n       ubpf-run --list 'uprobe:BINARY:PATTERN'",
         description="Run unmodified libbpf-style uprobe BPF objects in userspace (ptrace + JIT), "
                     "printing bpf_printk lines, ring/perf buffer events and maps like the kernel tools.",
         epilog=EXAMPLES + "\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("object", nargs="?", help="BPF object file (clang -target bpf)")
-    p.add_argument("command", nargs=argparse.REMAINDER,
-                   help="command to start under tracing, after --")
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("-a", "--attach", action="append", default=[], metavar="PROG=BINARY:FUNC[+OFF][@COOKIE]",
                    help="attach a program (repeatable); USDT programs take BINARY:PROVIDER:NAME")
@@ -80,10 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd: list[str] = []
+    if "--" in argv:  # everything after -- is the command, untouched by option parsing
+        i = argv.index("--")
+        argv, cmd = argv[:i], argv[i + 1:]
     args = parser.parse_args(argv)
-    cmd = list(args.command)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
     args.command = cmd
     if args.list is not None:
         return args

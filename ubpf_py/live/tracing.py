@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import sys
 import time
 from dataclasses import dataclass, field
@@ -135,7 +134,10 @@ def run_userspace(args: argparse.Namespace) -> int:
         pump = OutputPump(writer, coll, decoder=decoder,
                           event_type_id=_event_type_id(spec, args.event_type))
         coll.env.printk = pump.printk
-        stats = _attach_all(session, coll, plan, pump, writer)
+        coll.env.hit = session.hit  # the engine updates this one object in place on every hit
+        _register_ctx(coll.env.memory, session.regs_buffer)
+        maps_seen = MapsSnapshot(pid)
+        stats = _attach_all(session, coll, plan, pump, writer, maps_seen)
         try:
             status = session.run(duration=args.duration)
         except KeyboardInterrupt:
@@ -145,8 +147,8 @@ def run_userspace(args: argparse.Namespace) -> int:
             pump.drain()
             session.detach()
         if status is not None:
-            writer.proc_maps(pid, getattr(session, "exit_maps", []) or [])
-            writer.target_exit(pid, status.exit_code, status.signal)
+            writer.proc_maps(pid, maps_seen.as_json())
+            writer.target_exit(pid, status if status >= 0 else None, -status if status < 0 else None)
         pump.report_lost()
         for m in coll.map_list:
             writer.map_dump(snapshot_map(m))
@@ -178,8 +180,29 @@ def _event_type_id(spec: Any, name: str | None) -> int:
     return tid
 
 
+class MapsSnapshot:
+    """The target's /proc/PID/maps, taken at the first probe hit (libraries are mapped by then)
+    so addresses can be symbolised after the target has gone."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.maps: list[Any] = []
+        self.taken = False
+        self.take()
+
+    def take(self) -> None:
+        from ubpf_py.probe.procmaps import read_maps
+
+        with contextlib.suppress(OSError, UbpfError):
+            self.maps = read_maps(self.pid)
+
+    def as_json(self) -> list[dict]:
+        return [{"start": hex(m.start), "end": hex(m.end), "perms": m.perms, "offset": hex(m.offset),
+                 "path": m.path} for m in self.maps]
+
+
 def _attach_all(session: Any, coll: Collection, plan: list[AttachRequest], pump: OutputPump,
-                writer: Writer) -> list[ProbeStats]:
+                writer: Writer, maps_seen: MapsSnapshot) -> list[ProbeStats]:
     from ubpf_py.probe import resolve, symbols
 
     stats = []
@@ -200,8 +223,8 @@ def _attach_all(session: Any, coll: Collection, plan: list[AttachRequest], pump:
                 spec_id, is_new = spec_ids.assign(note, req.cookie)
                 if is_new:
                     _fill_usdt_spec(coll, note, spec_id, req.cookie)
-                session.add_probe(path, note.file_offset, _make_handler(prog, st, pump), cookie=spec_id,
-                                  semaphore_offset=note.sema_offset)
+                session.add_probe(path, note.file_offset, _make_handler(prog, st, pump, maps_seen), cookie=spec_id,
+                                  ref_ctr_offset=note.sema_offset)
             writer.attached(req.program, req.describe(), f"{len(notes)} site(s) in {path}")
         else:
             if req.binary:
@@ -211,7 +234,7 @@ def _attach_all(session: Any, coll: Collection, plan: list[AttachRequest], pump:
             else:
                 path, offset, detail = resolve.find_function_in_process(session.pid, req.function)
                 offset += req.offset
-            session.add_probe(path, offset, _make_handler(prog, st, pump), is_return=req.retprobe,
+            session.add_probe(path, offset, _make_handler(prog, st, pump, maps_seen), is_return=req.retprobe,
                               cookie=req.cookie)
             writer.attached(req.program, req.describe(), detail)
         stats.append(st)
@@ -235,35 +258,30 @@ def _fill_usdt_spec(coll: Collection, note: Any, spec_id: int, cookie: int) -> N
         raise UbpfError(f"cannot store USDT spec {spec_id} in {USDT_SPECS_MAP} (error {rc})")
 
 
-def _make_handler(prog: LoadedProgram, st: ProbeStats, pump: OutputPump):
-    """The per-hit callback: point the env at this hit, run the program, move output."""
-    env = prog.env
-    memory = env.memory
-    registered: set[int] = set()
+def _make_handler(prog: LoadedProgram, st: ProbeStats, pump: OutputPump, maps_seen: MapsSnapshot):
+    """The per-hit callback: run the program on the engine's pt_regs, move its output."""
     clock = time.perf_counter_ns
+    run = prog.run
+    drain = pump.drain if (pump.ringbufs or pump.perfbufs) else None
 
     def handler(hit: HitContext) -> None:
-        ctx = hit.ctx_addr
-        if ctx not in registered:
-            _register_ctx(memory, ctx)
-            registered.add(ctx)
-        env.hit = hit
+        if not maps_seen.taken:
+            maps_seen.taken = True
+            maps_seen.take()
         t0 = clock()
-        prog.run(ctx)
+        run(hit.ctx_addr)
         st.prog_ns += clock() - t0
         st.hits += 1
-        if pump.ringbufs or pump.perfbufs:
-            pump.drain()
+        if drain is not None:
+            drain()
 
     return handler
 
 
-def _register_ctx(memory: Any, addr: int) -> None:
-    """Let programs read the probe engine's pt_regs buffer (read-only)."""
-    if memory.find(addr, PT_REGS_SIZE) is not None:
-        return
-    raw = (ctypes.c_char * PT_REGS_SIZE).from_address(addr)
-    memory.add(Region(addr, addr + PT_REGS_SIZE, False, "context (struct pt_regs)", memoryview(raw).cast("B"), raw))
+def _register_ctx(memory: Any, buf: Any) -> None:
+    """Let programs read the probe engine's pt_regs buffer (read-only, the first 168 bytes)."""
+    if memory.find(buf.addr, PT_REGS_SIZE) is None:
+        memory.add(Region.of(buf, "context (struct pt_regs)", writable=False, size=PT_REGS_SIZE))
 
 
 def _stats_report(stats: list[ProbeStats]) -> dict:

@@ -35,6 +35,8 @@ class GlobalDump:
     map_name: str
     data: bytes
     type_id: int
+    #: a static variable of a read-only section (bpf_printk format strings and the like)
+    static_const: bool = False
 
 
 def snapshot_map(m: Any) -> MapDump:
@@ -76,5 +78,7 @@ def snapshot_globals(spec: Any, maps: dict[str, Any]) -> list[GlobalDump]:
         value = m.lookup(b"\0" * m.spec.key_size)
         if value is None:
             continue
-        out.append(GlobalDump(var.name, var.map_name, bytes(value[var.offset:var.offset + var.size]), var.type_id))
+        static_const = var.linkage == "static" and m.spec.readonly
+        out.append(GlobalDump(var.name, var.map_name, bytes(value[var.offset:var.offset + var.size]), var.type_id,
+                              static_const))
     return out

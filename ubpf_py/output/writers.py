@@ -61,7 +61,7 @@ class TextWriter(Writer):
         """Text output does not print the target's memory map."""
 
     def map_dump(self, d: MapDump) -> None:
-        if not d.entries:
+        if not d.entries or d.internal:  # global data is printed variable by variable
             return
         values = self._array_values(d)
         if values is not None and looks_like_histogram(d.name, values):
@@ -84,7 +84,7 @@ class TextWriter(Writer):
             print(f"@{d.name}[{key}]: {val}", file=self.out)
 
     def global_var(self, g: GlobalDump) -> None:
-        if _all_zero(g.data):
+        if _all_zero(g.data) or g.static_const:  # static constants (printk formats) say nothing new
             return
         ints = self.decoder.int_array(g.type_id, g.data)
         if ints is not None and looks_like_histogram(g.name, ints):
