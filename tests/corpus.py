@@ -31,9 +31,9 @@ def load_manifest() -> list[dict]:
 
 
 def ubpf_argv(case: dict, out_file: str, engine: str) -> list[str]:
-    """The ubpf-run command line for a manifest case."""
-    argv = [sys.executable, "-m", "ubpf_py.cli", case["bpf"], "--format", "json", "-o", out_file,
-            "--engine", engine]
+    """The ubpf-run command line for a manifest case (engine "kernel" = ``--backend kernel``)."""
+    argv = [sys.executable, "-m", "ubpf_py.cli", case["bpf"], "--format", "json", "-o", out_file]
+    argv += ["--backend", "kernel"] if engine == "kernel" else ["--engine", engine]
     attach = case.get("attach", "auto")
     entries = [attach] if isinstance(attach, str) else attach
     if "auto" not in entries:
@@ -107,7 +107,8 @@ def run_case(case: dict, build: Path, engine: str = "jit", keep: str | None = No
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cases", nargs="*")
-    ap.add_argument("--engine", choices=["jit", "interp"], default="jit")
+    ap.add_argument("--engine", choices=["jit", "interp", "kernel"], default="jit",
+                    help="userspace engine, or kernel for ubpf-run --backend kernel")
     ap.add_argument("--build", default=None, help=f"corpus build dir (default {BUILD}, built if missing)")
     ap.add_argument("--keep", metavar="FILE", help="keep the oracle JSON of the (single) case here")
     a = ap.parse_args()

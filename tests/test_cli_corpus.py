@@ -31,6 +31,19 @@ def test_corpus_case_ubpf(case, engine, corpus_build):
     assert ok, text
 
 
+@pytest.mark.kernel
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_corpus_case_kernel_backend(case, corpus_build):
+    """The same case through ``ubpf-run --backend kernel``: same command, same output path."""
+    reason = _kernel_oracle_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    if _missing_parts(case, corpus_build):
+        pytest.skip("not built")
+    ok, text = run_case(case, corpus_build, "kernel")
+    assert ok, text
+
+
 def _kernel_oracle_skip_reason() -> str | None:
     if os.geteuid() != 0:
         return "the kernel oracle needs root"

@@ -1,0 +1,1 @@
+"""Uprobe overhead benchmark: kernel uprobes vs ubpf-py (see README.md)."""

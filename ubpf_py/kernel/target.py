@@ -1,0 +1,132 @@
+"""Start a target held at a gate, so kernel probes are attached before it runs.
+
+The child is forked and blocks reading a pipe before ``exec`` (the kernel oracle's
+method, here with a /bin/sh gate): we attach uprobes with its pid, then release it.  A uprobe attached to a pid
+survives the exec, so the probes see the target from its first instruction of
+``main``.  No ptrace is involved, so this does not disturb what is being measured.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ubpf_py.errors import TargetError
+
+_PR_SET_PDEATHSIG = 1
+_PTRACE_CONT = 7
+_PTRACE_SEIZE = 0x4206
+_PTRACE_O_TRACEEXIT = 0x40
+_PTRACE_EVENT_EXIT = 6
+_PTRACE_EVENT_STOP = 128
+_WALL = 0x40000000
+
+
+@dataclass
+class GatedChild:
+    proc: subprocess.Popen
+    _gate_w: int
+    released: bool = False
+    argv: list[str] = field(default_factory=list)
+    #: seized with PTRACE_O_TRACEEXIT (see ``watch_exit``)
+    traced: bool = False
+    #: /proc/PID/maps text at the target's exit (when ``watch_exit`` was called)
+    exit_maps: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def release(self) -> None:
+        """Let the child exec its program."""
+        if not self.released:
+            os.write(self._gate_w, b"g\n")
+            os.close(self._gate_w)
+            self.released = True
+
+    def watch_exit(self) -> None:
+        """PTRACE_SEIZE the child with PTRACE_O_TRACEEXIT so that ``poll`` can capture
+        /proc/PID/maps at its exit (the oracle's method; the stop costs nothing per hit).
+        Call before ``release``."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        rc = libc.ptrace(ctypes.c_long(_PTRACE_SEIZE), ctypes.c_long(self.pid), None,
+                         ctypes.c_void_p(_PTRACE_O_TRACEEXIT))
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise TargetError(f"cannot ptrace pid {self.pid} to watch its exit: {os.strerror(err)}")
+        self.traced = True
+
+    def poll(self) -> int | None:
+        """The exit code (negative signal) once the child has ended, else None; while
+        watched, also resumes its ptrace stops and records its maps at exit."""
+        if not self.traced:
+            return self.proc.poll()
+        if self.proc.returncode is not None:
+            return self.proc.returncode
+        libc = ctypes.CDLL(None, use_errno=True)
+        while True:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG | _WALL)
+            except ChildProcessError:
+                return self.proc.returncode
+            if pid == 0:
+                return None
+            if os.WIFSTOPPED(status):
+                sig = os.WSTOPSIG(status)
+                event = status >> 16
+                if event == _PTRACE_EVENT_EXIT:
+                    try:
+                        self.exit_maps = Path(f"/proc/{self.pid}/maps").read_text()
+                    except OSError:
+                        pass
+                    sig = 0
+                elif event == _PTRACE_EVENT_STOP:
+                    sig = 0
+                libc.ptrace(ctypes.c_long(_PTRACE_CONT), ctypes.c_long(self.pid), None, ctypes.c_void_p(sig))
+                continue
+            self.proc.returncode = os.waitstatus_to_exitcode(status)
+            return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            self.proc.kill()
+        if not self.released:
+            os.close(self._gate_w)
+            self.released = True
+        while self.poll() is None:
+            os.sched_yield()
+
+
+def spawn_gated(argv: list[str], *, cwd: str | None = None, stdout: int | None = None,
+                stderr: int | None = None, env: dict[str, str] | None = None,
+                cpu: int | None = None) -> GatedChild:
+    """Start ``argv`` (resolved in PATH and relative to ``cwd``) blocked until ``release()``.
+
+    The gate is a ``/bin/sh`` that reads one line from a pipe on its stdin and then ``exec``s the
+    command, so the pid we attach to is the target's pid (exec keeps it) and Popen
+    returns at once (a Python-level pre-exec hook would make Popen wait for the exec).
+    ``cpu`` pins the target to one CPU."""
+    if not argv:
+        raise TargetError("no command to start; give the target after --")
+    gate_r, gate_w = os.pipe()
+    try:
+        proc = subprocess.Popen(["/bin/sh", "-c", 'read -r _; exec "$@" </dev/null', "sh", *argv],
+                                cwd=cwd, stdout=stdout, stderr=stderr, stdin=gate_r,
+                                env=env, close_fds=True,
+                                preexec_fn=_die_with_parent)
+    except OSError as exc:
+        os.close(gate_r)
+        os.close(gate_w)
+        raise TargetError(f"cannot start {argv[0]!r}: {exc.strerror}; check the command and its path") from None
+    os.close(gate_r)
+    if cpu is not None:
+        os.sched_setaffinity(proc.pid, {cpu})
+    return GatedChild(proc, gate_w, argv=list(argv))
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
