@@ -1,0 +1,378 @@
+/*
+ * ubpf-py native stop loop: the per-hit path of the ptrace probe engine in C.
+ *
+ * The Python tracer (ubpf_py/probe/tracer.py) owns all policy: it arms the
+ * breakpoints, decodes the displaced instructions into plans and handles every
+ * unusual stop.  This loop only does what must be fast: waitpid, GETREGS, look
+ * the address up, call the probe's handler, finish the displaced instruction
+ * (emulate it or resume in its out-of-line slot), SETREGS, CONT.  Anything it
+ * does not recognise (events, signals, return trampolines, breakpoints marked
+ * slow) is handed back to Python with the wait status.
+ *
+ * Handlers: a breakpoint may carry a Python callback token (called through a C
+ * function pointer -- a ctypes CFUNCTYPE -- with the tid and the CPU the loop
+ * runs on, the hit's cpu approximation) and/or a native program pointer
+ * ``uint64_t prog(uint64_t ctx)`` called directly with the pt_regs address, so
+ * a JIT-compiled BPF program can run with no Python at all.
+ *
+ * Plan kinds must match ubpf_py/probe/ool.py.  Built as a CPython extension
+ * module (setuptools) and loaded with ctypes; UBPF_NO_PYTHON builds a plain .so.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ptrace.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <time.h>
+
+#ifndef UBPF_NO_PYTHON
+#include <Python.h>
+#endif
+
+typedef uint64_t u64;
+
+enum { K_SKIP = 1, K_PUSH, K_MOVRBP, K_SUBRSP, K_OOL, K_JMP, K_JCC, K_CALL, K_RET, K_IND };
+/* user_regs_struct slots */
+enum { R15, R14, R13, R12, RBP, RBX, R11, R10, R9, R8, RAX, RCX, RDX, RSI, RDI, ORIG_RAX, RIP, CS,
+       EFLAGS, RSP, SS };
+
+#define BP_FAST 1     /* this loop may finish the hit */
+#define BP_PYCB 2     /* call the Python callback */
+
+struct ub_bp {
+	u64 addr, next, slot, target, imm, prog;
+	int32_t kind, reg, cond, token, flags, used;
+};
+
+typedef int (*ub_cb)(int32_t token, int32_t tid, int32_t cpu);
+
+struct ub_loop {
+	struct ub_bp *bps;
+	uint32_t bmask;
+	int32_t *tids;
+	uint32_t tmask;
+	u64 *regs;
+	ub_cb cb;
+	u64 hits, tracer_ns, handler_ns;
+	volatile int32_t stop;
+	int32_t last_tid;      /* tid whose callback failed (stopped at the breakpoint) */
+};
+
+static inline u64 now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (u64)ts.tv_sec * 1000000000ull + (u64)ts.tv_nsec;
+}
+
+static inline uint32_t hash64(u64 a)
+{
+	a ^= a >> 33;
+	a *= 0xff51afd7ed558ccdull;
+	a ^= a >> 33;
+	return (uint32_t)a;
+}
+
+struct ub_loop *ub_new(uint32_t bp_capacity_pow2, uint32_t tid_capacity_pow2, u64 *regs)
+{
+	struct ub_loop *s = calloc(1, sizeof(*s));
+	if (!s)
+		return NULL;
+	s->bps = calloc(bp_capacity_pow2, sizeof(struct ub_bp));
+	s->tids = calloc(tid_capacity_pow2, sizeof(int32_t));
+	if (!s->bps || !s->tids) {
+		free(s->bps);
+		free(s->tids);
+		free(s);
+		return NULL;
+	}
+	s->bmask = bp_capacity_pow2 - 1;
+	s->tmask = tid_capacity_pow2 - 1;
+	s->regs = regs;
+	return s;
+}
+
+void ub_free(struct ub_loop *s)
+{
+	if (!s)
+		return;
+	free(s->bps);
+	free(s->tids);
+	free(s);
+}
+
+void ub_set_cb(struct ub_loop *s, ub_cb cb) { s->cb = cb; }
+void ub_request_stop(struct ub_loop *s) { s->stop = 1; }
+int32_t ub_last_tid(struct ub_loop *s) { return s->last_tid; }
+void ub_stats(struct ub_loop *s, u64 *out3)
+{
+	out3[0] = s->hits;
+	out3[1] = s->tracer_ns;
+	out3[2] = s->handler_ns;
+}
+
+static struct ub_bp *bp_find(struct ub_loop *s, u64 addr)
+{
+	uint32_t i = hash64(addr) & s->bmask;
+	for (uint32_t n = 0; n <= s->bmask; n++, i = (i + 1) & s->bmask) {
+		struct ub_bp *b = &s->bps[i];
+		if (!b->used)
+			return NULL;
+		if (b->used == 1 && b->addr == addr)
+			return b;
+	}
+	return NULL;
+}
+
+/* insert or replace; returns 0, or -1 when full (Python rebuilds with a bigger table) */
+int ub_bp_put(struct ub_loop *s, u64 addr, int32_t kind, u64 next, u64 slot, u64 target, u64 imm,
+	      int32_t reg, int32_t cond, int32_t token, int32_t flags, u64 prog)
+{
+	struct ub_bp *b = bp_find(s, addr);
+	if (!b) {
+		uint32_t i = hash64(addr) & s->bmask;
+		for (uint32_t n = 0; n <= s->bmask; n++, i = (i + 1) & s->bmask)
+			if (s->bps[i].used != 1) {
+				b = &s->bps[i];
+				break;
+			}
+		if (!b)
+			return -1;
+	}
+	b->addr = addr;
+	b->kind = kind;
+	b->next = next;
+	b->slot = slot;
+	b->target = target;
+	b->imm = imm;
+	b->reg = reg;
+	b->cond = cond;
+	b->token = token;
+	b->flags = flags;
+	b->prog = prog;
+	b->used = 1;
+	return 0;
+}
+
+void ub_bp_del(struct ub_loop *s, u64 addr)
+{
+	struct ub_bp *b = bp_find(s, addr);
+	if (b)
+		b->used = 2; /* tombstone keeps probe chains intact */
+}
+
+void ub_bp_clear(struct ub_loop *s) { memset(s->bps, 0, (size_t)(s->bmask + 1) * sizeof(struct ub_bp)); }
+
+static int32_t *tid_slot(struct ub_loop *s, int32_t tid, int for_insert)
+{
+	uint32_t i = hash64((u64)tid) & s->tmask;
+	int32_t *tomb = NULL;
+	for (uint32_t n = 0; n <= s->tmask; n++, i = (i + 1) & s->tmask) {
+		int32_t v = s->tids[i];
+		if (v == tid)
+			return &s->tids[i];
+		if (v == -1 && !tomb)
+			tomb = &s->tids[i];
+		if (v == 0)
+			return for_insert ? (tomb ? tomb : &s->tids[i]) : NULL;
+	}
+	return for_insert ? tomb : NULL;
+}
+
+int ub_tid_add(struct ub_loop *s, int32_t tid)
+{
+	int32_t *p = tid_slot(s, tid, 1);
+	if (!p)
+		return -1;
+	*p = tid;
+	return 0;
+}
+
+void ub_tid_del(struct ub_loop *s, int32_t tid)
+{
+	int32_t *p = tid_slot(s, tid, 0);
+	if (p)
+		*p = -1;
+}
+
+void ub_tid_clear(struct ub_loop *s) { memset(s->tids, 0, (size_t)(s->tmask + 1) * sizeof(int32_t)); }
+
+static int vm_write8(pid_t pid, u64 addr, u64 val)
+{
+	struct iovec l = { &val, 8 }, r = { (void *)addr, 8 };
+	return process_vm_writev(pid, &l, 1, &r, 1, 0) == 8 ? 0 : -1;
+}
+
+static int vm_read8(pid_t pid, u64 addr, u64 *val)
+{
+	struct iovec l = { val, 8 }, r = { (void *)addr, 8 };
+	return process_vm_readv(pid, &l, 1, &r, 1, 0) == 8 ? 0 : -1;
+}
+
+#define CF (1u << 0)
+#define PF (1u << 2)
+#define AF (1u << 4)
+#define ZF (1u << 6)
+#define SF (1u << 7)
+#define OF (1u << 11)
+
+static int cond_true(int cond, u64 fl, u64 rcx)
+{
+	int r;
+	if (cond < 16) {
+		switch (cond >> 1) {
+		case 0: r = !!(fl & OF); break;
+		case 1: r = !!(fl & CF); break;
+		case 2: r = !!(fl & ZF); break;
+		case 3: r = !!(fl & (CF | ZF)); break;
+		case 4: r = !!(fl & SF); break;
+		case 5: r = !!(fl & PF); break;
+		case 6: r = !!(fl & SF) != !!(fl & OF); break;
+		default: r = !!(fl & ZF) || (!!(fl & SF) != !!(fl & OF)); break;
+		}
+		return r != (cond & 1);
+	}
+	switch (cond) {
+	case 16: return rcx == 0;
+	case 17: return (rcx & 0xffffffffu) == 0;
+	case 18: return rcx != 0;
+	case 19: return rcx != 0 && (fl & ZF);
+	default: return rcx != 0 && !(fl & ZF);
+	}
+}
+
+/* Finish the displaced instruction in regs; 0 ok, -1 memory fault (Python decides). */
+static int apply_plan(pid_t tid, const struct ub_bp *b, u64 *r)
+{
+	u64 sp, v;
+	switch (b->kind) {
+	case K_OOL: r[RIP] = b->slot; return 0;
+	case K_SKIP: r[RIP] = b->next; return 0;
+	case K_PUSH:
+		sp = r[RSP] - 8;
+		if (vm_write8(tid, sp, r[b->reg]))
+			return -1;
+		r[RSP] = sp;
+		r[RIP] = b->next;
+		return 0;
+	case K_MOVRBP: r[RBP] = r[RSP]; r[RIP] = b->next; return 0;
+	case K_SUBRSP: {
+		u64 a = r[RSP], c = b->imm, res = a - c, fl = r[EFLAGS];
+		fl &= ~(u64)(CF | PF | AF | ZF | SF | OF);
+		if (a < c) fl |= CF;
+		if (!res) fl |= ZF;
+		if (res >> 63) fl |= SF;
+		if (((a ^ c) & (a ^ res)) >> 63) fl |= OF;
+		if (((a ^ c ^ res) >> 4) & 1) fl |= AF;
+		if (!(__builtin_popcount((unsigned)(res & 0xff)) & 1)) fl |= PF;
+		r[RSP] = res;
+		r[EFLAGS] = fl;
+		r[RIP] = b->next;
+		return 0;
+	}
+	case K_JMP: r[RIP] = b->target; return 0;
+	case K_JCC:
+		if (b->cond >= 18)
+			r[RCX] -= 1;
+		r[RIP] = cond_true(b->cond, r[EFLAGS], r[RCX]) ? b->target : b->next;
+		return 0;
+	case K_CALL:
+		sp = r[RSP] - 8;
+		if (vm_write8(tid, sp, b->next))
+			return -1;
+		r[RSP] = sp;
+		r[RIP] = b->target;
+		return 0;
+	case K_RET:
+		if (vm_read8(tid, r[RSP], &v))
+			return -1;
+		r[RIP] = v;
+		r[RSP] += 8 + b->imm;
+		return 0;
+	default:
+		return -1;
+	}
+}
+
+/*
+ * Run until a stop this loop does not handle.  Returns 1 with *tid and *status set
+ * (*regs_valid = 1 when regs already hold that thread's registers), 0 when a
+ * stop was requested or a signal interrupted waitpid, 2 when a Python callback
+ * failed (thread ub_last_tid() is stopped at its breakpoint, regs valid, ip set
+ * to the probe address), 3 when handlers ran but the emulated instruction
+ * faulted (Python finishes it), -errno on error (-ECHILD: nothing to wait for).
+ */
+int ub_run(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, int32_t *regs_valid)
+{
+	u64 *r = s->regs;
+	*regs_valid = 0;
+	while (!s->stop) {
+		int st;
+		pid_t tid = waitpid(-1, &st, __WALL);
+		if (tid < 0)
+			return errno == EINTR ? 0 : -errno;
+		if ((st & 0xffff) != ((SIGTRAP << 8) | 0x7f) || (st >> 16) != 0 || !tid_slot(s, tid, 0)) {
+			*out_tid = tid;
+			*out_status = st;
+			return 1;
+		}
+		u64 t0 = now_ns();
+		if (ptrace(PTRACE_GETREGS, tid, 0, r) < 0) {
+			*out_tid = tid;
+			*out_status = st;
+			return 1;
+		}
+		struct ub_bp *b = bp_find(s, r[RIP] - 1);
+		if (!b || !(b->flags & BP_FAST)) {
+			*out_tid = tid;
+			*out_status = st;
+			*regs_valid = 1;
+			return 1;
+		}
+		r[RIP] = b->addr;
+		if (b->prog || (b->flags & BP_PYCB)) {
+			u64 h0 = now_ns();
+			if (b->prog)
+				((u64(*)(u64))b->prog)((u64)(uintptr_t)r);
+			if ((b->flags & BP_PYCB) && s->cb && s->cb(b->token, tid, sched_getcpu())) {
+				s->handler_ns += now_ns() - h0;
+				s->last_tid = tid;
+				*out_tid = tid;
+				*out_status = st;
+				*regs_valid = 1;
+				return 2;
+			}
+			s->handler_ns += now_ns() - h0;
+		}
+		if (apply_plan(tid, b, r)) {
+			/* handlers ran; Python finishes the instruction (it delivers the fault) */
+			r[RIP] = b->addr;
+			s->last_tid = tid;
+			*out_tid = tid;
+			*out_status = st;
+			*regs_valid = 1;
+			return 3;
+		}
+		ptrace(PTRACE_SETREGS, tid, 0, r);
+		ptrace(PTRACE_CONT, tid, 0, 0);
+		s->hits++;
+		s->tracer_ns += now_ns() - t0;
+	}
+	return 0;
+}
+
+#ifndef UBPF_NO_PYTHON
+/* A real extension module so that setuptools builds and installs it; the functions
+ * above are reached through ctypes (ubpf_py/probe/native.py). */
+static struct PyModuleDef hotloop_module = {
+	PyModuleDef_HEAD_INIT, "_hotloop", "ubpf-py native ptrace stop loop (use through ctypes)", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__hotloop(void) { return PyModule_Create(&hotloop_module); }
+#endif

@@ -1,0 +1,199 @@
+"""Never damage the target: attach/detach, signals to the tracer, kill -9 with the guardian."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_probe_support import FLOOR_DIR, REPO, build_c, func_offset
+
+from ubpf_py.probe import ptrace as P
+from ubpf_py.probe.engine import ProbeSession
+
+pytestmark = pytest.mark.ptrace
+KILL_SCRIPT = REPO / "benchmarks" / "ptrace_floor" / "kill_survival.py"
+
+
+@pytest.fixture(scope="session")
+def mt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mt_target")
+    return build_c(FLOOR_DIR / "mt_target.c", d / "mt_target", "-pthread")
+
+
+def exec_snapshot(pid: int) -> dict[tuple[int, int, str, str], bytes]:
+    """Every executable mapping (range, perms, path) with its bytes."""
+    out = {}
+    with open(f"/proc/{pid}/maps") as f:
+        lines = [ln.split() for ln in f]
+    mem = P.ProcMem(pid)
+    try:
+        for parts in lines:
+            if "x" not in parts[1] or (len(parts) > 5 and parts[5] == "[vsyscall]"):
+                continue
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            key = (lo, hi, parts[1], parts[5] if len(parts) > 5 else "")
+            out[key] = mem.read(lo, hi - lo) or b""
+    finally:
+        mem.close()
+    return out
+
+
+def gone(pid: int, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _stop_target(proc: subprocess.Popen) -> tuple[int, bytes]:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=20)
+    return proc.returncode, out
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_attach_detach_restores_memory(mt, native):
+    proc = subprocess.Popen([str(mt), "4", "0"], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        time.sleep(0.05)
+        before = exec_snapshot(proc.pid)
+        s = ProbeSession.attach(proc.pid, native=native)
+        counts = {"e": 0, "r": 0, "tids": set()}
+
+        def on_entry(hit):
+            counts["e"] += 1
+            counts["tids"].add(hit.tid)
+
+        def on_ret(hit):
+            counts["r"] += 1
+
+        off = func_offset(mt, "tick")
+        s.add_probe(str(mt), off, on_entry)
+        s.add_probe(str(mt), off, on_ret, is_return=True)
+        assert exec_snapshot(proc.pid) != before          # int3 + scratch page are in
+        assert s.run(duration=0.7) is None               # still running: detached on return
+        assert counts["e"] > 20 and abs(counts["e"] - counts["r"]) <= 4
+        assert len(counts["tids"]) == 4
+        assert P.tracer_pid(proc.pid) == 0
+        assert exec_snapshot(proc.pid) == before         # bytes and mappings exactly as before
+        rc, out = _stop_target(proc)
+        assert rc == 0 and out == b"stopped total>0=1 bad=0\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_detach_repeatedly_under_heavy_probing(mt):
+    proc = subprocess.Popen([str(mt), "4", "-1"], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        before = exec_snapshot(proc.pid)
+        off = func_offset(mt, "tick")
+        total = 0
+        for i in range(3):
+            s = ProbeSession.attach(proc.pid, native=bool(i % 2))
+            n = [0]
+
+            def count(h, n=n):
+                n[0] += 1
+            s.add_probe(str(mt), off, count)
+            s.add_probe(str(mt), off, lambda h: None, is_return=True)
+            s.run(duration=0.4)
+            assert exec_snapshot(proc.pid) == before
+            total += n[0]
+        assert total > 100
+        rc, out = _stop_target(proc)
+        assert rc == 0 and out == b"stopped total>0=1 bad=0\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _start_tracer(mt, tmp_path, sleep_us: int, guardian: bool):
+    out = tmp_path / "target.out"
+    tr = subprocess.Popen([sys.executable, str(KILL_SCRIPT), "--tracer", str(mt), "2", str(sleep_us),
+                           "1" if guardian else "0", "1", str(out)], stdout=subprocess.PIPE, text=True,
+                          cwd=REPO)
+    pid = int(tr.stdout.readline())
+    return tr, pid, out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_tracer_signals_detach_cleanly(mt, tmp_path, sig):
+    tr, pid, out = _start_tracer(mt, tmp_path, -1, guardian=False)
+    try:
+        time.sleep(0.5)
+        tr.send_signal(sig)
+        assert tr.wait(timeout=20) is not None
+        assert not gone(pid, 0.2), "the target died with its tracer"
+        assert P.tracer_pid(pid) == 0
+        data = (mt).read_bytes()
+        snap = exec_snapshot(pid)
+        # the executable's code in memory equals the file's
+        maps = [k for k in snap if k[3] == str(mt)]
+        assert maps
+        with open(f"/proc/{pid}/maps") as f:
+            offs = {int(ln.split()[0].split("-")[0], 16): int(ln.split()[2], 16) for ln in f}
+        for k in maps:
+            file_off = offs[k[0]]
+            assert snap[k] == data[file_off:file_off + len(snap[k])]
+        assert not any(k[3] == "" and "x" in k[2] for k in snap), "scratch page left mapped"
+        os.kill(pid, signal.SIGTERM)
+        assert gone(pid, 20)
+        assert out.read_text() == "ready\nstopped total>0=1 bad=0\n"
+    finally:
+        if not gone(pid, 0):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_guardian_repairs_after_kill9(mt, tmp_path):
+    """kill -9 of the tracer: with the guardian the target lives on intact; without it, it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(36, 1, 0, 0, 0)          # PR_SET_CHILD_SUBREAPER: orphaned targets come back to us
+    off = func_offset(mt, "tick")
+    data = mt.read_bytes()
+
+    def kill_round(guardian: bool) -> tuple[bool, str]:
+        tr, pid, out = _start_tracer(mt, tmp_path, 20000, guardian)
+        time.sleep(0.3)
+        tr.kill()
+        tr.wait()
+        time.sleep(0.4)
+        reaped, st = os.waitpid(pid, os.WNOHANG)
+        if reaped == pid:
+            return False, f"died: {st:#x}"
+        mem = P.ProcMem(pid)
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for ln in f:
+                    p = ln.split()
+                    if len(p) > 5 and p[5] == str(mt) and "x" in p[1]:
+                        lo = int(p[0].split("-")[0], 16)
+                        foff = int(p[2], 16)
+                        a = lo + off - foff
+                        assert mem.read(a, 8) == data[off:off + 8]
+        finally:
+            mem.close()
+        os.kill(pid, signal.SIGTERM)
+        _, st = os.waitpid(pid, 0)
+        ok = os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
+        return ok and out.read_text().endswith("bad=0\n"), f"status {st:#x}"
+
+    results = [kill_round(True) for _ in range(2)]
+    assert any(ok for ok, _ in results), results
+    ok, why = kill_round(False)
+    assert not ok, f"without a guardian the target should die on the next int3 ({why})"

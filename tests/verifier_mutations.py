@@ -1,0 +1,258 @@
+"""Mutants of the corpus programs for the verifier's differential campaign.
+
+Each mutation makes one small change a buggy compiler or a careless author
+could make: a different memory offset or access size, a dropped NULL check, a
+widened bound, a swapped register, a deleted instruction, a changed constant.
+Every mutant is verified by ubpf-py and loaded by the kernel (BPF_PROG_TYPE_KPROBE);
+``run_campaign`` counts where the two agree.
+
+Run the full campaign (root, kernel BPF):  python3 tests/verifier_mutations.py [N] [SEED]
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ubpf_py.isa import opcodes as op  # noqa: E402
+from ubpf_py.isa.instruction import Instruction  # noqa: E402
+from ubpf_py.obj.spec import ObjectSpec, ProgramSpec  # noqa: E402
+
+MUTATORS = ("offset", "drop_null_check", "widen_bound", "swap_reg", "delete", "size", "const")
+
+
+@dataclass
+class Mutant:
+    obj: str
+    program: str
+    kind: str
+    where: int
+    detail: str
+    spec: ProgramSpec
+
+
+@dataclass
+class Outcome:
+    mutant: Mutant
+    ours: bool
+    kernel: bool
+    our_error: str = ""
+    kernel_error: str = ""
+
+
+@dataclass
+class CampaignResult:
+    outcomes: list[Outcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def agree(self) -> int:
+        return sum(o.ours == o.kernel for o in self.outcomes)
+
+    @property
+    def rate(self) -> float:
+        return self.agree / len(self.outcomes) if self.outcomes else 1.0
+
+    def by_class(self) -> Counter:
+        c: Counter = Counter()
+        for o in self.outcomes:
+            c[(o.mutant.kind, "agree" if o.ours == o.kernel else
+               ("we_accept_kernel_rejects" if o.ours else "we_reject_kernel_accepts"))] += 1
+        return c
+
+
+def _is_jump(ins: Instruction) -> bool:
+    c = ins.opcode & 0x07
+    o = ins.opcode & 0xF0
+    return c in (op.BPF_JMP, op.BPF_JMP32) and o not in (op.BPF_CALL, op.BPF_EXIT)
+
+
+def _second_slots(insns: list[Instruction]) -> set[int]:
+    return {i + 1 for i, ins in enumerate(insns) if ins.opcode == op.LDDW}
+
+
+def delete_insn(spec: ProgramSpec, idx: int) -> ProgramSpec:
+    """Remove one slot, fixing every jump/call/func-pointer offset that crosses it."""
+    insns = spec.instructions
+    out: list[Instruction] = []
+    for i, ins in enumerate(insns):
+        if i == idx:
+            continue
+        if _is_jump(ins) or (ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_PSEUDO_CALL) or \
+                (ins.opcode == op.LDDW and ins.src == op.BPF_PSEUDO_FUNC):
+            is32ja = ins.opcode == op.BPF_JMP32 | op.BPF_JA
+            uses_imm = is32ja or ins.opcode in (op.BPF_JMP | op.BPF_CALL, op.LDDW)
+            rel = ins.imm if uses_imm else ins.off
+            tgt = i + rel + 1
+            ni = i - (1 if i > idx else 0)
+            nt = tgt - (1 if tgt > idx else 0)
+            nrel = nt - ni - 1
+            ins = ins.replace(imm=nrel) if uses_imm else ins.replace(off=nrel)
+        out.append(ins)
+
+    def shift(k: int) -> int:
+        return k - 1 if k > idx else k
+
+    return replace(spec, instructions=out,
+                   functions={shift(k): v for k, v in spec.functions.items()},
+                   func_info={shift(k): v for k, v in spec.func_info.items()},
+                   line_info=[replace(li, insn_index=shift(li.insn_index)) for li in spec.line_info])
+
+
+def mutate(spec: ProgramSpec, kind: str, rng: random.Random) -> tuple[ProgramSpec, int, str] | None:
+    insns = spec.instructions
+    second = _second_slots(insns)
+    idxs = [i for i in range(len(insns)) if i not in second]
+    rng.shuffle(idxs)
+    for i in idxs:
+        ins = insns[i]
+        code = ins.opcode
+        cls = code & 0x07
+        new: Instruction | None = None
+        if kind == "offset" and cls in (op.BPF_LDX, op.BPF_ST, op.BPF_STX):
+            d = rng.choice((-16, -8, -4, -1, 1, 4, 8, 16, 64, 200, -600))
+            new = ins.replace(off=max(-32768, min(32767, ins.off + d)))
+        elif kind == "offset" and cls == op.BPF_ALU64 and code & 0xF0 == op.BPF_ADD and not code & op.BPF_X:
+            new = ins.replace(imm=ins.imm + rng.choice((-8, 8, 16, -600, 600)))
+        elif kind == "drop_null_check" and cls == op.BPF_JMP and not code & op.BPF_X and ins.imm == 0 \
+                and code & 0xF0 in (op.BPF_JEQ, op.BPF_JNE):
+            if code & 0xF0 == op.BPF_JEQ:
+                new = Instruction(op.BPF_JMP | op.BPF_JA, off=0)
+            else:
+                new = Instruction(op.BPF_JMP | op.BPF_JA, off=ins.off)
+        elif kind == "widen_bound" and cls in (op.BPF_JMP, op.BPF_JMP32) and not code & op.BPF_X \
+                and code & 0xF0 in (op.BPF_JGT, op.BPF_JGE, op.BPF_JLT, op.BPF_JLE, op.BPF_JSGT,
+                                    op.BPF_JSGE, op.BPF_JSLT, op.BPF_JSLE):
+            new = ins.replace(imm=ins.imm * 2 + rng.choice((1, 8, 100)))
+        elif kind == "widen_bound" and cls in (op.BPF_ALU, op.BPF_ALU64) and code & 0xF0 == op.BPF_AND \
+                and not code & op.BPF_X:
+            new = ins.replace(imm=(ins.imm << 1) | 1)
+        elif kind == "swap_reg" and code not in (op.LDDW, op.BPF_JMP | op.BPF_EXIT, op.BPF_JMP | op.BPF_CALL):
+            r = rng.randrange(0, 10)
+            if code & op.BPF_X or cls in (op.BPF_LDX, op.BPF_STX):
+                new = ins.replace(src=r if rng.random() < 0.5 else ins.src,
+                                  dst=r if rng.random() >= 0.5 else ins.dst)
+            else:
+                new = ins.replace(dst=r)
+            if new == ins:
+                new = None
+        elif kind == "size" and cls in (op.BPF_LDX, op.BPF_ST, op.BPF_STX) and code & 0xE0 == op.BPF_MEM:
+            sz = rng.choice([s for s in (op.BPF_B, op.BPF_H, op.BPF_W, op.BPF_DW) if s != code & 0x18])
+            new = ins.replace(opcode=(code & ~0x18) | sz)
+        elif kind == "const" and cls in (op.BPF_ALU, op.BPF_ALU64) and code & 0xF0 == op.BPF_MOV \
+                and not code & op.BPF_X:
+            new = ins.replace(imm=rng.choice((0, 1, -1, 8, 64, 4096, 1 << 20, ins.imm + 1, -ins.imm)))
+            if new == ins:
+                new = None
+        elif kind == "delete" and i + 1 < len(insns) and code != op.LDDW:
+            return delete_insn(spec, i), i, "deleted"
+        if new is not None:
+            out = list(insns)
+            out[i] = new
+            return replace(spec, instructions=out), i, f"{ins} -> {new}"
+    return None
+
+
+def generate(objects: dict[str, ObjectSpec], count: int, seed: int) -> list[Mutant]:
+    rng = random.Random(seed)
+    progs = [(name, p) for name, o in sorted(objects.items()) for p in o.programs.values()]
+    out: list[Mutant] = []
+    tries = 0
+    while len(out) < count and tries < count * 20:
+        tries += 1
+        oname, p = rng.choice(progs)
+        kind = rng.choice(MUTATORS)
+        m = mutate(p, kind, rng)
+        if m is None:
+            continue
+        spec, where, detail = m
+        out.append(Mutant(oname, p.name, kind, where, detail, spec))
+    return out
+
+
+def load_corpus(build: Path) -> dict[str, ObjectSpec]:
+    from ubpf_py.obj.elf import load_object
+
+    return {p.name: load_object(str(p)) for p in sorted(build.glob("*.bpf.o"))}
+
+
+def run_campaign(build: Path, count: int, seed: int, verbose: bool = False) -> CampaignResult:
+    """Verify every mutant with ubpf-py and with the kernel (needs root)."""
+    from ubpf_py.errors import KernelBackendError
+    from ubpf_py.kernel.loader import _func_info, load_collection, relocate_for_kernel
+    from ubpf_py.kernel.prog import KPROBE, prog_load
+    from ubpf_py.verifier import verify_program
+
+    objects = load_corpus(build)
+    mutants = generate(objects, count, seed)
+    colls = {}
+    res = CampaignResult()
+    t0 = time.perf_counter()
+    import os
+    try:
+        for m in mutants:
+            obj = objects[m.obj]
+            if m.obj not in colls:
+                colls[m.obj] = load_collection(obj)
+            coll = colls[m.obj]
+            rep = verify_program(m.spec, obj.maps, mode="warn", btf=obj.btf)
+            kerr = ""
+            try:
+                insns = relocate_for_kernel(m.spec.instructions, [k.fd for k in coll.map_list])
+                fi = _func_info(m.spec) if coll.btf_fd >= 0 else None
+                kw = {"btf_fd": coll.btf_fd, "func_info": fi} if fi else {}
+                fd = prog_load(insns, KPROBE, "GPL", prog_name=m.program, **kw)
+                os.close(fd)
+                kok = True
+            except KernelBackendError as e:
+                kok = False
+                kerr = _kernel_error(e.log) or str(e)
+            o = Outcome(m, rep.ok, kok, rep.error, kerr)
+            res.outcomes.append(o)
+            if verbose and o.ours != o.kernel:
+                print(f"DISAGREE {m.obj}:{m.program} {m.kind}@{m.where} {m.detail}\n"
+                      f"   ours={'accept' if o.ours else 'reject: ' + o.our_error}\n"
+                      f"   kernel={'accept' if o.kernel else 'reject: ' + o.kernel_error}")
+    finally:
+        for c in colls.values():
+            c.close()
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _kernel_error(log: str) -> str:
+    from ubpf_py.kernel.prog import _summary
+
+    lines = [ln for ln in log.strip().splitlines() if ln.strip()]
+    # the first line after the last instruction trace line is the kernel's reason
+    for k in range(len(lines) - 1, -1, -1):
+        ln = lines[k]
+        if ln[:1].isdigit() and ": " in ln or ln.startswith((";", "from ")):
+            rest = [x for x in lines[k + 1:] if not x.startswith(("processed ", "verification time",
+                                                                   "stack depth", "max_states"))]
+            return rest[0] if rest else _summary(log)
+    return _summary(log)
+
+
+def main(argv: list[str]) -> int:
+    count = int(argv[1]) if len(argv) > 1 else 1000
+    seed = int(argv[2]) if len(argv) > 2 else 1
+    build = Path(__file__).resolve().parents[1] / ".corpus-build"
+    res = run_campaign(build, count, seed, verbose=True)
+    n = len(res.outcomes)
+    print(f"\n{n} mutants, agreement {res.agree}/{n} = {res.rate:.1%} in {res.seconds:.1f}s")
+    for (kind, verdict), k in sorted(res.by_class().items()):
+        print(f"  {kind:16} {verdict:26} {k}")
+    unsafe = [o for o in res.outcomes if o.ours and not o.kernel]
+    print(f"we accept / kernel rejects: {len(unsafe)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,274 @@
+"""The guardian: puts the target back if the tracer dies without detaching (kill -9).
+
+Design.  When the tracer process dies, the kernel detaches its tracees and
+they run on with our int3 bytes, trampoline return addresses and scratch
+pages in them.  A guardian -- a child forked from the tracer before tracing
+starts -- shares one memory block (``GuardLog``, MAP_SHARED) with it:
+
+* every armed breakpoint: (tgid, address, original byte);
+* every hijacked return address: (tgid, stack slot, original address, trampoline).
+
+The guardian blocks reading a pipe whose only writer is the tracer (at
+real-time priority when permitted, so it wakes first).  A clean
+detach writes ``q`` (the guardian exits); the tracer's death closes the pipe
+(EOF) and the guardian, as fast as it can:
+
+1. stops every recorded process with SIGSTOP (group-stop: no thread runs on
+   into an int3 while we repair);
+2. writes the original bytes and return addresses through /proc/PID/mem (root
+   or same user: ptrace_may_access, no attach needed);
+3. seizes each thread briefly to move any thread sitting on the trampoline to
+   its real return address (slot found by rsp), and detaches;
+4. sends SIGCONT.
+
+Scratch pages stay mapped (a thread may still be inside an out-of-line slot;
+the slot jumps back by itself).  What a guardian cannot save: a thread that was
+stopped on an int3 at the moment of the kill (the kernel resumes it with the
+SIGTRAP pending: it dies before anyone can act), and a thread that reaches an
+int3 between the tracer's death and step 1.  benchmarks/ptrace_floor/kill_survival.py
+measures how often targets survive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import signal
+import struct
+import sys
+
+import numpy as np
+
+from ubpf_py.probe import ptrace as P
+
+MAGIC = 0x5542504647554152   # "UBPFGUAR"
+HDR = struct.Struct("<QQQQ")  # magic, state (0 active, 1 clean), bp count, ret capacity
+MAX_TGIDS = 60                # followed processes the guardian freezes first (header slots)
+TGID_OFF = 32
+BP = struct.Struct("<QQQ")    # tgid, addr, orig byte (tgid 0 = free)
+RET = struct.Struct("<QQQQ")  # tgid, slot, orig_ret, tramp
+MAX_BPS = 16384
+MAX_RETS = 16384
+BP_OFF = TGID_OFF + MAX_TGIDS * 8
+RET_OFF = BP_OFF + MAX_BPS * BP.size
+SIZE = RET_OFF + MAX_RETS * RET.size
+
+
+class GuardLog:
+    """The shared record of what the tracer changed in its targets."""
+
+    def __init__(self) -> None:
+        self.mm = mmap.mmap(-1, SIZE, flags=mmap.MAP_SHARED)
+        HDR.pack_into(self.mm, 0, MAGIC, 0, 0, MAX_RETS)
+        self.nbp = 0
+        self._free = list(range(MAX_RETS - 1, -1, -1))
+
+    # -- tracer side -----------------------------------------------------------
+    def _note_tgid(self, tgid: int) -> None:
+        for i in range(MAX_TGIDS):
+            t = struct.unpack_from("<Q", self.mm, TGID_OFF + 8 * i)[0]
+            if t == tgid:
+                return
+            if t == 0:
+                struct.pack_into("<Q", self.mm, TGID_OFF + 8 * i, tgid)
+                return
+
+    def tgids(self) -> list[int]:
+        out = []
+        for i in range(MAX_TGIDS):
+            t = struct.unpack_from("<Q", self.mm, TGID_OFF + 8 * i)[0]
+            if t:
+                out.append(t)
+        return out
+
+    def add_bp(self, tgid: int, addr: int, orig: int) -> None:
+        self._note_tgid(tgid)
+        if self.nbp >= MAX_BPS:
+            return
+        BP.pack_into(self.mm, BP_OFF + self.nbp * BP.size, tgid, addr, orig)
+        self.nbp += 1
+        HDR.pack_into(self.mm, 0, MAGIC, 0, self.nbp, MAX_RETS)
+
+    def add(self, tgid: int, slot: int, orig_ret: int, tramp: int) -> int:
+        if not self._free:
+            return -1
+        i = self._free.pop()
+        RET.pack_into(self.mm, RET_OFF + i * RET.size, tgid, slot, orig_ret, tramp)
+        return i
+
+    def remove(self, i: int) -> None:
+        if i >= 0:
+            RET.pack_into(self.mm, RET_OFF + i * RET.size, 0, 0, 0, 0)
+            self._free.append(i)
+
+    def remove_bp(self, tgid: int, addr: int) -> None:
+        for i in range(self.nbp):
+            t, a, _ = BP.unpack_from(self.mm, BP_OFF + i * BP.size)
+            if t == tgid and a == addr:
+                BP.pack_into(self.mm, BP_OFF + i * BP.size, 0, 0, 0)
+
+    def clear_pid(self, tgid: int) -> None:
+        for i in range(MAX_TGIDS):
+            if struct.unpack_from("<Q", self.mm, TGID_OFF + 8 * i)[0] == tgid:
+                struct.pack_into("<Q", self.mm, TGID_OFF + 8 * i, 0)
+        for i in range(self.nbp):
+            t = BP.unpack_from(self.mm, BP_OFF + i * BP.size)[0]
+            if t == tgid:
+                BP.pack_into(self.mm, BP_OFF + i * BP.size, 0, 0, 0)
+        rets = np.frombuffer(self.mm, dtype=np.uint64, count=MAX_RETS * 4, offset=RET_OFF).reshape(-1, 4)
+        for i in np.nonzero(rets[:, 0] == tgid)[0].tolist():
+            self.remove(i)
+        del rets
+
+    def mark_clean(self) -> None:
+        HDR.pack_into(self.mm, 0, MAGIC, 1, self.nbp, MAX_RETS)
+
+    # -- guardian side ---------------------------------------------------------
+    def read(self) -> tuple[int, list[tuple[int, int, int]], list[tuple[int, int, int, int]]]:
+        _, state, nbp, _ = HDR.unpack_from(self.mm, 0)
+        bps = [BP.unpack_from(self.mm, BP_OFF + i * BP.size) for i in range(min(nbp, MAX_BPS))]
+        arr = np.frombuffer(self.mm, dtype=np.uint64, count=MAX_RETS * 4, offset=RET_OFF).reshape(-1, 4)
+        rets = [tuple(int(x) for x in row) for row in arr[arr[:, 0] != 0]]
+        del arr
+        return state, [b for b in bps if b[0]], rets
+
+
+def restore_after_tracer_death(log: GuardLog) -> int:
+    """Repair every recorded process; returns how many processes were repaired."""
+    first = log.tgids()
+    if HDR.unpack_from(log.mm, 0)[1] == 1:
+        return 0
+    for t in first:                               # 1. freeze, before anything slower
+        with contextlib.suppress(OSError):
+            os.kill(t, signal.SIGSTOP)
+    state, bps, rets = log.read()
+    if state == 1:
+        return 0
+    tgids = sorted({b[0] for b in bps} | {r[0] for r in rets} | set(first))
+    for t in tgids:
+        if t not in first:
+            with contextlib.suppress(OSError):
+                os.kill(t, signal.SIGSTOP)
+    repaired = 0
+    for t in tgids:
+        try:
+            mem = P.ProcMem(t)
+        except OSError:
+            continue
+        try:
+            for _, addr, orig in (b for b in bps if b[0] == t):   # 2. bytes
+                if mem.read(addr, 1) == b"\xcc":
+                    mem.write(addr, bytes([orig]))
+            by_slot = {}
+            for _, slot, orig_ret, tramp in (r for r in rets if r[0] == t):
+                by_slot[slot] = (orig_ret, tramp)
+                if tramp and mem.read(slot, 8) == tramp.to_bytes(8, "little"):
+                    mem.write(slot, orig_ret.to_bytes(8, "little"))
+            _fix_threads(t, by_slot)                              # 3. registers
+            repaired += 1
+        finally:
+            mem.close()
+    for t in tgids:                               # 4. release
+        with contextlib.suppress(OSError):
+            os.kill(t, signal.SIGCONT)
+    return repaired
+
+
+def _fix_threads(tgid: int, by_slot: dict[int, tuple[int, int]]) -> None:
+    if not by_slot:
+        return
+    tramps = {tr for _, tr in by_slot.values() if tr}
+    regs = P.RegsBuf()
+    for tid in P.list_threads(tgid):
+        try:
+            P.seize(tid, 0)
+        except OSError:
+            continue
+        try:
+            P.interrupt(tid)
+            os.waitpid(tid, P.WALL)
+            regs.get(tid)
+            rip, rsp = regs.vals[P.RIP], regs.vals[P.RSP]
+            if rip in tramps or rip - 1 in tramps:
+                ent = by_slot.get(rsp - 8)
+                if ent is not None:
+                    regs.vals[P.RIP] = ent[0]
+                    regs.set(tid)
+        except OSError:
+            pass
+        finally:
+            P.detach(tid)
+
+
+class Guardian:
+    """Handle on the guardian child process of a tracer."""
+
+    def __init__(self, pid: int, wfd: int, log: GuardLog) -> None:
+        self.pid = pid
+        self.wfd = wfd
+        self.log = log
+
+    @classmethod
+    def start(cls, tracer) -> Guardian:
+        log = GuardLog()
+        for proc in tracer.procs.values():
+            if proc.vfork_parent is None:
+                for bp in proc.bps.values():
+                    if bp.armed:
+                        log.add_bp(proc.tgid, bp.addr, bp.orig[0])
+        r, w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.close(w)
+                # keep nothing of the tracer's open (target pipes, /proc/PID/mem), except stderr
+                os.closerange(3, r)
+                os.closerange(r + 1, 65536)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is for the tracer
+                # real-time priority when allowed: on the tracer's death the guardian must run before
+                # the target's threads reach their next int3 (it sleeps until then, so this costs nothing)
+                with contextlib.suppress(OSError, AttributeError):
+                    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+                with contextlib.suppress(OSError):
+                    os.setpgid(0, 0)
+                while True:
+                    try:
+                        msg = os.read(r, 1)
+                        break
+                    except InterruptedError:
+                        continue
+                if msg != b"q":
+                    import time as _t
+                    t0 = _t.monotonic()
+                    n = restore_after_tracer_death(log)
+                    if os.environ.get("UBPF_GUARDIAN_DEBUG"):
+                        print(f"guardian: repaired {n} in {(_t.monotonic() - t0) * 1e3:.2f} ms", file=sys.stderr)
+            except BaseException as e:   # never let the guardian's own failure go unnoticed
+                print(f"ubpf-py guardian: {e}", file=sys.stderr)
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(r)
+
+        def on_arm(proc, addr, orig):
+            log.add_bp(proc.tgid, addr, orig)
+
+        tracer.on_arm = on_arm
+        tracer.ret_log = log
+        g = cls(pid, w, log)
+        return g
+
+    def stop(self) -> None:
+        """The tracer detached cleanly: dismiss the guardian."""
+        if self.wfd < 0:
+            return
+        self.log.mark_clean()
+        with contextlib.suppress(OSError):
+            os.write(self.wfd, b"q")
+        with contextlib.suppress(OSError):
+            os.close(self.wfd)
+        self.wfd = -1
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(self.pid, 0)

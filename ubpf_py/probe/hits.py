@@ -1,0 +1,204 @@
+"""Filling the per-hit facts: HitContext, target memory access, user stack unwinding.
+
+One ``HitFiller`` per session owns one ``HitContext`` and updates it in place
+for every hit (no allocation beyond what a Python attribute store costs).
+Per-thread facts that are expensive to read (comm) are cached per thread.
+
+``cpu`` is an approximation: the CPU the tracer runs on while handling the hit
+(``sched_getcpu``).  A stopped tracee wakes its tracer, which the scheduler
+usually runs on the same CPU, so this is the tracee's last CPU in the common
+case; ``exact_cpu=True`` reads field 39 of /proc/PID/task/TID/stat instead
+(about ten times slower).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+
+from ubpf_py.probe import ptrace as P
+from ubpf_py.vm.env import HitContext
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_sched_getcpu = _libc.sched_getcpu
+_sched_getcpu.restype = ctypes.c_int
+_sched_getcpu.argtypes = []
+_tgkill = _libc.syscall
+_Q = struct.Struct("<Q")
+_QQ = struct.Struct("<QQ")
+SYS_TGKILL = 234
+
+
+class TargetMemory:
+    """The UserMemory protocol over process_vm_readv/writev for the current hit's process."""
+
+    __slots__ = ("pid",)
+
+    def __init__(self, pid: int = 0) -> None:
+        self.pid = pid
+
+    def read(self, addr: int, size: int) -> bytes | None:
+        if size < 0 or addr < 0:
+            return None
+        return P.vm_read(self.pid, addr, size)
+
+    def read_str(self, addr: int, max_size: int) -> bytes | None:
+        if max_size <= 0 or addr <= 0:
+            return None
+        out = bytearray()
+        want = max_size - 1
+        a = addr
+        while len(out) < want:
+            chunk = min(want - len(out), 4096 - (a & 4095))
+            data = P.vm_read(self.pid, a, chunk)
+            if data is None:
+                return None if not out and chunk == want else (bytes(out) if out else None)
+            i = data.find(b"\0")
+            if i >= 0:
+                out += data[:i]
+                return bytes(out)
+            out += data
+            a += chunk
+        return bytes(out)
+
+    def write(self, addr: int, data: bytes) -> bool:
+        return P.vm_write(self.pid, addr, bytes(data))
+
+
+class HitFiller:
+    """Owns the HitContext and the pt_regs buffer of a session; fills both for each hit."""
+
+    def __init__(self, regs: P.RegsBuf, exact_cpu: bool = False) -> None:
+        self.regs = regs
+        self.exact_cpu = exact_cpu
+        self.mem = TargetMemory()
+        self.hit = HitContext(user_memory=self.mem, ctx_addr=regs.addr)
+        self.hit.unwind_user_stack = self.unwind
+        self.hit.send_signal = self.send_signal
+        self.comm_cache: dict[int, bytes] = {}
+        self.ids: dict[int, tuple[int, int]] = {}
+        #: the current hit's thread (tracer.Thread: shadow stack, proc) and whether the probe sits on
+        #: a function's first instruction (push rbp / endbr64); read lazily by unwind()
+        self.cur_thread = None
+        self.cur_at_entry = False
+
+    # -- per-thread facts --------------------------------------------------
+    def comm(self, tgid: int, tid: int) -> bytes:
+        c = self.comm_cache.get(tid)
+        if c is None:
+            try:
+                with open(f"/proc/{tgid}/task/{tid}/comm", "rb") as f:
+                    c = f.read().rstrip(b"\n")[:15]
+            except OSError:
+                c = b""
+            self.comm_cache[tid] = c
+        return c
+
+    def forget_thread(self, tid: int) -> None:
+        self.comm_cache.pop(tid, None)
+
+    def forget_process(self, tgid: int) -> None:
+        self.ids.pop(tgid, None)
+        for t in [t for t in self.comm_cache if t == tgid]:
+            del self.comm_cache[t]
+        self.comm_cache.clear()
+
+    def uid_gid(self, tgid: int) -> tuple[int, int]:
+        v = self.ids.get(tgid)
+        if v is None:
+            uid = gid = 0
+            try:
+                with open(f"/proc/{tgid}/status") as f:
+                    for line in f:
+                        if line.startswith("Uid:"):
+                            uid = int(line.split()[1])
+                        elif line.startswith("Gid:"):
+                            gid = int(line.split()[1])
+                            break
+            except OSError:
+                pass
+            v = self.ids[tgid] = (uid, gid)
+        return v
+
+    def cpu_of(self, tgid: int, tid: int) -> int:
+        if not self.exact_cpu:
+            return _sched_getcpu()
+        try:
+            with open(f"/proc/{tgid}/task/{tid}/stat", "rb") as f:
+                data = f.read()
+            return int(data[data.rindex(b")") + 2:].split()[36])
+        except (OSError, ValueError, IndexError):
+            return _sched_getcpu()
+
+    def switch(self, tgid: int, tid: int) -> None:
+        """The hit is in another thread than the previous one: refresh the per-thread facts."""
+        h = self.hit
+        h.tgid = tgid
+        h.tid = tid
+        h.uid, h.gid = self.uid_gid(tgid)
+        h.comm = self.comm(tgid, tid)
+        self.mem.pid = tgid
+
+    def fill(self, tgid: int, tid: int, func_ip: int, cookie: int, is_return: bool) -> HitContext:
+        h = self.hit
+        if h.tid != tid or h.tgid != tgid:
+            self.switch(tgid, tid)
+        h.cpu = self.cpu_of(tgid, tid)
+        h.func_ip = func_ip
+        h.cookie = cookie
+        h.is_return = is_return
+        return h
+
+    # -- helpers bound into the HitContext ------------------------------------
+    def unwind(self, max_frames: int) -> list[int]:
+        """Frame-pointer unwinding of the current thread, innermost first (first entry = ip).
+
+        Like the kernel (6.x): at a probe on a function's first instruction (push rbp/endbr64)
+        the return address at [rsp] is reported too; trampoline addresses are replaced by the
+        original return addresses from the shadow stack.
+        """
+        v = self.regs.vals
+        pid = self.mem.pid
+        frames = [v[P.RIP]]
+        th = self.cur_thread
+        shadow = list(reversed(th.shadow.entries)) if th is not None else []
+        si = 0
+        tramp = th.proc.scratch.tramp if th is not None else 0
+
+        def fix(a: int) -> int:
+            nonlocal si
+            if tramp and a == tramp and si < len(shadow):
+                a = shadow[si].orig_ret
+                si += 1
+            return a
+
+        if self.cur_at_entry and len(frames) < max_frames:
+            d = P.vm_read(pid, v[P.RSP], 8)
+            if d is not None:
+                frames.append(fix(_Q.unpack(d)[0]))
+        fp = v[P.RBP]
+        while len(frames) < max_frames and fp and not fp & 7:
+            d = P.vm_read(pid, fp, 16)
+            if d is None:
+                break
+            nxt, ret = _QQ.unpack(d)
+            if not ret:
+                break
+            frames.append(fix(ret))
+            if nxt <= fp:
+                break
+            fp = nxt
+        return frames[:max_frames]
+
+    def send_signal(self, sig: int) -> int:
+        """bpf_send_signal: signal the current process (delivered when the thread resumes)."""
+        try:
+            os.kill(self.hit.tgid, sig)
+        except OSError as e:
+            return -e.errno
+        return 0
+
+    def send_signal_thread(self, sig: int) -> int:
+        r = _tgkill(SYS_TGKILL, self.hit.tgid, self.hit.tid, sig)
+        return -ctypes.get_errno() if r < 0 else 0

@@ -1,0 +1,151 @@
+"""Loading and driving the native stop loop (native/hotloop.c) through ctypes.
+
+The loop is built by the package build as the extension module
+``ubpf_py._hotloop`` (setup.py); its C functions are reached through ctypes,
+so no CPython API is involved per hit except the handler callback.  When the
+extension is missing (a source checkout that was never built) the file is
+compiled once with the system C compiler into a per-user cache; when that is
+impossible too, ``load()`` returns None and the pure-Python loop is used.
+``UBPF_NATIVE=0`` forces the Python loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+_SRC = Path(__file__).resolve().parents[2] / "native" / "hotloop.c"
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32)
+BP_FAST, BP_PYCB = 1, 2
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    u64, i32, u32, vp = ctypes.c_uint64, ctypes.c_int32, ctypes.c_uint32, ctypes.c_void_p
+    lib.ub_new.restype = vp
+    lib.ub_new.argtypes = [u32, u32, vp]
+    lib.ub_free.argtypes = [vp]
+    lib.ub_set_cb.argtypes = [vp, CB]
+    lib.ub_request_stop.argtypes = [vp]
+    lib.ub_last_tid.argtypes = [vp]
+    lib.ub_last_tid.restype = i32
+    lib.ub_stats.argtypes = [vp, ctypes.POINTER(u64)]
+    lib.ub_bp_put.argtypes = [vp, u64, i32, u64, u64, u64, u64, i32, i32, i32, i32, u64]
+    lib.ub_bp_put.restype = ctypes.c_int
+    lib.ub_bp_del.argtypes = [vp, u64]
+    lib.ub_bp_clear.argtypes = [vp]
+    lib.ub_tid_add.argtypes = [vp, i32]
+    lib.ub_tid_add.restype = ctypes.c_int
+    lib.ub_tid_del.argtypes = [vp, i32]
+    lib.ub_tid_clear.argtypes = [vp]
+    lib.ub_run.argtypes = [vp, ctypes.POINTER(i32), ctypes.POINTER(i32), ctypes.POINTER(i32)]
+    lib.ub_run.restype = ctypes.c_int
+    return lib
+
+
+def _build_cached() -> str | None:
+    if not _SRC.exists():
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        return None
+    digest = hashlib.sha256(_SRC.read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ubpf-py"
+    out = cache / f"hotloop-{digest}.so"
+    if out.exists():
+        return str(out)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run([cc, "-O2", "-shared", "-fPIC", "-DUBPF_NO_PYTHON", "-o", str(tmp), str(_SRC)],
+                       check=True, capture_output=True, timeout=120)
+        os.replace(tmp, out)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return str(out)
+
+
+def load() -> ctypes.CDLL | None:
+    """The native loop library, or None (then the Python loop runs)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("UBPF_NATIVE", "1") == "0":
+        return None
+    path = None
+    try:
+        import ubpf_py._hotloop as ext  # built by setup.py
+        path = ext.__file__
+    except ImportError:
+        path = _build_cached()
+    if path is None:
+        return None
+    try:
+        _lib = _declare(ctypes.CDLL(path))
+    except OSError as e:
+        print(f"ubpf-py: native loop unavailable ({e}); using the Python loop", file=sys.stderr)
+        _lib = None
+    return _lib
+
+
+class NativeLoop:
+    """One ``struct ub_loop``: breakpoint and thread tables mirrored from the Python tracer."""
+
+    def __init__(self, lib: ctypes.CDLL, regs_addr: int, callback) -> None:
+        self.lib = lib
+        self.bp_cap = 1024
+        self.state = lib.ub_new(self.bp_cap, 4096, regs_addr)
+        if not self.state:
+            raise MemoryError("native loop state")
+        self.cb = CB(callback)          # keep the thunk alive
+        lib.ub_set_cb(self.state, self.cb)
+        self.regs_addr = regs_addr
+        self.tid = ctypes.c_int32(0)
+        self.status = ctypes.c_int32(0)
+        self.regs_valid = ctypes.c_int32(0)
+        self._stats = (ctypes.c_uint64 * 3)()
+
+    def load_tables(self, bps: list[tuple], tids) -> None:
+        """Replace both tables.  ``bps``: (addr, kind, next, slot, target, imm, reg, cond, token,
+        flags, prog) tuples."""
+        lib, s = self.lib, self.state
+        need = 1024
+        while need < 2 * len(bps) + 16:
+            need *= 2
+        if need != self.bp_cap:
+            stats = self.stats()
+            lib.ub_free(s)
+            self.state = s = lib.ub_new(need, 4096, self.regs_addr)
+            if not s:
+                raise MemoryError("native loop state")
+            lib.ub_set_cb(s, self.cb)
+            self.bp_cap = need
+            self._carry = stats
+        lib.ub_bp_clear(s)
+        for b in bps:
+            lib.ub_bp_put(s, *b)
+        lib.ub_tid_clear(s)
+        for t in tids:
+            lib.ub_tid_add(s, t)
+
+    def run(self) -> int:
+        return self.lib.ub_run(self.state, ctypes.byref(self.tid), ctypes.byref(self.status),
+                               ctypes.byref(self.regs_valid))
+
+    def stats(self) -> tuple[int, int, int]:
+        self.lib.ub_stats(self.state, self._stats)
+        c = getattr(self, "_carry", (0, 0, 0))
+        return (self._stats[0] + c[0], self._stats[1] + c[1], self._stats[2] + c[2])
+
+    def close(self) -> None:
+        if self.state:
+            self.lib.ub_free(self.state)
+            self.state = None

@@ -1,0 +1,308 @@
+"""Thin, allocation-light ptrace access through ctypes.
+
+python-ptrace supplies the option/event constants; the calls themselves go
+straight to libc's ``ptrace``/``process_vm_readv`` through ctypes because the
+per-hit path must not build Python objects it does not need (python-ptrace's
+debugger classes allocate per call).
+
+Registers are read into a caller-owned buffer (``RegsBuf``): the first 168
+bytes of ``struct user_regs_struct`` are exactly the kernel's x86-64
+``struct pt_regs``, so the probe engine hands that very buffer to programs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import os
+import struct
+
+from ptrace.binding.func import (
+    PTRACE_EVENT_CLONE,
+    PTRACE_EVENT_EXEC,
+    PTRACE_EVENT_EXIT,
+    PTRACE_EVENT_FORK,
+    PTRACE_EVENT_VFORK,
+    PTRACE_EVENT_VFORK_DONE,
+    PTRACE_O_TRACECLONE,
+    PTRACE_O_TRACEEXEC,
+    PTRACE_O_TRACEFORK,
+    PTRACE_O_TRACEVFORK,
+)
+
+from ubpf_py.errors import TargetError
+
+__all__ = [
+    "PTRACE_EVENT_CLONE", "PTRACE_EVENT_EXEC", "PTRACE_EVENT_EXIT", "PTRACE_EVENT_FORK",
+    "PTRACE_EVENT_STOP", "PTRACE_EVENT_VFORK", "PTRACE_EVENT_VFORK_DONE",
+]
+
+PTRACE_PEEKDATA = 2
+PTRACE_POKEDATA = 5
+PTRACE_CONT = 7
+PTRACE_KILL = 8
+PTRACE_SINGLESTEP = 9
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+PTRACE_ATTACH = 16
+PTRACE_DETACH = 17
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETEVENTMSG = 0x4201
+PTRACE_GETSIGINFO = 0x4202
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
+PTRACE_EVENT_STOP = 128
+PTRACE_O_EXITKILL = 0x100000
+
+#: the options every traced thread gets (fork/vfork are always traced so that a
+#: child never runs with our int3 bytes; it is cleaned and released unless followed)
+TRACE_OPTIONS = (PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC | PTRACE_O_TRACEFORK
+                 | PTRACE_O_TRACEVFORK)
+
+WALL = 0x40000000  # __WALL: wait for threads (clone children) too
+
+#: offsets (in u64 slots) in struct user_regs_struct / pt_regs
+R15, R14, R13, R12, RBP, RBX, R11, R10, R9, R8, RAX, RCX, RDX, RSI, RDI, ORIG_RAX, RIP, CS, \
+    EFLAGS, RSP, SS, FS_BASE, GS_BASE, DS, ES, FS, GS = range(27)
+USER_REGS_SIZE = 27 * 8
+PT_REGS_SIZE = 21 * 8
+
+SI_KERNEL = 0x80
+TRAP_BRKPT = 1
+TRAP_TRACE = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_ptrace = _libc.ptrace
+_ptrace.restype = ctypes.c_long
+_ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+
+
+class IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_pvr = _libc.process_vm_readv
+_pvr.restype = ctypes.c_ssize_t
+_pvr.argtypes = [ctypes.c_int, ctypes.POINTER(IoVec), ctypes.c_ulong, ctypes.POINTER(IoVec),
+                 ctypes.c_ulong, ctypes.c_ulong]
+_pvw = _libc.process_vm_writev
+_pvw.restype = ctypes.c_ssize_t
+_pvw.argtypes = _pvr.argtypes
+
+
+class PtraceError(OSError):
+    """A ptrace request failed; ``errno`` says why (ESRCH: the thread is gone)."""
+
+
+def ptrace(req: int, pid: int, addr: int = 0, data: int = 0) -> int:
+    """Raw ptrace; raises PtraceError on failure (PEEK results are returned as-is)."""
+    ctypes.set_errno(0)
+    r = _ptrace(req, pid, addr, data)
+    if r == -1:
+        e = ctypes.get_errno()
+        if e:
+            raise PtraceError(e, f"ptrace({req}, {pid}): {os.strerror(e)}")
+    return r
+
+
+class RegsBuf:
+    """A 216-byte ``user_regs_struct`` with a stable address (the pt_regs buffer).
+
+    ``vals`` is a ctypes u64 array view for fast field access without struct calls.
+    """
+
+    __slots__ = ("addr", "owner", "vals")
+
+    def __init__(self, host=None) -> None:
+        """``host``: an object with a stable ``addr`` and >= 216 bytes (a vm.memory.HostBuffer)."""
+        if host is None:
+            self.vals = (ctypes.c_uint64 * 27)()
+        else:
+            if len(host) < USER_REGS_SIZE:
+                raise ValueError("register buffer must hold 216 bytes")
+            self.vals = (ctypes.c_uint64 * 27).from_address(host.addr)
+        self.owner = host
+        self.addr = ctypes.addressof(self.vals)
+
+    def get(self, tid: int) -> None:
+        if _ptrace(PTRACE_GETREGS, tid, 0, self.addr) == -1:
+            e = ctypes.get_errno()
+            raise PtraceError(e, f"PTRACE_GETREGS {tid}: {os.strerror(e)}")
+
+    def set(self, tid: int) -> None:
+        if _ptrace(PTRACE_SETREGS, tid, 0, self.addr) == -1:
+            e = ctypes.get_errno()
+            raise PtraceError(e, f"PTRACE_SETREGS {tid}: {os.strerror(e)}")
+
+    def copy_from(self, other: RegsBuf) -> None:
+        ctypes.memmove(self.addr, other.addr, USER_REGS_SIZE)
+
+    def pt_regs_bytes(self) -> bytes:
+        return ctypes.string_at(self.addr, PT_REGS_SIZE)
+
+
+def cont(tid: int, sig: int = 0) -> None:
+    ptrace(PTRACE_CONT, tid, 0, sig)
+
+
+def cont_quiet(tid: int, sig: int = 0) -> bool:
+    """PTRACE_CONT that tolerates a thread that vanished (ESRCH): returns False then."""
+    return _ptrace(PTRACE_CONT, tid, 0, sig) != -1
+
+
+def seize(pid: int, options: int = TRACE_OPTIONS) -> None:
+    ptrace(PTRACE_SEIZE, pid, 0, options)
+
+
+def interrupt(tid: int) -> bool:
+    return _ptrace(PTRACE_INTERRUPT, tid, 0, 0) != -1
+
+
+def detach(tid: int, sig: int = 0) -> bool:
+    return _ptrace(PTRACE_DETACH, tid, 0, sig) != -1
+
+
+def listen(tid: int) -> bool:
+    return _ptrace(PTRACE_LISTEN, tid, 0, 0) != -1
+
+
+def set_options(tid: int, options: int) -> None:
+    ptrace(PTRACE_SETOPTIONS, tid, 0, options)
+
+
+def get_event_msg(tid: int) -> int:
+    v = ctypes.c_ulong(0)
+    ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(v))
+    return v.value
+
+
+_SIGINFO = ctypes.create_string_buffer(128)
+
+
+def get_siginfo(tid: int) -> tuple[int, int, int]:
+    """(si_signo, si_code, si_addr-or-pid) of the signal that stopped ``tid``."""
+    ptrace(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(_SIGINFO))
+    signo, _, code = struct.unpack_from("<iii", _SIGINFO.raw, 0)
+    (addr,) = struct.unpack_from("<Q", _SIGINFO.raw, 16)
+    return signo, code, addr
+
+
+def singlestep(tid: int, sig: int = 0) -> None:
+    ptrace(PTRACE_SINGLESTEP, tid, 0, sig)
+
+
+# --- memory ---------------------------------------------------------------
+
+def vm_read(pid: int, addr: int, size: int) -> bytes | None:
+    """process_vm_readv: ``size`` bytes at ``addr`` or None if not all readable."""
+    if size <= 0:
+        return b""
+    buf = ctypes.create_string_buffer(size)
+    local = IoVec(ctypes.addressof(buf), size)
+    remote = IoVec(addr, size)
+    n = _pvr(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if n != size:
+        return None
+    return buf.raw
+
+
+def vm_read_into(pid: int, addr: int, dst_addr: int, size: int) -> int:
+    """process_vm_readv into host memory at ``dst_addr``; bytes read (-1 on error)."""
+    local = IoVec(dst_addr, size)
+    remote = IoVec(addr, size)
+    return _pvr(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+
+
+def vm_write(pid: int, addr: int, data: bytes) -> bool:
+    """process_vm_writev (honours page protections: fails on read-only text)."""
+    if not data:
+        return True
+    buf = ctypes.create_string_buffer(data, len(data))
+    local = IoVec(ctypes.addressof(buf), len(data))
+    remote = IoVec(addr, len(data))
+    return _pvw(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) == len(data)
+
+
+class ProcMem:
+    """/proc/PID/mem: writes go through FOLL_FORCE, so read-only text can be patched.
+
+    One descriptor per address space; ``pid`` may be any thread of it.
+    """
+
+    __slots__ = ("fd", "pid")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+
+    def read(self, addr: int, size: int) -> bytes | None:
+        try:
+            data = os.pread(self.fd, size, addr)
+        except OSError:
+            return None
+        return data if len(data) == size else None
+
+    def write(self, addr: int, data: bytes) -> bool:
+        try:
+            return os.pwrite(self.fd, data, addr) == len(data)
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+
+
+# --- stop status decoding ------------------------------------------------
+
+def stop_sig(status: int) -> int:
+    return (status >> 8) & 0xFF
+
+
+def stop_event(status: int) -> int:
+    return (status >> 16) & 0xFF
+
+
+def attach_error(pid: int, err: int) -> TargetError:
+    """A TargetError that tells the user what to do about a failed attach."""
+    if err == _errno.ESRCH:
+        return TargetError(f"no such process: pid {pid} (check the pid; it may have exited)")
+    if err == _errno.EPERM:
+        tracer = tracer_pid(pid)
+        if tracer:
+            return TargetError(f"pid {pid} is already traced by pid {tracer} (a debugger?); "
+                               f"detach it first")
+        yama = ""
+        try:
+            with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+                scope = f.read().strip()
+            if scope != "0":
+                yama = f"; /proc/sys/kernel/yama/ptrace_scope is {scope}: set it to 0 or run as root"
+        except OSError:
+            pass
+        return TargetError(f"ptrace of pid {pid} denied: run as the same user as the target or "
+                           f"with CAP_SYS_PTRACE{yama}")
+    return TargetError(f"cannot trace pid {pid}: {os.strerror(err)}")
+
+
+def tracer_pid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def list_threads(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return []

@@ -1,0 +1,181 @@
+"""Putting the target back: stop every thread, restore bytes, return addresses,
+semaphores and registers, unmap scratch pages, release the threads.
+
+A mixin of ``tracer.Tracer`` (it uses the tracer's thread/process tables and
+its event handling for whatever arrives while threads are being stopped).
+Order matters: registers of threads caught on an int3 or inside a scratch page
+are fixed while the breakpoints are still known as armed, then the bytes are
+restored, then pages are unmapped from a thread that is no longer inside them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import TYPE_CHECKING
+
+from ubpf_py.errors import ProbeError
+from ubpf_py.probe import ptrace as P
+
+if TYPE_CHECKING:
+    from ubpf_py.probe.tracer import Proc, Thread
+
+SIGTRAP = signal.SIGTRAP
+
+
+class RestoreMixin:
+    """Detach logic of the Tracer."""
+
+    def stop_all(self) -> None:
+        """Bring every traced thread to a ptrace stop, handling what arrives meanwhile."""
+        for _ in range(1000):
+            running = [t for t in self.threads.values() if not t.stopped]
+            if not running:
+                return
+            for t in running:
+                P.interrupt(t.tid)
+            for t in running:
+                while not t.stopped and t.tid in self.threads:
+                    st = self._early.pop(t.tid, None)
+                    if st is None:
+                        try:
+                            _, st = os.waitpid(t.tid, P.WALL)
+                        except ChildProcessError:
+                            self.thread_gone(t, 0)
+                            break
+                    self._stop_during_detach(t, st)
+
+    def _stop_during_detach(self, th: Thread, status: int) -> None:
+        if (status & 0x7F) != 0x7F:
+            self.thread_gone(th, status)
+            return
+        th.stopped = True
+        sig = (status >> 8) & 0xFF
+        ev = status >> 16
+        if ev == 0:
+            if sig == SIGTRAP:
+                self.regs.get(th.tid)
+                proc = th.proc
+                owner = proc.vfork_parent or proc
+                rip = self.v[P.RIP] - 1
+                bp = owner.bps.get(rip)
+                if bp is not None and bp.armed:
+                    self.v[P.RIP] = rip         # the instruction has not run: rewind onto it
+                    self.regs.set(th.tid)
+                    return
+                if owner.scratch.tramp and rip == owner.scratch.tramp and th.shadow.entries:
+                    e = th.shadow.entries.pop()
+                    while e.chained and th.shadow.entries:
+                        e = th.shadow.entries.pop()
+                    self.v[P.RIP] = e.orig_ret
+                    self.regs.set(th.tid)
+                    return
+            th.pending_sig = sig
+            return
+        if ev in (P.PTRACE_EVENT_CLONE, P.PTRACE_EVENT_FORK, P.PTRACE_EVENT_VFORK, P.PTRACE_EVENT_EXEC):
+            self.on_event(th, sig, ev)   # registers/cleans the newcomer and resumes th
+            return
+        if ev == P.PTRACE_EVENT_STOP:
+            return
+
+    def detach(self) -> None:
+        """Restore every patched byte and return address, unmap scratch pages, release all threads."""
+        if not self.threads:
+            self._close_all()
+            return
+        self.stop_all()
+        for proc in list(self.procs.values()):
+            if proc.vfork_parent is not None:
+                continue
+            self._restore_proc(proc)
+        for proc in list(self.procs.values()):
+            if proc.vfork_parent is not None:
+                continue
+            try:
+                if proc.scratch.pages and proc.threads:
+                    proc.scratch.unmap_all(proc.any_stopped_tid())
+            except (ProbeError, P.PtraceError, OSError):
+                pass    # left mapped: harmless (nothing refers to it any more)
+            for tid, sig in proc.inj.deferred_signals:
+                t = self.threads.get(tid)
+                if t is not None and not t.pending_sig:
+                    t.pending_sig = sig
+        for t in list(self.threads.values()):
+            P.detach(t.tid, t.pending_sig)
+        self.threads.clear()
+        self._close_all()
+
+    def _restore_proc(self, proc: Proc) -> None:
+        borrowers = [t for cp in self.procs.values() if cp.vfork_parent is proc for t in cp.threads.values()]
+        threads = list(proc.threads.values()) + borrowers
+        for t in threads:                 # first: while the breakpoints are still known as armed
+            self._fix_rip(proc, t)
+        clean_memory(proc.mem, proc.bps.values(), [], proc.scratch.tramp)
+        release_semaphores(proc.mem, proc.semas)
+        proc.semas.clear()
+        for bp in proc.bps.values():
+            bp.armed = False
+        for t in threads:
+            clean_memory(proc.mem, (), t.shadow.entries, proc.scratch.tramp)
+            t.shadow.entries.clear()
+        if self.ret_log is not None:
+            self.ret_log.clear_pid(proc.tgid)
+
+    def _fix_rip(self, proc: Proc, t: Thread) -> None:
+        """A thread left inside a scratch page is moved to the equivalent original address."""
+        try:
+            self.regs.get(t.tid)
+        except P.PtraceError:
+            return
+        rip = self.v[P.RIP]
+        bp = proc.bps.get(rip - 1)
+        if t.at_bp and bp is not None and bp.armed:
+            # stopped on our int3 with the hit unfinished: the instruction has not run
+            self.v[P.RIP] = rip - 1
+            self.regs.set(t.tid)
+            return
+        page = proc.scratch.page_of(rip)
+        if page is None:
+            return
+        new = None
+        tramp = proc.scratch.tramp
+        if tramp and rip in (tramp, tramp + 1) and t.shadow.entries:
+            e = t.shadow.entries.pop()
+            while e.chained and t.shadow.entries:
+                e = t.shadow.entries.pop()
+            new = e.orig_ret
+        for slot, plan in page.users.items():
+            if rip == slot:
+                new = plan.addr
+            elif slot < rip <= slot + plan.length:
+                new = plan.addr + (rip - slot)
+        if new is not None:
+            self.v[P.RIP] = new
+            self.regs.set(t.tid)
+
+    def _close_all(self) -> None:
+        for proc in list(self.procs.values()):
+            if proc.vfork_parent is None:
+                proc.mem.close()
+        self.procs.clear()
+
+
+def release_semaphores(mem: P.ProcMem, semas: dict[int, int]) -> None:
+    """Undo our USDT semaphore increments."""
+    for a, n in semas.items():
+        cur = mem.read(a, 2)
+        if cur is not None:
+            mem.write(a, max(int.from_bytes(cur, "little") - n, 0).to_bytes(2, "little"))
+
+
+def clean_memory(mem: P.ProcMem, bps, shadow_entries, tramp: int) -> None:
+    """Put original bytes back at ``bps`` and original return addresses in stack slots of
+    ``shadow_entries`` that still hold the trampoline."""
+    for bp in bps:
+        if bp.armed:
+            mem.write(bp.addr, bp.orig[:1])
+    if tramp:
+        t = tramp.to_bytes(8, "little")
+        for e in shadow_entries:
+            if mem.read(e.slot, 8) == t:
+                mem.write(e.slot, e.orig_ret.to_bytes(8, "little"))

@@ -1,0 +1,786 @@
+"""The ptrace event loop: processes, threads, hits, fork/exec/dlopen, detach.
+
+One ``Tracer`` traces one target process (plus, with ``follow_forks``, its
+fork children).  Every stop of every traced thread arrives through
+``waitpid(-1, __WALL)`` and is dispatched here:
+
+* SIGTRAP at one of our int3 bytes -> a hit: run the handlers, hijack the
+  return address for return probes, finish the displaced instruction (emulate
+  or resume in its out-of-line slot), resume.  One stop per hit.
+* SIGTRAP at the trampoline -> a function returned: run its return probes,
+  resume at the real return address.
+* clone -> a new thread (traced automatically); fork/vfork -> the child is
+  cleaned of our int3 bytes and return addresses and released (or followed);
+  exec -> the new image gets our probes again if their files are mapped.
+* the dynamic linker's ``_dl_debug_state`` -> libraries came or went: pending
+  probes are armed, stale breakpoints forgotten.
+* any other signal goes back to the thread unchanged (also SIGTRAPs the target
+  raises itself: they are not at our addresses).
+
+``detach()`` stops every thread and puts the target back exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from ubpf_py.errors import ProbeError, TargetError
+from ubpf_py.probe import ool as O
+from ubpf_py.probe import ptrace as P
+from ubpf_py.probe.breakpoints import Breakpoint, Probe
+from ubpf_py.probe.hits import HitFiller
+from ubpf_py.probe.procmaps import file_offset_to_addr, mappings_of_file, read_maps
+from ubpf_py.probe.restore import RestoreMixin, clean_memory, release_semaphores
+from ubpf_py.probe.scratch import Injector, ScratchArea
+from ubpf_py.probe.uretprobe import MAX_DEPTH, RetEntry, ShadowStack
+
+SIGTRAP = signal.SIGTRAP
+GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+_ENDBR64 = b"\xf3\x0f\x1e\xfa"
+
+
+class _Interrupted(Exception):
+    """Raised out of a blocking waitpid by our signal handlers (Ctrl-C, SIGTERM, SIGHUP, timer)."""
+
+
+@dataclass(slots=True, eq=False)
+class Thread:
+    tid: int
+    proc: Proc
+    shadow: ShadowStack = field(default_factory=ShadowStack)
+    stopped: bool = False
+    pending_sig: int = 0
+    #: stopped on one of our int3 bytes with the hit not finished yet (rewind on detach)
+    at_bp: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Proc:
+    """One address space we patch (the target, followed fork children, a vfork child)."""
+
+    tgid: int
+    mem: P.ProcMem
+    inj: Injector
+    scratch: ScratchArea
+    bps: dict[int, Breakpoint] = field(default_factory=dict)
+    threads: dict[int, Thread] = field(default_factory=dict)
+    run_handlers: bool = True
+    #: a vfork child sharing its parent's memory (bps/scratch are the parent's objects)
+    vfork_parent: Proc | None = None
+    exit_status: int | None = None
+    #: USDT semaphores we incremented: address -> how many times (decremented on detach)
+    semas: dict[int, int] = field(default_factory=dict)
+    #: (probe id, semaphore address) pairs already counted
+    sema_done: set = field(default_factory=set)
+
+    def any_stopped_tid(self) -> int:
+        for t in self.threads.values():
+            if t.stopped:
+                return t.tid
+        raise ProbeError(f"no stopped thread in pid {self.tgid} to run an injected call")
+
+
+def new_proc(tgid: int) -> Proc:
+    try:
+        mem = P.ProcMem(tgid)
+    except OSError as e:
+        raise TargetError(f"cannot open /proc/{tgid}/mem: {e.strerror} (run as the target's user or root)") from None
+    inj = Injector(mem)
+    return Proc(tgid, mem, inj, ScratchArea(mem, inj))
+
+
+class Tracer(RestoreMixin):
+    """Traces one process tree; see the module docstring."""
+
+    def __init__(self, regs: P.RegsBuf, follow_forks: bool = False, exact_cpu: bool = False,
+                 native: bool | None = None) -> None:
+        self.regs = regs
+        self.v = regs.vals
+        self.filler = HitFiller(regs, exact_cpu=exact_cpu)
+        self.follow_forks = follow_forks
+        self.procs: dict[int, Proc] = {}
+        self.threads: dict[int, Thread] = {}
+        self.probes: dict[int, Probe] = {}
+        self.main: Proc | None = None
+        self._early: dict[int, int] = {}      # stops of tids we do not know yet (new threads)
+        self._stop_requested = False
+        self._in_wait = False
+        self.total_hits = 0
+        self.tracer_ns = 0
+        self.handler_ns = 0
+        self.ret_log = None                   # guardian.ReturnLog when a guardian runs
+        self.on_arm = None                    # guardian hook: (proc, addr, orig_byte)
+        self._dl_offsets: dict[str, int | None] = {}
+        self.errors: list[BaseException] = []
+        self._regs_valid = False
+        self._cb_error: BaseException | None = None
+        self._tokens: list[Breakpoint] = []
+        self._native_dirty = True
+        self.nl = None
+        if native is not False:
+            from ubpf_py.probe import native as N
+            lib = N.load()
+            if lib is not None:
+                self.nl = N.NativeLoop(lib, regs.addr, self._native_cb)
+            elif native:
+                raise ProbeError("the native stop loop is not available (no C compiler?): "
+                                 "build the package or run with native=False")
+
+    # ------------------------------------------------------------------ setup
+    def add_thread(self, proc: Proc, tid: int, stopped: bool) -> Thread:
+        t = Thread(tid, proc, stopped=stopped)
+        self._native_dirty = True
+        proc.threads[tid] = t
+        self.threads[tid] = t
+        return t
+
+    def adopt_main(self, proc: Proc) -> None:
+        self.main = proc
+        self.procs[proc.tgid] = proc
+
+    # ------------------------------------------------------------------ arming
+    def arm_probe(self, proc: Proc, probe: Probe, maps=None) -> int:
+        """Arm ``probe`` at every current mapping of its file in ``proc``; returns how many."""
+        if maps is None:
+            maps = read_maps(proc.tgid)
+        n = 0
+        if probe.ref_ctr_offset:
+            self._bump_semaphores(proc, probe, maps)
+        for addr in code_addresses(maps, probe.binary_path, probe.file_offset):
+            bp = self._breakpoint(proc, addr)
+            lst = bp.ret_probes if probe.is_return else bp.probes
+            if probe not in lst:
+                self._native_dirty = True
+                if probe.is_return:
+                    proc.scratch.ensure(proc.any_stopped_tid(), proc.tgid)
+                lst.append(probe)
+                n += 1
+        return n
+
+    def _bump_semaphores(self, proc: Proc, probe: Probe, maps) -> None:
+        """Increment the probe's USDT semaphore in every writable mapping of its file, once (the
+        kernel's ref_ctr_offset behaviour): the target then computes the probe's arguments."""
+        for a in file_offset_to_addr(maps, probe.binary_path, probe.ref_ctr_offset, writable=True):
+            if (probe.id, a) in proc.sema_done:
+                continue
+            cur = proc.mem.read(a, 2)
+            if cur is None or not proc.mem.write(a, ((int.from_bytes(cur, "little") + 1) & 0xFFFF).to_bytes(2, "little")):
+                raise ProbeError(f"cannot increment the USDT semaphore at 0x{a:x} in pid {proc.tgid}")
+            proc.sema_done.add((probe.id, a))
+            proc.semas[a] = proc.semas.get(a, 0) + 1
+
+    def _breakpoint(self, proc: Proc, addr: int) -> Breakpoint:
+        bp = proc.bps.get(addr)
+        if bp is not None:
+            return bp
+        code = proc.mem.read(addr, 16) or proc.mem.read(addr, 1)
+        if code is None:
+            raise ProbeError(f"cannot read target memory at 0x{addr:x} (pid {proc.tgid})")
+        if code[0] == 0xCC:
+            raise ProbeError(f"0x{addr:x} in pid {proc.tgid} already holds an int3 (another debugger?)")
+        plan = O.analyze(code, addr)
+        if plan.needs_slot:
+            tid = proc.any_stopped_tid()
+            slot = proc.scratch.alloc_slot(tid, proc.tgid, addr)
+            data = O.slot_code(plan, slot, O.disp_offset(plan))
+            if not proc.mem.write(slot, data):
+                raise ProbeError(f"cannot write out-of-line slot 0x{slot:x} in pid {proc.tgid}")
+            plan.slot = slot
+            page = proc.scratch.page_of(slot)
+            if page is not None:
+                page.users[slot] = plan
+        bp = Breakpoint(addr, bytes(code[:plan.length]), plan,
+                        at_entry=code[0] == 0x55 or code[:4] == _ENDBR64)
+        if self.on_arm is not None:
+            self.on_arm(proc, addr, bp.orig[0])
+        if not proc.mem.write(addr, b"\xcc"):
+            raise ProbeError(f"cannot write int3 at 0x{addr:x} in pid {proc.tgid}")
+        bp.armed = True
+        proc.bps[addr] = bp
+        self._native_dirty = True
+        return bp
+
+    def arm_all(self, proc: Proc) -> None:
+        """Arm every probe whose file is mapped in ``proc`` (after attach/exec/dlopen)."""
+        maps = read_maps(proc.tgid)
+        for probe in self.probes.values():
+            self.arm_probe(proc, probe, maps)
+        self._arm_dl_watch(proc, maps)
+
+    def _arm_dl_watch(self, proc: Proc, maps) -> None:
+        """Breakpoint the dynamic linker's _dl_debug_state: called around every dlopen/dlclose."""
+        from ubpf_py.probe.symbols import resolve_function
+        for path in {m.path for m in maps if m.is_file and _is_dynamic_linker(m.path)}:
+            if path not in self._dl_offsets:
+                try:
+                    self._dl_offsets[path] = resolve_function(path, "_dl_debug_state")
+                except Exception:
+                    self._dl_offsets[path] = None
+            off = self._dl_offsets[path]
+            if off is None:
+                continue
+            for addr in code_addresses(maps, path, off):
+                bp = self._breakpoint(proc, addr)
+                bp.internal = self._on_dl_state
+
+    def _on_dl_state(self, th: Thread) -> None:
+        proc = th.proc
+        if proc.vfork_parent is not None:
+            return
+        maps = read_maps(proc.tgid)
+        # forget breakpoints whose code was unmapped (dlclose); the bytes went with the mapping
+        for addr, bp in list(proc.bps.items()):
+            if not any(m.start <= addr < m.end and m.executable for m in maps):
+                bp.armed = False
+                del proc.bps[addr]
+                self._native_dirty = True
+                if self.ret_log is not None:
+                    self.ret_log.remove_bp(proc.tgid, addr)
+        for probe in self.probes.values():
+            self.arm_probe(proc, probe, maps)
+
+    # ------------------------------------------------------------------ loop
+    def totals(self) -> tuple[int, int, int]:
+        """(hits, tracer ns, handler ns) of both loops."""
+        hits, tns, hns = self.total_hits, self.tracer_ns, self.handler_ns
+        if self.nl is not None:
+            nh, nt, _nh_ns = self.nl.stats()
+            hits += nh
+            tns += nt
+        return hits, tns, hns
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        if self._in_wait:
+            raise _Interrupted()
+
+    def loop(self, deadline: float | None = None) -> None:
+        """Handle stops until the main process exits, a stop is requested or the deadline passes."""
+        waitpid = os.waitpid
+        dispatch = self.dispatch
+        for t in list(self.threads.values()):     # threads held at attach/exec/injection stops
+            if t.stopped:
+                sig, t.pending_sig = t.pending_sig, 0
+                self.resume(t, sig)
+        for proc in self.procs.values():
+            for tid, sig in proc.inj.deferred_signals:
+                with contextlib.suppress(OSError):
+                    os.kill(tid, sig) if tid == proc.tgid else None
+            proc.inj.deferred_signals.clear()
+        if self.nl is not None:
+            self.loop_native(deadline)
+            return
+        while self.main is not None and self.main.exit_status is None and not self._stop_requested:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            try:
+                self._in_wait = True
+                if self._stop_requested:
+                    break
+                tid, status = waitpid(-1, P.WALL)
+            except _Interrupted:
+                break
+            except ChildProcessError:
+                break
+            finally:
+                self._in_wait = False
+            dispatch(tid, status)
+
+    def loop_native(self, deadline: float | None) -> None:
+        """The same loop with the per-hit path in C (native/hotloop.c); Python sees the rest."""
+        nl = self.nl
+        dispatch = self.dispatch
+        while self.main is not None and self.main.exit_status is None and not self._stop_requested:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if self._native_dirty:
+                self._sync_native()
+            try:
+                self._in_wait = True
+                if self._stop_requested:
+                    break
+                r = nl.run()
+            except _Interrupted:
+                break
+            finally:
+                self._in_wait = False
+            if r == 1:
+                self._regs_valid = bool(nl.regs_valid.value)
+                try:
+                    dispatch(nl.tid.value, nl.status.value)
+                finally:
+                    self._regs_valid = False
+            elif r == 2 or r == 3:
+                th = self.threads.get(nl.tid.value)
+                if th is None:
+                    continue
+                th.stopped = True
+                th.at_bp = True
+                if r == 2:
+                    err, self._cb_error = self._cb_error, None
+                    if isinstance(err, _Interrupted) or err is None:
+                        break
+                    raise err
+                bp = th.proc.bps.get(self.v[P.RIP])
+                if bp is not None:
+                    self.finish(th, bp.plan)
+            elif r < 0:
+                if -r == 10:    # ECHILD
+                    break
+                raise ProbeError(f"waitpid failed in the native loop: {os.strerror(-r)}")
+
+    def _sync_native(self) -> None:
+        from ubpf_py.probe.native import BP_FAST, BP_PYCB
+        main = self.main
+        rows = []
+        tokens: list[Breakpoint] = []
+        if main is not None:
+            for bp in main.bps.values():
+                if not bp.armed:
+                    continue
+                plan = bp.plan
+                fast = (bp.internal is None and not bp.ret_probes and plan.kind != O.K_IND
+                        and main.run_handlers)
+                prog = 0
+                if len(bp.probes) == 1 and bp.probes[0].native_fn and bp.probes[0].handler is None:
+                    prog = bp.probes[0].native_fn      # runs with no Python at all
+                flags = (BP_FAST if fast else 0) | (BP_PYCB if bp.probes and not prog else 0)
+                rows.append((bp.addr, plan.kind, plan.next, plan.slot, plan.target, plan.imm, plan.reg,
+                             plan.cond, len(tokens), flags, prog))
+                tokens.append(bp)
+        self._tokens = tokens
+        self.nl.load_tables(rows, list(main.threads) if main is not None else [])
+        self._native_dirty = False
+
+    def _native_cb(self, token: int, tid: int, cpu: int) -> int:
+        """Called by the C loop for a hit with Python handlers (regs hold the thread's state,
+        ip = probe address).  Lean on purpose: the C loop times the handlers as a whole."""
+        try:
+            bp = self._tokens[token]
+            th = self.threads[tid]
+            f = self.filler
+            f.cur_thread = th
+            f.cur_at_entry = bp.at_entry
+            hit = f.hit
+            if hit.tid != tid:
+                f.switch(th.proc.tgid, tid)
+            hit.cpu = f.cpu_of(hit.tgid, tid) if f.exact_cpu else cpu
+            hit.func_ip = bp.addr
+            hit.is_return = False
+            for p in bp.probes:
+                hit.cookie = p.cookie
+                p.hits += 1
+                if p.native_fn:
+                    _call_native(p.native_fn, self.regs.addr)
+                if p.handler is not None:
+                    p.handler(hit)
+            return 0
+        except BaseException as e:
+            self._cb_error = e
+            return 1
+
+    def dispatch(self, tid: int, status: int) -> None:
+        th = self.threads.get(tid)
+        if th is None:
+            self._early[tid] = status
+            return
+        if (status & 0x7F) == 0x7F:          # stopped
+            th.stopped = True
+            sig = (status >> 8) & 0xFF
+            ev = status >> 16
+            if ev == 0:
+                if sig == SIGTRAP and self.on_trap(th):
+                    return
+                self.resume(th, sig)
+            else:
+                self.on_event(th, sig, ev)
+        else:
+            self.thread_gone(th, status)
+
+    def resume(self, th: Thread, sig: int = 0) -> None:
+        th.stopped = False
+        if not P.cont_quiet(th.tid, sig):
+            pass  # the thread vanished (SIGKILL, exec): its exit will be reported
+
+    # ------------------------------------------------------------------ hits
+    def on_trap(self, th: Thread) -> bool:
+        t0 = time.perf_counter_ns()
+        v = self.v
+        tid = th.tid
+        if not self._regs_valid:
+            try:
+                self.regs.get(tid)
+            except P.PtraceError:
+                return True
+        proc = th.proc
+        bps = proc.bps if proc.vfork_parent is None else proc.vfork_parent.bps
+        rip = v[P.RIP] - 1
+        bp = bps.get(rip)
+        if bp is not None and bp.armed:
+            th.at_bp = True
+            self.on_hit(th, bp, t0)
+            return True
+        scratch = proc.scratch if proc.vfork_parent is None else proc.vfork_parent.scratch
+        if rip == scratch.tramp and scratch.tramp:
+            self.on_return(th, t0)
+            return True
+        return False
+
+    def on_hit(self, th: Thread, bp: Breakpoint, t0: int) -> None:
+        v = self.v
+        proc = th.proc
+        bp.hits += 1
+        if bp.internal is not None:
+            bp.internal(th)
+        if proc.run_handlers and bp.probes:
+            v[P.RIP] = bp.addr
+            self.entry_handlers(th, bp)
+        if bp.ret_probes and (proc.run_handlers or proc.vfork_parent is None):
+            self.hijack_return(th, bp)
+        self.finish(th, bp.plan)
+        self.total_hits += 1
+        self.tracer_ns += time.perf_counter_ns() - t0
+
+    def entry_handlers(self, th: Thread, bp: Breakpoint) -> None:
+        """Run the entry probes of ``bp`` for thread ``th`` (regs hold its state, ip = bp.addr)."""
+        proc = th.proc
+        filler = self.filler
+        filler.cur_thread = th
+        filler.cur_at_entry = bp.at_entry
+        for p in bp.probes:
+            hit = filler.fill(proc.tgid, th.tid, bp.addr, p.cookie, False)
+            h0 = time.perf_counter_ns()
+            if p.native_fn:
+                _call_native(p.native_fn, self.regs.addr)
+            if p.handler is not None:
+                p.handler(hit)
+            dt = time.perf_counter_ns() - h0
+            p.handler_ns += dt
+            self.handler_ns += dt
+            p.hits += 1
+
+    def finish(self, th: Thread, plan: O.Plan) -> None:
+        """Complete the displaced instruction (emulate or go out of line) and resume the thread."""
+        v = self.v
+        k = plan.kind
+        pid = th.proc.tgid
+        if k == O.K_OOL:
+            v[P.RIP] = plan.slot
+        elif k == O.K_SKIP:
+            v[P.RIP] = plan.next
+        elif k == O.K_PUSH:
+            sp = (v[P.RSP] - 8) & O.M64
+            if not P.vm_write(pid, sp, v[plan.reg].to_bytes(8, "little")):
+                return self._fault(th, plan)
+            v[P.RSP] = sp
+            v[P.RIP] = plan.next
+        elif k == O.K_MOVRBP:
+            v[P.RBP] = v[P.RSP]
+            v[P.RIP] = plan.next
+        elif k == O.K_SUBRSP:
+            v[P.RSP], v[P.EFLAGS] = O.sub_flags(v[P.EFLAGS], v[P.RSP], plan.imm)
+            v[P.RIP] = plan.next
+        elif k == O.K_JMP:
+            v[P.RIP] = plan.target
+        elif k == O.K_JCC:
+            rcx = v[P.RCX]
+            if plan.cond >= 18:
+                rcx = (rcx - 1) & O.M64
+                v[P.RCX] = rcx
+            v[P.RIP] = plan.target if O.cond_true(plan.cond, v[P.EFLAGS], rcx) else plan.next
+        elif k == O.K_CALL:
+            sp = (v[P.RSP] - 8) & O.M64
+            if not P.vm_write(pid, sp, plan.next.to_bytes(8, "little")):
+                return self._fault(th, plan)
+            v[P.RSP] = sp
+            v[P.RIP] = plan.target
+        elif k == O.K_RET:
+            d = P.vm_read(pid, v[P.RSP], 8)
+            if d is None:
+                return self._fault(th, plan)
+            v[P.RIP] = int.from_bytes(d, "little")
+            v[P.RSP] = (v[P.RSP] + 8 + plan.imm) & O.M64
+        elif k == O.K_IND:
+            if plan.ind_mem is not None:
+                base, index, scale, disp = plan.ind_mem
+                ea = disp
+                if base == -2:
+                    ea += plan.next
+                elif base >= 0:
+                    ea += v[base]
+                if index >= 0:
+                    ea += v[index] * scale
+                d = P.vm_read(pid, ea & O.M64, 8)
+                if d is None:
+                    return self._fault(th, plan)
+                target = int.from_bytes(d, "little")
+            else:
+                target = v[plan.ind_reg]
+            if plan.ind_is_call:
+                sp = (v[P.RSP] - 8) & O.M64
+                if not P.vm_write(pid, sp, plan.next.to_bytes(8, "little")):
+                    return self._fault(th, plan)
+                v[P.RSP] = sp
+            v[P.RIP] = target
+        self.regs.set(th.tid)
+        th.stopped = th.at_bp = False
+        P.cont_quiet(th.tid, 0)
+        return None
+
+    def _fault(self, th: Thread, plan: O.Plan) -> None:
+        """The emulated instruction would fault: deliver SIGSEGV at it, as the CPU would."""
+        self.v[P.RIP] = plan.addr
+        self.regs.set(th.tid)
+        th.stopped = th.at_bp = False
+        P.cont_quiet(th.tid, signal.SIGSEGV)
+
+    # ------------------------------------------------------------------ returns
+    def hijack_return(self, th: Thread, bp: Breakpoint) -> None:
+        proc = th.proc
+        tramp = proc.scratch.tramp
+        sp = self.v[P.RSP]
+        d = P.vm_read(proc.tgid, sp, 8)
+        if d is None or not tramp:
+            return
+        ret = int.from_bytes(d, "little")
+        sh = th.shadow
+        chained = ret == tramp
+        # the kernel's rule: at a call, entries at or below this stack slot belong to frames that
+        # are gone (longjmp/exceptions); at a chained (tail) call the entry at this slot lives on
+        for e in sh.drop_abandoned(sp if chained else sp + 1):
+            self._log_drop(e)
+        if len(sh.entries) >= MAX_DEPTH:
+            return
+        if chained:
+            if not sh.entries:
+                return
+            ret = sh.entries[-1].orig_ret
+        e = RetEntry(sp, ret, bp.addr, bp.ret_probes, chained=chained)
+        if self.ret_log is not None:
+            e.log_index = self.ret_log.add(proc.tgid, sp, ret, tramp)
+        if not chained and not P.vm_write(proc.tgid, sp, tramp.to_bytes(8, "little")):
+            self._log_drop(e)
+            return
+        sh.entries.append(e)
+
+    def _log_drop(self, e: RetEntry) -> None:
+        if self.ret_log is not None and e.log_index >= 0:
+            self.ret_log.remove(e.log_index)
+
+    def on_return(self, th: Thread, t0: int) -> None:
+        v = self.v
+        proc = th.proc
+        slot = (v[P.RSP] - 8) & O.M64
+        sh = th.shadow
+        for e in sh.drop_abandoned(slot):
+            self._log_drop(e)
+        if not sh.entries:
+            raise ProbeError(f"thread {th.tid} returned through the trampoline with no pending return "
+                             f"(rsp 0x{v[P.RSP]:x}): cannot recover its return address")
+        filler = self.filler
+        filler.cur_thread = th
+        filler.cur_at_entry = False
+        while True:
+            e = sh.entries.pop()
+            self._log_drop(e)
+            v[P.RIP] = e.orig_ret
+            if proc.run_handlers:
+                for p in e.probes:
+                    hit = filler.fill(proc.tgid, th.tid, e.func, p.cookie, True)
+                    h0 = time.perf_counter_ns()
+                    if p.native_fn:
+                        _call_native(p.native_fn, self.regs.addr)
+                    if p.handler is not None:
+                        p.handler(hit)
+                    dt = time.perf_counter_ns() - h0
+                    p.handler_ns += dt
+                    self.handler_ns += dt
+                    p.hits += 1
+            if not e.chained or not sh.entries:
+                break
+        v[P.RIP] = e.orig_ret
+        self.regs.set(th.tid)
+        th.stopped = False
+        P.cont_quiet(th.tid, 0)
+        self.total_hits += 1
+        self.tracer_ns += time.perf_counter_ns() - t0
+
+    # ------------------------------------------------------------------ events
+    def on_event(self, th: Thread, sig: int, ev: int) -> None:
+        tid = th.tid
+        if ev == P.PTRACE_EVENT_STOP:
+            if sig in GROUP_STOP_SIGS:
+                th.stopped = False
+                P.listen(tid)       # group-stop: stay stopped until SIGCONT, like an untraced process
+                return
+            self.resume(th)
+            return
+        if ev == P.PTRACE_EVENT_CLONE:
+            new = P.get_event_msg(tid)
+            t = self.add_thread(th.proc, new, stopped=False)
+            early = self._early.pop(new, None)
+            if early is not None:
+                self.dispatch(t.tid, early)
+            self.resume(th)
+            return
+        if ev in (P.PTRACE_EVENT_FORK, P.PTRACE_EVENT_VFORK):
+            child = P.get_event_msg(tid)
+            self.on_fork(th, child, vfork=ev == P.PTRACE_EVENT_VFORK)
+            self.resume(th)
+            return
+        if ev == P.PTRACE_EVENT_EXEC:
+            self.on_exec(th)
+            self.resume(th)
+            return
+        self.resume(th)
+
+    def _wait_initial_stop(self, pid: int) -> int | None:
+        """The first stop of an auto-attached child (it may already have been seen)."""
+        st = self._early.pop(pid, None)
+        while st is None:
+            try:
+                _, st = os.waitpid(pid, P.WALL)
+            except ChildProcessError:
+                return None
+        if (st & 0x7F) != 0x7F:
+            return None
+        return st
+
+    def on_fork(self, th: Thread, child: int, vfork: bool) -> None:
+        parent = th.proc
+        if self._wait_initial_stop(child) is None:
+            return
+        if vfork:
+            # the child borrows the parent's memory until it execs or exits: keep tracing it so
+            # its hits run the displaced instructions; handlers only with follow_forks
+            cp = Proc(child, parent.mem, parent.inj, parent.scratch, run_handlers=self.follow_forks,
+                      vfork_parent=parent)
+            self.procs[child] = cp
+            ct = self.add_thread(cp, child, stopped=True)
+            ct.shadow.entries = list(th.shadow.entries)
+            self.resume(ct)
+            return
+        if self.follow_forks:
+            cp = new_proc(child)
+            cp.bps = {a: Breakpoint(bp.addr, bp.orig, bp.plan, list(bp.probes), list(bp.ret_probes),
+                                    bp.internal, bp.armed, at_entry=bp.at_entry)
+                      for a, bp in parent.bps.items()}
+            cp.scratch.pages = list(parent.scratch.pages)
+            cp.inj.stub = parent.inj.stub
+            cp.semas = dict(parent.semas)
+            cp.sema_done = set(parent.sema_done)
+            if self.on_arm is not None:
+                for bp in cp.bps.values():
+                    self.on_arm(cp, bp.addr, bp.orig[0])
+            self.procs[child] = cp
+            ct = self.add_thread(cp, child, stopped=True)
+            ct.shadow.entries = [RetEntry(e.slot, e.orig_ret, e.func, e.probes, chained=e.chained)
+                                 for e in th.shadow.entries]
+            self.resume(ct)
+            return
+        # default: the child must not keep our breakpoints or trampolines
+        try:
+            mem = P.ProcMem(child)
+        except OSError:
+            P.detach(child)
+            return
+        try:
+            clean_memory(mem, parent.bps.values(), th.shadow.entries, parent.scratch.tramp)
+            release_semaphores(mem, parent.semas)
+        finally:
+            mem.close()
+        P.detach(child)
+
+    def on_exec(self, th: Thread) -> None:
+        proc = th.proc
+        old_tid = th.tid
+        with contextlib.suppress(P.PtraceError):
+            old_tid = P.get_event_msg(th.tid)
+        if proc.vfork_parent is not None:
+            # the vfork child left its parent's memory: nothing of ours in its new image
+            self._drop_proc(proc)
+            P.detach(th.tid)
+            th.stopped = False
+            return
+        tgid = proc.tgid
+        for t in list(proc.threads.values()):
+            if t.tid != tgid:
+                self.threads.pop(t.tid, None)
+                proc.threads.pop(t.tid, None)
+        if old_tid != tgid:
+            self.threads.pop(old_tid, None)
+        leader = proc.threads.get(tgid) or self.add_thread(proc, tgid, stopped=True)
+        leader.stopped = True
+        leader.shadow = ShadowStack()
+        for bp in proc.bps.values():
+            bp.armed = False
+        proc.bps.clear()
+        proc.semas.clear()
+        proc.sema_done.clear()
+        proc.mem.close()
+        proc.mem = P.ProcMem(tgid)
+        proc.inj.mem = proc.mem
+        proc.scratch.mem = proc.mem
+        proc.scratch.forget()
+        if self.ret_log is not None:
+            self.ret_log.clear_pid(tgid)
+        self.filler.forget_process(tgid)
+        self._native_dirty = True
+        self.arm_all(proc)
+
+    def thread_gone(self, th: Thread, status: int) -> None:
+        proc = th.proc
+        self._native_dirty = True
+        self.threads.pop(th.tid, None)
+        proc.threads.pop(th.tid, None)
+        self.filler.forget_thread(th.tid)
+        for e in th.shadow.entries:
+            self._log_drop(e)
+        if th.tid == proc.tgid:
+            proc.exit_status = status
+            if self.ret_log is not None and proc.vfork_parent is None:
+                self.ret_log.clear_pid(proc.tgid)
+            for t in list(proc.threads.values()):
+                self.threads.pop(t.tid, None)
+            proc.threads.clear()
+            self._drop_proc(proc)
+
+    def _drop_proc(self, proc: Proc) -> None:
+        self.procs.pop(proc.tgid, None)
+        for t in list(proc.threads.values()):
+            self.threads.pop(t.tid, None)
+        if proc.vfork_parent is None and proc is not self.main:
+            proc.mem.close()
+
+
+def code_addresses(maps, path: str, file_offset: int) -> list[int]:
+    """Runtime addresses of ``file_offset`` of ``path`` in its executable private mappings.
+
+    The kernel also patches read-only mappings of the same page (VM_MAYEXEC); an int3 there
+    is never executed and would only corrupt data the program may read, so we skip them.
+    """
+    out = {m.start + file_offset - m.offset for m in mappings_of_file(maps, path)
+           if m.executable and m.private and not m.writable and m.contains_file_offset(file_offset)}
+    return sorted(out)
+
+
+_PROG = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64)
+_progs: dict[int, object] = {}
+
+
+def _call_native(fn: int, ctx: int) -> int:
+    """Call a native program ``u64 prog(u64 ctx)`` from the Python loop."""
+    f = _progs.get(fn)
+    if f is None:
+        f = _progs[fn] = _PROG(fn)
+    return f(ctx)
+
+
+def _is_dynamic_linker(path: str) -> bool:
+    base = os.path.basename(path)
+    return base.startswith("ld-") and ".so" in base

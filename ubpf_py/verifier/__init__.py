@@ -1,0 +1,203 @@
+"""The bytecode verifier: prove a uprobe program safe before it runs.
+
+``verify_program`` runs the structural checks (``structure``) and then the
+abstract interpreter (``checker``) over the spec-level instructions of one
+program.  Modes: ``strict`` raises ``VerifierError`` on rejection, ``warn``
+returns a report with ``ok=False`` (the runtime's memory checks still stop
+faults), ``off`` skips verification.  ``check_object`` verifies every program of
+an ELF object for ``ubpf-run --check``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ubpf_py.errors import InvalidInstructionError, NotSupportedError, VerifierError
+from ubpf_py.obj.spec import MapSpec, ProgramSpec
+from ubpf_py.verifier import log as L
+from ubpf_py.verifier.checker import COMPLEXITY_LIMIT, Checker, Failure, describe_regs
+from ubpf_py.verifier.structure import StructureError, analyse
+
+MODES = ("strict", "warn", "off")
+
+
+@dataclass
+class VerifierReport:
+    """The verdict on one program."""
+
+    program: str
+    ok: bool
+    log: str = ""
+    #: the kernel-style one-line reason (empty when accepted)
+    error: str = ""
+    #: plain-words explanation and fix
+    hint: str = ""
+    insn_index: int | None = None
+    #: instruction text (LLVM syntax) and C source line of the failing instruction
+    insn_text: str = ""
+    source: str = ""
+    processed: int = 0
+    states: int = 0
+    seconds: float = 0.0
+    skipped: bool = False
+    #: bytes of stack per function start
+    stack_depth: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def message(self) -> str:
+        """One line: where, what (kernel words), why/fix."""
+        if self.ok:
+            return f"{self.program}: ok"
+        where = f" at insn {self.insn_index}" if self.insn_index is not None else ""
+        text = f" `{self.insn_text}`" if self.insn_text else ""
+        src = f" [{self.source}]" if self.source else ""
+        hint = f" ({self.hint})" if self.hint else ""
+        return f"program '{self.program}' rejected{where}{text}: {self.error}{hint}{src}"
+
+
+def _global_funcs(prog: ProgramSpec, btf: object | None) -> dict[int, list[str]]:
+    """Global (non-static) functions and their argument kinds, from BTF func_info.
+
+    The kernel verifies these separately, assuming only what their BTF types
+    say about the arguments.  Arguments we cannot model make us fall back to
+    verifying the function inline with the caller's exact values.
+    """
+    out: dict[int, list[str]] = {}
+    if btf is None:
+        return out
+    for start, tid in prog.func_info.items():
+        if start == 0:
+            continue
+        try:
+            fn = btf.type(tid)  # type: ignore[attr-defined]
+            if fn.linkage != 1:
+                continue
+            proto = btf.type(fn.type_id)  # type: ignore[attr-defined]
+            kinds = []
+            for p in proto.params:
+                t = btf.resolved(p.type_id)  # type: ignore[attr-defined]
+                kname = t.kind_name if isinstance(t.kind_name, str) else t.kind_name()
+                kname = kname.upper()
+                if kname in ("INT", "ENUM", "ENUM64"):
+                    kinds.append("scalar")
+                elif kname == "PTR" and btf.resolved(t.type_id).name in ("pt_regs",  # type: ignore[attr-defined]
+                                                                          "bpf_user_pt_regs_t"):
+                    kinds.append("ctx")
+                else:
+                    kinds = None
+                    break
+            if kinds is not None and len(kinds) <= 5:
+                out[start] = kinds
+        except Exception:  # noqa: BLE001 - BTF we cannot read: verify inline instead
+            continue
+    return out
+
+
+def verify_program(prog: ProgramSpec, maps: list[MapSpec], *, mode: str = "strict", log_level: int = 1,
+                   btf: object | None = None) -> VerifierReport:
+    """Verify one program; see the module docstring for the modes."""
+    if mode not in MODES:
+        raise VerifierError(f"unknown verifier mode {mode!r}: use strict, warn or off")
+    if mode == "off":
+        return VerifierReport(prog.name, True, log="verification skipped (mode off)\n", skipped=True)
+    t0 = time.perf_counter()
+    insns = prog.instructions
+    fail: Failure | None = None
+    ck: Checker | None = None
+    try:
+        cfg = analyse(insns, set(prog.functions))
+        _isa_validate(insns)
+    except StructureError as e:
+        fail = Failure(e.msg, e.insn, e.hint, [], None, None)
+    except InvalidInstructionError as e:
+        fail = Failure(e.reason, e.index, "", [], None, None)
+    except NotSupportedError as e:
+        fail = Failure(str(e), 0, "", [], None, None)
+    if fail is None:
+        ck = Checker(prog, maps, cfg, _global_funcs(prog, btf), log_level)
+        fail = ck.run()
+    seconds = time.perf_counter() - t0
+    report = _report(prog, fail, ck, seconds)
+    if not report.ok and mode == "strict":
+        raise VerifierError(report.message, log=report.log, program=prog.name, insn_index=report.insn_index)
+    return report
+
+
+def _isa_validate(insns: list) -> None:
+    try:
+        from ubpf_py.isa.validate import validate
+    except ImportError:  # pragma: no cover
+        return
+    validate(insns)
+
+
+def _report(prog: ProgramSpec, fail: Failure | None, ck: Checker | None, seconds: float) -> VerifierReport:
+    processed = ck.stats.processed if ck else 0
+    states = ck.stats.states if ck else 0
+    lines: list[str] = []
+    if ck and ck.trace:
+        lines.extend(ck.trace)
+    depth = dict(ck.stats.stack_depth) if ck else {}
+    stack_line = "stack depth " + "+".join(str(depth[k]) for k in sorted(depth)) if depth else ""
+    stats = (f"processed {processed} insns (limit {COMPLEXITY_LIMIT}) "
+             f"max_states_per_insn {ck.stats.max_states_per_insn if ck else 0} total_states {states}")
+    if fail is None:
+        lines.append(stats)
+        if stack_line:
+            lines.append(stack_line)
+        return VerifierReport(prog.name, True, "\n".join(lines) + "\n", processed=processed, states=states,
+                              seconds=seconds, stack_depth=depth)
+    n = len(prog.instructions)
+    pc = fail.insn if 0 <= fail.insn < n else None
+    insn_text = L.format_insn(prog.instructions[pc], pc) if pc is not None else ""
+    src = L.source_line(prog, pc) if pc is not None else ""
+    if fail.trail is not None and not (ck and ck.trace):
+        lines.append(f"path to the failing instruction (last steps, function {L.function_of(prog, pc or 0)}):")
+        lines.extend(L.trail_lines(prog, fail.trail))
+    if pc is not None:
+        if src:
+            lines.append(f"; {src}")
+        lines.append(f"{pc}: {insn_text}")
+    if fail.state is not None:
+        lines.append(f"register state: {describe_regs(fail.state)}")
+    lines.append(fail.msg)
+    lines.extend(fail.extra)
+    if fail.hint:
+        lines.append(f"hint: {fail.hint}")
+    lines.append(stats)
+    return VerifierReport(prog.name, False, "\n".join(lines) + "\n", error=fail.msg, hint=fail.hint,
+                          insn_index=pc, insn_text=insn_text, source=src, processed=processed,
+                          states=states, seconds=seconds, stack_depth=depth)
+
+
+def check_object(path: str | Path, mode: str = "warn", log_level: int = 1) -> list[VerifierReport]:
+    """Load an object (no privileges, nothing attached) and verify every program.
+
+    Never raises for a rejected program (the reports say it); errors loading the
+    object itself propagate as ObjectLoadError.
+    """
+    from ubpf_py.obj.elf import load_object
+
+    obj = load_object(str(path))
+    out = []
+    for prog in obj.programs.values():
+        if mode == "off":
+            out.append(VerifierReport(prog.name, True, skipped=True))
+            continue
+        out.append(verify_program(prog, obj.maps, mode="warn", log_level=log_level, btf=obj.btf))
+    return out
+
+
+def format_verdict(report: VerifierReport) -> str:
+    """One line per program for ``ubpf-run --check``."""
+    if report.skipped:
+        return f"{report.program}: SKIPPED (verifier off)"
+    if report.ok:
+        return (f"{report.program}: OK ({report.processed} insns processed, {report.states} states, "
+                f"{report.seconds * 1000:.1f} ms)")
+    return f"{report.program}: REJECTED {report.message}"
+
+
+__all__ = ["MODES", "VerifierReport", "check_object", "format_verdict", "verify_program"]

@@ -1,0 +1,636 @@
+"""Abstract interpretation of every path through a program (the kernel's do_check).
+
+The walk is depth first: at a conditional jump whose outcome is not known the
+taken side is pushed and the fall-through side continues.  At prune points
+(jump targets, after calls) the current state is compared with states already
+proven safe there; if one of them covers it, the path stops.  A state equal to
+one still being explored on the same path is an infinite loop.  Bounded loops
+are simply unrolled until they exit, as the kernel does, under the
+1,000,000-instruction budget.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ubpf_py.isa import opcodes as op
+from ubpf_py.isa.instruction import Instruction
+from ubpf_py.obj.spec import MapSpec, ProgramSpec
+from ubpf_py.verifier import alu as A
+from ubpf_py.verifier import calls as C
+from ubpf_py.verifier import memory as M
+from ubpf_py.verifier import state as S
+from ubpf_py.verifier.memory import Reject
+from ubpf_py.verifier.scalar import Scalar
+from ubpf_py.verifier.state import Checkpoint, Reg, VerifierState
+from ubpf_py.verifier.structure import Cfg, is_cond_jump, jump_target, precision_demand
+
+COMPLEXITY_LIMIT = 1_000_000
+MAX_STACK = 512
+PRIV_STACK_MIN = 64
+_ALU_STR = {op.BPF_ADD: "+=", op.BPF_SUB: "-=", op.BPF_MUL: "*=", op.BPF_DIV: "/=", op.BPF_OR: "|=",
+            op.BPF_AND: "&=", op.BPF_LSH: "<<=", op.BPF_RSH: ">>=", op.BPF_NEG: "neg",
+            op.BPF_MOD: "%=", op.BPF_XOR: "^=", op.BPF_MOV: "=", op.BPF_ARSH: "s>>=",
+            op.BPF_END: "endian"}
+_HELPER_CALLBACKS = (164, 181)
+
+
+@dataclass
+class Failure:
+    msg: str
+    insn: int
+    hint: str
+    extra: list[str]
+    state: VerifierState | None
+    trail: tuple | None
+
+
+@dataclass
+class Stats:
+    processed: int = 0
+    states: int = 0
+    peak_states: int = 0
+    max_states_per_insn: int = 0
+    stack_depth: dict[int, int] = field(default_factory=dict)
+
+
+class Checker:
+    def __init__(self, prog: ProgramSpec, maps: list[MapSpec], cfg: Cfg, global_funcs: dict[int, list[str]],
+                 log_level: int = 1) -> None:
+        self.prog = prog
+        self.insns: list[Instruction] = prog.instructions
+        self.maps = maps
+        self.cfg = cfg
+        self.sleepable = prog.sleepable
+        self.global_funcs = global_funcs
+        self.log_level = log_level
+        self.trace: list[str] = []
+        self.stats = Stats()
+        self.explored: dict[int, list[Checkpoint]] = {}
+        self.pending: list[tuple[VerifierState, int, tuple | None]] = []
+        self.id_gen = 0
+        self.in_global = False
+        self.callees: dict[int, set[int]] = {}
+        self.has_tail_call: set[int] = set()
+        self.loop_ok = {i for i, ins in enumerate(self.insns)
+                        if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == 0
+                        and ins.imm in _HELPER_CALLBACKS}
+        self.deadline = time.monotonic() + 60.0
+        self._cur_trail: tuple | None = None
+        self._to_verify: list[int] = []
+        from ubpf_py.helpers.protos import PROTOS
+        self.demand = precision_demand(self.insns, cfg, {k: p.args for k, p in PROTOS.items()})
+        self._verified: set[int] = set()
+
+    # -- bookkeeping used by the other modules -------------------------------------
+    def new_id(self) -> int:
+        self.id_gen += 1
+        return self.id_gen
+
+    def note_stack(self, frame: S.Frame, depth: int) -> None:
+        d = self.stats.stack_depth
+        if depth > d.get(frame.subprog, 0):
+            d[frame.subprog] = depth
+
+    def enter_function(self, start: int) -> None:
+        self.stats.stack_depth.setdefault(start, 0)
+
+    def push(self, st: VerifierState, pc: int) -> None:
+        if st.parent is not None:
+            st.parent.branches += 1
+        self.pending.append((st, pc, self._cur_trail))
+
+    def check_global_call(self, st: VerifierState, pc: int, target: int) -> None:
+        args = self.global_funcs[target]
+        for i, kind in enumerate(args):
+            r = st.cur.regs[i + 1]
+            if r.type == S.NOT_INIT:
+                raise Reject(f"R{i + 1} !read_ok", f"argument {i + 1} of the global function was never set")
+            if kind == "scalar" and r.type != S.SCALAR:
+                raise Reject(f"R{i + 1} is not a scalar", "this argument of the global function is an integer")
+            if kind == "ctx" and (r.type != S.CTX or r.off):
+                raise Reject(f"arg#{i} expected pointer to ctx, but got {r.type}")
+        caller_sub = self.cfg.func_of(pc)
+        self.callees.setdefault(caller_sub, set()).add(target)
+        if target not in self._verified:
+            self._verified.add(target)
+            self._to_verify.append(target)
+
+    # -- the walk --------------------------------------------------------------------
+    def run(self) -> Failure | None:
+        st = VerifierState([S.new_frame(0, -1, 0)])
+        st.cur.regs[1] = Reg(S.CTX, Scalar.const(0))
+        self.enter_function(0)
+        fail = self._explore(st, 0)
+        if fail:
+            return fail
+        while self._to_verify:
+            start = self._to_verify.pop()
+            self.in_global = True
+            st = VerifierState([S.new_frame(0, -1, start)])
+            for i, kind in enumerate(self.global_funcs[start]):
+                st.cur.regs[i + 1] = Reg(S.CTX, Scalar.const(0)) if kind == "ctx" else S.UNKNOWN_SCALAR
+            self.enter_function(start)
+            self.explored.clear()
+            fail = self._explore(st, start)
+            if fail:
+                return fail
+        return self._check_stack_depth()
+
+    def _explore(self, st: VerifierState, pc: int) -> Failure | None:
+        self.pending = [(st, pc, None)]
+        while self.pending:
+            st, pc, trail = self.pending.pop()
+            self._cur_trail = trail
+            try:
+                self._walk(st, pc)
+            except Reject as e:
+                return Failure(e.msg, self._fail_pc, e.hint, e.extra, st, self._cur_trail)
+        return None
+
+    def _walk(self, st: VerifierState, pc: int) -> None:
+        insns = self.insns
+        prune = self.cfg.prune_points
+        stats = self.stats
+        level2 = self.log_level >= 2
+        while True:
+            self._fail_pc = pc
+            stats.processed += 1
+            if stats.processed > COMPLEXITY_LIMIT:
+                raise Reject(f"BPF program is too large. Processed {stats.processed} insn",
+                             "the verifier explored 1,000,000 instructions without finishing; "
+                             "simplify loops or branches")
+            if pc in prune or pc in self.loop_ok:
+                if self._visit(st, pc):
+                    self._path_done(st)
+                    return
+            self._cur_trail = (pc, self._cur_trail)
+            ins = insns[pc]
+            if level2:
+                from ubpf_py.verifier.log import format_insn
+                self.trace.append(f"{pc}: {format_insn(ins, pc)} ; {describe_regs(st)}")
+            code = ins.opcode
+            cls = code & 0x07
+            if cls in (op.BPF_ALU, op.BPF_ALU64):
+                self._alu(st, ins)
+                pc += 1
+            elif cls == op.BPF_LDX:
+                self._check_dst(ins.dst)
+                sext = code & 0xE0 == op.BPF_MEMSX
+                r = M.check_access(self, st, ins.src, ins.off, op.SIZE_BYTES[code & 0x18], False, sext=sext)
+                st.cur.regs[ins.dst] = r
+                pc += 1
+            elif cls == op.BPF_STX:
+                self._store(st, ins)
+                pc += 1
+            elif cls == op.BPF_ST:
+                M.check_access(self, st, ins.dst, ins.off, op.SIZE_BYTES[code & 0x18], True,
+                               value=S.const_reg(ins.imm))
+                pc += 1
+            elif code == op.LDDW:
+                self._lddw(st, pc, ins)
+                pc += 2
+            elif cls == op.BPF_LD:
+                raise Reject("BPF_LD_[ABS|IND] instructions not allowed for this program type")
+            else:
+                o = code & 0xF0
+                if o == op.BPF_CALL:
+                    nxt = self._call(st, pc, ins)
+                    if nxt is None:
+                        continue_pc = pc + 1
+                    else:
+                        continue_pc = nxt
+                    pc = continue_pc
+                elif o == op.BPF_EXIT:
+                    nxt = C.check_exit(self, st, pc)
+                    if nxt is None:
+                        self._path_done(st)
+                        return
+                    pc = nxt
+                elif o == op.BPF_JA:
+                    pc = jump_target(pc, ins)
+                else:
+                    pc = self._cond(st, pc, ins)
+                    if pc < 0:
+                        self._path_done(st)
+                        return
+
+    # -- pruning -----------------------------------------------------------------------
+    def _live_masks(self, st: VerifierState, pc: int) -> list[tuple[int, int]]:
+        live = self.cfg.live_in
+        demand = self.demand
+        n = len(live)
+        out = []
+        frames = st.frames
+        for i in range(len(frames)):
+            if i == len(frames) - 1:
+                out.append((live[pc], demand[pc]))
+                continue
+            callee = frames[i + 1]
+            if callee.in_callback:
+                r = callee.callsite
+                out.append((live[r], demand[r]))
+            elif callee.callsite + 1 < n:
+                r = callee.callsite + 1
+                out.append(((live[r] & ~0x3F) | 0x400, demand[r] & ~0x3F))
+            else:
+                out.append((0x400, 0))
+        return out
+
+    def _visit(self, st: VerifierState, pc: int) -> bool:
+        lst = self.explored.setdefault(pc, [])
+        loop_ok = pc in self.loop_ok
+        live = None
+        for cp in lst:
+            if cp.branches == 0 or loop_ok:
+                if live is None:
+                    live = self._live_masks(st, pc)
+                if S.subsumes(cp.state, st, live):
+                    cp.hits += 1
+                    return True
+                cp.misses += 1
+            elif S.subsumes(cp.state, st, None, exact=True):
+                raise Reject(f"infinite loop detected at insn {pc}",
+                             "this loop comes back to the same state: it can never exit")
+        if loop_ok:
+            ancestors = [cp for cp in lst if cp.branches and len(cp.state.frames) == len(st.frames)]
+            if ancestors:
+                S.widen(ancestors[-1].state, st)
+        # forget states that never help (the kernel's miss heuristic)
+        if len(lst) > 8:
+            lst[:] = [cp for cp in lst if cp.branches or cp.misses <= 3 * cp.hits + 3]
+        cp = Checkpoint(st.copy(), pc, st.parent)
+        st.parent = cp
+        lst.append(cp)
+        self.stats.states += 1
+        self.stats.max_states_per_insn = max(self.stats.max_states_per_insn, len(lst))
+        return False
+
+    def _path_done(self, st: VerifierState) -> None:
+        cp = st.parent
+        while cp is not None:
+            cp.branches -= 1
+            if cp.branches > 0:
+                break
+            cp = cp.parent
+
+    # -- instructions ------------------------------------------------------------------
+    def _check_dst(self, regno: int) -> None:
+        if regno == 10:
+            raise Reject("frame pointer is read only", "r10 cannot be written")
+
+    def _read(self, st: VerifierState, regno: int) -> Reg:
+        r = st.cur.regs[regno]
+        if r.type == S.NOT_INIT:
+            raise Reject(f"R{regno} !read_ok", f"r{regno} is read before anything was stored in it")
+        return r
+
+    def _alu(self, st: VerifierState, ins: Instruction) -> None:
+        code = ins.opcode
+        bits = 64 if code & 0x07 == op.BPF_ALU64 else 32
+        o = code & 0xF0
+        regs = st.cur.regs
+        x = code & op.BPF_X
+        if o == op.BPF_MOV:
+            self._check_dst(ins.dst)
+            if x:
+                src = self._read(st, ins.src)
+                if ins.off:  # movsx
+                    val = src.val.sext(ins.off // 8) if src.type == S.SCALAR else Scalar.unknown().sext(ins.off // 8)
+                    regs[ins.dst] = Reg(S.SCALAR, val if bits == 64 else val.zext32())
+                elif bits == 64:
+                    if src.type == S.SCALAR and not src.id and not src.val.is_const():
+                        src = Reg(S.SCALAR, src.val, id=self.new_id())
+                        regs[ins.src] = src
+                    regs[ins.dst] = src
+                else:
+                    val = src.val.zext32() if src.type == S.SCALAR else Scalar.unknown().zext32()
+                    regs[ins.dst] = Reg(S.SCALAR, val)
+            else:
+                v = ins.imm & 0xFFFFFFFF if bits == 32 else ins.imm
+                regs[ins.dst] = S.const_reg(v)
+            return
+        self._check_dst(ins.dst)
+        dst = self._read(st, ins.dst)
+        if o in (op.BPF_NEG, op.BPF_END):
+            if dst.type != S.SCALAR:
+                regs[ins.dst] = S.UNKNOWN_SCALAR
+                return
+            if o == op.BPF_NEG:
+                regs[ins.dst] = Reg(S.SCALAR, A.scalar_alu(op.BPF_NEG, dst.val, dst.val, bits))
+            else:
+                regs[ins.dst] = Reg(S.SCALAR, _endian(dst.val, ins, bits))
+            return
+        if x:
+            src = self._read(st, ins.src)
+        else:
+            if o in (op.BPF_DIV, op.BPF_MOD) and ins.imm == 0:
+                raise Reject("div by zero", "dividing by the constant 0")
+            if o in (op.BPF_LSH, op.BPF_RSH, op.BPF_ARSH) and not 0 <= ins.imm < bits:
+                raise Reject(f"invalid shift {ins.imm}", f"shift amounts are 0..{bits - 1}")
+            src = S.const_reg(ins.imm if bits == 64 else ins.imm & 0xFFFFFFFF)
+        if dst.type != S.SCALAR or src.type != S.SCALAR:
+            regs[ins.dst] = self._ptr_alu(o, bits, dst, src, ins)
+            return
+        if o in (op.BPF_DIV, op.BPF_MOD):
+            res = Scalar.unknown() if bits == 64 else Scalar.unknown().zext32()
+            if src.val.is_const() and dst.val.is_const():
+                res = _divmod(o, ins.off, dst.val.value, src.val.value, bits)
+            regs[ins.dst] = Reg(S.SCALAR, res)
+            return
+        regs[ins.dst] = Reg(S.SCALAR, A.scalar_alu(o, dst.val, src.val, bits))
+
+    def _ptr_alu(self, o: int, bits: int, dst: Reg, src: Reg, ins: Instruction) -> Reg:
+        d = ins.dst
+        if bits == 32:
+            if o == op.BPF_SUB:
+                return S.UNKNOWN_SCALAR
+            raise Reject(f"R{d} 32-bit pointer arithmetic prohibited", "pointers are 64-bit; use 64-bit ALU")
+        if dst.is_ptr and src.is_ptr:
+            if o == op.BPF_SUB:
+                return S.UNKNOWN_SCALAR
+            raise Reject(f"R{d} pointer {_ALU_STR[o]} pointer prohibited")
+        if not dst.is_ptr:  # scalar OP pointer
+            if o == op.BPF_ADD:
+                return self._ptr_offset(src, dst, op.BPF_ADD, d)
+            if o == op.BPF_SUB:
+                raise Reject(f"R{d} tried to subtract pointer from scalar")
+            if o in (op.BPF_AND, op.BPF_OR, op.BPF_XOR):
+                raise Reject(f"R{d} bitwise operator {_ALU_STR[o]} on pointer prohibited")
+            raise Reject(f"R{d} pointer arithmetic with {_ALU_STR[o]} operator prohibited")
+        if dst.type in S.OR_NULL:
+            raise Reject(f"R{d} pointer arithmetic on {dst.type} prohibited, null-check it first",
+                         "compare the pointer with 0 before doing arithmetic on it")
+        if dst.type in (S.MAP_PTR, S.FUNC):
+            raise Reject(f"R{d} pointer arithmetic on {dst.type} prohibited")
+        if o not in (op.BPF_ADD, op.BPF_SUB):
+            if o in (op.BPF_AND, op.BPF_OR, op.BPF_XOR):
+                raise Reject(f"R{d} bitwise operator {_ALU_STR[o]} on pointer prohibited")
+            raise Reject(f"R{d} pointer arithmetic with {_ALU_STR[o]} operator prohibited",
+                         "only adding or subtracting integers keeps a pointer a pointer")
+        return self._ptr_offset(dst, src, o, d)
+
+    def _ptr_offset(self, ptr: Reg, off: Reg, o: int, d: int) -> Reg:
+        v = off.val
+        tname = ptr.type
+        if v.is_const():
+            c = v.smin
+            if c >= M.MAX_VAR_OFF or c <= -M.MAX_VAR_OFF:
+                raise Reject(f"math between {tname} pointer and {c} is not allowed")
+            new_off = ptr.off + c if o == op.BPF_ADD else ptr.off - c
+            if new_off >= M.MAX_VAR_OFF or new_off <= -M.MAX_VAR_OFF:
+                raise Reject(f"{tname} pointer offset {new_off} is not allowed")
+            return Reg(ptr.type, ptr.val, new_off, ptr.map, ptr.size, ptr.id, ptr.ref, ptr.frame, ptr.subprog)
+        if v.smin == -(1 << 63):
+            raise Reject(f"math between {tname} pointer and register with unbounded min value is not allowed",
+                         "bound the offset (e.g. 'if (i < N)' or 'i &= MASK') before adding it")
+        if v.smin >= M.MAX_VAR_OFF or v.smin <= -M.MAX_VAR_OFF:
+            raise Reject(f"value {v.smin} makes {tname} pointer be out of bounds")
+        nv = A.scalar_alu(o, ptr.val, v, 64)
+        if nv.smin == -(1 << 63) or nv.smin <= -M.MAX_VAR_OFF or nv.smin >= M.MAX_VAR_OFF:
+            raise Reject(f"math between {tname} pointer and register with unbounded min value is not allowed")
+        return Reg(ptr.type, nv, ptr.off, ptr.map, ptr.size, ptr.id, ptr.ref, ptr.frame, ptr.subprog)
+
+    def _store(self, st: VerifierState, ins: Instruction) -> None:
+        code = ins.opcode
+        size = op.SIZE_BYTES[code & 0x18]
+        src = self._read(st, ins.src)
+        if code & 0xE0 == op.BPF_ATOMIC:
+            self._read(st, ins.dst)
+            if ins.imm == op.BPF_CMPXCHG:
+                self._read(st, 0)
+            r = M.check_access(self, st, ins.dst, ins.off, size, True, atomic=True)
+            if r is None:
+                r = Reg(S.SCALAR, Scalar.unknown() if size == 8 else Scalar.urange(0, 0xFFFFFFFF))
+            if ins.imm == op.BPF_CMPXCHG:
+                st.cur.regs[0] = r
+            elif ins.imm & op.BPF_FETCH:
+                self._check_dst(ins.src)
+                st.cur.regs[ins.src] = r
+            return
+        M.check_access(self, st, ins.dst, ins.off, size, True, value=src)
+
+    def _lddw(self, st: VerifierState, pc: int, ins: Instruction) -> None:
+        self._check_dst(ins.dst)
+        regs = st.cur.regs
+        src = ins.src
+        if src == 0:
+            regs[ins.dst] = S.const_reg(ins.imm64)
+        elif src == op.BPF_PSEUDO_MAP_IDX or src == op.BPF_PSEUDO_MAP_IDX_VALUE:
+            idx = ins.imm
+            if not 0 <= idx < len(self.maps):
+                raise Reject(f"map index {idx} is out of range: the object has {len(self.maps)} maps")
+            if src == op.BPF_PSEUDO_MAP_IDX:
+                regs[ins.dst] = Reg(S.MAP_PTR, Scalar.const(0), map=idx)
+            else:
+                m = self.maps[idx]
+                off = ins.imm_hi & 0xFFFFFFFF
+                if m.type not in M.MAP_TYPE_ARRAY_LIKE:
+                    raise Reject(f"map '{m.name}' ({m.type_name}) does not support direct value access")
+                if off >= m.value_size:
+                    raise Reject(f"invalid access to map value pointer, value_size={m.value_size} off={off}")
+                regs[ins.dst] = Reg(S.MAP_VALUE, Scalar.const(0), off=off, map=idx)
+        elif src == op.BPF_PSEUDO_FUNC:
+            t = pc + ins.imm + 1
+            if t not in self.cfg.ends:
+                raise Reject("call to invalid destination")
+            self.callees.setdefault(self.cfg.func_of(pc), set()).add(t)
+            regs[ins.dst] = Reg(S.FUNC, Scalar.const(0), subprog=t)
+        elif src in (op.BPF_PSEUDO_MAP_FD, op.BPF_PSEUDO_MAP_VALUE):
+            raise Reject(f"lddw src={src} refers to a map fd; spec-level programs use map indices (src=5/6)")
+        else:
+            raise Reject(f"unrecognized bpf_ld_imm64 insn src={src}",
+                         "not supported: BTF ids / kernel symbols in lddw")
+
+    def _call(self, st: VerifierState, pc: int, ins: Instruction) -> int | None:
+        if ins.src == op.BPF_PSEUDO_CALL:
+            target = pc + ins.imm + 1
+            self.callees.setdefault(self.cfg.func_of(pc), set()).add(target)
+            return C.check_pseudo_call(self, st, pc, target)
+        if ins.src == op.BPF_PSEUDO_KFUNC_CALL:
+            raise Reject("calling kernel functions is not supported", "not supported: kfunc calls")
+        if ins.imm == 12:
+            self.has_tail_call.add(self.cfg.func_of(pc))
+        entered = C.check_helper(self, st, pc, ins.imm)
+        if entered:
+            return st.cur.subprog
+        return pc + 1
+
+    def _cond(self, st: VerifierState, pc: int, ins: Instruction) -> int:
+        code = ins.opcode
+        bits = 32 if code & 0x07 == op.BPF_JMP32 else 64
+        o = code & 0xF0
+        regs = st.cur.regs
+        dst = self._read(st, ins.dst)
+        if code & op.BPF_X:
+            src = self._read(st, ins.src)
+            src_no = ins.src
+        else:
+            src = S.const_reg(ins.imm if bits == 64 else ins.imm & 0xFFFFFFFF)
+            src_no = -1
+        target = jump_target(pc, ins)
+        if dst.type == S.SCALAR and src.type == S.SCALAR:
+            taken = A.branch_taken(o, dst.val, src.val, bits)
+            if taken == 1:
+                return target
+            if taken == 0:
+                return pc + 1
+            yes = A.refine(o, dst.val, src.val, bits)
+            no = A.refine(A.negate(o), dst.val, src.val, bits)
+            if yes is None and no is None:
+                return -1
+            if yes is None:
+                self._apply_refine(st, ins.dst, src_no, no)
+                return pc + 1
+            if no is None:
+                self._apply_refine(st, ins.dst, src_no, yes)
+                return target
+            other = st.copy()
+            self._apply_refine(other, ins.dst, src_no, yes)
+            self.push(other, target)
+            self._apply_refine(st, ins.dst, src_no, no)
+            return pc + 1
+        # pointer comparisons
+        ptr, other_reg, ptr_no = (dst, src, ins.dst) if dst.is_ptr else (src, dst, src_no)
+        is_null_cmp = other_reg.type == S.SCALAR and other_reg.val.is_const() and \
+            other_reg.val.value == 0 and o in (op.BPF_JEQ, op.BPF_JNE) and not (dst.is_ptr and src.is_ptr)
+        if is_null_cmp:
+            if ptr.type in S.OR_NULL and bits == 64:
+                null_st = st.copy()
+                _mark_null(null_st, ptr, True)
+                _mark_null(st, ptr, False)
+                if o == op.BPF_JEQ:
+                    self.push(null_st, target)
+                    return pc + 1
+                self.push(st.copy(), target)
+                self._replace(st, null_st)
+                return pc + 1
+            if ptr.type not in S.OR_NULL:
+                return (target if o == op.BPF_JNE else pc + 1)
+        del regs, ptr_no
+        self.push(st.copy(), target)
+        return pc + 1
+
+    @staticmethod
+    def _replace(st: VerifierState, other: VerifierState) -> None:
+        st.frames = other.frames
+        st.refs = other.refs
+
+    def _apply_refine(self, st: VerifierState, dst_no: int, src_no: int, vals: tuple) -> None:
+        a, b = vals
+        regs = st.cur.regs
+        _set_scalar(st, dst_no, a)
+        if src_no >= 0:
+            _set_scalar(st, src_no, b)
+        del regs
+
+    # -- stack depth -------------------------------------------------------------------------
+    def _check_stack_depth(self) -> Failure | None:
+        depth = {k: _round16(v) for k, v in self.stats.stack_depth.items()}
+        priv_ok = not self.has_tail_call
+        for start, d in depth.items():
+            if d > MAX_STACK:
+                return Failure(f"stack size of subprog at insn {start} is {d}. Too large", start, "", [], None, None)
+
+        def walk(sub: int, acc: int, chain: list[int]) -> Failure | None:
+            d = depth.get(sub, 0)
+            private = priv_ok and d >= PRIV_STACK_MIN
+            if not private:
+                acc += d
+                if acc > MAX_STACK:
+                    return Failure(f"combined stack size of {len(chain) + 1} calls is {acc}. Too large", sub,
+                                   "the functions on this call chain use more than 512 bytes of stack together",
+                                   [], None, None)
+            if len(chain) > 16:
+                return None
+            for callee in sorted(self.callees.get(sub, ())):
+                if callee in self.cfg.callbacks or callee in self.global_funcs:
+                    continue
+                f = walk(callee, acc, [*chain, sub])
+                if f:
+                    return f
+            return None
+
+        return walk(0, 0, [])
+
+
+def _round16(v: int) -> int:
+    return (v + 15) // 16 * 16
+
+
+def _set_scalar(st: VerifierState, regno: int, val: Scalar) -> None:
+    regs = st.cur.regs
+    r = regs[regno]
+    if r.type != S.SCALAR:
+        return
+    regs[regno] = Reg(S.SCALAR, val, id=r.id)
+    if r.id:
+        for f in st.frames:
+            for i, x in enumerate(f.regs):
+                if x.type == S.SCALAR and x.id == r.id:
+                    f.regs[i] = Reg(S.SCALAR, val, id=r.id)
+            for k, x in f.spills.items():
+                if x.type == S.SCALAR and x.id == r.id:
+                    f.spills[k] = Reg(S.SCALAR, val, id=r.id)
+
+
+def _mark_null(st: VerifierState, ptr: Reg, is_null: bool) -> None:
+    pid = ptr.id
+    for f in st.frames:
+        for i, x in enumerate(f.regs):
+            if x.id == pid and x.type in S.OR_NULL:
+                f.regs[i] = S.const_reg(0) if is_null else Reg(S.OR_NULL[x.type], x.val, x.off, x.map,
+                                                                  x.size, 0, x.ref, x.frame, x.subprog)
+        for k, x in list(f.spills.items()):
+            if x.id == pid and x.type in S.OR_NULL:
+                f.spills[k] = S.const_reg(0) if is_null else Reg(S.OR_NULL[x.type], x.val, x.off, x.map,
+                                                                   x.size, 0, x.ref, x.frame, x.subprog)
+    if is_null and ptr.ref:
+        st.refs.pop(ptr.ref, None)
+
+
+def _endian(v: Scalar, ins: Instruction, bits: int) -> Scalar:
+    width = ins.imm
+    m = (1 << width) - 1
+    swap = (ins.opcode & 0x07 == op.BPF_ALU64) or (ins.opcode & op.BPF_TO_BE)
+    if not swap:
+        return v.trunc(width // 8)
+    if v.is_const():
+        b = (v.value & m).to_bytes(width // 8, "little")
+        return Scalar.const(int.from_bytes(b, "big"))
+    return Scalar.urange(0, m) if width < 64 else Scalar.unknown()
+
+
+def _divmod(o: int, signed: int, a: int, b: int, bits: int) -> Scalar:
+    m = (1 << bits) - 1
+    a &= m
+    b &= m
+    if signed:
+        sa = a - (1 << bits) if a >> (bits - 1) else a
+        sb = b - (1 << bits) if b >> (bits - 1) else b
+        if sb == 0:
+            r = 0 if o == op.BPF_DIV else sa
+        else:
+            q = abs(sa) // abs(sb) * (1 if (sa < 0) == (sb < 0) else -1)
+            r = q if o == op.BPF_DIV else sa - q * sb
+    elif b == 0:
+        r = 0 if o == op.BPF_DIV else a
+    else:
+        r = a // b if o == op.BPF_DIV else a % b
+    return Scalar.const(r & m)
+
+
+def describe_regs(st: VerifierState) -> str:
+    parts = []
+    for f in st.frames:
+        pre = f"frame{f.frameno}: " if len(st.frames) > 1 else ""
+        regs = [f"R{i}={r.describe()}" for i, r in enumerate(f.regs) if r.type != S.NOT_INIT]
+        stack = []
+        for slot in sorted(f.spills):
+            stack.append(f"fp{slot * 8 - S.STACK_SIZE}={f.spills[slot].describe()}")
+        parts.append(pre + " ".join(regs + stack))
+    return " | ".join(parts)
+
+
+__all__ = ["Checker", "Failure", "describe_regs", "is_cond_jump"]

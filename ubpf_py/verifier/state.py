@@ -1,0 +1,310 @@
+"""Abstract machine state: registers, stack frames, references, and pruning.
+
+A ``VerifierState`` is what the verifier knows at one instruction on one path:
+a stack of call frames (registers + byte-granular stack), the references the
+path holds (ringbuf records not yet submitted), and a link to the checkpoint it
+descends from.  ``subsumes`` is the kernel's ``states_equal``: an explored,
+finished state whose every value range contains the current one proves the
+current path safe, so it can stop (state pruning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ubpf_py.verifier.scalar import UNKNOWN, Scalar
+
+STACK_SIZE = 512
+
+# register types, spelled like the kernel's reg_type_str() so logs match
+NOT_INIT = "?"
+SCALAR = "scalar"
+CTX = "ctx"
+STACK = "fp"
+MAP_PTR = "map_ptr"
+MAP_VALUE = "map_value"
+MAP_VALUE_OR_NULL = "map_value_or_null"
+RINGBUF_MEM = "ringbuf_mem"
+RINGBUF_MEM_OR_NULL = "ringbuf_mem_or_null"
+MEM = "mem"
+MEM_OR_NULL = "mem_or_null"
+FUNC = "func"
+MAP_KEY = "map_key"
+
+OR_NULL = {MAP_VALUE_OR_NULL: MAP_VALUE, RINGBUF_MEM_OR_NULL: RINGBUF_MEM, MEM_OR_NULL: MEM}
+POINTERS = {CTX, STACK, MAP_PTR, MAP_VALUE, MAP_VALUE_OR_NULL, RINGBUF_MEM, RINGBUF_MEM_OR_NULL,
+            MEM, MEM_OR_NULL, FUNC, MAP_KEY}
+
+# stack byte kinds
+S_INVALID = 0   # never written
+S_MISC = 1      # written with something that is not a tracked register
+S_ZERO = 2      # known zero
+S_SPILL = 3     # part of a spilled register
+
+
+@dataclass(frozen=True, slots=True)
+class Reg:
+    """One register's abstract value.  Pointers use ``off`` (fixed part) and
+    ``val`` (variable part, a Scalar); scalars use ``val`` only."""
+
+    type: str = NOT_INIT
+    val: Scalar = UNKNOWN
+    off: int = 0
+    #: map index (map_ptr, map_value*, map_key)
+    map: int = -1
+    #: accessible size for mem / ringbuf_mem
+    size: int = 0
+    #: id shared by copies: null checks on one refine all; equal scalars share bounds
+    id: int = 0
+    #: reference (acquired object) this pointer belongs to
+    ref: int = 0
+    #: frame number a stack pointer points into
+    frame: int = 0
+    #: first instruction of the function a func pointer names
+    subprog: int = -1
+
+    @property
+    def is_ptr(self) -> bool:
+        return self.type in POINTERS
+
+    def describe(self) -> str:
+        if self.type == NOT_INIT:
+            return "?"
+        if self.type == SCALAR:
+            return f"scalar({self.val})" if not self.val.is_const() else str(self.val)
+        parts = []
+        if self.type == STACK:
+            parts.append(f"frame{self.frame}" if self.frame else "")
+        if self.id:
+            parts.append(f"id={self.id}")
+        if self.ref:
+            parts.append(f"ref_obj_id={self.ref}")
+        if self.off:
+            parts.append(f"off={self.off}")
+        if not (self.val.is_const() and self.val.value == 0):
+            parts.append(f"var_off={self.val}")
+        if self.map >= 0:
+            parts.append(f"map#{self.map}")
+        if self.size:
+            parts.append(f"size={self.size}")
+        if self.type == FUNC:
+            parts.append(f"insn={self.subprog}")
+        inner = ",".join(p for p in parts if p)
+        return f"{self.type}({inner})" if inner else self.type
+
+
+UNINIT = Reg()
+UNKNOWN_SCALAR = Reg(SCALAR, UNKNOWN)
+
+
+def const_reg(v: int) -> Reg:
+    return Reg(SCALAR, Scalar.const(v))
+
+
+def scalar_reg(s: Scalar) -> Reg:
+    return Reg(SCALAR, s)
+
+
+@dataclass(slots=True)
+class Frame:
+    regs: list[Reg]
+    #: per-byte kind for offsets -512..-1 (index = 512 + off)
+    stack: bytearray
+    #: spilled registers by 8-byte slot index (offset = slot*8 - 512)
+    spills: dict[int, Reg]
+    #: call instruction that created this frame (-1 for the entry frame)
+    callsite: int
+    #: first instruction of the function this frame runs
+    subprog: int
+    frameno: int
+    #: set for bpf_loop-style callbacks: the helper call to return to
+    in_callback: bool = False
+
+    def copy(self) -> Frame:
+        return Frame(list(self.regs), bytearray(self.stack), dict(self.spills), self.callsite,
+                     self.subprog, self.frameno, self.in_callback)
+
+
+def new_frame(frameno: int, callsite: int, subprog: int) -> Frame:
+    regs = [UNINIT] * 11
+    regs[10] = Reg(STACK, Scalar.const(0), frame=frameno)
+    return Frame(regs, bytearray(STACK_SIZE), {}, callsite, subprog, frameno)
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """A state saved at a prune point, with how many paths below it are still open."""
+
+    state: VerifierState
+    insn: int
+    parent: Checkpoint | None
+    branches: int = 1
+    #: whether this checkpoint may be used for pruning while still open (callback calls)
+    loop_ok: bool = False
+    hits: int = 0
+    misses: int = 0
+
+
+@dataclass(slots=True)
+class VerifierState:
+    frames: list[Frame]
+    #: acquired references: id -> instruction that acquired it
+    refs: dict[int, int] = field(default_factory=dict)
+    parent: Checkpoint | None = None
+    #: history of (insn, description) for the error log of this path
+    last_jumps: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def cur(self) -> Frame:
+        return self.frames[-1]
+
+    def copy(self) -> VerifierState:
+        return VerifierState([f.copy() for f in self.frames], dict(self.refs), self.parent,
+                             self.last_jumps)
+
+
+# -- pruning ------------------------------------------------------------------------
+
+class _IdMap:
+    """Old-id -> current-id correspondence; ids must map one to one."""
+
+    __slots__ = ("fwd", "rev")
+
+    def __init__(self) -> None:
+        self.fwd: dict[int, int] = {}
+        self.rev: dict[int, int] = {}
+
+    def check(self, old: int, cur: int) -> bool:
+        if old == 0 or cur == 0:
+            return old == cur
+        a = self.fwd.get(old)
+        b = self.rev.get(cur)
+        if a is None and b is None:
+            self.fwd[old] = cur
+            self.rev[cur] = old
+            return True
+        return a == cur and b == old
+
+
+def reg_safe(old: Reg, cur: Reg, ids: _IdMap, exact: bool) -> bool:
+    """May ``cur`` stand where ``old`` was proven safe?"""
+    if exact:
+        return old == cur or (old.type == cur.type == SCALAR and old.val == cur.val)
+    if old.type == NOT_INIT:
+        return True
+    if old.type != cur.type:
+        return False
+    if old.type == SCALAR:
+        if not old.val.within(cur.val):
+            return False
+        if old.id and not old.val.is_const():
+            return ids.check(old.id, cur.id) if cur.id else True
+        return True
+    if old.type in (STACK,):
+        return old.off == cur.off and old.frame == cur.frame and old.val.within(cur.val)
+    if old.type in (CTX, MAP_PTR, FUNC):
+        return old.off == cur.off and old.map == cur.map and old.subprog == cur.subprog \
+            and old.val.within(cur.val)
+    # map values, memory, nullable pointers
+    if old.off != cur.off or old.map != cur.map or old.size != cur.size:
+        return False
+    if not old.val.within(cur.val):
+        return False
+    if old.type in OR_NULL and not ids.check(old.id, cur.id):
+        return False
+    return ids.check(old.ref, cur.ref)
+
+
+def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -1) -> bool:
+    if exact:
+        return old.stack == cur.stack and all(
+            reg_safe(o, cur.spills.get(k, UNINIT), ids, True) for k, o in old.spills.items()) \
+            and len(old.spills) == len(cur.spills)
+    os_, cs = old.stack, cur.stack
+    if os_ == cs and not old.spills and not cur.spills:
+        return True
+    for i in range(STACK_SIZE):
+        k = os_[i]
+        if k <= S_MISC:
+            continue
+        c = cs[i]
+        if k == S_ZERO:
+            if c == S_ZERO:
+                continue
+            if c == S_SPILL:
+                sp = cur.spills.get(i // 8)
+                if sp is not None and sp.type == SCALAR and sp.val.is_const() and sp.val.value == 0:
+                    continue
+            return False
+        if c != S_SPILL:
+            return False
+    for slot, o in old.spills.items():
+        c = cur.spills.get(slot)
+        if c is None:
+            # old spill bytes were all overwritten as misc in the old state's view? no: must match
+            if any(os_[slot * 8 + j] == S_SPILL for j in range(8)):
+                return False
+            continue
+        if o.type == SCALAR and c.type == SCALAR and (
+                o.val.within(c.val) or not demand & ((1 << 11) | (1 << (16 + slot)))):
+            continue
+        if not reg_safe(o, c, ids, False):
+            return False
+    return True
+
+
+def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int]] | None,
+             exact: bool = False) -> bool:
+    """The kernel's states_equal: is ``cur`` covered by the explored ``old``?
+
+    ``masks`` gives, per frame (innermost last), ``(live, demand)``: the bit set
+    of registers read later in that frame, and the precision-demand fact
+    (``structure.precision_demand``).  Dead registers are ignored, and scalars
+    whose exact value is never needed again match any scalar, like the
+    kernel's liveness and precision marks.
+    """
+    if len(old.frames) != len(cur.frames):
+        return False
+    ids = _IdMap()
+    for fi, (of, cf) in enumerate(zip(old.frames, cur.frames, strict=True)):
+        if of.callsite != cf.callsite or of.in_callback != cf.in_callback:
+            return False
+        live, demand = masks[fi] if masks is not None else (0x7FF, -1)
+        for r in range(11):
+            o, c = of.regs[r], cf.regs[r]
+            if exact:
+                if not reg_safe(o, c, ids, True):
+                    return False
+                continue
+            if not (live >> r) & 1:
+                continue
+            if o.type == SCALAR and c.type == SCALAR and not (demand >> r) & 1:
+                continue
+            if not reg_safe(o, c, ids, False):
+                return False
+        if not stack_safe(of, cf, ids, exact, demand):
+            return False
+    if len(old.refs) != len(cur.refs):
+        return False
+    return all(ids.check(o, c) for o, c in zip(sorted(old.refs), sorted(cur.refs), strict=True))
+
+
+def widen(old: VerifierState, cur: VerifierState) -> None:
+    """Forget scalar facts in ``cur`` that changed since ``old`` (a callback iteration).
+
+    Used only at helper calls that take callbacks (bpf_loop, for_each_map_elem):
+    every scalar whose range is not inside the previous iteration's becomes
+    unknown, so the next iteration is covered and the exploration stops.
+    Over-approximating is always sound; see the module docs of ``checker``.
+    """
+    if len(old.frames) != len(cur.frames):
+        return
+    for of, cf in zip(old.frames, cur.frames, strict=True):
+        for i in range(11):
+            o, c = of.regs[i], cf.regs[i]
+            if o.type == SCALAR and c.type == SCALAR and not o.val.within(c.val):
+                cf.regs[i] = UNKNOWN_SCALAR
+        for slot, c in list(cf.spills.items()):
+            o = of.spills.get(slot)
+            if c.type == SCALAR and (o is None or (o.type == SCALAR and not o.val.within(c.val))):
+                cf.spills[slot] = UNKNOWN_SCALAR

@@ -1,0 +1,489 @@
+"""Structural checks that need no abstract interpretation.
+
+Before any path is walked the program must be well formed: every opcode known
+(``unknown opcode``), every jump inside its own function and never into the
+second slot of a lddw, every function ending in exit or a jump, every
+instruction reachable, lddw pseudo sources resolvable.  This module also works
+out the function boundaries, the prune points, and per-instruction register
+liveness that the interpreter uses to ignore dead registers when pruning.
+The kernel's messages (check_subprogs, check_cfg, resolve_pseudo_ldimm64) are
+reused verbatim so tools that grep kernel logs keep working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ubpf_py.isa import opcodes as op
+from ubpf_py.isa.instruction import Instruction
+
+
+class StructureError(Exception):
+    def __init__(self, msg: str, insn: int, hint: str = "") -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.insn = insn
+        self.hint = hint
+
+
+def _valid_opcodes() -> frozenset[int]:
+    ok: set[int] = set()
+    for cls in (op.BPF_ALU, op.BPF_ALU64):
+        for o in (op.BPF_ADD, op.BPF_SUB, op.BPF_MUL, op.BPF_DIV, op.BPF_OR, op.BPF_AND, op.BPF_LSH,
+                  op.BPF_RSH, op.BPF_MOD, op.BPF_XOR, op.BPF_MOV, op.BPF_ARSH):
+            ok.add(cls | o | op.BPF_K)
+            ok.add(cls | o | op.BPF_X)
+        ok.add(cls | op.BPF_NEG)
+    ok.update({op.BPF_ALU | op.BPF_END | op.BPF_TO_LE, op.BPF_ALU | op.BPF_END | op.BPF_TO_BE,
+               op.BPF_ALU64 | op.BPF_END | op.BPF_TO_LE})
+    for cls in (op.BPF_JMP, op.BPF_JMP32):
+        ok.add(cls | op.BPF_JA)
+        for o in (op.BPF_JEQ, op.BPF_JGT, op.BPF_JGE, op.BPF_JSET, op.BPF_JNE, op.BPF_JSGT, op.BPF_JSGE,
+                  op.BPF_JLT, op.BPF_JLE, op.BPF_JSLT, op.BPF_JSLE):
+            ok.add(cls | o | op.BPF_K)
+            ok.add(cls | o | op.BPF_X)
+    ok.update({op.BPF_JMP | op.BPF_CALL, op.BPF_JMP | op.BPF_EXIT})
+    ok.add(op.LDDW)
+    for sz in (op.BPF_B, op.BPF_H, op.BPF_W):
+        ok.add(op.BPF_LD | op.BPF_ABS | sz)
+        ok.add(op.BPF_LD | op.BPF_IND | sz)
+        ok.add(op.BPF_LDX | op.BPF_MEMSX | sz)
+    for sz in (op.BPF_B, op.BPF_H, op.BPF_W, op.BPF_DW):
+        ok.add(op.BPF_LDX | op.BPF_MEM | sz)
+        ok.add(op.BPF_ST | op.BPF_MEM | sz)
+        ok.add(op.BPF_STX | op.BPF_MEM | sz)
+    ok.add(op.BPF_STX | op.BPF_ATOMIC | op.BPF_W)
+    ok.add(op.BPF_STX | op.BPF_ATOMIC | op.BPF_DW)
+    return frozenset(ok)
+
+
+VALID_OPCODES = _valid_opcodes()
+ATOMIC_OPS = {op.ATOMIC_ADD, op.ATOMIC_OR, op.ATOMIC_AND, op.ATOMIC_XOR,
+              op.ATOMIC_ADD | op.BPF_FETCH, op.ATOMIC_OR | op.BPF_FETCH, op.ATOMIC_AND | op.BPF_FETCH,
+              op.ATOMIC_XOR | op.BPF_FETCH, op.BPF_XCHG, op.BPF_CMPXCHG}
+_CLASS_NAME = {op.BPF_ALU: "BPF_ALU", op.BPF_ALU64: "BPF_ALU", op.BPF_LDX: "BPF_LDX",
+               op.BPF_ST: "BPF_ST", op.BPF_STX: "BPF_STX"}
+
+
+def is_cond_jump(code: int) -> bool:
+    c = code & 0x07
+    o = code & 0xF0
+    return c in (op.BPF_JMP, op.BPF_JMP32) and o not in (op.BPF_JA, op.BPF_CALL, op.BPF_EXIT)
+
+
+def is_uncond_jump(code: int) -> bool:
+    return code in (op.BPF_JMP | op.BPF_JA, op.BPF_JMP32 | op.BPF_JA)
+
+
+def jump_target(i: int, ins: Instruction) -> int:
+    if ins.opcode == op.BPF_JMP32 | op.BPF_JA:
+        return i + ins.imm + 1
+    return i + ins.off + 1
+
+
+def check_fields(i: int, ins: Instruction) -> None:
+    """Reserved-field checks (the kernel does these in do_check; we do them up front)."""
+    code = ins.opcode
+    cls = code & 0x07
+    if ins.dst > 10 or ins.src > 10 and not (code == op.LDDW or code == op.BPF_JMP | op.BPF_CALL):
+        raise StructureError(f"R{max(ins.dst, ins.src)} is invalid", i, "registers are r0..r10")
+    if cls in (op.BPF_ALU, op.BPF_ALU64):
+        o = code & 0xF0
+        name = "BPF_ALU"
+        if o == op.BPF_NEG:
+            if ins.src or ins.off or ins.imm:
+                raise StructureError("BPF_NEG uses reserved fields", i)
+        elif o == op.BPF_END:
+            if ins.src or ins.off or ins.imm not in (16, 32, 64):
+                raise StructureError("BPF_END uses reserved fields", i)
+        elif o == op.BPF_MOV:
+            if code & op.BPF_X:
+                allowed = (0, 8, 16, 32) if cls == op.BPF_ALU64 else (0, 8, 16)
+                if ins.imm or ins.off not in allowed:
+                    raise StructureError("BPF_MOV uses reserved fields", i)
+            elif ins.src or ins.off:
+                raise StructureError("BPF_MOV uses reserved fields", i)
+        else:
+            allowed_off = (0, 1) if o in (op.BPF_DIV, op.BPF_MOD) else (0,)
+            if ins.off not in allowed_off or (code & op.BPF_X and ins.imm) or \
+                    (not code & op.BPF_X and ins.src):
+                raise StructureError(f"{name} uses reserved fields", i)
+    elif cls == op.BPF_LDX:
+        if ins.imm:
+            raise StructureError("BPF_LDX uses reserved fields", i)
+    elif cls == op.BPF_ST:
+        if ins.src:
+            raise StructureError("BPF_ST uses reserved fields", i)
+    elif cls == op.BPF_STX:
+        if code & 0xE0 == op.BPF_ATOMIC:
+            if ins.imm not in ATOMIC_OPS:
+                raise StructureError(f"BPF_ATOMIC uses invalid atomic opcode {ins.imm:02x}", i)
+        elif ins.imm:
+            raise StructureError("BPF_STX uses reserved fields", i)
+    elif cls in (op.BPF_JMP, op.BPF_JMP32):
+        o = code & 0xF0
+        if o == op.BPF_CALL:
+            if ins.off or ins.dst or ins.src not in (0, 1, 2):
+                raise StructureError("BPF_CALL uses reserved fields", i)
+        elif o == op.BPF_EXIT:
+            if ins.src or ins.dst or ins.off or ins.imm:
+                raise StructureError("BPF_EXIT uses reserved fields", i)
+        elif o == op.BPF_JA:
+            if ins.src or ins.dst or (cls == op.BPF_JMP and ins.imm) or (cls == op.BPF_JMP32 and ins.off):
+                raise StructureError("BPF_JA uses reserved fields", i)
+        elif code & op.BPF_X:
+            if ins.imm:
+                raise StructureError("BPF_JMP/JMP32 uses reserved fields", i)
+        elif ins.src:
+            raise StructureError("BPF_JMP/JMP32 uses reserved fields", i)
+
+
+@dataclass
+class Cfg:
+    n: int
+    #: first instruction of every function, sorted (0 first)
+    subprogs: list[int]
+    #: function start -> end (exclusive)
+    ends: dict[int, int]
+    #: starts of functions used as callbacks (lddw src=4)
+    callbacks: set[int]
+    prune_points: set[int]
+    #: live-in register bit sets per instruction
+    live_in: list[int] = field(default_factory=list)
+    #: instruction -> function start
+    owner: list[int] = field(default_factory=list)
+
+    def func_of(self, insn: int) -> int:
+        return self.owner[insn]
+
+
+def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -> Cfg:
+    """Run every structural check and return the control-flow facts."""
+    n = len(insns)
+    if n == 0:
+        raise StructureError("empty program", 0, "the program has no instructions")
+    second_slot = set()
+    subprogs = {0}
+    callbacks: set[int] = set()
+    i = 0
+    while i < n:
+        ins = insns[i]
+        if ins.opcode not in VALID_OPCODES:
+            raise StructureError(f"unknown opcode {ins.opcode:02x}", i, "not a BPF instruction")
+        if ins.opcode == op.LDDW:
+            if i + 1 >= n or insns[i + 1].opcode != 0 or insns[i + 1].dst or insns[i + 1].src \
+                    or insns[i + 1].off:
+                raise StructureError("invalid bpf_ld_imm64 insn", i,
+                                     "lddw needs a second slot with opcode 0")
+            if ins.off:
+                raise StructureError("invalid bpf_ld_imm64 insn", i)
+            if ins.src == op.BPF_PSEUDO_FUNC:
+                t = i + ins.imm + 1
+                if not 0 <= t < n:
+                    raise StructureError("call to invalid destination", i)
+                subprogs.add(t)
+                callbacks.add(t)
+            second_slot.add(i + 1)
+            i += 2
+            continue
+        if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_PSEUDO_CALL:
+            t = i + ins.imm + 1
+            if not 0 <= t < n:
+                raise StructureError(f"jump out of range from insn {i} to {t}", i)
+            subprogs.add(t)
+        i += 1
+    if function_starts:
+        subprogs.update(s for s in function_starts if 0 <= s < n)
+    starts = sorted(subprogs)
+    for s in starts:
+        if s in second_slot:
+            raise StructureError(f"jump into the middle of ldimm64 insn {s - 1}", s - 1)
+    ends = {s: (starts[k + 1] if k + 1 < len(starts) else n) for k, s in enumerate(starts)}
+    owner = [0] * n
+    for s in starts:
+        for j in range(s, ends[s]):
+            owner[j] = s
+    for i, ins in enumerate(insns):
+        if i in second_slot:
+            continue
+        check_fields(i, ins)
+    # jumps stay within their function, never into a lddw's second slot
+    prune: set[int] = set(starts)
+    succ: list[tuple[int, ...]] = [()] * n
+    for i, ins in enumerate(insns):
+        if i in second_slot:
+            continue
+        code = ins.opcode
+        s, e = owner[i], ends[owner[i]]
+        if is_cond_jump(code) or is_uncond_jump(code):
+            t = jump_target(i, ins)
+            if not s <= t < e:
+                raise StructureError(f"jump out of range from insn {i} to {t}", i,
+                                     "the jump leaves its function")
+            if t in second_slot:
+                raise StructureError(f"jump into the middle of ldimm64 insn {t - 1}", i)
+            prune.add(t)
+            if is_cond_jump(code):
+                prune.add(i + 1)
+                succ[i] = (i + 1, t)
+            else:
+                succ[i] = (t,)
+        elif code == op.BPF_JMP | op.BPF_EXIT:
+            succ[i] = ()
+        elif code == op.LDDW:
+            succ[i] = (i + 2,)
+        else:
+            succ[i] = (i + 1,)
+            if code == op.BPF_JMP | op.BPF_CALL:
+                prune.add(i + 1)
+        last = e - 1
+        if i == last or (code == op.LDDW and i + 1 == last):
+            if code not in (op.BPF_JMP | op.BPF_EXIT, op.BPF_JMP | op.BPF_JA, op.BPF_JMP32 | op.BPF_JA):
+                raise StructureError("last insn is not an exit or jmp", i,
+                                     "every function must end in exit or a jump")
+    # reachability, function by function
+    for s in starts:
+        seen = {s}
+        todo = [s]
+        while todo:
+            j = todo.pop()
+            for t in succ[j]:
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+        for j in range(s, ends[s]):
+            if j not in seen and j not in second_slot:
+                raise StructureError(f"unreachable insn {j}", j, "dead code; the kernel refuses it too")
+    cfg = Cfg(n, starts, ends, callbacks, prune, owner=owner)
+    cfg.live_in = _liveness(insns, succ, second_slot)
+    return cfg
+
+
+def _use_def(ins: Instruction) -> tuple[int, int]:
+    code = ins.opcode
+    cls = code & 0x07
+    d, s = 1 << ins.dst, 1 << ins.src
+    if cls in (op.BPF_ALU, op.BPF_ALU64):
+        o = code & 0xF0
+        if o == op.BPF_MOV:
+            return (s if code & op.BPF_X else 0), d
+        if o in (op.BPF_NEG, op.BPF_END):
+            return d, d
+        return d | (s if code & op.BPF_X else 0), d
+    if cls == op.BPF_LDX:
+        return s, d
+    if cls == op.BPF_ST:
+        return d, 0
+    if cls == op.BPF_STX:
+        if code & 0xE0 == op.BPF_ATOMIC:
+            if ins.imm == op.BPF_CMPXCHG:
+                return d | s | 1, 1
+            return d | s, (s if ins.imm & op.BPF_FETCH else 0)
+        return d | s, 0
+    if code == op.LDDW:
+        return 0, d
+    if cls == op.BPF_LD:  # ABS/IND
+        return (1 << 6) | s, 0x3F
+    if cls in (op.BPF_JMP, op.BPF_JMP32):
+        o = code & 0xF0
+        if o == op.BPF_CALL:
+            return 0x3E, 0x3F
+        if o == op.BPF_EXIT:
+            return 1, 0
+        if o == op.BPF_JA:
+            return 0, 0
+        return d | (s if code & op.BPF_X else 0), 0
+    return 0, 0
+
+
+def _liveness(insns: list[Instruction], succ: list[tuple[int, ...]], second: set[int]) -> list[int]:
+    n = len(insns)
+    ud = [(0, 0) if i in second else _use_def(insns[i]) for i in range(n)]
+    live = [0] * n
+    preds: list[list[int]] = [[] for _ in range(n)]
+    for i in range(n):
+        for t in succ[i]:
+            if t < n:
+                preds[t].append(i)
+    work = list(range(n))
+    inq = [True] * n
+    while work:
+        i = work.pop()
+        inq[i] = False
+        out = 0
+        for t in succ[i]:
+            if t < n:
+                out |= live[t]
+        use, dfn = ud[i]
+        new = (use | (out & ~dfn)) | (1 << 10)
+        if new != live[i]:
+            live[i] = new
+            for p in preds[i]:
+                if not inq[p]:
+                    inq[p] = True
+                    work.append(p)
+    return live
+
+
+# -- precision demand ------------------------------------------------------------------
+#
+# The kernel only compares a scalar's range when pruning if that scalar is
+# "precise": its value later decides a branch, a memory offset, a helper size,
+# or a return value.  It finds that out lazily by backtracking.  We compute an
+# over-approximation statically: a backward data-flow over registers and
+# r10-relative stack slots (loads through other pointers demand every slot).
+# A fact is an int: bits 0-10 registers, bit 11 "every stack slot", bits
+# 16-79 stack slots (slot k = bytes [k*8-512, k*8-504)).
+
+ALL_STACK = 1 << 11
+_SLOT0 = 16
+SLOT_MASK = ((1 << 64) - 1) << _SLOT0
+
+
+def _slot_bits(off: int, size: int) -> int:
+    bits = 0
+    for a in (off, off + size - 1):
+        k = (512 + a) // 8
+        if 0 <= k < 64:
+            bits |= 1 << (_SLOT0 + k)
+    return bits
+
+
+def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, tuple[str, ...]]) -> list[int]:
+    """Per instruction: which registers / stack slots may later need exact values."""
+    n = cfg.n
+    second = {i + 1 for i, ins in enumerate(insns) if ins.opcode == op.LDDW}
+    succ: list[tuple[int, ...]] = []
+    for i, ins in enumerate(insns):
+        code = ins.opcode
+        if i in second:
+            succ.append(())
+        elif is_cond_jump(code):
+            succ.append((i + 1, jump_target(i, ins)))
+        elif is_uncond_jump(code):
+            succ.append((jump_target(i, ins),))
+        elif code == op.BPF_JMP | op.BPF_EXIT:
+            succ.append(())
+        elif code == op.LDDW:
+            succ.append((i + 2,))
+        else:
+            succ.append((i + 1,))
+    fact = [0] * n
+    # call sites of each function: start -> [(call insn, resumes at)]
+    sites: dict[int, list[tuple[int, int]]] = {}
+    for i, ins in enumerate(insns):
+        if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_PSEUDO_CALL:
+            sites.setdefault(i + ins.imm + 1, []).append((i, i + 1))
+    cb_sites = [i for i, ins in enumerate(insns)
+                if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == 0 and ins.imm in (164, 181)]
+    for s in cfg.callbacks:
+        sites.setdefault(s, []).extend((c, c) for c in cb_sites)
+        sites[s].extend((c, c + 1) for c in cb_sites)
+
+    def exit_fact(i: int) -> int:
+        f = cfg.owner[i]
+        out = 1
+        for _, resume in sites.get(f, ()):
+            if resume < n and fact[resume] & (SLOT_MASK | ALL_STACK):
+                out |= ALL_STACK
+        return out
+
+    def transfer(i: int, out: int) -> int:
+        ins = insns[i]
+        code = ins.opcode
+        cls = code & 0x07
+        d, s = 1 << ins.dst, 1 << ins.src
+        if cls in (op.BPF_ALU, op.BPF_ALU64):
+            o = code & 0xF0
+            if o == op.BPF_MOV:
+                res = out & ~d
+                if code & op.BPF_X and out & d:
+                    res |= s
+                return res
+            if code & op.BPF_X and out & d:
+                return out | s
+            return out
+        if cls == op.BPF_LDX:
+            res = out & ~d
+            if out & d:
+                res |= _slot_bits(ins.off, op.SIZE_BYTES[code & 0x18]) if ins.src == 10 else ALL_STACK
+            return res | s
+        if cls in (op.BPF_ST, op.BPF_STX):
+            res = out | d
+            if cls == op.BPF_STX:
+                if code & 0xE0 == op.BPF_ATOMIC:
+                    return res | s | 1 | ALL_STACK
+                if ins.dst == 10:
+                    if out & (ALL_STACK | _slot_bits(ins.off, op.SIZE_BYTES[code & 0x18])):
+                        res |= s
+                elif out & (ALL_STACK | SLOT_MASK):
+                    res |= s
+            return res
+        if code == op.LDDW:
+            return out & ~d
+        if cls in (op.BPF_JMP, op.BPF_JMP32):
+            o = code & 0xF0
+            if o == op.BPF_EXIT:
+                return 1 if cfg.owner[i] == 0 else exit_fact(i)
+            if o == op.BPF_CALL:
+                res = out & ~0x3F
+                if ins.src == op.BPF_PSEUDO_CALL:
+                    t = i + ins.imm + 1
+                    return res | 0x3E | (fact[t] & ALL_STACK if 0 <= t < n else ALL_STACK)
+                args = helper_args.get(ins.imm, ("x",) * 5)
+                for k, kind in enumerate(args):
+                    if kind != "anything":
+                        res |= 1 << (k + 1)
+                if ins.imm in (164, 181):
+                    res |= ALL_STACK if not cfg.callbacks else 0
+                    for cb in cfg.callbacks:
+                        res |= fact[cb] & ALL_STACK
+                return res
+            if o == op.BPF_JA:
+                return out
+            return out | d | (s if code & op.BPF_X else 0)
+        return out | 0x7FF
+
+    preds: list[list[int]] = [[] for _ in range(n)]
+    for i in range(n):
+        for t in succ[i]:
+            if t < n:
+                preds[t].append(i)
+    changed = True
+    rounds = 0
+    while changed and rounds < 50:
+        changed = False
+        rounds += 1
+        work = [i for i in range(n) if i not in second]
+        inq = set(work)
+        while work:
+            i = work.pop()
+            inq.discard(i)
+            out = 0
+            for t in succ[i]:
+                if t < n:
+                    out |= fact[t]
+            new = transfer(i, out) | fact[i]
+            if new != fact[i]:
+                fact[i] = new
+                changed = True
+                for p in preds[i]:
+                    if p not in inq:
+                        inq.add(p)
+                        work.append(p)
+                # calls into this function's start feed their callers
+                if i in sites or i in cfg.callbacks:
+                    for c, _ in sites.get(i, ()):
+                        if c not in inq:
+                            inq.add(c)
+                            work.append(c)
+            # exits depend on callers' facts
+        for f, lst in sites.items():
+            for _, resume in lst:
+                if resume < n and fact[resume] & (SLOT_MASK | ALL_STACK):
+                    for j in range(f, cfg.ends[f]):
+                        ins = insns[j]
+                        if ins.opcode == op.BPF_JMP | op.BPF_EXIT and not fact[j] & ALL_STACK:
+                            fact[j] |= ALL_STACK
+                            changed = True
+    return fact

@@ -1,0 +1,386 @@
+"""BPF bytecode -> LLVM IR text (one module may hold many programs).
+
+Shape of the generated code, per program (``<p>`` = a prefix unique per program):
+
+* every BPF function (the entry at index 0, each ``call`` target, each
+  ``lddw src=BPF_PSEUDO_FUNC`` target) becomes
+  ``i64 @<p>_f<pc>(i64 r1..r5, i64 fp, ptr rt)``: its own registers (allocas),
+  ``fp`` is its r10 (a 512-byte frame below the caller's), ``rt`` the per-instance
+  runtime block (``layout``).  Callback function pointers are the native
+  addresses of these functions.
+* ``@<p>_entry(i64 r1..r5, ptr rt)`` and ``@<p>_entry1(i64 r1, ptr rt)`` are the
+  exported entry points Python calls; they start at ``rt[ENTRY_FP]``.
+* helpers are called through the per-instance helper table
+  (``rt[HELPERS][k]``, ``k`` = index of the helper id in ``helper_ids``), so the
+  compiled code never contains a Python object address and can be cached.
+* abnormal exits (fault, Python exception) set ``rt[STATUS]``; after every call
+  the caller tests it and returns at once, unwinding the native frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ubpf_py.errors import InvalidInstructionError, NotSupportedError
+from ubpf_py.isa.instruction import Instruction
+from ubpf_py.isa.opcodes import (
+    BPF_ALU,
+    BPF_ALU64,
+    BPF_CALL,
+    BPF_CALL_HELPER,
+    BPF_EXIT,
+    BPF_JA,
+    BPF_JEQ,
+    BPF_JGE,
+    BPF_JGT,
+    BPF_JLE,
+    BPF_JLT,
+    BPF_JMP,
+    BPF_JMP32,
+    BPF_JNE,
+    BPF_JSET,
+    BPF_JSGE,
+    BPF_JSGT,
+    BPF_JSLE,
+    BPF_JSLT,
+    BPF_LD,
+    BPF_LDX,
+    BPF_PSEUDO_CALL,
+    BPF_PSEUDO_FUNC,
+    BPF_PSEUDO_KFUNC_CALL,
+    BPF_ST,
+    BPF_STX,
+    BPF_X,
+    LDDW,
+)
+from ubpf_py.vm.jit import layout
+from ubpf_py.vm.jit.emit import FunctionEmitter, s32, s64
+from ubpf_py.vm.jit.ir_alu import INTRINSICS, emit_alu
+from ubpf_py.vm.jit.ir_mem import emit_mem, region_check_function
+
+#: helper id of bpf_tail_call, which the engine implements itself
+TAIL_CALL_HELPER = 12
+
+_PSEUDO_NAMES = {1: "map fd", 2: "map value", 3: "BTF id", 5: "map index", 6: "map index value"}
+
+_CONDS = {BPF_JEQ: "eq", BPF_JGT: "ugt", BPF_JGE: "uge", BPF_JNE: "ne", BPF_JSGT: "sgt",
+          BPF_JSGE: "sge", BPF_JLT: "ult", BPF_JLE: "ule", BPF_JSLT: "slt", BPF_JSLE: "sle"}
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramLayout:
+    """What the runtime must know about a compiled program's native interface."""
+
+    prefix: str
+    #: helper ids in helper-table order (index k <-> rt[HELPERS][k])
+    helper_ids: tuple[int, ...]
+    #: the program makes function pointers (lddw src=4) that helpers may call back
+    uses_callbacks: bool
+    #: the program calls bpf_tail_call
+    uses_tail_call: bool
+    #: the program uses callx (dynamic helper calls)
+    uses_callx: bool
+    #: instruction indices of functions used as callbacks (exported as ``<p>_f<pc>``)
+    callback_starts: tuple[int, ...] = ()
+
+    @property
+    def entry(self) -> str:
+        return f"{self.prefix}_entry"
+
+    @property
+    def entry1(self) -> str:
+        return f"{self.prefix}_entry1"
+
+
+def _is_real(insns: list[Instruction], i: int) -> bool:
+    """False for the second slot of a lddw."""
+    return not (i > 0 and insns[i - 1].opcode == LDDW)
+
+
+def scan_program(insns: list[Instruction]) -> tuple[list[int], list[int], list[int], bool]:
+    """Function starts, helper ids, callback starts, uses_callx; rejects what the JIT cannot run."""
+    n = len(insns)
+    if n == 0:
+        raise InvalidInstructionError(0, "program is empty")
+    starts = {0}
+    helpers: set[int] = set()
+    callbacks: set[int] = set()
+    callx = False
+    for i, ins in enumerate(insns):
+        if not _is_real(insns, i):
+            continue
+        op = ins.opcode
+        if op == LDDW:
+            if i + 1 >= n:
+                raise InvalidInstructionError(i, "lddw is missing its second slot")
+            if ins.src == BPF_PSEUDO_FUNC:
+                target = i + ins.imm + 1
+                _check_target(insns, i, target, "function pointer")
+                starts.add(target)
+                callbacks.add(target)
+            elif ins.src != 0:
+                what = _PSEUDO_NAMES.get(ins.src, f"pseudo source {ins.src}")
+                raise NotSupportedError(f"lddw with {what} (src={ins.src}); load the program "
+                                        "through live.Collection so maps become addresses")
+        elif op == BPF_JMP | BPF_CALL:
+            if ins.src == BPF_PSEUDO_CALL:
+                target = i + ins.imm + 1
+                _check_target(insns, i, target, "call")
+                starts.add(target)
+            elif ins.src == BPF_PSEUDO_KFUNC_CALL:
+                raise NotSupportedError("kfunc calls")
+            elif ins.src == BPF_CALL_HELPER:
+                helpers.add(ins.imm)
+            else:
+                raise InvalidInstructionError(i, f"call with unknown source {ins.src}")
+        elif op == BPF_JMP | BPF_CALL | BPF_X:
+            callx = True
+    return sorted(starts), sorted(helpers), sorted(callbacks), callx
+
+
+def _check_target(insns: list[Instruction], pc: int, target: int, what: str) -> None:
+    if not 0 <= target < len(insns) or not _is_real(insns, target):
+        raise InvalidInstructionError(pc, f"{what} target {target} is not an instruction")
+
+
+def program_ir(insns: list[Instruction], prefix: str, checked: bool) -> tuple[str, ProgramLayout]:
+    """IR text for one program (without the shared module header) and its layout."""
+    starts, helper_ids, callbacks, callx = scan_program(insns)
+    helper_index = {h: k for k, h in enumerate(helper_ids)}
+    bounds = [*starts, len(insns)]
+    parts = []
+    for k, start in enumerate(starts):
+        parts.append(_function_ir(insns, prefix, start, bounds[k + 1], start in callbacks,
+                                  helper_index, checked))
+    parts.append(_entries_ir(prefix))
+    plan = ProgramLayout(prefix, tuple(helper_ids), bool(callbacks), TAIL_CALL_HELPER in helper_index,
+                         callx, tuple(callbacks))
+    return "\n".join(parts), plan
+
+
+def module_header() -> str:
+    """Declarations shared by every program in a module (once per module)."""
+    return INTRINSICS + region_check_function()
+
+
+def _entries_ir(p: str) -> str:
+    ef = layout.SLOT_ENTRY_FP
+    return f"""
+define i64 @{p}_entry(i64 %a1, i64 %a2, i64 %a3, i64 %a4, i64 %a5, ptr %rt) {{
+  %fpp = getelementptr i64, ptr %rt, i64 {ef}
+  %fp = load i64, ptr %fpp
+  %r = call i64 @{p}_f0(i64 %a1, i64 %a2, i64 %a3, i64 %a4, i64 %a5, i64 %fp, ptr %rt)
+  ret i64 %r
+}}
+define i64 @{p}_entry1(i64 %a1, ptr %rt) {{
+  %fpp = getelementptr i64, ptr %rt, i64 {ef}
+  %fp = load i64, ptr %fpp
+  %r = call i64 @{p}_f0(i64 %a1, i64 0, i64 0, i64 0, i64 0, i64 %fp, ptr %rt)
+  ret i64 %r
+}}
+"""
+
+
+def _labels(insns: list[Instruction], start: int, end: int) -> set[int]:
+    """Instruction indices that begin a basic block."""
+    labels = {start}
+    for i in range(start, end):
+        ins = insns[i]
+        if not _is_real(insns, i):
+            continue
+        cls = ins.opcode & 0x07
+        if cls not in (BPF_JMP, BPF_JMP32):
+            continue
+        code = ins.opcode & 0xF0
+        if code in (BPF_CALL,):
+            continue
+        if code != BPF_EXIT and code != BPF_JA and i + 1 >= end:
+            raise InvalidInstructionError(i, "conditional jump falls off the end of the function")
+        labels.add(i + 1)
+        if code == BPF_EXIT:
+            continue
+        target = i + (ins.imm if cls == BPF_JMP32 and code == BPF_JA else ins.off) + 1
+        if not start <= target < end or not _is_real(insns, target):
+            raise InvalidInstructionError(i, f"jump target {target} is outside the function "
+                                             f"[{start}, {end})")
+        labels.add(target)
+    return labels
+
+
+def _function_ir(insns: list[Instruction], p: str, start: int, end: int, exported: bool,
+                 helper_index: dict[int, int], checked: bool) -> str:
+    f = FunctionEmitter(checked, start)
+    labels = _labels(insns, start, end)
+    attrs = " noinline" if start == 0 else ""
+    e = f.emit
+    linkage = "" if exported else "internal "
+    e(f"define {linkage}i64 @{p}_f{start}(i64 %a1, i64 %a2, i64 %a3, i64 %a4, i64 %a5, i64 %fp, "
+      f"ptr %rt){attrs} {{")
+    e("entry:")
+    for r in range(10):
+        e(f"  %R{r} = alloca i64")
+    for r in range(10):
+        f.put(r, f"%a{r}" if 1 <= r <= 5 else "0")
+    e(f"  %slop = getelementptr i64, ptr %rt, i64 {layout.SLOT_STACK_LO}")
+    e("  %slo = load i64, ptr %slop")
+    if checked:
+        for c in "RW":
+            e(f"  %C{c}s = alloca i64")
+            e(f"  %C{c}l = alloca i64")
+            e(f"  store i64 %slo, ptr %C{c}s")
+            e(f"  store i64 {layout.STACK_TOTAL - 8}, ptr %C{c}l")
+        e(f"  %hitsp = getelementptr i64, ptr %rt, i64 {layout.SLOT_HIT_START}")
+        e(f"  %hitlp = getelementptr i64, ptr %rt, i64 {layout.SLOT_HIT_LEN}")
+    if helper_index:
+        e(f"  %htp = getelementptr i64, ptr %rt, i64 {layout.SLOT_HELPERS}")
+        e("  %htabi = load i64, ptr %htp")
+        e("  %htab = inttoptr i64 %htabi to ptr")
+    f.flush()
+    e(f"  br label %L{start}")
+    terminated = True
+    for pc in range(start, end):
+        if not _is_real(insns, pc):
+            continue
+        if pc in labels:
+            if not terminated:
+                f.flush()
+                e(f"  br label %L{pc}")
+            f.label(f"L{pc}")
+        f.pc = pc
+        terminated = _emit_insn(f, insns, pc, p, helper_index)
+    if not terminated:
+        raise InvalidInstructionError(end - 1, "execution falls off the end of the function")
+    e("unwind:")
+    e("  ret i64 0")
+    e("}")
+    return "\n".join(f.lines)
+
+
+def _emit_insn(f: FunctionEmitter, insns: list[Instruction], pc: int, p: str,
+               helper_index: dict[int, int]) -> bool:
+    """Emit one instruction; True if it ended the basic block."""
+    ins = insns[pc]
+    cls = ins.opcode & 0x07
+    if cls in (BPF_ALU, BPF_ALU64):
+        emit_alu(f, ins)
+        return False
+    if cls in (BPF_LDX, BPF_ST, BPF_STX):
+        emit_mem(f, ins)
+        return False
+    if cls == BPF_LD:
+        if ins.opcode != LDDW:
+            raise NotSupportedError("legacy packet access (ld_abs/ld_ind)")
+        if ins.src == BPF_PSEUDO_FUNC:
+            f.put(ins.dst, f.op(f"ptrtoint ptr @{p}_f{pc + ins.imm + 1} to i64"))
+        else:
+            f.put(ins.dst, str(s64(ins.imm64)))
+        return False
+    return _emit_jmp(f, ins, cls, pc, p, helper_index)
+
+
+def _emit_jmp(f: FunctionEmitter, ins: Instruction, cls: int, pc: int, p: str,
+              helper_index: dict[int, int]) -> bool:
+    code = ins.opcode & 0xF0
+    if code == BPF_EXIT and cls == BPF_JMP and not ins.opcode & BPF_X:
+        f.emit(f"  ret i64 {f.get(0)}")
+        return True
+    if code == BPF_CALL and cls == BPF_JMP:
+        _emit_call(f, ins, pc, p, helper_index)
+        return False
+    if code == BPF_JA:
+        if ins.opcode & BPF_X:
+            raise InvalidInstructionError(pc, f"unknown jump opcode 0x{ins.opcode:02x}")
+        target = pc + (ins.imm if cls == BPF_JMP32 else ins.off) + 1
+        f.flush()
+        f.emit(f"  br label %L{target}")
+        return True
+    if code != BPF_JSET and code not in _CONDS:
+        raise InvalidInstructionError(pc, f"unknown jump opcode 0x{ins.opcode:02x}")
+    if cls == BPF_JMP:
+        ty, a = "i64", f.get(ins.dst)
+        b = f.get(ins.src) if ins.opcode & BPF_X else str(s64(ins.imm))
+    else:
+        ty, a = "i32", f.get32(ins.dst)
+        b = f.get32(ins.src) if ins.opcode & BPF_X else str(s32(ins.imm))
+    if code == BPF_JSET:
+        both = f.op(f"and {ty} {a}, {b}")
+        cond = f.op(f"icmp ne {ty} {both}, 0")
+    else:
+        cond = f.op(f"icmp {_CONDS[code]} {ty} {a}, {b}")
+    f.flush()
+    f.emit(f"  br i1 {cond}, label %L{pc + ins.off + 1}, label %L{pc + 1}")
+    return True
+
+
+def _status_check(f: FunctionEmitter) -> None:
+    """After any call: leave at once if something below set STATUS; reset the region
+    caches to the stack (a helper may have removed the cached region)."""
+    if f.checked:
+        for c in "RW":
+            f.emit(f"  store i64 %slo, ptr %C{c}s")
+            f.emit(f"  store i64 {layout.STACK_TOTAL - 8}, ptr %C{c}l")
+    st = f.op("load i64, ptr %rt")
+    bad = f.op(f"icmp ne i64 {st}, 0")
+    f.n += 1
+    f.emit(f"  br i1 {bad}, label %unwind, label %c{f.n}")
+    f.emit(f"c{f.n}:")
+
+
+def _emit_call(f: FunctionEmitter, ins: Instruction, pc: int, p: str,
+               helper_index: dict[int, int]) -> None:
+    args = ", ".join(f"i64 {f.get(r)}" for r in range(1, 6))
+    if ins.opcode & BPF_X:  # callx: helper id in the dst register
+        hid = f.get(ins.dst)
+        fnp = f.op(f"getelementptr i64, ptr %rt, i64 {layout.SLOT_CALLX_FN}")
+        fni = f.op(f"load i64, ptr {fnp}")
+        fn = f.op(f"inttoptr i64 {fni} to ptr")
+        _store_cur_fp(f)
+        f.put(0, f.op(f"call i64 {fn}(i64 {hid}, {args})"))
+        _status_check(f)
+        return
+    if ins.src == BPF_PSEUDO_CALL:
+        target = pc + ins.imm + 1
+        nfp = f.op(f"sub i64 %fp, {layout.FRAME_SIZE}")
+        lowest = f.op(f"add i64 %slo, {layout.FRAME_SIZE}")
+        deep = f.op(f"icmp ult i64 {nfp}, {lowest}")
+        f.n += 1
+        n = f.n
+        f.emit(f"  br i1 {deep}, label %deep{n}, label %call{n}")
+        f.emit(f"deep{n}:")
+        info = layout.FAULT_CALL_DEPTH << 16
+        f.emit(f"  call void @bpf_fault(ptr %rt, i64 {pc}, i64 0, i64 {info})")
+        f.emit("  br label %unwind")
+        f.emit(f"call{n}:")
+        f.put(0, f.op(f"call i64 @{p}_f{target}({args}, i64 {nfp}, ptr %rt)"))
+        _status_check(f)
+        return
+    k = helper_index[ins.imm]
+    slot = f.op(f"getelementptr i64, ptr %htab, i64 {k}")
+    fni = f.op(f"load i64, ptr {slot}")
+    fn = f.op(f"inttoptr i64 {fni} to ptr")
+    _store_cur_fp(f)
+    result = f.op(f"call i64 {fn}({args})")
+    if ins.imm != TAIL_CALL_HELPER:
+        f.put(0, result)
+        _status_check(f)
+        return
+    # bpf_tail_call: on a hit the trampoline already ran the target; this frame returns its r0
+    _status_check(f)
+    hitp = f.op(f"getelementptr i64, ptr %rt, i64 {layout.SLOT_TAIL_HIT}")
+    hit = f.op(f"load i64, ptr {hitp}")
+    taken = f.op(f"icmp ne i64 {hit}, 0")
+    f.n += 1
+    n = f.n
+    f.emit(f"  br i1 {taken}, label %tail{n}, label %miss{n}")
+    f.emit(f"tail{n}:")
+    f.emit(f"  store i64 0, ptr {hitp}")
+    f.emit(f"  ret i64 {result}")
+    f.emit(f"miss{n}:")
+
+
+def _store_cur_fp(f: FunctionEmitter) -> None:
+    """Before a helper call: where callbacks must put their frame, and the pc for fault reports."""
+    slot = f.op(f"getelementptr i64, ptr %rt, i64 {layout.SLOT_CUR_FP}")
+    f.emit(f"  store i64 %fp, ptr {slot}")
+    slot = f.op(f"getelementptr i64, ptr %rt, i64 {layout.SLOT_CALL_PC}")
+    f.emit(f"  store i64 {f.pc}, ptr {slot}")

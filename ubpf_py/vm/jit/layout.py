@@ -1,0 +1,59 @@
+"""The runtime block shared by JIT-compiled code and its Python glue.
+
+Compiled code is cached and shared by every ``JitProgram`` built from the same
+bytecode, so nothing instance-specific (stack address, helper closures, region
+table) may be baked into it.  Instead every compiled function receives a pointer
+to a small per-instance *runtime block*: an array of u64 slots whose indices are
+defined here, once, for both the IR generator and the runtime.
+"""
+
+from __future__ import annotations
+
+from ubpf_py.isa.opcodes import MAX_CALL_DEPTH, STACK_SIZE
+
+#: 0 while running normally; non-zero makes every frame return at once (unwind)
+SLOT_STATUS = 0
+#: lowest address of the stack buffer (all frames)
+SLOT_STACK_LO = 1
+#: frame pointer (r10) the entry function starts with: top of the stack, or the
+#: frame of a running tail-call site when a program tail-calls itself
+SLOT_ENTRY_FP = 2
+#: address of the region table: ``count`` rows of (start, end, writable) u64, sorted by start
+SLOT_REGIONS = 3
+#: number of rows in the region table
+SLOT_REGION_COUNT = 4
+#: address of the helper table (one native function pointer per helper used, in
+#: the compile-time order ``CompiledCode.helper_ids``)
+SLOT_HELPERS = 5
+#: frame pointer of the frame that made the current helper call (callbacks run below it)
+SLOT_CUR_FP = 6
+#: set to 1 by the tail-call trampoline when the tail call was taken (the frame then returns)
+SLOT_TAIL_HIT = 7
+#: native fault notifier ``void(void)``: compiled code fills the FAULT_* slots, sets
+#: STATUS and calls it so the Python side learns about the fault without polling
+SLOT_FAULT_FN = 8
+#: dynamic helper dispatcher for callx: u64(id, r1, r2, r3, r4, r5)
+SLOT_CALLX_FN = 9
+#: details of the last native fault (written before SLOT_FAULT_FN is called)
+SLOT_FAULT_PC = 10
+SLOT_FAULT_ADDR = 11
+SLOT_FAULT_INFO = 12
+#: instruction index of the helper call in progress (helper faults report it)
+SLOT_CALL_PC = 13
+#: the region ``@bpf_chk`` found last (start, length - 8): compiled code copies it into
+#: its per-function region cache so the next access to that region is checked inline
+SLOT_HIT_START = 14
+SLOT_HIT_LEN = 15
+NUM_SLOTS = 16
+
+#: status values
+STATUS_OK = 0
+STATUS_FAULT = 1       # memory / call-depth fault raised natively
+STATUS_EXCEPTION = 2   # a Python exception from a helper, callback or tail-call target
+
+#: FAULT_INFO encoding: size | write << 8 | kind << 16
+FAULT_MEMORY = 0
+FAULT_CALL_DEPTH = 1
+
+FRAME_SIZE = STACK_SIZE
+STACK_TOTAL = STACK_SIZE * MAX_CALL_DEPTH
