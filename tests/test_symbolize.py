@@ -22,7 +22,7 @@ from ubpf_py.probe.procmaps import Mapping, file_offset_to_addr, read_maps
 from ubpf_py.probe.symbols import load_elf, lookup_function
 
 PTRACE_TRACEME, PTRACE_CONT, PTRACE_SETOPTIONS = 0, 7, 0x4200
-PTRACE_O_TRACEEXIT, PTRACE_O_EXITKILL = 0x40, 0x100000
+PTRACE_O_TRACEEXIT, PTRACE_O_EXITKILL, PTRACE_EVENT_EXIT = 0x40, 0x100000, 6
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
 
@@ -35,22 +35,31 @@ def _traceme() -> None:
 def stopped_at_exit(argv: list[str], cwd: Path, before_run=None) -> Iterator[tuple[int, list[Mapping]]]:
     """Run ``argv`` until it is about to exit (PTRACE_O_TRACEEXIT): every mapping is still there."""
     p = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, preexec_fn=_traceme)
+    pid = p.pid
     try:
-        _pid, status = os.waitpid(p.pid, 0)  # SIGTRAP after exec
+        _pid, status = os.waitpid(pid, 0)  # SIGTRAP after exec
         if not os.WIFSTOPPED(status):
             pytest.skip("cannot ptrace a child process here")
-        if _libc.ptrace(PTRACE_SETOPTIONS, p.pid, None, PTRACE_O_TRACEEXIT | PTRACE_O_EXITKILL) != 0:
+        if _libc.ptrace(PTRACE_SETOPTIONS, pid, None, PTRACE_O_TRACEEXIT | PTRACE_O_EXITKILL) != 0:
             pytest.skip("PTRACE_SETOPTIONS refused")
         if before_run is not None:
-            before_run(p.pid)
-        _libc.ptrace(PTRACE_CONT, p.pid, None, None)
-        _pid, status = os.waitpid(p.pid, 0)
-        assert os.WIFSTOPPED(status) and status >> 16 == 6, f"expected the exit event, got status {status:#x}"
-        yield p.pid, read_maps(p.pid)
+            before_run(pid)
+        sig = 0
+        for _ in range(1000):
+            _libc.ptrace(PTRACE_CONT, pid, None, sig)
+            _pid, status = os.waitpid(pid, 0)
+            assert os.WIFSTOPPED(status), f"{argv[0]} ended before its exit event (status {status:#x})"
+            if status >> 16 == PTRACE_EVENT_EXIT:
+                break
+            sig = os.WSTOPSIG(status)  # a signal stop: deliver the signal and go on
+        yield pid, read_maps(pid)
     finally:
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-        p.wait()
+        # never Popen.poll() a traced child: its waitpid would swallow a stop
+        # SIGKILL alone does not end a tracee parked in its exit stop: continue it too
+        os.kill(pid, signal.SIGKILL)
+        _libc.ptrace(PTRACE_CONT, pid, None, None)
+        os.waitpid(pid, 0)
+        p.returncode = -signal.SIGKILL
 
 
 def _addr2line(binary: Path, vaddr: int) -> tuple[str, str | None, int | None]:
@@ -63,7 +72,7 @@ def _addr2line(binary: Path, vaddr: int) -> tuple[str, str | None, int | None]:
     m = re.match(r"(.*):(\d+)", locs[0].split(" (discriminator")[0])
     if m is None or m.group(1) == "??" or m.group(2) == "0":
         return funcs[-1], None, None
-    return funcs[-1], m.group(1), int(m.group(2))
+    return funcs[-1], os.path.normpath(m.group(1)), int(m.group(2))
 
 
 def _instructions(binary: Path, name: str) -> list[capstone.CsInsn]:
@@ -105,7 +114,7 @@ def test_c_function_and_offsets_match_addr2line(mallocs, func: str) -> None:
     binary, pid, maps = mallocs
     sym = lookup_function(str(binary), func).symbol
     insns = _instructions(binary, func)
-    sample = insns[:: max(1, len(insns) // 6)] + [insns[-1]]
+    sample = [*insns[:: max(1, len(insns) // 6)], insns[-1]]
     sz = Symbolizer(maps, pid)
     for insn in sample:
         frame = sz.symbolize(_runtime(maps, binary, insn.address))
@@ -142,15 +151,36 @@ def test_stack_of_return_addresses(mallocs) -> None:
     assert lines[1].startswith(f"middle+{expect[1][1] - expect[1][2]:#x} ({binary}) ")
 
 
-def test_libc_without_dwarf(mallocs) -> None:
-    _binary, pid, maps = mallocs
+def _libc_malloc(maps: list[Mapping], offset: int) -> tuple[str, int, int]:
+    """(libc path, runtime address, link-time address) of malloc + offset."""
     libc = next(m.path for m in maps if re.search(r"/libc[.-].*so", m.path))
-    off = lookup_function(libc, "malloc", 7).file_offset
-    addr = file_offset_to_addr(maps, libc, off)[0]
-    frame = Symbolizer(maps, pid).symbolize(addr)
+    match = lookup_function(libc, "malloc", offset)
+    return libc, file_offset_to_addr(maps, libc, match.file_offset)[0], match.symbol.value + offset
+
+
+def test_libc_without_dwarf(mallocs) -> None:
+    """Only the library's own symbols (no debug file): function+offset, no line."""
+    _binary, pid, maps = mallocs
+    libc, addr, _vaddr = _libc_malloc(maps, 7)
+    frame = Symbolizer(maps, pid, debug_dirs=()).symbolize(addr)
     assert frame.function == "malloc" and frame.offset == 7
     assert frame.source is None and frame.line is None
     assert str(frame) == f"malloc+0x7 ({libc})"
+
+
+def test_libc_with_debug_file(mallocs) -> None:
+    """libc6-dbg's build-id file gives libc source lines (what addr2line finds too)."""
+    _binary, pid, maps = mallocs
+    libc, addr, vaddr = _libc_malloc(maps, 7)
+    if S.find_debug_file(libc, load_elf(libc)) is None:
+        pytest.skip("no separate debug file for libc (install libc6-dbg)")
+    frame = Symbolizer(maps, pid).symbolize(addr)
+    assert frame.function == "malloc" and frame.offset == 7   # exported name, not __GI___libc_malloc
+    _func, src, line = _addr2line(Path(libc), vaddr)
+    assert src is not None and (frame.source, frame.line) == (src, line)
+    free = lookup_function(libc, "free", 3)
+    f2 = Symbolizer(maps, pid).symbolize(file_offset_to_addr(maps, libc, free.file_offset)[0])
+    assert (f2.function, f2.offset) == ("free", 3)            # not cfree@GLIBC_2.2.5
 
 
 def test_pseudo_and_unmapped_addresses(mallocs) -> None:
@@ -230,3 +260,16 @@ def test_line_decoder_matches_pyelftools(corpus_build: Path) -> None:
             assert mine == ref
             compared += len(ref)
         assert compared > 0
+
+
+def test_cu_ranges_fallback_without_aranges(corpus_build: Path) -> None:
+    """Binaries without .debug_aranges find their CU through the CUs' own address ranges."""
+    b = S._binary(str(corpus_build / "mallocs"))
+    assert b is not None
+    li = S._line_info(b)
+    assert li is not None and li.aranges is not None
+    bare = S._LineInfo(li.stream, li.dwarf, None)
+    main = lookup_function(str(corpus_build / "mallocs"), "main").symbol
+    for vaddr in range(main.value, main.value + main.size, 3):
+        assert bare.lookup(vaddr) == li.lookup(vaddr)
+    assert bare.lookup(main.value) is not None

@@ -80,14 +80,18 @@ class OutputPump:
                 self.writer.record("ringbuf", m.spec.name, None, bytes(data), self._fields(data))
         for m in self.perfbufs:
             for cpu, data in m.consume():
-                self.writer.record("perfbuf", m.spec.name, cpu, bytes(data), self._fields(data))
+                self.writer.record("perfbuf", m.spec.name, cpu, bytes(data), self._fields(data, perf=True))
 
-    def _fields(self, data: bytes) -> Any:
-        """Decode a record: --event-type, else the only struct of the record's size, else None (hexdump)."""
+    def _fields(self, data: bytes, perf: bool = False) -> Any:
+        """Decode a record: --event-type, else the only BTF struct of the record's size, else the only
+        DWARF struct of that size (clang leaves stack-only structs out of BTF), else None (hexdump)."""
         if self.decoder is None:
             return None
         tid = self.event_type_id or self.decoder.unique_struct_of_size(len(data))
-        return self.decoder.value(tid, bytes(data)) if tid else None
+        if tid:
+            return self.decoder.value(tid, bytes(data))
+        layout = _dwarf_struct(self.collection.spec.path, len(data), perf)
+        return layout.decode(bytes(data)) if layout is not None else None
 
     def report_lost(self) -> None:
         for m in self.ringbufs + self.perfbufs:
@@ -95,6 +99,15 @@ class OutputPump:
             if lost:
                 kind = "ringbuf" if m in self.ringbufs else "perfbuf"
                 self.writer.lost(kind, m.spec.name, lost)
+
+
+def _dwarf_struct(obj_path: str, size: int, perf: bool) -> Any:
+    from ubpf_py.obj.dwarf_types import find_struct_by_size
+
+    try:
+        return find_struct_by_size(obj_path, size, slack=7 if perf else 0)
+    except UbpfError:
+        return None
 
 
 def run_userspace(args: argparse.Namespace) -> int:
@@ -150,6 +163,7 @@ def run_userspace(args: argparse.Namespace) -> int:
             writer.proc_maps(pid, maps_seen.as_json())
             writer.target_exit(pid, status if status >= 0 else None, -status if status < 0 else None)
         pump.report_lost()
+        writer.symbolizer = _symbolizer(maps_seen)
         for m in coll.map_list:
             writer.map_dump(snapshot_map(m))
         for g in snapshot_globals(spec, coll.maps):
@@ -164,6 +178,12 @@ def run_userspace(args: argparse.Namespace) -> int:
                 session.detach()
         if out is not None:
             out.close()
+
+
+def _symbolizer(maps_seen: MapsSnapshot) -> Any:
+    from ubpf_py.output.symbolize import Symbolizer
+
+    return Symbolizer(maps_seen.maps) if maps_seen.maps else None
 
 
 def _event_type_id(spec: Any, name: str | None) -> int:

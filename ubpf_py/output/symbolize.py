@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import bisect
 import os
+import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -87,9 +89,11 @@ class _FunctionIndex:
     syms: list[Symbol]
 
     @classmethod
-    def build(cls, info: ElfInfo) -> _FunctionIndex:
+    def build(cls, *infos: ElfInfo) -> _FunctionIndex:
+        """From the binary's symbols plus those of its separate debug file (same addresses)."""
+        syms = [s for info in infos for s in info.functions()]
         best: dict[int, Symbol] = {}
-        for s in info.functions():
+        for s in syms:
             if s.value == 0:
                 continue
             cur = best.get(s.value)
@@ -97,7 +101,7 @@ class _FunctionIndex:
                 best[s.value] = s
         # the largest size among aliases wins the extent (aliases share an address)
         extent: dict[int, int] = {}
-        for s in info.functions():
+        for s in syms:
             if s.value in best:
                 extent[s.value] = max(extent.get(s.value, 0), s.size)
         order = sorted(best)
@@ -112,9 +116,16 @@ class _FunctionIndex:
         return None
 
 
-def _sym_rank(s: Symbol) -> tuple[int, int, int, str]:
+def _sym_rank(s: Symbol) -> tuple[int, int, int, int, str]:
+    """Which alias names an address: the exported, default-version, least-underscored one.
+
+    libc has ``free``, ``cfree@GLIBC_2.2.5`` (an old version), ``__libc_free`` and
+    ``__GI___libc_free`` at one address; people know it as ``free``.
+    """
     name = s.base_name
-    return (_BIND_RANK.get(s.bind, 3), len(name) - len(name.lstrip("_")), 0 if s.table == "symtab" else 1, name)
+    old_version = s.hidden or ("@" in s.name and "@@" not in s.name)
+    return (_BIND_RANK.get(s.bind, 3), int(old_version), len(name) - len(name.lstrip("_")),
+            0 if s.table == "dynsym" else 1, name)
 
 
 # ---------------------------------------------------------------------------
@@ -149,10 +160,11 @@ class _LineInfo:
     cus: dict[int, _CuLines | None] = field(default_factory=dict)
 
     def lookup(self, vaddr: int) -> tuple[str, int] | None:
-        cu_off = None
+        # .debug_aranges, when present, is trusted like binutils does: walking every
+        # CU's ranges costs pyelftools seconds on a large library (2000 CUs in libc)
         if self.aranges is not None:
             cu_off = self.aranges.cu_offset_at_addr(vaddr)
-        if cu_off is None:
+        else:
             cu_off = self._cu_from_ranges(vaddr)
         if cu_off is None:
             return None
@@ -346,18 +358,22 @@ def _cu_address_ranges(dwarf: Any) -> list[tuple[int, int, int]]:
 class _Binary:
     info: ElfInfo
     funcs: _FunctionIndex
+    debug_path: str | None = None  # separate debug file (build-id / .gnu_debuglink), if found
     lines: _LineInfo | bool | None = False  # False: not opened yet; None: no DWARF lines
 
 
-_binaries: dict[tuple[str, int, int, int], _Binary | None] = {}
+#: where distributions install separate debug files (Debian's *-dbg / *-dbgsym packages)
+DEBUG_DIRS: tuple[str, ...] = ("/usr/lib/debug",)
+
+_binaries: dict[tuple, _Binary | None] = {}
 
 
-def _binary(path: str) -> _Binary | None:
+def _binary(path: str, debug_dirs: tuple[str, ...] = DEBUG_DIRS) -> _Binary | None:
     try:
         st = os.stat(path)
     except OSError:
         return None
-    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, debug_dirs)
     if key in _binaries:
         return _binaries[key]
     try:
@@ -365,14 +381,84 @@ def _binary(path: str) -> _Binary | None:
     except UbpfError:
         _binaries[key] = None
         return None
-    b = _Binary(info, _FunctionIndex.build(info))
+    infos = [info]
+    debug = find_debug_file(path, info, debug_dirs) if debug_dirs else None
+    if debug is not None:
+        try:
+            infos.append(load_elf(debug))
+        except UbpfError:
+            debug = None
+    b = _Binary(info, _FunctionIndex.build(*infos), debug)
     _binaries[key] = b
     return b
 
 
+def _read_section(path: str, info: ElfInfo, name: str) -> bytes:
+    sec = info.sections.get(name)
+    if sec is None:
+        return b""
+    with open(path, "rb") as f:
+        f.seek(sec[1])
+        return f.read(sec[2])
+
+
+def build_id(path: str, info: ElfInfo | None = None) -> str | None:
+    """The GNU build id of an ELF file as hex (``.note.gnu.build-id``), or None."""
+    info = info or load_elf(path)
+    note = _read_section(path, info, ".note.gnu.build-id")
+    if len(note) < 16:
+        return None
+    namesz, descsz, ntype = struct.unpack_from("<III", note)
+    start = 12 + ((namesz + 3) & ~3)
+    if ntype != 3 or start + descsz > len(note):
+        return None
+    return note[start:start + descsz].hex()
+
+
+def find_debug_file(path: str, info: ElfInfo, debug_dirs: tuple[str, ...] = DEBUG_DIRS) -> str | None:
+    """A separate debug file for ``path``, found the way gdb and addr2line look.
+
+    By build id (``DIR/.build-id/xx/rest.debug``), then by ``.gnu_debuglink``
+    name next to the binary, in its ``.debug/`` and under ``DIR/<its directory>``.
+    A debuglink file must match the link's CRC32 (a stale debug file would name
+    the wrong functions).
+    """
+    bid = build_id(path, info)
+    if bid and len(bid) > 2:
+        for d in debug_dirs:
+            cand = os.path.join(d, ".build-id", bid[:2], bid[2:] + ".debug")
+            if os.path.isfile(cand):
+                return cand
+    link = _read_section(path, info, ".gnu_debuglink")
+    if not link or b"\0" not in link:
+        return None
+    name = link.split(b"\0", 1)[0].decode("utf-8", "replace")
+    crc_off = (len(name) + 1 + 3) & ~3
+    if crc_off + 4 > len(link):
+        return None
+    want = struct.unpack_from("<I", link, crc_off)[0]
+    real_dir = os.path.dirname(os.path.realpath(path))
+    cands = [os.path.join(real_dir, name), os.path.join(real_dir, ".debug", name)]
+    cands += [os.path.join(d, real_dir.lstrip("/"), name) for d in debug_dirs]
+    for cand in cands:
+        if os.path.isfile(cand) and os.path.realpath(cand) != os.path.realpath(path) and _crc32(cand) == want:
+            return cand
+    return None
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 def _line_info(b: _Binary) -> _LineInfo | None:
     if b.lines is False:
-        b.lines = _open_lines(b.info.path)
+        b.lines = _open_lines(b.debug_path) if b.debug_path else None
+        if b.lines is None:
+            b.lines = _open_lines(b.info.path)
     return b.lines  # type: ignore[return-value]
 
 
@@ -403,11 +489,16 @@ class Symbolizer:
 
     ``pid`` (optional) lets files be opened through ``/proc/PID/root`` and
     ``/proc/PID/map_files`` when the mapped path is not reachable from here
-    (another mount namespace, a deleted or replaced file).
+    (another mount namespace, a deleted or replaced file).  ``debug_dirs`` are
+    searched for separate debug files (``libc6-dbg`` and friends) that give
+    stripped libraries their local function names and source lines; pass ``()``
+    to use only what the mapped files themselves hold.
     """
 
-    def __init__(self, maps: list[Mapping], pid: int | None = None) -> None:
+    def __init__(self, maps: list[Mapping], pid: int | None = None, *,
+                 debug_dirs: tuple[str, ...] = DEBUG_DIRS) -> None:
         self.pid = pid
+        self.debug_dirs = tuple(debug_dirs)
         self._cache: dict[tuple[int, bool], Frame] = {}
         self.update_maps(maps)
 
@@ -420,7 +511,7 @@ class Symbolizer:
         self._maps = sorted(maps, key=lambda m: m.start)
         self._starts = [m.start for m in self._maps]
         self._cache.clear()
-        self._opened: dict[tuple[int, int], str | None] = {}
+        self._bins: dict[tuple[int, int], _Binary | None] = {}
 
     def _mapping(self, addr: int) -> Mapping | None:
         i = bisect.bisect_right(self._starts, addr) - 1
@@ -428,10 +519,15 @@ class Symbolizer:
             return self._maps[i]
         return None
 
-    def _open_path(self, m: Mapping) -> str | None:
+    def _binary_of(self, m: Mapping) -> _Binary | None:
+        """The parsed file behind a mapping (once per mapping: stat/realpath cost more than a lookup)."""
         key = (m.start, m.end)
-        if key in self._opened:
-            return self._opened[key]
+        if key not in self._bins:
+            path = self._open_path(m)
+            self._bins[key] = _binary(path, self.debug_dirs) if path is not None else None
+        return self._bins[key]
+
+    def _open_path(self, m: Mapping) -> str | None:
         cands = []
         if not m.deleted:
             cands.append(m.path)
@@ -448,7 +544,6 @@ class Symbolizer:
             if st.st_ino == m.inode or p == cands[-1]:
                 found = p
                 break
-        self._opened[key] = found
         return found
 
     def symbolize(self, addr: int, *, return_address: bool = False) -> Frame:
@@ -467,8 +562,7 @@ class Symbolizer:
         if not m.is_file:
             return Frame(addr, m.path or None)
         file_off = m.offset + (addr - m.start)
-        path = self._open_path(m)
-        b = _binary(path) if path is not None else None
+        b = self._binary_of(m)
         if b is None:
             return Frame(addr, m.path, file_off)
         vaddr = b.info.offset_to_vaddr(m.offset + (look - m.start))

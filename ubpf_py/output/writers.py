@@ -25,6 +25,17 @@ class Writer:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.decoder = decoder or ValueDecoder(None)
+        #: turns user addresses into function+offset (file:line); set once the target's maps are known
+        self.symbolizer: Any = None
+
+    def stack_lines(self, d: MapDump, value: bytes) -> list[str]:
+        """A stack-trace map value (u64 addresses) as symbolised frames, innermost first."""
+        addrs = [int.from_bytes(value[i:i + 8], "little") for i in range(0, len(value) - 7, 8)]
+        while addrs and not addrs[-1]:
+            addrs.pop()
+        if self.symbolizer is None:
+            return [hex(a) for a in addrs]
+        return self.symbolizer.format_stack(addrs)
 
     def flush(self) -> None:
         self.out.flush()
@@ -43,7 +54,9 @@ class TextWriter(Writer):
     def record(self, kind: str, map_name: str, cpu: int | None, data: bytes, fields: Any = None) -> None:
         head = f"{kind} {map_name}" + (f" cpu={cpu}" if cpu is not None else "")
         if fields is not None:
-            print(f"{head}: {fields}", file=self.out, flush=True)
+            from ubpf_py.obj.btf_format import render
+
+            print(f"{head}: {render(fields)}", file=self.out, flush=True)
         else:
             print(f"{head}: {len(data)} bytes", file=self.out)
             for line in hexdump(data):
@@ -73,6 +86,12 @@ class TextWriter(Writer):
         if not shown:
             return
         print(f"\n@{d.name} ({d.type_name}):", file=self.out)
+        if d.type_name == "stack_trace":
+            for k, v in shown:
+                print(f"@{d.name}[{int.from_bytes(k[:4], 'little')}]:", file=self.out)
+                for line in self.stack_lines(d, v):
+                    print(f"        {line}", file=self.out)
+            return
         for k, v in _sorted_by_count(shown, d):
             key = self.decoder.text(d.key_type_id, k, d.key_size)
             if isinstance(v, list):
@@ -155,9 +174,12 @@ class JsonWriter(Writer):
             decoded = [[self.decoder.value(d.key_type_id, k), [self.decoder.value(d.value_type_id, x) for x in v]
                         if isinstance(v, list) else self.decoder.value(d.value_type_id, v)]
                        for k, v in d.entries]
-        self._emit({"event": "map", "name": d.name, "type": d.type_name, "key_size": d.key_size,
-                    "value_size": d.value_size, "max_entries": d.max_entries, "internal": d.internal,
-                    "entries": entries, "decoded": decoded})
+        obj = {"event": "map", "name": d.name, "type": d.type_name, "key_size": d.key_size,
+               "value_size": d.value_size, "max_entries": d.max_entries, "internal": d.internal,
+               "entries": entries, "decoded": decoded}
+        if d.type_name == "stack_trace" and d.entries:
+            obj["stacks"] = {str(int.from_bytes(k[:4], "little")): self.stack_lines(d, v) for k, v in d.entries}
+        self._emit(obj)
 
     def global_var(self, g: GlobalDump) -> None:
         self._emit({"event": "global", "name": g.name, "map": g.map_name, "data": g.data.hex(),
