@@ -49,6 +49,26 @@ def test_same_bytecode_compiles_once() -> None:
     assert compile_stats().programs == after_first + 1, "unchecked mode is a different cache entry"
 
 
+def test_concurrent_loads_compile_each_program_once() -> None:
+    import threading
+
+    programs = [assemble(f"mov %r0, {n}\nadd %r0, %r1\nexit") for n in range(300_000, 300_005)]
+    before = compile_stats().programs
+    results: list[int] = []
+
+    def load_all() -> None:
+        for insns in programs:
+            results.append(JitProgram(insns, _env()).run(1))
+
+    threads = [threading.Thread(target=load_all) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == sorted([n + 1 for n in range(300_000, 300_005)] * 4)
+    assert compile_stats().programs == before + 5
+
+
 def test_batch_precompile_fills_cache() -> None:
     programs = [assemble(f"mov %r0, {n}\nmul %r0, %r1\nexit") for n in range(100_000, 100_040)]
     before = compile_stats()
@@ -228,6 +248,14 @@ def test_regions_added_and_removed_by_helpers_are_seen() -> None:
         prog.run(0)
     assert info.value.pc == 4
     assert JitProgram(assemble("call 1000\nldxdw %r0, [%r0]\nexit"), env).run(0) == 0x0807060504030201
+
+
+def test_llvm_ir_dump_shows_the_checks() -> None:
+    insns = assemble("ldxdw %r0, [%r1]\nexit")
+    checked = JitProgram(insns, _env()).llvm_ir(optimised=False)
+    assert "@bpf_chk" in checked.split("define internal i64 @dump_f0")[1]
+    unchecked = JitProgram(insns, _env(), check_memory=False).llvm_ir()
+    assert "@bpf_chk(" not in unchecked.split("@dump_f0")[1] and "load i64" in unchecked
 
 
 def test_stack_region_is_registered_and_released() -> None:

@@ -58,6 +58,10 @@ def cache_key(insns: list[Instruction], checked: bool, level: str) -> str:
     return h.hexdigest()
 
 
+class _Rejected(Exception):
+    """A batch left a program out (the JIT refused it); compiling it alone raises why."""
+
+
 class CodeCache:
     """Process-wide map from cache key to ``CompiledCode``."""
 
@@ -65,21 +69,29 @@ class CodeCache:
         self._codes: dict[str, CompiledCode] = {}
         self._lock = threading.Lock()
         self._background: ThreadPoolExecutor | None = None
+        #: keys being compiled right now (by whichever thread claimed them)
         self._pending: dict[str, Future[CompiledCode]] = {}
+        #: background O2 compiles of tiered programs
+        self._tier2: dict[str, Future[CompiledCode]] = {}
 
     def __len__(self) -> int:
         return len(self._codes)
 
     def get(self, insns: list[Instruction], checked: bool, level: str) -> CompiledCode:
-        """The compiled code for ``insns``, compiling it on first use."""
+        """The compiled code for ``insns``, compiling it on first use (once, even when
+        several threads ask at the same time)."""
         key = cache_key(insns, checked, level)
         code = self._codes.get(key)
-        if code is None:
-            pending = self._pending.get(key)
-            if pending is not None:   # a tier-2 compile of this very program is running
-                return pending.result()
-            code = self._compile([(key, insns)], checked, level)[key]
-        return code
+        if code is not None:
+            return code
+        owned = self._claim([key])
+        if not owned:
+            try:
+                return self._wait(key)
+            except _Rejected:   # left out of another thread's batch: compile alone for the error
+                return self.get(insns, checked, level)
+        self._run_claimed({key: insns}, checked, level, skip_bad=False)
+        return self._codes[key]
 
     def get_tiered(self, insns: list[Instruction], checked: bool,
                    final: str = "O2") -> tuple[CompiledCode, Future[CompiledCode] | None]:
@@ -91,20 +103,14 @@ class CodeCache:
             return code, None
         quick = self.get(insns, checked, "fast")
         with self._lock:
-            future = self._pending.get(key)
+            future = self._tier2.get(key)
             if future is None:
                 if self._background is None:
                     self._background = ThreadPoolExecutor(1, thread_name_prefix="ubpf-jit-tier2")
-                future = self._background.submit(self._finish_tier, key, list(insns), checked, final)
-                self._pending[key] = future
+                future = self._background.submit(self.get, list(insns), checked, final)
+                self._tier2[key] = future
+                future.add_done_callback(lambda _f: self._tier2.pop(key, None))
         return quick, future
-
-    def _finish_tier(self, key: str, insns: list[Instruction], checked: bool, final: str) -> CompiledCode:
-        try:
-            return self._compile([(key, insns)], checked, final)[key]
-        finally:
-            with self._lock:
-                self._pending.pop(key, None)
 
     def precompile(self, programs: list[list[Instruction]], checked: bool, level: str,
                    batch: int = 256) -> int:
@@ -118,11 +124,50 @@ class CodeCache:
             key = cache_key(insns, checked, level)
             if key not in self._codes:
                 todo[key] = insns
-        items = list(todo.items())
         done = 0
-        for i in range(0, len(items), batch):
-            done += len(self._compile(items[i:i + batch], checked, level, skip_bad=True))
+        keys = list(todo)
+        for i in range(0, len(keys), batch):
+            owned = self._claim(keys[i:i + batch])
+            done += self._run_claimed({k: todo[k] for k in owned}, checked, level, skip_bad=True)
         return done
+
+    # --- one compile per key, whatever the threads do -------------------------------
+    def _claim(self, keys: list[str]) -> list[str]:
+        """Mark the keys nobody has compiled or is compiling as ours; return them."""
+        owned = []
+        with self._lock:
+            for key in keys:
+                if key not in self._codes and key not in self._pending:
+                    self._pending[key] = Future()
+                    owned.append(key)
+        return owned
+
+    def _wait(self, key: str) -> CompiledCode:
+        future = self._pending.get(key)
+        if future is not None:
+            return future.result()
+        return self._codes[key]   # finished between our two looks
+
+    def _run_claimed(self, items: dict[str, list[Instruction]], checked: bool, level: str,
+                     skip_bad: bool) -> int:
+        """Compile claimed keys and release them (waiters get the code or the error)."""
+        if not items:
+            return 0
+        try:
+            out = self._compile(list(items.items()), checked, level, skip_bad=skip_bad)
+        except BaseException as exc:
+            with self._lock:
+                for key in items:
+                    self._pending.pop(key).set_exception(exc)
+            raise
+        with self._lock:
+            for key in items:
+                future = self._pending.pop(key)
+                if key in out:
+                    future.set_result(out[key])
+                else:   # rejected in a batch: a waiter compiles it alone and gets the error
+                    future.set_exception(_Rejected(key))
+        return len(out)
 
     def _compile(self, items: list[tuple[str, list[Instruction]]], checked: bool, level: str,
                  skip_bad: bool = False) -> dict[str, CompiledCode]:

@@ -224,13 +224,9 @@ def _function_ir(insns: list[Instruction], p: str, start: int, end: int, exporte
     e(f"  %slop = getelementptr i64, ptr %rt, i64 {layout.SLOT_STACK_LO}")
     e("  %slo = load i64, ptr %slop")
     if checked:
-        for c in "RW":
-            e(f"  %C{c}s = alloca i64")
-            e(f"  %C{c}l = alloca i64")
-            e(f"  store i64 %slo, ptr %C{c}s")
-            e(f"  store i64 {layout.STACK_TOTAL - 8}, ptr %C{c}l")
-        e(f"  %hitsp = getelementptr i64, ptr %rt, i64 {layout.SLOT_HIT_START}")
-        e(f"  %hitlp = getelementptr i64, ptr %rt, i64 {layout.SLOT_HIT_LEN}")
+        for name, slot in (("rcs", layout.SLOT_RCACHE_START), ("rcl", layout.SLOT_RCACHE_LIMIT),
+                           ("wcs", layout.SLOT_WCACHE_START), ("wcl", layout.SLOT_WCACHE_LIMIT)):
+            e(f"  %{name} = getelementptr i64, ptr %rt, i64 {slot}")
     if helper_index:
         e(f"  %htp = getelementptr i64, ptr %rt, i64 {layout.SLOT_HELPERS}")
         e("  %htabi = load i64, ptr %htp")
@@ -313,12 +309,7 @@ def _emit_jmp(f: FunctionEmitter, ins: Instruction, cls: int, pc: int, p: str,
 
 
 def _status_check(f: FunctionEmitter) -> None:
-    """After any call: leave at once if something below set STATUS; reset the region
-    caches to the stack (a helper may have removed the cached region)."""
-    if f.checked:
-        for c in "RW":
-            f.emit(f"  store i64 %slo, ptr %C{c}s")
-            f.emit(f"  store i64 {layout.STACK_TOTAL - 8}, ptr %C{c}l")
+    """After any call: leave at once if something below set STATUS."""
     st = f.op("load i64, ptr %rt")
     bad = f.op(f"icmp ne i64 {st}, 0")
     f.n += 1

@@ -5,21 +5,19 @@ Checked mode (the default) guards every access *before* it happens:
 1. ``[r10 + off]`` with a constant ``off`` inside the current 512-byte frame is
    safe by construction (r10 is read-only and always points at a live frame), so
    it gets no check at all -- this covers almost every stack access compilers emit.
-2. Otherwise a per-function cache of the last region found (one for reads, one
-   for writes, kept in allocas so SROA puts them in registers) is tested inline:
-   it holds (start, length - 8) so the test is one sub and one compare
-   (regions shorter than 8 bytes are never cached).  It starts as the stack;
-   loops over a map value or the context hit it after their first access.
-   After every call the caches go back to the stack (a helper may have removed
-   the cached region).
-3. Otherwise an inline range test against the whole stack buffer
-   (``addr - stack_lo <= STACK_TOTAL - size``, constant bounds) admits computed
-   stack pointers without disturbing the cache.
-4. Otherwise ``@bpf_chk``: a binary search of the per-instance region
-   table (rows of start, end, writable, mirrored from ``env.memory``).  On a
-   miss it records pc/address/size in the runtime block, sets STATUS, calls the
-   Python notifier and returns false; the access is skipped and every frame
-   returns at once, after which ``run()`` raises ``VMFault``.
+2. Otherwise two region caches in the runtime block are tested inline: the last
+   region a read / a write was found in, kept as (start, length - 8) so the test
+   is one sub and one unsigned compare (regions shorter than 8 bytes are never
+   cached).  They start as the whole stack; loops over a map value or the context
+   hit after their first access.  The Python side resets them to the stack
+   whenever it re-syncs the region table (``MemoryMap.version`` changed), so a
+   cached region can never outlive its registration.
+3. A miss calls ``@bpf_chk``: a range test against the stack, then a binary search
+   of the per-instance region table (rows of start, end, writable, mirrored from
+   ``env.memory``), refilling the cache.  On failure it records pc/address/size
+   in the runtime block, sets STATUS, calls the Python notifier and returns
+   false; the access is skipped and every frame returns at once, after which
+   ``run()`` raises ``VMFault``.
 
 Unchecked mode emits the bare access and trusts the verifier.
 Loads and stores use ``align 1``: BPF allows unaligned access and x86 does it at
@@ -127,27 +125,17 @@ def _address(f: FunctionEmitter, base: int, off: int, size: int, *, write: bool)
     if f.checked and not (base == 10 and -layout.FRAME_SIZE <= off <= -size):
         f.n += 1
         n = f.n
-        # 1. the per-function cache of the last region found (one for reads, one for
-        #    writes): (start, length - 8); regions shorter than 8 bytes are never cached
-        c = "W" if write else "R"
-        start = f.op(f"load i64, ptr %C{c}s")
-        limit = f.op(f"load i64, ptr %C{c}l")
+        c = "w" if write else "r"
+        start = f.op(f"load i64, ptr %{c}cs")
+        limit = f.op(f"load i64, ptr %{c}cl")
         d = f.op(f"sub i64 {addr}, {start}")
         if size != 8:
             limit = f.op(f"add i64 {limit}, {8 - size}")
         hit = f.op(f"icmp ule i64 {d}, {limit}")
-        f.emit(f"  br i1 {hit}, label %ok{n}, label %st{n}, !prof !0")
-        # 2. the stack (constant bounds)
-        f.emit(f"st{n}:")
-        delta = f.op(f"sub i64 {addr}, %slo")
-        in_stack = f.op(f"icmp ule i64 {delta}, {layout.STACK_TOTAL - size}")
-        f.emit(f"  br i1 {in_stack}, label %ok{n}, label %chk{n}, !prof !0")
-        # 3. the region table
+        f.emit(f"  br i1 {hit}, label %ok{n}, label %chk{n}, !prof !0")
         f.emit(f"chk{n}:")
         info = size | (int(write) << 8) | (layout.FAULT_MEMORY << 16)
         ok = f.op(f"call i1 @bpf_chk(ptr %rt, i64 {addr}, i64 {info}, i64 {f.pc})")
-        f.emit(f"  store i64 {f.op('load i64, ptr %hitsp')}, ptr %C{c}s")
-        f.emit(f"  store i64 {f.op('load i64, ptr %hitlp')}, ptr %C{c}l")
         f.emit(f"  br i1 {ok}, label %ok{n}, label %unwind")
         f.emit(f"ok{n}:")
     return f.op(f"inttoptr i64 {addr} to ptr")
@@ -166,6 +154,15 @@ entry:
   %size = and i64 %info, 255
   %wbit = lshr i64 %info, 8
   %write = and i64 %wbit, 1
+  %slop = getelementptr i64, ptr %rt, i64 {s.SLOT_STACK_LO}
+  %slo = load i64, ptr %slop
+  %sd = sub i64 %addr, %slo
+  %slim = sub i64 {s.STACK_TOTAL}, %size
+  %instack = icmp ule i64 %sd, %slim
+  br i1 %instack, label %stack, label %search
+stack:
+  ret i1 true
+search:
   %tp = getelementptr i64, ptr %rt, i64 {s.SLOT_REGIONS}
   %tabi = load i64, ptr %tp
   %tab = inttoptr i64 %tabi to ptr
@@ -173,8 +170,8 @@ entry:
   %count = load i64, ptr %cp
   br label %loop
 loop:
-  %lo = phi i64 [0, %entry], [%lo2, %body]
-  %hi = phi i64 [%count, %entry], [%hi2, %body]
+  %lo = phi i64 [0, %search], [%lo2, %body]
+  %hi = phi i64 [%count, %search], [%hi2, %body]
   %more = icmp ult i64 %lo, %hi
   br i1 %more, label %body, label %found
 body:
@@ -215,15 +212,18 @@ have:
 pass:
   %len = sub i64 %end, %rstart
   %big = icmp uge i64 %len, 8
-  %slop = getelementptr i64, ptr %rt, i64 {s.SLOT_STACK_LO}
-  %slo = load i64, ptr %slop
-  %cstart = select i1 %big, i64 %rstart, i64 %slo
+  br i1 %big, label %cache, label %done
+cache:
   %lim = sub i64 %len, 8
-  %climit = select i1 %big, i64 %lim, i64 {s.STACK_TOTAL - 8}
-  %hs = getelementptr i64, ptr %rt, i64 {s.SLOT_HIT_START}
-  store i64 %cstart, ptr %hs
-  %hl = getelementptr i64, ptr %rt, i64 {s.SLOT_HIT_LEN}
-  store i64 %climit, ptr %hl
+  %wslot = mul i64 %write, 2
+  %sslot = add i64 %wslot, {s.SLOT_RCACHE_START}
+  %hs = getelementptr i64, ptr %rt, i64 %sslot
+  store i64 %rstart, ptr %hs
+  %lslot = add i64 %sslot, 1
+  %hl = getelementptr i64, ptr %rt, i64 %lslot
+  store i64 %lim, ptr %hl
+  br label %done
+done:
   ret i1 true
 fail:
   call void @bpf_fault(ptr %rt, i64 %pc, i64 %addr, i64 %info)

@@ -40,11 +40,14 @@ SLOT_FAULT_ADDR = 11
 SLOT_FAULT_INFO = 12
 #: instruction index of the helper call in progress (helper faults report it)
 SLOT_CALL_PC = 13
-#: the region ``@bpf_chk`` found last (start, length - 8): compiled code copies it into
-#: its per-function region cache so the next access to that region is checked inline
-SLOT_HIT_START = 14
-SLOT_HIT_LEN = 15
-NUM_SLOTS = 16
+#: region caches checked inline before ``@bpf_chk``: the last region a read / a write
+#: was found in, as (start, length - 8).  ``@bpf_chk`` fills them; the Python side
+#: resets them to the stack whenever the region table is re-synced (regions changed)
+SLOT_RCACHE_START = 14
+SLOT_RCACHE_LIMIT = 15
+SLOT_WCACHE_START = 16
+SLOT_WCACHE_LIMIT = 17
+NUM_SLOTS = 18
 
 #: status values
 STATUS_OK = 0

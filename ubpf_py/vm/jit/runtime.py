@@ -9,14 +9,16 @@ Per instance (compiled code itself is shared through ``cache.CODE_CACHE``):
   engine's own bpf_tail_call and callx dispatchers and the fault notifier).
 
 Memory checks (checked mode, the default; see ``ir_mem`` for the code shape):
-r10-relative constant-offset accesses are proven safe at compile time, other
-stack accesses pass an inline range test, everything else is looked up in a
-native copy of ``env.memory``'s regions (start, end, writable; binary search).
-The copy is refreshed whenever ``MemoryMap.version`` changes -- checked at the
-start of ``run()`` and after every helper call, the only points where regions
-can change while a program runs.  A failed check skips the access, records the
-fault in the runtime block, calls a notifier and unwinds; ``run()`` then raises
-``VMFault`` with the instruction index.  ``check_memory=False`` trusts the verifier.
+r10-relative constant-offset accesses are proven safe at compile time; every
+other access is tested inline against two one-entry region caches (last region
+read / written), and a miss searches a native copy of ``env.memory``'s regions
+(start, end, writable; binary search).  The copy is refreshed -- and the caches
+reset to the stack -- whenever ``MemoryMap.version`` changes, which is checked at
+the start of ``run()`` and after every helper call, the only points where
+regions can change while a program runs.  A failed check skips the access,
+records the fault in the runtime block, calls a notifier and unwinds; ``run()``
+then raises ``VMFault`` with the instruction index.  ``check_memory=False``
+trusts the verifier.
 
 Abnormal exits never need polling on the fast path: anything abnormal (native
 fault, helper exception) calls back into Python, which sets a closure flag that
@@ -69,6 +71,7 @@ class JitProgram:
                  opt_level: str = _backend.DEFAULT_OPT_LEVEL) -> None:
         self.env = env
         self.check_memory = check_memory
+        self.insns = list(insns)
         if opt_level not in _backend.PROGRAM_LEVELS:
             raise NotSupportedError(f"JIT optimisation level {opt_level!r} (use one of "
                                     f"{', '.join(_backend.PROGRAM_LEVELS)})")
@@ -90,6 +93,9 @@ class JitProgram:
         self._rt_addr = ctypes.addressof(self._rt)
         self._rt[L.SLOT_STACK_LO] = self.stack.addr
         self._rt[L.SLOT_ENTRY_FP] = self.stack.addr + L.STACK_TOTAL
+        for start, limit in ((L.SLOT_RCACHE_START, L.SLOT_RCACHE_LIMIT), (L.SLOT_WCACHE_START, L.SLOT_WCACHE_LIMIT)):
+            self._rt[start] = self.stack.addr   # region caches start as the stack
+            self._rt[limit] = L.STACK_TOTAL - 8
         self._keep: list[Any] = []          # ctypes objects native code points at
         self._region_table: Any = None
         self._pending: BaseException | None = None
@@ -125,6 +131,10 @@ class JitProgram:
             self._region_table = table
             rt[L.SLOT_REGIONS] = ctypes.addressof(table)
             rt[L.SLOT_REGION_COUNT] = len(regions)
+            # the inline region caches may name a region that is gone: back to the stack
+            lo = rt[L.SLOT_STACK_LO]
+            rt[L.SLOT_RCACHE_START] = rt[L.SLOT_WCACHE_START] = lo
+            rt[L.SLOT_RCACHE_LIMIT] = rt[L.SLOT_WCACHE_LIMIT] = L.STACK_TOTAL - 8
             synced = mem.version
 
         def notify() -> None:
@@ -331,6 +341,16 @@ class JitProgram:
     def run(self, r1: int, r2: int = 0, r3: int = 0, r4: int = 0, r5: int = 0) -> int:  # pragma: no cover
         """Replaced per instance by the closure built in ``_build``."""
         raise NotImplementedError
+
+    def llvm_ir(self, optimised: bool = True) -> str:
+        """The LLVM IR of this program (after the optimisation pipeline of its current
+        level, or as generated), for debugging the JIT."""
+        from ubpf_py.vm.jit.compiler import module_header, program_ir
+
+        text = module_header() + program_ir(self.insns, "dump", self.check_memory)[0]
+        if not optimised:
+            return text
+        return _backend.backend().ir_after_optimisation(text, self.code.level)
 
     def close(self) -> None:
         """Unregister the stack region (also done automatically when collected)."""
