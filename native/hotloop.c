@@ -28,6 +28,7 @@
 #include <sys/ptrace.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <poll.h>
 #include <sys/wait.h>
 #include <time.h>
 
@@ -62,6 +63,8 @@ struct ub_loop {
 	u64 hits, tracer_ns, handler_ns;
 	volatile int32_t stop;
 	int32_t last_tid;      /* tid whose callback failed (stopped at the breakpoint) */
+	int32_t wakeup_fd;     /* Python's signal wakeup fd (signal.set_wakeup_fd), -1 = none */
+	uint32_t since_poll;
 };
 
 static inline u64 now_ns(void)
@@ -92,6 +95,7 @@ struct ub_loop *ub_new(uint32_t bp_capacity_pow2, uint32_t tid_capacity_pow2, u6
 		free(s);
 		return NULL;
 	}
+	s->wakeup_fd = -1;
 	s->bmask = bp_capacity_pow2 - 1;
 	s->tmask = tid_capacity_pow2 - 1;
 	s->regs = regs;
@@ -108,6 +112,7 @@ void ub_free(struct ub_loop *s)
 }
 
 void ub_set_cb(struct ub_loop *s, ub_cb cb) { s->cb = cb; }
+void ub_set_wakeup_fd(struct ub_loop *s, int32_t fd) { s->wakeup_fd = fd; }
 void ub_request_stop(struct ub_loop *s) { s->stop = 1; }
 int32_t ub_last_tid(struct ub_loop *s) { return s->last_tid; }
 void ub_stats(struct ub_loop *s, u64 *out3)
@@ -308,12 +313,32 @@ static int apply_plan(pid_t tid, const struct ub_bp *b, u64 *r)
  * to the probe address), 3 when handlers ran but the emulated instruction
  * faulted (Python finishes it), -errno on error (-ECHILD: nothing to wait for).
  */
-int ub_run(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, int32_t *regs_valid)
+/* how a Python handler is called: through the ctypes thunk (s->cb) or, in the
+ * extension-module build, straight through the C API (call_py) */
+typedef int (*call_fn)(struct ub_loop *s, int32_t token, int32_t tid, int32_t cpu, void *arg);
+
+static int call_ctypes(struct ub_loop *s, int32_t token, int32_t tid, int32_t cpu, void *arg)
+{
+	(void)arg;
+	return s->cb ? s->cb(token, tid, cpu) : 0;
+}
+
+static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, int32_t *regs_valid,
+		    call_fn call, void *arg)
 {
 	u64 *r = s->regs;
 	*regs_valid = 0;
+	s->stop = 0;
 	while (!s->stop) {
 		int st;
+		/* a signal that arrived while we were busy (not in waitpid) leaves no EINTR behind:
+		 * Python's wakeup fd tells us, checked every 64 hits */
+		if (s->wakeup_fd >= 0 && ++s->since_poll >= 64) {
+			struct pollfd p = { s->wakeup_fd, POLLIN, 0 };
+			s->since_poll = 0;
+			if (poll(&p, 1, 0) > 0)
+				return 0;
+		}
 		pid_t tid = waitpid(-1, &st, __WALL);
 		if (tid < 0)
 			return errno == EINTR ? 0 : -errno;
@@ -340,7 +365,7 @@ int ub_run(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, int32_t *re
 			u64 h0 = now_ns();
 			if (b->prog)
 				((u64(*)(u64))b->prog)((u64)(uintptr_t)r);
-			if ((b->flags & BP_PYCB) && s->cb && s->cb(b->token, tid, sched_getcpu())) {
+			if ((b->flags & BP_PYCB) && call(s, b->token, tid, sched_getcpu(), arg)) {
 				s->handler_ns += now_ns() - h0;
 				s->last_tid = tid;
 				*out_tid = tid;
@@ -367,11 +392,80 @@ int ub_run(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, int32_t *re
 	return 0;
 }
 
+int ub_run(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, int32_t *regs_valid)
+{
+	return run_loop(s, out_tid, out_status, regs_valid, call_ctypes, NULL);
+}
+
 #ifndef UBPF_NO_PYTHON
-/* A real extension module so that setuptools builds and installs it; the functions
+/*
+ * The extension-module build adds run(state_address, callback) -> (rc, tid, status, regs_valid):
+ * the same loop, with the GIL released while it waits and handles stops, taken back only to
+ * call ``callback(token, tid, cpu) -> int`` through the C API (cheaper than a ctypes thunk).
+ * A callback that raises ends the loop and the exception propagates.
+ */
+struct py_call {
+	PyThreadState *ts;
+	PyObject *cb;
+	int failed;
+};
+
+static int call_py(struct ub_loop *s, int32_t token, int32_t tid, int32_t cpu, void *arg)
+{
+	struct py_call *pc = arg;
+	PyObject *res;
+	long v;
+
+	(void)s;
+	PyEval_RestoreThread(pc->ts);
+	PyObject *args[3] = { PyLong_FromLong(token), PyLong_FromLong(tid), PyLong_FromLong(cpu) };
+	res = (args[0] && args[1] && args[2]) ? PyObject_Vectorcall(pc->cb, args, 3, NULL) : NULL;
+	Py_XDECREF(args[0]);
+	Py_XDECREF(args[1]);
+	Py_XDECREF(args[2]);
+	if (!res) {
+		pc->failed = 1;
+		v = 1;
+	} else {
+		v = PyLong_AsLong(res);
+		Py_DECREF(res);
+		if (v == -1 && PyErr_Occurred()) {
+			pc->failed = 1;
+			v = 1;
+		}
+	}
+	pc->ts = PyEval_SaveThread();
+	return v != 0;
+}
+
+static PyObject *py_run(PyObject *self, PyObject *args)
+{
+	unsigned long long addr;
+	struct py_call pc = { NULL, NULL, 0 };
+	int32_t tid = 0, st = 0, rv = 0;
+	int r;
+
+	(void)self;
+	if (!PyArg_ParseTuple(args, "KO", &addr, &pc.cb))
+		return NULL;
+	pc.ts = PyEval_SaveThread();
+	r = run_loop((struct ub_loop *)(uintptr_t)addr, &tid, &st, &rv, call_py, &pc);
+	PyEval_RestoreThread(pc.ts);
+	if (pc.failed && PyErr_Occurred())
+		return NULL;
+	return Py_BuildValue("(iiii)", r, tid, st, rv);
+}
+
+static PyMethodDef hotloop_methods[] = {
+	{ "run", py_run, METH_VARARGS, "run(state_address, callback) -> (rc, tid, status, regs_valid)" },
+	{ NULL, NULL, 0, NULL },
+};
+
+/* A real extension module so that setuptools builds and installs it; the table functions
  * above are reached through ctypes (ubpf_py/probe/native.py). */
 static struct PyModuleDef hotloop_module = {
-	PyModuleDef_HEAD_INIT, "_hotloop", "ubpf-py native ptrace stop loop (use through ctypes)", -1, NULL,
+	PyModuleDef_HEAD_INIT, "_hotloop", "ubpf-py native ptrace stop loop", -1, hotloop_methods,
+	NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__hotloop(void) { return PyModule_Create(&hotloop_module); }

@@ -29,8 +29,9 @@ from ubpf_py.probe.engine import ProbeSession
 
 pytestmark = pytest.mark.ptrace
 
-LOOPS = [pytest.param(False, id="python"),
-         pytest.param(True, id="native", marks=pytest.mark.skipif(N.load() is None, reason="no C compiler"))]
+_NO_C = pytest.mark.skipif(N.load() is None, reason="no C compiler for the native loop")
+LOOPS = [pytest.param(False, id="python"), pytest.param(True, id="native", marks=_NO_C),
+         pytest.param("ctypes", id="native-ctypes", marks=_NO_C)]
 
 
 @pytest.fixture(scope="session")
@@ -284,7 +285,23 @@ def test_errors_are_clear(corpus_build, tmp_path):
             ProbeSession.attach(s.pid)
     finally:
         s.detach()
-        assert s.wait() == 0
+        assert s.wait() == -9           # launched but never run: killed, not let loose unobserved
+
+
+def test_launched_target_runs_free_after_run_and_detach(corpus_build):
+    """run(duration) then detach: the target continues on its own, unprobed, and exits normally."""
+    r, w = os.pipe()
+    s = ProbeSession.launch(["./mallocs"], cwd=corpus_build, stdout=w)
+    os.close(w)
+    s.add_probe(str(corpus_build / "mallocs"), func_offset(corpus_build / "mallocs", "main"), lambda h: None)
+    s.run(duration=0.0001)
+    s.detach()
+    assert s.wait() == 0
+    out = b""
+    while chunk := os.read(r, 65536):
+        out += chunk
+    os.close(r)
+    assert out == run_plain(["./mallocs"], cwd=corpus_build)[0]
 
 
 def test_offsets_checked(corpus_build):
@@ -296,7 +313,7 @@ def test_offsets_checked(corpus_build):
         assert func_offset(corpus_build / "hello", "add") > 0
     finally:
         s.detach()
-        assert s.wait() == 0
+        assert s.wait() == -9
 
 
 @pytest.fixture(scope="session")
@@ -308,7 +325,7 @@ def mt_target(tmp_path_factory):
 @pytest.mark.parametrize("native", LOOPS)
 def test_many_threads_exact_counts(mt_target, native):
     """8 threads hammering one probed function (the full 8 x 100,000 run is benchmarks/ptrace_floor/mt_bench.py)."""
-    calls = 3000 if native else 1500
+    calls = 1500 if native is False else 3000
     run = run_probed([str(mt_target), "8", str(calls)], [(mt_target, "tick", False), (mt_target, "tick", True)],
                      native=native, record=lambda n, r, hit: (r, hit.tid))
     assert run.status == 0 and run.stdout == f"ready\nthreads=8 calls={8 * calls} bad=0\n".encode()
@@ -363,8 +380,10 @@ def test_usdt_locations_and_arguments(corpus_build):
 @pytest.mark.parametrize("native", LOOPS)
 def test_handler_error_detaches_and_reraises(corpus_build, native):
     r, w = os.pipe()
-    s = ProbeSession.launch(["./hello"], cwd=corpus_build, stdout=w, native=native)
+    s = ProbeSession.launch(["./hello"], cwd=corpus_build, stdout=w, native=bool(native))
     os.close(w)
+    if native == "ctypes":
+        s.tracer.nl.ext_run = None
     calls = []
 
     def bad(h):
@@ -379,3 +398,61 @@ def test_handler_error_detaches_and_reraises(corpus_build, native):
     assert os.read(r, 100) == b"sum=100054\n"
     os.close(r)
     assert len(calls) == 2
+
+
+def _manifest_cases():
+    import json
+
+    from test_probe_support import REPO
+    path = REPO.parent / "shared" / "corpus" / "manifest.json"
+    if not path.exists():
+        return []
+    out = []
+    for c in json.loads(path.read_text())["cases"]:
+        ents = [a for a in c["attach"] if isinstance(a, dict) and "function" in a]
+        if ents:
+            out.append(pytest.param(c["target"], ents, id=c["name"]))
+    return out
+
+
+def _lib(corpus_build, binary):
+    if "/" in binary:
+        return corpus_build / binary
+    for d in (corpus_build, "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64"):
+        p = os.path.join(d, binary)
+        if os.path.exists(p):
+            return p
+    pytest.skip(f"{binary} not found")
+
+
+@pytest.mark.parametrize("cet", [False, True], ids=["plain", "cet"])
+@pytest.mark.parametrize("argv,entries", _manifest_cases())
+def test_corpus_targets_unchanged(corpus_build, argv, entries, cet):
+    """Every manifest case's target, probed at every function its attach list names (entry and
+    return probes alike), prints the same and exits the same as unprobed, in both builds."""
+    from ubpf_py.probe.symbols import resolve_function
+    argv = list(argv)
+    if cet:
+        argv[0] += "_cet"
+    if not (corpus_build / argv[0]).exists():
+        pytest.skip(f"{argv[0]} not built")
+    r, w = os.pipe()
+    s = ProbeSession.launch(argv, cwd=corpus_build, stdout=w)
+    os.close(w)
+    hits = [0]
+
+    def h(hit):
+        hits[0] += 1
+
+    for a in entries:
+        binary = a["binary"].replace(argv[0].removesuffix("_cet"), argv[0]) if cet else a["binary"]
+        path = str(_lib(corpus_build, binary))
+        s.add_probe(path, resolve_function(path, a["function"], a.get("offset", 0)), h,
+                    is_return=bool(a.get("retprobe")), cookie=a.get("cookie", 0))
+    status = s.run()
+    out = b""
+    while chunk := os.read(r, 65536):
+        out += chunk
+    os.close(r)
+    assert (out, status) == run_plain(argv, cwd=corpus_build)
+    assert hits[0] > 0

@@ -38,6 +38,8 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 def tracer_main(target: str, threads: int, sleep_us: int, guardian: bool, native: bool, out: str) -> None:
+    import faulthandler
+    faulthandler.register(signal.SIGUSR2)    # stack dump on demand (debugging a stuck tracer)
     from ubpf_py.probe.engine import ProbeSession
     from ubpf_py.probe.symbols import resolve_function
     off = resolve_function(target, "tick")
@@ -70,6 +72,9 @@ def text_intact(pid: int, exe: str) -> bool:
                 mem = os.pread(fd, hi - lo, lo)
                 want = data[off:off + (hi - lo)]
                 if mem[:len(want)] != want:
+                    bad = [i for i in range(len(want)) if mem[i] != want[i]][:4]
+                    print(f"text differs at file offsets {[hex(off + i) for i in bad]}: "
+                          f"{[hex(mem[i]) for i in bad]} vs {[hex(want[i]) for i in bad]}", file=sys.stderr)
                     return False
     finally:
         os.close(fd)
@@ -91,16 +96,20 @@ def wait_exit(pid: int, timeout: float) -> int | None:
 
 def one_round(target: Path, args, rng: random.Random, tmp: Path) -> dict:
     out = tmp / "target.out"
-    tr = subprocess.Popen([sys.executable, __file__, "--tracer", str(target), str(args.threads),
-                           str(args.sleep_us), "0" if args.no_guardian else "1", str(args.native), str(out)],
-                          stdout=subprocess.PIPE, text=True)
+    err = tmp / "tracer.err"
+    with open(err, "w") as ef:
+        tr = subprocess.Popen([sys.executable, __file__, "--tracer", str(target), str(args.threads),
+                               str(args.sleep_us), "0" if args.no_guardian else "1", str(args.native), str(out)],
+                              stdout=subprocess.PIPE, stderr=ef, text=True)
     pid = int(tr.stdout.readline())
     delay = rng.uniform(0.05, 0.5)
     time.sleep(delay)
+    t_kill = time.monotonic()
     os.kill(tr.pid, signal.SIGKILL)
     tr.wait()
     time.sleep(0.3)                      # the guardian repairs
-    res = {"delay": round(delay, 3), "pid": pid}
+    res = {"delay": round(delay, 3), "pid": pid, "kill_at": round(t_kill, 6),
+           "stderr": err.read_text()[-300:]}
     st = wait_exit(pid, 0.0)
     if st is not None:                   # died right after the kill
         res.update(survived=False, why=f"died: signal {os.WTERMSIG(st)}" if os.WIFSIGNALED(st) else "exited")

@@ -78,6 +78,8 @@ class ProbeSession:
         self._detached = False
         self._exit: int | None = None
         self._run_s = 0.0
+        self._launched = False
+        self._ran = False
         self.guardian = None
 
     # ------------------------------------------------------------------ start
@@ -245,6 +247,7 @@ class ProbeSession:
         duration elapses or Ctrl-C/SIGTERM/SIGHUP arrives (then detaches and returns None)."""
         if self._detached:
             raise ProbeError("session is detached: start a new one")
+        self._ran = True
         tr = self.tracer
         main = threading.current_thread() is threading.main_thread()
         old: dict[int, object] = {}
@@ -253,21 +256,36 @@ class ProbeSession:
         def on_signal(signum, frame):
             tr.request_stop()
 
+        wake_r = wake_w = -1
+        old_wakeup = -1
         if main:
             for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
                 old[s] = signal.signal(s, on_signal)
+            if tr.nl is not None:
+                # the C loop polls this pipe: Python's own signal handler writes to it at once
+                wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+                tr.nl.set_wakeup_fd(wake_r)
             if duration is not None:
                 signal.setitimer(signal.ITIMER_REAL, max(duration, 1e-3))
         t0 = time.monotonic()
+
+        def restore() -> None:
+            self._run_s += time.monotonic() - t0
+            self._restore_signals(main, old, duration)
+            if wake_r >= 0:
+                signal.set_wakeup_fd(old_wakeup)
+                tr.nl.set_wakeup_fd(-1)
+                os.close(wake_r)
+                os.close(wake_w)
+
         try:
             tr.loop(deadline)
         except BaseException:
-            self._run_s += time.monotonic() - t0
-            self._restore_signals(main, old, duration)
+            restore()
             self._safe_detach()
             raise
-        self._run_s += time.monotonic() - t0
-        self._restore_signals(main, old, duration)
+        restore()
         main_proc = tr.main
         if main_proc is not None and main_proc.exit_status is not None:
             st = main_proc.exit_status
@@ -293,17 +311,41 @@ class ProbeSession:
             pass
 
     def detach(self) -> None:
-        """Restore the target (bytes, return addresses, scratch pages) and release all threads."""
+        """Restore the target (bytes, return addresses, semaphores, scratch pages) and release all
+        threads.  A launched target keeps running as our child (``wait()`` collects its status) --
+        unless ``run()`` was never called: a command started for tracing that never got its probes
+        (attaching failed) is killed rather than let run unobserved."""
         if self._detached:
             return
         self._detached = True
         try:
+            if self._launched and not self._ran and self._exit is None:
+                self.kill()
+                return
             self.tracer.detach()
         finally:
             if self.guardian is not None:
                 self.guardian.stop()
-        if self._launched and self._exit is None:
-            pass  # the launched child keeps running on its own; we stay its parent (reaped by wait())
+
+    def kill(self) -> None:
+        """SIGKILL a launched target (still stopped before its main, or running) and reap it."""
+        if not self._launched or self._exit is not None:
+            return
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._detached = True
+        self.tracer.threads.clear()
+        self.tracer._close_all()
+        try:
+            while True:
+                p, st = os.waitpid(self.pid, P.WALL)
+                if p == self.pid and (os.WIFEXITED(st) or os.WIFSIGNALED(st)):
+                    self._exit = os.WEXITSTATUS(st) if os.WIFEXITED(st) else -os.WTERMSIG(st)
+                    break
+        except ChildProcessError:
+            pass
 
     def wait(self) -> int:
         """After detaching from a launched target: wait for it and return its exit code."""

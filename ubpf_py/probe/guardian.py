@@ -34,9 +34,11 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import select
 import signal
 import struct
 import sys
+import time
 
 import numpy as np
 
@@ -201,6 +203,41 @@ def _fix_threads(tgid: int, by_slot: dict[int, tuple[int, int]]) -> None:
             P.detach(tid)
 
 
+PF_EXITING = 0x4
+
+
+def _exiting(stat_fd: int) -> bool:
+    try:
+        data = os.pread(stat_fd, 512, 0)
+    except OSError:
+        return True
+    if not data:
+        return True
+    fields = data[data.rindex(b")") + 2:].split()
+    return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)
+
+
+def _watch(r: int, tracer_pid: int, poll_us: int) -> bytes:
+    """Block until the tracer says goodbye (b"q") or dies (b"" / b"!").
+
+    The pipe closes only late in the dying tracer's exit (after its memory is torn down,
+    milliseconds for a Python process), while the tracees are still stuck with it; polling
+    PF_EXITING in /proc/PID/stat catches the SIGKILL at the start of the exit, so the target
+    is frozen before its threads are released (each int3 hit after that would kill it).
+    """
+    stat_fd = os.open(f"/proc/{tracer_pid}/stat", os.O_RDONLY) if poll_us > 0 else -1
+    timeout = poll_us / 1e6 if poll_us > 0 else None
+    while True:
+        try:
+            ready, _, _ = select.select([r], [], [], timeout)
+        except InterruptedError:
+            continue
+        if ready:
+            return os.read(r, 1)
+        if stat_fd >= 0 and _exiting(stat_fd):
+            return b"!"
+
+
 class Guardian:
     """Handle on the guardian child process of a tracer."""
 
@@ -210,8 +247,11 @@ class Guardian:
         self.log = log
 
     @classmethod
-    def start(cls, tracer) -> Guardian:
+    def start(cls, tracer, poll_us: int = 500) -> Guardian:
+        """Fork the guardian.  ``poll_us`` > 0: also watch the tracer's PF_EXITING flag that often
+        (a dying tracer sets it long before its pipe closes); 0: wait for the pipe only."""
         log = GuardLog()
+        tracer_pid = os.getpid()
         for proc in tracer.procs.values():
             if proc.vfork_parent is None:
                 for bp in proc.bps.values():
@@ -233,18 +273,13 @@ class Guardian:
                     os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
                 with contextlib.suppress(OSError):
                     os.setpgid(0, 0)
-                while True:
-                    try:
-                        msg = os.read(r, 1)
-                        break
-                    except InterruptedError:
-                        continue
+                msg = _watch(r, tracer_pid, poll_us)
                 if msg != b"q":
-                    import time as _t
-                    t0 = _t.monotonic()
+                    t0 = time.monotonic()
                     n = restore_after_tracer_death(log)
                     if os.environ.get("UBPF_GUARDIAN_DEBUG"):
-                        print(f"guardian: repaired {n} in {(_t.monotonic() - t0) * 1e3:.2f} ms", file=sys.stderr)
+                        print(f"guardian: woke at {t0:.6f}, repaired {n} in {(time.monotonic() - t0) * 1e3:.2f} ms",
+                              file=sys.stderr)
             except BaseException as e:   # never let the guardian's own failure go unnoticed
                 print(f"ubpf-py guardian: {e}", file=sys.stderr)
                 code = 1

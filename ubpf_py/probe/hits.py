@@ -99,10 +99,10 @@ class HitFiller:
         self.comm_cache.pop(tid, None)
 
     def forget_process(self, tgid: int) -> None:
+        """After exec: names and credentials may have changed."""
         self.ids.pop(tgid, None)
-        for t in [t for t in self.comm_cache if t == tgid]:
-            del self.comm_cache[t]
         self.comm_cache.clear()
+        self.hit.tid = 0          # force switch() on the next hit
 
     def uid_gid(self, tgid: int) -> tuple[int, int]:
         v = self.ids.get(tgid)

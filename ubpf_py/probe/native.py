@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 _SRC = Path(__file__).resolve().parents[2] / "native" / "hotloop.c"
 _lib: ctypes.CDLL | None = None
+_ext = None          # the extension module (its run() calls handlers through the C API)
 _tried = False
 
 CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32)
@@ -34,6 +37,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ub_free.argtypes = [vp]
     lib.ub_set_cb.argtypes = [vp, CB]
     lib.ub_request_stop.argtypes = [vp]
+    lib.ub_set_wakeup_fd.argtypes = [vp, i32]
     lib.ub_last_tid.argtypes = [vp]
     lib.ub_last_tid.restype = i32
     lib.ub_stats.argtypes = [vp, ctypes.POINTER(u64)]
@@ -50,31 +54,48 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def _build_cached() -> str | None:
+def _build_cached() -> tuple[str, bool] | None:
+    """Compile native/hotloop.c into the user cache: as an extension module when Python's
+    headers are there (then ``run`` calls handlers through the C API), else a plain .so."""
     if not _SRC.exists():
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         return None
-    digest = hashlib.sha256(_SRC.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(_SRC.read_bytes() + sys.version.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ubpf-py"
-    out = cache / f"hotloop-{digest}.so"
-    if out.exists():
-        return str(out)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run([cc, "-O2", "-shared", "-fPIC", "-DUBPF_NO_PYTHON", "-o", str(tmp), str(_SRC)],
-                       check=True, capture_output=True, timeout=120)
-        os.replace(tmp, out)
-    except (OSError, subprocess.SubprocessError):
+    inc = sysconfig.get_paths().get("include", "")
+    variants = []
+    if inc and os.path.exists(os.path.join(inc, "Python.h")):
+        variants.append((cache / f"hotloop-{digest}-py.so", ["-I", inc], True))
+    variants.append((cache / f"hotloop-{digest}.so", ["-DUBPF_NO_PYTHON"], False))
+    for out, flags, is_ext in variants:
+        if out.exists():
+            return str(out), is_ext
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(f".{os.getpid()}.tmp")
+            subprocess.run([cc, "-O2", "-shared", "-fPIC", *flags, "-o", str(tmp), str(_SRC)],
+                           check=True, capture_output=True, timeout=120)
+            os.replace(tmp, out)
+            return str(out), is_ext
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return None
+
+
+def _load_ext(path: str):
+    spec = importlib.util.spec_from_file_location("ubpf_py._hotloop", path)
+    if spec is None or spec.loader is None:
         return None
-    return str(out)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def load() -> ctypes.CDLL | None:
     """The native loop library, or None (then the Python loop runs)."""
-    global _lib, _tried
+    global _lib, _tried, _ext
     if _tried:
         return _lib
     _tried = True
@@ -84,10 +105,19 @@ def load() -> ctypes.CDLL | None:
     try:
         import ubpf_py._hotloop as ext  # built by setup.py
         path = ext.__file__
+        _ext = ext
     except ImportError:
-        path = _build_cached()
-    if path is None:
-        return None
+        built = _build_cached()
+        if built is None:
+            return None
+        path, is_ext = built
+        if is_ext:
+            try:
+                _ext = _load_ext(path)
+            except ImportError:
+                _ext = None
+    if os.environ.get("UBPF_NATIVE_CTYPES") == "1":
+        _ext = None      # force the ctypes callback path (benchmarks compare both)
     try:
         _lib = _declare(ctypes.CDLL(path))
     except OSError as e:
@@ -106,12 +136,15 @@ class NativeLoop:
         if not self.state:
             raise MemoryError("native loop state")
         self.cb = CB(callback)          # keep the thunk alive
+        self.callback = callback
+        self.ext_run = getattr(_ext, "run", None)
         lib.ub_set_cb(self.state, self.cb)
         self.regs_addr = regs_addr
         self.tid = ctypes.c_int32(0)
         self.status = ctypes.c_int32(0)
         self.regs_valid = ctypes.c_int32(0)
         self._stats = (ctypes.c_uint64 * 3)()
+        self.wakeup_fd = -1
 
     def load_tables(self, bps: list[tuple], tids) -> None:
         """Replace both tables.  ``bps``: (addr, kind, next, slot, target, imm, reg, cond, token,
@@ -127,6 +160,7 @@ class NativeLoop:
             if not s:
                 raise MemoryError("native loop state")
             lib.ub_set_cb(s, self.cb)
+            lib.ub_set_wakeup_fd(s, self.wakeup_fd)
             self.bp_cap = need
             self._carry = stats
         lib.ub_bp_clear(s)
@@ -136,7 +170,14 @@ class NativeLoop:
         for t in tids:
             lib.ub_tid_add(s, t)
 
+    def set_wakeup_fd(self, fd: int) -> None:
+        self.wakeup_fd = fd
+        self.lib.ub_set_wakeup_fd(self.state, fd)
+
     def run(self) -> int:
+        if self.ext_run is not None:
+            r, self.tid.value, self.status.value, self.regs_valid.value = self.ext_run(self.state, self.callback)
+            return r
         return self.lib.ub_run(self.state, ctypes.byref(self.tid), ctypes.byref(self.status),
                                ctypes.byref(self.regs_valid))
 

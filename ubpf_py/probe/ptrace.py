@@ -188,6 +188,15 @@ def get_siginfo(tid: int) -> tuple[int, int, int]:
     return signo, code, addr
 
 
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+SYS_TGKILL = 234
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> bool:
+    return _syscall(SYS_TGKILL, ctypes.c_long(tgid), ctypes.c_long(tid), ctypes.c_long(sig)) == 0
+
+
 def singlestep(tid: int, sig: int = 0) -> None:
     ptrace(PTRACE_SINGLESTEP, tid, 0, sig)
 
@@ -212,6 +221,27 @@ def vm_read_into(pid: int, addr: int, dst_addr: int, size: int) -> int:
     local = IoVec(dst_addr, size)
     remote = IoVec(addr, size)
     return _pvr(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+
+
+_U64 = ctypes.c_uint64(0)
+_L64 = IoVec(ctypes.addressof(_U64), 8)
+_R64 = IoVec(0, 8)
+_PL64 = ctypes.byref(_L64)
+_PR64 = ctypes.byref(_R64)
+
+
+def vm_read_u64(pid: int, addr: int) -> int | None:
+    """One u64 of target memory (no allocation beyond the int): the per-hit reads of stack slots."""
+    _R64.base = addr
+    if _pvr(pid, _PL64, 1, _PR64, 1, 0) != 8:
+        return None
+    return _U64.value
+
+
+def vm_write_u64(pid: int, addr: int, value: int) -> bool:
+    _U64.value = value
+    _R64.base = addr
+    return _pvw(pid, _PL64, 1, _PR64, 1, 0) == 8
 
 
 def vm_write(pid: int, addr: int, data: bytes) -> bool:

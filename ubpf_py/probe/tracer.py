@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import signal
 import time
@@ -42,10 +43,6 @@ from ubpf_py.probe.uretprobe import MAX_DEPTH, RetEntry, ShadowStack
 SIGTRAP = signal.SIGTRAP
 GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 _ENDBR64 = b"\xf3\x0f\x1e\xfa"
-
-
-class _Interrupted(Exception):
-    """Raised out of a blocking waitpid by our signal handlers (Ctrl-C, SIGTERM, SIGHUP, timer)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -89,6 +86,8 @@ def new_proc(tgid: int) -> Proc:
     try:
         mem = P.ProcMem(tgid)
     except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.ESRCH, errno.ENOENT):
+            raise P.attach_error(tgid, errno.ESRCH if e.errno == errno.ENOENT else errno.EPERM) from None
         raise TargetError(f"cannot open /proc/{tgid}/mem: {e.strerror} (run as the target's user or root)") from None
     inj = Injector(mem)
     return Proc(tgid, mem, inj, ScratchArea(mem, inj))
@@ -109,7 +108,6 @@ class Tracer(RestoreMixin):
         self.main: Proc | None = None
         self._early: dict[int, int] = {}      # stops of tids we do not know yet (new threads)
         self._stop_requested = False
-        self._in_wait = False
         self.total_hits = 0
         self.tracer_ns = 0
         self.handler_ns = 0
@@ -178,7 +176,8 @@ class Tracer(RestoreMixin):
         bp = proc.bps.get(addr)
         if bp is not None:
             return bp
-        code = proc.mem.read(addr, 16) or proc.mem.read(addr, 1)
+        # up to 16 bytes (the longest x86 instruction), but not past the end of the mapping
+        code = proc.mem.read(addr, 16) or proc.mem.read(addr, min(16, 4096 - (addr & 4095)))
         if code is None:
             raise ProbeError(f"cannot read target memory at 0x{addr:x} (pid {proc.tgid})")
         if code[0] == 0xCC:
@@ -249,29 +248,42 @@ class Tracer(RestoreMixin):
         """(hits, tracer ns, handler ns) of both loops."""
         hits, tns, hns = self.total_hits, self.tracer_ns, self.handler_ns
         if self.nl is not None:
-            nh, nt, _nh_ns = self.nl.stats()
+            nh, nt, nhn = self.nl.stats()
             hits += nh
             tns += nt
+            hns += nhn        # the C loop times its handler calls as a whole (not per probe)
         return hits, tns, hns
 
     def request_stop(self) -> None:
+        """Ask the loop to end (signal handlers call this; it never raises, so no wait status
+        already taken from the kernel is ever dropped).  A PTRACE_INTERRUPT of the main thread
+        makes a blocking waitpid return at once."""
         self._stop_requested = True
-        if self._in_wait:
-            raise _Interrupted()
+        if self.nl is not None:
+            self.nl.lib.ub_request_stop(self.nl.state)
+        main = self.main
+        if main is not None and main.exit_status is None:
+            for t in main.threads.values():
+                if not t.stopped:
+                    P.interrupt(t.tid)
+                    break
 
     def loop(self, deadline: float | None = None) -> None:
         """Handle stops until the main process exits, a stop is requested or the deadline passes."""
         waitpid = os.waitpid
         dispatch = self.dispatch
+        for proc in self.procs.values():          # signals held back during injected calls
+            for tid, sig in proc.inj.deferred_signals:
+                t = self.threads.get(tid)
+                if t is not None and t.stopped and not t.pending_sig:
+                    t.pending_sig = sig
+                else:
+                    P.tgkill(proc.tgid, tid, sig)
+            proc.inj.deferred_signals.clear()
         for t in list(self.threads.values()):     # threads held at attach/exec/injection stops
             if t.stopped:
                 sig, t.pending_sig = t.pending_sig, 0
                 self.resume(t, sig)
-        for proc in self.procs.values():
-            for tid, sig in proc.inj.deferred_signals:
-                with contextlib.suppress(OSError):
-                    os.kill(tid, sig) if tid == proc.tgid else None
-            proc.inj.deferred_signals.clear()
         if self.nl is not None:
             self.loop_native(deadline)
             return
@@ -279,16 +291,9 @@ class Tracer(RestoreMixin):
             if deadline is not None and time.monotonic() >= deadline:
                 break
             try:
-                self._in_wait = True
-                if self._stop_requested:
-                    break
                 tid, status = waitpid(-1, P.WALL)
-            except _Interrupted:
-                break
             except ChildProcessError:
                 break
-            finally:
-                self._in_wait = False
             dispatch(tid, status)
 
     def loop_native(self, deadline: float | None) -> None:
@@ -300,15 +305,10 @@ class Tracer(RestoreMixin):
                 break
             if self._native_dirty:
                 self._sync_native()
-            try:
-                self._in_wait = True
-                if self._stop_requested:
-                    break
-                r = nl.run()
-            except _Interrupted:
-                break
-            finally:
-                self._in_wait = False
+            r = nl.run()
+            if r == 0 and nl.wakeup_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.read(nl.wakeup_fd, 4096)      # signal bytes: the handlers have run by now
             if r == 1:
                 self._regs_valid = bool(nl.regs_valid.value)
                 try:
@@ -323,7 +323,7 @@ class Tracer(RestoreMixin):
                 th.at_bp = True
                 if r == 2:
                     err, self._cb_error = self._cb_error, None
-                    if isinstance(err, _Interrupted) or err is None:
+                    if err is None:
                         break
                     raise err
                 bp = th.proc.bps.get(self.v[P.RIP])
@@ -475,7 +475,7 @@ class Tracer(RestoreMixin):
             v[P.RIP] = plan.next
         elif k == O.K_PUSH:
             sp = (v[P.RSP] - 8) & O.M64
-            if not P.vm_write(pid, sp, v[plan.reg].to_bytes(8, "little")):
+            if not P.vm_write_u64(pid, sp, v[plan.reg]):
                 return self._fault(th, plan)
             v[P.RSP] = sp
             v[P.RIP] = plan.next
@@ -495,15 +495,15 @@ class Tracer(RestoreMixin):
             v[P.RIP] = plan.target if O.cond_true(plan.cond, v[P.EFLAGS], rcx) else plan.next
         elif k == O.K_CALL:
             sp = (v[P.RSP] - 8) & O.M64
-            if not P.vm_write(pid, sp, plan.next.to_bytes(8, "little")):
+            if not P.vm_write_u64(pid, sp, plan.next):
                 return self._fault(th, plan)
             v[P.RSP] = sp
             v[P.RIP] = plan.target
         elif k == O.K_RET:
-            d = P.vm_read(pid, v[P.RSP], 8)
+            d = P.vm_read_u64(pid, v[P.RSP])
             if d is None:
                 return self._fault(th, plan)
-            v[P.RIP] = int.from_bytes(d, "little")
+            v[P.RIP] = d
             v[P.RSP] = (v[P.RSP] + 8 + plan.imm) & O.M64
         elif k == O.K_IND:
             if plan.ind_mem is not None:
@@ -515,15 +515,15 @@ class Tracer(RestoreMixin):
                     ea += v[base]
                 if index >= 0:
                     ea += v[index] * scale
-                d = P.vm_read(pid, ea & O.M64, 8)
+                d = P.vm_read_u64(pid, ea & O.M64)
                 if d is None:
                     return self._fault(th, plan)
-                target = int.from_bytes(d, "little")
+                target = d
             else:
                 target = v[plan.ind_reg]
             if plan.ind_is_call:
                 sp = (v[P.RSP] - 8) & O.M64
-                if not P.vm_write(pid, sp, plan.next.to_bytes(8, "little")):
+                if not P.vm_write_u64(pid, sp, plan.next):
                     return self._fault(th, plan)
                 v[P.RSP] = sp
             v[P.RIP] = target
@@ -544,10 +544,9 @@ class Tracer(RestoreMixin):
         proc = th.proc
         tramp = proc.scratch.tramp
         sp = self.v[P.RSP]
-        d = P.vm_read(proc.tgid, sp, 8)
-        if d is None or not tramp:
+        ret = P.vm_read_u64(proc.tgid, sp)
+        if ret is None or not tramp:
             return
-        ret = int.from_bytes(d, "little")
         sh = th.shadow
         chained = ret == tramp
         # the kernel's rule: at a call, entries at or below this stack slot belong to frames that
@@ -563,7 +562,7 @@ class Tracer(RestoreMixin):
         e = RetEntry(sp, ret, bp.addr, bp.ret_probes, chained=chained)
         if self.ret_log is not None:
             e.log_index = self.ret_log.add(proc.tgid, sp, ret, tramp)
-        if not chained and not P.vm_write(proc.tgid, sp, tramp.to_bytes(8, "little")):
+        if not chained and not P.vm_write_u64(proc.tgid, sp, tramp):
             self._log_drop(e)
             return
         sh.entries.append(e)
