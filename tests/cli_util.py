@@ -20,6 +20,22 @@ def run_cli(*args: str, cwd: str | Path | None = None, timeout: float = 60,
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+NOBODY = "65534"
+
+
+def unprivileged_python_reason() -> str | None:
+    """Why this Python cannot run ubpf-run as uid 65534 here (None when it can)."""
+    if os.geteuid() != 0:
+        return "needs root to start a process as another user"
+    probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                            sys.executable, "-c", "import numpy, llvmlite, elftools, ubpf_py"],
+                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    if probe.returncode != 0:
+        return (f"the interpreter {sys.executable} or its packages are not readable by uid {NOBODY} "
+                f"(tests/run.sh makes them so in CI): {probe.stderr.strip().splitlines()[-1:]}")
+    return None
+
+
 def assert_one_line_error(p: subprocess.CompletedProcess, *words: str) -> str:
     """A non-zero exit, exactly one stderr line ``ubpf-run: error: ...`` containing ``words``."""
     assert p.returncode != 0, f"expected failure, got 0; stdout={p.stdout!r}"

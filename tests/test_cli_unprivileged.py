@@ -6,33 +6,23 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
-from cli_util import REPO, run_cli
+from cli_util import NOBODY, REPO, run_cli, unprivileged_python_reason
 
-NOBODY = "65534"
 HELLO_PRINTK = ["add(1, 2)", "add returned 3", "add(10, 20)", "add returned 30", "add(-5, 3)",
                 "add returned -2", "add(100000, 23)", "add returned 100023", "add(7, -7)", "add returned 0"]
 
 
-def _unprivileged_python_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to start a process as another user"
-    probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                            sys.executable, "-c", "import numpy, llvmlite, elftools, ubpf_py"],
-                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    if probe.returncode != 0:
-        return (f"the interpreter {sys.executable} or its packages are not readable by uid {NOBODY} "
-                f"(tests/run.sh makes them so in CI): {probe.stderr.strip().splitlines()[-1:]}")
-    return None
-
-
-def test_unprivileged_user_traces_own_child(corpus_build, tmp_path):
-    reason = _unprivileged_python_reason()
+def test_unprivileged_user_traces_own_child(corpus_build):
+    reason = unprivileged_python_reason()
     if reason:
         pytest.skip(reason)
-    tmp_path.chmod(0o777)
-    out = tmp_path / "out.jsonl"
+    tmp = Path(tempfile.mkdtemp(prefix="ubpf-nobody-"))  # pytest's tmp_path is private to root
+    tmp.chmod(0o777)
+    out = tmp / "out.jsonl"
     p = run_cli(str(corpus_build / "hello_auto.bpf.o"), "--format", "json", "-o", str(out), "--", "./hello",
                 cwd=corpus_build, user=NOBODY)
     assert p.returncode == 0, p.stderr

@@ -118,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # files we were told to read or write
+        name = f"{e.filename}: " if e.filename else ""
+        _error(f"{name}{e.strerror or e} (check the path and its permissions)")
+        return 1
     except SystemExit:
         raise
     except Exception as e:  # the edge: nothing else may turn into a traceback for users

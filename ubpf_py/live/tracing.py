@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ubpf_py.errors import SymbolError, UbpfError, UsageError
+from ubpf_py.errors import SymbolError, TargetError, UbpfError, UsageError
 from ubpf_py.live.attach import AttachRequest, parse_attach_option, plan_attachments
 from ubpf_py.live.collection import Collection, LoadedProgram
 from ubpf_py.output.dump import snapshot_globals, snapshot_map
@@ -116,6 +117,8 @@ def run_userspace(args: argparse.Namespace) -> int:
     from ubpf_py.obj.globals import set_global
     from ubpf_py.probe.engine import ProbeSession
 
+    if args.pid is not None and not os.path.exists(f"/proc/{args.pid}"):
+        raise TargetError(f"no such process: pid {args.pid} (check the pid; it may have exited)")
     spec = load_object(args.object)
     explicit = [parse_attach_option(a, spec) for a in args.attach]
     plan = plan_attachments(spec, explicit, auto=not args.no_auto)
