@@ -20,11 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ubpf_py.isa import opcodes as op  # noqa: E402
-from ubpf_py.isa.instruction import Instruction  # noqa: E402
-from ubpf_py.obj.spec import ObjectSpec, ProgramSpec  # noqa: E402
+from ubpf_py.isa import opcodes as op
+from ubpf_py.isa.instruction import Instruction
+from ubpf_py.obj.spec import ObjectSpec, ProgramSpec
 
-MUTATORS = ("offset", "drop_null_check", "widen_bound", "swap_reg", "delete", "size", "const")
+MUTATORS = ("offset", "drop_null_check", "widen_bound", "swap_reg", "delete", "size", "const",
+            "flip_cond", "jump_target", "helper")
+_FLIP = {op.BPF_JEQ: op.BPF_JNE, op.BPF_JNE: op.BPF_JEQ, op.BPF_JGT: op.BPF_JGE, op.BPF_JGE: op.BPF_JGT,
+         op.BPF_JLT: op.BPF_JLE, op.BPF_JLE: op.BPF_JLT, op.BPF_JSGT: op.BPF_JSLT, op.BPF_JSLT: op.BPF_JSGT,
+         op.BPF_JSGE: op.BPF_JSLE, op.BPF_JSLE: op.BPF_JSGE, op.BPF_JSET: op.BPF_JEQ}
+_HELPERS = (1, 2, 3, 5, 6, 7, 14, 16, 25, 27, 112, 114, 130, 131, 132, 133, 181)
 
 
 @dataclass
@@ -150,6 +155,12 @@ def mutate(spec: ProgramSpec, kind: str, rng: random.Random) -> tuple[ProgramSpe
             new = ins.replace(imm=rng.choice((0, 1, -1, 8, 64, 4096, 1 << 20, ins.imm + 1, -ins.imm)))
             if new == ins:
                 new = None
+        elif kind == "flip_cond" and _is_jump(ins) and code & 0xF0 in _FLIP:
+            new = ins.replace(opcode=(code & ~0xF0) | _FLIP[code & 0xF0])
+        elif kind == "jump_target" and _is_jump(ins) and code != op.BPF_JMP32 | op.BPF_JA:
+            new = ins.replace(off=ins.off + rng.choice((-3, -2, -1, 1, 2, 3)))
+        elif kind == "helper" and code == op.BPF_JMP | op.BPF_CALL and ins.src == 0:
+            new = ins.replace(imm=rng.choice([h for h in _HELPERS if h != ins.imm]))
         elif kind == "delete" and i + 1 < len(insns) and code != op.LDDW:
             return delete_insn(spec, i), i, "deleted"
         if new is not None:
@@ -182,7 +193,8 @@ def load_corpus(build: Path) -> dict[str, ObjectSpec]:
     return {p.name: load_object(str(p)) for p in sorted(build.glob("*.bpf.o"))}
 
 
-def run_campaign(build: Path, count: int, seed: int, verbose: bool = False) -> CampaignResult:
+def run_campaign(build: Path, count: int, seed: int, verbose: bool = False,
+                 time_budget: float = 5.0) -> CampaignResult:
     """Verify every mutant with ubpf-py and with the kernel (needs root)."""
     from ubpf_py.errors import KernelBackendError
     from ubpf_py.kernel.loader import _func_info, load_collection, relocate_for_kernel
@@ -201,7 +213,7 @@ def run_campaign(build: Path, count: int, seed: int, verbose: bool = False) -> C
             if m.obj not in colls:
                 colls[m.obj] = load_collection(obj)
             coll = colls[m.obj]
-            rep = verify_program(m.spec, obj.maps, mode="warn", btf=obj.btf)
+            rep = verify_program(m.spec, obj.maps, mode="warn", btf=obj.btf, time_budget=time_budget)
             kerr = ""
             try:
                 insns = relocate_for_kernel(m.spec.instructions, [k.fd for k in coll.map_list])
@@ -226,6 +238,73 @@ def run_campaign(build: Path, count: int, seed: int, verbose: bool = False) -> C
     return res
 
 
+@dataclass
+class SoundnessResult:
+    runs: int = 0
+    programs: int = 0
+    faults: list[tuple[Mutant, str]] = field(default_factory=list)
+    #: runs that stopped for reasons that are not memory faults (helper errors, missing features)
+    other: Counter = field(default_factory=Counter)
+
+
+def run_soundness(objects: dict[str, ObjectSpec], mutants: list[Mutant], runs_per_program: int = 4,
+                  seed: int = 0) -> SoundnessResult:
+    """Run every mutant ubpf-py accepts under the checked interpreter with random pt_regs.
+
+    A verified program must never trip the interpreter's memory checks (VMFault
+    from a load/store): that would mean the verifier accepted an unsafe access.
+    """
+    import copy
+    import signal
+
+    from ubpf_py.errors import UbpfError, VMFault
+    from ubpf_py.live.collection import Collection
+    from ubpf_py.verifier import verify_program
+
+    rng = random.Random(seed)
+    out = SoundnessResult()
+
+    def alarm(_sig: int, _frm: object) -> None:
+        raise TimeoutError("program ran too long")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    try:
+        for m in mutants:
+            base = objects[m.obj]
+            if not verify_program(m.spec, base.maps, mode="warn", btf=base.btf, time_budget=5).ok:
+                continue
+            spec = copy.copy(base)
+            spec.maps = [copy.copy(x) for x in base.maps]
+            spec.programs = dict(base.programs)
+            spec.programs[m.program] = m.spec
+            try:
+                coll = Collection.load(spec, engine="interp", verifier="off", programs=[m.program])
+            except UbpfError as e:
+                out.other[f"load: {type(e).__name__}"] += 1
+                continue
+            out.programs += 1
+            prog = coll.program(m.program)
+            ctx = coll.ctx_buffer
+            for _ in range(runs_per_program):
+                regs = [rng.choice((0, 1, 7, 64, 1 << 31, (1 << 64) - 1, rng.getrandbits(64)))
+                        for _ in range(21)]
+                ctx.view[:168] = b"".join(r.to_bytes(8, "little") for r in regs)
+                out.runs += 1
+                signal.alarm(5)
+                try:
+                    prog.run(ctx.addr)
+                except VMFault as e:
+                    out.faults.append((m, str(e)))
+                    break
+                except (UbpfError, TimeoutError) as e:
+                    out.other[type(e).__name__] += 1
+                finally:
+                    signal.alarm(0)
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    return out
+
+
 def _kernel_error(log: str) -> str:
     from ubpf_py.kernel.prog import _summary
 
@@ -233,7 +312,7 @@ def _kernel_error(log: str) -> str:
     # the first line after the last instruction trace line is the kernel's reason
     for k in range(len(lines) - 1, -1, -1):
         ln = lines[k]
-        if ln[:1].isdigit() and ": " in ln or ln.startswith((";", "from ")):
+        if (ln[:1].isdigit() and ": " in ln) or ln.startswith((";", "from ")):
             rest = [x for x in lines[k + 1:] if not x.startswith(("processed ", "verification time",
                                                                    "stack depth", "max_states"))]
             return rest[0] if rest else _summary(log)
@@ -251,6 +330,22 @@ def main(argv: list[str]) -> int:
         print(f"  {kind:16} {verdict:26} {k}")
     unsafe = [o for o in res.outcomes if o.ours and not o.kernel]
     print(f"we accept / kernel rejects: {len(unsafe)}")
+    both = [o for o in res.outcomes if not o.ours and not o.kernel]
+    same = [o for o in both if o.kernel_error and o.kernel_error in o.our_error]
+    print(f"both reject: {len(both)}; our message contains the kernel's error line: {len(same)} "
+          f"({len(same) / max(1, len(both)):.1%})")
+    # the kinds of message mismatches, most common first
+    diff = Counter((o.our_error.split(",")[0][:60], o.kernel_error.split(",")[0][:60])
+                   for o in both if o not in same)
+    for (a, b), k in diff.most_common(25):
+        print(f"  {k:4}  ours: {a!r}  kernel: {b!r}")
+    objects = load_corpus(build)
+    t0 = time.perf_counter()
+    snd = run_soundness(objects, [o.mutant for o in res.outcomes if o.ours])
+    print(f"soundness: {snd.programs} accepted mutants run {snd.runs} times under the interpreter in "
+          f"{time.perf_counter() - t0:.1f}s: {len(snd.faults)} memory faults; other stops {dict(snd.other)}")
+    for m, why in snd.faults:
+        print(f"  FAULT {m.obj}:{m.program} {m.kind}@{m.where} {m.detail}: {why}")
     return 0
 
 

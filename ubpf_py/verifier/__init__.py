@@ -6,6 +6,27 @@ program.  Modes: ``strict`` raises ``VerifierError`` on rejection, ``warn``
 returns a report with ``ok=False`` (the runtime's memory checks still stop
 faults), ``off`` skips verification.  ``check_object`` verifies every program of
 an ELF object for ``ubpf-run --check``.
+
+Semantics are the kernel's for a privileged (CAP_BPF + CAP_PERFMON) loader of
+a kprobe program on Linux 6.18, checked by a differential campaign
+(tests/verifier_mutations.py).  Deliberate differences:
+
+* Precision: the kernel finds which scalars must be compared exactly when
+  pruning by backtracking; we use a static over-approximation
+  (``structure.precision_demand``).  Both are sound; ours may explore more.
+* Callbacks (bpf_loop, for_each_map_elem): scalars that keep changing between
+  iterations are widened to unknown, so exploration converges (the kernel
+  compares imprecise scalars as equal).  Sound; may reject a program whose
+  callback needs an exact value that changes every iteration.
+* Reserved fields of every instruction are checked up front (the engines need
+  a valid encoding), the kernel only checks instructions it reaches.
+* A wall-clock budget (default 30 s) on top of the 1,000,000-instruction limit.
+* The kernel fails with an internal "verifier bug: No program to jit" when a
+  callback's address is taken but the callback is never verified; we accept.
+* Global functions whose BTF arguments are not scalars or the context are
+  verified inline with the caller's values (the kernel verifies them alone).
+* Not modelled: BTF-typed kernel pointers (kptrs, dynptrs, task storage,
+  spin locks, timers), kfuncs, may_goto, packet access (not a kprobe thing).
 """
 
 from __future__ import annotations
@@ -90,14 +111,21 @@ def _global_funcs(prog: ProgramSpec, btf: object | None) -> dict[int, list[str]]
                     break
             if kinds is not None and len(kinds) <= 5:
                 out[start] = kinds
-        except Exception:  # noqa: BLE001 - BTF we cannot read: verify inline instead
+        except Exception:
             continue
     return out
 
 
 def verify_program(prog: ProgramSpec, maps: list[MapSpec], *, mode: str = "strict", log_level: int = 1,
-                   btf: object | None = None) -> VerifierReport:
-    """Verify one program; see the module docstring for the modes."""
+                   btf: object | None = None, time_budget: float = 30.0,
+                   test_mem_size: int | None = None) -> VerifierReport:
+    """Verify one program; see the module docstring for the modes.
+
+    ``time_budget`` (seconds) bounds the walk in wall-clock time on top of the
+    kernel's 1,000,000-instruction complexity limit (Python is slower than C).
+    ``test_mem_size`` replaces the pt_regs context by a writable buffer of that
+    many bytes in r1 and its length in r2 (how bpf_conformance runs programs).
+    """
     if mode not in MODES:
         raise VerifierError(f"unknown verifier mode {mode!r}: use strict, warn or off")
     if mode == "off":
@@ -107,7 +135,7 @@ def verify_program(prog: ProgramSpec, maps: list[MapSpec], *, mode: str = "stric
     fail: Failure | None = None
     ck: Checker | None = None
     try:
-        cfg = analyse(insns, set(prog.functions))
+        cfg = analyse(insns)
         _isa_validate(insns)
     except StructureError as e:
         fail = Failure(e.msg, e.insn, e.hint, [], None, None)
@@ -116,7 +144,8 @@ def verify_program(prog: ProgramSpec, maps: list[MapSpec], *, mode: str = "stric
     except NotSupportedError as e:
         fail = Failure(str(e), 0, "", [], None, None)
     if fail is None:
-        ck = Checker(prog, maps, cfg, _global_funcs(prog, btf), log_level)
+        ck = Checker(prog, maps, cfg, _global_funcs(prog, btf), log_level, time_budget)
+        ck.test_mem_size = test_mem_size
         fail = ck.run()
     seconds = time.perf_counter() - t0
     report = _report(prog, fail, ck, seconds)
@@ -156,7 +185,7 @@ def _report(prog: ProgramSpec, fail: Failure | None, ck: Checker | None, seconds
     if fail.trail is not None and not (ck and ck.trace):
         lines.append(f"path to the failing instruction (last steps, function {L.function_of(prog, pc or 0)}):")
         lines.extend(L.trail_lines(prog, fail.trail))
-    if pc is not None:
+    if pc is not None and not (fail.trail is not None and fail.trail[0] == pc):
         if src:
             lines.append(f"; {src}")
         lines.append(f"{pc}: {insn_text}")

@@ -308,7 +308,6 @@ def refine(code: int, a: Scalar, b: Scalar, bits: int) -> tuple[Scalar, Scalar] 
 def _exclude(s: Scalar, c: int, bits: int) -> Scalar | None:
     """``s`` known to differ from the constant ``c``: trim range ends equal to c."""
     t, umin, umax, smin, smax = view(s, bits)
-    m, smin_l, smax_l = _limits(bits)
     sc = s64(c) if bits == 64 else s32(c)
     if t.is_const():
         return None if t.value == c else s

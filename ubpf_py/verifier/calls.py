@@ -23,9 +23,7 @@ MAX_ERRNO = 4095
 _MEM_TYPES = "fp, pkt, pkt_meta, map_key, map_value, mem, ringbuf_mem, buf, trusted_ptr_"
 _EXPECTED = {
     "mem": _MEM_TYPES, "mem_or_null": _MEM_TYPES, "uninit_mem": _MEM_TYPES,
-    "map_key": "fp, pkt, pkt_meta, map_key, map_value, mem, ringbuf_mem, buf",
-    "map_value": "fp, pkt, pkt_meta, map_key, map_value, mem, ringbuf_mem, buf",
-    "uninit_map_value": "fp, pkt, pkt_meta, map_key, map_value, mem, ringbuf_mem, buf",
+    "map_key": _MEM_TYPES, "map_value": _MEM_TYPES, "uninit_map_value": _MEM_TYPES,
     "ctx": "ctx", "map": "map_ptr", "func": "func", "stack_or_null": "fp",
     "ringbuf_mem": "ringbuf_mem", "const_str": "map_value",
     "size": "scalar", "size_or_zero": "scalar", "alloc_size": "scalar",
@@ -41,7 +39,7 @@ def _type_error(regno: int, reg: Reg, kind: str) -> Reject:
 class _Meta:
     """What earlier arguments told us about later ones (the kernel's bpf_call_arg_meta)."""
 
-    __slots__ = ("map", "mem_regno", "mem_write", "size_max", "func", "ref")
+    __slots__ = ("const_key", "func", "map", "mem_regno", "mem_write", "ref", "size_max")
 
     def __init__(self) -> None:
         self.map = -1
@@ -50,6 +48,7 @@ class _Meta:
         self.size_max = 0
         self.func = -1
         self.ref = 0
+        self.const_key: int | None = None
 
 
 def check_helper(ck: Checker, st: S.VerifierState, pc: int, hid: int) -> bool:
@@ -71,6 +70,8 @@ def check_helper(ck: Checker, st: S.VerifierState, pc: int, hid: int) -> bool:
     meta = _Meta()
     for i, kind in enumerate(proto.args):
         _check_arg(ck, st, pc, proto, i + 1, kind, regs[i + 1], meta)
+    if meta.map >= 0:
+        _check_map_compat(ck, proto, meta.map)
     if hid == 12 and st.refs:
         raise Reject("tail_call would lead to reference leak",
                      "submit or discard every reserved ringbuf record before bpf_tail_call")
@@ -90,12 +91,6 @@ def _check_arg(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto, re
     if kind == "map":
         if t != S.MAP_PTR:
             raise _type_error(regno, reg, kind)
-        m = ck.maps[reg.map]
-        allowed_helpers = _special_helpers(m.type)
-        if (proto.map_types is not None and m.type not in proto.map_types) or \
-                (allowed_helpers is not None and proto.id not in allowed_helpers):
-            raise Reject(f"cannot pass map_type {m.type} into func {proto.full_name}#{proto.id}",
-                         f"map '{m.name}' ({m.type_name}) cannot be used with this helper")
         meta.map = reg.map
         return
     if kind in ("map_key", "map_value", "uninit_map_value"):
@@ -106,6 +101,8 @@ def _check_arg(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto, re
         if t not in _MEM_PTRS:
             raise _type_error(regno, reg, kind)
         _mem_access(ck, st, regno, reg, size, write=kind == "uninit_map_value")
+        if kind == "map_key" and reg.type == S.STACK and reg.val.is_const():
+            meta.const_key = _stack_const(st, reg, size)
         return
     if kind in ("mem", "mem_or_null", "uninit_mem"):
         meta.mem_regno = regno
@@ -149,6 +146,9 @@ def _check_arg(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto, re
     if kind == "ctx":
         if t != S.CTX:
             raise _type_error(regno, reg, kind)
+        if reg.off < 0:
+            raise Reject(f"negative offset ctx ptr R{regno} off={reg.off} disallowed",
+                         "pass the unmodified context pointer")
         if reg.off or not (reg.val.is_const() and reg.val.value == 0):
             raise Reject(f"dereference of modified ctx ptr R{regno} off={reg.off} disallowed",
                          "pass the unmodified context pointer")
@@ -190,6 +190,31 @@ def _check_arg(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto, re
     raise Reject(f"unsupported helper argument kind {kind}")
 
 
+ELIDE_NULL_MAP_TYPES = {2, 6}  # array, percpu_array
+
+
+def _stack_const(st: S.VerifierState, reg: Reg, size: int) -> int | None:
+    """The key's value if the stack bytes hold a known constant (spilled const or zeros)."""
+    off = reg.off + reg.val.value
+    if off >= (1 << 63):
+        off -= 1 << 64
+    if off < -S.STACK_SIZE or off + size > 0:
+        return None
+    r = M.read_stack(st.frames[reg.frame], off, size) if size in (1, 2, 4, 8) else None
+    if r is not None and r.type == S.SCALAR and r.val.is_const():
+        return r.val.value
+    return None
+
+
+def _check_map_compat(ck: Checker, proto: HelperProto, map_idx: int) -> None:
+    m = ck.maps[map_idx]
+    allowed_helpers = _special_helpers(m.type)
+    if (proto.map_types is not None and m.type not in proto.map_types) or \
+            (allowed_helpers is not None and proto.id not in allowed_helpers):
+        raise Reject(f"cannot pass map_type {m.type} into func {proto.full_name}#{proto.id}",
+                     f"map '{m.name}' ({m.type_name}) cannot be used with this helper")
+
+
 def _special_helpers(map_type: int) -> frozenset[int] | None:
     from ubpf_py.helpers.protos import SPECIAL_MAP_HELPERS
     return SPECIAL_MAP_HELPERS.get(map_type)
@@ -220,7 +245,7 @@ def _mem_access(ck: Checker, st: S.VerifierState, regno: int, reg: Reg, size: in
 def _finish_helper(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto, meta: _Meta) -> None:
     regs = st.cur.regs
     if meta.ref:
-        release_reference(st, meta.ref)
+        release_reference(st, meta.ref, pc)
     for r in range(1, 6):
         regs[r] = S.UNINIT
     ret = proto.ret
@@ -233,7 +258,12 @@ def _finish_helper(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto
     elif ret == "void":
         regs[0] = S.UNINIT
     elif ret == "map_value_or_null":
-        regs[0] = Reg(S.MAP_VALUE_OR_NULL, Scalar.const(0), map=meta.map, id=ck.new_id())
+        if meta.const_key is not None and proto.id == 1 and \
+                ck.maps[meta.map].type in ELIDE_NULL_MAP_TYPES and meta.const_key < ck.maps[meta.map].max_entries:
+            # Linux 6.13+: an array lookup with a constant in-range key cannot fail
+            regs[0] = Reg(S.MAP_VALUE, Scalar.const(0), map=meta.map)
+        else:
+            regs[0] = Reg(S.MAP_VALUE_OR_NULL, Scalar.const(0), map=meta.map, id=ck.new_id())
     elif ret == "ringbuf_mem_or_null":
         ck.new_id()
         ref = ck.new_id()
@@ -243,16 +273,17 @@ def _finish_helper(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto
         raise Reject(f"unsupported helper return kind {ret}")
 
 
-def release_reference(st: S.VerifierState, ref: int) -> None:
+def release_reference(st: S.VerifierState, ref: int, pc: int) -> None:
     """The object is gone: every copy of a pointer to it becomes a plain number."""
     st.refs.pop(ref, None)
+    gone = Reg(S.SCALAR, UNKNOWN, released_at=pc + 1)
     for f in st.frames:
         for i, r in enumerate(f.regs):
             if r.ref == ref:
-                f.regs[i] = S.UNKNOWN_SCALAR
+                f.regs[i] = gone
         for k, r in list(f.spills.items()):
             if r.ref == ref:
-                f.spills[k] = S.UNKNOWN_SCALAR
+                f.spills[k] = gone
 
 
 def _enter_callback(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto, meta: _Meta) -> bool:
@@ -314,7 +345,8 @@ def check_exit(ck: Checker, st: S.VerifierState, pc: int) -> int | None:
                          extra=[f"BPF_EXIT instruction in {'global function' if ck.in_global else 'main prog'}"
                                 " would lead to reference leak"])
         if ck.in_global and r0.type != S.SCALAR:
-            raise Reject("At program exit the register R0 is not a known value", "global functions return a scalar")
+            raise Reject(f"At subprogram exit the register R0 is not a scalar value ({r0.type})",
+                         "global functions return a scalar")
         return None
     if cur.in_callback:
         if r0.type == S.NOT_INIT:

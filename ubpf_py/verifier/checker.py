@@ -27,6 +27,7 @@ from ubpf_py.verifier.state import Checkpoint, Reg, VerifierState
 from ubpf_py.verifier.structure import Cfg, is_cond_jump, jump_target, precision_demand
 
 COMPLEXITY_LIMIT = 1_000_000
+JMP_SEQ_LIMIT = 8192
 MAX_STACK = 512
 PRIV_STACK_MIN = 64
 _ALU_STR = {op.BPF_ADD: "+=", op.BPF_SUB: "-=", op.BPF_MUL: "*=", op.BPF_DIV: "/=", op.BPF_OR: "|=",
@@ -57,7 +58,7 @@ class Stats:
 
 class Checker:
     def __init__(self, prog: ProgramSpec, maps: list[MapSpec], cfg: Cfg, global_funcs: dict[int, list[str]],
-                 log_level: int = 1) -> None:
+                 log_level: int = 1, time_budget: float = 30.0) -> None:
         self.prog = prog
         self.insns: list[Instruction] = prog.instructions
         self.maps = maps
@@ -68,6 +69,11 @@ class Checker:
         self.trace: list[str] = []
         self.stats = Stats()
         self.explored: dict[int, list[Checkpoint]] = {}
+        self.open_sigs: dict[int, dict[tuple, Checkpoint]] = {}
+        self.jumps = 0
+        self._last_cp = (0, 0)
+        self.time_budget = time_budget
+        self.test_mem_size: int | None = None
         self.pending: list[tuple[VerifierState, int, tuple | None]] = []
         self.id_gen = 0
         self.in_global = False
@@ -76,7 +82,6 @@ class Checker:
         self.loop_ok = {i for i, ins in enumerate(self.insns)
                         if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == 0
                         and ins.imm in _HELPER_CALLBACKS}
-        self.deadline = time.monotonic() + 60.0
         self._cur_trail: tuple | None = None
         self._to_verify: list[int] = []
         from ubpf_py.helpers.protos import PROTOS
@@ -97,6 +102,9 @@ class Checker:
         self.stats.stack_depth.setdefault(start, 0)
 
     def push(self, st: VerifierState, pc: int) -> None:
+        if len(self.pending) > JMP_SEQ_LIMIT:
+            raise Reject(f"The sequence of {len(self.pending)} jumps is too complex.",
+                         "too many branches are waiting to be explored; simplify the control flow")
         if st.parent is not None:
             st.parent.branches += 1
         self.pending.append((st, pc, self._cur_trail))
@@ -105,7 +113,7 @@ class Checker:
         args = self.global_funcs[target]
         for i, kind in enumerate(args):
             r = st.cur.regs[i + 1]
-            if r.type == S.NOT_INIT:
+            if r.type == S.NOT_INIT and kind != "scalar":
                 raise Reject(f"R{i + 1} !read_ok", f"argument {i + 1} of the global function was never set")
             if kind == "scalar" and r.type != S.SCALAR:
                 raise Reject(f"R{i + 1} is not a scalar", "this argument of the global function is an integer")
@@ -120,7 +128,11 @@ class Checker:
     # -- the walk --------------------------------------------------------------------
     def run(self) -> Failure | None:
         st = VerifierState([S.new_frame(0, -1, 0)])
-        st.cur.regs[1] = Reg(S.CTX, Scalar.const(0))
+        if self.test_mem_size is None:
+            st.cur.regs[1] = Reg(S.CTX, Scalar.const(0))
+        else:  # a bpf_conformance-style run: r1 = packet-like memory, r2 = its length
+            st.cur.regs[1] = Reg(S.MEM, Scalar.const(0), size=self.test_mem_size)
+            st.cur.regs[2] = S.const_reg(self.test_mem_size)
         self.enter_function(0)
         fail = self._explore(st, 0)
         if fail:
@@ -133,12 +145,14 @@ class Checker:
                 st.cur.regs[i + 1] = Reg(S.CTX, Scalar.const(0)) if kind == "ctx" else S.UNKNOWN_SCALAR
             self.enter_function(start)
             self.explored.clear()
+            self.open_sigs.clear()
             fail = self._explore(st, start)
             if fail:
                 return fail
         return self._check_stack_depth()
 
     def _explore(self, st: VerifierState, pc: int) -> Failure | None:
+        self.deadline = time.monotonic() + self.time_budget
         self.pending = [(st, pc, None)]
         while self.pending:
             st, pc, trail = self.pending.pop()
@@ -161,10 +175,13 @@ class Checker:
                 raise Reject(f"BPF program is too large. Processed {stats.processed} insn",
                              "the verifier explored 1,000,000 instructions without finishing; "
                              "simplify loops or branches")
-            if pc in prune or pc in self.loop_ok:
-                if self._visit(st, pc):
-                    self._path_done(st)
-                    return
+            if (pc in prune or pc in self.loop_ok) and self._visit(st, pc):
+                self._path_done(st)
+                return
+            if not stats.processed & 0x3FFF and time.monotonic() > self.deadline:
+                raise Reject(f"verification exceeded the {self.time_budget:g} s time budget after "
+                             f"{stats.processed} insns", "the kernel would keep going up to 1,000,000 "
+                             "instructions; simplify loops or raise the budget")
             self._cur_trail = (pc, self._cur_trail)
             ins = insns[pc]
             if level2:
@@ -196,12 +213,7 @@ class Checker:
             else:
                 o = code & 0xF0
                 if o == op.BPF_CALL:
-                    nxt = self._call(st, pc, ins)
-                    if nxt is None:
-                        continue_pc = pc + 1
-                    else:
-                        continue_pc = nxt
-                    pc = continue_pc
+                    pc = self._call(st, pc, ins)
                 elif o == op.BPF_EXIT:
                     nxt = C.check_exit(self, st, pc)
                     if nxt is None:
@@ -209,8 +221,10 @@ class Checker:
                         return
                     pc = nxt
                 elif o == op.BPF_JA:
+                    self.jumps += 1
                     pc = jump_target(pc, ins)
                 else:
+                    self.jumps += 1
                     pc = self._cond(st, pc, ins)
                     if pc < 0:
                         self._path_done(st)
@@ -239,40 +253,67 @@ class Checker:
         return out
 
     def _visit(self, st: VerifierState, pc: int) -> bool:
-        lst = self.explored.setdefault(pc, [])
+        """Prune point: stop if a finished state covers this one; detect loops; checkpoint."""
+        lst = self.explored.get(pc)
         loop_ok = pc in self.loop_ok
-        live = None
-        for cp in lst:
-            if cp.branches == 0 or loop_ok:
-                if live is None:
-                    live = self._live_masks(st, pc)
-                if S.subsumes(cp.state, st, live):
-                    cp.hits += 1
-                    return True
-                cp.misses += 1
-            elif S.subsumes(cp.state, st, None, exact=True):
+        masks = None
+        candidates = lst or []
+        if loop_ok:
+            candidates = [*candidates, *self.open_sigs.get(pc, {}).values()]
+        for cp in candidates:
+            if masks is None:
+                masks = self._live_masks(st, pc)
+            if S.subsumes(cp.state, st, masks):
+                cp.hits += 1
+                return True
+            cp.misses += 1
+        sigs = self.open_sigs.setdefault(pc, {})
+        sig = st.signature() if sigs or self._want_checkpoint(loop_ok) else ()
+        if not loop_ok:
+            cp = sigs.get(sig) if sigs else None
+            if cp is not None and cp.branches > 0:
                 raise Reject(f"infinite loop detected at insn {pc}",
                              "this loop comes back to the same state: it can never exit")
-        if loop_ok:
-            ancestors = [cp for cp in lst if cp.branches and len(cp.state.frames) == len(st.frames)]
+            if not self._want_checkpoint(False):
+                return False
+        else:
+            ancestors = [cp for cp in sigs.values() if cp.branches and len(cp.state.frames) == len(st.frames)]
             if ancestors:
                 S.widen(ancestors[-1].state, st)
-        # forget states that never help (the kernel's miss heuristic)
-        if len(lst) > 8:
-            lst[:] = [cp for cp in lst if cp.branches or cp.misses <= 3 * cp.hits + 3]
+        # forget finished states that never help (the kernel's miss heuristic)
+        if lst is not None and len(lst) > 8:
+            lst[:] = [cp for cp in lst if cp.misses <= 3 * cp.hits + 3]
+        if not sig:
+            sig = st.signature()
+        self._last_cp = (self.stats.processed, self.jumps)
         cp = Checkpoint(st.copy(), pc, st.parent)
+        cp.sig = sig
         st.parent = cp
-        lst.append(cp)
+        sigs[sig] = cp
         self.stats.states += 1
-        self.stats.max_states_per_insn = max(self.stats.max_states_per_insn, len(lst))
         return False
 
+    def _want_checkpoint(self, force: bool) -> bool:
+        """The kernel's heuristic: a new checkpoint needs 2 jumps and 8 insns since the last."""
+        if force:
+            return True
+        insns, jumps = self._last_cp
+        return self.jumps - jumps >= 2 and self.stats.processed - insns >= 8
+
     def _path_done(self, st: VerifierState) -> None:
+        """A path ended: checkpoints whose every path has ended become usable for pruning."""
         cp = st.parent
         while cp is not None:
             cp.branches -= 1
             if cp.branches > 0:
                 break
+            sigs = self.open_sigs.get(cp.insn)
+            if sigs is not None and sigs.get(cp.sig) is cp:
+                del sigs[cp.sig]
+            lst = self.explored.setdefault(cp.insn, [])
+            lst.append(cp)
+            if len(lst) > self.stats.max_states_per_insn:
+                self.stats.max_states_per_insn = len(lst)
             cp = cp.parent
 
     # -- instructions ------------------------------------------------------------------
@@ -351,45 +392,35 @@ class Checker:
             if o == op.BPF_SUB:
                 return S.UNKNOWN_SCALAR
             raise Reject(f"R{d} pointer {_ALU_STR[o]} pointer prohibited")
-        if not dst.is_ptr:  # scalar OP pointer
-            if o == op.BPF_ADD:
-                return self._ptr_offset(src, dst, op.BPF_ADD, d)
-            if o == op.BPF_SUB:
-                raise Reject(f"R{d} tried to subtract pointer from scalar")
-            if o in (op.BPF_AND, op.BPF_OR, op.BPF_XOR):
-                raise Reject(f"R{d} bitwise operator {_ALU_STR[o]} on pointer prohibited")
-            raise Reject(f"R{d} pointer arithmetic with {_ALU_STR[o]} operator prohibited")
-        if dst.type in S.OR_NULL:
-            raise Reject(f"R{d} pointer arithmetic on {dst.type} prohibited, null-check it first",
+        ptr, off = (dst, src) if dst.is_ptr else (src, dst)
+        if ptr.type in S.OR_NULL:
+            raise Reject(f"R{d} pointer arithmetic on {ptr.type} prohibited, null-check it first",
                          "compare the pointer with 0 before doing arithmetic on it")
-        if dst.type in (S.MAP_PTR, S.FUNC):
-            raise Reject(f"R{d} pointer arithmetic on {dst.type} prohibited")
-        if o not in (op.BPF_ADD, op.BPF_SUB):
-            if o in (op.BPF_AND, op.BPF_OR, op.BPF_XOR):
-                raise Reject(f"R{d} bitwise operator {_ALU_STR[o]} on pointer prohibited")
-            raise Reject(f"R{d} pointer arithmetic with {_ALU_STR[o]} operator prohibited",
-                         "only adding or subtracting integers keeps a pointer a pointer")
-        return self._ptr_offset(dst, src, o, d)
+        if ptr.type in (S.MAP_PTR, S.FUNC):
+            raise Reject(f"R{d} pointer arithmetic on {ptr.type} prohibited")
+        _sane_offset(off.val, ptr)
+        if o == op.BPF_ADD:
+            return self._ptr_offset(ptr, off, o, d)
+        if o == op.BPF_SUB:
+            if not dst.is_ptr:
+                raise Reject(f"R{d} tried to subtract pointer from scalar")
+            return self._ptr_offset(ptr, off, o, d)
+        if o in (op.BPF_AND, op.BPF_OR, op.BPF_XOR):
+            raise Reject(f"R{d} bitwise operator {_ALU_STR[o]} on pointer prohibited")
+        raise Reject(f"R{d} pointer arithmetic with {_ALU_STR[o]} operator prohibited",
+                     "only adding or subtracting integers keeps a pointer a pointer")
 
     def _ptr_offset(self, ptr: Reg, off: Reg, o: int, d: int) -> Reg:
         v = off.val
-        tname = ptr.type
         if v.is_const():
             c = v.smin
-            if c >= M.MAX_VAR_OFF or c <= -M.MAX_VAR_OFF:
-                raise Reject(f"math between {tname} pointer and {c} is not allowed")
             new_off = ptr.off + c if o == op.BPF_ADD else ptr.off - c
             if new_off >= M.MAX_VAR_OFF or new_off <= -M.MAX_VAR_OFF:
-                raise Reject(f"{tname} pointer offset {new_off} is not allowed")
+                raise Reject(f"{ptr.type} pointer offset {new_off} is not allowed")
             return Reg(ptr.type, ptr.val, new_off, ptr.map, ptr.size, ptr.id, ptr.ref, ptr.frame, ptr.subprog)
-        if v.smin == -(1 << 63):
-            raise Reject(f"math between {tname} pointer and register with unbounded min value is not allowed",
-                         "bound the offset (e.g. 'if (i < N)' or 'i &= MASK') before adding it")
-        if v.smin >= M.MAX_VAR_OFF or v.smin <= -M.MAX_VAR_OFF:
-            raise Reject(f"value {v.smin} makes {tname} pointer be out of bounds")
         nv = A.scalar_alu(o, ptr.val, v, 64)
         if nv.smin == -(1 << 63) or nv.smin <= -M.MAX_VAR_OFF or nv.smin >= M.MAX_VAR_OFF:
-            raise Reject(f"math between {tname} pointer and register with unbounded min value is not allowed")
+            raise Reject(f"math between {ptr.type} pointer and register with unbounded min value is not allowed")
         return Reg(ptr.type, nv, ptr.off, ptr.map, ptr.size, ptr.id, ptr.ref, ptr.frame, ptr.subprog)
 
     def _store(self, st: VerifierState, ins: Instruction) -> None:
@@ -443,7 +474,7 @@ class Checker:
             raise Reject(f"unrecognized bpf_ld_imm64 insn src={src}",
                          "not supported: BTF ids / kernel symbols in lddw")
 
-    def _call(self, st: VerifierState, pc: int, ins: Instruction) -> int | None:
+    def _call(self, st: VerifierState, pc: int, ins: Instruction) -> int:
         if ins.src == op.BPF_PSEUDO_CALL:
             target = pc + ins.imm + 1
             self.callees.setdefault(self.cfg.func_of(pc), set()).add(target)
@@ -545,14 +576,28 @@ class Checker:
             if len(chain) > 16:
                 return None
             for callee in sorted(self.callees.get(sub, ())):
-                if callee in self.cfg.callbacks or callee in self.global_funcs:
-                    continue
                 f = walk(callee, acc, [*chain, sub])
                 if f:
                     return f
             return None
 
         return walk(0, 0, [])
+
+
+def _sane_offset(v: Scalar, ptr: Reg) -> None:
+    """The kernel's check_reg_sane_offset for the scalar added to a pointer."""
+    t = ptr.type
+    if v.is_const():
+        c = v.smin
+        if c >= M.MAX_VAR_OFF or c <= -M.MAX_VAR_OFF:
+            raise Reject(f"math between {t} pointer and {c} is not allowed")
+    elif v.smin == -(1 << 63):
+        raise Reject(f"math between {t} pointer and register with unbounded min value is not allowed",
+                     "bound the offset (e.g. 'if (i < N)' or 'i &= MASK') before adding it")
+    elif v.smin >= M.MAX_VAR_OFF or v.smin <= -M.MAX_VAR_OFF:
+        raise Reject(f"value {v.smin} makes {t} pointer be out of bounds")
+    if ptr.off >= M.MAX_VAR_OFF or ptr.off <= -M.MAX_VAR_OFF:
+        raise Reject(f"{t} pointer offset {ptr.off} is not allowed")
 
 
 def _round16(v: int) -> int:

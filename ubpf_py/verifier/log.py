@@ -20,7 +20,7 @@ def format_insn(ins: Instruction, index: int = 0) -> str:
     if _fmt is not None:
         try:
             return _fmt(ins, index)
-        except Exception:  # noqa: BLE001 - never let log formatting hide the real verdict
+        except Exception:
             pass
     return (f"op={ins.opcode:#04x} dst=r{ins.dst} src=r{ins.src} off={ins.off} imm={ins.imm}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ubpf_py.verifier import state as S
+from ubpf_py.verifier import tnum as tn
 from ubpf_py.verifier.scalar import Scalar, s64, unknown_bits
 from ubpf_py.verifier.state import Reg
 
@@ -91,9 +92,14 @@ def check_access(ck: Checker, st: S.VerifierState, regno: int, insn_off: int, si
     if t == S.NOT_INIT:
         raise Reject(f"R{regno} !read_ok", f"r{regno} is used before anything was stored in it")
     off = reg.off + insn_off
+    if atomic:
+        _atomic_alignment(reg, insn_off, size)
     if t == S.CTX:
         if atomic:
             raise Reject(f"BPF_ATOMIC stores into R{regno} ctx is not allowed")
+        if reg.off < 0:
+            raise Reject(f"negative offset ctx ptr R{regno} off={reg.off} disallowed",
+                         "access pt_regs fields through the unmodified context pointer (r1 at entry)")
         if reg.off:
             raise Reject(f"dereference of modified ctx ptr R{regno} off={reg.off} disallowed",
                          "access pt_regs fields through the unmodified context pointer (r1 at entry)")
@@ -107,7 +113,7 @@ def check_access(ck: Checker, st: S.VerifierState, regno: int, insn_off: int, si
         frame = st.frames[reg.frame]
         v = reg.val
         if v.is_const() and (s64(v.value) + off) % size:
-            raise Reject(f"misaligned stack access off {v.var}+{reg.off}+{insn_off} size {size}",
+            raise Reject(f"misaligned stack access off {s64(v.value)}+{reg.off}+{insn_off} size {size}",
                          "stack accesses must be aligned to their size")
         lo, hi = stack_bounds(ck, regno, reg, off, size, "write to" if write else "read from")
         ck.note_stack(frame, -lo)
@@ -120,6 +126,9 @@ def check_access(ck: Checker, st: S.VerifierState, regno: int, insn_off: int, si
             mark_misc(frame, lo, hi)
             return _loaded(size, False)
         if write:
+            if value is not None and value.type == S.STACK and size == 8 and frame is not st.cur:
+                raise Reject("cannot spill pointers to stack into stack frame of the caller",
+                             "a callee's stack disappears when it returns; keep such pointers local")
             write_stack(ck, frame, lo, size, value)
             return None
         r = read_stack(frame, lo, size)
@@ -147,10 +156,26 @@ def check_access(ck: Checker, st: S.VerifierState, regno: int, insn_off: int, si
             raise Reject(f"write to change key R{regno} not allowed")
         region_check(ck, regno, reg, off, size, ck.maps[reg.map].key_size, "map key")
         return _loaded(size, sext)
-    raise Reject(f"R{regno} invalid mem access '{t}'", _deref_hint(t))
+    raise Reject(f"R{regno} invalid mem access '{t}'", _deref_hint(reg))
 
 
-def _deref_hint(t: str) -> str:
+_PTR_DESC = {S.MAP_VALUE: "value ", S.STACK: "stack ", S.CTX: "context "}
+
+
+def _atomic_alignment(reg: Reg, insn_off: int, size: int) -> None:
+    """Atomics need natural alignment whatever the pointer (the kernel checks this first)."""
+    v = tn.add(reg.val.var, tn.const(reg.off + insn_off))
+    if (v.value | v.mask) & (size - 1):
+        var = str(s64(reg.val.value)) if reg.val.is_const() else str(reg.val.var)
+        raise Reject(f"misaligned {_PTR_DESC.get(reg.type, '')}access off {var}+{reg.off}+{insn_off} size {size}",
+                     "atomic operations need naturally aligned addresses")
+
+
+def _deref_hint(reg: Reg) -> str:
+    t = reg.type
+    if reg.released_at:
+        return (f"this register pointed to a ringbuf record released at insn {reg.released_at - 1} "
+                "(submit/discard); a record cannot be used after it is released")
     if t in S.OR_NULL:
         return "the pointer may be NULL: check it against 0 before using it"
     if t == S.SCALAR:
@@ -209,6 +234,8 @@ def read_stack(frame: S.Frame, off: int, size: int) -> Reg:
     kinds = frame.stack[idx:idx + size]
     slot = idx // 8
     sp = frame.spills.get(slot)
+    if sp is not None and sp.is_ptr and size != 8 and S.S_SPILL in kinds:
+        raise Reject("invalid size of register fill", "a spilled pointer must be read back as 8 bytes")
     if sp is not None and all(k == S.S_SPILL for k in kinds):
         if idx % 8 == 0:
             if size == 8:
@@ -226,7 +253,7 @@ def helper_stack_access(ck: Checker, st: S.VerifierState, regno: int, reg: Reg, 
                         write: bool) -> None:
     """A helper reads or fills ``size`` bytes at a stack pointer."""
     frame = st.frames[reg.frame]
-    lo, hi = stack_bounds(ck, regno, reg, reg.off, size, "indirect access to")
+    lo, hi = stack_bounds(ck, regno, reg, reg.off, size, "write to" if write else "read from")
     ck.note_stack(frame, -lo)
     if write:
         mark_misc(frame, lo, hi)

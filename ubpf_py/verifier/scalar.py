@@ -106,7 +106,15 @@ class Scalar:
     def sync(self) -> Scalar:
         v, umin, umax, smin, smax = self.var, self.umin, self.umax, self.smin, self.smax
         u32min, u32max, s32min, s32max = self.u32min, self.u32max, self.s32min, self.s32max
-        for _ in range(3):
+        if v.mask == 0 and umin <= v.value <= umax and smin <= s64(v.value) <= smax \
+                and u32min <= v.value & U32 <= u32max and s32min <= s32(v.value) <= s32max:
+            return Scalar.const(v.value)
+        prev = None
+        for _ in range(4):
+            cur = (v, umin, umax, smin, smax, u32min, u32max, s32min, s32max)
+            if cur == prev:
+                break
+            prev = cur
             # bounds from the tnum
             sv = tn.subreg(v)
             s32min = max(s32min, s32(sv.value | (sv.mask & 0x80000000)))

@@ -62,6 +62,8 @@ class Reg:
     frame: int = 0
     #: first instruction of the function a func pointer names
     subprog: int = -1
+    #: for a scalar that used to be a pointer to a released object: the release insn + 1
+    released_at: int = 0
 
     @property
     def is_ptr(self) -> bool:
@@ -71,6 +73,8 @@ class Reg:
         if self.type == NOT_INIT:
             return "?"
         if self.type == SCALAR:
+            if self.released_at:
+                return f"scalar(released pointer, insn {self.released_at - 1})"
             return f"scalar({self.val})" if not self.val.is_const() else str(self.val)
         parts = []
         if self.type == STACK:
@@ -143,6 +147,7 @@ class Checkpoint:
     loop_ok: bool = False
     hits: int = 0
     misses: int = 0
+    sig: tuple = ()
 
 
 @dataclass(slots=True)
@@ -157,6 +162,12 @@ class VerifierState:
     @property
     def cur(self) -> Frame:
         return self.frames[-1]
+
+    def signature(self) -> tuple:
+        """Hashable exact description (for the infinite-loop check)."""
+        return (tuple((f.callsite, f.in_callback, tuple(f.regs), bytes(f.stack),
+                       tuple(sorted(f.spills.items()))) for f in self.frames),
+                tuple(sorted(self.refs.items())))
 
     def copy(self) -> VerifierState:
         return VerifierState([f.copy() for f in self.frames], dict(self.refs), self.parent,

@@ -85,8 +85,13 @@ def check_fields(i: int, ins: Instruction) -> None:
     """Reserved-field checks (the kernel does these in do_check; we do them up front)."""
     code = ins.opcode
     cls = code & 0x07
-    if ins.dst > 10 or ins.src > 10 and not (code == op.LDDW or code == op.BPF_JMP | op.BPF_CALL):
+    if ins.dst > 10 or (ins.src > 10 and not (code == op.LDDW or code == op.BPF_JMP | op.BPF_CALL)):
         raise StructureError(f"R{max(ins.dst, ins.src)} is invalid", i, "registers are r0..r10")
+    if cls == op.BPF_LD and code != op.LDDW:
+        raise StructureError("BPF_LD_[ABS|IND] instructions not allowed for this program type", i,
+                             "legacy packet loads are for socket filters, not uprobes")
+    if ins.dst == 10 and (cls in (op.BPF_ALU, op.BPF_ALU64, op.BPF_LDX) or code == op.LDDW):
+        raise StructureError("frame pointer is read only", i, "r10 cannot be written")
     if cls in (op.BPF_ALU, op.BPF_ALU64):
         o = code & 0xF0
         name = "BPF_ALU"
@@ -220,8 +225,6 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
             if not s <= t < e:
                 raise StructureError(f"jump out of range from insn {i} to {t}", i,
                                      "the jump leaves its function")
-            if t in second_slot:
-                raise StructureError(f"jump into the middle of ldimm64 insn {t - 1}", i)
             prune.add(t)
             if is_cond_jump(code):
                 prune.add(i + 1)
@@ -237,9 +240,9 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
             if code == op.BPF_JMP | op.BPF_CALL:
                 prune.add(i + 1)
         last = e - 1
-        if i == last or (code == op.LDDW and i + 1 == last):
-            if code not in (op.BPF_JMP | op.BPF_EXIT, op.BPF_JMP | op.BPF_JA, op.BPF_JMP32 | op.BPF_JA):
-                raise StructureError("last insn is not an exit or jmp", i,
+        if (i == last or (code == op.LDDW and i + 1 == last)) and \
+                code not in (op.BPF_JMP | op.BPF_EXIT, op.BPF_JMP | op.BPF_JA, op.BPF_JMP32 | op.BPF_JA):
+            raise StructureError("last insn is not an exit or jmp", i,
                                      "every function must end in exit or a jump")
     # reachability, function by function
     for s in starts:
@@ -248,6 +251,8 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
         while todo:
             j = todo.pop()
             for t in succ[j]:
+                if t in second_slot:
+                    raise StructureError(f"jump into the middle of ldimm64 insn {t - 1}", j)
                 if t not in seen:
                     seen.add(t)
                     todo.append(t)
