@@ -164,7 +164,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     for rep in reports:
         print(format_verdict(rep))
         rejected += not rep.ok
-        if args.verifier_log and rep.log:
+        if rep.log and (args.verifier_log or not rep.ok):  # the log on rejection, always
             print(rep.log.rstrip())
     return 3 if rejected else 0
 
