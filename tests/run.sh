@@ -28,4 +28,8 @@ if [ ! -e "$build/.built" ]; then
 	touch "$build/.built"
 fi
 
-python3 -m pytest -q -n 2 -p no:cacheprovider "$@" tests
+# phase 1: everything that does not measure time, on two workers; phase 2: the timed tests, alone
+rc=0
+python3 -m pytest -q -n 2 -p no:cacheprovider -m "not serial" "$@" tests || rc=$?
+python3 -m pytest -q -p no:cacheprovider -m serial "$@" tests || rc=$((rc ? rc : $?))
+exit $rc

@@ -13,8 +13,11 @@ import sys
 import pytest
 from corpus import CHECK, load_manifest, run_case
 
-CASES = load_manifest()
-IDS = [c["name"] for c in CASES]
+#: cases whose expectations are wall-clock latencies (funclat: 50 us and 12 ms calls in log2 slots);
+#: a saturated machine pushes even the kernel's numbers out of range, so they run in the serial phase
+TIMED_CASES = {"funclat"}
+CASES = [pytest.param(c, marks=pytest.mark.serial) if c["name"] in TIMED_CASES else c for c in load_manifest()]
+IDS = [c["name"] for c in load_manifest()]
 
 
 def _missing_parts(case: dict, build) -> list[str]:
