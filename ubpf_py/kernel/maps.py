@@ -16,7 +16,6 @@ import ctypes
 import functools
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from ubpf_py.kernel.syscall import (
     BPF_MAP_CREATE,
@@ -31,6 +30,7 @@ from ubpf_py.kernel.syscall import (
     bpf,
     bpf_rc,
 )
+from ubpf_py.sysinfo import possible_cpus
 
 # map types whose values the kernel keeps per CPU
 PERCPU_MAP_TYPES = frozenset({5, 6, 10, 21})  # percpu_hash, percpu_array, lru_percpu_hash, percpu_cgroup_storage
@@ -47,23 +47,6 @@ _ENOENT = 2
 
 
 @functools.cache
-def possible_cpus() -> int:
-    """Number of possible CPUs (what the kernel sizes per-CPU buffers by), parsed from
-    /sys/devices/system/cpu/possible (e.g. ``0-3,5``)."""
-    try:
-        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    except OSError:
-        return os.cpu_count() or 1
-    count = 0
-    for part in text.split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            count += int(hi) - int(lo) + 1
-        elif part:
-            count += 1
-    return max(count, 1)
-
-
 def _round8(n: int) -> int:
     return (n + 7) & ~7
 

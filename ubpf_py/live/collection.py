@@ -9,10 +9,8 @@ addresses, then compilation/preparation for the chosen engine.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ubpf_py.errors import NotSupportedError, ObjectLoadError, UbpfError
@@ -23,6 +21,7 @@ from ubpf_py.isa.opcodes import (
     LDDW,
 )
 from ubpf_py.obj.spec import MapSpec, ObjectSpec, ProgramSpec
+from ubpf_py.sysinfo import possible_cpus
 from ubpf_py.vm.env import ExecEnv, HitContext
 from ubpf_py.vm.memory import HostBuffer, MemoryMap, Region
 
@@ -32,19 +31,6 @@ MAP_TYPE_PROG_ARRAY = 3
 MAP_TYPE_ARRAY_OF_MAPS = 12
 MAP_TYPE_HASH_OF_MAPS = 13
 PT_REGS_SIZE = 168
-
-
-def possible_cpus() -> int:
-    """Number of possible CPUs, as the kernel sizes per-CPU maps and perf arrays."""
-    try:
-        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    except OSError:
-        return os.cpu_count() or 1
-    count = 0
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        count += (int(hi) - int(lo) + 1) if hi else 1
-    return count
 
 
 @dataclass

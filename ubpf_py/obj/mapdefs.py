@@ -32,6 +32,7 @@ from ubpf_py.obj.elffile import (
     Section,
 )
 from ubpf_py.obj.spec import GlobalVar, MapSpec
+from ubpf_py.sysinfo import possible_cpus
 
 BPF_OBJ_NAME_LEN = 16
 BPF_F_RDONLY_PROG = 1 << 7
@@ -56,20 +57,6 @@ def internal_map_name(obj_name: str, sec_name: str) -> str:
     pfx_len = 0 if "." in sec_name[1:] else min(BPF_OBJ_NAME_LEN - sfx_len - 1, len(obj_name))
     name = obj_name[:pfx_len] + sec_name[:sfx_len]
     return "".join(c if (c.isalnum() or c in "_.") else "_" for c in name)
-
-
-def possible_cpus() -> int:
-    """Number of possible CPUs (/sys/devices/system/cpu/possible), like libbpf_num_possible_cpus."""
-    try:
-        with open("/sys/devices/system/cpu/possible") as fh:
-            text = fh.read().strip()
-        n = 0
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            n += (int(hi) if hi else int(lo)) - int(lo) + 1
-        return n
-    except (OSError, ValueError):
-        return os.cpu_count() or 1
 
 
 def adjust_ringbuf_size(sz: int) -> int:

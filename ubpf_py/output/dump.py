@@ -47,25 +47,14 @@ def snapshot_map(m: Any) -> MapDump:
     if tname in NO_ENTRIES:
         entries = None
     elif tname in PERCPU:
-        entries = [(k, m.lookup_percpu(k)) for k in _keys(m)]
+        entries = [(k, m.lookup_percpu(k)) for k in m.keys()]  # noqa: SIM118 - Map.keys() walks get_next_key
     elif tname in ("queue", "stack", "bloom_filter"):
         entries = [(b"", v) for v in m.values()] if hasattr(m, "values") else []
     else:
-        entries = [(k, m.lookup(k)) for k in _keys(m)]
+        entries = [(k, m.lookup(k)) for k in m.keys()]  # noqa: SIM118 - Map.keys() walks get_next_key
         entries = [(k, v) for k, v in entries if v is not None]
     return MapDump(spec.name, tname, spec.key_size, spec.value_size, spec.max_entries, spec.internal,
                    spec.key_type_id, spec.value_type_id, entries, spec.section)
-
-
-def _keys(m: Any) -> list[bytes]:
-    keys = []
-    key = m.get_next_key(None)
-    seen = set()
-    while key is not None and key not in seen:
-        seen.add(key)
-        keys.append(key)
-        key = m.get_next_key(key)
-    return keys
 
 
 def snapshot_globals(spec: Any, maps: dict[str, Any]) -> list[GlobalDump]:
