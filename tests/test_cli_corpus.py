@@ -34,6 +34,15 @@ def test_corpus_case_ubpf(case, engine, corpus_build):
     assert ok, text
 
 
+#: in the kernel, bpf_get_stackid without BPF_F_REUSE_STACKID returns -EEXIST when two stacks hash
+#: to one bucket, which with ASLR happens on some runs (kernel behaviour, not ours): up to 3 tries
+KERNEL_NONDETERMINISTIC = {"mallocs"}
+
+
+def _kernel_tries(case: dict) -> int:
+    return 3 if case["name"] in KERNEL_NONDETERMINISTIC else 1
+
+
 @pytest.mark.kernel
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_corpus_case_kernel_backend(case, corpus_build):
@@ -43,7 +52,10 @@ def test_corpus_case_kernel_backend(case, corpus_build):
         pytest.skip(reason)
     if _missing_parts(case, corpus_build):
         pytest.skip("not built")
-    ok, text = run_case(case, corpus_build, "kernel")
+    for _ in range(_kernel_tries(case)):
+        ok, text = run_case(case, corpus_build, "kernel")
+        if ok:
+            break
     assert ok, text
 
 
@@ -65,6 +77,9 @@ def test_corpus_case_kernel_oracle(case, corpus_build):
         pytest.skip(reason)
     if _missing_parts(case, corpus_build):
         pytest.skip("not built")
-    p = subprocess.run([sys.executable, str(CHECK), "--build", str(corpus_build), case["name"]],
-                       capture_output=True, text=True, timeout=180)
+    for _ in range(_kernel_tries(case)):
+        p = subprocess.run([sys.executable, str(CHECK), "--build", str(corpus_build), case["name"]],
+                           capture_output=True, text=True, timeout=180)
+        if p.returncode == 0:
+            break
     assert p.returncode == 0 and f"PASS {case['name']}" in p.stdout, p.stdout + p.stderr

@@ -207,7 +207,11 @@ except OSError:
     CASES = ["hello"]  # the corpus is missing: corpus_build skips with the reason
 
 
-@pytest.mark.parametrize("name", CASES)
+# funclat's expectations are wall-clock latencies: it runs in tests/run.sh's serial phase
+TIMED = {"funclat"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.serial) if n in TIMED else n for n in CASES])
 def test_corpus_case(corpus_build: Path, name: str) -> None:
     try:
         from ubpf_py.obj.elf import load_object
