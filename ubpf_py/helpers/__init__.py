@@ -29,6 +29,10 @@ SUPPORTED_HELPERS: frozenset[int] = frozenset({
     177, 181, 182,
 })
 
+#: helpers whose standard implementations the JIT may replace with native code
+#: (``vm.jit.fastpath``): they carry ``ubpf_native = <kernel name>``
+NATIVE_HELPERS: frozenset[int] = frozenset({1, 2, 5, 7, 8, 14, 15, 125, 130, 173, 174})
+
 
 def build_helper_table(env: ExecEnv) -> dict[int, HelperFn]:
     """Every supported helper (except tail_call, which engines handle) bound to ``env``."""
@@ -36,6 +40,8 @@ def build_helper_table(env: ExecEnv) -> dict[int, HelperFn]:
     table: dict[int, HelperFn] = {}
     for family in (map_helpers, memory_helpers, task_helpers, printk):
         family.bind(hc, table)
+    for hid in NATIVE_HELPERS:   # the JIT may run these natively (vm.jit.fastpath)
+        table[hid].ubpf_native = HELPER_NAMES[hid]
     missing = SUPPORTED_HELPERS - set(table) - {BPF_FUNC_TAIL_CALL}
     if missing:  # a family forgot one: fail loudly at load rather than at the first call
         raise HelperError(f"internal: helpers {sorted(missing)} are listed as supported but not bound")

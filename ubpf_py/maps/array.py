@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 
 from ubpf_py.maps import consts as C
+from ubpf_py.maps import descriptor
 from ubpf_py.maps.base import Map, check_flags_common, check_update_flags, map_create_error, write_value
 from ubpf_py.obj.spec import MapSpec
 from ubpf_py.vm.memory import HostBuffer, Region
@@ -68,6 +69,12 @@ class ArrayMap(Map):
                 raise map_create_error(spec, f"initial data is {len(spec.data)} bytes, larger than "
                                        f"value_size {self.value_size}")
             self._view[0:len(spec.data)] = spec.data
+        D = descriptor
+        descriptor.write_descriptor(self._handle.view, {
+            D.D_KIND: D.KIND_ARRAY, D.D_KEY_SIZE: 4, D.D_LIMIT: self.max_entries, D.D_TABLE: self._elem,
+            D.D_VALUES: self._base, D.D_CPU_STRIDE: self._vstride if self.percpu else 0,
+            D.D_VAL_STRIDE: self._elem,
+            D.D_VALUE_SIZE: self.value_size if self.value_size <= D.MAX_NATIVE_KEY else 0})
 
     def regions(self) -> list[Region]:
         return [Region.of(self._buf, f"map {self.name}", writable=not self.readonly_for_programs)]

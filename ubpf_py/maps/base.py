@@ -15,7 +15,8 @@ Conventions (shared by helpers, output, the loader and the tests):
 * Values live in numpy-backed ``HostBuffer`` slabs; ``lookup_addr`` gives the host
   address of a value so programs can read and write it in place, and
   ``regions()`` lists the memory the loader must add to ``env.memory``.
-* Every map has a ``handle_addr`` (the address of a private 16-byte buffer),
+* Every map has a ``handle_addr`` (the address of a private buffer
+  whose first bytes are the native descriptor of ``maps.descriptor``),
   which is what a program's ``lddw map`` loads; ``map_by_handle`` finds the map
   again (map-in-map inner maps are found this way even when the loader never
   saw them).
@@ -30,6 +31,7 @@ from collections.abc import Iterator
 
 from ubpf_py.errors import MapError
 from ubpf_py.maps import consts as C
+from ubpf_py.maps.descriptor import HANDLE_SIZE
 from ubpf_py.obj.spec import MapSpec
 from ubpf_py.vm.memory import HostBuffer, Region
 
@@ -73,7 +75,8 @@ class Map:
         self.flags = spec.flags
         self.ncpus = ncpus or C.possible_cpus()
         self.map_id = next(_ids)
-        self._handle = HostBuffer(16)
+        #: the handle doubles as the native descriptor JIT code reads (``maps.descriptor``)
+        self._handle = HostBuffer(HANDLE_SIZE)
         self.handle_addr: int = self._handle.addr
         self.lock = threading.Lock()
         self.frozen = False

@@ -20,7 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from ubpf_py.maps import consts as C
+from ubpf_py.maps import descriptor as D
 from ubpf_py.maps.base import Map, check_flags_common, check_update_flags, map_create_error, write_value
+from ubpf_py.maps.descriptor import NativeIndex
 from ubpf_py.maps.storage import SlotStore
 from ubpf_py.obj.spec import MapSpec
 from ubpf_py.vm.memory import Region
@@ -59,6 +61,24 @@ class HashMap(Map):
         self._fast_update = not self.percpu and not self.lru and self._vals.single
         self._vbase = self._vals.bases[0] if self._vals.buffers else 0
         self._vview = self._vals.views[0] if self._vals.buffers else None
+        self._native = self._native_index()
+
+    def _native_index(self) -> NativeIndex | None:
+        """The native key index JIT lookups use (``maps.descriptor``), for the shapes it
+        handles: preallocated single-buffer storage, keys up to 255 bytes."""
+        keys, vals = self._keys, self._vals
+        if not (keys.buffers and vals.buffers and keys.single and vals.single
+                and self.key_size <= D.MAX_NATIVE_KEY and self.max_entries <= NativeIndex.MAX_ENTRIES):
+            return None
+        nidx = NativeIndex(self.max_entries, self._handle.view)
+        D.write_descriptor(self._handle.view, {
+            D.D_KEY_SIZE: self.key_size, D.D_LIMIT: nidx.mask, D.D_TABLE: nidx.table_addr,
+            D.D_VALUES: vals.bases[0], D.D_CPU_STRIDE: self._vstride if self.percpu else 0,
+            D.D_KEYS: keys.bases[0], D.D_KEY_STRIDE: keys.stride, D.D_VAL_STRIDE: vals.stride,
+            D.D_REF: self._ref.ctypes.data if self._ref is not None else 0,
+            D.D_VALUE_SIZE: self.value_size if self.value_size <= D.MAX_NATIVE_KEY else 0,
+            D.D_KIND: D.KIND_HASH})
+        return nidx
 
     def _validate(self, spec: MapSpec) -> None:
         check_flags_common(spec, HTAB_CREATE_FLAG_MASK)
@@ -153,6 +173,8 @@ class HashMap(Map):
             self._store(slot, value, cpu, False, new=True)
             self._index[key] = slot
             self._addrs[key] = self._vals.addr(slot)
+            if self._native is not None:
+                self._native.insert(key, slot)
             if self._ref is not None:
                 self._ref[slot] = 0
             return 0
@@ -185,6 +207,8 @@ class HashMap(Map):
             break
         del index[key]
         del self._addrs[key]
+        if self._native is not None:
+            self._native.remove(key, slot, index)
         self._keys.free(slot)
         self._vals.free(slot)
         self.evictions += 1
@@ -201,6 +225,8 @@ class HashMap(Map):
             if slot is None:
                 return -C.ENOENT
             del self._addrs[key]
+            if self._native is not None:
+                self._native.remove(key, slot, self._index)
             self._keys.free(slot)
             self._vals.free(slot)
             return 0

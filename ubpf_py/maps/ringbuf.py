@@ -12,6 +12,10 @@ Layout and protocol follow kernel/bpf/ringbuf.c so that records, sizes and the
   more than ``size - 1`` bytes ahead of the consumer or of the oldest record not
   yet committed.
 
+The positions and the dropped counter are u64 words of the map's native descriptor
+(``maps.descriptor``) so JIT code can run bpf_ringbuf_output without Python; the
+Python producer paths mark themselves busy there (native code then defers to them).
+
 The kernel maps the data pages twice so a record that wraps is contiguous.  We
 allocate ``2 * size`` bytes instead: a record is reserved contiguously past the
 end when it wraps, and at commit the part beyond the end is copied to the start,
@@ -24,6 +28,7 @@ import struct
 from collections.abc import Callable, Iterator
 
 from ubpf_py.maps import consts as C
+from ubpf_py.maps import descriptor as D
 from ubpf_py.maps.base import Map, map_create_error
 from ubpf_py.obj.spec import MapSpec
 from ubpf_py.vm.memory import HostBuffer, Region
@@ -50,13 +55,56 @@ class RingBufMap(Map):
         self._buf = HostBuffer(2 * size, align=8)
         self._view = self._buf.view
         self.data_addr = self._buf.addr
-        self.producer_pos = 0
-        self.consumer_pos = 0
-        self.pending_pos = 0
-        #: records whose reservation failed (bpf_ringbuf_reserve returned NULL / output -EAGAIN)
-        self.dropped = 0
-        #: called when the kernel would wake the consumer (epoll); None = nobody waits
-        self.wakeup: Callable[[], None] | None = None
+        self._w = self._handle.view.cast("Q")
+        self._wakeup: Callable[[], None] | None = None
+        D.write_descriptor(self._handle.view, {D.D_LIMIT: self.mask, D.D_VALUES: self.data_addr,
+                                               D.D_KIND: D.KIND_RINGBUF})
+
+    # positions and counters: words of the native descriptor (native output moves them too)
+    @property
+    def producer_pos(self) -> int:
+        return self._w[D.D_RB_PROD]
+
+    @producer_pos.setter
+    def producer_pos(self, value: int) -> None:
+        self._w[D.D_RB_PROD] = value
+
+    @property
+    def consumer_pos(self) -> int:
+        return self._w[D.D_RB_CONS]
+
+    @consumer_pos.setter
+    def consumer_pos(self, value: int) -> None:
+        self._w[D.D_RB_CONS] = value
+
+    @property
+    def pending_pos(self) -> int:
+        return self._w[D.D_RB_PEND]
+
+    @pending_pos.setter
+    def pending_pos(self, value: int) -> None:
+        self._w[D.D_RB_PEND] = value
+
+    @property
+    def dropped(self) -> int:
+        """Records whose reservation failed (bpf_ringbuf_reserve returned NULL / output -EAGAIN)."""
+        return self._w[D.D_RB_DROPPED]
+
+    @dropped.setter
+    def dropped(self, value: int) -> None:
+        self._w[D.D_RB_DROPPED] = value
+
+    @property
+    def wakeup(self) -> Callable[[], None] | None:
+        """Called when the kernel would wake the consumer (epoll); None = nobody waits.
+        While set, native output defers to Python whenever a wakeup is due."""
+        return self._wakeup
+
+    @wakeup.setter
+    def wakeup(self, fn: Callable[[], None] | None) -> None:
+        self._wakeup = fn
+        flags = self._w[D.D_RB_FLAGS]
+        self._w[D.D_RB_FLAGS] = flags | D.RB_WAKEUP if fn is not None else flags & ~D.RB_WAKEUP
 
     def regions(self) -> list[Region]:
         buf = self._buf
@@ -89,16 +137,20 @@ class RingBufMap(Map):
             return 0
         view = self._view
         with self.lock:
-            prod = self.producer_pos
-            pend = self._advance_pending(prod)
-            new_prod = prod + length
-            if new_prod - self.consumer_pos > self.mask or new_prod - pend > self.mask:
-                self.dropped += 1
-                return 0
-            off = prod & self.mask
-            # pg_off: the header's distance in pages from the ring's metadata (kernel ABI field)
-            _HDR.pack_into(view, off, size | C.BPF_RINGBUF_BUSY_BIT, (off >> 12) + 2)
-            self.producer_pos = new_prod
+            self._w[D.D_RB_FLAGS] |= D.RB_BUSY
+            try:
+                prod = self.producer_pos
+                pend = self._advance_pending(prod)
+                new_prod = prod + length
+                if new_prod - self.consumer_pos > self.mask or new_prod - pend > self.mask:
+                    self.dropped += 1
+                    return 0
+                off = prod & self.mask
+                # pg_off: the header's distance in pages from the ring's metadata (kernel ABI field)
+                _HDR.pack_into(view, off, size | C.BPF_RINGBUF_BUSY_BIT, (off >> 12) + 2)
+                self.producer_pos = new_prod
+            finally:
+                self._w[D.D_RB_FLAGS] &= ~D.RB_BUSY
         return self.data_addr + off + C.BPF_RINGBUF_HDR_SZ
 
     def commit(self, sample_addr: int, discard: bool = False, flags: int = 0) -> None:
@@ -130,22 +182,26 @@ class RingBufMap(Map):
         length = (size + 15) & ~7
         view = self._view
         with self.lock:
-            prod = self.producer_pos
-            new_prod = prod + length
-            if (new_prod - self.consumer_pos > self.mask or length > self.size
-                    or (self.pending_pos < prod and new_prod - self._advance_pending(prod) > self.mask)):
-                self.dropped += 1
-                return -C.EAGAIN
-            off = prod & self.mask
-            start = off + C.BPF_RINGBUF_HDR_SZ
-            end = start + size
-            view[start:end] = data
-            if end > self.size:
-                view[0:end - self.size] = view[self.size:end]
-            _HDR.pack_into(view, off, size, (off >> 12) + 2)
-            self.producer_pos = new_prod
-            if self.pending_pos == prod:
-                self.pending_pos = new_prod
+            self._w[D.D_RB_FLAGS] |= D.RB_BUSY
+            try:
+                prod = self.producer_pos
+                new_prod = prod + length
+                if (new_prod - self.consumer_pos > self.mask or length > self.size
+                        or (self.pending_pos < prod and new_prod - self._advance_pending(prod) > self.mask)):
+                    self.dropped += 1
+                    return -C.EAGAIN
+                off = prod & self.mask
+                start = off + C.BPF_RINGBUF_HDR_SZ
+                end = start + size
+                view[start:end] = data
+                if end > self.size:
+                    view[0:end - self.size] = view[self.size:end]
+                _HDR.pack_into(view, off, size, (off >> 12) + 2)
+                self.producer_pos = new_prod
+                if self.pending_pos == prod:
+                    self.pending_pos = new_prod
+            finally:
+                self._w[D.D_RB_FLAGS] &= ~D.RB_BUSY
         if self.wakeup is not None and (flags & C.BPF_RB_FORCE_WAKEUP or (
                 (self.consumer_pos & self.mask) == off and not flags & C.BPF_RB_NO_WAKEUP)):
             self.wakeup()

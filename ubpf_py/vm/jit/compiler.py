@@ -53,7 +53,7 @@ from ubpf_py.isa.opcodes import (
     BPF_X,
     LDDW,
 )
-from ubpf_py.vm.jit import layout
+from ubpf_py.vm.jit import fastpath, layout
 from ubpf_py.vm.jit.emit import FunctionEmitter, s32, s64
 from ubpf_py.vm.jit.ir_alu import INTRINSICS, emit_alu
 from ubpf_py.vm.jit.ir_mem import emit_mem, region_check_function
@@ -82,6 +82,11 @@ class ProgramLayout:
     uses_callx: bool
     #: instruction indices of functions used as callbacks (exported as ``<p>_f<pc>``)
     callback_starts: tuple[int, ...] = ()
+    #: map handle constants whose lookups have a native fast path (index k <->
+    #: rt[FAST_MAPS][k]; see ``fastpath``)
+    map_consts: tuple[int, ...] = ()
+    #: helper ids with a native fast path at some call site (guarded by rt[FAST_FLAGS])
+    fast_helpers: tuple[int, ...] = ()
 
     @property
     def entry(self) -> str:
@@ -149,18 +154,33 @@ def program_ir(insns: list[Instruction], prefix: str, checked: bool) -> tuple[st
     helper_index = {h: k for k, h in enumerate(helper_ids)}
     bounds = [*starts, len(insns)]
     parts = []
+    fast = _FastSites()
     for k, start in enumerate(starts):
         parts.append(_function_ir(insns, prefix, start, bounds[k + 1], start in callbacks,
-                                  helper_index, checked))
+                                  helper_index, checked, fast))
     parts.append(_entries_ir(prefix))
     plan = ProgramLayout(prefix, tuple(helper_ids), bool(callbacks), TAIL_CALL_HELPER in helper_index,
-                         callx, tuple(callbacks))
+                         callx, tuple(callbacks), tuple(fast.maps), tuple(sorted(fast.helpers)))
     return "\n".join(parts), plan
 
 
 def module_header() -> str:
     """Declarations shared by every program in a module (once per module)."""
-    return INTRINSICS + region_check_function()
+    return INTRINSICS + region_check_function() + fastpath.fast_functions()
+
+
+class _FastSites:
+    """Fast-path call sites found while emitting one program."""
+
+    __slots__ = ("helpers", "maps")
+
+    def __init__(self) -> None:
+        #: map handle constant -> index in rt[FAST_MAPS]
+        self.maps: dict[int, int] = {}
+        self.helpers: set[int] = set()
+
+    def map_index(self, handle: int) -> int:
+        return self.maps.setdefault(handle, len(self.maps))
 
 
 def _entries_ir(p: str) -> str:
@@ -208,7 +228,7 @@ def _labels(insns: list[Instruction], start: int, end: int) -> set[int]:
 
 
 def _function_ir(insns: list[Instruction], p: str, start: int, end: int, exported: bool,
-                 helper_index: dict[int, int], checked: bool) -> str:
+                 helper_index: dict[int, int], checked: bool, fast: _FastSites) -> str:
     f = FunctionEmitter(checked, start)
     labels = _labels(insns, start, end)
     attrs = " noinline" if start == 0 else ""
@@ -243,7 +263,7 @@ def _function_ir(insns: list[Instruction], p: str, start: int, end: int, exporte
                 e(f"  br label %L{pc}")
             f.label(f"L{pc}")
         f.pc = pc
-        terminated = _emit_insn(f, insns, pc, p, helper_index)
+        terminated = _emit_insn(f, insns, pc, p, helper_index, fast)
     if not terminated:
         raise InvalidInstructionError(end - 1, "execution falls off the end of the function")
     e("unwind:")
@@ -253,7 +273,7 @@ def _function_ir(insns: list[Instruction], p: str, start: int, end: int, exporte
 
 
 def _emit_insn(f: FunctionEmitter, insns: list[Instruction], pc: int, p: str,
-               helper_index: dict[int, int]) -> bool:
+               helper_index: dict[int, int], fast: _FastSites) -> bool:
     """Emit one instruction; True if it ended the basic block."""
     ins = insns[pc]
     cls = ins.opcode & 0x07
@@ -271,17 +291,20 @@ def _emit_insn(f: FunctionEmitter, insns: list[Instruction], pc: int, p: str,
         else:
             f.put(ins.dst, str(s64(ins.imm64)))
         return False
-    return _emit_jmp(f, ins, cls, pc, p, helper_index)
+    return _emit_jmp(f, ins, cls, pc, p, helper_index, fast)
 
 
 def _emit_jmp(f: FunctionEmitter, ins: Instruction, cls: int, pc: int, p: str,
-              helper_index: dict[int, int]) -> bool:
+              helper_index: dict[int, int], fast: _FastSites) -> bool:
     code = ins.opcode & 0xF0
     if code == BPF_EXIT and cls == BPF_JMP and not ins.opcode & BPF_X:
         f.emit(f"  ret i64 {f.get(0)}")
         return True
     if code == BPF_CALL and cls == BPF_JMP:
-        _emit_call(f, ins, pc, p, helper_index)
+        if ins.src == BPF_CALL_HELPER and not ins.opcode & BPF_X and ins.imm in fastpath.FAST_HELPERS:
+            _emit_fast_call(f, ins, pc, p, helper_index, fast)
+        else:
+            _emit_call(f, ins, pc, p, helper_index)
         return False
     if code == BPF_JA:
         if ins.opcode & BPF_X:
@@ -367,6 +390,74 @@ def _emit_call(f: FunctionEmitter, ins: Instruction, pc: int, p: str,
     f.emit(f"  store i64 0, ptr {hitp}")
     f.emit(f"  ret i64 {result}")
     f.emit(f"miss{n}:")
+
+
+def _emit_fast_call(f: FunctionEmitter, ins: Instruction, pc: int, p: str,
+                    helper_index: dict[int, int], fast: _FastSites) -> None:
+    """A helper call with a native fast path (``fastpath``) and the trampoline call as
+    the fallback; the per-instance guard picks one at run time."""
+    hid = ins.imm
+    for r in range(1, 6):   # load the arguments here: both branches use them
+        f.get(r)
+    if hid in fastpath.MAP_HELPERS:
+        r1 = f.get(1)
+        if not r1.lstrip("-").isdigit() or int(r1) == 0:
+            _emit_call(f, ins, pc, p, helper_index)   # map not known at compile time
+            return
+        # rt[FAST_MAPS] has MAP_GROUP entries per map: lookups, updates, ringbuf output
+        k = fastpath.MAP_GROUP * fast.map_index(int(r1) & ((1 << 64) - 1)) + fastpath.MAP_HELPERS[hid]
+        tp = f.op(f"getelementptr i64, ptr %rt, i64 {layout.SLOT_FAST_MAPS}")
+        ti = f.op(f"load i64, ptr {tp}")
+        tab = f.op(f"inttoptr i64 {ti} to ptr")
+        dp = f.op(f"getelementptr i64, ptr {tab}, i64 {k}")
+        guard = f.op(f"load i64, ptr {dp}")
+        on = f.op(f"icmp ne i64 {guard}, 0")
+    else:
+        fast.helpers.add(hid)
+        fp = f.op(f"getelementptr i64, ptr %rt, i64 {layout.SLOT_FAST_FLAGS}")
+        flags = f.op(f"load i64, ptr {fp}")
+        bit = f.op(f"and i64 {flags}, {fastpath.FAST_BITS[hid]}")
+        on = f.op(f"icmp ne i64 {bit}, 0")
+    f.n += 1
+    n = f.n
+    f.emit(f"  br i1 {on}, label %fast{n}, label %slow{n}")
+    f.emit(f"fast{n}:")
+    if hid == 1:
+        chk = "true" if f.checked else "false"
+        fv = f.op(f"call i64 @bpf_fast_lookup(i64 {guard}, i64 {f.get(2)}, ptr %rt, i64 {pc}, i1 {chk})")
+        if f.checked:   # a refused key read set STATUS
+            _status_check(f)
+    elif hid in (2, 130):
+        chk = "true" if f.checked else "false"
+        fn = "bpf_fast_update" if hid == 2 else "bpf_fast_rb_output"
+        fv = f.op(f"call i64 @{fn}(i64 {guard}, i64 {f.get(2)}, i64 {f.get(3)}, "
+                  f"i64 {f.get(4)}, ptr %rt, i64 {pc}, i1 {chk})")
+        if f.checked:
+            _status_check(f)
+        back = f.op(f"icmp eq i64 {fv}, {fastpath.UPDATE_FALLBACK}")
+        f.emit(f"  br i1 {back}, label %slow{n}, label %fastend{n}")
+    elif hid in fastpath.FACT_SLOTS:
+        sp = f.op(f"getelementptr i64, ptr %rt, i64 {fastpath.FACT_SLOTS[hid]}")
+        fv = f.op(f"load i64, ptr {sp}")
+    elif hid in fastpath.CLOCK_IDS:
+        fv = f.op(f"call i64 @bpf_fast_clock(ptr %rt, i32 {fastpath.CLOCK_IDS[hid]})")
+    else:
+        fv = f.op("call i64 @bpf_fast_prandom(ptr %rt)")
+    if hid not in (2, 130):
+        f.emit(f"  br label %fastend{n}")
+    f.emit(f"fastend{n}:")
+    f.emit(f"  br label %join{n}")
+    f.emit(f"slow{n}:")
+    saved = dict(f.vals)
+    _emit_call(f, ins, pc, p, helper_index)
+    sv = f.vals[0]
+    f.vals.clear()
+    f.vals.update(saved)
+    f.emit(f"  br label %slowend{n}")
+    f.emit(f"slowend{n}:")
+    f.emit(f"  br label %join{n}")
+    f.emit(f"join{n}:")
+    f.put(0, f.op(f"phi i64 [{fv}, %fastend{n}], [{sv}, %slowend{n}]"))
 
 
 def _store_cur_fp(f: FunctionEmitter) -> None:

@@ -47,7 +47,25 @@ SLOT_RCACHE_START = 14
 SLOT_RCACHE_LIMIT = 15
 SLOT_WCACHE_START = 16
 SLOT_WCACHE_LIMIT = 17
-NUM_SLOTS = 18
+#: native helper fast paths (``fastpath``): address of the per-instance table of map
+#: descriptors (one u64 per ``ProgramLayout.map_consts`` entry: the map's handle address
+#: when its lookups may run natively, else 0)
+SLOT_FAST_MAPS = 18
+#: bit ``fastpath.FAST_BITS[id]`` set: helper ``id`` runs natively in this instance
+SLOT_FAST_FLAGS = 19
+#: hit facts copied from ``env.hit`` at ``run()`` entry (one pack_into) for native helpers
+SLOT_CPU = 20
+SLOT_PID_TGID = 21       # tgid << 32 | tid
+SLOT_UID_GID = 22        # gid << 32 | uid
+SLOT_FUNC_IP = 23
+SLOT_COOKIE = 24
+#: xorshift64* state of the native bpf_get_prandom_u32
+SLOT_RNG = 25
+#: address of libc ``clock_gettime`` (per instance: never baked into cached code)
+SLOT_CLOCK_FN = 26
+#: scratch ``struct timespec`` (2 slots) for the native clock helpers
+SLOT_TIMESPEC = 27
+NUM_SLOTS = 29
 
 #: status values
 STATUS_OK = 0

@@ -32,6 +32,8 @@ by programs that can use them, so plain programs keep the minimal call path.
 from __future__ import annotations
 
 import ctypes
+import os
+import struct
 import weakref
 from concurrent.futures import Future
 from typing import Any
@@ -39,9 +41,11 @@ from typing import Any
 from ubpf_py.errors import HelperError, NotSupportedError, VMFault
 from ubpf_py.isa.instruction import Instruction
 from ubpf_py.isa.opcodes import MAX_TAIL_CALLS
+from ubpf_py.maps import descriptor as _descriptor
 from ubpf_py.vm import memory as _memory
 from ubpf_py.vm.env import ExecEnv
 from ubpf_py.vm.jit import backend as _backend
+from ubpf_py.vm.jit import fastpath as _fastpath
 from ubpf_py.vm.jit import layout as L
 from ubpf_py.vm.jit.cache import CODE_CACHE, FUNC_TYPE, CompiledCode
 from ubpf_py.vm.jit.compiler import TAIL_CALL_HELPER
@@ -101,12 +105,69 @@ class JitProgram:
         self._pending: BaseException | None = None
         self._ctx = 0
         self._callbacks: dict[int, Any] = {}
+        self._facts: int = self._setup_fast_paths()
         self._build()
         if self._tier2 is not None:
             ref = weakref.ref(self)
             self._tier2.add_done_callback(lambda fut: _upgrade(ref, fut))
 
     # ------------------------------------------------------------------ set-up
+    def _setup_fast_paths(self) -> int:
+        """Enable the native helper fast paths (``fastpath``) this instance may use:
+        only where ``env.helpers`` holds the standard implementation, and map lookups
+        only for maps of ``env.maps_by_addr`` whose descriptor has a native kind.
+        Returns which hit facts ``run()`` must copy into the runtime block (``_FACTS_*``)."""
+        env, rt, plan = self.env, self._rt, self.code.layout
+        std = _fastpath.is_standard
+        flags = 0
+        for hid in plan.fast_helpers:
+            if std(env.helpers.get(hid), hid):
+                flags |= _fastpath.FAST_BITS[hid]
+        rt[L.SLOT_FAST_FLAGS] = flags
+        group = _fastpath.MAP_GROUP
+        table = (_U64 * (group * len(plan.map_consts) or 1))()
+        for k, handle in enumerate(plan.map_consts):
+            m = env.maps_by_addr.get(handle)
+            if m is None or getattr(m, "handle_addr", None) != handle or getattr(m, "holds_maps", True):
+                continue
+            kind = _U64.from_address(handle).value
+            for hid, which in _fastpath.MAP_HELPERS.items():
+                wanted = kind == _descriptor.KIND_RINGBUF if hid == 130 else \
+                    kind in (_descriptor.KIND_ARRAY, _descriptor.KIND_HASH)
+                if wanted and std(env.helpers.get(hid), hid):
+                    table[group * k + which] = handle
+        self._keep.append(table)
+        self._fast_maps = table
+        rt[L.SLOT_FAST_MAPS] = ctypes.addressof(table)
+        rt[L.SLOT_RNG] = int.from_bytes(os.urandom(8), "little") | 1
+        rt[L.SLOT_CLOCK_FN] = _clock_gettime_addr()
+        slots = {slot for h, slot in _fastpath.FACT_SLOTS.items() if flags & _fastpath.FAST_BITS[h]}
+        percpu_maps = any(table[k] and getattr(env.maps_by_addr.get(table[k]), "percpu", False)
+                          for k in range(group * len(plan.map_consts)))
+        if percpu_maps:
+            slots.add(L.SLOT_CPU)
+        # what run() copies from env.hit: nothing, one slot, or all five (one pack_into)
+        if not slots:
+            return 0
+        if slots == {L.SLOT_CPU}:
+            return _FACTS_CPU
+        if slots == {L.SLOT_PID_TGID}:
+            return _FACTS_PID
+        return _FACTS_ALL
+
+    @property
+    def native_paths(self) -> dict[str, Any]:
+        """Which fast paths this instance uses: helper ids and map handles (for tests/tools)."""
+        plan, rt = self.code.layout, self._rt
+        return {"helpers": tuple(h for h in plan.fast_helpers
+                                 if rt[L.SLOT_FAST_FLAGS] & _fastpath.FAST_BITS[h]),
+                "maps": self._fast_handles(1), "map_updates": self._fast_handles(2),
+                "ringbuf_output": self._fast_handles(130)}
+
+    def _fast_handles(self, hid: int) -> tuple[int, ...]:
+        g, w = _fastpath.MAP_GROUP, _fastpath.MAP_HELPERS[hid]
+        return tuple(h for k, h in enumerate(self.code.layout.map_consts) if self._fast_maps[g * k + w])
+
     def _build(self) -> None:
         """Create the trampolines and the ``run`` closure.
 
@@ -280,7 +341,28 @@ class JitProgram:
 
         self._switch_code = switch_code
 
-        if checked:
+        if self._facts:
+            # native fact helpers / per-CPU map paths read env.hit from the runtime block
+            pack, facts_off = _FACTS.pack_into, L.SLOT_CPU * 8
+            facts = self._facts
+            cpu_slot, pid_slot = L.SLOT_CPU, L.SLOT_PID_TGID
+
+            def run(r1: int, r2: int = 0, r3: int = 0, r4: int = 0, r5: int = 0) -> int:
+                if checked and mem.version != synced:
+                    sync()
+                h = env.hit
+                if facts == _FACTS_CPU:
+                    rt[cpu_slot] = h.cpu
+                elif facts == _FACTS_PID:
+                    rt[pid_slot] = h.tgid << 32 | h.tid
+                else:
+                    pack(rt, facts_off, h.cpu, h.tgid << 32 | h.tid, h.gid << 32 | h.uid,
+                         h.func_ip & MASK, h.cookie & MASK)
+                r0 = entry(r1, r2, r3, r4, r5, rt_addr) if r2 or r3 or r4 or r5 else entry1(r1, rt_addr)
+                if abnormal:
+                    finish()
+                return r0
+        elif checked:
             def run(r1: int, r2: int = 0, r3: int = 0, r4: int = 0, r5: int = 0) -> int:
                 if mem.version != synced:
                     sync()
@@ -359,6 +441,20 @@ class JitProgram:
     @property
     def helper_ids(self) -> tuple[int, ...]:
         return self.code.layout.helper_ids
+
+
+_FACTS = struct.Struct("<5Q")
+#: which hit facts run() copies (see ``_setup_fast_paths``)
+_FACTS_CPU, _FACTS_PID, _FACTS_ALL = 1, 2, 3
+_CLOCK_ADDR: list[int] = []
+
+
+def _clock_gettime_addr() -> int:
+    """Address of libc ``clock_gettime`` (what the native ktime helpers call)."""
+    if not _CLOCK_ADDR:
+        fn = ctypes.CDLL(None).clock_gettime
+        _CLOCK_ADDR.append(ctypes.cast(fn, ctypes.c_void_p).value or 0)
+    return _CLOCK_ADDR[0]
 
 
 def _upgrade(ref: weakref.ReferenceType[JitProgram], future: Future[CompiledCode]) -> None:
