@@ -10,6 +10,8 @@ import functools
 import os
 from pathlib import Path
 
+from ubpf_py.sysinfo import possible_cpus  # noqa: F401 - re-exported: maps size per-CPU storage by it
+
 # enum bpf_map_type
 HASH = 1
 ARRAY = 2
@@ -95,22 +97,7 @@ def round8(n: int) -> int:
     return (n + 7) & ~7
 
 
-@functools.cache
-def possible_cpus() -> int:
-    """Number of possible CPUs (the kernel sizes per-CPU storage by this), from
-    /sys/devices/system/cpu/possible (``0-3,5``); falls back to os.cpu_count()."""
-    try:
-        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    except OSError:
-        return os.cpu_count() or 1
-    count = 0
-    for part in text.split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            count += int(hi) - int(lo) + 1
-        elif part:
-            count += 1
-    return max(count, 1)
+
 
 
 @functools.cache
