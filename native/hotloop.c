@@ -15,6 +15,19 @@
  * ``uint64_t prog(uint64_t ctx)`` called directly with the pt_regs address, so
  * a JIT-compiled BPF program can run with no Python at all.
  *
+ * Native programs may come with (all optional, Python-owned memory):
+ *  - a facts block the loop fills before each call, five u64 words laid out like
+ *    slots SLOT_CPU..SLOT_COOKIE of the JIT runtime block (ubpf_py/vm/jit/layout.py):
+ *      [0] cpu (sched_getcpu() of this loop: the same approximation as the Python path)
+ *      [1] tgid << 32 | tid     [2] gid << 32 | uid (per process, set by ub_set_ids)
+ *      [3] func_ip (the probe address)   [4] the probe's attach cookie
+ *  - a status word: non-zero after the call means the program failed (checked-mode
+ *    fault, helper exception); the loop stops with the thread held at its breakpoint
+ *    and returns 4, Python turns the recorded failure into its error;
+ *  - a counter block of two u64: hits and nanoseconds spent in the program.
+ * A periodic poll (ub_set_poll) returns 5 after a hit once the interval has passed, so
+ * Python can drain ring buffers while hits never enter it.
+ *
  * Plan kinds must match ubpf_py/probe/ool.py.  Built as a CPython extension
  * module (setuptools) and loaded with ctypes; UBPF_NO_PYTHON builds a plain .so.
  */
@@ -48,6 +61,7 @@ enum { R15, R14, R13, R12, RBP, RBX, R11, R10, R9, R8, RAX, RCX, RDX, RSI, RDI, 
 
 struct ub_bp {
 	u64 addr, next, slot, target, imm, prog;
+	u64 facts, status, counter, cookie;   /* native program extras (see top), 0 = none */
 	int32_t kind, reg, cond, token, flags, used;
 };
 
@@ -65,6 +79,9 @@ struct ub_loop {
 	int32_t last_tid;      /* tid whose callback failed (stopped at the breakpoint) */
 	int32_t wakeup_fd;     /* Python's signal wakeup fd (signal.set_wakeup_fd), -1 = none */
 	uint32_t since_poll;
+	int32_t tgid;          /* process whose threads are in the tid table (facts) */
+	u64 uid_gid;           /* gid << 32 | uid of that process (facts) */
+	u64 poll_ns, poll_at;  /* periodic return 5 (0 = never) */
 };
 
 static inline u64 now_ns(void)
@@ -111,9 +128,21 @@ void ub_free(struct ub_loop *s)
 	free(s);
 }
 
+/* bumped whenever an exported signature changes (native.py refuses a stale build) */
+int32_t ub_abi(void) { return 2; }
 void ub_set_cb(struct ub_loop *s, ub_cb cb) { s->cb = cb; }
 void ub_set_wakeup_fd(struct ub_loop *s, int32_t fd) { s->wakeup_fd = fd; }
 void ub_request_stop(struct ub_loop *s) { s->stop = 1; }
+void ub_set_ids(struct ub_loop *s, int32_t tgid, u64 uid_gid)
+{
+	s->tgid = tgid;
+	s->uid_gid = uid_gid;
+}
+void ub_set_poll(struct ub_loop *s, u64 interval_ns)
+{
+	s->poll_ns = interval_ns;
+	s->poll_at = interval_ns ? now_ns() + interval_ns : 0;
+}
 int32_t ub_last_tid(struct ub_loop *s) { return s->last_tid; }
 void ub_stats(struct ub_loop *s, u64 *out3)
 {
@@ -137,7 +166,8 @@ static struct ub_bp *bp_find(struct ub_loop *s, u64 addr)
 
 /* insert or replace; returns 0, or -1 when full (Python rebuilds with a bigger table) */
 int ub_bp_put(struct ub_loop *s, u64 addr, int32_t kind, u64 next, u64 slot, u64 target, u64 imm,
-	      int32_t reg, int32_t cond, int32_t token, int32_t flags, u64 prog)
+	      int32_t reg, int32_t cond, int32_t token, int32_t flags, u64 prog, u64 facts, u64 status,
+	      u64 counter, u64 cookie)
 {
 	struct ub_bp *b = bp_find(s, addr);
 	if (!b) {
@@ -161,6 +191,10 @@ int ub_bp_put(struct ub_loop *s, u64 addr, int32_t kind, u64 next, u64 slot, u64
 	b->token = token;
 	b->flags = flags;
 	b->prog = prog;
+	b->facts = facts;
+	b->status = status;
+	b->counter = counter;
+	b->cookie = cookie;
 	b->used = 1;
 	return 0;
 }
@@ -311,7 +345,9 @@ static int apply_plan(pid_t tid, const struct ub_bp *b, u64 *r)
  * stop was requested or a signal interrupted waitpid, 2 when a Python callback
  * failed (thread ub_last_tid() is stopped at its breakpoint, regs valid, ip set
  * to the probe address), 3 when handlers ran but the emulated instruction
- * faulted (Python finishes it), -errno on error (-ECHILD: nothing to wait for).
+ * faulted (Python finishes it), 4 when a native program reported a failure in its
+ * status word (thread ub_last_tid() held at its breakpoint as for 2), 5 when the poll
+ * interval has passed (after a completed hit), -errno on error (-ECHILD: nothing to wait for).
  */
 /* how a Python handler is called: through the ctypes thunk (s->cb) or, in the
  * extension-module build, straight through the C API (call_py) */
@@ -363,8 +399,31 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 		r[RIP] = b->addr;
 		if (b->prog || (b->flags & BP_PYCB)) {
 			u64 h0 = now_ns();
-			if (b->prog)
+			if (b->prog) {
+				if (b->facts) {
+					u64 *f = (u64 *)(uintptr_t)b->facts;
+					int cpu = sched_getcpu();
+					f[0] = cpu < 0 ? 0 : (u64)cpu;
+					f[1] = (u64)(uint32_t)s->tgid << 32 | (uint32_t)tid;
+					f[2] = s->uid_gid;
+					f[3] = b->addr;
+					f[4] = b->cookie;
+				}
 				((u64(*)(u64))b->prog)((u64)(uintptr_t)r);
+				if (b->counter) {
+					u64 *c = (u64 *)(uintptr_t)b->counter;
+					c[0]++;
+					c[1] += now_ns() - h0;
+				}
+				if (b->status && *(volatile u64 *)(uintptr_t)b->status) {
+					s->handler_ns += now_ns() - h0;
+					s->last_tid = tid;
+					*out_tid = tid;
+					*out_status = st;
+					*regs_valid = 1;
+					return 4;
+				}
+			}
 			if ((b->flags & BP_PYCB) && call(s, b->token, tid, sched_getcpu(), arg)) {
 				s->handler_ns += now_ns() - h0;
 				s->last_tid = tid;
@@ -388,6 +447,10 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 		ptrace(PTRACE_CONT, tid, 0, 0);
 		s->hits++;
 		s->tracer_ns += now_ns() - t0;
+		if (s->poll_ns && t0 >= s->poll_at) {
+			s->poll_at = t0 + s->poll_ns;
+			return 5;
+		}
 	}
 	return 0;
 }

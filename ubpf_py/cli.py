@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--duration", type=float, help="stop tracing after this many seconds")
     p.add_argument("--follow-forks", action="store_true", help="also trace children the target forks")
     p.add_argument("--engine", choices=["jit", "interp"], default="jit", help="execution engine (default jit)")
+    p.add_argument("--no-native-hits", action="store_true",
+                   help="run every probe hit through Python even when the JIT program could run from "
+                        "the C stop loop (also UBPF_NATIVE_HITS=0)")
     p.add_argument("--no-memory-checks", action="store_true",
                    help="JIT without runtime memory checks (trust the verifier)")
     p.add_argument("--verifier", choices=["strict", "warn", "off"], default="strict",

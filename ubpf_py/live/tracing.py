@@ -50,6 +50,9 @@ class ProbeStats:
     request: AttachRequest
     hits: int = 0
     prog_ns: int = 0
+    #: the program runs from the C stop loop (engine counters hold hits and time)
+    native: bool = False
+    probe_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -153,7 +156,10 @@ def run_userspace(args: argparse.Namespace) -> int:
         coll.env.hit = session.hit  # the engine updates this one object in place on every hit
         _register_ctx(coll.env.memory, session.regs_buffer)
         maps_seen = MapsSnapshot(pid)
-        stats = _attach_all(session, coll, plan, pump, writer, maps_seen)
+        native = _native_hits_wanted(args, session)
+        stats = _attach_all(session, coll, plan, pump, writer, maps_seen, native)
+        if any(st.probe_ids and st.native for st in stats):
+            _add_native_poll(session, coll, pump, maps_seen)
         try:
             status = session.run(duration=args.duration)
         except KeyboardInterrupt:
@@ -172,6 +178,7 @@ def run_userspace(args: argparse.Namespace) -> int:
         for g in snapshot_globals(spec, coll.maps):
             writer.global_var(g)
         if args.verbose:
+            _collect_native_stats(session, stats)
             writer.stats(_stats_report(stats))
         writer.close()
         return 0
@@ -224,12 +231,72 @@ class MapsSnapshot:
                  "path": m.path} for m in self.maps]
 
 
+def _native_hits_wanted(args: argparse.Namespace, session: Any) -> bool:
+    """Native hits need the JIT, the C stop loop and no opt-out."""
+    if getattr(args, "no_native_hits", False) or os.environ.get("UBPF_NATIVE_HITS", "1") == "0":
+        return False
+    return args.engine == "jit" and bool(getattr(session, "native_loop", False))
+
+
+def _probe_kwargs(prog: LoadedProgram, st: ProbeStats, pump: OutputPump, maps_seen: MapsSnapshot,
+                  native: bool, native_syncs: list) -> dict:
+    """``add_probe`` arguments: the program's native entry (no Python per hit) when it is eligible,
+    else the Python handler."""
+    ex = prog.executable
+    if native and hasattr(ex, "native_entry") and ex.native_ineligible() is None:
+        st.native = True
+        if ex.native_sync not in native_syncs:
+            native_syncs.append(ex.native_sync)
+        return {"handler": None, "native_prog": ex.native_entry(), "native_facts": ex.native_facts_addr,
+                "native_status": ex.native_status_addr, "native_error": ex.raise_native_fault}
+    return {"handler": _make_handler(prog, st, pump, maps_seen, native_syncs)}
+
+
+def _add_native_poll(session: Any, coll: Collection, pump: OutputPump, maps_seen: MapsSnapshot) -> None:
+    """Work the per-hit Python handler did, done between runs of the C loop instead: keep the JIT
+    region tables current, take the maps snapshot, drain ring/perf buffers."""
+    syncs = [lp.executable.native_sync for lp in coll.programs.values()
+             if hasattr(lp.executable, "native_sync")]
+    drain = pump.drain if (pump.ringbufs or pump.perfbufs) else None
+
+    def poll() -> None:
+        for s in syncs:
+            s()
+        if not maps_seen.taken and session.stats.total_hits:
+            maps_seen.taken = True
+            maps_seen.take()
+        if drain is not None:
+            drain()
+
+    session.add_poll(poll, _poll_interval(pump))
+
+
+def _poll_interval(pump: OutputPump) -> float:
+    """50 ms, shorter for small ring/perf buffers so they are drained before they fill at the
+    C loop's hit rate (about one hit per 15 us): 50 ms per 256 KiB of the smallest, >= 1 ms."""
+    sizes = [m.spec.max_entries for m in pump.ringbufs]
+    sizes += [64 * 1024 for _ in pump.perfbufs]       # perf buffers: a few pages per CPU
+    if not sizes:
+        return 0.05
+    return max(0.001, min(0.05, 0.05 * min(sizes) / (256 * 1024)))
+
+
+def _collect_native_stats(session: Any, stats: list[ProbeStats]) -> None:
+    """Hits and program time of native probes come from the engine's per-probe counters."""
+    st_all = session.stats
+    for st in stats:
+        if st.native:
+            st.hits = sum(st_all.hits.get(i, 0) for i in st.probe_ids)
+            st.prog_ns = sum(st_all.handler_ns_by_probe.get(i, 0) for i in st.probe_ids)
+
+
 def _attach_all(session: Any, coll: Collection, plan: list[AttachRequest], pump: OutputPump,
-                writer: Writer, maps_seen: MapsSnapshot) -> list[ProbeStats]:
+                writer: Writer, maps_seen: MapsSnapshot, native: bool = False) -> list[ProbeStats]:
     from ubpf_py.probe import resolve, symbols
 
     stats = []
     spec_ids = None
+    native_syncs: list = []     # native programs' region-table refreshers (see _make_handler)
     for req in plan:
         prog = coll.program(req.program)
         st = ProbeStats(req)
@@ -246,8 +313,9 @@ def _attach_all(session: Any, coll: Collection, plan: list[AttachRequest], pump:
                 spec_id, is_new = spec_ids.assign(note, req.cookie)
                 if is_new:
                     _fill_usdt_spec(coll, note, spec_id, req.cookie)
-                session.add_probe(path, note.file_offset, _make_handler(prog, st, pump, maps_seen), cookie=spec_id,
-                                  ref_ctr_offset=note.sema_offset)
+                st.probe_ids.append(session.add_probe(path, note.file_offset, cookie=spec_id,
+                                                      ref_ctr_offset=note.sema_offset,
+                                                      **_probe_kwargs(prog, st, pump, maps_seen, native, native_syncs)))
             writer.attached(req.program, req.describe(), f"{len(notes)} site(s) in {path}")
         else:
             if req.binary:
@@ -257,8 +325,8 @@ def _attach_all(session: Any, coll: Collection, plan: list[AttachRequest], pump:
             else:
                 path, offset, detail = resolve.find_function_in_process(session.pid, req.function)
                 offset += req.offset
-            session.add_probe(path, offset, _make_handler(prog, st, pump, maps_seen), is_return=req.retprobe,
-                              cookie=req.cookie)
+            st.probe_ids.append(session.add_probe(path, offset, is_return=req.retprobe, cookie=req.cookie,
+                                                  **_probe_kwargs(prog, st, pump, maps_seen, native, native_syncs)))
             writer.attached(req.program, req.describe(), detail)
         stats.append(st)
     return stats
@@ -281,11 +349,15 @@ def _fill_usdt_spec(coll: Collection, note: Any, spec_id: int, cookie: int) -> N
         raise UbpfError(f"cannot store USDT spec {spec_id} in {USDT_SPECS_MAP} (error {rc})")
 
 
-def _make_handler(prog: LoadedProgram, st: ProbeStats, pump: OutputPump, maps_seen: MapsSnapshot):
-    """The per-hit callback: run the program on the engine's pt_regs, move its output."""
+def _make_handler(prog: LoadedProgram, st: ProbeStats, pump: OutputPump, maps_seen: MapsSnapshot,
+                  native_syncs: list | None = None):
+    """The per-hit callback: run the program on the engine's pt_regs, move its output.
+    ``native_syncs``: programs running from the C loop; a Python-run program may grow map storage
+    (new memory regions) while the C loop runs, so their region tables are refreshed after it."""
     clock = time.perf_counter_ns
     run = prog.run
     drain = pump.drain if (pump.ringbufs or pump.perfbufs) else None
+    syncs = native_syncs if native_syncs is not None else []
 
     def handler(hit: HitContext) -> None:
         if not maps_seen.taken:
@@ -297,6 +369,8 @@ def _make_handler(prog: LoadedProgram, st: ProbeStats, pump: OutputPump, maps_se
         st.hits += 1
         if drain is not None:
             drain()
+        for sync in syncs:
+            sync()
 
     return handler
 

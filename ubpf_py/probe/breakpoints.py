@@ -36,6 +36,14 @@ class Probe:
     native_fn: int = 0
     #: USDT semaphore (file offset of a u16 in a writable segment), incremented while armed; 0 = none
     ref_ctr_offset: int = 0
+    #: native program extras (``ProbeSession.add_probe``): facts block filled before each call
+    #: (layout in native/hotloop.c), status word (non-zero = the program failed) and
+    #: ``native_error()`` that raises the failure; 0/None = none
+    native_facts: int = 0
+    native_status: int = 0
+    native_error: Callable[[], None] | None = None
+    #: two u64 (hits, ns) the C loop counts native-only hits in (a ctypes array)
+    native_counter: object = None
 
 
 @dataclass(slots=True)

@@ -206,6 +206,8 @@ class ProbeSession:
     # ------------------------------------------------------------------ probes
     def add_probe(self, binary_path: str, file_offset: int, handler: Handler | None, *,
                   is_return: bool = False, cookie: int = 0, native_prog: int = 0,
+                  native_facts: int = 0, native_status: int = 0,
+                  native_error: Callable[[], None] | None = None,
                   ref_ctr_offset: int = 0) -> int:
         """Attach ``handler`` at ``file_offset`` of ``binary_path``; armed in every mapping of that
         file now and whenever it is mapped later (dlopen, exec).  Returns the probe id.
@@ -213,6 +215,12 @@ class ProbeSession:
         ``native_prog``: address of a native function ``uint64_t prog(uint64_t ctx)`` called with
         the pt_regs address on every hit (before ``handler``, which may then be None); with the
         native loop and no Python handler, hits of that probe never enter Python.
+        ``native_facts``: address of five u64 the engine fills before each call of ``native_prog``
+        (cpu, tgid << 32 | tid, gid << 32 | uid, func ip, cookie: layout in native/hotloop.c, the
+        same as the JIT runtime block's fact slots). ``native_status``: address of a u64 that is
+        non-zero after a failed call; the engine then stops (thread held at the breakpoint, so
+        detaching leaves the target as it was) and calls ``native_error()``, which raises.
+        Per-probe hit counts and program time of native-only hits are in ``stats``.
         ``ref_ctr_offset``: file offset of a USDT semaphore (u16) to increment while the probe is
         armed, like the kernel's uprobe ref_ctr_offset."""
         if handler is None and not native_prog:
@@ -224,7 +232,8 @@ class ProbeSession:
             binary_path = f"/proc/{self.pid}/exe"
         check_offset(binary_path, file_offset)
         probe = Probe(self._next_id, binary_path, file_offset, handler, is_return, cookie & ((1 << 64) - 1),
-                      native_fn=native_prog, ref_ctr_offset=ref_ctr_offset)
+                      native_fn=native_prog, ref_ctr_offset=ref_ctr_offset, native_facts=native_facts,
+                      native_status=native_status, native_error=native_error)
         self._next_id += 1
         tr = self.tracer
         tr.probes[probe.id] = probe
@@ -236,6 +245,21 @@ class ProbeSession:
             del tr.probes[probe.id]
             raise
         return probe.id
+
+    @property
+    def native_loop(self) -> bool:
+        """Is the C stop loop in use (so hits of native-only probes never enter Python)?"""
+        return self.tracer.nl is not None
+
+    def add_poll(self, fn: Callable[[], None], interval_s: float = 0.05) -> None:
+        """Call ``fn()`` between runs of the C loop: before each run and, while hits stay in C,
+        after a hit once ``interval_s`` has passed (work such as draining ring buffers that
+        native-only probes no longer do per hit).  Not called by the pure-Python loop."""
+        tr = self.tracer
+        tr.poll_hooks.append(fn)
+        if tr.nl is not None:
+            ns = int(interval_s * 1e9)
+            tr.nl.set_poll(min(ns, tr.nl.poll_ns) if tr.nl.poll_ns else ns)
 
     @property
     def hit(self) -> HitContext:
@@ -359,9 +383,12 @@ class ProbeSession:
     def stats(self) -> SessionStats:
         tr = self.tracer
         hits, tns, hns = tr.totals()
+        def native(p: Probe, k: int) -> int:
+            return p.native_counter[k] if p.native_counter is not None else 0
+
         return SessionStats(
-            hits={i: p.hits for i, p in tr.probes.items()},
-            handler_ns_by_probe={i: p.handler_ns for i, p in tr.probes.items()},
+            hits={i: p.hits + native(p, 0) for i, p in tr.probes.items()},
+            handler_ns_by_probe={i: p.handler_ns + native(p, 1) for i, p in tr.probes.items()},
             total_hits=hits, tracer_ns=tns, handler_ns=hns, run_s=self._run_s)
 
     def __enter__(self) -> ProbeSession:

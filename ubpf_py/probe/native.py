@@ -28,6 +28,10 @@ _tried = False
 
 CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32)
 BP_FAST, BP_PYCB = 1, 2
+#: ``ub_abi()`` of the hotloop.c this module speaks to
+ABI = 2
+#: run() results (see run_loop in hotloop.c)
+RC_NATIVE_FAULT, RC_POLL = 4, 5
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -41,7 +45,13 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ub_last_tid.argtypes = [vp]
     lib.ub_last_tid.restype = i32
     lib.ub_stats.argtypes = [vp, ctypes.POINTER(u64)]
-    lib.ub_bp_put.argtypes = [vp, u64, i32, u64, u64, u64, u64, i32, i32, i32, i32, u64]
+    lib.ub_abi.restype = i32
+    lib.ub_abi.argtypes = []
+    if lib.ub_abi() != ABI:
+        raise OSError(f"stale native loop build (abi {lib.ub_abi()}, need {ABI})")
+    lib.ub_set_ids.argtypes = [vp, i32, u64]
+    lib.ub_set_poll.argtypes = [vp, u64]
+    lib.ub_bp_put.argtypes = [vp, u64, i32, u64, u64, u64, u64, i32, i32, i32, i32, u64, u64, u64, u64, u64]
     lib.ub_bp_put.restype = ctypes.c_int
     lib.ub_bp_del.argtypes = [vp, u64]
     lib.ub_bp_clear.argtypes = [vp]
@@ -120,6 +130,16 @@ def load() -> ctypes.CDLL | None:
         _ext = None      # force the ctypes callback path (benchmarks compare both)
     try:
         _lib = _declare(ctypes.CDLL(path))
+    except AttributeError:       # an old installed build without ub_abi
+        _lib = None
+        built = _build_cached()
+        if built is not None:
+            path, is_ext = built
+            _ext = _load_ext(path) if is_ext else None
+            try:
+                _lib = _declare(ctypes.CDLL(path))
+            except (OSError, AttributeError):
+                _lib = None
     except OSError as e:
         print(f"ubpf-py: native loop unavailable ({e}); using the Python loop", file=sys.stderr)
         _lib = None
@@ -145,10 +165,11 @@ class NativeLoop:
         self.regs_valid = ctypes.c_int32(0)
         self._stats = (ctypes.c_uint64 * 3)()
         self.wakeup_fd = -1
+        self.poll_ns = 0
 
     def load_tables(self, bps: list[tuple], tids) -> None:
         """Replace both tables.  ``bps``: (addr, kind, next, slot, target, imm, reg, cond, token,
-        flags, prog) tuples."""
+        flags, prog, facts, status, counter, cookie) tuples (see hotloop.c)."""
         lib, s = self.lib, self.state
         need = 1024
         while need < 2 * len(bps) + 16:
@@ -161,6 +182,7 @@ class NativeLoop:
                 raise MemoryError("native loop state")
             lib.ub_set_cb(s, self.cb)
             lib.ub_set_wakeup_fd(s, self.wakeup_fd)
+            lib.ub_set_poll(s, self.poll_ns)
             self.bp_cap = need
             self._carry = stats
         lib.ub_bp_clear(s)
@@ -169,6 +191,15 @@ class NativeLoop:
         lib.ub_tid_clear(s)
         for t in tids:
             lib.ub_tid_add(s, t)
+
+    def set_ids(self, tgid: int, uid: int, gid: int) -> None:
+        """The process whose hits the loop handles: tgid and credentials for the facts block."""
+        self.lib.ub_set_ids(self.state, tgid, (gid & 0xFFFFFFFF) << 32 | (uid & 0xFFFFFFFF))
+
+    def set_poll(self, interval_ns: int) -> None:
+        """Return RC_POLL after a hit once ``interval_ns`` has passed (0 = never)."""
+        self.poll_ns = interval_ns
+        self.lib.ub_set_poll(self.state, interval_ns)
 
     def set_wakeup_fd(self, fd: int) -> None:
         self.wakeup_fd = fd

@@ -28,6 +28,7 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ubpf_py.errors import ProbeError, TargetError
@@ -35,6 +36,7 @@ from ubpf_py.probe import ool as O
 from ubpf_py.probe import ptrace as P
 from ubpf_py.probe.breakpoints import Breakpoint, Probe
 from ubpf_py.probe.hits import HitFiller
+from ubpf_py.probe.native_calls import NativeCallsMixin
 from ubpf_py.probe.procmaps import file_offset_to_addr, mappings_of_file, read_maps
 from ubpf_py.probe.restore import RestoreMixin, clean_memory, release_semaphores
 from ubpf_py.probe.scratch import Injector, ScratchArea
@@ -93,7 +95,7 @@ def new_proc(tgid: int) -> Proc:
     return Proc(tgid, mem, inj, ScratchArea(mem, inj))
 
 
-class Tracer(RestoreMixin):
+class Tracer(RestoreMixin, NativeCallsMixin):
     """Traces one process tree; see the module docstring."""
 
     def __init__(self, regs: P.RegsBuf, follow_forks: bool = False, exact_cpu: bool = False,
@@ -119,6 +121,9 @@ class Tracer(RestoreMixin):
         self._cb_error: BaseException | None = None
         self._tokens: list[Breakpoint] = []
         self._native_dirty = True
+        #: called between runs of the C loop (before each run and every poll interval): the
+        #: user's periodic work while hits of native programs never enter Python
+        self.poll_hooks: list[Callable[[], None]] = []
         self.nl = None
         if native is not False:
             from ubpf_py.probe import native as N
@@ -305,6 +310,8 @@ class Tracer(RestoreMixin):
                 break
             if self._native_dirty:
                 self._sync_native()
+            for hook in self.poll_hooks:
+                hook()
             r = nl.run()
             if r == 0 and nl.wakeup_fd >= 0:
                 with contextlib.suppress(OSError):
@@ -315,12 +322,15 @@ class Tracer(RestoreMixin):
                     dispatch(nl.tid.value, nl.status.value)
                 finally:
                     self._regs_valid = False
-            elif r == 2 or r == 3:
+            elif r == 2 or r == 3 or r == 4:
                 th = self.threads.get(nl.tid.value)
                 if th is None:
                     continue
                 th.stopped = True
                 th.at_bp = True
+                if r == 4:      # a native program failed: its probe raises the recorded error
+                    self._raise_native_failure()
+                    break
                 if r == 2:
                     err, self._cb_error = self._cb_error, None
                     if err is None:
@@ -346,15 +356,23 @@ class Tracer(RestoreMixin):
                 plan = bp.plan
                 fast = (bp.internal is None and not bp.ret_probes and plan.kind != O.K_IND
                         and main.run_handlers)
-                prog = 0
-                if len(bp.probes) == 1 and bp.probes[0].native_fn and bp.probes[0].handler is None:
-                    prog = bp.probes[0].native_fn      # runs with no Python at all
+                prog = facts = status = counter = cookie = 0
+                p0 = bp.probes[0] if len(bp.probes) == 1 else None
+                if (p0 is not None and p0.native_fn and p0.handler is None
+                        and not (p0.native_facts and self.filler.exact_cpu)):
+                    prog = p0.native_fn      # runs with no Python at all
+                    facts, status, cookie = p0.native_facts, p0.native_status, p0.cookie
+                    if p0.native_counter is None:
+                        p0.native_counter = (ctypes.c_uint64 * 2)()
+                    counter = ctypes.addressof(p0.native_counter)
                 flags = (BP_FAST if fast else 0) | (BP_PYCB if bp.probes and not prog else 0)
                 rows.append((bp.addr, plan.kind, plan.next, plan.slot, plan.target, plan.imm, plan.reg,
-                             plan.cond, len(tokens), flags, prog))
+                             plan.cond, len(tokens), flags, prog, facts, status, counter, cookie))
                 tokens.append(bp)
         self._tokens = tokens
         self.nl.load_tables(rows, list(main.threads) if main is not None else [])
+        if main is not None:
+            self.nl.set_ids(main.tgid, *self.filler.uid_gid(main.tgid))
         self._native_dirty = False
 
     def _native_cb(self, token: int, tid: int, cpu: int) -> int:
@@ -376,7 +394,7 @@ class Tracer(RestoreMixin):
                 hit.cookie = p.cookie
                 p.hits += 1
                 if p.native_fn:
-                    _call_native(p.native_fn, self.regs.addr)
+                    self._run_native(p, hit)
                 if p.handler is not None:
                     p.handler(hit)
             return 0
@@ -456,7 +474,7 @@ class Tracer(RestoreMixin):
             hit = filler.fill(proc.tgid, th.tid, bp.addr, p.cookie, False)
             h0 = time.perf_counter_ns()
             if p.native_fn:
-                _call_native(p.native_fn, self.regs.addr)
+                self._run_native(p, hit)
             if p.handler is not None:
                 p.handler(hit)
             dt = time.perf_counter_ns() - h0
@@ -589,17 +607,29 @@ class Tracer(RestoreMixin):
             self._log_drop(e)
             v[P.RIP] = e.orig_ret
             if proc.run_handlers:
-                for p in e.probes:
-                    hit = filler.fill(proc.tgid, th.tid, e.func, p.cookie, True)
-                    h0 = time.perf_counter_ns()
-                    if p.native_fn:
-                        _call_native(p.native_fn, self.regs.addr)
-                    if p.handler is not None:
-                        p.handler(hit)
-                    dt = time.perf_counter_ns() - h0
-                    p.handler_ns += dt
-                    self.handler_ns += dt
-                    p.hits += 1
+                try:
+                    for p in e.probes:
+                        hit = filler.fill(proc.tgid, th.tid, e.func, p.cookie, True)
+                        h0 = time.perf_counter_ns()
+                        if p.native_fn:
+                            self._run_native(p, hit)
+                        if p.handler is not None:
+                            p.handler(hit)
+                        dt = time.perf_counter_ns() - h0
+                        p.handler_ns += dt
+                        self.handler_ns += dt
+                        p.hits += 1
+                except BaseException:
+                    # the return went through the trampoline and its shadow entry is gone: put the
+                    # thread at the real return address before the error ends tracing, or detaching
+                    # would resume it inside the unmapped scratch page
+                    while e.chained and sh.entries:
+                        e = sh.entries.pop()
+                        self._log_drop(e)
+                    v[P.RIP] = e.orig_ret
+                    with contextlib.suppress(P.PtraceError):
+                        self.regs.set(th.tid)
+                    raise
             if not e.chained or not sh.entries:
                 break
         v[P.RIP] = e.orig_ret
@@ -766,18 +796,6 @@ def code_addresses(maps, path: str, file_offset: int) -> list[int]:
     out = {m.start + file_offset - m.offset for m in mappings_of_file(maps, path)
            if m.executable and m.private and not m.writable and m.contains_file_offset(file_offset)}
     return sorted(out)
-
-
-_PROG = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64)
-_progs: dict[int, object] = {}
-
-
-def _call_native(fn: int, ctx: int) -> int:
-    """Call a native program ``u64 prog(u64 ctx)`` from the Python loop."""
-    f = _progs.get(fn)
-    if f is None:
-        f = _progs[fn] = _PROG(fn)
-    return f(ctx)
 
 
 def _is_dynamic_linker(path: str) -> bool:

@@ -65,7 +65,18 @@ SLOT_RNG = 25
 SLOT_CLOCK_FN = 26
 #: scratch ``struct timespec`` (2 slots) for the native clock helpers
 SLOT_TIMESPEC = 27
-NUM_SLOTS = 29
+#: 1 while the native hit wrapper (``JitProgram.native_entry``) runs the program: the
+#: facts slots were filled by the probe engine's C loop, not copied from ``env.hit``, so
+#: Python helper trampolines copy the cpu back into ``env.hit`` before calling a helper
+SLOT_NATIVE = 29
+NUM_SLOTS = 30
+
+#: The facts block of the native hit path: SLOT_CPU..SLOT_COOKIE are five consecutive
+#: u64 (cpu, tgid << 32 | tid, gid << 32 | uid, func_ip, cookie) -- exactly the block
+#: native/hotloop.c fills before calling a native program (``add_probe(native_facts=)``)
+FACTS_FIRST_SLOT = SLOT_CPU
+FACTS_WORDS = 5
+assert tuple(range(SLOT_CPU + 1, SLOT_CPU + 5)) == (SLOT_PID_TGID, SLOT_UID_GID, SLOT_FUNC_IP, SLOT_COOKIE)
 
 #: status values
 STATUS_OK = 0

@@ -231,10 +231,13 @@ class JitProgram:
             raise VMFault("JIT code stopped abnormally without a recorded reason")
 
         helpers = env.helpers
+        native_slot, cpu_slot = L.SLOT_NATIVE, L.SLOT_CPU
 
         def helper_tramp(hid: int) -> Any:
             # looked up per call, like the interpreter: env.helpers may be replaced later
             def tramp(a: int, b: int, c: int, d: int, e: int) -> int:
+                if rt[native_slot]:     # called from the C loop: env.hit was not filled
+                    env.hit.cpu = rt[cpu_slot]
                 fn = helpers.get(hid)
                 if fn is None:
                     fail(HelperError(f"helper {hid} is not available in this runtime (instruction "
@@ -340,6 +343,13 @@ class JitProgram:
             self.code = new
 
         self._switch_code = switch_code
+        self._finish = finish
+
+        def sync_if_needed() -> None:
+            if checked and mem.version != synced:
+                sync()
+
+        self.native_sync = sync_if_needed
 
         if self._facts:
             # native fact helpers / per-CPU map paths read env.hit from the runtime block
@@ -406,6 +416,47 @@ class JitProgram:
         self._tier2.result(timeout)   # raises the compile error, if any
         self._switch_code(self._tier2.result())
         return True
+
+    # ------------------------------------------------------------------ native hit path
+    def native_ineligible(self) -> str | None:
+        """Why this instance cannot run from the probe engine's C loop (``native_hit``), or None."""
+        from ubpf_py.vm.jit.native_hit import ineligible_reason
+
+        return ineligible_reason(self)
+
+    def native_entry(self) -> int:
+        """Address of ``uint64_t f(uint64_t ctx)`` running this instance with no Python per call
+        (``vm/jit/native_hit.py``).  The caller fills the facts block (``native_facts_addr``)
+        before each call, tests ``native_status_addr`` after it (non-zero: call
+        ``raise_native_fault``) and calls ``native_sync()`` whenever Python may have changed
+        ``env.memory`` between calls.  Raises NotSupportedError for ineligible programs."""
+        reason = self.native_ineligible()
+        if reason is not None:
+            raise NotSupportedError(f"native hit path for this program: {reason}")
+        addr = getattr(self, "_native_addr", 0)
+        if not addr:
+            # the wrapper binds today's code: with tiered compilation, bind the O2 code
+            self.wait_for_tier2()
+            from ubpf_py.vm.jit.native_hit import build_wrapper
+
+            entry1 = ctypes.cast(self.code.entry1, ctypes.c_void_p).value or 0
+            addr = self._native_addr = build_wrapper(entry1, self._rt_addr)
+        self.native_sync()
+        return addr
+
+    @property
+    def native_facts_addr(self) -> int:
+        """The five fact words (layout.FACTS_FIRST_SLOT..) the native caller fills per hit."""
+        return self._rt_addr + 8 * L.FACTS_FIRST_SLOT
+
+    @property
+    def native_status_addr(self) -> int:
+        """u64 that is non-zero after a native call that faulted or whose helper raised."""
+        return self._rt_addr + 8 * L.SLOT_STATUS
+
+    def raise_native_fault(self) -> None:
+        """After a failed native call: raise what ``run()`` would have raised (and reset)."""
+        self._finish()
 
     def _fault_error(self) -> VMFault:
         rt = self._rt
