@@ -30,10 +30,7 @@ def test_corpus_case_ubpf(case, engine, corpus_build):
     missing = _missing_parts(case, corpus_build)
     if missing:
         pytest.skip(f"not built (toolchain missing?): {missing}")
-    for _ in range(_tries(case)):
-        ok, text = run_case(case, corpus_build, engine)
-        if ok:
-            break
+    ok, text = _until_pass(case, lambda: run_case(case, corpus_build, engine))
     assert ok, text
 
 
@@ -42,23 +39,29 @@ def test_corpus_case_ubpf(case, engine, corpus_build):
 NONDETERMINISTIC = {"mallocs"}
 
 
-def _tries(case: dict) -> int:
-    return 3 if case["name"] in NONDETERMINISTIC else 1
+def _until_pass(case: dict, attempt):
+    """``attempt() -> (ok, text)``, repeated up to 3 times for NONDETERMINISTIC cases."""
+    for _ in range(3 if case["name"] in NONDETERMINISTIC else 1):
+        ok, text = attempt()
+        if ok:
+            break
+    return ok, text
+
+
+def _require_kernel(case: dict, build) -> None:
+    reason = _kernel_oracle_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    if _missing_parts(case, build):
+        pytest.skip("not built")
 
 
 @pytest.mark.kernel
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_corpus_case_kernel_backend(case, corpus_build):
     """The same case through ``ubpf-run --backend kernel``: same command, same output path."""
-    reason = _kernel_oracle_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    if _missing_parts(case, corpus_build):
-        pytest.skip("not built")
-    for _ in range(_tries(case)):
-        ok, text = run_case(case, corpus_build, "kernel")
-        if ok:
-            break
+    _require_kernel(case, corpus_build)
+    ok, text = _until_pass(case, lambda: run_case(case, corpus_build, "kernel"))
     assert ok, text
 
 
@@ -75,14 +78,13 @@ def _kernel_oracle_skip_reason() -> str | None:
 @pytest.mark.kernel
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_corpus_case_kernel_oracle(case, corpus_build):
-    reason = _kernel_oracle_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    if _missing_parts(case, corpus_build):
-        pytest.skip("not built")
-    for _ in range(_tries(case)):
+    """The kernel reference loader on the same case confirms the expectation on this machine."""
+    _require_kernel(case, corpus_build)
+
+    def oracle() -> tuple[bool, str]:
         p = subprocess.run([sys.executable, str(CHECK), "--build", str(corpus_build), case["name"]],
                            capture_output=True, text=True, timeout=180)
-        if p.returncode == 0:
-            break
-    assert p.returncode == 0 and f"PASS {case['name']}" in p.stdout, p.stdout + p.stderr
+        return p.returncode == 0 and f"PASS {case['name']}" in p.stdout, p.stdout + p.stderr
+
+    ok, text = _until_pass(case, oracle)
+    assert ok, text

@@ -41,6 +41,7 @@ from ubpf_py.probe.procmaps import file_offset_to_addr, mappings_of_file, read_m
 from ubpf_py.probe.restore import RestoreMixin, clean_memory, release_semaphores
 from ubpf_py.probe.scratch import Injector, ScratchArea
 from ubpf_py.probe.uretprobe import MAX_DEPTH, RetEntry, ShadowStack
+from ubpf_py.vm.env import HitContext
 
 SIGTRAP = signal.SIGTRAP
 GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
@@ -471,16 +472,19 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         filler.cur_thread = th
         filler.cur_at_entry = bp.at_entry
         for p in bp.probes:
-            hit = filler.fill(proc.tgid, th.tid, bp.addr, p.cookie, False)
-            h0 = time.perf_counter_ns()
-            if p.native_fn:
-                self._run_native(p, hit)
-            if p.handler is not None:
-                p.handler(hit)
-            dt = time.perf_counter_ns() - h0
-            p.handler_ns += dt
-            self.handler_ns += dt
-            p.hits += 1
+            self._call_probe(p, filler.fill(proc.tgid, th.tid, bp.addr, p.cookie, False))
+
+    def _call_probe(self, p: Probe, hit: HitContext) -> None:
+        """Run one probe's native program and/or Python handler, and account for it."""
+        h0 = time.perf_counter_ns()
+        if p.native_fn:
+            self._run_native(p, hit)
+        if p.handler is not None:
+            p.handler(hit)
+        dt = time.perf_counter_ns() - h0
+        p.handler_ns += dt
+        self.handler_ns += dt
+        p.hits += 1
 
     def finish(self, th: Thread, plan: O.Plan) -> None:
         """Complete the displaced instruction (emulate or go out of line) and resume the thread."""
@@ -609,16 +613,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             if proc.run_handlers:
                 try:
                     for p in e.probes:
-                        hit = filler.fill(proc.tgid, th.tid, e.func, p.cookie, True)
-                        h0 = time.perf_counter_ns()
-                        if p.native_fn:
-                            self._run_native(p, hit)
-                        if p.handler is not None:
-                            p.handler(hit)
-                        dt = time.perf_counter_ns() - h0
-                        p.handler_ns += dt
-                        self.handler_ns += dt
-                        p.hits += 1
+                        self._call_probe(p, filler.fill(proc.tgid, th.tid, e.func, p.cookie, True))
                 except BaseException:
                     # the return went through the trampoline and its shadow entry is gone: put the
                     # thread at the real return address before the error ends tracing, or detaching
