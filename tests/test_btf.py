@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
+from bpf_build import compile_bpf
 
 from ubpf_py.errors import BTFError
 from ubpf_py.obj import btf as B
@@ -50,15 +49,7 @@ char LICENSE[] SEC("license") = "GPL";
 
 @pytest.fixture(scope="module")
 def kinds_obj(tmp_path_factory: pytest.TempPathFactory):
-    if shutil.which("clang") is None:
-        pytest.skip("clang not installed")
-    d = tmp_path_factory.mktemp("btf")
-    src = d / "k.bpf.c"
-    src.write_text(KINDS_SRC)
-    out = d / "k.bpf.o"
-    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu", "-c", str(src),
-                    "-o", str(out)], check=True, capture_output=True)
-    return load_object(out)
+    return load_object(compile_bpf(KINDS_SRC, tmp_path_factory.mktemp("btf"), "k"))
 
 
 def test_every_kind_parsed(kinds_obj) -> None:

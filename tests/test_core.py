@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from bpf_build import compile_bpf
 
 from ubpf_py.errors import RelocationError
 from ubpf_py.obj import btf as B
@@ -59,15 +58,7 @@ char LICENSE[] SEC("license") = "GPL";
 
 @pytest.fixture(scope="module")
 def obj(tmp_path_factory: pytest.TempPathFactory):
-    if shutil.which("clang") is None:
-        pytest.skip("clang not installed")
-    d = tmp_path_factory.mktemp("core")
-    src = d / "core.bpf.c"
-    src.write_text(SRC)
-    out = d / "core.bpf.o"
-    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-D__TARGET_ARCH_x86", "-I/usr/include/x86_64-linux-gnu",
-                    "-c", str(src), "-o", str(out)], check=True, capture_output=True)
-    return load_object(out)
+    return load_object(compile_bpf(SRC, tmp_path_factory.mktemp("core"), "core"))
 
 
 def target_btf() -> tuple[B.Btf, int]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from bpf_build import compile_bpf
 from paths import CORPUS
 
 from ubpf_py.errors import ObjectLoadError
@@ -156,15 +155,9 @@ int use(struct rec *r, struct pair8 *p, struct other8 *o, flow_t *f)
 
 @pytest.fixture(scope="module")
 def custom_objects(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    clang = shutil.which("clang") or shutil.which("clang-14")
-    if clang is None:
-        pytest.skip("clang not installed")
     d = tmp_path_factory.mktemp("dwarf")
-    src = d / "types.bpf.c"
-    src.write_text(_SOURCE)
-    with_g, without_g = d / "g.o", d / "nog.o"
-    for out, extra in ((with_g, ["-g"]), (without_g, [])):
-        subprocess.run([clang, "-O2", "-target", "bpf", *extra, "-c", str(src), "-o", str(out)], check=True)
+    with_g = compile_bpf(_SOURCE, d, "g", debug=True)
+    without_g = compile_bpf(_SOURCE, d, "nog", debug=False)
     return with_g, without_g
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bpf_build import compile_bpf
 from paths import CORPUS
 
 from ubpf_py.errors import KernelBackendError, SymbolError
@@ -250,21 +251,12 @@ SEC("uprobe") int core_add(struct pt_regs *ctx)
 
 
 def test_core_relocations_against_kernel_btf(corpus_build: Path, tmp_path: Path) -> None:
-    import shutil
-    import subprocess
 
     from ubpf_py.obj.elf import load_object
 
-    clang = shutil.which("clang") or shutil.which("clang-14")
-    if clang is None:
-        pytest.skip("clang not installed")
     if not Path("/sys/kernel/btf/vmlinux").exists():
         pytest.skip("kernel has no BTF")
-    (tmp_path / "core.bpf.c").write_text(CORE_SRC)
-    subprocess.run([clang, "-O2", "-g", "-target", "bpf", "-D__TARGET_ARCH_x86",
-                    "-I/usr/include/x86_64-linux-gnu", "-c", "core.bpf.c", "-o", "core.bpf.o"],
-                   cwd=tmp_path, check=True)
-    spec = load_object(tmp_path / "core.bpf.o")
+    spec = load_object(compile_bpf(CORE_SRC, tmp_path, "core"))
     assert spec.programs["core_add"].core_relocs, "the object should carry CO-RE relocations"
     res = run_command(spec, [AttachRequest("core_add", "./hello", "add")], ["./hello"],
                       cwd=str(corpus_build), timeout=20)

@@ -6,13 +6,12 @@ Expected values were checked by hand against ``bpftool btf dump file X``,
 
 from __future__ import annotations
 
-import shutil
 import struct
-import subprocess
 import warnings
 from pathlib import Path
 
 import pytest
+from bpf_build import compile_bpf
 
 from ubpf_py.errors import NotSupportedError, ObjectLoadError, RelocationError
 from ubpf_py.isa.opcodes import (
@@ -394,13 +393,7 @@ def test_relocation_error_is_object_load_error() -> None:
 
 
 def _clang(src: Path) -> Path:
-    if shutil.which("clang") is None:
-        pytest.skip("clang not installed")
-    out = src.with_suffix(".o")
-    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-D__TARGET_ARCH_x86",
-                    "-I/usr/include/x86_64-linux-gnu", "-c", str(src), "-o", str(out)],
-                   check=True, capture_output=True)
-    return out
+    return compile_bpf(src.read_text(), src.parent, src.name.removesuffix(".bpf.c"))
 
 
 def test_map_in_map_static_init(tmp_path: Path) -> None:

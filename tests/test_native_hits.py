@@ -11,11 +11,11 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from bpf_build import compile_bpf
 from conftest import root_skip_reason
 
 from ubpf_py import cli
@@ -161,14 +161,7 @@ def test_env_var_forces_python_path(corpus_build, capfd, monkeypatch) -> None:
 
 
 def _bpf_object(tmp_path: Path, text: str, name: str = "faulty") -> Path:
-    clang = shutil.which("clang-14") or shutil.which("clang")
-    if clang is None:
-        pytest.skip("clang is needed to build the test program")
-    src = tmp_path / f"{name}.bpf.c"
-    src.write_text(text)
-    obj = tmp_path / f"{name}.bpf.o"
-    subprocess.run([clang, "-target", "bpf", "-O2", "-g", "-c", str(src), "-o", str(obj)], check=True)
-    return obj
+    return compile_bpf(text, tmp_path, name)
 
 
 @pytest.mark.parametrize("section", ["uprobe", "uretprobe"])

@@ -1,0 +1,25 @@
+"""Compile BPF C written by a test into an object, the way the corpus builds its own."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+#: the corpus's flags (shared/corpus/build.sh), minus its warnings
+BPF_CFLAGS = ["-O2", "-target", "bpf", "-D__TARGET_ARCH_x86", "-I/usr/include/x86_64-linux-gnu"]
+
+
+def compile_bpf(source: str, directory: Path, name: str, *, debug: bool = True) -> Path:
+    """Write ``source`` to DIRECTORY/NAME.bpf.c and compile it to NAME.bpf.o (skip if no clang)."""
+    clang = shutil.which("clang") or shutil.which("clang-14")
+    if clang is None:
+        pytest.skip("clang is needed to build the test program")
+    src = directory / f"{name}.bpf.c"
+    src.write_text(source)
+    out = directory / f"{name}.bpf.o"
+    subprocess.run([clang, *BPF_CFLAGS, *(["-g"] if debug else []), "-c", str(src), "-o", str(out)],
+                   check=True, capture_output=True)
+    return out
