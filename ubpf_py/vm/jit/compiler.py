@@ -340,14 +340,18 @@ def _status_check(f: FunctionEmitter) -> None:
     f.emit(f"c{f.n}:")
 
 
+def _fn_from_slot(f: FunctionEmitter, table: str, index: int) -> str:
+    """A function pointer loaded from slot ``index`` of an i64 table (helper table, runtime block)."""
+    slot = f.op(f"getelementptr i64, ptr {table}, i64 {index}")
+    return f.op(f"inttoptr i64 {f.op(f'load i64, ptr {slot}')} to ptr")
+
+
 def _emit_call(f: FunctionEmitter, ins: Instruction, pc: int, p: str,
                helper_index: dict[int, int]) -> None:
     args = ", ".join(f"i64 {f.get(r)}" for r in range(1, 6))
     if ins.opcode & BPF_X:  # callx: helper id in the dst register
         hid = f.get(ins.dst)
-        fnp = f.op(f"getelementptr i64, ptr %rt, i64 {layout.SLOT_CALLX_FN}")
-        fni = f.op(f"load i64, ptr {fnp}")
-        fn = f.op(f"inttoptr i64 {fni} to ptr")
+        fn = _fn_from_slot(f, "%rt", layout.SLOT_CALLX_FN)
         _store_cur_fp(f)
         f.put(0, f.op(f"call i64 {fn}(i64 {hid}, {args})"))
         _status_check(f)
@@ -368,10 +372,7 @@ def _emit_call(f: FunctionEmitter, ins: Instruction, pc: int, p: str,
         f.put(0, f.op(f"call i64 @{p}_f{target}({args}, i64 {nfp}, ptr %rt)"))
         _status_check(f)
         return
-    k = helper_index[ins.imm]
-    slot = f.op(f"getelementptr i64, ptr %htab, i64 {k}")
-    fni = f.op(f"load i64, ptr {slot}")
-    fn = f.op(f"inttoptr i64 {fni} to ptr")
+    fn = _fn_from_slot(f, "%htab", helper_index[ins.imm])
     _store_cur_fp(f)
     result = f.op(f"call i64 {fn}({args})")
     if ins.imm != TAIL_CALL_HELPER:
