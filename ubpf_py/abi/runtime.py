@@ -1,0 +1,99 @@
+"""Layouts shared by the tracer, the generated trampolines and ``runtime/*.c``.
+
+Memory of an in-target session (see docs/ARCHITECTURE.md, "In-target execution"):
+
+* the **arena**: a memfd mapped ``MAP_SHARED`` at the *same address* in the tracer
+  and in the target.  It holds the ``RUNTIME_HEADER`` (at its start), every map's
+  storage (so pointers inside maps and descriptors mean the same in both
+  processes), the probe blocks and the printk ring.  The tracer reads it without
+  stopping the target.
+* **code pages**: private, read+exec, in the target only, holding the runtime
+  (``runtime/*.c``), the programs compiled for the target and the trampolines;
+  trampolines sit within +-2 GiB of the sites they serve.
+* the **thread table**: private anonymous memory of the target (a fork copies it,
+  so cached facts never leak between processes); one ``THREAD_BLOCK`` slot per
+  thread, found by the thread's FS base, holding its runtime stack.
+
+Calling conventions (SysV x86-64):
+
+* program entry: ``u64 entry(u64 ctx, struct ubpf_hit_frame *hf)``; ``ctx`` is the
+  kernel-layout ``struct pt_regs`` the trampoline built on the runtime stack;
+* runtime helpers: ``u64 ubpf_helper_<kernel id>(u64 r1, .., u64 r5, struct ubpf_hit_frame *hf)``.
+"""
+
+from __future__ import annotations
+
+from ubpf_py.abi.layout import Layout, u64, u64s
+
+RUNTIME_MAGIC = 0x5542_5046_5254_0001  # "UBPFRT" v1
+#: RUNTIME_HEADER.flags
+RT_F_FSGSBASE = 1      # rdfsbase works in the target (AT_HWCAP2 & HWCAP2_FSGSBASE)
+RT_F_RDPID = 2         # rdpid gives the CPU number
+
+RUNTIME_HEADER = Layout("ubpf_runtime_header", [
+    u64("magic", "RUNTIME_MAGIC"),
+    u64("arena_base", "address of the arena (same in tracer and target)"),
+    u64("arena_size"),
+    u64("flags", "RT_F_*"),
+    u64("vdso_clock_gettime", "target address of __vdso_clock_gettime, 0: use the syscall"),
+    u64("vdso_getcpu", "target address of __vdso_getcpu, 0: use the syscall"),
+    u64("thread_table", "target address of the (private) thread table"),
+    u64("thread_slots", "number of THREAD_BLOCK slots (a power of two)"),
+    u64("thread_slot_size", "bytes per slot: the block, then its runtime stack up to the slot's end"),
+    u64("printk_ring", "handle address of the internal ring buffer printk records go to"),
+    u64("tracer_pid"),
+    u64("generation", "bumped by the tracer when cached per-process facts become stale (fork)"),
+    u64("pid", "the target's tgid, written by the tracer (per process: fixed up in a forked child)"),
+    u64s("reserved", 3),
+], doc="at the start of the arena")
+
+#: PROBE_BLOCK.flags
+PB_F_RETURN = 1        # a return probe: the entry trampoline replaces the return address
+
+PROBE_BLOCK = Layout("ubpf_probe_block", [
+    u64("func_ip", "address of the probed instruction (bpf_get_func_ip, pt_regs ip of entry probes)"),
+    u64("cookie", "attach cookie (bpf_get_attach_cookie)"),
+    u64("entry", "program entry address; 0: no program (the trampoline only counts)"),
+    u64("enabled", "0: the trampoline skips the program (detach in progress)"),
+    u64("hits", "programs run (atomic add)"),
+    u64("missed", "hits skipped: the thread was already inside a program, or no thread slot"),
+    u64("active", "threads inside the trampoline's program call right now"),
+    u64("flags", "PB_F_*"),
+    u64("probe_id", "the tracer's id for this probe"),
+    u64("ns", "nanoseconds spent in the program when timing is on"),
+    u64s("reserved", 6),
+], doc="one per probe, in the arena")
+
+SHADOW_ENTRY = Layout("ubpf_shadow_entry", [
+    u64("ret_addr", "the return address the entry trampoline replaced"),
+    u64("rsp", "the stack pointer at function entry (pointing at the return address)"),
+    u64("probe", "the PROBE_BLOCK of the return probe"),
+])
+SHADOW_DEPTH = 64
+
+THREAD_BLOCK = Layout("ubpf_thread_block", [
+    u64("key", "the thread's FS base; 0: free slot (claimed with a compare-and-swap)"),
+    u64("busy", "non-zero while a program runs on this thread (no nesting, like the kernel)"),
+    u64("tid", "cached gettid(); 0: unknown"),
+    u64("generation", "RUNTIME_HEADER.generation the cached facts belong to"),
+    u64("prandom", "xorshift state of bpf_get_prandom_u32"),
+    u64("shadow_depth", "entries in use in ``shadow``"),
+    u64s("reserved", 2),
+    u64s("shadow", SHADOW_DEPTH * SHADOW_ENTRY.size // 8, "return-probe shadow stack (ubpf_shadow_entry)"),
+], doc="one per thread in the thread table; the runtime stack follows up to the slot's end", align=64)
+
+HIT_FRAME = Layout("ubpf_hit_frame", [
+    u64("ctx", "the pt_regs built by the trampoline"),
+    u64("probe", "PROBE_BLOCK"),
+    u64("thread", "THREAD_BLOCK"),
+    u64("runtime", "RUNTIME_HEADER"),
+], doc="on the runtime stack; the second argument of a program entry, the sixth of a helper")
+
+ALL = [RUNTIME_HEADER, PROBE_BLOCK, SHADOW_ENTRY, THREAD_BLOCK, HIT_FRAME]
+CONSTANTS = {
+    "UBPF_RUNTIME_MAGIC": RUNTIME_MAGIC,
+    "UBPF_RT_F_FSGSBASE": RT_F_FSGSBASE,
+    "UBPF_RT_F_RDPID": RT_F_RDPID,
+    "UBPF_PB_F_RETURN": PB_F_RETURN,
+    "UBPF_SHADOW_DEPTH": SHADOW_DEPTH,
+}
