@@ -20,6 +20,7 @@ store of its address.  The table always keeps a quarter of its entries empty
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from typing import Any
 
@@ -167,3 +168,8 @@ class NativeIndex:
         self.tombs = 0
         self._publish(tab)
         self._spare = old_buf
+
+
+def read_word(handle_addr: int, index: int) -> int:
+    """Descriptor word ``index`` of the map whose handle is at ``handle_addr``."""
+    return _Q.unpack(ctypes.string_at(handle_addr + 8 * index, 8))[0]

@@ -148,8 +148,13 @@ def _check_target(insns: list[Instruction], pc: int, target: int, what: str) -> 
         raise InvalidInstructionError(pc, f"{what} target {target} is not an instruction")
 
 
-def program_ir(insns: list[Instruction], prefix: str, checked: bool) -> tuple[str, ProgramLayout]:
-    """IR text for one program (without the shared module header) and its layout."""
+def program_ir(insns: list[Instruction], prefix: str, checked: bool,
+               target: bool = False) -> tuple[str, ProgramLayout]:
+    """IR text for one program (without the shared module header) and its layout.
+
+    ``target``: code for the traced process (``vm.jit.target`` adds its entry): helpers are
+    direct calls of the in-target runtime, and what only the tracer can do (tail calls,
+    callbacks, callx) raises ``NotSupportedError``."""
     starts, helper_ids, callbacks, callx = scan_program(insns)
     helper_index = {h: k for k, h in enumerate(helper_ids)}
     bounds = [*starts, len(insns)]
@@ -157,8 +162,9 @@ def program_ir(insns: list[Instruction], prefix: str, checked: bool) -> tuple[st
     fast = _FastSites()
     for k, start in enumerate(starts):
         parts.append(_function_ir(insns, prefix, start, bounds[k + 1], start in callbacks,
-                                  helper_index, checked, fast))
-    parts.append(_entries_ir(prefix))
+                                  helper_index, checked, fast, target))
+    if not target:
+        parts.append(_entries_ir(prefix))
     plan = ProgramLayout(prefix, tuple(helper_ids), bool(callbacks), TAIL_CALL_HELPER in helper_index,
                          callx, tuple(callbacks), tuple(fast.maps), tuple(sorted(fast.helpers)))
     return "\n".join(parts), plan
@@ -228,8 +234,9 @@ def _labels(insns: list[Instruction], start: int, end: int) -> set[int]:
 
 
 def _function_ir(insns: list[Instruction], p: str, start: int, end: int, exported: bool,
-                 helper_index: dict[int, int], checked: bool, fast: _FastSites) -> str:
-    f = FunctionEmitter(checked, start)
+                 helper_index: dict[int, int], checked: bool, fast: _FastSites,
+                 target: bool = False) -> str:
+    f = FunctionEmitter(checked, start, target)
     labels = _labels(insns, start, end)
     attrs = " noinline" if start == 0 else ""
     e = f.emit
@@ -247,7 +254,10 @@ def _function_ir(insns: list[Instruction], p: str, start: int, end: int, exporte
         for name, slot in (("rcs", layout.SLOT_RCACHE_START), ("rcl", layout.SLOT_RCACHE_LIMIT),
                            ("wcs", layout.SLOT_WCACHE_START), ("wcl", layout.SLOT_WCACHE_LIMIT)):
             e(f"  %{name} = getelementptr i64, ptr %rt, i64 {slot}")
-    if helper_index:
+    if helper_index and target:
+        e(f"  %hfp = getelementptr i64, ptr %rt, i64 {layout.SLOT_HIT_FRAME}")
+        e("  %hf = load i64, ptr %hfp")
+    elif helper_index:
         e(f"  %htp = getelementptr i64, ptr %rt, i64 {layout.SLOT_HELPERS}")
         e("  %htabi = load i64, ptr %htp")
         e("  %htab = inttoptr i64 %htabi to ptr")
@@ -287,6 +297,8 @@ def _emit_insn(f: FunctionEmitter, insns: list[Instruction], pc: int, p: str,
         if ins.opcode != LDDW:
             raise NotSupportedError("legacy packet access (ld_abs/ld_ind)")
         if ins.src == BPF_PSEUDO_FUNC:
+            if f.target:
+                raise NotSupportedError("callbacks (bpf_loop, for_each_map_elem) in the traced process")
             f.put(ins.dst, f.op(f"ptrtoint ptr @{p}_f{pc + ins.imm + 1} to i64"))
         else:
             f.put(ins.dst, str(s64(ins.imm64)))
@@ -350,6 +362,8 @@ def _emit_call(f: FunctionEmitter, ins: Instruction, pc: int, p: str,
                helper_index: dict[int, int]) -> None:
     args = ", ".join(f"i64 {f.get(r)}" for r in range(1, 6))
     if ins.opcode & BPF_X:  # callx: helper id in the dst register
+        if f.target:
+            raise NotSupportedError("callx (dynamic helper calls) in the traced process")
         hid = f.get(ins.dst)
         fn = _fn_from_slot(f, "%rt", layout.SLOT_CALLX_FN)
         _store_cur_fp(f)
@@ -365,12 +379,18 @@ def _emit_call(f: FunctionEmitter, ins: Instruction, pc: int, p: str,
         n = f.n
         f.emit(f"  br i1 {deep}, label %deep{n}, label %call{n}")
         f.emit(f"deep{n}:")
-        info = layout.FAULT_CALL_DEPTH << 16
-        f.emit(f"  call void @bpf_fault(ptr %rt, i64 {pc}, i64 0, i64 {info})")
+        if not f.target:   # in the target (verified code only) a too-deep call just returns 0
+            info = layout.FAULT_CALL_DEPTH << 16
+            f.emit(f"  call void @bpf_fault(ptr %rt, i64 {pc}, i64 0, i64 {info})")
         f.emit("  br label %unwind")
         f.emit(f"call{n}:")
         f.put(0, f.op(f"call i64 @{p}_f{target}({args}, i64 {nfp}, ptr %rt)"))
         _status_check(f)
+        return
+    if f.target:
+        if ins.imm == TAIL_CALL_HELPER:
+            raise NotSupportedError("tail calls in the traced process")
+        f.put(0, f.op(f"call i64 @{target_helper_symbol(ins.imm)}({args}, i64 %hf)"))
         return
     fn = _fn_from_slot(f, "%htab", helper_index[ins.imm])
     _store_cur_fp(f)
@@ -398,6 +418,10 @@ def _emit_fast_call(f: FunctionEmitter, ins: Instruction, pc: int, p: str,
     """A helper call with a native fast path (``fastpath``) and the trampoline call as
     the fallback; the per-instance guard picks one at run time."""
     hid = ins.imm
+    if f.target and hid not in (1, 2):
+        # in the target, facts, clocks and ring buffers are the runtime's (multi-producer) helpers
+        _emit_call(f, ins, pc, p, helper_index)
+        return
     for r in range(1, 6):   # load the arguments here: both branches use them
         f.get(r)
     if hid in fastpath.MAP_HELPERS:
@@ -459,6 +483,11 @@ def _emit_fast_call(f: FunctionEmitter, ins: Instruction, pc: int, p: str,
     f.emit(f"  br label %join{n}")
     f.emit(f"join{n}:")
     f.put(0, f.op(f"phi i64 [{fv}, %fastend{n}], [{sv}, %slowend{n}]"))
+
+
+def target_helper_symbol(helper_id: int) -> str:
+    """The in-target runtime's function for kernel helper ``helper_id`` (runtime/*.c)."""
+    return f"ubpf_helper_{helper_id}"
 
 
 def _store_cur_fp(f: FunctionEmitter) -> None:
