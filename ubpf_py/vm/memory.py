@@ -42,6 +42,21 @@ class HostBuffer:
         return self.size
 
 
+class HeapAllocator:
+    """Where map storage comes from by default: private numpy-backed ``HostBuffer`` s.
+
+    Maps take an allocator (anything with ``alloc(size, align) -> buffer`` giving
+    ``addr``/``size``/``array``/``view``); the in-target path passes a
+    ``intarget.arena.SharedArena`` instead, so storage lands in memory the target
+    maps too.  Every buffer keeps its address for its whole life."""
+
+    def alloc(self, size: int, align: int = 16) -> HostBuffer:
+        return HostBuffer(size, align)
+
+
+HEAP = HeapAllocator()
+
+
 @dataclass(slots=True)
 class Region:
     """A range ``[start, end)`` of host memory with its access rights.

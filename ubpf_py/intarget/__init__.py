@@ -1,0 +1,1 @@
+"""In-target execution: programs, helpers and maps that run inside the traced process."""
