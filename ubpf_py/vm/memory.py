@@ -16,6 +16,7 @@ import bisect
 import ctypes
 import struct
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -54,7 +55,14 @@ class HeapAllocator:
         return HostBuffer(size, align)
 
 
-HEAP = HeapAllocator()
+class Allocator(Protocol):
+    """What maps allocate storage from: ``alloc(size, align)`` returning a buffer with
+    ``addr``, ``size``, ``array`` (uint8 numpy) and ``view`` (byte memoryview)."""
+
+    def alloc(self, size: int, align: int = 16) -> Any: ...
+
+
+HEAP: Allocator = HeapAllocator()
 
 
 @dataclass(slots=True)
