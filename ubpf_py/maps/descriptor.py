@@ -89,12 +89,12 @@ class NativeIndex:
     bytes are in key storage (insert) and before the slot is freed (remove).
     """
 
-    __slots__ = ("_buf", "_handle", "_pos", "_spare", "_tab", "cap", "live", "mask", "tombs")
+    __slots__ = ("_alloc", "_buf", "_handle", "_pos", "_spare", "_tab", "cap", "live", "mask", "tombs")
 
     #: largest max_entries given a native index (its table is 16 bytes per entry)
     MAX_ENTRIES = 1 << 22
 
-    def __init__(self, max_entries: int, handle: memoryview) -> None:
+    def __init__(self, max_entries: int, handle: memoryview, alloc: Any = None) -> None:
         cap = 64   # small maps get room so tombstones rarely force a rebuild
         while cap < 2 * max_entries:
             cap <<= 1
@@ -103,6 +103,7 @@ class NativeIndex:
         self.live = 0
         self.tombs = 0
         self._handle = handle
+        self._alloc = alloc
         #: slot -> its entry's position in the table (deletion needs no hashing)
         self._pos = [0] * max_entries
         self._spare: Any = None
@@ -110,9 +111,9 @@ class NativeIndex:
         self._publish(self._buf.view.cast("Q"))
 
     def _new_buffer(self) -> Any:
-        from ubpf_py.vm.memory import HostBuffer
+        from ubpf_py.vm.memory import HEAP
 
-        return HostBuffer(self.cap * 8)
+        return (self._alloc or HEAP).alloc(self.cap * 8)
 
     def _publish(self, tab: memoryview) -> None:
         self._tab = tab

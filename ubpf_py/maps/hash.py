@@ -17,15 +17,13 @@ just inserted or recently used is kept.
 
 from __future__ import annotations
 
-import numpy as np
-
 from ubpf_py.maps import consts as C
 from ubpf_py.maps import descriptor as D
 from ubpf_py.maps.base import Map, check_flags_common, check_update_flags, map_create_error, write_value
 from ubpf_py.maps.descriptor import NativeIndex
 from ubpf_py.maps.storage import SlotStore
 from ubpf_py.obj.spec import MapSpec
-from ubpf_py.vm.memory import Region
+from ubpf_py.vm.memory import Allocator, Region
 
 PCPU_MIN_UNIT_SIZE = 32 << 10
 HTAB_CREATE_FLAG_MASK = (C.BPF_F_NO_PREALLOC | C.BPF_F_NO_COMMON_LRU | C.BPF_F_NUMA_NODE
@@ -37,8 +35,8 @@ class HashMap(Map):
 
     lru = False
 
-    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
-        super().__init__(spec, ncpus)
+    def __init__(self, spec: MapSpec, ncpus: int | None = None, alloc: Allocator | None = None) -> None:
+        super().__init__(spec, ncpus, alloc)
         self._validate(spec)
         if self.lru and (spec.flags & C.BPF_F_NO_COMMON_LRU):
             # per-CPU LRU lists: the kernel rounds max_entries to a multiple of the CPU count
@@ -49,13 +47,13 @@ class HashMap(Map):
         self._vstride = C.round8(self.value_size)
         slot_size = self._vstride * (self.ncpus if self.percpu else 1)
         self._keys = SlotStore(f"{self.name}.keys", self.max_entries, C.round8(self.key_size), prealloc,
-                               readonly=True)
+                               readonly=True, alloc=self.alloc)
         self._vals = SlotStore(f"{self.name}.values", self.max_entries, slot_size, prealloc,
-                               readonly=self.readonly_for_programs)
+                               readonly=self.readonly_for_programs, alloc=self.alloc)
         self._index: dict[bytes, int] = {}
         #: key -> value address: the one dictionary probe bpf_map_lookup_elem needs
         self._addrs: dict[bytes, int] = {}
-        self._ref = np.zeros(self.max_entries, dtype=np.uint8) if self.lru else None
+        self._ref = self.alloc.alloc(self.max_entries).array if self.lru else None
         self.evictions = 0
         # fast path of a program updating an existing element of a shared-value map
         self._fast_update = not self.percpu and not self.lru and self._vals.single
@@ -70,7 +68,7 @@ class HashMap(Map):
         if not (keys.buffers and vals.buffers and keys.single and vals.single
                 and self.key_size <= D.MAX_NATIVE_KEY and self.max_entries <= NativeIndex.MAX_ENTRIES):
             return None
-        nidx = NativeIndex(self.max_entries, self._handle.view)
+        nidx = NativeIndex(self.max_entries, self._handle.view, self.alloc)
         D.write_descriptor(self._handle.view, {
             D.D_KEY_SIZE: self.key_size, D.D_LIMIT: nidx.mask, D.D_TABLE: nidx.table_addr,
             D.D_VALUES: vals.bases[0], D.D_CPU_STRIDE: self._vstride if self.percpu else 0,

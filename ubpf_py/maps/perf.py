@@ -19,6 +19,7 @@ from ubpf_py.maps import consts as C
 from ubpf_py.maps.array import check_array_spec
 from ubpf_py.maps.base import Map
 from ubpf_py.obj.spec import MapSpec
+from ubpf_py.vm.memory import Allocator
 
 PERF_RECORD_SAMPLE = 9
 _HDR = struct.Struct("<IHHI")  # perf_event_header + u32 raw size
@@ -30,8 +31,8 @@ class _CpuRing:
 
     __slots__ = ("buf", "head", "lost", "size", "tail")
 
-    def __init__(self, size: int) -> None:
-        self.buf = np.zeros(size, dtype=np.uint8)
+    def __init__(self, size: int, alloc: Allocator) -> None:
+        self.buf = alloc.alloc(size).array
         self.size = size
         self.head = 0
         self.tail = 0
@@ -63,8 +64,8 @@ class _CpuRing:
 class PerfEventArrayMap(Map):
     """Per-CPU sample buffers; ``output(cpu, data)`` produces, ``consume()`` drains."""
 
-    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
-        super().__init__(spec, ncpus)
+    def __init__(self, spec: MapSpec, ncpus: int | None = None, alloc: Allocator | None = None) -> None:
+        super().__init__(spec, ncpus, alloc)
         check_array_spec(spec, False, value_size_fixed=4)
         self.pages = DEFAULT_PAGES
         self._rings: dict[int, _CpuRing] = {}
@@ -106,7 +107,7 @@ class PerfEventArrayMap(Map):
         with self.lock:
             ring = self._rings.get(cpu)
             if ring is None:
-                ring = self._rings[cpu] = _CpuRing(self.pages * C.PAGE_SIZE)
+                ring = self._rings[cpu] = _CpuRing(self.pages * C.PAGE_SIZE, self.alloc)
             if not ring.put(rec):
                 return -C.ENOSPC
             self.samples += 1

@@ -31,7 +31,7 @@ from ubpf_py.maps import consts as C
 from ubpf_py.maps import descriptor as D
 from ubpf_py.maps.base import Map, map_create_error
 from ubpf_py.obj.spec import MapSpec
-from ubpf_py.vm.memory import HostBuffer, Region
+from ubpf_py.vm.memory import Allocator, Region
 
 _HDR = struct.Struct("<II")
 _U32 = struct.Struct("<I")
@@ -41,8 +41,8 @@ RINGBUF_MAX_RECORD_SZ = 0xFFFFFFFF // 4
 class RingBufMap(Map):
     """A ring buffer; programs reserve/commit records, user space ``consume()``s them."""
 
-    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
-        super().__init__(spec, ncpus)
+    def __init__(self, spec: MapSpec, ncpus: int | None = None, alloc: Allocator | None = None) -> None:
+        super().__init__(spec, ncpus, alloc)
         if spec.flags & ~C.BPF_F_NUMA_NODE:
             raise map_create_error(spec, f"map_flags {spec.flags:#x} not allowed for a ring buffer")
         size = spec.max_entries
@@ -52,7 +52,7 @@ class RingBufMap(Map):
                                    f"(got key {spec.key_size} value {spec.value_size} max_entries {size})")
         self.size = size
         self.mask = size - 1
-        self._buf = HostBuffer(2 * size, align=8)
+        self._buf = self.alloc.alloc(2 * size, align=8)
         self._view = self._buf.view
         self.data_addr = self._buf.addr
         self._w = self._handle.view.cast("Q")

@@ -22,6 +22,7 @@ from ubpf_py.maps import consts as C
 from ubpf_py.maps.base import Map, check_flags_common, map_create_error
 from ubpf_py.maps.jhash import jhash2
 from ubpf_py.obj.spec import MapSpec
+from ubpf_py.vm.memory import Allocator
 
 STACK_CREATE_FLAG_MASK = C.BPF_F_NUMA_NODE | C.ACCESS_MASK | C.BPF_F_STACK_BUILD_ID
 BUILD_ID_ENTRY = 32           # sizeof(struct bpf_stack_build_id)
@@ -37,8 +38,8 @@ def build_id_entries(ips: list[int]) -> bytes:
 class StackTraceMap(Map):
     """Stacks keyed by a u32 stack id; values are ``value_size / 8`` u64 frames."""
 
-    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
-        super().__init__(spec, ncpus)
+    def __init__(self, spec: MapSpec, ncpus: int | None = None, alloc: Allocator | None = None) -> None:
+        super().__init__(spec, ncpus, alloc)
         check_flags_common(spec, STACK_CREATE_FLAG_MASK)
         vs = spec.value_size
         if spec.max_entries == 0 or spec.key_size != 4 or vs < 8 or vs % 8:
@@ -54,10 +55,11 @@ class StackTraceMap(Map):
             raise map_create_error(spec, "max_entries is larger than 2^31", C.E2BIG)
         self.max_depth = vs // self.elem_size
         self.n_buckets = 1 << max(spec.max_entries - 1, 0).bit_length()
-        self._data = np.zeros((self.n_buckets, vs), dtype=np.uint8)
-        self._hash = np.zeros(self.n_buckets, dtype=np.uint32)
-        self._nr = np.zeros(self.n_buckets, dtype=np.uint32)
-        self._present = np.zeros(self.n_buckets, dtype=np.bool_)
+        n = self.n_buckets
+        self._data = self.alloc.alloc(n * vs).array.reshape(n, vs)
+        self._hash = self.alloc.alloc(n * 4).array.view(np.uint32)
+        self._nr = self.alloc.alloc(n * 4).array.view(np.uint32)
+        self._present = self.alloc.alloc(n).array.view(np.bool_)
         self._count = 0
 
     # ---- program side -----------------------------------------------------------------------
