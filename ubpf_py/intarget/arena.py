@@ -71,13 +71,16 @@ class ArenaBuffer:
 class SharedArena:
     """``size`` bytes of a memfd mapped shared at ``addr`` (``addr_hint`` if given)."""
 
-    def __init__(self, size: int = DEFAULT_SIZE, addr_hint: int | None = None, name: str = "ubpf-arena") -> None:
+    def __init__(self, size: int = DEFAULT_SIZE, addr_hint: int | None = None, name: str = "ubpf-arena",
+                 fd: int | None = None) -> None:
+        """``fd``: an existing memfd to adopt (the in-target injector opens the one the target
+        created through /proc/PID/fd, which works across users); it is owned from then on."""
         if size <= 0 or size % PAGE:
             raise ArenaError(f"arena size {size} must be a positive multiple of {PAGE}")
         if addr_hint is not None and addr_hint % PAGE:
             raise ArenaError(f"arena address 0x{addr_hint:x} is not page aligned")
         self.size = size
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC) if fd is None else fd
         try:
             os.ftruncate(self.fd, size)
             flags = MAP_SHARED | MAP_NORESERVE | (MAP_FIXED_NOREPLACE if addr_hint else 0)

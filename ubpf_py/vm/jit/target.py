@@ -30,6 +30,7 @@ import llvmlite.binding as llvm
 
 from ubpf_py.isa.instruction import Instruction
 from ubpf_py.maps import descriptor as D
+from ubpf_py.sysinfo import cpu_has
 from ubpf_py.vm.jit import fastpath, layout
 from ubpf_py.vm.jit.backend import Backend, backend
 from ubpf_py.vm.jit.compiler import ProgramLayout, module_header, program_ir, target_helper_symbol
@@ -63,18 +64,6 @@ def _machine() -> llvm.TargetMachine:
                                            reloc="pic", codemodel="small")
         _ctx = llvm.create_context()
     return _tm
-
-
-def has_rdpid() -> bool:
-    """rdpid reads the CPU number (TSC_AUX) in a few cycles; the target runs on this machine."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return " rdpid" in line
-    except OSError:
-        pass
-    return False
 
 
 def _fast_map_table(plan: ProgramLayout, maps_by_addr: dict[int, Any]) -> list[int]:
@@ -133,7 +122,7 @@ def target_ir(insns: list[Instruction], prefix: str, maps_by_addr: dict[int, Any
     """The whole LLVM module (text) of one program compiled for the target."""
     body, plan = program_ir(insns, prefix, checked=False, target=True)
     percpu = any(getattr(maps_by_addr.get(h), "percpu", False) for h in plan.map_consts)
-    cpu = ("rdpid" if has_rdpid() else "rdtscp") if percpu else "none"
+    cpu = ("rdpid" if cpu_has("rdpid") else "rdtscp") if percpu else "none"
     decls = "".join(f"declare i64 @{target_helper_symbol(h)}(i64, i64, i64, i64, i64, i64)\n"
                     for h in plan.helper_ids)
     text = module_header() + decls + body + _entry_ir(prefix, _fast_map_table(plan, maps_by_addr), cpu)
