@@ -125,6 +125,8 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         #: called between runs of the C loop (before each run and every poll interval): the
         #: user's periodic work while hits of native programs never enter Python
         self.poll_hooks: list[Callable[[], None]] = []
+        #: the in-target half (``intarget.process.InTargetEngine``) once the session enables it
+        self.intarget = None
         self.nl = None
         if native is not False:
             from ubpf_py.probe import native as N
@@ -156,6 +158,13 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         if probe.ref_ctr_offset:
             self._bump_semaphores(proc, probe, maps)
         for addr in code_addresses(maps, probe.binary_path, probe.file_offset):
+            if probe.target_entry and self.intarget is not None:
+                reason = self.intarget.arm(proc, probe, addr)   # a jump to a trampoline, no stop per hit
+                if reason is None:
+                    n += 1
+                    continue
+                if probe.handler is None and not probe.native_fn:
+                    raise ProbeError(f"probe at 0x{addr:x} cannot run in the target: {reason}")
             bp = self._breakpoint(proc, addr)
             lst = bp.ret_probes if probe.is_return else bp.probes
             if probe not in lst:
@@ -701,6 +710,8 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             if self.on_arm is not None:
                 for bp in cp.bps.values():
                     self.on_arm(cp, bp.addr, bp.orig[0])
+            if self.intarget is not None:
+                self.intarget.follow_fork(parent, child, cp.mem)
             self.procs[child] = cp
             ct = self.add_thread(cp, child, stopped=True)
             ct.shadow.entries = [RetEntry(e.slot, e.orig_ret, e.func, e.probes, chained=e.chained)
@@ -716,6 +727,9 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         try:
             clean_memory(mem, parent.bps.values(), th.shadow.entries, parent.scratch.tramp)
             release_semaphores(mem, parent.semas)
+            if self.intarget is not None:
+                self.regs.get(th.tid)
+                self.intarget.clean_fork_child(parent, mem, self.v[P.FS_BASE])
         finally:
             mem.close()
         P.detach(child)
@@ -755,6 +769,8 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             self.ret_log.clear_pid(tgid)
         self.filler.forget_process(tgid)
         self._native_dirty = True
+        if self.intarget is not None:
+            self.intarget.forget(tgid)
         self.arm_all(proc)
 
     def thread_gone(self, th: Thread, status: int) -> None:

@@ -1,0 +1,110 @@
+"""Which programs run inside the traced process, and the image they run from.
+
+A program runs in the target (entered from a patched jump, no stop per hit) when all of
+these hold, else it takes the ptrace path and the reason is reported per probe:
+
+* the run allows it (``--mode auto|intarget``; ``--mode ptrace`` keeps everything in the tracer);
+* the JIT is the engine (the interpreter is the tracer-side reference engine);
+* the verifier accepted it in strict mode: in the target it runs unchecked, as in the kernel;
+* the target compiler supports it (no tail calls, callbacks or callx yet);
+* the in-target runtime implements every helper it calls.
+
+The image is the runtime object plus every eligible program, linked for one address in the
+target (``ProbeSession.load_in_target_image``); each probe then gets its program's entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ubpf_py.errors import NotSupportedError, UbpfError
+
+MODES = ("auto", "intarget", "ptrace")
+
+
+@dataclass
+class InTargetPlan:
+    """Per program: its entry address in the target image, or why it stays on the ptrace path."""
+
+    entries: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    image_addr: int = 0
+    image_size: int = 0
+
+    def entry(self, program: str) -> int:
+        return self.entries.get(program, 0)
+
+
+def runtime_unavailable(mode: str, engine: str) -> str | None:
+    """Why no program of this run can run in the target (None: some may)."""
+    if mode == "ptrace":
+        return "--mode ptrace"
+    if engine != "jit":
+        return f"--engine {engine} runs programs in the tracer"
+    try:
+        from ubpf_py.intarget import runtime_obj
+
+        runtime_obj.runtime_object()
+    except UbpfError as e:
+        return f"the in-target runtime is not available: {e}"
+    return None
+
+
+def program_reason(lp: Any, verifier: str, helpers: frozenset[int]) -> str | None:
+    """Why ``lp`` (a LoadedProgram) cannot run in the target, or None."""
+    if verifier != "strict":
+        return f"--verifier {verifier}: only programs verified in strict mode run unchecked in the target"
+    if lp.report is None or not lp.report.ok:
+        return "not accepted by the verifier in strict mode"
+    from ubpf_py.helpers.names import HELPER_NAMES
+    from ubpf_py.vm.jit.compiler import scan_program
+
+    _starts, helper_ids, _callbacks, _callx = scan_program(lp.instructions)
+    missing = [h for h in helper_ids if h not in helpers]
+    if missing:
+        return "helper " + ", ".join(f"{HELPER_NAMES.get(h, 'helper')} (#{h})" for h in missing) + " is not available in the target"
+    return None
+
+
+def prepare(session: Any, coll: Any, programs: list[str], *, verifier: str) -> InTargetPlan:
+    """Compile the eligible ``programs`` for the target, link them with the runtime and load the
+    image into the target (``session`` must have ``enable_in_target()``'d and ``coll`` must have
+    its maps in that arena)."""
+    from ubpf_py.intarget import linker, runtime_obj
+    from ubpf_py.vm.jit.target import compile_for_target
+
+    plan = InTargetPlan()
+    rt = runtime_obj.runtime_object()
+    codes = {}
+    for name in programs:
+        lp = coll.programs[name]
+        why = program_reason(lp, verifier, rt.helpers)
+        if why is None:
+            try:
+                codes[name] = compile_for_target(lp.instructions, name, coll.env.maps_by_addr)
+            except NotSupportedError as e:
+                why = e.what
+        if why is not None:
+            plan.reasons[name] = why
+    if not codes:
+        return plan
+    objects = [("runtime", rt.obj)] + [(f"prog:{n}", c.obj) for n, c in codes.items()]
+    size = linker.link(objects, 0x10000000).size     # layout does not depend on the base
+    images: dict[int, Any] = {}
+
+    def link(base: int) -> bytes:
+        images[base] = linker.link(objects, base)
+        return bytes(images[base].data)
+
+    printk = coll.maps.get(PRINTK_RING)
+    base = session.load_in_target_image(link, size, printk_ring=printk.handle_addr if printk else 0)
+    image = images[base]
+    for name, code in codes.items():
+        plan.entries[name] = image.addr(code.entry)
+    plan.image_addr, plan.image_size = base, size
+    return plan
+
+
+#: the internal ring buffer in-target printk records go through (created by the live layer)
+PRINTK_RING = ".ubpf_printk"
