@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--duration", type=float, help="stop tracing after this many seconds")
     p.add_argument("--follow-forks", action="store_true", help="also trace children the target forks")
     p.add_argument("--engine", choices=["jit", "interp"], default="jit", help="execution engine (default jit)")
+    p.add_argument("--mode", choices=["auto", "intarget", "ptrace"], default="auto",
+                   help="where programs run on a hit: auto (default) = inside the target, entered from a "
+                        "patched jump with no stop, wherever the program and the site allow it, else "
+                        "through ptrace; intarget = the same, but a probe that cannot run in the target "
+                        "is an error; ptrace = every hit stops the target (int3) and runs in the tracer")
     p.add_argument("--no-native-hits", action="store_true",
                    help="run every probe hit through Python even when the JIT program could run from "
                         "the C stop loop (also UBPF_NATIVE_HITS=0)")

@@ -20,6 +20,8 @@ from typing import Any
 from ubpf_py.errors import SymbolError, TargetError, UbpfError, UsageError
 from ubpf_py.live.attach import AttachRequest, parse_attach_option, plan_attachments
 from ubpf_py.live.collection import Collection, LoadedProgram
+from ubpf_py.live.intarget import InTargetPlan, runtime_unavailable
+from ubpf_py.live.intarget import prepare as prepare_in_target
 from ubpf_py.output.dump import snapshot_globals, snapshot_map
 from ubpf_py.output.values import ValueDecoder
 from ubpf_py.output.writers import Writer, make_writer
@@ -53,6 +55,10 @@ class ProbeStats:
     #: the program runs from the C stop loop (engine counters hold hits and time)
     native: bool = False
     probe_ids: list[int] = field(default_factory=list)
+    #: entry of the program in the in-target image (0: ptrace path) and why not in-target
+    target_entry: int = 0
+    reason: str = ""
+    path_reason: str = ""
 
 
 @dataclass
@@ -149,8 +155,18 @@ def run_userspace(args: argparse.Namespace) -> int:
             set_global(spec, name, parse_set_value(value, pid))
 
         programs = sorted({r.program for r in plan})
+        mode = getattr(args, "mode", "auto")
+        no_target = runtime_unavailable(mode, args.engine)
+        if no_target is not None and mode == "intarget":
+            raise UsageError(f"--mode intarget: {no_target}")
+        arena = session.enable_in_target() if no_target is None else None
         coll = Collection.load(spec, engine=args.engine, verifier=args.verifier, programs=programs,
-                               check_memory=not args.no_memory_checks)
+                               check_memory=not args.no_memory_checks, arena=arena)
+        in_target = (prepare_in_target(session, coll, programs, verifier=args.verifier) if arena is not None
+                     else InTargetPlan(reasons=dict.fromkeys(programs, no_target)))
+        if mode == "intarget" and in_target.reasons:
+            name, why = next(iter(in_target.reasons.items()))
+            raise UsageError(f"--mode intarget: program {name} cannot run in the target: {why}")
         if args.verifier_log:
             for lp in coll.programs.values():
                 if lp.report is not None and lp.report.log:
@@ -164,7 +180,7 @@ def run_userspace(args: argparse.Namespace) -> int:
         _register_ctx(coll.env.memory, session.regs_buffer)
         maps_seen = MapsSnapshot(pid)
         native = _native_hits_wanted(args, session)
-        stats = _attach_all(session, coll, plan, pump, writer, maps_seen, native)
+        stats = _attach_all(session, coll, plan, pump, writer, maps_seen, native, in_target)
         if any(st.probe_ids and st.native for st in stats):
             _add_native_poll(session, coll, pump, maps_seen)
         try:
@@ -193,6 +209,8 @@ def run_userspace(args: argparse.Namespace) -> int:
         if session is not None:
             with contextlib.suppress(UbpfError, OSError):
                 session.detach()
+            if session.tracer.intarget is not None:   # maps lived in the arena: printed by now
+                session.tracer.intarget.close()
         if out is not None:
             out.close()
 
@@ -289,24 +307,28 @@ def _poll_interval(pump: OutputPump) -> float:
 
 
 def _collect_native_stats(session: Any, stats: list[ProbeStats]) -> None:
-    """Hits and program time of native probes come from the engine's per-probe counters."""
+    """Hits and program time of native and in-target probes come from the engine's per-probe counters."""
     st_all = session.stats
     for st in stats:
-        if st.native:
+        if st.native or st.target_entry:
             st.hits = sum(st_all.hits.get(i, 0) for i in st.probe_ids)
             st.prog_ns = sum(st_all.handler_ns_by_probe.get(i, 0) for i in st.probe_ids)
 
 
 def _attach_all(session: Any, coll: Collection, plan: list[AttachRequest], pump: OutputPump,
-                writer: Writer, maps_seen: MapsSnapshot, native: bool = False) -> list[ProbeStats]:
+                writer: Writer, maps_seen: MapsSnapshot, native: bool = False,
+                in_target: InTargetPlan | None = None) -> list[ProbeStats]:
     from ubpf_py.probe import resolve, symbols
 
     stats = []
     spec_ids = None
     native_syncs: list = []     # native programs' region-table refreshers (see _make_handler)
+    in_target = in_target or InTargetPlan()
     for req in plan:
         prog = coll.program(req.program)
         st = ProbeStats(req)
+        st.target_entry = in_target.entry(req.program)
+        st.reason = in_target.reasons.get(req.program, "")
         if req.usdt:
             from ubpf_py.probe import usdt
 
@@ -322,8 +344,9 @@ def _attach_all(session: Any, coll: Collection, plan: list[AttachRequest], pump:
                     _fill_usdt_spec(coll, note, spec_id, req.cookie)
                 st.probe_ids.append(session.add_probe(path, note.file_offset, cookie=spec_id,
                                                       ref_ctr_offset=note.sema_offset,
+                                                      target_entry=st.target_entry,
                                                       **_probe_kwargs(prog, st, pump, maps_seen, native, native_syncs)))
-            writer.attached(req.program, req.describe(), f"{len(notes)} site(s) in {path}")
+            writer.attached(req.program, req.describe(), f"{len(notes)} site(s) in {path}", *_path_of(session, st))
         else:
             if req.binary:
                 path = resolve.resolve_binary(req.binary, pid=session.pid)
@@ -333,10 +356,20 @@ def _attach_all(session: Any, coll: Collection, plan: list[AttachRequest], pump:
                 path, offset, detail = resolve.find_function_in_process(session.pid, req.function)
                 offset += req.offset
             st.probe_ids.append(session.add_probe(path, offset, is_return=req.retprobe, cookie=req.cookie,
+                                                  target_entry=st.target_entry,
                                                   **_probe_kwargs(prog, st, pump, maps_seen, native, native_syncs)))
-            writer.attached(req.program, req.describe(), detail)
+            writer.attached(req.program, req.describe(), detail, *_path_of(session, st))
         stats.append(st)
     return stats
+
+
+def _path_of(session: Any, st: ProbeStats) -> tuple[str, str]:
+    """Which hit path a probe took ("in-target" or "ptrace") and why not in the target."""
+    site_reason = next((r for i in st.probe_ids if (r := session.in_target_reason(i))), None)
+    if st.target_entry and site_reason is None:
+        return "in-target", ""
+    st.path_reason = st.reason or site_reason or ""
+    return "ptrace", st.path_reason
 
 
 def _usdt_max_specs(coll: Collection) -> int:
@@ -393,8 +426,11 @@ def _stats_report(stats: list[ProbeStats]) -> dict:
     lines = []
     for st in stats:
         per_hit = st.prog_ns / st.hits if st.hits else 0.0
+        path = "in-target" if st.target_entry and not st.path_reason else "ptrace"
         rows.append({"program": st.request.program, "target": st.request.describe(), "hits": st.hits,
-                     "program_ns": st.prog_ns, "program_ns_per_hit": per_hit})
-        lines.append(f"{st.request.program} on {st.request.describe()}: {st.hits} hits, "
+                     "program_ns": st.prog_ns, "program_ns_per_hit": per_hit, "path": path,
+                     "path_reason": st.path_reason})
+        how = "in the target" if path == "in-target" else f"through ptrace ({st.path_reason or 'chosen'})"
+        lines.append(f"{st.request.program} on {st.request.describe()}: {st.hits} hits {how}, "
                      f"{st.prog_ns / 1e6:.3f} ms in the program ({per_hit:.0f} ns/hit)")
     return {"probes": rows, "lines": lines}
