@@ -28,6 +28,7 @@ from ubpf_py.intarget.sites import SitePlan, plan_site
 from ubpf_py.intarget.trampoline import build_entry_trampoline, build_return_trampoline, patch_bytes
 
 SRC = Path(__file__).resolve().parent / "intarget_tramp_lib.c"
+RUNTIME_INCLUDE = Path(__file__).resolve().parents[1] / "runtime"
 PROT_RW, PROT_RWX = 3, 7
 MAP_PRIVATE, MAP_ANON, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
 PAGE = 4096
@@ -44,7 +45,7 @@ def build_lib(out_dir: Path, cf: str) -> Path:
     cc = shutil.which("gcc") or shutil.which("cc")
     out = out_dir / f"intarget_tramp_{cf}.so"
     subprocess.run([cc, "-O2", "-shared", "-fPIC", "-mgeneral-regs-only", "-masm=intel",
-                    f"-fcf-protection={cf}", "-Wl,-Bsymbolic", "-o", str(out), str(SRC), "-lpthread"],
+                    f"-fcf-protection={cf}", "-I", str(RUNTIME_INCLUDE), "-Wl,-Bsymbolic", "-o", str(out), str(SRC), "-lpthread"],
                    check=True, capture_output=True)
     return out
 

@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <time.h>
 
+#include "ubpf_abi.h"
+
 #define NOIPA __attribute__((noipa, noinline))
 
 /* ---- programs: u64 prog(u64 ctx, struct ubpf_hit_frame *hf) ---- */
@@ -20,14 +22,16 @@ uint64_t seen_shadow_depth;  /* THREAD_BLOCK.shadow_depth the last program saw *
 uint64_t prog_calls;         /* atomic */
 volatile int raise_in_prog;  /* next program run raises SIGUSR1 on its own thread */
 
-NOIPA uint64_t prog_record(uint64_t ctx, uint64_t *hf)
+NOIPA uint64_t prog_record(uint64_t ctx, struct ubpf_hit_frame *hf)
 {
 	volatile uint64_t *r = (volatile uint64_t *)ctx;
 	for (int i = 0; i < 21; i++)
 		seen_regs[i] = r[i];
-	for (int i = 0; i < 4; i++)
-		seen_frame[i] = hf[i];
-	seen_shadow_depth = ((uint64_t *)hf[2])[5];
+	seen_frame[0] = hf->ctx;
+	seen_frame[1] = hf->probe;
+	seen_frame[2] = hf->thread;
+	seen_frame[3] = hf->runtime;
+	seen_shadow_depth = ((struct ubpf_thread_block *)hf->thread)->shadow_depth;
 	__atomic_fetch_add(&prog_calls, 1, __ATOMIC_RELAXED);
 	if (raise_in_prog) {
 		raise_in_prog = 0;
@@ -38,7 +42,7 @@ NOIPA uint64_t prog_record(uint64_t ctx, uint64_t *hf)
 	return 0x5eed;
 }
 
-NOIPA uint64_t prog_count(uint64_t ctx, uint64_t *hf)
+NOIPA uint64_t prog_count(uint64_t ctx, struct ubpf_hit_frame *hf)
 {
 	(void)ctx;
 	(void)hf;
@@ -46,10 +50,30 @@ NOIPA uint64_t prog_count(uint64_t ctx, uint64_t *hf)
 	return 0;
 }
 
-NOIPA uint64_t prog_empty(uint64_t ctx, uint64_t *hf)
+NOIPA uint64_t prog_empty(uint64_t ctx, struct ubpf_hit_frame *hf)
 {
 	(void)ctx;
 	(void)hf;
+	return 0;
+}
+
+/* at the entry of c_rec(1): a copy of the thread block and of the stack slot of each
+ * shadow entry, for the detach helpers to read as if the thread were stopped there */
+uint64_t snap_tb[sizeof(struct ubpf_thread_block) / 8];
+uint64_t snap_slots[UBPF_SHADOW_DEPTH];
+uint64_t snap_taken;
+NOIPA uint64_t prog_snapshot(uint64_t ctx, struct ubpf_hit_frame *hf)
+{
+	struct pt_regs *regs = (struct pt_regs *)ctx;
+	struct ubpf_thread_block *tb = (struct ubpf_thread_block *)hf->thread;
+	if (regs->rdi != 1)
+		return 0;
+	for (unsigned i = 0; i < sizeof(*tb) / 8; i++)
+		snap_tb[i] = ((uint64_t *)tb)[i];
+	struct ubpf_shadow_entry *e = (struct ubpf_shadow_entry *)tb->shadow;
+	for (uint64_t i = 0; i < tb->shadow_depth && i < UBPF_SHADOW_DEPTH; i++)
+		snap_slots[i] = *(uint64_t *)e[i].rsp;
+	snap_taken++;
 	return 0;
 }
 

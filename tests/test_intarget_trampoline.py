@@ -391,3 +391,27 @@ def test_cost_per_probed_call(h, capsys):
         print(f"\nin-process entry probe: {base:.1f} ns unprobed, {probed:.1f} ns probed, "
               f"+{probed - base:.1f} ns per call")
     assert probed > base
+
+
+def test_threads_with_entry_and_return_probes(h):
+    site = h.probe("asm_nop5", [("prog_count", 0), ("prog_count", PB_F_RETURN)])
+    reset(h)
+    n, calls = 4, 50_000
+    assert h.fn("run_threads")(n, ctypes.c_uint64(calls)) == n * (calls * (calls - 1) // 2 + calls)
+    assert h.global_u64("prog_calls") == 2 * n * calls
+    assert [h.counter(pb, "hits") for pb in site.probes] == [n * calls, n * calls]
+    assert all(u64(b + THREAD_BLOCK.off("shadow_depth")) == 0 for b in h.thread_blocks())
+
+
+def test_cost_of_return_probe(h, capsys):
+    bench = h.fn("bench_ns")
+    bench.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+    fn = h.addr("call_rp")
+    n = 100_000
+    base = min(bench(fn, n) for _ in range(3)) / n
+    site = h.probe("rp_func", [("prog_empty", PB_F_RETURN)])
+    probed = min(bench(fn, n) for _ in range(3)) / n
+    assert h.counter(site.probes[0], "hits") == 3 * n
+    with capsys.disabled():
+        print(f"\nin-process return probe: {base:.1f} ns unprobed, {probed:.1f} ns probed, "
+              f"+{probed - base:.1f} ns per call")
