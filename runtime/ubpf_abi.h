@@ -8,6 +8,7 @@
 #define UBPF_RT_F_RDPID 0x2ULL
 #define UBPF_PB_F_RETURN 0x1ULL
 #define UBPF_SHADOW_DEPTH 0x40ULL
+#define UBPF_SITE_MAX_PROBES 0x8ULL
 
 /* kernel x86-64 struct pt_regs; the uprobe program context */
 struct pt_regs {
@@ -146,6 +147,21 @@ _Static_assert(__builtin_offsetof(struct ubpf_thread_block, prandom) == 32, "ubp
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow_depth) == 40, "ubpf_thread_block.shadow_depth");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, reserved) == 48, "ubpf_thread_block.reserved");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow) == 64, "ubpf_thread_block.shadow");
+
+/* one per patched site, in the arena; its entry trampoline runs every probe listed here */
+struct ubpf_site {
+	uint64_t addr;  /* the patched address: pt_regs ip of the site's entry probes */
+	uint64_t length;  /* bytes the patch covers; the relocated code resumes at addr + length */
+	uint64_t trampoline;  /* address of the site's entry trampoline */
+	uint64_t nprobes;  /* entries of ``probes`` in use: the tracer fills probes[n], then stores n + 1 */
+	uint64_t probes[8];  /* PROBE_BLOCK addresses, run in order (return probes: shadow push) */
+} __attribute__((aligned(8)));
+_Static_assert(sizeof(struct ubpf_site) == 96, "ubpf_site size");
+_Static_assert(__builtin_offsetof(struct ubpf_site, addr) == 0, "ubpf_site.addr");
+_Static_assert(__builtin_offsetof(struct ubpf_site, length) == 8, "ubpf_site.length");
+_Static_assert(__builtin_offsetof(struct ubpf_site, trampoline) == 16, "ubpf_site.trampoline");
+_Static_assert(__builtin_offsetof(struct ubpf_site, nprobes) == 24, "ubpf_site.nprobes");
+_Static_assert(__builtin_offsetof(struct ubpf_site, probes) == 32, "ubpf_site.probes");
 
 /* on the runtime stack; the second argument of a program entry, the sixth of a helper */
 struct ubpf_hit_frame {

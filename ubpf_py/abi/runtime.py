@@ -82,6 +82,16 @@ THREAD_BLOCK = Layout("ubpf_thread_block", [
     u64s("shadow", SHADOW_DEPTH * SHADOW_ENTRY.size // 8, "return-probe shadow stack (ubpf_shadow_entry)"),
 ], doc="one per thread in the thread table; the runtime stack follows up to the slot's end", align=64)
 
+SITE_MAX_PROBES = 8
+
+SITE = Layout("ubpf_site", [
+    u64("addr", "the patched address: pt_regs ip of the site's entry probes"),
+    u64("length", "bytes the patch covers; the relocated code resumes at addr + length"),
+    u64("trampoline", "address of the site's entry trampoline"),
+    u64("nprobes", "entries of ``probes`` in use: the tracer fills probes[n], then stores n + 1"),
+    u64s("probes", SITE_MAX_PROBES, "PROBE_BLOCK addresses, run in order (return probes: shadow push)"),
+], doc="one per patched site, in the arena; its entry trampoline runs every probe listed here")
+
 HIT_FRAME = Layout("ubpf_hit_frame", [
     u64("ctx", "the pt_regs built by the trampoline"),
     u64("probe", "PROBE_BLOCK"),
@@ -89,11 +99,12 @@ HIT_FRAME = Layout("ubpf_hit_frame", [
     u64("runtime", "RUNTIME_HEADER"),
 ], doc="on the runtime stack; the second argument of a program entry, the sixth of a helper")
 
-ALL = [RUNTIME_HEADER, PROBE_BLOCK, SHADOW_ENTRY, THREAD_BLOCK, HIT_FRAME]
+ALL = [RUNTIME_HEADER, PROBE_BLOCK, SHADOW_ENTRY, THREAD_BLOCK, SITE, HIT_FRAME]
 CONSTANTS = {
     "UBPF_RUNTIME_MAGIC": RUNTIME_MAGIC,
     "UBPF_RT_F_FSGSBASE": RT_F_FSGSBASE,
     "UBPF_RT_F_RDPID": RT_F_RDPID,
     "UBPF_PB_F_RETURN": PB_F_RETURN,
     "UBPF_SHADOW_DEPTH": SHADOW_DEPTH,
+    "UBPF_SITE_MAX_PROBES": SITE_MAX_PROBES,
 }
