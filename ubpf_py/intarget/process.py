@@ -31,7 +31,7 @@ from ubpf_py.intarget import trampoline as TR
 from ubpf_py.intarget.arena import SharedArena
 from ubpf_py.intarget.inject import PROT_EXEC, PROT_READ, TargetMapper, write_code
 from ubpf_py.intarget.sites import SiteRefused, is_go_binary, plan_site
-from ubpf_py.intarget.unpatch import return_fixes
+from ubpf_py.intarget.unpatch import EntryTrampoline, find_thread_block, locate, return_fixes
 from ubpf_py.probe import ptrace as P
 
 TRAMP_PAGE = 64 * 1024
@@ -48,6 +48,8 @@ class SiteState:
     tramp: int
     block: object            # ArenaBuffer of the SITE
     probes: list[int] = field(default_factory=list)   # PROBE_BLOCK addresses
+    plan: object = None      # sites.SitePlan
+    tramp_size: int = 0
 
 
 @dataclass(slots=True)
@@ -177,7 +179,7 @@ class InTargetEngine:
         if orig is None:
             raise ProbeError(f"cannot read the site 0x{addr:x} in pid {proc.tgid}")
         write_code(proc.mem, addr, TR.patch_bytes(addr, tramp, plan.length))
-        st.sites[addr] = SiteState(addr, orig, tramp, block, [pb.addr])
+        st.sites[addr] = SiteState(addr, orig, tramp, block, [pb.addr], plan, len(code))
         return None
 
     def _probe_block(self, probe, addr: int):
@@ -248,7 +250,7 @@ class InTargetEngine:
         if pst is None:
             return
         rt = S.ProcRuntime(child_tgid, pst.rt.private, pst.rt.arena, pst.rt.image, dict(pst.rt.pages))
-        cst = ProcState(rt, {a: SiteState(s.addr, s.orig, s.tramp, s.block, list(s.probes))
+        cst = ProcState(rt, {a: SiteState(s.addr, s.orig, s.tramp, s.block, list(s.probes), s.plan, s.tramp_size)
                              for a, s in pst.sites.items()},
                         [list(p) for p in pst.pages], pst.ready, pst.failed)
         self.procs[child_tgid] = cst
@@ -264,8 +266,7 @@ class InTargetEngine:
         for s in pst.sites.values():
             child_mem.write(s.addr, s.orig)
         if pst.ready:
-            for slot, value in return_fixes(child_mem.read, self.plan.header_addr, forking_fs_base,
-                                            self.plan.ret_tramp_addr):
+            for slot, value in self._return_fixes(child_mem, forking_fs_base):
                 child_mem.write(slot, _Q.pack(value))
 
     def forget(self, tgid: int) -> None:
@@ -293,15 +294,22 @@ class InTargetEngine:
             write_code(proc.mem, s.addr, s.orig)
         regs = P.RegsBuf()
         stuck = False
+        entries = [EntryTrampoline(s.tramp, s.tramp_size, s.plan) for s in st.sites.values()]
+        ret = (self.plan.ret_tramp_addr, S.RET_TRAMP_RESERVE)
         for t in threads:
             try:
                 regs.get(t.tid)
             except P.PtraceError:
                 continue
-            for slot, value in return_fixes(proc.mem.read, self.plan.header_addr, regs.vals[P.FS_BASE],
-                                            self.plan.ret_tramp_addr):
-                proc.mem.write(slot, _Q.pack(value))
-            if self._inside(st, regs.vals[P.RIP]) and not self._step_out(st, t.tid, regs):
+            if st.ready:
+                for slot, value in self._return_fixes(proc.mem, regs.vals[P.FS_BASE]):
+                    proc.mem.write(slot, _Q.pack(value))
+            rip = regs.vals[P.RIP]
+            pos = locate(rip, entries, ret)
+            if pos is not None and pos.resume_at is not None:
+                regs.vals[P.RIP] = pos.resume_at     # same state as the original instruction
+                regs.set(t.tid)
+            elif self._inside(st, rip) and not self._step_out(st, t.tid, regs):
                 stuck = True
         st.sites.clear()
         if not stuck and proc.threads:
@@ -309,6 +317,22 @@ class InTargetEngine:
             with contextlib.suppress(UbpfError, OSError, P.PtraceError):
                 S.uninstall(mapper, proc.any_stopped_tid(), self.plan, st.rt)
         self.procs.pop(proc.tgid, None)
+
+    def _return_fixes(self, mem: P.ProcMem, fs_base: int) -> list[tuple[int, int]]:
+        """Stack slots of a thread still holding the return trampoline, with the original values."""
+        def read(addr: int, n: int) -> bytes:
+            data = mem.read(addr, n)
+            if data is None:
+                raise ProbeError(f"cannot read 0x{addr:x} in pid {mem.pid}")
+            return data
+
+        try:
+            tb = find_thread_block(read, self.plan.header_addr, fs_base)
+            if tb is None:
+                return []
+            return [(f.addr, f.value) for f in return_fixes(read, tb, self.plan.ret_tramp_addr)]
+        except ProbeError:
+            return []
 
     def _inside(self, st: ProcState, rip: int) -> bool:
         p = self.plan
