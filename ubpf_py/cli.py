@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Sequence
 
 from ubpf_py.errors import UbpfError, UsageError
+from ubpf_py.live.options import RunOptions
 
 EXIT_CODES = """exit codes:
   0   success (the target's own exit status is reported, not returned)
@@ -73,12 +74,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--format", choices=["text", "json"], default="text", help="output format")
     p.add_argument("-o", "--output", metavar="FILE", help="write output here instead of stdout")
     p.add_argument("--event-type", metavar="STRUCT", help="decode ring/perf buffer records as this BTF struct")
+    p.add_argument("-i", "--interval", type=float, metavar="S",
+                   help="print the maps every S seconds while tracing (JSON: one record per print)")
+    p.add_argument("--clear", action="store_true", help="with --interval: clear the maps after each print")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve the maps as Prometheus metrics at http://HOST:PORT/metrics while tracing")
+    p.add_argument("--hist", action="append", default=[], metavar="MAP[:log2|linear]",
+                   help="draw this map as a histogram (log2 by default), whatever its type says")
     p.add_argument("--check", action="store_true", help="load and verify every program, attach nothing")
     p.add_argument("-l", "--list", nargs="?", const="*", metavar="PATTERN",
                    help="list probe-able functions (and USDT probes) of a binary or --pid")
     p.add_argument("-v", "--verbose", action="store_true", help="per-probe hit counts and overhead at exit")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks for internal errors")
     return p
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """The plain options object everything below the CLI takes."""
+    return RunOptions(
+        object=args.object, pid=args.pid, command=list(args.command), attach=list(args.attach),
+        auto_attach=not args.no_auto, sets=list(args.set), duration=args.duration,
+        follow_forks=args.follow_forks, backend=args.backend, engine=args.engine,
+        native_hits=not args.no_native_hits, check_memory=not args.no_memory_checks,
+        verifier=args.verifier, verifier_log=args.verifier_log, format=args.format, output=args.output,
+        event_type=args.event_type, verbose=args.verbose, interval=args.interval, clear=args.clear,
+        metrics=args.metrics, hist=parse_hist_options(args.hist))
+
+
+def parse_hist_options(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, _, kind = item.partition(":")
+        kind = kind or "log2"
+        if not name or kind not in ("log2", "linear"):
+            raise UsageError(f"bad --hist {item!r}: expected MAP, MAP:log2 or MAP:linear")
+        out[name] = kind
+    return out
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -103,6 +134,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for item in args.set:
         if "=" not in item or not item.partition("=")[0]:
             raise UsageError(f"bad --set {item!r}: expected NAME=VALUE")
+    if args.interval is not None and args.interval <= 0:
+        raise UsageError(f"bad --interval {args.interval:g}: give a positive number of seconds")
+    if args.clear and args.interval is None:
+        raise UsageError("--clear needs --interval S (maps are cleared after each interval print)")
     return args
 
 
@@ -146,13 +181,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     # SIGTERM/SIGHUP end tracing like Ctrl-C: the session restores the target on the way out
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
-    if args.backend == "kernel":
-        from ubpf_py.kernel.cli_backend import run_kernel_backend
+    from ubpf_py.runner import run
 
-        return run_kernel_backend(args)
-    from ubpf_py.live.tracing import run_userspace
-
-    return run_userspace(args)
+    return run(run_options(args))
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
