@@ -20,6 +20,8 @@ process.  Example (the README runs it)::
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -122,9 +124,13 @@ class BPFObject:
 
     def launch(self, argv: list[str], *, follow_forks: bool = False, stdout: Any = None) -> int:
         """Start ``argv`` held before its ``main`` until :meth:`run`; returns its pid.
-        ``stdout``: a file (or fd) for the target's standard output."""
+        ``stdout``: a file, an fd or ``subprocess.DEVNULL`` for the target's standard output."""
         self._need_no_target("launch")
-        self.pid = self._get_backend().launch(list(argv), follow_forks=follow_forks, stdout=stdout)
+        if stdout == subprocess.DEVNULL:
+            with open(os.devnull, "wb") as devnull:   # the child has its own copy once started
+                self.pid = self._get_backend().launch(list(argv), follow_forks=follow_forks, stdout=devnull)
+        else:
+            self.pid = self._get_backend().launch(list(argv), follow_forks=follow_forks, stdout=stdout)
         return self.pid
 
     def attach_pid(self, pid: int, *, follow_forks: bool = False) -> int:
