@@ -130,7 +130,7 @@ def _ticker(obj: BPFObject, writer: Writer, opts: RunOptions, metrics: Any) -> A
         if metrics is not None:
             metrics.refresh()
         if opts.interval:
-            writer.interval(time.time(), [v.dump() for v in views])
+            writer.interval(time.time(), [v.dump() for v in views], obj.globals.dumps())
             if opts.clear:
                 for v in views:
                     v.clear()

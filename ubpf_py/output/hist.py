@@ -89,7 +89,8 @@ def map_histograms(d: Any, decoder: Any, forced: str | None = None) -> list[Hist
     if not d.entries or d.internal:
         return None
     kind = forced or "log2"
-    if d.value_size in (1, 2, 4, 8) and (d.type_name in ("array", "percpu_array") or forced):
+    if d.value_size in (1, 2, 4, 8) and (d.type_name in ("array", "percpu_array")
+                                         or (forced and d.key_size in (1, 2, 4, 8))):
         if forced or (d.type_name in ("array", "percpu_array") and _named_like_hist(d.name)
                       and d.max_entries >= 8):
             return [Histogram(d.name, None, kind, _index_slots(d))]

@@ -13,7 +13,14 @@ import time
 from typing import Any, TextIO
 
 from ubpf_py.output.dump import GlobalDump, MapDump
-from ubpf_py.output.hist import map_histograms, render_hist, slots_of
+from ubpf_py.output.hist import (
+    map_histograms,
+    render_hist,
+    slot_label,
+    slot_lower_bound,
+    slot_upper_bound,
+    slots_of,
+)
 from ubpf_py.output.trace import format_trace_line
 from ubpf_py.output.values import ValueDecoder
 
@@ -125,11 +132,14 @@ class TextWriter(Writer):
         for line in stats.get("lines", []):
             self.note(line)
 
-    def interval(self, when: float, dumps: list[MapDump]) -> None:
-        """One ``--interval`` print: a wall-clock header (libbpf-tools' ``%H:%M:%S``), then the maps."""
+    def interval(self, when: float, dumps: list[MapDump], globals_: list[GlobalDump]) -> None:
+        """One ``--interval`` print: a wall-clock header (libbpf-tools' ``%H:%M:%S``), then the
+        maps and globals."""
         print(f"\n{time.strftime('%H:%M:%S', time.localtime(when))}", file=self.out)
         for d in dumps:
             self.map_dump(d)
+        for g in globals_:
+            self.global_var(g)
         self.out.flush()
 
     def close(self) -> None:
@@ -173,11 +183,12 @@ class JsonWriter(Writer):
     def map_dump(self, d: MapDump) -> None:
         self._emit(self._map_obj(d))
 
-    def interval(self, when: float, dumps: list[MapDump]) -> None:
-        """One ``--interval`` print as one record: wall-clock time and every map."""
+    def interval(self, when: float, dumps: list[MapDump], globals_: list[GlobalDump]) -> None:
+        """One ``--interval`` print as one record: wall-clock time, every map and global."""
         self._emit({"event": "interval", "timestamp": when,
                     "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1e6):06d}Z",
-                    "maps": [self._map_obj(d) for d in dumps]})
+                    "maps": [self._map_obj(d) for d in dumps],
+                    "globals": [self._global_obj(g) for g in globals_]})
 
     def _map_obj(self, d: MapDump) -> dict:
         entries = None
@@ -190,13 +201,22 @@ class JsonWriter(Writer):
         obj = {"event": "map", "name": d.name, "type": d.type_name, "key_size": d.key_size,
                "value_size": d.value_size, "max_entries": d.max_entries, "internal": d.internal,
                "entries": entries, "decoded": decoded}
+        hists = map_histograms(d, self.decoder, self.hist_modes.get(d.name))
+        if hists:
+            obj["hist"] = [{"key": h.key_value, "kind": h.kind,
+                            "buckets": [{"label": slot_label(i, h.kind), "min": slot_lower_bound(i, h.kind),
+                                         "max": slot_upper_bound(i, h.kind), "count": c}
+                                        for i, c in enumerate(h.slots) if c]} for h in hists]
         if d.type_name == "stack_trace" and d.entries:
             obj["stacks"] = {str(int.from_bytes(k[:4], "little")): self.stack_lines(d, v) for k, v in d.entries}
         return obj
 
     def global_var(self, g: GlobalDump) -> None:
-        self._emit({"event": "global", "name": g.name, "map": g.map_name, "data": g.data.hex(),
-                    "value": self.decoder.value(g.type_id, g.data)})
+        self._emit(self._global_obj(g))
+
+    def _global_obj(self, g: GlobalDump) -> dict:
+        return {"event": "global", "name": g.name, "map": g.map_name, "data": g.data.hex(),
+                "value": self.decoder.value(g.type_id, g.data)}
 
     def stats(self, stats: dict) -> None:
         self._emit({"event": "stats", **{k: v for k, v in stats.items() if k != "lines"}})
