@@ -50,3 +50,16 @@ def test_list_functions_and_usdt(corpus_build):
     assert any("corpus:tick" in line for line in p.stdout.splitlines()), p.stdout
     p = run_cli("--list", "uprobe:./rust_args:rust_args::*", cwd=corpus_build)
     assert p.returncode == 0 and "rust_args::hello" in p.stdout, p.stdout + p.stderr
+
+
+def test_list_prints_the_probe_type_asked_for(corpus_build):
+    """``--list 'uretprobe:...'`` lists return probes (as bpftrace -l does), never uprobe: lines;
+    USDT notes are not return-probe-able and are left out."""
+    ret = run_cli("--list", "uretprobe:./hello:a*", cwd=corpus_build)
+    ent = run_cli("--list", "uprobe:./hello:a*", cwd=corpus_build)
+    assert ret.returncode == 0 and ent.returncode == 0, ret.stderr + ent.stderr
+    lines = ret.stdout.splitlines()
+    assert lines and all(line.startswith("uretprobe:") for line in lines), ret.stdout
+    assert [line.replace("uretprobe:", "uprobe:", 1) for line in lines] == ent.stdout.splitlines()
+    usdt = run_cli("--list", "uretprobe:./usdt:*", cwd=corpus_build)
+    assert usdt.returncode == 0 and "corpus:tick" not in usdt.stdout, usdt.stdout

@@ -20,7 +20,7 @@ from conftest import root_skip_reason
 
 from ubpf_py import cli
 from ubpf_py.errors import NotSupportedError
-from ubpf_py.live import tracing
+from ubpf_py.live import hitpath
 from ubpf_py.live.collection import Collection, LoadedProgram
 from ubpf_py.obj.elf import load_object
 from ubpf_py.probe import native as N
@@ -91,7 +91,7 @@ def _run_cli(capfd, monkeypatch, cwd: Path, argv: list[str]) -> tuple[int, dict,
     """Run ubpf-run in-process (so Python calls can be counted): rc, JSON events by kind, stderr,
     number of Python program runs."""
     calls = {"run": 0, "handler": 0}
-    real_run, real_make = LoadedProgram.run, tracing._make_handler
+    real_run, real_make = LoadedProgram.run, hitpath.make_handler
 
     def counting_run(self, ctx_addr):
         calls["run"] += 1
@@ -106,7 +106,7 @@ def _run_cli(capfd, monkeypatch, cwd: Path, argv: list[str]) -> tuple[int, dict,
         return wrapped
 
     monkeypatch.setattr(LoadedProgram, "run", counting_run)
-    monkeypatch.setattr(tracing, "_make_handler", counting_make)
+    monkeypatch.setattr(hitpath, "make_handler", counting_make)
     monkeypatch.chdir(cwd)
     capfd.readouterr()
     rc = cli.main(argv)

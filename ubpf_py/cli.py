@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Sequence
 
 from ubpf_py.errors import UbpfError, UsageError
+from ubpf_py.live.options import RunOptions
 
 EXIT_CODES = """exit codes:
   0   success (the target's own exit status is reported, not returned)
@@ -34,6 +35,9 @@ EXAMPLES = """examples:
   ubpf-run funclat.bpf.o --set 'targ_tgid=$PID' -- ./funclat
   ubpf-run prog.o --format json -o events.jsonl -- ./app      machine-readable output
   ubpf-run --check prog.o                         verify every program; no target, no privileges
+  ubpf-run dump prog.o [-j]                       programs (disassembly + source), maps, globals, BTF
+  ubpf-run prog.bpf.c -i 1 -- ./app               compile with clang, print the maps every second
+  ubpf-run prog.o --metrics 127.0.0.1:9435 --pid 1234   serve the maps to Prometheus
   ubpf-run --list 'uprobe:./app:*alloc*'          list probe-able functions (also --list PATTERN --pid N)
   ubpf-run prog.o --backend kernel -- ./app       the same object in the kernel (needs root)
 """
@@ -42,14 +46,15 @@ EXAMPLES = """examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ubpf-run",
-        usage="ubpf-run OBJECT.o [--pid PID | -- COMMAND [ARGS...]] [options]\n"
-              "       ubpf-run --check OBJECT.o\n       ubpf-run --list 'uprobe:BINARY:PATTERN'",
+        usage="ubpf-run OBJECT.o|SOURCE.bpf.c [--pid PID | -- COMMAND [ARGS...]] [options]\n"
+              "       ubpf-run --check OBJECT.o\n       ubpf-run --list 'uprobe:BINARY:PATTERN'\n"
+              "       ubpf-run dump OBJECT.o [-j]",
         description="Run unmodified libbpf-style uprobe BPF objects in userspace (ptrace + JIT), "
                     "printing bpf_printk lines, ring/perf buffer events and maps like the kernel tools.",
         epilog=EXAMPLES + "\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("object", nargs="?", help="BPF object file (clang -target bpf)")
+    p.add_argument("object", nargs="?", help="BPF object file (clang -target bpf), or a .c source to compile")
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("-a", "--attach", action="append", default=[], metavar="PROG=BINARY:FUNC[+OFF][@COOKIE]",
                    help="attach a program (repeatable); USDT programs take BINARY:PROVIDER:NAME")
@@ -75,9 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verifier-log", action="store_true", help="print the full verifier log")
     p.add_argument("--backend", choices=["userspace", "kernel"], default="userspace",
                    help="userspace (ptrace, default) or kernel (bpf() + perf_event uprobes, needs root)")
-    p.add_argument("-f", "--format", choices=["text", "json"], default="text", help="output format")
+    p.add_argument("-f", "--format", choices=["text", "json"], default="text",
+                   help="output format; with json and no -o, a launched command's stdout goes to stderr "
+                        "so that every stdout line is JSON")
     p.add_argument("-o", "--output", metavar="FILE", help="write output here instead of stdout")
     p.add_argument("--event-type", metavar="STRUCT", help="decode ring/perf buffer records as this BTF struct")
+    p.add_argument("-i", "--interval", type=float, metavar="S",
+                   help="print the maps every S seconds while tracing (JSON: one record per print)")
+    p.add_argument("--clear", action="store_true", help="with --interval: clear the maps after each print")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve the maps as Prometheus metrics at http://HOST:PORT/metrics while tracing")
+    p.add_argument("--hist", action="append", default=[], metavar="MAP[:log2|linear]",
+                   help="draw this map as a histogram (log2 by default), whatever its type says")
     p.add_argument("--check", action="store_true", help="load and verify every program, attach nothing")
     p.add_argument("-l", "--list", nargs="?", const="*", metavar="PATTERN",
                    help="list probe-able functions (and USDT probes) of a binary or --pid")
@@ -86,9 +100,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """The plain options object everything below the CLI takes."""
+    return RunOptions(
+        object=args.object, pid=args.pid, command=list(args.command), attach=list(args.attach),
+        auto_attach=not args.no_auto, sets=list(args.set), duration=args.duration,
+        follow_forks=args.follow_forks, backend=args.backend, engine=args.engine,
+        native_hits=not args.no_native_hits, check_memory=not args.no_memory_checks, mode=args.mode,
+        verifier=args.verifier, verifier_log=args.verifier_log, format=args.format, output=args.output,
+        event_type=args.event_type, verbose=args.verbose, interval=args.interval, clear=args.clear,
+        metrics=args.metrics, hist=parse_hist_options(args.hist))
+
+
+def parse_hist_options(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, _, kind = item.partition(":")
+        kind = kind or "log2"
+        if not name or kind not in ("log2", "linear"):
+            raise UsageError(f"bad --hist {item!r}: expected MAP, MAP:log2 or MAP:linear")
+        out[name] = kind
+    return out
+
+
+def build_dump_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ubpf-run dump", description="Show what is inside a BPF object without loading it: programs "
+        "(LLVM-syntax disassembly with C source lines from .BTF.ext), maps, globals, BTF types.")
+    p.add_argument("object", help="BPF object file (or .bpf.c source, compiled first)")
+    p.add_argument("-j", "--json", action="store_true", help="one JSON document (like bpftool -j)")
+    p.add_argument("--no-btf", action="store_true", help="leave the BTF type listing out")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["dump"] or "--dump" in argv:
+        rest = argv[1:] if argv[:1] == ["dump"] else [a for a in argv if a != "--dump"]
+        args = build_dump_parser().parse_args(rest)
+        args.dump = True
+        return args
+    parser = build_parser()
     cmd: list[str] = []
     if "--" in argv:  # everything after -- is the command, untouched by option parsing
         i = argv.index("--")
@@ -108,6 +161,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for item in args.set:
         if "=" not in item or not item.partition("=")[0]:
             raise UsageError(f"bad --set {item!r}: expected NAME=VALUE")
+    if args.interval is not None and args.interval <= 0:
+        raise UsageError(f"bad --interval {args.interval:g}: give a positive number of seconds")
+    if args.clear and args.interval is None:
+        raise UsageError("--clear needs --interval S (maps are cleared after each interval print)")
     return args
 
 
@@ -144,6 +201,8 @@ def _error(msg: str) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if getattr(args, "dump", False):
+        return _cmd_dump(args)
     if args.list is not None:
         return _cmd_list(args)
     if args.check:
@@ -151,13 +210,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     # SIGTERM/SIGHUP end tracing like Ctrl-C: the session restores the target on the way out
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
-    if args.backend == "kernel":
-        from ubpf_py.kernel.cli_backend import run_kernel_backend
+    from ubpf_py.runner import run
 
-        return run_kernel_backend(args)
-    from ubpf_py.live.tracing import run_userspace
-
-    return run_userspace(args)
+    return run(run_options(args))
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -175,6 +230,24 @@ def _cmd_check(args: argparse.Namespace) -> int:
         if rep.log and (args.verifier_log or not rep.ok):  # the log on rejection, always
             print(rep.log.rstrip())
     return 3 if rejected else 0
+
+
+def _cmd_dump(args: argparse.Namespace) -> int:
+    import json
+
+    from ubpf_py.obj.compile import compile_source, is_source
+    from ubpf_py.obj.elf import load_object
+    from ubpf_py.output.inspect import describe, render
+
+    path = compile_source(args.object) if is_source(args.object) else args.object
+    desc = describe(load_object(path))
+    if args.no_btf:
+        desc.pop("btf")
+    if args.json:
+        print(json.dumps(desc))
+    else:
+        print("\n".join(render(desc, btf=not args.no_btf)))
+    return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -162,6 +162,12 @@ class KernelSession:
             tgids = {self.target_pid} if self.target_pid is not None else None
             self._trace = TracePipeReader(tgids)
 
+    def attach_request(self, req: Any) -> list[UprobeLink]:
+        """Attach one more request after load (the Python API attaches one call at a time)."""
+        links = self._attach_one(req)
+        self.links.extend(links)
+        return links
+
     def _attach_one(self, req: Any) -> list[UprobeLink]:
         prog_fd = self.coll.programs.get(req.program)
         if prog_fd is None:

@@ -1,238 +1,46 @@
-"""The userspace backend of ``ubpf-run``: load, attach through ptrace, run, report.
+"""The userspace backend behind ``ubpf_py.api``: ptrace probes, programs in this process.
 
 Order matters and mirrors the kernel oracle: start (or seize) the target so it
 is stopped before ``main``; set globals (``$PID`` needs the pid); load and
-verify; attach every planned probe; let the target run; on exit, Ctrl-C,
-SIGTERM or an error, detach (the probe engine restores the target) and print
-the maps and globals.
+verify; attach every probe; let the target run; on exit, Ctrl-C, SIGTERM or an
+error, detach (the probe engine restores the target).  Which engine path a
+program takes on a hit is ``live.hitpath.hit_runner``'s choice.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
-import sys
+import signal
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-from ubpf_py.errors import SymbolError, TargetError, UbpfError, UsageError
-from ubpf_py.live.attach import AttachRequest, parse_attach_option, plan_attachments
-from ubpf_py.live.collection import Collection, LoadedProgram
-from ubpf_py.live.intarget import InTargetPlan, runtime_unavailable
+from ubpf_py.errors import UbpfError, UsageError
+from ubpf_py.live.attach import AttachRequest
+from ubpf_py.live.collection import Collection
+from ubpf_py.live.hitpath import (
+    HitPlumbing,
+    ProbeStats,
+    add_native_poll,
+    collect_native_stats,
+    hit_runner,
+    native_hits_wanted,
+    poll_interval,
+    settle_path,
+    stats_report,
+)
+from ubpf_py.live.intarget import MODES, InTargetPlan, runtime_unavailable
 from ubpf_py.live.intarget import prepare as prepare_in_target
-from ubpf_py.output.dump import snapshot_globals, snapshot_map
+from ubpf_py.live.pump import EventSink, OutputPump
+from ubpf_py.live.sites import resolve_sites, usdt_specs_for
+from ubpf_py.obj.spec import ObjectSpec
 from ubpf_py.output.values import ValueDecoder
-from ubpf_py.output.writers import Writer, make_writer
-from ubpf_py.vm.env import HitContext
 from ubpf_py.vm.memory import Region
 
 PT_REGS_SIZE = 168
-USDT_SPECS_MAP = "__bpf_usdt_specs"
-USDT_IP_MAP = "__bpf_usdt_ip_to_spec_id"
-
-
-def parse_set_value(text: str, pid: int | None) -> int | str:
-    """``--set`` values: integers (any base), ``$PID``, otherwise a string."""
-    if text == "$PID":
-        if pid is None:
-            raise UsageError("--set ...=$PID needs a traced process")
-        return pid
-    try:
-        return int(text, 0)
-    except ValueError:
-        return text
-
-
-@dataclass
-class ProbeStats:
-    """Per attachment: hits and time spent running the program."""
-
-    request: AttachRequest
-    hits: int = 0
-    prog_ns: int = 0
-    #: the program runs from the C stop loop (engine counters hold hits and time)
-    native: bool = False
-    probe_ids: list[int] = field(default_factory=list)
-    #: entry of the program in the in-target image (0: ptrace path) and why not in-target
-    target_entry: int = 0
-    reason: str = ""
-    path_reason: str = ""
-
-
-@dataclass
-class OutputPump:
-    """Moves program output (printk, ring buffers, perf buffers) to the writer."""
-
-    writer: Writer
-    collection: Collection
-    ringbufs: list[Any] = field(default_factory=list)
-    perfbufs: list[Any] = field(default_factory=list)
-    decoder: ValueDecoder | None = None
-    event_type_id: int = 0
-    reported_lost: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for m in self.collection.map_list:
-            if m.spec.type_name == "ringbuf":
-                self.ringbufs.append(m)
-            elif m.spec.type_name == "perf_event_array":
-                self.perfbufs.append(m)
-        #: each perf buffer's sample count at the last drain (new samples -> something to read)
-        self.perf_seen = [m.samples for m in self.perfbufs]
-
-    def printk(self, hit: HitContext, message: str) -> None:
-        comm = hit.comm.decode(errors="replace") if isinstance(hit.comm, bytes) else str(hit.comm)
-        self.writer.printk(comm, hit.tgid, hit.tid, hit.cpu, time.monotonic_ns(), message)
-
-    def drain(self) -> None:
-        """Print what the programs wrote.  Called after every hit on the Python path, so an
-        empty buffer costs one integer comparison and builds nothing."""
-        for m in self.ringbufs:
-            if m.avail():
-                for data in m.records():
-                    self.writer.record("ringbuf", m.spec.name, None, bytes(data), self._fields(data))
-        for i, m in enumerate(self.perfbufs):
-            if m.samples != self.perf_seen[i]:
-                self.perf_seen[i] = m.samples
-                for cpu, data in m.consume():
-                    self.writer.record("perfbuf", m.spec.name, cpu, bytes(data), self._fields(data, perf=True))
-
-    def _fields(self, data: bytes, perf: bool = False) -> Any:
-        """Decode a record: --event-type, else the only BTF struct of the record's size, else the only
-        DWARF struct of that size (clang leaves stack-only structs out of BTF), else None (hexdump)."""
-        if self.decoder is None:
-            return None
-        tid = self.event_type_id or self.decoder.unique_struct_of_size(len(data))
-        if tid:
-            return self.decoder.value(tid, bytes(data))
-        layout = _dwarf_struct(self.collection.spec.path, len(data), perf)
-        return layout.decode(bytes(data)) if layout is not None else None
-
-    def report_lost(self) -> None:
-        for m in self.ringbufs + self.perfbufs:
-            lost = int(getattr(m, "dropped", 0) or getattr(m, "lost", 0) or 0)
-            if lost:
-                kind = "ringbuf" if m in self.ringbufs else "perfbuf"
-                self.writer.lost(kind, m.spec.name, lost)
-
-
-def _dwarf_struct(obj_path: str, size: int, perf: bool) -> Any:
-    from ubpf_py.obj.dwarf_types import find_struct_by_size
-
-    try:
-        return find_struct_by_size(obj_path, size, slack=7 if perf else 0)
-    except UbpfError:
-        return None
-
-
-def run_userspace(args: argparse.Namespace) -> int:
-    """Entry point for the userspace backend (called by the CLI)."""
-    from ubpf_py.obj.elf import load_object
-    from ubpf_py.obj.globals import set_global
-    from ubpf_py.probe.engine import ProbeSession
-
-    if args.pid is not None and not os.path.exists(f"/proc/{args.pid}"):
-        raise TargetError(f"no such process: pid {args.pid} (check the pid; it may have exited)")
-    spec = load_object(args.object)
-    explicit = [parse_attach_option(a, spec) for a in args.attach]
-    plan = plan_attachments(spec, explicit, auto=not args.no_auto)
-    if not plan:
-        raise UsageError(f"{args.object}: nothing to attach: no program names its target in its section "
-                         f"and no --attach was given (programs: {', '.join(spec.programs)})")
-
-    out = open(args.output, "w") if args.output else None  # noqa: SIM115 - closed in finally
-    session = None
-    try:
-        if args.command:
-            session = ProbeSession.launch(args.command, follow_forks=args.follow_forks)
-        else:
-            session = ProbeSession.attach(args.pid, follow_forks=args.follow_forks)
-        pid = session.pid
-        for item in args.set:
-            name, _, value = item.partition("=")
-            set_global(spec, name, parse_set_value(value, pid))
-
-        programs = sorted({r.program for r in plan})
-        mode = getattr(args, "mode", "auto")
-        no_target = runtime_unavailable(mode, args.engine)
-        if no_target is not None and mode == "intarget":
-            raise UsageError(f"--mode intarget: {no_target}")
-        arena = session.enable_in_target() if no_target is None else None
-        coll = Collection.load(spec, engine=args.engine, verifier=args.verifier, programs=programs,
-                               check_memory=not args.no_memory_checks, arena=arena)
-        in_target = (prepare_in_target(session, coll, programs, verifier=args.verifier) if arena is not None
-                     else InTargetPlan(reasons=dict.fromkeys(programs, no_target)))
-        if mode == "intarget" and in_target.reasons:
-            name, why = next(iter(in_target.reasons.items()))
-            raise UsageError(f"--mode intarget: program {name} cannot run in the target: {why}")
-        if args.verifier_log:
-            for lp in coll.programs.values():
-                if lp.report is not None and lp.report.log:
-                    print(lp.report.log.rstrip(), file=sys.stderr)
-        decoder = ValueDecoder(spec.btf)
-        writer = make_writer(args.format, out, decoder)
-        pump = OutputPump(writer, coll, decoder=decoder,
-                          event_type_id=_event_type_id(spec, args.event_type))
-        coll.env.printk = pump.printk
-        coll.env.hit = session.hit  # the engine updates this one object in place on every hit
-        _register_ctx(coll.env.memory, session.regs_buffer)
-        maps_seen = MapsSnapshot(pid)
-        native = _native_hits_wanted(args, session)
-        stats = _attach_all(session, coll, plan, pump, writer, maps_seen, native, in_target)
-        if any(st.probe_ids and st.native for st in stats):
-            _add_native_poll(session, coll, pump, maps_seen)
-        try:
-            status = session.run(duration=args.duration)
-        except KeyboardInterrupt:
-            status = None
-            writer.note("interrupted: detaching")
-        finally:
-            pump.drain()
-            session.detach()
-        if status is not None:
-            writer.proc_maps(pid, maps_seen.as_json())
-            writer.target_exit(pid, status if status >= 0 else None, -status if status < 0 else None)
-        pump.report_lost()
-        writer.symbolizer = _symbolizer(maps_seen)
-        for m in coll.map_list:
-            writer.map_dump(snapshot_map(m))
-        for g in snapshot_globals(spec, coll.maps):
-            writer.global_var(g)
-        if args.verbose:
-            _collect_native_stats(session, stats)
-            writer.stats(_stats_report(stats))
-        writer.close()
-        return 0
-    finally:
-        if session is not None:
-            with contextlib.suppress(UbpfError, OSError):
-                session.detach()
-            if session.tracer.intarget is not None:   # maps lived in the arena: printed by now
-                session.tracer.intarget.close()
-        if out is not None:
-            out.close()
-
-
-def _symbolizer(maps_seen: MapsSnapshot) -> Any:
-    from ubpf_py.output.symbolize import Symbolizer
-
-    return Symbolizer(maps_seen.maps) if maps_seen.maps else None
-
-
-def _event_type_id(spec: Any, name: str | None) -> int:
-    if not name:
-        return 0
-    btf = spec.btf
-    if btf is None:
-        raise UsageError(f"--event-type {name}: the object has no BTF to find the type in")
-    from ubpf_py.obj.btf import KIND_STRUCT
-
-    tid = btf.find(name.removeprefix("struct ").strip(), KIND_STRUCT)
-    if not tid:
-        raise UsageError(f"--event-type {name}: no struct of that name in the object's BTF")
-    return tid
+#: the interval timer thread wakes the tracing thread with this signal (see ``UserspaceBackend.run``)
+TICK_SIGNAL = signal.SIGUSR2
 
 
 class MapsSnapshot:
@@ -242,7 +50,6 @@ class MapsSnapshot:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.maps: list[Any] = []
-        self.taken = False
         self.take()
 
     def take(self) -> None:
@@ -256,181 +63,241 @@ class MapsSnapshot:
                  "path": m.path} for m in self.maps]
 
 
-def _native_hits_wanted(args: argparse.Namespace, session: Any) -> bool:
-    """Native hits need the JIT, the C stop loop and no opt-out."""
-    if getattr(args, "no_native_hits", False) or os.environ.get("UBPF_NATIVE_HITS", "1") == "0":
-        return False
-    return args.engine == "jit" and bool(getattr(session, "native_loop", False))
+class UserspaceBackend:
+    """One object traced in one process through ptrace."""
 
+    name = "userspace"
 
-def _probe_kwargs(prog: LoadedProgram, st: ProbeStats, pump: OutputPump, maps_seen: MapsSnapshot,
-                  native: bool, native_syncs: list) -> dict:
-    """``add_probe`` arguments: the program's native entry (no Python per hit) when it is eligible,
-    else the Python handler."""
-    ex = prog.executable
-    if native and hasattr(ex, "native_entry") and ex.native_ineligible() is None:
-        st.native = True
-        if ex.native_sync not in native_syncs:
-            native_syncs.append(ex.native_sync)
-        return {"handler": None, "native_prog": ex.native_entry(), "native_facts": ex.native_facts_addr,
-                "native_status": ex.native_status_addr, "native_error": ex.raise_native_fault}
-    return {"handler": _make_handler(prog, st, pump, maps_seen, native_syncs)}
+    def __init__(self, spec: ObjectSpec) -> None:
+        self.spec = spec
+        self.session: Any = None
+        self.coll: Collection | None = None
+        self.pump: OutputPump | None = None
+        self.plumbing: HitPlumbing | None = None
+        self.stats: list[ProbeStats] = []
+        self.maps_seen: MapsSnapshot | None = None
+        self._usdt: Any = None
+        self._native_poll = False
+        self._engine = "jit"
+        self._native_allowed = True
+        self._mode = "auto"
+        self.in_target: InTargetPlan | None = None
 
+    # ---- target ------------------------------------------------------------------------
+    def launch(self, argv: list[str], *, follow_forks: bool = False, stdout: Any = None) -> int:
+        from ubpf_py.probe.engine import ProbeSession
 
-def _add_native_poll(session: Any, coll: Collection, pump: OutputPump, maps_seen: MapsSnapshot) -> None:
-    """Work the per-hit Python handler did, done between runs of the C loop instead: keep the JIT
-    region tables current, take the maps snapshot, drain ring/perf buffers."""
-    syncs = [lp.executable.native_sync for lp in coll.programs.values()
-             if hasattr(lp.executable, "native_sync")]
-    drain = pump.drain if (pump.ringbufs or pump.perfbufs) else None
+        self.session = ProbeSession.launch(argv, follow_forks=follow_forks, stdout=stdout)
+        return self.session.pid
 
-    def poll() -> None:
-        for s in syncs:
-            s()
-        if not maps_seen.taken and session.stats.total_hits:
-            maps_seen.taken = True
-            maps_seen.take()
-        if drain is not None:
-            drain()
+    def attach_pid(self, pid: int, *, follow_forks: bool = False) -> int:
+        from ubpf_py.probe.engine import ProbeSession
 
-    session.add_poll(poll, _poll_interval(pump))
+        self.session = ProbeSession.attach(pid, follow_forks=follow_forks)
+        return pid
 
+    # ---- load --------------------------------------------------------------------------
+    def load(self, *, engine: str, verifier: str, check_memory: bool, native_hits: bool,
+             programs: list[str] | None, sink: EventSink, event_type_id: int, mode: str = "auto") -> Collection:
+        """Load the programs; with ``mode`` auto/intarget the maps live in memory shared with the
+        target and eligible programs are compiled into an image inside it (``live.intarget``)."""
+        if mode not in MODES:
+            raise UsageError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+        no_target = runtime_unavailable(mode, engine)
+        if no_target is not None and mode == "intarget":
+            raise UsageError(f"--mode intarget: {no_target}")
+        arena = self.session.enable_in_target() if no_target is None else None
+        coll = Collection.load(self.spec, engine=engine, verifier=verifier, programs=programs,
+                               check_memory=check_memory, arena=arena)
+        wanted = list(programs) if programs is not None else list(coll.programs)
+        if arena is not None:
+            self.in_target = prepare_in_target(self.session, coll, wanted, verifier=verifier)
+        else:
+            self.in_target = InTargetPlan(reasons=dict.fromkeys(wanted, no_target))
+        if mode == "intarget" and self.in_target.reasons:
+            name, why = next(iter(self.in_target.reasons.items()))
+            raise UsageError(f"--mode intarget: program {name} cannot run in the target: {why}")
+        self.coll = coll
+        self._engine, self._native_allowed, self._mode = engine, native_hits, mode
+        self.pump = OutputPump(sink, coll, decoder=ValueDecoder(self.spec.btf), event_type_id=event_type_id)
+        coll.env.printk = self.pump.printk
+        return coll
 
-def _poll_interval(pump: OutputPump) -> float:
-    """50 ms, shorter for small ring/perf buffers so they are drained before they fill at the
-    C loop's hit rate (about one hit per 15 us): 50 ms per 256 KiB of the smallest, >= 1 ms."""
-    sizes = [m.spec.max_entries for m in pump.ringbufs]
-    sizes += [64 * 1024 for _ in pump.perfbufs]       # perf buffers: a few pages per CPU
-    if not sizes:
-        return 0.05
-    return max(0.001, min(0.05, 0.05 * min(sizes) / (256 * 1024)))
+    def _ready(self) -> tuple[Any, Collection, HitPlumbing]:
+        """Join the loaded collection and the target (first attach)."""
+        if self.session is None or self.coll is None:
+            raise UbpfError("attach needs a loaded object and a target (launch or attach a pid first)")
+        if self.plumbing is None:
+            self.coll.env.hit = self.session.hit  # the engine updates this one object in place per hit
+            _register_ctx(self.coll.env.memory, self.session.regs_buffer)
+            self.maps_seen = MapsSnapshot(self.session.pid)
+            self.plumbing = HitPlumbing(self.pump, self.maps_seen.take,
+                                        native_hits_wanted(self._engine, self._native_allowed, self.session),
+                                        in_target=self.in_target)
+        return self.session, self.coll, self.plumbing
 
-
-def _collect_native_stats(session: Any, stats: list[ProbeStats]) -> None:
-    """Hits and program time of native and in-target probes come from the engine's per-probe counters."""
-    st_all = session.stats
-    for st in stats:
-        if st.native or st.target_entry:
-            st.hits = sum(st_all.hits.get(i, 0) for i in st.probe_ids)
-            st.prog_ns = sum(st_all.handler_ns_by_probe.get(i, 0) for i in st.probe_ids)
-
-
-def _attach_all(session: Any, coll: Collection, plan: list[AttachRequest], pump: OutputPump,
-                writer: Writer, maps_seen: MapsSnapshot, native: bool = False,
-                in_target: InTargetPlan | None = None) -> list[ProbeStats]:
-    from ubpf_py.probe import resolve, symbols
-
-    stats = []
-    spec_ids = None
-    native_syncs: list = []     # native programs' region-table refreshers (see _make_handler)
-    in_target = in_target or InTargetPlan()
-    for req in plan:
+    # ---- attach ------------------------------------------------------------------------
+    def attach(self, req: AttachRequest) -> tuple[ProbeStats, str]:
+        session, coll, plumbing = self._ready()
         prog = coll.program(req.program)
         st = ProbeStats(req)
-        st.target_entry = in_target.entry(req.program)
-        st.reason = in_target.reasons.get(req.program, "")
-        if req.usdt:
-            from ubpf_py.probe import usdt
 
-            spec_ids = spec_ids or usdt.UsdtSpecIds(_usdt_max_specs(coll))
-            path = resolve.resolve_binary(req.binary, pid=session.pid)
-            notes = usdt.find_usdt(path, req.usdt[0], req.usdt[1])
-            if not notes:
-                raise SymbolError(f"no USDT probe {req.usdt[0]}:{req.usdt[1]} in {path} "
-                                  f"(list them with: ubpf-run --list 'usdt:{req.binary}:*')")
-            for note in notes:
-                spec_id, is_new = spec_ids.assign(note, req.cookie)
-                if is_new:
-                    _fill_usdt_spec(coll, note, spec_id, req.cookie)
-                st.probe_ids.append(session.add_probe(path, note.file_offset, cookie=spec_id,
-                                                      ref_ctr_offset=note.sema_offset,
-                                                      target_entry=st.target_entry,
-                                                      **_probe_kwargs(prog, st, pump, maps_seen, native, native_syncs)))
-            writer.attached(req.program, req.describe(), f"{len(notes)} site(s) in {path}", *_path_of(session, st))
-        else:
-            if req.binary:
-                path = resolve.resolve_binary(req.binary, pid=session.pid)
-                offset = symbols.resolve_function(path, req.function, req.offset)
-                detail = ""
+        def usdt_specs() -> Any:
+            if self._usdt is None:
+                self._usdt = usdt_specs_for(coll.maps)
+            return self._usdt
+
+        sites, detail = resolve_sites(req, session.pid, usdt_specs)
+        for site in sites:
+            st.probe_ids.append(session.add_probe(site.path, site.offset, is_return=site.retprobe,
+                                                  cookie=site.cookie, ref_ctr_offset=site.ref_ctr_offset,
+                                                  **hit_runner(prog, st, plumbing)))
+        settle_path(session, st)
+        if st.path == "ptrace" and st.target_entry and self._mode == "intarget":
+            raise UsageError(f"--mode intarget: {req.program} on {req.describe()} cannot run in the target: "
+                             f"{st.path_reason}")
+        self.stats.append(st)
+        if st.native and not self._native_poll:
+            self._native_poll = True
+            add_native_poll(session, list(coll.programs.values()), plumbing)
+        return st, detail
+
+    def detach_probe(self, st: ProbeStats) -> None:
+        from ubpf_py.errors import NotSupportedError
+
+        raise NotSupportedError("detaching one probe of a running userspace session (detach the object)")
+
+    # ---- run ---------------------------------------------------------------------------
+    def run(self, duration: float | None, tick: Callable[[], None] | None = None,
+            tick_every: float | None = None) -> int | None:
+        """Trace until the target exits (its status; -signal when killed), ``duration`` passes or
+        Ctrl-C/SIGTERM (None).  ``tick`` runs about every ``tick_every`` seconds at a point where
+        no program is running: after a Python-path hit, in the C loop's poll hook, or (idle
+        Python loop) from the wake-up signal's handler."""
+        session, _coll, plumbing = self._ready()
+        waker = None
+        old = None
+        tick, tick_every = self._with_in_target_drain(tick, tick_every)
+        if tick is not None and tick_every:
+            state = {"next": time.monotonic() + tick_every, "in_tick": False}
+
+            def guarded_tick() -> None:
+                """Time-gated, never re-entered, never inside a running program."""
+                if time.monotonic() < state["next"] or state["in_tick"] or plumbing.in_program:
+                    return
+                state["in_tick"] = True
+                try:
+                    tick()
+                finally:
+                    state["next"] = time.monotonic() + tick_every
+                    state["in_tick"] = False
+
+            plumbing.after_hit.append(guarded_tick)
+            if session.native_loop:
+                session.add_poll(guarded_tick, tick_every)
+                old = signal.signal(TICK_SIGNAL, lambda s, f: None)   # wakes the C loop (wakeup fd)
             else:
-                path, offset, detail = resolve.find_function_in_process(session.pid, req.function)
-                offset += req.offset
-            st.probe_ids.append(session.add_probe(path, offset, is_return=req.retprobe, cookie=req.cookie,
-                                                  target_entry=st.target_entry,
-                                                  **_probe_kwargs(prog, st, pump, maps_seen, native, native_syncs)))
-            writer.attached(req.program, req.describe(), detail, *_path_of(session, st))
-        stats.append(st)
-    return stats
+                old = signal.signal(TICK_SIGNAL, lambda s, f: guarded_tick())
+            waker = _Waker(tick_every)
+            waker.start()
+        try:
+            return session.run(duration=duration)
+        finally:
+            if waker is not None:
+                waker.stop()
+                signal.signal(TICK_SIGNAL, old)
+            if self.pump is not None:
+                self.pump.drain()
+            self.detach()
+
+    def _with_in_target_drain(self, tick: Callable[[], None] | None,
+                              every: float | None) -> tuple[Callable[[], None] | None, float | None]:
+        """Hits of in-target probes never stop the target, so nothing would wake the tracer to
+        print what they write: drain ring/perf buffers (and printk records) on a timer too."""
+        pump = self.pump
+        if pump is None or not any(st.path == "in-target" for st in self.stats):
+            return tick, every
+        if not (pump.ringbufs or pump.perfbufs):
+            return tick, every
+        drain_every = poll_interval(pump)
+        due = [time.monotonic() + (every or 0)]
+
+        def drain_and_tick() -> None:
+            pump.drain()
+            if tick is not None and every and time.monotonic() >= due[0]:
+                due[0] = time.monotonic() + every
+                tick()
+
+        return drain_and_tick, min(every or drain_every, drain_every)
+
+    def drain(self) -> None:
+        if self.pump is not None:
+            self.pump.drain()
+
+    def report_lost(self) -> None:
+        if self.pump is not None:
+            self.pump.report_lost()
+
+    # ---- inspect -----------------------------------------------------------------------
+    def raw_maps(self) -> dict[str, Any]:
+        return self.coll.maps if self.coll is not None else {}
+
+    def symbolizer(self) -> Any:
+        from ubpf_py.output.symbolize import Symbolizer
+
+        maps = self.maps_seen.maps if self.maps_seen is not None else []
+        return Symbolizer(maps) if maps else None
+
+    def proc_maps(self) -> list[dict]:
+        return self.maps_seen.as_json() if self.maps_seen is not None else []
+
+    def stats_report(self) -> dict:
+        if self.session is not None:
+            collect_native_stats(self.session, self.stats)
+        return stats_report(self.stats)
+
+    def detach(self) -> None:
+        if self.session is not None:
+            with contextlib.suppress(UbpfError, OSError):
+                self.session.detach()
+
+    def kill_target(self) -> None:
+        if self.session is not None:
+            with contextlib.suppress(UbpfError, OSError):
+                self.session.kill()
+
+    def close(self) -> None:
+        """Detach, then free the arena the maps lived in (maps are unreadable afterwards)."""
+        self.detach()
+        eng = self.session.tracer.intarget if self.session is not None else None
+        if eng is not None:
+            eng.close()
 
 
-def _path_of(session: Any, st: ProbeStats) -> tuple[str, str]:
-    """Which hit path a probe took ("in-target" or "ptrace") and why not in the target."""
-    site_reason = next((r for i in st.probe_ids if (r := session.in_target_reason(i))), None)
-    if st.target_entry and site_reason is None:
-        return "in-target", ""
-    st.path_reason = st.reason or site_reason or ""
-    return "ptrace", st.path_reason
+class _Waker:
+    """A thread that sends TICK_SIGNAL to the main thread every ``every`` seconds: the tracing
+    thread may be blocked in waitpid or in the C loop, and a signal is what wakes both."""
 
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ubpf-interval", daemon=True)
 
-def _usdt_max_specs(coll: Collection) -> int:
-    specs = coll.maps.get(USDT_SPECS_MAP)
-    if specs is None:
-        raise UbpfError(f"the object has USDT programs but no {USDT_SPECS_MAP} map: "
-                        f"build it with libbpf's usdt.bpf.h")
-    return specs.spec.max_entries
+    def start(self) -> None:
+        self._thread.start()
 
+    def _loop(self) -> None:
+        main = threading.main_thread().ident
+        while not self._stop.wait(self.every):
+            with contextlib.suppress(OSError, ValueError):
+                signal.pthread_kill(main, TICK_SIGNAL)
 
-def _fill_usdt_spec(coll: Collection, note: Any, spec_id: int, cookie: int) -> None:
-    """Write the argument spec libbpf's usdt.bpf.h reads (the attach cookie is the spec id)."""
-    from ubpf_py.probe import usdt
-
-    rc = coll.maps[USDT_SPECS_MAP].update(spec_id.to_bytes(4, "little"), usdt.encode_usdt_spec(note, cookie), 0)
-    if rc:
-        raise UbpfError(f"cannot store USDT spec {spec_id} in {USDT_SPECS_MAP} (error {rc})")
-
-
-def _make_handler(prog: LoadedProgram, st: ProbeStats, pump: OutputPump, maps_seen: MapsSnapshot,
-                  native_syncs: list | None = None):
-    """The per-hit callback: run the program on the engine's pt_regs, move its output.
-    ``native_syncs``: programs running from the C loop; a Python-run program may grow map storage
-    (new memory regions) while the C loop runs, so their region tables are refreshed after it."""
-    clock = time.perf_counter_ns
-    run = prog.run
-    drain = pump.drain if (pump.ringbufs or pump.perfbufs) else None
-    syncs = native_syncs if native_syncs is not None else []
-
-    def handler(hit: HitContext) -> None:
-        if not maps_seen.taken:
-            maps_seen.taken = True
-            maps_seen.take()
-        t0 = clock()
-        run(hit.ctx_addr)
-        st.prog_ns += clock() - t0
-        st.hits += 1
-        if drain is not None:
-            drain()
-        for sync in syncs:
-            sync()
-
-    return handler
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _register_ctx(memory: Any, buf: Any) -> None:
     """Let programs read the probe engine's pt_regs buffer (read-only, the first 168 bytes)."""
     if memory.find(buf.addr, PT_REGS_SIZE) is None:
         memory.add(Region.of(buf, "context (struct pt_regs)", writable=False, size=PT_REGS_SIZE))
-
-
-def _stats_report(stats: list[ProbeStats]) -> dict:
-    rows = []
-    lines = []
-    for st in stats:
-        per_hit = st.prog_ns / st.hits if st.hits else 0.0
-        path = "in-target" if st.target_entry and not st.path_reason else "ptrace"
-        rows.append({"program": st.request.program, "target": st.request.describe(), "hits": st.hits,
-                     "program_ns": st.prog_ns, "program_ns_per_hit": per_hit, "path": path,
-                     "path_reason": st.path_reason})
-        how = "in the target" if path == "in-target" else f"through ptrace ({st.path_reason or 'chosen'})"
-        lines.append(f"{st.request.program} on {st.request.describe()}: {st.hits} hits {how}, "
-                     f"{st.prog_ns / 1e6:.3f} ms in the program ({per_hit:.0f} ns/hit)")
-    return {"probes": rows, "lines": lines}

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any, TextIO
 
 from ubpf_py.output.dump import GlobalDump, MapDump
-from ubpf_py.output.hist import looks_like_histogram, render_log2_hist
+from ubpf_py.output.hist import (
+    map_histograms,
+    render_hist,
+    slot_label,
+    slot_lower_bound,
+    slot_upper_bound,
+    slots_of,
+)
 from ubpf_py.output.trace import format_trace_line
 from ubpf_py.output.values import ValueDecoder
 
@@ -27,6 +35,8 @@ class Writer:
         self.decoder = decoder or ValueDecoder(None)
         #: turns user addresses into function+offset (file:line); set once the target's maps are known
         self.symbolizer: Any = None
+        #: ``--hist``: map or global name -> "log2" | "linear"
+        self.hist_modes: dict[str, str] = {}
 
     def stack_lines(self, d: MapDump, value: bytes) -> list[str]:
         """A stack-trace map value (u64 addresses) as symbolised frames, innermost first."""
@@ -77,11 +87,12 @@ class TextWriter(Writer):
     def map_dump(self, d: MapDump) -> None:
         if not d.entries or d.internal:  # global data is printed variable by variable
             return
-        values = self._array_values(d)
-        if values is not None and looks_like_histogram(d.name, values):
-            print(f"\n@{d.name}:", file=self.out)
-            for line in render_log2_hist(values):
-                print(line, file=self.out)
+        hists = map_histograms(d, self.decoder, self.hist_modes.get(d.name))
+        if hists is not None:
+            for h in hists:
+                print(f"\n@{d.name}" + (f"[{h.key}]" if h.key is not None else "") + ":", file=self.out)
+                for line in render_hist(h.slots, h.kind):
+                    print(line, file=self.out)
             return
         shown = [(k, v) for k, v in d.entries if not _all_zero(v)]
         if not shown:
@@ -106,10 +117,14 @@ class TextWriter(Writer):
     def global_var(self, g: GlobalDump) -> None:
         if _all_zero(g.data) or g.static_const:  # static constants (printk formats) say nothing new
             return
-        ints = self.decoder.int_array(g.type_id, g.data)
-        if ints is not None and looks_like_histogram(g.name, ints):
+        value = self.decoder.value(g.type_id, g.data)
+        slots = slots_of(value)
+        forced = self.hist_modes.get(g.name)
+        if forced and slots is None and isinstance(value, list) and all(isinstance(x, int) for x in value):
+            slots = value
+        if slots is not None:
             print(f"\n{g.name}:", file=self.out)
-            for line in render_log2_hist(ints):
+            for line in render_hist(slots, forced or "log2"):
                 print(line, file=self.out)
             return
         print(f"{g.name} = {self.decoder.text(g.type_id, g.data, len(g.data))}", file=self.out)
@@ -118,19 +133,18 @@ class TextWriter(Writer):
         for line in stats.get("lines", []):
             self.note(line)
 
-    def close(self) -> None:
+    def interval(self, when: float, dumps: list[MapDump], globals_: list[GlobalDump]) -> None:
+        """One ``--interval`` print: a wall-clock header (libbpf-tools' ``%H:%M:%S``), then the
+        maps and globals."""
+        print(f"\n{time.strftime('%H:%M:%S', time.localtime(when))}", file=self.out)
+        for d in dumps:
+            self.map_dump(d)
+        for g in globals_:
+            self.global_var(g)
         self.out.flush()
 
-    def _array_values(self, d: MapDump) -> list[int] | None:
-        if d.type_name not in ("array", "percpu_array") or d.value_size not in (1, 2, 4, 8):
-            return None
-        vals = [0] * d.max_entries
-        for k, v in d.entries or []:
-            idx = int.from_bytes(k[:4], "little")
-            if idx < len(vals):
-                raw = v if isinstance(v, list) else [v]
-                vals[idx] = sum(int.from_bytes(x[:d.value_size], "little") for x in raw)
-        return vals
+    def close(self) -> None:
+        self.out.flush()
 
 
 class JsonWriter(Writer):
@@ -169,6 +183,16 @@ class JsonWriter(Writer):
         self._emit({"event": "proc_maps", "pid": pid, "maps": maps})
 
     def map_dump(self, d: MapDump) -> None:
+        self._emit(self._map_obj(d))
+
+    def interval(self, when: float, dumps: list[MapDump], globals_: list[GlobalDump]) -> None:
+        """One ``--interval`` print as one record: wall-clock time, every map and global."""
+        self._emit({"event": "interval", "timestamp": when,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1e6):06d}Z",
+                    "maps": [self._map_obj(d) for d in dumps],
+                    "globals": [self._global_obj(g) for g in globals_]})
+
+    def _map_obj(self, d: MapDump) -> dict:
         entries = None
         decoded = None
         if d.entries is not None:
@@ -179,13 +203,22 @@ class JsonWriter(Writer):
         obj = {"event": "map", "name": d.name, "type": d.type_name, "key_size": d.key_size,
                "value_size": d.value_size, "max_entries": d.max_entries, "internal": d.internal,
                "entries": entries, "decoded": decoded}
+        hists = map_histograms(d, self.decoder, self.hist_modes.get(d.name))
+        if hists:
+            obj["hist"] = [{"key": h.key_value, "kind": h.kind,
+                            "buckets": [{"label": slot_label(i, h.kind), "min": slot_lower_bound(i, h.kind),
+                                         "max": slot_upper_bound(i, h.kind), "count": c}
+                                        for i, c in enumerate(h.slots) if c]} for h in hists]
         if d.type_name == "stack_trace" and d.entries:
             obj["stacks"] = {str(int.from_bytes(k[:4], "little")): self.stack_lines(d, v) for k, v in d.entries}
-        self._emit(obj)
+        return obj
 
     def global_var(self, g: GlobalDump) -> None:
-        self._emit({"event": "global", "name": g.name, "map": g.map_name, "data": g.data.hex(),
-                    "value": self.decoder.value(g.type_id, g.data)})
+        self._emit(self._global_obj(g))
+
+    def _global_obj(self, g: GlobalDump) -> dict:
+        return {"event": "global", "name": g.name, "map": g.map_name, "data": g.data.hex(),
+                "value": self.decoder.value(g.type_id, g.data)}
 
     def stats(self, stats: dict) -> None:
         self._emit({"event": "stats", **{k: v for k, v in stats.items() if k != "lines"}})

@@ -5,7 +5,7 @@ printed like ``bpftrace -l 'uprobe:BIN:*'`` (demangled names shown).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ubpf_py.errors import SymbolError
 from ubpf_py.probe import demangle as dm
@@ -19,7 +19,7 @@ from ubpf_py.probe.usdt import read_usdt_notes
 class ListedProbe:
     """One attach point."""
 
-    kind: str                # "uprobe" | "usdt"
+    kind: str                # "uprobe" | "uretprobe" | "usdt"
     binary: str
     name: str                # raw symbol name, or "provider:name"
     display: str             # demangled name (or ``name``)
@@ -68,8 +68,8 @@ def parse_list_pattern(pattern: str) -> tuple[str | None, str | None, str]:
         return None, None, pattern
     binary, sep, glob = rest.partition(":")
     if not sep:
-        return ("usdt" if kind == "usdt" else "uprobe"), None, binary or "*"
-    return ("usdt" if kind == "usdt" else "uprobe"), (binary if binary not in ("", "*") else None), glob or "*"
+        return kind, None, binary or "*"
+    return kind, (binary if binary not in ("", "*") else None), glob or "*"
 
 
 def list_functions(binary_or_pid: str | int, pattern: str | None = None,
@@ -77,7 +77,8 @@ def list_functions(binary_or_pid: str | int, pattern: str | None = None,
     """Functions and USDT probes of a binary, or of a process's executable and its
     mapped libraries.  ``pattern`` is a libbpf-style glob (``*``, ``?``) matched
     against the raw name, the demangled name, or the whole ``kind:binary:name``;
-    ``kind`` ("uprobe" or "usdt") keeps one kind only."""
+    ``kind`` ("uprobe", "uretprobe" or "usdt") keeps one kind only; functions are listed as
+    ``uretprobe:`` lines when that is what was asked for (bpftrace does the same)."""
     rx = re.compile(glob_to_regex(pattern), re.DOTALL) if pattern else None
     out: list[ListedProbe] = []
     for binary in _binaries(binary_or_pid, cwd):
@@ -87,7 +88,9 @@ def list_functions(binary_or_pid: str | int, pattern: str | None = None,
             if isinstance(binary_or_pid, int):
                 continue  # a mapped non-library file (locale archive, ...)
             raise
-        if kind is not None:
+        if kind == "uretprobe":
+            probes = [replace(p, kind="uretprobe") for p in probes if p.kind == "uprobe"]
+        elif kind is not None:
             probes = [p for p in probes if p.kind == kind]
         if rx is None:
             out.extend(probes)
