@@ -44,11 +44,15 @@ RUNTIME_HEADER = Layout("ubpf_runtime_header", [
     u64("tracer_pid"),
     u64("generation", "bumped by the tracer when cached per-process facts become stale (fork)"),
     u64("pid", "the target's tgid, written by the tracer (per process: fixed up in a forked child)"),
-    u64s("reserved", 3),
+    u64("ret_trampoline", "address return probes put in place of return addresses: stack walks "
+        "report the original from the thread's shadow stack instead"),
+    u64("max_stack", "kernel.perf_event_max_stack (0: 127), the deepest stack get_stack(id) returns"),
+    u64s("reserved", 1),
 ], doc="at the start of the arena")
 
 #: PROBE_BLOCK.flags
 PB_F_RETURN = 1        # a return probe: the entry trampoline replaces the return address
+PB_F_AT_ENTRY = 2      # the probed instruction is the function's first: [rsp] is the return address
 
 PROBE_BLOCK = Layout("ubpf_probe_block", [
     u64("func_ip", "address of the probed instruction (bpf_get_func_ip, pt_regs ip of entry probes)"),
@@ -105,6 +109,7 @@ CONSTANTS = {
     "UBPF_RT_F_FSGSBASE": RT_F_FSGSBASE,
     "UBPF_RT_F_RDPID": RT_F_RDPID,
     "UBPF_PB_F_RETURN": PB_F_RETURN,
+    "UBPF_PB_F_AT_ENTRY": PB_F_AT_ENTRY,
     "UBPF_SHADOW_DEPTH": SHADOW_DEPTH,
     "UBPF_SITE_MAX_PROBES": SITE_MAX_PROBES,
 }

@@ -71,6 +71,10 @@ class ArenaBuffer:
 class SharedArena:
     """``size`` bytes of a memfd mapped shared at ``addr`` (``addr_hint`` if given)."""
 
+    #: maps allocated here are changed by the target too: they run the C runtime's
+    #: operations (``maps.native_ops``)
+    native_maps = True
+
     def __init__(self, size: int = DEFAULT_SIZE, addr_hint: int | None = None, name: str = "ubpf-arena",
                  fd: int | None = None) -> None:
         """``fd``: an existing memfd to adopt (the in-target injector opens the one the target

@@ -18,7 +18,7 @@ AT_HWCAP2 = 26
 HWCAP2_FSGSBASE = 2
 
 
-def auxv(pid: int) -> dict[int, int]:
+def auxv(pid: int | str) -> dict[int, int]:
     with open(f"/proc/{pid}/auxv", "rb") as f:
         data = f.read()
     out = {}
@@ -29,8 +29,9 @@ def auxv(pid: int) -> dict[int, int]:
     return out
 
 
-def vdso_symbols(pid: int, names: tuple[str, ...] = ("__vdso_clock_gettime", "__vdso_getcpu")) -> dict[str, int]:
-    """Target addresses of ``names`` in its vDSO (missing ones are left out)."""
+def vdso_symbols(pid: int | str = "self",
+                 names: tuple[str, ...] = ("__vdso_clock_gettime", "__vdso_getcpu")) -> dict[str, int]:
+    """Addresses of ``names`` in the vDSO of process ``pid`` (missing ones are left out)."""
     base = auxv(pid).get(AT_SYSINFO_EHDR, 0)
     if not base:
         return {}

@@ -24,38 +24,46 @@ import ctypes
 import struct
 from typing import Any
 
-#: descriptor words (u64 index into the handle buffer)
-D_KIND = 0
-D_KEY_SIZE = 1
-D_LIMIT = 2        # array: max_entries; hash: table mask
-D_TABLE = 3        # array: element stride; hash: table address
-D_VALUES = 4       # value storage base (slot / element 0)
-D_CPU_STRIDE = 5   # bytes between per-CPU copies (0 for shared values)
-D_KEYS = 6         # hash: key storage base
-D_KEY_STRIDE = 7   # hash: bytes between stored keys
-D_VAL_STRIDE = 8   # bytes between value slots / array elements
-D_REF = 9          # LRU hash: address of the per-slot reference bytes (0 otherwise)
-D_VALUE_SIZE = 10  # value_size when native updates may copy values (<= 255), else 0
-#: RINGBUF: the ring's positions and counters live here so native output can move them
-D_RB_PROD = 11
-D_RB_CONS = 12
-D_RB_PEND = 13
-D_RB_DROPPED = 14
-D_RB_FLAGS = 15    # RB_WAKEUP: a consumer waits (wakeups are Python); RB_BUSY: Python is inside
-D_WORDS = 16
-RB_WAKEUP = 1
-RB_BUSY = 2
-HANDLE_SIZE = 16 * 8
+from ubpf_py.abi.maps import (  # noqa: F401  (re-exported: the map code's names for them)
+    KIND_ARRAY,
+    KIND_HASH,
+    KIND_NONE,
+    KIND_PERF,
+    KIND_RINGBUF,
+    LRU_NIL,
+    MAP_DESC,
+    RB_BUSY,
+    RB_SHARED,
+    RB_WAKEUP,
+    TOMBSTONE,
+)
 
-KIND_NONE = 0
-KIND_ARRAY = 1
-KIND_HASH = 3
-KIND_RINGBUF = 4
+#: descriptor words (u64 index into the handle buffer), from the one layout in ubpf_py.abi.maps
+D_KIND = MAP_DESC.word("kind")
+D_KEY_SIZE = MAP_DESC.word("key_size")
+D_LIMIT = MAP_DESC.word("limit")            # array: max_entries; hash: table mask
+D_TABLE = MAP_DESC.word("table")            # array: element stride; hash: table address
+D_VALUES = MAP_DESC.word("values")          # value storage base (slot / element 0)
+D_CPU_STRIDE = MAP_DESC.word("cpu_stride")  # bytes between per-CPU copies (0 for shared values)
+D_KEYS = MAP_DESC.word("keys")              # hash: key storage base
+D_KEY_STRIDE = MAP_DESC.word("key_stride")  # hash: bytes between stored keys
+D_VAL_STRIDE = MAP_DESC.word("val_stride")  # bytes between value slots / array elements
+D_REF = MAP_DESC.word("ref")                # LRU hash: per-slot reference bytes (0 otherwise)
+D_VALUE_SIZE = MAP_DESC.word("value_size_small")  # value_size when native updates may copy (<= 255)
+#: RINGBUF: the ring's positions and counters live here so native output can move them
+D_RB_PROD = MAP_DESC.word("rb_prod")
+D_RB_CONS = MAP_DESC.word("rb_cons")
+D_RB_PEND = MAP_DESC.word("rb_pend")
+D_RB_DROPPED = MAP_DESC.word("rb_dropped")
+D_RB_FLAGS = MAP_DESC.word("rb_flags")      # RB_WAKEUP / RB_BUSY / RB_SHARED
+#: every descriptor word by its field name (the words the C runtime uses too)
+W = {f.name: MAP_DESC.word(f.name) for f in MAP_DESC.fields if f.count == 1}
+D_WORDS = MAP_DESC.size // 8
+HANDLE_SIZE = MAP_DESC.size
 
 #: largest key (value) a native lookup (update) checks with the region guard (one-byte size)
 MAX_NATIVE_KEY = 255
 
-TOMBSTONE = (1 << 64) - 1
 FNV_BASIS = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
 _M64 = (1 << 64) - 1

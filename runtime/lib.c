@@ -1,0 +1,160 @@
+/* Memory primitives, fault-safe reads of the own process, and facts several
+ * helpers need (pid, tid, cpu, clocks).  Built with
+ * -fno-tree-loop-distribute-patterns so gcc never turns these loops back into
+ * calls of themselves. */
+#include "rt.h"
+
+typedef u64 __attribute__((may_alias, aligned(1))) u64_un;
+
+/* gcc may emit calls of these for struct copies even when freestanding */
+RT_INTERNAL void *memcpy(void *dst, const void *src, size_t n);
+RT_INTERNAL void *memset(void *dst, int c, size_t n);
+RT_INTERNAL int memcmp(const void *a, const void *b, size_t n);
+
+void *memcpy(void *dst, const void *src, size_t n)
+{
+	rt_copy(dst, src, n);
+	return dst;
+}
+
+void *memset(void *dst, int c, size_t n)
+{
+	u8 *d = dst;
+	while (n--)
+		*d++ = (u8)c;
+	return dst;
+}
+
+int memcmp(const void *a, const void *b, size_t n)
+{
+	const u8 *x = a, *y = b;
+	for (; n; n--, x++, y++)
+		if (*x != *y)
+			return *x < *y ? -1 : 1;
+	return 0;
+}
+
+void rt_copy(void *dst, const void *src, u64 n)
+{
+	u8 *d = dst;
+	const u8 *s = src;
+	for (; n >= 8; n -= 8, d += 8, s += 8)
+		*(u64_un *)d = *(const u64_un *)s;
+	while (n--)
+		*d++ = *s++;
+}
+
+void rt_zero(void *dst, u64 n)
+{
+	u8 *d = dst;
+	for (; n >= 8; n -= 8, d += 8)
+		*(u64_un *)d = 0;
+	while (n--)
+		*d++ = 0;
+}
+
+int rt_equal(const void *a, const void *b, u64 n)
+{
+	const u8 *x = a, *y = b;
+	for (; n >= 8; n -= 8, x += 8, y += 8)
+		if (*(const u64_un *)x != *(const u64_un *)y)
+			return 0;
+	while (n--)
+		if (*x++ != *y++)
+			return 0;
+	return 1;
+}
+
+/* Not cached: a forked child shares the arena (so nothing per-process may live
+ * there) and a new thread can reuse an exited thread's FS base (so a tid cached in
+ * its thread block could be stale).  The kernel reads both per call too. */
+u64 rt_getpid(void) { return (u64)rt_syscall0(SYS_getpid); }
+u64 rt_gettid(void) { return (u64)rt_syscall0(SYS_gettid); }
+
+struct iovec_ { u64 base, len; };
+
+/* Copy n bytes of this process at src: 0, or -EFAULT when any byte is unreadable
+ * (process_vm_readv on ourselves: a bad pointer is an error, never a SIGSEGV). */
+long rt_read_user(void *dst, u64 src, u64 n)
+{
+	struct iovec_ l = {(u64)dst, n}, r = {src, n};
+	if (!n)
+		return 0;
+	long got = rt_syscall6(SYS_process_vm_readv, (long)rt_getpid(), (long)&l, 1, (long)&r, 1, 0);
+	return got == (long)n ? 0 : -(long)UBPF_EFAULT;
+}
+
+/* strncpy_from_user: at most size - 1 bytes then a NUL; the length copied including
+ * the NUL, or -EFAULT when a byte before the NUL (or the limit) is unreadable.
+ * Reads through a small bounce buffer, never across a page boundary in one read
+ * (a string ending just before an unmapped page works), and writes nothing past
+ * the NUL into dst. */
+long rt_read_user_str(char *dst, u64 src, u64 size)
+{
+	char tmp[128];
+	u64 want, got = 0;
+	if (!size)
+		return 0;
+	want = size - 1;
+	while (got < want) {
+		u64 a = src + got;
+		u64 chunk = 4096 - (a & 4095);
+		if (chunk > want - got)
+			chunk = want - got;
+		if (chunk > sizeof(tmp))
+			chunk = sizeof(tmp);
+		if (rt_read_user(tmp, a, chunk))
+			return -(long)UBPF_EFAULT;
+		for (u64 i = 0; i < chunk; i++) {
+			dst[got + i] = tmp[i];
+			if (!tmp[i])
+				return (long)(got + i + 1);
+		}
+		got += chunk;
+	}
+	dst[want] = 0;
+	return (long)size;
+}
+
+/* The CPU this thread runs on: rdpid when the tracer found it usable, else
+ * rdtscp's TSC_AUX (Linux keeps the CPU number in its low 12 bits), which every
+ * x86-64 CPU Linux supports has; getcpu() only without a runtime header. */
+u64 rt_cpu(const struct ubpf_hit_frame *hf)
+{
+	const struct ubpf_runtime_header *rt = hf ? (const void *)hf->runtime : 0;
+	if (rt && (rt->flags & UBPF_RT_F_RDPID)) {
+		u64 v;
+		__asm__ volatile("rdpid %0" : "=r"(v));
+		return v & 0xfff;
+	}
+	if (rt) {
+		u32 lo, hi, aux;
+		__asm__ volatile("rdtscp" : "=a"(lo), "=d"(hi), "=c"(aux));
+		return aux & 0xfff;
+	}
+	unsigned cpu = 0;
+	rt_syscall3(SYS_getcpu, &cpu, 0, 0);
+	return cpu;
+}
+
+struct timespec_ { long sec, nsec; };
+
+/* CLOCK_MONOTONIC / CLOCK_BOOTTIME in ns: the target's vDSO when the tracer found
+ * it (no syscall), else the syscall. */
+u64 rt_ktime(const struct ubpf_hit_frame *hf, int clock)
+{
+	struct timespec_ ts = {0, 0};
+	const struct ubpf_runtime_header *rt = hf ? (const void *)hf->runtime : 0;
+	if (rt && rt->vdso_clock_gettime) {
+		int (*fn)(long, struct timespec_ *) = (void *)rt->vdso_clock_gettime;
+		if (fn(clock, &ts) == 0)
+			return (u64)ts.sec * 1000000000ull + (u64)ts.nsec;
+	}
+	rt_syscall2(SYS_clock_gettime, clock, &ts);
+	return (u64)ts.sec * 1000000000ull + (u64)ts.nsec;
+}
+
+/* the digest of the sources this object was built from (runtime_build.py) */
+#ifdef UBPF_RT_DIGEST
+RT_API const char UBPF_RT_DIGEST[] = "ubpf-runtime";
+#endif
