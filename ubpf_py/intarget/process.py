@@ -50,6 +50,7 @@ class SiteState:
     probes: list[int] = field(default_factory=list)   # PROBE_BLOCK addresses
     plan: object = None      # sites.SitePlan
     tramp_size: int = 0
+    probe_ids: set[int] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -150,13 +151,16 @@ class InTargetEngine:
             raise SiteRefused("return probes on Go binaries: Go's stack unwinder cannot tolerate a "
                               "replaced return address")
         st = self._ready(proc)
-        pb = self._probe_block(probe, addr)
         site = st.sites.get(addr)
         if site is not None:
+            if probe.id in site.probe_ids:      # armed already (re-arm after dlopen and the like)
+                return None
             if len(site.probes) >= SITE_MAX_PROBES:
                 raise SiteRefused(f"more than {SITE_MAX_PROBES} probes at one address")
-            self._add_to_site(site, pb.addr)
+            self._add_to_site(site, self._probe_block(probe, addr).addr)
+            site.probe_ids.add(probe.id)
             return None
+        pb = self._probe_block(probe, addr)
         start, end = _function_bounds(probe, addr)
         reader = _reader(proc.mem)
         plan = plan_site(reader, start, end, addr)
@@ -179,7 +183,7 @@ class InTargetEngine:
         if orig is None:
             raise ProbeError(f"cannot read the site 0x{addr:x} in pid {proc.tgid}")
         write_code(proc.mem, addr, TR.patch_bytes(addr, tramp, plan.length))
-        st.sites[addr] = SiteState(addr, orig, tramp, block, [pb.addr], plan, len(code))
+        st.sites[addr] = SiteState(addr, orig, tramp, block, [pb.addr], plan, len(code), {probe.id})
         return None
 
     def _probe_block(self, probe, addr: int):
@@ -250,7 +254,8 @@ class InTargetEngine:
         if pst is None:
             return
         rt = S.ProcRuntime(child_tgid, pst.rt.private, pst.rt.arena, pst.rt.image, dict(pst.rt.pages))
-        cst = ProcState(rt, {a: SiteState(s.addr, s.orig, s.tramp, s.block, list(s.probes), s.plan, s.tramp_size)
+        cst = ProcState(rt, {a: SiteState(s.addr, s.orig, s.tramp, s.block, list(s.probes), s.plan, s.tramp_size,
+                                          set(s.probe_ids))
                              for a, s in pst.sites.items()},
                         [list(p) for p in pst.pages], pst.ready, pst.failed)
         self.procs[child_tgid] = cst

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ubpf_py.errors import NotSupportedError, UbpfError
+from ubpf_py.errors import NotSupportedError
 
 MODES = ("auto", "intarget", "ptrace")
 
@@ -42,13 +42,10 @@ def runtime_unavailable(mode: str, engine: str) -> str | None:
         return "--mode ptrace"
     if engine != "jit":
         return f"--engine {engine} runs programs in the tracer"
-    try:
-        from ubpf_py.intarget import runtime_obj
+    from ubpf_py.intarget import runtime_obj
 
-        runtime_obj.runtime_object()
-    except UbpfError as e:
-        return f"the in-target runtime is not available: {e}"
-    return None
+    why = runtime_obj.unavailable_reason()
+    return None if why is None else f"the in-target runtime is not available: {why}"
 
 
 def program_reason(lp: Any, verifier: str, helpers: frozenset[int]) -> str | None:
@@ -75,11 +72,12 @@ def prepare(session: Any, coll: Any, programs: list[str], *, verifier: str) -> I
     from ubpf_py.vm.jit.target import compile_for_target
 
     plan = InTargetPlan()
-    rt = runtime_obj.runtime_object()
+    runtime = runtime_obj.object_bytes()
+    helpers = runtime_obj.helper_ids()
     codes = {}
     for name in programs:
         lp = coll.programs[name]
-        why = program_reason(lp, verifier, rt.helpers)
+        why = program_reason(lp, verifier, helpers)
         if why is None:
             try:
                 codes[name] = compile_for_target(lp.instructions, name, coll.env.maps_by_addr)
@@ -89,8 +87,11 @@ def prepare(session: Any, coll: Any, programs: list[str], *, verifier: str) -> I
             plan.reasons[name] = why
     if not codes:
         return plan
-    objects = [("runtime", rt.obj)] + [(f"prog:{n}", c.obj) for n, c in codes.items()]
-    size = linker.link(objects, 0x10000000).size     # layout does not depend on the base
+    objects = [("runtime", runtime)] + [(f"prog:{n}", c.obj) for n, c in codes.items()]
+    probe_link = linker.link(objects, 0x10000000)     # the layout does not depend on the base
+    if probe_link.writable_range[0] != probe_link.writable_range[1]:
+        raise NotSupportedError("in-target code with writable data (the image is mapped read+exec)")
+    size = probe_link.size
     images: dict[int, Any] = {}
 
     def link(base: int) -> bytes:
