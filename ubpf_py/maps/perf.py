@@ -96,7 +96,7 @@ class PerfEventArrayMap(Map):
         check_array_spec(spec, False, value_size_fixed=4)
         self.pages = DEFAULT_PAGES
         self._rings: dict[int, _CpuRing] = {}
-        self.samples = 0
+        self._samples = 0
         self._c = runtime_for(self.alloc)
         if self._c is not None:
             self._make_shared_rings()
@@ -125,6 +125,14 @@ class PerfEventArrayMap(Map):
         self.pages = pages
 
     @property
+    def samples(self) -> int:
+        """A number that changes whenever a sample is written (readers compare it to decide
+        whether to drain): shared rings are written by the target too, so their heads count."""
+        if self._c is not None:
+            return sum(r.head for r in self._rings.values())
+        return self._samples
+
+    @property
     def lost(self) -> int:
         """Samples dropped because a CPU's buffer was full (sum over CPUs)."""
         return sum(r.lost for r in self._rings.values())
@@ -150,8 +158,6 @@ class PerfEventArrayMap(Map):
             return -C.EOPNOTSUPP
         if self._c is not None:
             rc = self._c.perf_output(self.handle_addr, cpu, bytes(data), len(data), flags)
-            if rc == 0:
-                self.samples += 1
             return rc
         raw = len(data)
         padded = ((raw + 4 + 7) & ~7) - 4
@@ -162,7 +168,7 @@ class PerfEventArrayMap(Map):
                 ring = self._rings[cpu] = _CpuRing(self.pages * C.PAGE_SIZE, self.alloc)
             if not ring.put(rec):
                 return -C.ENOSPC
-            self.samples += 1
+            self._samples += 1
         return 0
 
     # ---- consumer -------------------------------------------------------------------------

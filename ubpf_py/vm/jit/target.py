@@ -59,6 +59,7 @@ def _machine() -> llvm.TargetMachine:
     global _tm, _ctx
     if _tm is None:
         backend()   # initialises the native target
+        llvm.initialize_native_asmparser()   # inline asm (rdpid) in target code
         target = llvm.Target.from_default_triple()
         _tm = target.create_target_machine(cpu="x86-64", features=GENERAL_REGS_ONLY, opt=2,
                                            reloc="pic", codemodel="small")
