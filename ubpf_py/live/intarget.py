@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ubpf_py.errors import NotSupportedError
+from ubpf_py.isa.opcodes import LDDW
 
 MODES = ("auto", "intarget", "ptrace")
 
@@ -56,35 +57,44 @@ def program_reason(lp: Any, verifier: str, helpers: frozenset[int]) -> str | Non
         return "not accepted by the verifier in strict mode"
     from ubpf_py.helpers.names import HELPER_NAMES
     from ubpf_py.vm.jit.compiler import scan_program
+    from ubpf_py.vm.jit.target import INLINE_HELPERS
 
     _starts, helper_ids, _callbacks, _callx = scan_program(lp.instructions)
-    missing = [h for h in helper_ids if h not in helpers]
+    missing = [h for h in helper_ids if h not in helpers and h not in INLINE_HELPERS]
     if missing:
         return "helper " + ", ".join(f"{HELPER_NAMES.get(h, 'helper')} (#{h})" for h in missing) + " is not available in the target"
     return None
 
 
 def prepare(session: Any, coll: Any, programs: list[str], *, verifier: str) -> InTargetPlan:
-    """Compile the eligible ``programs`` for the target, link them with the runtime and load the
-    image into the target (``session`` must have ``enable_in_target()``'d and ``coll`` must have
-    its maps in that arena)."""
+    """Compile the eligible ``programs`` (and the programs they tail-call) for the target, link
+    them with the runtime and load the image into the target (``session`` must have
+    ``enable_in_target()``'d and ``coll`` must have its maps in that arena)."""
     from ubpf_py.intarget import linker, runtime_obj
     from ubpf_py.vm.jit.target import compile_for_target
 
     plan = InTargetPlan()
     runtime = runtime_obj.object_bytes()
     helpers = runtime_obj.helper_ids()
+    arena = session.tracer.intarget.arena
+    prog_arrays = {m.handle_addr: m for m in coll.map_list if m.spec.type_name == "prog_array"}
+    tables = {h: (arena.alloc(8 * m.max_entries, 64), m.max_entries) for h, m in prog_arrays.items()}
+    tail_tables = {h: (buf.addr, n) for h, (buf, n) in tables.items()}
     codes = {}
-    for name in programs:
-        lp = coll.programs[name]
+    for name, lp in coll.programs.items():
         why = program_reason(lp, verifier, helpers)
         if why is None:
             try:
-                codes[name] = compile_for_target(lp.instructions, name, coll.env.maps_by_addr)
+                codes[name] = compile_for_target(lp.instructions, name, coll.env.maps_by_addr,
+                                                 tail_tables=tail_tables)
             except NotSupportedError as e:
                 why = e.what
         if why is not None:
             plan.reasons[name] = why
+    _drop_broken_tail_chains(coll, codes, prog_arrays, plan.reasons)
+    for name in list(plan.reasons):
+        if name not in programs:
+            del plan.reasons[name]
     if not codes:
         return plan
     objects = [("runtime", runtime)] + [(f"prog:{n}", c.obj) for n, c in codes.items()]
@@ -103,8 +113,42 @@ def prepare(session: Any, coll: Any, programs: list[str], *, verifier: str) -> I
     image = images[base]
     for name, code in codes.items():
         plan.entries[name] = image.addr(code.entry)
+    by_exe = {id(coll.programs[n].executable): n for n in codes}
+    for h, (buf, n) in tables.items():
+        words = buf.view.cast("Q")
+        for i in range(n):
+            exe = prog_arrays[h].program_at(i)
+            if exe is not None and id(exe) in by_exe:
+                words[i] = image.addr(codes[by_exe[id(exe)]].tail_entry)
     plan.image_addr, plan.image_size = base, size
     return plan
+
+
+def _drop_broken_tail_chains(coll: Any, codes: dict[str, Any], prog_arrays: dict[int, Any],
+                             reasons: dict[str, str]) -> None:
+    """A program whose prog arrays hold a program that cannot run in the target cannot either
+    (its tail call would miss in the target where the tracer's would hit)."""
+    by_exe = {id(lp.executable): name for name, lp in coll.programs.items()}
+    changed = True
+    while changed:
+        changed = False
+        for name in list(codes):
+            handles = {h for h in codes[name].layout.map_consts if h in prog_arrays}
+            handles |= {ins.imm64 & ((1 << 64) - 1) for ins in coll.programs[name].instructions
+                        if ins.opcode == LDDW and (ins.imm64 & ((1 << 64) - 1)) in prog_arrays}
+            for h in handles:
+                m = prog_arrays[h]
+                for i in range(m.max_entries):
+                    exe = m.program_at(i)
+                    target = by_exe.get(id(exe)) if exe is not None else None
+                    if exe is not None and target not in codes:
+                        reasons[name] = (f"its tail call target {target or 'a program'} in {m.spec.name}[{i}] "
+                                         f"cannot run in the target")
+                        del codes[name]
+                        changed = True
+                        break
+                if name not in codes:
+                    break
 
 
 #: the internal ring buffer in-target printk records go through (created by the live layer)

@@ -72,7 +72,9 @@ SLOT_NATIVE = 29
 #: code compiled for the traced process (``vm.jit.target``): the ``struct ubpf_hit_frame``
 #: address the trampoline passed, handed to every runtime helper as its sixth argument
 SLOT_HIT_FRAME = 30
-NUM_SLOTS = 31
+#: code compiled for the traced process: tail calls taken so far in this hit (limit 33)
+SLOT_TAIL_COUNT = 31
+NUM_SLOTS = 32
 
 #: The facts block of the native hit path: SLOT_CPU..SLOT_COOKIE are five consecutive
 #: u64 (cpu, tgid << 32 | tid, gid << 32 | uid, func_ip, cookie) -- exactly the block
