@@ -51,6 +51,7 @@ class SiteState:
     plan: object = None      # sites.SitePlan
     tramp_size: int = 0
     probe_ids: set[int] = field(default_factory=set)
+    patch: bytes = b""
 
 
 @dataclass(slots=True)
@@ -77,6 +78,9 @@ class InTargetEngine:
         self.blocks: dict[int, list] = {}
         #: probe id -> why it is not (everywhere) in-target
         self.reasons: dict[int, str] = {}
+        #: called with (tgid, address, original bytes, patch bytes) before a site is patched
+        #: (the guardian's record, so a killed tracer's sites can be put back)
+        self.on_patch = None
 
     # ------------------------------------------------------------------ set-up
     @classmethod
@@ -182,8 +186,11 @@ class InTargetEngine:
         orig = proc.mem.read(addr, plan.length)
         if orig is None:
             raise ProbeError(f"cannot read the site 0x{addr:x} in pid {proc.tgid}")
-        write_code(proc.mem, addr, TR.patch_bytes(addr, tramp, plan.length))
-        st.sites[addr] = SiteState(addr, orig, tramp, block, [pb.addr], plan, len(code), {probe.id})
+        patch = TR.patch_bytes(addr, tramp, plan.length)
+        if self.on_patch is not None:     # the guardian learns it before it happens
+            self.on_patch(proc.tgid, addr, orig, patch)
+        write_code(proc.mem, addr, patch)
+        st.sites[addr] = SiteState(addr, orig, tramp, block, [pb.addr], plan, len(code), {probe.id}, patch)
         return None
 
     def _probe_block(self, probe, addr: int):
@@ -255,10 +262,13 @@ class InTargetEngine:
             return
         rt = S.ProcRuntime(child_tgid, pst.rt.private, pst.rt.arena, pst.rt.image, dict(pst.rt.pages))
         cst = ProcState(rt, {a: SiteState(s.addr, s.orig, s.tramp, s.block, list(s.probes), s.plan, s.tramp_size,
-                                          set(s.probe_ids))
+                                          set(s.probe_ids), s.patch)
                              for a, s in pst.sites.items()},
                         [list(p) for p in pst.pages], pst.ready, pst.failed)
         self.procs[child_tgid] = cst
+        if self.on_patch is not None:
+            for s in cst.sites.values():
+                self.on_patch(child_tgid, s.addr, s.orig, s.patch)
         if rt.private:
             S.fix_forked_header(child_mem, self.plan, child_tgid)
 

@@ -87,13 +87,13 @@ class UserspaceBackend:
     def launch(self, argv: list[str], *, follow_forks: bool = False, stdout: Any = None) -> int:
         from ubpf_py.probe.engine import ProbeSession
 
-        self.session = ProbeSession.launch(argv, follow_forks=follow_forks, stdout=stdout)
+        self.session = ProbeSession.launch(argv, follow_forks=follow_forks, stdout=stdout, guardian=_guardian())
         return self.session.pid
 
     def attach_pid(self, pid: int, *, follow_forks: bool = False) -> int:
         from ubpf_py.probe.engine import ProbeSession
 
-        self.session = ProbeSession.attach(pid, follow_forks=follow_forks)
+        self.session = ProbeSession.attach(pid, follow_forks=follow_forks, guardian=_guardian())
         return pid
 
     # ---- load --------------------------------------------------------------------------
@@ -295,6 +295,14 @@ class _Waker:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _guardian() -> bool:
+    """A guardian process puts the target back if this tracer is killed (kill -9): on by default,
+    ``UBPF_GUARDIAN=0`` turns it off."""
+    import os
+
+    return os.environ.get("UBPF_GUARDIAN", "1") != "0"
 
 
 def _register_ctx(memory: Any, buf: Any) -> None:

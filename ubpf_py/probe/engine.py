@@ -263,6 +263,7 @@ class ProbeSession:
         tr = self.tracer
         if tr.intarget is None:
             tr.intarget = InTargetEngine.create(tr.main, arena_size or DEFAULT_ARENA_SIZE)
+            tr.intarget.on_patch = tr.on_patch
         return tr.intarget.arena
 
     def load_in_target_image(self, link: Callable[[int], bytes], code_size: int, printk_ring: int = 0) -> int:

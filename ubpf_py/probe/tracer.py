@@ -116,6 +116,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         self.handler_ns = 0
         self.ret_log = None                   # guardian.ReturnLog when a guardian runs
         self.on_arm = None                    # guardian hook: (proc, addr, orig_byte)
+        self.on_patch = None                  # guardian hook: (tgid, addr, orig bytes, patch bytes)
         self._dl_offsets: dict[str, int | None] = {}
         self.errors: list[BaseException] = []
         self._regs_valid = False
