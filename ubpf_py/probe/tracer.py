@@ -256,8 +256,20 @@ class Tracer(RestoreMixin, NativeCallsMixin):
                 self._native_dirty = True
                 if self.ret_log is not None:
                     self.ret_log.remove_bp(proc.tgid, addr)
-        for probe in self.probes.values():
-            self.arm_probe(proc, probe, maps)
+        # a jump (5 bytes) may only be written with every thread stopped: stop the others now
+        running = [t for t in self.threads.values() if t is not th and not t.stopped]
+        if running and self.intarget is not None and any(p.target_entry for p in self.probes.values()):
+            self.stop_all()
+        else:
+            running = []
+        try:
+            for probe in self.probes.values():
+                self.arm_probe(proc, probe, maps)
+        finally:
+            for t in running:
+                if t.stopped and t.tid in self.threads:
+                    sig, t.pending_sig = t.pending_sig, 0
+                    self.resume(t, sig)
 
     # ------------------------------------------------------------------ loop
     def totals(self) -> tuple[int, int, int]:
