@@ -157,7 +157,8 @@ class Harness:
         start, end = self.func(func)
         return plan_site(self.read, start, end, self.addr(site) if site else start)
 
-    def probe(self, func: str, progs: list[tuple[str | None, int]], site: str | None = None) -> Site:
+    def probe(self, func: str, progs: list[tuple[str | None, int]], site: str | None = None,
+              red_zone: bool = True) -> Site:
         """Patch ``func`` (or label ``site`` inside it) with probes [(program symbol or None, PB flags)]."""
         plan = self.plan(func, site)
         block = self._alloc(SITE.size)
@@ -173,7 +174,7 @@ class Harness:
             probes.append(pb)
         tramp_at = self.code + self.code_used
         code = build_entry_trampoline(plan, tramp_at, runtime_header=self.arena, site_block=block,
-                                      return_trampoline=self.ret_tramp)
+                                      return_trampoline=self.ret_tramp, red_zone=red_zone)
         assert self._code(code) == tramp_at
         set_u64(block + SITE.off("addr"), plan.site)
         set_u64(block + SITE.off("length"), plan.length)

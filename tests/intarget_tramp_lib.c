@@ -220,6 +220,13 @@ __asm__(
 	"  .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n"
 	"  mov rax, [rsp - 8]\n  add rax, [rsp - 64]\n  add rax, [rsp - 128]\n  ret\n"
 	".size rz_func, .-rz_func\n"
+	/* data only below the 56 bytes a no-red-zone trampoline may use */
+	".globl rz_far\n.type rz_far,@function\nrz_far:\n"
+	"  mov [rsp - 64], rdi\n  mov [rsp - 128], rdi\n"
+	".globl rz_far_site\nrz_far_site:\n"
+	"  .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n"
+	"  mov rax, [rsp - 64]\n  add rax, [rsp - 128]\n  ret\n"
+	".size rz_far, .-rz_far\n"
 	/* the return-probed function and a caller that records its rsp and return address */
 	".globl rp_func\n.type rp_func,@function\nrp_func:\n"
 	"  push rbx\n  lea rax, [rdi + 2*rdi]\n  add rax, 1\n  pop rbx\n  ret\n"

@@ -21,9 +21,10 @@ from intarget_harness import Harness, build_lib, set_u64, u64
 from ubpf_py.abi.kernel import PT_REGS, USER_CS, USER_SS
 from ubpf_py.abi.runtime import PB_F_RETURN, PROBE_BLOCK, RUNTIME_HEADER, SHADOW_DEPTH, THREAD_BLOCK
 from ubpf_py.intarget.sites import SiteRefused, is_go_binary, plan_site, relocate
-from ubpf_py.intarget.trampoline import patch_bytes, return_bug_offset, thread_slot_index
+from ubpf_py.intarget.trampoline import fsgsbase_available, patch_bytes, return_bug_offset, thread_slot_index
 
-pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+pytestmark = [pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc"),
+              pytest.mark.skipif(not fsgsbase_available(), reason="the CPU or kernel does not allow rdfsbase")]
 
 _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 _md.detail = True
@@ -257,6 +258,18 @@ def test_red_zone_untouched(h):
     for v in (1, 0x123456789, 2**60 + 5):
         assert f(v) == 3 * v % 2**64
     assert h.global_u64("prog_calls") == 3
+
+
+def test_no_red_zone_variant_uses_56_bytes(h):
+    """For Go (no red zone): data 64+ bytes below rsp survives, data 8 bytes below does not."""
+    far = h.fn("rz_far", 1)
+    site = h.probe("rz_far", [("prog_record", 0)], site="rz_far_site", red_zone=False)
+    reset(h)
+    assert far(21) == 42
+    assert h.global_u64("seen_regs", PT_REGS.word("rip")) == site.plan.site
+    h.probe("rz_func", [("prog_record", 0)], site="rz_site", red_zone=False)
+    assert h.fn("rz_func", 1)(5) != 15
+    assert h.global_u64("prog_calls") == 2
 
 
 def test_disabled_probe_and_no_program(h):

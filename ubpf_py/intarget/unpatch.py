@@ -94,6 +94,7 @@ class EntryTrampoline:
     addr: int
     size: int
     plan: SitePlan
+    red_zone: bool = True   # the variant it was built with (``build_entry_trampoline``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +116,7 @@ def locate(rip: int, entries: list[EntryTrampoline], return_trampoline: tuple[in
         if not t.addr <= rip < t.addr + t.size:
             continue
         off = rip - t.addr
-        disp = displaced_offset()
+        disp = displaced_offset(t.red_zone)
         if off >= disp:
             relocated = t.addr + disp
             starts = dict(relocated_offsets(t.plan, relocated))
