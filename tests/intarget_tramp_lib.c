@@ -252,6 +252,49 @@ void install_handler(void)
 	sigaction(SIGUSR1, &sa, 0);
 }
 
+/* ---- a signal storm: SIGUSR2 at arbitrary instructions of the trampolines ---- */
+static volatile uint64_t storm_handler_calls, storm_errors;
+static volatile int storm_done;
+
+static void on_usr2(int sig)
+{
+	(void)sig;
+	if (asm_nop5(40, 2) != 42)
+		storm_errors++;
+	storm_handler_calls++;
+}
+
+static volatile uint64_t storm_calls;
+
+static void *storm_worker(void *arg)
+{
+	uint64_t signals = *(uint64_t *)arg, i = 0;
+	for (; storm_handler_calls < signals; i++)
+		if (asm_nop5(i, 1) != i + 1)
+			storm_errors++;
+	storm_calls = i;
+	storm_done = 1;
+	return 0;
+}
+
+/* one thread calls asm_nop5 until `signals` handlers have run while this one signals it
+ * without pause; returns the number of asm_nop5 calls made (loop + handlers) */
+uint64_t signal_storm(uint64_t signals, uint64_t *errors)
+{
+	struct sigaction sa = {0};
+	pthread_t t;
+	sa.sa_handler = on_usr2;
+	sigaction(SIGUSR2, &sa, 0);
+	storm_handler_calls = storm_errors = 0;
+	storm_done = 0;
+	pthread_create(&t, 0, storm_worker, &signals);
+	while (!storm_done)
+		pthread_kill(t, SIGUSR2);
+	pthread_join(t, 0);
+	*errors = storm_errors;
+	return storm_calls + storm_handler_calls;
+}
+
 /* ---- drivers ---- */
 struct job {
 	uint64_t calls;

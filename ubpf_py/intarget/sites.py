@@ -159,7 +159,7 @@ def _has_rip_operand(insn: capstone.CsInsn) -> bool:
 
 def classify(insn: capstone.CsInsn) -> Displaced:
     """Classify one decoded instruction for relocation, or raise SiteRefused."""
-    mn = insn.mnemonic
+    mn = insn.mnemonic.split()[-1]     # "bnd jmp", "notrack call", "lock add": the operation
     raw = bytes(insn.bytes)
     text = _text(insn)
     addr = insn.address
