@@ -162,6 +162,29 @@ def test_relocation_keeps_meaning(h, func):
     assert bool(plan.exits()) == (func != "asm_callreg")    # an indirect call's target is dynamic
 
 
+def test_relocation_synthetic_forms():
+    """call [rip+d], a near jcc, a 5-byte tail-call jmp and ``bnd jmp`` keep their targets."""
+    at = 0x4000_0000
+    # call qword ptr [rip+0x100]; ret
+    read, start, end = _synthetic(bytes.fromhex("ff1500010000c3"))
+    plan = plan_site(read, start, end, start)
+    push, mov, jmp = _decode(relocate(plan, at), at)
+    assert (mov.operands[1].imm << 32 | push.operands[0].imm & 0xFFFFFFFF) == start + 6
+    assert jmp.mnemonic == "jmp" and jmp.address + jmp.size + jmp.disp == start + 6 + 0x100
+    # jne rel32 (+0x20); nop; ret  (padded so the target is inside the function)
+    code = bytes.fromhex("0f8520000000") + b"\x90" * 0x20 + b"\xc3"
+    read, start, end = _synthetic(code)
+    plan = plan_site(read, start, end, start)
+    jne, back = _decode(relocate(plan, at), at)
+    assert jne.mnemonic == "jne" and jne.operands[0].imm == start + 6 + 0x20 and back.operands[0].imm == start + 6
+    for code in (bytes.fromhex("e9fb0f0000"), bytes.fromhex("f2e9fa0f0000")):   # jmp / bnd jmp +0x1000
+        read, start, end = _synthetic(code)
+        plan = plan_site(read, start, end, start)
+        assert not plan.falls_through
+        (jmp,) = _decode(relocate(plan, at), at)
+        assert jmp.operands[0].imm == start + 0x1000
+
+
 def test_relocation_out_of_reach(h):
     plan = h.plan("asm_riprel")
     with pytest.raises(SiteRefused, match="out of"):

@@ -43,6 +43,13 @@ runtime stack is never entered twice.  A signal arriving while a program runs pu
 its frame on the runtime stack, so the thread slot must leave room for one (the
 tracer sizes slots; 64 KiB is plenty).
 
+**Thread slots** are claimed on a thread's first hit and never freed: the trampolines
+cannot tell a dead thread from a live one without a syscall.  A new thread that gets a
+dead thread's FS base (glibc reuses cached thread stacks, TLS included) inherits its
+slot; anything cached there per thread (the tid) must be checked by its user.  Size the
+table for the threads a target ever has (untouched slots cost no memory: the table is
+anonymous memory); a full table makes hits of new threads ``missed``, never a crash.
+
 **Return trampoline** (one per process): entered by the probed function's ``ret``.
 It finds the thread block, discards shadow entries whose frame is gone (their rsp
 is below the current one: longjmp or an exception unwound past them without
@@ -144,6 +151,8 @@ def _lookup(p: str, found: str, missing: str) -> str:
     test rdx, rdx
     jz {missing}
     mov rsi, [rbx + H_thread_slots]
+    test rsi, rsi
+    jz {missing}
     mov rcx, rdx
     movabs rax, {HASH_MUL:#x}
     imul rcx, rax
