@@ -116,6 +116,13 @@ def test_refusals_synthetic(code, reason):
         plan_site(read, start, end, start)
 
 
+def test_displaced_call_refused_under_cpu_shadow_stack(h):
+    start, end = h.func("asm_call")
+    assert plan_site(h.read, start, end, start).insns[0].kind == "call"
+    with pytest.raises(SiteRefused, match="shadow stack"):
+        plan_site(h.read, start, end, start, shadow_stack=True)
+
+
 def test_extra_ranges_are_scanned():
     # a "foo.cold" part jumping back into foo's first bytes
     foo = b"\x48\x89\xf8" + b"\x48\x01\xf0" + b"\xc3"                    # mov rax,rdi; add rax,rsi; ret

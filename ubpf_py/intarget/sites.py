@@ -228,11 +228,14 @@ def _scan_branch_targets(read: Reader, start: int, end: int, lo: int, hi: int,
 
 
 def plan_site(read: Reader, func_start: int, func_end: int, site: int,
-              extra_ranges: Iterable[tuple[int, int]] = ()) -> SitePlan:
+              extra_ranges: Iterable[tuple[int, int]] = (), shadow_stack: bool = False) -> SitePlan:
     """Decide how to patch ``site`` in the function [func_start, func_end); ``func_end`` 0 = unknown size.
 
     ``read(addr, n)`` returns the target's code bytes.  ``extra_ranges`` are further
     code ranges whose direct branches must not land in the patched bytes (``foo.cold``).
+    ``shadow_stack``: the target runs with the CPU's shadow stack (CET SHSTK), where a
+    call turned into push + jmp makes the callee's ``ret`` fault, so displaced calls
+    are refused.
     """
     known = func_end != 0
     if known:
@@ -253,6 +256,8 @@ def plan_site(read: Reader, func_start: int, func_end: int, site: int,
         d = classify(insn)
         insns.append(d)
         covered += d.size
+        if d.kind in (CALL, CALL_REG, CALL_RIP) and shadow_stack:
+            raise SiteRefused(f"the call at 0x{d.addr:x} cannot be relocated under a CPU shadow stack")
         if d.kind in (CALL, CALL_REG, CALL_RIP) and covered < JMP_LEN:
             raise SiteRefused(f"the call at 0x{d.addr:x} would return into the patched bytes")
         if d.kind in _ENDS and covered < JMP_LEN:

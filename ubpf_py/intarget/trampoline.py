@@ -66,6 +66,14 @@ above the main stack), there is no correct place to continue.  The trampoline th
 executes ``ud2`` at ``return_bug_offset()`` (SIGILL): stopping loudly at a known
 address is safer than returning to a guessed one, and it mirrors the kernel, which
 kills the task with SIGSEGV in that situation.  The tracer can recognise the address.
+
+**Limits shared with the kernel's uretprobes**: while a return probe's frame is live,
+its return slot holds the return trampoline's address, so an unwinder walking that
+stack (C++ exceptions, Go tracebacks, backtrace()) sees an address without unwind
+information.  A thread running with the CPU's user shadow stack (CET SHSTK,
+``x86_Thread_features: shstk`` in /proc/PID/status) faults on the replaced ``ret``:
+the tracer must refuse return probes for such targets (and plan sites with
+``shadow_stack=True``, which refuses displaced calls for the same reason).
 """
 
 from __future__ import annotations
