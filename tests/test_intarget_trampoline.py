@@ -207,6 +207,14 @@ def test_patch_bytes_pad_with_nops():
     assert all(i.mnemonic == "nop" for i in insns[1:]) and sum(i.size for i in insns) == 13
 
 
+def test_is_go_binary_on_the_corpus_go_target():
+    from paths import BUILD
+    go = BUILD / "go_args"
+    if not go.exists():
+        pytest.skip(f"corpus Go target not built at {go}")
+    assert is_go_binary(str(go))
+
+
 def test_is_go_binary(libs, tmp_path):
     assert not is_go_binary(str(libs["none"]))
     fake = tmp_path / "go.so"
