@@ -12,7 +12,14 @@ from intarget_harness import Harness, build_lib
 from ubpf_py.abi.runtime import PB_F_RETURN, SHADOW_ENTRY, THREAD_BLOCK
 from ubpf_py.intarget.sites import plan_site
 from ubpf_py.intarget.trampoline import build_entry_trampoline, displaced_offset, fsgsbase_available
-from ubpf_py.intarget.unpatch import EntryTrampoline, ReturnFix, find_thread_block, locate, return_fixes
+from ubpf_py.intarget.unpatch import (
+    EntryTrampoline,
+    ReturnFix,
+    find_thread_block,
+    is_busy,
+    locate,
+    return_fixes,
+)
 
 RET_TRAMP = 0x7000_0000
 
@@ -104,6 +111,8 @@ def test_fixes_from_a_live_recursion(tmp_path):
                 return snap[addr - tb:addr - tb + n]
             return struct.pack("<Q", slots[[e[1] for e in entries].index(addr)])
 
+        assert is_busy(read, tb)                     # the snapshot was taken inside a program
+        assert not is_busy(h.read, tb)
         fixes = return_fixes(read, tb, h.ret_tramp)
         assert len(fixes) == depth and all(v == h.ret_tramp for v in slots)
         start, end = h.func("c_rec")

@@ -4,7 +4,9 @@ These are pure functions over a memory reader (``read(addr, n) -> bytes``) and a
 thread's registers; the tracer applies the result with every thread stopped:
 
 1. restore every patched site's bytes (no new entries into trampolines after that);
-2. for each thread, ``locate`` its rip: ``None`` means it is not in a trampoline.
+2. for each thread, ``locate`` its rip: ``None`` means it is not in a trampoline,
+   but a thread whose block ``is_busy`` is inside a program or the runtime (its
+   runtime stack holds a return address into a trampoline): let it run too.
    In a site's relocated instructions at an instruction boundary, ``resume_at`` is
    the original instruction that does the same thing: set rip there.  Anywhere else
    in a trampoline the thread must run until rip leaves it (``exits`` lists the
@@ -50,6 +52,11 @@ def find_thread_block(read: Reader, runtime_header: int, fs_base: int) -> int | 
             return None
         i = (i + 1) & (slots - 1)
     return None
+
+
+def is_busy(read: Reader, thread_block: int) -> bool:
+    """Whether the thread is inside a trampoline's program call (THREAD_BLOCK.busy)."""
+    return _u64(read, thread_block + THREAD_BLOCK.off("busy")) != 0
 
 
 @dataclass(frozen=True, slots=True)
