@@ -25,7 +25,12 @@ from ubpf_py.abi.runtime import (
     THREAD_BLOCK,
 )
 from ubpf_py.intarget.sites import SitePlan, plan_site
-from ubpf_py.intarget.trampoline import build_entry_trampoline, build_return_trampoline, patch_bytes
+from ubpf_py.intarget.trampoline import (
+    build_entry_trampoline,
+    build_return_trampoline,
+    entry_size,
+    patch_bytes,
+)
 
 SRC = Path(__file__).resolve().parent / "intarget_tramp_lib.c"
 RUNTIME_INCLUDE = Path(__file__).resolve().parents[1] / "runtime"
@@ -175,6 +180,7 @@ class Harness:
         tramp_at = self.code + self.code_used
         code = build_entry_trampoline(plan, tramp_at, runtime_header=self.arena, site_block=block,
                                       return_trampoline=self.ret_tramp, red_zone=red_zone)
+        assert len(code) == entry_size(plan, red_zone)
         assert self._code(code) == tramp_at
         set_u64(block + SITE.off("addr"), plan.site)
         set_u64(block + SITE.off("length"), plan.length)

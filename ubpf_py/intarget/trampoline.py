@@ -499,6 +499,11 @@ def build_entry_trampoline(plan: SitePlan, addr: int, *, runtime_header: int, si
     return bytes(code)
 
 
+def entry_size(plan: SitePlan, red_zone: bool = True) -> int:
+    """Bytes ``build_entry_trampoline`` will produce for ``plan`` (independent of the address)."""
+    return len(entry_template(red_zone).code) + len(relocate(plan, plan.site))
+
+
 def displaced_offset(red_zone: bool = True) -> int:
     """Offset in an entry trampoline where the relocated displaced instructions start."""
     return entry_template(red_zone).labels["entry_displaced"]
