@@ -497,3 +497,14 @@ def test_cost_of_return_probe(h, capsys):
     with capsys.disabled():
         print(f"\nin-process return probe: {base:.1f} ns unprobed, {probed:.1f} ns probed, "
               f"+{probed - base:.1f} ns per call")
+
+
+def test_site_block_limits(h):
+    from ubpf_py.abi.runtime import SITE_MAX_PROBES
+    from ubpf_py.errors import NotSupportedError
+    from ubpf_py.intarget.trampoline import site_block
+
+    plan = h.plan("asm_push")
+    assert len(site_block(plan, 0x1000, [0x2000] * SITE_MAX_PROBES)) > 0
+    with pytest.raises(NotSupportedError, match="more than"):
+        site_block(plan, 0x1000, [0x2000] * (SITE_MAX_PROBES + 1))

@@ -48,7 +48,8 @@ RUNTIME_HEADER = Layout("ubpf_runtime_header", [
 ], doc="at the start of the arena")
 
 #: PROBE_BLOCK.flags
-PB_F_RETURN = 1        # a return probe: the entry trampoline replaces the return address
+PB_F_RETURN = 1        # a return probe: the entry trampoline replaces the return address (so its
+                       # site must be the function's first instruction, where [rsp] is that address)
 
 PROBE_BLOCK = Layout("ubpf_probe_block", [
     u64("func_ip", "address of the probed instruction (bpf_get_func_ip, pt_regs ip of entry probes)"),

@@ -92,6 +92,7 @@ from ubpf_py.abi.runtime import (
     SHADOW_DEPTH,
     SHADOW_ENTRY,
     SITE,
+    SITE_MAX_PROBES,
     THREAD_BLOCK,
 )
 from ubpf_py.errors import NotSupportedError
@@ -502,6 +503,20 @@ def build_entry_trampoline(plan: SitePlan, addr: int, *, runtime_header: int, si
 def entry_size(plan: SitePlan, red_zone: bool = True) -> int:
     """Bytes ``build_entry_trampoline`` will produce for ``plan`` (independent of the address)."""
     return len(entry_template(red_zone).code) + len(relocate(plan, plan.site))
+
+
+def site_block(plan: SitePlan, trampoline: int, probes: list[int]) -> bytes:
+    """The SITE block's bytes for ``plan``: write them before patching the site.  Adding a probe
+    later: write ``probes[n]`` first, then store ``nprobes`` = n + 1 (one aligned 8-byte store)."""
+    if len(probes) > SITE_MAX_PROBES:
+        raise NotSupportedError(f"more than {SITE_MAX_PROBES} in-target probes on one address")
+    out = bytearray(SITE.size)
+    for name, value in (("addr", plan.site), ("length", plan.length), ("trampoline", trampoline),
+                        ("nprobes", len(probes))):
+        struct.pack_into("<Q", out, SITE.off(name), value)
+    for i, pb in enumerate(probes):
+        struct.pack_into("<Q", out, SITE.off("probes") + 8 * i, pb)
+    return bytes(out)
 
 
 def displaced_offset(red_zone: bool = True) -> int:
