@@ -49,6 +49,10 @@ dead thread's FS base (glibc reuses cached thread stacks, TLS included) inherits
 slot; anything cached there per thread (the tid) must be checked by its user.  Size the
 table for the threads a target ever has (untouched slots cost no memory: the table is
 anonymous memory); a full table makes hits of new threads ``missed``, never a crash.
+Threads must have distinct FS bases (every libc and the Go runtime give each thread its
+own; a raw ``clone`` without CLONE_SETTLS does not, and two such threads would share a
+slot and its runtime stack: the tracer can spot them by comparing the fs_base of the
+tasks it sees).
 
 **Return trampoline** (one per process): entered by the probed function's ``ret``.
 It finds the thread block, discards shadow entries whose frame is gone (their rsp
