@@ -184,9 +184,13 @@ __asm__(
 	".globl asm_loop\n.type asm_loop,@function\nasm_loop:\n"
 	"  mov rcx, rdi\n3:\n  loop 3b\n  .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n  ret\n"
 	".size asm_loop, .-asm_loop\n"
+	/* loop / jrcxz (rel8 only) in the displaced bytes, targets outside them */
 	".globl asm_loopfar\n.type asm_loopfar,@function\nasm_loopfar:\n"
-	"  xor ecx, ecx\n  inc ecx\n  loop 4f\n  .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n4:\n  ret\n"
+	"  mov ecx, edi\n  xor eax, eax\n  loop 4f\n  mov eax, 1\n  ret\n4:\n  mov eax, 2\n  ret\n"
 	".size asm_loopfar, .-asm_loopfar\n"
+	".globl asm_jrcxz\n.type asm_jrcxz,@function\nasm_jrcxz:\n"
+	"  mov rcx, rdi\n  jrcxz 5f\n  mov eax, 1\n  ret\n5:\n  mov eax, 2\n  ret\n"
+	".size asm_jrcxz, .-asm_jrcxz\n"
 	/* every register and the flags set to known values across a probe site */
 	".globl regs_check\n.type regs_check,@function\nregs_check:\n"
 	"  push rbx\n  push rbp\n  push r12\n  push r13\n  push r14\n  push r15\n"

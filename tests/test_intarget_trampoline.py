@@ -72,8 +72,7 @@ def reset(h: Harness) -> None:
     ("asm_early_ret", "control leaves the function"),
     ("asm_syscall", "a syscall instruction"),
     ("asm_int3", "an int3"),
-    ("asm_loop", "'loop 0x"),
-    ("asm_loopfar", "cannot be relocated"),
+    ("asm_loop", "jumps into the patched bytes"),
 ])
 def test_refusals_on_real_code(h, func, reason):
     with pytest.raises(SiteRefused, match=reason):
@@ -109,6 +108,8 @@ def _synthetic(code: bytes, addr: int = 0x400000):
     (bytes.fromhex("ff542408") + b"\x90" * 4, "indirect call"),                 # call [rsp+8]
     (bytes.fromhex("0f0b") + b"\x90" * 6, "ud2"),
     (bytes.fromhex("8b0500000000") + b"\x90" * 4 + bytes.fromhex("ebf8"), "jumps into the patched bytes"),
+    # mov rax,rdi; add rax,rsi; loop back to the add (capstone files loop under no jump group)
+    (bytes.fromhex("4889f84801f0e2fbc3"), "jumps into the patched bytes"),
 ])
 def test_refusals_synthetic(code, reason):
     read, start, end = _synthetic(code)
@@ -139,7 +140,7 @@ def _decode(code: bytes, at: int):
 
 
 @pytest.mark.parametrize("func", ["asm_push", "asm_endbr", "asm_nop5", "asm_riprel", "asm_jcc", "asm_call",
-                                  "asm_callreg"])
+                                  "asm_callreg", "asm_loopfar", "asm_jrcxz"])
 def test_relocation_keeps_meaning(h, func):
     plan = h.plan(func)
     at = plan.site + 0x7000_0000
@@ -164,6 +165,11 @@ def test_relocation_keeps_meaning(h, func):
         lo = push.operands[0].imm & 0xFFFFFFFF
         hi = mov.operands[1].imm & 0xFFFFFFFF
         assert (hi << 32 | lo) == plan.resume and jmp.mnemonic == "jmp"
+    if "loop" in kinds:
+        short, over, far = insns[-4:-1]
+        assert short.mnemonic in ("loop", "jrcxz") and short.operands[0].imm == far.address
+        assert over.mnemonic == "jmp" and over.operands[0].imm == insns[-1].address
+        assert far.operands[0].imm == plan.insns[-1].target
     if plan.falls_through:
         assert insns[-1].mnemonic == "jmp" and insns[-1].operands[0].imm == plan.resume
     assert bool(plan.exits()) == (func != "asm_callreg")    # an indirect call's target is dynamic
@@ -232,6 +238,7 @@ CASES = [
     ("asm_push", (5, 7), 19), ("asm_endbr", (50, 7), 43), ("asm_nop5", (5, 7), 12),
     ("asm_riprel", (5,), 1005), ("asm_jcc", (0,), 22), ("asm_jcc", (3,), 11),
     ("asm_call", (5,), 11), ("asm_callreg", (5, "asm_callee"), 12),
+    ("asm_loopfar", (1,), 1), ("asm_loopfar", (5,), 2), ("asm_jrcxz", (0,), 2), ("asm_jrcxz", (3,), 1),
 ]
 
 
