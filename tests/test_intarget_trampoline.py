@@ -108,6 +108,10 @@ def _synthetic(code: bytes, addr: int = 0x400000):
     (bytes.fromhex("ff542408") + b"\x90" * 4, "indirect call"),                 # call [rsp+8]
     (bytes.fromhex("0f0b") + b"\x90" * 6, "ud2"),
     (bytes.fromhex("8b0500000000") + b"\x90" * 4 + bytes.fromhex("ebf8"), "jumps into the patched bytes"),
+    (bytes.fromhex("fa") + b"\x90" * 8, "cannot be relocated"),                  # cli: privileged
+    (bytes.fromhex("cd80") + b"\x90" * 8, "software interrupt"),                   # int 0x80
+    (bytes.fromhex("ffd0") + b"\x90" * 8, "would return into the patched bytes"),  # call rax; nops
+    (bytes.fromhex("4889f84801f006c3"), "cannot decode the function"),            # push es after the patch
     # mov rax,rdi; add rax,rsi; loop back to the add (capstone files loop under no jump group)
     (bytes.fromhex("4889f84801f0e2fbc3"), "jumps into the patched bytes"),
 ])

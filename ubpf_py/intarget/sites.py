@@ -258,8 +258,6 @@ def plan_site(read: Reader, func_start: int, func_end: int, site: int,
         if d.kind in _ENDS and covered < JMP_LEN:
             raise SiteRefused(f"control leaves the function {covered} bytes after the site ('{d.text}'),"
                               f" before the 5-byte jump ends")
-    if known and site + covered > func_end:
-        raise SiteRefused("the patched bytes would run past the end of the function")
     note = ""
     if known:
         _scan_branch_targets(read, func_start, func_end, site, site + covered, site)
