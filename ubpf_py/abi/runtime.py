@@ -51,7 +51,8 @@ RUNTIME_HEADER = Layout("ubpf_runtime_header", [
 ], doc="at the start of the arena")
 
 #: PROBE_BLOCK.flags
-PB_F_RETURN = 1        # a return probe: the entry trampoline replaces the return address
+PB_F_RETURN = 1        # a return probe: the entry trampoline replaces the return address (so its
+                       # site must be the function's first instruction, where [rsp] is that address)
 PB_F_AT_ENTRY = 2      # the probed instruction is the function's first: [rsp] is the return address
 
 PROBE_BLOCK = Layout("ubpf_probe_block", [
