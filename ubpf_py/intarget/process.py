@@ -24,13 +24,13 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from ubpf_py.abi.runtime import PB_F_RETURN, PROBE_BLOCK, SITE, SITE_MAX_PROBES, THREAD_BLOCK
+from ubpf_py.abi.runtime import PB_F_AT_ENTRY, PB_F_RETURN, PROBE_BLOCK, SITE, SITE_MAX_PROBES, THREAD_BLOCK
 from ubpf_py.errors import ProbeError, UbpfError
 from ubpf_py.intarget import space as S
 from ubpf_py.intarget import trampoline as TR
 from ubpf_py.intarget.arena import SharedArena
 from ubpf_py.intarget.inject import PROT_EXEC, PROT_READ, TargetMapper, write_code
-from ubpf_py.intarget.sites import SiteRefused, is_go_binary, plan_site
+from ubpf_py.intarget.sites import GO_RETURN_REFUSAL, SiteRefused, is_go_binary, plan_site
 from ubpf_py.intarget.unpatch import EntryTrampoline, find_thread_block, locate, return_fixes
 from ubpf_py.probe import ptrace as P
 
@@ -151,9 +151,16 @@ class InTargetEngine:
         return reason
 
     def _arm(self, proc, probe, addr: int) -> str | None:
-        if probe.is_return and is_go_binary(probe.binary_path):
-            raise SiteRefused("return probes on Go binaries: Go's stack unwinder cannot tolerate a "
-                              "replaced return address")
+        go = is_go_binary(probe.binary_path)
+        if probe.is_return and go:
+            raise SiteRefused(f"return probe on a Go binary: {GO_RETURN_REFUSAL}")
+        shstk = _shadow_stack_enabled(proc.tgid)
+        if probe.is_return and shstk:
+            raise SiteRefused("return probes in a process with a CPU shadow stack (CET): a replaced return "
+                              "address would fault")
+        start, end = _function_bounds(probe, addr)
+        if probe.is_return and addr != start:
+            raise SiteRefused("a return probe must sit on the function's first instruction")
         st = self._ready(proc)
         site = st.sites.get(addr)
         if site is not None:
@@ -161,27 +168,22 @@ class InTargetEngine:
                 return None
             if len(site.probes) >= SITE_MAX_PROBES:
                 raise SiteRefused(f"more than {SITE_MAX_PROBES} probes at one address")
-            self._add_to_site(site, self._probe_block(probe, addr).addr)
+            self._add_to_site(site, self._probe_block(probe, addr, addr == start).addr)
             site.probe_ids.add(probe.id)
             return None
-        pb = self._probe_block(probe, addr)
-        start, end = _function_bounds(probe, addr)
         reader = _reader(proc.mem)
-        plan = plan_site(reader, start, end, addr)
+        plan = plan_site(reader, start, end, addr, shadow_stack=shstk)
         self._check_threads(proc, addr, plan.length)
+        pb = self._probe_block(probe, addr, addr == start)
         block = self.arena.alloc(SITE.size, 64)
         tramp = self._tramp_space(proc, st, addr)
         code = TR.build_entry_trampoline(plan, tramp, runtime_header=self.plan.header_addr,
-                                         site_block=block.addr, return_trampoline=self.plan.ret_tramp_addr)
+                                         site_block=block.addr, return_trampoline=self.plan.ret_tramp_addr,
+                                         red_zone=not go)
         if len(code) > TRAMP_PAGE // 4:
             raise SiteRefused("trampoline too large")
         self._commit_tramp(st, tramp, len(code))
-        words = block.view.cast("Q")
-        words[SITE.word("addr")] = addr
-        words[SITE.word("length")] = plan.length
-        words[SITE.word("trampoline")] = tramp
-        words[SITE.word("probes")] = pb.addr
-        words[SITE.word("nprobes")] = 1
+        block.view[:SITE.size] = TR.site_block(plan, tramp, [pb.addr])
         write_code(proc.mem, tramp, code)
         orig = proc.mem.read(addr, plan.length)
         if orig is None:
@@ -193,13 +195,13 @@ class InTargetEngine:
         st.sites[addr] = SiteState(addr, orig, tramp, block, [pb.addr], plan, len(code), {probe.id}, patch)
         return None
 
-    def _probe_block(self, probe, addr: int):
+    def _probe_block(self, probe, addr: int, at_entry: bool):
         pb = self.arena.alloc(PROBE_BLOCK.size, 64)
         w = pb.view.cast("Q")
         w[PROBE_BLOCK.word("func_ip")] = addr
         w[PROBE_BLOCK.word("cookie")] = probe.cookie
         w[PROBE_BLOCK.word("entry")] = probe.target_entry
-        w[PROBE_BLOCK.word("flags")] = PB_F_RETURN if probe.is_return else 0
+        w[PROBE_BLOCK.word("flags")] = (PB_F_RETURN if probe.is_return else 0) | (PB_F_AT_ENTRY if at_entry else 0)
         w[PROBE_BLOCK.word("probe_id")] = probe.id
         w[PROBE_BLOCK.word("enabled")] = 1
         self.blocks.setdefault(probe.id, []).append(pb)
@@ -374,6 +376,18 @@ class InTargetEngine:
 
     def close(self) -> None:
         self.arena.close()
+
+
+def _shadow_stack_enabled(pid: int) -> bool:
+    """Does the process run with a CPU shadow stack (x86 CET user shadow stack)?"""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("x86_Thread_features:"):
+                    return "shstk" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
 
 
 def _reader(mem: P.ProcMem):
