@@ -8,33 +8,33 @@
  */
 #include "rt.h"
 
-static u64 read_mem(u64 dst, u64 size, u64 src)
+static u64 read_mem(const struct ubpf_hit_frame *hf, u64 dst, u64 size, u64 src)
 {
 	size &= 0xffffffff;
 	if (!size)
 		return 0;
-	if (rt_read_user((void *)dst, src, size)) {
+	if (rt_read_user(hf, (void *)dst, src, size)) {
 		rt_zero((void *)dst, size);
 		return NEG(UBPF_EFAULT);
 	}
 	return 0;
 }
 
-static u64 read_str(u64 dst, u64 size, u64 src)
+static u64 read_str(const struct ubpf_hit_frame *hf, u64 dst, u64 size, u64 src)
 {
 	size &= 0xffffffff;
 	if (!size)
 		return 0;
-	long n = rt_read_user_str((char *)dst, src, size);
+	long n = rt_read_user_str(hf, (char *)dst, src, size);
 	if (n < 0)
 		rt_zero((void *)dst, size);
 	return (u64)n;
 }
 
-HELPER(112) { (void)r4; (void)r5; (void)hf; return read_mem(r1, r2, r3); }   /* probe_read_user */
-HELPER(4) { (void)r4; (void)r5; (void)hf; return read_mem(r1, r2, r3); }     /* probe_read */
-HELPER(114) { (void)r4; (void)r5; (void)hf; return read_str(r1, r2, r3); }   /* probe_read_user_str */
-HELPER(45) { (void)r4; (void)r5; (void)hf; return read_str(r1, r2, r3); }    /* probe_read_str */
+HELPER(112) { (void)r4; (void)r5; return read_mem(hf, r1, r2, r3); }   /* probe_read_user */
+HELPER(4) { (void)r4; (void)r5; return read_mem(hf, r1, r2, r3); }     /* probe_read */
+HELPER(114) { (void)r4; (void)r5; return read_str(hf, r1, r2, r3); }   /* probe_read_user_str */
+HELPER(45) { (void)r4; (void)r5; return read_str(hf, r1, r2, r3); }    /* probe_read_str */
 
 /* the return address a return probe replaced, for frames that show the trampoline */
 static u64 fix_ret(const struct ubpf_hit_frame *hf, u64 a, u64 *si)
@@ -61,11 +61,11 @@ static u64 unwind(const struct ubpf_hit_frame *hf, u64 *out, u64 max)
 	if (!max)
 		return 0;
 	out[n++] = regs->rip;
-	if (pb && (pb->flags & UBPF_PB_F_AT_ENTRY) && n < max && !rt_read_user(w, regs->rsp, 8))
+	if (pb && (pb->flags & UBPF_PB_F_AT_ENTRY) && n < max && !rt_read_user(hf, w, regs->rsp, 8))
 		out[n++] = fix_ret(hf, w[0], &si);
 	u64 fp = regs->rbp;
 	while (n < max && fp && !(fp & 7)) {
-		if (rt_read_user(w, fp, 16) || !w[1])
+		if (rt_read_user(hf, w, fp, 16) || !w[1])
 			break;
 		out[n++] = fix_ret(hf, w[1], &si);
 		if (w[0] <= fp)

@@ -183,7 +183,8 @@ struct ubpf_thread_block {
 	uint64_t generation;  /* RUNTIME_HEADER.generation the cached facts belong to */
 	uint64_t prandom;  /* xorshift state of bpf_get_prandom_u32 */
 	uint64_t shadow_depth;  /* entries in use in ``shadow`` */
-	uint64_t reserved[2];
+	uint64_t tgid;  /* cached getpid(), valid while ``generation`` equals RUNTIME_HEADER.generation (the tracer bumps that on fork before the child runs a probe); 0: unknown */
+	uint64_t reserved;
 	uint64_t shadow[192];  /* return-probe shadow stack (ubpf_shadow_entry) */
 } __attribute__((aligned(64)));
 _Static_assert(sizeof(struct ubpf_thread_block) == 1600, "ubpf_thread_block size");
@@ -193,7 +194,8 @@ _Static_assert(__builtin_offsetof(struct ubpf_thread_block, tid) == 16, "ubpf_th
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, generation) == 24, "ubpf_thread_block.generation");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, prandom) == 32, "ubpf_thread_block.prandom");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow_depth) == 40, "ubpf_thread_block.shadow_depth");
-_Static_assert(__builtin_offsetof(struct ubpf_thread_block, reserved) == 48, "ubpf_thread_block.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_thread_block, tgid) == 48, "ubpf_thread_block.tgid");
+_Static_assert(__builtin_offsetof(struct ubpf_thread_block, reserved) == 56, "ubpf_thread_block.reserved");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow) == 64, "ubpf_thread_block.shadow");
 
 /* on the runtime stack; the second argument of a program entry, the sixth of a helper */

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.intarget_fixture import cpu_has, make_frame, needs_runtime, tid
-from ubpf_py.abi.runtime import PB_F_AT_ENTRY
+from ubpf_py.abi.runtime import PB_F_AT_ENTRY, RUNTIME_HEADER, THREAD_BLOCK
 from ubpf_py.intarget import runtime_build, runtime_obj
 from ubpf_py.intarget.arena import SharedArena
 
@@ -105,6 +105,7 @@ def test_uid_gid_after_setresuid_in_a_child(arena, rt):
     pid = os.fork()
     if pid == 0:   # the child changes its ids; the runtime must see the new ones at once
         try:
+            f.header[RUNTIME_HEADER.word("generation")] += 1   # what the tracer does at a fork
             os.setresgid(1234, 1234, 1234)
             os.setresuid(4321, 4321, 4321)
             v = rt.helper(15)(0, 0, 0, 0, 0, f.addr)
@@ -118,6 +119,19 @@ def test_uid_gid_after_setresuid_in_a_child(arena, rt):
     v, pt, cpid = struct.unpack("<QQQ", data)
     assert v == (1234 << 32) | 4321
     assert pt >> 32 == cpid   # a forked child reports its own tgid (nothing stale in the arena)
+    f.header[RUNTIME_HEADER.word("generation")] += 1   # (this test's thread block is shared)
+    assert rt.helper(14)(0, 0, 0, 0, 0, f.addr) >> 32 == os.getpid()
+
+
+def test_tgid_cache_follows_the_generation(arena, rt):
+    f = make_frame(arena)
+    gen = RUNTIME_HEADER.word("generation")
+    assert rt.helper(14)(0, 0, 0, 0, 0, f.addr) >> 32 == os.getpid()
+    assert f.thread[THREAD_BLOCK.word("tgid")] == os.getpid()
+    f.thread[THREAD_BLOCK.word("tgid")] = 12345        # the cache is what is used...
+    assert rt.helper(14)(0, 0, 0, 0, 0, f.addr) >> 32 == 12345
+    f.header[gen] += 1                                  # ...until the tracer bumps the generation
+    assert rt.helper(14)(0, 0, 0, 0, 0, f.addr) >> 32 == os.getpid()
 
 
 def test_cpu_rdpid_rdtscp_and_getcpu(arena, rt):
@@ -232,7 +246,7 @@ def test_get_stack_user_frame_pointer_walk(arena, rt):
 
 
 def test_ret_trampoline_frames_show_the_original_return(arena, rt):
-    from ubpf_py.abi.runtime import SHADOW_ENTRY, THREAD_BLOCK
+    from ubpf_py.abi.runtime import SHADOW_ENTRY
 
     f = make_frame(arena)
     stack = arena.alloc(4096, 16)

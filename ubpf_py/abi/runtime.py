@@ -82,7 +82,9 @@ THREAD_BLOCK = Layout("ubpf_thread_block", [
     u64("generation", "RUNTIME_HEADER.generation the cached facts belong to"),
     u64("prandom", "xorshift state of bpf_get_prandom_u32"),
     u64("shadow_depth", "entries in use in ``shadow``"),
-    u64s("reserved", 2),
+    u64("tgid", "cached getpid(), valid while ``generation`` equals RUNTIME_HEADER.generation "
+        "(the tracer bumps that on fork before the child runs a probe); 0: unknown"),
+    u64s("reserved", 1),
     u64s("shadow", SHADOW_DEPTH * SHADOW_ENTRY.size // 8, "return-probe shadow stack (ubpf_shadow_entry)"),
 ], doc="one per thread in the thread table; the runtime stack follows up to the slot's end", align=64)
 
