@@ -17,12 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.intarget_fixture import driver, make_frame  # noqa: E402
-from ubpf_py.intarget import runtime_obj  # noqa: E402
-from ubpf_py.intarget.arena import SharedArena  # noqa: E402
-from ubpf_py.maps import consts as C  # noqa: E402
-from ubpf_py.maps import create_map  # noqa: E402
-from ubpf_py.obj.spec import MapSpec  # noqa: E402
+from tests.intarget_fixture import driver, make_frame
+from ubpf_py.intarget import runtime_obj
+from ubpf_py.intarget.arena import SharedArena
+from ubpf_py.maps import consts as C
+from ubpf_py.maps import create_map
+from ubpf_py.obj.spec import MapSpec
 
 
 class _Factory:

@@ -133,6 +133,23 @@ long rt_read_user_str(const struct ubpf_hit_frame *hf, char *dst, u64 src, u64 s
 	return (long)size;
 }
 
+/* Is [addr, addr + n) the program's own memory -- what the kernel would call kernel
+ * memory: maps and everything else in the arena, and the runtime stacks in the
+ * thread table?  probe_read_user refuses it and %pus prints it empty, like the
+ * kernel does with kernel addresses; the target's own memory is user memory. */
+int rt_prog_mem(const struct ubpf_hit_frame *hf, u64 addr, u64 n)
+{
+	const struct ubpf_runtime_header *rt = hf ? (const void *)hf->runtime : 0;
+	if (!rt)
+		return 0;
+	if (addr >= rt->arena_base && addr - rt->arena_base < rt->arena_size &&
+	    n <= rt->arena_size - (addr - rt->arena_base))
+		return 1;
+	u64 tsz = rt->thread_slots * rt->thread_slot_size;
+	return rt->thread_table && addr >= rt->thread_table && addr - rt->thread_table < tsz &&
+	       n <= tsz - (addr - rt->thread_table);
+}
+
 /* The CPU this thread runs on: rdpid when the tracer found it usable, else
  * rdtscp's TSC_AUX (Linux keeps the CPU number in its low 12 bits), which every
  * x86-64 CPU Linux supports has; getcpu() only without a runtime header. */

@@ -8,33 +8,34 @@
  */
 #include "rt.h"
 
-static u64 read_mem(const struct ubpf_hit_frame *hf, u64 dst, u64 size, u64 src)
+static u64 read_mem(const struct ubpf_hit_frame *hf, u64 dst, u64 size, u64 src, int user)
 {
 	size &= 0xffffffff;
 	if (!size)
 		return 0;
-	if (rt_read_user(hf, (void *)dst, src, size)) {
+	if ((user && rt_prog_mem(hf, src, size)) || rt_read_user(hf, (void *)dst, src, size)) {
 		rt_zero((void *)dst, size);
 		return NEG(UBPF_EFAULT);
 	}
 	return 0;
 }
 
-static u64 read_str(const struct ubpf_hit_frame *hf, u64 dst, u64 size, u64 src)
+static u64 read_str(const struct ubpf_hit_frame *hf, u64 dst, u64 size, u64 src, int user)
 {
 	size &= 0xffffffff;
 	if (!size)
 		return 0;
-	long n = rt_read_user_str(hf, (char *)dst, src, size);
+	long n = user && rt_prog_mem(hf, src, 1) ? -(long)UBPF_EFAULT : rt_read_user_str(hf, (char *)dst, src, size);
 	if (n < 0)
 		rt_zero((void *)dst, size);
 	return (u64)n;
 }
 
-HELPER(112) { (void)r4; (void)r5; return read_mem(hf, r1, r2, r3); }   /* probe_read_user */
-HELPER(4) { (void)r4; (void)r5; return read_mem(hf, r1, r2, r3); }     /* probe_read */
-HELPER(114) { (void)r4; (void)r5; return read_str(hf, r1, r2, r3); }   /* probe_read_user_str */
-HELPER(45) { (void)r4; (void)r5; return read_str(hf, r1, r2, r3); }    /* probe_read_str */
+/* the _user variants refuse the program's own memory (kernel memory to the kernel) */
+HELPER(112) { (void)r4; (void)r5; return read_mem(hf, r1, r2, r3, 1); }   /* probe_read_user */
+HELPER(4) { (void)r4; (void)r5; return read_mem(hf, r1, r2, r3, 0); }     /* probe_read */
+HELPER(114) { (void)r4; (void)r5; return read_str(hf, r1, r2, r3, 1); }   /* probe_read_user_str */
+HELPER(45) { (void)r4; (void)r5; return read_str(hf, r1, r2, r3, 0); }    /* probe_read_str */
 
 /* the return address a return probe replaced, for frames that show the trampoline */
 static u64 fix_ret(const struct ubpf_hit_frame *hf, u64 a, u64 *si)

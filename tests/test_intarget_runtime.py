@@ -262,3 +262,17 @@ def test_ret_trampoline_frames_show_the_original_return(arena, rt):
     assert rt.helper(67)(0, ctypes.addressof(buf), 32, 1 << 8, 0, f.addr) == 16
     assert struct.unpack("<4Q", buf.raw)[:2] == (0x400000, 0x405555)
     f.set_header("ret_trampoline", 0)
+
+
+def test_user_reads_refuse_program_memory(arena, rt):
+    """Maps and runtime stacks are kernel memory to the kernel: probe_read_user faults on
+    them, probe_read (user or kernel) reads them."""
+    f = make_frame(arena)
+    src = arena.alloc(16, 8)
+    src.view[0:8] = b"inarena\0"
+    dst = ctypes.create_string_buffer(b"\xaa" * 8, 8)
+    assert rt.helper(112)(ctypes.addressof(dst), 8, src.addr, 0, 0, f.addr) == neg(EFAULT)
+    assert dst.raw == bytes(8)
+    assert rt.helper(114)(ctypes.addressof(dst), 8, src.addr, 0, 0, f.addr) == neg(EFAULT)
+    assert rt.helper(4)(ctypes.addressof(dst), 8, src.addr, 0, 0, f.addr) == 0 and dst.raw == b"inarena\0"
+    assert rt.helper(45)(ctypes.addressof(dst), 8, src.addr, 0, 0, f.addr) == 8
