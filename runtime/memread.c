@@ -54,7 +54,7 @@ static u64 fix_ret(const struct ubpf_hit_frame *hf, u64 a, u64 *si)
  * path's HitFiller.unwind: the return address at [rsp] too when the probe is on a
  * function's first instruction; stops at a zero, misaligned, unreadable or
  * non-increasing frame pointer */
-static u64 unwind(const struct ubpf_hit_frame *hf, u64 *out, u64 max)
+u64 rt_unwind(const struct ubpf_hit_frame *hf, u64 *out, u64 max)
 {
 	const struct pt_regs *regs = (const void *)hf->ctx;
 	const struct ubpf_probe_block *pb = (const void *)hf->probe;
@@ -98,7 +98,7 @@ HELPER(67)    /* bpf_get_stack(ctx, buf, size, flags) */
 		if (depth > STACK_MAX)
 			depth = STACK_MAX;
 		if (user)
-			n = unwind(hf, trace, depth);
+			n = rt_unwind(hf, trace, depth);
 		if (n < skip) {
 			err = -(s64)UBPF_EFAULT;
 		} else {

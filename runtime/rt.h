@@ -78,6 +78,7 @@ RT_INTERNAL int rt_prog_mem(const struct ubpf_hit_frame *hf, u64 addr, u64 n);
 RT_INTERNAL u64 rt_gettid(void);
 RT_INTERNAL u64 rt_cpu(const struct ubpf_hit_frame *hf);
 RT_INTERNAL u64 rt_ktime(const struct ubpf_hit_frame *hf, int clock);
+RT_INTERNAL u64 rt_unwind(const struct ubpf_hit_frame *hf, u64 *out, u64 max);
 
 /* maps.c / ringbuf.c (tracer entry points, also used by the helpers) */
 RT_API u64 ubpf_map_lookup(struct ubpf_map_desc *d, const void *key, s64 cpu);

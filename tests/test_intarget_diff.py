@@ -267,3 +267,39 @@ def test_many_threads_hash_and_ring_with_python_draining(arena, rt, drv):
         if last % 3 != 0:
             expect.add(k)
     assert set(m.keys()) == expect and len(m) == len(expect)
+
+
+def test_stack_ids_match_python(arena, rt):
+    spec = MapSpec("st", C.STACK_TRACE, 4, 5 * 8, 8)
+    py_m, c_m = create_map(spec), create_map(MapSpec("st", C.STACK_TRACE, 4, 5 * 8, 8), alloc=arena)
+    assert c_m._c is not None
+    rng = random.Random(11)
+    pool = [[rng.randrange(1 << 47) for _ in range(rng.randrange(0, 9))] for _ in range(30)]
+    for step in range(600):
+        fl = rng.choice([0, 1, 2, C.BPF_F_FAST_STACK_CMP, C.BPF_F_REUSE_STACKID, C.BPF_F_REUSE_STACKID | 1])
+        trace = rng.choice(pool)[:5 + (fl & 0xFF)]   # the helper cuts to max_depth + skip
+        if rng.random() < 0.1:
+            sid = rng.randrange(8)
+            k = struct.pack("<I", sid)
+            assert py_m.delete(k) == c_m.delete(k), f"step {step}: delete {sid}"
+            continue
+        assert py_m.get_stackid(trace, fl) == c_m.get_stackid(trace, fl), f"step {step}"
+    assert list(py_m.items()) == list(c_m.items()) and len(py_m) == len(c_m)
+
+
+def test_get_stackid_helper_walks_the_user_stack(arena, rt):
+    m = create_map(MapSpec("st", C.STACK_TRACE, 4, 4 * 8, 16), alloc=arena)
+    f = make_frame(arena)
+    stack = arena.alloc(4096, 16)
+    w = stack.view.cast("Q")
+    w[64], w[65] = stack.addr + 96 * 8, 0x401111
+    w[96], w[97] = 0, 0x402222
+    f.set_reg("rip", 0x400000)
+    f.set_reg("rbp", stack.addr + 64 * 8)
+    get = rt.helper(27)
+    sid = get(0, m.handle_addr, C.BPF_F_USER_STACK, 0, 0, f.addr)
+    assert sid < 16 and m.frames(sid) == [0x400000, 0x401111, 0x402222]
+    assert get(0, m.handle_addr, C.BPF_F_USER_STACK, 0, 0, f.addr) == sid
+    assert get(0, m.handle_addr, C.BPF_F_USER_STACK | 1, 0, 0, f.addr) != sid
+    assert get(0, m.handle_addr, 0, 0, 0, f.addr) == (-14) & M64         # no kernel stack: -EFAULT
+    assert get(0, m.handle_addr, 1 << 20, 0, 0, f.addr) == (-22) & M64   # unknown flag
