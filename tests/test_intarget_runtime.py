@@ -276,3 +276,14 @@ def test_user_reads_refuse_program_memory(arena, rt):
     assert rt.helper(114)(ctypes.addressof(dst), 8, src.addr, 0, 0, f.addr) == neg(EFAULT)
     assert rt.helper(4)(ctypes.addressof(dst), 8, src.addr, 0, 0, f.addr) == 0 and dst.raw == b"inarena\0"
     assert rt.helper(45)(ctypes.addressof(dst), 8, src.addr, 0, 0, f.addr) == 8
+
+
+def test_spin_lock_word(arena, rt):
+    f = make_frame(arena)
+    v = arena.alloc(16, 8)
+    w = v.view.cast("I")
+    assert rt.helper(93)(v.addr, 0, 0, 0, 0, f.addr) == 0 and w[0] == 1
+    t0 = time.monotonic()
+    assert rt.helper(93)(v.addr, 0, 0, 0, 0, f.addr) == 0    # held: gives up, never hangs the target
+    assert time.monotonic() - t0 < 30
+    assert rt.helper(94)(v.addr, 0, 0, 0, 0, f.addr) == 0 and w[0] == 0

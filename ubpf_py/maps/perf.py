@@ -96,7 +96,7 @@ class PerfEventArrayMap(Map):
         check_array_spec(spec, False, value_size_fixed=4)
         self.pages = DEFAULT_PAGES
         self._rings: dict[int, _CpuRing] = {}
-        self.samples = 0
+        self._samples = 0
         self._c = runtime_for(self.alloc)
         if self._c is not None:
             self._make_shared_rings()
@@ -111,6 +111,15 @@ class PerfEventArrayMap(Map):
         D.write_descriptor(self._handle.view, {
             D.W["max_entries"]: self.max_entries, D.W["ncpus"]: self.ncpus,
             D.W["perf_rings"]: hdrs.addr, D.D_KIND: D.KIND_PERF})
+
+    @property
+    def samples(self) -> int:
+        """A counter that moves whenever a sample is produced (drains compare it with the
+        last value seen): samples output here, or, when producers are the C runtime in a
+        target too, the bytes ever written to the rings."""
+        if self._c is not None:
+            return sum(r.head for r in self._rings.values())
+        return self._samples
 
     def set_buffer_pages(self, pages: int) -> None:
         """Per-CPU buffer size in pages (libbpf's perf_buffer__new page_cnt; a power of two)."""
@@ -149,10 +158,7 @@ class PerfEventArrayMap(Map):
         if index != cpu:
             return -C.EOPNOTSUPP
         if self._c is not None:
-            rc = self._c.perf_output(self.handle_addr, cpu, bytes(data), len(data), flags)
-            if rc == 0:
-                self.samples += 1
-            return rc
+            return self._c.perf_output(self.handle_addr, cpu, bytes(data), len(data), flags)
         raw = len(data)
         padded = ((raw + 4 + 7) & ~7) - 4
         rec = _HDR.pack(PERF_RECORD_SAMPLE, 0, 8 + 4 + padded, padded) + bytes(data) + bytes(padded - raw)
@@ -162,7 +168,7 @@ class PerfEventArrayMap(Map):
                 ring = self._rings[cpu] = _CpuRing(self.pages * C.PAGE_SIZE, self.alloc)
             if not ring.put(rec):
                 return -C.ENOSPC
-            self.samples += 1
+            self._samples += 1
         return 0
 
     # ---- consumer -------------------------------------------------------------------------
