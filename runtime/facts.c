@@ -47,8 +47,8 @@ HELPER(8)     /* bpf_get_smp_processor_id */
 
 HELPER(14)    /* bpf_get_current_pid_tgid */
 {
-	(void)r1; (void)r2; (void)r3; (void)r4; (void)r5; (void)hf;
-	return rt_getpid() << 32 | rt_gettid();
+	(void)r1; (void)r2; (void)r3; (void)r4; (void)r5;
+	return rt_getpid(hf) << 32 | rt_gettid();
 }
 
 HELPER(15)    /* bpf_get_current_uid_gid: the real ids (cred->uid/gid) at this moment */
@@ -75,20 +75,20 @@ HELPER(16)    /* bpf_get_current_comm(buf, size): strscpy_pad of this thread's c
 
 HELPER(109)   /* bpf_send_signal: the whole process */
 {
-	(void)r2; (void)r3; (void)r4; (void)r5; (void)hf;
+	(void)r2; (void)r3; (void)r4; (void)r5;
 	u64 sig = r1 & 0xffffffff;
 	if (sig > 64)
 		return NEG(UBPF_EINVAL);
-	return (u64)rt_syscall2(SYS_kill, rt_getpid(), sig);
+	return (u64)rt_syscall2(SYS_kill, rt_getpid(hf), sig);
 }
 
 HELPER(117)   /* bpf_send_signal_thread: this thread */
 {
-	(void)r2; (void)r3; (void)r4; (void)r5; (void)hf;
+	(void)r2; (void)r3; (void)r4; (void)r5;
 	u64 sig = r1 & 0xffffffff;
 	if (sig > 64)
 		return NEG(UBPF_EINVAL);
-	return (u64)rt_syscall3(SYS_tgkill, rt_getpid(), rt_gettid(), sig);
+	return (u64)rt_syscall3(SYS_tgkill, rt_getpid(hf), rt_gettid(), sig);
 }
 
 HELPER(173)   /* bpf_get_func_ip */

@@ -47,8 +47,24 @@ static inline u8 *slot_value(const struct ubpf_map_desc *d, u64 slot)
 	return (u8 *)d->values + slot * d->val_stride;
 }
 
-/* copy a value keeping the 4-byte bpf_spin_lock word when BPF_F_LOCK asks to */
-static void write_value(const struct ubpf_map_desc *d, u8 *dst, const u8 *src, u64 n, int keep_lock)
+/* struct bpf_spin_lock: a u32 word in the value, non-zero while held */
+static int value_lock(u32 *w, u64 spins)
+{
+	for (u64 i = 0; i < spins; i++) {
+		if (__atomic_load_n(w, __ATOMIC_RELAXED) == 0 && __atomic_exchange_n(w, 1, __ATOMIC_ACQUIRE) == 0)
+			return 0;
+		if (i < 64)
+			rt_pause();
+		else
+			rt_syscall0(SYS_sched_yield);
+	}
+	return -(int)UBPF_EBUSY;
+}
+
+/* copy a value; with BPF_F_LOCK keeping the 4-byte lock word (as maps/base.py
+ * write_value does: the copy does not take the value's lock, and a plain update copies
+ * the word too -- both unlike the kernel, see bpf_spin_lock below) */
+static s64 write_value(const struct ubpf_map_desc *d, u8 *dst, const u8 *src, u64 n, int keep_lock)
 {
 	if (keep_lock && d->spin_off) {
 		u64 lo = d->spin_off - 1;
@@ -57,6 +73,7 @@ static void write_value(const struct ubpf_map_desc *d, u8 *dst, const u8 *src, u
 	} else {
 		rt_copy(dst, src, n);
 	}
+	return 0;
 }
 
 static s64 check_flags(const struct ubpf_map_desc *d, u64 flags)
@@ -95,8 +112,7 @@ static s64 array_update(const struct ubpf_map_desc *d, const void *key, const vo
 	}
 	if (d->cpu_stride)
 		dst += (u64)cpu * d->cpu_stride;
-	write_value(d, dst, value, d->value_size, flags & UBPF_BPF_F_LOCK);
-	return 0;
+	return write_value(d, dst, value, d->value_size, flags & UBPF_BPF_F_LOCK);
 }
 
 /* ---- HASH family: the index --------------------------------------------------------- */
@@ -230,20 +246,18 @@ static s64 alloc_slot(struct ubpf_map_desc *d)
 	return -1;
 }
 
-static void store_value(struct ubpf_map_desc *d, u64 slot, const u8 *value, s64 cpu, int keep_lock, int fresh)
+static s64 store_value(struct ubpf_map_desc *d, u64 slot, const u8 *value, s64 cpu, int keep_lock, int fresh)
 {
 	u8 *dst = slot_value(d, slot);
-	if (!d->cpu_stride) {
-		write_value(d, dst, value, d->value_size, keep_lock);
-		return;
-	}
+	if (!d->cpu_stride)
+		return write_value(d, dst, value, d->value_size, keep_lock);
 	if (cpu < 0) {    /* user space: the whole per-CPU buffer */
 		rt_copy(dst, value, d->cpu_stride * d->ncpus);
-		return;
+		return 0;
 	}
 	if (fresh)        /* a program inserting: this CPU's copy gets the value, the others zeroes */
 		rt_zero(dst, d->val_stride);
-	write_value(d, dst + (u64)cpu * d->cpu_stride, value, d->value_size, keep_lock);
+	return write_value(d, dst + (u64)cpu * d->cpu_stride, value, d->value_size, keep_lock);
 }
 
 static s64 hash_update(struct ubpf_map_desc *d, const u8 *key, const u8 *value, u64 flags, s64 cpu)
@@ -260,7 +274,7 @@ static s64 hash_update(struct ubpf_map_desc *d, const u8 *key, const u8 *value, 
 		if (mode == UBPF_BPF_NOEXIST) {
 			rc = -(s64)UBPF_EEXIST;
 		} else {
-			store_value(d, e - 1, value, cpu, keep_lock, 0);
+			rc = store_value(d, e - 1, value, cpu, keep_lock, 0);
 			if (d->ref)
 				((u8 *)d->ref)[e - 1] = 1;
 		}
@@ -366,4 +380,23 @@ HELPER(3)   /* bpf_map_delete_elem */
 {
 	(void)r3; (void)r4; (void)r5; (void)hf;
 	return (u64)ubpf_map_delete((struct ubpf_map_desc *)r1, (const void *)r2);
+}
+
+/* bpf_spin_lock on the value's lock word, among the target's threads.  Bounded: a
+ * word left non-zero by a plain update that copied it (see write_value) or by a
+ * holder that died gives up after UBPF_LOCK_SPINS attempts instead of hanging the
+ * target.  (The ptrace path's Python helper locks a striped table instead, so a map
+ * locked from both paths at once is not mutually excluded.) */
+HELPER(93)
+{
+	(void)r2; (void)r3; (void)r4; (void)r5; (void)hf;
+	value_lock((u32 *)r1, UBPF_LOCK_SPINS);
+	return 0;
+}
+
+HELPER(94)    /* bpf_spin_unlock */
+{
+	(void)r2; (void)r3; (void)r4; (void)r5; (void)hf;
+	__atomic_store_n((u32 *)r1, 0, __ATOMIC_RELEASE);
+	return 0;
 }

@@ -8,33 +8,34 @@
  */
 #include "rt.h"
 
-static u64 read_mem(u64 dst, u64 size, u64 src)
+static u64 read_mem(const struct ubpf_hit_frame *hf, u64 dst, u64 size, u64 src, int user)
 {
 	size &= 0xffffffff;
 	if (!size)
 		return 0;
-	if (rt_read_user((void *)dst, src, size)) {
+	if ((user && rt_prog_mem(hf, src, size)) || rt_read_user(hf, (void *)dst, src, size)) {
 		rt_zero((void *)dst, size);
 		return NEG(UBPF_EFAULT);
 	}
 	return 0;
 }
 
-static u64 read_str(u64 dst, u64 size, u64 src)
+static u64 read_str(const struct ubpf_hit_frame *hf, u64 dst, u64 size, u64 src, int user)
 {
 	size &= 0xffffffff;
 	if (!size)
 		return 0;
-	long n = rt_read_user_str((char *)dst, src, size);
+	long n = user && rt_prog_mem(hf, src, 1) ? -(long)UBPF_EFAULT : rt_read_user_str(hf, (char *)dst, src, size);
 	if (n < 0)
 		rt_zero((void *)dst, size);
 	return (u64)n;
 }
 
-HELPER(112) { (void)r4; (void)r5; (void)hf; return read_mem(r1, r2, r3); }   /* probe_read_user */
-HELPER(4) { (void)r4; (void)r5; (void)hf; return read_mem(r1, r2, r3); }     /* probe_read */
-HELPER(114) { (void)r4; (void)r5; (void)hf; return read_str(r1, r2, r3); }   /* probe_read_user_str */
-HELPER(45) { (void)r4; (void)r5; (void)hf; return read_str(r1, r2, r3); }    /* probe_read_str */
+/* the _user variants refuse the program's own memory (kernel memory to the kernel) */
+HELPER(112) { (void)r4; (void)r5; return read_mem(hf, r1, r2, r3, 1); }   /* probe_read_user */
+HELPER(4) { (void)r4; (void)r5; return read_mem(hf, r1, r2, r3, 0); }     /* probe_read */
+HELPER(114) { (void)r4; (void)r5; return read_str(hf, r1, r2, r3, 1); }   /* probe_read_user_str */
+HELPER(45) { (void)r4; (void)r5; return read_str(hf, r1, r2, r3, 0); }    /* probe_read_str */
 
 /* the return address a return probe replaced, for frames that show the trampoline */
 static u64 fix_ret(const struct ubpf_hit_frame *hf, u64 a, u64 *si)
@@ -53,7 +54,7 @@ static u64 fix_ret(const struct ubpf_hit_frame *hf, u64 a, u64 *si)
  * path's HitFiller.unwind: the return address at [rsp] too when the probe is on a
  * function's first instruction; stops at a zero, misaligned, unreadable or
  * non-increasing frame pointer */
-static u64 unwind(const struct ubpf_hit_frame *hf, u64 *out, u64 max)
+u64 rt_unwind(const struct ubpf_hit_frame *hf, u64 *out, u64 max)
 {
 	const struct pt_regs *regs = (const void *)hf->ctx;
 	const struct ubpf_probe_block *pb = (const void *)hf->probe;
@@ -61,11 +62,11 @@ static u64 unwind(const struct ubpf_hit_frame *hf, u64 *out, u64 max)
 	if (!max)
 		return 0;
 	out[n++] = regs->rip;
-	if (pb && (pb->flags & UBPF_PB_F_AT_ENTRY) && n < max && !rt_read_user(w, regs->rsp, 8))
+	if (pb && (pb->flags & UBPF_PB_F_AT_ENTRY) && n < max && !rt_read_user(hf, w, regs->rsp, 8))
 		out[n++] = fix_ret(hf, w[0], &si);
 	u64 fp = regs->rbp;
 	while (n < max && fp && !(fp & 7)) {
-		if (rt_read_user(w, fp, 16) || !w[1])
+		if (rt_read_user(hf, w, fp, 16) || !w[1])
 			break;
 		out[n++] = fix_ret(hf, w[1], &si);
 		if (w[0] <= fp)
@@ -97,7 +98,7 @@ HELPER(67)    /* bpf_get_stack(ctx, buf, size, flags) */
 		if (depth > STACK_MAX)
 			depth = STACK_MAX;
 		if (user)
-			n = unwind(hf, trace, depth);
+			n = rt_unwind(hf, trace, depth);
 		if (n < skip) {
 			err = -(s64)UBPF_EFAULT;
 		} else {

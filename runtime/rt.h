@@ -71,12 +71,14 @@ static inline void rt_unlock(u64 *w) { __atomic_store_n(w, 0, __ATOMIC_RELEASE);
 RT_INTERNAL void rt_copy(void *dst, const void *src, u64 n);
 RT_INTERNAL void rt_zero(void *dst, u64 n);
 RT_INTERNAL int rt_equal(const void *a, const void *b, u64 n);
-RT_INTERNAL long rt_read_user(void *dst, u64 src, u64 n);
-RT_INTERNAL long rt_read_user_str(char *dst, u64 src, u64 size);
-RT_INTERNAL u64 rt_getpid(void);
+RT_INTERNAL long rt_read_user(const struct ubpf_hit_frame *hf, void *dst, u64 src, u64 n);
+RT_INTERNAL long rt_read_user_str(const struct ubpf_hit_frame *hf, char *dst, u64 src, u64 size);
+RT_INTERNAL u64 rt_getpid(const struct ubpf_hit_frame *hf);
+RT_INTERNAL int rt_prog_mem(const struct ubpf_hit_frame *hf, u64 addr, u64 n);
 RT_INTERNAL u64 rt_gettid(void);
 RT_INTERNAL u64 rt_cpu(const struct ubpf_hit_frame *hf);
 RT_INTERNAL u64 rt_ktime(const struct ubpf_hit_frame *hf, int clock);
+RT_INTERNAL u64 rt_unwind(const struct ubpf_hit_frame *hf, u64 *out, u64 max);
 
 /* maps.c / ringbuf.c (tracer entry points, also used by the helpers) */
 RT_API u64 ubpf_map_lookup(struct ubpf_map_desc *d, const void *key, s64 cpu);

@@ -10,11 +10,19 @@
 #define UBPF_PB_F_AT_ENTRY 0x2ULL
 #define UBPF_SHADOW_DEPTH 0x40ULL
 #define UBPF_SITE_MAX_PROBES 0x8ULL
+#define UBPF_PRINTK_MAX_ARGS 0xcULL
+#define UBPF_PRINTK_MAX_FMT 0x400ULL
+#define UBPF_PRINTK_MAX_STR 0x200ULL
+#define UBPF_PK_BLOB_STR 0x1ULL
+#define UBPF_PK_BLOB_MEM 0x2ULL
+#define UBPF_PK_BLOB_FAULT 0x80ULL
+#define UBPF_PK_BLOB_PROG 0x40ULL
 #define UBPF_KIND_NONE 0x0ULL
 #define UBPF_KIND_ARRAY 0x1ULL
 #define UBPF_KIND_HASH 0x3ULL
 #define UBPF_KIND_RINGBUF 0x4ULL
 #define UBPF_KIND_PERF 0x5ULL
+#define UBPF_KIND_STACK 0x6ULL
 #define UBPF_RB_WAKEUP 0x1ULL
 #define UBPF_RB_BUSY 0x2ULL
 #define UBPF_RB_SHARED 0x4ULL
@@ -184,7 +192,8 @@ struct ubpf_thread_block {
 	uint64_t generation;  /* RUNTIME_HEADER.generation the cached facts belong to */
 	uint64_t prandom;  /* xorshift state of bpf_get_prandom_u32 */
 	uint64_t shadow_depth;  /* entries in use in ``shadow`` */
-	uint64_t reserved[2];
+	uint64_t tgid;  /* cached getpid(), valid while ``generation`` equals RUNTIME_HEADER.generation (the tracer bumps that on fork before the child runs a probe); 0: unknown */
+	uint64_t reserved;
 	uint64_t shadow[192];  /* return-probe shadow stack (ubpf_shadow_entry) */
 } __attribute__((aligned(64)));
 _Static_assert(sizeof(struct ubpf_thread_block) == 1600, "ubpf_thread_block size");
@@ -194,7 +203,8 @@ _Static_assert(__builtin_offsetof(struct ubpf_thread_block, tid) == 16, "ubpf_th
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, generation) == 24, "ubpf_thread_block.generation");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, prandom) == 32, "ubpf_thread_block.prandom");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow_depth) == 40, "ubpf_thread_block.shadow_depth");
-_Static_assert(__builtin_offsetof(struct ubpf_thread_block, reserved) == 48, "ubpf_thread_block.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_thread_block, tgid) == 48, "ubpf_thread_block.tgid");
+_Static_assert(__builtin_offsetof(struct ubpf_thread_block, reserved) == 56, "ubpf_thread_block.reserved");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow) == 64, "ubpf_thread_block.shadow");
 
 /* one per patched site, in the arena; its entry trampoline runs every probe listed here */
@@ -224,6 +234,42 @@ _Static_assert(__builtin_offsetof(struct ubpf_hit_frame, ctx) == 0, "ubpf_hit_fr
 _Static_assert(__builtin_offsetof(struct ubpf_hit_frame, probe) == 8, "ubpf_hit_frame.probe");
 _Static_assert(__builtin_offsetof(struct ubpf_hit_frame, thread) == 16, "ubpf_hit_frame.thread");
 _Static_assert(__builtin_offsetof(struct ubpf_hit_frame, runtime) == 24, "ubpf_hit_frame.runtime");
+
+/* one bpf_trace_printk call, in the printk ring (RUNTIME_HEADER.printk_ring); the tracer formats it with helpers/printk_format.py */
+struct ubpf_printk_record {
+	uint64_t helper;  /* 6 (trace_printk) or 177 (trace_vprintk) */
+	uint64_t pid_tgid;
+	uint64_t uid_gid;
+	uint64_t cpu;
+	uint64_t ktime;  /* CLOCK_MONOTONIC ns at the call */
+	uint8_t comm[16];
+	uint64_t nargs;
+	uint64_t args[12];
+	uint64_t fmt_len;  /* format bytes that follow (up to and including its NUL), padded to 8 */
+	uint64_t blobs;  /* PRINTK_BLOB entries after the format */
+} __attribute__((aligned(8)));
+_Static_assert(sizeof(struct ubpf_printk_record) == 176, "ubpf_printk_record size");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, helper) == 0, "ubpf_printk_record.helper");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, pid_tgid) == 8, "ubpf_printk_record.pid_tgid");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, uid_gid) == 16, "ubpf_printk_record.uid_gid");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, cpu) == 24, "ubpf_printk_record.cpu");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, ktime) == 32, "ubpf_printk_record.ktime");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, comm) == 40, "ubpf_printk_record.comm");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, nargs) == 56, "ubpf_printk_record.nargs");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, args) == 64, "ubpf_printk_record.args");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, fmt_len) == 160, "ubpf_printk_record.fmt_len");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, blobs) == 168, "ubpf_printk_record.blobs");
+
+/* memory a printk argument pointed at, copied at call time */
+struct ubpf_printk_blob {
+	uint64_t addr;  /* the argument the bytes were read at */
+	uint32_t kind;  /* PK_BLOB_* */
+	uint32_t len;  /* bytes that follow, padded to 8 */
+} __attribute__((aligned(8)));
+_Static_assert(sizeof(struct ubpf_printk_blob) == 16, "ubpf_printk_blob size");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_blob, addr) == 0, "ubpf_printk_blob.addr");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_blob, kind) == 8, "ubpf_printk_blob.kind");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_blob, len) == 12, "ubpf_printk_blob.len");
 
 /* a map's native descriptor, at its handle address */
 struct ubpf_map_desc {

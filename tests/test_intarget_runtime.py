@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.intarget_fixture import cpu_has, make_frame, needs_runtime, tid
-from ubpf_py.abi.runtime import PB_F_AT_ENTRY
+from ubpf_py.abi.runtime import PB_F_AT_ENTRY, RUNTIME_HEADER, THREAD_BLOCK
 from ubpf_py.intarget import runtime_build, runtime_obj
 from ubpf_py.intarget.arena import SharedArena
 
@@ -48,8 +48,8 @@ def test_object_has_no_undefined_symbols_and_no_vector_registers(tmp_path):
     if shutil.which("objdump"):
         dis = subprocess.run(["objdump", "-d", str(o)], capture_output=True, text=True, check=True).stdout
         assert "%xmm" not in dis and "%ymm" not in dis and "%zmm" not in dis
-    assert {1, 2, 3, 4, 5, 7, 8, 14, 15, 16, 25, 45, 67, 109, 112, 114, 117, 125, 130, 131, 132, 133,
-            134, 173, 174} <= runtime_obj.helper_ids()
+    assert {1, 2, 3, 4, 5, 6, 7, 8, 14, 15, 16, 25, 27, 45, 67, 109, 112, 114, 117, 125, 130, 131, 132,
+            133, 134, 173, 174, 177} <= runtime_obj.helper_ids()
 
 
 def test_cached_build_is_reused_and_digest_tracks_sources(tmp_path):
@@ -105,6 +105,7 @@ def test_uid_gid_after_setresuid_in_a_child(arena, rt):
     pid = os.fork()
     if pid == 0:   # the child changes its ids; the runtime must see the new ones at once
         try:
+            f.header[RUNTIME_HEADER.word("generation")] += 1   # what the tracer does at a fork
             os.setresgid(1234, 1234, 1234)
             os.setresuid(4321, 4321, 4321)
             v = rt.helper(15)(0, 0, 0, 0, 0, f.addr)
@@ -118,6 +119,19 @@ def test_uid_gid_after_setresuid_in_a_child(arena, rt):
     v, pt, cpid = struct.unpack("<QQQ", data)
     assert v == (1234 << 32) | 4321
     assert pt >> 32 == cpid   # a forked child reports its own tgid (nothing stale in the arena)
+    f.header[RUNTIME_HEADER.word("generation")] += 1   # (this test's thread block is shared)
+    assert rt.helper(14)(0, 0, 0, 0, 0, f.addr) >> 32 == os.getpid()
+
+
+def test_tgid_cache_follows_the_generation(arena, rt):
+    f = make_frame(arena)
+    gen = RUNTIME_HEADER.word("generation")
+    assert rt.helper(14)(0, 0, 0, 0, 0, f.addr) >> 32 == os.getpid()
+    assert f.thread[THREAD_BLOCK.word("tgid")] == os.getpid()
+    f.thread[THREAD_BLOCK.word("tgid")] = 12345        # the cache is what is used...
+    assert rt.helper(14)(0, 0, 0, 0, 0, f.addr) >> 32 == 12345
+    f.header[gen] += 1                                  # ...until the tracer bumps the generation
+    assert rt.helper(14)(0, 0, 0, 0, 0, f.addr) >> 32 == os.getpid()
 
 
 def test_cpu_rdpid_rdtscp_and_getcpu(arena, rt):
@@ -232,7 +246,7 @@ def test_get_stack_user_frame_pointer_walk(arena, rt):
 
 
 def test_ret_trampoline_frames_show_the_original_return(arena, rt):
-    from ubpf_py.abi.runtime import SHADOW_ENTRY, THREAD_BLOCK
+    from ubpf_py.abi.runtime import SHADOW_ENTRY
 
     f = make_frame(arena)
     stack = arena.alloc(4096, 16)
@@ -248,3 +262,28 @@ def test_ret_trampoline_frames_show_the_original_return(arena, rt):
     assert rt.helper(67)(0, ctypes.addressof(buf), 32, 1 << 8, 0, f.addr) == 16
     assert struct.unpack("<4Q", buf.raw)[:2] == (0x400000, 0x405555)
     f.set_header("ret_trampoline", 0)
+
+
+def test_user_reads_refuse_program_memory(arena, rt):
+    """Maps and runtime stacks are kernel memory to the kernel: probe_read_user faults on
+    them, probe_read (user or kernel) reads them."""
+    f = make_frame(arena)
+    src = arena.alloc(16, 8)
+    src.view[0:8] = b"inarena\0"
+    dst = ctypes.create_string_buffer(b"\xaa" * 8, 8)
+    assert rt.helper(112)(ctypes.addressof(dst), 8, src.addr, 0, 0, f.addr) == neg(EFAULT)
+    assert dst.raw == bytes(8)
+    assert rt.helper(114)(ctypes.addressof(dst), 8, src.addr, 0, 0, f.addr) == neg(EFAULT)
+    assert rt.helper(4)(ctypes.addressof(dst), 8, src.addr, 0, 0, f.addr) == 0 and dst.raw == b"inarena\0"
+    assert rt.helper(45)(ctypes.addressof(dst), 8, src.addr, 0, 0, f.addr) == 8
+
+
+def test_spin_lock_word(arena, rt):
+    f = make_frame(arena)
+    v = arena.alloc(16, 8)
+    w = v.view.cast("I")
+    assert rt.helper(93)(v.addr, 0, 0, 0, 0, f.addr) == 0 and w[0] == 1
+    t0 = time.monotonic()
+    assert rt.helper(93)(v.addr, 0, 0, 0, 0, f.addr) == 0    # held: gives up, never hangs the target
+    assert time.monotonic() - t0 < 30
+    assert rt.helper(94)(v.addr, 0, 0, 0, 0, f.addr) == 0 and w[0] == 0

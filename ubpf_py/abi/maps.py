@@ -64,6 +64,9 @@ KIND_ARRAY = 1
 KIND_HASH = 3
 KIND_RINGBUF = 4
 KIND_PERF = 5
+#: STACK_TRACE (no build ids): values = frames (val_stride = value_size apart), limit =
+#: buckets - 1, table = u32 hashes, keys = u32 frame counts, used = present bytes, count
+KIND_STACK = 6
 
 RB_WAKEUP = 1   # a Python consumer waits: Python producers wake it
 RB_BUSY = 2     # JIT fast paths must defer to the helper (Python inside, or positions owned by C)
@@ -88,7 +91,7 @@ PERF_RING = Layout("ubpf_perf_ring", [
 ALL = [MAP_DESC, PERF_RING]
 CONSTANTS = {
     "UBPF_KIND_NONE": KIND_NONE, "UBPF_KIND_ARRAY": KIND_ARRAY, "UBPF_KIND_HASH": KIND_HASH,
-    "UBPF_KIND_RINGBUF": KIND_RINGBUF, "UBPF_KIND_PERF": KIND_PERF,
+    "UBPF_KIND_RINGBUF": KIND_RINGBUF, "UBPF_KIND_PERF": KIND_PERF, "UBPF_KIND_STACK": KIND_STACK,
     "UBPF_RB_WAKEUP": RB_WAKEUP, "UBPF_RB_BUSY": RB_BUSY, "UBPF_RB_SHARED": RB_SHARED,
     "UBPF_TOMBSTONE": TOMBSTONE, "UBPF_LRU_NIL": LRU_NIL, "UBPF_LOCK_SPINS": LOCK_SPINS,
 }

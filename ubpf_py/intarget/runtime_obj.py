@@ -119,6 +119,8 @@ class TracerRuntime:
     rb_commit: ctypes._CFuncPtr      # (record, discard) -> 0 / -EINVAL
     rb_output: ctypes._CFuncPtr      # (desc, data, size) -> 0 / -EAGAIN
     perf_output: ctypes._CFuncPtr    # (desc, cpu, data, size, flags) -> 0 / -errno
+    stack_store: ctypes._CFuncPtr    # (desc, ips, n, flags) -> stack id / -errno
+    stack_delete: ctypes._CFuncPtr   # (desc, id) -> 0 / -ENOENT
 
     def helper(self, helper_id: int) -> ctypes._CFuncPtr:
         """``ubpf_helper_<id>(r1..r5, hit_frame)`` as a ctypes function (tests, benchmarks)."""
@@ -141,6 +143,8 @@ def tracer_runtime() -> TracerRuntime:
         img.fn("ubpf_rb_commit", F(_s64, _u64, _u64)),
         img.fn("ubpf_rb_output", F(_s64, _vp, _vp, _u64)),
         img.fn("ubpf_perf_output", F(_s64, _vp, _u64, _vp, _u64, _u64)),
+        img.fn("ubpf_stack_store", F(_s64, _vp, _vp, _u64, _u64)),
+        img.fn("ubpf_stack_delete", F(_s64, _vp, _u64)),
     )
 
 

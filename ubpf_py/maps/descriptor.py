@@ -30,6 +30,7 @@ from ubpf_py.abi.maps import (  # noqa: F401  (re-exported: the map code's names
     KIND_NONE,
     KIND_PERF,
     KIND_RINGBUF,
+    KIND_STACK,
     LRU_NIL,
     MAP_DESC,
     RB_BUSY,

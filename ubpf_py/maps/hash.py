@@ -102,16 +102,6 @@ class HashMap(Map):
         """LRU elements evicted to make room."""
         return self._dw[D.W["evictions"]] if self._c is not None else self._evictions
 
-    @property
-    def spin_lock_off(self) -> int | None:
-        return self._spin_lock_off
-
-    @spin_lock_off.setter
-    def spin_lock_off(self, off: int | None) -> None:
-        self._spin_lock_off = off
-        if self._c is not None:   # the C update keeps the lock word on BPF_F_LOCK
-            self._dw[D.W["spin_off"]] = 0 if off is None else off + 1
-
     def _c_slots(self):
         """Live slots in slot order (the C allocator's ``used`` bytes, up to ``fresh``)."""
         fresh = self._dw[D.W["fresh"]]
