@@ -117,6 +117,15 @@ static s64 array_update(const struct ubpf_map_desc *d, const void *key, const vo
 
 /* ---- HASH family: the index --------------------------------------------------------- */
 
+static inline int key_equal(const struct ubpf_map_desc *d, const u8 *stored, const u8 *key)
+{
+	switch (d->key_size) {   /* the common key sizes in one compare */
+	case 4: return *(const u32 *)stored == *(const u32 *)key;
+	case 8: return *(const u64 *)stored == *(const u64 *)key;
+	default: return rt_equal(stored, key, d->key_size);
+	}
+}
+
 /* slot + 1 of key, 0 when absent; *pos gets the table position */
 static u64 probe(const struct ubpf_map_desc *d, const u8 *key, u64 h, u64 *pos)
 {
@@ -126,7 +135,7 @@ static u64 probe(const struct ubpf_map_desc *d, const u8 *key, u64 h, u64 *pos)
 		u64 e = LOAD(&tab[i]);
 		if (!e)
 			return 0;
-		if (e != UBPF_TOMBSTONE && e - 1 < d->max_entries && rt_equal(slot_key(d, e - 1), key, d->key_size)) {
+		if (e != UBPF_TOMBSTONE && e - 1 < d->max_entries && key_equal(d, slot_key(d, e - 1), key)) {
 			if (pos)
 				*pos = i;
 			return e;
