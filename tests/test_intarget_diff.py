@@ -303,3 +303,56 @@ def test_get_stackid_helper_walks_the_user_stack(arena, rt):
     assert get(0, m.handle_addr, C.BPF_F_USER_STACK | 1, 0, 0, f.addr) != sid
     assert get(0, m.handle_addr, 0, 0, 0, f.addr) == (-14) & M64         # no kernel stack: -EFAULT
     assert get(0, m.handle_addr, 1 << 20, 0, 0, f.addr) == (-22) & M64   # unknown flag
+
+
+@pytest.mark.parametrize("mtype", [C.LRU_HASH, C.HASH])
+def test_many_threads_churn_one_small_map(arena, rt, drv, mtype):
+    """Inserts, deletes and LRU evictions from 6 C threads and the tracer's Python on the
+    same keys: no failed LRU update, no value under another key, and afterwards the
+    index, the live bytes, the free stack and the LRU list all agree."""
+    from ubpf_py.maps import descriptor as D
+
+    nthreads, iters, nkeys, cap = 6, 20000, 96, 64
+    m = create_map(MapSpec("c", mtype, 8, 16, cap if mtype == C.LRU_HASH else nkeys), alloc=arena)
+    f = make_frame(arena)
+    addr = {h: ctypes.cast(rt.helper(h), ctypes.c_void_p).value for h in (1, 2, 3)}
+    jobs = (Job * nthreads)()
+    for i, j in enumerate(jobs):
+        j.upd, j.dele, j.lookup = addr[2], addr[3], addr[1]
+        j.map, j.hf, j.id, j.iters, j.keys = m.handle_addr, f.addr, i + 1, iters, nkeys
+    stop = threading.Event()
+    py_bad: list[int] = []
+
+    def python_side():
+        i = 0
+        while not stop.is_set():
+            k = struct.pack("<Q", i % nkeys)
+            rc = m.update(k, struct.pack("<QQ", i % nkeys, i))
+            if rc != 0:
+                py_bad.append(rc)
+            i += 1
+
+    t = threading.Thread(target=python_side)
+    t.start()
+    assert drv.churn(jobs, nthreads) == 0
+    stop.set()
+    t.join()
+    assert sum(j.errors for j in jobs) == 0 and py_bad == []
+    keys = m.keys()
+    w = m._handle.view.cast("Q")
+    assert len(keys) == len(set(keys)) == len(m) <= (cap if mtype == C.LRU_HASH else nkeys)
+    for k in keys:
+        v = m.lookup(k)
+        assert v is not None and v[:8] == k
+    fresh, nfree = w[D.W["fresh"]], w[D.W["nfree"]]
+    assert fresh - nfree == len(m)
+    free = set(m._cfree.array.view("<u4")[:nfree].tolist())
+    assert len(free) == nfree and not free & set(int(s) for s in m._c_slots())
+    if mtype == C.LRU_HASH:
+        nxt = m._clru[1].array.view("<u4")
+        walk, s = [], w[D.W["lru_head"]]
+        while s != D.LRU_NIL and len(walk) <= cap:
+            walk.append(int(s))
+            s = nxt[s]
+        assert sorted(walk) == sorted(int(s) for s in m._c_slots())
+        assert m.evictions > 0
