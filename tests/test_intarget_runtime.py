@@ -287,3 +287,34 @@ def test_spin_lock_word(arena, rt):
     assert rt.helper(93)(v.addr, 0, 0, 0, 0, f.addr) == 0    # held: gives up, never hangs the target
     assert time.monotonic() - t0 < 30
     assert rt.helper(94)(v.addr, 0, 0, 0, 0, f.addr) == 0 and w[0] == 0
+
+
+def test_built_object_carries_its_source_digest(tmp_path):
+    out = tmp_path / "rt.o"
+    runtime_build.build(runtime_obj.RUNTIME_DIR, out)
+    assert runtime_obj._object_digest(out.read_bytes()) == runtime_build.digest(runtime_obj.RUNTIME_DIR)
+
+
+def test_no_compiler_means_a_clear_reason(tmp_path, monkeypatch):
+    from ubpf_py.errors import NotSupportedError
+    from ubpf_py.maps import consts as C
+    from ubpf_py.maps import create_map
+    from ubpf_py.maps.native_ops import runtime_for
+    from ubpf_py.obj.spec import MapSpec
+
+    monkeypatch.setattr(runtime_build, "compiler", lambda: None)
+    monkeypatch.setattr(runtime_obj, "PACKAGED", tmp_path / "absent.o")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    runtime_obj._locate.cache_clear()
+    try:
+        why = runtime_obj.unavailable_reason()
+        assert why is not None and "C compiler" in why
+        with pytest.raises(NotSupportedError, match=r"in-target execution: .*C compiler"):
+            runtime_obj.object_bytes()
+        with SharedArena(1 << 20) as a:
+            # maps in an arena keep their Python implementation (the in-target path is off)
+            m = create_map(MapSpec("h", C.HASH, 4, 8, 4), alloc=a)
+            assert runtime_for(a) is None and m._c is None
+            assert m.update(b"\1\0\0\0", bytes(8)) == 0 and len(m) == 1
+    finally:
+        runtime_obj._locate.cache_clear()
