@@ -9,8 +9,8 @@
  * Concurrency, as the kernel's bucket locks: inserts and deletes hold d->lock;
  * lookups take no lock (entries are published with a release store after the
  * key and value are written, a deleted entry becomes a tombstone, so a probe
- * never loses its way) and retry a miss when d->seq moved, i.e. when the table
- * was rebuilt in place meanwhile (seq is odd during a rebuild).
+ * never loses its way) and retry a miss when d->seq moved, i.e. when a rebuilt
+ * table was published meanwhile.
  * cpu < 0 means user space (the syscall): per-CPU values are the whole buffer.
  */
 #include "rt.h"
@@ -150,10 +150,6 @@ static u64 find(struct ubpf_map_desc *d, const u8 *key)
 	u64 h = key_hash(key, d->key_size);
 	for (u64 tries = 0; tries < UBPF_LOCK_SPINS; tries++) {
 		u64 seq = LOAD(&d->seq);
-		if (seq & 1) {
-			rt_pause();
-			continue;
-		}
 		u64 e = probe(d, key, h, 0);
 		if (e || LOAD(&d->seq) == seq)
 			return e;
@@ -161,9 +157,8 @@ static u64 find(struct ubpf_map_desc *d, const u8 *key)
 	return 0;
 }
 
-static void table_put(struct ubpf_map_desc *d, const u8 *key, u64 slot, int count_tombs)
+static void table_put(struct ubpf_map_desc *d, u64 *tab, const u8 *key, u64 slot, int count_tombs)
 {
-	u64 *tab = (u64 *)d->table;
 	u64 mask = d->limit, i = key_hash(key, d->key_size) & mask;
 	for (;;) {
 		u64 e = tab[i];
@@ -177,20 +172,23 @@ static void table_put(struct ubpf_map_desc *d, const u8 *key, u64 slot, int coun
 	}
 }
 
-/* tombstones past a quarter of the table: rebuild it in place (lock held).  Lookups
- * running meanwhile see seq odd or changed and retry their misses. */
+/* tombstones past a quarter of the table (lock held): fill the spare table with the
+ * live elements and publish it with one store; lookups that missed in the old one
+ * meanwhile see seq moved and retry.  The old table becomes the spare: it is only
+ * written again at the next rebuild, a quarter of a table's worth of deletes later. */
 static void rebuild(struct ubpf_map_desc *d)
 {
-	u64 *tab = (u64 *)d->table;
+	u64 *old = (u64 *)d->table, *tab = (u64 *)d->spare_table;
 	const u8 *used = (const u8 *)d->used;
-	STORE(&d->seq, d->seq + 1);
 	for (u64 i = 0; i <= d->limit; i++)
-		STORE(&tab[i], 0);
+		tab[i] = 0;
 	for (u64 s = 0; s < d->fresh; s++)
 		if (used[s])
-			table_put(d, slot_key(d, s), s, 0);
+			table_put(d, tab, slot_key(d, s), s, 0);
+	STORE(&d->table, (u64)tab);
+	d->spare_table = (u64)old;
 	d->tombs = 0;
-	STORE(&d->seq, d->seq + 1);
+	STORE(&d->seq, d->seq + 2);
 }
 
 /* ---- HASH family: slots and the LRU list (lock held) ---------------------------------- */
@@ -310,7 +308,7 @@ static s64 hash_update(struct ubpf_map_desc *d, const u8 *key, const u8 *value, 
 		lru_append(d, (u32)slot);
 	}
 	d->count++;
-	table_put(d, key, (u64)slot, 1);   /* publish last: readers see a complete element */
+	table_put(d, (u64 *)d->table, key, (u64)slot, 1);   /* publish last: readers see a complete element */
 out:
 	rt_unlock(&d->lock);
 	return rc;

@@ -291,7 +291,8 @@ struct ubpf_map_desc {
 	uint64_t spin_off;  /* offset + 1 of the value's struct bpf_spin_lock, 0: none */
 	uint64_t evictions;  /* LRU elements evicted to make room */
 	uint64_t perf_rings;  /* perf event array: address of ncpus PERF_RING headers */
-	uint64_t reserved[6];
+	uint64_t spare_table;  /* hash: the other index table; a rebuild fills it and swaps it with ``table`` */
+	uint64_t reserved[5];
 } __attribute__((aligned(64)));
 _Static_assert(sizeof(struct ubpf_map_desc) == 320, "ubpf_map_desc size");
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, kind) == 0, "ubpf_map_desc.kind");
@@ -328,7 +329,8 @@ _Static_assert(__builtin_offsetof(struct ubpf_map_desc, lru_tail) == 240, "ubpf_
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, spin_off) == 248, "ubpf_map_desc.spin_off");
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, evictions) == 256, "ubpf_map_desc.evictions");
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, perf_rings) == 264, "ubpf_map_desc.perf_rings");
-_Static_assert(__builtin_offsetof(struct ubpf_map_desc, reserved) == 272, "ubpf_map_desc.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, spare_table) == 272, "ubpf_map_desc.spare_table");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, reserved) == 280, "ubpf_map_desc.reserved");
 
 /* one CPU's perf buffer of a PERF_EVENT_ARRAY (records as the kernel writes them) */
 struct ubpf_perf_ring {

@@ -14,7 +14,9 @@ flag per slot (``used``) for iteration, and for LRU maps a list in insertion ord
 (``lru_prev``/``lru_next``/``lru_head``/``lru_tail``) plus reference bytes
 (``ref``).  Inserts and deletes hold ``lock`` (a spinlock word, taken by the
 target's threads and by the tracer through the same C code); lookups take no lock
-and retry a miss when ``seq`` moved (odd while the table is rebuilt in place).
+and retry a miss when ``seq`` moved.  A rebuild (tombstones past a quarter of the
+table) fills ``spare_table``, publishes it with one store of ``table`` and bumps
+``seq``: a reader still in the old table sees a complete, slightly stale index.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ MAP_DESC = Layout("ubpf_map_desc", [
     u64("spin_off", "offset + 1 of the value's struct bpf_spin_lock, 0: none"),
     u64("evictions", "LRU elements evicted to make room"),
     u64("perf_rings", "perf event array: address of ncpus PERF_RING headers"),
-    u64s("reserved", 6),
+    u64("spare_table", "hash: the other index table; a rebuild fills it and swaps it with ``table``"),
+    u64s("reserved", 5),
 ], doc="a map's native descriptor, at its handle address", align=64)
 
 KIND_NONE = 0
