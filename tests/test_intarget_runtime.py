@@ -318,3 +318,17 @@ def test_no_compiler_means_a_clear_reason(tmp_path, monkeypatch):
             assert m.update(b"\1\0\0\0", bytes(8)) == 0 and len(m) == 1
     finally:
         runtime_obj._locate.cache_clear()
+
+
+def test_vdso_clock_gettime_found_and_callable():
+    from ubpf_py.intarget.vdso import vdso_symbols
+
+    syms = vdso_symbols()
+    fn_addr = syms.get("__vdso_clock_gettime")
+    assert fn_addr
+    ts = (ctypes.c_long * 2)()
+    fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)(fn_addr)
+    a = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    assert fn(time.CLOCK_MONOTONIC, ts) == 0
+    b = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    assert a <= ts[0] * 1_000_000_000 + ts[1] <= b
