@@ -338,8 +338,16 @@ u64 ubpf_hash_find(struct ubpf_map_desc *d, const void *key)
 	return d->kind == UBPF_KIND_HASH ? find(d, key) : 0;
 }
 
+/* a CPU number beyond the map's copies (more CPUs online than the map was sized for)
+ * must never index past the slot: fold it into range */
+static inline s64 cpu_in_range(const struct ubpf_map_desc *d, s64 cpu)
+{
+	return cpu > 0 && d->cpu_stride && (u64)cpu >= d->ncpus ? (s64)((u64)cpu % d->ncpus) : cpu;
+}
+
 u64 ubpf_map_lookup(struct ubpf_map_desc *d, const void *key, s64 cpu)
 {
+	cpu = cpu_in_range(d, cpu);
 	if (d->kind == UBPF_KIND_ARRAY)
 		return array_lookup(d, key, cpu);
 	if (d->kind != UBPF_KIND_HASH)
@@ -354,6 +362,7 @@ u64 ubpf_map_lookup(struct ubpf_map_desc *d, const void *key, s64 cpu)
 
 s64 ubpf_map_update(struct ubpf_map_desc *d, const void *key, const void *value, u64 flags, s64 cpu)
 {
+	cpu = cpu_in_range(d, cpu);
 	if (d->kind == UBPF_KIND_ARRAY)
 		return array_update(d, key, value, flags, cpu);
 	if (d->kind == UBPF_KIND_HASH)

@@ -357,3 +357,14 @@ def test_many_threads_churn_one_small_map(arena, rt, drv, mtype):
             s = nxt[s]
         assert sorted(walk) == sorted(int(s) for s in m._c_slots())
         assert m.evictions > 0
+
+
+def test_cpu_beyond_the_maps_copies_stays_inside_the_slot(arena, rt):
+    m = create_map(MapSpec("p", C.PERCPU_ARRAY, 4, 8, 2), ncpus=2, alloc=arena)
+    key = struct.pack("<I", 1)
+    base = m.lookup_addr(key, 0)
+    for cpu in (0, 1, 2, 3, 4095):
+        a = rt.map_lookup(m.handle_addr, key, cpu)
+        assert base <= a < base + 2 * 8
+        assert rt.map_update(m.handle_addr, key, struct.pack("<Q", cpu + 1), 0, cpu) == 0
+    assert m.lookup(struct.pack("<I", 0)) == bytes(16)      # the neighbour element untouched
