@@ -102,3 +102,9 @@ HELPER(174)   /* bpf_get_attach_cookie */
 	(void)r1; (void)r2; (void)r3; (void)r4; (void)r5;
 	return ((struct ubpf_probe_block *)hf->probe)->cookie;
 }
+
+HELPER(160)   /* bpf_ktime_get_coarse_ns: CLOCK_MONOTONIC_COARSE */
+{
+	(void)r1; (void)r2; (void)r3; (void)r4; (void)r5;
+	return rt_ktime(hf, 6 /* CLOCK_MONOTONIC_COARSE */);
+}

@@ -368,3 +368,37 @@ def test_cpu_beyond_the_maps_copies_stays_inside_the_slot(arena, rt):
         assert base <= a < base + 2 * 8
         assert rt.map_update(m.handle_addr, key, struct.pack("<Q", cpu + 1), 0, cpu) == 0
     assert m.lookup(struct.pack("<I", 0)) == bytes(16)      # the neighbour element untouched
+
+
+def test_kernel_reads_strncmp_write_user_match_python(arena, rt):
+    """probe_read_kernel(_str) read only program memory (the arena here, the regions
+    there), with -ERANGE for user addresses like the kernel; strncmp; write_user."""
+    py, c = PySide([], 0), CSide(rt, make_frame(arena), arena)
+    outside = ctypes.create_string_buffer(b"target memory\0", 32)   # user memory to both
+    rng = random.Random(9)
+    for step in range(300):
+        s = bytes(rng.choice(b"abc\0") for _ in range(rng.randrange(1, 12)))
+        size = rng.choice([0, 1, 4, 8, 16])
+        for hid in (113, 115):
+            _put(py, 0, s.ljust(32, b"\0"))
+            _put(c, 0, s.ljust(32, b"\0"))
+            for which in ("prog", "user", "kernel"):
+                src = {"prog": None, "user": ctypes.addressof(outside), "kernel": 0xFFFF_8880_0000_0000}[which]
+                ps = py.scratch.addr if src is None else src
+                cs = c.scratch.addr if src is None else src
+                _put(py, 64, b"\xaa" * 16)
+                _put(c, 64, b"\xaa" * 16)
+                rp = py.call(hid, py.scratch.addr + 64, size, ps)
+                rc = c.call(hid, c.scratch.addr + 64, size, cs)
+                assert rp == rc, f"step {step}: helper {hid} {which} size {size}"
+                assert bytes(py.scratch.view[64:80]) == bytes(c.scratch.view[64:80])
+        t = bytes(rng.choice(b"abc") for _ in range(rng.randrange(0, 6))) + b"\0"
+        _put(py, 128, t)
+        _put(c, 128, t)
+        n = rng.randrange(0, 8)
+        assert py.call(182, py.scratch.addr, n, py.scratch.addr + 128) == \
+            c.call(182, c.scratch.addr, n, c.scratch.addr + 128), f"step {step}: strncmp {s!r} {t!r} {n}"
+    data = _put(c, 256, b"XYZ")
+    assert c.call(36, ctypes.addressof(outside), data, 3) == 0 and outside.raw[:4] == b"XYZg"
+    assert c.call(36, c.scratch.addr, data, 3) == (-14) & M64       # program memory is not user memory
+    assert c.call(36, 16, data, 3) == (-14) & M64
