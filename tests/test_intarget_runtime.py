@@ -70,7 +70,7 @@ def test_clocks_vdso_and_syscall(arena, rt):
             b = time.clock_gettime_ns(clock)
             assert a <= v <= b
         coarse = rt.helper(160)(0, 0, 0, 0, 0, f.addr)
-        assert abs(coarse - time.clock_gettime_ns(time.CLOCK_MONOTONIC_COARSE)) < 50_000_000
+        assert abs(coarse - time.clock_gettime_ns(6)) < 50_000_000   # 6: CLOCK_MONOTONIC_COARSE
 
 
 def test_pid_tgid_uid_gid_comm_in_threads(arena, rt):
