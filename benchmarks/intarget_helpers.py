@@ -16,8 +16,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tests.intarget_fixture import driver, make_frame
+from intarget_fixture import driver, make_frame
+
 from ubpf_py.intarget import runtime_obj
 from ubpf_py.intarget.arena import SharedArena
 from ubpf_py.maps import consts as C

@@ -11,8 +11,8 @@ import struct
 import threading
 
 import pytest
+from intarget_fixture import Job, driver, make_frame, needs_runtime
 
-from tests.intarget_fixture import Job, driver, make_frame, needs_runtime
 from ubpf_py.helpers import build_helper_table
 from ubpf_py.intarget import runtime_obj
 from ubpf_py.intarget.arena import SharedArena

@@ -13,8 +13,8 @@ import threading
 import time
 
 import pytest
+from intarget_fixture import cpu_has, make_frame, needs_runtime, tid
 
-from tests.intarget_fixture import cpu_has, make_frame, needs_runtime, tid
 from ubpf_py.abi.runtime import PB_F_AT_ENTRY, RUNTIME_HEADER, THREAD_BLOCK
 from ubpf_py.intarget import runtime_build, runtime_obj
 from ubpf_py.intarget.arena import SharedArena
