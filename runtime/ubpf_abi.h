@@ -126,9 +126,10 @@ struct ubpf_runtime_header {
 	uint64_t pid;  /* the target's tgid, written by the tracer (per process: fixed up in a forked child) */
 	uint64_t ret_trampoline;  /* address return probes put in place of return addresses: stack walks report the original from the thread's shadow stack instead */
 	uint64_t max_stack;  /* kernel.perf_event_max_stack (0: 127), the deepest stack get_stack(id) returns */
-	uint64_t reserved;
+	uint64_t hz;  /* CONFIG_HZ, for bpf_jiffies64 (0: the helper returns 0 jiffies since boot) */
+	uint64_t jiffies_base;  /* jiffies at CLOCK_MONOTONIC 0 (helpers/task_helpers.py _jiffies_base) */
 } __attribute__((aligned(8)));
-_Static_assert(sizeof(struct ubpf_runtime_header) == 128, "ubpf_runtime_header size");
+_Static_assert(sizeof(struct ubpf_runtime_header) == 136, "ubpf_runtime_header size");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, magic) == 0, "ubpf_runtime_header.magic");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, arena_base) == 8, "ubpf_runtime_header.arena_base");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, arena_size) == 16, "ubpf_runtime_header.arena_size");
@@ -144,7 +145,8 @@ _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, generation) == 88,
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, pid) == 96, "ubpf_runtime_header.pid");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, ret_trampoline) == 104, "ubpf_runtime_header.ret_trampoline");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, max_stack) == 112, "ubpf_runtime_header.max_stack");
-_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, reserved) == 120, "ubpf_runtime_header.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, hz) == 120, "ubpf_runtime_header.hz");
+_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, jiffies_base) == 128, "ubpf_runtime_header.jiffies_base");
 
 /* one per probe, in the arena */
 struct ubpf_probe_block {

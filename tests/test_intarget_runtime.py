@@ -49,7 +49,7 @@ def test_object_has_no_undefined_symbols_and_no_vector_registers(tmp_path):
         dis = subprocess.run(["objdump", "-d", str(o)], capture_output=True, text=True, check=True).stdout
         assert "%xmm" not in dis and "%ymm" not in dis and "%zmm" not in dis
     assert {1, 2, 3, 4, 5, 6, 7, 8, 14, 15, 16, 25, 27, 36, 45, 67, 93, 94, 109, 112, 113, 114, 115,
-            117, 125, 130, 131, 132, 133, 134, 160, 173, 174, 177, 182} <= runtime_obj.helper_ids()
+            117, 118, 125, 130, 131, 132, 133, 134, 160, 173, 174, 177, 182} <= runtime_obj.helper_ids()
 
 
 def test_cached_build_is_reused_and_digest_tracks_sources(tmp_path):
@@ -334,3 +334,17 @@ def test_vdso_clock_gettime_found_and_callable():
     assert fn(time.CLOCK_MONOTONIC, ts) == 0
     b = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     assert a <= ts[0] * 1_000_000_000 + ts[1] <= b
+
+
+def test_jiffies_from_the_host_calibration(arena, rt):
+    from ubpf_py.helpers.task_helpers import jiffies64
+    from ubpf_py.intarget.header import host_facts, write_header
+
+    f = make_frame(arena)
+    facts = host_facts()
+    write_header(f.header, **facts)
+    assert facts["max_stack"] >= 1 and facts["hz"] in (100, 250, 300, 1000)
+    a = jiffies64()
+    v = rt.helper(118)(0, 0, 0, 0, 0, f.addr)
+    b = jiffies64()
+    assert a <= v <= b
