@@ -84,14 +84,17 @@ HASHES = [C.HASH, C.PERCPU_HASH, C.LRU_HASH, C.LRU_PERCPU_HASH]
 
 
 @pytest.mark.parametrize("mtype", [*HASHES, C.ARRAY, C.PERCPU_ARRAY])
-@pytest.mark.parametrize("shape", ["k4v12", "k12v8", "k4v16lock"])
+@pytest.mark.parametrize("shape", ["k4v12", "k12v8", "k4v16lock", "k300v8noprealloc"])
 def test_map_ops_match_python(arena, rt, pinned, mtype, shape):
-    ks, vs = {"k4v12": (4, 12), "k12v8": (12, 8), "k4v16lock": (4, 16)}[shape]
+    ks, vs = {"k4v12": (4, 12), "k12v8": (12, 8), "k4v16lock": (4, 16), "k300v8noprealloc": (300, 8)}[shape]
+    flags = C.BPF_F_NO_PREALLOC if shape.endswith("noprealloc") else 0
+    if mtype in (C.ARRAY, C.PERCPU_ARRAY, C.LRU_HASH, C.LRU_PERCPU_HASH) and flags:
+        pytest.skip("arrays and LRU maps are always preallocated")
     if mtype in (C.ARRAY, C.PERCPU_ARRAY):
         ks = 4
-    spec = MapSpec("m", mtype, ks, vs, 24)
+    spec = MapSpec("m", mtype, ks, vs, 24, flags)
     py_map = create_map(spec, ncpus=4)
-    c_map = create_map(MapSpec("m", mtype, ks, vs, 24), ncpus=4, alloc=arena)
+    c_map = create_map(MapSpec("m", mtype, ks, vs, 24, flags), ncpus=4, alloc=arena)
     assert mtype in (C.ARRAY, C.PERCPU_ARRAY) or c_map._c is not None
     if shape.endswith("lock"):
         py_map.spin_lock_off = c_map.spin_lock_off = 4
