@@ -22,6 +22,8 @@
 #define UBPF_KIND_RINGBUF 0x4ULL
 #define UBPF_KIND_PERF 0x5ULL
 #define UBPF_KIND_STACK 0x6ULL
+#define UBPF_KIND_QUEUE 0x7ULL
+#define UBPF_KIND_BLOOM 0x8ULL
 #define UBPF_RB_WAKEUP 0x1ULL
 #define UBPF_RB_BUSY 0x2ULL
 #define UBPF_RB_SHARED 0x4ULL
@@ -294,7 +296,11 @@ struct ubpf_map_desc {
 	uint64_t evictions;  /* LRU elements evicted to make room */
 	uint64_t perf_rings;  /* perf event array: address of ncpus PERF_RING headers */
 	uint64_t spare_table;  /* hash: the other index table; a rebuild fills it and swaps it with ``table`` */
-	uint64_t reserved[5];
+	uint64_t head;  /* queue/stack: next slot to push */
+	uint64_t tail;  /* queue/stack: oldest element */
+	uint64_t lifo;  /* stack: 1 (pop the newest) */
+	uint64_t seed;  /* bloom filter: hash seed */
+	uint64_t nr_hash;  /* bloom filter: hash functions */
 } __attribute__((aligned(64)));
 _Static_assert(sizeof(struct ubpf_map_desc) == 320, "ubpf_map_desc size");
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, kind) == 0, "ubpf_map_desc.kind");
@@ -332,7 +338,11 @@ _Static_assert(__builtin_offsetof(struct ubpf_map_desc, spin_off) == 248, "ubpf_
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, evictions) == 256, "ubpf_map_desc.evictions");
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, perf_rings) == 264, "ubpf_map_desc.perf_rings");
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, spare_table) == 272, "ubpf_map_desc.spare_table");
-_Static_assert(__builtin_offsetof(struct ubpf_map_desc, reserved) == 280, "ubpf_map_desc.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, head) == 280, "ubpf_map_desc.head");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, tail) == 288, "ubpf_map_desc.tail");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, lifo) == 296, "ubpf_map_desc.lifo");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, seed) == 304, "ubpf_map_desc.seed");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, nr_hash) == 312, "ubpf_map_desc.nr_hash");
 
 /* one CPU's perf buffer of a PERF_EVENT_ARRAY (records as the kernel writes them) */
 struct ubpf_perf_ring {

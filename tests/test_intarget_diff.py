@@ -405,3 +405,41 @@ def test_kernel_reads_strncmp_write_user_match_python(arena, rt):
     assert c.call(36, ctypes.addressof(outside), data, 3) == 0 and outside.raw[:4] == b"XYZg"
     assert c.call(36, c.scratch.addr, data, 3) == (-14) & M64       # program memory is not user memory
     assert c.call(36, 16, data, 3) == (-14) & M64
+
+
+@pytest.mark.parametrize("mtype", [C.QUEUE, C.STACK, C.BLOOM_FILTER])
+@pytest.mark.parametrize("vs", [4, 6, 16])
+def test_queue_stack_bloom_match_python(arena, rt, mtype, vs):
+    flags = C.BPF_F_ZERO_SEED if mtype == C.BLOOM_FILTER else 0
+    py_m = create_map(MapSpec("q", mtype, 0, vs, 5, flags))
+    c_m = create_map(MapSpec("q", mtype, 0, vs, 5, flags), alloc=arena)
+    assert c_m._c is not None
+    py, c = PySide([py_m], 0), CSide(rt, make_frame(arena), arena)
+    rng = random.Random(mtype * 10 + vs)
+    for step in range(600):
+        v = bytes(rng.randrange(4) for _ in range(vs))   # few values: bloom hits and misses
+        op = rng.random()
+        if op < 0.4:
+            fl = rng.choice([0, 0, C.BPF_EXIST, C.BPF_NOEXIST, 8])
+            assert py.call(87, py_m.handle_addr, _put(py, 0, v), fl) == \
+                c.call(87, c_m.handle_addr, _put(c, 0, v), fl), f"step {step}: push"
+        elif op < 0.8:
+            hid = rng.choice([88, 89])
+            _put(py, 0, v)
+            _put(c, 0, v)
+            _put(py, 64, b"\xaa" * vs)
+            _put(c, 64, b"\xaa" * vs)
+            dst = 0 if (hid == 89 and mtype == C.BLOOM_FILTER) else 64
+            assert py.call(hid, py_m.handle_addr, py.scratch.addr + dst) == \
+                c.call(hid, c_m.handle_addr, c.scratch.addr + dst), f"step {step}: helper {hid}"
+            assert bytes(py.scratch.view[64:64 + vs]) == bytes(c.scratch.view[64:64 + vs])
+        else:   # the tracer pushes and pops the shared map too
+            if rng.random() < 0.5:
+                assert py_m.push(v, C.BPF_EXIST if mtype != C.BLOOM_FILTER else 0) == \
+                    c_m.push(v, C.BPF_EXIST if mtype != C.BLOOM_FILTER else 0)
+            else:
+                assert py_m.pop() == c_m.pop()
+    if mtype != C.BLOOM_FILTER:
+        assert py_m.values() == c_m.values() and len(py_m) == len(c_m)
+    else:
+        assert bytes(py_m._bits) == bytes(c_m._bits)

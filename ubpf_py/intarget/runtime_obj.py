@@ -124,6 +124,10 @@ class TracerRuntime:
     perf_output: ctypes._CFuncPtr    # (desc, cpu, data, size, flags) -> 0 / -errno
     stack_store: ctypes._CFuncPtr    # (desc, ips, n, flags) -> stack id / -errno
     stack_delete: ctypes._CFuncPtr   # (desc, id) -> 0 / -ENOENT
+    queue_push: ctypes._CFuncPtr     # (desc, value, flags) -> 0 / -errno
+    queue_take: ctypes._CFuncPtr     # (desc, out, remove) -> 0 / -ENOENT
+    bloom_push: ctypes._CFuncPtr     # (desc, value, flags) -> 0 / -EINVAL
+    bloom_peek: ctypes._CFuncPtr     # (desc, value) -> 0 (maybe present) / -ENOENT
 
     def helper(self, helper_id: int) -> ctypes._CFuncPtr:
         """``ubpf_helper_<id>(r1..r5, hit_frame)`` as a ctypes function (tests, benchmarks)."""
@@ -148,6 +152,10 @@ def tracer_runtime() -> TracerRuntime:
         img.fn("ubpf_perf_output", F(_s64, _vp, _u64, _vp, _u64, _u64)),
         img.fn("ubpf_stack_store", F(_s64, _vp, _vp, _u64, _u64)),
         img.fn("ubpf_stack_delete", F(_s64, _vp, _u64)),
+        img.fn("ubpf_queue_push", F(_s64, _vp, _vp, _u64)),
+        img.fn("ubpf_queue_take", F(_s64, _vp, _vp, _u64)),
+        img.fn("ubpf_bloom_push", F(_s64, _vp, _vp, _u64)),
+        img.fn("ubpf_bloom_peek", F(_s64, _vp, _vp)),
     )
 
 
