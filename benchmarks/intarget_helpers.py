@@ -16,8 +16,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tests.intarget_fixture import driver, make_frame
+from intarget_fixture import driver, make_frame
+
 from ubpf_py.intarget import runtime_obj
 from ubpf_py.intarget.arena import SharedArena
 from ubpf_py.maps import consts as C
@@ -45,7 +47,8 @@ def measure(n: int) -> list[tuple[str, float]]:
     key = scratch.addr
     val = scratch.addr + 64
     dst = scratch.addr + 128
-    src = scratch.addr + 256
+    user = ctypes.create_string_buffer(b"abcdefg\0", 64)   # target memory: outside the arena
+    src = ctypes.addressof(user)
     scratch.view[0:4] = (7).to_bytes(4, "little")
     for m in (h, lru):
         m.update((7).to_bytes(4, "little"), bytes(8))
@@ -68,13 +71,14 @@ def measure(n: int) -> list[tuple[str, float]]:
         ("get_current_uid_gid", 15, (0, 0, 0, 0, 0)),
         ("get_prandom_u32", 7, (0, 0, 0, 0, 0)),
     ]
-    scratch.view[256:264] = b"abcdefg\0"
-    out = []
-    for name, hid, args in cases:
+    def best(hid: int, args: tuple[int, ...]) -> float:
+        """the fastest of 5 rounds: the machine is shared, the minimum is the helper's cost"""
         lib.bench(addr(hid), *args, f.addr, n // 10)     # warm up
-        out.append((name, lib.bench(addr(hid), *args, f.addr, n)))
+        return min(lib.bench(addr(hid), *args, f.addr, n // 5) for _ in range(5))
+
+    out = [(name, best(hid, args)) for name, hid, args in cases]
     f.set_header("vdso_clock_gettime", 0)
-    out.append(("ktime_get_ns (syscall, no vDSO)", lib.bench(addr(5), 0, 0, 0, 0, 0, f.addr, n)))
+    out.append(("ktime_get_ns (syscall, no vDSO)", best(5, (0, 0, 0, 0, 0))))
     return out
 
 

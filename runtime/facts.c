@@ -102,3 +102,18 @@ HELPER(174)   /* bpf_get_attach_cookie */
 	(void)r1; (void)r2; (void)r3; (void)r4; (void)r5;
 	return ((struct ubpf_probe_block *)hf->probe)->cookie;
 }
+
+HELPER(160)   /* bpf_ktime_get_coarse_ns: CLOCK_MONOTONIC_COARSE */
+{
+	(void)r1; (void)r2; (void)r3; (void)r4; (void)r5;
+	return rt_ktime(hf, 6 /* CLOCK_MONOTONIC_COARSE */);
+}
+
+HELPER(118)   /* bpf_jiffies64: the tracer's calibration (header hz, jiffies_base) on CLOCK_MONOTONIC */
+{
+	(void)r1; (void)r2; (void)r3; (void)r4; (void)r5;
+	const struct ubpf_runtime_header *rt = (const void *)hf->runtime;
+	u64 ns = rt_ktime(hf, CLOCK_MONOTONIC), hz = rt->hz;
+	/* floor(ns * hz / 1e9) without a 128-bit product */
+	return rt->jiffies_base + ns / 1000000000ull * hz + ns % 1000000000ull * hz / 1000000000ull;
+}

@@ -108,7 +108,7 @@ long rt_read_user(const struct ubpf_hit_frame *hf, void *dst, u64 src, u64 n)
  * the NUL into dst. */
 long rt_read_user_str(const struct ubpf_hit_frame *hf, char *dst, u64 src, u64 size)
 {
-	char tmp[128];
+	char tmp[256];
 	u64 want, got = 0;
 	if (!size)
 		return 0;

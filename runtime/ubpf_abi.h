@@ -23,6 +23,8 @@
 #define UBPF_KIND_RINGBUF 0x4ULL
 #define UBPF_KIND_PERF 0x5ULL
 #define UBPF_KIND_STACK 0x6ULL
+#define UBPF_KIND_QUEUE 0x7ULL
+#define UBPF_KIND_BLOOM 0x8ULL
 #define UBPF_RB_WAKEUP 0x1ULL
 #define UBPF_RB_BUSY 0x2ULL
 #define UBPF_RB_SHARED 0x4ULL
@@ -129,9 +131,10 @@ struct ubpf_runtime_header {
 	uint64_t pid;  /* the target's tgid, written by the tracer (per process: fixed up in a forked child) */
 	uint64_t ret_trampoline;  /* address return probes put in place of return addresses: stack walks report the original from the thread's shadow stack instead */
 	uint64_t max_stack;  /* kernel.perf_event_max_stack (0: 127), the deepest stack get_stack(id) returns */
-	uint64_t reserved;
+	uint64_t hz;  /* CONFIG_HZ, for bpf_jiffies64 (0: the helper returns 0 jiffies since boot) */
+	uint64_t jiffies_base;  /* jiffies at CLOCK_MONOTONIC 0 (helpers/task_helpers.py _jiffies_base) */
 } __attribute__((aligned(8)));
-_Static_assert(sizeof(struct ubpf_runtime_header) == 128, "ubpf_runtime_header size");
+_Static_assert(sizeof(struct ubpf_runtime_header) == 136, "ubpf_runtime_header size");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, magic) == 0, "ubpf_runtime_header.magic");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, arena_base) == 8, "ubpf_runtime_header.arena_base");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, arena_size) == 16, "ubpf_runtime_header.arena_size");
@@ -147,7 +150,8 @@ _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, generation) == 88,
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, pid) == 96, "ubpf_runtime_header.pid");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, ret_trampoline) == 104, "ubpf_runtime_header.ret_trampoline");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, max_stack) == 112, "ubpf_runtime_header.max_stack");
-_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, reserved) == 120, "ubpf_runtime_header.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, hz) == 120, "ubpf_runtime_header.hz");
+_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, jiffies_base) == 128, "ubpf_runtime_header.jiffies_base");
 
 /* one per probe, in the arena */
 struct ubpf_probe_block {
@@ -324,7 +328,12 @@ struct ubpf_map_desc {
 	uint64_t spin_off;  /* offset + 1 of the value's struct bpf_spin_lock, 0: none */
 	uint64_t evictions;  /* LRU elements evicted to make room */
 	uint64_t perf_rings;  /* perf event array: address of ncpus PERF_RING headers */
-	uint64_t reserved[6];
+	uint64_t spare_table;  /* hash: the other index table; a rebuild fills it and swaps it with ``table`` */
+	uint64_t head;  /* queue/stack: next slot to push */
+	uint64_t tail;  /* queue/stack: oldest element */
+	uint64_t lifo;  /* stack: 1 (pop the newest) */
+	uint64_t seed;  /* bloom filter: hash seed */
+	uint64_t nr_hash;  /* bloom filter: hash functions */
 } __attribute__((aligned(64)));
 _Static_assert(sizeof(struct ubpf_map_desc) == 320, "ubpf_map_desc size");
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, kind) == 0, "ubpf_map_desc.kind");
@@ -361,7 +370,12 @@ _Static_assert(__builtin_offsetof(struct ubpf_map_desc, lru_tail) == 240, "ubpf_
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, spin_off) == 248, "ubpf_map_desc.spin_off");
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, evictions) == 256, "ubpf_map_desc.evictions");
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, perf_rings) == 264, "ubpf_map_desc.perf_rings");
-_Static_assert(__builtin_offsetof(struct ubpf_map_desc, reserved) == 272, "ubpf_map_desc.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, spare_table) == 272, "ubpf_map_desc.spare_table");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, head) == 280, "ubpf_map_desc.head");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, tail) == 288, "ubpf_map_desc.tail");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, lifo) == 296, "ubpf_map_desc.lifo");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, seed) == 304, "ubpf_map_desc.seed");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, nr_hash) == 312, "ubpf_map_desc.nr_hash");
 
 /* one CPU's perf buffer of a PERF_EVENT_ARRAY (records as the kernel writes them) */
 struct ubpf_perf_ring {

@@ -89,8 +89,12 @@ def test_errors_name_the_symbol_and_type(tmp_path):
     with pytest.raises(LinkError, match=r"undefined symbol 'b_counter' referenced by a"):
         link(objs, 0x10000)
     tls = _cc(tmp_path, "t", "__thread int tv; int get(void) { return tv; }\n", "-fPIC", "-ftls-model=initial-exec")
-    with pytest.raises(NotSupportedError, match="R_X86_64_GOTTPOFF"):
+    with pytest.raises(NotSupportedError, match="thread-local storage"):
         link([tls], 0x10000)
+    got_tp = _cc(tmp_path, "g", "extern __thread int tv; int get(void) { return tv; }\n", "-fPIC",
+                 "-ftls-model=initial-exec")
+    with pytest.raises(NotSupportedError, match="R_X86_64_GOTTPOFF"):
+        link([got_tp], 0x10000, {"tv": 0})
     dup = _cc(tmp_path, "d", "int b_counter = 1;\n", "-fPIC")
     b = _cc(tmp_path, "b", B_C, "-fPIC")
     with pytest.raises(LinkError, match="defined twice"):

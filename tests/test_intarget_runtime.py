@@ -13,8 +13,8 @@ import threading
 import time
 
 import pytest
+from intarget_fixture import cpu_has, make_frame, needs_runtime, tid
 
-from tests.intarget_fixture import cpu_has, make_frame, needs_runtime, tid
 from ubpf_py.abi.runtime import PB_F_AT_ENTRY, RUNTIME_HEADER, THREAD_BLOCK
 from ubpf_py.intarget import runtime_build, runtime_obj
 from ubpf_py.intarget.arena import SharedArena
@@ -48,8 +48,8 @@ def test_object_has_no_undefined_symbols_and_no_vector_registers(tmp_path):
     if shutil.which("objdump"):
         dis = subprocess.run(["objdump", "-d", str(o)], capture_output=True, text=True, check=True).stdout
         assert "%xmm" not in dis and "%ymm" not in dis and "%zmm" not in dis
-    assert {1, 2, 3, 4, 5, 6, 7, 8, 14, 15, 16, 25, 27, 45, 67, 109, 112, 114, 117, 125, 130, 131, 132,
-            133, 134, 173, 174, 177} <= runtime_obj.helper_ids()
+    assert {1, 2, 3, 4, 5, 6, 7, 8, 14, 15, 16, 25, 27, 36, 45, 67, 87, 88, 89, 93, 94, 109, 112, 113, 114, 115,
+            117, 118, 125, 130, 131, 132, 133, 134, 160, 173, 174, 177, 182} <= runtime_obj.helper_ids()
 
 
 def test_cached_build_is_reused_and_digest_tracks_sources(tmp_path):
@@ -69,6 +69,8 @@ def test_clocks_vdso_and_syscall(arena, rt):
             v = rt.helper(hid)(0, 0, 0, 0, 0, f.addr)
             b = time.clock_gettime_ns(clock)
             assert a <= v <= b
+        coarse = rt.helper(160)(0, 0, 0, 0, 0, f.addr)
+        assert abs(coarse - time.clock_gettime_ns(6)) < 50_000_000   # 6: CLOCK_MONOTONIC_COARSE
 
 
 def test_pid_tgid_uid_gid_comm_in_threads(arena, rt):
@@ -287,3 +289,62 @@ def test_spin_lock_word(arena, rt):
     assert rt.helper(93)(v.addr, 0, 0, 0, 0, f.addr) == 0    # held: gives up, never hangs the target
     assert time.monotonic() - t0 < 30
     assert rt.helper(94)(v.addr, 0, 0, 0, 0, f.addr) == 0 and w[0] == 0
+
+
+def test_built_object_carries_its_source_digest(tmp_path):
+    out = tmp_path / "rt.o"
+    runtime_build.build(runtime_obj.RUNTIME_DIR, out)
+    assert runtime_obj._object_digest(out.read_bytes()) == runtime_build.digest(runtime_obj.RUNTIME_DIR)
+
+
+def test_no_compiler_means_a_clear_reason(tmp_path, monkeypatch):
+    from ubpf_py.errors import NotSupportedError
+    from ubpf_py.maps import consts as C
+    from ubpf_py.maps import create_map
+    from ubpf_py.maps.native_ops import runtime_for
+    from ubpf_py.obj.spec import MapSpec
+
+    monkeypatch.setattr(runtime_build, "compiler", lambda: None)
+    monkeypatch.setattr(runtime_obj, "PACKAGED", tmp_path / "absent.o")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    runtime_obj._locate.cache_clear()
+    try:
+        why = runtime_obj.unavailable_reason()
+        assert why is not None and "C compiler" in why
+        with pytest.raises(NotSupportedError, match=r"in-target execution: .*C compiler"):
+            runtime_obj.object_bytes()
+        with SharedArena(1 << 20) as a:
+            # maps in an arena keep their Python implementation (the in-target path is off)
+            m = create_map(MapSpec("h", C.HASH, 4, 8, 4), alloc=a)
+            assert runtime_for(a) is None and m._c is None
+            assert m.update(b"\1\0\0\0", bytes(8)) == 0 and len(m) == 1
+    finally:
+        runtime_obj._locate.cache_clear()
+
+
+def test_vdso_clock_gettime_found_and_callable():
+    from ubpf_py.intarget.vdso import vdso_symbols
+
+    syms = vdso_symbols()
+    fn_addr = syms.get("__vdso_clock_gettime")
+    assert fn_addr
+    ts = (ctypes.c_long * 2)()
+    fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)(fn_addr)
+    a = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    assert fn(time.CLOCK_MONOTONIC, ts) == 0
+    b = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    assert a <= ts[0] * 1_000_000_000 + ts[1] <= b
+
+
+def test_jiffies_from_the_host_calibration(arena, rt):
+    from ubpf_py.helpers.task_helpers import jiffies64
+    from ubpf_py.intarget.header import host_facts, write_header
+
+    f = make_frame(arena)
+    facts = host_facts()
+    write_header(f.header, **facts)
+    assert facts["max_stack"] >= 1 and facts["hz"] in (100, 250, 300, 1000)
+    a = jiffies64()
+    v = rt.helper(118)(0, 0, 0, 0, 0, f.addr)
+    b = jiffies64()
+    assert a <= v <= b

@@ -47,7 +47,8 @@ RUNTIME_HEADER = Layout("ubpf_runtime_header", [
     u64("ret_trampoline", "address return probes put in place of return addresses: stack walks "
         "report the original from the thread's shadow stack instead"),
     u64("max_stack", "kernel.perf_event_max_stack (0: 127), the deepest stack get_stack(id) returns"),
-    u64s("reserved", 1),
+    u64("hz", "CONFIG_HZ, for bpf_jiffies64 (0: the helper returns 0 jiffies since boot)"),
+    u64("jiffies_base", "jiffies at CLOCK_MONOTONIC 0 (helpers/task_helpers.py _jiffies_base)"),
 ], doc="at the start of the arena")
 
 #: PROBE_BLOCK.flags
