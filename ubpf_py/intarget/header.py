@@ -11,23 +11,13 @@ from __future__ import annotations
 from ubpf_py.abi.runtime import RT_F_RDPID, RUNTIME_HEADER
 from ubpf_py.helpers.task_helpers import _jiffies_base
 from ubpf_py.maps.consts import perf_event_max_stack
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+from ubpf_py.sysinfo import cpu_has
 
 
 def host_facts() -> dict[str, int]:
     """Header fields that are the same for every process on this machine."""
     base, hz = _jiffies_base()
-    return {"flags": RT_F_RDPID if "rdpid" in _cpu_flags() else 0, "max_stack": perf_event_max_stack(),
+    return {"flags": RT_F_RDPID if cpu_has("rdpid") else 0, "max_stack": perf_event_max_stack(),
             "hz": hz, "jiffies_base": base}
 
 

@@ -20,7 +20,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from ubpf_py.abi.runtime import RT_F_FSGSBASE, RT_F_RDPID, RUNTIME_HEADER, RUNTIME_MAGIC, THREAD_BLOCK
+from ubpf_py.abi.runtime import RT_F_FSGSBASE, RUNTIME_HEADER, RUNTIME_MAGIC, THREAD_BLOCK
 from ubpf_py.errors import ProbeError
 from ubpf_py.intarget import vdso
 from ubpf_py.intarget.inject import (
@@ -34,7 +34,6 @@ from ubpf_py.intarget.inject import (
     write_code,
 )
 from ubpf_py.probe import ptrace as P
-from ubpf_py.sysinfo import cpu_has
 
 #: thread table: slots of SLOT_SIZE bytes (THREAD_BLOCK, then the runtime stack to the slot's
 #: end: room for 8 BPF frames of 512 bytes, helpers, and a signal frame delivered meanwhile)
@@ -154,13 +153,17 @@ def map_arena(mapper: TargetMapper, mem: P.ProcMem, tid: int, plan: SpacePlan, f
 
 def header_bytes(plan: SpacePlan, pid: int, printk_ring: int) -> bytes:
     """This process's RUNTIME_HEADER (private: the pid and vDSO addresses are per process)."""
+    from ubpf_py.intarget.header import host_facts
+
     syms = vdso.vdso_symbols(pid)
-    flags = (RT_F_FSGSBASE if vdso.has_fsgsbase(pid) else 0) | (RT_F_RDPID if cpu_has("rdpid") else 0)
     words = [0] * (RUNTIME_HEADER.size // 8)
 
     def put(name: str, value: int) -> None:
         words[RUNTIME_HEADER.word(name)] = value
 
+    for name, value in host_facts().items():
+        put(name, value)
+    flags = words[RUNTIME_HEADER.word("flags")] | (RT_F_FSGSBASE if vdso.has_fsgsbase(pid) else 0)
     put("magic", RUNTIME_MAGIC)
     put("arena_base", plan.arena_addr)
     put("arena_size", plan.arena_size)
@@ -174,6 +177,7 @@ def header_bytes(plan: SpacePlan, pid: int, printk_ring: int) -> bytes:
     put("tracer_pid", os.getpid())
     put("generation", 1)
     put("pid", pid)
+    put("ret_trampoline", plan.ret_tramp_addr)
     return struct.pack(f"<{len(words)}Q", *words)
 
 
