@@ -167,11 +167,14 @@ class UserspaceBackend:
             plumbing.after_hit.append(guarded_tick)
             if session.native_loop:
                 session.add_poll(guarded_tick, tick_every)
-                old = signal.signal(TICK_SIGNAL, lambda s, f: None)   # wakes the C loop (wakeup fd)
-            else:
-                old = signal.signal(TICK_SIGNAL, lambda s, f: guarded_tick())
-            waker = _Waker(tick_every)
-            waker.start()
+            if threading.current_thread() is threading.main_thread():
+                # the C loop wakes on any handled signal (wakeup fd) and then runs its poll hooks;
+                # the Python loop runs the handler itself (in_program keeps it out of programs)
+                old = signal.signal(TICK_SIGNAL, (lambda s, f: None) if session.native_loop
+                                    else (lambda s, f: guarded_tick()))
+                waker = _Waker(tick_every)
+                waker.start()
+            # off the main thread (no signals there): ticks come with hits and C-loop polls only
         try:
             return session.run(duration=duration)
         finally:
