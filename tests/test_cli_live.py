@@ -85,11 +85,17 @@ def _scrape(url: str) -> str:
         return r.read().decode()
 
 
-@pytest.mark.parametrize("env", LOOPS)
+@pytest.mark.parametrize("env", [*LOOPS, pytest.param({"backend": "kernel"}, id="kernel")])
 def test_metrics_endpoint_scraped_while_target_runs(env):
     from prometheus_client.parser import text_string_to_metric_families
 
-    argv = [sys.executable, "-m", "ubpf_py.cli", ALLOCS, *ATTACH, "--metrics", "127.0.0.1:0", "--",
+    from ubpf_py.kernel.syscall import kernel_bpf_skip_reason
+
+    env = dict(env)
+    backend = ["--backend", env.pop("backend")] if "backend" in env else []
+    if backend and kernel_bpf_skip_reason():
+        pytest.skip(kernel_bpf_skip_reason())
+    argv = [sys.executable, "-m", "ubpf_py.cli", ALLOCS, *ATTACH, *backend, "--metrics", "127.0.0.1:0", "--",
             "python3", "-c", ROUNDS.format(n=1, pause=4)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cli_env(env))
     try:
