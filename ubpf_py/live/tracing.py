@@ -135,11 +135,6 @@ class UserspaceBackend:
             add_native_poll(session, list(coll.programs.values()), plumbing)
         return st, detail
 
-    def detach_probe(self, st: ProbeStats) -> None:
-        from ubpf_py.errors import NotSupportedError
-
-        raise NotSupportedError("detaching one probe of a running userspace session (detach the object)")
-
     # ---- run ---------------------------------------------------------------------------
     def run(self, duration: float | None, tick: Callable[[], None] | None = None,
             tick_every: float | None = None) -> int | None:
@@ -215,11 +210,6 @@ class UserspaceBackend:
         if self.session is not None:
             with contextlib.suppress(UbpfError, OSError):
                 self.session.detach()
-
-    def kill_target(self) -> None:
-        if self.session is not None:
-            with contextlib.suppress(UbpfError, OSError):
-                self.session.kill()
 
     close = detach
 
