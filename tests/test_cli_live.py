@@ -203,6 +203,8 @@ def test_dump_text_and_json_match_llvm_objdump(tmp_path: Path):
     assert "; __sync_fetch_and_add(&calls, 1);  [mallocsize.bpf.c:37]" in p.stdout
     assert re.search(r"^  [\w.]+bss\+256: __u64 calls \(8 bytes, global\) = 0$", p.stdout, re.M), p.stdout
     assert re.search(r"^  \[\d+\] STRUCT 'pt_regs' size=168$", p.stdout, re.M)
+    alias = run_cli("--dump", str(obj), "--no-btf")
+    assert alias.returncode == 0 and "program malloc_entry" in alias.stdout and "\nbtf:" not in alias.stdout
     j = run_cli("dump", "-j", str(obj))
     desc = json.loads(j.stdout)
     prog = desc["programs"][0]
