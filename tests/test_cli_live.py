@@ -110,7 +110,9 @@ def test_metrics_endpoint_scraped_while_target_runs(env):
         while True:   # the target allocates at once, then sleeps: the tick refreshes the snapshot
             fams = {f.name: f for f in text_string_to_metric_families(_scrape(url))}
             counts = fams.get("ubpf_counts")
-            if counts and any(s.labels.get("comm") == "python3" and s.value > 1000 for s in counts.samples):
+            big = fams.get("ubpf_big")
+            # every bytearray allocated: the 78 of them >= min_size (64 KiB) are counted in `big`
+            if counts and big and big.samples[0].value >= len(range(66000, 300000, 3000)):
                 break
             assert time.monotonic() < deadline, sorted(fams)
             time.sleep(0.3)
