@@ -7,7 +7,61 @@
 #define UBPF_RT_F_FSGSBASE 0x1ULL
 #define UBPF_RT_F_RDPID 0x2ULL
 #define UBPF_PB_F_RETURN 0x1ULL
+#define UBPF_PB_F_AT_ENTRY 0x2ULL
 #define UBPF_SHADOW_DEPTH 0x40ULL
+#define UBPF_SITE_MAX_PROBES 0x8ULL
+#define UBPF_PRINTK_MAX_ARGS 0xcULL
+#define UBPF_PRINTK_MAX_FMT 0x400ULL
+#define UBPF_PRINTK_MAX_STR 0x200ULL
+#define UBPF_PK_BLOB_STR 0x1ULL
+#define UBPF_PK_BLOB_MEM 0x2ULL
+#define UBPF_PK_BLOB_FAULT 0x80ULL
+#define UBPF_PK_BLOB_PROG 0x40ULL
+#define UBPF_KIND_NONE 0x0ULL
+#define UBPF_KIND_ARRAY 0x1ULL
+#define UBPF_KIND_HASH 0x3ULL
+#define UBPF_KIND_RINGBUF 0x4ULL
+#define UBPF_KIND_PERF 0x5ULL
+#define UBPF_KIND_STACK 0x6ULL
+#define UBPF_RB_WAKEUP 0x1ULL
+#define UBPF_RB_BUSY 0x2ULL
+#define UBPF_RB_SHARED 0x4ULL
+#define UBPF_TOMBSTONE 0xffffffffffffffffULL
+#define UBPF_LRU_NIL 0xffffffffULL
+#define UBPF_LOCK_SPINS 0x4000ULL
+#define UBPF_EPERM 0x1ULL
+#define UBPF_ENOENT 0x2ULL
+#define UBPF_ESRCH 0x3ULL
+#define UBPF_EAGAIN 0xbULL
+#define UBPF_ENOMEM 0xcULL
+#define UBPF_EFAULT 0xeULL
+#define UBPF_EBUSY 0x10ULL
+#define UBPF_EEXIST 0x11ULL
+#define UBPF_EINVAL 0x16ULL
+#define UBPF_ENOSPC 0x1cULL
+#define UBPF_E2BIG 0x7ULL
+#define UBPF_EOPNOTSUPP 0x5fULL
+#define UBPF_ENOTSUPP 0x20cULL
+#define UBPF_BPF_ANY 0x0ULL
+#define UBPF_BPF_NOEXIST 0x1ULL
+#define UBPF_BPF_EXIST 0x2ULL
+#define UBPF_BPF_F_LOCK 0x4ULL
+#define UBPF_BPF_F_SKIP_FIELD_MASK 0xffULL
+#define UBPF_BPF_F_USER_STACK 0x100ULL
+#define UBPF_BPF_F_FAST_STACK_CMP 0x200ULL
+#define UBPF_BPF_F_REUSE_STACKID 0x400ULL
+#define UBPF_BPF_F_USER_BUILD_ID 0x800ULL
+#define UBPF_BPF_RINGBUF_BUSY_BIT 0x80000000ULL
+#define UBPF_BPF_RINGBUF_DISCARD_BIT 0x40000000ULL
+#define UBPF_BPF_RINGBUF_HDR_SZ 0x8ULL
+#define UBPF_BPF_RB_NO_WAKEUP 0x1ULL
+#define UBPF_BPF_RB_FORCE_WAKEUP 0x2ULL
+#define UBPF_BPF_RB_AVAIL_DATA 0x0ULL
+#define UBPF_BPF_RB_RING_SIZE 0x1ULL
+#define UBPF_BPF_RB_CONS_POS 0x2ULL
+#define UBPF_BPF_RB_PROD_POS 0x3ULL
+#define UBPF_BPF_F_INDEX_MASK 0xffffffffULL
+#define UBPF_BPF_F_CURRENT_CPU 0xffffffffULL
 
 /* kernel x86-64 struct pt_regs; the uprobe program context */
 struct pt_regs {
@@ -71,7 +125,9 @@ struct ubpf_runtime_header {
 	uint64_t tracer_pid;
 	uint64_t generation;  /* bumped by the tracer when cached per-process facts become stale (fork) */
 	uint64_t pid;  /* the target's tgid, written by the tracer (per process: fixed up in a forked child) */
-	uint64_t reserved[3];
+	uint64_t ret_trampoline;  /* address return probes put in place of return addresses: stack walks report the original from the thread's shadow stack instead */
+	uint64_t max_stack;  /* kernel.perf_event_max_stack (0: 127), the deepest stack get_stack(id) returns */
+	uint64_t reserved;
 } __attribute__((aligned(8)));
 _Static_assert(sizeof(struct ubpf_runtime_header) == 128, "ubpf_runtime_header size");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, magic) == 0, "ubpf_runtime_header.magic");
@@ -87,7 +143,9 @@ _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, printk_ring) == 72
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, tracer_pid) == 80, "ubpf_runtime_header.tracer_pid");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, generation) == 88, "ubpf_runtime_header.generation");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, pid) == 96, "ubpf_runtime_header.pid");
-_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, reserved) == 104, "ubpf_runtime_header.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, ret_trampoline) == 104, "ubpf_runtime_header.ret_trampoline");
+_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, max_stack) == 112, "ubpf_runtime_header.max_stack");
+_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, reserved) == 120, "ubpf_runtime_header.reserved");
 
 /* one per probe, in the arena */
 struct ubpf_probe_block {
@@ -134,7 +192,8 @@ struct ubpf_thread_block {
 	uint64_t generation;  /* RUNTIME_HEADER.generation the cached facts belong to */
 	uint64_t prandom;  /* xorshift state of bpf_get_prandom_u32 */
 	uint64_t shadow_depth;  /* entries in use in ``shadow`` */
-	uint64_t reserved[2];
+	uint64_t tgid;  /* cached getpid(), valid while ``generation`` equals RUNTIME_HEADER.generation (the tracer bumps that on fork before the child runs a probe); 0: unknown */
+	uint64_t reserved;
 	uint64_t shadow[192];  /* return-probe shadow stack (ubpf_shadow_entry) */
 } __attribute__((aligned(64)));
 _Static_assert(sizeof(struct ubpf_thread_block) == 1600, "ubpf_thread_block size");
@@ -144,8 +203,24 @@ _Static_assert(__builtin_offsetof(struct ubpf_thread_block, tid) == 16, "ubpf_th
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, generation) == 24, "ubpf_thread_block.generation");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, prandom) == 32, "ubpf_thread_block.prandom");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow_depth) == 40, "ubpf_thread_block.shadow_depth");
-_Static_assert(__builtin_offsetof(struct ubpf_thread_block, reserved) == 48, "ubpf_thread_block.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_thread_block, tgid) == 48, "ubpf_thread_block.tgid");
+_Static_assert(__builtin_offsetof(struct ubpf_thread_block, reserved) == 56, "ubpf_thread_block.reserved");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow) == 64, "ubpf_thread_block.shadow");
+
+/* one per patched site, in the arena; its entry trampoline runs every probe listed here */
+struct ubpf_site {
+	uint64_t addr;  /* the patched address: pt_regs ip of the site's entry probes */
+	uint64_t length;  /* bytes the patch covers; the relocated code resumes at addr + length */
+	uint64_t trampoline;  /* address of the site's entry trampoline */
+	uint64_t nprobes;  /* entries of ``probes`` in use: the tracer fills probes[n], then stores n + 1 */
+	uint64_t probes[8];  /* PROBE_BLOCK addresses, run in order (return probes: shadow push) */
+} __attribute__((aligned(8)));
+_Static_assert(sizeof(struct ubpf_site) == 96, "ubpf_site size");
+_Static_assert(__builtin_offsetof(struct ubpf_site, addr) == 0, "ubpf_site.addr");
+_Static_assert(__builtin_offsetof(struct ubpf_site, length) == 8, "ubpf_site.length");
+_Static_assert(__builtin_offsetof(struct ubpf_site, trampoline) == 16, "ubpf_site.trampoline");
+_Static_assert(__builtin_offsetof(struct ubpf_site, nprobes) == 24, "ubpf_site.nprobes");
+_Static_assert(__builtin_offsetof(struct ubpf_site, probes) == 32, "ubpf_site.probes");
 
 /* on the runtime stack; the second argument of a program entry, the sixth of a helper */
 struct ubpf_hit_frame {
@@ -159,5 +234,135 @@ _Static_assert(__builtin_offsetof(struct ubpf_hit_frame, ctx) == 0, "ubpf_hit_fr
 _Static_assert(__builtin_offsetof(struct ubpf_hit_frame, probe) == 8, "ubpf_hit_frame.probe");
 _Static_assert(__builtin_offsetof(struct ubpf_hit_frame, thread) == 16, "ubpf_hit_frame.thread");
 _Static_assert(__builtin_offsetof(struct ubpf_hit_frame, runtime) == 24, "ubpf_hit_frame.runtime");
+
+/* one bpf_trace_printk call, in the printk ring (RUNTIME_HEADER.printk_ring); the tracer formats it with helpers/printk_format.py */
+struct ubpf_printk_record {
+	uint64_t helper;  /* 6 (trace_printk) or 177 (trace_vprintk) */
+	uint64_t pid_tgid;
+	uint64_t uid_gid;
+	uint64_t cpu;
+	uint64_t ktime;  /* CLOCK_MONOTONIC ns at the call */
+	uint8_t comm[16];
+	uint64_t nargs;
+	uint64_t args[12];
+	uint64_t fmt_len;  /* format bytes that follow (up to and including its NUL), padded to 8 */
+	uint64_t blobs;  /* PRINTK_BLOB entries after the format */
+} __attribute__((aligned(8)));
+_Static_assert(sizeof(struct ubpf_printk_record) == 176, "ubpf_printk_record size");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, helper) == 0, "ubpf_printk_record.helper");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, pid_tgid) == 8, "ubpf_printk_record.pid_tgid");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, uid_gid) == 16, "ubpf_printk_record.uid_gid");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, cpu) == 24, "ubpf_printk_record.cpu");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, ktime) == 32, "ubpf_printk_record.ktime");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, comm) == 40, "ubpf_printk_record.comm");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, nargs) == 56, "ubpf_printk_record.nargs");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, args) == 64, "ubpf_printk_record.args");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, fmt_len) == 160, "ubpf_printk_record.fmt_len");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, blobs) == 168, "ubpf_printk_record.blobs");
+
+/* memory a printk argument pointed at, copied at call time */
+struct ubpf_printk_blob {
+	uint64_t addr;  /* the argument the bytes were read at */
+	uint32_t kind;  /* PK_BLOB_* */
+	uint32_t len;  /* bytes that follow, padded to 8 */
+} __attribute__((aligned(8)));
+_Static_assert(sizeof(struct ubpf_printk_blob) == 16, "ubpf_printk_blob size");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_blob, addr) == 0, "ubpf_printk_blob.addr");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_blob, kind) == 8, "ubpf_printk_blob.kind");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_blob, len) == 12, "ubpf_printk_blob.len");
+
+/* a map's native descriptor, at its handle address */
+struct ubpf_map_desc {
+	uint64_t kind;  /* KIND_*; 0: no native operations (use the Python map) */
+	uint64_t key_size;
+	uint64_t limit;  /* array: max_entries; hash: table mask; ringbuf: data mask */
+	uint64_t table;  /* array: element stride; hash: index table address */
+	uint64_t values;  /* value storage base (slot / element 0); ringbuf: data */
+	uint64_t cpu_stride;  /* bytes between per-CPU copies (0 for shared values) */
+	uint64_t keys;  /* hash: key storage base */
+	uint64_t key_stride;
+	uint64_t val_stride;  /* bytes between value slots / array elements */
+	uint64_t ref;  /* LRU hash: address of the per-slot reference bytes (0 otherwise) */
+	uint64_t value_size_small;  /* value_size when <= 255 (what JIT fast updates copy), else 0 */
+	uint64_t rb_prod;  /* ringbuf producer position */
+	uint64_t rb_cons;  /* ringbuf consumer position */
+	uint64_t rb_pend;  /* ringbuf: oldest record not committed yet */
+	uint64_t rb_dropped;  /* ringbuf reservations that failed */
+	uint64_t rb_flags;  /* RB_* */
+	uint64_t lock;  /* spinlock word: hash inserts/deletes, ringbuf producers */
+	uint64_t seq;  /* hash index sequence: odd while the table is rebuilt */
+	uint64_t value_size;
+	uint64_t max_entries;
+	uint64_t ncpus;  /* per-CPU copies in a slot */
+	uint64_t count;  /* hash: live elements */
+	uint64_t tombs;  /* hash: tombstones in the table */
+	uint64_t free;  /* hash: address of the u32 free-slot stack */
+	uint64_t nfree;  /* hash: entries on the free-slot stack */
+	uint64_t fresh;  /* hash: never-used slots handed out so far */
+	uint64_t used;  /* hash: address of the per-slot live bytes */
+	uint64_t lru_prev;  /* LRU: address of the u32 previous-slot array */
+	uint64_t lru_next;  /* LRU: address of the u32 next-slot array */
+	uint64_t lru_head;  /* LRU: oldest slot (NIL when empty) */
+	uint64_t lru_tail;  /* LRU: youngest slot */
+	uint64_t spin_off;  /* offset + 1 of the value's struct bpf_spin_lock, 0: none */
+	uint64_t evictions;  /* LRU elements evicted to make room */
+	uint64_t perf_rings;  /* perf event array: address of ncpus PERF_RING headers */
+	uint64_t reserved[6];
+} __attribute__((aligned(64)));
+_Static_assert(sizeof(struct ubpf_map_desc) == 320, "ubpf_map_desc size");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, kind) == 0, "ubpf_map_desc.kind");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, key_size) == 8, "ubpf_map_desc.key_size");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, limit) == 16, "ubpf_map_desc.limit");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, table) == 24, "ubpf_map_desc.table");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, values) == 32, "ubpf_map_desc.values");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, cpu_stride) == 40, "ubpf_map_desc.cpu_stride");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, keys) == 48, "ubpf_map_desc.keys");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, key_stride) == 56, "ubpf_map_desc.key_stride");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, val_stride) == 64, "ubpf_map_desc.val_stride");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, ref) == 72, "ubpf_map_desc.ref");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, value_size_small) == 80, "ubpf_map_desc.value_size_small");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, rb_prod) == 88, "ubpf_map_desc.rb_prod");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, rb_cons) == 96, "ubpf_map_desc.rb_cons");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, rb_pend) == 104, "ubpf_map_desc.rb_pend");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, rb_dropped) == 112, "ubpf_map_desc.rb_dropped");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, rb_flags) == 120, "ubpf_map_desc.rb_flags");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, lock) == 128, "ubpf_map_desc.lock");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, seq) == 136, "ubpf_map_desc.seq");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, value_size) == 144, "ubpf_map_desc.value_size");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, max_entries) == 152, "ubpf_map_desc.max_entries");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, ncpus) == 160, "ubpf_map_desc.ncpus");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, count) == 168, "ubpf_map_desc.count");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, tombs) == 176, "ubpf_map_desc.tombs");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, free) == 184, "ubpf_map_desc.free");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, nfree) == 192, "ubpf_map_desc.nfree");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, fresh) == 200, "ubpf_map_desc.fresh");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, used) == 208, "ubpf_map_desc.used");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, lru_prev) == 216, "ubpf_map_desc.lru_prev");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, lru_next) == 224, "ubpf_map_desc.lru_next");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, lru_head) == 232, "ubpf_map_desc.lru_head");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, lru_tail) == 240, "ubpf_map_desc.lru_tail");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, spin_off) == 248, "ubpf_map_desc.spin_off");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, evictions) == 256, "ubpf_map_desc.evictions");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, perf_rings) == 264, "ubpf_map_desc.perf_rings");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, reserved) == 272, "ubpf_map_desc.reserved");
+
+/* one CPU's perf buffer of a PERF_EVENT_ARRAY (records as the kernel writes them) */
+struct ubpf_perf_ring {
+	uint64_t data;  /* address of the ring bytes */
+	uint64_t size;  /* ring bytes (a power of two) */
+	uint64_t head;  /* producer position (free running) */
+	uint64_t tail;  /* consumer position */
+	uint64_t lost;  /* samples dropped: the ring was full */
+	uint64_t lock;  /* producer spinlock word */
+	uint64_t reserved[2];
+} __attribute__((aligned(64)));
+_Static_assert(sizeof(struct ubpf_perf_ring) == 64, "ubpf_perf_ring size");
+_Static_assert(__builtin_offsetof(struct ubpf_perf_ring, data) == 0, "ubpf_perf_ring.data");
+_Static_assert(__builtin_offsetof(struct ubpf_perf_ring, size) == 8, "ubpf_perf_ring.size");
+_Static_assert(__builtin_offsetof(struct ubpf_perf_ring, head) == 16, "ubpf_perf_ring.head");
+_Static_assert(__builtin_offsetof(struct ubpf_perf_ring, tail) == 24, "ubpf_perf_ring.tail");
+_Static_assert(__builtin_offsetof(struct ubpf_perf_ring, lost) == 32, "ubpf_perf_ring.lost");
+_Static_assert(__builtin_offsetof(struct ubpf_perf_ring, lock) == 40, "ubpf_perf_ring.lock");
+_Static_assert(__builtin_offsetof(struct ubpf_perf_ring, reserved) == 48, "ubpf_perf_ring.reserved");
 
 #endif

@@ -31,9 +31,15 @@ def load_manifest() -> list[dict]:
 
 
 def ubpf_argv(case: dict, out_file: str, engine: str) -> list[str]:
-    """The ubpf-run command line for a manifest case (engine "kernel" = ``--backend kernel``)."""
+    """The ubpf-run command line for a manifest case (engine "kernel" = ``--backend kernel``;
+    "jit" runs verified programs inside the target where it can, "jit-ptrace" never does)."""
     argv = [sys.executable, "-m", "ubpf_py.cli", case["bpf"], "--format", "json", "-o", out_file]
-    argv += ["--backend", "kernel"] if engine == "kernel" else ["--engine", engine]
+    if engine == "kernel":
+        argv += ["--backend", "kernel"]
+    elif engine == "jit-ptrace":
+        argv += ["--engine", "jit", "--mode", "ptrace"]
+    else:
+        argv += ["--engine", engine]
     attach = case.get("attach", "auto")
     entries = [attach] if isinstance(attach, str) else attach
     if "auto" not in entries:

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--duration", type=float, help="stop tracing after this many seconds")
     p.add_argument("--follow-forks", action="store_true", help="also trace children the target forks")
     p.add_argument("--engine", choices=["jit", "interp"], default="jit", help="execution engine (default jit)")
+    p.add_argument("--mode", choices=["auto", "intarget", "ptrace"], default="auto",
+                   help="where programs run on a hit: auto (default) = inside the target, entered from a "
+                        "patched jump with no stop, wherever the program and the site allow it, else "
+                        "through ptrace; intarget = the same, but a probe that cannot run in the target "
+                        "is an error; ptrace = every hit stops the target (int3) and runs in the tracer")
     p.add_argument("--no-native-hits", action="store_true",
                    help="run every probe hit through Python even when the JIT program could run from "
                         "the C stop loop (also UBPF_NATIVE_HITS=0)")
@@ -101,7 +106,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         object=args.object, pid=args.pid, command=list(args.command), attach=list(args.attach),
         auto_attach=not args.no_auto, sets=list(args.set), duration=args.duration,
         follow_forks=args.follow_forks, backend=args.backend, engine=args.engine,
-        native_hits=not args.no_native_hits, check_memory=not args.no_memory_checks,
+        native_hits=not args.no_native_hits, check_memory=not args.no_memory_checks, mode=args.mode,
         verifier=args.verifier, verifier_log=args.verifier_log, format=args.format, output=args.output,
         event_type=args.event_type, verbose=args.verbose, interval=args.interval, clear=args.clear,
         metrics=args.metrics, hist=parse_hist_options(args.hist))

@@ -64,12 +64,12 @@ def run(opts: RunOptions) -> int:
             obj.globals[name] = parse_set_value(value, pid)
         obj.load(engine=opts.engine, verifier=opts.verifier, check_memory=opts.check_memory,
                  native_hits=opts.native_hits, programs=sorted({r.program for r in plan}),
-                 event_type=opts.event_type)
+                 event_type=opts.event_type, mode=opts.mode)
         if opts.verifier_log:
             _print_verifier_logs(obj)
         for req in plan:
             link = obj.attach_request(req)
-            writer.attached(req.program, req.describe(), link.detail)
+            writer.attached(req.program, req.describe(), link.detail, *link.path)
         if opts.metrics:
             from ubpf_py.output.metrics import MetricsServer
 

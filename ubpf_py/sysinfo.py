@@ -23,3 +23,20 @@ def possible_cpus() -> int:
         elif part:
             count += 1
     return max(count, 1)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (traced processes run on this machine)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has(flag: str) -> bool:
+    return flag in cpu_flags()

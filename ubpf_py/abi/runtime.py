@@ -23,7 +23,7 @@ Calling conventions (SysV x86-64):
 
 from __future__ import annotations
 
-from ubpf_py.abi.layout import Layout, u64, u64s
+from ubpf_py.abi.layout import Layout, u8s, u32, u64, u64s
 
 RUNTIME_MAGIC = 0x5542_5046_5254_0001  # "UBPFRT" v1
 #: RUNTIME_HEADER.flags
@@ -44,11 +44,16 @@ RUNTIME_HEADER = Layout("ubpf_runtime_header", [
     u64("tracer_pid"),
     u64("generation", "bumped by the tracer when cached per-process facts become stale (fork)"),
     u64("pid", "the target's tgid, written by the tracer (per process: fixed up in a forked child)"),
-    u64s("reserved", 3),
+    u64("ret_trampoline", "address return probes put in place of return addresses: stack walks "
+        "report the original from the thread's shadow stack instead"),
+    u64("max_stack", "kernel.perf_event_max_stack (0: 127), the deepest stack get_stack(id) returns"),
+    u64s("reserved", 1),
 ], doc="at the start of the arena")
 
 #: PROBE_BLOCK.flags
-PB_F_RETURN = 1        # a return probe: the entry trampoline replaces the return address
+PB_F_RETURN = 1        # a return probe: the entry trampoline replaces the return address (so its
+                       # site must be the function's first instruction, where [rsp] is that address)
+PB_F_AT_ENTRY = 2      # the probed instruction is the function's first: [rsp] is the return address
 
 PROBE_BLOCK = Layout("ubpf_probe_block", [
     u64("func_ip", "address of the probed instruction (bpf_get_func_ip, pt_regs ip of entry probes)"),
@@ -78,9 +83,21 @@ THREAD_BLOCK = Layout("ubpf_thread_block", [
     u64("generation", "RUNTIME_HEADER.generation the cached facts belong to"),
     u64("prandom", "xorshift state of bpf_get_prandom_u32"),
     u64("shadow_depth", "entries in use in ``shadow``"),
-    u64s("reserved", 2),
+    u64("tgid", "cached getpid(), valid while ``generation`` equals RUNTIME_HEADER.generation "
+        "(the tracer bumps that on fork before the child runs a probe); 0: unknown"),
+    u64s("reserved", 1),
     u64s("shadow", SHADOW_DEPTH * SHADOW_ENTRY.size // 8, "return-probe shadow stack (ubpf_shadow_entry)"),
 ], doc="one per thread in the thread table; the runtime stack follows up to the slot's end", align=64)
+
+SITE_MAX_PROBES = 8
+
+SITE = Layout("ubpf_site", [
+    u64("addr", "the patched address: pt_regs ip of the site's entry probes"),
+    u64("length", "bytes the patch covers; the relocated code resumes at addr + length"),
+    u64("trampoline", "address of the site's entry trampoline"),
+    u64("nprobes", "entries of ``probes`` in use: the tracer fills probes[n], then stores n + 1"),
+    u64s("probes", SITE_MAX_PROBES, "PROBE_BLOCK addresses, run in order (return probes: shadow push)"),
+], doc="one per patched site, in the arena; its entry trampoline runs every probe listed here")
 
 HIT_FRAME = Layout("ubpf_hit_frame", [
     u64("ctx", "the pt_regs built by the trampoline"),
@@ -89,11 +106,52 @@ HIT_FRAME = Layout("ubpf_hit_frame", [
     u64("runtime", "RUNTIME_HEADER"),
 ], doc="on the runtime stack; the second argument of a program entry, the sixth of a helper")
 
-ALL = [RUNTIME_HEADER, PROBE_BLOCK, SHADOW_ENTRY, THREAD_BLOCK, HIT_FRAME]
+#: PRINTK_RECORD: most arguments bpf_trace_vprintk takes, most format bytes recorded
+PRINTK_MAX_ARGS = 12
+PRINTK_MAX_FMT = 1024
+#: string bytes recorded per call: the kernel's bpf_bprintf_prepare has 512 for all of them
+PRINTK_MAX_STR = 512
+#: PRINTK_BLOB.kind
+PK_BLOB_STR = 1        # a NUL-less string read at the argument's address (%s, %pks, %pus)
+PK_BLOB_MEM = 2        # raw bytes read at the argument's address (%pI4, %pI6)
+PK_BLOB_FAULT = 0x80   # or-ed in: the read faulted (no bytes follow)
+PK_BLOB_PROG = 0x40    # or-ed in: the address is the program's own memory (arena, runtime stack):
+                       # "kernel" memory to the kernel's %pks, not "user" memory for %pus
+
+PRINTK_RECORD = Layout("ubpf_printk_record", [
+    u64("helper", "6 (trace_printk) or 177 (trace_vprintk)"),
+    u64("pid_tgid"),
+    u64("uid_gid"),
+    u64("cpu"),
+    u64("ktime", "CLOCK_MONOTONIC ns at the call"),
+    u8s("comm", 16),
+    u64("nargs"),
+    u64s("args", PRINTK_MAX_ARGS),
+    u64("fmt_len", "format bytes that follow (up to and including its NUL), padded to 8"),
+    u64("blobs", "PRINTK_BLOB entries after the format"),
+], doc="one bpf_trace_printk call, in the printk ring (RUNTIME_HEADER.printk_ring); the tracer "
+       "formats it with helpers/printk_format.py")
+
+PRINTK_BLOB = Layout("ubpf_printk_blob", [
+    u64("addr", "the argument the bytes were read at"),
+    u32("kind", "PK_BLOB_*"),
+    u32("len", "bytes that follow, padded to 8"),
+], doc="memory a printk argument pointed at, copied at call time")
+
+ALL = [RUNTIME_HEADER, PROBE_BLOCK, SHADOW_ENTRY, THREAD_BLOCK, SITE, HIT_FRAME, PRINTK_RECORD, PRINTK_BLOB]
 CONSTANTS = {
     "UBPF_RUNTIME_MAGIC": RUNTIME_MAGIC,
     "UBPF_RT_F_FSGSBASE": RT_F_FSGSBASE,
     "UBPF_RT_F_RDPID": RT_F_RDPID,
     "UBPF_PB_F_RETURN": PB_F_RETURN,
+    "UBPF_PB_F_AT_ENTRY": PB_F_AT_ENTRY,
     "UBPF_SHADOW_DEPTH": SHADOW_DEPTH,
+    "UBPF_SITE_MAX_PROBES": SITE_MAX_PROBES,
+    "UBPF_PRINTK_MAX_ARGS": PRINTK_MAX_ARGS,
+    "UBPF_PRINTK_MAX_FMT": PRINTK_MAX_FMT,
+    "UBPF_PRINTK_MAX_STR": PRINTK_MAX_STR,
+    "UBPF_PK_BLOB_STR": PK_BLOB_STR,
+    "UBPF_PK_BLOB_MEM": PK_BLOB_MEM,
+    "UBPF_PK_BLOB_FAULT": PK_BLOB_FAULT,
+    "UBPF_PK_BLOB_PROG": PK_BLOB_PROG,
 }

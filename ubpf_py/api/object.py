@@ -50,6 +50,11 @@ class Link:
     def target(self) -> str:
         return self.request.describe()
 
+    @property
+    def path(self) -> tuple[str, str]:
+        """How hits run: ("in-target" | "ptrace" | "kernel", why not in the target)."""
+        return (getattr(self.handle, "path", "") or "kernel", getattr(self.handle, "path_reason", ""))
+
 
 class Maps(Mapping[str, MapView]):
     """The object's maps by name (globals' data sections included, as ``.bss`` and the like)."""
@@ -148,10 +153,12 @@ class BPFObject:
     # ---- load --------------------------------------------------------------------------
     def load(self, *, engine: str = "jit", verifier: str = "strict", check_memory: bool = True,
              native_hits: bool = True, programs: list[str] | None = None,
-             event_type: str | None = None) -> None:
+             event_type: str | None = None, mode: str = "auto") -> None:
         """Verify and load the programs (``programs``: only these and what they tail-call) and
         create the maps.  ``engine``/``native_hits``/``check_memory`` apply to the userspace
-        backend; ``event_type`` names the BTF struct ring/perf records are decoded as."""
+        backend; ``event_type`` names the BTF struct ring/perf records are decoded as; ``mode``
+        (userspace backend): "auto" runs verified JIT programs inside the target where the
+        program and site allow it, "intarget" makes that mandatory, "ptrace" never does it."""
         if self.loaded:
             raise UsageError("load: the object is already loaded")
         if self.pid is None:
@@ -159,7 +166,7 @@ class BPFObject:
                              "globals such as its pid are set before load")
         coll = self._get_backend().load(engine=engine, verifier=verifier, check_memory=check_memory,
                                         native_hits=native_hits, programs=programs, sink=self.events,
-                                        event_type_id=self._event_type_id(event_type))
+                                        event_type_id=self._event_type_id(event_type), mode=mode)
         self._live_maps = dict(coll.maps)
         self.loaded = True
         self.collection = coll

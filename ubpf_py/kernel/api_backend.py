@@ -60,7 +60,7 @@ class KernelBackend:
         return pid
 
     # ---- load / attach -----------------------------------------------------------------
-    def load(self, *, engine: str, verifier: str, check_memory: bool, native_hits: bool,
+    def load(self, *, engine: str, verifier: str, check_memory: bool, native_hits: bool, mode: str = "auto",
              programs: list[str] | None, sink: EventSink, event_type_id: int) -> Any:
         from ubpf_py.kernel.backend import KernelSession
 

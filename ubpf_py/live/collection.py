@@ -73,8 +73,11 @@ class Collection:
     @classmethod
     def load(cls, spec: ObjectSpec, *, engine: str = "jit", verifier: str = "strict",
              programs: Iterable[str] | None = None, target_btf: Any = None,
-             check_memory: bool = True, ncpus: int | None = None) -> Collection:
-        """Load ``spec`` (or only the named ``programs`` and what they reference)."""
+             check_memory: bool = True, ncpus: int | None = None,
+             arena: Any = None) -> Collection:
+        """Load ``spec`` (or only the named ``programs`` and what they reference).  With
+        ``arena`` (an ``intarget.arena.SharedArena``) every map's storage is allocated in
+        it, so the same maps serve programs running inside the target."""
         if engine not in ENGINES:
             raise UbpfError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
         if verifier not in VERIFIER_MODES:
@@ -107,7 +110,7 @@ class Collection:
         # maps (all of them: globals and maps are shared between programs)
         live_maps: list[Any] = []
         for mspec in spec.maps:
-            live = create_map(mspec, ncpus=ncpus)
+            live = create_map(mspec, ncpus=ncpus, alloc=arena)
             live_maps.append(live)
             env.maps_by_addr[live.handle_addr] = live
             for region in live.regions():

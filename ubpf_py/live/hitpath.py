@@ -36,6 +36,12 @@ class ProbeStats:
     #: the program runs from the C stop loop (engine counters hold hits and time)
     native: bool = False
     probe_ids: list[int] = field(default_factory=list)
+    #: the program's entry in the in-target image (0: it runs in the tracer) and why not
+    target_entry: int = 0
+    reason: str = ""
+    #: after attaching: "in-target" or "ptrace", and why not in the target
+    path: str = ""
+    path_reason: str = ""
 
 
 @dataclass
@@ -54,6 +60,8 @@ class HitPlumbing:
     first_hit_done: bool = False
     #: a program is running on the Python path (signal handlers must not touch maps then)
     in_program: bool = False
+    #: which programs run inside the target (``live.intarget``); None: none do
+    in_target: Any = None
 
     def first_hit(self) -> None:
         if not self.first_hit_done:
@@ -71,8 +79,19 @@ def native_hits_wanted(engine: str, allowed: bool, session: Any) -> bool:
 def hit_runner(prog: LoadedProgram, st: ProbeStats, plumbing: HitPlumbing) -> dict[str, Any]:
     """How ``prog`` runs on a hit: the ``ProbeSession.add_probe`` keyword arguments.
 
-    The program's native entry (no Python per hit) when it is eligible, else the Python
-    handler."""
+    Inside the target (``target_entry``: a patched jump, no stop) when the in-target plan has
+    the program; besides, for sites that refuse a jump, the program's native entry from the
+    C stop loop (no Python per hit) when it is eligible, else the Python handler."""
+    kw = _tracer_runner(prog, st, plumbing)
+    plan = plumbing.in_target
+    if plan is not None:
+        st.target_entry = plan.entry(prog.name)
+        st.reason = plan.reasons.get(prog.name, "")
+        kw["target_entry"] = st.target_entry
+    return kw
+
+
+def _tracer_runner(prog: LoadedProgram, st: ProbeStats, plumbing: HitPlumbing) -> dict[str, Any]:
     ex = prog.executable
     if plumbing.native and hasattr(ex, "native_entry") and ex.native_ineligible() is None:
         st.native = True
@@ -143,11 +162,21 @@ def poll_interval(pump: OutputPump) -> float:
     return max(0.001, min(0.05, 0.05 * min(sizes) / (256 * 1024)))
 
 
+def settle_path(session: Any, st: ProbeStats) -> None:
+    """After attaching: which path the probe's hits take, and why not in the target (a program
+    reason, or a site the in-target engine refused and armed with an int3 instead)."""
+    site_reason = next((r for i in st.probe_ids if (r := session.in_target_reason(i))), None)
+    if st.target_entry and site_reason is None:
+        st.path, st.path_reason = "in-target", ""
+    else:
+        st.path, st.path_reason = "ptrace", st.reason or site_reason or ""
+
+
 def collect_native_stats(session: Any, stats: list[ProbeStats]) -> None:
-    """Hits and program time of native probes come from the engine's per-probe counters."""
+    """Hits and program time of native and in-target probes come from the engine's counters."""
     st_all = session.stats
     for st in stats:
-        if st.native:
+        if st.native or st.path == "in-target":
             st.hits = sum(st_all.hits.get(i, 0) for i in st.probe_ids)
             st.prog_ns = sum(st_all.handler_ns_by_probe.get(i, 0) for i in st.probe_ids)
 
@@ -158,7 +187,9 @@ def stats_report(stats: list[ProbeStats]) -> dict:
     for st in stats:
         per_hit = st.prog_ns / st.hits if st.hits else 0.0
         rows.append({"program": st.request.program, "target": st.request.describe(), "hits": st.hits,
-                     "program_ns": st.prog_ns, "program_ns_per_hit": per_hit})
-        lines.append(f"{st.request.program} on {st.request.describe()}: {st.hits} hits, "
+                     "program_ns": st.prog_ns, "program_ns_per_hit": per_hit, "path": st.path,
+                     "path_reason": st.path_reason})
+        how = "in the target" if st.path == "in-target" else f"through ptrace ({st.path_reason or 'chosen'})"
+        lines.append(f"{st.request.program} on {st.request.describe()}: {st.hits} hits {how}, "
                      f"{st.prog_ns / 1e6:.3f} ms in the program ({per_hit:.0f} ns/hit)")
     return {"probes": rows, "lines": lines}

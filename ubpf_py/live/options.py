@@ -33,6 +33,8 @@ class RunOptions:
     engine: str = "jit"
     #: let eligible JIT programs run from the C stop loop
     native_hits: bool = True
+    #: where programs run on a hit: "auto" (in the target where possible), "intarget", "ptrace"
+    mode: str = "auto"
     check_memory: bool = True
     verifier: str = "strict"
     verifier_log: bool = False

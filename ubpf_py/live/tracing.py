@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ubpf_py.errors import UbpfError
+from ubpf_py.errors import UbpfError, UsageError
 from ubpf_py.live.attach import AttachRequest
 from ubpf_py.live.collection import Collection
 from ubpf_py.live.hitpath import (
@@ -26,8 +26,12 @@ from ubpf_py.live.hitpath import (
     collect_native_stats,
     hit_runner,
     native_hits_wanted,
+    poll_interval,
+    settle_path,
     stats_report,
 )
+from ubpf_py.live.intarget import MODES, InTargetPlan, runtime_unavailable
+from ubpf_py.live.intarget import prepare as prepare_in_target
 from ubpf_py.live.pump import EventSink, OutputPump
 from ubpf_py.live.sites import resolve_sites, usdt_specs_for
 from ubpf_py.obj.spec import ObjectSpec
@@ -76,27 +80,45 @@ class UserspaceBackend:
         self._native_poll = False
         self._engine = "jit"
         self._native_allowed = True
+        self._mode = "auto"
+        self.in_target: InTargetPlan | None = None
 
     # ---- target ------------------------------------------------------------------------
     def launch(self, argv: list[str], *, follow_forks: bool = False, stdout: Any = None) -> int:
         from ubpf_py.probe.engine import ProbeSession
 
-        self.session = ProbeSession.launch(argv, follow_forks=follow_forks, stdout=stdout)
+        self.session = ProbeSession.launch(argv, follow_forks=follow_forks, stdout=stdout, guardian=_guardian())
         return self.session.pid
 
     def attach_pid(self, pid: int, *, follow_forks: bool = False) -> int:
         from ubpf_py.probe.engine import ProbeSession
 
-        self.session = ProbeSession.attach(pid, follow_forks=follow_forks)
+        self.session = ProbeSession.attach(pid, follow_forks=follow_forks, guardian=_guardian())
         return pid
 
     # ---- load --------------------------------------------------------------------------
     def load(self, *, engine: str, verifier: str, check_memory: bool, native_hits: bool,
-             programs: list[str] | None, sink: EventSink, event_type_id: int) -> Collection:
+             programs: list[str] | None, sink: EventSink, event_type_id: int, mode: str = "auto") -> Collection:
+        """Load the programs; with ``mode`` auto/intarget the maps live in memory shared with the
+        target and eligible programs are compiled into an image inside it (``live.intarget``)."""
+        if mode not in MODES:
+            raise UsageError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+        no_target = runtime_unavailable(mode, engine)
+        if no_target is not None and mode == "intarget":
+            raise UsageError(f"--mode intarget: {no_target}")
+        arena = self.session.enable_in_target() if no_target is None else None
         coll = Collection.load(self.spec, engine=engine, verifier=verifier, programs=programs,
-                               check_memory=check_memory)
+                               check_memory=check_memory, arena=arena)
+        wanted = list(programs) if programs is not None else list(coll.programs)
+        if arena is not None:
+            self.in_target = prepare_in_target(self.session, coll, wanted, verifier=verifier)
+        else:
+            self.in_target = InTargetPlan(reasons=dict.fromkeys(wanted, no_target))
+        if mode == "intarget" and self.in_target.reasons:
+            name, why = next(iter(self.in_target.reasons.items()))
+            raise UsageError(f"--mode intarget: program {name} cannot run in the target: {why}")
         self.coll = coll
-        self._engine, self._native_allowed = engine, native_hits
+        self._engine, self._native_allowed, self._mode = engine, native_hits, mode
         self.pump = OutputPump(sink, coll, decoder=ValueDecoder(self.spec.btf), event_type_id=event_type_id)
         coll.env.printk = self.pump.printk
         return coll
@@ -110,7 +132,8 @@ class UserspaceBackend:
             _register_ctx(self.coll.env.memory, self.session.regs_buffer)
             self.maps_seen = MapsSnapshot(self.session.pid)
             self.plumbing = HitPlumbing(self.pump, self.maps_seen.take,
-                                        native_hits_wanted(self._engine, self._native_allowed, self.session))
+                                        native_hits_wanted(self._engine, self._native_allowed, self.session),
+                                        in_target=self.in_target)
         return self.session, self.coll, self.plumbing
 
     # ---- attach ------------------------------------------------------------------------
@@ -129,6 +152,10 @@ class UserspaceBackend:
             st.probe_ids.append(session.add_probe(site.path, site.offset, is_return=site.retprobe,
                                                   cookie=site.cookie, ref_ctr_offset=site.ref_ctr_offset,
                                                   **hit_runner(prog, st, plumbing)))
+        settle_path(session, st)
+        if st.path == "ptrace" and st.target_entry and self._mode == "intarget":
+            raise UsageError(f"--mode intarget: {req.program} on {req.describe()} cannot run in the target: "
+                             f"{st.path_reason}")
         self.stats.append(st)
         if st.native and not self._native_poll:
             self._native_poll = True
@@ -145,6 +172,7 @@ class UserspaceBackend:
         session, _coll, plumbing = self._ready()
         waker = None
         old = None
+        tick, tick_every = self._with_in_target_drain(tick, tick_every)
         if tick is not None and tick_every:
             state = {"next": time.monotonic() + tick_every, "in_tick": False}
 
@@ -180,6 +208,26 @@ class UserspaceBackend:
                 self.pump.drain()
             self.detach()
 
+    def _with_in_target_drain(self, tick: Callable[[], None] | None,
+                              every: float | None) -> tuple[Callable[[], None] | None, float | None]:
+        """Hits of in-target probes never stop the target, so nothing would wake the tracer to
+        print what they write: drain ring/perf buffers (and printk records) on a timer too."""
+        pump = self.pump
+        if pump is None or not any(st.path == "in-target" for st in self.stats):
+            return tick, every
+        if not (pump.ringbufs or pump.perfbufs):
+            return tick, every
+        drain_every = poll_interval(pump)
+        due = [time.monotonic() + (every or 0)]
+
+        def drain_and_tick() -> None:
+            pump.drain()
+            if tick is not None and every and time.monotonic() >= due[0]:
+                due[0] = time.monotonic() + every
+                tick()
+
+        return drain_and_tick, min(every or drain_every, drain_every)
+
     def drain(self) -> None:
         if self.pump is not None:
             self.pump.drain()
@@ -211,7 +259,12 @@ class UserspaceBackend:
             with contextlib.suppress(UbpfError, OSError):
                 self.session.detach()
 
-    close = detach
+    def close(self) -> None:
+        """Detach, then free the arena the maps lived in (maps are unreadable afterwards)."""
+        self.detach()
+        eng = self.session.tracer.intarget if self.session is not None else None
+        if eng is not None:
+            eng.close()
 
 
 class _Waker:
@@ -235,6 +288,14 @@ class _Waker:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _guardian() -> bool:
+    """A guardian process puts the target back if this tracer is killed (kill -9): on by default,
+    ``UBPF_GUARDIAN=0`` turns it off."""
+    import os
+
+    return os.environ.get("UBPF_GUARDIAN", "1") != "0"
 
 
 def _register_ctx(memory: Any, buf: Any) -> None:

@@ -27,6 +27,7 @@ from ubpf_py.maps.queue import BloomFilterMap, QueueMap, StackMap
 from ubpf_py.maps.ringbuf import RingBufMap
 from ubpf_py.maps.stack_trace import StackTraceMap
 from ubpf_py.obj.spec import MapSpec
+from ubpf_py.vm.memory import Allocator
 
 MAP_CLASSES: dict[int, type[Map]] = {
     consts.HASH: HashMap,
@@ -48,9 +49,10 @@ MAP_CLASSES: dict[int, type[Map]] = {
 }
 
 
-def create_map(spec: MapSpec, *, ncpus: int | None = None) -> Map:
+def create_map(spec: MapSpec, *, ncpus: int | None = None, alloc: Allocator | None = None) -> Map:
     """A live map for ``spec``.  ``ncpus`` sizes per-CPU storage and perf buffers
-    (default: the machine's possible CPUs, as the kernel).  Raises MapError (with
+    (default: the machine's possible CPUs, as the kernel); ``alloc`` gives every byte of
+    its storage (default ``vm.memory.HEAP``; a ``SharedArena`` for in-target execution).  Raises MapError (with
     ``.errno``, the kernel's answer to the same attributes) or NotSupportedError."""
     cls = MAP_CLASSES.get(spec.type)
     if cls is None:
@@ -58,7 +60,7 @@ def create_map(spec: MapSpec, *, ncpus: int | None = None) -> Map:
     if spec.type == consts.PERF_EVENT_ARRAY and spec.max_entries == 0:
         # libbpf sizes perf event arrays to the number of CPUs when the object leaves it out
         spec.max_entries = ncpus or consts.possible_cpus()
-    return cls(spec, ncpus)
+    return cls(spec, ncpus, alloc)
 
 
 __all__ = [

@@ -16,7 +16,7 @@ from ubpf_py.maps import consts as C
 from ubpf_py.maps import descriptor
 from ubpf_py.maps.base import Map, check_flags_common, check_update_flags, map_create_error, write_value
 from ubpf_py.obj.spec import MapSpec
-from ubpf_py.vm.memory import HostBuffer, Region
+from ubpf_py.vm.memory import Allocator, Region
 
 ARRAY_CREATE_FLAG_MASK = (C.BPF_F_NUMA_NODE | C.BPF_F_MMAPABLE | C.ACCESS_MASK | C.BPF_F_PRESERVE_ELEMS
                           | C.BPF_F_INNER_MAP)
@@ -56,12 +56,12 @@ def array_next_key(key: bytes | None, max_entries: int) -> bytes | None:
 class ArrayMap(Map):
     """Kernel BPF_MAP_TYPE_ARRAY."""
 
-    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
-        super().__init__(spec, ncpus)
+    def __init__(self, spec: MapSpec, ncpus: int | None = None, alloc: Allocator | None = None) -> None:
+        super().__init__(spec, ncpus, alloc)
         check_array_spec(spec, self.percpu)
         self._vstride = C.round8(self.value_size)
         self._elem = self._vstride * (self.ncpus if self.percpu else 1)
-        self._buf = HostBuffer(self._elem * self.max_entries)
+        self._buf = self.alloc.alloc(self._elem * self.max_entries)
         self._base = self._buf.addr
         self._view = self._buf.view
         if spec.data is not None:
@@ -74,7 +74,9 @@ class ArrayMap(Map):
             D.D_KIND: D.KIND_ARRAY, D.D_KEY_SIZE: 4, D.D_LIMIT: self.max_entries, D.D_TABLE: self._elem,
             D.D_VALUES: self._base, D.D_CPU_STRIDE: self._vstride if self.percpu else 0,
             D.D_VAL_STRIDE: self._elem,
-            D.D_VALUE_SIZE: self.value_size if self.value_size <= D.MAX_NATIVE_KEY else 0})
+            D.D_VALUE_SIZE: self.value_size if self.value_size <= D.MAX_NATIVE_KEY else 0,
+            D.W["value_size"]: self.value_size, D.W["max_entries"]: self.max_entries,
+            D.W["ncpus"]: self.ncpus if self.percpu else 1})
 
     def regions(self) -> list[Region]:
         return [Region.of(self._buf, f"map {self.name}", writable=not self.readonly_for_programs)]

@@ -12,7 +12,8 @@ Conventions (shared by helpers, output, the loader and the tests):
   maps touch only that CPU's copy).  Helpers pass ``env.hit.cpu``.  An explicit
   argument (rather than a CPU callback stored in the map) keeps maps free of
   per-hit state and safe when several tracer threads run programs at once.
-* Values live in numpy-backed ``HostBuffer`` slabs; ``lookup_addr`` gives the host
+* Values live in buffers from the map's allocator (numpy-backed ``HostBuffer`` s, or
+  a shared arena for in-target execution: ``vm.memory.Allocator``); ``lookup_addr`` gives the host
   address of a value so programs can read and write it in place, and
   ``regions()`` lists the memory the loader must add to ``env.memory``.
 * Every map has a ``handle_addr`` (the address of a private buffer
@@ -31,10 +32,11 @@ from collections.abc import Iterator
 
 from ubpf_py.errors import MapError
 from ubpf_py.maps import consts as C
-from ubpf_py.maps.descriptor import HANDLE_SIZE
+from ubpf_py.maps.descriptor import HANDLE_SIZE, W
 from ubpf_py.obj.spec import MapSpec
-from ubpf_py.vm.memory import HostBuffer, Region
+from ubpf_py.vm.memory import HEAP, Allocator, Region
 
+SPIN_OFF_WORD = W["spin_off"]
 _ids = itertools.count(1)
 _BY_HANDLE: weakref.WeakValueDictionary[int, Map] = weakref.WeakValueDictionary()
 _BY_ID: weakref.WeakValueDictionary[int, Map] = weakref.WeakValueDictionary()
@@ -66,7 +68,7 @@ class Map:
     #: map-in-map types: program lookups return an inner map's handle address
     holds_maps: bool = False
 
-    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
+    def __init__(self, spec: MapSpec, ncpus: int | None = None, alloc: Allocator | None = None) -> None:
         self.spec = spec
         self.name = spec.name
         self.key_size = spec.key_size
@@ -75,8 +77,10 @@ class Map:
         self.flags = spec.flags
         self.ncpus = ncpus or C.possible_cpus()
         self.map_id = next(_ids)
+        #: where every byte of this map's storage comes from (``vm.memory.HEAP`` or a shared arena)
+        self.alloc: Allocator = alloc or HEAP
         #: the handle doubles as the native descriptor JIT code reads (``maps.descriptor``)
-        self._handle = HostBuffer(HANDLE_SIZE)
+        self._handle = self.alloc.alloc(HANDLE_SIZE)
         self.handle_addr: int = self._handle.addr
         self.lock = threading.Lock()
         self.frozen = False
@@ -85,6 +89,16 @@ class Map:
         self.spin_lock_off: int | None = None
         _BY_HANDLE[self.handle_addr] = self
         _BY_ID[self.map_id] = self
+
+    @property
+    def spin_lock_off(self) -> int | None:
+        return self._spin_lock_off
+
+    @spin_lock_off.setter
+    def spin_lock_off(self, off: int | None) -> None:
+        self._spin_lock_off = off
+        # native updates (the C runtime) keep the lock word on BPF_F_LOCK too
+        self._handle.view.cast("Q")[SPIN_OFF_WORD] = 0 if off is None else off + 1
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.name!r} key={self.key_size} value={self.value_size} "

@@ -20,41 +20,51 @@ store of its address.  The table always keeps a quarter of its entries empty
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from typing import Any
 
-#: descriptor words (u64 index into the handle buffer)
-D_KIND = 0
-D_KEY_SIZE = 1
-D_LIMIT = 2        # array: max_entries; hash: table mask
-D_TABLE = 3        # array: element stride; hash: table address
-D_VALUES = 4       # value storage base (slot / element 0)
-D_CPU_STRIDE = 5   # bytes between per-CPU copies (0 for shared values)
-D_KEYS = 6         # hash: key storage base
-D_KEY_STRIDE = 7   # hash: bytes between stored keys
-D_VAL_STRIDE = 8   # bytes between value slots / array elements
-D_REF = 9          # LRU hash: address of the per-slot reference bytes (0 otherwise)
-D_VALUE_SIZE = 10  # value_size when native updates may copy values (<= 255), else 0
-#: RINGBUF: the ring's positions and counters live here so native output can move them
-D_RB_PROD = 11
-D_RB_CONS = 12
-D_RB_PEND = 13
-D_RB_DROPPED = 14
-D_RB_FLAGS = 15    # RB_WAKEUP: a consumer waits (wakeups are Python); RB_BUSY: Python is inside
-D_WORDS = 16
-RB_WAKEUP = 1
-RB_BUSY = 2
-HANDLE_SIZE = 16 * 8
+from ubpf_py.abi.maps import (  # noqa: F401  (re-exported: the map code's names for them)
+    KIND_ARRAY,
+    KIND_HASH,
+    KIND_NONE,
+    KIND_PERF,
+    KIND_RINGBUF,
+    KIND_STACK,
+    LRU_NIL,
+    MAP_DESC,
+    RB_BUSY,
+    RB_SHARED,
+    RB_WAKEUP,
+    TOMBSTONE,
+)
 
-KIND_NONE = 0
-KIND_ARRAY = 1
-KIND_HASH = 3
-KIND_RINGBUF = 4
+#: descriptor words (u64 index into the handle buffer), from the one layout in ubpf_py.abi.maps
+D_KIND = MAP_DESC.word("kind")
+D_KEY_SIZE = MAP_DESC.word("key_size")
+D_LIMIT = MAP_DESC.word("limit")            # array: max_entries; hash: table mask
+D_TABLE = MAP_DESC.word("table")            # array: element stride; hash: table address
+D_VALUES = MAP_DESC.word("values")          # value storage base (slot / element 0)
+D_CPU_STRIDE = MAP_DESC.word("cpu_stride")  # bytes between per-CPU copies (0 for shared values)
+D_KEYS = MAP_DESC.word("keys")              # hash: key storage base
+D_KEY_STRIDE = MAP_DESC.word("key_stride")  # hash: bytes between stored keys
+D_VAL_STRIDE = MAP_DESC.word("val_stride")  # bytes between value slots / array elements
+D_REF = MAP_DESC.word("ref")                # LRU hash: per-slot reference bytes (0 otherwise)
+D_VALUE_SIZE = MAP_DESC.word("value_size_small")  # value_size when native updates may copy (<= 255)
+#: RINGBUF: the ring's positions and counters live here so native output can move them
+D_RB_PROD = MAP_DESC.word("rb_prod")
+D_RB_CONS = MAP_DESC.word("rb_cons")
+D_RB_PEND = MAP_DESC.word("rb_pend")
+D_RB_DROPPED = MAP_DESC.word("rb_dropped")
+D_RB_FLAGS = MAP_DESC.word("rb_flags")      # RB_WAKEUP / RB_BUSY / RB_SHARED
+#: every descriptor word by its field name (the words the C runtime uses too)
+W = {f.name: MAP_DESC.word(f.name) for f in MAP_DESC.fields if f.count == 1}
+D_WORDS = MAP_DESC.size // 8
+HANDLE_SIZE = MAP_DESC.size
 
 #: largest key (value) a native lookup (update) checks with the region guard (one-byte size)
 MAX_NATIVE_KEY = 255
 
-TOMBSTONE = (1 << 64) - 1
 FNV_BASIS = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
 _M64 = (1 << 64) - 1
@@ -88,12 +98,12 @@ class NativeIndex:
     bytes are in key storage (insert) and before the slot is freed (remove).
     """
 
-    __slots__ = ("_buf", "_handle", "_pos", "_spare", "_tab", "cap", "live", "mask", "tombs")
+    __slots__ = ("_alloc", "_buf", "_handle", "_pos", "_spare", "_tab", "cap", "live", "mask", "tombs")
 
     #: largest max_entries given a native index (its table is 16 bytes per entry)
     MAX_ENTRIES = 1 << 22
 
-    def __init__(self, max_entries: int, handle: memoryview) -> None:
+    def __init__(self, max_entries: int, handle: memoryview, alloc: Any = None) -> None:
         cap = 64   # small maps get room so tombstones rarely force a rebuild
         while cap < 2 * max_entries:
             cap <<= 1
@@ -102,6 +112,7 @@ class NativeIndex:
         self.live = 0
         self.tombs = 0
         self._handle = handle
+        self._alloc = alloc
         #: slot -> its entry's position in the table (deletion needs no hashing)
         self._pos = [0] * max_entries
         self._spare: Any = None
@@ -109,9 +120,9 @@ class NativeIndex:
         self._publish(self._buf.view.cast("Q"))
 
     def _new_buffer(self) -> Any:
-        from ubpf_py.vm.memory import HostBuffer
+        from ubpf_py.vm.memory import HEAP
 
-        return HostBuffer(self.cap * 8)
+        return (self._alloc or HEAP).alloc(self.cap * 8)
 
     def _publish(self, tab: memoryview) -> None:
         self._tab = tab
@@ -167,3 +178,8 @@ class NativeIndex:
         self.tombs = 0
         self._publish(tab)
         self._spare = old_buf
+
+
+def read_word(handle_addr: int, index: int) -> int:
+    """Descriptor word ``index`` of the map whose handle is at ``handle_addr``."""
+    return _Q.unpack(ctypes.string_at(handle_addr + 8 * index, 8))[0]

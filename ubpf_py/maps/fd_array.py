@@ -16,6 +16,7 @@ from ubpf_py.maps import consts as C
 from ubpf_py.maps.array import array_next_key, check_array_spec
 from ubpf_py.maps.base import Map, check_flags_common, map_by_id, map_create_error
 from ubpf_py.obj.spec import MapSpec
+from ubpf_py.vm.memory import Allocator
 
 _U32 = struct.Struct("<I")
 
@@ -23,8 +24,8 @@ _U32 = struct.Struct("<I")
 class ProgArrayMap(Map):
     """Tail-call table: slot -> program (``Executable``) with a u32 program id."""
 
-    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
-        super().__init__(spec, ncpus)
+    def __init__(self, spec: MapSpec, ncpus: int | None = None, alloc: Allocator | None = None) -> None:
+        super().__init__(spec, ncpus, alloc)
         check_array_spec(spec, False, value_size_fixed=4)
         self._progs: list[Any] = [None] * self.max_entries
         self._ids = [0] * self.max_entries
@@ -130,8 +131,8 @@ class _MapInMapMixin:
 class ArrayOfMapsMap(_MapInMapMixin, Map):
     """BPF_MAP_TYPE_ARRAY_OF_MAPS."""
 
-    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
-        Map.__init__(self, spec, ncpus)
+    def __init__(self, spec: MapSpec, ncpus: int | None = None, alloc: Allocator | None = None) -> None:
+        Map.__init__(self, spec, ncpus, alloc)
         self._setup_inner(spec)
         check_array_spec(MapSpec(spec.name, spec.type, spec.key_size, 4, spec.max_entries,
                                  spec.flags & ~C.BPF_F_INNER_MAP), False)
@@ -183,8 +184,8 @@ class ArrayOfMapsMap(_MapInMapMixin, Map):
 class HashOfMapsMap(_MapInMapMixin, Map):
     """BPF_MAP_TYPE_HASH_OF_MAPS (a hash whose values are inner maps)."""
 
-    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
-        Map.__init__(self, spec, ncpus)
+    def __init__(self, spec: MapSpec, ncpus: int | None = None, alloc: Allocator | None = None) -> None:
+        Map.__init__(self, spec, ncpus, alloc)
         self._setup_inner(spec)
         check_flags_common(spec, C.BPF_F_NO_PREALLOC | C.BPF_F_NUMA_NODE | C.ACCESS_MASK | C.BPF_F_ZERO_SEED)
         if spec.max_entries == 0 or spec.key_size == 0:

@@ -17,15 +17,14 @@ just inserted or recently used is kept.
 
 from __future__ import annotations
 
-import numpy as np
-
 from ubpf_py.maps import consts as C
 from ubpf_py.maps import descriptor as D
 from ubpf_py.maps.base import Map, check_flags_common, check_update_flags, map_create_error, write_value
 from ubpf_py.maps.descriptor import NativeIndex
+from ubpf_py.maps.native_ops import runtime_for
 from ubpf_py.maps.storage import SlotStore
 from ubpf_py.obj.spec import MapSpec
-from ubpf_py.vm.memory import Region
+from ubpf_py.vm.memory import Allocator, Region
 
 PCPU_MIN_UNIT_SIZE = 32 << 10
 HTAB_CREATE_FLAG_MASK = (C.BPF_F_NO_PREALLOC | C.BPF_F_NO_COMMON_LRU | C.BPF_F_NUMA_NODE
@@ -36,32 +35,81 @@ class HashMap(Map):
     """Kernel BPF_MAP_TYPE_HASH (and, through class attributes, its per-CPU / LRU kin)."""
 
     lru = False
+    #: the C runtime's operations (``maps.native_ops``) when storage is shared with a target
+    _c = None
 
-    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
-        super().__init__(spec, ncpus)
+    def __init__(self, spec: MapSpec, ncpus: int | None = None, alloc: Allocator | None = None) -> None:
+        super().__init__(spec, ncpus, alloc)
         self._validate(spec)
         if self.lru and (spec.flags & C.BPF_F_NO_COMMON_LRU):
             # per-CPU LRU lists: the kernel rounds max_entries to a multiple of the CPU count
             n = self.ncpus
             rounded = -(-spec.max_entries // n) * n
             self.max_entries = rounded if rounded >= spec.max_entries else spec.max_entries // n * n
-        prealloc = not (spec.flags & C.BPF_F_NO_PREALLOC)
+        self._c = runtime_for(self.alloc)
+        # shared storage is always preallocated (the arena is sparse: untouched slots cost nothing)
+        prealloc = self._c is not None or not (spec.flags & C.BPF_F_NO_PREALLOC)
         self._vstride = C.round8(self.value_size)
         slot_size = self._vstride * (self.ncpus if self.percpu else 1)
         self._keys = SlotStore(f"{self.name}.keys", self.max_entries, C.round8(self.key_size), prealloc,
-                               readonly=True)
+                               readonly=True, alloc=self.alloc)
         self._vals = SlotStore(f"{self.name}.values", self.max_entries, slot_size, prealloc,
-                               readonly=self.readonly_for_programs)
+                               readonly=self.readonly_for_programs, alloc=self.alloc)
         self._index: dict[bytes, int] = {}
         #: key -> value address: the one dictionary probe bpf_map_lookup_elem needs
         self._addrs: dict[bytes, int] = {}
-        self._ref = np.zeros(self.max_entries, dtype=np.uint8) if self.lru else None
-        self.evictions = 0
+        self._ref = self.alloc.alloc(self.max_entries).array if self.lru else None
+        self._evictions = 0
         # fast path of a program updating an existing element of a shared-value map
-        self._fast_update = not self.percpu and not self.lru and self._vals.single
+        self._fast_update = not self.percpu and not self.lru and self._vals.single and self._c is None
         self._vbase = self._vals.bases[0] if self._vals.buffers else 0
         self._vview = self._vals.views[0] if self._vals.buffers else None
-        self._native = self._native_index()
+        self._native = None
+        if self._c is not None:
+            self._shared_setup()
+        else:
+            self._native = self._native_index()
+
+    def _shared_setup(self) -> None:
+        """Descriptor and slot-allocator state for the C operations (``abi.maps``)."""
+        a, n = self.alloc, self.max_entries
+        cap = 64
+        while cap < 2 * n:
+            cap <<= 1
+        self._ctab = a.alloc(cap * 8, 64)
+        self._cfree = a.alloc(4 * n, 8)
+        self._cused = a.alloc(n, 8)
+        lru = [a.alloc(4 * n, 8), a.alloc(4 * n, 8)] if self.lru else [None, None]
+        self._clru = lru
+        keys, vals = self._keys, self._vals
+        self._dw = self._handle.view.cast("Q")
+        D.write_descriptor(self._handle.view, {
+            D.D_KEY_SIZE: self.key_size, D.D_LIMIT: cap - 1, D.D_TABLE: self._ctab.addr,
+            D.D_VALUES: vals.bases[0], D.D_CPU_STRIDE: self._vstride if self.percpu else 0,
+            D.D_KEYS: keys.bases[0], D.D_KEY_STRIDE: keys.stride, D.D_VAL_STRIDE: vals.stride,
+            D.D_REF: self._ref.ctypes.data if self._ref is not None else 0,
+            D.D_VALUE_SIZE: self.value_size if self.value_size <= D.MAX_NATIVE_KEY else 0,
+            D.W["value_size"]: self.value_size, D.W["max_entries"]: n,
+            D.W["ncpus"]: self.ncpus if self.percpu else 1, D.W["free"]: self._cfree.addr,
+            D.W["used"]: self._cused.addr,
+            D.W["lru_prev"]: lru[0].addr if lru[0] is not None else 0,
+            D.W["lru_next"]: lru[1].addr if lru[1] is not None else 0,
+            D.W["lru_head"]: D.LRU_NIL, D.W["lru_tail"]: D.LRU_NIL,
+            D.D_KIND: D.KIND_HASH})
+
+    @property
+    def evictions(self) -> int:
+        """LRU elements evicted to make room."""
+        return self._dw[D.W["evictions"]] if self._c is not None else self._evictions
+
+    def _c_slots(self):
+        """Live slots in slot order (the C allocator's ``used`` bytes, up to ``fresh``)."""
+        fresh = self._dw[D.W["fresh"]]
+        used = self._cused.array[:fresh]
+        return used.nonzero()[0]
+
+    def _c_slot(self, key: bytes) -> int:
+        return self._c.hash_find(self.handle_addr, key) - 1
 
     def _native_index(self) -> NativeIndex | None:
         """The native key index JIT lookups use (``maps.descriptor``), for the shapes it
@@ -70,7 +118,7 @@ class HashMap(Map):
         if not (keys.buffers and vals.buffers and keys.single and vals.single
                 and self.key_size <= D.MAX_NATIVE_KEY and self.max_entries <= NativeIndex.MAX_ENTRIES):
             return None
-        nidx = NativeIndex(self.max_entries, self._handle.view)
+        nidx = NativeIndex(self.max_entries, self._handle.view, self.alloc)
         D.write_descriptor(self._handle.view, {
             D.D_KEY_SIZE: self.key_size, D.D_LIMIT: nidx.mask, D.D_TABLE: nidx.table_addr,
             D.D_VALUES: vals.bases[0], D.D_CPU_STRIDE: self._vstride if self.percpu else 0,
@@ -107,6 +155,8 @@ class HashMap(Map):
 
     # ---- program-side fast paths ---------------------------------------------------------
     def lookup_addr(self, key: bytes, cpu: int = 0) -> int:
+        if self._c is not None:
+            return self._c.map_lookup(self.handle_addr, bytes(key), cpu)
         if self._ref is None:
             addr = self._addrs.get(key, 0)
             return addr + cpu * self._vstride if addr and self.percpu else addr
@@ -118,12 +168,17 @@ class HashMap(Map):
 
     def key_addr(self, key: bytes) -> int:
         """Address of the stored copy of ``key`` (for for_each_map_elem callbacks), 0 if absent."""
+        if self._c is not None:
+            s = self._c_slot(bytes(key))
+            return 0 if s < 0 else self._keys.addr(s)
         slot = self._index.get(key)
         return 0 if slot is None else self._keys.addr(slot)
 
     # ---- element operations --------------------------------------------------------------
     def lookup(self, key: bytes) -> bytes | None:
-        slot = self._index.get(bytes(key))
+        slot = self._index.get(bytes(key)) if self._c is None else self._c_slot(bytes(key))
+        if slot is not None and slot < 0:
+            slot = None
         if slot is None:
             return None
         if self.percpu:
@@ -148,6 +203,8 @@ class HashMap(Map):
             value = self._user_value(value)
         elif len(value) != self.value_size:
             raise ValueError(f"map {self.name}: value is {len(value)} bytes, value_size is {self.value_size}")
+        if self._c is not None:
+            return self._c.map_update(self.handle_addr, key, bytes(value), flags, -1 if cpu is None else cpu)
         with_lock = bool(flags & C.BPF_F_LOCK)
         mode = flags & 3
         with self.lock:
@@ -211,7 +268,7 @@ class HashMap(Map):
             self._native.remove(key, slot, index)
         self._keys.free(slot)
         self._vals.free(slot)
-        self.evictions += 1
+        self._evictions += 1
         slot2 = self._vals.alloc()
         assert slot2 == slot
         return slot
@@ -220,6 +277,9 @@ class HashMap(Map):
         if cpu is None and (self.frozen or self.flags & C.BPF_F_RDONLY):
             return -C.EPERM
         key = bytes(key)
+        if self._c is not None:
+            self._check_key(key)
+            return self._c.map_delete(self.handle_addr, key)
         with self.lock:
             slot = self._index.pop(key, None)
             if slot is None:
@@ -233,6 +293,12 @@ class HashMap(Map):
 
     def get_next_key(self, key: bytes | None) -> bytes | None:
         slot = -1
+        if self._c is not None:
+            if key is not None:
+                slot = self._c_slot(bytes(key))
+            live = self._c_slots()
+            later = live[live > slot]
+            return self._keys.read(int(later[0]), self.key_size) if len(later) else None
         if key is not None:
             slot = self._index.get(bytes(key), -1)
         nxt = self._vals.next_used(slot)
@@ -240,26 +306,31 @@ class HashMap(Map):
             return None
         return self._keys.read(nxt, self.key_size)
 
+    def _live(self):
+        return self._c_slots() if self._c is not None else self._vals.live_slots()
+
     def items(self):
-        for slot in self._vals.live_slots():
+        for slot in self._live():
             slot = int(slot)
             k = self._keys.read(slot, self.key_size)
             v = self._vals.read(slot, self._vals.stride if self.percpu else self.value_size)
             yield k, v
 
     def keys(self) -> list[bytes]:
-        return [self._keys.read(int(s), self.key_size) for s in self._vals.live_slots()]
+        return [self._keys.read(int(s), self.key_size) for s in self._live()]
 
     def snapshot(self) -> list[tuple[bytes, int, int]]:
         """(key, key address, value slot address) of every element, for for_each_map_elem
         (taken up front so callbacks may delete elements while we iterate)."""
         out = []
-        for s in self._vals.live_slots():
+        for s in self._live():
             s = int(s)
             out.append((self._keys.read(s, self.key_size), self._keys.addr(s), self._vals.addr(s)))
         return out
 
     def __len__(self) -> int:
+        if self._c is not None:
+            return self._dw[D.W["count"]]
         return len(self._index)
 
 

@@ -19,7 +19,7 @@ from ubpf_py.maps import consts as C
 from ubpf_py.maps.base import Map, check_flags_common, map_create_error
 from ubpf_py.maps.storage import SlotStore
 from ubpf_py.obj.spec import MapSpec
-from ubpf_py.vm.memory import Region
+from ubpf_py.vm.memory import Allocator, Region
 
 LPM_CREATE_FLAG_MASK = C.BPF_F_NO_PREALLOC | C.BPF_F_NUMA_NODE | C.ACCESS_MASK
 LPM_DATA_SIZE_MAX = 256
@@ -42,8 +42,8 @@ def _bits(data: bytes, plen: int) -> str:
 class LpmTrieMap(Map):
     """Longest prefix match map."""
 
-    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
-        super().__init__(spec, ncpus)
+    def __init__(self, spec: MapSpec, ncpus: int | None = None, alloc: Allocator | None = None) -> None:
+        super().__init__(spec, ncpus, alloc)
         check_flags_common(spec, LPM_CREATE_FLAG_MASK)
         if not spec.flags & C.BPF_F_NO_PREALLOC:
             raise map_create_error(spec, "LPM tries must be created with BPF_F_NO_PREALLOC "
@@ -56,9 +56,9 @@ class LpmTrieMap(Map):
         self.data_size = spec.key_size - 4
         self.max_prefixlen = 8 * self.data_size
         self._keys = SlotStore(f"{self.name}.keys", self.max_entries, C.round8(self.key_size), False,
-                               readonly=True)
+                               readonly=True, alloc=self.alloc)
         self._vals = SlotStore(f"{self.name}.values", self.max_entries, C.round8(self.value_size), False,
-                               readonly=self.readonly_for_programs)
+                               readonly=self.readonly_for_programs, alloc=self.alloc)
         self._index: dict[tuple[int, bytes], int] = {}
         self._plens: dict[int, int] = {}      # prefix length -> entries with it
         self._plen_order: list[int] = []     # lengths in use, longest first

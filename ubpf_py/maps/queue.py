@@ -22,6 +22,7 @@ from ubpf_py.maps import consts as C
 from ubpf_py.maps.base import Map, check_flags_common, map_create_error
 from ubpf_py.maps.jhash import jhash, jhash2_bytes
 from ubpf_py.obj.spec import MapSpec
+from ubpf_py.vm.memory import Allocator
 
 QUEUE_STACK_CREATE_FLAG_MASK = C.BPF_F_NUMA_NODE | C.ACCESS_MASK
 BLOOM_CREATE_FLAG_MASK = C.BPF_F_NUMA_NODE | C.BPF_F_ZERO_SEED | C.ACCESS_MASK
@@ -32,15 +33,15 @@ class QueueMap(Map):
 
     lifo = False
 
-    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
-        super().__init__(spec, ncpus)
+    def __init__(self, spec: MapSpec, ncpus: int | None = None, alloc: Allocator | None = None) -> None:
+        super().__init__(spec, ncpus, alloc)
         check_flags_common(spec, QUEUE_STACK_CREATE_FLAG_MASK)
         if spec.max_entries == 0 or spec.key_size != 0 or spec.value_size == 0:
             raise map_create_error(spec, f"queue/stack maps need key_size 0, value_size > 0 and "
                                    f"max_entries > 0 (got key {spec.key_size}, value {spec.value_size}, "
                                    f"max_entries {spec.max_entries})")
         self.size = self.max_entries + 1
-        self._elems = np.zeros((self.size, self.value_size), dtype=np.uint8)
+        self._elems = self.alloc.alloc(self.size * self.value_size).array.reshape(self.size, self.value_size)
         self.head = 0
         self.tail = 0
 
@@ -122,8 +123,8 @@ class StackMap(QueueMap):
 class BloomFilterMap(Map):
     """BPF_MAP_TYPE_BLOOM_FILTER: push adds a value, peek asks "maybe present?"."""
 
-    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
-        super().__init__(spec, ncpus)
+    def __init__(self, spec: MapSpec, ncpus: int | None = None, alloc: Allocator | None = None) -> None:
+        super().__init__(spec, ncpus, alloc)
         check_flags_common(spec, BLOOM_CREATE_FLAG_MASK)
         if (spec.key_size != 0 or spec.value_size == 0 or spec.max_entries == 0
                 or spec.map_extra & ~0xF):
@@ -139,7 +140,7 @@ class BloomFilterMap(Map):
         else:
             nr_bits = 1 << (nr_bits - 1).bit_length()
         self.nr_bits = nr_bits
-        self._bits = np.zeros(nr_bits // 8, dtype=np.uint8)
+        self._bits = self.alloc.alloc(nr_bits // 8).array
         self._aligned = self.value_size % 4 == 0
         self.seed = 0 if spec.flags & C.BPF_F_ZERO_SEED else random.getrandbits(32)
 

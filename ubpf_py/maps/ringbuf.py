@@ -16,6 +16,16 @@ The positions and the dropped counter are u64 words of the map's native descript
 (``maps.descriptor``) so JIT code can run bpf_ringbuf_output without Python; the
 Python producer paths mark themselves busy there (native code then defers to them).
 
+Storage: the data area is page aligned and the page before it holds the handle
+address, so the C runtime finds a record's ring from the record alone (through
+the header's ``pg_off``, as the kernel does).  When the storage is shared with a
+traced process (``maps.native_ops``) every producer -- the target's threads and
+this object's ``reserve``/``commit``/``output`` -- is the C runtime's
+(``runtime/ringbuf.c``), serialised by the descriptor's lock word; ``records()``
+is the single consumer and takes no lock: a record is skipped-until-ready while
+its header has the BUSY bit, and producers write the header before moving the
+producer position and the data before clearing BUSY (release order).
+
 The kernel maps the data pages twice so a record that wraps is contiguous.  We
 allocate ``2 * size`` bytes instead: a record is reserved contiguously past the
 end when it wraps, and at commit the part beyond the end is copied to the start,
@@ -30,8 +40,9 @@ from collections.abc import Callable, Iterator
 from ubpf_py.maps import consts as C
 from ubpf_py.maps import descriptor as D
 from ubpf_py.maps.base import Map, map_create_error
+from ubpf_py.maps.native_ops import runtime_for
 from ubpf_py.obj.spec import MapSpec
-from ubpf_py.vm.memory import HostBuffer, Region
+from ubpf_py.vm.memory import Allocator, Region
 
 _HDR = struct.Struct("<II")
 _U32 = struct.Struct("<I")
@@ -41,8 +52,8 @@ RINGBUF_MAX_RECORD_SZ = 0xFFFFFFFF // 4
 class RingBufMap(Map):
     """A ring buffer; programs reserve/commit records, user space ``consume()``s them."""
 
-    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
-        super().__init__(spec, ncpus)
+    def __init__(self, spec: MapSpec, ncpus: int | None = None, alloc: Allocator | None = None) -> None:
+        super().__init__(spec, ncpus, alloc)
         if spec.flags & ~C.BPF_F_NUMA_NODE:
             raise map_create_error(spec, f"map_flags {spec.flags:#x} not allowed for a ring buffer")
         size = spec.max_entries
@@ -52,13 +63,17 @@ class RingBufMap(Map):
                                    f"(got key {spec.key_size} value {spec.value_size} max_entries {size})")
         self.size = size
         self.mask = size - 1
-        self._buf = HostBuffer(2 * size, align=8)
-        self._view = self._buf.view
-        self.data_addr = self._buf.addr
+        self._raw = self.alloc.alloc(C.PAGE_SIZE + 2 * size, align=C.PAGE_SIZE)
+        self._raw.view.cast("Q")[0] = self.handle_addr   # the page before the data: see above
+        self._view = self._raw.view[C.PAGE_SIZE:]
+        self.data_addr = self._raw.addr + C.PAGE_SIZE
         self._w = self._handle.view.cast("Q")
         self._wakeup: Callable[[], None] | None = None
-        D.write_descriptor(self._handle.view, {D.D_LIMIT: self.mask, D.D_VALUES: self.data_addr,
-                                               D.D_KIND: D.KIND_RINGBUF})
+        self._c = runtime_for(self.alloc)
+        D.write_descriptor(self._handle.view, {
+            D.D_LIMIT: self.mask, D.D_VALUES: self.data_addr,
+            D.D_RB_FLAGS: D.RB_BUSY | D.RB_SHARED if self._c is not None else 0,
+            D.D_KIND: D.KIND_RINGBUF})
 
     # positions and counters: words of the native descriptor (native output moves them too)
     @property
@@ -107,8 +122,8 @@ class RingBufMap(Map):
         self._w[D.D_RB_FLAGS] = flags | D.RB_WAKEUP if fn is not None else flags & ~D.RB_WAKEUP
 
     def regions(self) -> list[Region]:
-        buf = self._buf
-        return [Region(buf.addr, buf.addr + buf.size, True, f"ringbuf {self.name}", buf.view, self)]
+        n = 2 * self.size
+        return [Region(self.data_addr, self.data_addr + n, True, f"ringbuf {self.name}", self._view, self)]
 
     def lookup(self, key: bytes) -> bytes | None:
         return None
@@ -128,6 +143,8 @@ class RingBufMap(Map):
     # ---- producer side (helpers) ----------------------------------------------------------
     def reserve(self, size: int) -> int:
         """Address of ``size`` writable bytes (after the 8-byte header), or 0 when full/too big."""
+        if self._c is not None:
+            return self._c.rb_reserve(self.handle_addr, size)
         if size > RINGBUF_MAX_RECORD_SZ:
             self.dropped += 1
             return 0
@@ -162,12 +179,15 @@ class RingBufMap(Map):
         hlen = _U32.unpack_from(view, hoff)[0]
         if not hlen & C.BPF_RINGBUF_BUSY_BIT:
             raise ValueError(f"ringbuf {self.name}: record at 0x{sample_addr:x} was already committed")
-        size = hlen & ~(C.BPF_RINGBUF_BUSY_BIT | C.BPF_RINGBUF_DISCARD_BIT)
-        end = hoff + C.BPF_RINGBUF_HDR_SZ + size
-        if end > self.size:  # wrapped: move the tail to the start of the ring
-            view[0:end - self.size] = view[self.size:end]
-        new_len = size | (C.BPF_RINGBUF_DISCARD_BIT if discard else 0)
-        _U32.pack_into(view, hoff, new_len)
+        if self._c is not None:
+            self._c.rb_commit(sample_addr, 1 if discard else 0)
+        else:
+            size = hlen & ~(C.BPF_RINGBUF_BUSY_BIT | C.BPF_RINGBUF_DISCARD_BIT)
+            end = hoff + C.BPF_RINGBUF_HDR_SZ + size
+            if end > self.size:  # wrapped: move the tail to the start of the ring
+                view[0:end - self.size] = view[self.size:end]
+            new_len = size | (C.BPF_RINGBUF_DISCARD_BIT if discard else 0)
+            _U32.pack_into(view, hoff, new_len)
         if self.wakeup is not None and (flags & C.BPF_RB_FORCE_WAKEUP or (
                 (self.consumer_pos & self.mask) == hoff and not flags & C.BPF_RB_NO_WAKEUP)):
             self.wakeup()
@@ -178,6 +198,13 @@ class RingBufMap(Map):
         so it never needs the BUSY bit)."""
         if flags & ~(C.BPF_RB_NO_WAKEUP | C.BPF_RB_FORCE_WAKEUP):
             return -C.EINVAL
+        if self._c is not None:
+            prod = self.producer_pos
+            rc = self._c.rb_output(self.handle_addr, bytes(data), len(data))
+            if rc == 0 and self.wakeup is not None and (flags & C.BPF_RB_FORCE_WAKEUP or (
+                    (self.consumer_pos & self.mask) == (prod & self.mask) and not flags & C.BPF_RB_NO_WAKEUP)):
+                self.wakeup()
+            return rc
         size = len(data)
         length = (size + 15) & ~7
         view = self._view

@@ -19,9 +19,12 @@ import struct
 import numpy as np
 
 from ubpf_py.maps import consts as C
+from ubpf_py.maps import descriptor as D
 from ubpf_py.maps.base import Map, check_flags_common, map_create_error
 from ubpf_py.maps.jhash import jhash2
+from ubpf_py.maps.native_ops import runtime_for
 from ubpf_py.obj.spec import MapSpec
+from ubpf_py.vm.memory import Allocator
 
 STACK_CREATE_FLAG_MASK = C.BPF_F_NUMA_NODE | C.ACCESS_MASK | C.BPF_F_STACK_BUILD_ID
 BUILD_ID_ENTRY = 32           # sizeof(struct bpf_stack_build_id)
@@ -37,8 +40,8 @@ def build_id_entries(ips: list[int]) -> bytes:
 class StackTraceMap(Map):
     """Stacks keyed by a u32 stack id; values are ``value_size / 8`` u64 frames."""
 
-    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
-        super().__init__(spec, ncpus)
+    def __init__(self, spec: MapSpec, ncpus: int | None = None, alloc: Allocator | None = None) -> None:
+        super().__init__(spec, ncpus, alloc)
         check_flags_common(spec, STACK_CREATE_FLAG_MASK)
         vs = spec.value_size
         if spec.max_entries == 0 or spec.key_size != 4 or vs < 8 or vs % 8:
@@ -54,17 +57,38 @@ class StackTraceMap(Map):
             raise map_create_error(spec, "max_entries is larger than 2^31", C.E2BIG)
         self.max_depth = vs // self.elem_size
         self.n_buckets = 1 << max(spec.max_entries - 1, 0).bit_length()
-        self._data = np.zeros((self.n_buckets, vs), dtype=np.uint8)
-        self._hash = np.zeros(self.n_buckets, dtype=np.uint32)
-        self._nr = np.zeros(self.n_buckets, dtype=np.uint32)
-        self._present = np.zeros(self.n_buckets, dtype=np.bool_)
-        self._count = 0
+        n = self.n_buckets
+        self._data = self.alloc.alloc(n * vs).array.reshape(n, vs)
+        self._hash = self.alloc.alloc(n * 4).array.view(np.uint32)
+        self._nr = self.alloc.alloc(n * 4).array.view(np.uint32)
+        self._present = self.alloc.alloc(n).array.view(np.bool_)
+        self._count_py = 0
+        # shared with a target: stack ids are stored by the C runtime (runtime/stackmap.c)
+        self._c = runtime_for(self.alloc) if not self.build_id else None
+        if self._c is not None:
+            self._dw = self._handle.view.cast("Q")
+            D.write_descriptor(self._handle.view, {
+                D.D_VALUES: self._data.ctypes.data, D.D_VAL_STRIDE: vs, D.D_LIMIT: n - 1,
+                D.D_TABLE: self._hash.ctypes.data, D.D_KEYS: self._nr.ctypes.data,
+                D.W["used"]: self._present.ctypes.data, D.W["max_entries"]: self.max_entries,
+                D.W["value_size"]: vs, D.D_KIND: D.KIND_STACK})
+
+    @property
+    def _count(self) -> int:
+        return self._dw[D.W["count"]] if self._c is not None else self._count_py
+
+    @_count.setter
+    def _count(self, v: int) -> None:
+        self._count_py = v
 
     # ---- program side -----------------------------------------------------------------------
     def get_stackid(self, trace: list[int], flags: int) -> int:
         """Store ``trace`` (frames innermost first, already cut to max_depth + skip) and return
         its id, or -EFAULT/-EEXIST/-ENOMEM as the kernel's __bpf_get_stackid."""
         skip = flags & C.BPF_F_SKIP_FIELD_MASK
+        if self._c is not None:
+            raw = struct.pack(f"<{len(trace)}Q", *(ip & 0xFFFFFFFFFFFFFFFF for ip in trace))
+            return self._c.stack_store(self.handle_addr, raw, len(trace), flags)
         if len(trace) <= skip:
             return -C.EFAULT
         ips = [ip & 0xFFFFFFFFFFFFFFFF for ip in trace[skip:]]
@@ -127,6 +151,8 @@ class StackTraceMap(Map):
         sid = _U32.unpack(key)[0]
         if sid >= self.n_buckets:
             return -C.E2BIG
+        if self._c is not None:
+            return self._c.stack_delete(self.handle_addr, sid)
         with self.lock:
             if not self._present[sid]:
                 return -C.ENOENT

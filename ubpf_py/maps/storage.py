@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ubpf_py.vm.memory import HostBuffer, Region
+from ubpf_py.vm.memory import HEAP, Allocator, HostBuffer, Region
 
 CHUNK_SHIFT = 12          # 4096 slots per chunk
 CHUNK = 1 << CHUNK_SHIFT
@@ -26,15 +26,16 @@ class SlotStore:
     ones) and returned with ``free``.  ``used`` marks live slots for iteration.
     """
 
-    __slots__ = ("_free", "_fresh", "bases", "buffers", "capacity", "chunk_shift", "listeners", "name",
+    __slots__ = ("_free", "_fresh", "allocator", "bases", "buffers", "capacity", "chunk_shift", "listeners", "name",
                  "readonly", "stride", "used", "views")
 
     def __init__(self, name: str, capacity: int, stride: int, prealloc: bool = True,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, alloc: Allocator = HEAP) -> None:
         self.name = name
         self.capacity = capacity
         self.stride = max(stride, 1)
         self.readonly = readonly
+        self.allocator = alloc
         # preallocated (and small) stores are one buffer, so a slot's address is one
         # multiplication away; only BPF_F_NO_PREALLOC stores grow chunk by chunk
         if prealloc or capacity <= CHUNK:
@@ -59,7 +60,7 @@ class SlotStore:
 
     def _add_chunk(self) -> Region:
         i = len(self.buffers)
-        buf = HostBuffer(self._chunk_slots(i) * self.stride)
+        buf = self.allocator.alloc(self._chunk_slots(i) * self.stride)
         self.buffers.append(buf)
         self.bases.append(buf.addr)
         self.views.append(buf.view)

@@ -55,8 +55,9 @@ class TextWriter(Writer):
     def note(self, text: str) -> None:
         print(f"ubpf-run: {text}", file=self.err, flush=True)
 
-    def attached(self, program: str, target: str, detail: str = "") -> None:
-        self.note(f"attached {program} to {target}" + (f" ({detail})" if detail else ""))
+    def attached(self, program: str, target: str, detail: str = "", path: str = "", reason: str = "") -> None:
+        how = f" [{path}{': ' + reason if reason else ''}]" if path else ""
+        self.note(f"attached {program} to {target}" + (f" ({detail})" if detail else "") + how)
 
     def printk(self, comm: str, tgid: int, tid: int, cpu: int, ts_ns: int, message: str) -> None:
         print(format_trace_line(comm, tid, cpu, ts_ns, message), file=self.out, flush=True)
@@ -156,8 +157,9 @@ class JsonWriter(Writer):
     def note(self, text: str) -> None:
         self._emit({"event": "note", "message": text})
 
-    def attached(self, program: str, target: str, detail: str = "") -> None:
-        self._emit({"event": "attached", "program": program, "target": target, "err": 0, "detail": detail})
+    def attached(self, program: str, target: str, detail: str = "", path: str = "", reason: str = "") -> None:
+        self._emit({"event": "attached", "program": program, "target": target, "err": 0, "detail": detail,
+                    "path": path, "path_reason": reason})
 
     def printk(self, comm: str, tgid: int, tid: int, cpu: int, ts_ns: int, message: str) -> None:
         self._emit({"event": "printk", "comm": comm, "pid": tgid, "tid": tid, "cpu": cpu,

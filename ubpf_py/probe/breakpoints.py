@@ -44,6 +44,9 @@ class Probe:
     native_error: Callable[[], None] | None = None
     #: two u64 (hits, ns) the C loop counts native-only hits in (a ctypes array)
     native_counter: object = None
+    #: in-target program: its entry address in the session's in-target image (0 = none);
+    #: sites that cannot take a jump fall back to an int3 and ``handler``/``native_fn``
+    target_entry: int = 0
 
 
 @dataclass(slots=True)

@@ -208,7 +208,7 @@ class ProbeSession:
                   is_return: bool = False, cookie: int = 0, native_prog: int = 0,
                   native_facts: int = 0, native_status: int = 0,
                   native_error: Callable[[], None] | None = None,
-                  ref_ctr_offset: int = 0) -> int:
+                  ref_ctr_offset: int = 0, target_entry: int = 0) -> int:
         """Attach ``handler`` at ``file_offset`` of ``binary_path``; armed in every mapping of that
         file now and whenever it is mapped later (dlopen, exec).  Returns the probe id.
 
@@ -222,9 +222,15 @@ class ProbeSession:
         detaching leaves the target as it was) and calls ``native_error()``, which raises.
         Per-probe hit counts and program time of native-only hits are in ``stats``.
         ``ref_ctr_offset``: file offset of a USDT semaphore (u16) to increment while the probe is
-        armed, like the kernel's uprobe ref_ctr_offset."""
-        if handler is None and not native_prog:
-            raise ProbeError("add_probe needs a handler or a native_prog")
+        armed, like the kernel's uprobe ref_ctr_offset.
+        ``target_entry``: the program's entry in the in-target image (``enable_in_target`` and
+        ``load_in_target_image`` first): the site gets a jump into a trampoline that runs it in
+        the target with no stop; where a site refuses (``in_target_reason``) the probe falls
+        back to an int3 and ``handler``/``native_prog``."""
+        if handler is None and not native_prog and not target_entry:
+            raise ProbeError("add_probe needs a handler, a native_prog or a target_entry")
+        if target_entry and self.tracer.intarget is None:
+            raise ProbeError("add_probe(target_entry=...) needs enable_in_target() first")
         if self._detached:
             raise ProbeError("session is detached: start a new one")
         binary_path = os.fspath(binary_path)
@@ -233,7 +239,7 @@ class ProbeSession:
         check_offset(binary_path, file_offset)
         probe = Probe(self._next_id, binary_path, file_offset, handler, is_return, cookie & ((1 << 64) - 1),
                       native_fn=native_prog, ref_ctr_offset=ref_ctr_offset, native_facts=native_facts,
-                      native_status=native_status, native_error=native_error)
+                      native_status=native_status, native_error=native_error, target_entry=target_entry)
         self._next_id += 1
         tr = self.tracer
         tr.probes[probe.id] = probe
@@ -245,6 +251,39 @@ class ProbeSession:
             del tr.probes[probe.id]
             raise
         return probe.id
+
+    # ------------------------------------------------------------------ in-target execution
+    def enable_in_target(self, arena_size: int | None = None):
+        """Map the in-target runtime's private area and shared arena into the target (stopped
+        before its main, or every thread stopped after attach); returns the arena, whose memory
+        the tracer and the target share at one address (maps are allocated from it)."""
+        from ubpf_py.intarget.process import InTargetEngine
+        from ubpf_py.intarget.space import DEFAULT_ARENA_SIZE
+
+        tr = self.tracer
+        if tr.intarget is None:
+            tr.intarget = InTargetEngine.create(tr.main, arena_size or DEFAULT_ARENA_SIZE)
+            tr.intarget.on_patch = tr.on_patch
+        return tr.intarget.arena
+
+    def load_in_target_image(self, link: Callable[[int], bytes], code_size: int, printk_ring: int = 0) -> int:
+        """Place code in the target: ``link(base)`` returns ``code_size`` bytes linked for ``base``;
+        returns base.  Installed in every process that gets in-target probes (exec'd images too)."""
+        from ubpf_py.intarget.space import reserve_image
+
+        eng = self.tracer.intarget
+        if eng is None:
+            raise ProbeError("load_in_target_image needs enable_in_target() first")
+        reserve_image(eng.plan, self.pid, code_size)
+        code = link(eng.plan.image_addr)
+        eng.set_image(code, eng.plan.image_addr, eng.plan.image_size, printk_ring)
+        return eng.plan.image_addr
+
+    def in_target_reason(self, probe_id: int) -> str | None:
+        """Why probe ``probe_id`` (or one of its sites) runs on the ptrace path; None if it runs
+        in the target everywhere (or was never meant to)."""
+        eng = self.tracer.intarget
+        return None if eng is None else eng.reasons.get(probe_id)
 
     @property
     def native_loop(self) -> bool:
@@ -386,8 +425,11 @@ class ProbeSession:
         def native(p: Probe, k: int) -> int:
             return p.native_counter[k] if p.native_counter is not None else 0
 
+        def in_target(p: Probe) -> int:
+            return tr.intarget.hits(p.id)[0] if tr.intarget is not None else 0
+
         return SessionStats(
-            hits={i: p.hits + native(p, 0) for i, p in tr.probes.items()},
+            hits={i: p.hits + native(p, 0) + in_target(p) for i, p in tr.probes.items()},
             handler_ns_by_probe={i: p.handler_ns + native(p, 1) for i, p in tr.probes.items()},
             total_hits=hits, tracer_ns=tns, handler_ns=hns, run_s=self._run_s)
 

@@ -108,6 +108,8 @@ class RestoreMixin:
     def _restore_proc(self, proc: Proc) -> None:
         borrowers = [t for cp in self.procs.values() if cp.vfork_parent is proc for t in cp.threads.values()]
         threads = list(proc.threads.values()) + borrowers
+        if self.intarget is not None:    # jumps, trampolines, replaced return addresses, mappings
+            self.intarget.restore(proc, threads)
         for t in threads:                 # first: while the breakpoints are still known as armed
             self._fix_rip(proc, t)
         clean_memory(proc.mem, proc.bps.values(), [], proc.scratch.tramp)

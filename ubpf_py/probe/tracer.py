@@ -116,6 +116,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         self.handler_ns = 0
         self.ret_log = None                   # guardian.ReturnLog when a guardian runs
         self.on_arm = None                    # guardian hook: (proc, addr, orig_byte)
+        self.on_patch = None                  # guardian hook: (tgid, addr, orig bytes, patch bytes)
         self._dl_offsets: dict[str, int | None] = {}
         self.errors: list[BaseException] = []
         self._regs_valid = False
@@ -125,6 +126,8 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         #: called between runs of the C loop (before each run and every poll interval): the
         #: user's periodic work while hits of native programs never enter Python
         self.poll_hooks: list[Callable[[], None]] = []
+        #: the in-target half (``intarget.process.InTargetEngine``) once the session enables it
+        self.intarget = None
         self.nl = None
         if native is not False:
             from ubpf_py.probe import native as N
@@ -156,6 +159,13 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         if probe.ref_ctr_offset:
             self._bump_semaphores(proc, probe, maps)
         for addr in code_addresses(maps, probe.binary_path, probe.file_offset):
+            if probe.target_entry and self.intarget is not None:
+                reason = self.intarget.arm(proc, probe, addr)   # a jump to a trampoline, no stop per hit
+                if reason is None:
+                    n += 1
+                    continue
+                if probe.handler is None and not probe.native_fn:
+                    raise ProbeError(f"probe at 0x{addr:x} cannot run in the target: {reason}")
             bp = self._breakpoint(proc, addr)
             lst = bp.ret_probes if probe.is_return else bp.probes
             if probe not in lst:
@@ -246,8 +256,20 @@ class Tracer(RestoreMixin, NativeCallsMixin):
                 self._native_dirty = True
                 if self.ret_log is not None:
                     self.ret_log.remove_bp(proc.tgid, addr)
-        for probe in self.probes.values():
-            self.arm_probe(proc, probe, maps)
+        # a jump (5 bytes) may only be written with every thread stopped: stop the others now
+        running = [t for t in self.threads.values() if t is not th and not t.stopped]
+        if running and self.intarget is not None and any(p.target_entry for p in self.probes.values()):
+            self.stop_all()
+        else:
+            running = []
+        try:
+            for probe in self.probes.values():
+                self.arm_probe(proc, probe, maps)
+        finally:
+            for t in running:
+                if t.stopped and t.tid in self.threads:
+                    sig, t.pending_sig = t.pending_sig, 0
+                    self.resume(t, sig)
 
     # ------------------------------------------------------------------ loop
     def totals(self) -> tuple[int, int, int]:
@@ -701,6 +723,8 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             if self.on_arm is not None:
                 for bp in cp.bps.values():
                     self.on_arm(cp, bp.addr, bp.orig[0])
+            if self.intarget is not None:
+                self.intarget.follow_fork(parent, child, cp.mem)
             self.procs[child] = cp
             ct = self.add_thread(cp, child, stopped=True)
             ct.shadow.entries = [RetEntry(e.slot, e.orig_ret, e.func, e.probes, chained=e.chained)
@@ -716,6 +740,9 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         try:
             clean_memory(mem, parent.bps.values(), th.shadow.entries, parent.scratch.tramp)
             release_semaphores(mem, parent.semas)
+            if self.intarget is not None:
+                self.regs.get(th.tid)
+                self.intarget.clean_fork_child(parent, mem, self.v[P.FS_BASE])
         finally:
             mem.close()
         P.detach(child)
@@ -755,6 +782,8 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             self.ret_log.clear_pid(tgid)
         self.filler.forget_process(tgid)
         self._native_dirty = True
+        if self.intarget is not None:
+            self.intarget.forget(tgid)
         self.arm_all(proc)
 
     def thread_gone(self, th: Thread, status: int) -> None:

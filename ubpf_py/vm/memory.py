@@ -16,6 +16,7 @@ import bisect
 import ctypes
 import struct
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -40,6 +41,28 @@ class HostBuffer:
 
     def __len__(self) -> int:
         return self.size
+
+
+class HeapAllocator:
+    """Where map storage comes from by default: private numpy-backed ``HostBuffer`` s.
+
+    Maps take an allocator (anything with ``alloc(size, align) -> buffer`` giving
+    ``addr``/``size``/``array``/``view``); the in-target path passes a
+    ``intarget.arena.SharedArena`` instead, so storage lands in memory the target
+    maps too.  Every buffer keeps its address for its whole life."""
+
+    def alloc(self, size: int, align: int = 16) -> HostBuffer:
+        return HostBuffer(size, align)
+
+
+class Allocator(Protocol):
+    """What maps allocate storage from: ``alloc(size, align)`` returning a buffer with
+    ``addr``, ``size``, ``array`` (uint8 numpy) and ``view`` (byte memoryview)."""
+
+    def alloc(self, size: int, align: int = 16) -> Any: ...
+
+
+HEAP: Allocator = HeapAllocator()
 
 
 @dataclass(slots=True)

@@ -148,8 +148,29 @@ def _check_target(insns: list[Instruction], pc: int, target: int, what: str) -> 
         raise InvalidInstructionError(pc, f"{what} target {target} is not an instruction")
 
 
-def program_ir(insns: list[Instruction], prefix: str, checked: bool) -> tuple[str, ProgramLayout]:
-    """IR text for one program (without the shared module header) and its layout."""
+@dataclass(frozen=True, slots=True)
+class TargetInfo:
+    """What code compiled for the traced process needs to know (``vm.jit.target``)."""
+
+    #: prog-array map handle -> (address of its table of program entries in the arena, max_entries)
+    tail_tables: dict[int, tuple[int, int]]
+
+
+#: bpf_loop: compiled inline in target code (the callback is a BPF function of the same module)
+LOOP_HELPER = 181
+#: bpf_loop's limit on nr_loops (kernel BPF_MAX_LOOPS)
+MAX_LOOPS = 1 << 23
+#: tail calls one hit may take (kernel MAX_TAIL_CALL_CNT)
+MAX_TAIL_CALLS = 33
+
+
+def program_ir(insns: list[Instruction], prefix: str, checked: bool,
+               target: TargetInfo | None = None) -> tuple[str, ProgramLayout]:
+    """IR text for one program (without the shared module header) and its layout.
+
+    ``target``: code for the traced process (``vm.jit.target`` adds its entry): helpers are
+    direct calls of the in-target runtime, bpf_loop and tail calls are compiled inline, and
+    what only the tracer can do (callx, other callbacks) raises ``NotSupportedError``."""
     starts, helper_ids, callbacks, callx = scan_program(insns)
     helper_index = {h: k for k, h in enumerate(helper_ids)}
     bounds = [*starts, len(insns)]
@@ -157,8 +178,9 @@ def program_ir(insns: list[Instruction], prefix: str, checked: bool) -> tuple[st
     fast = _FastSites()
     for k, start in enumerate(starts):
         parts.append(_function_ir(insns, prefix, start, bounds[k + 1], start in callbacks,
-                                  helper_index, checked, fast))
-    parts.append(_entries_ir(prefix))
+                                  helper_index, checked, fast, target))
+    if not target:
+        parts.append(_entries_ir(prefix))
     plan = ProgramLayout(prefix, tuple(helper_ids), bool(callbacks), TAIL_CALL_HELPER in helper_index,
                          callx, tuple(callbacks), tuple(fast.maps), tuple(sorted(fast.helpers)))
     return "\n".join(parts), plan
@@ -228,8 +250,9 @@ def _labels(insns: list[Instruction], start: int, end: int) -> set[int]:
 
 
 def _function_ir(insns: list[Instruction], p: str, start: int, end: int, exported: bool,
-                 helper_index: dict[int, int], checked: bool, fast: _FastSites) -> str:
-    f = FunctionEmitter(checked, start)
+                 helper_index: dict[int, int], checked: bool, fast: _FastSites,
+                 target: bool = False) -> str:
+    f = FunctionEmitter(checked, start, target)
     labels = _labels(insns, start, end)
     attrs = " noinline" if start == 0 else ""
     e = f.emit
@@ -247,7 +270,10 @@ def _function_ir(insns: list[Instruction], p: str, start: int, end: int, exporte
         for name, slot in (("rcs", layout.SLOT_RCACHE_START), ("rcl", layout.SLOT_RCACHE_LIMIT),
                            ("wcs", layout.SLOT_WCACHE_START), ("wcl", layout.SLOT_WCACHE_LIMIT)):
             e(f"  %{name} = getelementptr i64, ptr %rt, i64 {slot}")
-    if helper_index:
+    if helper_index and target:
+        e(f"  %hfp = getelementptr i64, ptr %rt, i64 {layout.SLOT_HIT_FRAME}")
+        e("  %hf = load i64, ptr %hfp")
+    elif helper_index:
         e(f"  %htp = getelementptr i64, ptr %rt, i64 {layout.SLOT_HELPERS}")
         e("  %htabi = load i64, ptr %htp")
         e("  %htab = inttoptr i64 %htabi to ptr")
@@ -350,6 +376,8 @@ def _emit_call(f: FunctionEmitter, ins: Instruction, pc: int, p: str,
                helper_index: dict[int, int]) -> None:
     args = ", ".join(f"i64 {f.get(r)}" for r in range(1, 6))
     if ins.opcode & BPF_X:  # callx: helper id in the dst register
+        if f.target:
+            raise NotSupportedError("callx (dynamic helper calls) in the traced process")
         hid = f.get(ins.dst)
         fn = _fn_from_slot(f, "%rt", layout.SLOT_CALLX_FN)
         _store_cur_fp(f)
@@ -365,12 +393,21 @@ def _emit_call(f: FunctionEmitter, ins: Instruction, pc: int, p: str,
         n = f.n
         f.emit(f"  br i1 {deep}, label %deep{n}, label %call{n}")
         f.emit(f"deep{n}:")
-        info = layout.FAULT_CALL_DEPTH << 16
-        f.emit(f"  call void @bpf_fault(ptr %rt, i64 {pc}, i64 0, i64 {info})")
+        if not f.target:   # in the target (verified code only) a too-deep call just returns 0
+            info = layout.FAULT_CALL_DEPTH << 16
+            f.emit(f"  call void @bpf_fault(ptr %rt, i64 {pc}, i64 0, i64 {info})")
         f.emit("  br label %unwind")
         f.emit(f"call{n}:")
         f.put(0, f.op(f"call i64 @{p}_f{target}({args}, i64 {nfp}, ptr %rt)"))
         _status_check(f)
+        return
+    if f.target:
+        if ins.imm == TAIL_CALL_HELPER:
+            _emit_target_tail_call(f, pc, p)
+        elif ins.imm == LOOP_HELPER:
+            _emit_target_loop(f)
+        else:
+            f.put(0, f.op(f"call i64 @{target_helper_symbol(ins.imm)}({args}, i64 %hf)"))
         return
     fn = _fn_from_slot(f, "%htab", helper_index[ins.imm])
     _store_cur_fp(f)
@@ -398,6 +435,10 @@ def _emit_fast_call(f: FunctionEmitter, ins: Instruction, pc: int, p: str,
     """A helper call with a native fast path (``fastpath``) and the trampoline call as
     the fallback; the per-instance guard picks one at run time."""
     hid = ins.imm
+    if f.target and hid not in (1, 2):
+        # in the target, facts, clocks and ring buffers are the runtime's (multi-producer) helpers
+        _emit_call(f, ins, pc, p, helper_index)
+        return
     for r in range(1, 6):   # load the arguments here: both branches use them
         f.get(r)
     if hid in fastpath.MAP_HELPERS:
@@ -459,6 +500,77 @@ def _emit_fast_call(f: FunctionEmitter, ins: Instruction, pc: int, p: str,
     f.emit(f"  br label %join{n}")
     f.emit(f"join{n}:")
     f.put(0, f.op(f"phi i64 [{fv}, %fastend{n}], [{sv}, %slowend{n}]"))
+
+
+def _emit_target_tail_call(f: FunctionEmitter, pc: int, p: str) -> None:
+    """bpf_tail_call in target code: the prog array's table (arena) holds the targets' entries
+    ``u64 tcentry(ctx, hit_frame, tail_calls)``; a hit makes this frame return the target's r0,
+    a miss (empty slot, index out of range, 33 calls taken) continues with r0 unchanged."""
+    r2 = f.get(2)
+    if not r2.lstrip("-").isdigit() or (int(r2) & ((1 << 64) - 1)) not in f.target.tail_tables:
+        raise NotSupportedError("a tail call through a prog array not known at compile time, in the traced process")
+    table, entries = f.target.tail_tables[int(r2) & ((1 << 64) - 1)]
+    r1 = f.get(1)
+    idx = f.op(f"and i64 {f.get(3)}, 4294967295")
+    f.n += 1
+    n = f.n
+    inb = f.op(f"icmp ult i64 {idx}, {entries}")
+    f.emit(f"  br i1 {inb}, label %tcslot{n}, label %tcmiss{n}")
+    f.emit(f"tcslot{n}:")
+    slotp = f.op(f"getelementptr i64, ptr inttoptr (i64 {table} to ptr), i64 {idx}")
+    ent = f.op(f"load atomic i64, ptr {slotp} unordered, align 8")
+    cntp = f.op(f"getelementptr i64, ptr %rt, i64 {layout.SLOT_TAIL_COUNT}")
+    cnt = f.op(f"load i64, ptr {cntp}")
+    have = f.op(f"icmp ne i64 {ent}, 0")
+    room = f.op(f"icmp ult i64 {cnt}, {MAX_TAIL_CALLS}")
+    go = f.op(f"and i1 {have}, {room}")
+    f.emit(f"  br i1 {go}, label %tchit{n}, label %tcmiss{n}")
+    f.emit(f"tchit{n}:")
+    fn = f.op(f"inttoptr i64 {ent} to ptr")
+    more = f.op(f"add i64 {cnt}, 1")
+    res = f.op(f"call i64 {fn}(i64 {r1}, i64 %hf, i64 {more})")
+    f.emit(f"  ret i64 {res}")
+    f.emit(f"tcmiss{n}:")
+
+
+def _emit_target_loop(f: FunctionEmitter) -> None:
+    """bpf_loop(nr_loops, callback, ctx, flags) in target code: the callback (a BPF function
+    of this program, by address) runs in a frame below the caller's, as the kernel's does;
+    returns the iterations run, -EINVAL for flags, -E2BIG above BPF_MAX_LOOPS."""
+    nloops = f.op(f"and i64 {f.get(1)}, 4294967295")
+    fn = f.op(f"inttoptr i64 {f.get(2)} to ptr")
+    ctx, flags = f.get(3), f.get(4)
+    f.n += 1
+    n = f.n
+    badf = f.op(f"icmp ne i64 {flags}, 0")
+    big = f.op(f"icmp ugt i64 {nloops}, {MAX_LOOPS}")
+    empty = f.op(f"icmp eq i64 {nloops}, 0")
+    nfp = f.op(f"sub i64 %fp, {layout.FRAME_SIZE}")
+    e = f.emit
+    e(f"  br label %lpstart{n}")
+    e(f"lpstart{n}:")
+    e(f"  br i1 {badf}, label %lpend{n}, label %lpchk{n}")
+    e(f"lpchk{n}:")
+    e(f"  br i1 {big}, label %lpend{n}, label %lpchk2{n}")
+    e(f"lpchk2{n}:")
+    e(f"  br i1 {empty}, label %lpend{n}, label %lpbody{n}")
+    e(f"lpbody{n}:")
+    e(f"  %lpi{n} = phi i64 [0, %lpchk2{n}], [%lpnext{n}, %lpcont{n}]")
+    ret = f.op(f"call i64 {fn}(i64 %lpi{n}, i64 {ctx}, i64 0, i64 0, i64 0, i64 {nfp}, ptr %rt)")
+    e(f"  %lpnext{n} = add i64 %lpi{n}, 1")
+    stop = f.op(f"icmp ne i64 {ret}, 0")
+    e(f"  br i1 {stop}, label %lpend{n}, label %lpcont{n}")
+    e(f"lpcont{n}:")
+    last = f.op(f"icmp uge i64 %lpnext{n}, {nloops}")
+    e(f"  br i1 {last}, label %lpend{n}, label %lpbody{n}")
+    e(f"lpend{n}:")
+    f.put(0, f.op(f"phi i64 [-22, %lpstart{n}], [-7, %lpchk{n}], [0, %lpchk2{n}], "
+                  f"[%lpnext{n}, %lpbody{n}], [%lpnext{n}, %lpcont{n}]"))
+
+
+def target_helper_symbol(helper_id: int) -> str:
+    """The in-target runtime's function for kernel helper ``helper_id`` (runtime/*.c)."""
+    return f"ubpf_helper_{helper_id}"
 
 
 def _store_cur_fp(f: FunctionEmitter) -> None:

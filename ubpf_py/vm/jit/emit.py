@@ -36,9 +36,9 @@ def s32(value: int) -> int:
 class FunctionEmitter:
     """Lines and temporaries of one LLVM function under construction."""
 
-    __slots__ = ("checked", "dirty", "lines", "n", "pc", "start", "vals")
+    __slots__ = ("checked", "dirty", "lines", "n", "pc", "start", "target", "vals")
 
-    def __init__(self, checked: bool, start: int) -> None:
+    def __init__(self, checked: bool, start: int, target: bool = False) -> None:
         self.lines: list[str] = []
         #: register -> SSA operand holding its value in the current BPF block
         self.vals: dict[int, str] = {}
@@ -50,6 +50,9 @@ class FunctionEmitter:
         self.start = start
         #: BPF index of the instruction being translated (fault reports)
         self.pc = start
+        #: code for the traced process: helpers are the in-target runtime's functions
+        #: (``@ubpf_helper_<id>``), never Python trampolines (see ``vm.jit.target``)
+        self.target = target
 
     def tmp(self) -> str:
         self.n += 1

@@ -69,7 +69,12 @@ SLOT_TIMESPEC = 27
 #: facts slots were filled by the probe engine's C loop, not copied from ``env.hit``, so
 #: Python helper trampolines copy the cpu back into ``env.hit`` before calling a helper
 SLOT_NATIVE = 29
-NUM_SLOTS = 30
+#: code compiled for the traced process (``vm.jit.target``): the ``struct ubpf_hit_frame``
+#: address the trampoline passed, handed to every runtime helper as its sixth argument
+SLOT_HIT_FRAME = 30
+#: code compiled for the traced process: tail calls taken so far in this hit (limit 33)
+SLOT_TAIL_COUNT = 31
+NUM_SLOTS = 32
 
 #: The facts block of the native hit path: SLOT_CPU..SLOT_COOKIE are five consecutive
 #: u64 (cpu, tgid << 32 | tid, gid << 32 | uid, func_ip, cookie) -- exactly the block

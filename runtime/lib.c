@@ -1,0 +1,194 @@
+/* Memory primitives, fault-safe reads of the own process, and facts several
+ * helpers need (pid, tid, cpu, clocks).  Built with
+ * -fno-tree-loop-distribute-patterns so gcc never turns these loops back into
+ * calls of themselves. */
+#include "rt.h"
+
+typedef u64 __attribute__((may_alias, aligned(1))) u64_un;
+
+/* gcc may emit calls of these for struct copies even when freestanding */
+RT_INTERNAL void *memcpy(void *dst, const void *src, size_t n);
+RT_INTERNAL void *memset(void *dst, int c, size_t n);
+RT_INTERNAL int memcmp(const void *a, const void *b, size_t n);
+
+void *memcpy(void *dst, const void *src, size_t n)
+{
+	rt_copy(dst, src, n);
+	return dst;
+}
+
+void *memset(void *dst, int c, size_t n)
+{
+	u8 *d = dst;
+	while (n--)
+		*d++ = (u8)c;
+	return dst;
+}
+
+int memcmp(const void *a, const void *b, size_t n)
+{
+	const u8 *x = a, *y = b;
+	for (; n; n--, x++, y++)
+		if (*x != *y)
+			return *x < *y ? -1 : 1;
+	return 0;
+}
+
+void rt_copy(void *dst, const void *src, u64 n)
+{
+	u8 *d = dst;
+	const u8 *s = src;
+	for (; n >= 8; n -= 8, d += 8, s += 8)
+		*(u64_un *)d = *(const u64_un *)s;
+	while (n--)
+		*d++ = *s++;
+}
+
+void rt_zero(void *dst, u64 n)
+{
+	u8 *d = dst;
+	for (; n >= 8; n -= 8, d += 8)
+		*(u64_un *)d = 0;
+	while (n--)
+		*d++ = 0;
+}
+
+int rt_equal(const void *a, const void *b, u64 n)
+{
+	const u8 *x = a, *y = b;
+	for (; n >= 8; n -= 8, x += 8, y += 8)
+		if (*(const u64_un *)x != *(const u64_un *)y)
+			return 0;
+	while (n--)
+		if (*x++ != *y++)
+			return 0;
+	return 1;
+}
+
+/* The tgid is cached in the thread block, which lives in the target's private
+ * thread table (a forked child gets a copy), and is trusted only while the block's
+ * generation equals the runtime header's: the tracer bumps that on every fork
+ * before the child can run a probe, so a child never uses its parent's tgid.
+ * The tid is never cached: a new thread can reuse an exited thread's FS base and so
+ * its thread block, and nothing cheap tells the two apart. */
+u64 rt_getpid(const struct ubpf_hit_frame *hf)
+{
+	struct ubpf_thread_block *tb = hf ? (struct ubpf_thread_block *)hf->thread : 0;
+	const struct ubpf_runtime_header *rt = hf ? (const void *)hf->runtime : 0;
+	if (!tb || !rt)
+		return (u64)rt_syscall0(SYS_getpid);
+	u64 gen = LOAD(&rt->generation);
+	if (tb->tgid && tb->generation == gen)
+		return tb->tgid;
+	u64 pid = (u64)rt_syscall0(SYS_getpid);
+	tb->tgid = pid;
+	tb->generation = gen;
+	return pid;
+}
+
+u64 rt_gettid(void) { return (u64)rt_syscall0(SYS_gettid); }
+
+struct iovec_ { u64 base, len; };
+
+/* Copy n bytes of this process at src: 0, or -EFAULT when any byte is unreadable
+ * (process_vm_readv on ourselves: a bad pointer is an error, never a SIGSEGV). */
+long rt_read_user(const struct ubpf_hit_frame *hf, void *dst, u64 src, u64 n)
+{
+	struct iovec_ l = {(u64)dst, n}, r = {src, n};
+	if (!n)
+		return 0;
+	long got = rt_syscall6(SYS_process_vm_readv, (long)rt_getpid(hf), (long)&l, 1, (long)&r, 1, 0);
+	return got == (long)n ? 0 : -(long)UBPF_EFAULT;
+}
+
+/* strncpy_from_user: at most size - 1 bytes then a NUL; the length copied including
+ * the NUL, or -EFAULT when a byte before the NUL (or the limit) is unreadable.
+ * Reads through a small bounce buffer, never across a page boundary in one read
+ * (a string ending just before an unmapped page works), and writes nothing past
+ * the NUL into dst. */
+long rt_read_user_str(const struct ubpf_hit_frame *hf, char *dst, u64 src, u64 size)
+{
+	char tmp[128];
+	u64 want, got = 0;
+	if (!size)
+		return 0;
+	want = size - 1;
+	while (got < want) {
+		u64 a = src + got;
+		u64 chunk = 4096 - (a & 4095);
+		if (chunk > want - got)
+			chunk = want - got;
+		if (chunk > sizeof(tmp))
+			chunk = sizeof(tmp);
+		if (rt_read_user(hf, tmp, a, chunk))
+			return -(long)UBPF_EFAULT;
+		for (u64 i = 0; i < chunk; i++) {
+			dst[got + i] = tmp[i];
+			if (!tmp[i])
+				return (long)(got + i + 1);
+		}
+		got += chunk;
+	}
+	dst[want] = 0;
+	return (long)size;
+}
+
+/* Is [addr, addr + n) the program's own memory -- what the kernel would call kernel
+ * memory: maps and everything else in the arena, and the runtime stacks in the
+ * thread table?  probe_read_user refuses it and %pus prints it empty, like the
+ * kernel does with kernel addresses; the target's own memory is user memory. */
+int rt_prog_mem(const struct ubpf_hit_frame *hf, u64 addr, u64 n)
+{
+	const struct ubpf_runtime_header *rt = hf ? (const void *)hf->runtime : 0;
+	if (!rt)
+		return 0;
+	if (addr >= rt->arena_base && addr - rt->arena_base < rt->arena_size &&
+	    n <= rt->arena_size - (addr - rt->arena_base))
+		return 1;
+	u64 tsz = rt->thread_slots * rt->thread_slot_size;
+	return rt->thread_table && addr >= rt->thread_table && addr - rt->thread_table < tsz &&
+	       n <= tsz - (addr - rt->thread_table);
+}
+
+/* The CPU this thread runs on: rdpid when the tracer found it usable, else
+ * rdtscp's TSC_AUX (Linux keeps the CPU number in its low 12 bits), which every
+ * x86-64 CPU Linux supports has; getcpu() only without a runtime header. */
+u64 rt_cpu(const struct ubpf_hit_frame *hf)
+{
+	const struct ubpf_runtime_header *rt = hf ? (const void *)hf->runtime : 0;
+	if (rt && (rt->flags & UBPF_RT_F_RDPID)) {
+		u64 v;
+		__asm__ volatile("rdpid %0" : "=r"(v));
+		return v & 0xfff;
+	}
+	if (rt) {
+		u32 lo, hi, aux;
+		__asm__ volatile("rdtscp" : "=a"(lo), "=d"(hi), "=c"(aux));
+		return aux & 0xfff;
+	}
+	unsigned cpu = 0;
+	rt_syscall3(SYS_getcpu, &cpu, 0, 0);
+	return cpu;
+}
+
+struct timespec_ { long sec, nsec; };
+
+/* CLOCK_MONOTONIC / CLOCK_BOOTTIME in ns: the target's vDSO when the tracer found
+ * it (no syscall), else the syscall. */
+u64 rt_ktime(const struct ubpf_hit_frame *hf, int clock)
+{
+	struct timespec_ ts = {0, 0};
+	const struct ubpf_runtime_header *rt = hf ? (const void *)hf->runtime : 0;
+	if (rt && rt->vdso_clock_gettime) {
+		int (*fn)(long, struct timespec_ *) = (void *)rt->vdso_clock_gettime;
+		if (fn(clock, &ts) == 0)
+			return (u64)ts.sec * 1000000000ull + (u64)ts.nsec;
+	}
+	rt_syscall2(SYS_clock_gettime, clock, &ts);
+	return (u64)ts.sec * 1000000000ull + (u64)ts.nsec;
+}
+
+/* the digest of the sources this object was built from (runtime_build.py) */
+#ifdef UBPF_RT_DIGEST
+RT_API const char UBPF_RT_DIGEST[] = "ubpf-runtime";
+#endif

@@ -1,0 +1,114 @@
+/*
+ * Reads of the traced process's memory and of its stack: probe_read_user (112),
+ * probe_read_user_str (114), the legacy probe_read (4) / probe_read_str (45)
+ * (user memory on x86-64; the program's own memory is the same address space
+ * here) and get_stack (67).  Every read goes through process_vm_readv on the own
+ * process, so a bad pointer is -EFAULT with the destination zeroed, as in the
+ * kernel, and never a fault in the target.
+ */
+#include "rt.h"
+
+static u64 read_mem(const struct ubpf_hit_frame *hf, u64 dst, u64 size, u64 src, int user)
+{
+	size &= 0xffffffff;
+	if (!size)
+		return 0;
+	if ((user && rt_prog_mem(hf, src, size)) || rt_read_user(hf, (void *)dst, src, size)) {
+		rt_zero((void *)dst, size);
+		return NEG(UBPF_EFAULT);
+	}
+	return 0;
+}
+
+static u64 read_str(const struct ubpf_hit_frame *hf, u64 dst, u64 size, u64 src, int user)
+{
+	size &= 0xffffffff;
+	if (!size)
+		return 0;
+	long n = user && rt_prog_mem(hf, src, 1) ? -(long)UBPF_EFAULT : rt_read_user_str(hf, (char *)dst, src, size);
+	if (n < 0)
+		rt_zero((void *)dst, size);
+	return (u64)n;
+}
+
+/* the _user variants refuse the program's own memory (kernel memory to the kernel) */
+HELPER(112) { (void)r4; (void)r5; return read_mem(hf, r1, r2, r3, 1); }   /* probe_read_user */
+HELPER(4) { (void)r4; (void)r5; return read_mem(hf, r1, r2, r3, 0); }     /* probe_read */
+HELPER(114) { (void)r4; (void)r5; return read_str(hf, r1, r2, r3, 1); }   /* probe_read_user_str */
+HELPER(45) { (void)r4; (void)r5; return read_str(hf, r1, r2, r3, 0); }    /* probe_read_str */
+
+/* the return address a return probe replaced, for frames that show the trampoline */
+static u64 fix_ret(const struct ubpf_hit_frame *hf, u64 a, u64 *si)
+{
+	const struct ubpf_runtime_header *rt = (const void *)hf->runtime;
+	const struct ubpf_thread_block *tb = (const void *)hf->thread;
+	if (rt->ret_trampoline && a == rt->ret_trampoline && tb && *si < tb->shadow_depth && *si < UBPF_SHADOW_DEPTH) {
+		const struct ubpf_shadow_entry *sh = (const void *)tb->shadow;
+		a = sh[tb->shadow_depth - 1 - *si].ret_addr;
+		(*si)++;
+	}
+	return a;
+}
+
+/* frame-pointer walk of the user stack, innermost first (ip first), as the ptrace
+ * path's HitFiller.unwind: the return address at [rsp] too when the probe is on a
+ * function's first instruction; stops at a zero, misaligned, unreadable or
+ * non-increasing frame pointer */
+u64 rt_unwind(const struct ubpf_hit_frame *hf, u64 *out, u64 max)
+{
+	const struct pt_regs *regs = (const void *)hf->ctx;
+	const struct ubpf_probe_block *pb = (const void *)hf->probe;
+	u64 n = 0, si = 0, w[2];
+	if (!max)
+		return 0;
+	out[n++] = regs->rip;
+	if (pb && (pb->flags & UBPF_PB_F_AT_ENTRY) && n < max && !rt_read_user(hf, w, regs->rsp, 8))
+		out[n++] = fix_ret(hf, w[0], &si);
+	u64 fp = regs->rbp;
+	while (n < max && fp && !(fp & 7)) {
+		if (rt_read_user(hf, w, fp, 16) || !w[1])
+			break;
+		out[n++] = fix_ret(hf, w[1], &si);
+		if (w[0] <= fp)
+			break;
+		fp = w[0];
+	}
+	return n;
+}
+
+#define STACK_MAX 128   /* frames; perf_event_max_stack is 127 by default */
+
+HELPER(67)    /* bpf_get_stack(ctx, buf, size, flags) */
+{
+	(void)r1; (void)r5;
+	u64 buf = r2, size = r3 & 0xffffffff, flags = r4;
+	u64 user = flags & UBPF_BPF_F_USER_STACK;
+	s64 err = -(s64)UBPF_EINVAL;
+	const struct ubpf_runtime_header *rt = (const void *)hf->runtime;
+	if (flags & UBPF_BPF_F_USER_BUILD_ID) {
+		/* build ids need the target's mappings: the tracer keeps such programs on the
+		 * ptrace path (runtime_obj.UNSUPPORTED_FLAGS) */
+		err = -(s64)UBPF_EOPNOTSUPP;
+	} else if (!(flags & ~(UBPF_BPF_F_SKIP_FIELD_MASK | UBPF_BPF_F_USER_STACK)) && !(size % 8)) {
+		u64 skip = flags & UBPF_BPF_F_SKIP_FIELD_MASK, num = size / 8;
+		u64 max_stack = rt->max_stack ? rt->max_stack : 127;
+		u64 depth = num + skip < max_stack ? num + skip : max_stack;
+		u64 trace[STACK_MAX];
+		u64 n = 0;
+		if (depth > STACK_MAX)
+			depth = STACK_MAX;
+		if (user)
+			n = rt_unwind(hf, trace, depth);
+		if (n < skip) {
+			err = -(s64)UBPF_EFAULT;
+		} else {
+			u64 k = n - skip < num ? n - skip : num;
+			rt_copy((void *)buf, trace + skip, k * 8);
+			rt_zero((u8 *)buf + k * 8, size - k * 8);
+			return k * 8;
+		}
+	}
+	if (size)
+		rt_zero((void *)buf, size);
+	return (u64)err;
+}

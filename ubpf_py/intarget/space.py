@@ -1,0 +1,214 @@
+"""Where the in-target runtime lives in a traced process, and putting it there.
+
+Three fixed ranges, the same in every process of a session (a followed fork child inherits
+them at the same addresses; an exec'd image gets them again at the same addresses), so
+every address stored in the shared arena (probe blocks, program entries) is valid in each:
+
+* the **arena** (shared memfd, ``arena``): maps, probe blocks, the printk ring;
+* the **private area** (anonymous, read-write, copied by fork): one page holding this
+  process's ``RUNTIME_HEADER`` (its pid, vDSO addresses...), then the thread table;
+* the **image** (anonymous, read+exec): the linked runtime and programs, then the return
+  trampoline.
+
+Install order in a process: private area, arena (the memfd is created by the target, reopened
+by the tracer through /proc, mapped in both), later the image once programs are compiled.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+from ubpf_py.abi.runtime import RT_F_FSGSBASE, RT_F_RDPID, RUNTIME_HEADER, RUNTIME_MAGIC, THREAD_BLOCK
+from ubpf_py.errors import ProbeError
+from ubpf_py.intarget import vdso
+from ubpf_py.intarget.inject import (
+    PAGE,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+    TargetMapper,
+    free_range,
+    page_round,
+    write_code,
+)
+from ubpf_py.probe import ptrace as P
+from ubpf_py.sysinfo import cpu_has
+
+#: thread table: slots of SLOT_SIZE bytes (THREAD_BLOCK, then the runtime stack to the slot's
+#: end: room for 8 BPF frames of 512 bytes, helpers, and a signal frame delivered meanwhile)
+THREAD_SLOTS = 256
+THREAD_SLOT_SIZE = 64 * 1024
+PRIVATE_SIZE = PAGE + THREAD_SLOTS * THREAD_SLOT_SIZE
+#: arena: sparse, pages cost memory when touched
+DEFAULT_ARENA_SIZE = 1 << 30
+#: image: the return trampoline goes in its last page
+RET_TRAMP_RESERVE = PAGE
+assert THREAD_BLOCK.size < THREAD_SLOT_SIZE // 4
+
+
+@dataclass(slots=True)
+class SpacePlan:
+    """The fixed addresses of one session's runtime."""
+
+    arena_addr: int
+    arena_size: int
+    private_addr: int
+    image_addr: int = 0
+    image_size: int = 0
+
+    @property
+    def header_addr(self) -> int:
+        return self.private_addr
+
+    @property
+    def thread_table(self) -> int:
+        return self.private_addr + PAGE
+
+    @property
+    def ret_tramp_addr(self) -> int:
+        return self.image_addr + self.image_size - RET_TRAMP_RESERVE
+
+
+@dataclass(slots=True)
+class ProcRuntime:
+    """What is installed in one address space (for undoing it)."""
+
+    pid: int
+    private: bool = False
+    arena: bool = False
+    image: bool = False
+    #: trampoline pages: address -> size
+    pages: dict[int, int] = field(default_factory=dict)
+
+
+def plan_space(pid: int, arena_size: int = DEFAULT_ARENA_SIZE) -> SpacePlan:
+    """Addresses free in the target and in the tracer for the arena and the private area."""
+    arena = free_range([pid], arena_size)
+    private = free_range([pid], PRIVATE_SIZE, seed=arena)
+    if not (private + PRIVATE_SIZE <= arena or private >= arena + arena_size):
+        private = free_range([pid], PRIVATE_SIZE, seed=arena ^ 0x5A5A)
+    return SpacePlan(arena, arena_size, private)
+
+
+def reserve_image(plan: SpacePlan, pid: int, code_size: int) -> None:
+    """Choose the image address (code plus the return trampoline page)."""
+    plan.image_size = page_round(code_size) + RET_TRAMP_RESERVE
+    for seed in range(8):
+        a = free_range([pid], plan.image_size, seed=plan.arena_addr + seed)
+        clash = [(plan.arena_addr, plan.arena_size), (plan.private_addr, PRIVATE_SIZE)]
+        if all(a + plan.image_size <= s or a >= s + n for s, n in clash):
+            plan.image_addr = a
+            return
+    raise ProbeError(f"no free address range for the in-target code image in pid {pid}")
+
+
+def install_private(mapper: TargetMapper, mem: P.ProcMem, tid: int, plan: SpacePlan, rt: ProcRuntime) -> None:
+    mapper.map_fixed(tid, plan.private_addr, PRIVATE_SIZE, PROT_READ | PROT_WRITE)
+    rt.private = True
+
+
+def create_arena(mapper: TargetMapper, mem: P.ProcMem, tid: int, plan: SpacePlan, rt: ProcRuntime) -> int:
+    """Create the arena's memfd in the target, map it there, and return the tracer's descriptor
+    of the same file (opened through /proc/PID/fd: allowed to whoever may ptrace the target,
+    across users too).  The target's own descriptor is closed; its mapping keeps the file."""
+    name_addr = plan.header_addr + PAGE - 16     # a scratch name in the private page
+    write_code(mem, name_addr, b"ubpf-arena\0")
+    tfd, fd = mapper.memfd_for_tracer(tid, plan.arena_size, name_addr)
+    try:
+        write_code(mem, name_addr, b"\0" * 11)
+        mapper.map_fixed(tid, plan.arena_addr, plan.arena_size, PROT_READ | PROT_WRITE, fd=tfd, shared=True)
+        rt.arena = True
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        mapper.close_fd(tid, tfd)
+    return fd
+
+
+def map_arena(mapper: TargetMapper, mem: P.ProcMem, tid: int, plan: SpacePlan, fd: int, rt: ProcRuntime) -> None:
+    """Map the existing arena in a new image of the target (after exec) at the plan's address.
+
+    The target opens the tracer's descriptor by path (``/proc/<tracer>/fd/N``): allowed when
+    the target could ptrace-read the tracer (same user, or root); otherwise this fails with a
+    message and the caller keeps that process's probes on the ptrace path."""
+    from ubpf_py.intarget.inject import SYS_CLOSE
+
+    path = f"/proc/{os.getpid()}/fd/{fd}".encode() + b"\0"
+    path_addr = plan.header_addr + PAGE - 64
+    write_code(mem, path_addr, path)
+    O_RDWR, O_CLOEXEC = 2, 0o2000000
+    tfd = mapper.inj.syscall(tid, 2, path_addr, O_RDWR | O_CLOEXEC, 0)   # open
+    write_code(mem, path_addr, b"\0" * len(path))
+    if tfd < 0:
+        raise ProbeError(f"pid {mem.pid} cannot open the shared arena ({os.strerror(-tfd)}): "
+                         f"it may not read this tracer's descriptors (another user?)")
+    try:
+        mapper.map_fixed(tid, plan.arena_addr, plan.arena_size, PROT_READ | PROT_WRITE, fd=tfd, shared=True)
+    finally:
+        mapper.inj.syscall(tid, SYS_CLOSE, tfd)
+    rt.arena = True
+
+
+def header_bytes(plan: SpacePlan, pid: int, printk_ring: int) -> bytes:
+    """This process's RUNTIME_HEADER (private: the pid and vDSO addresses are per process)."""
+    syms = vdso.vdso_symbols(pid)
+    flags = (RT_F_FSGSBASE if vdso.has_fsgsbase(pid) else 0) | (RT_F_RDPID if cpu_has("rdpid") else 0)
+    words = [0] * (RUNTIME_HEADER.size // 8)
+
+    def put(name: str, value: int) -> None:
+        words[RUNTIME_HEADER.word(name)] = value
+
+    put("magic", RUNTIME_MAGIC)
+    put("arena_base", plan.arena_addr)
+    put("arena_size", plan.arena_size)
+    put("flags", flags)
+    put("vdso_clock_gettime", syms.get("__vdso_clock_gettime", 0))
+    put("vdso_getcpu", syms.get("__vdso_getcpu", 0))
+    put("thread_table", plan.thread_table)
+    put("thread_slots", THREAD_SLOTS)
+    put("thread_slot_size", THREAD_SLOT_SIZE)
+    put("printk_ring", printk_ring)
+    put("tracer_pid", os.getpid())
+    put("generation", 1)
+    put("pid", pid)
+    return struct.pack(f"<{len(words)}Q", *words)
+
+
+def write_header(mem: P.ProcMem, plan: SpacePlan, pid: int, printk_ring: int) -> None:
+    write_code(mem, plan.header_addr, header_bytes(plan, pid, printk_ring))
+
+
+def fix_forked_header(mem: P.ProcMem, plan: SpacePlan, child: int) -> None:
+    """A followed fork child has a copy of its parent's private area: give it its own pid and a
+    new generation (facts cached per thread block become stale) and an empty thread table."""
+    write_code(mem, plan.header_addr + RUNTIME_HEADER.off("pid"), struct.pack("<Q", child))
+    gen = mem.read(plan.header_addr + RUNTIME_HEADER.off("generation"), 8)
+    g = (struct.unpack("<Q", gen)[0] + 1) if gen else 1
+    write_code(mem, plan.header_addr + RUNTIME_HEADER.off("generation"), struct.pack("<Q", g))
+
+
+def install_image(mapper: TargetMapper, mem: P.ProcMem, tid: int, plan: SpacePlan, code: bytes,
+                  ret_tramp: bytes, rt: ProcRuntime) -> None:
+    mapper.map_fixed(tid, plan.image_addr, plan.image_size, PROT_READ | PROT_EXEC)
+    rt.image = True
+    write_code(mem, plan.image_addr, code)
+    write_code(mem, plan.ret_tramp_addr, ret_tramp)
+
+
+def uninstall(mapper: TargetMapper, tid: int, plan: SpacePlan, rt: ProcRuntime) -> None:
+    """Unmap everything (every thread stopped, none inside our code)."""
+    for addr, size in rt.pages.items():
+        mapper.unmap(tid, addr, size)
+    rt.pages.clear()
+    if rt.image:
+        mapper.unmap(tid, plan.image_addr, plan.image_size)
+        rt.image = False
+    if rt.arena:
+        mapper.unmap(tid, plan.arena_addr, plan.arena_size)
+        rt.arena = False
+    if rt.private:
+        mapper.unmap(tid, plan.private_addr, PRIVATE_SIZE)
+        rt.private = False

@@ -1,0 +1,155 @@
+"""Which programs run inside the traced process, and the image they run from.
+
+A program runs in the target (entered from a patched jump, no stop per hit) when all of
+these hold, else it takes the ptrace path and the reason is reported per probe:
+
+* the run allows it (``--mode auto|intarget``; ``--mode ptrace`` keeps everything in the tracer);
+* the JIT is the engine (the interpreter is the tracer-side reference engine);
+* the verifier accepted it in strict mode: in the target it runs unchecked, as in the kernel;
+* the target compiler supports it (no tail calls, callbacks or callx yet);
+* the in-target runtime implements every helper it calls.
+
+The image is the runtime object plus every eligible program, linked for one address in the
+target (``ProbeSession.load_in_target_image``); each probe then gets its program's entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ubpf_py.errors import NotSupportedError
+from ubpf_py.isa.opcodes import LDDW
+
+MODES = ("auto", "intarget", "ptrace")
+
+
+@dataclass
+class InTargetPlan:
+    """Per program: its entry address in the target image, or why it stays on the ptrace path."""
+
+    entries: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    image_addr: int = 0
+    image_size: int = 0
+
+    def entry(self, program: str) -> int:
+        return self.entries.get(program, 0)
+
+
+def runtime_unavailable(mode: str, engine: str) -> str | None:
+    """Why no program of this run can run in the target (None: some may)."""
+    if mode == "ptrace":
+        return "--mode ptrace"
+    if engine != "jit":
+        return f"--engine {engine} runs programs in the tracer"
+    from ubpf_py.intarget import runtime_obj
+
+    why = runtime_obj.unavailable_reason()
+    return None if why is None else f"the in-target runtime is not available: {why}"
+
+
+def program_reason(lp: Any, verifier: str, helpers: frozenset[int]) -> str | None:
+    """Why ``lp`` (a LoadedProgram) cannot run in the target, or None."""
+    if verifier != "strict":
+        return f"--verifier {verifier}: only programs verified in strict mode run unchecked in the target"
+    if lp.report is None or not lp.report.ok:
+        return "not accepted by the verifier in strict mode"
+    from ubpf_py.helpers.names import HELPER_NAMES
+    from ubpf_py.vm.jit.compiler import scan_program
+    from ubpf_py.vm.jit.target import INLINE_HELPERS
+
+    _starts, helper_ids, _callbacks, _callx = scan_program(lp.instructions)
+    missing = [h for h in helper_ids if h not in helpers and h not in INLINE_HELPERS]
+    if missing:
+        return "helper " + ", ".join(f"{HELPER_NAMES.get(h, 'helper')} (#{h})" for h in missing) + " is not available in the target"
+    return None
+
+
+def prepare(session: Any, coll: Any, programs: list[str], *, verifier: str) -> InTargetPlan:
+    """Compile the eligible ``programs`` (and the programs they tail-call) for the target, link
+    them with the runtime and load the image into the target (``session`` must have
+    ``enable_in_target()``'d and ``coll`` must have its maps in that arena)."""
+    from ubpf_py.intarget import linker, runtime_obj
+    from ubpf_py.vm.jit.target import compile_for_target
+
+    plan = InTargetPlan()
+    runtime = runtime_obj.object_bytes()
+    helpers = runtime_obj.helper_ids()
+    arena = session.tracer.intarget.arena
+    prog_arrays = {m.handle_addr: m for m in coll.map_list if m.spec.type_name == "prog_array"}
+    tables = {h: (arena.alloc(8 * m.max_entries, 64), m.max_entries) for h, m in prog_arrays.items()}
+    tail_tables = {h: (buf.addr, n) for h, (buf, n) in tables.items()}
+    codes = {}
+    for name, lp in coll.programs.items():
+        why = program_reason(lp, verifier, helpers)
+        if why is None:
+            try:
+                codes[name] = compile_for_target(lp.instructions, name, coll.env.maps_by_addr,
+                                                 tail_tables=tail_tables)
+            except NotSupportedError as e:
+                why = e.what
+        if why is not None:
+            plan.reasons[name] = why
+    _drop_broken_tail_chains(coll, codes, prog_arrays, plan.reasons)
+    for name in list(plan.reasons):
+        if name not in programs:
+            del plan.reasons[name]
+    if not codes:
+        return plan
+    objects = [("runtime", runtime)] + [(f"prog:{n}", c.obj) for n, c in codes.items()]
+    probe_link = linker.link(objects, 0x10000000)     # the layout does not depend on the base
+    if probe_link.writable_range[0] != probe_link.writable_range[1]:
+        raise NotSupportedError("in-target code with writable data (the image is mapped read+exec)")
+    size = probe_link.size
+    images: dict[int, Any] = {}
+
+    def link(base: int) -> bytes:
+        images[base] = linker.link(objects, base)
+        return bytes(images[base].data)
+
+    printk = coll.maps.get(PRINTK_RING)
+    base = session.load_in_target_image(link, size, printk_ring=printk.handle_addr if printk else 0)
+    image = images[base]
+    for name, code in codes.items():
+        plan.entries[name] = image.addr(code.entry)
+    by_exe = {id(coll.programs[n].executable): n for n in codes}
+    for h, (buf, n) in tables.items():
+        words = buf.view.cast("Q")
+        for i in range(n):
+            exe = prog_arrays[h].program_at(i)
+            if exe is not None and id(exe) in by_exe:
+                words[i] = image.addr(codes[by_exe[id(exe)]].tail_entry)
+    plan.image_addr, plan.image_size = base, size
+    return plan
+
+
+def _drop_broken_tail_chains(coll: Any, codes: dict[str, Any], prog_arrays: dict[int, Any],
+                             reasons: dict[str, str]) -> None:
+    """A program whose prog arrays hold a program that cannot run in the target cannot either
+    (its tail call would miss in the target where the tracer's would hit)."""
+    by_exe = {id(lp.executable): name for name, lp in coll.programs.items()}
+    changed = True
+    while changed:
+        changed = False
+        for name in list(codes):
+            handles = {h for h in codes[name].layout.map_consts if h in prog_arrays}
+            handles |= {ins.imm64 & ((1 << 64) - 1) for ins in coll.programs[name].instructions
+                        if ins.opcode == LDDW and (ins.imm64 & ((1 << 64) - 1)) in prog_arrays}
+            for h in handles:
+                m = prog_arrays[h]
+                for i in range(m.max_entries):
+                    exe = m.program_at(i)
+                    target = by_exe.get(id(exe)) if exe is not None else None
+                    if exe is not None and target not in codes:
+                        reasons[name] = (f"its tail call target {target or 'a program'} in {m.spec.name}[{i}] "
+                                         f"cannot run in the target")
+                        del codes[name]
+                        changed = True
+                        break
+                if name not in codes:
+                    break
+
+
+#: the internal ring buffer in-target printk records go through (created by the live layer)
+PRINTK_RING = ".ubpf_printk"
