@@ -35,6 +35,8 @@
 #define UBPF_EAGAIN 0xbULL
 #define UBPF_ENOMEM 0xcULL
 #define UBPF_EFAULT 0xeULL
+#define UBPF_ERANGE 0x22ULL
+#define UBPF_TASK_SIZE 0x7ffffffff000ULL
 #define UBPF_EBUSY 0x10ULL
 #define UBPF_EEXIST 0x11ULL
 #define UBPF_EINVAL 0x16ULL
@@ -221,6 +223,21 @@ _Static_assert(__builtin_offsetof(struct ubpf_site, length) == 8, "ubpf_site.len
 _Static_assert(__builtin_offsetof(struct ubpf_site, trampoline) == 16, "ubpf_site.trampoline");
 _Static_assert(__builtin_offsetof(struct ubpf_site, nprobes) == 24, "ubpf_site.nprobes");
 _Static_assert(__builtin_offsetof(struct ubpf_site, probes) == 32, "ubpf_site.probes");
+
+/* five u64 the native hit path fills before calling a native program */
+struct ubpf_facts {
+	uint64_t cpu;  /* CPU the hit is accounted to */
+	uint64_t pid_tgid;  /* tgid << 32 | tid */
+	uint64_t uid_gid;  /* gid << 32 | uid */
+	uint64_t func_ip;  /* the probe address */
+	uint64_t cookie;  /* the probe's attach cookie */
+} __attribute__((aligned(8)));
+_Static_assert(sizeof(struct ubpf_facts) == 40, "ubpf_facts size");
+_Static_assert(__builtin_offsetof(struct ubpf_facts, cpu) == 0, "ubpf_facts.cpu");
+_Static_assert(__builtin_offsetof(struct ubpf_facts, pid_tgid) == 8, "ubpf_facts.pid_tgid");
+_Static_assert(__builtin_offsetof(struct ubpf_facts, uid_gid) == 16, "ubpf_facts.uid_gid");
+_Static_assert(__builtin_offsetof(struct ubpf_facts, func_ip) == 24, "ubpf_facts.func_ip");
+_Static_assert(__builtin_offsetof(struct ubpf_facts, cookie) == 32, "ubpf_facts.cookie");
 
 /* on the runtime stack; the second argument of a program entry, the sixth of a helper */
 struct ubpf_hit_frame {

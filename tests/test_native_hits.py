@@ -89,7 +89,10 @@ def _need_root_and_loop() -> None:
 
 def _run_cli(capfd, monkeypatch, cwd: Path, argv: list[str]) -> tuple[int, dict, str, int]:
     """Run ubpf-run in-process (so Python calls can be counted): rc, JSON events by kind, stderr,
-    number of Python program runs."""
+    number of Python program runs.  These tests compare the two tracer-side hit paths (C stop loop
+    and Python), so programs stay out of the target (``--mode ptrace``)."""
+    if "--mode" not in argv:
+        argv = ["--mode", "ptrace", *argv]
     calls = {"run": 0, "handler": 0}
     real_run, real_make = LoadedProgram.run, hitpath.make_handler
 

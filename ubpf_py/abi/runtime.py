@@ -99,6 +99,16 @@ SITE = Layout("ubpf_site", [
     u64s("probes", SITE_MAX_PROBES, "PROBE_BLOCK addresses, run in order (return probes: shadow push)"),
 ], doc="one per patched site, in the arena; its entry trampoline runs every probe listed here")
 
+#: the facts block of a native program run from the tracer's C stop loop (native/hotloop.c fills it,
+#: the JIT reads it as its runtime block's slots SLOT_CPU.., Python paths fill it with ``pack_into``)
+FACTS = Layout("ubpf_facts", [
+    u64("cpu", "CPU the hit is accounted to"),
+    u64("pid_tgid", "tgid << 32 | tid"),
+    u64("uid_gid", "gid << 32 | uid"),
+    u64("func_ip", "the probe address"),
+    u64("cookie", "the probe's attach cookie"),
+], doc="five u64 the native hit path fills before calling a native program")
+
 HIT_FRAME = Layout("ubpf_hit_frame", [
     u64("ctx", "the pt_regs built by the trampoline"),
     u64("probe", "PROBE_BLOCK"),
@@ -138,7 +148,7 @@ PRINTK_BLOB = Layout("ubpf_printk_blob", [
     u32("len", "bytes that follow, padded to 8"),
 ], doc="memory a printk argument pointed at, copied at call time")
 
-ALL = [RUNTIME_HEADER, PROBE_BLOCK, SHADOW_ENTRY, THREAD_BLOCK, SITE, HIT_FRAME, PRINTK_RECORD, PRINTK_BLOB]
+ALL = [RUNTIME_HEADER, PROBE_BLOCK, SHADOW_ENTRY, THREAD_BLOCK, SITE, FACTS, HIT_FRAME, PRINTK_RECORD, PRINTK_BLOB]
 CONSTANTS = {
     "UBPF_RUNTIME_MAGIC": RUNTIME_MAGIC,
     "UBPF_RT_F_FSGSBASE": RT_F_FSGSBASE,

@@ -158,7 +158,7 @@ class InTargetEngine:
         if probe.is_return and shstk:
             raise SiteRefused("return probes in a process with a CPU shadow stack (CET): a replaced return "
                               "address would fault")
-        start, end = _function_bounds(probe, addr)
+        start, end, pad_end = _function_bounds(probe, addr)
         if probe.is_return and addr != start:
             raise SiteRefused("a return probe must sit on the function's first instruction")
         st = self._ready(proc)
@@ -172,7 +172,7 @@ class InTargetEngine:
             site.probe_ids.add(probe.id)
             return None
         reader = _reader(proc.mem)
-        plan = plan_site(reader, start, end, addr, shadow_stack=shstk)
+        plan = plan_site(reader, start, end, addr, shadow_stack=shstk, pad_end=pad_end)
         self._check_threads(proc, addr, plan.length)
         pb = self._probe_block(probe, addr, addr == start)
         block = self.arena.alloc(SITE.size, 64)
@@ -401,18 +401,28 @@ def _reader(mem: P.ProcMem):
     return read
 
 
-def _function_bounds(probe, addr: int) -> tuple[int, int]:
-    """The runtime [start, end) of the function holding the probe (end 0: size unknown)."""
-    from ubpf_py.probe.symbols import function_at
+def _function_bounds(probe, addr: int) -> tuple[int, int, int]:
+    """The runtime [start, end) of the function holding the probe (end 0: size unknown), and where
+    the next function or the end of its segment is (what follows ``end`` up to there is padding)."""
+    from ubpf_py.probe.symbols import function_at, load_elf
 
     try:
         sym = function_at(probe.binary_path, probe.file_offset)
+        info = load_elf(probe.binary_path)
     except UbpfError:
         sym = None
     if sym is None or sym.file_offset is None:
-        return addr, 0
+        return addr, 0, 0
     start = addr - (probe.file_offset - sym.file_offset)
-    return start, (start + sym.size) if sym.size else 0
+    if not sym.size:
+        return start, 0, 0
+    end_off = sym.file_offset + sym.size
+    nxt = min((s.file_offset for s in info.functions() if s.file_offset is not None and s.file_offset >= end_off),
+              default=None)
+    seg_end = next((seg.offset + seg.filesz for seg in info.segments
+                    if seg.executable and seg.offset <= sym.file_offset < seg.offset + seg.filesz), end_off)
+    pad_off = min(nxt, seg_end) if nxt is not None else seg_end
+    return start, start + sym.size, start + (pad_off - sym.file_offset)
 
 
 assert THREAD_BLOCK.size <= S.THREAD_SLOT_SIZE

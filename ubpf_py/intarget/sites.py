@@ -223,7 +223,8 @@ def _scan_branch_targets(read: Reader, start: int, end: int, lo: int, hi: int,
 
 
 def plan_site(read: Reader, func_start: int, func_end: int, site: int,
-              extra_ranges: Iterable[tuple[int, int]] = (), shadow_stack: bool = False) -> SitePlan:
+              extra_ranges: Iterable[tuple[int, int]] = (), shadow_stack: bool = False,
+              pad_end: int = 0) -> SitePlan:
     """Decide how to patch ``site`` in the function [func_start, func_end); ``func_end`` 0 = unknown size.
 
     ``read(addr, n)`` returns the target's code bytes.  ``extra_ranges`` are further
@@ -231,13 +232,16 @@ def plan_site(read: Reader, func_start: int, func_end: int, site: int,
     ``shadow_stack``: the target runs with the CPU's shadow stack (CET SHSTK), where a
     call turned into push + jmp makes the callee's ``ret`` fault, so displaced calls
     are refused.
+    ``pad_end``: where the next function (or the section) starts; [func_end, pad_end) is then
+    alignment padding that nothing runs or branches to, which a short function's jump may
+    overlap (its whole tail moves into the trampoline and ends there with its ``ret``).
     """
     known = func_end != 0
     if known:
         if not func_start <= site < func_end:
             raise SiteRefused(f"0x{site:x} is outside its function [0x{func_start:x}, 0x{func_end:x})")
         if site + JMP_LEN > func_end:
-            raise SiteRefused(f"the function is too short for a 5-byte jump ({func_end - site} bytes from the site)")
+            return _plan_into_padding(read, func_start, func_end, site, pad_end, extra_ranges, shadow_stack)
         avail = min(func_end - site, JMP_LEN - 1 + MAX_INSN)
     else:
         avail = JMP_LEN - 1 + MAX_INSN
@@ -268,6 +272,51 @@ def plan_site(read: Reader, func_start: int, func_end: int, site: int,
     for lo, hi in extra_ranges:
         _scan_branch_targets(read, lo, hi, site, site + covered, None)
     return SitePlan(site, covered, tuple(insns), note)
+
+
+def _plan_into_padding(read: Reader, func_start: int, func_end: int, site: int, pad_end: int,
+                       extra_ranges: Iterable[tuple[int, int]], shadow_stack: bool) -> SitePlan:
+    """A site fewer than 5 bytes before its function's end: the jump may also cover the padding
+    after the function when that padding holds only NOPs/int3 up to the next function, and the
+    function's last instruction leaves it (``ret``, ``jmp``): nothing then runs the patch's
+    tail or lands in it."""
+    short = SiteRefused(f"the function is too short for a 5-byte jump ({func_end - site} bytes from the site)")
+    if pad_end < site + JMP_LEN or not _all_padding(read(func_end, pad_end - func_end), func_end):
+        raise short
+    code = read(site, func_end - site)
+    insns: list[Displaced] = []
+    covered = 0
+    while covered < func_end - site:
+        insn = _decode_one(code[covered:], site + covered)
+        if insn is None:
+            raise SiteRefused(f"cannot decode the instruction at 0x{site + covered:x}")
+        d = classify(insn)
+        if d.kind in (CALL, CALL_REG, CALL_RIP):
+            raise short      # its return would land in the patched bytes
+        insns.append(d)
+        covered += d.size
+    if covered != func_end - site or insns[-1].kind not in (JMP, END):
+        raise short
+    _scan_branch_targets(read, func_start, func_end, site, site + JMP_LEN, site)
+    for lo, hi in extra_ranges:
+        _scan_branch_targets(read, lo, hi, site, site + JMP_LEN, None)
+    return SitePlan(site, JMP_LEN, tuple(insns),
+                    f"the jump's last {site + JMP_LEN - func_end} byte(s) cover alignment padding")
+
+
+def _all_padding(code: bytes, addr: int) -> bool:
+    """Is ``code`` nothing but NOPs and int3s (what assemblers align functions with)?"""
+    off = 0
+    while off < len(code):
+        if code[off] == 0xCC:
+            off += 1
+            continue
+        insn = _decode_one(code[off:], addr + off)
+        if insn is None or insn.mnemonic not in ("nop", "xchg") or \
+                (insn.mnemonic == "xchg" and insn.op_str != "ax, ax"):
+            return False
+        off += insn.size
+    return True
 
 
 # --- relocation -------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ class InTargetPlan:
     reasons: dict[str, str] = field(default_factory=dict)
     image_addr: int = 0
     image_size: int = 0
+    #: the RINGBUF map printk records of in-target programs go through (None: no program prints)
+    printk_ring: Any = None
 
     def entry(self, program: str) -> int:
         return self.entries.get(program, 0)
@@ -108,7 +110,9 @@ def prepare(session: Any, coll: Any, programs: list[str], *, verifier: str) -> I
         images[base] = linker.link(objects, base)
         return bytes(images[base].data)
 
-    printk = coll.maps.get(PRINTK_RING)
+    if any(set(c.helper_ids) & PRINTK_HELPERS for c in codes.values()):
+        plan.printk_ring = _printk_ring(arena)
+    printk = plan.printk_ring
     base = session.load_in_target_image(link, size, printk_ring=printk.handle_addr if printk else 0)
     image = images[base]
     for name, code in codes.items():
@@ -151,5 +155,17 @@ def _drop_broken_tail_chains(coll: Any, codes: dict[str, Any], prog_arrays: dict
                     break
 
 
-#: the internal ring buffer in-target printk records go through (created by the live layer)
+#: the internal ring buffer in-target printk records go through (not one of the object's maps)
 PRINTK_RING = ".ubpf_printk"
+PRINTK_RING_SIZE = 4 << 20
+#: bpf_trace_printk, bpf_trace_vprintk
+PRINTK_HELPERS = frozenset({6, 177})
+
+
+def _printk_ring(arena: Any) -> Any:
+    from ubpf_py.maps import create_map
+    from ubpf_py.maps.consts import RINGBUF
+    from ubpf_py.obj.spec import MapSpec
+
+    return create_map(MapSpec(PRINTK_RING, RINGBUF, 0, 0, PRINTK_RING_SIZE, internal=True),
+                      alloc=arena)

@@ -112,6 +112,7 @@ class UserspaceBackend:
         wanted = list(programs) if programs is not None else list(coll.programs)
         if arena is not None:
             self.in_target = prepare_in_target(self.session, coll, wanted, verifier=verifier)
+            self._printk_ring = self.in_target.printk_ring
         else:
             self.in_target = InTargetPlan(reasons=dict.fromkeys(wanted, no_target))
         if mode == "intarget" and self.in_target.reasons:
@@ -121,6 +122,7 @@ class UserspaceBackend:
         self._engine, self._native_allowed, self._mode = engine, native_hits, mode
         self.pump = OutputPump(sink, coll, decoder=ValueDecoder(self.spec.btf), event_type_id=event_type_id)
         coll.env.printk = self.pump.printk
+        self.pump.printk_ring = getattr(self, "_printk_ring", None)
         return coll
 
     def _ready(self) -> tuple[Any, Collection, HitPlumbing]:
@@ -215,7 +217,7 @@ class UserspaceBackend:
         pump = self.pump
         if pump is None or not any(st.path == "in-target" for st in self.stats):
             return tick, every
-        if not (pump.ringbufs or pump.perfbufs):
+        if not pump.has_buffers:
             return tick, every
         drain_every = poll_interval(pump)
         due = [time.monotonic() + (every or 0)]

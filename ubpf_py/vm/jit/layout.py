@@ -9,6 +9,7 @@ defined here, once, for both the IR generator and the runtime.
 
 from __future__ import annotations
 
+from ubpf_py.abi.runtime import FACTS as _FACTS
 from ubpf_py.isa.opcodes import MAX_CALL_DEPTH, STACK_SIZE
 
 #: 0 while running normally; non-zero makes every frame return at once (unwind)
@@ -80,8 +81,9 @@ NUM_SLOTS = 32
 #: u64 (cpu, tgid << 32 | tid, gid << 32 | uid, func_ip, cookie) -- exactly the block
 #: native/hotloop.c fills before calling a native program (``add_probe(native_facts=)``)
 FACTS_FIRST_SLOT = SLOT_CPU
-FACTS_WORDS = 5
-assert tuple(range(SLOT_CPU + 1, SLOT_CPU + 5)) == (SLOT_PID_TGID, SLOT_UID_GID, SLOT_FUNC_IP, SLOT_COOKIE)
+FACTS_WORDS = _FACTS.size // 8
+assert tuple(
+    FACTS_FIRST_SLOT + _FACTS.word(n) for n in ("cpu", "pid_tgid", "uid_gid", "func_ip", "cookie")) == (SLOT_CPU, SLOT_PID_TGID, SLOT_UID_GID, SLOT_FUNC_IP, SLOT_COOKIE)
 
 #: status values
 STATUS_OK = 0
