@@ -114,6 +114,24 @@ def test_usdt_and_printk_through_the_api(corpus_build: Path, monkeypatch):
     assert "tick i=0 sq=1000000000000 cookie=77" in lines and "label alpha n=100 neg=0" in lines
 
 
+@pytest.mark.parametrize("backend", ["userspace", "kernel"])
+def test_perf_buffer_callback_and_uretprobe(corpus_build: Path, monkeypatch, backend):
+    """attach_uretprobe + perf_buffer on the corpus readline case: 5 samples, decoded through the
+    object's types (pid, comm, line), on both backends."""
+    if backend == "kernel" and kernel_bpf_skip_reason():
+        pytest.skip(kernel_bpf_skip_reason())
+    monkeypatch.chdir(corpus_build)
+    records = []
+    with BPFObject.open("readline.bpf.o", backend=backend) as obj:
+        pid = obj.launch(["./readline"], stdout=subprocess.DEVNULL)
+        obj.load()
+        obj.perf_buffer("events", records.append, lost=lambda *a: records.append(a))
+        obj.attach_uretprobe("readline_ret", binary="./readline", sym="readline")
+        assert obj.run() == 0
+    assert len(records) == 5 and {r.kind for r in records} == {"perfbuf"}
+    assert all(len(r.data) >= 100 and r.value["pid"] == pid and r.value["comm"] == "readline" for r in records)
+
+
 def test_bad_calls_are_one_line_errors():
     obj = BPFObject.open(EXAMPLE)
     with pytest.raises(KeyError, match="maps: counts"):

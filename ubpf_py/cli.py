@@ -136,8 +136,9 @@ def build_dump_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["dump"] or "--dump" in argv:
-        rest = argv[1:] if argv[:1] == ["dump"] else [a for a in argv if a != "--dump"]
+    options = argv[:argv.index("--")] if "--" in argv else argv   # a traced command may say --dump
+    if argv[:1] == ["dump"] or "--dump" in options:
+        rest = argv[1:] if argv[:1] == ["dump"] else [a for a in options if a != "--dump"]
         args = build_dump_parser().parse_args(rest)
         args.dump = True
         return args

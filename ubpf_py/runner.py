@@ -45,8 +45,9 @@ def run(opts: RunOptions) -> int:
         raise UsageError(f"{opts.object}: nothing to attach: no program names its target in its section "
                          f"and no --attach was given (programs: {', '.join(spec.programs)})")
     for name in opts.hist:
-        if name not in obj.maps:
-            raise UsageError(f"--hist {name}: the object has no such map (maps: {', '.join(obj.maps)})")
+        if name not in obj.maps and name not in obj.globals:
+            raise UsageError(f"--hist {name}: the object has no such map or global "
+                             f"(maps: {', '.join(obj.maps)}; globals: {', '.join(obj.globals)})")
     out = open(opts.output, "w") if opts.output else None  # noqa: SIM115 - closed in finally
     metrics = None
     try:

@@ -74,12 +74,6 @@ class KernelBackend:
         links = self.session.attach_request(req)
         return links, "kernel uprobe"
 
-    def detach_probe(self, links: Any) -> None:
-        for link in links:
-            link.close()
-            if link in self.session.links:
-                self.session.links.remove(link)
-
     # ---- run ---------------------------------------------------------------------------
     def run(self, duration: float | None, tick: Callable[[], None] | None = None,
             tick_every: float | None = None) -> int | None:

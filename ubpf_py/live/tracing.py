@@ -164,11 +164,6 @@ class UserspaceBackend:
             add_native_poll(session, list(coll.programs.values()), plumbing)
         return st, detail
 
-    def detach_probe(self, st: ProbeStats) -> None:
-        from ubpf_py.errors import NotSupportedError
-
-        raise NotSupportedError("detaching one probe of a running userspace session (detach the object)")
-
     # ---- run ---------------------------------------------------------------------------
     def run(self, duration: float | None, tick: Callable[[], None] | None = None,
             tick_every: float | None = None) -> int | None:
@@ -197,11 +192,14 @@ class UserspaceBackend:
             plumbing.after_hit.append(guarded_tick)
             if session.native_loop:
                 session.add_poll(guarded_tick, tick_every)
-                old = signal.signal(TICK_SIGNAL, lambda s, f: None)   # wakes the C loop (wakeup fd)
-            else:
-                old = signal.signal(TICK_SIGNAL, lambda s, f: guarded_tick())
-            waker = _Waker(tick_every)
-            waker.start()
+            if threading.current_thread() is threading.main_thread():
+                # the C loop wakes on any handled signal (wakeup fd) and then runs its poll hooks;
+                # the Python loop runs the handler itself (in_program keeps it out of programs)
+                old = signal.signal(TICK_SIGNAL, (lambda s, f: None) if session.native_loop
+                                    else (lambda s, f: guarded_tick()))
+                waker = _Waker(tick_every)
+                waker.start()
+            # off the main thread (no signals there): ticks come with hits and C-loop polls only
         try:
             return session.run(duration=duration)
         finally:
@@ -262,11 +260,6 @@ class UserspaceBackend:
         if self.session is not None:
             with contextlib.suppress(UbpfError, OSError):
                 self.session.detach()
-
-    def kill_target(self) -> None:
-        if self.session is not None:
-            with contextlib.suppress(UbpfError, OSError):
-                self.session.kill()
 
     def close(self) -> None:
         """Detach, then free the arena the maps lived in (maps are unreadable afterwards)."""
