@@ -37,44 +37,6 @@ HELPER(4) { (void)r4; (void)r5; return read_mem(hf, r1, r2, r3, 0); }     /* pro
 HELPER(114) { (void)r4; (void)r5; return read_str(hf, r1, r2, r3, 1); }   /* probe_read_user_str */
 HELPER(45) { (void)r4; (void)r5; return read_str(hf, r1, r2, r3, 0); }    /* probe_read_str */
 
-/* probe_read_kernel (113) / _str (115): only the program's own memory (its context, stack and
- * maps) is kernel memory here; user addresses get -ERANGE before any access, as x86's
- * copy_from_kernel_nofault gives them, other addresses fault */
-static u64 kernel_err(u64 src) { return src < UBPF_TASK_SIZE ? NEG(UBPF_ERANGE) : NEG(UBPF_EFAULT); }
-
-HELPER(113)
-{
-	(void)r4; (void)r5;
-	u64 size = r2 & 0xffffffff;
-	if (!size)
-		return 0;
-	if (!rt_prog_mem(hf, r3, size)) {
-		rt_zero((void *)r1, size);
-		return kernel_err(r3);
-	}
-	rt_copy((void *)r1, (const void *)r3, size);
-	return 0;
-}
-
-HELPER(115)
-{
-	(void)r4; (void)r5;
-	u64 size = r2 & 0xffffffff, n = 0;
-	if (!size)
-		return 0;
-	const char *src = (const char *)r3;
-	char *dst = (char *)r1;
-	while (n < size - 1 && rt_prog_mem(hf, r3 + n, 1) && src[n])
-		n++;
-	if (n < size - 1 && !rt_prog_mem(hf, r3 + n, 1)) {
-		rt_zero(dst, size);
-		return kernel_err(r3);
-	}
-	rt_copy(dst, src, n);
-	dst[n] = 0;
-	return n + 1;
-}
-
 /* the return address a return probe replaced, for frames that show the trampoline */
 static u64 fix_ret(const struct ubpf_hit_frame *hf, u64 a, u64 *si)
 {
