@@ -327,6 +327,16 @@ def run_refuse_go(b: Build) -> Result:
     return r
 
 
+def run_signal(b: Build, backend: str) -> tuple[Result, list[int]]:
+    """Each hit sends SIGUSR1 (bpf_send_signal); the handler calls the probed function again."""
+    kind = "kernel" if backend == "kernel" else "dyn"
+    d = workdir()
+    r = launch(b, {"sig": (kind, "work")}, [str(b.bins[kind]), "signal", "1000", str(d / "n")], "--backend", backend)
+    calls = [int(x) for x in (d / "n").read_text().split()] if (d / "n").exists() else []
+    shutil.rmtree(d, ignore_errors=True)
+    return r, calls
+
+
 @dataclass
 class ForkResult:
     run: Result
@@ -491,6 +501,9 @@ def scenarios(build: Build):
             if kind in build.bins and not (how == "nobody" and nobody_why):
                 start(("kind", kind, how), run_kind, build, kind, how)
     start(("refuse", "c"), run_refuse_c, build)
+    start(("signal", "userspace"), run_signal, build, "userspace")
+    if kernel_why is None:
+        start(("signal", "kernel"), run_signal, build, "kernel")
     if "go" in build.bins:
         start(("refuse", "go"), run_refuse_go, build)
     start(("fork", False), run_fork, build, False)
@@ -623,6 +636,22 @@ def test_return_probes_match_kernel(scenarios) -> None:
     assert r.maps()["rets"][479001600] == 1
 
 
+@pytest.mark.xfail(strict=True, reason="bpf_send_signal in the target is a kill() inside the program, so the "
+                   "signal is delivered at once, while the program runs (THREAD_BLOCK.busy=1, on the runtime "
+                   "stack): the handler's call of the probed function is skipped as 'missed' (1000 hits where the "
+                   "kernel and the ptrace path count 2000); the kernel delivers it when the hit is over")
+def test_send_signal_handler_hits_match_kernel(scenarios) -> None:
+    """A program sends SIGUSR1 on each of 1000 calls; the handler calls the probed function:
+    the kernel counts 2000 hits (the signal arrives after the hit), so must the target."""
+    k, kcalls = result(scenarios, ("signal", "kernel"), "kernel")
+    assert k.rc == 0 and kcalls == [1000, 1000] and k.counts()[7] == 2000, k.why()
+    r, calls = result(scenarios, ("signal", "userspace"))
+    assert r.rc == 0 and r.stdout == "signal ok\n", r.why()
+    assert r.paths()["sig"] == ("in-target", "")
+    assert calls == [1000, 1000], "the handler did not run once per hit"
+    assert r.counts()[7] == 2000, r.counts()
+
+
 # ---------------------------------------------------------------------------- 6. lifecycle
 def test_fork_child_not_followed_is_clean(scenarios) -> None:
     fr = result(scenarios, ("fork", False))
@@ -654,10 +683,12 @@ def test_exec_rearms_probes_in_the_new_image(scenarios) -> None:
 
 
 def test_dlopen_late_library_gets_its_probe(scenarios) -> None:
+    """A library dlopen'ed after attach gets its probe; after dlclose and a second dlopen it
+    gets it again (the old site went with the old mapping)."""
     r = result(scenarios, ("dlopen",))
     assert r.rc == 0, r.why()
     c = r.counts()
-    assert (c[0], c[1]) == (CALLS, CALLS), r.why()
+    assert (c[0], c[1]) == (CALLS, 2 * CALLS), r.why()
     assert r.stats()["e1"]["path"] == "in-target", r.stats()
     assert r.stdout == r.notes
 

@@ -77,3 +77,13 @@ SEC("uprobe") int rd(struct pt_regs *ctx)
 		bpf_map_update_elem(&reads, &idx, &r, BPF_ANY);
 	return 0;
 }
+
+/* every call but the handler's own (argument -1) sends SIGUSR1 to this thread; the kernel
+ * delivers it when the hit is over, and the handler's call of the function is a hit too */
+SEC("uprobe") int sig(struct pt_regs *ctx)
+{
+	bump(7);
+	if ((long)PT_REGS_PARM1(ctx) != -1)
+		bpf_send_signal(10);
+	return 0;
+}
