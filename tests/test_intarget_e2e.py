@@ -36,6 +36,7 @@ SRC = Path(__file__).resolve().parent / "targets" / "intarget"
 CALLS = 20_000
 THREADS, THREAD_CALLS, KERNEL_THREAD_CALLS = 8, 100_000, 10_000
 KILL_RUNS = 10
+MANY_THREADS = 300
 TIMEOUT = 180
 EFAULT = -14
 
@@ -327,6 +328,12 @@ def run_refuse_go(b: Build) -> Result:
     return r
 
 
+def run_many(b: Build) -> Result:
+    r = launch(b, {"e0": ("dyn", "work")}, [str(b.bins["dyn"]), "many", str(MANY_THREADS)])
+    r.notes = plain([str(b.bins["dyn"]), "many", str(MANY_THREADS)])
+    return r
+
+
 def run_signal(b: Build, backend: str) -> tuple[Result, list[int]]:
     """Each hit sends SIGUSR1 (bpf_send_signal); the handler calls the probed function again."""
     kind = "kernel" if backend == "kernel" else "dyn"
@@ -400,7 +407,8 @@ class DetachResult:
 
 
 def run_detach(b: Build) -> DetachResult:
-    """--pid with --duration on a 2-thread target calling work and fact all along."""
+    """--pid with --duration on a 2-thread target calling work and fact all along, and sleeping
+    in nap (return-probed: the threads are mostly blocked there, return address replaced)."""
     exe = b.bins["dyn"]
     d = workdir()
     stop, out = d / "stop", d / "out.jsonl"
@@ -410,7 +418,8 @@ def run_detach(b: Build) -> DetachResult:
         assert target.stdout.readline() == "ready\n"
         before = file_text(target.pid, exe)
         maps_before = Path(f"/proc/{target.pid}/maps").read_text()
-        progs = {"e0": ("dyn", "work"), "r3": ("dyn", "work"), "a0": ("dyn", "fact"), "r0": ("dyn", "fact")}
+        progs = {"e0": ("dyn", "work"), "r3": ("dyn", "work"), "a0": ("dyn", "fact"), "r0": ("dyn", "fact"),
+                 "r4": ("dyn", "nap")}
         p = cli(str(b.bpf), *attach_args(b, progs), "-f", "json", "-o", str(out), "-v", "--pid", str(target.pid),
                 "--duration", "1.5")
         try:
@@ -450,7 +459,8 @@ def run_kill(b: Build) -> KillResult:
                               text=True)
     try:
         assert target.stdout.readline() == "ready\n"
-        progs = {"e0": ("dyn", "work"), "r3": ("dyn", "work"), "a0": ("dyn", "fact"), "r0": ("dyn", "fact")}
+        progs = {"e0": ("dyn", "work"), "r3": ("dyn", "work"), "a0": ("dyn", "fact"), "r0": ("dyn", "fact"),
+                 "r4": ("dyn", "nap")}
         p = cli(str(b.bpf), *attach_args(b, progs), "-f", "json", "-o", str(out), "--pid", str(target.pid))
         try:
             wait_for(lambda: attached(out, len(progs)), "the attach", p)
@@ -506,6 +516,7 @@ def scenarios(build: Build):
         start(("signal", "kernel"), run_signal, build, "kernel")
     if "go" in build.bins:
         start(("refuse", "go"), run_refuse_go, build)
+    start(("many",), run_many, build)
     start(("fork", False), run_fork, build, False)
     start(("fork", True), run_fork, build, True)
     start(("exec",), run_exec, build)
@@ -589,6 +600,17 @@ def test_eight_threads_atomic_and_per_thread_keys(scenarios) -> None:
     k, ktids = oracle(scenarios, "kernel")
     assert k.counts()[0] == THREADS * KERNEL_THREAD_CALLS
     assert k.maps()["per_tid"] == dict.fromkeys(ktids, KERNEL_THREAD_CALLS)
+
+
+@pytest.mark.xfail(strict=True, reason="the thread table has 256 slots (intarget/space.py THREAD_SLOTS), claimed "
+                   "by FS base and never freed: with 300 threads alive, 44 hits are skipped as 'missed' (and the "
+                   "missed count is reported nowhere: not in -v, not in the JSON stats)")
+def test_three_hundred_live_threads_all_counted(scenarios) -> None:
+    """300 threads alive at once each call the probed function once: 300 hits, as the kernel."""
+    r = result(scenarios, ("many",))
+    assert r.rc == 0 and r.stdout == r.notes, r.why()
+    assert r.paths()["e0"] == ("in-target", "")
+    assert r.counts()[0] == MANY_THREADS
 
 
 def test_probe_read_user_bad_pointers_match_kernel(scenarios) -> None:

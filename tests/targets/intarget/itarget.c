@@ -97,6 +97,14 @@ static void *thread_loop(void *p)
 
 static volatile int stop_now;
 
+/* where the spinning threads sleep: a return probe here has its return address replaced
+ * while the thread is blocked in the kernel (detach must put it back) */
+PROBED void nap(void)
+{
+	usleep(1000);
+	__asm__ volatile("");
+}
+
 /* until stop_now: bursts of 100 checked calls, 1 ms apart (a corrupted register,
  * return value or return address shows) */
 static void *thread_spin(void *p)
@@ -109,7 +117,7 @@ static void *thread_spin(void *p)
 		}
 		w->n++;
 		if (i % 100 == 99)
-			usleep(1000);
+			nap();
 	}
 	return 0;
 }
@@ -178,6 +186,36 @@ static void badptr(void)
 	take(good, 3);
 	take((void *)1, 4);
 	printf("survived\n");
+}
+
+static pthread_barrier_t all_alive;
+
+static void *thread_once(void *p)
+{
+	pthread_barrier_wait(&all_alive);
+	*(long *)p = work(1);
+	pthread_barrier_wait(&all_alive);
+	return 0;
+}
+
+/* many T: T threads alive at once, each calls work once */
+static int many(int nthreads)
+{
+	pthread_t t[1024];
+	long r[1024], total = 0;
+	pthread_attr_t a;
+	pthread_attr_init(&a);
+	pthread_attr_setstacksize(&a, 64 * 1024);
+	pthread_barrier_init(&all_alive, 0, nthreads);
+	for (int i = 0; i < nthreads; i++)
+		if (pthread_create(&t[i], &a, thread_once, &r[i]))
+			return 1;
+	for (int i = 0; i < nthreads; i++) {
+		pthread_join(t[i], 0);
+		total += r[i];
+	}
+	printf("many=%d total=%ld\n", nthreads, total);
+	return 0;
 }
 
 static volatile long handled;
@@ -256,6 +294,8 @@ int main(int argc, char **argv)
 		execl("/proc/self/exe", argv[0], "loop", argv[2], (char *)0);
 		perror("execl");
 		return 1;
+	} else if (!strcmp(mode, "many")) {       /* many NTHREADS */
+		return many((int)n);
 	} else if (!strcmp(mode, "signal")) {     /* signal N FILE */
 		return signals(n, argv[3]);
 #ifndef NO_DLOPEN
