@@ -294,6 +294,15 @@ class InTargetEngine:
                 with contextlib.suppress(ValueError):
                     self._disable_site(s)
 
+    def forget_sites(self, tgid: int, gone) -> None:
+        """Sites at addresses where ``gone(addr)`` (code unmapped by dlclose): a library mapped
+        there later is patched afresh, and detach never writes old bytes into it."""
+        st = self.procs.get(tgid)
+        if st is None:
+            return
+        for addr in [a for a in st.sites if gone(a)]:
+            self._disable_site(st.sites.pop(addr))
+
     @staticmethod
     def _disable_site(site: SiteState) -> None:
         site.block.view.cast("Q")[SITE.word("nprobes")] = 0

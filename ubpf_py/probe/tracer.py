@@ -248,9 +248,16 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         if proc.vfork_parent is not None:
             return
         maps = read_maps(proc.tgid)
-        # forget breakpoints whose code was unmapped (dlclose); the bytes went with the mapping
+
+        def unmapped(addr: int) -> bool:
+            return not any(m.start <= addr < m.end and m.executable for m in maps)
+
+        # forget breakpoints and in-target sites whose code was unmapped (dlclose); the bytes
+        # went with the mapping, and a library mapped there again must be patched afresh
+        if self.intarget is not None:
+            self.intarget.forget_sites(proc.tgid, unmapped)
         for addr, bp in list(proc.bps.items()):
-            if not any(m.start <= addr < m.end and m.executable for m in maps):
+            if unmapped(addr):
                 bp.armed = False
                 del proc.bps[addr]
                 self._native_dirty = True
