@@ -120,7 +120,7 @@ _PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH = 5, 6, 10
 SPECIAL_MAP_HELPERS: dict[int, frozenset[int]] = {
     _PROG_ARRAY: frozenset({12}),
     _PERF_EVENT_ARRAY: frozenset({22, 25, 55}),
-    _STACK_TRACE: frozenset({27, 1}),
+    _STACK_TRACE: frozenset({27}),
     _CGROUP_ARRAY: frozenset({37}),
     _RINGBUF: frozenset({130, 131, 134}),
     _QUEUE: frozenset({87, 88, 89}),
@@ -201,8 +201,15 @@ PROTOS: dict[int, HelperProto] = {p.id: p for p in _PROTOS}
 for _hid in _BTF_ONLY:
     PROTOS[_hid] = _p(_hid, btf_only=True)
 
+#: helpers with a prototype that kprobe programs still may not call (checked against Linux
+#: 6.18: "program of this type cannot use helper"): bpf_override_return (kprobes on
+#: error-injectable kernel functions only) and bpf_ktime_get_coarse_ns (not for tracing).
+#: bpf_probe_write_user stays allowed: the kernel allows it to CAP_SYS_ADMIN loaders on
+#: machines that are not locked down, and here it writes the traced process's memory.
+_NOT_FOR_KPROBE = frozenset({58, 160})
+
 #: every helper id a kprobe/uprobe program may call (kprobe_prog_func_proto on Linux 6.18)
-KPROBE_ALLOWED: frozenset[int] = frozenset(PROTOS)
+KPROBE_ALLOWED: frozenset[int] = frozenset(PROTOS) - _NOT_FOR_KPROBE
 
 
 def proto_for(helper_id: int) -> HelperProto | None:

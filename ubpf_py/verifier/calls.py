@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from ubpf_py.helpers.protos import KPROBE_ALLOWED, PROTOS, HelperProto, helper_name
 from ubpf_py.isa.opcodes import MAX_CALL_DEPTH
+from ubpf_py.obj.mapdefs import BPF_F_RDONLY_PROG
 from ubpf_py.verifier import memory as M
 from ubpf_py.verifier import state as S
 from ubpf_py.verifier.memory import Reject
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
     from ubpf_py.verifier.checker import Checker
 
 MAX_VAR_SIZE = 1 << 29
+#: helpers that change a map (record_func_map refuses them on BPF_F_RDONLY_PROG maps):
+#: delete, update, push, pop
+_MAP_WRITING = frozenset({2, 3, 87, 88})
 MAX_ERRNO = 4095
 
 _MEM_TYPES = "fp, pkt, pkt_meta, map_key, map_value, mem, ringbuf_mem, buf, trusted_ptr_"
@@ -71,6 +75,9 @@ def check_helper(ck: Checker, st: S.VerifierState, pc: int, hid: int) -> bool:
     for i, kind in enumerate(proto.args):
         _check_arg(ck, st, pc, proto, i + 1, kind, regs[i + 1], meta)
     if meta.map >= 0:
+        m = ck.maps[meta.map]
+        if hid in _MAP_WRITING and (m.readonly or m.flags & BPF_F_RDONLY_PROG):
+            raise Reject("write into map forbidden", f"map '{m.name}' is read-only for programs")
         _check_map_compat(ck, proto, meta.map)
     if hid == 12 and st.refs:
         raise Reject("tail_call would lead to reference leak",
@@ -128,9 +135,12 @@ def _check_arg(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto, re
         meta.size_max = v.umax
         prev = st.cur.regs[meta.mem_regno]
         if v.umax == 0:
-            if prev.type not in _MEM_PTRS and not (prev.type == S.SCALAR and prev.val.is_const()
-                                                    and prev.val.value == 0):
+            if prev.type == S.SCALAR and prev.val.is_const() and prev.val.value == 0:
+                return
+            if prev.type not in _MEM_PTRS:
                 raise _type_error(meta.mem_regno, prev, "mem")
+            # a zero-sized access still needs a pointer that points inside its object
+            _mem_access(ck, st, meta.mem_regno, prev, 0, write=meta.mem_write)
             return
         if prev.type == S.SCALAR:
             raise _type_error(meta.mem_regno, prev, "mem")
@@ -227,17 +237,16 @@ def _mem_access(ck: Checker, st: S.VerifierState, regno: int, reg: Reg, size: in
         return
     if t == S.MAP_VALUE:
         m = ck.maps[reg.map]
-        if write and m.readonly:
-            raise Reject(f"write into map forbidden, value_size={m.value_size} off={reg.off} size={size}")
-        M.region_check(ck, regno, reg, reg.off, size, m.value_size, "map value")
+        M.map_access_type(m, reg.off, size, write)
+        M.region_check(ck, regno, reg, reg.off, size, m.value_size, "map value", zero_ok=True)
         return
     if t in (S.RINGBUF_MEM, S.MEM):
-        M.region_check(ck, regno, reg, reg.off, size, reg.size, "memory")
+        M.region_check(ck, regno, reg, reg.off, size, reg.size, "memory", zero_ok=True)
         return
     if t == S.MAP_KEY:
         if write:
             raise Reject(f"write to change key R{regno} not allowed")
-        M.region_check(ck, regno, reg, reg.off, size, ck.maps[reg.map].key_size, "map key")
+        M.region_check(ck, regno, reg, reg.off, size, ck.maps[reg.map].key_size, "map key", zero_ok=True)
         return
     raise _type_error(regno, reg, "mem")
 

@@ -30,11 +30,14 @@ COMPLEXITY_LIMIT = 1_000_000
 JMP_SEQ_LIMIT = 8192
 MAX_STACK = 512
 PRIV_STACK_MIN = 64
+MAX_CALL_FRAMES = 8
 _ALU_STR = {op.BPF_ADD: "+=", op.BPF_SUB: "-=", op.BPF_MUL: "*=", op.BPF_DIV: "/=", op.BPF_OR: "|=",
             op.BPF_AND: "&=", op.BPF_LSH: "<<=", op.BPF_RSH: ">>=", op.BPF_NEG: "neg",
             op.BPF_MOD: "%=", op.BPF_XOR: "^=", op.BPF_MOV: "=", op.BPF_ARSH: "s>>=",
             op.BPF_END: "endian"}
 _HELPER_CALLBACKS = (164, 181)
+#: pointer types a comparison with 0 decides (the kernel's reg_not_null)
+_NOT_NULL = frozenset({S.MAP_VALUE, S.MAP_KEY, S.MEM, S.RINGBUF_MEM})
 
 
 @dataclass
@@ -404,6 +407,9 @@ class Checker:
         if o == op.BPF_SUB:
             if not dst.is_ptr:
                 raise Reject(f"R{d} tried to subtract pointer from scalar")
+            if ptr.type == S.STACK:
+                raise Reject(f"R{d} subtraction from stack pointer prohibited",
+                             "address stack slots by adding a negative offset (r1 += -8)")
             return self._ptr_offset(ptr, off, o, d)
         if o in (op.BPF_AND, op.BPF_OR, op.BPF_XOR):
             raise Reject(f"R{d} bitwise operator {_ALU_STR[o]} on pointer prohibited")
@@ -537,8 +543,11 @@ class Checker:
                 self.push(st.copy(), target)
                 self._replace(st, null_st)
                 return pc + 1
-            if ptr.type not in S.OR_NULL:
+            if ptr.type in _NOT_NULL:
                 return (target if o == op.BPF_JNE else pc + 1)
+            # ctx, stack, map and function pointers: the kernel's reg_not_null() does not vouch
+            # for them, so both sides are walked with the pointer unchanged (an access through
+            # the "null" ctx on the impossible side is still checked)
         del regs, ptr_no
         self.push(st.copy(), target)
         return pc + 1
@@ -564,24 +573,42 @@ class Checker:
             if d > MAX_STACK:
                 return Failure(f"stack size of subprog at insn {start} is {d}. Too large", start, "", [], None, None)
 
-        def walk(sub: int, acc: int, chain: list[int]) -> Failure | None:
+        graph = self._static_calls()
+        seen: set[tuple[int, int, int]] = set()
+
+        def walk(sub: int, acc: int, frame: int) -> Failure | None:
+            # the kernel's check_max_stack_depth: a static walk over every call and callback
+            # reference in each function (reached or not), at most 8 frames deep
+            if frame >= MAX_CALL_FRAMES:
+                return Failure(f"the call stack of {frame} frames is too deep !", sub,
+                               "BPF allows 8 nested function frames; is a function recursive?", [], None, None)
             d = depth.get(sub, 0)
-            private = priv_ok and d >= PRIV_STACK_MIN
-            if not private:
+            if not (priv_ok and d >= PRIV_STACK_MIN):
                 acc += d
                 if acc > MAX_STACK:
-                    return Failure(f"combined stack size of {len(chain) + 1} calls is {acc}. Too large", sub,
+                    return Failure(f"combined stack size of {frame + 1} calls is {acc}. Too large", sub,
                                    "the functions on this call chain use more than 512 bytes of stack together",
                                    [], None, None)
-            if len(chain) > 16:
+            key = (sub, frame, acc)
+            if key in seen:
                 return None
-            for callee in sorted(self.callees.get(sub, ())):
-                f = walk(callee, acc, [*chain, sub])
+            seen.add(key)
+            for callee in graph.get(sub, ()):
+                f = walk(callee, acc, frame + 1)
                 if f:
                     return f
             return None
 
-        return walk(0, 0, [])
+        return walk(0, 0, 0)
+
+    def _static_calls(self) -> dict[int, list[int]]:
+        """Function start -> functions it calls or takes as callbacks, in instruction order."""
+        out: dict[int, list[int]] = {}
+        for i, ins in enumerate(self.insns):
+            if (ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_PSEUDO_CALL) or \
+                    (ins.opcode == op.LDDW and ins.src == op.BPF_PSEUDO_FUNC):
+                out.setdefault(self.cfg.func_of(i), []).append(i + ins.imm + 1)
+        return out
 
 
 def _sane_offset(v: Scalar, ptr: Reg) -> None:
