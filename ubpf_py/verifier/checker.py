@@ -36,6 +36,7 @@ _ALU_STR = {op.BPF_ADD: "+=", op.BPF_SUB: "-=", op.BPF_MUL: "*=", op.BPF_DIV: "/
             op.BPF_MOD: "%=", op.BPF_XOR: "^=", op.BPF_MOV: "=", op.BPF_ARSH: "s>>=",
             op.BPF_END: "endian"}
 _HELPER_CALLBACKS = (164, 181)
+_FAST_K = frozenset({op.BPF_ADD, op.BPF_SUB, op.BPF_AND, op.BPF_OR, op.BPF_XOR})
 #: pointer types a comparison with 0 decides (the kernel's reg_not_null)
 _NOT_NULL = frozenset({S.MAP_VALUE, S.MAP_KEY, S.MEM, S.RINGBUF_MEM})
 
@@ -73,6 +74,9 @@ class Checker:
         self.stats = Stats()
         self.explored: dict[int, list[Checkpoint]] = {}
         self.open_sigs: dict[int, dict[tuple, Checkpoint]] = {}
+        #: hashes of the top frame's registers of the open checkpoints per instruction (a cheap
+        #: pre-check before the full signature of the infinite-loop test)
+        self.open_fps: dict[int, dict[int, int]] = {}
         self.jumps = 0
         self._last_cp = (0, 0)
         self.time_budget = time_budget
@@ -86,6 +90,7 @@ class Checker:
                         if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == 0
                         and ins.imm in _HELPER_CALLBACKS}
         self._cur_trail: tuple | None = None
+        self.visit_points = cfg.prune_points | self.loop_ok
         self._to_verify: list[int] = []
         from ubpf_py.helpers.protos import PROTOS
         self.demand = precision_demand(self.insns, cfg, {k: p.args for k, p in PROTOS.items()})
@@ -149,6 +154,7 @@ class Checker:
             self.enter_function(start)
             self.explored.clear()
             self.open_sigs.clear()
+            self.open_fps.clear()
             fail = self._explore(st, start)
             if fail:
                 return fail
@@ -168,7 +174,7 @@ class Checker:
 
     def _walk(self, st: VerifierState, pc: int) -> None:
         insns = self.insns
-        prune = self.cfg.prune_points
+        prune = self.visit_points
         stats = self.stats
         level2 = self.log_level >= 2
         while True:
@@ -178,7 +184,7 @@ class Checker:
                 raise Reject(f"BPF program is too large. Processed {stats.processed} insn",
                              "the verifier explored 1,000,000 instructions without finishing; "
                              "simplify loops or branches")
-            if (pc in prune or pc in self.loop_ok) and self._visit(st, pc):
+            if pc in prune and self._visit(st, pc):
                 self._path_done(st)
                 return
             if not stats.processed & 0x3FFF and time.monotonic() > self.deadline:
@@ -271,13 +277,17 @@ class Checker:
                 return True
             cp.misses += 1
         sigs = self.open_sigs.setdefault(pc, {})
-        sig = st.signature() if sigs or self._want_checkpoint(loop_ok) else ()
+        fps = self.open_fps.get(pc)
+        fp = hash(tuple(st.cur.regs))
+        # an identical open state is possible only if the current frame's registers match one
+        maybe_loop = bool(fps) and fp in fps
+        sig = st.signature() if maybe_loop or loop_ok else ()
         if not loop_ok:
-            cp = sigs.get(sig) if sigs else None
+            cp = sigs.get(sig) if sig and sigs else None
             if cp is not None and cp.branches > 0:
                 raise Reject(f"infinite loop detected at insn {pc}",
                              "this loop comes back to the same state: it can never exit")
-            if not self._want_checkpoint(False):
+            if not self._want_checkpoint(False, looping=bool(sigs)):
                 return False
         else:
             ancestors = [cp for cp in sigs.values() if cp.branches and len(cp.state.frames) == len(st.frames)]
@@ -291,16 +301,23 @@ class Checker:
         self._last_cp = (self.stats.processed, self.jumps)
         cp = Checkpoint(st.copy(), pc, st.parent)
         cp.sig = sig
+        cp.fp = fp
         st.parent = cp
         sigs[sig] = cp
+        fps = self.open_fps.setdefault(pc, {})
+        fps[fp] = fps.get(fp, 0) + 1
         self.stats.states += 1
         return False
 
-    def _want_checkpoint(self, force: bool) -> bool:
-        """The kernel's heuristic: a new checkpoint needs 2 jumps and 8 insns since the last."""
+    def _want_checkpoint(self, force: bool, looping: bool = False) -> bool:
+        """The kernel's heuristic: a new checkpoint needs 2 jumps and 8 insns since the last;
+        inside a loop (a checkpoint at this instruction is still open) 20 jumps or 100 insns,
+        since successive iterations differ and rarely help pruning."""
         if force:
             return True
         insns, jumps = self._last_cp
+        if looping:
+            return self.jumps - jumps >= 20 or self.stats.processed - insns >= 100
         return self.jumps - jumps >= 2 and self.stats.processed - insns >= 8
 
     def _path_done(self, st: VerifierState) -> None:
@@ -313,6 +330,11 @@ class Checker:
             sigs = self.open_sigs.get(cp.insn)
             if sigs is not None and sigs.get(cp.sig) is cp:
                 del sigs[cp.sig]
+                fps = self.open_fps[cp.insn]
+                if fps[cp.fp] <= 1:
+                    del fps[cp.fp]
+                else:
+                    fps[cp.fp] -= 1
             lst = self.explored.setdefault(cp.insn, [])
             lst.append(cp)
             if len(lst) > self.stats.max_states_per_insn:
@@ -357,6 +379,15 @@ class Checker:
             return
         self._check_dst(ins.dst)
         dst = self._read(st, ins.dst)
+        if not x and o in _FAST_K and dst.type == S.SCALAR and dst.val.var.mask == 0:
+            # constant OP immediate: the common loop-counter case, computed directly
+            m = (1 << bits) - 1
+            a = dst.val.var.value & m
+            b = ins.imm & m
+            r = (a + b) if o == op.BPF_ADD else (a - b) if o == op.BPF_SUB else \
+                (a & b) if o == op.BPF_AND else (a | b) if o == op.BPF_OR else (a ^ b)
+            regs[ins.dst] = Reg(S.SCALAR, Scalar.const(r & m))
+            return
         if o in (op.BPF_NEG, op.BPF_END):
             if dst.type != S.SCALAR:
                 regs[ins.dst] = S.UNKNOWN_SCALAR

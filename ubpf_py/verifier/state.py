@@ -42,10 +42,14 @@ S_ZERO = 2      # known zero
 S_SPILL = 3     # part of a spilled register
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=True)
 class Reg:
     """One register's abstract value.  Pointers use ``off`` (fixed part) and
-    ``val`` (variable part, a Scalar); scalars use ``val`` only."""
+    ``val`` (variable part, a Scalar); scalars use ``val`` only.
+
+    Immutable by convention (never assign a field; build a new Reg): registers are
+    shared between states.  Not a frozen dataclass because frozen construction is
+    several times slower and the walk builds one per instruction."""
 
     type: str = NOT_INIT
     val: Scalar = UNKNOWN
@@ -64,6 +68,17 @@ class Reg:
     subprog: int = -1
     #: for a scalar that used to be a pointer to a released object: the release insn + 1
     released_at: int = 0
+    #: cached hash (registers are immutable and shared between states; state signatures
+    #: hash every register at every prune point)
+    _h: int = field(default=0, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        h = self._h
+        if not h:
+            h = hash((self.type, self.val, self.off, self.map, self.size, self.id, self.ref, self.frame,
+                      self.subprog, self.released_at)) or 1
+            self._h = h
+        return h
 
     @property
     def is_ptr(self) -> bool:
@@ -148,6 +163,7 @@ class Checkpoint:
     hits: int = 0
     misses: int = 0
     sig: tuple = ()
+    fp: int = 0
 
 
 @dataclass(slots=True)
