@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ubpf_py.errors import NotSupportedError, ObjectLoadError, UbpfError
+from ubpf_py.errors import NotSupportedError, ObjectLoadError, UbpfError, VerifierError
 from ubpf_py.isa.instruction import Instruction
 from ubpf_py.isa.opcodes import (
     BPF_PSEUDO_MAP_IDX,
@@ -86,6 +86,7 @@ class Collection:
                                       f"(programs: {', '.join(spec.programs) or 'none'})")
 
         from ubpf_py.helpers import build_helper_table, check_helpers
+        from ubpf_py.verifier import sanitize_dead_code
         from ubpf_py.maps import create_map
         from ubpf_py.obj.globals import freeze
 
@@ -100,8 +101,15 @@ class Collection:
         for name in _with_tail_call_targets(spec, wanted):
             prog = spec.programs[name]
             insns = _apply_core(spec, prog, target_btf)
+            try:
+                report = _verify(spec, prog, insns, verifier)
+            except VerifierError:
+                check_helpers(insns)  # an unknown helper is still named before the verifier's verdict
+                raise
+            if report is not None and report.ok and report.reachable is not None:
+                # dead code as the kernel sees it is never run: what only it uses is not needed
+                insns = sanitize_dead_code(insns, report.reachable)
             check_helpers(insns)
-            report = _verify(spec, prog, insns, verifier)
             prepared[name] = (prog, insns, report)
 
         # maps (all of them: globals and maps are shared between programs)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ubpf_py.errors import InvalidInstructionError, NotSupportedError, VerifierError
+from ubpf_py.isa.instruction import Instruction
 from ubpf_py.obj.spec import MapSpec, ProgramSpec
 from ubpf_py.verifier import log as L
 from ubpf_py.verifier.checker import COMPLEXITY_LIMIT, Checker, Failure, describe_regs
@@ -65,6 +66,8 @@ class VerifierReport:
     skipped: bool = False
     #: bytes of stack per function start
     stack_depth: dict[int, int] = field(default_factory=dict)
+    #: instructions some path reaches (accepted programs); the rest is dead code
+    reachable: frozenset[int] | None = None
 
     @property
     def message(self) -> str:
@@ -136,22 +139,47 @@ def verify_program(prog: ProgramSpec, maps: list[MapSpec], *, mode: str = "stric
     ck: Checker | None = None
     try:
         cfg = analyse(insns)
-        _isa_validate(insns)
     except StructureError as e:
         fail = Failure(e.msg, e.insn, e.hint, [], None, None)
-    except InvalidInstructionError as e:
-        fail = Failure(e.reason, e.index, "", [], None, None)
     except NotSupportedError as e:
         fail = Failure(str(e), 0, "", [], None, None)
     if fail is None:
         ck = Checker(prog, maps, cfg, _global_funcs(prog, btf), log_level, time_budget)
         ck.test_mem_size = test_mem_size
         fail = ck.run()
+    reachable: frozenset[int] | None = None
+    if fail is None and ck is not None:
+        # encodings are checked where the kernel checks them: on the instructions it reaches
+        reachable = frozenset(i for i, b in enumerate(ck.seen) if b)
+        try:
+            _isa_validate(sanitize_dead_code(insns, reachable))
+        except InvalidInstructionError as e:
+            fail = Failure(e.reason, e.index, "", [], None, None)
+        except NotSupportedError as e:
+            fail = Failure(str(e), 0, "", [], None, None)
     seconds = time.perf_counter() - t0
     report = _report(prog, fail, ck, seconds)
+    if report.ok:
+        report.reachable = reachable
     if not report.ok and mode == "strict":
         raise VerifierError(report.message, log=report.log, program=prog.name, insn_index=report.insn_index)
     return report
+
+
+#: what dead instructions become: "ja -1", the kernel's sanitize_dead_code trap
+DEAD_INSN = Instruction(0x05, off=-1)
+
+
+def sanitize_dead_code(insns: list[Instruction], reachable: frozenset[int] | set[int]) -> list[Instruction]:
+    """Replace every instruction no path reaches by ``ja -1``, as the kernel does.
+
+    Code that constants or frozen ``.rodata`` make dead (a helper the runtime does not
+    have, a kfunc call, a write to r10) is then neither compiled nor a reason to refuse
+    the program; the engines never execute it.
+    """
+    if len(reachable) == len(insns):
+        return list(insns)
+    return [ins if i in reachable else DEAD_INSN for i, ins in enumerate(insns)]
 
 
 def _isa_validate(insns: list) -> None:
@@ -229,4 +257,5 @@ def format_verdict(report: VerifierReport) -> str:
     return f"{report.program}: REJECTED {report.message}"
 
 
-__all__ = ["MODES", "VerifierReport", "check_object", "format_verdict", "verify_program"]
+__all__ = ["DEAD_INSN", "MODES", "VerifierReport", "check_object", "format_verdict", "sanitize_dead_code",
+           "verify_program"]

@@ -91,6 +91,8 @@ class Checker:
                         and ins.imm in _HELPER_CALLBACKS}
         self._cur_trail: tuple | None = None
         self.visit_points = cfg.prune_points | self.loop_ok
+        #: instructions some path reached (the rest is dead code, as the kernel sees it)
+        self.seen = bytearray(len(self.insns))
         self._to_verify: list[int] = []
         from ubpf_py.helpers.protos import PROTOS
         self.demand = precision_demand(self.insns, cfg, {k: p.args for k, p in PROTOS.items()})
@@ -177,8 +179,10 @@ class Checker:
         prune = self.visit_points
         stats = self.stats
         level2 = self.log_level >= 2
+        seen = self.seen
         while True:
             self._fail_pc = pc
+            seen[pc] = 1
             stats.processed += 1
             if stats.processed > COMPLEXITY_LIMIT:
                 raise Reject(f"BPF program is too large. Processed {stats.processed} insn",
@@ -202,6 +206,7 @@ class Checker:
                 self._alu(st, ins)
                 pc += 1
             elif cls == op.BPF_LDX:
+                self._read(st, ins.src)
                 self._check_dst(ins.dst)
                 sext = code & 0xE0 == op.BPF_MEMSX
                 r = M.check_access(self, st, ins.src, ins.off, op.SIZE_BYTES[code & 0x18], False, sext=sext)
@@ -216,6 +221,7 @@ class Checker:
                 pc += 1
             elif code == op.LDDW:
                 self._lddw(st, pc, ins)
+                seen[pc + 1] = 1
                 pc += 2
             elif cls == op.BPF_LD:
                 raise Reject("BPF_LD_[ABS|IND] instructions not allowed for this program type")
@@ -359,9 +365,9 @@ class Checker:
         regs = st.cur.regs
         x = code & op.BPF_X
         if o == op.BPF_MOV:
-            self._check_dst(ins.dst)
-            if x:
+            if x:  # the kernel reads the source before it checks the destination
                 src = self._read(st, ins.src)
+                self._check_dst(ins.dst)
                 if ins.off:  # movsx
                     val = src.val.sext(ins.off // 8) if src.type == S.SCALAR else Scalar.unknown().sext(ins.off // 8)
                     regs[ins.dst] = Reg(S.SCALAR, val if bits == 64 else val.zext32())
@@ -374,11 +380,14 @@ class Checker:
                     val = src.val.zext32() if src.type == S.SCALAR else Scalar.unknown().zext32()
                     regs[ins.dst] = Reg(S.SCALAR, val)
             else:
+                self._check_dst(ins.dst)
                 v = ins.imm & 0xFFFFFFFF if bits == 32 else ins.imm
                 regs[ins.dst] = S.const_reg(v)
             return
-        self._check_dst(ins.dst)
+        if x:
+            self._read(st, ins.src)
         dst = self._read(st, ins.dst)
+        self._check_dst(ins.dst)
         if not x and o in _FAST_K and dst.type == S.SCALAR and dst.val.var.mask == 0:
             # constant OP immediate: the common loop-counter case, computed directly
             m = (1 << bits) - 1

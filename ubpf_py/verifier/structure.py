@@ -90,8 +90,6 @@ def check_fields(i: int, ins: Instruction) -> None:
     if cls == op.BPF_LD and code != op.LDDW:
         raise StructureError("BPF_LD_[ABS|IND] instructions not allowed for this program type", i,
                              "legacy packet loads are for socket filters, not uprobes")
-    if ins.dst == 10 and (cls in (op.BPF_ALU, op.BPF_ALU64, op.BPF_LDX) or code == op.LDDW):
-        raise StructureError("frame pointer is read only", i, "r10 cannot be written")
     if cls in (op.BPF_ALU, op.BPF_ALU64):
         o = code & 0xF0
         name = "BPF_ALU"
