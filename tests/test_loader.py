@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from bpf_build import compile_bpf
 
-from ubpf_py.errors import NotSupportedError, ObjectLoadError, RelocationError
+from ubpf_py.errors import ObjectLoadError, RelocationError
 from ubpf_py.isa.opcodes import (
     BPF_PSEUDO_CALL,
     BPF_PSEUDO_FUNC,

@@ -86,9 +86,9 @@ class Collection:
                                       f"(programs: {', '.join(spec.programs) or 'none'})")
 
         from ubpf_py.helpers import build_helper_table, check_helpers
-        from ubpf_py.verifier import sanitize_dead_code
         from ubpf_py.maps import create_map
         from ubpf_py.obj.globals import freeze
+        from ubpf_py.verifier import sanitize_dead_code
 
         ncpus = ncpus or possible_cpus()
         memory = MemoryMap()
