@@ -199,7 +199,7 @@ def run_campaign(build: Path, count: int, seed: int, verbose: bool = False,
     from ubpf_py.errors import KernelBackendError
     from ubpf_py.kernel.loader import _func_info, load_collection, relocate_for_kernel
     from ubpf_py.kernel.prog import KPROBE, prog_load
-    from ubpf_py.verifier import verify_program
+    from ubpf_py.verifier import hidden_functions, verify_program
 
     objects = load_corpus(build)
     mutants = generate(objects, count, seed)
@@ -213,7 +213,8 @@ def run_campaign(build: Path, count: int, seed: int, verbose: bool = False,
             if m.obj not in colls:
                 colls[m.obj] = load_collection(obj)
             coll = colls[m.obj]
-            rep = verify_program(m.spec, obj.maps, mode="warn", btf=obj.btf, time_budget=time_budget)
+            rep = verify_program(m.spec, obj.maps, mode="warn", btf=obj.btf, time_budget=time_budget,
+                                 hidden=hidden_functions(obj.path))
             kerr = ""
             try:
                 insns = relocate_for_kernel(m.spec.instructions, [k.fd for k in coll.map_list])
@@ -259,7 +260,7 @@ def run_soundness(objects: dict[str, ObjectSpec], mutants: list[Mutant], runs_pe
 
     from ubpf_py.errors import UbpfError, VMFault
     from ubpf_py.live.collection import Collection
-    from ubpf_py.verifier import verify_program
+    from ubpf_py.verifier import hidden_functions, verify_program
 
     rng = random.Random(seed)
     out = SoundnessResult()
@@ -271,7 +272,8 @@ def run_soundness(objects: dict[str, ObjectSpec], mutants: list[Mutant], runs_pe
     try:
         for m in mutants:
             base = objects[m.obj]
-            if not verify_program(m.spec, base.maps, mode="warn", btf=base.btf, time_budget=5).ok:
+            if not verify_program(m.spec, base.maps, mode="warn", btf=base.btf, time_budget=5,
+                                  hidden=hidden_functions(base.path)).ok:
                 continue
             spec = copy.copy(base)
             spec.maps = [copy.copy(x) for x in base.maps]

@@ -164,10 +164,10 @@ def _apply_core(spec: ObjectSpec, prog: ProgramSpec, target_btf: Any) -> list[In
 def _verify(spec: ObjectSpec, prog: ProgramSpec, insns: list[Instruction], mode: str) -> Any:
     if mode == "off":
         return None
-    from ubpf_py.verifier import verify_program
+    from ubpf_py.verifier import hidden_functions, verify_program
 
     checked = prog if insns is prog.instructions else _replace_insns(prog, insns)
-    return verify_program(checked, spec.maps, mode=mode, btf=spec.btf)
+    return verify_program(checked, spec.maps, mode=mode, btf=spec.btf, hidden=hidden_functions(spec.path))
 
 
 def _replace_insns(prog: ProgramSpec, insns: list[Instruction]) -> ProgramSpec:

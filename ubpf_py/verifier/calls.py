@@ -107,7 +107,7 @@ def _check_arg(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto, re
         size = m.key_size if kind == "map_key" else m.value_size
         if t not in _MEM_PTRS:
             raise _type_error(regno, reg, kind)
-        _mem_access(ck, st, regno, reg, size, write=kind == "uninit_map_value")
+        mem_access(ck, st, regno, reg, size, write=kind == "uninit_map_value")
         if kind == "map_key" and reg.type == S.STACK and reg.val.is_const():
             meta.const_key = _stack_const(st, reg, size)
         return
@@ -140,11 +140,11 @@ def _check_arg(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto, re
             if prev.type not in _MEM_PTRS:
                 raise _type_error(meta.mem_regno, prev, "mem")
             # a zero-sized access still needs a pointer that points inside its object
-            _mem_access(ck, st, meta.mem_regno, prev, 0, write=meta.mem_write)
+            mem_access(ck, st, meta.mem_regno, prev, 0, write=meta.mem_write)
             return
         if prev.type == S.SCALAR:
             raise _type_error(meta.mem_regno, prev, "mem")
-        _mem_access(ck, st, meta.mem_regno, prev, v.umax, write=meta.mem_write)
+        mem_access(ck, st, meta.mem_regno, prev, v.umax, write=meta.mem_write)
         return
     if kind == "alloc_size":
         if t != S.SCALAR:
@@ -230,7 +230,7 @@ def _special_helpers(map_type: int) -> frozenset[int] | None:
     return SPECIAL_MAP_HELPERS.get(map_type)
 
 
-def _mem_access(ck: Checker, st: S.VerifierState, regno: int, reg: Reg, size: int, write: bool) -> None:
+def mem_access(ck: Checker, st: S.VerifierState, regno: int, reg: Reg, size: int, write: bool) -> None:
     t = reg.type
     if t == S.STACK:
         M.helper_stack_access(ck, st, regno, reg, size, write)

@@ -19,6 +19,7 @@ from ubpf_py.isa.instruction import Instruction
 from ubpf_py.obj.spec import MapSpec, ProgramSpec
 from ubpf_py.verifier import alu as A
 from ubpf_py.verifier import calls as C
+from ubpf_py.verifier import globalfuncs as G
 from ubpf_py.verifier import memory as M
 from ubpf_py.verifier import state as S
 from ubpf_py.verifier.memory import Reject
@@ -61,7 +62,7 @@ class Stats:
 
 
 class Checker:
-    def __init__(self, prog: ProgramSpec, maps: list[MapSpec], cfg: Cfg, global_funcs: dict[int, list[str]],
+    def __init__(self, prog: ProgramSpec, maps: list[MapSpec], cfg: Cfg, global_funcs: dict[int, G.GlobalFunc],
                  log_level: int = 1, time_budget: float = 30.0) -> None:
         self.prog = prog
         self.insns: list[Instruction] = prog.instructions
@@ -120,15 +121,7 @@ class Checker:
         self.pending.append((st, pc, self._cur_trail))
 
     def check_global_call(self, st: VerifierState, pc: int, target: int) -> None:
-        args = self.global_funcs[target]
-        for i, kind in enumerate(args):
-            r = st.cur.regs[i + 1]
-            if r.type == S.NOT_INIT and kind != "scalar":
-                raise Reject(f"R{i + 1} !read_ok", f"argument {i + 1} of the global function was never set")
-            if kind == "scalar" and r.type != S.SCALAR:
-                raise Reject(f"R{i + 1} is not a scalar", "this argument of the global function is an integer")
-            if kind == "ctx" and (r.type != S.CTX or r.off):
-                raise Reject(f"arg#{i} expected pointer to ctx, but got {r.type}")
+        G.check_call(self, st, target)
         caller_sub = self.cfg.func_of(pc)
         self.callees.setdefault(caller_sub, set()).add(target)
         if target not in self._verified:
@@ -151,8 +144,7 @@ class Checker:
             start = self._to_verify.pop()
             self.in_global = True
             st = VerifierState([S.new_frame(0, -1, start)])
-            for i, kind in enumerate(self.global_funcs[start]):
-                st.cur.regs[i + 1] = Reg(S.CTX, Scalar.const(0)) if kind == "ctx" else S.UNKNOWN_SCALAR
+            G.entry_regs(self, st.cur, self.global_funcs[start])
             self.enter_function(start)
             self.explored.clear()
             self.open_sigs.clear()
