@@ -25,7 +25,7 @@ from ubpf_py.verifier import state as S
 from ubpf_py.verifier.memory import Reject
 from ubpf_py.verifier.scalar import Scalar
 from ubpf_py.verifier.state import Checkpoint, Reg, VerifierState
-from ubpf_py.verifier.structure import Cfg, is_cond_jump, jump_target, precision_demand
+from ubpf_py.verifier.structure import STACK_ALL, Cfg, is_cond_jump, jump_target, precision_demand
 
 COMPLEXITY_LIMIT = 1_000_000
 JMP_SEQ_LIMIT = 8192
@@ -96,7 +96,13 @@ class Checker:
         self.seen = bytearray(len(self.insns))
         self._to_verify: list[int] = []
         from ubpf_py.helpers.protos import PROTOS
-        self.demand = precision_demand(self.insns, cfg, {k: p.args for k, p in PROTOS.items()})
+        self._helper_args = {k: p.args for k, p in PROTOS.items()}
+        #: conditional jumps some path found decided by scalar values; precision demand is
+        #: recomputed when this grows.  A checkpoint is used for pruning only once every
+        #: path below it is finished, so every jump its paths decided is in here by then.
+        self.decided: set[int] = set()
+        self._demand_dirty = False
+        self.demand = precision_demand(self.insns, cfg, self._helper_args, self.decided)
         self._verified: set[int] = set()
 
     # -- bookkeeping used by the other modules -------------------------------------
@@ -238,7 +244,12 @@ class Checker:
                         return
 
     # -- pruning -----------------------------------------------------------------------
-    def _live_masks(self, st: VerifierState, pc: int) -> list[tuple[int, int]]:
+    def _live_masks(self, st: VerifierState, pc: int) -> list[tuple[int, int, int]]:
+        """Per frame: (live registers, precision demand, live stack slots).  The stacks of
+        caller frames stay fully live: the callee may read them through pointers."""
+        if self._demand_dirty:
+            self._demand_dirty = False
+            self.demand = precision_demand(self.insns, self.cfg, self._helper_args, self.decided)
         live = self.cfg.live_in
         demand = self.demand
         n = len(live)
@@ -246,17 +257,17 @@ class Checker:
         frames = st.frames
         for i in range(len(frames)):
             if i == len(frames) - 1:
-                out.append((live[pc], demand[pc]))
+                out.append((live[pc], demand[pc], self.cfg.stack_live[pc]))
                 continue
             callee = frames[i + 1]
             if callee.in_callback:
                 r = callee.callsite
-                out.append((live[r], demand[r]))
+                out.append((live[r], demand[r], STACK_ALL))
             elif callee.callsite + 1 < n:
                 r = callee.callsite + 1
-                out.append(((live[r] & ~0x3F) | 0x400, demand[r] & ~0x3F))
+                out.append(((live[r] & ~0x3F) | 0x400, demand[r] & ~0x3F, STACK_ALL))
             else:
-                out.append((0x400, 0))
+                out.append((0x400, 0, STACK_ALL))
         return out
 
     def _visit(self, st: VerifierState, pc: int) -> bool:
@@ -541,12 +552,13 @@ class Checker:
         target = jump_target(pc, ins)
         if dst.type == S.SCALAR and src.type == S.SCALAR:
             taken = A.branch_taken(o, dst.val, src.val, bits)
-            if taken == 1:
-                return target
-            if taken == 0:
-                return pc + 1
+            if taken >= 0:
+                self._decided(pc)
+                return target if taken == 1 else pc + 1
             yes = A.refine(o, dst.val, src.val, bits)
             no = A.refine(A.negate(o), dst.val, src.val, bits)
+            if yes is None or no is None:
+                self._decided(pc)
             if yes is None and no is None:
                 return -1
             if yes is None:
@@ -583,6 +595,11 @@ class Checker:
         del regs, ptr_no
         self.push(st.copy(), target)
         return pc + 1
+
+    def _decided(self, pc: int) -> None:
+        if pc not in self.decided:
+            self.decided.add(pc)
+            self._demand_dirty = True
 
     @staticmethod
     def _replace(st: VerifierState, other: VerifierState) -> None:

@@ -138,6 +138,9 @@ class Frame:
     frameno: int
     #: set for bpf_loop-style callbacks: the helper call to return to
     in_callback: bool = False
+    #: for frames saved in checkpoints (never changed again): the stack bytes that are
+    #: known zero or spilled, as (index, kind); computed on the first comparison
+    known: tuple | None = None
 
     def copy(self) -> Frame:
         return Frame(list(self.regs), bytearray(self.stack), dict(self.spills), self.callsite,
@@ -242,7 +245,9 @@ def reg_safe(old: Reg, cur: Reg, ids: _IdMap, exact: bool) -> bool:
     return ids.check(old.ref, cur.ref)
 
 
-def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -1) -> bool:
+def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -1, slots: int = -1) -> bool:
+    """Is ``cur``'s stack covered by ``old``'s?  Only slots in ``slots`` (bit k = slot k,
+    the slots a later instruction may read) matter, like the kernel's REG_LIVE_READ."""
     if exact:
         return old.stack == cur.stack and all(
             reg_safe(o, cur.spills.get(k, UNINIT), ids, True) for k, o in old.spills.items()) \
@@ -250,9 +255,11 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
     os_, cs = old.stack, cur.stack
     if os_ == cs and not old.spills and not cur.spills:
         return True
-    for i in range(STACK_SIZE):
-        k = os_[i]
-        if k <= S_MISC:
+    known = old.known
+    if known is None:
+        known = old.known = tuple((i, k) for i, k in enumerate(os_) if k > S_MISC)
+    for i, k in known:
+        if not (slots >> (i >> 3)) & 1:
             continue
         c = cs[i]
         if k == S_ZERO:
@@ -266,6 +273,8 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
         if c != S_SPILL:
             return False
     for slot, o in old.spills.items():
+        if not (slots >> slot) & 1:
+            continue
         c = cur.spills.get(slot)
         if c is None:
             # old spill bytes were all overwritten as misc in the old state's view? no: must match
@@ -280,7 +289,7 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
     return True
 
 
-def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int]] | None,
+def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int, int]] | None,
              exact: bool = False) -> bool:
     """The kernel's states_equal: is ``cur`` covered by the explored ``old``?
 
@@ -296,7 +305,7 @@ def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int]
     for fi, (of, cf) in enumerate(zip(old.frames, cur.frames, strict=True)):
         if of.callsite != cf.callsite or of.in_callback != cf.in_callback:
             return False
-        live, demand = masks[fi] if masks is not None else (0x7FF, -1)
+        live, demand, slots = masks[fi] if masks is not None else (0x7FF, -1, -1)
         for r in range(11):
             o, c = of.regs[r], cf.regs[r]
             if exact:
@@ -309,7 +318,7 @@ def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int]
                 continue
             if not reg_safe(o, c, ids, False):
                 return False
-        if not stack_safe(of, cf, ids, exact, demand):
+        if not stack_safe(of, cf, ids, exact, demand, slots):
             return False
     if len(old.refs) != len(cur.refs):
         return False
