@@ -35,6 +35,8 @@ _CALLS_8 = "call local f1\nmov %r0, 0\nexit\n" + "".join(
     f"f{k}:\ncall local f{k + 1}\nexit\n" for k in range(1, 7)) + "f7:\nmov %r0, 0\nexit"
 _CALLS_9 = "call local f1\nmov %r0, 0\nexit\n" + "".join(
     f"f{k}:\ncall local f{k + 1}\nexit\n" for k in range(1, 8)) + "f8:\nmov %r0, 0\nexit"
+_STRTOL = ("stdw [%r10-16], 0x31\nmov %r1, %r10\nadd %r1, -16\nmov %r2, 4\nmov %r3, 0\nmov %r4, %r10\n"
+           "add %r4, {res}\ncall {h}\nmov %r0, 0\nexit")
 _VAR_FP = "ldxw %r2, [%r1+0]\nand %r2, {mask}\nmov %r1, %r10\nadd %r1, {base}\nadd %r1, %r2\n"
 
 #: (name, program, None when accepted else the kernel's error line)
@@ -95,6 +97,23 @@ CASES = [
     ("variable_offset_stack_read_aligned", _VAR_FP.format(mask=8, base=-32) + "ldxdw %r0, [%r1+0]\nexit", None),
     ("variable_offset_stack_write_out_of_bounds", _VAR_FP.format(mask=56, base=-32) + "stdw [%r1+0], 0\n"
      "mov %r0, 0\nexit", "invalid variable-offset write to stack R1 var_off=(0x0; 0x38) off=-32 size=8"),
+    # scalar ids: copies through 32-bit moves and narrow spills stay linked, so a compare on
+    # one decides the other and the dead branch (through uninitialised r9) is not walked
+    ("linked_by_32bit_move", "call 7\nand32 %r0, 0x80000000\nmov32 %r1, %r0\nmov %r2, 0\n"
+     "jne %r1, %r2, +3\njeq %r0, %r2, +2\nldxdw %r0, [%r9+0]\nexit\nmov %r0, 0\nexit", None),
+    ("linked_by_32bit_spill", "call 7\nand32 %r0, 0x80000000\nstxw [%r10-8], %r0\nldxw %r1, [%r10-8]\n"
+     "mov %r2, 0\njne %r1, %r2, +3\njeq %r0, %r2, +2\nldxdw %r0, [%r9+0]\nexit\nmov %r0, 0\nexit", None),
+    ("linked_by_64bit_spill_32bit_fill", "call 7\nand32 %r0, 0xffffffff\nstxdw [%r10-8], %r0\n"
+     "ldxw %r1, [%r10-8]\nmov %r2, 0\njne %r1, %r2, +3\njeq %r0, %r2, +2\nldxdw %r0, [%r9+0]\nexit\n"
+     "mov %r0, 0\nexit", None),
+    ("not_linked_when_the_fill_narrows", "call 7\nlsh %r0, 32\nadd %r0, 1\nstxdw [%r10-8], %r0\n"
+     "ldxw %r1, [%r10-8]\nmov %r2, 1\njne %r1, %r2, +3\njeq %r0, %r2, +2\nldxdw %r0, [%r9+0]\nexit\n"
+     "mov %r0, 0\nexit", "R9 !read_ok"),
+    # bpf_strtol / bpf_strtoul: allowed for kprobe programs, result pointer = 8 aligned writable bytes
+    ("strtol", _STRTOL.format(res=-8, h=105), None),
+    ("strtoul", _STRTOL.format(res=-8, h=106), None),
+    ("strtol_result_misaligned", _STRTOL.format(res=-12, h=105), "misaligned stack access off 0+-12+0 size 8"),
+    ("strtol_result_out_of_stack", _STRTOL.format(res=-4, h=105), "invalid write to stack R4 off=-4 size=8"),
     # shifts by the register width or more give an unknown result (not the masked count)
     ("oversized_shift_is_unknown",
      "mov %r1, 1\nmov %r2, 70\nlsh %r1, %r2\nmov %r0, %r10\nadd %r0, -8\nadd %r0, %r1\nstdw [%r0+0], 0\n"

@@ -24,6 +24,7 @@ Argument kinds (the kernel's ``enum bpf_arg_type``, simplified):
 ``stack_or_null``   pointer to the stack, or NULL (ARG_PTR_TO_STACK_OR_NULL)
 ``ringbuf_mem``     a reserved ringbuf record, released by the call (ARG_PTR_TO_RINGBUF_MEM | OBJ_RELEASE)
 ``const_str``       pointer into a read-only map holding a NUL-terminated string (ARG_PTR_TO_CONST_STR)
+``long_out``        8 aligned bytes the helper writes (ARG_PTR_TO_FIXED_SIZE_MEM | MEM_UNINIT | MEM_ALIGNED)
 
 Return kinds: ``int`` (unknown scalar), ``void``, ``map_value_or_null``,
 ``ringbuf_mem_or_null``.
@@ -162,6 +163,8 @@ _PROTOS = [
     _p(87, "map", "map_value", "anything", map_types=frozenset({_QUEUE, _STACK})),
     _p(88, "map", "uninit_map_value", map_types=frozenset({_QUEUE, _STACK})),
     _p(89, "map", "uninit_map_value", map_types=frozenset({_QUEUE, _STACK})),
+    _p(105, "mem", "size", "anything", "long_out"),
+    _p(106, "mem", "size", "anything", "long_out"),
     _p(109, "anything"),
     _p(112, "uninit_mem", "size_or_zero", "anything"),
     _p(113, "uninit_mem", "size_or_zero", "anything"),

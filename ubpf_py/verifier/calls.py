@@ -184,6 +184,13 @@ def _check_arg(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto, re
             raise Reject(f"R{regno} must be referenced when passed to release function")
         meta.ref = reg.ref
         return
+    if kind == "long_out":
+        if t not in _MEM_PTRS:
+            raise _type_error(regno, reg, "mem")
+        mem_access(ck, st, regno, reg, 8, write=True)  # bounds first, then alignment (the kernel's order)
+        if t == S.STACK:
+            M.check_aligned(reg, 0, 8)
+        return
     if kind == "const_str":
         if t != S.MAP_VALUE:
             raise _type_error(regno, reg, kind)

@@ -379,6 +379,12 @@ class Checker:
                         src = Reg(S.SCALAR, src.val, id=self.new_id())
                         regs[ins.src] = src
                     regs[ins.dst] = src
+                elif src.type == S.SCALAR and src.val.umax <= 0xFFFFFFFF:
+                    # w3 = w2 of a value that fits in 32 bits: both registers stay linked
+                    if not src.id and not src.val.is_const():
+                        src = Reg(S.SCALAR, src.val, id=self.new_id())
+                        regs[ins.src] = src
+                    regs[ins.dst] = src
                 else:
                     val = src.val.zext32() if src.type == S.SCALAR else Scalar.unknown().zext32()
                     regs[ins.dst] = Reg(S.SCALAR, val)
@@ -476,6 +482,12 @@ class Checker:
         code = ins.opcode
         size = op.SIZE_BYTES[code & 0x18]
         src = self._read(st, ins.src)
+        if src.type == S.SCALAR and not src.id and not src.val.is_const() and code & 0xE0 == op.BPF_MEM \
+                and st.cur.regs[ins.dst].type == S.STACK and src.val.umax >> (size * 8) == 0:
+            # a spill of a value that fits keeps it linked with the register (the kernel's
+            # assign_scalar_id_before_mov), so a later fill and compare refines both
+            src = Reg(S.SCALAR, src.val, id=self.new_id())
+            st.cur.regs[ins.src] = src
         if code & 0xE0 == op.BPF_ATOMIC:
             self._read(st, ins.dst)
             if ins.imm == op.BPF_CMPXCHG:

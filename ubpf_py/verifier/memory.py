@@ -47,6 +47,16 @@ def map_access_type(m: MapSpec, off: int, size: int, write: bool) -> None:
                      f"map '{m.name}' is write-only for programs (BPF_F_WRONLY_PROG)")
 
 
+def check_aligned(reg: Reg, insn_off: int, size: int) -> None:
+    """Stack accesses are always strictly aligned (check_ptr_alignment), variable part included."""
+    v = reg.val
+    a = tn.add(v.var, tn.const(reg.off + insn_off))
+    if (a.value | a.mask) & (size - 1):
+        var = str(s64(v.value)) if v.is_const() else str(v.var)
+        raise Reject(f"misaligned stack access off {var}+{reg.off}+{insn_off} size {size}",
+                     "stack accesses must be aligned to their size whatever the offset")
+
+
 def _loaded(size: int, sext: bool) -> Reg:
     if sext:
         return Reg(S.SCALAR, Scalar.unknown().sext(size))
@@ -136,10 +146,7 @@ def check_access(ck: Checker, st: S.VerifierState, regno: int, insn_off: int, si
             raise Reject(f"misaligned stack access off {s64(v.value)}+{reg.off}+{insn_off} size {size}",
                          "stack accesses must be aligned to their size")
         if not v.is_const():
-            a = tn.add(v.var, tn.const(off))
-            if (a.value | a.mask) & (size - 1):
-                raise Reject(f"misaligned stack access off {v.var}+{reg.off}+{insn_off} size {size}",
-                             "stack accesses must be aligned to their size whatever the offset")
+            check_aligned(reg, insn_off, size)
         lo, hi = stack_bounds(ck, regno, reg, off, size, "write to" if write else "read from")
         ck.note_stack(frame, -lo)
         if not v.is_const():
@@ -233,7 +240,7 @@ def write_stack(ck: Checker, frame: S.Frame, off: int, size: int, value: Reg | N
         if value.type == S.SCALAR:
             width = value.val.umax.bit_length() if value.val.smin >= 0 else 64
             if size == 8 or width <= size * 8:
-                frame.spills[slot] = value if size == 8 else Reg(S.SCALAR, value.val)
+                frame.spills[slot] = value  # keeps its id: a fill of the same size stays linked
                 for j in range(size):
                     frame.stack[idx + j] = S.S_SPILL
                 return
