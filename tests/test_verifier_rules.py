@@ -19,7 +19,8 @@ from ubpf_py.verifier import verify_program
 RDONLY = MapSpec("ro", 2, 4, 48, 1, flags=1 << 7)
 WRONLY = MapSpec("wo", 2, 4, 48, 1, flags=1 << 8)
 STACKS = MapSpec("st", 7, 4, 64, 16)
-RULE_MAPS = [*MAPS, RDONLY, WRONLY, STACKS]
+OUTER = MapSpec("outer", 12, 4, 4, 2, inner=MapSpec("inner", 2, 4, 8, 4))
+RULE_MAPS = [*MAPS, RDONLY, WRONLY, STACKS, OUTER]
 
 
 def _lookup(idx: int) -> str:
@@ -35,6 +36,7 @@ _CALLS_8 = "call local f1\nmov %r0, 0\nexit\n" + "".join(
     f"f{k}:\ncall local f{k + 1}\nexit\n" for k in range(1, 7)) + "f7:\nmov %r0, 0\nexit"
 _CALLS_9 = "call local f1\nmov %r0, 0\nexit\n" + "".join(
     f"f{k}:\ncall local f{k + 1}\nexit\n" for k in range(1, 8)) + "f8:\nmov %r0, 0\nexit"
+_INNER = "mov %r1, %r0\nmov %r2, %r10\nadd %r2, -8\ncall 1\njne %r0, 0, +2\nmov %r0, 0\nexit\n"
 _STRTOL = ("stdw [%r10-16], 0x31\nmov %r1, %r10\nadd %r1, -16\nmov %r2, 4\nmov %r3, 0\nmov %r4, %r10\n"
            "add %r4, {res}\ncall {h}\nmov %r0, 0\nexit")
 _VAR_FP = "ldxw %r2, [%r1+0]\nand %r2, {mask}\nmov %r1, %r10\nadd %r1, {base}\nadd %r1, %r2\n"
@@ -114,6 +116,14 @@ CASES = [
     ("strtoul", _STRTOL.format(res=-8, h=106), None),
     ("strtol_result_misaligned", _STRTOL.format(res=-12, h=105), "misaligned stack access off 0+-12+0 size 8"),
     ("strtol_result_out_of_stack", _STRTOL.format(res=-4, h=105), "invalid write to stack R4 off=-4 size=8"),
+    # map-in-map: a lookup in the outer map gives the inner map, usable with map helpers
+    ("map_in_map_inner_lookup", _lookup(8) + _INNER + "ldxdw %r0, [%r0+0]\nmov %r0, 0\nexit", None),
+    ("map_in_map_inner_bounds", _lookup(8) + _INNER + "ldxdw %r0, [%r0+8]\nmov %r0, 0\nexit",
+     "invalid access to map value, value_size=8 off=8 size=8"),
+    ("map_in_map_update_from_program",
+     "stw [%r10-8], 0\nstw [%r10-16], 0\nmov %r2, %r10\nadd %r2, -8\nmov %r3, %r10\nadd %r3, -16\n"
+     "mov %r4, 0\nlddw %r1, 0xfa00000008\ncall 2\nmov %r0, 0\nexit",
+     "cannot pass map_type 12 into func bpf_map_update_elem#2"),
     # shifts by the register width or more give an unknown result (not the masked count)
     ("oversized_shift_is_unknown",
      "mov %r1, 1\nmov %r2, 70\nlsh %r1, %r2\nmov %r0, %r10\nadd %r0, -8\nadd %r0, %r1\nstdw [%r0+0], 0\n"

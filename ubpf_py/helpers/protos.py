@@ -116,6 +116,7 @@ def helper_name(helper_id: int) -> str:
 _ARRAY, _PROG_ARRAY, _PERF_EVENT_ARRAY, _STACK_TRACE = 2, 3, 4, 7
 _CGROUP_ARRAY, _QUEUE, _STACK, _RINGBUF = 8, 22, 23, 27
 _PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH = 5, 6, 10
+_ARRAY_OF_MAPS, _HASH_OF_MAPS = 12, 13
 
 #: map types only special helpers may use: map type -> helper ids allowed with it
 SPECIAL_MAP_HELPERS: dict[int, frozenset[int]] = {
@@ -126,6 +127,8 @@ SPECIAL_MAP_HELPERS: dict[int, frozenset[int]] = {
     _RINGBUF: frozenset({130, 131, 134}),
     _QUEUE: frozenset({87, 88, 89}),
     _STACK: frozenset({87, 88, 89}),
+    _ARRAY_OF_MAPS: frozenset({1}),
+    _HASH_OF_MAPS: frozenset({1}),
 }
 
 _STR = "str"

@@ -273,6 +273,8 @@ def _finish_helper(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto
         regs[0] = Reg(S.SCALAR, val)
     elif ret == "void":
         regs[0] = S.UNINIT
+    elif ret == "map_value_or_null" and meta.map in ck.inner_of:
+        regs[0] = Reg(S.MAP_PTR_OR_NULL, Scalar.const(0), map=ck.inner_of[meta.map], id=ck.new_id())
     elif ret == "map_value_or_null":
         if meta.const_key is not None and proto.id == 1 and \
                 ck.maps[meta.map].type in ELIDE_NULL_MAP_TYPES and meta.const_key < ck.maps[meta.map].max_entries:

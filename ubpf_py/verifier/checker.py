@@ -66,7 +66,14 @@ class Checker:
                  log_level: int = 1, time_budget: float = 30.0) -> None:
         self.prog = prog
         self.insns: list[Instruction] = prog.instructions
-        self.maps = maps
+        # inner map templates of map-in-maps get indexes after the object's maps: a lookup
+        # in the outer map gives a pointer to (a map like) the template
+        self.maps = list(maps)
+        self.inner_of: dict[int, int] = {}
+        for i, m in enumerate(maps):
+            if m.type in M.MAP_IN_MAP and m.inner is not None:
+                self.inner_of[i] = len(self.maps)
+                self.maps.append(m.inner)
         self.cfg = cfg
         self.sleepable = prog.sleepable
         self.global_funcs = global_funcs

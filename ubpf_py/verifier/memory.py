@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 PT_REGS_SIZE = 168
 MAX_VAR_OFF = 1 << 29
 MAP_TYPE_ARRAY_LIKE = {2, 6}  # array, percpu_array: direct value access allowed
+MAP_IN_MAP = {12, 13}  # array_of_maps, hash_of_maps
 
 
 class Reject(Exception):

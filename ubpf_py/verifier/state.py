@@ -30,10 +30,13 @@ MEM = "mem"
 MEM_OR_NULL = "mem_or_null"
 FUNC = "func"
 MAP_KEY = "map_key"
+#: a lookup in a map-in-map: the inner map, or NULL
+MAP_PTR_OR_NULL = "map_ptr_or_null"
 
-OR_NULL = {MAP_VALUE_OR_NULL: MAP_VALUE, RINGBUF_MEM_OR_NULL: RINGBUF_MEM, MEM_OR_NULL: MEM}
+OR_NULL = {MAP_VALUE_OR_NULL: MAP_VALUE, RINGBUF_MEM_OR_NULL: RINGBUF_MEM, MEM_OR_NULL: MEM,
+           MAP_PTR_OR_NULL: MAP_PTR}
 POINTERS = {CTX, STACK, MAP_PTR, MAP_VALUE, MAP_VALUE_OR_NULL, RINGBUF_MEM, RINGBUF_MEM_OR_NULL,
-            MEM, MEM_OR_NULL, FUNC, MAP_KEY}
+            MEM, MEM_OR_NULL, FUNC, MAP_KEY, MAP_PTR_OR_NULL}
 
 # stack byte kinds
 S_INVALID = 0   # never written
