@@ -239,12 +239,14 @@ def write_stack(ck: Checker, frame: S.Frame, off: int, size: int, value: Reg | N
         _scrub(frame, slot)
     if value is not None and idx % 8 == 0:
         if value.type == S.SCALAR:
+            # the kernel saves the whole register even for a narrow spill (a fill truncates
+            # it); the id survives only when the value fits the spill
             width = value.val.umax.bit_length() if value.val.smin >= 0 else 64
-            if size == 8 or width <= size * 8:
-                frame.spills[slot] = value  # keeps its id: a fill of the same size stays linked
-                for j in range(size):
-                    frame.stack[idx + j] = S.S_SPILL
-                return
+            fits = size == 8 or width <= size * 8
+            frame.spills[slot] = value if fits or not value.id else Reg(S.SCALAR, value.val)
+            for j in range(size):
+                frame.stack[idx + j] = S.S_SPILL
+            return
         elif value.is_ptr:
             if size != 8:
                 raise Reject("invalid size of register spill", "pointers are spilled as 8-byte values")
