@@ -124,6 +124,9 @@ CASES = [
      "stw [%r10-8], 0\nstw [%r10-16], 0\nmov %r2, %r10\nadd %r2, -8\nmov %r3, %r10\nadd %r3, -16\n"
      "mov %r4, 0\nlddw %r1, 0xfa00000008\ncall 2\nmov %r0, 0\nexit",
      "cannot pass map_type 12 into func bpf_map_update_elem#2"),
+    # byte swaps read only their destination (BPF_TO_BE shares the BPF_X bit)
+    ("be16_reads_no_source", "mov %r2, 0\nbe16 %r2\njne %r2, 0, +2\nmov %r1, %r10\nadd %r1, %r2\n"
+     "mov %r0, 0\nexit", None),
     # shifts by the register width or more give an unknown result (not the masked count)
     ("oversized_shift_is_unknown",
      "mov %r1, 1\nmov %r2, 70\nlsh %r1, %r2\nmov %r0, %r10\nadd %r0, -8\nadd %r0, %r1\nstdw [%r0+0], 0\n"

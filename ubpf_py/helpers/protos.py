@@ -131,6 +131,11 @@ SPECIAL_MAP_HELPERS: dict[int, frozenset[int]] = {
     _HASH_OF_MAPS: frozenset({1}),
 }
 
+#: map types whose use from a kprobe program the verifier models; helpers on any other map
+#: type (sockmap, devmap, local storage, arena, ...) are refused: the kernel restricts them
+#: per program type, or their lookups return kernel objects rather than values
+MODELLED_MAP_TYPES: frozenset[int] = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 22, 23, 27})
+
 _STR = "str"
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ubpf_py.helpers.protos import KPROBE_ALLOWED, PROTOS, HelperProto, helper_name
+from ubpf_py.helpers.protos import KPROBE_ALLOWED, MODELLED_MAP_TYPES, PROTOS, HelperProto, helper_name
 from ubpf_py.isa.opcodes import MAX_CALL_DEPTH
 from ubpf_py.obj.mapdefs import BPF_F_RDONLY_PROG
 from ubpf_py.verifier import memory as M
@@ -225,6 +225,9 @@ def _stack_const(st: S.VerifierState, reg: Reg, size: int) -> int | None:
 
 def _check_map_compat(ck: Checker, proto: HelperProto, map_idx: int) -> None:
     m = ck.maps[map_idx]
+    if m.type not in MODELLED_MAP_TYPES:
+        raise Reject(f"cannot pass map_type {m.type} into func {proto.full_name}#{proto.id}",
+                     f"not supported: map '{m.name}' ({m.type_name}) from a uprobe program")
     allowed_helpers = _special_helpers(m.type)
     if (proto.map_types is not None and m.type not in proto.map_types) or \
             (allowed_helpers is not None and proto.id not in allowed_helpers):

@@ -400,7 +400,7 @@ class Checker:
                 v = ins.imm & 0xFFFFFFFF if bits == 32 else ins.imm
                 regs[ins.dst] = S.const_reg(v)
             return
-        if x:
+        if x and o != op.BPF_END:  # BPF_TO_BE shares the BPF_X bit; END has no source
             self._read(st, ins.src)
         dst = self._read(st, ins.dst)
         self._check_dst(ins.dst)
