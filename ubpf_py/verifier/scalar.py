@@ -117,6 +117,17 @@ class Scalar:
 
     # -- consistency (reg_bounds_sync) ------------------------------------------
     def sync(self) -> Scalar:
+        key = (self.var, self.umin, self.umax, self.smin, self.smax, self.u32min, self.u32max,
+               self.s32min, self.s32max)
+        r = _SYNCED.get(key)
+        if r is None:
+            r = self._sync()
+            if len(_SYNCED) >= 65536:  # the same ranges recur on many paths; keep the cache bounded
+                _SYNCED.clear()
+            _SYNCED[key] = r
+        return r
+
+    def _sync(self) -> Scalar:
         v, umin, umax, smin, smax = self.var, self.umin, self.umax, self.smin, self.smax
         u32min, u32max, s32min, s32max = self.u32min, self.u32max, self.s32min, self.s32max
         if v.mask == 0 and umin <= v.value <= umax and smin <= s64(v.value) <= smax \
@@ -212,6 +223,9 @@ class Scalar:
         v = tn.sext(self.var, size)
         return Scalar(v, 0, U64, lo, hi, 0, U32, S32_MIN, S32_MAX).sync()
 
+
+#: results of Scalar.sync by field values (Scalars are immutable, sync is pure)
+_SYNCED: dict[tuple, Scalar] = {}
 
 #: small constants are built once (immediates and loop counters repeat a lot)
 _CONSTS: dict[int, Scalar] = {}
