@@ -38,6 +38,7 @@ _ALU_STR = {op.BPF_ADD: "+=", op.BPF_SUB: "-=", op.BPF_MUL: "*=", op.BPF_DIV: "/
             op.BPF_END: "endian"}
 _HELPER_CALLBACKS = (164, 181)
 _FAST_K = frozenset({op.BPF_ADD, op.BPF_SUB, op.BPF_AND, op.BPF_OR, op.BPF_XOR})
+_FAST_K64 = frozenset(op.BPF_ALU64 | op.BPF_K | o for o in _FAST_K)
 #: pointer types a comparison with 0 decides (the kernel's reg_not_null)
 _NOT_NULL = frozenset({S.MAP_VALUE, S.MAP_KEY, S.MEM, S.RINGBUF_MEM})
 
@@ -207,7 +208,21 @@ class Checker:
                 self.trace.append(f"{pc}: {format_insn(ins, pc)} ; {describe_regs(st)}")
             code = ins.opcode
             cls = code & 0x07
-            if cls in (op.BPF_ALU, op.BPF_ALU64):
+            if code in _FAST_K64:
+                # r = constant OP immediate, 64-bit: the commonest loop step, done inline
+                regs = st.frames[-1].regs
+                d = regs[ins.dst]
+                if d.type == S.SCALAR and d.val.var.mask == 0 and ins.dst != 10:
+                    a = d.val.var.value
+                    b = ins.imm & 0xFFFFFFFFFFFFFFFF
+                    o = code & 0xF0
+                    r = (a + b) if o == op.BPF_ADD else (a - b) if o == op.BPF_SUB else \
+                        (a & b) if o == op.BPF_AND else (a | b) if o == op.BPF_OR else (a ^ b)
+                    regs[ins.dst] = Reg(S.SCALAR, Scalar.const(r))
+                else:
+                    self._alu(st, ins)
+                pc += 1
+            elif cls in (op.BPF_ALU, op.BPF_ALU64):
                 self._alu(st, ins)
                 pc += 1
             elif cls == op.BPF_LDX:
@@ -294,7 +309,7 @@ class Checker:
             cp.misses += 1
         sigs = self.open_sigs.setdefault(pc, {})
         fps = self.open_fps.get(pc)
-        fp = hash(tuple(st.cur.regs))
+        fp = hash(tuple([r.val.var for r in st.cur.regs]))  # equal states, equal fingerprints
         # an identical open state is possible only if the current frame's registers match one
         maybe_loop = bool(fps) and fp in fps
         sig = st.signature() if maybe_loop or loop_ok else ()
