@@ -13,21 +13,30 @@ a kprobe program on Linux 6.18, checked by a differential campaign
 
 * Precision: the kernel finds which scalars must be compared exactly when
   pruning by backtracking; we use a static over-approximation
-  (``structure.precision_demand``).  Both are sound; ours may explore more.
+  (``structure.precision_demand``) in which a branch's operands count only once
+  some path found that branch decided, and a static stack-slot liveness.  Both
+  are sound; ours may explore more (tests/test_verifier_precision.py).
 * Callbacks (bpf_loop, for_each_map_elem): scalars that keep changing between
   iterations are widened to unknown, so exploration converges (the kernel
   compares imprecise scalars as equal).  Sound; may reject a program whose
   callback needs an exact value that changes every iteration.
-* Reserved fields of every instruction are checked up front (the engines need
-  a valid encoding), the kernel only checks instructions it reaches.
+* Reserved fields are checked up front; writes to r10 and encodings
+  (``isa.validate``) only where a path reaches them, like the kernel.  The
+  report lists the reached instructions: the loader turns the rest into
+  ``ja -1`` (``sanitize_dead_code``) as the kernel does.
 * A wall-clock budget (default 30 s) on top of the 1,000,000-instruction limit.
 * The kernel fails with an internal "verifier bug: No program to jit" when a
   callback's address is taken but the callback is never verified; we accept.
 * Global functions are verified alone against their BTF signature like the
   kernel's; ``__arg_trusted`` (kernel objects) and ``__arg_arena`` arguments
   are refused (not supported).
-* Not modelled: BTF-typed kernel pointers (kptrs, dynptrs, task storage,
-  spin locks, timers), kfuncs, may_goto, packet access (not a kprobe thing).
+* Not modelled (refused where reached): BTF-typed kernel pointers (kptrs,
+  dynptrs, task storage, spin locks, timers, ``bpf_get_current_task_btf``),
+  kfuncs, may_goto (the engines lack it), reads of ``struct bpf_map`` fields
+  through a map pointer, helpers on map types other than
+  ``protos.MODELLED_MAP_TYPES`` (sockmap, devmap, local storage, ...).
+  Comparison with the kernel's own verifier tests:
+  ``benchmarks/verifier_selftests.py``.
 """
 
 from __future__ import annotations
