@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ubpf_py.errors import NotSupportedError, ObjectLoadError, UbpfError
+from ubpf_py.errors import NotSupportedError, ObjectLoadError, UbpfError, VerifierError
 from ubpf_py.isa.instruction import Instruction
 from ubpf_py.isa.opcodes import (
     BPF_PSEUDO_MAP_IDX,
@@ -91,6 +91,7 @@ class Collection:
         from ubpf_py.helpers import build_helper_table, check_helpers
         from ubpf_py.maps import create_map
         from ubpf_py.obj.globals import freeze
+        from ubpf_py.verifier import sanitize_dead_code
 
         ncpus = ncpus or possible_cpus()
         memory = MemoryMap()
@@ -103,8 +104,15 @@ class Collection:
         for name in _with_tail_call_targets(spec, wanted):
             prog = spec.programs[name]
             insns = _apply_core(spec, prog, target_btf)
+            try:
+                report = _verify(spec, prog, insns, verifier)
+            except VerifierError:
+                check_helpers(insns)  # an unknown helper is still named before the verifier's verdict
+                raise
+            if report is not None and report.ok and report.reachable is not None:
+                # dead code as the kernel sees it is never run: what only it uses is not needed
+                insns = sanitize_dead_code(insns, report.reachable)
             check_helpers(insns)
-            report = _verify(spec, prog, insns, verifier)
             prepared[name] = (prog, insns, report)
 
         # maps (all of them: globals and maps are shared between programs)
@@ -159,10 +167,10 @@ def _apply_core(spec: ObjectSpec, prog: ProgramSpec, target_btf: Any) -> list[In
 def _verify(spec: ObjectSpec, prog: ProgramSpec, insns: list[Instruction], mode: str) -> Any:
     if mode == "off":
         return None
-    from ubpf_py.verifier import verify_program
+    from ubpf_py.verifier import hidden_functions, verify_program
 
     checked = prog if insns is prog.instructions else _replace_insns(prog, insns)
-    return verify_program(checked, spec.maps, mode=mode, btf=spec.btf)
+    return verify_program(checked, spec.maps, mode=mode, btf=spec.btf, hidden=hidden_functions(spec.path))
 
 
 def _replace_insns(prog: ProgramSpec, insns: list[Instruction]) -> ProgramSpec:
