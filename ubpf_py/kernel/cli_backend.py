@@ -27,7 +27,7 @@ def run_kernel_backend(args: argparse.Namespace) -> int:
     from ubpf_py.kernel.syscall import kernel_bpf_skip_reason
     from ubpf_py.kernel.target import spawn_gated
     from ubpf_py.live.attach import parse_attach_option, plan_attachments
-    from ubpf_py.live.tracing import parse_set_value
+    from ubpf_py.live.tracing import parse_set_value, require_programs
     from ubpf_py.obj.elf import load_object
     from ubpf_py.obj.globals import set_global
 
@@ -36,6 +36,7 @@ def run_kernel_backend(args: argparse.Namespace) -> int:
         raise KernelBackendError(f"the kernel backend cannot use bpf() here: {reason} "
                                  f"(run as root, or use the default userspace backend)")
     spec = load_object(args.object)
+    require_programs(spec)
     plan = plan_attachments(spec, [parse_attach_option(a, spec) for a in args.attach], auto=not args.no_auto)
     if not plan:
         raise UsageError(f"{args.object}: nothing to attach (no section names a target and no --attach)")

@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ubpf_py.errors import SymbolError, TargetError, UbpfError, UsageError
+from ubpf_py.errors import NoProgramError, SymbolError, TargetError, UbpfError, UsageError
 from ubpf_py.live.attach import AttachRequest, parse_attach_option, plan_attachments
 from ubpf_py.live.collection import Collection, LoadedProgram
+from ubpf_py.maps.budget import check_spec_maps
 from ubpf_py.output.dump import snapshot_globals, snapshot_map
 from ubpf_py.output.values import ValueDecoder
 from ubpf_py.output.writers import Writer, make_writer
@@ -121,6 +122,13 @@ def _dwarf_struct(obj_path: str, size: int, perf: bool) -> Any:
         return None
 
 
+def require_programs(spec: Any) -> None:
+    """An object with no program we can run is refused the same way by runs and ``--check``."""
+    if not spec.programs:
+        raise NoProgramError(f"{spec.path}: no runnable program (every executable section was "
+                             f"skipped or there is none): nothing to verify or run")
+
+
 def run_userspace(args: argparse.Namespace) -> int:
     """Entry point for the userspace backend (called by the CLI)."""
     from ubpf_py.obj.elf import load_object
@@ -130,6 +138,8 @@ def run_userspace(args: argparse.Namespace) -> int:
     if args.pid is not None and not os.path.exists(f"/proc/{args.pid}"):
         raise TargetError(f"no such process: pid {args.pid} (check the pid; it may have exited)")
     spec = load_object(args.object)
+    require_programs(spec)
+    check_spec_maps(spec)       # before the target is started: a map we cannot create ends it here
     explicit = [parse_attach_option(a, spec) for a in args.attach]
     plan = plan_attachments(spec, explicit, auto=not args.no_auto)
     if not plan:

@@ -19,6 +19,7 @@ from ubpf_py.errors import MapError, NotSupportedError
 from ubpf_py.maps import consts
 from ubpf_py.maps.array import ArrayMap, PercpuArrayMap
 from ubpf_py.maps.base import Map, map_by_handle, map_by_id
+from ubpf_py.maps.budget import check_map
 from ubpf_py.maps.fd_array import ArrayOfMapsMap, HashOfMapsMap, ProgArrayMap
 from ubpf_py.maps.hash import HashMap, LruHashMap, LruPercpuHashMap, PercpuHashMap
 from ubpf_py.maps.lpm import LpmTrieMap
@@ -58,6 +59,7 @@ def create_map(spec: MapSpec, *, ncpus: int | None = None) -> Map:
     if spec.type == consts.PERF_EVENT_ARRAY and spec.max_entries == 0:
         # libbpf sizes perf event arrays to the number of CPUs when the object leaves it out
         spec.max_entries = ncpus or consts.possible_cpus()
+    check_map(spec, ncpus)      # refuse what memory cannot honour before allocating any of it
     return cls(spec, ncpus)
 
 

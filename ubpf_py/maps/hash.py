@@ -58,7 +58,8 @@ class HashMap(Map):
         self._ref = np.zeros(self.max_entries, dtype=np.uint8) if self.lru else None
         self.evictions = 0
         # fast path of a program updating an existing element of a shared-value map
-        self._fast_update = not self.percpu and not self.lru and self._vals.single
+        self._fast_update = (not self.percpu and not self.lru and self._vals.single
+                             and bool(self._vals.buffers))    # NO_PREALLOC: nothing allocated yet
         self._vbase = self._vals.bases[0] if self._vals.buffers else 0
         self._vview = self._vals.views[0] if self._vals.buffers else None
         self._native = self._native_index()

@@ -362,14 +362,9 @@ class ProbeSession:
         self._detached = True
         self.tracer.threads.clear()
         self.tracer._close_all()
-        try:
-            while True:
-                p, st = os.waitpid(self.pid, P.WALL)
-                if p == self.pid and (os.WIFEXITED(st) or os.WIFSIGNALED(st)):
-                    self._exit = os.WEXITSTATUS(st) if os.WIFEXITED(st) else -os.WTERMSIG(st)
-                    break
-        except ChildProcessError:
-            pass
+        st = P.reap_group(self.pid)
+        if st is not None:
+            self._exit = os.WEXITSTATUS(st) if os.WIFEXITED(st) else -os.WTERMSIG(st)
 
     def wait(self) -> int:
         """After detaching from a launched target: wait for it and return its exit code."""

@@ -209,7 +209,11 @@ def check_object(path: str | Path, mode: str = "warn", log_level: int = 1) -> li
     """
     from ubpf_py.obj.elf import load_object
 
-    obj = load_object(str(path))
+    return check_spec(load_object(str(path)), mode, log_level)
+
+
+def check_spec(obj, mode: str = "warn", log_level: int = 1) -> list[VerifierReport]:
+    """``check_object`` for an already loaded ``ObjectSpec``."""
     out = []
     for prog in obj.programs.values():
         if mode == "off":
@@ -229,4 +233,4 @@ def format_verdict(report: VerifierReport) -> str:
     return f"{report.program}: REJECTED {report.message}"
 
 
-__all__ = ["MODES", "VerifierReport", "check_object", "format_verdict", "verify_program"]
+__all__ = ["MODES", "VerifierReport", "check_object", "check_spec", "format_verdict", "verify_program"]
