@@ -49,6 +49,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see ubpf-run --help)")
 
 
+def _count(text: str) -> int:
+    n = int(text, 0)
+    if n < 0:
+        raise ValueError(text)
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="ubpf-run",
@@ -69,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set a global before load (numbers, strings, $PID for the traced pid)")
     p.add_argument("-d", "--duration", type=float, help="stop tracing after this many seconds")
     p.add_argument("--follow-forks", action="store_true", help="also trace children the target forks")
+    p.add_argument("--keep-command", action="store_true",
+                   help="let a command started with -- CMD run on when the session ends (default: it "
+                        "ends with the session: SIGTERM, then SIGKILL after 2 s; a note says which). "
+                        "Ctrl-C in a terminal reaches the command too: it shares our process group")
     p.add_argument("--engine", choices=["jit", "interp"], default="jit", help="execution engine (default jit)")
     p.add_argument("--no-native-hits", action="store_true",
                    help="run every probe hit through Python even when the JIT program could run from "
@@ -78,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verifier", choices=["strict", "warn", "off"], default="strict",
                    help="strict: reject unsafe programs (default); warn: log and run; off")
     p.add_argument("--verifier-log", action="store_true", help="print the full verifier log")
+    p.add_argument("--max-insns", type=_count, default=1_000_000, metavar="N",
+                   help="per-hit budget of programs the verifier did not accept (--verifier warn|off): "
+                        "instructions on the interpreter, backward jumps in JIT code; a program using it "
+                        "up is stopped with a fault naming it and the instruction (default 1000000, "
+                        "0 = unbounded; verified programs have no budget and pay nothing)")
     p.add_argument("--map-memory-limit", metavar="SIZE",
                    help="most memory maps may take (bytes, K/M/G suffix; default half of MemAvailable, "
                         "also UBPF_MAP_MEMORY_LIMIT): a map needing more is refused before anything runs")

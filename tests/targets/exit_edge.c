@@ -14,6 +14,7 @@
  *   vforkexec     a vfork child calls work() then execs /bin/echo
  *   spin          threads call work() until killed (the test sends SIGKILL)
  *   zombieleader  main calls pthread_exit; 2 threads call work() until killed
+ *   sigint        calls work() until SIGINT, whose handler prints and exits 42
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -77,6 +78,15 @@ static void *last_worker(void *arg)
 	printf("last worker exits 6\n");
 	fflush(stdout);
 	exit(6);
+}
+
+static void on_int(int sig)
+{
+	(void)sig;
+	static const char msg[] = "got SIGINT\n";
+	if (write(1, msg, sizeof(msg) - 1) < 0)
+		_exit(43);
+	_exit(42);
 }
 
 static void on_trap(int sig)
@@ -174,6 +184,11 @@ int main(int argc, char **argv)
 		printf("spinning\n");
 		for (;;)
 			sink += work(9);
+	} else if (!strcmp(mode, "sigint")) {
+		signal(SIGINT, on_int);
+		printf("spinning\n");
+		for (;;)
+			sink += work(4);
 	} else if (!strcmp(mode, "zombieleader")) {
 		start(spinner, 1);
 		start(spinner, 2);

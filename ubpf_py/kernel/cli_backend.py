@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any
 
-from ubpf_py.errors import KernelBackendError, UsageError
+from ubpf_py.errors import KernelBackendError, TargetError, UsageError
 from ubpf_py.kernel.events import LostEvent, PrintkEvent, RecordEvent
 from ubpf_py.output.dump import GlobalDump, MapDump
 from ubpf_py.output.values import ValueDecoder
@@ -50,7 +50,7 @@ def run_kernel_backend(args: argparse.Namespace) -> int:
         else:
             pid = args.pid
             if not os.path.exists(f"/proc/{pid}"):
-                raise KernelBackendError(f"no such process: pid {pid}")
+                raise TargetError(f"no such process: pid {pid} (check the pid; it may have exited)")
         for item in args.set:
             name, _, value = item.partition("=")
             set_global(spec, name, parse_set_value(value, pid))

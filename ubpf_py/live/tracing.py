@@ -24,6 +24,7 @@ from ubpf_py.maps.budget import check_spec_maps
 from ubpf_py.output.dump import snapshot_globals, snapshot_map
 from ubpf_py.output.values import ValueDecoder
 from ubpf_py.output.writers import Writer, make_writer
+from ubpf_py.vm.budget import DEFAULT_BUDGET
 from ubpf_py.vm.env import HitContext
 from ubpf_py.vm.memory import Region
 
@@ -160,7 +161,8 @@ def run_userspace(args: argparse.Namespace) -> int:
 
         programs = sorted({r.program for r in plan})
         coll = Collection.load(spec, engine=args.engine, verifier=args.verifier, programs=programs,
-                               check_memory=not args.no_memory_checks)
+                               check_memory=not args.no_memory_checks,
+                               budget=getattr(args, "max_insns", DEFAULT_BUDGET))
         if args.verifier_log:
             for lp in coll.programs.values():
                 if lp.report is not None and lp.report.log:
@@ -185,6 +187,8 @@ def run_userspace(args: argparse.Namespace) -> int:
         finally:
             pump.drain()
             session.detach()
+        if status is None and args.command:
+            status = end_command(session, args, writer.note)
         if status is not None:
             writer.proc_maps(pid, maps_seen.as_json())
             writer.target_exit(pid, status if status >= 0 else None, -status if status < 0 else None)
@@ -203,8 +207,37 @@ def run_userspace(args: argparse.Namespace) -> int:
         if session is not None:
             with contextlib.suppress(UbpfError, OSError):
                 session.detach()
+            if args.command:        # an error ended the session: the command ends with it
+                end_command(session, args, _note_stderr)
         if out is not None:
             out.close()
+
+
+COMMAND_GRACE_S = 2.0
+
+
+def end_command(session: Any, args: argparse.Namespace, note: Any) -> int | None:
+    """The command started with ``-- CMD`` ends with the session (SIGTERM, SIGKILL after
+    COMMAND_GRACE_S) unless ``--keep-command``; a note says which.  Returns its exit code
+    (-signal) when it was ended, None when it keeps running or was collected already."""
+    if getattr(session, "_ended_note", False):
+        return None
+    session._ended_note = True
+    pid = session.pid
+    if getattr(args, "keep_command", False):
+        note(f"command {pid} keeps running, no longer traced (--keep-command)")
+        return None
+    code, how = session.end_command(COMMAND_GRACE_S)
+    if how == "had exited":
+        return code
+    if how:
+        sig = "SIGKILL after SIGTERM was ignored" if how == "killed" else "SIGTERM"
+        note(f"command {pid} ended with the session ({sig}; --keep-command keeps it running)")
+    return code
+
+
+def _note_stderr(text: str) -> None:
+    print(f"ubpf-run: {text}", file=sys.stderr, flush=True)
 
 
 def _symbolizer(maps_seen: MapsSnapshot) -> Any:

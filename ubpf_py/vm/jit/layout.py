@@ -69,7 +69,11 @@ SLOT_TIMESPEC = 27
 #: facts slots were filled by the probe engine's C loop, not copied from ``env.hit``, so
 #: Python helper trampolines copy the cpu back into ``env.hit`` before calling a helper
 SLOT_NATIVE = 29
-NUM_SLOTS = 30
+#: runaway bound of unverified programs (code compiled with BUDGET): back-edges left in this
+#: run, and the budget each entry starts from (0 = unbounded)
+SLOT_BUDGET = 30
+SLOT_BUDGET_INIT = 31
+NUM_SLOTS = 32
 
 #: The facts block of the native hit path: SLOT_CPU..SLOT_COOKIE are five consecutive
 #: u64 (cpu, tgid << 32 | tid, gid << 32 | uid, func_ip, cookie) -- exactly the block
@@ -86,6 +90,11 @@ STATUS_EXCEPTION = 2   # a Python exception from a helper, callback or tail-call
 #: FAULT_INFO encoding: size | write << 8 | kind << 16
 FAULT_MEMORY = 0
 FAULT_CALL_DEPTH = 1
+FAULT_BUDGET = 2
+
+#: the ``checked`` mode bits programs are compiled with (``True`` is CHECK_MEMORY)
+CHECK_MEMORY = 1
+BUDGET = 2
 
 FRAME_SIZE = STACK_SIZE
 STACK_TOTAL = STACK_SIZE * MAX_CALL_DEPTH
