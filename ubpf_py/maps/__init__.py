@@ -53,13 +53,13 @@ def create_map(spec: MapSpec, *, ncpus: int | None = None) -> Map:
     """A live map for ``spec``.  ``ncpus`` sizes per-CPU storage and perf buffers
     (default: the machine's possible CPUs, as the kernel).  Raises MapError (with
     ``.errno``, the kernel's answer to the same attributes) or NotSupportedError."""
-    cls = MAP_CLASSES.get(spec.type)
-    if cls is None:
-        raise NotSupportedError(f"map type {spec.type_name} (map '{spec.name}')")
     if spec.type == consts.PERF_EVENT_ARRAY and spec.max_entries == 0:
         # libbpf sizes perf event arrays to the number of CPUs when the object leaves it out
         spec.max_entries = ncpus or consts.possible_cpus()
-    check_map(spec, ncpus)      # refuse what memory cannot honour before allocating any of it
+    check_map(spec, ncpus)      # unknown types, and what memory cannot honour, before allocating
+    cls = MAP_CLASSES.get(spec.type)
+    if cls is None:
+        raise NotSupportedError(f"map type {spec.type_name} (map '{spec.name}')")
     return cls(spec, ncpus)
 
 

@@ -127,6 +127,11 @@ def _refuse(spec: MapSpec, needed: int, limit: int, source: str, what: str) -> M
 def check_map(spec: MapSpec, ncpus: int | None = None, already: int = 0) -> int:
     """Raise MapError when ``spec`` cannot be honoured; returns its creation footprint.
     ``already``: bytes the other maps of the same object take."""
+    if spec.type_name.startswith("type#"):
+        err = MapError(f"map '{spec.name}': unknown map type {spec.type} (the kernel refuses it "
+                       f"with EINVAL; use a BPF_MAP_TYPE_ value)")
+        err.errno = C.EINVAL  # type: ignore[attr-defined]
+        raise err
     limit, source = memory_limit()
     now, full = footprint(spec, ncpus)
     if now > limit:
