@@ -171,13 +171,26 @@ def _target_pid(err: str) -> int:
     raise AssertionError(err)
 
 
-def test_command_ends_with_the_session(objs, target):
-    p = run_cli(str(objs["count"]), "-a", f"count={target}:work", "-d", "0.5", "--", str(target), "spin",
-                timeout=60)
+@pytest.mark.parametrize("backend", ["userspace", "kernel"])
+def test_command_ends_with_the_session(objs, target, backend):
+    if backend == "kernel":
+        from ubpf_py.kernel.syscall import kernel_bpf_skip_reason
+
+        if reason := kernel_bpf_skip_reason():
+            pytest.skip(reason)
+    p = run_cli(str(objs["count"]), "--backend", backend, "-a", f"count={target}:work", "-d", "0.5", "--",
+                str(target), "spin", timeout=60)
     assert p.returncode == 0, p.stderr
-    assert "ended with the session (SIGTERM; --keep-command keeps it running)" in p.stderr
+    assert "ended with the session (SIGTERM" in p.stderr
     assert "was killed by signal 15" in p.stderr
+    assert "calls = " in p.stdout
     assert _gone(_target_pid(p.stderr))
+
+
+def test_keep_command_refused_by_kernel_backend(objs, target):
+    p = run_cli(str(objs["count"]), "--backend", "kernel", "--keep-command", "-a", f"count={target}:work",
+                "--", str(target), "segv")
+    assert_one_line_error(p, "not supported", "--keep-command")
 
 
 def test_keep_command_keeps_it(objs, target, tmp_path):

@@ -121,6 +121,24 @@ def test_detach_mid_run_leaves_target_clean(target, mode, native):
             os.waitpid(s.pid, 0)
 
 
+@pytest.mark.parametrize("native", LOOPS)
+def test_duration_ends_with_zombie_leader_and_sleeping_thread(target, native):
+    """No thread ever stops on its own: the end of --duration must interrupt a live one (the
+    leader is a zombie that cannot stop)."""
+    s = ProbeSession.launch([str(target), "zombiesleep"], stdout=subprocess_devnull(), native=native)
+    s.add_probe(str(target), func_offset(target, "work"), lambda hit: None)
+    try:
+        with no_hang(30):
+            t0 = time.monotonic()
+            assert s.run(duration=0.3) is None
+            assert time.monotonic() - t0 < 3
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(s.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(s.pid, 0)
+
+
 def _file_bytes(path: Path, off: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(off)

@@ -15,6 +15,7 @@
  *   spin          threads call work() until killed (the test sends SIGKILL)
  *   zombieleader  main calls pthread_exit; 2 threads call work() until killed
  *   sigint        calls work() until SIGINT, whose handler prints and exits 42
+ *   zombiesleep   work() once; main calls pthread_exit; a thread sleeps (no more hits)
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -78,6 +79,14 @@ static void *last_worker(void *arg)
 	printf("last worker exits 6\n");
 	fflush(stdout);
 	exit(6);
+}
+
+static void *sleeper(void *arg)
+{
+	(void)arg;
+	for (;;)
+		pause();
+	return NULL;
 }
 
 static void on_int(int sig)
@@ -189,6 +198,10 @@ int main(int argc, char **argv)
 		printf("spinning\n");
 		for (;;)
 			sink += work(4);
+	} else if (!strcmp(mode, "zombiesleep")) {
+		sink += work(1);
+		start(sleeper, 0);
+		pthread_exit(NULL);
 	} else if (!strcmp(mode, "zombieleader")) {
 		start(spinner, 1);
 		start(spinner, 2);

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import time
 from typing import Any
 
-from ubpf_py.errors import KernelBackendError, TargetError, UsageError
+from ubpf_py.errors import KernelBackendError, NotSupportedError, TargetError, UsageError
 from ubpf_py.kernel.events import LostEvent, PrintkEvent, RecordEvent
 from ubpf_py.output.dump import GlobalDump, MapDump
 from ubpf_py.output.values import ValueDecoder
@@ -31,6 +32,9 @@ def run_kernel_backend(args: argparse.Namespace) -> int:
     from ubpf_py.obj.elf import load_object
     from ubpf_py.obj.globals import set_global
 
+    if getattr(args, "keep_command", False) and args.command:
+        # the kernel backend's command dies with ubpf-run (PR_SET_PDEATHSIG): it cannot be kept
+        raise NotSupportedError("--keep-command with --backend kernel (the command ends with the session)")
     reason = kernel_bpf_skip_reason()
     if reason:
         raise KernelBackendError(f"the kernel backend cannot use bpf() here: {reason} "
@@ -62,6 +66,8 @@ def run_kernel_backend(args: argparse.Namespace) -> int:
             if child is not None:
                 child.release()
             status = _pump(session, child, pid, writer, args.duration)
+            if status is None and child is not None:
+                status = _end_child(child, writer)
             if status is not None:
                 maps_text = child.exit_maps if child is not None else ""
                 writer.proc_maps(pid, _proc_maps_json(maps_text))
@@ -101,6 +107,23 @@ def _pump(session: Any, child: Any, pid: int, writer: Writer, duration: float | 
     while time.monotonic() < end:
         for ev in session.poll(0.02):
             _emit(writer, ev)
+    return status
+
+
+def _end_child(child: Any, writer: Writer, grace: float = 2.0) -> int | None:
+    """The command ends with the session, as with the userspace backend: SIGTERM, then SIGKILL
+    after ``grace`` seconds; returns its exit code (-signal)."""
+    how = "SIGTERM"
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(child.pid, signal.SIGTERM)
+    end = time.monotonic() + grace
+    while (status := child.poll()) is None:
+        if time.monotonic() > end and how == "SIGTERM":
+            how = "SIGKILL after SIGTERM was ignored"
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
+        time.sleep(0.01)
+    writer.note(f"command {child.pid} ended with the session ({how})")
     return status
 
 

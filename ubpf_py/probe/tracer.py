@@ -271,10 +271,11 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             self.nl.lib.ub_request_stop(self.nl.state)
         main = self.main
         if main is not None and main.exit_status is None:
-            for t in main.threads.values():
-                if not t.stopped:
+            # every running thread: one of them may be a zombie leader (pthread_exit) that
+            # never stops, and the others may sit in system calls that never hit a probe
+            for t in list(main.threads.values()):
+                if not t.stopped and not t.dead:
                     P.interrupt(t.tid)
-                    break
 
     def loop(self, deadline: float | None = None) -> None:
         """Handle stops until the main process exits, a stop is requested or the deadline passes."""
