@@ -153,12 +153,14 @@ class BPFObject:
     # ---- load --------------------------------------------------------------------------
     def load(self, *, engine: str = "jit", verifier: str = "strict", check_memory: bool = True,
              native_hits: bool = True, programs: list[str] | None = None,
-             event_type: str | None = None, mode: str = "auto") -> None:
+             event_type: str | None = None, mode: str = "auto", budget: int | None = None) -> None:
         """Verify and load the programs (``programs``: only these and what they tail-call) and
         create the maps.  ``engine``/``native_hits``/``check_memory`` apply to the userspace
         backend; ``event_type`` names the BTF struct ring/perf records are decoded as; ``mode``
         (userspace backend): "auto" runs verified JIT programs inside the target where the
-        program and site allow it, "intarget" makes that mandatory, "ptrace" never does it."""
+        program and site allow it, "intarget" makes that mandatory, "ptrace" never does it;
+        ``budget``: per-run bound of programs the verifier did not accept (None: the default,
+        0: unbounded)."""
         if self.loaded:
             raise UsageError("load: the object is already loaded")
         if self.pid is None:
@@ -166,7 +168,8 @@ class BPFObject:
                              "globals such as its pid are set before load")
         coll = self._get_backend().load(engine=engine, verifier=verifier, check_memory=check_memory,
                                         native_hits=native_hits, programs=programs, sink=self.events,
-                                        event_type_id=self._event_type_id(event_type), mode=mode)
+                                        event_type_id=self._event_type_id(event_type), mode=mode,
+                                        budget=budget)
         self._live_maps = dict(coll.maps)
         self.loaded = True
         self.collection = coll

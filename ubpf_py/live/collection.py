@@ -22,6 +22,7 @@ from ubpf_py.isa.opcodes import (
 )
 from ubpf_py.obj.spec import MapSpec, ObjectSpec, ProgramSpec
 from ubpf_py.sysinfo import possible_cpus
+from ubpf_py.vm.budget import DEFAULT_BUDGET
 from ubpf_py.vm.env import ExecEnv, HitContext
 from ubpf_py.vm.memory import HostBuffer, MemoryMap, Region
 
@@ -74,10 +75,12 @@ class Collection:
     def load(cls, spec: ObjectSpec, *, engine: str = "jit", verifier: str = "strict",
              programs: Iterable[str] | None = None, target_btf: Any = None,
              check_memory: bool = True, ncpus: int | None = None,
-             arena: Any = None) -> Collection:
+             arena: Any = None, budget: int | None = DEFAULT_BUDGET) -> Collection:
         """Load ``spec`` (or only the named ``programs`` and what they reference).  With
         ``arena`` (an ``intarget.arena.SharedArena``) every map's storage is allocated in
-        it, so the same maps serve programs running inside the target."""
+        it, so the same maps serve programs running inside the target.
+        ``budget``: per-run bound (``vm.budget``) of programs the verifier did not accept
+        (``verifier`` "off", or "warn" with a rejection); None or 0 = unbounded."""
         if engine not in ENGINES:
             raise UbpfError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
         if verifier not in VERIFIER_MODES:
@@ -128,7 +131,9 @@ class Collection:
         loaded: dict[str, LoadedProgram] = {}
         for name, (prog, insns, report) in prepared.items():
             live_insns = relocate_maps(insns, spec.maps, live_maps, prog.name)
-            executable = _make_executable(engine, live_insns, env, check_memory)
+            unverified = report is None or not report.ok
+            executable = _make_executable(engine, live_insns, env, check_memory, name,
+                                          budget if unverified else None)
             loaded[name] = LoadedProgram(prog, live_insns, executable, env, report)
 
         _init_slots(spec, live_maps, loaded)
@@ -213,14 +218,15 @@ def _s32(v: int) -> int:
     return v - (1 << 32) if v & 0x80000000 else v
 
 
-def _make_executable(engine: str, insns: list[Instruction], env: ExecEnv, check_memory: bool) -> Any:
+def _make_executable(engine: str, insns: list[Instruction], env: ExecEnv, check_memory: bool,
+                     name: str = "prog", budget: int | None = None) -> Any:
     if engine == "interp":
         from ubpf_py.vm.interpreter import Interpreter
 
-        return Interpreter(insns, env, check_memory=check_memory)
+        return Interpreter(insns, env, check_memory=check_memory, name=name, max_instructions=budget or None)
     from ubpf_py.vm.jit import JitProgram
 
-    return JitProgram(insns, env, check_memory=check_memory)
+    return JitProgram(insns, env, check_memory=check_memory, name=name, budget=budget or None)
 
 
 def _init_slots(spec: ObjectSpec, live_maps: list[Any], loaded: dict[str, LoadedProgram]) -> None:

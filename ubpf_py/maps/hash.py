@@ -61,7 +61,8 @@ class HashMap(Map):
         self._ref = self.alloc.alloc(self.max_entries).array if self.lru else None
         self._evictions = 0
         # fast path of a program updating an existing element of a shared-value map
-        self._fast_update = not self.percpu and not self.lru and self._vals.single and self._c is None
+        self._fast_update = (not self.percpu and not self.lru and self._vals.single and self._c is None
+                             and bool(self._vals.buffers))    # NO_PREALLOC: nothing allocated yet
         self._vbase = self._vals.bases[0] if self._vals.buffers else 0
         self._vview = self._vals.views[0] if self._vals.buffers else None
         self._native = None

@@ -221,8 +221,12 @@ def check_object(path: str | Path, mode: str = "warn", log_level: int = 1) -> li
     """
     from ubpf_py.obj.elf import load_object
 
-    obj = load_object(str(path))
-    hidden = hidden_functions(str(path))
+    return check_spec(load_object(str(path)), mode, log_level)
+
+
+def check_spec(obj, mode: str = "warn", log_level: int = 1) -> list[VerifierReport]:
+    """``check_object`` for an already loaded ``ObjectSpec``."""
+    hidden = hidden_functions(str(obj.path)) if getattr(obj, "path", None) else frozenset()
     out = []
     for prog in obj.programs.values():
         if mode == "off":
@@ -248,6 +252,7 @@ __all__ = [
     "MODES",
     "VerifierReport",
     "check_object",
+    "check_spec",
     "format_verdict",
     "hidden_functions",
     "sanitize_dead_code",
