@@ -161,7 +161,7 @@ struct ubpf_probe_block {
 	uint64_t enabled;  /* 0: the trampoline skips the program (detach in progress) */
 	uint64_t hits;  /* programs run (atomic add) */
 	uint64_t missed;  /* hits skipped: the thread was already inside a program, or no thread slot */
-	uint64_t active;  /* threads inside the trampoline's program call right now */
+	uint64_t reserved0;  /* unused (detach finds threads inside programs by rip and THREAD_BLOCK.busy) */
 	uint64_t flags;  /* PB_F_* */
 	uint64_t probe_id;  /* the tracer's id for this probe */
 	uint64_t ns;  /* nanoseconds spent in the program when timing is on */
@@ -174,7 +174,7 @@ _Static_assert(__builtin_offsetof(struct ubpf_probe_block, entry) == 16, "ubpf_p
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, enabled) == 24, "ubpf_probe_block.enabled");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, hits) == 32, "ubpf_probe_block.hits");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, missed) == 40, "ubpf_probe_block.missed");
-_Static_assert(__builtin_offsetof(struct ubpf_probe_block, active) == 48, "ubpf_probe_block.active");
+_Static_assert(__builtin_offsetof(struct ubpf_probe_block, reserved0) == 48, "ubpf_probe_block.reserved0");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, flags) == 56, "ubpf_probe_block.flags");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, probe_id) == 64, "ubpf_probe_block.probe_id");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, ns) == 72, "ubpf_probe_block.ns");

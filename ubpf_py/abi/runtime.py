@@ -63,7 +63,7 @@ PROBE_BLOCK = Layout("ubpf_probe_block", [
     u64("enabled", "0: the trampoline skips the program (detach in progress)"),
     u64("hits", "programs run (atomic add)"),
     u64("missed", "hits skipped: the thread was already inside a program, or no thread slot"),
-    u64("active", "threads inside the trampoline's program call right now"),
+    u64("reserved0", "unused (detach finds threads inside programs by rip and THREAD_BLOCK.busy)"),
     u64("flags", "PB_F_*"),
     u64("probe_id", "the tracer's id for this probe"),
     u64("ns", "nanoseconds spent in the program when timing is on"),
