@@ -101,6 +101,10 @@ class BPFObject:
         from ubpf_py.obj.compile import compile_source, is_source
         from ubpf_py.obj.elf import load_object
 
+        if backend == "kernel":    # say first when the kernel backend cannot run at all
+            from ubpf_py.kernel.api_backend import require_kernel_bpf
+
+            require_kernel_bpf()
         if is_source(path):
             path = compile_source(path, cflags=cflags)
         return cls(load_object(path), backend=backend)

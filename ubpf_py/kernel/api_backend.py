@@ -30,12 +30,7 @@ class KernelBackend:
     name = "kernel"
 
     def __init__(self, spec: ObjectSpec) -> None:
-        from ubpf_py.kernel.syscall import kernel_bpf_skip_reason
-
-        reason = kernel_bpf_skip_reason()
-        if reason:
-            raise KernelBackendError(f"the kernel backend cannot use bpf() here: {reason} "
-                                     f"(run as root, or use the default userspace backend)")
+        require_kernel_bpf()
         self.spec = spec
         self.child: Any = None
         self.pid: int | None = None
@@ -178,6 +173,16 @@ class KernelBackend:
             self.session = None
         if self.child is not None and not self.child.released:
             self.kill_target()
+
+
+def require_kernel_bpf() -> None:
+    """KernelBackendError (exit code 5) when this process cannot use bpf() and uprobes."""
+    from ubpf_py.kernel.syscall import kernel_bpf_skip_reason
+
+    reason = kernel_bpf_skip_reason()
+    if reason:
+        raise KernelBackendError(f"the kernel backend cannot use bpf() here: {reason} "
+                                 f"(run as root, or use the default userspace backend)")
 
 
 def _proc_maps_json(text: str) -> list[dict]:
