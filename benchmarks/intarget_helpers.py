@@ -13,6 +13,7 @@ import ctypes
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -20,8 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from intarget_fixture import driver, make_frame
 
+from ubpf_py.abi.runtime import RT_F_FSGSBASE
 from ubpf_py.intarget import runtime_obj
 from ubpf_py.intarget.arena import SharedArena
+from ubpf_py.intarget.header import host_facts, tid_fs_offset, write_header
 from ubpf_py.maps import consts as C
 from ubpf_py.maps import create_map
 from ubpf_py.obj.spec import MapSpec
@@ -77,6 +80,15 @@ def measure(n: int) -> list[tuple[str, float]]:
         return min(lib.bench(addr(hid), *args, f.addr, n // 5) for _ in range(5))
 
     out = [(name, best(hid, args)) for name, hid, args in cases]
+    facts = host_facts()
+    libc = ctypes.CDLL(None)
+    fs = ctypes.c_uint64()
+    libc.syscall(158, 0x1003, ctypes.byref(fs))          # arch_prctl(ARCH_GET_FS)
+    off = tid_fs_offset({threading.get_native_id(): ctypes.string_at(fs.value, 0x800)})
+    if off and facts["flags"] & RT_F_FSGSBASE:
+        write_header(f.header, flags=RT_F_FSGSBASE, tid_fs_off=off)
+        out.append(("get_current_pid_tgid (libc tid word, tgid cached)", best(14, (0, 0, 0, 0, 0))))
+        write_header(f.header, tid_fs_off=0)
     f.set_header("vdso_clock_gettime", 0)
     out.append(("ktime_get_ns (syscall, no vDSO)", best(5, (0, 0, 0, 0, 0))))
     return out

@@ -133,8 +133,9 @@ struct ubpf_runtime_header {
 	uint64_t max_stack;  /* kernel.perf_event_max_stack (0: 127), the deepest stack get_stack(id) returns */
 	uint64_t hz;  /* CONFIG_HZ, for bpf_jiffies64 (0: the helper returns 0 jiffies since boot) */
 	uint64_t jiffies_base;  /* jiffies at CLOCK_MONOTONIC 0 (helpers/task_helpers.py _jiffies_base) */
+	uint64_t tid_fs_off;  /* offset from the FS base of the libc's thread-id word (struct pthread tid), checked by the tracer on every thread; 0: unknown (gettid() per call) */
 } __attribute__((aligned(8)));
-_Static_assert(sizeof(struct ubpf_runtime_header) == 136, "ubpf_runtime_header size");
+_Static_assert(sizeof(struct ubpf_runtime_header) == 144, "ubpf_runtime_header size");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, magic) == 0, "ubpf_runtime_header.magic");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, arena_base) == 8, "ubpf_runtime_header.arena_base");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, arena_size) == 16, "ubpf_runtime_header.arena_size");
@@ -152,6 +153,7 @@ _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, ret_trampoline) ==
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, max_stack) == 112, "ubpf_runtime_header.max_stack");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, hz) == 120, "ubpf_runtime_header.hz");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, jiffies_base) == 128, "ubpf_runtime_header.jiffies_base");
+_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, tid_fs_off) == 136, "ubpf_runtime_header.tid_fs_off");
 
 /* one per probe, in the arena */
 struct ubpf_probe_block {
@@ -194,12 +196,12 @@ _Static_assert(__builtin_offsetof(struct ubpf_shadow_entry, probe) == 16, "ubpf_
 struct ubpf_thread_block {
 	uint64_t key;  /* the thread's FS base; 0: free slot (claimed with a compare-and-swap) */
 	uint64_t busy;  /* non-zero while a program runs on this thread (no nesting, like the kernel) */
-	uint64_t tid;  /* cached gettid(); 0: unknown */
+	uint64_t tid;  /* cached gettid(), trusted while the libc's tid word (RUNTIME_HEADER.tid_fs_off) still holds it; 0: unknown */
 	uint64_t generation;  /* RUNTIME_HEADER.generation the cached facts belong to */
 	uint64_t prandom;  /* xorshift state of bpf_get_prandom_u32 */
 	uint64_t shadow_depth;  /* entries in use in ``shadow`` */
 	uint64_t tgid;  /* cached getpid(), valid while ``generation`` equals RUNTIME_HEADER.generation (the tracer bumps that on fork before the child runs a probe); 0: unknown */
-	uint64_t reserved;
+	uint64_t tid_fs;  /* the FS base ``tid`` was checked against */
 	uint64_t shadow[192];  /* return-probe shadow stack (ubpf_shadow_entry) */
 } __attribute__((aligned(64)));
 _Static_assert(sizeof(struct ubpf_thread_block) == 1600, "ubpf_thread_block size");
@@ -210,7 +212,7 @@ _Static_assert(__builtin_offsetof(struct ubpf_thread_block, generation) == 24, "
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, prandom) == 32, "ubpf_thread_block.prandom");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow_depth) == 40, "ubpf_thread_block.shadow_depth");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, tgid) == 48, "ubpf_thread_block.tgid");
-_Static_assert(__builtin_offsetof(struct ubpf_thread_block, reserved) == 56, "ubpf_thread_block.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_thread_block, tid_fs) == 56, "ubpf_thread_block.tid_fs");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow) == 64, "ubpf_thread_block.shadow");
 
 /* one per patched site, in the arena; its entry trampoline runs every probe listed here */

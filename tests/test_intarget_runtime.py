@@ -348,3 +348,56 @@ def test_jiffies_from_the_host_calibration(arena, rt):
     v = rt.helper(118)(0, 0, 0, 0, 0, f.addr)
     b = jiffies64()
     assert a <= v <= b
+
+
+def _my_tcb(size: int = 0x800) -> tuple[int, int, bytes]:
+    """(tid, FS base, bytes at the FS base) of the calling thread."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fs = ctypes.c_uint64()
+    assert libc.syscall(158, 0x1003, ctypes.byref(fs)) == 0   # arch_prctl(ARCH_GET_FS)
+    return tid(), fs.value, ctypes.string_at(fs.value, size)
+
+
+@pytest.mark.skipif(not cpu_has("fsgsbase"), reason="no FSGSBASE")
+def test_tid_from_the_libc_word_without_a_syscall(arena, rt):
+    from ubpf_py.abi.runtime import RT_F_FSGSBASE
+    from ubpf_py.intarget.header import host_facts, tid_fs_offset
+
+    if not host_facts()["flags"] & RT_F_FSGSBASE:
+        pytest.skip("the kernel does not let user space use rdfsbase")
+    got: dict[int, bytes] = {}
+
+    def grab():
+        t, _fs, raw = _my_tcb()
+        got[t] = raw
+
+    ts = [threading.Thread(target=grab) for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    off = tid_fs_offset(got)
+    assert off, "no struct pthread tid word found"
+    assert tid_fs_offset({1: bytes(0x800)}) == 0
+    shared = make_frame(arena)               # one thread block for every thread: must revalidate
+    own = [make_frame(arena) for _ in range(5)]   # (make_frame rewrites the shared header: first)
+    shared.set_header("tid_fs_off", off)
+    shared.set_header("flags", shared.header[RUNTIME_HEADER.word("flags")] | RT_F_FSGSBASE)
+    results: list[tuple[int, int, int, int]] = []
+
+    def body():
+        mine = own.pop()
+        for _ in range(3):
+            a = rt.helper(14)(0, 0, 0, 0, 0, shared.addr)
+            b = rt.helper(14)(0, 0, 0, 0, 0, mine.addr)
+            results.append((a & 0xFFFFFFFF, b & 0xFFFFFFFF, tid(), mine.thread[THREAD_BLOCK.word("tid")]))
+
+    ts = [threading.Thread(target=body) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    body()
+    for a, b, real, cached in results:
+        assert a == b == real and cached == real     # cached after its check: no syscall next time
+    shared.set_header("tid_fs_off", 0)

@@ -128,7 +128,8 @@ class InTargetEngine:
                 S.map_arena(mapper, proc.mem, tid, self.plan, self.arena_fd, st.rt)
             ret = TR.build_return_trampoline(self.plan.ret_tramp_addr, self.plan.header_addr)
             S.install_image(mapper, proc.mem, tid, self.plan, self.code, ret, st.rt)
-            S.write_header(proc.mem, self.plan, proc.tgid, self.printk_ring)
+            S.write_header(proc.mem, self.plan, proc.tgid, self.printk_ring,
+                           [t.tid for t in proc.threads.values() if t.stopped])
         except UbpfError as e:
             st.failed = f"in-target runtime unavailable in pid {proc.tgid}: {e}"
             with contextlib.suppress(UbpfError, OSError):

@@ -151,7 +151,7 @@ def map_arena(mapper: TargetMapper, mem: P.ProcMem, tid: int, plan: SpacePlan, f
     rt.arena = True
 
 
-def header_bytes(plan: SpacePlan, pid: int, printk_ring: int) -> bytes:
+def header_bytes(plan: SpacePlan, pid: int, printk_ring: int, tid_fs_off: int = 0) -> bytes:
     """This process's RUNTIME_HEADER (private: the pid and vDSO addresses are per process)."""
     from ubpf_py.intarget.header import host_facts
 
@@ -178,11 +178,27 @@ def header_bytes(plan: SpacePlan, pid: int, printk_ring: int) -> bytes:
     put("generation", 1)
     put("pid", pid)
     put("ret_trampoline", plan.ret_tramp_addr)
+    put("tid_fs_off", tid_fs_off)
     return struct.pack(f"<{len(words)}Q", *words)
 
 
-def write_header(mem: P.ProcMem, plan: SpacePlan, pid: int, printk_ring: int) -> None:
-    write_code(mem, plan.header_addr, header_bytes(plan, pid, printk_ring))
+def write_header(mem: P.ProcMem, plan: SpacePlan, pid: int, printk_ring: int, tids: list[int] = ()) -> None:
+    """``tids``: stopped threads whose thread control blocks show where the libc keeps the tid
+    (``header.tid_fs_offset``; the runtime then reads it instead of calling gettid)."""
+    from ubpf_py.intarget.header import tid_fs_offset
+
+    tcbs = {}
+    regs = P.RegsBuf()
+    for tid in tids:
+        try:
+            regs.get(tid)
+        except P.PtraceError:
+            continue
+        fs = regs.vals[P.FS_BASE]
+        data = mem.read(fs, 0x300) if fs else None
+        if data is not None:
+            tcbs[tid] = data
+    write_code(mem, plan.header_addr, header_bytes(plan, pid, printk_ring, tid_fs_offset(tcbs)))
 
 
 def fix_forked_header(mem: P.ProcMem, plan: SpacePlan, child: int) -> None:
