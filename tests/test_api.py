@@ -4,6 +4,7 @@ backends give the same counts through the same calls, and the rules of a skeleto
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -93,6 +94,12 @@ def test_sizes_and_globals_before_load_only(tmp_path):
         assert counts[key] == counts.values()[0] > 1000      # raw bytes index the decoded view
         with pytest.raises(KeyError):
             counts[bytes(20)]
+        (hist,) = obj.maps["sizes"].histograms()                  # struct hist { slots[] }, by type
+        assert hist.kind == "log2" and hist.slots == obj.maps["sizes"][0]["slots"]
+        drawn = io.StringIO()
+        obj.maps["sizes"].print_hist(file=drawn)
+        assert drawn.getvalue().startswith("@sizes:\n") and re.search(r"^\[128K, 256K\)\s+\d+ \|@", drawn.getvalue(), re.M)
+        assert obj.maps["counts"].histograms() == []
         obj.maps["sizes"].clear()
         assert sum(obj.maps["sizes"][0]["slots"]) == 0
     finally:
