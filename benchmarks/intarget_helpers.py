@@ -13,13 +13,18 @@ import ctypes
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tests.intarget_fixture import driver, make_frame
+from intarget_fixture import driver, make_frame
+
+from ubpf_py.abi.runtime import RT_F_FSGSBASE
 from ubpf_py.intarget import runtime_obj
 from ubpf_py.intarget.arena import SharedArena
+from ubpf_py.intarget.header import host_facts, tid_fs_offset, write_header
 from ubpf_py.maps import consts as C
 from ubpf_py.maps import create_map
 from ubpf_py.obj.spec import MapSpec
@@ -45,7 +50,8 @@ def measure(n: int) -> list[tuple[str, float]]:
     key = scratch.addr
     val = scratch.addr + 64
     dst = scratch.addr + 128
-    src = scratch.addr + 256
+    user = ctypes.create_string_buffer(b"abcdefg\0", 64)   # target memory: outside the arena
+    src = ctypes.addressof(user)
     scratch.view[0:4] = (7).to_bytes(4, "little")
     for m in (h, lru):
         m.update((7).to_bytes(4, "little"), bytes(8))
@@ -68,13 +74,23 @@ def measure(n: int) -> list[tuple[str, float]]:
         ("get_current_uid_gid", 15, (0, 0, 0, 0, 0)),
         ("get_prandom_u32", 7, (0, 0, 0, 0, 0)),
     ]
-    scratch.view[256:264] = b"abcdefg\0"
-    out = []
-    for name, hid, args in cases:
+    def best(hid: int, args: tuple[int, ...]) -> float:
+        """the fastest of 5 rounds: the machine is shared, the minimum is the helper's cost"""
         lib.bench(addr(hid), *args, f.addr, n // 10)     # warm up
-        out.append((name, lib.bench(addr(hid), *args, f.addr, n)))
+        return min(lib.bench(addr(hid), *args, f.addr, n // 5) for _ in range(5))
+
+    out = [(name, best(hid, args)) for name, hid, args in cases]
+    facts = host_facts()
+    libc = ctypes.CDLL(None)
+    fs = ctypes.c_uint64()
+    libc.syscall(158, 0x1003, ctypes.byref(fs))          # arch_prctl(ARCH_GET_FS)
+    off = tid_fs_offset({threading.get_native_id(): ctypes.string_at(fs.value, 0x800)})
+    if off and facts["flags"] & RT_F_FSGSBASE:
+        write_header(f.header, flags=RT_F_FSGSBASE, tid_fs_off=off)
+        out.append(("get_current_pid_tgid (libc tid word, tgid cached)", best(14, (0, 0, 0, 0, 0))))
+        write_header(f.header, tid_fs_off=0)
     f.set_header("vdso_clock_gettime", 0)
-    out.append(("ktime_get_ns (syscall, no vDSO)", lib.bench(addr(5), 0, 0, 0, 0, 0, f.addr, n)))
+    out.append(("ktime_get_ns (syscall, no vDSO)", best(5, (0, 0, 0, 0, 0))))
     return out
 
 

@@ -86,7 +86,39 @@ u64 rt_getpid(const struct ubpf_hit_frame *hf)
 	return pid;
 }
 
-u64 rt_gettid(void) { return (u64)rt_syscall0(SYS_gettid); }
+/* The tid without a syscall where the libc keeps it: glibc and musl hold the
+ * thread's tid in their struct pthread at a fixed offset from the FS base (the
+ * tracer finds and checks it on every thread: RUNTIME_HEADER.tid_fs_off), and keep
+ * it right across fork (the child's word is set to its new tid) and thread-block
+ * reuse (a new thread on a recycled TCB gets its own tid there; an exited thread's
+ * word is cleared by the kernel through clear_child_tid).  The thread block caches
+ * the tid once it was checked against gettid(), with a safe read of the word, for
+ * this FS base; afterwards a hit compares the word with the cache -- any change
+ * means another thread (or a fork) and falls back to the syscall. */
+u64 rt_gettid(const struct ubpf_hit_frame *hf)
+{
+	const struct ubpf_runtime_header *rt = hf ? (const void *)hf->runtime : 0;
+	struct ubpf_thread_block *tb = hf ? (struct ubpf_thread_block *)hf->thread : 0;
+	if (!rt || !tb || !rt->tid_fs_off || !(rt->flags & UBPF_RT_F_FSGSBASE))
+		return (u64)rt_syscall0(SYS_gettid);
+	u64 off = rt->tid_fs_off, fs;
+	__asm__ volatile("rdfsbase %0" : "=r"(fs));
+	if (tb->tid && tb->tid_fs == fs) {
+		u32 cur;
+		__asm__ volatile("movl %%fs:(%1), %0" : "=r"(cur) : "r"(off) : "memory");
+		if (cur == (u32)tb->tid)
+			return cur;
+	}
+	u64 tid = (u64)rt_syscall0(SYS_gettid);
+	u32 word = 0;
+	if (!rt_read_user(hf, &word, fs + off, 4) && word == (u32)tid) {
+		tb->tid = tid;
+		tb->tid_fs = fs;
+	} else {
+		tb->tid = 0;
+	}
+	return tid;
+}
 
 struct iovec_ { u64 base, len; };
 
@@ -108,7 +140,7 @@ long rt_read_user(const struct ubpf_hit_frame *hf, void *dst, u64 src, u64 n)
  * the NUL into dst. */
 long rt_read_user_str(const struct ubpf_hit_frame *hf, char *dst, u64 src, u64 size)
 {
-	char tmp[128];
+	char tmp[256];
 	u64 want, got = 0;
 	if (!size)
 		return 0;

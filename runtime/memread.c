@@ -37,44 +37,6 @@ HELPER(4) { (void)r4; (void)r5; return read_mem(hf, r1, r2, r3, 0); }     /* pro
 HELPER(114) { (void)r4; (void)r5; return read_str(hf, r1, r2, r3, 1); }   /* probe_read_user_str */
 HELPER(45) { (void)r4; (void)r5; return read_str(hf, r1, r2, r3, 0); }    /* probe_read_str */
 
-/* probe_read_kernel (113) / _str (115): only the program's own memory (its context, stack and
- * maps) is kernel memory here; user addresses get -ERANGE before any access, as x86's
- * copy_from_kernel_nofault gives them, other addresses fault */
-static u64 kernel_err(u64 src) { return src < UBPF_TASK_SIZE ? NEG(UBPF_ERANGE) : NEG(UBPF_EFAULT); }
-
-HELPER(113)
-{
-	(void)r4; (void)r5;
-	u64 size = r2 & 0xffffffff;
-	if (!size)
-		return 0;
-	if (!rt_prog_mem(hf, r3, size)) {
-		rt_zero((void *)r1, size);
-		return kernel_err(r3);
-	}
-	rt_copy((void *)r1, (const void *)r3, size);
-	return 0;
-}
-
-HELPER(115)
-{
-	(void)r4; (void)r5;
-	u64 size = r2 & 0xffffffff, n = 0;
-	if (!size)
-		return 0;
-	const char *src = (const char *)r3;
-	char *dst = (char *)r1;
-	while (n < size - 1 && rt_prog_mem(hf, r3 + n, 1) && src[n])
-		n++;
-	if (n < size - 1 && !rt_prog_mem(hf, r3 + n, 1)) {
-		rt_zero(dst, size);
-		return kernel_err(r3);
-	}
-	rt_copy(dst, src, n);
-	dst[n] = 0;
-	return n + 1;
-}
-
 /* the return address a return probe replaced, for frames that show the trampoline */
 static u64 fix_ret(const struct ubpf_hit_frame *hf, u64 a, u64 *si)
 {
@@ -149,4 +111,100 @@ HELPER(67)    /* bpf_get_stack(ctx, buf, size, flags) */
 	if (size)
 		rt_zero((void *)buf, size);
 	return (u64)err;
+}
+
+/* ---- "kernel" memory: the program's own (arena, runtime stacks) ----------------------- */
+
+#define TASK_SIZE 0x00007ffffffff000ull
+
+/* the kernel's error for an unreadable kernel address: user-space addresses are
+ * refused with -ERANGE before any access, others fault (helpers/context.py) */
+static s64 kernel_err(u64 addr)
+{
+	return addr < TASK_SIZE ? -34 /* ERANGE */ : -(s64)UBPF_EFAULT;
+}
+
+HELPER(113)   /* bpf_probe_read_kernel(dst, size, src) */
+{
+	(void)r4; (void)r5;
+	u64 size = r2 & 0xffffffff;
+	if (!size)
+		return 0;
+	if (!rt_prog_mem(hf, r3, size)) {
+		rt_zero((void *)r1, size);
+		return (u64)kernel_err(r3);
+	}
+	rt_copy((void *)r1, (const void *)r3, size);
+	return 0;
+}
+
+/* the bytes of program memory left from addr (0 when addr is not program memory) */
+static u64 prog_room(const struct ubpf_hit_frame *hf, u64 addr)
+{
+	const struct ubpf_runtime_header *rt = (const void *)hf->runtime;
+	if (addr >= rt->arena_base && addr - rt->arena_base < rt->arena_size)
+		return rt->arena_size - (addr - rt->arena_base);
+	u64 tsz = rt->thread_slots * rt->thread_slot_size;
+	if (rt->thread_table && addr >= rt->thread_table && addr - rt->thread_table < tsz)
+		return tsz - (addr - rt->thread_table);
+	return 0;
+}
+
+HELPER(115)   /* bpf_probe_read_kernel_str(dst, size, src) */
+{
+	(void)r4; (void)r5;
+	u64 size = r2 & 0xffffffff, room = prog_room(hf, r3);
+	const u8 *s = (const u8 *)r3;
+	u8 *d = (u8 *)r1;
+	if (!size)
+		return 0;
+	if (!room) {
+		rt_zero(d, size);
+		return (u64)kernel_err(r3);
+	}
+	u64 n = size - 1 < room ? size - 1 : room;
+	for (u64 i = 0; i < n; i++) {
+		if (!s[i]) {
+			rt_copy(d, s, i + 1);
+			return i + 1;
+		}
+	}
+	if (n < size - 1) {            /* ran out of program memory before a NUL */
+		rt_zero(d, size);
+		return (u64)kernel_err(r3);
+	}
+	rt_copy(d, s, n);
+	d[n] = 0;
+	return size;
+}
+
+HELPER(36)    /* bpf_probe_write_user(dst, src, size) */
+{
+	(void)r4; (void)r5;
+	u64 size = r3 & 0xffffffff;
+	struct { u64 base, len; } l = {r2, size}, r = {r1, size};
+	if (!size)
+		return 0;
+	if (rt_prog_mem(hf, r1, size))
+		return NEG(UBPF_EFAULT);
+	long got = rt_syscall6(311 /* process_vm_writev */, (long)rt_getpid(hf), (long)&l, 1, (long)&r, 1, 0);
+	return got == (long)size ? 0 : NEG(UBPF_EFAULT);
+}
+
+HELPER(182)   /* bpf_strncmp(s1, s1_sz, s2): s2 a constant string of the program */
+{
+	(void)r4; (void)r5; (void)hf;
+	u64 size = r2 & 0xffffffff;
+	const u8 *a = (const u8 *)r1, *b = (const u8 *)r3;
+	int b_done = 0;
+	for (u64 i = 0; i < size; i++) {
+		u8 c1 = a[i], c2 = b_done ? 0 : b[i];
+		if (!c2)
+			b_done = 1;
+		if (c1 != c2)
+			return c1 < c2 ? (u64)-1 : 1;
+		if (!c1)
+			break;
+	}
+	return 0;
 }

@@ -66,7 +66,7 @@ static u64 emit(struct ubpf_hit_frame *hf, u64 helper, const u8 *fmt, u64 fmt_si
 	if (fl < fmt_size && fl < UBPF_PRINTK_MAX_FMT)
 		fl++;                       /* keep the NUL: the formatter checks it is there */
 	r->helper = helper;
-	r->pid_tgid = rt_getpid(hf) << 32 | rt_gettid();
+	r->pid_tgid = rt_getpid(hf) << 32 | rt_gettid(hf);
 	r->uid_gid = (u64)(u32)rt_syscall0(SYS_getgid) << 32 | (u32)rt_syscall0(SYS_getuid);
 	r->cpu = rt_cpu(hf);
 	r->ktime = rt_ktime(hf, CLOCK_MONOTONIC);

@@ -6,47 +6,6 @@
  */
 #include "rt.h"
 
-static inline u32 rol32(u32 x, int k) { return (x << k) | (x >> (32 - k)); }
-
-#define JHASH_MIX(a, b, c) do { \
-	a -= c; a ^= rol32(c, 4); c += b; \
-	b -= a; b ^= rol32(a, 6); a += c; \
-	c -= b; c ^= rol32(b, 8); b += a; \
-	a -= c; a ^= rol32(c, 16); c += b; \
-	b -= a; b ^= rol32(a, 19); a += c; \
-	c -= b; c ^= rol32(b, 4); b += a; } while (0)
-
-#define JHASH_FINAL(a, b, c) do { \
-	c ^= b; c -= rol32(b, 14); \
-	a ^= c; a -= rol32(c, 11); \
-	b ^= a; b -= rol32(a, 25); \
-	c ^= b; c -= rol32(b, 16); \
-	a ^= c; a -= rol32(c, 4); \
-	b ^= a; b -= rol32(a, 14); \
-	c ^= b; c -= rol32(b, 24); } while (0)
-
-/* the kernel's jhash2 (lookup3) over n u32 words */
-static u32 jhash2(const u32 *k, u64 n, u32 initval)
-{
-	u32 a, b, c;
-	a = b = c = 0xdeadbeef + ((u32)n << 2) + initval;
-	while (n > 3) {
-		a += k[0]; b += k[1]; c += k[2];
-		JHASH_MIX(a, b, c);
-		n -= 3;
-		k += 3;
-	}
-	switch (n) {
-	case 3: c += k[2]; /* fall through */
-	case 2: b += k[1]; /* fall through */
-	case 1: a += k[0];
-		JHASH_FINAL(a, b, c);
-		break;
-	default: break;
-	}
-	return c;
-}
-
 /* store trace[skip:] (trace cut to max_depth + skip) and return its id, or -EFAULT /
  * -EEXIST / -ENOMEM exactly as StackTraceMap.get_stackid */
 RT_API s64 ubpf_stack_store(struct ubpf_map_desc *d, const u64 *trace, u64 n, u64 flags);

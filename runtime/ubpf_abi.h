@@ -23,6 +23,8 @@
 #define UBPF_KIND_RINGBUF 0x4ULL
 #define UBPF_KIND_PERF 0x5ULL
 #define UBPF_KIND_STACK 0x6ULL
+#define UBPF_KIND_QUEUE 0x7ULL
+#define UBPF_KIND_BLOOM 0x8ULL
 #define UBPF_RB_WAKEUP 0x1ULL
 #define UBPF_RB_BUSY 0x2ULL
 #define UBPF_RB_SHARED 0x4ULL
@@ -129,9 +131,11 @@ struct ubpf_runtime_header {
 	uint64_t pid;  /* the target's tgid, written by the tracer (per process: fixed up in a forked child) */
 	uint64_t ret_trampoline;  /* address return probes put in place of return addresses: stack walks report the original from the thread's shadow stack instead */
 	uint64_t max_stack;  /* kernel.perf_event_max_stack (0: 127), the deepest stack get_stack(id) returns */
-	uint64_t reserved;
+	uint64_t hz;  /* CONFIG_HZ, for bpf_jiffies64 (0: the helper returns 0 jiffies since boot) */
+	uint64_t jiffies_base;  /* jiffies at CLOCK_MONOTONIC 0 (helpers/task_helpers.py _jiffies_base) */
+	uint64_t tid_fs_off;  /* offset from the FS base of the libc's thread-id word (struct pthread tid), checked by the tracer on every thread; 0: unknown (gettid() per call) */
 } __attribute__((aligned(8)));
-_Static_assert(sizeof(struct ubpf_runtime_header) == 128, "ubpf_runtime_header size");
+_Static_assert(sizeof(struct ubpf_runtime_header) == 144, "ubpf_runtime_header size");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, magic) == 0, "ubpf_runtime_header.magic");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, arena_base) == 8, "ubpf_runtime_header.arena_base");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, arena_size) == 16, "ubpf_runtime_header.arena_size");
@@ -147,7 +151,9 @@ _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, generation) == 88,
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, pid) == 96, "ubpf_runtime_header.pid");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, ret_trampoline) == 104, "ubpf_runtime_header.ret_trampoline");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, max_stack) == 112, "ubpf_runtime_header.max_stack");
-_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, reserved) == 120, "ubpf_runtime_header.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, hz) == 120, "ubpf_runtime_header.hz");
+_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, jiffies_base) == 128, "ubpf_runtime_header.jiffies_base");
+_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, tid_fs_off) == 136, "ubpf_runtime_header.tid_fs_off");
 
 /* one per probe, in the arena */
 struct ubpf_probe_block {
@@ -157,7 +163,7 @@ struct ubpf_probe_block {
 	uint64_t enabled;  /* 0: the trampoline skips the program (detach in progress) */
 	uint64_t hits;  /* programs run (atomic add) */
 	uint64_t missed;  /* hits skipped: the thread was already inside a program, or no thread slot */
-	uint64_t active;  /* threads inside the trampoline's program call right now */
+	uint64_t reserved0;  /* unused (detach finds threads inside programs by rip and THREAD_BLOCK.busy) */
 	uint64_t flags;  /* PB_F_* */
 	uint64_t probe_id;  /* the tracer's id for this probe */
 	uint64_t ns;  /* nanoseconds spent in the program when timing is on */
@@ -170,7 +176,7 @@ _Static_assert(__builtin_offsetof(struct ubpf_probe_block, entry) == 16, "ubpf_p
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, enabled) == 24, "ubpf_probe_block.enabled");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, hits) == 32, "ubpf_probe_block.hits");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, missed) == 40, "ubpf_probe_block.missed");
-_Static_assert(__builtin_offsetof(struct ubpf_probe_block, active) == 48, "ubpf_probe_block.active");
+_Static_assert(__builtin_offsetof(struct ubpf_probe_block, reserved0) == 48, "ubpf_probe_block.reserved0");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, flags) == 56, "ubpf_probe_block.flags");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, probe_id) == 64, "ubpf_probe_block.probe_id");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, ns) == 72, "ubpf_probe_block.ns");
@@ -190,12 +196,12 @@ _Static_assert(__builtin_offsetof(struct ubpf_shadow_entry, probe) == 16, "ubpf_
 struct ubpf_thread_block {
 	uint64_t key;  /* the thread's FS base; 0: free slot (claimed with a compare-and-swap) */
 	uint64_t busy;  /* non-zero while a program runs on this thread (no nesting, like the kernel) */
-	uint64_t tid;  /* cached gettid(); 0: unknown */
+	uint64_t tid;  /* cached gettid(), trusted while the libc's tid word (RUNTIME_HEADER.tid_fs_off) still holds it; 0: unknown */
 	uint64_t generation;  /* RUNTIME_HEADER.generation the cached facts belong to */
 	uint64_t prandom;  /* xorshift state of bpf_get_prandom_u32 */
 	uint64_t shadow_depth;  /* entries in use in ``shadow`` */
 	uint64_t tgid;  /* cached getpid(), valid while ``generation`` equals RUNTIME_HEADER.generation (the tracer bumps that on fork before the child runs a probe); 0: unknown */
-	uint64_t reserved;
+	uint64_t tid_fs;  /* the FS base ``tid`` was checked against */
 	uint64_t shadow[192];  /* return-probe shadow stack (ubpf_shadow_entry) */
 } __attribute__((aligned(64)));
 _Static_assert(sizeof(struct ubpf_thread_block) == 1600, "ubpf_thread_block size");
@@ -206,7 +212,7 @@ _Static_assert(__builtin_offsetof(struct ubpf_thread_block, generation) == 24, "
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, prandom) == 32, "ubpf_thread_block.prandom");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow_depth) == 40, "ubpf_thread_block.shadow_depth");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, tgid) == 48, "ubpf_thread_block.tgid");
-_Static_assert(__builtin_offsetof(struct ubpf_thread_block, reserved) == 56, "ubpf_thread_block.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_thread_block, tid_fs) == 56, "ubpf_thread_block.tid_fs");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow) == 64, "ubpf_thread_block.shadow");
 
 /* one per patched site, in the arena; its entry trampoline runs every probe listed here */
@@ -324,7 +330,12 @@ struct ubpf_map_desc {
 	uint64_t spin_off;  /* offset + 1 of the value's struct bpf_spin_lock, 0: none */
 	uint64_t evictions;  /* LRU elements evicted to make room */
 	uint64_t perf_rings;  /* perf event array: address of ncpus PERF_RING headers */
-	uint64_t reserved[6];
+	uint64_t spare_table;  /* hash: the other index table; a rebuild fills it and swaps it with ``table`` */
+	uint64_t head;  /* queue/stack: next slot to push */
+	uint64_t tail;  /* queue/stack: oldest element */
+	uint64_t lifo;  /* stack: 1 (pop the newest) */
+	uint64_t seed;  /* bloom filter: hash seed */
+	uint64_t nr_hash;  /* bloom filter: hash functions */
 } __attribute__((aligned(64)));
 _Static_assert(sizeof(struct ubpf_map_desc) == 320, "ubpf_map_desc size");
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, kind) == 0, "ubpf_map_desc.kind");
@@ -361,7 +372,12 @@ _Static_assert(__builtin_offsetof(struct ubpf_map_desc, lru_tail) == 240, "ubpf_
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, spin_off) == 248, "ubpf_map_desc.spin_off");
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, evictions) == 256, "ubpf_map_desc.evictions");
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, perf_rings) == 264, "ubpf_map_desc.perf_rings");
-_Static_assert(__builtin_offsetof(struct ubpf_map_desc, reserved) == 272, "ubpf_map_desc.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, spare_table) == 272, "ubpf_map_desc.spare_table");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, head) == 280, "ubpf_map_desc.head");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, tail) == 288, "ubpf_map_desc.tail");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, lifo) == 296, "ubpf_map_desc.lifo");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, seed) == 304, "ubpf_map_desc.seed");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, nr_hash) == 312, "ubpf_map_desc.nr_hash");
 
 /* one CPU's perf buffer of a PERF_EVENT_ARRAY (records as the kernel writes them) */
 struct ubpf_perf_ring {

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 	need=""
-	for p in clang llvm libbpf-dev bpftool golang-go systemtap-sdt-dev gcc; do
+	for p in clang llvm libbpf-dev bpftool golang-go systemtap-sdt-dev gcc musl-tools; do
 		dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"
 	done
 	if [ -n "$need" ]; then
@@ -30,6 +30,6 @@ fi
 
 # phase 1: everything that does not measure time, on two workers; phase 2: the timed tests, alone
 rc=0
-python3 -m pytest -q -n 2 -p no:cacheprovider -m "not serial" "$@" tests || rc=$?
+python3 -m pytest -q -n 2 --dist loadgroup -p no:cacheprovider -m "not serial" "$@" tests || rc=$?
 python3 -m pytest -q -p no:cacheprovider -m serial "$@" tests || rc=$((rc ? rc : $?))
 exit $rc

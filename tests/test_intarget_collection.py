@@ -8,8 +8,8 @@ import random
 import struct
 
 import pytest
+from intarget_fixture import needs_runtime
 
-from tests.intarget_fixture import needs_runtime
 from ubpf_py.abi.kernel import PT_REGS
 from ubpf_py.intarget.arena import SharedArena
 from ubpf_py.live.collection import Collection

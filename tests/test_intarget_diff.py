@@ -11,8 +11,8 @@ import struct
 import threading
 
 import pytest
+from intarget_fixture import Job, driver, make_frame, needs_runtime
 
-from tests.intarget_fixture import Job, driver, make_frame, needs_runtime
 from ubpf_py.helpers import build_helper_table
 from ubpf_py.intarget import runtime_obj
 from ubpf_py.intarget.arena import SharedArena
@@ -84,14 +84,17 @@ HASHES = [C.HASH, C.PERCPU_HASH, C.LRU_HASH, C.LRU_PERCPU_HASH]
 
 
 @pytest.mark.parametrize("mtype", [*HASHES, C.ARRAY, C.PERCPU_ARRAY])
-@pytest.mark.parametrize("shape", ["k4v12", "k12v8", "k4v16lock"])
+@pytest.mark.parametrize("shape", ["k4v12", "k12v8", "k4v16lock", "k300v8noprealloc"])
 def test_map_ops_match_python(arena, rt, pinned, mtype, shape):
-    ks, vs = {"k4v12": (4, 12), "k12v8": (12, 8), "k4v16lock": (4, 16)}[shape]
+    ks, vs = {"k4v12": (4, 12), "k12v8": (12, 8), "k4v16lock": (4, 16), "k300v8noprealloc": (300, 8)}[shape]
+    flags = C.BPF_F_NO_PREALLOC if shape.endswith("noprealloc") else 0
+    if mtype in (C.ARRAY, C.PERCPU_ARRAY, C.LRU_HASH, C.LRU_PERCPU_HASH) and flags:
+        pytest.skip("arrays and LRU maps are always preallocated")
     if mtype in (C.ARRAY, C.PERCPU_ARRAY):
         ks = 4
-    spec = MapSpec("m", mtype, ks, vs, 24)
+    spec = MapSpec("m", mtype, ks, vs, 24, flags)
     py_map = create_map(spec, ncpus=4)
-    c_map = create_map(MapSpec("m", mtype, ks, vs, 24), ncpus=4, alloc=arena)
+    c_map = create_map(MapSpec("m", mtype, ks, vs, 24, flags), ncpus=4, alloc=arena)
     assert mtype in (C.ARRAY, C.PERCPU_ARRAY) or c_map._c is not None
     if shape.endswith("lock"):
         py_map.spin_lock_off = c_map.spin_lock_off = 4
@@ -303,3 +306,140 @@ def test_get_stackid_helper_walks_the_user_stack(arena, rt):
     assert get(0, m.handle_addr, C.BPF_F_USER_STACK | 1, 0, 0, f.addr) != sid
     assert get(0, m.handle_addr, 0, 0, 0, f.addr) == (-14) & M64         # no kernel stack: -EFAULT
     assert get(0, m.handle_addr, 1 << 20, 0, 0, f.addr) == (-22) & M64   # unknown flag
+
+
+@pytest.mark.parametrize("mtype", [C.LRU_HASH, C.HASH])
+def test_many_threads_churn_one_small_map(arena, rt, drv, mtype):
+    """Inserts, deletes and LRU evictions from 6 C threads and the tracer's Python on the
+    same keys: no failed LRU update, and afterwards the index, the live bytes, the
+    free stack and the LRU list all agree."""
+    from ubpf_py.maps import descriptor as D
+
+    nthreads, iters, nkeys, cap = 6, 20000, 96, 64
+    m = create_map(MapSpec("c", mtype, 8, 16, cap if mtype == C.LRU_HASH else nkeys), alloc=arena)
+    f = make_frame(arena)
+    addr = {h: ctypes.cast(rt.helper(h), ctypes.c_void_p).value for h in (1, 2, 3)}
+    jobs = (Job * nthreads)()
+    for i, j in enumerate(jobs):
+        j.upd, j.dele, j.lookup = addr[2], addr[3], addr[1]
+        j.map, j.hf, j.id, j.iters, j.keys = m.handle_addr, f.addr, i + 1, iters, nkeys
+    stop = threading.Event()
+    py_bad: list[int] = []
+
+    def python_side():
+        i = 0
+        while not stop.is_set():
+            k = struct.pack("<Q", i % nkeys)
+            rc = m.update(k, struct.pack("<QQ", i % nkeys, i))
+            if rc != 0:
+                py_bad.append(rc)
+            i += 1
+
+    t = threading.Thread(target=python_side)
+    t.start()
+    assert drv.churn(jobs, nthreads) == 0
+    stop.set()
+    t.join()
+    assert sum(j.errors for j in jobs) == 0, [ctypes.c_int64(j.ring).value for j in jobs if j.errors]
+    assert py_bad == []
+    keys = m.keys()
+    w = m._handle.view.cast("Q")
+    assert len(keys) == len(set(keys)) == len(m) <= (cap if mtype == C.LRU_HASH else nkeys)
+    for k in keys:
+        v = m.lookup(k)
+        assert v is not None and v[:8] == k
+    fresh, nfree = w[D.W["fresh"]], w[D.W["nfree"]]
+    assert fresh - nfree == len(m)
+    free = set(m._cfree.array.view("<u4")[:nfree].tolist())
+    assert len(free) == nfree and not free & set(int(s) for s in m._c_slots())
+    if mtype == C.LRU_HASH:
+        nxt = m._clru[1].array.view("<u4")
+        walk, s = [], w[D.W["lru_head"]]
+        while s != D.LRU_NIL and len(walk) <= cap:
+            walk.append(int(s))
+            s = nxt[s]
+        assert sorted(walk) == sorted(int(s) for s in m._c_slots())
+        assert m.evictions > 0
+
+
+def test_cpu_beyond_the_maps_copies_stays_inside_the_slot(arena, rt):
+    m = create_map(MapSpec("p", C.PERCPU_ARRAY, 4, 8, 2), ncpus=2, alloc=arena)
+    key = struct.pack("<I", 1)
+    base = m.lookup_addr(key, 0)
+    for cpu in (0, 1, 2, 3, 4095):
+        a = rt.map_lookup(m.handle_addr, key, cpu)
+        assert base <= a < base + 2 * 8
+        assert rt.map_update(m.handle_addr, key, struct.pack("<Q", cpu + 1), 0, cpu) == 0
+    assert m.lookup(struct.pack("<I", 0)) == bytes(16)      # the neighbour element untouched
+
+
+def test_kernel_reads_strncmp_write_user_match_python(arena, rt):
+    """probe_read_kernel(_str) read only program memory (the arena here, the regions
+    there), with -ERANGE for user addresses like the kernel; strncmp; write_user."""
+    py, c = PySide([], 0), CSide(rt, make_frame(arena), arena)
+    outside = ctypes.create_string_buffer(b"target memory\0", 32)   # user memory to both
+    rng = random.Random(9)
+    for step in range(300):
+        s = bytes(rng.choice(b"abc\0") for _ in range(rng.randrange(1, 12)))
+        size = rng.choice([0, 1, 4, 8, 16])
+        for hid in (113, 115):
+            _put(py, 0, s.ljust(32, b"\0"))
+            _put(c, 0, s.ljust(32, b"\0"))
+            for which in ("prog", "user", "kernel"):
+                src = {"prog": None, "user": ctypes.addressof(outside), "kernel": 0xFFFF_8880_0000_0000}[which]
+                ps = py.scratch.addr if src is None else src
+                cs = c.scratch.addr if src is None else src
+                _put(py, 64, b"\xaa" * 16)
+                _put(c, 64, b"\xaa" * 16)
+                rp = py.call(hid, py.scratch.addr + 64, size, ps)
+                rc = c.call(hid, c.scratch.addr + 64, size, cs)
+                assert rp == rc, f"step {step}: helper {hid} {which} size {size}"
+                assert bytes(py.scratch.view[64:80]) == bytes(c.scratch.view[64:80])
+        t = bytes(rng.choice(b"abc") for _ in range(rng.randrange(0, 6))) + b"\0"
+        _put(py, 128, t)
+        _put(c, 128, t)
+        n = rng.randrange(0, 8)
+        assert py.call(182, py.scratch.addr, n, py.scratch.addr + 128) == \
+            c.call(182, c.scratch.addr, n, c.scratch.addr + 128), f"step {step}: strncmp {s!r} {t!r} {n}"
+    data = _put(c, 256, b"XYZ")
+    assert c.call(36, ctypes.addressof(outside), data, 3) == 0 and outside.raw[:4] == b"XYZg"
+    assert c.call(36, c.scratch.addr, data, 3) == (-14) & M64       # program memory is not user memory
+    assert c.call(36, 16, data, 3) == (-14) & M64
+
+
+@pytest.mark.parametrize("mtype", [C.QUEUE, C.STACK, C.BLOOM_FILTER])
+@pytest.mark.parametrize("vs", [4, 6, 16])
+def test_queue_stack_bloom_match_python(arena, rt, mtype, vs):
+    flags = C.BPF_F_ZERO_SEED if mtype == C.BLOOM_FILTER else 0
+    py_m = create_map(MapSpec("q", mtype, 0, vs, 5, flags))
+    c_m = create_map(MapSpec("q", mtype, 0, vs, 5, flags), alloc=arena)
+    assert c_m._c is not None
+    py, c = PySide([py_m], 0), CSide(rt, make_frame(arena), arena)
+    rng = random.Random(mtype * 10 + vs)
+    for step in range(600):
+        v = bytes(rng.randrange(4) for _ in range(vs))   # few values: bloom hits and misses
+        op = rng.random()
+        if op < 0.4:
+            fl = rng.choice([0, 0, C.BPF_EXIST, C.BPF_NOEXIST, 8])
+            assert py.call(87, py_m.handle_addr, _put(py, 0, v), fl) == \
+                c.call(87, c_m.handle_addr, _put(c, 0, v), fl), f"step {step}: push"
+        elif op < 0.8:
+            hid = rng.choice([88, 89])
+            _put(py, 0, v)
+            _put(c, 0, v)
+            _put(py, 64, b"\xaa" * vs)
+            _put(c, 64, b"\xaa" * vs)
+            dst = 0 if (hid == 89 and mtype == C.BLOOM_FILTER) else 64
+            assert py.call(hid, py_m.handle_addr, py.scratch.addr + dst) == \
+                c.call(hid, c_m.handle_addr, c.scratch.addr + dst), f"step {step}: helper {hid}"
+            assert bytes(py.scratch.view[64:64 + vs]) == bytes(c.scratch.view[64:64 + vs])
+        else:   # the tracer pushes and pops the shared map too
+            if rng.random() < 0.5:
+                assert py_m.push(v, C.BPF_EXIST if mtype != C.BLOOM_FILTER else 0) == \
+                    c_m.push(v, C.BPF_EXIST if mtype != C.BLOOM_FILTER else 0)
+            else:
+                assert py_m.pop() == c_m.pop()
+    if mtype != C.BLOOM_FILTER:
+        assert py_m.values() == c_m.values() and len(py_m) == len(c_m)
+    else:
+        assert bytes(py_m._bits) == bytes(c_m._bits)

@@ -9,9 +9,9 @@ import os
 import struct
 
 import pytest
+from intarget_fixture import make_frame, needs_runtime, tid
+from test_printk import INVALID, STRINGS, STRMEM_SIZE, TRACE_CASES, VALID, Ours
 
-from tests.intarget_fixture import make_frame, needs_runtime, tid
-from tests.test_printk import INVALID, STRINGS, STRMEM_SIZE, TRACE_CASES, VALID, Ours
 from ubpf_py.abi.runtime import RUNTIME_HEADER
 from ubpf_py.intarget import printk_ring, runtime_obj
 from ubpf_py.intarget.arena import SharedArena

@@ -13,8 +13,8 @@ import threading
 import time
 
 import pytest
+from intarget_fixture import cpu_has, make_frame, needs_runtime, tid
 
-from tests.intarget_fixture import cpu_has, make_frame, needs_runtime, tid
 from ubpf_py.abi.runtime import PB_F_AT_ENTRY, RUNTIME_HEADER, THREAD_BLOCK
 from ubpf_py.intarget import runtime_build, runtime_obj
 from ubpf_py.intarget.arena import SharedArena
@@ -48,8 +48,8 @@ def test_object_has_no_undefined_symbols_and_no_vector_registers(tmp_path):
     if shutil.which("objdump"):
         dis = subprocess.run(["objdump", "-d", str(o)], capture_output=True, text=True, check=True).stdout
         assert "%xmm" not in dis and "%ymm" not in dis and "%zmm" not in dis
-    assert {1, 2, 3, 4, 5, 6, 7, 8, 14, 15, 16, 25, 27, 45, 67, 109, 112, 114, 117, 125, 130, 131, 132,
-            133, 134, 173, 174, 177} <= runtime_obj.helper_ids()
+    assert {1, 2, 3, 4, 5, 6, 7, 8, 14, 15, 16, 25, 27, 36, 45, 67, 87, 88, 89, 93, 94, 109, 112, 113, 114, 115,
+            117, 118, 125, 130, 131, 132, 133, 134, 160, 173, 174, 177, 182} <= runtime_obj.helper_ids()
 
 
 def test_cached_build_is_reused_and_digest_tracks_sources(tmp_path):
@@ -69,6 +69,8 @@ def test_clocks_vdso_and_syscall(arena, rt):
             v = rt.helper(hid)(0, 0, 0, 0, 0, f.addr)
             b = time.clock_gettime_ns(clock)
             assert a <= v <= b
+        coarse = rt.helper(160)(0, 0, 0, 0, 0, f.addr)
+        assert abs(coarse - time.clock_gettime_ns(6)) < 50_000_000   # 6: CLOCK_MONOTONIC_COARSE
 
 
 def test_pid_tgid_uid_gid_comm_in_threads(arena, rt):
@@ -287,3 +289,115 @@ def test_spin_lock_word(arena, rt):
     assert rt.helper(93)(v.addr, 0, 0, 0, 0, f.addr) == 0    # held: gives up, never hangs the target
     assert time.monotonic() - t0 < 30
     assert rt.helper(94)(v.addr, 0, 0, 0, 0, f.addr) == 0 and w[0] == 0
+
+
+def test_built_object_carries_its_source_digest(tmp_path):
+    out = tmp_path / "rt.o"
+    runtime_build.build(runtime_obj.RUNTIME_DIR, out)
+    assert runtime_obj._object_digest(out.read_bytes()) == runtime_build.digest(runtime_obj.RUNTIME_DIR)
+
+
+def test_no_compiler_means_a_clear_reason(tmp_path, monkeypatch):
+    from ubpf_py.errors import NotSupportedError
+    from ubpf_py.maps import consts as C
+    from ubpf_py.maps import create_map
+    from ubpf_py.maps.native_ops import runtime_for
+    from ubpf_py.obj.spec import MapSpec
+
+    monkeypatch.setattr(runtime_build, "compiler", lambda: None)
+    monkeypatch.setattr(runtime_obj, "PACKAGED", tmp_path / "absent.o")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    runtime_obj._locate.cache_clear()
+    try:
+        why = runtime_obj.unavailable_reason()
+        assert why is not None and "C compiler" in why
+        with pytest.raises(NotSupportedError, match=r"in-target execution: .*C compiler"):
+            runtime_obj.object_bytes()
+        with SharedArena(1 << 20) as a:
+            # maps in an arena keep their Python implementation (the in-target path is off)
+            m = create_map(MapSpec("h", C.HASH, 4, 8, 4), alloc=a)
+            assert runtime_for(a) is None and m._c is None
+            assert m.update(b"\1\0\0\0", bytes(8)) == 0 and len(m) == 1
+    finally:
+        runtime_obj._locate.cache_clear()
+
+
+def test_vdso_clock_gettime_found_and_callable():
+    from ubpf_py.intarget.vdso import vdso_symbols
+
+    syms = vdso_symbols()
+    fn_addr = syms.get("__vdso_clock_gettime")
+    assert fn_addr
+    ts = (ctypes.c_long * 2)()
+    fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)(fn_addr)
+    a = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    assert fn(time.CLOCK_MONOTONIC, ts) == 0
+    b = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    assert a <= ts[0] * 1_000_000_000 + ts[1] <= b
+
+
+def test_jiffies_from_the_host_calibration(arena, rt):
+    from ubpf_py.helpers.task_helpers import jiffies64
+    from ubpf_py.intarget.header import host_facts, write_header
+
+    f = make_frame(arena)
+    facts = host_facts()
+    write_header(f.header, **facts)
+    assert facts["max_stack"] >= 1 and facts["hz"] in (100, 250, 300, 1000)
+    a = jiffies64()
+    v = rt.helper(118)(0, 0, 0, 0, 0, f.addr)
+    b = jiffies64()
+    assert a <= v <= b
+
+
+def _my_tcb(size: int = 0x800) -> tuple[int, int, bytes]:
+    """(tid, FS base, bytes at the FS base) of the calling thread."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fs = ctypes.c_uint64()
+    assert libc.syscall(158, 0x1003, ctypes.byref(fs)) == 0   # arch_prctl(ARCH_GET_FS)
+    return tid(), fs.value, ctypes.string_at(fs.value, size)
+
+
+@pytest.mark.skipif(not cpu_has("fsgsbase"), reason="no FSGSBASE")
+def test_tid_from_the_libc_word_without_a_syscall(arena, rt):
+    from ubpf_py.abi.runtime import RT_F_FSGSBASE
+    from ubpf_py.intarget.header import host_facts, tid_fs_offset
+
+    if not host_facts()["flags"] & RT_F_FSGSBASE:
+        pytest.skip("the kernel does not let user space use rdfsbase")
+    got: dict[int, bytes] = {}
+
+    def grab():
+        t, _fs, raw = _my_tcb()
+        got[t] = raw
+
+    ts = [threading.Thread(target=grab) for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    off = tid_fs_offset(got)
+    assert off, "no struct pthread tid word found"
+    assert tid_fs_offset({1: bytes(0x800)}) == 0
+    shared = make_frame(arena)               # one thread block for every thread: must revalidate
+    own = [make_frame(arena) for _ in range(5)]   # (make_frame rewrites the shared header: first)
+    shared.set_header("tid_fs_off", off)
+    shared.set_header("flags", shared.header[RUNTIME_HEADER.word("flags")] | RT_F_FSGSBASE)
+    results: list[tuple[int, int, int, int]] = []
+
+    def body():
+        mine = own.pop()
+        for _ in range(3):
+            a = rt.helper(14)(0, 0, 0, 0, 0, shared.addr)
+            b = rt.helper(14)(0, 0, 0, 0, 0, mine.addr)
+            results.append((a & 0xFFFFFFFF, b & 0xFFFFFFFF, tid(), mine.thread[THREAD_BLOCK.word("tid")]))
+
+    ts = [threading.Thread(target=body) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    body()
+    for a, b, real, cached in results:
+        assert a == b == real and cached == real     # cached after its check: no syscall next time
+    shared.set_header("tid_fs_off", 0)

@@ -174,13 +174,14 @@ def _bpf_object(tmp_path: Path, text: str, name: str = "faulty") -> Path:
 def test_native_fault_is_clean_error_and_target_untouched(corpus_build, tmp_path, capfd,
                                                           monkeypatch, section) -> None:
     """Entry probes fault in the C loop, return probes in the Python path: both end tracing with
-    the one-line error and leave every thread able to finish (return addresses restored)."""
+    the one-line error and leave every thread able to finish (return addresses restored;
+    --keep-command lets the command run on to show it)."""
     obj = _bpf_object(tmp_path, FAULTY_C.replace('SEC("uprobe")', f'SEC("{section}")'))
     # a single-threaded target: the one thread that faulted is the whole story
     plain = subprocess.run(["./hello"], cwd=corpus_build, capture_output=True, text=True, timeout=60)
     rc, ev, err, runs = _run_cli(capfd, monkeypatch, corpus_build,
                                  [str(obj), "--verifier", "off", "-a", "deref_arg=./hello:add",
-                                  "--", "./hello"])
+                                  "--keep-command", "--", "./hello"])
     assert runs == 0
     assert rc != 0
     lines = [ln for ln in err.splitlines() if ln.startswith("ubpf-run: error:")]

@@ -47,7 +47,10 @@ RUNTIME_HEADER = Layout("ubpf_runtime_header", [
     u64("ret_trampoline", "address return probes put in place of return addresses: stack walks "
         "report the original from the thread's shadow stack instead"),
     u64("max_stack", "kernel.perf_event_max_stack (0: 127), the deepest stack get_stack(id) returns"),
-    u64s("reserved", 1),
+    u64("hz", "CONFIG_HZ, for bpf_jiffies64 (0: the helper returns 0 jiffies since boot)"),
+    u64("jiffies_base", "jiffies at CLOCK_MONOTONIC 0 (helpers/task_helpers.py _jiffies_base)"),
+    u64("tid_fs_off", "offset from the FS base of the libc's thread-id word (struct pthread tid), "
+        "checked by the tracer on every thread; 0: unknown (gettid() per call)"),
 ], doc="at the start of the arena")
 
 #: PROBE_BLOCK.flags
@@ -62,7 +65,7 @@ PROBE_BLOCK = Layout("ubpf_probe_block", [
     u64("enabled", "0: the trampoline skips the program (detach in progress)"),
     u64("hits", "programs run (atomic add)"),
     u64("missed", "hits skipped: the thread was already inside a program, or no thread slot"),
-    u64("active", "threads inside the trampoline's program call right now"),
+    u64("reserved0", "unused (detach finds threads inside programs by rip and THREAD_BLOCK.busy)"),
     u64("flags", "PB_F_*"),
     u64("probe_id", "the tracer's id for this probe"),
     u64("ns", "nanoseconds spent in the program when timing is on"),
@@ -79,13 +82,14 @@ SHADOW_DEPTH = 64
 THREAD_BLOCK = Layout("ubpf_thread_block", [
     u64("key", "the thread's FS base; 0: free slot (claimed with a compare-and-swap)"),
     u64("busy", "non-zero while a program runs on this thread (no nesting, like the kernel)"),
-    u64("tid", "cached gettid(); 0: unknown"),
+    u64("tid", "cached gettid(), trusted while the libc's tid word (RUNTIME_HEADER.tid_fs_off) "
+        "still holds it; 0: unknown"),
     u64("generation", "RUNTIME_HEADER.generation the cached facts belong to"),
     u64("prandom", "xorshift state of bpf_get_prandom_u32"),
     u64("shadow_depth", "entries in use in ``shadow``"),
     u64("tgid", "cached getpid(), valid while ``generation`` equals RUNTIME_HEADER.generation "
         "(the tracer bumps that on fork before the child runs a probe); 0: unknown"),
-    u64s("reserved", 1),
+    u64("tid_fs", "the FS base ``tid`` was checked against"),
     u64s("shadow", SHADOW_DEPTH * SHADOW_ENTRY.size // 8, "return-probe shadow stack (ubpf_shadow_entry)"),
 ], doc="one per thread in the thread table; the runtime stack follows up to the slot's end", align=64)
 

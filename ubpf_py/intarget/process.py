@@ -128,7 +128,8 @@ class InTargetEngine:
                 S.map_arena(mapper, proc.mem, tid, self.plan, self.arena_fd, st.rt)
             ret = TR.build_return_trampoline(self.plan.ret_tramp_addr, self.plan.header_addr)
             S.install_image(mapper, proc.mem, tid, self.plan, self.code, ret, st.rt)
-            S.write_header(proc.mem, self.plan, proc.tgid, self.printk_ring)
+            S.write_header(proc.mem, self.plan, proc.tgid, self.printk_ring,
+                           [t.tid for t in proc.threads.values() if t.stopped])
         except UbpfError as e:
             st.failed = f"in-target runtime unavailable in pid {proc.tgid}: {e}"
             with contextlib.suppress(UbpfError, OSError):
@@ -293,6 +294,15 @@ class InTargetEngine:
             for s in st.sites.values():
                 with contextlib.suppress(ValueError):
                     self._disable_site(s)
+
+    def forget_sites(self, tgid: int, gone) -> None:
+        """Sites at addresses where ``gone(addr)`` (code unmapped by dlclose): a library mapped
+        there later is patched afresh, and detach never writes old bytes into it."""
+        st = self.procs.get(tgid)
+        if st is None:
+            return
+        for addr in [a for a in st.sites if gone(a)]:
+            self._disable_site(st.sites.pop(addr))
 
     @staticmethod
     def _disable_site(site: SiteState) -> None:

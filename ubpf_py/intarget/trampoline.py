@@ -25,7 +25,7 @@ never repeats a layout.
                       tail call chaining two return probes, as the kernel tells them
                       apart), push a SHADOW_ENTRY, [rsp] = the return trampoline
                       (shadow stack full: ``missed`` += 1, the return address stays)
-        otherwise:    active += 1; entry(&pt_regs, &hit_frame); active -= 1; hits += 1
+        otherwise:    entry(&pt_regs, &hit_frame); hits += 1
     restore r8-r15, rbp from pt_regs, back to the target stack, busy = 0,
     pop the scratch registers, popfq, lea rsp,[rsp+128]
     relocated displaced instructions, jmp site+length
@@ -239,17 +239,17 @@ def _enter_runtime() -> str:
 
 
 def _call_program() -> str:
-    """Run probe rbp's program (rsp = hit frame); counts active/hits."""
+    """Run probe rbp's program (rsp = hit frame); counts hits.  No in-flight counter: detach
+    finds threads inside programs by their rip and THREAD_BLOCK.busy, so a hit pays one
+    locked instruction on the probe's cache line, not three."""
     return """
     mov rax, [rbp + P_entry]
     test rax, rax
     jz 1f
-    lock inc qword ptr [rbp + P_active]
     mov [rsp + F_probe], rbp
     lea rdi, [rsp + F_SIZE + 8]
     mov rsi, rsp
     call rax
-    lock dec qword ptr [rbp + P_active]
 1:
     lock inc qword ptr [rbp + P_hits]
 """

@@ -36,6 +36,7 @@ from ubpf_py.live.pump import EventSink, OutputPump
 from ubpf_py.live.sites import resolve_sites, usdt_specs_for
 from ubpf_py.obj.spec import ObjectSpec
 from ubpf_py.output.values import ValueDecoder
+from ubpf_py.vm.budget import DEFAULT_BUDGET
 from ubpf_py.vm.memory import Region
 
 PT_REGS_SIZE = 168
@@ -98,7 +99,8 @@ class UserspaceBackend:
 
     # ---- load --------------------------------------------------------------------------
     def load(self, *, engine: str, verifier: str, check_memory: bool, native_hits: bool,
-             programs: list[str] | None, sink: EventSink, event_type_id: int, mode: str = "auto") -> Collection:
+             programs: list[str] | None, sink: EventSink, event_type_id: int, mode: str = "auto",
+             budget: int | None = None) -> Collection:
         """Load the programs; with ``mode`` auto/intarget the maps live in memory shared with the
         target and eligible programs are compiled into an image inside it (``live.intarget``)."""
         if mode not in MODES:
@@ -108,7 +110,8 @@ class UserspaceBackend:
             raise UsageError(f"--mode intarget: {no_target}")
         arena = self.session.enable_in_target() if no_target is None else None
         coll = Collection.load(self.spec, engine=engine, verifier=verifier, programs=programs,
-                               check_memory=check_memory, arena=arena)
+                               check_memory=check_memory, arena=arena,
+                               budget=DEFAULT_BUDGET if budget is None else budget)
         wanted = list(programs) if programs is not None else list(coll.programs)
         if arena is not None:
             self.in_target = prepare_in_target(self.session, coll, wanted, verifier=verifier)
@@ -260,6 +263,12 @@ class UserspaceBackend:
         if self.session is not None:
             with contextlib.suppress(UbpfError, OSError):
                 self.session.detach()
+
+    def end_command(self, grace: float) -> tuple[int | None, str]:
+        """End a launched command that outlived the session (``ProbeSession.end_command``)."""
+        if self.session is None:
+            return None, ""
+        return self.session.end_command(grace)
 
     def close(self) -> None:
         """Detach, then free the arena the maps lived in (maps are unreadable afterwards)."""

@@ -36,6 +36,7 @@ from ubpf_py.sysinfo import possible_cpus
 
 BPF_OBJ_NAME_LEN = 16
 BPF_F_RDONLY_PROG = 1 << 7
+BPF_F_WRONLY_PROG = 1 << 8
 BPF_F_MMAPABLE = 1 << 10
 
 T_PROG_ARRAY, T_PERF_EVENT_ARRAY = 3, 4

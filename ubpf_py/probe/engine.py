@@ -401,14 +401,44 @@ class ProbeSession:
         self._detached = True
         self.tracer.threads.clear()
         self.tracer._close_all()
+        st = P.reap_group(self.pid)
+        if st is not None:
+            self._exit = os.WEXITSTATUS(st) if os.WIFEXITED(st) else -os.WTERMSIG(st)
+
+    def end_command(self, grace: float = 2.0) -> tuple[int | None, str]:
+        """End a launched target that outlived the session: SIGTERM, then SIGKILL after ``grace``
+        seconds.  Returns (its exit code or -signal, "terminated" / "killed" / "had exited");
+        (None, "") when there is nothing to end (attached with --pid, or already collected)."""
+        if not self._launched or self._exit is not None:
+            return self._exit, "had exited" if self._exit is not None else ""
+        if not self._detached:
+            self.detach()
+        how = "terminated"
+        time.sleep(0.05)      # a signal it got while traced (a terminal Ctrl-C) may be ending it
         try:
-            while True:
-                p, st = os.waitpid(self.pid, P.WALL)
-                if p == self.pid and (os.WIFEXITED(st) or os.WIFSIGNALED(st)):
-                    self._exit = os.WEXITSTATUS(st) if os.WIFEXITED(st) else -os.WTERMSIG(st)
-                    break
+            p, st = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
-            pass
+            return None, ""
+        if p:
+            self._exit = os.WEXITSTATUS(st) if os.WIFEXITED(st) else -os.WTERMSIG(st)
+            return self._exit, "had exited"
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            how = "had exited"
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                p, st = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return None, ""
+            if p:
+                self._exit = os.WEXITSTATUS(st) if os.WIFEXITED(st) else -os.WTERMSIG(st)
+                return self._exit, how
+            if time.monotonic() >= deadline and how != "killed":
+                how = "killed"
+                os.kill(self.pid, signal.SIGKILL)
+            time.sleep(0.01)
 
     def wait(self) -> int:
         """After detaching from a launched target: wait for it and return its exit code."""

@@ -57,6 +57,8 @@ class Thread:
     pending_sig: int = 0
     #: stopped on one of our int3 bytes with the hit not finished yet (rewind on detach)
     at_bp: bool = False
+    #: a zombie that cannot stop (a leader whose exit waits for the other threads)
+    dead: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -248,9 +250,16 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         if proc.vfork_parent is not None:
             return
         maps = read_maps(proc.tgid)
-        # forget breakpoints whose code was unmapped (dlclose); the bytes went with the mapping
+
+        def unmapped(addr: int) -> bool:
+            return not any(m.start <= addr < m.end and m.executable for m in maps)
+
+        # forget breakpoints and in-target sites whose code was unmapped (dlclose); the bytes
+        # went with the mapping, and a library mapped there again must be patched afresh
+        if self.intarget is not None:
+            self.intarget.forget_sites(proc.tgid, unmapped)
         for addr, bp in list(proc.bps.items()):
-            if not any(m.start <= addr < m.end and m.executable for m in maps):
+            if unmapped(addr):
                 bp.armed = False
                 del proc.bps[addr]
                 self._native_dirty = True
@@ -291,10 +300,11 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             self.nl.lib.ub_request_stop(self.nl.state)
         main = self.main
         if main is not None and main.exit_status is None:
-            for t in main.threads.values():
-                if not t.stopped:
+            # every running thread: one of them may be a zombie leader (pthread_exit) that
+            # never stops, and the others may sit in system calls that never hit a probe
+            for t in list(main.threads.values()):
+                if not t.stopped and not t.dead:
                     P.interrupt(t.tid)
-                    break
 
     def loop(self, deadline: float | None = None) -> None:
         """Handle stops until the main process exits, a stop is requested or the deadline passes."""
@@ -361,7 +371,12 @@ class Tracer(RestoreMixin, NativeCallsMixin):
                     raise err
                 bp = th.proc.bps.get(self.v[P.RIP])
                 if bp is not None:
-                    self.finish(th, bp.plan)
+                    try:
+                        self.finish(th, bp.plan)
+                    except P.PtraceError as e:
+                        if e.errno != errno.ESRCH:
+                            raise
+                        th.stopped = th.at_bp = False   # killed meanwhile: its exit follows
             elif r < 0:
                 if -r == 10:    # ECHILD
                     break
@@ -430,6 +445,16 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         if th is None:
             self._early[tid] = status
             return
+        try:
+            self._dispatch(th, status)
+        except P.PtraceError as e:
+            if e.errno != errno.ESRCH:
+                raise
+            # the thread was killed while we held it (exit_group, exec in another thread,
+            # SIGKILL): it is not stopped any more and its exit is reported by waitpid
+            th.stopped = th.at_bp = False
+
+    def _dispatch(self, th: Thread, status: int) -> None:
         if (status & 0x7F) == 0x7F:          # stopped
             th.stopped = True
             sig = (status >> 8) & 0xFF
@@ -688,10 +713,9 @@ class Tracer(RestoreMixin, NativeCallsMixin):
     def _wait_initial_stop(self, pid: int) -> int | None:
         """The first stop of an auto-attached child (it may already have been seen)."""
         st = self._early.pop(pid, None)
-        while st is None:
-            try:
-                _, st = os.waitpid(pid, P.WALL)
-            except ChildProcessError:
+        if st is None:
+            st = P.wait_tid(pid)
+            if st is None:
                 return None
         if (st & 0x7F) != 0x7F:
             return None

@@ -164,9 +164,11 @@ MAX_LOOPS = 1 << 23
 MAX_TAIL_CALLS = 33
 
 
-def program_ir(insns: list[Instruction], prefix: str, checked: bool,
+def program_ir(insns: list[Instruction], prefix: str, checked: bool | int,
                target: TargetInfo | None = None) -> tuple[str, ProgramLayout]:
     """IR text for one program (without the shared module header) and its layout.
+    ``checked``: mode bits ``layout.CHECK_MEMORY`` (True) and ``layout.BUDGET`` (every backward
+    jump counts down ``rt[SLOT_BUDGET]``, reset at entry; at zero the program faults).
 
     ``target``: code for the traced process (``vm.jit.target`` adds its entry): helpers are
     direct calls of the in-target runtime, bpf_loop and tail calls are compiled inline, and
@@ -180,7 +182,7 @@ def program_ir(insns: list[Instruction], prefix: str, checked: bool,
         parts.append(_function_ir(insns, prefix, start, bounds[k + 1], start in callbacks,
                                   helper_index, checked, fast, target))
     if not target:
-        parts.append(_entries_ir(prefix))
+        parts.append(_entries_ir(prefix, bool(checked & layout.BUDGET)))
     plan = ProgramLayout(prefix, tuple(helper_ids), bool(callbacks), TAIL_CALL_HELPER in helper_index,
                          callx, tuple(callbacks), tuple(fast.maps), tuple(sorted(fast.helpers)))
     return "\n".join(parts), plan
@@ -205,16 +207,23 @@ class _FastSites:
         return self.maps.setdefault(handle, len(self.maps))
 
 
-def _entries_ir(p: str) -> str:
+def _entries_ir(p: str, budgeted: bool = False) -> str:
     ef = layout.SLOT_ENTRY_FP
+    reset = ""
+    if budgeted:
+        reset = f"""
+  %bip = getelementptr i64, ptr %rt, i64 {layout.SLOT_BUDGET_INIT}
+  %bi = load i64, ptr %bip
+  %bp = getelementptr i64, ptr %rt, i64 {layout.SLOT_BUDGET}
+  store i64 %bi, ptr %bp"""
     return f"""
-define i64 @{p}_entry(i64 %a1, i64 %a2, i64 %a3, i64 %a4, i64 %a5, ptr %rt) {{
+define i64 @{p}_entry(i64 %a1, i64 %a2, i64 %a3, i64 %a4, i64 %a5, ptr %rt) {{{reset}
   %fpp = getelementptr i64, ptr %rt, i64 {ef}
   %fp = load i64, ptr %fpp
   %r = call i64 @{p}_f0(i64 %a1, i64 %a2, i64 %a3, i64 %a4, i64 %a5, i64 %fp, ptr %rt)
   ret i64 %r
 }}
-define i64 @{p}_entry1(i64 %a1, ptr %rt) {{
+define i64 @{p}_entry1(i64 %a1, ptr %rt) {{{reset}
   %fpp = getelementptr i64, ptr %rt, i64 {ef}
   %fp = load i64, ptr %fpp
   %r = call i64 @{p}_f0(i64 %a1, i64 0, i64 0, i64 0, i64 0, i64 %fp, ptr %rt)
@@ -250,9 +259,10 @@ def _labels(insns: list[Instruction], start: int, end: int) -> set[int]:
 
 
 def _function_ir(insns: list[Instruction], p: str, start: int, end: int, exported: bool,
-                 helper_index: dict[int, int], checked: bool, fast: _FastSites,
-                 target: bool = False) -> str:
-    f = FunctionEmitter(checked, start, target)
+                 helper_index: dict[int, int], checked: bool | int, fast: _FastSites,
+                 target: bool | TargetInfo | None = None) -> str:
+    f = FunctionEmitter(bool(checked & layout.CHECK_MEMORY), start, target)
+    budgeted = bool(checked & layout.BUDGET)
     labels = _labels(insns, start, end)
     attrs = " noinline" if start == 0 else ""
     e = f.emit
@@ -266,7 +276,7 @@ def _function_ir(insns: list[Instruction], p: str, start: int, end: int, exporte
         f.put(r, f"%a{r}" if 1 <= r <= 5 else "0")
     e(f"  %slop = getelementptr i64, ptr %rt, i64 {layout.SLOT_STACK_LO}")
     e("  %slo = load i64, ptr %slop")
-    if checked:
+    if checked & layout.CHECK_MEMORY:
         for name, slot in (("rcs", layout.SLOT_RCACHE_START), ("rcl", layout.SLOT_RCACHE_LIMIT),
                            ("wcs", layout.SLOT_WCACHE_START), ("wcl", layout.SLOT_WCACHE_LIMIT)):
             e(f"  %{name} = getelementptr i64, ptr %rt, i64 {slot}")
@@ -289,6 +299,8 @@ def _function_ir(insns: list[Instruction], p: str, start: int, end: int, exporte
                 e(f"  br label %L{pc}")
             f.label(f"L{pc}")
         f.pc = pc
+        if budgeted and _is_back_edge(insns[pc], pc):
+            _budget_tick(f, pc)
         terminated = _emit_insn(f, insns, pc, p, helper_index, fast)
     if not terminated:
         raise InvalidInstructionError(end - 1, "execution falls off the end of the function")
@@ -355,6 +367,36 @@ def _emit_jmp(f: FunctionEmitter, ins: Instruction, cls: int, pc: int, p: str,
     f.flush()
     f.emit(f"  br i1 {cond}, label %L{pc + ins.off + 1}, label %L{pc + 1}")
     return True
+
+
+def _is_back_edge(ins: Instruction, pc: int) -> bool:
+    """A jump whose target is at or before it (every loop has one)."""
+    cls = ins.opcode & 0x07
+    if cls not in (BPF_JMP, BPF_JMP32):
+        return False
+    code = ins.opcode & 0xF0
+    if code in (BPF_EXIT, BPF_CALL):
+        return False
+    off = ins.imm if (code == BPF_JA and cls == BPF_JMP32) else ins.off
+    return off < 0
+
+
+def _budget_tick(f: FunctionEmitter, pc: int) -> None:
+    """Count one back-edge; fault (FAULT_BUDGET, at this pc) when the budget is used up.
+    Counted whether or not a conditional jump is taken: a bound, not an exact count."""
+    f.flush()
+    bp = f.op(f"getelementptr i64, ptr %rt, i64 {layout.SLOT_BUDGET}")
+    left = f.op(f"load i64, ptr {bp}")
+    nleft = f.op(f"sub i64 {left}, 1")
+    f.emit(f"  store i64 {nleft}, ptr {bp}")
+    out = f.op(f"icmp eq i64 {nleft}, 0")
+    f.n += 1
+    n = f.n
+    f.emit(f"  br i1 {out}, label %budget{n}, label %go{n}")
+    f.emit(f"budget{n}:")
+    f.emit(f"  call void @bpf_fault(ptr %rt, i64 {pc}, i64 0, i64 {layout.FAULT_BUDGET << 16})")
+    f.emit("  br label %unwind")
+    f.emit(f"go{n}:")
 
 
 def _status_check(f: FunctionEmitter) -> None:

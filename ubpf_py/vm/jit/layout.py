@@ -75,7 +75,11 @@ SLOT_NATIVE = 29
 SLOT_HIT_FRAME = 30
 #: code compiled for the traced process: tail calls taken so far in this hit (limit 33)
 SLOT_TAIL_COUNT = 31
-NUM_SLOTS = 32
+#: runaway bound of unverified programs (code compiled with BUDGET): back-edges left in this
+#: run, and the budget each entry starts from (0 = unbounded)
+SLOT_BUDGET = 32
+SLOT_BUDGET_INIT = 33
+NUM_SLOTS = 34
 
 #: The facts block of the native hit path: SLOT_CPU..SLOT_COOKIE are five consecutive
 #: u64 (cpu, tgid << 32 | tid, gid << 32 | uid, func_ip, cookie) -- exactly the block
@@ -93,6 +97,11 @@ STATUS_EXCEPTION = 2   # a Python exception from a helper, callback or tail-call
 #: FAULT_INFO encoding: size | write << 8 | kind << 16
 FAULT_MEMORY = 0
 FAULT_CALL_DEPTH = 1
+FAULT_BUDGET = 2
+
+#: the ``checked`` mode bits programs are compiled with (``True`` is CHECK_MEMORY)
+CHECK_MEMORY = 1
+BUDGET = 2
 
 FRAME_SIZE = STACK_SIZE
 STACK_TOTAL = STACK_SIZE * MAX_CALL_DEPTH
