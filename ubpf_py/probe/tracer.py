@@ -453,6 +453,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             try:
                 self.regs.get(tid)
             except P.PtraceError:
+                th.stopped = False      # killed meanwhile: its exit is reported by waitpid
                 return True
         proc = th.proc
         bps = proc.bps if proc.vfork_parent is None else proc.vfork_parent.bps
