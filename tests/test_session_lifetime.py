@@ -108,6 +108,7 @@ def test_runaway_stop_time_and_verified_programs_pay_nothing(objs, engine, limit
     assert getattr(ex, "budget", None) is None and getattr(ex, "max_instructions", None) is None
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("prog", ["count", "spin"])
 def test_signal_ends_session_fast_and_restores(objs, target, sig, prog):
@@ -214,6 +215,7 @@ def test_keep_command_keeps_it(objs, target, tmp_path):
                     os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.serial
 def test_terminal_ctrl_c_reaches_both(objs, target):
     """A terminal Ctrl-C is SIGINT to the foreground process group: ubpf-run and the command it
     started (same group).  The command's own SIGINT handler runs as without tracing, and
