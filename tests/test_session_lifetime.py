@@ -195,7 +195,12 @@ def test_keep_command_refused_by_kernel_backend(objs, target):
 
 
 def test_keep_command_keeps_it(objs, target, tmp_path):
-    # the kept command inherits ubpf-run's stdout/stderr: files, not pipes nobody would close
+    # the kept command inherits ubpf-run's stdout/stderr: files, not pipes nobody would close;
+    # it outlives ubpf-run, so this process becomes its reaper (no zombie left under init)
+    import ctypes
+
+    prctl = ctypes.CDLL(None).prctl
+    prctl(36, 1, 0, 0, 0)          # PR_SET_CHILD_SUBREAPER
     pid = 0
     with open(tmp_path / "out.txt", "w+") as out, open(tmp_path / "err.txt", "w+") as errf:
         p = subprocess.Popen([sys.executable, "-m", "ubpf_py.cli", str(objs["count"]), "-a",
@@ -213,6 +218,9 @@ def test_keep_command_keeps_it(objs, target, tmp_path):
             if pid > 0:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            prctl(36, 0, 0, 0, 0)
 
 
 @pytest.mark.serial
