@@ -63,7 +63,12 @@ __asm__(".text\n"
 	"tiny:\n"
 	"\tmov %edi,%eax\n"
 	"\tret\n"
-	".size tiny,.-tiny\n");
+	".size tiny,.-tiny\n"
+	/* a function right after it: no alignment padding the jump could overlap */
+	".globl tiny_next\n.type tiny_next,@function\n"
+	"tiny_next:\n"
+	"\tret\n"
+	".size tiny_next,.-tiny_next\n");
 long branchy(long n);
 long tiny(long n);
 
