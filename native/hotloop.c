@@ -378,7 +378,20 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 			if (poll(&p, 1, 0) > 0)
 				return 0;
 		}
-		pid_t tid = waitpid(-1, &st, __WALL);
+		pid_t tid = waitpid(-1, &st, __WALL | WNOHANG);
+		if (tid == 0) {
+			/* about to block: a signal that arrived while we handled the last stop (its
+			 * Python handler has not run: we hold no GIL) must not wait for the next stop,
+			 * which may never come -- e.g. Ctrl-C while every thread sleeps */
+			if (s->wakeup_fd >= 0) {
+				struct pollfd p = { s->wakeup_fd, POLLIN, 0 };
+				if (poll(&p, 1, 0) > 0)
+					return 0;
+			}
+			if (s->stop)
+				return 0;
+			tid = waitpid(-1, &st, __WALL);
+		}
 		if (tid < 0)
 			return errno == EINTR ? 0 : -errno;
 		if ((st & 0xffff) != ((SIGTRAP << 8) | 0x7f) || (st >> 16) != 0 || !tid_slot(s, tid, 0)) {

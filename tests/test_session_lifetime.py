@@ -89,17 +89,17 @@ def test_runaway_program_is_stopped(objs, target, engine, verifier):
     assert took < 30
 
 
-@pytest.mark.parametrize("engine, limit_s", [("interp", 1.0), ("jit", 0.1)])
+@pytest.mark.parametrize("engine, limit_s", [("interp", 1.5), ("jit", 0.1)])
 def test_runaway_stop_time_and_verified_programs_pay_nothing(objs, engine, limit_s):
     from ubpf_py.errors import VMFault
     from ubpf_py.live.collection import Collection
     from ubpf_py.obj.elf import load_object
 
     coll = Collection.load(load_object(objs["spin"]), engine=engine, verifier="off")
-    t0 = time.perf_counter()
+    t0 = time.thread_time()          # CPU time of this thread: stable on a loaded machine
     with pytest.raises(VMFault, match="runaway program 'spin'"):
         coll.program("spin").run(0)
-    assert time.perf_counter() - t0 < limit_s
+    assert time.thread_time() - t0 < limit_s
     small = Collection.load(load_object(objs["spin"]), engine=engine, verifier="off", budget=1000)
     with pytest.raises(VMFault, match="budget of 1000 "):
         small.program("spin").run(0)
@@ -108,6 +108,7 @@ def test_runaway_stop_time_and_verified_programs_pay_nothing(objs, engine, limit
     assert getattr(ex, "budget", None) is None and getattr(ex, "max_instructions", None) is None
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("prog", ["count", "spin"])
 def test_signal_ends_session_fast_and_restores(objs, target, sig, prog):
@@ -194,7 +195,12 @@ def test_keep_command_refused_by_kernel_backend(objs, target):
 
 
 def test_keep_command_keeps_it(objs, target, tmp_path):
-    # the kept command inherits ubpf-run's stdout/stderr: files, not pipes nobody would close
+    # the kept command inherits ubpf-run's stdout/stderr: files, not pipes nobody would close;
+    # it outlives ubpf-run, so this process becomes its reaper (no zombie left under init)
+    import ctypes
+
+    prctl = ctypes.CDLL(None).prctl
+    prctl(36, 1, 0, 0, 0)          # PR_SET_CHILD_SUBREAPER
     pid = 0
     with open(tmp_path / "out.txt", "w+") as out, open(tmp_path / "err.txt", "w+") as errf:
         p = subprocess.Popen([sys.executable, "-m", "ubpf_py.cli", str(objs["count"]), "-a",
@@ -212,8 +218,12 @@ def test_keep_command_keeps_it(objs, target, tmp_path):
             if pid > 0:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            prctl(36, 0, 0, 0, 0)
 
 
+@pytest.mark.serial
 def test_terminal_ctrl_c_reaches_both(objs, target):
     """A terminal Ctrl-C is SIGINT to the foreground process group: ubpf-run and the command it
     started (same group).  The command's own SIGINT handler runs as without tracing, and

@@ -220,3 +220,29 @@ def test_cli_main_exit_with_threads_in_probed_function(target, tmp_path):
         assert p.returncode == 0, p.stderr
         assert "exited with status 5" in p.stderr + p.stdout
         assert "main exits 5" in p.stdout
+
+
+@pytest.mark.parametrize("native", LOOPS)
+@pytest.mark.parametrize("is_return", [False, True])
+def test_target_killed_while_held_at_a_probe(target, native, is_return):
+    """The target dies while one of its threads is held at our breakpoint (the handler runs):
+    finishing that hit meets a vanished thread; the session ends with the real status."""
+    s = ProbeSession.launch([str(target), "mainexit"], stdout=subprocess_devnull(), native=native)
+    off = func_offset(target, "work")
+    seen = []
+
+    def handler(hit):
+        seen.append(hit.tid)
+        if len(seen) == 50:
+            os.kill(s.pid, signal.SIGKILL)
+            time.sleep(0.05)        # the kill lands while this thread is still held
+
+    s.add_probe(str(target), off, handler, is_return=is_return)
+    s.add_probe(str(target), off, lambda hit: None, is_return=not is_return)
+    try:
+        with no_hang(30):
+            status = s.run()
+    finally:
+        s.detach()
+    assert status == -signal.SIGKILL
+    assert len(seen) >= 50

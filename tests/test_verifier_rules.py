@@ -127,6 +127,16 @@ CASES = [
     # byte swaps read only their destination (BPF_TO_BE shares the BPF_X bit)
     ("be16_reads_no_source", "mov %r2, 0\nbe16 %r2\njne %r2, 0, +2\nmov %r1, %r10\nadd %r1, %r2\n"
      "mov %r0, 0\nexit", None),
+    # signed division and modulo (off=1) are valid ALU forms
+    ("signed_division", "mov %r0, -7\nsdiv %r0, 2\nsmod %r0, 3\nexit", None),
+    # cmpxchg compares with r0: it must be set
+    ("cmpxchg_reads_r0", "stdw [%r10-8], 0\nmov %r2, 1\nmov %r1, %r10\nadd %r1, -8\n"
+     "lock cmpxchg [%r1+0], %r2\nmov %r0, 0\nexit", "R0 !read_ok"),
+    # a ringbuf record is gone once submitted: copies of its pointer too
+    ("ringbuf_copy_used_after_submit",
+     "lddw %r1, 0xfa00000002\nmov %r2, 8\nmov %r3, 0\ncall 131\njne %r0, 0, +2\nmov %r0, 0\nexit\n"
+     "mov %r6, %r0\nmov %r1, %r0\nmov %r2, 0\ncall 132\nstdw [%r6+0], 1\nmov %r0, 0\nexit",
+     "R6 invalid mem access 'scalar'"),
     # shifts by the register width or more give an unknown result (not the masked count)
     ("oversized_shift_is_unknown",
      "mov %r1, 1\nmov %r2, 70\nlsh %r1, %r2\nmov %r0, %r10\nadd %r0, -8\nadd %r0, %r1\nstdw [%r0+0], 0\n"

@@ -37,6 +37,8 @@ from ubpf_py.probe import ptrace as P
 TRAMP_PAGE = 64 * 1024
 TRAMP_ALIGN = 64
 _Q = struct.Struct("<Q")
+#: the x86 trap flag (EFLAGS bit 8)
+X86_TF = 1 << 8
 
 
 @dataclass(slots=True)
@@ -371,18 +373,36 @@ class InTargetEngine:
         """Single-step a thread until it leaves our code (a program finishing its hit, a
         trampoline restoring registers); the sites are already restored, so it does not re-enter."""
         deadline = time.monotonic() + budget_s
-        while time.monotonic() < deadline:
-            try:
-                P.singlestep(tid)
-                _, status = os.waitpid(tid, P.WALL)
-            except (P.PtraceError, ChildProcessError):
-                return False
-            if not os.WIFSTOPPED(status):
-                return False
-            regs.get(tid)
-            if not self._inside(st, regs.vals[P.RIP]):
-                return True
-        return False
+        mem = P.ProcMem(tid)
+        try:
+            while time.monotonic() < deadline:
+                pushf = mem.read(regs.vals[P.RIP], 1) == b"\x9c"
+                try:
+                    P.singlestep(tid)
+                    _, status = os.waitpid(tid, P.WALL)
+                except (P.PtraceError, ChildProcessError):
+                    return False
+                if not os.WIFSTOPPED(status):
+                    return False
+                regs.get(tid)
+                if pushf:
+                    # a pushfq run under single-step saved the trap flag; the trampoline's popfq
+                    # would set it for real and the thread would die of SIGTRAP once released
+                    top = mem.read(regs.vals[P.RSP], 8)
+                    if top is not None:
+                        mem.write(regs.vals[P.RSP], _Q.pack(_Q.unpack(top)[0] & ~X86_TF))
+                if not self._inside(st, regs.vals[P.RIP]):
+                    return True
+            return False
+        finally:
+            mem.close()
+            # the kernel set TF for the steps: registers read now and written back later (an
+            # injected system call restores what it saved) would make it the thread's own TF
+            with contextlib.suppress(P.PtraceError):
+                regs.get(tid)
+                if regs.vals[P.EFLAGS] & X86_TF:
+                    regs.vals[P.EFLAGS] &= ~X86_TF
+                    regs.set(tid)
 
     def close(self) -> None:
         self.arena.close()

@@ -37,7 +37,7 @@ from ubpf_py.probe import ptrace as P
 
 #: thread table: slots of SLOT_SIZE bytes (THREAD_BLOCK, then the runtime stack to the slot's
 #: end: room for 8 BPF frames of 512 bytes, helpers, and a signal frame delivered meanwhile)
-THREAD_SLOTS = 256
+THREAD_SLOTS = 4096
 THREAD_SLOT_SIZE = 64 * 1024
 PRIVATE_SIZE = PAGE + THREAD_SLOTS * THREAD_SLOT_SIZE
 #: arena: sparse, pages cost memory when touched

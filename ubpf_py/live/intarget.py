@@ -65,7 +65,48 @@ def program_reason(lp: Any, verifier: str, helpers: frozenset[int]) -> str | Non
     missing = [h for h in helper_ids if h not in helpers and h not in INLINE_HELPERS]
     if missing:
         return "helper " + ", ".join(f"{HELPER_NAMES.get(h, 'helper')} (#{h})" for h in missing) + " is not available in the target"
+    from ubpf_py.intarget.runtime_obj import RETURN_VALUE_DIFFERS
+
+    for pc in _calls_whose_result_is_read(lp.instructions, RETURN_VALUE_DIFFERS):
+        h = lp.instructions[pc].imm
+        return (f"it reads the result of {HELPER_NAMES.get(h, 'helper')} (#{h}) at instruction {pc}, which "
+                f"differs in the target")
     return None
+
+
+def _calls_whose_result_is_read(insns: list, helper_ids: frozenset[int]) -> list[int]:
+    """Calls of ``helper_ids`` whose r0 may be read afterwards.  Conservative: the instructions
+    after the call are scanned in order; r0 written first (or ``exit``: a uprobe program's return
+    value is ignored) clears the call, anything else that may read r0 -- a use, a branch -- counts."""
+    out = []
+    for pc, ins in enumerate(insns):
+        if ins.opcode != 0x85 or ins.src != 0 or ins.imm not in helper_ids:
+            continue
+        for nxt in insns[pc + 1:]:
+            if nxt.opcode == 0:                         # the second slot of an lddw
+                continue
+            if nxt.opcode in (0x95, 0x85):              # exit (result ignored) / a call (r0 overwritten)
+                break
+            cls, op, x = nxt.opcode & 7, nxt.opcode & 0xF0, nxt.opcode & 8
+            if cls in (5, 6):                           # a branch: stop scanning, assume r0 is read
+                out.append(pc)
+                break
+            if cls in (4, 7):                           # ALU: reads dst (not mov), src if register
+                reads = (op != 0xB0 and nxt.dst == 0) or (x and nxt.src == 0)
+            elif cls == 1:                              # ldx: reads its base
+                reads = nxt.src == 0
+            elif cls == 2:                              # st: reads its base
+                reads = nxt.dst == 0
+            elif cls == 3:                              # stx / atomics: base and value
+                reads = nxt.dst == 0 or nxt.src == 0
+            else:                                       # lddw
+                reads = False
+            if reads:
+                out.append(pc)
+                break
+            if nxt.dst == 0 and cls in (0, 1, 4, 7):    # r0 written first: the result is dead
+                break
+    return out
 
 
 def prepare(session: Any, coll: Any, programs: list[str], *, verifier: str) -> InTargetPlan:

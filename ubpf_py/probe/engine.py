@@ -279,6 +279,11 @@ class ProbeSession:
         eng.set_image(code, eng.plan.image_addr, eng.plan.image_size, printk_ring)
         return eng.plan.image_addr
 
+    def in_target_missed(self, probe_id: int) -> int:
+        """In-target hits of probe ``probe_id`` whose program did not run (see PROBE_BLOCK.missed)."""
+        eng = self.tracer.intarget
+        return 0 if eng is None else eng.hits(probe_id)[1]
+
     def in_target_reason(self, probe_id: int) -> str | None:
         """Why probe ``probe_id`` (or one of its sites) runs on the ptrace path; None if it runs
         in the target everywhere (or was never meant to)."""

@@ -37,7 +37,7 @@ from ubpf_py.probe import ptrace as P
 from ubpf_py.probe.breakpoints import Breakpoint, Probe
 from ubpf_py.probe.hits import HitFiller
 from ubpf_py.probe.native_calls import NativeCallsMixin
-from ubpf_py.probe.procmaps import file_offset_to_addr, mappings_of_file, read_maps
+from ubpf_py.probe.procmaps import code_addresses, file_offset_to_addr, is_dynamic_linker, read_maps
 from ubpf_py.probe.restore import RestoreMixin, clean_memory, release_semaphores
 from ubpf_py.probe.scratch import Injector, ScratchArea
 from ubpf_py.probe.uretprobe import MAX_DEPTH, RetEntry, ShadowStack
@@ -232,7 +232,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
     def _arm_dl_watch(self, proc: Proc, maps) -> None:
         """Breakpoint the dynamic linker's _dl_debug_state: called around every dlopen/dlclose."""
         from ubpf_py.probe.symbols import resolve_function
-        for path in {m.path for m in maps if m.is_file and _is_dynamic_linker(m.path)}:
+        for path in {m.path for m in maps if m.is_file and is_dynamic_linker(m.path)}:
             if path not in self._dl_offsets:
                 try:
                     self._dl_offsets[path] = resolve_function(path, "_dl_debug_state")
@@ -470,8 +470,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
 
     def resume(self, th: Thread, sig: int = 0) -> None:
         th.stopped = False
-        if not P.cont_quiet(th.tid, sig):
-            pass  # the thread vanished (SIGKILL, exec): its exit will be reported
+        P.cont_quiet(th.tid, sig)   # False: it vanished (SIGKILL, exec); its exit is reported
 
     # ------------------------------------------------------------------ hits
     def on_trap(self, th: Thread) -> bool:
@@ -482,6 +481,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             try:
                 self.regs.get(tid)
             except P.PtraceError:
+                th.stopped = False      # killed meanwhile: its exit is reported by waitpid
                 return True
         proc = th.proc
         bps = proc.bps if proc.vfork_parent is None else proc.vfork_parent.bps
@@ -834,18 +834,3 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         if proc.vfork_parent is None and proc is not self.main:
             proc.mem.close()
 
-
-def code_addresses(maps, path: str, file_offset: int) -> list[int]:
-    """Runtime addresses of ``file_offset`` of ``path`` in its executable private mappings.
-
-    The kernel also patches read-only mappings of the same page (VM_MAYEXEC); an int3 there
-    is never executed and would only corrupt data the program may read, so we skip them.
-    """
-    out = {m.start + file_offset - m.offset for m in mappings_of_file(maps, path)
-           if m.executable and m.private and not m.writable and m.contains_file_offset(file_offset)}
-    return sorted(out)
-
-
-def _is_dynamic_linker(path: str) -> bool:
-    base = os.path.basename(path)
-    return base.startswith("ld-") and ".so" in base

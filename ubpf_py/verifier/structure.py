@@ -228,8 +228,10 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
                                      "the jump leaves its function")
             if is_cond_jump(code):
                 # the kernel's prune point is the conditional jump itself (one check covers
-                # both successors), and the target of an unconditional jump
+                # both successors); its successors too (more chances to prune, fewer insns)
                 prune.add(i)
+                prune.add(i + 1)
+                prune.add(t)
                 succ[i] = (i + 1, t)
             else:
                 prune.add(t)
