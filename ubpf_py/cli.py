@@ -246,12 +246,12 @@ def one_line(text: str) -> str:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if getattr(args, "dump", False):    # `ubpf-run dump` has its own parser and loads nothing
+        return _cmd_dump(args)
     if args.map_memory_limit is not None:
         from ubpf_py.maps.budget import parse_size, set_memory_limit
 
         set_memory_limit(parse_size(args.map_memory_limit))
-    if getattr(args, "dump", False):
-        return _cmd_dump(args)
     if args.list is not None:
         return _cmd_list(args)
     if args.check:
