@@ -10,7 +10,9 @@ import argparse
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from ubpf_py.errors import UbpfError, UsageError
 
@@ -55,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attach a program (repeatable); USDT programs take BINARY:PROVIDER:NAME")
     p.add_argument("--no-auto", action="store_true",
                    help="do not auto-attach programs from their section names")
+    p.add_argument("--map-size", "--resize", action="append", default=[], metavar="MAP.FIELD=N",
+                   help="resize a map before load like bpf_map__set_*: FIELD is max_entries, value_size "
+                        "or key_size (repeatable; MAP.max_entries=N,value_size=M)")
+    p.add_argument("--no-autoload", action="append", default=[], metavar="PROG",
+                   help="do not load or attach this program (bpf_program__set_autoload(false))")
     p.add_argument("-s", "--set", action="append", default=[], metavar="NAME=VALUE",
                    help="set a global before load (numbers, strings, $PID for the traced pid)")
     p.add_argument("-d", "--duration", type=float, help="stop tracing after this many seconds")
@@ -108,6 +115,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _one_line_warning
     try:
         args = parse_args(argv)
         return _dispatch(args)
@@ -132,6 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         return 70
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """Warnings (skipped program sections, ...) print like errors: one line, no source excerpt.
+    Library users keep Python's warnings machinery (filters, ``-W error``); only the CLI prints."""
+    print(f"ubpf-run: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _error(msg: str) -> None:

@@ -26,7 +26,7 @@ def run_kernel_backend(args: argparse.Namespace) -> int:
     from ubpf_py.kernel.backend import KernelSession
     from ubpf_py.kernel.syscall import kernel_bpf_skip_reason
     from ubpf_py.kernel.target import spawn_gated
-    from ubpf_py.live.attach import parse_attach_option, plan_attachments
+    from ubpf_py.live.attach import expand_multi, parse_attach_option, plan_attachments
     from ubpf_py.live.tracing import parse_set_value
     from ubpf_py.obj.elf import load_object
     from ubpf_py.obj.globals import set_global
@@ -35,8 +35,12 @@ def run_kernel_backend(args: argparse.Namespace) -> int:
     if reason:
         raise KernelBackendError(f"the kernel backend cannot use bpf() here: {reason} "
                                  f"(run as root, or use the default userspace backend)")
+    from ubpf_py.live.loader_opts import apply_loader_options
+
     spec = load_object(args.object)
-    plan = plan_attachments(spec, [parse_attach_option(a, spec) for a in args.attach], auto=not args.no_auto)
+    explicit = [parse_attach_option(a, spec) for a in args.attach]
+    apply_loader_options(spec, args.map_size, args.no_autoload, {r.program for r in explicit})
+    plan = plan_attachments(spec, explicit, auto=not args.no_auto)
     if not plan:
         raise UsageError(f"{args.object}: nothing to attach (no section names a target and no --attach)")
     out = open(args.output, "w") if args.output else None  # noqa: SIM115 - closed in finally
@@ -53,6 +57,7 @@ def run_kernel_backend(args: argparse.Namespace) -> int:
         for item in args.set:
             name, _, value = item.partition("=")
             set_global(spec, name, parse_set_value(value, pid))
+        plan = expand_multi(plan, pid, os.getcwd())
         decoder = ValueDecoder(spec.btf)
         writer = make_writer(args.format, out, decoder)
         with KernelSession(spec, plan, pid, cwd=os.getcwd()) as session:

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ubpf_py.errors import SymbolError, TargetError, UbpfError, UsageError
-from ubpf_py.live.attach import AttachRequest, parse_attach_option, plan_attachments
+from ubpf_py.live.attach import AttachRequest, expand_multi, parse_attach_option, plan_attachments
 from ubpf_py.live.collection import Collection, LoadedProgram
+from ubpf_py.live.loader_opts import apply_loader_options
 from ubpf_py.output.dump import snapshot_globals, snapshot_map
 from ubpf_py.output.values import ValueDecoder
 from ubpf_py.output.writers import Writer, make_writer
@@ -131,6 +132,7 @@ def run_userspace(args: argparse.Namespace) -> int:
         raise TargetError(f"no such process: pid {args.pid} (check the pid; it may have exited)")
     spec = load_object(args.object)
     explicit = [parse_attach_option(a, spec) for a in args.attach]
+    apply_loader_options(spec, args.map_size, args.no_autoload, {r.program for r in explicit})
     plan = plan_attachments(spec, explicit, auto=not args.no_auto)
     if not plan:
         raise UsageError(f"{args.object}: nothing to attach: no program names its target in its section "
@@ -164,6 +166,7 @@ def run_userspace(args: argparse.Namespace) -> int:
         _register_ctx(coll.env.memory, session.regs_buffer)
         maps_seen = MapsSnapshot(pid)
         native = _native_hits_wanted(args, session)
+        plan = expand_multi(plan, pid)
         stats = _attach_all(session, coll, plan, pump, writer, maps_seen, native)
         if any(st.probe_ids and st.native for st in stats):
             _add_native_poll(session, coll, pump, maps_seen)
