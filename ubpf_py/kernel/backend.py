@@ -187,6 +187,7 @@ class KernelSession:
         semaphore (if any) is the kernel's ref_ctr_offset."""
         try:
             from ubpf_py.probe.usdt import UsdtSpecIds, encode_usdt_spec, find_usdt
+            from ubpf_py.probe.usdt_layout import layout_from_btf
         except ImportError:
             raise NotSupportedError("USDT probes in the kernel backend (ubpf_py.probe.usdt is not available)") from None
         specs = self.coll.maps.get("__bpf_usdt_specs")
@@ -201,7 +202,7 @@ class KernelSession:
         for note in find_usdt(path, provider, name):
             sid, new = self._usdt_ids.assign(note, req.cookie)
             if new:
-                rc = specs.update(struct.pack("<I", sid), encode_usdt_spec(note, req.cookie))
+                rc = specs.update(struct.pack("<I", sid), encode_usdt_spec(note, req.cookie, layout_from_btf(self.spec.btf)))
                 if rc < 0:
                     raise KernelBackendError(f"cannot store USDT spec {sid} for {provider}:{name}: "
                                              f"{os.strerror(-rc)}", errno=-rc)

@@ -353,8 +353,10 @@ def _usdt_max_specs(coll: Collection) -> int:
 def _fill_usdt_spec(coll: Collection, note: Any, spec_id: int, cookie: int) -> None:
     """Write the argument spec libbpf's usdt.bpf.h reads (the attach cookie is the spec id)."""
     from ubpf_py.probe import usdt
+    from ubpf_py.probe.usdt_layout import layout_from_btf
 
-    rc = coll.maps[USDT_SPECS_MAP].update(spec_id.to_bytes(4, "little"), usdt.encode_usdt_spec(note, cookie), 0)
+    value = usdt.encode_usdt_spec(note, cookie, layout_from_btf(coll.spec.btf))
+    rc = coll.maps[USDT_SPECS_MAP].update(spec_id.to_bytes(4, "little"), value, 0)
     if rc:
         raise UbpfError(f"cannot store USDT spec {spec_id} in {USDT_SPECS_MAP} (error {rc})")
 
