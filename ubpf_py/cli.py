@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-native-hits", action="store_true",
                    help="run every probe hit through Python even when the JIT program could run from "
                         "the C stop loop (also UBPF_NATIVE_HITS=0)")
+    p.add_argument("--approx-facts", action="store_true",
+                   help="per-hit CPU, uid/gid and thread name approximated (tracer's CPU, cached at first hit) "
+                        "instead of read from /proc on every hit (5-11 us per hit)")
     p.add_argument("--no-memory-checks", action="store_true",
                    help="JIT without runtime memory checks (trust the verifier)")
     p.add_argument("--verifier", choices=["strict", "warn", "off"], default="strict",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ubpf_py.errors import SymbolError, TargetError, UbpfError, UsageError
+from ubpf_py.helpers.facts import facts_needed
 from ubpf_py.live.attach import AttachRequest, expand_multi, parse_attach_option, plan_attachments
 from ubpf_py.live.collection import Collection, LoadedProgram
 from ubpf_py.live.loader_opts import apply_loader_options
@@ -140,11 +141,12 @@ def run_userspace(args: argparse.Namespace) -> int:
 
     out = open(args.output, "w") if args.output else None  # noqa: SIM115 - closed in finally
     session = None
+    exact = not getattr(args, "approx_facts", False)
     try:
         if args.command:
-            session = ProbeSession.launch(args.command, follow_forks=args.follow_forks)
+            session = ProbeSession.launch(args.command, follow_forks=args.follow_forks, exact_cpu=exact)
         else:
-            session = ProbeSession.attach(args.pid, follow_forks=args.follow_forks)
+            session = ProbeSession.attach(args.pid, follow_forks=args.follow_forks, exact_cpu=exact)
         pid = session.pid
         for item in args.set:
             name, _, value = item.partition("=")
@@ -163,6 +165,7 @@ def run_userspace(args: argparse.Namespace) -> int:
                           event_type_id=_event_type_id(spec, args.event_type))
         coll.env.printk = pump.printk
         coll.env.hit = session.hit  # the engine updates this one object in place on every hit
+        session.tracer.filler.needs = facts_needed([spec.programs[n] for n in programs], spec.maps)
         _register_ctx(coll.env.memory, session.regs_buffer)
         maps_seen = MapsSnapshot(pid)
         native = _native_hits_wanted(args, session)
