@@ -57,15 +57,17 @@ def run_kernel_backend(args: argparse.Namespace) -> int:
         for item in args.set:
             name, _, value = item.partition("=")
             set_global(spec, name, parse_set_value(value, pid))
-        plan = expand_multi(plan, pid, os.getcwd())
+        exe = args.command[0] if args.command else None
+        plan = expand_multi(plan, None if exe else pid, os.getcwd(), exe)
         decoder = ValueDecoder(spec.btf)
         writer = make_writer(args.format, out, decoder)
-        with KernelSession(spec, plan, pid, cwd=os.getcwd()) as session:
+        with KernelSession(spec, plan, pid, cwd=os.getcwd(), exe=exe) as session:
             for req in plan:
                 writer.attached(req.program, req.describe(), "kernel uprobe")
             if child is not None:
                 child.release()
-            status = _pump(session, child, pid, writer, args.duration)
+            decode = _record_decoder(spec, decoder, getattr(args, "event_type", None))
+            status = _pump(session, child, pid, writer, args.duration, decode)
             if status is not None:
                 maps_text = child.exit_maps if child is not None else ""
                 writer.proc_maps(pid, _proc_maps_json(maps_text))
@@ -83,14 +85,23 @@ def run_kernel_backend(args: argparse.Namespace) -> int:
             out.close()
 
 
-def _pump(session: Any, child: Any, pid: int, writer: Writer, duration: float | None) -> int | None:
+def _record_decoder(spec: Any, decoder: ValueDecoder, event_type: str | None) -> Any:
+    """Records decoded exactly as the userspace backend decodes them (``output.records``)."""
+    from ubpf_py.output.records import decode_record, event_type_id
+
+    tid = event_type_id(spec, event_type)
+    return lambda data, perf: decode_record(decoder, spec.path, tid, data, perf)
+
+
+def _pump(session: Any, child: Any, pid: int, writer: Writer, duration: float | None,
+          decode: Any = None) -> int | None:
     """Move kernel events to the writer until the target ends, the duration passes or Ctrl-C."""
     deadline = None if duration is None else time.monotonic() + duration
     status = None
     try:
         while True:
             for ev in session.poll(0.05):
-                _emit(writer, ev)
+                _emit(writer, ev, decode)
             if child is not None:
                 status = child.poll()
                 if status is not None:
@@ -104,15 +115,16 @@ def _pump(session: Any, child: Any, pid: int, writer: Writer, duration: float | 
     end = time.monotonic() + 0.3  # trace_pipe and perf buffers lag a little behind the exit
     while time.monotonic() < end:
         for ev in session.poll(0.02):
-            _emit(writer, ev)
+            _emit(writer, ev, decode)
     return status
 
 
-def _emit(writer: Writer, ev: Any) -> None:
+def _emit(writer: Writer, ev: Any, decode: Any = None) -> None:
     if isinstance(ev, PrintkEvent):
         writer.printk(ev.comm, ev.tgid, ev.tid, ev.cpu, ev.timestamp_ns, ev.message)
     elif isinstance(ev, RecordEvent):
-        writer.record(ev.kind, ev.map, ev.cpu, ev.data)
+        fields = decode(ev.data, ev.kind == "perfbuf") if decode is not None else None
+        writer.record(ev.kind, ev.map, ev.cpu, ev.data, fields)
     elif isinstance(ev, LostEvent):
         writer.lost("perfbuf", ev.map, ev.count)
 

@@ -114,10 +114,10 @@ def spawn_gated(argv: list[str], *, cwd: str | None = None, stdout: int | None =
         raise TargetError("no command to start; give the target after --")
     gate_r, gate_w = os.pipe()
     try:
-        proc = subprocess.Popen(["/bin/sh", "-c", 'read -r _; exec "$@" </dev/null', "sh", *argv],
-                                cwd=cwd, stdout=stdout, stderr=stderr, stdin=gate_r,
-                                env=env, close_fds=True,
-                                preexec_fn=_die_with_parent)
+        # the gate waits on fd 3; the target keeps our stdin (a terminal, a pipe), as under ptrace
+        proc = subprocess.Popen(["/bin/sh", "-c", 'read -r _ <&3; exec 3<&-; exec "$@"', "sh", *argv],
+                                cwd=cwd, stdout=stdout, stderr=stderr, env=env, close_fds=True,
+                                pass_fds=(gate_r, 3), preexec_fn=lambda: _gate_child(gate_r))
     except OSError as exc:
         os.close(gate_r)
         os.close(gate_w)
@@ -128,5 +128,9 @@ def spawn_gated(argv: list[str], *, cwd: str | None = None, stdout: int | None =
     return GatedChild(proc, gate_w, argv=list(argv))
 
 
-def _die_with_parent() -> None:
+def _gate_child(gate_r: int) -> None:
+    """In the forked child: the gate pipe becomes fd 3, and the child dies with its parent."""
+    if gate_r != 3:
+        os.dup2(gate_r, 3)
+        os.close(gate_r)
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

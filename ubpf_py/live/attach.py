@@ -120,7 +120,8 @@ def plan_attachments(spec: ObjectSpec, explicit: list[AttachRequest], auto: bool
     return plan
 
 
-def expand_multi(plan: list[AttachRequest], pid: int | None, cwd: str | None = None) -> list[AttachRequest]:
+def expand_multi(plan: list[AttachRequest], pid: int | None, cwd: str | None = None,
+                 exe: str | None = None) -> list[AttachRequest]:
     """uprobe.multi requests -> one request per function matching the glob (libbpf's
     ``elf_resolve_pattern_offsets`` rules, ``probe.symbols.match_functions``); several
     symbols at one offset (aliases) attach once.  No match is an error, as in libbpf."""
@@ -132,7 +133,7 @@ def expand_multi(plan: list[AttachRequest], pid: int | None, cwd: str | None = N
         if not req.multi:
             out.append(req)
             continue
-        path = resolve.resolve_binary(req.binary, pid=pid, cwd=cwd)
+        path = resolve.resolve_binary(req.binary, pid=pid, cwd=cwd, exe=exe)
         seen: set[int] = set()
         for name, off in symbols.match_functions(path, req.function):
             if off not in seen:

@@ -23,6 +23,7 @@ from ubpf_py.live.attach import AttachRequest, expand_multi, parse_attach_option
 from ubpf_py.live.collection import Collection, LoadedProgram
 from ubpf_py.live.loader_opts import apply_loader_options
 from ubpf_py.output.dump import snapshot_globals, snapshot_map
+from ubpf_py.output.records import decode_record, event_type_id
 from ubpf_py.output.values import ValueDecoder
 from ubpf_py.output.writers import Writer, make_writer
 from ubpf_py.vm.env import HitContext
@@ -96,15 +97,7 @@ class OutputPump:
                     self.writer.record("perfbuf", m.spec.name, cpu, bytes(data), self._fields(data, perf=True))
 
     def _fields(self, data: bytes, perf: bool = False) -> Any:
-        """Decode a record: --event-type, else the only BTF struct of the record's size, else the only
-        DWARF struct of that size (clang leaves stack-only structs out of BTF), else None (hexdump)."""
-        if self.decoder is None:
-            return None
-        tid = self.event_type_id or self.decoder.unique_struct_of_size(len(data))
-        if tid:
-            return self.decoder.value(tid, bytes(data))
-        layout = _dwarf_struct(self.collection.spec.path, len(data), perf)
-        return layout.decode(bytes(data)) if layout is not None else None
+        return decode_record(self.decoder, self.collection.spec.path, self.event_type_id, data, perf)
 
     def report_lost(self) -> None:
         for m in self.ringbufs + self.perfbufs:
@@ -112,15 +105,6 @@ class OutputPump:
             if lost:
                 kind = "ringbuf" if m in self.ringbufs else "perfbuf"
                 self.writer.lost(kind, m.spec.name, lost)
-
-
-def _dwarf_struct(obj_path: str, size: int, perf: bool) -> Any:
-    from ubpf_py.obj.dwarf_types import find_struct_by_size
-
-    try:
-        return find_struct_by_size(obj_path, size, slack=7 if perf else 0)
-    except UbpfError:
-        return None
 
 
 def run_userspace(args: argparse.Namespace) -> int:
@@ -210,17 +194,7 @@ def _symbolizer(maps_seen: MapsSnapshot) -> Any:
 
 
 def _event_type_id(spec: Any, name: str | None) -> int:
-    if not name:
-        return 0
-    btf = spec.btf
-    if btf is None:
-        raise UsageError(f"--event-type {name}: the object has no BTF to find the type in")
-    from ubpf_py.obj.btf import KIND_STRUCT
-
-    tid = btf.find(name.removeprefix("struct ").strip(), KIND_STRUCT)
-    if not tid:
-        raise UsageError(f"--event-type {name}: no struct of that name in the object's BTF")
-    return tid
+    return event_type_id(spec, name)
 
 
 class MapsSnapshot:
