@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any
 
-from ubpf_py.errors import KernelBackendError, UsageError
+from ubpf_py.errors import KernelBackendError, TargetError, UsageError
 from ubpf_py.kernel.events import LostEvent, PrintkEvent, RecordEvent
 from ubpf_py.output.dump import GlobalDump, MapDump
 from ubpf_py.output.values import ValueDecoder
@@ -49,6 +49,10 @@ def run_kernel_backend(args: argparse.Namespace) -> int:
         if args.command:
             child = spawn_gated(args.command, cwd=os.getcwd())
             child.watch_exit()
+            child.run_to_exec()   # probes see the target from its first instruction, not the gate
+            if child.poll() is not None:
+                raise TargetError(f"cannot start {args.command[0]!r} (exit status {child.poll()}); "
+                                  "check the command and its path")
             pid = child.pid
         else:
             pid = args.pid
