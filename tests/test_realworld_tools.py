@@ -223,7 +223,7 @@ def test_check_verdicts_equal_the_kernels(rw: Path) -> None:
     assert len(objs) >= 10
     for obj in objs:
         p = run_cli("--check", str(obj), timeout=300)
-        ours = {ln.split(":")[0]: ": OK" in ln for ln in p.stdout.splitlines() if ": " in ln and " insns" in ln
+        ours = {ln.split(":")[0]: ": OK" in ln for ln in p.stdout.splitlines() if (": " in ln and " insns" in ln)
                 or ": REJECTED" in ln}
         assert ours, (obj, p.stdout, p.stderr)
         assert all(ln.startswith("ubpf-run: warning: ") for ln in p.stderr.splitlines()), p.stderr
