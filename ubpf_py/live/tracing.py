@@ -107,6 +107,22 @@ class OutputPump:
                 self.writer.lost(kind, m.spec.name, lost)
 
 
+def _core_targets(spec: Any, programs: list[str], plan: list[AttachRequest], pid: int) -> Any:
+    """CO-RE targets: the traced binaries' own types (BTF or DWARF), then the kernel's
+    (``obj.core_targets``); None (the default targets) when no program relocates."""
+    if not any(spec.programs[n].core_relocs for n in programs):
+        return None
+    from ubpf_py.obj.core_targets import core_targets
+    from ubpf_py.probe import resolve
+
+    paths = []
+    for req in plan:
+        if req.binary:
+            with contextlib.suppress(UbpfError):
+                paths.append(resolve.resolve_binary(req.binary, pid=pid))
+    return core_targets(paths)
+
+
 def run_userspace(args: argparse.Namespace) -> int:
     """Entry point for the userspace backend (called by the CLI)."""
     from ubpf_py.obj.elf import load_object
@@ -138,7 +154,8 @@ def run_userspace(args: argparse.Namespace) -> int:
 
         programs = sorted({r.program for r in plan})
         coll = Collection.load(spec, engine=args.engine, verifier=args.verifier, programs=programs,
-                               check_memory=not args.no_memory_checks)
+                               check_memory=not args.no_memory_checks,
+                               target_btf=_core_targets(spec, programs, plan, pid))
         if args.verifier_log:
             for lp in coll.programs.values():
                 if lp.report is not None and lp.report.log:

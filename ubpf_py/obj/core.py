@@ -440,8 +440,9 @@ def apply_core_relocs(prog: ProgramSpec, local_btf: B.Btf | None,
         res = _compute(local_btf, targets, rel)
         if res.target is None:
             if strict:
-                raise RelocationError(f"program '{prog.name}' instruction {rel.insn_index}: CO-RE relocation "
-                                      f"failed: {res.why}")
+                raise RelocationError(f"program '{prog.name}' instruction {rel.insn_index}: failed to resolve "
+                                      f"CO-RE relocation {desc}: {res.why}; build the target with -g "
+                                      "(DWARF) or BTF so its types can be found")
             insns[rel.insn_index] = Instruction(0x85, 0, 0, 0, POISON_HELPER)
             continue
         _patch(insns, rel.insn_index, res, rel, desc)
