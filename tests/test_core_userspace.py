@@ -32,12 +32,15 @@ PROG = r"""
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
-struct req { long len; struct { short a, b; } inner; } __attribute__((preserve_access_index));
-long total, b_sum;
+struct req { long len; struct { short a, b; } inner; long added_later; } __attribute__((preserve_access_index));
+long total, b_sum, later = -1;
 SEC("uprobe") int BPF_KPROBE(serve, struct req *r)
 {
 	total += BPF_CORE_READ_USER(r, len);
 	b_sum += BPF_CORE_READ_USER(r, inner.b);
+	/* a field this target does not have: the guarded read is poisoned and never reached */
+	if (bpf_core_field_exists(r->added_later))
+		later = BPF_CORE_READ_USER(r, added_later);
 	return 0;
 }
 char LICENSE[] SEC("license") = "GPL";
@@ -68,7 +71,7 @@ def test_target_dwarf_gives_the_layout(built: Path) -> None:
 def test_fields_read_at_the_targets_offsets(built: Path, engine: str) -> None:
     p = run_cli("core.bpf.o", "--engine", engine, "--attach", "serve=./srv:serve", "--", "./srv", cwd=built)
     assert p.returncode == 0, p.stderr
-    assert "total = 8485" in p.stdout and "b_sum = 18" in p.stdout
+    assert "total = 8485" in p.stdout and "b_sum = 18" in p.stdout and "later = -1" in p.stdout
 
 
 @pytest.mark.parametrize("backend", ["userspace", "kernel"])
@@ -81,3 +84,10 @@ def test_no_type_information_fails_naming_the_relocation(built: Path, backend: s
     p = run_cli("core.bpf.o", "--backend", backend, "--attach", "serve=./srv_nodebug:serve", "--", "./srv_nodebug",
                 cwd=built)
     assert_one_line_error(p, "failed to resolve CO-RE relocation", "struct req", "len")
+
+
+def test_unguarded_missing_field_fails_like_libbpf(built: Path) -> None:
+    src = (built / "core.bpf.c").read_text().replace("if (bpf_core_field_exists(r->added_later))", "")
+    compile_bpf(src, built, "core_unguarded")
+    p = run_cli("core_unguarded.bpf.o", "--attach", "serve=./srv:serve", "--", "./srv", cwd=built)
+    assert_one_line_error(p, "failed to resolve CO-RE relocation", "added_later")
