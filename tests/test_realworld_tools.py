@@ -6,12 +6,15 @@ verdicts equal the kernel's for every program of every object."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -234,3 +237,34 @@ def test_check_verdicts_equal_the_kernels(rw: Path) -> None:
             assert _kernel_verdict(obj, name, loader) == ok, (obj.name, name)
     if reason:
         pytest.skip(f"our verdicts only: {reason}")
+
+
+@pytest.fixture
+def cgroups() -> Iterator[tuple[str, str]]:
+    """Two sibling cgroup v2 directories (the funclatency -c filter needs one the target is in)."""
+    from ubpf_py.helpers.kernel_task import cgroup2_root
+
+    root = cgroup2_root()
+    if root is None or not os.access(root, os.W_OK):
+        pytest.skip("no writable cgroup v2 hierarchy to create test cgroups in")
+    dirs = [tempfile.mkdtemp(prefix="ubpf-cg-", dir=root) for _ in range(2)]
+    yield dirs[0], dirs[1]
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b[1])
+def test_funclatency_cgroup_filter(rw: Path, targets: Path, backend: tuple[str, str],
+                                   cgroups: tuple[str, str]) -> None:
+    """funclatency -c: filter_cg with the cgroup in cgroup_map[0] (--cgroup-map), the target moved
+    into one of two sibling cgroups before it execs: counted only when it is the map's cgroup."""
+    inside, other = cgroups
+    totals = []
+    for where in (inside, other):
+        args = ["--set", "targ_tgid=$PID", "--set", "units=1", "--set", "filter_cg=1",
+                "--cgroup-map", f"cgroup_map={inside}", "--attach", "dummy_kprobe=./fl:slow",
+                "--attach", "dummy_kretprobe=./fl:slow", "--", "sh", "-c",
+                f'echo $$ > {where}/cgroup.procs && exec ./fl']
+        totals.append(sum(_globals(_events(rw / "funclatency.bpf.o", backend, args, targets)).get("hist", [0])))
+    assert totals == [20, 0]

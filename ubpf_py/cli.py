@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map-size", "--resize", action="append", default=[], metavar="MAP.FIELD=N",
                    help="resize a map before load like bpf_map__set_*: FIELD is max_entries, value_size "
                         "or key_size (repeatable; MAP.max_entries=N,value_size=M)")
+    p.add_argument("--cgroup-map", action="append", default=[], metavar="MAP[INDEX]=CGROUP_DIR",
+                   help="put a cgroup v2 directory in a CGROUP_ARRAY slot (as a loader's -c PATH does)")
     p.add_argument("--no-autoload", action="append", default=[], metavar="PROG",
                    help="do not load or attach this program (bpf_program__set_autoload(false))")
     p.add_argument("-s", "--set", action="append", default=[], metavar="NAME=VALUE",

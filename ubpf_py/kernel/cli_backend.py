@@ -35,7 +35,7 @@ def run_kernel_backend(args: argparse.Namespace) -> int:
     if reason:
         raise KernelBackendError(f"the kernel backend cannot use bpf() here: {reason} "
                                  f"(run as root, or use the default userspace backend)")
-    from ubpf_py.live.loader_opts import apply_loader_options
+    from ubpf_py.live.loader_opts import apply_loader_options, fill_cgroup_maps
 
     spec = load_object(args.object)
     explicit = [parse_attach_option(a, spec) for a in args.attach]
@@ -66,6 +66,8 @@ def run_kernel_backend(args: argparse.Namespace) -> int:
         decoder = ValueDecoder(spec.btf)
         writer = make_writer(args.format, out, decoder)
         with KernelSession(spec, plan, pid, cwd=os.getcwd(), exe=exe) as session:
+            fill_cgroup_maps(getattr(args, "cgroup_map", []), lambda m, i, fd: _kernel_map(session, m).update(
+                i.to_bytes(4, "little"), fd.to_bytes(4, "little")))
             for req in plan:
                 writer.attached(req.program, req.describe(), "kernel uprobe")
             if child is not None:
@@ -87,6 +89,13 @@ def run_kernel_backend(args: argparse.Namespace) -> int:
     finally:
         if out is not None:
             out.close()
+
+
+def _kernel_map(session: Any, name: str) -> Any:
+    m = session.coll.maps.get(name)
+    if m is None:
+        raise UsageError(f"the object has no map {name!r} (maps: {', '.join(session.coll.maps)})")
+    return m
 
 
 def _record_decoder(spec: Any, decoder: ValueDecoder, event_type: str | None) -> Any:

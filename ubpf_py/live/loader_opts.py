@@ -9,6 +9,8 @@ run the way its loader would run it:
 * ``--map-size NAME.FIELD=N`` (alias ``--resize``): FIELD is ``max_entries``,
   ``value_size`` or ``key_size`` (``bpf_map__set_*``); several fields of one
   map may be joined: ``stack_traces.max_entries=1024,value_size=1016``.
+* ``--cgroup-map MAP[INDEX]=DIR``: a cgroup in a CGROUP_ARRAY slot, stored as the
+  loader does (an open directory fd), for ``bpf_current_task_under_cgroup``;
 * ``--no-autoload PROG``: the program is neither loaded nor attached (libbpf's
   ``SEC("?...")`` programs start like this; ``--attach`` turns one back on,
   like ``bpf_program__set_autoload(true)``).
@@ -19,7 +21,8 @@ the kernel oracle sees exactly the same object as the userspace runtime.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
 
 from ubpf_py.errors import UsageError
 from ubpf_py.obj.spec import ObjectSpec
@@ -89,3 +92,34 @@ def apply_loader_options(spec: ObjectSpec, map_sizes: Iterable[str] = (), no_aut
             spec.programs[name].autoload = True
     for name in [n for n, p in spec.programs.items() if not p.autoload]:
         del spec.programs[name]
+
+
+def parse_cgroup_map(text: str) -> tuple[str, int, str]:
+    """``MAP[INDEX]=PATH`` or ``MAP=PATH`` (index 0) -> (map, index, cgroup directory)."""
+    head, eq, path = text.partition("=")
+    name, _, idx_text = head.partition("[")
+    try:
+        index = int(idx_text.rstrip("]"), 0) if idx_text else 0
+    except ValueError:
+        raise UsageError(f"bad --cgroup-map {text!r}: expected MAP[INDEX]=CGROUP_DIR") from None
+    if not eq or not name or not path:
+        raise UsageError(f"bad --cgroup-map {text!r}: expected MAP[INDEX]=CGROUP_DIR")
+    if not os.path.isdir(path):
+        raise UsageError(f"--cgroup-map: {path} is not a directory (give a cgroup v2 directory, "
+                         "e.g. /sys/fs/cgroup/NAME)")
+    return name, index, path
+
+
+def fill_cgroup_maps(texts: Iterable[str], update: Callable[[str, int, int], int]) -> None:
+    """Store each ``--cgroup-map`` cgroup the kernel way, as an open directory fd in slot INDEX of a
+    CGROUP_ARRAY (what funclatency/memleak ``-c PATH`` do); ``update(map, index, fd) -> 0 | -errno``."""
+    for text in texts:
+        name, index, path = parse_cgroup_map(text)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            rc = update(name, index, fd)
+        finally:
+            os.close(fd)
+        if rc:
+            raise UsageError(f"--cgroup-map {text}: the map refused the cgroup ({os.strerror(-rc)}); "
+                             "give a CGROUP_ARRAY map and an index below its max_entries")

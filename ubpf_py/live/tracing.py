@@ -21,7 +21,7 @@ from ubpf_py.errors import SymbolError, TargetError, UbpfError, UsageError
 from ubpf_py.helpers.facts import facts_needed
 from ubpf_py.live.attach import AttachRequest, expand_multi, parse_attach_option, plan_attachments
 from ubpf_py.live.collection import Collection, LoadedProgram
-from ubpf_py.live.loader_opts import apply_loader_options
+from ubpf_py.live.loader_opts import apply_loader_options, fill_cgroup_maps
 from ubpf_py.output.dump import snapshot_globals, snapshot_map
 from ubpf_py.output.records import decode_record, event_type_id
 from ubpf_py.output.values import ValueDecoder
@@ -123,6 +123,13 @@ def _core_targets(spec: Any, programs: list[str], plan: list[AttachRequest], pid
     return core_targets(paths)
 
 
+def _user_map(coll: Collection, name: str) -> Any:
+    m = coll.maps.get(name)
+    if m is None:
+        raise UsageError(f"the object has no map {name!r} (maps: {', '.join(coll.maps)})")
+    return m
+
+
 def run_userspace(args: argparse.Namespace) -> int:
     """Entry point for the userspace backend (called by the CLI)."""
     from ubpf_py.obj.elf import load_object
@@ -165,6 +172,8 @@ def run_userspace(args: argparse.Namespace) -> int:
         pump = OutputPump(writer, coll, decoder=decoder,
                           event_type_id=_event_type_id(spec, args.event_type))
         coll.env.printk = pump.printk
+        fill_cgroup_maps(args.cgroup_map, lambda m, i, fd: _user_map(coll, m).update(
+            i.to_bytes(4, "little"), fd.to_bytes(4, "little")))
         coll.env.hit = session.hit  # the engine updates this one object in place on every hit
         session.tracer.filler.needs = facts_needed([spec.programs[n] for n in programs], spec.maps)
         _register_ctx(coll.env.memory, session.regs_buffer)
