@@ -52,8 +52,13 @@ PROG = r"""
 #include <bpf/bpf_tracing.h>
 __u64 cpu[4], uid[4], gid[4], pid[4], tid[4], jif[4], kt[4];
 char comm1[16], comm2[16], comm3[16];
+struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, 1); __type(key, __u32); __type(value, __u64); }
+    percpu SEC(".maps");
 SEC("uprobe") int BPF_KPROBE(mark, unsigned int id)
 {
+	__u32 k = 0;
+	__u64 *n = bpf_map_lookup_elem(&percpu, &k);   /* the hit's CPU picks the copy */
+	if (n) *n += 1;
 	if (id < 1 || id > 3) return 0;
 	id &= 3;
 	__u64 ug = bpf_get_current_uid_gid(), pt = bpf_get_current_pid_tgid();
@@ -90,14 +95,21 @@ def _run(built: Path, *extra: str, user: str | None = None) -> dict:
     argv = ["facts.bpf.o", "-f", "json", "--attach", "mark=./facts:mark", *extra, "--", "./facts", "1"]
     p = run_cli(*argv, cwd=built, user=user, taskset="0")
     assert p.returncode == 0, p.stderr
-    return {d["name"]: d["value"] for d in map(json.loads, p.stdout.splitlines()) if d.get("event") == "global"}
+    out = {}
+    for d in map(json.loads, p.stdout.splitlines()):
+        if d.get("event") == "global":
+            out[d["name"]] = d["value"]
+        elif d.get("event") == "map" and d["name"] == "percpu":
+            out["percpu"] = d["decoded"][0][1]
+    return out
 
 
 def _facts(g: dict) -> dict:
     """What must equal between backends (pids differ per run: kept as relations)."""
     return {"cpu": g["cpu"][1:], "uid": g["uid"][1:], "gid": g["gid"][1:],
             "comm": [g["comm1"], g["comm2"], g["comm3"]],
-            "threads": [g["tid"][1] == g["pid"][1], g["tid"][2] != g["pid"][2], g["pid"][2] == g["pid"][1]]}
+            "threads": [g["tid"][1] == g["pid"][1], g["tid"][2] != g["pid"][2], g["pid"][2] == g["pid"][1]],
+            "percpu_cpu1": g["percpu"][1]}
 
 
 def _hz(g: dict) -> float:
@@ -116,9 +128,12 @@ def test_facts_equal_the_kernel(built: Path) -> None:
         assert _facts(ours) == want, engine
         # jiffies: the same rate as the kernel's (HZ derived from the kernel's own counter
         # and clock, not from the config file the runtime reads), and the same count
-        assert abs(_hz(ours) - _hz(kernel)) < 0.05 * _hz(kernel)
-        expect = kernel["jif"][1] + (ours["kt"][1] - kernel["kt"][1]) * _hz(kernel) / 1e9
-        assert abs(ours["jif"][1] - expect) <= 3
+        hz = min((100, 250, 300, 1000), key=lambda h: abs(h - _hz(kernel)))   # the kernel's CONFIG_HZ
+        assert abs(_hz(ours) - hz) < 0.05 * hz
+        # the same count: the kernel's jiffies carried forward at its HZ to our sample (each
+        # sample is quantised to one jiffy, so two of slack)
+        expect = kernel["jif"][1] + (ours["kt"][1] - kernel["kt"][1]) * hz / 1e9
+        assert abs(ours["jif"][1] - expect) <= 2
 
 
 def test_approximation_is_an_option_not_the_default(built: Path) -> None:
@@ -136,3 +151,4 @@ def test_facts_as_non_root(built: Path) -> None:
     f = _facts(g)
     assert f["uid"] == [65534] * 3 and f["gid"] == [65534] * 3
     assert f["cpu"] == [1, 1, 1] and f["comm"] == ["facts", "worker", "facts"] and all(f["threads"])
+    assert f["percpu_cpu1"] == 3 and sum(g["percpu"]) == 3
