@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from ubpf_py.api import BPFObject
 from ubpf_py.errors import UsageError
 from ubpf_py.live.attach import parse_attach_option, plan_attachments
+from ubpf_py.live.loader_opts import apply_loader_options, fill_cgroup_maps
 from ubpf_py.live.options import RunOptions
 from ubpf_py.output.dump import NO_ENTRIES
 from ubpf_py.output.writers import Writer, make_writer
@@ -40,7 +41,9 @@ def run(opts: RunOptions) -> int:
     """Trace as ``opts`` says; returns the exit code (0: traced, whatever the target's status)."""
     obj = BPFObject.open(opts.object, backend=opts.backend)
     spec = obj.spec
-    plan = plan_attachments(spec, [parse_attach_option(a, spec) for a in opts.attach], auto=opts.auto_attach)
+    explicit = [parse_attach_option(a, spec) for a in opts.attach]
+    apply_loader_options(spec, opts.map_size, opts.no_autoload, {r.program for r in explicit})
+    plan = plan_attachments(spec, explicit, auto=opts.auto_attach)
     if not plan:
         raise UsageError(f"{opts.object}: nothing to attach: no program names its target in its section "
                          f"and no --attach was given (programs: {', '.join(spec.programs)})")
@@ -64,10 +67,13 @@ def run(opts: RunOptions) -> int:
             obj.globals[name] = parse_set_value(value, pid)
         obj.load(engine=opts.engine, verifier=opts.verifier, check_memory=opts.check_memory,
                  native_hits=opts.native_hits, programs=sorted({r.program for r in plan}),
-                 event_type=opts.event_type, mode=opts.mode)
+                 event_type=opts.event_type, mode=opts.mode, exact_facts=opts.exact_facts,
+                 core_binaries=[r.binary for r in plan if r.binary])
         if opts.verifier_log:
             _print_verifier_logs(obj)
-        for req in plan:
+        fill_cgroup_maps(opts.cgroup_map, lambda m, i, fd: _live_map(obj, m).update(
+            i.to_bytes(4, "little"), fd.to_bytes(4, "little")))
+        for req in obj.expand_multi(plan):
             link = obj.attach_request(req)
             writer.attached(req.program, req.describe(), link.detail, *link.path)
         if opts.metrics:
@@ -98,6 +104,14 @@ def run(opts: RunOptions) -> int:
         obj.close()
         if out is not None:
             out.close()
+
+
+def _live_map(obj: BPFObject, name: str) -> Any:
+    """The backend's map ``name`` (``--cgroup-map`` writes cgroup fds the way a loader does)."""
+    m = obj.backend.raw_maps().get(name)
+    if m is None:
+        raise UsageError(f"the object has no map {name!r} (maps: {', '.join(obj.maps)})")
+    return m
 
 
 def _target_stdout(opts: RunOptions) -> Any:
