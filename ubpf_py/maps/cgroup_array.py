@@ -17,13 +17,14 @@ from ubpf_py.maps import consts as C
 from ubpf_py.maps.array import array_next_key, check_array_spec
 from ubpf_py.maps.base import Map
 from ubpf_py.obj.spec import MapSpec
+from ubpf_py.vm.memory import Allocator
 
 _U32 = struct.Struct("<I")
 
 
 class CgroupArrayMap(Map):
-    def __init__(self, spec: MapSpec, ncpus: int | None = None) -> None:
-        super().__init__(spec, ncpus)
+    def __init__(self, spec: MapSpec, ncpus: int | None = None, alloc: Allocator | None = None) -> None:
+        super().__init__(spec, ncpus, alloc)
         check_array_spec(spec, False, value_size_fixed=4)
         self.paths: list[str | None] = [None] * self.max_entries
 
