@@ -50,7 +50,7 @@ PROG = r"""
 #include <linux/ptrace.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
-__u64 cpu[4], uid[4], gid[4], pid[4], tid[4], jif[4], kt[4];
+__u64 cpu[4], uid[4], gid[4], pid[4], tid[4], jif[4], kt[4], kt0[4];
 char comm1[16], comm2[16], comm3[16];
 struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, 1); __type(key, __u32); __type(value, __u64); }
     percpu SEC(".maps");
@@ -64,7 +64,7 @@ SEC("uprobe") int BPF_KPROBE(mark, unsigned int id)
 	__u64 ug = bpf_get_current_uid_gid(), pt = bpf_get_current_pid_tgid();
 	cpu[id] = bpf_get_smp_processor_id(); uid[id] = (__u32)ug; gid[id] = ug >> 32;
 	pid[id] = pt >> 32; tid[id] = (__u32)pt;
-	jif[id] = bpf_jiffies64(); kt[id] = bpf_ktime_get_ns();
+	kt0[id] = bpf_ktime_get_ns(); jif[id] = bpf_jiffies64(); kt[id] = bpf_ktime_get_ns();
 	if (id == 1) bpf_get_current_comm(comm1, 16);
 	if (id == 2) bpf_get_current_comm(comm2, 16);
 	if (id == 3) bpf_get_current_comm(comm3, 16);
@@ -130,10 +130,12 @@ def test_facts_equal_the_kernel(built: Path) -> None:
         # and clock, not from the config file the runtime reads), and the same count
         hz = min((100, 250, 300, 1000), key=lambda h: abs(h - _hz(kernel)))   # the kernel's CONFIG_HZ
         assert abs(_hz(ours) - hz) < 0.05 * hz
-        # the same count: the kernel's jiffies carried forward at its HZ to our sample (each
-        # sample is quantised to one jiffy, so two of slack)
+        # the same count: the kernel's jiffies carried forward at its HZ to our sample.  Each sample
+        # is quantised to one jiffy (two of slack), and the jiffies call lies somewhere between two
+        # clock reads (on a loaded machine the tracer may be preempted between them: their gap is slack)
+        gap = (ours["kt"][1] - ours["kt0"][1] + kernel["kt"][1] - kernel["kt0"][1]) * hz / 1e9
         expect = kernel["jif"][1] + (ours["kt"][1] - kernel["kt"][1]) * hz / 1e9
-        assert abs(ours["jif"][1] - expect) <= 2
+        assert abs(ours["jif"][1] - expect) <= 2 + gap
 
 
 def test_approximation_is_an_option_not_the_default(built: Path) -> None:

@@ -24,6 +24,9 @@ from paths import REALWORLD, build_realworld
 from ubpf_py.kernel.syscall import kernel_bpf_skip_reason
 
 BACKENDS = [("--engine", "jit"), ("--engine", "interp"), ("--backend", "kernel")]
+#: object x backend for tools built with both header generations: the older headers' objects run on
+#: the JIT and the kernel (the interpreter already ran the same source built with the current headers)
+BOTH_GENERATIONS = [(obj, b) for obj in ("", ".sys") for b in BACKENDS if not (obj and b[1] == "interp")]
 
 #: what memleak's loader does before load (memleak.c: stack map sized, user stacks)
 MEMLEAK_LOADER = ["--set", "stack_flags=256", "--map-size", "stack_traces.value_size=1016,max_entries=10240"]
@@ -121,9 +124,9 @@ def test_gethostlatency(rw: Path, targets: Path, backend: tuple[str, str]) -> No
     assert all(0 < r["time"] < 10**9 for r in recs)
 
 
-@pytest.mark.parametrize("obj", ["funclatency.bpf.o", "funclatency.sys.bpf.o"])
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b[1])
-def test_funclatency(rw: Path, targets: Path, backend: tuple[str, str], obj: str) -> None:
+@pytest.mark.parametrize("gen,backend", BOTH_GENERATIONS, ids=lambda x: x[1] if isinstance(x, tuple) else x or "cur")
+def test_funclatency(rw: Path, targets: Path, backend: tuple[str, str], gen: str) -> None:
+    obj = f"funclatency{gen}.bpf.o"
     args = ["--set", "targ_tgid=$PID", "--set", "units=1", "--attach", "dummy_kprobe=./fl:slow",
             "--attach", "dummy_kretprobe=./fl:slow", "--", "./fl"]
     hist = _globals(_events(rw / obj, backend, args, targets))["hist"]
@@ -177,9 +180,9 @@ def test_bashreadline(rw: Path, backend: tuple[str, str]) -> None:
     assert [(r["pid"], r["str"]) for r in recs] == [(pid, "echo one"), (pid, "echo two"), (pid, "exit")]
 
 
-@pytest.mark.parametrize("obj", ["bootstrap_uprobe.bpf.o", "bootstrap_uprobe.sys.bpf.o"])
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b[1])
-def test_bootstrap_uprobe(rw: Path, targets: Path, backend: tuple[str, str], obj: str) -> None:
+@pytest.mark.parametrize("gen,backend", BOTH_GENERATIONS, ids=lambda x: x[1] if isinstance(x, tuple) else x or "cur")
+def test_bootstrap_uprobe(rw: Path, targets: Path, backend: tuple[str, str], gen: str) -> None:
+    obj = f"bootstrap_uprobe{gen}.bpf.o"
     ev = _events(rw / obj, backend, ["--attach", "uprobe_add=./up:uprobed_add",
                                      "--attach", "uretprobe_add=./up:uprobed_add", "--", "./up"], targets)
     lines = sorted(e["message"] for e in ev if e["event"] == "printk")
@@ -190,11 +193,11 @@ def test_bootstrap_uprobe(rw: Path, targets: Path, backend: tuple[str, str], obj
     assert lines == sorted(want)
 
 
-@pytest.mark.parametrize("obj", ["bootstrap_usdt.bpf.o", "bootstrap_usdt.sys.bpf.o"])
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b[1])
-def test_bootstrap_usdt(rw: Path, targets: Path, backend: tuple[str, str], obj: str) -> None:
+@pytest.mark.parametrize("gen,backend", BOTH_GENERATIONS, ids=lambda x: x[1] if isinstance(x, tuple) else x or "cur")
+def test_bootstrap_usdt(rw: Path, targets: Path, backend: tuple[str, str], gen: str) -> None:
     """The example auto-attaches to libc's setjmp probe, which this libc may lack: the target here
     has a probe of that name, given by hand like the example's manual attach."""
+    obj = f"bootstrap_usdt{gen}.bpf.o"
     ev = _events(rw / obj, backend, ["--set", "my_pid=$PID", "--attach", "usdt_auto_attach=./sj:libc:setjmp",
                                      "--attach", "usdt_manual_attach=./sj:libc:setjmp", "--", "./sj"], targets)
     msgs = [e["message"] for e in ev if e["event"] == "printk"]
