@@ -11,11 +11,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str, cwd: str | Path | None = None, timeout: float = 60,
-            user: str | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m ubpf_py.cli ARGS`` (optionally as another user via setpriv)."""
+            user: str | None = None, taskset: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m ubpf_py.cli ARGS`` (optionally as another user via setpriv, and/or
+    pinned to the CPUs in ``taskset``)."""
     argv = [sys.executable, "-m", "ubpf_py.cli", *args]
     if user is not None:
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    if taskset is not None:
+        argv = ["taskset", "-c", taskset, *argv]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 

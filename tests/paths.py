@@ -16,6 +16,9 @@ SHARED = Path(os.environ.get("UBPF_SHARED", REPO.parent / "shared")).resolve()
 CORPUS = SHARED / "corpus"
 CONFORMANCE = SHARED / "conformance" / "bpf_conformance"
 BUILD = Path(os.environ.get("UBPF_CORPUS_BUILD", REPO / ".corpus-build")).resolve()
+REALWORLD = SHARED / "realworld"
+#: where realworld/build.sh writes its objects (a cache dir outside the shared folder)
+REALWORLD_BUILD = Path(os.environ.get("UBPF_REALWORLD_BUILD", REPO / ".realworld-build")).resolve()
 
 
 def build_corpus() -> Path:
@@ -30,3 +33,19 @@ def build_corpus() -> Path:
                            stdout=subprocess.DEVNULL)
             stamp.write_text("ok\n")
     return BUILD
+
+
+def build_realworld() -> Path:
+    """Build ``../shared/realworld`` with its build.sh into REALWORLD_BUILD once (locked like
+    the corpus).  Objects the system headers cannot build are simply absent (build.sh says so)."""
+    REALWORLD_BUILD.mkdir(parents=True, exist_ok=True)
+    stamp = REALWORLD_BUILD / ".built"
+    with open(REALWORLD_BUILD / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not stamp.exists():
+            r = subprocess.run(["bash", str(REALWORLD / "build.sh"), str(REALWORLD_BUILD)],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"realworld/build.sh failed: {r.stdout[-500:]}")
+            stamp.write_text(r.stdout)
+    return REALWORLD_BUILD

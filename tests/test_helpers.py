@@ -121,8 +121,8 @@ def test_table_covers_supported_and_check_helpers():
     assert set(rig.env.helpers) == SUPPORTED_HELPERS - {12}
     assert HELPER_NAMES[6] == "bpf_trace_printk" and HELPER_NAMES[181] == "bpf_loop"
     check_helpers(assemble("call 1\ncall 12\nexit"))
-    with pytest.raises(HelperError, match=r"unknown helper #35 \(bpf_get_current_task\)"):
-        check_helpers(assemble("mov %r0, 0\ncall 35\nexit"), program="p")
+    with pytest.raises(HelperError, match=r"unknown helper #41 \(bpf_set_hash_invalid\)"):
+        check_helpers(assemble("mov %r0, 0\ncall 41\nexit"), program="p")
 
 
 # ---- maps through programs ---------------------------------------------------------------------------------
@@ -345,11 +345,16 @@ def test_clocks():
     assert rig.call(125) >= mono                              # boot time includes suspend
     assert abs(rig.call(160) - time.monotonic_ns()) < 50_000_000
     try:
+        before = jiffies64()
         text = Path("/proc/timer_list").read_text()
+        after = jiffies64()
     except OSError:
-        pytest.skip("/proc/timer_list not readable: jiffies cannot be checked")
+        pytest.skip("/proc/timer_list not readable (root only): jiffies are checked against the kernel "
+                    "in test_hit_facts instead")
     kernel_j = int(re.search(r"^jiffies: (\d+)", text, re.M).group(1))
-    assert abs(jiffies64() - kernel_j) <= 3
+    # the kernel's value was read between our two samples (the file is long: on a loaded machine the
+    # read itself can take several jiffies); one jiffy of quantisation either side
+    assert before - 1 <= kernel_j <= after + 1
 
 
 def test_get_ns_current_pid_tgid():

@@ -214,10 +214,8 @@ TIMED = {"funclat"}
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.serial) if n in TIMED else n for n in CASES])
 def test_corpus_case(corpus_build: Path, name: str) -> None:
-    try:
-        from ubpf_py.obj.elf import load_object
-    except ImportError:
-        pytest.skip("ubpf_py.obj.elf.load_object is not available yet")
+    from ubpf_py.obj.elf import load_object
+
     manifest = json.loads((CORPUS / "manifest.json").read_text())
     case = next(c for c in manifest["cases"] if c["name"] == name)
     missing = [p for p in (case["bpf"], case["target"][0]) if not (corpus_build / p).exists()]

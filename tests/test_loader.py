@@ -197,6 +197,8 @@ def test_internal_map_names() -> None:
     ("uretprobe.multi/libc.so.6:mem?", "uretprobe", AttachPoint("libc.so.6", "mem?", 0),
      {"multi": True, "multi_pattern": "mem?"}),
     ("usdt", "usdt", None, {}),
+    ("usdt/./u:p:n:ignored", "usdt", AttachPoint("./u", usdt_provider="p", usdt_name="n"), {}),
+    ("usdt.s/./u:p:n", "usdt", AttachPoint("./u", usdt_provider="p", usdt_name="n"), {"sleepable": True}),
     ("usdt/./usdt:corpus:label", "usdt", AttachPoint("./usdt", usdt_provider="corpus", usdt_name="label"), {}),
     ("kprobe/do_sys_open", "kprobe", AttachPoint("", "do_sys_open", 0), {}),
     ("kprobe/f+0x8", "kprobe", AttachPoint("", "f", 8), {}),
@@ -218,11 +220,22 @@ def test_section_skipped(sec) -> None:
     assert isinstance(classify_section(sec), str)
 
 
-@pytest.mark.parametrize("sec", ["uprobe/./a", "uprobe/:f", "uretprobe/./a:f+8", "usdt/./a:p",
-                                 "kretprobe/f+4", "kprobe/bad name"])
-def test_section_invalid(sec) -> None:
-    with pytest.raises(ObjectLoadError, match="section"):
-        classify_section(sec)
+@pytest.mark.parametrize("sec,label", [("uprobe/./a", "./a"), ("uretprobe/readline", "readline"),
+                                       ("uretprobe/./a:f+8", "./a"), ("usdt/./a:p", ""),
+                                       ("usdt.s/x", ""), ("uprobe.multi/./a", ""),
+                                       ("kretprobe/f+4", ""), ("kprobe/bad name", "")])
+def test_section_loads_but_cannot_auto_attach(sec, label) -> None:
+    """libbpf opens these (the type matches) and fails only their auto-attach."""
+    info = classify_section(sec)
+    assert not isinstance(info, str), info
+    assert info.attach is None and info.attach_error.startswith(f"section '{sec}'") and info.label == label
+
+
+@pytest.mark.parametrize("sec", ["uprobe/", "uprobe/:f", "usdt.s", "uprobe.multi"])
+def test_section_bare_forms(sec) -> None:
+    """sscanf matches only the type: a valid section that libbpf never auto-attaches."""
+    info = classify_section(sec)
+    assert not isinstance(info, str) and info.attach is None and not info.attach_error
 
 
 # --------------------------------------------------------------- globals

@@ -88,10 +88,8 @@ def test_check_object_lines(corpus_build: Path) -> None:
 
 
 def test_protos_cover_every_runtime_helper() -> None:
-    try:
-        from ubpf_py.helpers import SUPPORTED_HELPERS
-    except ImportError:
-        pytest.skip("ubpf_py.helpers not available")
+    from ubpf_py.helpers import SUPPORTED_HELPERS
+
     missing = sorted(h for h in SUPPORTED_HELPERS if h not in PROTOS)
     assert not missing, f"helpers without a verifier prototype: {missing}"
     # the runtime implements a few helpers the kernel refuses to kprobe programs (protos._NOT_FOR_KPROBE);

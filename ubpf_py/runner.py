@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from ubpf_py.api import BPFObject
 from ubpf_py.errors import NoProgramError, NotSupportedError, UsageError
 from ubpf_py.live.attach import parse_attach_option, plan_attachments
+from ubpf_py.live.loader_opts import apply_loader_options, fill_cgroup_maps
 from ubpf_py.live.options import RunOptions
 from ubpf_py.maps.budget import check_spec_maps
 from ubpf_py.output.dump import NO_ENTRIES
@@ -42,11 +43,13 @@ def run(opts: RunOptions) -> int:
     obj = BPFObject.open(opts.object, backend=opts.backend)
     spec = obj.spec
     require_programs(spec)
-    check_spec_maps(spec)       # before the target is started: a map we cannot create ends it here
     if opts.keep_command and opts.command and opts.backend == "kernel":
         # the kernel backend's command dies with ubpf-run (PR_SET_PDEATHSIG): it cannot be kept
         raise NotSupportedError("--keep-command with --backend kernel (the command ends with the session)")
-    plan = plan_attachments(spec, [parse_attach_option(a, spec) for a in opts.attach], auto=opts.auto_attach)
+    explicit = [parse_attach_option(a, spec) for a in opts.attach]
+    apply_loader_options(spec, opts.map_size, opts.no_autoload, {r.program for r in explicit})
+    check_spec_maps(spec)       # before the target is started: a map we cannot create ends it here
+    plan = plan_attachments(spec, explicit, auto=opts.auto_attach)
     if not plan:
         raise UsageError(f"{opts.object}: nothing to attach: no program names its target in its section "
                          f"and no --attach was given (programs: {', '.join(spec.programs)})")
@@ -70,10 +73,13 @@ def run(opts: RunOptions) -> int:
             obj.globals[name] = parse_set_value(value, pid)
         obj.load(engine=opts.engine, verifier=opts.verifier, check_memory=opts.check_memory,
                  native_hits=opts.native_hits, programs=sorted({r.program for r in plan}),
-                 event_type=opts.event_type, mode=opts.mode, budget=opts.max_insns)
+                 event_type=opts.event_type, mode=opts.mode, budget=opts.max_insns,
+                 exact_facts=opts.exact_facts, core_binaries=[r.binary for r in plan if r.binary])
         if opts.verifier_log:
             _print_verifier_logs(obj)
-        for req in plan:
+        fill_cgroup_maps(opts.cgroup_map, lambda m, i, fd: _live_map(obj, m).update(
+            i.to_bytes(4, "little"), fd.to_bytes(4, "little")))
+        for req in obj.expand_multi(plan):
             link = obj.attach_request(req)
             writer.attached(req.program, req.describe(), link.detail, *link.path)
         if opts.metrics:
@@ -143,6 +149,14 @@ def end_command(backend: Any, opts: RunOptions, note: Any) -> int | None:
 
 def _note_stderr(text: str) -> None:
     print(f"ubpf-run: {text}", file=sys.stderr, flush=True)
+
+
+def _live_map(obj: BPFObject, name: str) -> Any:
+    """The backend's map ``name`` (``--cgroup-map`` writes cgroup fds the way a loader does)."""
+    m = obj.backend.raw_maps().get(name)
+    if m is None:
+        raise UsageError(f"the object has no map {name!r} (maps: {', '.join(obj.maps)})")
+    return m
 
 
 def _target_stdout(opts: RunOptions) -> Any:

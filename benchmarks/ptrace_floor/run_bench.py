@@ -14,6 +14,15 @@ For every first-instruction kind of bench_target.c it runs, pinned to one CPU
 Per-hit cost = (time with probe - baseline time) / calls, both as wall time and
 as CPU time (tracer + target: the honest figure on a loaded machine).  Results
 are printed as a table and written to benchmarks/results/ptrace_floor.json.
+
+Every side is timed over the same span: from starting the target (or the tracer
+that starts it) to the target's exit, set-up included -- the baseline and the
+floor as whole processes, the engine from ``ProbeSession.launch`` to the end of
+``run()`` (only the Python interpreter's own start-up is left out).  Every side's
+hit count is checked: the floor's ``hits=N``, the engine's hit counter and (Python
+handlers) the handler's own count must all equal the number of calls, so an
+engine that missed breakpoints cannot look cheap.  The load average before and
+after the run is printed and stored with the results.
 """
 
 from __future__ import annotations
@@ -53,10 +62,10 @@ def cpu_self() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_cmd(argv: list[str]) -> tuple[float, float, bytes]:
+def run_cmd(argv: list[str]) -> tuple[float, float, bytes, bytes]:
     c0, t0 = cpu_children(), time.perf_counter()
     p = subprocess.run(argv, capture_output=True, check=True)
-    return time.perf_counter() - t0, cpu_children() - c0, p.stdout
+    return time.perf_counter() - t0, cpu_children() - c0, p.stdout, p.stderr
 
 
 def engine_child(target: str, mode: str, calls: int, loop: str) -> None:
@@ -70,21 +79,22 @@ def engine_child(target: str, mode: str, calls: int, loop: str) -> None:
         count[0] += 1
 
     r, w = os.pipe()
+    # the same span as the floor's whole process: from starting the target to its exit
+    c0, cc0, t0 = cpu_self(), cpu_children(), time.perf_counter()
     s = ProbeSession.launch([target, mode, str(calls)], stdout=w, native=(loop != "python"))
     os.close(w)
     if loop == "native-prog":
         labs = ctypes.cast(ctypes.CDLL(None).labs, ctypes.c_void_p).value
-        s.add_probe(target, off, None, native_prog=labs)
+        probe = s.add_probe(target, off, None, native_prog=labs)
     else:
-        s.add_probe(target, off, handler)
-    c0, cc0, t0 = cpu_self(), cpu_children(), time.perf_counter()
+        probe = s.add_probe(target, off, handler)
     status = s.run()
     wall = time.perf_counter() - t0
     cpu = cpu_self() - c0 + cpu_children() - cc0
     out = os.read(r, 4096)
     st = s.stats
     print(json.dumps({"wall": wall, "cpu": cpu, "status": status, "stdout": out.decode(),
-                      "handler_calls": count[0], "hits": st.total_hits,
+                      "handler_calls": count[0], "hits": st.hits.get(probe, 0),
                       "tracer_us": st.per_hit_us, "overhead_us": st.overhead_per_hit_us}))
 
 
@@ -105,14 +115,16 @@ def main() -> None:
     from ubpf_py.probe.symbols import resolve_function
     results = []
     n = a.calls
-    print(f"calls per run: {n}, pinned to CPU {a.cpu}, load average {os.getloadavg()[0]:.2f}")
+    load_start = os.getloadavg()
+    print(f"calls per run: {n}, pinned to CPU {a.cpu}, load average {load_start[0]:.2f} at start")
     print(f"{'mode':8} {'floor wall':>10} {'cpu':>6} | {'python wall':>11} {'cpu':>6} | "
           f"{'native wall':>11} {'cpu':>6} | {'nat-prog wall':>13} {'cpu':>6}  (us/hit)  ratio native/floor cpu")
     for mode in a.modes.split(","):
         off = resolve_function(str(target), f"f_{mode}")
-        bw, bc, ref = run_cmd([str(target), mode, str(n)])
-        fw, fc, fout = run_cmd([str(floor), hex(off), "--", str(target), mode, str(n)])
+        bw, bc, ref, _ = run_cmd([str(target), mode, str(n)])
+        fw, fc, fout, ferr = run_cmd([str(floor), hex(off), "--", str(target), mode, str(n)])
         assert fout == ref, (mode, fout, ref)
+        assert f"hits={n}".encode() in ferr, (mode, "floor hit count", ferr)
         row = {"mode": mode, "calls": n, "baseline_wall": bw, "baseline_cpu": bc,
                "floor_wall_us": (fw - bw) / n * 1e6, "floor_cpu_us": (fc - bc) / n * 1e6}
         for loop in ("python", "native", "native-prog"):
@@ -120,6 +132,9 @@ def main() -> None:
                                capture_output=True, check=True, text=True)
             d = json.loads(p.stdout.strip().splitlines()[-1])
             assert d["stdout"].encode() == ref and d["status"] == 0, (mode, loop, d)
+            assert d["hits"] == n, (mode, loop, "engine hit count", d["hits"], n)
+            if loop != "native-prog":
+                assert d["handler_calls"] == n, (mode, loop, "handler calls", d["handler_calls"], n)
             row[f"{loop}_wall_us"] = (d["wall"] - bw) / n * 1e6
             row[f"{loop}_cpu_us"] = (d["cpu"] - bc) / n * 1e6
             row[f"{loop}_tracer_us"] = d["tracer_us"]
@@ -131,7 +146,10 @@ def main() -> None:
               f"{row['native_cpu_us'] / row['floor_cpu_us']:.2f}x (prog {row['native-prog_cpu_us'] / row['floor_cpu_us']:.2f}x)")
     res = ROOT / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)
-    (res / "ptrace_floor.json").write_text(json.dumps({"load": os.getloadavg(), "rows": results}, indent=1))
+    load_end = os.getloadavg()
+    print(f"load average {load_end[0]:.2f} at end (1/5/15 min: start {load_start}, end {load_end})")
+    (res / "ptrace_floor.json").write_text(json.dumps({"load_start": load_start, "load_end": load_end,
+                                                       "ncpus": os.cpu_count(), "rows": results}, indent=1))
 
 
 if __name__ == "__main__":

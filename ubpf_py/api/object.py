@@ -157,14 +157,18 @@ class BPFObject:
     # ---- load --------------------------------------------------------------------------
     def load(self, *, engine: str = "jit", verifier: str = "strict", check_memory: bool = True,
              native_hits: bool = True, programs: list[str] | None = None,
-             event_type: str | None = None, mode: str = "auto", budget: int | None = None) -> None:
+             event_type: str | None = None, mode: str = "auto", budget: int | None = None,
+             exact_facts: bool = True, core_binaries: list[str] | None = None) -> None:
         """Verify and load the programs (``programs``: only these and what they tail-call) and
         create the maps.  ``engine``/``native_hits``/``check_memory`` apply to the userspace
         backend; ``event_type`` names the BTF struct ring/perf records are decoded as; ``mode``
         (userspace backend): "auto" runs verified JIT programs inside the target where the
         program and site allow it, "intarget" makes that mandatory, "ptrace" never does it;
         ``budget``: per-run bound of programs the verifier did not accept (None: the default,
-        0: unbounded)."""
+        0: unbounded).  ``exact_facts`` (userspace): per-hit CPU, uid/gid and comm read at each hit
+        (False: the ``--approx-facts`` approximation); ``core_binaries`` (userspace): binaries whose
+        own types CO-RE relocations of userspace structs resolve against (default: the target's
+        executable), before the kernel's BTF."""
         if self.loaded:
             raise UsageError("load: the object is already loaded")
         if self.pid is None:
@@ -173,31 +177,39 @@ class BPFObject:
         coll = self._get_backend().load(engine=engine, verifier=verifier, check_memory=check_memory,
                                         native_hits=native_hits, programs=programs, sink=self.events,
                                         event_type_id=self._event_type_id(event_type), mode=mode,
-                                        budget=budget)
+                                        budget=budget, exact_facts=exact_facts, core_binaries=core_binaries)
         self._live_maps = dict(coll.maps)
         self.loaded = True
         self.collection = coll
 
     def _event_type_id(self, name: str | None) -> int:
-        if not name:
-            return 0
-        btf = self.spec.btf
-        if btf is None:
-            raise UsageError(f"event type {name}: the object has no BTF to find the type in")
-        from ubpf_py.obj.btf import KIND_STRUCT
+        from ubpf_py.output.records import event_type_id
 
-        tid = btf.find(name.removeprefix("struct ").strip(), KIND_STRUCT)
-        if not tid:
-            raise UsageError(f"event type {name}: no struct of that name in the object's BTF")
-        return tid
+        return event_type_id(self.spec, name)
 
     def _raw_map(self, name: str) -> Any:
         return self._live_maps.get(name)
 
     # ---- attach ------------------------------------------------------------------------
+    def expand_multi(self, plan: list[AttachRequest]) -> list[AttachRequest]:
+        """``uprobe.multi`` requests -> one request per function their glob matches in the
+        target's binaries (``live.attach.expand_multi``); others unchanged.  Needs a target."""
+        if not any(r.multi for r in plan):
+            return list(plan)
+        if self.pid is None:
+            raise UsageError("uprobe.multi globs are resolved against the target: launch or attach_pid first")
+        from ubpf_py.live.attach import expand_multi
+
+        return expand_multi(plan, *self._get_backend().resolve_context())
+
     def attach_request(self, req: AttachRequest) -> Link:
+        """Attach one request; a ``uprobe.multi`` glob attaches every match (one link each in
+        ``links``) and the first link is returned."""
         if not self.loaded:
             raise UsageError(f"attach {req.program}: load() the object first")
+        if req.multi:
+            links = [self.attach_request(r) for r in self.expand_multi([req])]
+            return links[0]
         handle, detail = self._backend.attach(req)
         link = Link(req.program, req, detail, handle)
         self.links.append(link)
@@ -229,8 +241,8 @@ class BPFObject:
     def attach_auto(self, exclude: set[str] | None = None) -> list[Link]:
         """Attach every program whose section names its target (a skeleton's ``__attach()``)."""
         skip = exclude or set()
-        return [self.attach_request(r) for r in plan_attachments(self.spec, [], auto=True)
-                if r.program not in skip]
+        plan = [r for r in plan_attachments(self.spec, [], auto=True) if r.program not in skip]
+        return [self.attach_request(r) for r in self.expand_multi(plan)]
 
     def _need_program(self, name: str) -> None:
         if name not in self.spec.programs:

@@ -24,9 +24,9 @@ from ubpf_py.vm.env import ExecEnv, HelperFn
 BPF_FUNC_TAIL_CALL = 12
 
 SUPPORTED_HELPERS: frozenset[int] = frozenset({
-    1, 2, 3, 4, 5, 6, 7, 8, 12, 14, 15, 16, 25, 27, 36, 45, 67, 87, 88, 89, 93, 94, 109,
+    1, 2, 3, 4, 5, 6, 7, 8, 12, 14, 15, 16, 25, 27, 35, 36, 37, 45, 67, 80, 87, 88, 89, 93, 94, 109,
     112, 113, 114, 115, 118, 120, 125, 130, 131, 132, 133, 134, 160, 164, 165, 173, 174,
-    177, 181, 182,
+    158, 177, 181, 182,
 })
 
 #: helpers whose standard implementations the JIT may replace with native code

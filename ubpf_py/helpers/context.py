@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ubpf_py.errors import VMFault
 from ubpf_py.maps.base import Map, map_by_handle
 from ubpf_py.maps.consts import EFAULT, ERANGE, TASK_SIZE
@@ -27,6 +29,8 @@ class HelperContext:
         self.scratch = HostBuffer(64)
         env.memory.add(Region.of(self.scratch, "helper scratch", writable=False))
         self._registered: set[int] = set()
+        #: the current task's kernel objects (``helpers.kernel_task``), made on first use
+        self.kernel_objects: Any = None
         for m in list(env.maps_by_addr.values()):
             self._watch(m)
 
@@ -66,7 +70,11 @@ class HelperContext:
 
     # ---- memory -----------------------------------------------------------------------
     def kernel_read(self, addr: int, size: int) -> bytes | None:
-        """copy_from_kernel_nofault: only the program's own memory is "kernel" memory here."""
+        """copy_from_kernel_nofault: only the program's own memory is "kernel" memory here,
+        and of the task objects only the fields filled from /proc (others fault)."""
+        ko = self.kernel_objects
+        if ko is not None and (obj := ko.owner(addr)) is not None and not obj.readable(addr, size):
+            return None
         r = self.env.memory.find(addr, size)
         if r is None:
             return None
@@ -76,11 +84,16 @@ class HelperContext:
     def kernel_read_err(self, addr: int) -> int:
         """The kernel's error for an unreadable kernel address: user-space addresses are
         refused with -ERANGE before any access, others fault."""
+        if self.kernel_objects is not None and self.kernel_objects.owner(addr) is not None:
+            return -EFAULT
         return -ERANGE if addr < TASK_SIZE else -EFAULT
 
     def kernel_str(self, addr: int, size: int) -> bytes | None:
         """strncpy_from_kernel_nofault: the bytes before the NUL (at most size - 1),
         or None when the string runs out of the program's memory first."""
+        ko = self.kernel_objects
+        if ko is not None and (obj := ko.owner(addr)) is not None and not obj.readable(addr, 1):
+            return None
         r = self.env.memory.find(addr, 1)
         if r is None:
             return None

@@ -3,7 +3,8 @@
 5 ktime_get_ns, 7 get_prandom_u32, 8 get_smp_processor_id, 14 get_current_pid_tgid,
 15 get_current_uid_gid, 16 get_current_comm, 93/94 spin_lock/unlock, 109 send_signal,
 118 jiffies64, 120 get_ns_current_pid_tgid, 125 ktime_get_boot_ns, 160 ktime_get_coarse_ns,
-173 get_func_ip, 174 get_attach_cookie, 181 loop.
+173 get_func_ip, 174 get_attach_cookie, 181 loop; 35/158 get_current_task[_btf],
+37 current_task_under_cgroup, 80 get_current_cgroup_id (``helpers.kernel_task``).
 
 Per-hit facts come from ``env.hit`` (filled by the probe engine).  Clocks are the
 kernel's: CLOCK_MONOTONIC, CLOCK_BOOTTIME, CLOCK_MONOTONIC_COARSE; jiffies are
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from ubpf_py.errors import VMFault
 from ubpf_py.helpers.context import HelperContext
+from ubpf_py.helpers.kernel_task import KernelObjects, cgroup_id, cgroup_path
 from ubpf_py.vm.env import HelperFn
 
 EPERM = 1
@@ -204,7 +206,26 @@ def bind(hc: HelperContext, table: dict[int, HelperFn]) -> None:
                 return i + 1
         return nr
 
+    def get_current_task(r1: int, r2: int, r3: int, r4: int, r5: int) -> int:
+        if hc.kernel_objects is None:
+            hc.kernel_objects = KernelObjects(env)
+        return hc.kernel_objects.current_task()
+
+    def get_current_cgroup_id(r1: int, r2: int, r3: int, r4: int, r5: int) -> int:
+        hit = env.hit
+        return cgroup_id(hit.tgid, hit.tid)
+
+    def current_task_under_cgroup(r1: int, r2: int, r3: int, r4: int, r5: int) -> int:
+        m = hc.map(r1)
+        under = getattr(m, "under", None)
+        if under is None:
+            raise VMFault(f"bpf_current_task_under_cgroup: map {m.name} is not a cgroup array")
+        hit = env.hit
+        return under(r2 & 0xFFFFFFFF, cgroup_path(hit.tgid, hit.tid))
+
     table.update({
+        35: get_current_task, 37: current_task_under_cgroup, 80: get_current_cgroup_id,
+        158: get_current_task,
         5: ktime_get_ns, 7: get_prandom_u32, 8: get_smp_processor_id, 14: get_current_pid_tgid,
         15: get_current_uid_gid, 16: get_current_comm, 93: spin_lock, 94: spin_unlock,
         109: send_signal, 118: get_jiffies64, 120: get_ns_current_pid_tgid, 125: ktime_get_boot_ns,

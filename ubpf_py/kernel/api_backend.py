@@ -21,8 +21,9 @@ from typing import Any
 from ubpf_py.errors import KernelBackendError, TargetError, UbpfError
 from ubpf_py.kernel.events import LostEvent, PrintkEvent, RecordEvent
 from ubpf_py.live.attach import AttachRequest
-from ubpf_py.live.pump import EventSink, decode_record
+from ubpf_py.live.pump import EventSink
 from ubpf_py.obj.spec import ObjectSpec
+from ubpf_py.output.records import decode_record
 from ubpf_py.output.values import ValueDecoder
 
 
@@ -39,6 +40,8 @@ class KernelBackend:
         self.decoder = ValueDecoder(spec.btf)
         self.event_type_id = 0
         self._exit_maps = ""
+        #: the launched command: binaries (``/proc/self/exe``, its libraries) are resolved for it
+        self.exe: str | None = None
 
     # ---- target ------------------------------------------------------------------------
     def launch(self, argv: list[str], *, follow_forks: bool = False, stdout: Any = None) -> int:
@@ -46,6 +49,11 @@ class KernelBackend:
 
         self.child = spawn_gated(argv, cwd=os.getcwd(), stdout=stdout)
         self.child.watch_exit()
+        self.child.run_to_exec()   # probes see the target from its first instruction, not the gate
+        if self.child.poll() is not None:
+            raise TargetError(f"cannot start {argv[0]!r} (exit status {self.child.poll()}); "
+                              "check the command and its path")
+        self.exe = argv[0]
         self.pid = self.child.pid
         return self.pid
 
@@ -58,12 +66,21 @@ class KernelBackend:
     # ---- load / attach -----------------------------------------------------------------
     def load(self, *, engine: str, verifier: str, check_memory: bool, native_hits: bool, mode: str = "auto",
              budget: int | None = None,
-             programs: list[str] | None, sink: EventSink, event_type_id: int) -> Any:
+             programs: list[str] | None, sink: EventSink, event_type_id: int, exact_facts: bool = True,
+             core_binaries: list[str] | None = None) -> Any:
+        """Load into the kernel (``budget``/``exact_facts``/``core_binaries`` are the userspace
+        backend's: the kernel bounds, reads facts itself, and relocates against its own BTF,
+        poisoning what it cannot resolve as libbpf does)."""
         from ubpf_py.kernel.backend import KernelSession
 
         self.sink, self.event_type_id = sink, event_type_id
-        self.session = KernelSession(self.spec, [], self.pid, cwd=os.getcwd())
+        self.session = KernelSession(self.spec, [], self.pid, cwd=os.getcwd(), exe=self.exe)
         return self.session.coll
+
+    def resolve_context(self) -> tuple[int | None, str | None, str | None]:
+        """(pid, cwd, exe) binary names are resolved with: a launched command by its name (the pid
+        may still run the gate), else the traced process."""
+        return (None if self.exe else self.pid), os.getcwd(), self.exe
 
     def attach(self, req: AttachRequest) -> tuple[Any, str]:
         if self.session is None:
@@ -133,7 +150,7 @@ class KernelBackend:
             if isinstance(ev, PrintkEvent):
                 self.sink.printk(ev.comm, ev.tgid, ev.tid, ev.cpu, ev.timestamp_ns, ev.message)
             elif isinstance(ev, RecordEvent):
-                fields = decode_record(self.decoder, self.spec.path, ev.data, self.event_type_id,
+                fields = decode_record(self.decoder, self.spec.path, self.event_type_id, ev.data,
                                        perf=ev.kind == "perfbuf")
                 self.sink.record(ev.kind, ev.map, ev.cpu, ev.data, fields)
             elif isinstance(ev, LostEvent):
@@ -171,8 +188,8 @@ class KernelBackend:
         if self.session is not None:
             self.session.close()
             self.session = None
-        if self.child is not None and not self.child.released:
-            self.kill_target()
+        if self.child is not None and (not self.child.released or self.child.held):
+            self.kill_target()   # launched but never run (still at the gate or held at its exec)
 
 
 def require_kernel_bpf() -> None:

@@ -71,7 +71,8 @@ LIBRARY_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", 
                 "/usr/local/lib")
 
 
-def resolve_binary_path(binary: str, cwd: str | None = None, pid: int | None = None) -> str:
+def resolve_binary_path(binary: str, cwd: str | None = None, pid: int | None = None,
+                        exe: str | None = None) -> str:
     """The file an attach point's binary names: ``ubpf_py.probe.resolve.resolve_binary``
     when present (the userspace backend's rules), else libbpf's: a path with ``/`` is taken
     relative to ``cwd``; a library name (``x.so``, ``x.so.N``) is looked up in the
@@ -82,7 +83,7 @@ def resolve_binary_path(binary: str, cwd: str | None = None, pid: int | None = N
     except ImportError:
         pass
     else:
-        return resolve_binary(binary, pid, cwd)
+        return resolve_binary(binary, pid, cwd, exe)
     base = cwd or os.getcwd()
     if "/" in binary:
         return binary if os.path.isabs(binary) else os.path.normpath(os.path.join(base, binary))
@@ -101,9 +102,10 @@ def resolve_binary_path(binary: str, cwd: str | None = None, pid: int | None = N
     raise SymbolError(f"cannot find binary {binary!r} (searched {', '.join(dirs[:6])}...); give its path")
 
 
-def default_resolver(binary: str, function: str, pid: int | None, cwd: str | None = None) -> tuple[str, int]:
+def default_resolver(binary: str, function: str, pid: int | None, cwd: str | None = None,
+                     exe: str | None = None) -> tuple[str, int]:
     """(path, file offset) of ``function`` in ``binary`` with ``ubpf_py.probe.symbols``."""
-    path = resolve_binary_path(binary, cwd, pid)
+    path = resolve_binary_path(binary, cwd, pid, exe)
     try:
         from ubpf_py.probe.symbols import resolve_function
     except ImportError:
@@ -133,6 +135,9 @@ class KernelSession:
     trace: bool | None = None
     #: directory relative binary paths are resolved against (default: our cwd, as libbpf)
     cwd: str | None = None
+    #: the command a gated target will exec: binaries (``/proc/self/exe``, its libraries) are
+    #: resolved for it, not for the ``/bin/sh`` gate the pid still runs
+    exe: str | None = None
     coll: KernelCollection = field(init=False)
     links: list[UprobeLink] = field(default_factory=list, init=False)
     _readers: list[Any] = field(default_factory=list, init=False)
@@ -149,6 +154,11 @@ class KernelSession:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def _resolve_pid(self) -> int | None:
+        """The pid whose files name binaries: none while a gated target is not exec'd yet."""
+        return None if self.exe else self.target_pid
 
     # ---- setup ---------------------------------------------------------------------------
     def _open_outputs(self) -> None:
@@ -175,11 +185,11 @@ class KernelSession:
         if getattr(req, "usdt", None):
             return self._attach_usdt(req, prog_fd, pid)
         if not req.function:
-            path, off = resolve_binary_path(req.binary, self.cwd, self.target_pid), 0
+            path, off = resolve_binary_path(req.binary, self.cwd, self._resolve_pid, self.exe), 0
         elif self.resolver is not None:
             path, off = self.resolver(req.binary, req.function, self.target_pid)
         else:
-            path, off = default_resolver(req.binary, req.function, self.target_pid, self.cwd)
+            path, off = default_resolver(req.binary, req.function, self._resolve_pid, self.cwd, self.exe)
         if self.cwd and not os.path.isabs(path):
             path = os.path.join(self.cwd, path)
         link = attach_uprobe(prog_fd, path, off + req.offset, pid=pid, retprobe=req.retprobe,
@@ -201,8 +211,8 @@ class KernelSession:
             raise KernelBackendError(f"program {req.program} is attached to a USDT probe but the object has no "
                                      "__bpf_usdt_specs map; build it with <bpf/usdt.bpf.h> and BPF_USDT")
         if self._usdt_ids is None:
-            self._usdt_ids = UsdtSpecs(specs.max_entries, lambda k, v: specs.update(k, v))
-        path = resolve_binary_path(req.binary, self.cwd, self.target_pid)
+            self._usdt_ids = UsdtSpecs(specs.max_entries, lambda k, v: specs.update(k, v), self.spec.btf)
+        path = resolve_binary_path(req.binary, self.cwd, self._resolve_pid, self.exe)
         provider, name = req.usdt
         links = []
         for note in find_usdt(path, provider, name):

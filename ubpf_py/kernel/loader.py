@@ -205,7 +205,7 @@ def relocate_for_kernel(insns: list[Instruction], map_fds: list[int], prog: str 
     return out
 
 
-def _apply_core(spec: ObjectSpec, pspec: ProgramSpec) -> list[Instruction]:
+def _apply_core(spec: ObjectSpec, pspec: ProgramSpec, poisoned: dict[int, str] | None = None) -> list[Instruction]:
     """The program's spec-level instructions with CO-RE relocations applied against the
     running kernel's BTF (the kernel, not a userspace target, is what programs read here)."""
     if not pspec.core_relocs:
@@ -221,7 +221,8 @@ def _apply_core(spec: ObjectSpec, pspec: ProgramSpec) -> list[Instruction]:
     if target is None:
         raise KernelBackendError(f"program {pspec.name} needs CO-RE but the kernel has no BTF "
                                  "(/sys/kernel/btf/vmlinux missing)")
-    return apply_core_relocs(pspec, spec.btf, target)
+    # as libbpf: unresolvable relocations poison their instruction; the verifier decides
+    return apply_core_relocs(pspec, spec.btf, target, strict=False, poisoned=poisoned)
 
 
 def _func_info(pspec: ProgramSpec) -> bytes | None:
@@ -235,7 +236,22 @@ def _func_info(pspec: ProgramSpec) -> bytes | None:
 
 
 def _load_program(spec: ObjectSpec, pspec: ProgramSpec, coll: KernelCollection, log_level: int) -> int:
-    insns = _apply_core(spec, pspec)
+    poisoned: dict[int, str] = {}
+    insns = _apply_core(spec, pspec, poisoned)
+    try:
+        return _load_relocated(spec, pspec, coll, log_level, insns)
+    except KernelBackendError as exc:
+        # libbpf's log fix-up: the kernel reached a poisoned CO-RE instruction
+        if poisoned and "unknown#195896080" in (exc.log or str(exc)):
+            from ubpf_py.errors import RelocationError
+
+            why = next(iter(poisoned.values())) if len(poisoned) == 1 else "; ".join(sorted(set(poisoned.values())))
+            raise RelocationError(f"program '{pspec.name}': {why}") from None
+        raise
+
+
+def _load_relocated(spec: ObjectSpec, pspec: ProgramSpec, coll: KernelCollection, log_level: int,
+                    insns: list[Instruction]) -> int:
     insns = relocate_for_kernel(insns, [m.fd for m in coll.map_list], pspec.name)
     license = pspec.license or spec.license or "GPL"
     flags = BPF_F_SLEEPABLE if pspec.sleepable else 0

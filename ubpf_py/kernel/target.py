@@ -21,6 +21,8 @@ _PR_SET_PDEATHSIG = 1
 _PTRACE_CONT = 7
 _PTRACE_SEIZE = 0x4206
 _PTRACE_O_TRACEEXIT = 0x40
+_PTRACE_O_TRACEEXEC = 0x10
+_PTRACE_EVENT_EXEC = 4
 _PTRACE_EVENT_EXIT = 6
 _PTRACE_EVENT_STOP = 128
 _WALL = 0x40000000
@@ -36,13 +38,20 @@ class GatedChild:
     traced: bool = False
     #: /proc/PID/maps text at the target's exit (when ``watch_exit`` was called)
     exit_maps: str = ""
+    #: stopped at its exec by ``run_to_exec`` (``release`` resumes it)
+    held: bool = False
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def release(self) -> None:
-        """Let the child exec its program."""
+        """Let the child exec its program (or, held at its exec, run it)."""
+        if self.held:
+            self.held = False
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.ptrace(ctypes.c_long(_PTRACE_CONT), ctypes.c_long(self.pid), None, None)
+            return
         if not self.released:
             os.write(self._gate_w, b"g\n")
             os.close(self._gate_w)
@@ -54,11 +63,33 @@ class GatedChild:
         Call before ``release``."""
         libc = ctypes.CDLL(None, use_errno=True)
         rc = libc.ptrace(ctypes.c_long(_PTRACE_SEIZE), ctypes.c_long(self.pid), None,
-                         ctypes.c_void_p(_PTRACE_O_TRACEEXIT))
+                         ctypes.c_void_p(_PTRACE_O_TRACEEXIT | _PTRACE_O_TRACEEXEC))
         if rc != 0:
             err = ctypes.get_errno()
             raise TargetError(f"cannot ptrace pid {self.pid} to watch its exit: {os.strerror(err)}")
         self.traced = True
+
+    def run_to_exec(self) -> None:
+        """Open the gate and hold the child at its exec (after ``watch_exit``): the new image has
+        not run an instruction yet, and what the ``/bin/sh`` gate did before (its own mallocs,
+        reads) happened before any probe exists.  Probes attached now see only the target.
+        ``release()`` then runs it.  If the command cannot be started, the child has exited
+        when this returns (``poll()`` gives its status)."""
+        self.release()
+        libc = ctypes.CDLL(None, use_errno=True)
+        while True:
+            try:
+                _, status = os.waitpid(self.pid, _WALL)
+            except ChildProcessError:
+                return
+            if not os.WIFSTOPPED(status):
+                self.proc.returncode = os.waitstatus_to_exitcode(status)
+                return
+            if status >> 16 == _PTRACE_EVENT_EXEC:
+                self.held = True
+                return
+            sig = 0 if status >> 16 else os.WSTOPSIG(status)
+            libc.ptrace(ctypes.c_long(_PTRACE_CONT), ctypes.c_long(self.pid), None, ctypes.c_void_p(sig))
 
     def poll(self) -> int | None:
         """The exit code (negative signal) once the child has ended, else None; while
@@ -84,7 +115,7 @@ class GatedChild:
                     except OSError:
                         pass
                     sig = 0
-                elif event == _PTRACE_EVENT_STOP:
+                elif event in (_PTRACE_EVENT_STOP, _PTRACE_EVENT_EXEC):
                     sig = 0
                 libc.ptrace(ctypes.c_long(_PTRACE_CONT), ctypes.c_long(self.pid), None, ctypes.c_void_p(sig))
                 continue
@@ -114,10 +145,10 @@ def spawn_gated(argv: list[str], *, cwd: str | None = None, stdout: int | None =
         raise TargetError("no command to start; give the target after --")
     gate_r, gate_w = os.pipe()
     try:
-        proc = subprocess.Popen(["/bin/sh", "-c", 'read -r _; exec "$@" </dev/null', "sh", *argv],
-                                cwd=cwd, stdout=stdout, stderr=stderr, stdin=gate_r,
-                                env=env, close_fds=True,
-                                preexec_fn=_die_with_parent)
+        # the gate waits on fd 3; the target keeps our stdin (a terminal, a pipe), as under ptrace
+        proc = subprocess.Popen(["/bin/sh", "-c", 'read -r _ <&3; exec 3<&-; exec "$@"', "sh", *argv],
+                                cwd=cwd, stdout=stdout, stderr=stderr, env=env, close_fds=True,
+                                pass_fds=(gate_r, 3), preexec_fn=lambda: _gate_child(gate_r))
     except OSError as exc:
         os.close(gate_r)
         os.close(gate_w)
@@ -128,5 +159,9 @@ def spawn_gated(argv: list[str], *, cwd: str | None = None, stdout: int | None =
     return GatedChild(proc, gate_w, argv=list(argv))
 
 
-def _die_with_parent() -> None:
+def _gate_child(gate_r: int) -> None:
+    """In the forked child: the gate pipe becomes fd 3, and the child dies with its parent."""
+    if gate_r != 3:
+        os.dup2(gate_r, 3)
+        os.close(gate_r)
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from ubpf_py.errors import UsageError
-from ubpf_py.obj.spec import ObjectSpec
+from ubpf_py.obj.spec import ObjectSpec, ProgramSpec
 
 ENTRY_KINDS = {"uprobe", "kprobe"}
 RETURN_KINDS = {"uretprobe", "kretprobe"}
@@ -32,6 +32,8 @@ class AttachRequest:
     usdt: tuple[str, str] | None = None
     #: "section" when derived from the section name, "option" for --attach
     origin: str = "option"
+    #: uprobe.multi: ``function`` is a glob (``expand_multi`` turns it into one request per match)
+    multi: bool = False
 
     def describe(self) -> str:
         """The attach point in the kernel oracle's words (``uprobe ./hello:add+0 cookie=0``)."""
@@ -68,6 +70,10 @@ def parse_attach_option(text: str, spec: ObjectSpec) -> AttachRequest:
             raise UsageError(f"bad --attach {text!r}: USDT program {prog_name} needs BINARY:PROVIDER:NAME")
         return AttachRequest(prog_name, parts[0], cookie=cookie, usdt=(parts[1], parts[2]))
     binary, sep, func = rest.rpartition(":")
+    if not sep and prog.attach_label and prog.kind in ENTRY_KINDS | RETURN_KINDS:
+        # SEC("uretprobe/readline") + --attach printret=/bin/bash: the label is the function,
+        # as a loader calling bpf_program__attach_uprobe(prog, ..., "/bin/bash", "readline") does
+        binary, sep, func = rest, ":", prog.attach_label
     if not sep or not binary or not func:
         raise UsageError(f"bad --attach {text!r}: expected PROGRAM=BINARY:FUNCTION[+OFFSET][@COOKIE]")
     offset = 0
@@ -80,20 +86,29 @@ def parse_attach_option(text: str, spec: ObjectSpec) -> AttachRequest:
     if prog.kind not in ENTRY_KINDS | RETURN_KINDS:
         raise UsageError(f"bad --attach {text!r}: program {prog_name} is a {prog.kind} program, "
                          f"not a uprobe")
-    return AttachRequest(prog_name, binary, func, offset, prog.kind in RETURN_KINDS, cookie)
+    multi = prog.multi and any(c in func for c in "*?")
+    return AttachRequest(prog_name, binary, func, offset, prog.kind in RETURN_KINDS, cookie, multi=multi)
 
 
 def plan_attachments(spec: ObjectSpec, explicit: list[AttachRequest], auto: bool = True) -> list[AttachRequest]:
     """Explicit requests plus (when ``auto``) every program whose section names its target.
 
     Programs given explicitly are not auto-attached again.  Bare ``SEC("uprobe")``
-    programs without an explicit request are simply not attached (as libbpf).
+    programs without an explicit request are simply not attached (as libbpf).  A
+    program whose section libbpf cannot auto-attach (``uretprobe/readline``) is an
+    error naming the program and the fix, as the skeleton's attach fails in libbpf.
     """
     plan = list(explicit)
     named = {r.program for r in explicit}
     if auto:
         for name, prog in spec.programs.items():
-            if name in named or prog.attach is None:
+            if name in named or not prog.autoload:
+                continue
+            if prog.attach_error:
+                raise UsageError(f"program {name} cannot be auto-attached: {prog.attach_error}; attach it by hand "
+                                 f"with --attach {name}=BINARY{_target_hint(prog)}"
+                                 f" or turn it off with --no-autoload {name}")
+            if prog.attach is None:
                 continue
             ap = prog.attach
             if prog.kind == "usdt":
@@ -101,5 +116,37 @@ def plan_attachments(spec: ObjectSpec, explicit: list[AttachRequest], auto: bool
                                           origin="section"))
             elif prog.kind in ENTRY_KINDS | RETURN_KINDS:
                 plan.append(AttachRequest(name, ap.binary, ap.function, ap.offset,
-                                          prog.kind in RETURN_KINDS, origin="section"))
+                                          prog.kind in RETURN_KINDS, origin="section", multi=prog.multi))
     return plan
+
+
+def expand_multi(plan: list[AttachRequest], pid: int | None, cwd: str | None = None,
+                 exe: str | None = None) -> list[AttachRequest]:
+    """uprobe.multi requests -> one request per function matching the glob (libbpf's
+    ``elf_resolve_pattern_offsets`` rules, ``probe.symbols.match_functions``); several
+    symbols at one offset (aliases) attach once.  No match is an error, as in libbpf."""
+    from ubpf_py.errors import SymbolError
+    from ubpf_py.probe import resolve, symbols
+
+    out: list[AttachRequest] = []
+    for req in plan:
+        if not req.multi:
+            out.append(req)
+            continue
+        path = resolve.resolve_binary(req.binary, pid=pid, cwd=cwd, exe=exe)
+        seen: set[int] = set()
+        for name, off in symbols.match_functions(path, req.function):
+            if off not in seen:
+                seen.add(off)
+                out.append(AttachRequest(req.program, req.binary, name, 0, req.retprobe, req.cookie,
+                                         origin=req.origin))
+        if not seen:
+            raise SymbolError(f"program {req.program}: no function in {path} matches {req.function!r} "
+                              f"(list them with: ubpf-run --list 'uprobe:{req.binary}:*')")
+    return out
+
+
+def _target_hint(prog: ProgramSpec) -> str:
+    if prog.kind == "usdt":
+        return ":PROVIDER:NAME"
+    return "" if prog.attach_label else ":FUNCTION"

@@ -13,13 +13,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ubpf_py.errors import NotSupportedError, ObjectLoadError, UbpfError, VerifierError
+from ubpf_py.errors import (
+    NotSupportedError,
+    ObjectLoadError,
+    RelocationError,
+    UbpfError,
+    VerifierError,
+    VMFault,
+)
 from ubpf_py.isa.instruction import Instruction
 from ubpf_py.isa.opcodes import (
     BPF_PSEUDO_MAP_IDX,
     BPF_PSEUDO_MAP_IDX_VALUE,
     LDDW,
 )
+from ubpf_py.obj.core import POISON_HELPER
 from ubpf_py.obj.spec import MapSpec, ObjectSpec, ProgramSpec
 from ubpf_py.sysinfo import possible_cpus
 from ubpf_py.vm.budget import DEFAULT_BUDGET
@@ -104,18 +112,24 @@ class Collection:
 
         # programs: CO-RE, helper check, verification on spec-level bytecode
         prepared: dict[str, tuple[ProgramSpec, list[Instruction], Any]] = {}
+        poisons: dict[str, dict[int, str]] = {}
         for name in _with_tail_call_targets(spec, wanted):
             prog = spec.programs[name]
-            insns = _apply_core(spec, prog, target_btf)
+            poisoned = poisons[name] = {}
+            insns = _apply_core(spec, prog, target_btf, poisoned)
+            kept = [i for pc, i in enumerate(insns) if pc not in poisoned]
             try:
-                report = _verify(spec, prog, insns, verifier)
+                # the verifier sees the poisoned program: reaching a poisoned call is the error
+                report = _verify_poisoned(spec, prog, insns, verifier, poisoned)
             except VerifierError:
-                check_helpers(insns)  # an unknown helper is still named before the verifier's verdict
+                check_helpers(kept)  # an unknown helper is still named before the verifier's verdict
                 raise
             if report is not None and report.ok and report.reachable is not None:
-                # dead code as the kernel sees it is never run: what only it uses is not needed
+                # dead code as the kernel sees it is never run: what only it uses (unknown helpers,
+                # poisoned CO-RE instructions behind bpf_core_field_exists) is not needed
                 insns = sanitize_dead_code(insns, report.reachable)
-            check_helpers(insns)
+                kept = [i for pc, i in enumerate(insns) if pc not in poisoned]
+            check_helpers(kept)
             prepared[name] = (prog, insns, report)
 
         # maps (all of them: globals and maps are shared between programs)
@@ -127,6 +141,8 @@ class Collection:
             for region in live.regions():
                 memory.add(region)
         env.helpers = build_helper_table(env)
+        if any(poisons.values()):
+            env.helpers[POISON_HELPER] = _poison_call(poisons)
 
         loaded: dict[str, LoadedProgram] = {}
         for name, (prog, insns, report) in prepared.items():
@@ -161,12 +177,38 @@ def _with_tail_call_targets(spec: ObjectSpec, wanted: list[str]) -> list[str]:
     return names
 
 
-def _apply_core(spec: ObjectSpec, prog: ProgramSpec, target_btf: Any) -> list[Instruction]:
+def _apply_core(spec: ObjectSpec, prog: ProgramSpec, target_btf: Any,
+                poisoned: dict[int, str] | None = None) -> list[Instruction]:
+    """CO-RE as libbpf: a relocation no target resolves poisons its instruction (a call to helper
+    0xbad2310), so a guarded access (``if (bpf_core_field_exists(...))``) in code the verifier
+    never reaches costs nothing, and reaching one fails naming the relocation."""
     if not prog.core_relocs:
         return list(prog.instructions)
     from ubpf_py.obj import core
 
-    return core.apply_core_relocs(prog, spec.btf, target_btf)
+    return core.apply_core_relocs(prog, spec.btf, target_btf, strict=False, poisoned=poisoned)
+
+
+def _verify_poisoned(spec: ObjectSpec, prog: ProgramSpec, insns: list[Instruction], mode: str,
+                     poisoned: dict[int, str]) -> Any:
+    """Verify; a rejection at a poisoned instruction is libbpf's "failed to resolve CO-RE relocation"."""
+    try:
+        return _verify(spec, prog, insns, mode)
+    except VerifierError as e:
+        why = poisoned.get(e.insn_index) if e.insn_index is not None else None
+        if why is None:
+            raise
+        raise RelocationError(f"program '{prog.name}' instruction {e.insn_index}: {why}; build the target "
+                              "with -g (DWARF) or BTF so its types can be found") from None
+
+
+def _poison_call(poisons: dict[str, dict[int, str]]) -> Any:
+    """Helper 0xbad2310 (reached only without verification): fault naming the relocation."""
+    whys = sorted({w for p in poisons.values() for w in p.values()})
+
+    def poisoned(r1: int, r2: int, r3: int, r4: int, r5: int) -> int:
+        raise VMFault(f"reached a poisoned instruction: {whys[0] if len(whys) == 1 else '; '.join(whys)}")
+    return poisoned
 
 
 def _verify(spec: ObjectSpec, prog: ProgramSpec, insns: list[Instruction], mode: str) -> Any:

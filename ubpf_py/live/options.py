@@ -25,6 +25,12 @@ class RunOptions:
     attach: list[str] = field(default_factory=list)
     #: attach programs whose section names a target
     auto_attach: bool = True
+    #: ``MAP.max_entries=N[,value_size=N,key_size=N]``: resize before load (``bpf_map__set_*``)
+    map_size: list[str] = field(default_factory=list)
+    #: programs neither loaded nor attached (``bpf_program__set_autoload(false)``)
+    no_autoload: list[str] = field(default_factory=list)
+    #: ``MAP[INDEX]=CGROUP_DIR``: a cgroup v2 directory in a CGROUP_ARRAY slot, after load
+    cgroup_map: list[str] = field(default_factory=list)
     #: ``NAME=VALUE`` globals written before load (``$PID`` = the traced pid)
     sets: list[str] = field(default_factory=list)
     duration: float | None = None
@@ -40,6 +46,8 @@ class RunOptions:
     #: a command started with ``command`` keeps running when the session ends
     keep_command: bool = False
     check_memory: bool = True
+    #: per-hit CPU, uid/gid and comm read at each hit (False: ``--approx-facts``)
+    exact_facts: bool = True
     verifier: str = "strict"
     verifier_log: bool = False
     #: "text" or "json"

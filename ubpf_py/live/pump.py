@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ubpf_py.errors import UbpfError
 from ubpf_py.live.collection import Collection
+from ubpf_py.output.records import decode_record
 from ubpf_py.output.values import ValueDecoder
 from ubpf_py.vm.env import HitContext
 
@@ -78,11 +78,8 @@ class OutputPump:
                     self.sink.record("perfbuf", m.spec.name, cpu, bytes(data), self._fields(data, perf=True))
 
     def _fields(self, data: bytes, perf: bool = False) -> Any:
-        """Decode a record: the event type, else the only BTF struct of the record's size, else the
-        only DWARF struct of that size (clang leaves stack-only structs out of BTF), else None."""
-        if self.decoder is None:
-            return None
-        return decode_record(self.decoder, self.collection.spec.path, bytes(data), self.event_type_id, perf)
+        """Decode a record as both backends do (``output.records``)."""
+        return decode_record(self.decoder, self.collection.spec.path, self.event_type_id, data, perf)
 
     def report_lost(self) -> None:
         for m in self.ringbufs + self.perfbufs:
@@ -91,16 +88,3 @@ class OutputPump:
                 kind = "ringbuf" if m in self.ringbufs else "perfbuf"
                 self.sink.lost(kind, m.spec.name, lost)
 
-
-def decode_record(decoder: ValueDecoder, obj_path: str, data: bytes, type_id: int = 0, perf: bool = False) -> Any:
-    """A ring/perf record as a Python value (see ``OutputPump._fields``), or None."""
-    tid = type_id or decoder.unique_struct_of_size(len(data))
-    if tid:
-        return decoder.value(tid, data)
-    from ubpf_py.obj.dwarf_types import find_struct_by_size
-
-    try:
-        layout = find_struct_by_size(obj_path, len(data), slack=7 if perf else 0)
-    except UbpfError:
-        return None
-    return layout.decode(data) if layout is not None else None

@@ -33,33 +33,38 @@ class ProbeSite:
 
 class UsdtSpecs:
     """Spec ids for one loaded object: ``spec_id(note, cookie)`` allocates an id the way libbpf
-    does and stores the encoded spec in ``__bpf_usdt_specs`` through ``update(key, value)``."""
+    does and stores the encoded spec in ``__bpf_usdt_specs`` through ``update(key, value)``.
+    The spec is laid out as the object's own ``struct __bpf_usdt_spec`` says (``btf``: the
+    object's BTF; libbpf 1.0-1.6 and 1.7+ headers differ, see ``probe.usdt_layout``)."""
 
-    def __init__(self, max_specs: int, update: Callable[[bytes, bytes], int]) -> None:
+    def __init__(self, max_specs: int, update: Callable[[bytes, bytes], int], btf: Any = None) -> None:
         from ubpf_py.probe.usdt import UsdtSpecIds
+        from ubpf_py.probe.usdt_layout import layout_from_btf
 
         self._ids = UsdtSpecIds(max_specs)
         self._update = update
+        self._layout = layout_from_btf(btf)
 
     def spec_id(self, note: Any, cookie: int) -> int:
         from ubpf_py.probe.usdt import encode_usdt_spec
 
         sid, new = self._ids.assign(note, cookie)
         if new:
-            rc = self._update(sid.to_bytes(4, "little"), encode_usdt_spec(note, cookie))
+            rc = self._update(sid.to_bytes(4, "little"), encode_usdt_spec(note, cookie, self._layout))
             if rc:
                 raise UbpfError(f"cannot store USDT spec {sid} in {USDT_SPECS_MAP} (error {rc})")
         return sid
 
 
-def usdt_specs_for(maps: dict[str, Any]) -> UsdtSpecs:
-    """The spec writer for an object's live maps (refused when it was not built with usdt.bpf.h)."""
+def usdt_specs_for(maps: dict[str, Any], btf: Any = None) -> UsdtSpecs:
+    """The spec writer for an object's live maps (refused when it was not built with usdt.bpf.h);
+    ``btf`` is the object's BTF (the spec layout its usdt.bpf.h expects)."""
     specs = maps.get(USDT_SPECS_MAP)
     if specs is None:
         raise UbpfError(f"the object has USDT programs but no {USDT_SPECS_MAP} map: "
                         f"build it with libbpf's usdt.bpf.h")
     max_entries = specs.spec.max_entries if hasattr(specs, "spec") else specs.max_entries
-    return UsdtSpecs(max_entries, lambda k, v: specs.update(k, v, 0))
+    return UsdtSpecs(max_entries, lambda k, v: specs.update(k, v, 0), btf)
 
 
 def resolve_sites(req: AttachRequest, pid: int, usdt_specs: Callable[[], UsdtSpecs]) -> tuple[list[ProbeSite], str]:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ubpf_py.errors import UbpfError, UsageError
+from ubpf_py.helpers.facts import facts_needed
 from ubpf_py.live.attach import AttachRequest
 from ubpf_py.live.collection import Collection
 from ubpf_py.live.hitpath import (
@@ -100,19 +101,29 @@ class UserspaceBackend:
     # ---- load --------------------------------------------------------------------------
     def load(self, *, engine: str, verifier: str, check_memory: bool, native_hits: bool,
              programs: list[str] | None, sink: EventSink, event_type_id: int, mode: str = "auto",
-             budget: int | None = None) -> Collection:
+             budget: int | None = None, exact_facts: bool = True,
+             core_binaries: list[str] | None = None) -> Collection:
         """Load the programs; with ``mode`` auto/intarget the maps live in memory shared with the
-        target and eligible programs are compiled into an image inside it (``live.intarget``)."""
+        target and eligible programs are compiled into an image inside it (``live.intarget``).
+        ``exact_facts``: per-hit CPU, uid/gid and comm read from /proc at each hit (only those the
+        programs use); False keeps the approximation (``--approx-facts``).  ``core_binaries``: the
+        binaries whose own types (.BTF or DWARF) CO-RE relocations of userspace types resolve
+        against before the kernel's (default: the target's executable)."""
         if mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
         no_target = runtime_unavailable(mode, engine)
         if no_target is not None and mode == "intarget":
             raise UsageError(f"--mode intarget: {no_target}")
         arena = self.session.enable_in_target() if no_target is None else None
+        wanted_specs = list(programs) if programs is not None else list(self.spec.programs)
         coll = Collection.load(self.spec, engine=engine, verifier=verifier, programs=programs,
                                check_memory=check_memory, arena=arena,
-                               budget=DEFAULT_BUDGET if budget is None else budget)
+                               budget=DEFAULT_BUDGET if budget is None else budget,
+                               target_btf=self._core_targets(wanted_specs, core_binaries))
         wanted = list(programs) if programs is not None else list(coll.programs)
+        filler = self.session.tracer.filler
+        filler.exact_cpu = exact_facts
+        filler.needs = facts_needed([self.spec.programs[n] for n in coll.programs], self.spec.maps)
         if arena is not None:
             self.in_target = prepare_in_target(self.session, coll, wanted, verifier=verifier)
             self._printk_ring = self.in_target.printk_ring
@@ -127,6 +138,25 @@ class UserspaceBackend:
         coll.env.printk = self.pump.printk
         self.pump.printk_ring = getattr(self, "_printk_ring", None)
         return coll
+
+    def _core_targets(self, programs: list[str], binaries: list[str] | None) -> Any:
+        """CO-RE targets: the traced binaries' own types (BTF or DWARF), then the kernel's
+        (``obj.core_targets``); None (the default targets) when no program relocates."""
+        if not any(self.spec.programs[n].core_relocs for n in programs if n in self.spec.programs):
+            return None
+        from ubpf_py.obj.core_targets import core_targets
+        from ubpf_py.probe import resolve
+
+        pid = self.session.pid
+        paths = []
+        for binary in binaries if binaries is not None else ["/proc/self/exe"]:
+            with contextlib.suppress(UbpfError, OSError):
+                paths.append(resolve.resolve_binary(binary, pid=pid))
+        return core_targets(paths)
+
+    def resolve_context(self) -> tuple[int | None, str | None, str | None]:
+        """(pid, cwd, exe) binary names of attach points are resolved with (``live.attach.expand_multi``)."""
+        return (self.session.pid if self.session is not None else None), None, None
 
     def _ready(self) -> tuple[Any, Collection, HitPlumbing]:
         """Join the loaded collection and the target (first attach)."""
@@ -149,7 +179,7 @@ class UserspaceBackend:
 
         def usdt_specs() -> Any:
             if self._usdt is None:
-                self._usdt = usdt_specs_for(coll.maps)
+                self._usdt = usdt_specs_for(coll.maps, self.spec.btf)
             return self._usdt
 
         sites, detail = resolve_sites(req, session.pid, usdt_specs)

@@ -9,6 +9,7 @@ for the API every map shares.  One module per family:
 * ``perf``        PERF_EVENT_ARRAY
 * ``stack_trace`` STACK_TRACE
 * ``fd_array``    PROG_ARRAY, ARRAY_OF_MAPS, HASH_OF_MAPS
+* ``cgroup_array`` CGROUP_ARRAY
 * ``queue``       QUEUE, STACK, BLOOM_FILTER
 * ``lpm``         LPM_TRIE
 """
@@ -20,6 +21,7 @@ from ubpf_py.maps import consts
 from ubpf_py.maps.array import ArrayMap, PercpuArrayMap
 from ubpf_py.maps.base import Map, map_by_handle, map_by_id
 from ubpf_py.maps.budget import check_map
+from ubpf_py.maps.cgroup_array import CgroupArrayMap
 from ubpf_py.maps.fd_array import ArrayOfMapsMap, HashOfMapsMap, ProgArrayMap
 from ubpf_py.maps.hash import HashMap, LruHashMap, LruPercpuHashMap, PercpuHashMap
 from ubpf_py.maps.lpm import LpmTrieMap
@@ -38,6 +40,7 @@ MAP_CLASSES: dict[int, type[Map]] = {
     consts.PERCPU_HASH: PercpuHashMap,
     consts.PERCPU_ARRAY: PercpuArrayMap,
     consts.STACK_TRACE: StackTraceMap,
+    consts.CGROUP_ARRAY: CgroupArrayMap,
     consts.LRU_HASH: LruHashMap,
     consts.LRU_PERCPU_HASH: LruPercpuHashMap,
     consts.LPM_TRIE: LpmTrieMap,
@@ -66,8 +69,27 @@ def create_map(spec: MapSpec, *, ncpus: int | None = None, alloc: Allocator | No
 
 
 __all__ = [
-    "MAP_CLASSES", "ArrayMap", "ArrayOfMapsMap", "BloomFilterMap", "HashMap", "HashOfMapsMap",
-    "LpmTrieMap", "LruHashMap", "LruPercpuHashMap", "Map", "MapError", "PercpuArrayMap",
-    "PercpuHashMap", "PerfEventArrayMap", "ProgArrayMap", "QueueMap", "RingBufMap", "StackMap",
-    "StackTraceMap", "create_map", "map_by_handle", "map_by_id",
+    "MAP_CLASSES",
+    "ArrayMap",
+    "ArrayOfMapsMap",
+    "BloomFilterMap",
+    "CgroupArrayMap",
+    "HashMap",
+    "HashOfMapsMap",
+    "LpmTrieMap",
+    "LruHashMap",
+    "LruPercpuHashMap",
+    "Map",
+    "MapError",
+    "PercpuArrayMap",
+    "PercpuHashMap",
+    "PerfEventArrayMap",
+    "ProgArrayMap",
+    "QueueMap",
+    "RingBufMap",
+    "StackMap",
+    "StackTraceMap",
+    "create_map",
+    "map_by_handle",
+    "map_by_id",
 ]

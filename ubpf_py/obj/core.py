@@ -415,10 +415,12 @@ def _s32(v: int) -> int:
 
 
 def apply_core_relocs(prog: ProgramSpec, local_btf: B.Btf | None,
-                      target_btf: B.Btf | Sequence[B.Btf] | None = None, strict: bool = True) -> list[Instruction]:
+                      target_btf: B.Btf | Sequence[B.Btf] | None = None, strict: bool = True,
+                      poisoned: dict[int, str] | None = None) -> list[Instruction]:
     """The program's instructions with every CO-RE relocation applied (the spec is not changed).
 
     ``target_btf``: one BTF or several tried in order; None = ``default_targets()``.
+    ``poisoned`` (with ``strict=False``) receives instruction index -> the failed relocation.
     """
     insns = list(prog.instructions)
     if not prog.core_relocs:
@@ -440,9 +442,12 @@ def apply_core_relocs(prog: ProgramSpec, local_btf: B.Btf | None,
         res = _compute(local_btf, targets, rel)
         if res.target is None:
             if strict:
-                raise RelocationError(f"program '{prog.name}' instruction {rel.insn_index}: CO-RE relocation "
-                                      f"failed: {res.why}")
+                raise RelocationError(f"program '{prog.name}' instruction {rel.insn_index}: failed to resolve "
+                                      f"CO-RE relocation {desc}: {res.why}; build the target with -g "
+                                      "(DWARF) or BTF so its types can be found")
             insns[rel.insn_index] = Instruction(0x85, 0, 0, 0, POISON_HELPER)
+            if poisoned is not None:
+                poisoned[rel.insn_index] = f"failed to resolve CO-RE relocation {desc}: {res.why}"
             continue
         _patch(insns, rel.insn_index, res, rel, desc)
     return insns

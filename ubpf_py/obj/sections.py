@@ -4,10 +4,18 @@ libbpf matches ``SEC("type+")`` definitions as: the exact name ``type`` or
 ``type/extras``.  For the probe types ubpf-py runs:
 
 * ``uprobe[.s]`` / ``uretprobe[.s]``: ``%[^/]/%[^:]:%[^\\n]`` = TYPE/BINARY:FUNC,
-  FUNC may end in ``+OFFSET`` (strtol base 0); a bare ``TYPE/BINARY`` without
-  ``:FUNC`` is invalid; uretprobes cannot take an offset.
+  FUNC may end in ``+OFFSET`` (strtol base 0); uretprobes cannot take an offset.
 * ``uprobe.multi[.s]`` / ``uretprobe.multi[.s]``: TYPE/BINARY:GLOB.
-* ``usdt[.s]``: bare, or ``usdt/BINARY:PROVIDER:NAME``.
+* ``usdt``: bare, or ``usdt/BINARY:PROVIDER:NAME``.
+
+libbpf matches the section *type* when it opens the object and parses the
+target only when it auto-attaches.  So every ``uprobe+``/``usdt+`` section
+loads (``uprobe/do_handshake``, ``uretprobe/readline``, ``usdt.s``, a
+``uretprobe`` with an offset ...); the ones whose text is not a valid target
+carry :attr:`SectionInfo.attach_error` (libbpf's auto-attach failure, raised
+only when such a program is auto-attached) and the label after the type
+(:attr:`SectionInfo.label`, e.g. ``readline``) that ``--attach PROG=BINARY``
+uses as the function name, as a loader attaching by hand would.
 * ``kprobe/FUNC[+OFF]`` / ``kretprobe/FUNC``: accepted and run as uprobes (kind
   stays ``kprobe``/``kretprobe``; the binary must be given when attaching).
 
@@ -41,6 +49,10 @@ class SectionInfo:
     attach: AttachPoint | None = None
     multi_pattern: str = ""
     autoload: bool = True
+    #: why libbpf's auto-attach of this section fails ("" when it attaches or is bare)
+    attach_error: str = ""
+    #: text after ``TYPE/`` when it names no complete target (``readline`` in ``uretprobe/readline``)
+    label: str = ""
 
 
 # (prefix, kind, sleepable, multi) for the types we run; "+"-matching (exact or
@@ -114,7 +126,8 @@ def _match_plus(name: str, prefix: str) -> bool:
 def classify_section(section: str) -> SectionInfo | str:
     """SectionInfo for a runnable probe section, else the reason it is skipped.
 
-    Raises ObjectLoadError for a probe section whose attach spec is malformed.
+    Never raises for a probe type: a malformed target is recorded in
+    ``attach_error`` (libbpf refuses it only at auto-attach).
     """
     autoload = True
     name = section
@@ -124,8 +137,13 @@ def classify_section(section: str) -> SectionInfo | str:
     for prefix, kind, sleepable, multi in _RUNNABLE:
         if not _match_plus(name, prefix):
             continue
-        info = _parse_attach(section, name, prefix, kind, multi)
-        return SectionInfo(kind, sleepable, multi, info[0], info[1], autoload)
+        try:
+            attach, pattern = _parse_attach(section, name, prefix, kind, multi)
+        except ObjectLoadError as e:
+            plain_uprobe = kind in ("uprobe", "uretprobe") and not multi
+            return SectionInfo(kind, sleepable, multi, None, "", autoload, attach_error=str(e),
+                               label=name[len(prefix) + 1:].split(":")[0] if plain_uprobe else "")
+        return SectionInfo(kind, sleepable, multi, attach, pattern, autoload)
     for other, plus, ptype in _OTHER_TYPES:
         if (_match_plus(name, other) if plus else name == other):
             return f"program type {ptype} (section '{section}') is not a uprobe type"
@@ -138,6 +156,12 @@ def _bad(section: str, why: str) -> ObjectLoadError:
 
 def _parse_attach(section: str, name: str, prefix: str, kind: str,
                   multi: bool) -> tuple[AttachPoint | None, str]:
+    """The target a section names, as libbpf's auto-attach parses it (sscanf rules).
+
+    Returns (None, "") when the section names no target (auto-attach is then
+    skipped, as libbpf does); raises ObjectLoadError when libbpf's auto-attach
+    would fail (the caller keeps that as ``attach_error``, not a load error).
+    """
     if name == prefix:
         return None, ""
     rest = name[len(prefix) + 1:]
@@ -155,14 +179,15 @@ def _parse_attach(section: str, name: str, prefix: str, kind: str,
             raise _bad(section, "kretprobes do not support an offset; drop '+OFFSET'")
         return AttachPoint(binary="", function=m.group(1), offset=off), ""
     if kind == "usdt":
+        # "usdt/%m[^:]:%m[^:]:%m[^:]": three non-empty fields, anything after a 4th ':' ignored
         parts = rest.split(":")
-        if len(parts) != 3 or not all(parts):
+        if len(parts) < 3 or not all(parts[:3]):
             raise _bad(section, 'expected SEC("usdt/<path>:<provider>:<name>")')
         return AttachPoint(binary=parts[0], usdt_provider=parts[1], usdt_name=parts[2]), ""
-    # uprobe family: TYPE/BINARY:FUNC — BINARY stops at the first ':'
+    # uprobe family: "%m[^/]/%m[^:]:%m[^\n]" -- BINARY stops at the first ':'
     binary, sep, func = rest.partition(":")
     if not binary:
-        raise _bad(section, "missing binary path; expected TYPE/BINARY:FUNCTION[+OFFSET]")
+        return None, ""  # sscanf matched only the type: valid, no auto-attach
     if not sep or not func:
         raise _bad(section, "missing ':function[+offset]' after the binary path")
     if multi:

@@ -128,6 +128,10 @@ class ProgramSpec:
     section_offset: int = 0
     #: False for libbpf's SEC("?...") programs (not loaded unless asked for)
     autoload: bool = True
+    #: why libbpf's auto-attach of this section fails (``uretprobe/readline``), "" otherwise
+    attach_error: str = ""
+    #: text after ``TYPE/`` when it names no complete target (the function for ``--attach PROG=BINARY``)
+    attach_label: str = ""
 
     @property
     def is_return_probe(self) -> bool:

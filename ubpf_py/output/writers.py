@@ -162,8 +162,10 @@ class JsonWriter(Writer):
                     "path": path, "path_reason": reason})
 
     def printk(self, comm: str, tgid: int, tid: int, cpu: int, ts_ns: int, message: str) -> None:
+        # trace_pipe ends every message with one newline whether the program wrote it or not, so the
+        # kernel cannot tell "x\n" from "x": both backends report the text without it
         self._emit({"event": "printk", "comm": comm, "pid": tgid, "tid": tid, "cpu": cpu,
-                    "timestamp_ns": ts_ns, "message": message})
+                    "timestamp_ns": ts_ns, "message": message.removesuffix("\n")})
 
     def record(self, kind: str, map_name: str, cpu: int | None, data: bytes, fields: Any = None) -> None:
         obj = {"event": "record", "kind": kind, "map": map_name, "data": data.hex()}

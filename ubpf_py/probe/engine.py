@@ -67,7 +67,7 @@ def _fileno(x) -> int | None:
 class ProbeSession:
     """One traced process (and, with ``follow_forks``, its fork children)."""
 
-    def __init__(self, *, follow_forks: bool = False, exact_cpu: bool = False,
+    def __init__(self, *, follow_forks: bool = False, exact_cpu: bool = True,
                  native: bool | None = None) -> None:
         #: the pt_regs context: 216 bytes (user_regs_struct); programs see the first 168
         self.regs_buffer = HostBuffer(P.USER_REGS_SIZE)
@@ -86,7 +86,7 @@ class ProbeSession:
     @classmethod
     def launch(cls, argv: Sequence[str], cwd: str | os.PathLike | None = None,
                env: dict[str, str] | None = None, *, stdin=None, stdout=None, stderr=None,
-               follow_forks: bool = False, exact_cpu: bool = False, guardian: bool = False,
+               follow_forks: bool = False, exact_cpu: bool = True, guardian: bool = False,
                native: bool | None = None) -> ProbeSession:
         """Start ``argv`` stopped right after its exec (before the dynamic linker and ``main``).
 
@@ -157,7 +157,7 @@ class ProbeSession:
         return self
 
     @classmethod
-    def attach(cls, pid: int, *, follow_forks: bool = False, exact_cpu: bool = False,
+    def attach(cls, pid: int, *, follow_forks: bool = False, exact_cpu: bool = True,
                guardian: bool = False, native: bool | None = None) -> ProbeSession:
         """Attach to running process ``pid`` and all its threads (they keep running between hits)."""
         if not os.path.exists(f"/proc/{pid}"):

@@ -101,7 +101,7 @@ def new_proc(tgid: int) -> Proc:
 class Tracer(RestoreMixin, NativeCallsMixin):
     """Traces one process tree; see the module docstring."""
 
-    def __init__(self, regs: P.RegsBuf, follow_forks: bool = False, exact_cpu: bool = False,
+    def __init__(self, regs: P.RegsBuf, follow_forks: bool = False, exact_cpu: bool = True,
                  native: bool | None = None) -> None:
         self.regs = regs
         self.v = regs.vals
@@ -397,7 +397,8 @@ class Tracer(RestoreMixin, NativeCallsMixin):
                 prog = facts = status = counter = cookie = 0
                 p0 = bp.probes[0] if len(bp.probes) == 1 else None
                 if (p0 is not None and p0.native_fn and p0.handler is None
-                        and not (p0.native_facts and self.filler.exact_cpu)):
+                        and not (p0.native_facts and self.filler.exact_cpu
+                                 and self.filler.needs & {"cpu", "ids"})):
                     prog = p0.native_fn      # runs with no Python at all
                     facts, status, cookie = p0.native_facts, p0.native_status, p0.cookie
                     if p0.native_counter is None:
@@ -425,7 +426,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             hit = f.hit
             if hit.tid != tid:
                 f.switch(th.proc.tgid, tid)
-            hit.cpu = f.cpu_of(hit.tgid, tid) if f.exact_cpu else cpu
+            f.refresh(hit.tgid, tid, cpu)
             hit.func_ip = bp.addr
             hit.is_return = False
             for p in bp.probes:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from ubpf_py.errors import NotSupportedError, SymbolError
 from ubpf_py.probe.symbols import load_elf
+from ubpf_py.probe.usdt_layout import BPF_USDT_ARG_SIB, LEGACY_LAYOUT, UsdtSpecLayout
 
 NT_STAPSDT = 3
 USDT_MAX_ARG_CNT = 12          # BPF_USDT_MAX_ARG_CNT in usdt.bpf.h
@@ -32,13 +33,8 @@ BPF_USDT_ARG_CONST = 0
 BPF_USDT_ARG_REG = 1
 BPF_USDT_ARG_REG_DEREF = 2
 
-# struct __bpf_usdt_arg_spec: u64 val_off; enum arg_type (u32); short reg_off;
-# bool arg_signed; char arg_bitshift  -> 16 bytes
-ARG_SPEC = struct.Struct("<QIhBb")
-# struct __bpf_usdt_spec: args[12]; u64 usdt_cookie; short arg_cnt; (pad to 8) -> 208 bytes
-SPEC_SIZE = 208
-_SPEC_TAIL = struct.Struct("<Qh")
-assert ARG_SPEC.size == 16 and USDT_MAX_ARG_CNT * 16 + _SPEC_TAIL.size <= SPEC_SIZE
+# struct __bpf_usdt_spec of libbpf 1.0-1.6 (objects carry their own: see usdt_layout)
+SPEC_SIZE = LEGACY_LAYOUT.size
 
 # offsets in the kernel's x86-64 struct pt_regs, with every name libbpf accepts
 PT_REGS_OFF: dict[str, int] = {}
@@ -79,9 +75,7 @@ class UsdtArg:
     @property
     def arg_type(self) -> int:
         if self.kind == "sib":
-            raise NotSupportedError(
-                f"USDT argument {self.text!r}: scaled-index operands cannot be expressed in "
-                "libbpf 1.1's usdt.bpf.h spec (keep the argument in a register)")
+            return BPF_USDT_ARG_SIB
         return {"const": BPF_USDT_ARG_CONST, "reg": BPF_USDT_ARG_REG,
                 "deref": BPF_USDT_ARG_REG_DEREF}[self.kind]
 
@@ -254,21 +248,32 @@ def find_usdt(binary: str, provider: str, name: str) -> list[UsdtNote]:
     return found
 
 
-def encode_usdt_spec(note: UsdtNote | str, cookie: int = 0) -> bytes:
-    """The 208-byte ``struct __bpf_usdt_spec`` value for ``__bpf_usdt_specs``.
+def encode_usdt_spec(note: UsdtNote | str, cookie: int = 0, layout: UsdtSpecLayout | None = None) -> bytes:
+    """The ``struct __bpf_usdt_spec`` value for ``__bpf_usdt_specs``, laid out as ``layout``
+    says (``usdt_layout.layout_from_btf(object BTF)``; default: libbpf 1.0-1.6, 208 bytes).
 
     ``note`` may also be a bare argument spec string.  ``cookie`` is the user's
-    USDT cookie (``bpf_usdt_cookie()``), not the spec id.
+    USDT cookie (``bpf_usdt_cookie()``), not the spec id.  Scaled-index operands need
+    a header with ``idx_reg_off``/``scale_bitshift`` (libbpf 1.7+).
     """
+    layout = layout or LEGACY_LAYOUT
     spec = note if isinstance(note, str) else note.args
-    args = parse_usdt_args(spec)
-    buf = bytearray(SPEC_SIZE)
-    for i, a in enumerate(args):
-        val = a.val_off & 0xFFFFFFFFFFFFFFFF
-        ARG_SPEC.pack_into(buf, i * ARG_SPEC.size, val, a.arg_type, a.reg_off, int(a.signed),
-                           a.bitshift)
-    _SPEC_TAIL.pack_into(buf, USDT_MAX_ARG_CNT * ARG_SPEC.size, cookie & 0xFFFFFFFFFFFFFFFF, len(args))
-    return bytes(buf)
+    fields = []
+    for a in parse_usdt_args(spec):
+        f = {"val_off": a.val_off & 0xFFFFFFFFFFFFFFFF, "reg_off": a.reg_off, "arg_signed": int(a.signed),
+             "arg_bitshift": a.bitshift}
+        if a.kind == "sib":
+            if not layout.has_sib or a.reg is None:
+                raise NotSupportedError(
+                    f"USDT argument {a.text!r}: scaled-index operands need libbpf 1.7+'s usdt.bpf.h "
+                    "(this object's struct __bpf_usdt_arg_spec has no idx_reg_off); rebuild it with newer headers"
+                    if a.reg is not None else f"USDT argument {a.text!r}: scaled-index operand without a base register")
+            f.update(arg_type=BPF_USDT_ARG_SIB, idx_reg_off=a.index_reg_off,
+                     scale_bitshift=a.scale.bit_length() - 1)
+        else:
+            f["arg_type"] = a.arg_type
+        fields.append(f)
+    return layout.pack(fields, cookie & 0xFFFFFFFFFFFFFFFF)
 
 
 def encode_ip_to_spec_id(ip: int, spec_id: int) -> tuple[bytes, bytes]:

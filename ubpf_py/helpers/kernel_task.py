@@ -1,0 +1,242 @@
+"""The traced thread as the kernel's ``struct task_struct`` (bpf_get_current_task[_btf])
+and its cgroup (bpf_get_current_cgroup_id, bpf_current_task_under_cgroup).
+
+Real tools walk the current task with CO-RE reads: ``BPF_CORE_READ(task,
+real_parent, tgid)``, ``task->cred->uid``, ``task->start_time``.  Their offsets
+come from the running kernel's BTF (``obj.core`` relocates against
+/sys/kernel/btf/vmlinux), so the object handed to the program is laid out by that
+same BTF: a zeroed buffer of ``sizeof(struct task_struct)`` in which the fields
+that have a userspace source are filled from /proc for the traced thread at the
+moment of the call:
+
+=====================  ==================================================
+task field             source
+=====================  ==================================================
+pid, tgid, comm        the hit (``env.hit``: tid, tgid, per-thread comm)
+cred, real_cred        -> a ``struct cred``: uid/gid/euid/egid/suid/sgid/
+                       fsuid/fsgid from /proc/TGID/task/TID/status
+real_parent, parent    -> a task with pid, tgid, comm of the parent process
+group_leader           -> this task (a leader) or a task for the leader
+start_boottime,        /proc/.../stat field 22 (USER_HZ ticks: 10 ms
+start_time             resolution; start_time = boottime - suspend offset)
+=====================  ==================================================
+
+Any other byte of these objects is unknown here: ``bpf_probe_read_kernel`` of a
+range touching one fails like a fault in the kernel (-EFAULT, destination
+zeroed); ``HelperContext.kernel_read`` asks :meth:`KernelObjects.readable`.
+(A direct load through ``bpf_get_current_task_btf``'s pointer reads the zero
+the buffer holds, as the kernel's fault-tolerant BTF loads return zero on fault.)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import time
+
+from ubpf_py.vm.env import ExecEnv
+from ubpf_py.vm.memory import HostBuffer, Region
+
+_TASK_FIELDS = ("pid", "tgid", "comm", "real_parent", "parent", "group_leader", "cred", "real_cred",
+                "start_time", "start_boottime")
+_CRED_FIELDS = ("uid", "euid", "suid", "fsuid", "gid", "egid", "sgid", "fsgid")
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class KernelObject:
+    """One fake kernel object: a read-only buffer and the byte ranges that hold real values."""
+
+    def __init__(self, env: ExecEnv, size: int, name: str) -> None:
+        self.buf = HostBuffer(size)
+        self.addr = self.buf.addr
+        self.size = size
+        self.valid: list[tuple[int, int]] = []
+        env.memory.add(Region.of(self.buf, name, writable=False))
+
+    def put(self, off: int, data: bytes) -> None:
+        self.buf.view[off:off + len(data)] = data
+        self.valid.append((off, off + len(data)))
+
+    def clear(self) -> None:
+        self.buf.view[:] = bytes(self.size)
+        self.valid.clear()
+
+    def readable(self, addr: int, size: int) -> bool:
+        lo, hi = addr - self.addr, addr - self.addr + size
+        pos = lo
+        for s, e in sorted(self.valid):
+            if s <= pos < e:
+                pos = e
+            if pos >= hi:
+                return True
+        return pos >= hi
+
+
+@functools.cache
+def _layout() -> dict[str, tuple[int, int]] | None:
+    """{"task.FIELD" / "cred.FIELD": (offset, size)} from the running kernel's BTF."""
+    from ubpf_py.errors import BTFError
+    from ubpf_py.obj.btf import KIND_STRUCT, load_kernel_btf
+
+    btf = load_kernel_btf()
+    if btf is None:
+        return None
+    out: dict[str, tuple[int, int]] = {}
+    for struct_name, fields in (("task_struct", _TASK_FIELDS), ("cred", _CRED_FIELDS)):
+        tid = btf.find(struct_name, KIND_STRUCT)
+        key = "task" if struct_name == "task_struct" else "cred"
+        out[f"{key}.__size"] = (0, btf.type(tid).size)
+        for f in fields:
+            try:
+                m, bit = btf.member(tid, f)
+            except BTFError:
+                continue  # older kernels: real_start_time instead of start_boottime, ...
+            out[f"{key}.{f}"] = (bit // 8, btf.size_of(m.type_id))
+    return out
+
+
+def _proc_status(tgid: int, tid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{tgid}/task/{tid}/status") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def _start_ticks(tgid: int, tid: int) -> int | None:
+    try:
+        with open(f"/proc/{tgid}/task/{tid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return int(fields[19])  # field 22 of the whole line
+
+
+class KernelObjects:
+    """The current task object graph of one ExecEnv, rebuilt on each helper call."""
+
+    def __init__(self, env: ExecEnv) -> None:
+        self.env = env
+        self.layout = _layout()
+        self.objects: list[KernelObject] = []
+        if self.layout is None:
+            return
+        tsize, csize = self.layout["task.__size"][1], self.layout["cred.__size"][1]
+        self.task = self._new(tsize, "kernel task_struct (current)")
+        self.leader = self._new(tsize, "kernel task_struct (group leader)")
+        self.parent = self._new(tsize, "kernel task_struct (real_parent)")
+        self.cred = self._new(csize, "kernel cred (current)")
+
+    def _new(self, size: int, name: str) -> KernelObject:
+        obj = KernelObject(self.env, size, name)
+        self.objects.append(obj)
+        return obj
+
+    def owner(self, addr: int) -> KernelObject | None:
+        for o in self.objects:
+            if o.addr <= addr < o.addr + o.size:
+                return o
+        return None
+
+    def _field(self, obj: KernelObject, name: str, value: int | bytes) -> None:
+        loc = self.layout.get(name) if self.layout else None
+        if loc is None:
+            return
+        off, size = loc
+        data = value[:size].ljust(size, b"\0") if isinstance(value, bytes) else \
+            (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        obj.put(off, data)
+
+    def _fill_task(self, obj: KernelObject, pid: int, tgid: int, comm: bytes) -> None:
+        self._field(obj, "task.pid", pid)
+        self._field(obj, "task.tgid", tgid)
+        self._field(obj, "task.comm", comm[:15])
+
+    def current_task(self) -> int:
+        """Rebuild the objects for the thread of this hit; return the task's address."""
+        if self.layout is None:
+            return 0
+        hit = self.env.hit
+        for o in self.objects:
+            o.clear()
+        status = _proc_status(hit.tgid, hit.tid)
+        task = self.task
+        self._fill_task(task, hit.tid, hit.tgid, hit.comm)
+        leader = task
+        if hit.tid != hit.tgid:
+            leader = self.leader
+            self._fill_task(leader, hit.tgid, hit.tgid, _comm_of(hit.tgid, hit.tgid))
+        self._field(task, "task.group_leader", leader.addr)
+        ppid = int(status.get("PPid", "0") or 0)
+        if ppid:
+            self._fill_task(self.parent, ppid, ppid, _comm_of(ppid, ppid))
+            self._field(task, "task.real_parent", self.parent.addr)
+            self._field(task, "task.parent", self.parent.addr)
+        uids, gids = status.get("Uid", "").split(), status.get("Gid", "").split()
+        if len(uids) == 4 and len(gids) == 4:
+            for name, v in zip(("uid", "euid", "suid", "fsuid"), uids, strict=True):
+                self._field(self.cred, f"cred.{name}", int(v))
+            for name, v in zip(("gid", "egid", "sgid", "fsgid"), gids, strict=True):
+                self._field(self.cred, f"cred.{name}", int(v))
+            self._field(task, "task.cred", self.cred.addr)
+            self._field(task, "task.real_cred", self.cred.addr)
+        ticks = _start_ticks(hit.tgid, hit.tid)
+        if ticks is not None:
+            boot_ns = ticks * 1_000_000_000 // _CLK_TCK
+            suspended = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+            self._field(task, "task.start_boottime", boot_ns)
+            self._field(task, "task.start_time", max(boot_ns - suspended, 0))
+        return task.addr
+
+
+def _comm_of(tgid: int, tid: int) -> bytes:
+    try:
+        with open(f"/proc/{tgid}/task/{tid}/comm", "rb") as f:
+            return f.read().rstrip(b"\n")
+    except OSError:
+        return b""
+
+
+# ---------------------------------------------------------------- cgroups
+
+@functools.cache
+def cgroup2_root() -> str | None:
+    """Where the cgroup v2 hierarchy is mounted (from /proc/self/mountinfo)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                if right.split()[:1] == ["cgroup2"]:
+                    return left.split()[4]
+    except OSError:
+        pass
+    return None
+
+
+def cgroup_path(tgid: int, tid: int) -> str | None:
+    """The thread's cgroup v2 directory (``0::/path`` of /proc/TGID/task/TID/cgroup)."""
+    root = cgroup2_root()
+    try:
+        with open(f"/proc/{tgid}/task/{tid}/cgroup") as f:
+            text = f.read()
+    except OSError:
+        return None
+    m = re.search(r"^0::(/.*)$", text, re.M)
+    if root is None or m is None:
+        return None
+    return os.path.normpath(root + m.group(1))
+
+
+def cgroup_id(tgid: int, tid: int) -> int:
+    """bpf_get_current_cgroup_id: the kernfs id of the cgroup directory, which on 64-bit
+    kernels is the directory's inode number (0 when there is no cgroup v2 hierarchy)."""
+    path = cgroup_path(tgid, tid)
+    if path is None:
+        return 0
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return 0
