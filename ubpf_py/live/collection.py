@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ubpf_py.abi.kernel import PT_REGS_SIZE
 from ubpf_py.errors import (
     NotSupportedError,
     ObjectLoadError,
@@ -39,7 +40,6 @@ VERIFIER_MODES = ("strict", "warn", "off")
 MAP_TYPE_PROG_ARRAY = 3
 MAP_TYPE_ARRAY_OF_MAPS = 12
 MAP_TYPE_HASH_OF_MAPS = 13
-PT_REGS_SIZE = 168
 
 
 @dataclass

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ubpf_py.abi.kernel import PT_REGS_SIZE
 from ubpf_py.errors import UbpfError, UsageError
 from ubpf_py.helpers.facts import facts_needed
 from ubpf_py.live.attach import AttachRequest
@@ -40,7 +41,6 @@ from ubpf_py.output.values import ValueDecoder
 from ubpf_py.vm.budget import DEFAULT_BUDGET
 from ubpf_py.vm.memory import Region
 
-PT_REGS_SIZE = 168
 #: the interval timer thread wakes the tracing thread with this signal (see ``UserspaceBackend.run``)
 TICK_SIGNAL = signal.SIGUSR2
 

@@ -31,6 +31,7 @@ from ptrace.binding.func import (
     PTRACE_O_TRACEVFORK,
 )
 
+from ubpf_py.abi.kernel import PT_REGS_SIZE
 from ubpf_py.errors import TargetError
 
 __all__ = [
@@ -67,7 +68,6 @@ WALL = 0x40000000  # __WALL: wait for threads (clone children) too
 R15, R14, R13, R12, RBP, RBX, R11, R10, R9, R8, RAX, RCX, RDX, RSI, RDI, ORIG_RAX, RIP, CS, \
     EFLAGS, RSP, SS, FS_BASE, GS_BASE, DS, ES, FS, GS = range(27)
 USER_REGS_SIZE = 27 * 8
-PT_REGS_SIZE = 21 * 8
 
 SI_KERNEL = 0x80
 TRAP_BRKPT = 1

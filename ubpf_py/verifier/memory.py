@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ubpf_py.abi.kernel import PT_REGS_SIZE
 from ubpf_py.obj.mapdefs import BPF_F_RDONLY_PROG, BPF_F_WRONLY_PROG
 from ubpf_py.obj.spec import MapSpec
 from ubpf_py.verifier import state as S
@@ -21,7 +22,6 @@ from ubpf_py.verifier.state import Reg
 if TYPE_CHECKING:
     from ubpf_py.verifier.checker import Checker
 
-PT_REGS_SIZE = 168
 MAX_VAR_OFF = 1 << 29
 MAP_TYPE_ARRAY_LIKE = {2, 6}  # array, percpu_array: direct value access allowed
 MAP_IN_MAP = {12, 13}  # array_of_maps, hash_of_maps
