@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from ubpf_py.abi.bpf import MapType
 from ubpf_py.errors import KernelBackendError, NotSupportedError, RelocationError
 from ubpf_py.isa.instruction import Instruction
 from ubpf_py.kernel.maps import KernelMap, possible_cpus
@@ -39,10 +40,10 @@ LDDW = 0x18
 BPF_F_RDONLY_PROG = 1 << 7
 BPF_F_MMAPABLE = 1 << 10
 
-MAP_PROG_ARRAY = 3
-MAP_PERF_EVENT_ARRAY = 4
-MAP_ARRAY_OF_MAPS = 12
-MAP_HASH_OF_MAPS = 13
+MAP_PROG_ARRAY = MapType.PROG_ARRAY
+MAP_PERF_EVENT_ARRAY = MapType.PERF_EVENT_ARRAY
+MAP_ARRAY_OF_MAPS = MapType.ARRAY_OF_MAPS
+MAP_HASH_OF_MAPS = MapType.HASH_OF_MAPS
 MAP_RINGBUF = 27
 GLOBAL_SECTIONS = (".data", ".rodata", ".bss", ".kconfig")
 

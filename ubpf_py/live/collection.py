@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ubpf_py.abi.bpf import MapType
 from ubpf_py.abi.kernel import PT_REGS_SIZE
 from ubpf_py.errors import (
     NotSupportedError,
@@ -37,9 +38,9 @@ from ubpf_py.vm.memory import HostBuffer, MemoryMap, Region
 
 ENGINES = ("jit", "interp")
 VERIFIER_MODES = ("strict", "warn", "off")
-MAP_TYPE_PROG_ARRAY = 3
-MAP_TYPE_ARRAY_OF_MAPS = 12
-MAP_TYPE_HASH_OF_MAPS = 13
+MAP_TYPE_PROG_ARRAY = MapType.PROG_ARRAY
+MAP_TYPE_ARRAY_OF_MAPS = MapType.ARRAY_OF_MAPS
+MAP_TYPE_HASH_OF_MAPS = MapType.HASH_OF_MAPS
 
 
 @dataclass

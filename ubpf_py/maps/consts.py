@@ -10,26 +10,27 @@ import functools
 import os
 from pathlib import Path
 
+from ubpf_py.abi.bpf import MapType
 from ubpf_py.sysinfo import possible_cpus  # noqa: F401 - re-exported: maps size per-CPU storage by it
 
-# enum bpf_map_type
-HASH = 1
-ARRAY = 2
-PROG_ARRAY = 3
-PERF_EVENT_ARRAY = 4
-PERCPU_HASH = 5
-PERCPU_ARRAY = 6
-STACK_TRACE = 7
-CGROUP_ARRAY = 8
-LRU_HASH = 9
-LRU_PERCPU_HASH = 10
-LPM_TRIE = 11
-ARRAY_OF_MAPS = 12
-HASH_OF_MAPS = 13
-QUEUE = 22
-STACK = 23
-RINGBUF = 27
-BLOOM_FILTER = 30
+# enum bpf_map_type (defined once in abi.bpf)
+HASH = MapType.HASH
+ARRAY = MapType.ARRAY
+PROG_ARRAY = MapType.PROG_ARRAY
+PERF_EVENT_ARRAY = MapType.PERF_EVENT_ARRAY
+PERCPU_HASH = MapType.PERCPU_HASH
+PERCPU_ARRAY = MapType.PERCPU_ARRAY
+STACK_TRACE = MapType.STACK_TRACE
+CGROUP_ARRAY = MapType.CGROUP_ARRAY
+LRU_HASH = MapType.LRU_HASH
+LRU_PERCPU_HASH = MapType.LRU_PERCPU_HASH
+LPM_TRIE = MapType.LPM_TRIE
+ARRAY_OF_MAPS = MapType.ARRAY_OF_MAPS
+HASH_OF_MAPS = MapType.HASH_OF_MAPS
+QUEUE = MapType.QUEUE
+STACK = MapType.STACK
+RINGBUF = MapType.RINGBUF
+BLOOM_FILTER = MapType.BLOOM_FILTER
 
 # update flags
 BPF_ANY = 0
