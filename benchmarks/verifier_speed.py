@@ -6,7 +6,7 @@ Run:
                                                             # built by ../shared/realworld/build.sh
   python3 benchmarks/verifier_speed.py --reject-1m          # time to reject 'r0 += 1; goto -1'
 
-For every program it prints the best-of-N wall time of our verifier and, when run
+For every program it prints the best-of-N CPU time of our verifier and, when run
 as root with kernel BPF, the kernel verifier's own "verification time" (log level
 BPF_LOG_STATS) for the same program loaded as a kprobe program, the instructions
 each processed and both verdicts, side by side; then the totals and their ratio
@@ -83,9 +83,9 @@ def _ours(prog: object, obj: object, path: Path, repeat: int) -> tuple[float, ob
     best, rep = float("inf"), None
     hidden = hidden_functions(str(path))
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = time.process_time()  # CPU time: a loaded machine does not inflate it
         rep = verify_program(prog, obj.maps, mode="warn", btf=obj.btf, hidden=hidden, time_budget=120)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
     return best, rep
 
 
@@ -151,10 +151,10 @@ def reject_1m() -> int:
     from ubpf_py.obj.spec import ProgramSpec
 
     prog = ProgramSpec("loop", "uprobe", "uprobe", assemble("mov %r0, 0\nadd %r0, 1\nja -2"))
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     rep = verify_program(prog, [], mode="warn", time_budget=120)
-    secs = time.perf_counter() - t0
-    print(f"'r0 += 1; goto -1': {rep.error} in {secs:.2f} s (goal < {GOAL_1M_SECONDS} s)")
+    secs = time.process_time() - t0
+    print(f"'r0 += 1; goto -1': {rep.error} in {secs:.2f} s CPU (goal < {GOAL_1M_SECONDS} s)")
     return 0 if secs < GOAL_1M_SECONDS and "too large" in rep.error else 1
 
 

@@ -69,3 +69,40 @@ def test_branch_taken_and_refine_are_exact_enough_and_sound() -> None:
                     continue
                 for x, y in kept:
                     assert _contains(r[0], x, 64) and _contains(r[1], y, 64), (cond, a, b, x, y, r)
+
+
+def _reference(code: int, a: int, b: int, bits: int) -> int | None:
+    """BPF ALU semantics written out independently of the verifier's own folding."""
+    m = (1 << bits) - 1
+    a, b = a & m, b & m
+    sa = a - (1 << bits) if a >> (bits - 1) else a
+    if code in (op.BPF_LSH, op.BPF_RSH, op.BPF_ARSH) and b >= bits:
+        return None  # undefined: the verifier must not assume a value
+    return {op.BPF_ADD: a + b, op.BPF_SUB: a - b, op.BPF_MUL: a * b, op.BPF_AND: a & b, op.BPF_OR: a | b,
+            op.BPF_XOR: a ^ b, op.BPF_LSH: a << b if b < bits else 0, op.BPF_RSH: a >> b if b < bits else 0,
+            op.BPF_ARSH: sa >> b if b < bits else 0}[code] & m
+
+
+_EDGES = [0, 1, 2, 3, 5, 31, 32, 33, 63, 64, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 1 << 32, (1 << 32) + 1,
+          (1 << 63) - 1, 1 << 63, (1 << 64) - 1, (1 << 64) - 8]
+_ALU = [op.BPF_ADD, op.BPF_SUB, op.BPF_MUL, op.BPF_AND, op.BPF_OR, op.BPF_XOR, op.BPF_LSH, op.BPF_RSH,
+        op.BPF_ARSH]
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_scalar_alu_matches_reference_semantics(bits: int) -> None:
+    """Constants fold to the exact result; ranges around edge values contain every result."""
+    for code, a, b in itertools.product(_ALU, _EDGES, _EDGES):
+        want = _reference(code, a, b, bits)
+        if want is None:
+            continue
+        ca, cb = Scalar.const(a & ((1 << bits) - 1)), Scalar.const(b & ((1 << bits) - 1))
+        r = A.scalar_alu(code, ca, cb, bits)
+        assert r.is_const() and r.value == want, (code, bits, a, b, r, want)
+        if code in (op.BPF_LSH, op.BPF_RSH, op.BPF_ARSH):
+            continue
+        lo, hi = max(a - 2, 0), min(a + 2, (1 << bits) - 1)
+        ra = Scalar.urange(lo, hi) if bits == 64 else Scalar.urange(lo, hi).zext32()
+        r = A.scalar_alu(code, ra, cb, bits)
+        for x in range(lo, hi + 1):
+            assert _contains(r, _reference(code, x, b, bits), 64), (code, bits, lo, hi, b, r)

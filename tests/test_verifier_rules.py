@@ -20,7 +20,8 @@ RDONLY = MapSpec("ro", 2, 4, 48, 1, flags=1 << 7)
 WRONLY = MapSpec("wo", 2, 4, 48, 1, flags=1 << 8)
 STACKS = MapSpec("st", 7, 4, 64, 16)
 OUTER = MapSpec("outer", 12, 4, 4, 2, inner=MapSpec("inner", 2, 4, 8, 4))
-RULE_MAPS = [*MAPS, RDONLY, WRONLY, STACKS, OUTER]
+SOCKMAP = MapSpec("socks", 15, 4, 4, 4)
+RULE_MAPS = [*MAPS, RDONLY, WRONLY, STACKS, OUTER, SOCKMAP]
 
 
 def _lookup(idx: int) -> str:
@@ -137,6 +138,14 @@ CASES = [
      "lddw %r1, 0xfa00000002\nmov %r2, 8\nmov %r3, 0\ncall 131\njne %r0, 0, +2\nmov %r0, 0\nexit\n"
      "mov %r6, %r0\nmov %r1, %r0\nmov %r2, 0\ncall 132\nstdw [%r6+0], 1\nmov %r0, 0\nexit",
      "R6 invalid mem access 'scalar'"),
+    ("variable_offset_odd_misaligned", _VAR_FP.format(mask=1, base=-32) + "stdw [%r1+0], 0\nmov %r0, 0\nexit",
+     "misaligned stack access off (0x0; 0x1)+-32+0 size 8"),
+    # map types the kernel restricts per program type (sockmap changes are not for kprobes)
+    ("sockmap_delete", "stw [%r10-8], 0\nmov %r2, %r10\nadd %r2, -8\nlddw %r1, 0xfa00000009\ncall 3\n"
+     "mov %r0, 0\nexit", "cannot update sockmap in this context"),
+    # helper memory arguments take memory pointers only
+    ("ctx_as_helper_memory", "mov %r2, 8\nmov %r3, 0\ncall 113\nmov %r0, 0\nexit",
+     "R1 type=ctx expected=fp, pkt, pkt_meta, map_key, map_value, mem, ringbuf_mem, buf, trusted_ptr_"),
     # shifts by the register width or more give an unknown result (not the masked count)
     ("oversized_shift_is_unknown",
      "mov %r1, 1\nmov %r2, 70\nlsh %r1, %r2\nmov %r0, %r10\nadd %r0, -8\nadd %r0, %r1\nstdw [%r0+0], 0\n"

@@ -226,8 +226,11 @@ def _stack_const(st: S.VerifierState, reg: Reg, size: int) -> int | None:
 def _check_map_compat(ck: Checker, proto: HelperProto, map_idx: int) -> None:
     m = ck.maps[map_idx]
     if m.type not in MODELLED_MAP_TYPES:
-        raise Reject(f"cannot pass map_type {m.type} into func {proto.full_name}#{proto.id}",
-                     f"not supported: map '{m.name}' ({m.type_name}) from a uprobe program")
+        cannot = f"cannot pass map_type {m.type} into func {proto.full_name}#{proto.id}"
+        if m.type in (15, 18) and proto.id in (2, 3):  # sockmap/sockhash changes (may_update_sockmap)
+            raise Reject("cannot update sockmap in this context", "kprobe programs cannot change socket maps",
+                         [cannot])
+        raise Reject(cannot, f"not supported: map '{m.name}' ({m.type_name}) from a uprobe program")
     allowed_helpers = _special_helpers(m.type)
     if (proto.map_types is not None and m.type not in proto.map_types) or \
             (allowed_helpers is not None and proto.id not in allowed_helpers):
