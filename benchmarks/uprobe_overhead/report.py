@@ -76,7 +76,8 @@ def _fmt(cell: dict[str, Any] | None) -> str:
 def _ratio(a: dict[str, Any] | None, k: dict[str, Any] | None) -> str:
     if not a or not k or a["error"] or k["error"] or not k["overhead_ns"] or k["overhead_ns"] <= 0:
         return "n/a"
-    return f"{a['overhead_ns'] / k['overhead_ns']:.2f}x"
+    r = a["overhead_ns"] / k["overhead_ns"]
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"  # two significant digits below 0.1
 
 
 def _load_line(doc: dict[str, Any]) -> str:
