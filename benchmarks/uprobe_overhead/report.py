@@ -128,7 +128,9 @@ def _threads_table(doc: dict[str, Any]) -> list[str]:
     lines = [f"## Threads calling the probed function together ({th['row']['label']})", "",
              f"Each thread calls the function {doc['n_kernel']} times; hits checked = threads x N. "
              "calls/s = all threads' probed calls / wall time; ns added = mean per-thread ns per call, "
-             "probed - unprobed. Threads are not pinned.", "",
+             "probed - unprobed. Threads are not pinned; with more threads than CPUs a thread's time "
+             "includes the time it waited for a CPU, so ns added grows with threads / CPUs and calls/s "
+             "is the figure to compare.", "",
              "| threads | kernel calls/s | in-target calls/s | in-target/kernel calls/s | kernel ns added "
              "| in-target ns added |",
              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
