@@ -76,7 +76,8 @@ def _fmt(cell: dict[str, Any] | None) -> str:
 def _ratio(a: dict[str, Any] | None, k: dict[str, Any] | None) -> str:
     if not a or not k or a["error"] or k["error"] or not k["overhead_ns"] or k["overhead_ns"] <= 0:
         return "n/a"
-    return f"{a['overhead_ns'] / k['overhead_ns']:.2f}x"
+    r = a["overhead_ns"] / k["overhead_ns"]
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"  # two significant digits below 0.1
 
 
 def _load_line(doc: dict[str, Any]) -> str:
@@ -127,7 +128,9 @@ def _threads_table(doc: dict[str, Any]) -> list[str]:
     lines = [f"## Threads calling the probed function together ({th['row']['label']})", "",
              f"Each thread calls the function {doc['n_kernel']} times; hits checked = threads x N. "
              "calls/s = all threads' probed calls / wall time; ns added = mean per-thread ns per call, "
-             "probed - unprobed. Threads are not pinned.", "",
+             "probed - unprobed. Threads are not pinned; with more threads than CPUs a thread's time "
+             "includes the time it waited for a CPU, so ns added grows with threads / CPUs and calls/s "
+             "is the figure to compare.", "",
              "| threads | kernel calls/s | in-target calls/s | in-target/kernel calls/s | kernel ns added "
              "| in-target ns added |",
              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
