@@ -2,7 +2,8 @@
 what is known by construction, the unprobed run, and the kernel (``--backend kernel``).
 
 The targets (tests/targets/intarget/: one C program built as a dynamic glibc, a static glibc
-and a musl binary, a Go program, a late-loaded library) are built once into a cache directory.
+and a musl binary, a Go program, a C++ program, a late-loaded library) are built once into a
+cache directory.
 Every scenario is a plain function started at module set-up on a small thread pool, so the
 ubpf-run processes overlap (each spends seconds starting up); each test waits for its own.
 """
@@ -55,7 +56,7 @@ pytestmark = [
 class Build:
     dir: Path
     bpf: Path
-    bins: dict[str, Path]        # kind -> binary ("dyn", "static", "musl", "go", "kernel" = a dyn copy)
+    bins: dict[str, Path]        # kind -> binary (dyn, static, musl, go, cxx; "kernel": a copy of dyn)
     missing: dict[str, str]      # kind -> why it was not built
     lib: Path
 
@@ -514,12 +515,14 @@ def scenarios(build: Build):
 
     kernel_why = kernel_bpf_skip_reason()
     nobody_why = unprivileged_python_reason()
+    # --pid of a process that is not the tracer's child, /proc/PID/mem of another's child
+    root_why = None if os.geteuid() == 0 else "needs root (attach to a non-child, read another's memory)"
     if kernel_why is None:                          # the slowest first
         start(("oracle", "kernel"), run_oracle, build, "kernel")
     start(("oracle", "userspace"), run_oracle, build, "userspace")
     for kind in KINDS:
         for how in HOWS:
-            if kind in build.bins and not (how == "nobody" and nobody_why):
+            if kind in build.bins and not (how == "nobody" and nobody_why) and not (how == "pid" and root_why):
                 start(("kind", kind, how), run_kind, build, kind, how)
     start(("refuse", "c"), run_refuse_c, build)
     start(("signal", "userspace"), run_signal, build, "userspace")
@@ -530,14 +533,15 @@ def scenarios(build: Build):
     start(("many",), run_many, build)
     if "cxx" in build.bins:
         start(("throw",), run_throw, build)
-    start(("fork", False), run_fork, build, False)
     start(("fork", True), run_fork, build, True)
     start(("exec",), run_exec, build)
     start(("dlopen",), run_dlopen, build)
-    start(("detach",), run_detach, build)
-    for i in range(KILL_RUNS):
-        start(("kill", i), run_kill, build)
-    yield fut, {"kernel": kernel_why, "nobody": nobody_why, **build.missing}
+    if root_why is None:
+        start(("fork", False), run_fork, build, False)
+        start(("detach",), run_detach, build)
+        for i in range(KILL_RUNS):
+            start(("kill", i), run_kill, build)
+    yield fut, {"kernel": kernel_why, "nobody": nobody_why, "root": root_why, **build.missing}
     for f in fut.values():
         f.cancel()
     pool.shutdown(wait=True)
@@ -559,7 +563,7 @@ def test_target_kind_counts_exact_in_target(scenarios, build: Build, kind: str, 
     the entry probe runs in the target, counts every call, the output is unchanged."""
     if kind in build.missing:
         pytest.skip(build.missing[kind])
-    r = result(scenarios, ("kind", kind, how), "nobody")
+    r = result(scenarios, ("kind", kind, how), "nobody" if how == "nobody" else "root")
     assert r.rc == 0, r.why()
     assert r.paths() == {"e0": ("in-target", "")}, r.why()
     assert r.stats()["e0"]["path"] == "in-target"
@@ -702,7 +706,7 @@ def test_exception_through_return_probed_frames(scenarios) -> None:
 
 # ---------------------------------------------------------------------------- 6. lifecycle
 def test_fork_child_not_followed_is_clean(scenarios) -> None:
-    fr = result(scenarios, ("fork", False))
+    fr = result(scenarios, ("fork", False), "root")
     r = fr.run
     assert r.rc == 0, r.why()
     assert fr.parent_patched, "the parent's text shows no patch: the comparison proves nothing"
@@ -744,7 +748,7 @@ def test_dlopen_late_library_gets_its_probe(scenarios) -> None:
 def test_detach_restores_code_and_mappings(scenarios) -> None:
     """--pid with --duration: while attached the text is patched; after, every byte of the
     binary's text and /proc/PID/maps equal what they were before attach, and the target runs on."""
-    dr = result(scenarios, ("detach",))
+    dr = result(scenarios, ("detach",), "root")
     r = dr.run
     assert r.rc == 0, r.why()
     assert {p for p, _ in r.paths().values()} == {"in-target"}, r.paths()
@@ -757,7 +761,7 @@ def test_detach_restores_code_and_mappings(scenarios) -> None:
 
 
 def _kills(scenarios) -> list[KillResult]:
-    return [result(scenarios, ("kill", i)) for i in range(KILL_RUNS)]
+    return [result(scenarios, ("kill", i), "root") for i in range(KILL_RUNS)]
 
 
 def test_sigkill_of_the_tracer_target_survives(scenarios) -> None:
