@@ -16,11 +16,12 @@
  * a JIT-compiled BPF program can run with no Python at all.
  *
  * Native programs may come with (all optional, Python-owned memory):
- *  - a facts block the loop fills before each call, five u64 words laid out like
- *    slots SLOT_CPU..SLOT_COOKIE of the JIT runtime block (ubpf_py/vm/jit/layout.py):
- *      [0] cpu (sched_getcpu() of this loop: the same approximation as the Python path)
- *      [1] tgid << 32 | tid     [2] gid << 32 | uid (per process, set by ub_set_ids)
- *      [3] func_ip (the probe address)   [4] the probe's attach cookie
+ *  - a facts block the loop fills before each call: struct ubpf_facts, generated from
+ *    ubpf_py/abi/runtime.py (FACTS) into runtime/ubpf_abi.h; the JIT reads the same words
+ *    as its runtime block's slots SLOT_CPU.. (ubpf_py/vm/jit/layout.py):
+ *      cpu (sched_getcpu() of this loop: the same approximation as the Python path),
+ *      tgid << 32 | tid, gid << 32 | uid (per process, set by ub_set_ids),
+ *      func_ip (the probe address), the probe's attach cookie
  *  - a status word: non-zero after the call means the program failed (checked-mode
  *    fault, helper exception); the loop stops with the thread held at its breakpoint
  *    and returns 4, Python turns the recorded failure into its error;
@@ -44,6 +45,8 @@
 #include <poll.h>
 #include <sys/wait.h>
 #include <time.h>
+
+#include "../runtime/ubpf_abi.h"
 
 #ifndef UBPF_NO_PYTHON
 #include <Python.h>
@@ -375,7 +378,20 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 			if (poll(&p, 1, 0) > 0)
 				return 0;
 		}
-		pid_t tid = waitpid(-1, &st, __WALL);
+		pid_t tid = waitpid(-1, &st, __WALL | WNOHANG);
+		if (tid == 0) {
+			/* about to block: a signal that arrived while we handled the last stop (its
+			 * Python handler has not run: we hold no GIL) must not wait for the next stop,
+			 * which may never come -- e.g. Ctrl-C while every thread sleeps */
+			if (s->wakeup_fd >= 0) {
+				struct pollfd p = { s->wakeup_fd, POLLIN, 0 };
+				if (poll(&p, 1, 0) > 0)
+					return 0;
+			}
+			if (s->stop)
+				return 0;
+			tid = waitpid(-1, &st, __WALL);
+		}
 		if (tid < 0)
 			return errno == EINTR ? 0 : -errno;
 		if ((st & 0xffff) != ((SIGTRAP << 8) | 0x7f) || (st >> 16) != 0 || !tid_slot(s, tid, 0)) {
@@ -401,13 +417,13 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 			u64 h0 = now_ns();
 			if (b->prog) {
 				if (b->facts) {
-					u64 *f = (u64 *)(uintptr_t)b->facts;
+					struct ubpf_facts *f = (struct ubpf_facts *)(uintptr_t)b->facts;
 					int cpu = sched_getcpu();
-					f[0] = cpu < 0 ? 0 : (u64)cpu;
-					f[1] = (u64)(uint32_t)s->tgid << 32 | (uint32_t)tid;
-					f[2] = s->uid_gid;
-					f[3] = b->addr;
-					f[4] = b->cookie;
+					f->cpu = cpu < 0 ? 0 : (u64)cpu;
+					f->pid_tgid = (u64)(uint32_t)s->tgid << 32 | (uint32_t)tid;
+					f->uid_gid = s->uid_gid;
+					f->func_ip = b->addr;
+					f->cookie = b->cookie;
 				}
 				((u64(*)(u64))b->prog)((u64)(uintptr_t)r);
 				if (b->counter) {

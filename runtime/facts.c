@@ -28,7 +28,7 @@ HELPER(7)     /* bpf_get_prandom_u32 */
 	if (!x) {
 		u32 lo, hi;
 		__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-		x = (((u64)hi << 32) | lo) ^ (rt_gettid() * 0x9e3779b97f4a7c15ull) ^ (u64)tb;
+		x = (((u64)hi << 32) | lo) ^ (rt_gettid(hf) * 0x9e3779b97f4a7c15ull) ^ (u64)tb;
 		if (!x)
 			x = 1;
 	}
@@ -47,8 +47,8 @@ HELPER(8)     /* bpf_get_smp_processor_id */
 
 HELPER(14)    /* bpf_get_current_pid_tgid */
 {
-	(void)r1; (void)r2; (void)r3; (void)r4; (void)r5; (void)hf;
-	return rt_getpid() << 32 | rt_gettid();
+	(void)r1; (void)r2; (void)r3; (void)r4; (void)r5;
+	return rt_getpid(hf) << 32 | rt_gettid(hf);
 }
 
 HELPER(15)    /* bpf_get_current_uid_gid: the real ids (cred->uid/gid) at this moment */
@@ -75,20 +75,20 @@ HELPER(16)    /* bpf_get_current_comm(buf, size): strscpy_pad of this thread's c
 
 HELPER(109)   /* bpf_send_signal: the whole process */
 {
-	(void)r2; (void)r3; (void)r4; (void)r5; (void)hf;
+	(void)r2; (void)r3; (void)r4; (void)r5;
 	u64 sig = r1 & 0xffffffff;
 	if (sig > 64)
 		return NEG(UBPF_EINVAL);
-	return (u64)rt_syscall2(SYS_kill, rt_getpid(), sig);
+	return (u64)rt_syscall2(SYS_kill, rt_getpid(hf), sig);
 }
 
 HELPER(117)   /* bpf_send_signal_thread: this thread */
 {
-	(void)r2; (void)r3; (void)r4; (void)r5; (void)hf;
+	(void)r2; (void)r3; (void)r4; (void)r5;
 	u64 sig = r1 & 0xffffffff;
 	if (sig > 64)
 		return NEG(UBPF_EINVAL);
-	return (u64)rt_syscall3(SYS_tgkill, rt_getpid(), rt_gettid(), sig);
+	return (u64)rt_syscall3(SYS_tgkill, rt_getpid(hf), rt_gettid(hf), sig);
 }
 
 HELPER(173)   /* bpf_get_func_ip */
@@ -101,4 +101,19 @@ HELPER(174)   /* bpf_get_attach_cookie */
 {
 	(void)r1; (void)r2; (void)r3; (void)r4; (void)r5;
 	return ((struct ubpf_probe_block *)hf->probe)->cookie;
+}
+
+HELPER(160)   /* bpf_ktime_get_coarse_ns: CLOCK_MONOTONIC_COARSE */
+{
+	(void)r1; (void)r2; (void)r3; (void)r4; (void)r5;
+	return rt_ktime(hf, 6 /* CLOCK_MONOTONIC_COARSE */);
+}
+
+HELPER(118)   /* bpf_jiffies64: the tracer's calibration (header hz, jiffies_base) on CLOCK_MONOTONIC */
+{
+	(void)r1; (void)r2; (void)r3; (void)r4; (void)r5;
+	const struct ubpf_runtime_header *rt = (const void *)hf->runtime;
+	u64 ns = rt_ktime(hf, CLOCK_MONOTONIC), hz = rt->hz;
+	/* floor(ns * hz / 1e9) without a 128-bit product */
+	return rt->jiffies_base + ns / 1000000000ull * hz + ns % 1000000000ull * hz / 1000000000ull;
 }

@@ -65,22 +65,71 @@ int rt_equal(const void *a, const void *b, u64 n)
 	return 1;
 }
 
-/* Not cached: a forked child shares the arena (so nothing per-process may live
- * there) and a new thread can reuse an exited thread's FS base (so a tid cached in
- * its thread block could be stale).  The kernel reads both per call too. */
-u64 rt_getpid(void) { return (u64)rt_syscall0(SYS_getpid); }
-u64 rt_gettid(void) { return (u64)rt_syscall0(SYS_gettid); }
+/* The tgid is cached in the thread block, which lives in the target's private
+ * thread table (a forked child gets a copy), and is trusted only while the block's
+ * generation equals the runtime header's: the tracer bumps that on every fork
+ * before the child can run a probe, so a child never uses its parent's tgid.
+ * The tid is never cached: a new thread can reuse an exited thread's FS base and so
+ * its thread block, and nothing cheap tells the two apart. */
+u64 rt_getpid(const struct ubpf_hit_frame *hf)
+{
+	struct ubpf_thread_block *tb = hf ? (struct ubpf_thread_block *)hf->thread : 0;
+	const struct ubpf_runtime_header *rt = hf ? (const void *)hf->runtime : 0;
+	if (!tb || !rt)
+		return (u64)rt_syscall0(SYS_getpid);
+	u64 gen = LOAD(&rt->generation);
+	if (tb->tgid && tb->generation == gen)
+		return tb->tgid;
+	u64 pid = (u64)rt_syscall0(SYS_getpid);
+	tb->tgid = pid;
+	tb->generation = gen;
+	return pid;
+}
+
+/* The tid without a syscall where the libc keeps it: glibc and musl hold the
+ * thread's tid in their struct pthread at a fixed offset from the FS base (the
+ * tracer finds and checks it on every thread: RUNTIME_HEADER.tid_fs_off), and keep
+ * it right across fork (the child's word is set to its new tid) and thread-block
+ * reuse (a new thread on a recycled TCB gets its own tid there; an exited thread's
+ * word is cleared by the kernel through clear_child_tid).  The thread block caches
+ * the tid once it was checked against gettid(), with a safe read of the word, for
+ * this FS base; afterwards a hit compares the word with the cache -- any change
+ * means another thread (or a fork) and falls back to the syscall. */
+u64 rt_gettid(const struct ubpf_hit_frame *hf)
+{
+	const struct ubpf_runtime_header *rt = hf ? (const void *)hf->runtime : 0;
+	struct ubpf_thread_block *tb = hf ? (struct ubpf_thread_block *)hf->thread : 0;
+	if (!rt || !tb || !rt->tid_fs_off || !(rt->flags & UBPF_RT_F_FSGSBASE))
+		return (u64)rt_syscall0(SYS_gettid);
+	u64 off = rt->tid_fs_off, fs;
+	__asm__ volatile("rdfsbase %0" : "=r"(fs));
+	if (tb->tid && tb->tid_fs == fs) {
+		u32 cur;
+		__asm__ volatile("movl %%fs:(%1), %0" : "=r"(cur) : "r"(off) : "memory");
+		if (cur == (u32)tb->tid)
+			return cur;
+	}
+	u64 tid = (u64)rt_syscall0(SYS_gettid);
+	u32 word = 0;
+	if (!rt_read_user(hf, &word, fs + off, 4) && word == (u32)tid) {
+		tb->tid = tid;
+		tb->tid_fs = fs;
+	} else {
+		tb->tid = 0;
+	}
+	return tid;
+}
 
 struct iovec_ { u64 base, len; };
 
 /* Copy n bytes of this process at src: 0, or -EFAULT when any byte is unreadable
  * (process_vm_readv on ourselves: a bad pointer is an error, never a SIGSEGV). */
-long rt_read_user(void *dst, u64 src, u64 n)
+long rt_read_user(const struct ubpf_hit_frame *hf, void *dst, u64 src, u64 n)
 {
 	struct iovec_ l = {(u64)dst, n}, r = {src, n};
 	if (!n)
 		return 0;
-	long got = rt_syscall6(SYS_process_vm_readv, (long)rt_getpid(), (long)&l, 1, (long)&r, 1, 0);
+	long got = rt_syscall6(SYS_process_vm_readv, (long)rt_getpid(hf), (long)&l, 1, (long)&r, 1, 0);
 	return got == (long)n ? 0 : -(long)UBPF_EFAULT;
 }
 
@@ -89,9 +138,9 @@ long rt_read_user(void *dst, u64 src, u64 n)
  * Reads through a small bounce buffer, never across a page boundary in one read
  * (a string ending just before an unmapped page works), and writes nothing past
  * the NUL into dst. */
-long rt_read_user_str(char *dst, u64 src, u64 size)
+long rt_read_user_str(const struct ubpf_hit_frame *hf, char *dst, u64 src, u64 size)
 {
-	char tmp[128];
+	char tmp[256];
 	u64 want, got = 0;
 	if (!size)
 		return 0;
@@ -103,7 +152,7 @@ long rt_read_user_str(char *dst, u64 src, u64 size)
 			chunk = want - got;
 		if (chunk > sizeof(tmp))
 			chunk = sizeof(tmp);
-		if (rt_read_user(tmp, a, chunk))
+		if (rt_read_user(hf, tmp, a, chunk))
 			return -(long)UBPF_EFAULT;
 		for (u64 i = 0; i < chunk; i++) {
 			dst[got + i] = tmp[i];
@@ -114,6 +163,23 @@ long rt_read_user_str(char *dst, u64 src, u64 size)
 	}
 	dst[want] = 0;
 	return (long)size;
+}
+
+/* Is [addr, addr + n) the program's own memory -- what the kernel would call kernel
+ * memory: maps and everything else in the arena, and the runtime stacks in the
+ * thread table?  probe_read_user refuses it and %pus prints it empty, like the
+ * kernel does with kernel addresses; the target's own memory is user memory. */
+int rt_prog_mem(const struct ubpf_hit_frame *hf, u64 addr, u64 n)
+{
+	const struct ubpf_runtime_header *rt = hf ? (const void *)hf->runtime : 0;
+	if (!rt)
+		return 0;
+	if (addr >= rt->arena_base && addr - rt->arena_base < rt->arena_size &&
+	    n <= rt->arena_size - (addr - rt->arena_base))
+		return 1;
+	u64 tsz = rt->thread_slots * rt->thread_slot_size;
+	return rt->thread_table && addr >= rt->thread_table && addr - rt->thread_table < tsz &&
+	       n <= tsz - (addr - rt->thread_table);
 }
 
 /* The CPU this thread runs on: rdpid when the tracer found it usable, else

@@ -9,8 +9,8 @@
  * Concurrency, as the kernel's bucket locks: inserts and deletes hold d->lock;
  * lookups take no lock (entries are published with a release store after the
  * key and value are written, a deleted entry becomes a tombstone, so a probe
- * never loses its way) and retry a miss when d->seq moved, i.e. when the table
- * was rebuilt in place meanwhile (seq is odd during a rebuild).
+ * never loses its way) and retry a miss when d->seq moved, i.e. when a rebuilt
+ * table was published meanwhile.
  * cpu < 0 means user space (the syscall): per-CPU values are the whole buffer.
  */
 #include "rt.h"
@@ -47,8 +47,24 @@ static inline u8 *slot_value(const struct ubpf_map_desc *d, u64 slot)
 	return (u8 *)d->values + slot * d->val_stride;
 }
 
-/* copy a value keeping the 4-byte bpf_spin_lock word when BPF_F_LOCK asks to */
-static void write_value(const struct ubpf_map_desc *d, u8 *dst, const u8 *src, u64 n, int keep_lock)
+/* struct bpf_spin_lock: a u32 word in the value, non-zero while held */
+static int value_lock(u32 *w, u64 spins)
+{
+	for (u64 i = 0; i < spins; i++) {
+		if (__atomic_load_n(w, __ATOMIC_RELAXED) == 0 && __atomic_exchange_n(w, 1, __ATOMIC_ACQUIRE) == 0)
+			return 0;
+		if (i < 64)
+			rt_pause();
+		else
+			rt_syscall0(SYS_sched_yield);
+	}
+	return -(int)UBPF_EBUSY;
+}
+
+/* copy a value; with BPF_F_LOCK keeping the 4-byte lock word (as maps/base.py
+ * write_value does: the copy does not take the value's lock, and a plain update copies
+ * the word too -- both unlike the kernel, see bpf_spin_lock below) */
+static s64 write_value(const struct ubpf_map_desc *d, u8 *dst, const u8 *src, u64 n, int keep_lock)
 {
 	if (keep_lock && d->spin_off) {
 		u64 lo = d->spin_off - 1;
@@ -57,6 +73,7 @@ static void write_value(const struct ubpf_map_desc *d, u8 *dst, const u8 *src, u
 	} else {
 		rt_copy(dst, src, n);
 	}
+	return 0;
 }
 
 static s64 check_flags(const struct ubpf_map_desc *d, u64 flags)
@@ -95,11 +112,19 @@ static s64 array_update(const struct ubpf_map_desc *d, const void *key, const vo
 	}
 	if (d->cpu_stride)
 		dst += (u64)cpu * d->cpu_stride;
-	write_value(d, dst, value, d->value_size, flags & UBPF_BPF_F_LOCK);
-	return 0;
+	return write_value(d, dst, value, d->value_size, flags & UBPF_BPF_F_LOCK);
 }
 
 /* ---- HASH family: the index --------------------------------------------------------- */
+
+static inline int key_equal(const struct ubpf_map_desc *d, const u8 *stored, const u8 *key)
+{
+	switch (d->key_size) {   /* the common key sizes in one compare */
+	case 4: return *(const u32 *)stored == *(const u32 *)key;
+	case 8: return *(const u64 *)stored == *(const u64 *)key;
+	default: return rt_equal(stored, key, d->key_size);
+	}
+}
 
 /* slot + 1 of key, 0 when absent; *pos gets the table position */
 static u64 probe(const struct ubpf_map_desc *d, const u8 *key, u64 h, u64 *pos)
@@ -110,7 +135,7 @@ static u64 probe(const struct ubpf_map_desc *d, const u8 *key, u64 h, u64 *pos)
 		u64 e = LOAD(&tab[i]);
 		if (!e)
 			return 0;
-		if (e != UBPF_TOMBSTONE && e - 1 < d->max_entries && rt_equal(slot_key(d, e - 1), key, d->key_size)) {
+		if (e != UBPF_TOMBSTONE && e - 1 < d->max_entries && key_equal(d, slot_key(d, e - 1), key)) {
 			if (pos)
 				*pos = i;
 			return e;
@@ -125,10 +150,6 @@ static u64 find(struct ubpf_map_desc *d, const u8 *key)
 	u64 h = key_hash(key, d->key_size);
 	for (u64 tries = 0; tries < UBPF_LOCK_SPINS; tries++) {
 		u64 seq = LOAD(&d->seq);
-		if (seq & 1) {
-			rt_pause();
-			continue;
-		}
 		u64 e = probe(d, key, h, 0);
 		if (e || LOAD(&d->seq) == seq)
 			return e;
@@ -136,9 +157,8 @@ static u64 find(struct ubpf_map_desc *d, const u8 *key)
 	return 0;
 }
 
-static void table_put(struct ubpf_map_desc *d, const u8 *key, u64 slot, int count_tombs)
+static void table_put(struct ubpf_map_desc *d, u64 *tab, const u8 *key, u64 slot, int count_tombs)
 {
-	u64 *tab = (u64 *)d->table;
 	u64 mask = d->limit, i = key_hash(key, d->key_size) & mask;
 	for (;;) {
 		u64 e = tab[i];
@@ -152,20 +172,23 @@ static void table_put(struct ubpf_map_desc *d, const u8 *key, u64 slot, int coun
 	}
 }
 
-/* tombstones past a quarter of the table: rebuild it in place (lock held).  Lookups
- * running meanwhile see seq odd or changed and retry their misses. */
+/* tombstones past a quarter of the table (lock held): fill the spare table with the
+ * live elements and publish it with one store; lookups that missed in the old one
+ * meanwhile see seq moved and retry.  The old table becomes the spare: it is only
+ * written again at the next rebuild, a quarter of a table's worth of deletes later. */
 static void rebuild(struct ubpf_map_desc *d)
 {
-	u64 *tab = (u64 *)d->table;
+	u64 *old = (u64 *)d->table, *tab = (u64 *)d->spare_table;
 	const u8 *used = (const u8 *)d->used;
-	STORE(&d->seq, d->seq + 1);
 	for (u64 i = 0; i <= d->limit; i++)
-		STORE(&tab[i], 0);
+		tab[i] = 0;
 	for (u64 s = 0; s < d->fresh; s++)
 		if (used[s])
-			table_put(d, slot_key(d, s), s, 0);
+			table_put(d, tab, slot_key(d, s), s, 0);
+	STORE(&d->table, (u64)tab);
+	d->spare_table = (u64)old;
 	d->tombs = 0;
-	STORE(&d->seq, d->seq + 1);
+	STORE(&d->seq, d->seq + 2);
 }
 
 /* ---- HASH family: slots and the LRU list (lock held) ---------------------------------- */
@@ -230,20 +253,18 @@ static s64 alloc_slot(struct ubpf_map_desc *d)
 	return -1;
 }
 
-static void store_value(struct ubpf_map_desc *d, u64 slot, const u8 *value, s64 cpu, int keep_lock, int fresh)
+static s64 store_value(struct ubpf_map_desc *d, u64 slot, const u8 *value, s64 cpu, int keep_lock, int fresh)
 {
 	u8 *dst = slot_value(d, slot);
-	if (!d->cpu_stride) {
-		write_value(d, dst, value, d->value_size, keep_lock);
-		return;
-	}
+	if (!d->cpu_stride)
+		return write_value(d, dst, value, d->value_size, keep_lock);
 	if (cpu < 0) {    /* user space: the whole per-CPU buffer */
 		rt_copy(dst, value, d->cpu_stride * d->ncpus);
-		return;
+		return 0;
 	}
 	if (fresh)        /* a program inserting: this CPU's copy gets the value, the others zeroes */
 		rt_zero(dst, d->val_stride);
-	write_value(d, dst + (u64)cpu * d->cpu_stride, value, d->value_size, keep_lock);
+	return write_value(d, dst + (u64)cpu * d->cpu_stride, value, d->value_size, keep_lock);
 }
 
 static s64 hash_update(struct ubpf_map_desc *d, const u8 *key, const u8 *value, u64 flags, s64 cpu)
@@ -260,7 +281,7 @@ static s64 hash_update(struct ubpf_map_desc *d, const u8 *key, const u8 *value, 
 		if (mode == UBPF_BPF_NOEXIST) {
 			rc = -(s64)UBPF_EEXIST;
 		} else {
-			store_value(d, e - 1, value, cpu, keep_lock, 0);
+			rc = store_value(d, e - 1, value, cpu, keep_lock, 0);
 			if (d->ref)
 				((u8 *)d->ref)[e - 1] = 1;
 		}
@@ -287,7 +308,7 @@ static s64 hash_update(struct ubpf_map_desc *d, const u8 *key, const u8 *value, 
 		lru_append(d, (u32)slot);
 	}
 	d->count++;
-	table_put(d, key, (u64)slot, 1);   /* publish last: readers see a complete element */
+	table_put(d, (u64 *)d->table, key, (u64)slot, 1);   /* publish last: readers see a complete element */
 out:
 	rt_unlock(&d->lock);
 	return rc;
@@ -317,8 +338,16 @@ u64 ubpf_hash_find(struct ubpf_map_desc *d, const void *key)
 	return d->kind == UBPF_KIND_HASH ? find(d, key) : 0;
 }
 
+/* a CPU number beyond the map's copies (more CPUs online than the map was sized for)
+ * must never index past the slot: fold it into range */
+static inline s64 cpu_in_range(const struct ubpf_map_desc *d, s64 cpu)
+{
+	return cpu > 0 && d->cpu_stride && (u64)cpu >= d->ncpus ? (s64)((u64)cpu % d->ncpus) : cpu;
+}
+
 u64 ubpf_map_lookup(struct ubpf_map_desc *d, const void *key, s64 cpu)
 {
+	cpu = cpu_in_range(d, cpu);
 	if (d->kind == UBPF_KIND_ARRAY)
 		return array_lookup(d, key, cpu);
 	if (d->kind != UBPF_KIND_HASH)
@@ -333,6 +362,7 @@ u64 ubpf_map_lookup(struct ubpf_map_desc *d, const void *key, s64 cpu)
 
 s64 ubpf_map_update(struct ubpf_map_desc *d, const void *key, const void *value, u64 flags, s64 cpu)
 {
+	cpu = cpu_in_range(d, cpu);
 	if (d->kind == UBPF_KIND_ARRAY)
 		return array_update(d, key, value, flags, cpu);
 	if (d->kind == UBPF_KIND_HASH)
@@ -366,4 +396,23 @@ HELPER(3)   /* bpf_map_delete_elem */
 {
 	(void)r3; (void)r4; (void)r5; (void)hf;
 	return (u64)ubpf_map_delete((struct ubpf_map_desc *)r1, (const void *)r2);
+}
+
+/* bpf_spin_lock on the value's lock word, among the target's threads.  Bounded: a
+ * word left non-zero by a plain update that copied it (see write_value) or by a
+ * holder that died gives up after UBPF_LOCK_SPINS attempts instead of hanging the
+ * target.  (The ptrace path's Python helper locks a striped table instead, so a map
+ * locked from both paths at once is not mutually excluded.) */
+HELPER(93)
+{
+	(void)r2; (void)r3; (void)r4; (void)r5; (void)hf;
+	value_lock((u32 *)r1, UBPF_LOCK_SPINS);
+	return 0;
+}
+
+HELPER(94)    /* bpf_spin_unlock */
+{
+	(void)r2; (void)r3; (void)r4; (void)r5; (void)hf;
+	__atomic_store_n((u32 *)r1, 0, __ATOMIC_RELEASE);
+	return 0;
 }

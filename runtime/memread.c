@@ -8,33 +8,34 @@
  */
 #include "rt.h"
 
-static u64 read_mem(u64 dst, u64 size, u64 src)
+static u64 read_mem(const struct ubpf_hit_frame *hf, u64 dst, u64 size, u64 src, int user)
 {
 	size &= 0xffffffff;
 	if (!size)
 		return 0;
-	if (rt_read_user((void *)dst, src, size)) {
+	if ((user && rt_prog_mem(hf, src, size)) || rt_read_user(hf, (void *)dst, src, size)) {
 		rt_zero((void *)dst, size);
 		return NEG(UBPF_EFAULT);
 	}
 	return 0;
 }
 
-static u64 read_str(u64 dst, u64 size, u64 src)
+static u64 read_str(const struct ubpf_hit_frame *hf, u64 dst, u64 size, u64 src, int user)
 {
 	size &= 0xffffffff;
 	if (!size)
 		return 0;
-	long n = rt_read_user_str((char *)dst, src, size);
+	long n = user && rt_prog_mem(hf, src, 1) ? -(long)UBPF_EFAULT : rt_read_user_str(hf, (char *)dst, src, size);
 	if (n < 0)
 		rt_zero((void *)dst, size);
 	return (u64)n;
 }
 
-HELPER(112) { (void)r4; (void)r5; (void)hf; return read_mem(r1, r2, r3); }   /* probe_read_user */
-HELPER(4) { (void)r4; (void)r5; (void)hf; return read_mem(r1, r2, r3); }     /* probe_read */
-HELPER(114) { (void)r4; (void)r5; (void)hf; return read_str(r1, r2, r3); }   /* probe_read_user_str */
-HELPER(45) { (void)r4; (void)r5; (void)hf; return read_str(r1, r2, r3); }    /* probe_read_str */
+/* the _user variants refuse the program's own memory (kernel memory to the kernel) */
+HELPER(112) { (void)r4; (void)r5; return read_mem(hf, r1, r2, r3, 1); }   /* probe_read_user */
+HELPER(4) { (void)r4; (void)r5; return read_mem(hf, r1, r2, r3, 0); }     /* probe_read */
+HELPER(114) { (void)r4; (void)r5; return read_str(hf, r1, r2, r3, 1); }   /* probe_read_user_str */
+HELPER(45) { (void)r4; (void)r5; return read_str(hf, r1, r2, r3, 0); }    /* probe_read_str */
 
 /* the return address a return probe replaced, for frames that show the trampoline */
 static u64 fix_ret(const struct ubpf_hit_frame *hf, u64 a, u64 *si)
@@ -53,7 +54,7 @@ static u64 fix_ret(const struct ubpf_hit_frame *hf, u64 a, u64 *si)
  * path's HitFiller.unwind: the return address at [rsp] too when the probe is on a
  * function's first instruction; stops at a zero, misaligned, unreadable or
  * non-increasing frame pointer */
-static u64 unwind(const struct ubpf_hit_frame *hf, u64 *out, u64 max)
+u64 rt_unwind(const struct ubpf_hit_frame *hf, u64 *out, u64 max)
 {
 	const struct pt_regs *regs = (const void *)hf->ctx;
 	const struct ubpf_probe_block *pb = (const void *)hf->probe;
@@ -61,11 +62,11 @@ static u64 unwind(const struct ubpf_hit_frame *hf, u64 *out, u64 max)
 	if (!max)
 		return 0;
 	out[n++] = regs->rip;
-	if (pb && (pb->flags & UBPF_PB_F_AT_ENTRY) && n < max && !rt_read_user(w, regs->rsp, 8))
+	if (pb && (pb->flags & UBPF_PB_F_AT_ENTRY) && n < max && !rt_read_user(hf, w, regs->rsp, 8))
 		out[n++] = fix_ret(hf, w[0], &si);
 	u64 fp = regs->rbp;
 	while (n < max && fp && !(fp & 7)) {
-		if (rt_read_user(w, fp, 16) || !w[1])
+		if (rt_read_user(hf, w, fp, 16) || !w[1])
 			break;
 		out[n++] = fix_ret(hf, w[1], &si);
 		if (w[0] <= fp)
@@ -97,7 +98,7 @@ HELPER(67)    /* bpf_get_stack(ctx, buf, size, flags) */
 		if (depth > STACK_MAX)
 			depth = STACK_MAX;
 		if (user)
-			n = unwind(hf, trace, depth);
+			n = rt_unwind(hf, trace, depth);
 		if (n < skip) {
 			err = -(s64)UBPF_EFAULT;
 		} else {
@@ -110,4 +111,100 @@ HELPER(67)    /* bpf_get_stack(ctx, buf, size, flags) */
 	if (size)
 		rt_zero((void *)buf, size);
 	return (u64)err;
+}
+
+/* ---- "kernel" memory: the program's own (arena, runtime stacks) ----------------------- */
+
+#define TASK_SIZE 0x00007ffffffff000ull
+
+/* the kernel's error for an unreadable kernel address: user-space addresses are
+ * refused with -ERANGE before any access, others fault (helpers/context.py) */
+static s64 kernel_err(u64 addr)
+{
+	return addr < TASK_SIZE ? -34 /* ERANGE */ : -(s64)UBPF_EFAULT;
+}
+
+HELPER(113)   /* bpf_probe_read_kernel(dst, size, src) */
+{
+	(void)r4; (void)r5;
+	u64 size = r2 & 0xffffffff;
+	if (!size)
+		return 0;
+	if (!rt_prog_mem(hf, r3, size)) {
+		rt_zero((void *)r1, size);
+		return (u64)kernel_err(r3);
+	}
+	rt_copy((void *)r1, (const void *)r3, size);
+	return 0;
+}
+
+/* the bytes of program memory left from addr (0 when addr is not program memory) */
+static u64 prog_room(const struct ubpf_hit_frame *hf, u64 addr)
+{
+	const struct ubpf_runtime_header *rt = (const void *)hf->runtime;
+	if (addr >= rt->arena_base && addr - rt->arena_base < rt->arena_size)
+		return rt->arena_size - (addr - rt->arena_base);
+	u64 tsz = rt->thread_slots * rt->thread_slot_size;
+	if (rt->thread_table && addr >= rt->thread_table && addr - rt->thread_table < tsz)
+		return tsz - (addr - rt->thread_table);
+	return 0;
+}
+
+HELPER(115)   /* bpf_probe_read_kernel_str(dst, size, src) */
+{
+	(void)r4; (void)r5;
+	u64 size = r2 & 0xffffffff, room = prog_room(hf, r3);
+	const u8 *s = (const u8 *)r3;
+	u8 *d = (u8 *)r1;
+	if (!size)
+		return 0;
+	if (!room) {
+		rt_zero(d, size);
+		return (u64)kernel_err(r3);
+	}
+	u64 n = size - 1 < room ? size - 1 : room;
+	for (u64 i = 0; i < n; i++) {
+		if (!s[i]) {
+			rt_copy(d, s, i + 1);
+			return i + 1;
+		}
+	}
+	if (n < size - 1) {            /* ran out of program memory before a NUL */
+		rt_zero(d, size);
+		return (u64)kernel_err(r3);
+	}
+	rt_copy(d, s, n);
+	d[n] = 0;
+	return size;
+}
+
+HELPER(36)    /* bpf_probe_write_user(dst, src, size) */
+{
+	(void)r4; (void)r5;
+	u64 size = r3 & 0xffffffff;
+	struct { u64 base, len; } l = {r2, size}, r = {r1, size};
+	if (!size)
+		return 0;
+	if (rt_prog_mem(hf, r1, size))
+		return NEG(UBPF_EFAULT);
+	long got = rt_syscall6(311 /* process_vm_writev */, (long)rt_getpid(hf), (long)&l, 1, (long)&r, 1, 0);
+	return got == (long)size ? 0 : NEG(UBPF_EFAULT);
+}
+
+HELPER(182)   /* bpf_strncmp(s1, s1_sz, s2): s2 a constant string of the program */
+{
+	(void)r4; (void)r5; (void)hf;
+	u64 size = r2 & 0xffffffff;
+	const u8 *a = (const u8 *)r1, *b = (const u8 *)r3;
+	int b_done = 0;
+	for (u64 i = 0; i < size; i++) {
+		u8 c1 = a[i], c2 = b_done ? 0 : b[i];
+		if (!c2)
+			b_done = 1;
+		if (c1 != c2)
+			return c1 < c2 ? (u64)-1 : 1;
+		if (!c1)
+			break;
+	}
+	return 0;
 }

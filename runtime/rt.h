@@ -71,12 +71,14 @@ static inline void rt_unlock(u64 *w) { __atomic_store_n(w, 0, __ATOMIC_RELEASE);
 RT_INTERNAL void rt_copy(void *dst, const void *src, u64 n);
 RT_INTERNAL void rt_zero(void *dst, u64 n);
 RT_INTERNAL int rt_equal(const void *a, const void *b, u64 n);
-RT_INTERNAL long rt_read_user(void *dst, u64 src, u64 n);
-RT_INTERNAL long rt_read_user_str(char *dst, u64 src, u64 size);
-RT_INTERNAL u64 rt_getpid(void);
-RT_INTERNAL u64 rt_gettid(void);
+RT_INTERNAL long rt_read_user(const struct ubpf_hit_frame *hf, void *dst, u64 src, u64 n);
+RT_INTERNAL long rt_read_user_str(const struct ubpf_hit_frame *hf, char *dst, u64 src, u64 size);
+RT_INTERNAL u64 rt_getpid(const struct ubpf_hit_frame *hf);
+RT_INTERNAL int rt_prog_mem(const struct ubpf_hit_frame *hf, u64 addr, u64 n);
+RT_INTERNAL u64 rt_gettid(const struct ubpf_hit_frame *hf);
 RT_INTERNAL u64 rt_cpu(const struct ubpf_hit_frame *hf);
 RT_INTERNAL u64 rt_ktime(const struct ubpf_hit_frame *hf, int clock);
+RT_INTERNAL u64 rt_unwind(const struct ubpf_hit_frame *hf, u64 *out, u64 max);
 
 /* maps.c / ringbuf.c (tracer entry points, also used by the helpers) */
 RT_API u64 ubpf_map_lookup(struct ubpf_map_desc *d, const void *key, s64 cpu);
@@ -86,6 +88,72 @@ RT_API u64 ubpf_rb_reserve(struct ubpf_map_desc *d, u64 size);
 RT_API s64 ubpf_rb_commit(u64 sample, u64 discard);
 RT_API s64 ubpf_rb_output(struct ubpf_map_desc *d, const void *data, u64 size);
 RT_API s64 ubpf_perf_output(struct ubpf_map_desc *d, u64 cpu, const void *data, u64 size, u64 flags);
+
+static inline u32 rol32(u32 x, int k) { return (x << k) | (x >> (32 - k)); }
+
+#define JHASH_MIX(a, b, c) do { \
+	a -= c; a ^= rol32(c, 4); c += b; \
+	b -= a; b ^= rol32(a, 6); a += c; \
+	c -= b; c ^= rol32(b, 8); b += a; \
+	a -= c; a ^= rol32(c, 16); c += b; \
+	b -= a; b ^= rol32(a, 19); a += c; \
+	c -= b; c ^= rol32(b, 4); b += a; } while (0)
+
+#define JHASH_FINAL(a, b, c) do { \
+	c ^= b; c -= rol32(b, 14); \
+	a ^= c; a -= rol32(c, 11); \
+	b ^= a; b -= rol32(a, 25); \
+	c ^= b; c -= rol32(b, 16); \
+	a ^= c; a -= rol32(c, 4); \
+	b ^= a; b -= rol32(a, 14); \
+	c ^= b; c -= rol32(b, 24); } while (0)
+
+/* the kernel's jhash2 (lookup3) over n u32 words */
+static inline u32 jhash2(const u32 *k, u64 n, u32 initval)
+{
+	u32 a, b, c;
+	a = b = c = 0xdeadbeef + ((u32)n << 2) + initval;
+	while (n > 3) {
+		a += k[0]; b += k[1]; c += k[2];
+		JHASH_MIX(a, b, c);
+		n -= 3;
+		k += 3;
+	}
+	switch (n) {
+	case 3: c += k[2]; /* fall through */
+	case 2: b += k[1]; /* fall through */
+	case 1: a += k[0];
+		JHASH_FINAL(a, b, c);
+		break;
+	default: break;
+	}
+	return c;
+}
+
+/* the kernel's jhash over bytes (little-endian loads, tail added byte by byte) */
+static inline u32 jhash(const u8 *k, u64 len, u32 initval)
+{
+	u32 a, b, c;
+	a = b = c = 0xdeadbeef + (u32)len + initval;
+	while (len > 12) {
+		a += k[0] | k[1] << 8 | k[2] << 16 | (u32)k[3] << 24;
+		b += k[4] | k[5] << 8 | k[6] << 16 | (u32)k[7] << 24;
+		c += k[8] | k[9] << 8 | k[10] << 16 | (u32)k[11] << 24;
+		JHASH_MIX(a, b, c);
+		len -= 12;
+		k += 12;
+	}
+	if (!len)
+		return c;
+	u8 t[12] = {0};
+	for (u64 i = 0; i < len; i++)
+		t[i] = k[i];
+	a += t[0] | t[1] << 8 | t[2] << 16 | (u32)t[3] << 24;
+	b += t[4] | t[5] << 8 | t[6] << 16 | (u32)t[7] << 24;
+	c += t[8] | t[9] << 8 | t[10] << 16 | (u32)t[11] << 24;
+	JHASH_FINAL(a, b, c);
+	return c;
+}
 
 #define HELPER(id) RT_API u64 ubpf_helper_##id(u64 r1, u64 r2, u64 r3, u64 r4, u64 r5, \
 					       struct ubpf_hit_frame *hf)

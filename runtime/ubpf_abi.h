@@ -10,11 +10,21 @@
 #define UBPF_PB_F_AT_ENTRY 0x2ULL
 #define UBPF_SHADOW_DEPTH 0x40ULL
 #define UBPF_SITE_MAX_PROBES 0x8ULL
+#define UBPF_PRINTK_MAX_ARGS 0xcULL
+#define UBPF_PRINTK_MAX_FMT 0x400ULL
+#define UBPF_PRINTK_MAX_STR 0x200ULL
+#define UBPF_PK_BLOB_STR 0x1ULL
+#define UBPF_PK_BLOB_MEM 0x2ULL
+#define UBPF_PK_BLOB_FAULT 0x80ULL
+#define UBPF_PK_BLOB_PROG 0x40ULL
 #define UBPF_KIND_NONE 0x0ULL
 #define UBPF_KIND_ARRAY 0x1ULL
 #define UBPF_KIND_HASH 0x3ULL
 #define UBPF_KIND_RINGBUF 0x4ULL
 #define UBPF_KIND_PERF 0x5ULL
+#define UBPF_KIND_STACK 0x6ULL
+#define UBPF_KIND_QUEUE 0x7ULL
+#define UBPF_KIND_BLOOM 0x8ULL
 #define UBPF_RB_WAKEUP 0x1ULL
 #define UBPF_RB_BUSY 0x2ULL
 #define UBPF_RB_SHARED 0x4ULL
@@ -27,6 +37,8 @@
 #define UBPF_EAGAIN 0xbULL
 #define UBPF_ENOMEM 0xcULL
 #define UBPF_EFAULT 0xeULL
+#define UBPF_ERANGE 0x22ULL
+#define UBPF_TASK_SIZE 0x7ffffffff000ULL
 #define UBPF_EBUSY 0x10ULL
 #define UBPF_EEXIST 0x11ULL
 #define UBPF_EINVAL 0x16ULL
@@ -119,9 +131,11 @@ struct ubpf_runtime_header {
 	uint64_t pid;  /* the target's tgid, written by the tracer (per process: fixed up in a forked child) */
 	uint64_t ret_trampoline;  /* address return probes put in place of return addresses: stack walks report the original from the thread's shadow stack instead */
 	uint64_t max_stack;  /* kernel.perf_event_max_stack (0: 127), the deepest stack get_stack(id) returns */
-	uint64_t reserved;
+	uint64_t hz;  /* CONFIG_HZ, for bpf_jiffies64 (0: the helper returns 0 jiffies since boot) */
+	uint64_t jiffies_base;  /* jiffies at CLOCK_MONOTONIC 0 (helpers/task_helpers.py _jiffies_base) */
+	uint64_t tid_fs_off;  /* offset from the FS base of the libc's thread-id word (struct pthread tid), checked by the tracer on every thread; 0: unknown (gettid() per call) */
 } __attribute__((aligned(8)));
-_Static_assert(sizeof(struct ubpf_runtime_header) == 128, "ubpf_runtime_header size");
+_Static_assert(sizeof(struct ubpf_runtime_header) == 144, "ubpf_runtime_header size");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, magic) == 0, "ubpf_runtime_header.magic");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, arena_base) == 8, "ubpf_runtime_header.arena_base");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, arena_size) == 16, "ubpf_runtime_header.arena_size");
@@ -137,7 +151,9 @@ _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, generation) == 88,
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, pid) == 96, "ubpf_runtime_header.pid");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, ret_trampoline) == 104, "ubpf_runtime_header.ret_trampoline");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, max_stack) == 112, "ubpf_runtime_header.max_stack");
-_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, reserved) == 120, "ubpf_runtime_header.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, hz) == 120, "ubpf_runtime_header.hz");
+_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, jiffies_base) == 128, "ubpf_runtime_header.jiffies_base");
+_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, tid_fs_off) == 136, "ubpf_runtime_header.tid_fs_off");
 
 /* one per probe, in the arena */
 struct ubpf_probe_block {
@@ -147,7 +163,7 @@ struct ubpf_probe_block {
 	uint64_t enabled;  /* 0: the trampoline skips the program (detach in progress) */
 	uint64_t hits;  /* programs run (atomic add) */
 	uint64_t missed;  /* hits skipped: the thread was already inside a program, or no thread slot */
-	uint64_t active;  /* threads inside the trampoline's program call right now */
+	uint64_t reserved0;  /* unused (detach finds threads inside programs by rip and THREAD_BLOCK.busy) */
 	uint64_t flags;  /* PB_F_* */
 	uint64_t probe_id;  /* the tracer's id for this probe */
 	uint64_t ns;  /* nanoseconds spent in the program when timing is on */
@@ -160,7 +176,7 @@ _Static_assert(__builtin_offsetof(struct ubpf_probe_block, entry) == 16, "ubpf_p
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, enabled) == 24, "ubpf_probe_block.enabled");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, hits) == 32, "ubpf_probe_block.hits");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, missed) == 40, "ubpf_probe_block.missed");
-_Static_assert(__builtin_offsetof(struct ubpf_probe_block, active) == 48, "ubpf_probe_block.active");
+_Static_assert(__builtin_offsetof(struct ubpf_probe_block, reserved0) == 48, "ubpf_probe_block.reserved0");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, flags) == 56, "ubpf_probe_block.flags");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, probe_id) == 64, "ubpf_probe_block.probe_id");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, ns) == 72, "ubpf_probe_block.ns");
@@ -180,11 +196,12 @@ _Static_assert(__builtin_offsetof(struct ubpf_shadow_entry, probe) == 16, "ubpf_
 struct ubpf_thread_block {
 	uint64_t key;  /* the thread's FS base; 0: free slot (claimed with a compare-and-swap) */
 	uint64_t busy;  /* non-zero while a program runs on this thread (no nesting, like the kernel) */
-	uint64_t tid;  /* cached gettid(); 0: unknown */
+	uint64_t tid;  /* cached gettid(), trusted while the libc's tid word (RUNTIME_HEADER.tid_fs_off) still holds it; 0: unknown */
 	uint64_t generation;  /* RUNTIME_HEADER.generation the cached facts belong to */
 	uint64_t prandom;  /* xorshift state of bpf_get_prandom_u32 */
 	uint64_t shadow_depth;  /* entries in use in ``shadow`` */
-	uint64_t reserved[2];
+	uint64_t tgid;  /* cached getpid(), valid while ``generation`` equals RUNTIME_HEADER.generation (the tracer bumps that on fork before the child runs a probe); 0: unknown */
+	uint64_t tid_fs;  /* the FS base ``tid`` was checked against */
 	uint64_t shadow[192];  /* return-probe shadow stack (ubpf_shadow_entry) */
 } __attribute__((aligned(64)));
 _Static_assert(sizeof(struct ubpf_thread_block) == 1600, "ubpf_thread_block size");
@@ -194,7 +211,8 @@ _Static_assert(__builtin_offsetof(struct ubpf_thread_block, tid) == 16, "ubpf_th
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, generation) == 24, "ubpf_thread_block.generation");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, prandom) == 32, "ubpf_thread_block.prandom");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow_depth) == 40, "ubpf_thread_block.shadow_depth");
-_Static_assert(__builtin_offsetof(struct ubpf_thread_block, reserved) == 48, "ubpf_thread_block.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_thread_block, tgid) == 48, "ubpf_thread_block.tgid");
+_Static_assert(__builtin_offsetof(struct ubpf_thread_block, tid_fs) == 56, "ubpf_thread_block.tid_fs");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow) == 64, "ubpf_thread_block.shadow");
 
 /* one per patched site, in the arena; its entry trampoline runs every probe listed here */
@@ -212,6 +230,21 @@ _Static_assert(__builtin_offsetof(struct ubpf_site, trampoline) == 16, "ubpf_sit
 _Static_assert(__builtin_offsetof(struct ubpf_site, nprobes) == 24, "ubpf_site.nprobes");
 _Static_assert(__builtin_offsetof(struct ubpf_site, probes) == 32, "ubpf_site.probes");
 
+/* five u64 the native hit path fills before calling a native program */
+struct ubpf_facts {
+	uint64_t cpu;  /* CPU the hit is accounted to */
+	uint64_t pid_tgid;  /* tgid << 32 | tid */
+	uint64_t uid_gid;  /* gid << 32 | uid */
+	uint64_t func_ip;  /* the probe address */
+	uint64_t cookie;  /* the probe's attach cookie */
+} __attribute__((aligned(8)));
+_Static_assert(sizeof(struct ubpf_facts) == 40, "ubpf_facts size");
+_Static_assert(__builtin_offsetof(struct ubpf_facts, cpu) == 0, "ubpf_facts.cpu");
+_Static_assert(__builtin_offsetof(struct ubpf_facts, pid_tgid) == 8, "ubpf_facts.pid_tgid");
+_Static_assert(__builtin_offsetof(struct ubpf_facts, uid_gid) == 16, "ubpf_facts.uid_gid");
+_Static_assert(__builtin_offsetof(struct ubpf_facts, func_ip) == 24, "ubpf_facts.func_ip");
+_Static_assert(__builtin_offsetof(struct ubpf_facts, cookie) == 32, "ubpf_facts.cookie");
+
 /* on the runtime stack; the second argument of a program entry, the sixth of a helper */
 struct ubpf_hit_frame {
 	uint64_t ctx;  /* the pt_regs built by the trampoline */
@@ -224,6 +257,42 @@ _Static_assert(__builtin_offsetof(struct ubpf_hit_frame, ctx) == 0, "ubpf_hit_fr
 _Static_assert(__builtin_offsetof(struct ubpf_hit_frame, probe) == 8, "ubpf_hit_frame.probe");
 _Static_assert(__builtin_offsetof(struct ubpf_hit_frame, thread) == 16, "ubpf_hit_frame.thread");
 _Static_assert(__builtin_offsetof(struct ubpf_hit_frame, runtime) == 24, "ubpf_hit_frame.runtime");
+
+/* one bpf_trace_printk call, in the printk ring (RUNTIME_HEADER.printk_ring); the tracer formats it with helpers/printk_format.py */
+struct ubpf_printk_record {
+	uint64_t helper;  /* 6 (trace_printk) or 177 (trace_vprintk) */
+	uint64_t pid_tgid;
+	uint64_t uid_gid;
+	uint64_t cpu;
+	uint64_t ktime;  /* CLOCK_MONOTONIC ns at the call */
+	uint8_t comm[16];
+	uint64_t nargs;
+	uint64_t args[12];
+	uint64_t fmt_len;  /* format bytes that follow (up to and including its NUL), padded to 8 */
+	uint64_t blobs;  /* PRINTK_BLOB entries after the format */
+} __attribute__((aligned(8)));
+_Static_assert(sizeof(struct ubpf_printk_record) == 176, "ubpf_printk_record size");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, helper) == 0, "ubpf_printk_record.helper");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, pid_tgid) == 8, "ubpf_printk_record.pid_tgid");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, uid_gid) == 16, "ubpf_printk_record.uid_gid");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, cpu) == 24, "ubpf_printk_record.cpu");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, ktime) == 32, "ubpf_printk_record.ktime");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, comm) == 40, "ubpf_printk_record.comm");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, nargs) == 56, "ubpf_printk_record.nargs");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, args) == 64, "ubpf_printk_record.args");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, fmt_len) == 160, "ubpf_printk_record.fmt_len");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_record, blobs) == 168, "ubpf_printk_record.blobs");
+
+/* memory a printk argument pointed at, copied at call time */
+struct ubpf_printk_blob {
+	uint64_t addr;  /* the argument the bytes were read at */
+	uint32_t kind;  /* PK_BLOB_* */
+	uint32_t len;  /* bytes that follow, padded to 8 */
+} __attribute__((aligned(8)));
+_Static_assert(sizeof(struct ubpf_printk_blob) == 16, "ubpf_printk_blob size");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_blob, addr) == 0, "ubpf_printk_blob.addr");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_blob, kind) == 8, "ubpf_printk_blob.kind");
+_Static_assert(__builtin_offsetof(struct ubpf_printk_blob, len) == 12, "ubpf_printk_blob.len");
 
 /* a map's native descriptor, at its handle address */
 struct ubpf_map_desc {
@@ -261,7 +330,12 @@ struct ubpf_map_desc {
 	uint64_t spin_off;  /* offset + 1 of the value's struct bpf_spin_lock, 0: none */
 	uint64_t evictions;  /* LRU elements evicted to make room */
 	uint64_t perf_rings;  /* perf event array: address of ncpus PERF_RING headers */
-	uint64_t reserved[6];
+	uint64_t spare_table;  /* hash: the other index table; a rebuild fills it and swaps it with ``table`` */
+	uint64_t head;  /* queue/stack: next slot to push */
+	uint64_t tail;  /* queue/stack: oldest element */
+	uint64_t lifo;  /* stack: 1 (pop the newest) */
+	uint64_t seed;  /* bloom filter: hash seed */
+	uint64_t nr_hash;  /* bloom filter: hash functions */
 } __attribute__((aligned(64)));
 _Static_assert(sizeof(struct ubpf_map_desc) == 320, "ubpf_map_desc size");
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, kind) == 0, "ubpf_map_desc.kind");
@@ -298,7 +372,12 @@ _Static_assert(__builtin_offsetof(struct ubpf_map_desc, lru_tail) == 240, "ubpf_
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, spin_off) == 248, "ubpf_map_desc.spin_off");
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, evictions) == 256, "ubpf_map_desc.evictions");
 _Static_assert(__builtin_offsetof(struct ubpf_map_desc, perf_rings) == 264, "ubpf_map_desc.perf_rings");
-_Static_assert(__builtin_offsetof(struct ubpf_map_desc, reserved) == 272, "ubpf_map_desc.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, spare_table) == 272, "ubpf_map_desc.spare_table");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, head) == 280, "ubpf_map_desc.head");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, tail) == 288, "ubpf_map_desc.tail");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, lifo) == 296, "ubpf_map_desc.lifo");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, seed) == 304, "ubpf_map_desc.seed");
+_Static_assert(__builtin_offsetof(struct ubpf_map_desc, nr_hash) == 312, "ubpf_map_desc.nr_hash");
 
 /* one CPU's perf buffer of a PERF_EVENT_ARRAY (records as the kernel writes them) */
 struct ubpf_perf_ring {

@@ -125,16 +125,50 @@ static void *worker(void *p)
     return 0;
 }
 
-int run(struct job *jobs, int n)
+/* LRU churn: every thread updates keys shared by all threads (evictions race with
+ * inserts and deletes of the others); an LRU update must never fail */
+static void *churner(void *p)
+{
+    struct job *j = p;
+    uint64_t x = j->id * 0x9e3779b97f4a7c15ull;
+    for (uint64_t i = 0; i < j->iters; i++) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        uint64_t key = x % j->keys, val[2] = {key, i};
+        long rc;
+        if (x & 0x100) {
+            rc = (long)j->del(j->map, (uint64_t)&key, 0, 0, 0, j->hf);
+            if (rc && rc != -2) {
+                j->errors++;
+                j->ring = (uint64_t)rc;
+            }
+        } else if ((rc = (long)j->upd(j->map, (uint64_t)&key, (uint64_t)val, 0, 0, j->hf))) {
+            j->errors++;
+            j->ring = (uint64_t)rc;
+        } else {
+            /* the slot may be evicted and reused by another key right after the lookup
+             * (preallocated elements, as in the kernel): counted, not an error */
+            uint64_t *v = (uint64_t *)j->lookup(j->map, (uint64_t)&key, 0, 0, 0, j->hf);
+            if (v && v[0] != key)
+                j->dropped++;
+        }
+        j->sent++;
+    }
+    return 0;
+}
+
+static int spawn(struct job *jobs, int n, void *(*fn)(void *))
 {
     pthread_t t[64];
     for (int i = 0; i < n; i++)
-        if (pthread_create(&t[i], 0, worker, &jobs[i]))
+        if (pthread_create(&t[i], 0, fn, &jobs[i]))
             return -1;
     for (int i = 0; i < n; i++)
         pthread_join(t[i], 0);
     return 0;
 }
+
+int run(struct job *jobs, int n) { return spawn(jobs, n, worker); }
+int churn(struct job *jobs, int n) { return spawn(jobs, n, churner); }
 """
 
 
@@ -157,6 +191,7 @@ def driver(tmp_path_factory) -> ctypes.CDLL | None:
     lib.bench.restype = ctypes.c_double
     lib.bench.argtypes = [ctypes.c_void_p, u, u, u, u, u, ctypes.c_void_p, ctypes.c_long]
     lib.run.argtypes = [ctypes.POINTER(Job), ctypes.c_int]
+    lib.churn.argtypes = [ctypes.POINTER(Job), ctypes.c_int]
     return lib
 
 

@@ -25,7 +25,13 @@ from ubpf_py.abi.runtime import (
     THREAD_BLOCK,
 )
 from ubpf_py.intarget.sites import SitePlan, plan_site
-from ubpf_py.intarget.trampoline import build_entry_trampoline, build_return_trampoline, patch_bytes
+from ubpf_py.intarget.trampoline import (
+    build_entry_trampoline,
+    build_return_trampoline,
+    entry_size,
+    patch_bytes,
+    site_block,
+)
 
 SRC = Path(__file__).resolve().parent / "intarget_tramp_lib.c"
 RUNTIME_INCLUDE = Path(__file__).resolve().parents[1] / "runtime"
@@ -157,7 +163,8 @@ class Harness:
         start, end = self.func(func)
         return plan_site(self.read, start, end, self.addr(site) if site else start)
 
-    def probe(self, func: str, progs: list[tuple[str | None, int]], site: str | None = None) -> Site:
+    def probe(self, func: str, progs: list[tuple[str | None, int]], site: str | None = None,
+              red_zone: bool = True) -> Site:
         """Patch ``func`` (or label ``site`` inside it) with probes [(program symbol or None, PB flags)]."""
         plan = self.plan(func, site)
         block = self._alloc(SITE.size)
@@ -169,16 +176,13 @@ class Harness:
             set_u64(pb + PROBE_BLOCK.off("enabled"), 1)
             set_u64(pb + PROBE_BLOCK.off("flags"), flags)
             set_u64(pb + PROBE_BLOCK.off("probe_id"), i)
-            set_u64(block + SITE.off("probes") + 8 * i, pb)
             probes.append(pb)
         tramp_at = self.code + self.code_used
         code = build_entry_trampoline(plan, tramp_at, runtime_header=self.arena, site_block=block,
-                                      return_trampoline=self.ret_tramp)
+                                      return_trampoline=self.ret_tramp, red_zone=red_zone)
+        assert len(code) == entry_size(plan, red_zone)
         assert self._code(code) == tramp_at
-        set_u64(block + SITE.off("addr"), plan.site)
-        set_u64(block + SITE.off("length"), plan.length)
-        set_u64(block + SITE.off("trampoline"), tramp_at)
-        set_u64(block + SITE.off("nprobes"), len(probes))
+        ctypes.memmove(block, site_block(plan, tramp_at, probes), SITE.size)
         site = Site(plan, block, tramp_at, probes, self.read(plan.site, plan.length))
         ctypes.memmove(plan.site, patch_bytes(plan.site, tramp_at, plan.length), plan.length)
         self.sites.append(site)

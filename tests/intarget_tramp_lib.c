@@ -184,9 +184,13 @@ __asm__(
 	".globl asm_loop\n.type asm_loop,@function\nasm_loop:\n"
 	"  mov rcx, rdi\n3:\n  loop 3b\n  .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n  ret\n"
 	".size asm_loop, .-asm_loop\n"
+	/* loop / jrcxz (rel8 only) in the displaced bytes, targets outside them */
 	".globl asm_loopfar\n.type asm_loopfar,@function\nasm_loopfar:\n"
-	"  xor ecx, ecx\n  inc ecx\n  loop 4f\n  .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n4:\n  ret\n"
+	"  mov ecx, edi\n  xor eax, eax\n  loop 4f\n  mov eax, 1\n  ret\n4:\n  mov eax, 2\n  ret\n"
 	".size asm_loopfar, .-asm_loopfar\n"
+	".globl asm_jrcxz\n.type asm_jrcxz,@function\nasm_jrcxz:\n"
+	"  mov rcx, rdi\n  jrcxz 5f\n  mov eax, 1\n  ret\n5:\n  mov eax, 2\n  ret\n"
+	".size asm_jrcxz, .-asm_jrcxz\n"
 	/* every register and the flags set to known values across a probe site */
 	".globl regs_check\n.type regs_check,@function\nregs_check:\n"
 	"  push rbx\n  push rbp\n  push r12\n  push r13\n  push r14\n  push r15\n"
@@ -220,6 +224,13 @@ __asm__(
 	"  .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n"
 	"  mov rax, [rsp - 8]\n  add rax, [rsp - 64]\n  add rax, [rsp - 128]\n  ret\n"
 	".size rz_func, .-rz_func\n"
+	/* data only below the 56 bytes a no-red-zone trampoline may use */
+	".globl rz_far\n.type rz_far,@function\nrz_far:\n"
+	"  mov [rsp - 64], rdi\n  mov [rsp - 128], rdi\n"
+	".globl rz_far_site\nrz_far_site:\n"
+	"  .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n"
+	"  mov rax, [rsp - 64]\n  add rax, [rsp - 128]\n  ret\n"
+	".size rz_far, .-rz_far\n"
 	/* the return-probed function and a caller that records its rsp and return address */
 	".globl rp_func\n.type rp_func,@function\nrp_func:\n"
 	"  push rbx\n  lea rax, [rdi + 2*rdi]\n  add rax, 1\n  pop rbx\n  ret\n"
@@ -243,6 +254,49 @@ void install_handler(void)
 	struct sigaction sa = {0};
 	sa.sa_handler = on_usr1;
 	sigaction(SIGUSR1, &sa, 0);
+}
+
+/* ---- a signal storm: SIGUSR2 at arbitrary instructions of the trampolines ---- */
+static volatile uint64_t storm_handler_calls, storm_errors;
+static volatile int storm_done;
+
+static void on_usr2(int sig)
+{
+	(void)sig;
+	if (asm_nop5(40, 2) != 42)
+		storm_errors++;
+	storm_handler_calls++;
+}
+
+static volatile uint64_t storm_calls;
+
+static void *storm_worker(void *arg)
+{
+	uint64_t signals = *(uint64_t *)arg, i = 0;
+	for (; storm_handler_calls < signals; i++)
+		if (asm_nop5(i, 1) != i + 1)
+			storm_errors++;
+	storm_calls = i;
+	storm_done = 1;
+	return 0;
+}
+
+/* one thread calls asm_nop5 until `signals` handlers have run while this one signals it
+ * without pause; returns the number of asm_nop5 calls made (loop + handlers) */
+uint64_t signal_storm(uint64_t signals, uint64_t *errors)
+{
+	struct sigaction sa = {0};
+	pthread_t t;
+	sa.sa_handler = on_usr2;
+	sigaction(SIGUSR2, &sa, 0);
+	storm_handler_calls = storm_errors = 0;
+	storm_done = 0;
+	pthread_create(&t, 0, storm_worker, &signals);
+	while (!storm_done)
+		pthread_kill(t, SIGUSR2);
+	pthread_join(t, 0);
+	*errors = storm_errors;
+	return storm_calls + storm_handler_calls;
 }
 
 /* ---- drivers ---- */

@@ -4,6 +4,7 @@ backends give the same counts through the same calls, and the rules of a skeleto
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -42,12 +43,21 @@ def test_readme_python_example_runs(index):
     assert "Traceback" not in p.stderr
 
 
-def _python3_calls(backend: str) -> tuple[int, list[int], dict]:
+def _python3_calls(backend: str, by_offset: bool = False) -> tuple[int, list[int], dict]:
+    """Mallocs of python3 counted through the API; ``by_offset``: attach at libc's file offset of
+    malloc (an empty symbol makes the offset a file offset, libbpf's rule) instead of by name."""
+    from ubpf_py.probe.resolve import resolve_binary
+    from ubpf_py.probe.symbols import resolve_function
+
     with BPFObject.open(EXAMPLE, backend=backend) as obj:
         obj.launch(TARGET, stdout=subprocess.DEVNULL)
         obj.load()
-        link = obj.attach_uprobe("malloc_entry", binary="libc.so.6", sym="malloc")
-        assert link.target == "uprobe libc.so.6:malloc+0 cookie=0"
+        if by_offset:
+            libc = resolve_binary("libc.so.6")
+            link = obj.attach_uprobe("malloc_entry", binary=libc, offset=resolve_function(libc, "malloc"))
+        else:
+            link = obj.attach_uprobe("malloc_entry", binary="libc.so.6", sym="malloc")
+            assert link.target == "uprobe libc.so.6:malloc+0 cookie=0"
         assert obj.run(duration=60) == 0
         counts = {k["comm"]: v for k, v in obj.maps["counts"].items()}
         raw = obj.maps["counts"].items(raw=True)
@@ -57,11 +67,12 @@ def _python3_calls(backend: str) -> tuple[int, list[int], dict]:
 
 def test_both_backends_behind_one_api_agree():
     """The kernel is the oracle: the same calls on both backends count the same mallocs of the
-    same process (the kernel also sees the /bin/sh gate's own mallocs, under comm 'sh')."""
+    same process (the kernel also sees the /bin/sh gate's own mallocs, under comm 'sh'); the
+    userspace side attaches by file offset, the kernel side by symbol."""
     reason = kernel_bpf_skip_reason()
     if reason:
         pytest.skip(reason)
-    user = _python3_calls("userspace")
+    user = _python3_calls("userspace", by_offset=True)
     kern = _python3_calls("kernel")
     assert user[0] == kern[0] > 1000, (user[0], kern[0])
     assert user[2] == kern[2] == (65536).to_bytes(8, "little")
@@ -93,6 +104,12 @@ def test_sizes_and_globals_before_load_only(tmp_path):
         assert counts[key] == counts.values()[0] > 1000      # raw bytes index the decoded view
         with pytest.raises(KeyError):
             counts[bytes(20)]
+        (hist,) = obj.maps["sizes"].histograms()                  # struct hist { slots[] }, by type
+        assert hist.kind == "log2" and hist.slots == obj.maps["sizes"][0]["slots"]
+        drawn = io.StringIO()
+        obj.maps["sizes"].print_hist(file=drawn)
+        assert drawn.getvalue().startswith("@sizes:\n") and re.search(r"^\[128K, 256K\)\s+\d+ \|@", drawn.getvalue(), re.M)
+        assert obj.maps["counts"].histograms() == []
         obj.maps["sizes"].clear()
         assert sum(obj.maps["sizes"][0]["slots"]) == 0
     finally:
@@ -112,6 +129,24 @@ def test_usdt_and_printk_through_the_api(corpus_build: Path, monkeypatch):
         assert sorted(link.program for link in links) == ["on_label", "on_tick"]
         assert obj.run() == 0
     assert "tick i=0 sq=1000000000000 cookie=77" in lines and "label alpha n=100 neg=0" in lines
+
+
+@pytest.mark.parametrize("backend", ["userspace", "kernel"])
+def test_perf_buffer_callback_and_uretprobe(corpus_build: Path, monkeypatch, backend):
+    """attach_uretprobe + perf_buffer on the corpus readline case: 5 samples, decoded through the
+    object's types (pid, comm, line), on both backends."""
+    if backend == "kernel" and kernel_bpf_skip_reason():
+        pytest.skip(kernel_bpf_skip_reason())
+    monkeypatch.chdir(corpus_build)
+    records = []
+    with BPFObject.open("readline.bpf.o", backend=backend) as obj:
+        pid = obj.launch(["./readline"], stdout=subprocess.DEVNULL)
+        obj.load()
+        obj.perf_buffer("events", records.append, lost=lambda *a: records.append(a))
+        obj.attach_uretprobe("readline_ret", binary="./readline", sym="readline")
+        assert obj.run() == 0
+    assert len(records) == 5 and {r.kind for r in records} == {"perfbuf"}
+    assert all(len(r.data) >= 100 and r.value["pid"] == pid and r.value["comm"] == "readline" for r in records)
 
 
 def test_bad_calls_are_one_line_errors():

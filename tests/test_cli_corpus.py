@@ -24,9 +24,11 @@ def _missing_parts(case: dict, build) -> list[str]:
     return [p for p in (case["bpf"], case["target"][0]) if not (build / p).exists()]
 
 
-@pytest.mark.parametrize("engine", ["jit", "interp"])
+@pytest.mark.parametrize("engine", ["jit", "jit-ptrace", "interp"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_corpus_case_ubpf(case, engine, corpus_build):
+    """"jit" runs verified programs inside the target wherever it can (the default), "jit-ptrace"
+    keeps every hit on the ptrace path, "interp" runs the reference interpreter in the tracer."""
     missing = _missing_parts(case, corpus_build)
     if missing:
         pytest.skip(f"not built (toolchain missing?): {missing}")

@@ -89,8 +89,12 @@ def test_errors_name_the_symbol_and_type(tmp_path):
     with pytest.raises(LinkError, match=r"undefined symbol 'b_counter' referenced by a"):
         link(objs, 0x10000)
     tls = _cc(tmp_path, "t", "__thread int tv; int get(void) { return tv; }\n", "-fPIC", "-ftls-model=initial-exec")
-    with pytest.raises(NotSupportedError, match="R_X86_64_GOTTPOFF"):
+    with pytest.raises(NotSupportedError, match="thread-local storage"):
         link([tls], 0x10000)
+    got_tp = _cc(tmp_path, "g", "extern __thread int tv; int get(void) { return tv; }\n", "-fPIC",
+                 "-ftls-model=initial-exec")
+    with pytest.raises(NotSupportedError, match="R_X86_64_GOTTPOFF"):
+        link([got_tp], 0x10000, {"tv": 0})
     dup = _cc(tmp_path, "d", "int b_counter = 1;\n", "-fPIC")
     b = _cc(tmp_path, "b", B_C, "-fPIC")
     with pytest.raises(LinkError, match="defined twice"):
@@ -135,3 +139,60 @@ def test_llvmlite_object_linked_with_gcc_object(tmp_path):
     assert f(0) == 108
     assert f(1) == 209
     assert ctypes.c_int64.from_address(img.addr("counter")).value == 9
+
+
+def test_llvmlite_program_linked_with_the_runtime(tmp_path):
+    """What the in-target path does: a compiled program whose helper calls are external
+    ``ubpf_helper_<id>`` symbols, linked with the runtime object into one image."""
+    import llvmlite.binding as llvm
+    from intarget_fixture import make_frame
+
+    from ubpf_py.intarget import runtime_obj
+    from ubpf_py.intarget.arena import SharedArena
+    from ubpf_py.maps import consts as C
+    from ubpf_py.maps import create_map
+    from ubpf_py.obj.spec import MapSpec
+
+    if runtime_obj.unavailable_reason():
+        pytest.skip(runtime_obj.unavailable_reason())
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    ir = r"""
+    declare i64 @ubpf_helper_1(i64, i64, i64, i64, i64, ptr)
+    declare i64 @ubpf_helper_2(i64, i64, i64, i64, i64, ptr)
+    declare i64 @ubpf_helper_5(i64, i64, i64, i64, i64, ptr)
+    ; count calls per key in a hash map; return the count
+    define i64 @prog(i64 %map, i64 %key, ptr %hf) {
+      %t = call i64 @ubpf_helper_5(i64 0, i64 0, i64 0, i64 0, i64 0, ptr %hf)
+      %kp = alloca i64
+      store i64 %key, ptr %kp
+      %kpi = ptrtoint ptr %kp to i64
+      %v = call i64 @ubpf_helper_1(i64 %map, i64 %kpi, i64 0, i64 0, i64 0, ptr %hf)
+      %miss = icmp eq i64 %v, 0
+      br i1 %miss, label %ins, label %inc
+    ins:
+      %one = alloca i64
+      store i64 1, ptr %one
+      %onei = ptrtoint ptr %one to i64
+      %rc = call i64 @ubpf_helper_2(i64 %map, i64 %kpi, i64 %onei, i64 0, i64 0, ptr %hf)
+      ret i64 1
+    inc:
+      %p = inttoptr i64 %v to ptr
+      %old = atomicrmw add ptr %p, i64 1 seq_cst
+      %new = add i64 %old, 1
+      %pos = icmp ne i64 %t, 0
+      %r = select i1 %pos, i64 %new, i64 0
+      ret i64 %r
+    }
+    """
+    mod = llvm.parse_assembly(ir)
+    tm = llvm.Target.from_default_triple().create_target_machine(reloc="pic", codemodel="small",
+                                                                  features="-sse,-sse2,-avx")
+    img = load_here([("prog", tm.emit_object(mod)), ("runtime", runtime_obj.object_bytes())])
+    arena = SharedArena(8 << 20)
+    m = create_map(MapSpec("h", C.HASH, 8, 8, 16), alloc=arena)
+    f = make_frame(arena)
+    prog = img.fn("prog", ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p))
+    assert [prog(m.handle_addr, 7, f.addr) for _ in range(3)] == [1, 2, 3]
+    assert prog(m.handle_addr, 8, f.addr) == 1
+    assert m.lookup((7).to_bytes(8, "little")) == (3).to_bytes(8, "little")

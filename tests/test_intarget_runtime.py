@@ -13,9 +13,9 @@ import threading
 import time
 
 import pytest
+from intarget_fixture import cpu_has, make_frame, needs_runtime, tid
 
-from tests.intarget_fixture import cpu_has, make_frame, needs_runtime, tid
-from ubpf_py.abi.runtime import PB_F_AT_ENTRY
+from ubpf_py.abi.runtime import PB_F_AT_ENTRY, RUNTIME_HEADER, THREAD_BLOCK
 from ubpf_py.intarget import runtime_build, runtime_obj
 from ubpf_py.intarget.arena import SharedArena
 
@@ -48,8 +48,8 @@ def test_object_has_no_undefined_symbols_and_no_vector_registers(tmp_path):
     if shutil.which("objdump"):
         dis = subprocess.run(["objdump", "-d", str(o)], capture_output=True, text=True, check=True).stdout
         assert "%xmm" not in dis and "%ymm" not in dis and "%zmm" not in dis
-    assert {1, 2, 3, 4, 5, 7, 8, 14, 15, 16, 25, 45, 67, 109, 112, 114, 117, 125, 130, 131, 132, 133,
-            134, 173, 174} <= runtime_obj.helper_ids()
+    assert {1, 2, 3, 4, 5, 6, 7, 8, 14, 15, 16, 25, 27, 36, 45, 67, 87, 88, 89, 93, 94, 109, 112, 113, 114, 115,
+            117, 118, 125, 130, 131, 132, 133, 134, 160, 173, 174, 177, 182} <= runtime_obj.helper_ids()
 
 
 def test_cached_build_is_reused_and_digest_tracks_sources(tmp_path):
@@ -69,6 +69,8 @@ def test_clocks_vdso_and_syscall(arena, rt):
             v = rt.helper(hid)(0, 0, 0, 0, 0, f.addr)
             b = time.clock_gettime_ns(clock)
             assert a <= v <= b
+        coarse = rt.helper(160)(0, 0, 0, 0, 0, f.addr)
+        assert abs(coarse - time.clock_gettime_ns(6)) < 50_000_000   # 6: CLOCK_MONOTONIC_COARSE
 
 
 def test_pid_tgid_uid_gid_comm_in_threads(arena, rt):
@@ -105,6 +107,7 @@ def test_uid_gid_after_setresuid_in_a_child(arena, rt):
     pid = os.fork()
     if pid == 0:   # the child changes its ids; the runtime must see the new ones at once
         try:
+            f.header[RUNTIME_HEADER.word("generation")] += 1   # what the tracer does at a fork
             os.setresgid(1234, 1234, 1234)
             os.setresuid(4321, 4321, 4321)
             v = rt.helper(15)(0, 0, 0, 0, 0, f.addr)
@@ -118,6 +121,19 @@ def test_uid_gid_after_setresuid_in_a_child(arena, rt):
     v, pt, cpid = struct.unpack("<QQQ", data)
     assert v == (1234 << 32) | 4321
     assert pt >> 32 == cpid   # a forked child reports its own tgid (nothing stale in the arena)
+    f.header[RUNTIME_HEADER.word("generation")] += 1   # (this test's thread block is shared)
+    assert rt.helper(14)(0, 0, 0, 0, 0, f.addr) >> 32 == os.getpid()
+
+
+def test_tgid_cache_follows_the_generation(arena, rt):
+    f = make_frame(arena)
+    gen = RUNTIME_HEADER.word("generation")
+    assert rt.helper(14)(0, 0, 0, 0, 0, f.addr) >> 32 == os.getpid()
+    assert f.thread[THREAD_BLOCK.word("tgid")] == os.getpid()
+    f.thread[THREAD_BLOCK.word("tgid")] = 12345        # the cache is what is used...
+    assert rt.helper(14)(0, 0, 0, 0, 0, f.addr) >> 32 == 12345
+    f.header[gen] += 1                                  # ...until the tracer bumps the generation
+    assert rt.helper(14)(0, 0, 0, 0, 0, f.addr) >> 32 == os.getpid()
 
 
 def test_cpu_rdpid_rdtscp_and_getcpu(arena, rt):
@@ -232,7 +248,7 @@ def test_get_stack_user_frame_pointer_walk(arena, rt):
 
 
 def test_ret_trampoline_frames_show_the_original_return(arena, rt):
-    from ubpf_py.abi.runtime import SHADOW_ENTRY, THREAD_BLOCK
+    from ubpf_py.abi.runtime import SHADOW_ENTRY
 
     f = make_frame(arena)
     stack = arena.alloc(4096, 16)
@@ -248,3 +264,140 @@ def test_ret_trampoline_frames_show_the_original_return(arena, rt):
     assert rt.helper(67)(0, ctypes.addressof(buf), 32, 1 << 8, 0, f.addr) == 16
     assert struct.unpack("<4Q", buf.raw)[:2] == (0x400000, 0x405555)
     f.set_header("ret_trampoline", 0)
+
+
+def test_user_reads_refuse_program_memory(arena, rt):
+    """Maps and runtime stacks are kernel memory to the kernel: probe_read_user faults on
+    them, probe_read (user or kernel) reads them."""
+    f = make_frame(arena)
+    src = arena.alloc(16, 8)
+    src.view[0:8] = b"inarena\0"
+    dst = ctypes.create_string_buffer(b"\xaa" * 8, 8)
+    assert rt.helper(112)(ctypes.addressof(dst), 8, src.addr, 0, 0, f.addr) == neg(EFAULT)
+    assert dst.raw == bytes(8)
+    assert rt.helper(114)(ctypes.addressof(dst), 8, src.addr, 0, 0, f.addr) == neg(EFAULT)
+    assert rt.helper(4)(ctypes.addressof(dst), 8, src.addr, 0, 0, f.addr) == 0 and dst.raw == b"inarena\0"
+    assert rt.helper(45)(ctypes.addressof(dst), 8, src.addr, 0, 0, f.addr) == 8
+
+
+def test_spin_lock_word(arena, rt):
+    f = make_frame(arena)
+    v = arena.alloc(16, 8)
+    w = v.view.cast("I")
+    assert rt.helper(93)(v.addr, 0, 0, 0, 0, f.addr) == 0 and w[0] == 1
+    t0 = time.monotonic()
+    assert rt.helper(93)(v.addr, 0, 0, 0, 0, f.addr) == 0    # held: gives up, never hangs the target
+    assert time.monotonic() - t0 < 30
+    assert rt.helper(94)(v.addr, 0, 0, 0, 0, f.addr) == 0 and w[0] == 0
+
+
+def test_built_object_carries_its_source_digest(tmp_path):
+    out = tmp_path / "rt.o"
+    runtime_build.build(runtime_obj.RUNTIME_DIR, out)
+    assert runtime_obj._object_digest(out.read_bytes()) == runtime_build.digest(runtime_obj.RUNTIME_DIR)
+
+
+def test_no_compiler_means_a_clear_reason(tmp_path, monkeypatch):
+    from ubpf_py.errors import NotSupportedError
+    from ubpf_py.maps import consts as C
+    from ubpf_py.maps import create_map
+    from ubpf_py.maps.native_ops import runtime_for
+    from ubpf_py.obj.spec import MapSpec
+
+    monkeypatch.setattr(runtime_build, "compiler", lambda: None)
+    monkeypatch.setattr(runtime_obj, "PACKAGED", tmp_path / "absent.o")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    runtime_obj._locate.cache_clear()
+    try:
+        why = runtime_obj.unavailable_reason()
+        assert why is not None and "C compiler" in why
+        with pytest.raises(NotSupportedError, match=r"in-target execution: .*C compiler"):
+            runtime_obj.object_bytes()
+        with SharedArena(1 << 20) as a:
+            # maps in an arena keep their Python implementation (the in-target path is off)
+            m = create_map(MapSpec("h", C.HASH, 4, 8, 4), alloc=a)
+            assert runtime_for(a) is None and m._c is None
+            assert m.update(b"\1\0\0\0", bytes(8)) == 0 and len(m) == 1
+    finally:
+        runtime_obj._locate.cache_clear()
+
+
+def test_vdso_clock_gettime_found_and_callable():
+    from ubpf_py.intarget.vdso import vdso_symbols
+
+    syms = vdso_symbols()
+    fn_addr = syms.get("__vdso_clock_gettime")
+    assert fn_addr
+    ts = (ctypes.c_long * 2)()
+    fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)(fn_addr)
+    a = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    assert fn(time.CLOCK_MONOTONIC, ts) == 0
+    b = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    assert a <= ts[0] * 1_000_000_000 + ts[1] <= b
+
+
+def test_jiffies_from_the_host_calibration(arena, rt):
+    from ubpf_py.helpers.task_helpers import jiffies64
+    from ubpf_py.intarget.header import host_facts, write_header
+
+    f = make_frame(arena)
+    facts = host_facts()
+    write_header(f.header, **facts)
+    assert facts["max_stack"] >= 1 and facts["hz"] in (100, 250, 300, 1000)
+    a = jiffies64()
+    v = rt.helper(118)(0, 0, 0, 0, 0, f.addr)
+    b = jiffies64()
+    assert a <= v <= b
+
+
+def _my_tcb(size: int = 0x800) -> tuple[int, int, bytes]:
+    """(tid, FS base, bytes at the FS base) of the calling thread."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fs = ctypes.c_uint64()
+    assert libc.syscall(158, 0x1003, ctypes.byref(fs)) == 0   # arch_prctl(ARCH_GET_FS)
+    return tid(), fs.value, ctypes.string_at(fs.value, size)
+
+
+@pytest.mark.skipif(not cpu_has("fsgsbase"), reason="no FSGSBASE")
+def test_tid_from_the_libc_word_without_a_syscall(arena, rt):
+    from ubpf_py.abi.runtime import RT_F_FSGSBASE
+    from ubpf_py.intarget.header import host_facts, tid_fs_offset
+
+    if not host_facts()["flags"] & RT_F_FSGSBASE:
+        pytest.skip("the kernel does not let user space use rdfsbase")
+    got: dict[int, bytes] = {}
+
+    def grab():
+        t, _fs, raw = _my_tcb()
+        got[t] = raw
+
+    ts = [threading.Thread(target=grab) for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    off = tid_fs_offset(got)
+    assert off, "no struct pthread tid word found"
+    assert tid_fs_offset({1: bytes(0x800)}) == 0
+    shared = make_frame(arena)               # one thread block for every thread: must revalidate
+    own = [make_frame(arena) for _ in range(5)]   # (make_frame rewrites the shared header: first)
+    shared.set_header("tid_fs_off", off)
+    shared.set_header("flags", shared.header[RUNTIME_HEADER.word("flags")] | RT_F_FSGSBASE)
+    results: list[tuple[int, int, int, int]] = []
+
+    def body():
+        mine = own.pop()
+        for _ in range(3):
+            a = rt.helper(14)(0, 0, 0, 0, 0, shared.addr)
+            b = rt.helper(14)(0, 0, 0, 0, 0, mine.addr)
+            results.append((a & 0xFFFFFFFF, b & 0xFFFFFFFF, tid(), mine.thread[THREAD_BLOCK.word("tid")]))
+
+    ts = [threading.Thread(target=body) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    body()
+    for a, b, real, cached in results:
+        assert a == b == real and cached == real     # cached after its check: no syscall next time
+    shared.set_header("tid_fs_off", 0)

@@ -11,8 +11,15 @@ from intarget_harness import Harness, build_lib
 
 from ubpf_py.abi.runtime import PB_F_RETURN, SHADOW_ENTRY, THREAD_BLOCK
 from ubpf_py.intarget.sites import plan_site
-from ubpf_py.intarget.trampoline import build_entry_trampoline, displaced_offset
-from ubpf_py.intarget.unpatch import EntryTrampoline, ReturnFix, find_thread_block, locate, return_fixes
+from ubpf_py.intarget.trampoline import build_entry_trampoline, displaced_offset, fsgsbase_available
+from ubpf_py.intarget.unpatch import (
+    EntryTrampoline,
+    ReturnFix,
+    find_thread_block,
+    is_busy,
+    locate,
+    return_fixes,
+)
 
 RET_TRAMP = 0x7000_0000
 
@@ -82,7 +89,7 @@ def test_locate_in_entry_trampoline():
     assert locate(d + 2, entries, (0x700000, 64)).resume_at is None
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+@pytest.mark.skipif(shutil.which("gcc") is None or not fsgsbase_available(), reason="needs gcc and rdfsbase")
 def test_fixes_from_a_live_recursion(tmp_path):
     """At the entry of c_rec(1), called down from c_rec(5): the four outer frames hold the trampoline's
     address (c_rec(1)'s own return probe runs after the snapshot program on the same site)."""
@@ -104,6 +111,8 @@ def test_fixes_from_a_live_recursion(tmp_path):
                 return snap[addr - tb:addr - tb + n]
             return struct.pack("<Q", slots[[e[1] for e in entries].index(addr)])
 
+        assert is_busy(read, tb)                     # the snapshot was taken inside a program
+        assert not is_busy(h.read, tb)
         fixes = return_fixes(read, tb, h.ret_tramp)
         assert len(fixes) == depth and all(v == h.ret_tramp for v in slots)
         start, end = h.func("c_rec")
@@ -114,7 +123,7 @@ def test_fixes_from_a_live_recursion(tmp_path):
         h.unpatch_all()
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+@pytest.mark.skipif(shutil.which("gcc") is None or not fsgsbase_available(), reason="needs gcc and rdfsbase")
 def test_find_thread_block(tmp_path):
     h = Harness(build_lib(tmp_path, "none"))
     try:

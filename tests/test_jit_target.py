@@ -84,7 +84,7 @@ def test_helpers_get_the_hit_frame_as_sixth_argument() -> None:
 def test_unsupported_in_target_are_named() -> None:
     from ubpf_py.isa.asm import assemble
 
-    with pytest.raises(NotSupportedError, match="tail calls in the traced process"):
+    with pytest.raises(NotSupportedError, match="a tail call through a prog array not known at compile time"):
         T.target_ir(assemble("call 12\nmov %r0, 0\nexit\n"), "tc", {})
 
 

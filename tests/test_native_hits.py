@@ -89,7 +89,10 @@ def _need_root_and_loop() -> None:
 
 def _run_cli(capfd, monkeypatch, cwd: Path, argv: list[str]) -> tuple[int, dict, str, int]:
     """Run ubpf-run in-process (so Python calls can be counted): rc, JSON events by kind, stderr,
-    number of Python program runs."""
+    number of Python program runs.  These tests compare the two tracer-side hit paths (C stop loop
+    and Python), so programs stay out of the target (``--mode ptrace``)."""
+    if "--mode" not in argv:
+        argv = ["--mode", "ptrace", *argv]
     calls = {"run": 0, "handler": 0}
     real_run, real_make = LoadedProgram.run, hitpath.make_handler
 
@@ -120,6 +123,9 @@ def _run_cli(capfd, monkeypatch, cwd: Path, argv: list[str]) -> tuple[int, dict,
             target_lines.append(line)
             continue
         events.setdefault(ev.get("event"), []).append(ev)
+    # with --format json the target's stdout is sent to our stderr (stdout stays pure JSON)
+    if "json" in argv:
+        target_lines += [ln for ln in err.splitlines() if not ln.startswith("ubpf-run:")]
     events["target_stdout"] = target_lines
     assert calls["run"] == calls["handler"]
     return rc, events, err, calls["run"]
@@ -139,7 +145,7 @@ def test_counters_native_equals_python_path(corpus_build, capfd, monkeypatch) ->
     for ev in (ev_n, ev_p):
         assert [s["hits"] for s in ev["stats"][0]["probes"]] == [TICKS]
         assert ev["exit"][0]["exit_code"] == 0
-    assert ev_n["target_stdout"] == ev_p["target_stdout"]
+    assert ev_n["target_stdout"] == ev_p["target_stdout"] != []
     assert ev_n["global"] == ev_p["global"]
     mn, mp = _maps(ev_n), _maps(ev_p)
     assert set(mn) == set(mp)
@@ -168,13 +174,14 @@ def _bpf_object(tmp_path: Path, text: str, name: str = "faulty") -> Path:
 def test_native_fault_is_clean_error_and_target_untouched(corpus_build, tmp_path, capfd,
                                                           monkeypatch, section) -> None:
     """Entry probes fault in the C loop, return probes in the Python path: both end tracing with
-    the one-line error and leave every thread able to finish (return addresses restored)."""
+    the one-line error and leave every thread able to finish (return addresses restored;
+    --keep-command lets the command run on to show it)."""
     obj = _bpf_object(tmp_path, FAULTY_C.replace('SEC("uprobe")', f'SEC("{section}")'))
     # a single-threaded target: the one thread that faulted is the whole story
     plain = subprocess.run(["./hello"], cwd=corpus_build, capture_output=True, text=True, timeout=60)
     rc, ev, err, runs = _run_cli(capfd, monkeypatch, corpus_build,
                                  [str(obj), "--verifier", "off", "-a", "deref_arg=./hello:add",
-                                  "--", "./hello"])
+                                  "--keep-command", "--", "./hello"])
     assert runs == 0
     assert rc != 0
     lines = [ln for ln in err.splitlines() if ln.startswith("ubpf-run: error:")]

@@ -199,7 +199,7 @@ def run_campaign(build: Path, count: int, seed: int, verbose: bool = False,
     from ubpf_py.errors import KernelBackendError
     from ubpf_py.kernel.loader import _func_info, load_collection, relocate_for_kernel
     from ubpf_py.kernel.prog import KPROBE, prog_load
-    from ubpf_py.verifier import verify_program
+    from ubpf_py.verifier import hidden_functions, verify_program
 
     objects = load_corpus(build)
     mutants = generate(objects, count, seed)
@@ -213,7 +213,8 @@ def run_campaign(build: Path, count: int, seed: int, verbose: bool = False,
             if m.obj not in colls:
                 colls[m.obj] = load_collection(obj)
             coll = colls[m.obj]
-            rep = verify_program(m.spec, obj.maps, mode="warn", btf=obj.btf, time_budget=time_budget)
+            rep = verify_program(m.spec, obj.maps, mode="warn", btf=obj.btf, time_budget=time_budget,
+                                 hidden=hidden_functions(obj.path))
             kerr = ""
             try:
                 insns = relocate_for_kernel(m.spec.instructions, [k.fd for k in coll.map_list])
@@ -259,7 +260,7 @@ def run_soundness(objects: dict[str, ObjectSpec], mutants: list[Mutant], runs_pe
 
     from ubpf_py.errors import UbpfError, VMFault
     from ubpf_py.live.collection import Collection
-    from ubpf_py.verifier import verify_program
+    from ubpf_py.verifier import hidden_functions, verify_program
 
     rng = random.Random(seed)
     out = SoundnessResult()
@@ -271,7 +272,8 @@ def run_soundness(objects: dict[str, ObjectSpec], mutants: list[Mutant], runs_pe
     try:
         for m in mutants:
             base = objects[m.obj]
-            if not verify_program(m.spec, base.maps, mode="warn", btf=base.btf, time_budget=5).ok:
+            if not verify_program(m.spec, base.maps, mode="warn", btf=base.btf, time_budget=5,
+                                  hidden=hidden_functions(base.path)).ok:
                 continue
             spec = copy.copy(base)
             spec.maps = [copy.copy(x) for x in base.maps]
@@ -351,3 +353,75 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))
+
+
+# -- join-dependent programs ------------------------------------------------------------------
+#
+# Safety depends on one path's constant surviving a join: two paths give r6 different
+# constants, they meet at a prune point, r6 travels (register copy, 32/64-bit spill and
+# fill, a bounded loop) and ends up as a stack offset.  A verifier that loses precision
+# when it prunes accepts the unsafe path because the safe one was seen first.
+
+JOIN_OFFSETS = (-8, -16, -64, -512, -520, -608, -4, 0, 8)
+JOIN_TRANSPORTS = ("none", "mov", "spill64", "spill32_fill32", "loop")
+JOIN_USES = ("write", "read", "helper")
+
+
+def join_program(a: int, b: int, transport: str, use: str, pad: int = 6) -> str:
+    """Assembly of one join-dependent program (bpf_conformance syntax)."""
+    lines = ["call 7", "mov %r7, %r0", "mov %r9, 0"]
+    lines += ["add %r9, 1"] * pad  # enough instructions since the last checkpoint
+    lines += [f"mov %r6, {a}", "jset %r7, 1, alt", "ja join", "alt:", f"mov %r6, {b}", "join:"]
+    if transport == "mov":
+        lines += ["mov %r8, %r6", "mov %r6, 0", "mov %r6, %r8"]
+    elif transport == "spill64":
+        lines += ["stxdw [%r10-24], %r6", "mov %r6, 0", "ldxdw %r6, [%r10-24]"]
+    elif transport == "spill32_fill32":
+        # a negative offset does not fit 32 bits: kept as a value, the fill zero-extends it
+        lines += ["stxw [%r10-24], %r6", "mov %r6, 0", "ldxw %r6, [%r10-24]", "lsh %r6, 32", "arsh %r6, 32"]
+    elif transport == "loop":
+        lines += ["mov %r8, 0", "loop:", "add %r8, 1", "jlt %r8, 3, loop"]
+    lines += ["mov %r1, %r10", "add %r1, %r6"]
+    if use == "write":
+        lines += ["stdw [%r1+0], 0"]
+    elif use == "read":
+        lines += ["ldxdw %r2, [%r1+0]"]
+    else:  # bpf_probe_read_kernel(r1, 8, NULL): the helper writes 8 bytes at the offset
+        lines += ["mov %r2, 8", "mov %r3, 0", "call 113"]
+    lines += ["mov %r0, 0", "exit"]
+    return "\n".join(lines)
+
+
+def join_programs(count: int, seed: int) -> list[tuple[str, str]]:
+    """(description, assembly) of ``count`` join-dependent programs."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        a, b = rng.choice(JOIN_OFFSETS), rng.choice(JOIN_OFFSETS)
+        t, u = rng.choice(JOIN_TRANSPORTS), rng.choice(JOIN_USES)
+        out.append((f"a={a} b={b} {t} {u}", join_program(a, b, t, u, pad=rng.choice((0, 3, 6, 10)))))
+    return out
+
+
+def run_join_campaign(count: int, seed: int) -> CampaignResult:
+    """Verify generated join-dependent programs with ubpf-py and the kernel (needs root)."""
+    import os
+
+    from ubpf_py.errors import KernelBackendError
+    from ubpf_py.isa.asm import assemble
+    from ubpf_py.kernel.prog import KPROBE, prog_load
+    from ubpf_py.verifier import verify_program
+    res = CampaignResult()
+    t0 = time.perf_counter()
+    for desc, text in join_programs(count, seed):
+        spec = ProgramSpec("join", "uprobe", "uprobe", assemble(text))
+        rep = verify_program(spec, [], mode="warn", time_budget=5)
+        kerr = ""
+        try:
+            os.close(prog_load(spec.instructions, KPROBE, "GPL", prog_name="join"))
+            kok = True
+        except KernelBackendError as e:
+            kok, kerr = False, _kernel_error(e.log) or str(e)
+        res.outcomes.append(Outcome(Mutant("join", "join", "join", 0, desc, spec), rep.ok, kok, rep.error, kerr))
+    res.seconds = time.perf_counter() - t0
+    return res

@@ -10,18 +10,20 @@ import argparse
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 
-from ubpf_py.errors import UbpfError, UsageError
+from ubpf_py.errors import NoProgramError, UbpfError, UsageError
 from ubpf_py.live.options import RunOptions
 
-EXIT_CODES = """exit codes:
+EXIT_CODES = """exit codes (the same for --check, runs and --backend kernel):
   0   success (the target's own exit status is reported, not returned)
-  1   error (runtime, helper, map)
-  2   the object cannot be loaded (not a BPF ELF, bad relocation, BTF)
-  3   the verifier rejected a program (--check: any program rejected)
+  1   runtime error (a program fault or runaway program, a helper failure while running)
+  2   the object cannot be loaded (not a BPF ELF, bad relocation, BTF, no runnable program)
+  3   a program was rejected (verifier -- ours or the kernel's --, unknown helper)
   4   attaching failed (no such pid, permission, missing symbol or binary)
-  5   the kernel backend failed (bpf() or perf_event_open refused)
+  5   the kernel backend failed (bpf() or perf_event_open refused, other than 3 and 6)
+  6   a map cannot be created (bad definition, or more memory than --map-memory-limit)
   64  bad command line
   70  internal error (a bug in ubpf-run: please report it with --debug output)
   130 interrupted before tracing started
@@ -43,8 +45,23 @@ EXAMPLES = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with our exit code for a bad command line (64, not argparse's 2, which
+    --help documents as "object cannot be loaded") and our one-line error format."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see ubpf-run --help)")
+
+
+def _count(text: str) -> int:
+    n = int(text, 0)
+    if n < 0:
+        raise ValueError(text)
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ubpf-run",
         usage="ubpf-run OBJECT.o|SOURCE.bpf.c [--pid PID | -- COMMAND [ARGS...]] [options]\n"
               "       ubpf-run --check OBJECT.o\n       ubpf-run --list 'uprobe:BINARY:PATTERN'\n"
@@ -64,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set a global before load (numbers, strings, $PID for the traced pid)")
     p.add_argument("-d", "--duration", type=float, help="stop tracing after this many seconds")
     p.add_argument("--follow-forks", action="store_true", help="also trace children the target forks")
+    p.add_argument("--keep-command", action="store_true",
+                   help="let a command started with -- CMD run on when the session ends (default: it "
+                        "ends with the session: SIGTERM, then SIGKILL after 2 s; a note says which). "
+                        "Ctrl-C in a terminal reaches the command too: it shares our process group")
     p.add_argument("--engine", choices=["jit", "interp"], default="jit", help="execution engine (default jit)")
     p.add_argument("--mode", choices=["auto", "intarget", "ptrace"], default="auto",
                    help="where programs run on a hit: auto (default) = inside the target, entered from a "
@@ -78,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verifier", choices=["strict", "warn", "off"], default="strict",
                    help="strict: reject unsafe programs (default); warn: log and run; off")
     p.add_argument("--verifier-log", action="store_true", help="print the full verifier log")
+    p.add_argument("--max-insns", type=_count, default=1_000_000, metavar="N",
+                   help="per-hit budget of programs the verifier did not accept (--verifier warn|off): "
+                        "instructions on the interpreter, backward jumps in JIT code; a program using it "
+                        "up is stopped with a fault naming it and the instruction (default 1000000, "
+                        "0 = unbounded; verified programs have no budget and pay nothing)")
+    p.add_argument("--map-memory-limit", metavar="SIZE",
+                   help="most memory maps may take (bytes, K/M/G suffix; default half of MemAvailable, "
+                        "also UBPF_MAP_MEMORY_LIMIT): a map needing more is refused before anything runs")
     p.add_argument("--backend", choices=["userspace", "kernel"], default="userspace",
                    help="userspace (ptrace, default) or kernel (bpf() + perf_event uprobes, needs root)")
     p.add_argument("-f", "--format", choices=["text", "json"], default="text",
@@ -107,6 +136,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         auto_attach=not args.no_auto, sets=list(args.set), duration=args.duration,
         follow_forks=args.follow_forks, backend=args.backend, engine=args.engine,
         native_hits=not args.no_native_hits, check_memory=not args.no_memory_checks, mode=args.mode,
+        max_insns=args.max_insns, keep_command=args.keep_command,
         verifier=args.verifier, verifier_log=args.verifier_log, format=args.format, output=args.output,
         event_type=args.event_type, verbose=args.verbose, interval=args.interval, clear=args.clear,
         metrics=args.metrics, hist=parse_hist_options(args.hist))
@@ -136,8 +166,9 @@ def build_dump_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["dump"] or "--dump" in argv:
-        rest = argv[1:] if argv[:1] == ["dump"] else [a for a in argv if a != "--dump"]
+    options = argv[:argv.index("--")] if "--" in argv else argv   # a traced command may say --dump
+    if argv[:1] == ["dump"] or "--dump" in options:
+        rest = argv[1:] if argv[:1] == ["dump"] else [a for a in options if a != "--dump"]
         args = build_dump_parser().parse_args(rest)
         args.dump = True
         return args
@@ -168,8 +199,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (a skipped program section, ...) as one line each, without the warnings
+    module's source-location lines; control characters from a corrupted object are escaped."""
+    print(f"ubpf-run: warning: {one_line(str(message))}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _show_warning
     try:
         args = parse_args(argv)
         return _dispatch(args)
@@ -197,10 +235,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error(msg: str) -> None:
-    print(f"ubpf-run: error: {msg}", file=sys.stderr, flush=True)
+    print(f"ubpf-run: error: {one_line(msg)}", file=sys.stderr, flush=True)
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line: newlines become spaces, other control characters (a
+    corrupted object's names) are escaped."""
+    text = " ".join(str(text).splitlines())
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.map_memory_limit is not None:
+        from ubpf_py.maps.budget import parse_size, set_memory_limit
+
+        set_memory_limit(parse_size(args.map_memory_limit))
     if getattr(args, "dump", False):
         return _cmd_dump(args)
     if args.list is not None:
@@ -220,9 +269,16 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from ubpf_py.verifier import check_object, format_verdict
+    from ubpf_py.maps.budget import check_spec_maps
+    from ubpf_py.obj.elf import load_object
+    from ubpf_py.verifier import check_spec, format_verdict
 
-    reports = check_object(args.object, mode="strict" if args.verifier == "off" else args.verifier)
+    spec = load_object(args.object)
+    check_spec_maps(spec)          # the map a run could not create fails --check the same way
+    reports = check_spec(spec, mode="strict" if args.verifier == "off" else args.verifier)
+    if not reports:
+        raise NoProgramError(f"{args.object}: no runnable program (every executable section was "
+                             f"skipped or there is none): nothing to verify or run")
     rejected = 0
     for rep in reports:
         print(format_verdict(rep))

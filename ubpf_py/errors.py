@@ -82,11 +82,22 @@ class VMFault(UbpfError):
 
 
 class MapError(UbpfError):
-    """A map that cannot be created (bad type, sizes, flags)."""
+    """A map that cannot be created (bad type, sizes, flags, more memory than can be had).
+    Raised only at creation, before any program runs; both backends use this exit code."""
+
+    exit_code = 6
 
 
 class HelperError(UbpfError):
     """A helper that cannot be provided (unknown id, not allowed)."""
+
+
+class UnknownHelperError(HelperError):
+    """A program calls a helper id this runtime does not know: the program is refused at load,
+    as the kernel's verifier refuses it (``invalid func unknown#N``), so the exit code is the
+    verifier's."""
+
+    exit_code = 3
 
 
 class ProbeError(UbpfError):
@@ -114,7 +125,25 @@ class KernelBackendError(UbpfError):
         self.log = log
 
 
+class KernelVerifierError(KernelBackendError):
+    """The kernel's verifier rejected a program: the same kind of problem (and exit code) as
+    ubpf-py's own verifier rejecting it."""
+
+    exit_code = VerifierError.exit_code
+
+
+class KernelMapError(KernelBackendError):
+    """BPF_MAP_CREATE refused a map: the same exit code as a map the userspace backend cannot
+    create."""
+
+    exit_code = MapError.exit_code
+
+
 class UsageError(UbpfError):
     """Bad command-line syntax."""
 
     exit_code = 64
+
+
+class NoProgramError(ObjectLoadError):
+    """An object with no program ubpf-py can run (every executable section skipped or none)."""

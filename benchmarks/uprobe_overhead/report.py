@@ -8,8 +8,16 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-ENGINE_NAMES = {"kernel": "kernel", "jit": "ubpf-py JIT", "interp": "ubpf-py interp"}
-COLORS = {"kernel": "#4c72b0", "jit": "#dd8452", "interp": "#55a868"}
+try:
+    from . import goals
+except ImportError:  # run as a script from this directory
+    import goals  # type: ignore[no-redef]
+
+ENGINE_NAMES = {"kernel": "kernel", "intarget": "ubpf-py in-target", "jit": "ubpf-py ptrace JIT",
+                "interp": "ubpf-py interp"}
+SHORT_NAMES = {"kernel": "kernel", "intarget": "in-target", "jit": "ptrace JIT", "interp": "interp"}
+ENGINE_ORDER = ["kernel", "intarget", "jit", "interp"]
+COLORS = {"kernel": "#4c72b0", "intarget": "#c44e52", "jit": "#dd8452", "interp": "#55a868"}
 PLACEMENTS = {"same": "tracer+target same CPU", "diff": "tracer, target on different CPUs"}
 
 
@@ -55,7 +63,9 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _fmt(cell: dict[str, Any]) -> str:
+def _fmt(cell: dict[str, Any] | None) -> str:
+    if not cell:
+        return "n/a"
     if cell["error"]:
         if cell["error"].startswith("skipped"):
             return "-"
@@ -69,21 +79,101 @@ def _ratio(a: dict[str, Any] | None, k: dict[str, Any] | None) -> str:
     return f"{a['overhead_ns'] / k['overhead_ns']:.2f}x"
 
 
+def _load_line(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    cells = [c for r in doc["rows"] for c in r["cells"]] + doc.get("threads", {}).get("cells", [])
+    loads = sorted(c["load1"] for c in cells if c.get("load1") is not None)
+    text = (f"Load average (1 min) {m['load_avg_start'][0]:.2f} at start, {m['load_avg'][0]:.2f} at end")
+    if loads:
+        text += (f"; at the start of each cell: min {loads[0]:.2f}, median {loads[len(loads) // 2]:.2f}, "
+                 f"max {loads[-1]:.2f}")
+    q = doc.get("quiet_wait")
+    if q:
+        text += (f". Before starting, waited {q['waited_s']:.0f} s for the load to fall to {q['max_load']:.2f} "
+                 f"(it was {q['load_before']:.2f}, then {q['load_after']:.2f})")
+    return text + (f" on {m['cpus_usable']} CPUs shared with other work: numbers above the machine's "
+                   "quiet figures are the load's, not the probe's." if m["load_avg_start"][0] >= 1 else ".")
+
+
+def _engines(doc: dict[str, Any]) -> list[str]:
+    return [e for e in ENGINE_ORDER if e in doc.get("engines", ENGINE_ORDER)]
+
+
+def _overhead_tables(doc: dict[str, Any]) -> list[str]:
+    engines = _engines(doc)
+    ratios = [e for e in ("intarget", "jit") if e in engines and "kernel" in engines]
+    head = (["function", "program", "probe", "baseline ns"] + [SHORT_NAMES[e] for e in engines]
+            + [f"{SHORT_NAMES[e]}/kernel" for e in ratios])
+    lines: list[str] = []
+    for placement, title in PLACEMENTS.items():
+        lines += [f"## {title}", "", "| " + " | ".join(head) + " |",
+                  "| --- | --- | --- |" + " ---: |" * (len(head) - 3)]
+        for r in doc["rows"]:
+            cells = {c["engine"]: c for c in r["cells"] if c["placement"] == placement}
+            base = next((c["baseline_ns"] for c in cells.values() if c.get("baseline_ns") is not None), None)
+            vals = [r["func"], r["program"], r["mode"], f"{base:.1f}" if base is not None else "n/a"]
+            vals += [_fmt(cells.get(e)) for e in engines]
+            vals += [_ratio(cells.get(e), cells.get("kernel")) for e in ratios]
+            lines.append("| " + " | ".join(vals) + " |")
+        lines.append("")
+    return lines
+
+
+def _threads_table(doc: dict[str, Any]) -> list[str]:
+    th = doc.get("threads") or {}
+    if not th.get("cells"):
+        return []
+    k, i = goals.thread_series(doc, "kernel"), goals.thread_series(doc, "intarget")
+    lines = [f"## Threads calling the probed function together ({th['row']['label']})", "",
+             f"Each thread calls the function {doc['n_kernel']} times; hits checked = threads x N. "
+             "calls/s = all threads' probed calls / wall time; ns added = mean per-thread ns per call, "
+             "probed - unprobed. Threads are not pinned.", "",
+             "| threads | kernel calls/s | in-target calls/s | in-target/kernel calls/s | kernel ns added "
+             "| in-target ns added |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def tput(c: dict[str, Any] | None) -> str:
+        if not c or c["error"]:
+            return _fmt(c)
+        return f"{c['calls_per_s']:,.0f}" if c.get("calls_per_s") else "n/a"
+
+    for t in th["counts"]:
+        kc, ic = k.get(t), i.get(t)
+        ok = kc and ic and not kc["error"] and not ic["error"] and kc.get("calls_per_s")
+        ratio = f"{ic['calls_per_s'] / kc['calls_per_s']:.2f}x" if ok else "n/a"  # type: ignore[index]
+        lines.append(f"| {t} | {tput(kc)} | {tput(ic)} | {ratio} | {_fmt(kc)} | {_fmt(ic)} |")
+    return [*lines, ""]
+
+
+def _goals_table(doc: dict[str, Any]) -> list[str]:
+    lines = ["## Goals (issue 10), in-target column", "",
+             "Measured = in-target ns added per call, same CPU / different CPUs.", "",
+             "| goal | where | measured | verdict |", "| --- | --- | --- | --- |"]
+    lines += [f"| {v.goal} | {v.where} | {v.measured} | {v.verdict} |" for v in goals.evaluate(doc)]
+    return [*lines, ""]
+
+
 def markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     lines = [
         "# uprobe overhead: kernel uprobes vs ubpf-py",
         "",
         f"Machine: {m['cpu']} ({m['cpus_usable']} usable CPUs, {m['mem_gb']} GB, virtualization: "
-        f"{m['virtualized']}), kernel {m['kernel']}, Python {m['python']}; load average "
-        f"{m['load_avg_start'][0]:.2f} at start, {m['load_avg'][0]:.2f} at end.",
-        f"N = {doc['n_kernel']} calls per kernel run, {doc['n_ubpf']} per ubpf-py run"
-        f"{' (quick mode)' if doc['quick'] else ''}; median of {doc['repeat']} (kernel) / "
-        f"{doc.get('repeat_ubpf', 1)} (ubpf-py) baseline+probed pair(s) per cell; total time {doc['elapsed_s']} s.",
+        f"{m['virtualized']}), kernel {m['kernel']}, Python {m['python']}.",
+        _load_line(doc),
+        "",
+        f"N = {doc['n_kernel']} calls per kernel and in-target run, {doc['n_ubpf']} per ptrace JIT/interp "
+        f"run{' (quick mode)' if doc['quick'] else ''}; median of {doc['repeat']} (kernel, in-target) / "
+        f"{doc.get('repeat_ubpf', 1)} (ptrace JIT, interp) baseline+probed pair(s) per cell; "
+        f"total time {doc['elapsed_s']} s.",
         "",
         "Cells: ns added per call of the probed function = probed run - unprobed baseline run "
         "just before it (same CPUs). 'both' = entry + return probe on the same call. "
-        "Ratio = ubpf-py / kernel (above 1: ubpf-py is slower). Every run's hit count was "
+        "in-target = `ubpf-run --engine jit --mode intarget` (the program runs inside the target, "
+        "entered from a patched jump; every probe's JSON `attached` event was checked to say "
+        "path `in-target`); ptrace JIT = `--engine jit --mode ptrace`, interp = `--engine interp "
+        "--mode ptrace` (an int3 stop in the tracer per hit; path `ptrace` checked). "
+        "Ratios = ubpf-py / kernel (below 1: ubpf-py adds less). Every run's hit count was "
         "checked equal to N from the `hits` map; FAILED cells say why below; '-' = not run "
         "(--quick runs the different-CPU placement for the first row only).",
         "",
@@ -92,35 +182,28 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"- {ENGINE_NAMES.get(key, key)}: not available: {why}")
     if doc.get("unavailable"):
         lines.append("")
-    for placement, title in PLACEMENTS.items():
-        lines += [f"## {title}", "",
-                  "| function | program | probe | baseline ns | kernel | JIT | interp | JIT/kernel | interp/kernel |",
-                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in doc["rows"]:
-            cells = {c["engine"]: c for c in r["cells"] if c["placement"] == placement}
-            k, j, i = cells.get("kernel"), cells.get("jit"), cells.get("interp")
-            base = next((c["baseline_ns"] for c in cells.values() if c.get("baseline_ns") is not None), None)
-            lines.append(
-                f"| {r['func']} | {r['program']} | {r['mode']} | {base:.1f} |" if base is not None else
-                f"| {r['func']} | {r['program']} | {r['mode']} | n/a |")
-            lines[-1] += " " + " | ".join(_fmt(c) if c else "n/a" for c in (k, j, i)) + \
-                f" | {_ratio(j, k)} | {_ratio(i, k)} |"
-        lines.append("")
-    errors = [(r["label"], c) for r in doc["rows"] for c in r["cells"]
+    lines += _goals_table(doc)
+    lines += _overhead_tables(doc)
+    lines += _threads_table(doc)
+    all_cells = [(r["label"], c) for r in doc["rows"] for c in r["cells"]]
+    all_cells += [(f"{doc['threads']['row']['label']} x{c['threads']} threads", c)
+                  for c in doc.get("threads", {}).get("cells", [])]
+    errors = [(label, c) for label, c in all_cells
               if c["error"] and not c["error"].startswith(("not available", "skipped"))]
     if errors:
         lines += ["## Failed runs", ""]
-        lines += [f"- {label} {c['engine']} {c['placement']}: {c['error']}" for label, c in errors]
+        for label, c in errors:
+            lines.append(f"- {label}, {SHORT_NAMES.get(c['engine'], c['engine'])}, {c['placement']}: "
+                         f"{c['error']}" + (f" (command: `{c['command']}`)" if c.get("command") else ""))
         lines.append("")
-    drops = [(r["label"], c) for r in doc["rows"] for c in r["cells"] if c.get("ring_drops")]
+    drops = [(label, c) for label, c in all_cells if c.get("ring_drops")]
     if drops:
-        lines += ["Ring buffer records the kernel could not reserve (consumer slower than producer): " +
+        lines += ["Ring buffer records that could not be reserved (consumer slower than producer): " +
                   ", ".join(f"{lbl} {c['engine']}/{c['placement']}: {c['ring_drops']}" for lbl, c in drops), ""]
     return "\n".join(lines)
 
 
-def chart(doc: dict[str, Any], path: Path) -> Path | None:
-    """Grouped bars (log scale) of ns added per call, one panel per placement."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -128,28 +211,67 @@ def chart(doc: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    return plt
+
+
+def chart(doc: dict[str, Any], path: Path) -> Path | None:
+    """Grouped bars (log scale) of ns added per call, one panel per placement."""
+    plt = _pyplot()
+    if plt is None:
+        return None
     rows = doc["rows"]
-    engines = ["kernel", "jit", "interp"]
-    fig, axes = plt.subplots(len(PLACEMENTS), 1, figsize=(max(8, len(rows) * 0.7), 8), sharex=True)
-    width = 0.27
+    engines = _engines(doc)
+    fig, axes = plt.subplots(len(PLACEMENTS), 1, figsize=(max(9, len(rows) * 0.8), 8), sharex=True)
+    width = 0.8 / max(1, len(engines))
     for ax, (placement, title) in zip(axes, PLACEMENTS.items(), strict=True):
         for e_i, engine in enumerate(engines):
             xs, ys = [], []
             for r_i, r in enumerate(rows):
                 c = next((c for c in r["cells"] if c["placement"] == placement and c["engine"] == engine), None)
                 if c and not c["error"] and c["overhead_ns"] and c["overhead_ns"] > 0:
-                    xs.append(r_i + (e_i - 1) * width)
+                    xs.append(r_i + (e_i - (len(engines) - 1) / 2) * width)
                     ys.append(c["overhead_ns"])
             ax.bar(xs, ys, width, label=ENGINE_NAMES[engine], color=COLORS[engine])
         ax.set_yscale("log")
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(bottom, top * 30)  # room for the legend above the tallest bar
         ax.set_ylabel("ns added per call")
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8, ncol=len(engines))
     axes[-1].set_xticks(range(len(rows)))
     axes[-1].set_xticklabels([r["label"] for r in rows], rotation=60, ha="right", fontsize=8)
     m = doc["machine"]
-    fig.suptitle(f"uprobe overhead, kernel {m['kernel']}, {m['cpu'][:50]}", fontsize=10)
+    fig.suptitle(f"uprobe overhead, kernel {m['kernel']}, {m['cpu'][:50]}, load {m['load_avg_start'][0]:.1f}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def threads_chart(doc: dict[str, Any], path: Path) -> Path | None:
+    """Total probed calls per second against the number of threads, kernel vs in-target."""
+    plt = _pyplot()
+    th = doc.get("threads") or {}
+    if plt is None or not th.get("cells"):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for engine in ("kernel", "intarget"):
+        series = goals.thread_series(doc, engine)
+        pts = sorted((t, c["calls_per_s"]) for t, c in series.items() if not c["error"] and c.get("calls_per_s"))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=ENGINE_NAMES[engine],
+                    color=COLORS[engine])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(th["counts"])
+    ax.set_xticklabels([str(t) for t in th["counts"]])
+    ax.set_xlabel("threads calling the probed function")
+    ax.set_ylabel("probed calls per second (all threads)")
+    ax.set_title(f"{th['row']['label']}, {doc['machine']['cpus_usable']} CPUs", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -9,10 +9,19 @@
 // Each returns a + buf[0] (+ g_zero), so every probe kind has an argument, a pointer
 // and a return value to look at.
 //
-// usage: target FUNC N [--cpu K] [--result FILE]
-//   -> one JSON line {"func", "n", "ns_total", "ns_per_call", "checksum"} on stdout, or in
-//      FILE (so a tracer that shares our stdout cannot mix its output into it)
+// usage: target FUNC N [--cpu K] [--threads T] [--result FILE]
+//   -> one JSON line {"func", "n", "threads", "calls", "ns_total", "ns_per_call",
+//      "calls_per_s", "checksum"} on stdout, or in FILE (so a tracer that shares our
+//      stdout cannot mix its output into it).
+// With --threads T, T threads (the main thread waits) each call FUNC N times, all
+// released together by a barrier, so the probed function is hit concurrently:
+//   ns_total    wall time from the release to the last thread's end
+//   calls       T x N
+//   calls_per_s calls / ns_total: the throughput the threads got together
+//   ns_per_call the mean over threads of (that thread's time / N): what one call cost
+//               its caller, comparable with the single-thread figure
 #define _GNU_SOURCE
+#include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -71,10 +80,76 @@ static long long now_ns(void)
 	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+struct worker {
+	pthread_t tid;
+	long (*fn)(long, const char *);
+	long n;
+	long sum;
+	long long t0, t1;
+};
+
+static pthread_barrier_t start_line;
+
+static void *work(void *arg)
+{
+	struct worker *w = arg;
+	long (*volatile fn)(long, const char *) = w->fn;
+	char buf[256];
+	for (int i = 0; i < 256; i++)
+		buf[i] = (char)(i * 7 + 1);
+	long sum = 0;
+	pthread_barrier_wait(&start_line);
+	w->t0 = now_ns();
+	for (long i = 0; i < w->n; i++)
+		sum += fn(i, buf);
+	w->t1 = now_ns();
+	w->sum = sum;
+	return NULL;
+}
+
+/* T threads calling fn n times each, concurrently; returns 0 or an errno */
+static int run_threads(long (*fn)(long, const char *), long n, int threads,
+		       long long *wall, double *per_call, long *sum)
+{
+	struct worker *w = calloc((size_t)threads, sizeof(*w));
+	if (!w)
+		return 12;
+	int err = pthread_barrier_init(&start_line, NULL, (unsigned)threads);
+	int started = 0;
+	for (; !err && started < threads; started++) {
+		w[started].fn = fn;
+		w[started].n = n;
+		err = pthread_create(&w[started].tid, NULL, work, &w[started]);
+		if (err)
+			break;
+	}
+	if (err) {
+		/* the barrier never opens: the started threads cannot be joined, exit */
+		free(w);
+		return err;
+	}
+	long long first = 0, last = 0;
+	double per = 0;
+	*sum = 0;
+	for (int i = 0; i < threads; i++) {
+		pthread_join(w[i].tid, NULL);
+		if (!i || w[i].t0 < first)
+			first = w[i].t0;
+		if (!i || w[i].t1 > last)
+			last = w[i].t1;
+		per += n ? (double)(w[i].t1 - w[i].t0) / n : 0.0;
+		*sum += w[i].sum;
+	}
+	*wall = last - first;
+	*per_call = per / threads;
+	free(w);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 3) {
-		fprintf(stderr, "usage: %s FUNC N [--cpu K]\n", argv[0]);
+		fprintf(stderr, "usage: %s FUNC N [--cpu K] [--threads T] [--result FILE]\n", argv[0]);
 		return 2;
 	}
 	long (*volatile fn)(long, const char *) = NULL;
@@ -86,6 +161,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	long n = atol(argv[2]);
+	int threads = 0;
 	FILE *out = stdout;
 	for (int a = 3; a + 1 < argc; a += 2) {
 		if (!strcmp(argv[a], "--cpu")) {
@@ -94,6 +170,12 @@ int main(int argc, char **argv)
 			CPU_SET(atoi(argv[a + 1]), &set);
 			if (sched_setaffinity(0, sizeof(set), &set))
 				perror("sched_setaffinity");
+		} else if (!strcmp(argv[a], "--threads")) {
+			threads = atoi(argv[a + 1]);
+			if (threads < 1 || threads > 1024) {
+				fprintf(stderr, "--threads takes 1..1024, not %s\n", argv[a + 1]);
+				return 2;
+			}
 		} else if (!strcmp(argv[a], "--result")) {
 			out = fopen(argv[a + 1], "w");
 			if (!out) {
@@ -102,16 +184,31 @@ int main(int argc, char **argv)
 			}
 		}
 	}
-	char buf[256];
-	for (int i = 0; i < 256; i++)
-		buf[i] = (char)(i * 7 + 1);
-	long sum = 0;
-	long long t0 = now_ns();
-	for (long i = 0; i < n; i++)
-		sum += fn(i, buf);
-	long long t1 = now_ns();
-	fprintf(out, "{\"func\": \"%s\", \"n\": %ld, \"ns_total\": %lld, \"ns_per_call\": %.3f, \"checksum\": %ld}\n",
-	       argv[1], n, t1 - t0, n ? (double)(t1 - t0) / n : 0.0, sum);
+	long long wall;
+	double per_call;
+	long sum;
+	int nthreads = threads ? threads : 1;
+	if (threads) {
+		int err = run_threads(fn, n, threads, &wall, &per_call, &sum);
+		if (err) {
+			fprintf(stderr, "cannot start %d threads: %s\n", threads, strerror(err));
+			return 1;
+		}
+	} else {
+		char buf[256];
+		for (int i = 0; i < 256; i++)
+			buf[i] = (char)(i * 7 + 1);
+		sum = 0;
+		long long t0 = now_ns();
+		for (long i = 0; i < n; i++)
+			sum += fn(i, buf);
+		wall = now_ns() - t0;
+		per_call = n ? (double)wall / n : 0.0;
+	}
+	long calls = n * nthreads;
+	fprintf(out, "{\"func\": \"%s\", \"n\": %ld, \"threads\": %d, \"calls\": %ld, \"ns_total\": %lld, "
+		"\"ns_per_call\": %.3f, \"calls_per_s\": %.1f, \"checksum\": %ld}\n",
+		argv[1], n, nthreads, calls, wall, per_call, wall > 0 ? calls * 1e9 / (double)wall : 0.0, sum);
 	if (out != stdout)
 		fclose(out);
 	return 0;

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ubpf_py.abi import kernel, maps, runtime
 
 #: kernel numbers the runtime's C needs, from the one Python definition (maps.consts)
-KERNEL_NAMES = ("EPERM", "ENOENT", "ESRCH", "EAGAIN", "ENOMEM", "EFAULT", "EBUSY", "EEXIST", "EINVAL",
+KERNEL_NAMES = ("EPERM", "ENOENT", "ESRCH", "EAGAIN", "ENOMEM", "EFAULT", "ERANGE", "TASK_SIZE", "EBUSY", "EEXIST", "EINVAL",
                 "ENOSPC", "E2BIG", "EOPNOTSUPP", "ENOTSUPP", "BPF_ANY", "BPF_NOEXIST", "BPF_EXIST",
                 "BPF_F_LOCK", "BPF_F_SKIP_FIELD_MASK", "BPF_F_USER_STACK", "BPF_F_FAST_STACK_CMP",
                 "BPF_F_REUSE_STACKID", "BPF_F_USER_BUILD_ID", "BPF_RINGBUF_BUSY_BIT",

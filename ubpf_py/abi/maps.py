@@ -14,7 +14,9 @@ flag per slot (``used``) for iteration, and for LRU maps a list in insertion ord
 (``lru_prev``/``lru_next``/``lru_head``/``lru_tail``) plus reference bytes
 (``ref``).  Inserts and deletes hold ``lock`` (a spinlock word, taken by the
 target's threads and by the tracer through the same C code); lookups take no lock
-and retry a miss when ``seq`` moved (odd while the table is rebuilt in place).
+and retry a miss when ``seq`` moved.  A rebuild (tombstones past a quarter of the
+table) fills ``spare_table``, publishes it with one store of ``table`` and bumps
+``seq``: a reader still in the old table sees a complete, slightly stale index.
 """
 
 from __future__ import annotations
@@ -56,7 +58,12 @@ MAP_DESC = Layout("ubpf_map_desc", [
     u64("spin_off", "offset + 1 of the value's struct bpf_spin_lock, 0: none"),
     u64("evictions", "LRU elements evicted to make room"),
     u64("perf_rings", "perf event array: address of ncpus PERF_RING headers"),
-    u64s("reserved", 6),
+    u64("spare_table", "hash: the other index table; a rebuild fills it and swaps it with ``table``"),
+    u64("head", "queue/stack: next slot to push"),
+    u64("tail", "queue/stack: oldest element"),
+    u64("lifo", "stack: 1 (pop the newest)"),
+    u64("seed", "bloom filter: hash seed"),
+    u64("nr_hash", "bloom filter: hash functions"),
 ], doc="a map's native descriptor, at its handle address", align=64)
 
 KIND_NONE = 0
@@ -64,6 +71,13 @@ KIND_ARRAY = 1
 KIND_HASH = 3
 KIND_RINGBUF = 4
 KIND_PERF = 5
+#: STACK_TRACE (no build ids): values = frames (val_stride = value_size apart), limit =
+#: buckets - 1, table = u32 hashes, keys = u32 frame counts, used = present bytes, count
+KIND_STACK = 6
+#: QUEUE / STACK: values = max_entries + 1 slots of value_size (val_stride), limit = slots
+KIND_QUEUE = 7
+#: BLOOM_FILTER: values = bit array, limit = bits - 1
+KIND_BLOOM = 8
 
 RB_WAKEUP = 1   # a Python consumer waits: Python producers wake it
 RB_BUSY = 2     # JIT fast paths must defer to the helper (Python inside, or positions owned by C)
@@ -88,7 +102,8 @@ PERF_RING = Layout("ubpf_perf_ring", [
 ALL = [MAP_DESC, PERF_RING]
 CONSTANTS = {
     "UBPF_KIND_NONE": KIND_NONE, "UBPF_KIND_ARRAY": KIND_ARRAY, "UBPF_KIND_HASH": KIND_HASH,
-    "UBPF_KIND_RINGBUF": KIND_RINGBUF, "UBPF_KIND_PERF": KIND_PERF,
+    "UBPF_KIND_RINGBUF": KIND_RINGBUF, "UBPF_KIND_PERF": KIND_PERF, "UBPF_KIND_STACK": KIND_STACK,
+    "UBPF_KIND_QUEUE": KIND_QUEUE, "UBPF_KIND_BLOOM": KIND_BLOOM,
     "UBPF_RB_WAKEUP": RB_WAKEUP, "UBPF_RB_BUSY": RB_BUSY, "UBPF_RB_SHARED": RB_SHARED,
     "UBPF_TOMBSTONE": TOMBSTONE, "UBPF_LRU_NIL": LRU_NIL, "UBPF_LOCK_SPINS": LOCK_SPINS,
 }

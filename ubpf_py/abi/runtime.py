@@ -23,7 +23,7 @@ Calling conventions (SysV x86-64):
 
 from __future__ import annotations
 
-from ubpf_py.abi.layout import Layout, u64, u64s
+from ubpf_py.abi.layout import Layout, u8s, u32, u64, u64s
 
 RUNTIME_MAGIC = 0x5542_5046_5254_0001  # "UBPFRT" v1
 #: RUNTIME_HEADER.flags
@@ -47,11 +47,15 @@ RUNTIME_HEADER = Layout("ubpf_runtime_header", [
     u64("ret_trampoline", "address return probes put in place of return addresses: stack walks "
         "report the original from the thread's shadow stack instead"),
     u64("max_stack", "kernel.perf_event_max_stack (0: 127), the deepest stack get_stack(id) returns"),
-    u64s("reserved", 1),
+    u64("hz", "CONFIG_HZ, for bpf_jiffies64 (0: the helper returns 0 jiffies since boot)"),
+    u64("jiffies_base", "jiffies at CLOCK_MONOTONIC 0 (helpers/task_helpers.py _jiffies_base)"),
+    u64("tid_fs_off", "offset from the FS base of the libc's thread-id word (struct pthread tid), "
+        "checked by the tracer on every thread; 0: unknown (gettid() per call)"),
 ], doc="at the start of the arena")
 
 #: PROBE_BLOCK.flags
-PB_F_RETURN = 1        # a return probe: the entry trampoline replaces the return address
+PB_F_RETURN = 1        # a return probe: the entry trampoline replaces the return address (so its
+                       # site must be the function's first instruction, where [rsp] is that address)
 PB_F_AT_ENTRY = 2      # the probed instruction is the function's first: [rsp] is the return address
 
 PROBE_BLOCK = Layout("ubpf_probe_block", [
@@ -61,7 +65,7 @@ PROBE_BLOCK = Layout("ubpf_probe_block", [
     u64("enabled", "0: the trampoline skips the program (detach in progress)"),
     u64("hits", "programs run (atomic add)"),
     u64("missed", "hits skipped: the thread was already inside a program, or no thread slot"),
-    u64("active", "threads inside the trampoline's program call right now"),
+    u64("reserved0", "unused (detach finds threads inside programs by rip and THREAD_BLOCK.busy)"),
     u64("flags", "PB_F_*"),
     u64("probe_id", "the tracer's id for this probe"),
     u64("ns", "nanoseconds spent in the program when timing is on"),
@@ -78,11 +82,14 @@ SHADOW_DEPTH = 64
 THREAD_BLOCK = Layout("ubpf_thread_block", [
     u64("key", "the thread's FS base; 0: free slot (claimed with a compare-and-swap)"),
     u64("busy", "non-zero while a program runs on this thread (no nesting, like the kernel)"),
-    u64("tid", "cached gettid(); 0: unknown"),
+    u64("tid", "cached gettid(), trusted while the libc's tid word (RUNTIME_HEADER.tid_fs_off) "
+        "still holds it; 0: unknown"),
     u64("generation", "RUNTIME_HEADER.generation the cached facts belong to"),
     u64("prandom", "xorshift state of bpf_get_prandom_u32"),
     u64("shadow_depth", "entries in use in ``shadow``"),
-    u64s("reserved", 2),
+    u64("tgid", "cached getpid(), valid while ``generation`` equals RUNTIME_HEADER.generation "
+        "(the tracer bumps that on fork before the child runs a probe); 0: unknown"),
+    u64("tid_fs", "the FS base ``tid`` was checked against"),
     u64s("shadow", SHADOW_DEPTH * SHADOW_ENTRY.size // 8, "return-probe shadow stack (ubpf_shadow_entry)"),
 ], doc="one per thread in the thread table; the runtime stack follows up to the slot's end", align=64)
 
@@ -96,6 +103,16 @@ SITE = Layout("ubpf_site", [
     u64s("probes", SITE_MAX_PROBES, "PROBE_BLOCK addresses, run in order (return probes: shadow push)"),
 ], doc="one per patched site, in the arena; its entry trampoline runs every probe listed here")
 
+#: the facts block of a native program run from the tracer's C stop loop (native/hotloop.c fills it,
+#: the JIT reads it as its runtime block's slots SLOT_CPU.., Python paths fill it with ``pack_into``)
+FACTS = Layout("ubpf_facts", [
+    u64("cpu", "CPU the hit is accounted to"),
+    u64("pid_tgid", "tgid << 32 | tid"),
+    u64("uid_gid", "gid << 32 | uid"),
+    u64("func_ip", "the probe address"),
+    u64("cookie", "the probe's attach cookie"),
+], doc="five u64 the native hit path fills before calling a native program")
+
 HIT_FRAME = Layout("ubpf_hit_frame", [
     u64("ctx", "the pt_regs built by the trampoline"),
     u64("probe", "PROBE_BLOCK"),
@@ -103,7 +120,39 @@ HIT_FRAME = Layout("ubpf_hit_frame", [
     u64("runtime", "RUNTIME_HEADER"),
 ], doc="on the runtime stack; the second argument of a program entry, the sixth of a helper")
 
-ALL = [RUNTIME_HEADER, PROBE_BLOCK, SHADOW_ENTRY, THREAD_BLOCK, SITE, HIT_FRAME]
+#: PRINTK_RECORD: most arguments bpf_trace_vprintk takes, most format bytes recorded
+PRINTK_MAX_ARGS = 12
+PRINTK_MAX_FMT = 1024
+#: string bytes recorded per call: the kernel's bpf_bprintf_prepare has 512 for all of them
+PRINTK_MAX_STR = 512
+#: PRINTK_BLOB.kind
+PK_BLOB_STR = 1        # a NUL-less string read at the argument's address (%s, %pks, %pus)
+PK_BLOB_MEM = 2        # raw bytes read at the argument's address (%pI4, %pI6)
+PK_BLOB_FAULT = 0x80   # or-ed in: the read faulted (no bytes follow)
+PK_BLOB_PROG = 0x40    # or-ed in: the address is the program's own memory (arena, runtime stack):
+                       # "kernel" memory to the kernel's %pks, not "user" memory for %pus
+
+PRINTK_RECORD = Layout("ubpf_printk_record", [
+    u64("helper", "6 (trace_printk) or 177 (trace_vprintk)"),
+    u64("pid_tgid"),
+    u64("uid_gid"),
+    u64("cpu"),
+    u64("ktime", "CLOCK_MONOTONIC ns at the call"),
+    u8s("comm", 16),
+    u64("nargs"),
+    u64s("args", PRINTK_MAX_ARGS),
+    u64("fmt_len", "format bytes that follow (up to and including its NUL), padded to 8"),
+    u64("blobs", "PRINTK_BLOB entries after the format"),
+], doc="one bpf_trace_printk call, in the printk ring (RUNTIME_HEADER.printk_ring); the tracer "
+       "formats it with helpers/printk_format.py")
+
+PRINTK_BLOB = Layout("ubpf_printk_blob", [
+    u64("addr", "the argument the bytes were read at"),
+    u32("kind", "PK_BLOB_*"),
+    u32("len", "bytes that follow, padded to 8"),
+], doc="memory a printk argument pointed at, copied at call time")
+
+ALL = [RUNTIME_HEADER, PROBE_BLOCK, SHADOW_ENTRY, THREAD_BLOCK, SITE, FACTS, HIT_FRAME, PRINTK_RECORD, PRINTK_BLOB]
 CONSTANTS = {
     "UBPF_RUNTIME_MAGIC": RUNTIME_MAGIC,
     "UBPF_RT_F_FSGSBASE": RT_F_FSGSBASE,
@@ -112,4 +161,11 @@ CONSTANTS = {
     "UBPF_PB_F_AT_ENTRY": PB_F_AT_ENTRY,
     "UBPF_SHADOW_DEPTH": SHADOW_DEPTH,
     "UBPF_SITE_MAX_PROBES": SITE_MAX_PROBES,
+    "UBPF_PRINTK_MAX_ARGS": PRINTK_MAX_ARGS,
+    "UBPF_PRINTK_MAX_FMT": PRINTK_MAX_FMT,
+    "UBPF_PRINTK_MAX_STR": PRINTK_MAX_STR,
+    "UBPF_PK_BLOB_STR": PK_BLOB_STR,
+    "UBPF_PK_BLOB_MEM": PK_BLOB_MEM,
+    "UBPF_PK_BLOB_FAULT": PK_BLOB_FAULT,
+    "UBPF_PK_BLOB_PROG": PK_BLOB_PROG,
 }

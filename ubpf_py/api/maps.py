@@ -11,12 +11,14 @@ dict key itself.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TextIO
 
 from ubpf_py.errors import MapError, UbpfError, UsageError
 from ubpf_py.obj.spec import MapSpec, ObjectSpec
 from ubpf_py.output.dump import NO_ENTRIES, PERCPU, GlobalDump, MapDump
+from ubpf_py.output.hist import Histogram, map_histograms, render_hist
 from ubpf_py.output.values import ValueDecoder
 
 
@@ -206,6 +208,19 @@ class MapView:
                     m.update(k, zero, 0)
             else:
                 m.delete(k)
+
+    def histograms(self, kind: str | None = None) -> list[Histogram]:
+        """The map as histograms (one per key for ``struct hist``-valued maps), found by BTF type
+        or forced with ``kind`` ("log2" / "linear"); empty when it is not one."""
+        return map_histograms(self.dump(), self._decoder, kind) or []
+
+    def print_hist(self, kind: str | None = None, file: TextIO | None = None) -> None:
+        """Draw the map like bpftrace's ``hist()`` (bcc: ``print_log2_hist``)."""
+        out = file or sys.stdout
+        for h in self.histograms(kind):
+            print(f"@{self.name}" + (f"[{h.key}]" if h.key is not None else "") + ":", file=out)
+            for line in render_hist(h.slots, h.kind):
+                print(line, file=out)
 
     def dump(self) -> MapDump:
         """A snapshot in the shape the output writers print."""

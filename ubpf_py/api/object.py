@@ -101,6 +101,10 @@ class BPFObject:
         from ubpf_py.obj.compile import compile_source, is_source
         from ubpf_py.obj.elf import load_object
 
+        if backend == "kernel":    # say first when the kernel backend cannot run at all
+            from ubpf_py.kernel.api_backend import require_kernel_bpf
+
+            require_kernel_bpf()
         if is_source(path):
             path = compile_source(path, cflags=cflags)
         return cls(load_object(path), backend=backend)
@@ -153,12 +157,14 @@ class BPFObject:
     # ---- load --------------------------------------------------------------------------
     def load(self, *, engine: str = "jit", verifier: str = "strict", check_memory: bool = True,
              native_hits: bool = True, programs: list[str] | None = None,
-             event_type: str | None = None, mode: str = "auto") -> None:
+             event_type: str | None = None, mode: str = "auto", budget: int | None = None) -> None:
         """Verify and load the programs (``programs``: only these and what they tail-call) and
         create the maps.  ``engine``/``native_hits``/``check_memory`` apply to the userspace
         backend; ``event_type`` names the BTF struct ring/perf records are decoded as; ``mode``
         (userspace backend): "auto" runs verified JIT programs inside the target where the
-        program and site allow it, "intarget" makes that mandatory, "ptrace" never does it."""
+        program and site allow it, "intarget" makes that mandatory, "ptrace" never does it;
+        ``budget``: per-run bound of programs the verifier did not accept (None: the default,
+        0: unbounded)."""
         if self.loaded:
             raise UsageError("load: the object is already loaded")
         if self.pid is None:
@@ -166,7 +172,8 @@ class BPFObject:
                              "globals such as its pid are set before load")
         coll = self._get_backend().load(engine=engine, verifier=verifier, check_memory=check_memory,
                                         native_hits=native_hits, programs=programs, sink=self.events,
-                                        event_type_id=self._event_type_id(event_type), mode=mode)
+                                        event_type_id=self._event_type_id(event_type), mode=mode,
+                                        budget=budget)
         self._live_maps = dict(coll.maps)
         self.loaded = True
         self.collection = coll

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ubpf_py.errors import HelperError
+from ubpf_py.errors import HelperError, UnknownHelperError
 from ubpf_py.helpers import map_helpers, memory_helpers, printk, task_helpers
 from ubpf_py.helpers.context import HelperContext
 from ubpf_py.helpers.names import HELPER_NAMES
@@ -58,7 +58,7 @@ def check_helpers(insns: Iterable, program: str = "") -> None:
     for pc, insn in enumerate(insns):
         if insn.opcode == call and insn.src == BPF_CALL_HELPER and insn.imm not in SUPPORTED_HELPERS:
             where = f" in program {program}" if program else ""
-            raise HelperError(
+            raise UnknownHelperError(
                 f"unknown helper #{insn.imm} ({helper_name(insn.imm)}) called at instruction {pc}{where}: "
                 f"not supported by ubpf-py; use a supported helper or run with the kernel backend")
 

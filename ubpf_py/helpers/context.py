@@ -14,13 +14,9 @@ from __future__ import annotations
 
 from ubpf_py.errors import VMFault
 from ubpf_py.maps.base import Map, map_by_handle
+from ubpf_py.maps.consts import EFAULT, ERANGE, TASK_SIZE
 from ubpf_py.vm.env import ExecEnv
 from ubpf_py.vm.memory import HostBuffer, Region
-
-#: x86-64 TASK_SIZE_MAX: addresses below are user space to the kernel
-TASK_SIZE = 0x00007FFFFFFFF000
-EFAULT = 14
-ERANGE = 34
 
 
 class HelperContext:

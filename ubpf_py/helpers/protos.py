@@ -24,6 +24,7 @@ Argument kinds (the kernel's ``enum bpf_arg_type``, simplified):
 ``stack_or_null``   pointer to the stack, or NULL (ARG_PTR_TO_STACK_OR_NULL)
 ``ringbuf_mem``     a reserved ringbuf record, released by the call (ARG_PTR_TO_RINGBUF_MEM | OBJ_RELEASE)
 ``const_str``       pointer into a read-only map holding a NUL-terminated string (ARG_PTR_TO_CONST_STR)
+``long_out``        8 aligned bytes the helper writes (ARG_PTR_TO_FIXED_SIZE_MEM | MEM_UNINIT | MEM_ALIGNED)
 
 Return kinds: ``int`` (unknown scalar), ``void``, ``map_value_or_null``,
 ``ringbuf_mem_or_null``.
@@ -115,17 +116,25 @@ def helper_name(helper_id: int) -> str:
 _ARRAY, _PROG_ARRAY, _PERF_EVENT_ARRAY, _STACK_TRACE = 2, 3, 4, 7
 _CGROUP_ARRAY, _QUEUE, _STACK, _RINGBUF = 8, 22, 23, 27
 _PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH = 5, 6, 10
+_ARRAY_OF_MAPS, _HASH_OF_MAPS = 12, 13
 
 #: map types only special helpers may use: map type -> helper ids allowed with it
 SPECIAL_MAP_HELPERS: dict[int, frozenset[int]] = {
     _PROG_ARRAY: frozenset({12}),
     _PERF_EVENT_ARRAY: frozenset({22, 25, 55}),
-    _STACK_TRACE: frozenset({27, 1}),
+    _STACK_TRACE: frozenset({27}),
     _CGROUP_ARRAY: frozenset({37}),
     _RINGBUF: frozenset({130, 131, 134}),
     _QUEUE: frozenset({87, 88, 89}),
     _STACK: frozenset({87, 88, 89}),
+    _ARRAY_OF_MAPS: frozenset({1}),
+    _HASH_OF_MAPS: frozenset({1}),
 }
+
+#: map types whose use from a kprobe program the verifier models; helpers on any other map
+#: type (sockmap, devmap, local storage, arena, ...) are refused: the kernel restricts them
+#: per program type, or their lookups return kernel objects rather than values
+MODELLED_MAP_TYPES: frozenset[int] = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 22, 23, 27})
 
 _STR = "str"
 
@@ -162,6 +171,8 @@ _PROTOS = [
     _p(87, "map", "map_value", "anything", map_types=frozenset({_QUEUE, _STACK})),
     _p(88, "map", "uninit_map_value", map_types=frozenset({_QUEUE, _STACK})),
     _p(89, "map", "uninit_map_value", map_types=frozenset({_QUEUE, _STACK})),
+    _p(105, "mem", "size", "anything", "long_out"),
+    _p(106, "mem", "size", "anything", "long_out"),
     _p(109, "anything"),
     _p(112, "uninit_mem", "size_or_zero", "anything"),
     _p(113, "uninit_mem", "size_or_zero", "anything"),
@@ -201,8 +212,15 @@ PROTOS: dict[int, HelperProto] = {p.id: p for p in _PROTOS}
 for _hid in _BTF_ONLY:
     PROTOS[_hid] = _p(_hid, btf_only=True)
 
+#: helpers with a prototype that kprobe programs still may not call (checked against Linux
+#: 6.18: "program of this type cannot use helper"): bpf_override_return (kprobes on
+#: error-injectable kernel functions only) and bpf_ktime_get_coarse_ns (not for tracing).
+#: bpf_probe_write_user stays allowed: the kernel allows it to CAP_SYS_ADMIN loaders on
+#: machines that are not locked down, and here it writes the traced process's memory.
+_NOT_FOR_KPROBE = frozenset({58, 160})
+
 #: every helper id a kprobe/uprobe program may call (kprobe_prog_func_proto on Linux 6.18)
-KPROBE_ALLOWED: frozenset[int] = frozenset(PROTOS)
+KPROBE_ALLOWED: frozenset[int] = frozenset(PROTOS) - _NOT_FOR_KPROBE
 
 
 def proto_for(helper_id: int) -> HelperProto | None:

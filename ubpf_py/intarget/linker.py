@@ -30,7 +30,7 @@ from elftools.elf.elffile import ELFFile
 from ubpf_py.errors import NotSupportedError, UbpfError
 
 PAGE = 4096
-SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR = 1, 2, 4
+SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR, SHF_TLS = 1, 2, 4, 0x400
 SHN_UNDEF, SHN_ABS, SHN_COMMON = 0, 0xFFF1, 0xFFF2
 R_NAMES = {0: "R_X86_64_NONE", 1: "R_X86_64_64", 2: "R_X86_64_PC32", 3: "R_X86_64_GOT32",
            4: "R_X86_64_PLT32", 5: "R_X86_64_COPY", 8: "R_X86_64_RELATIVE", 9: "R_X86_64_GOTPCREL",
@@ -75,6 +75,9 @@ class Image:
 def _kind(name: str, flags: int, sh_type: str) -> str | None:
     if not flags & SHF_ALLOC or name.startswith((".eh_frame", ".note", ".comment", ".llvm")):
         return None
+    if flags & SHF_TLS:
+        raise NotSupportedError(f"thread-local storage (section {name}) in code for the target; "
+                                f"use a map or the runtime's thread block instead")
     if flags & SHF_EXECINSTR:
         return "text"
     if sh_type == "SHT_NOBITS":

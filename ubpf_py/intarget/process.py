@@ -24,19 +24,21 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from ubpf_py.abi.runtime import PB_F_RETURN, PROBE_BLOCK, SITE, SITE_MAX_PROBES, THREAD_BLOCK
+from ubpf_py.abi.runtime import PB_F_AT_ENTRY, PB_F_RETURN, PROBE_BLOCK, SITE, SITE_MAX_PROBES, THREAD_BLOCK
 from ubpf_py.errors import ProbeError, UbpfError
 from ubpf_py.intarget import space as S
 from ubpf_py.intarget import trampoline as TR
 from ubpf_py.intarget.arena import SharedArena
 from ubpf_py.intarget.inject import PROT_EXEC, PROT_READ, TargetMapper, write_code
-from ubpf_py.intarget.sites import SiteRefused, is_go_binary, plan_site
+from ubpf_py.intarget.sites import GO_RETURN_REFUSAL, SiteRefused, is_go_binary, plan_site
 from ubpf_py.intarget.unpatch import EntryTrampoline, find_thread_block, locate, return_fixes
 from ubpf_py.probe import ptrace as P
 
 TRAMP_PAGE = 64 * 1024
 TRAMP_ALIGN = 64
 _Q = struct.Struct("<Q")
+#: the x86 trap flag (EFLAGS bit 8)
+X86_TF = 1 << 8
 
 
 @dataclass(slots=True)
@@ -51,6 +53,7 @@ class SiteState:
     plan: object = None      # sites.SitePlan
     tramp_size: int = 0
     probe_ids: set[int] = field(default_factory=set)
+    patch: bytes = b""
 
 
 @dataclass(slots=True)
@@ -77,6 +80,9 @@ class InTargetEngine:
         self.blocks: dict[int, list] = {}
         #: probe id -> why it is not (everywhere) in-target
         self.reasons: dict[int, str] = {}
+        #: called with (tgid, address, original bytes, patch bytes) before a site is patched
+        #: (the guardian's record, so a killed tracer's sites can be put back)
+        self.on_patch = None
 
     # ------------------------------------------------------------------ set-up
     @classmethod
@@ -124,7 +130,8 @@ class InTargetEngine:
                 S.map_arena(mapper, proc.mem, tid, self.plan, self.arena_fd, st.rt)
             ret = TR.build_return_trampoline(self.plan.ret_tramp_addr, self.plan.header_addr)
             S.install_image(mapper, proc.mem, tid, self.plan, self.code, ret, st.rt)
-            S.write_header(proc.mem, self.plan, proc.tgid, self.printk_ring)
+            S.write_header(proc.mem, self.plan, proc.tgid, self.printk_ring,
+                           [t.tid for t in proc.threads.values() if t.stopped])
         except UbpfError as e:
             st.failed = f"in-target runtime unavailable in pid {proc.tgid}: {e}"
             with contextlib.suppress(UbpfError, OSError):
@@ -147,9 +154,16 @@ class InTargetEngine:
         return reason
 
     def _arm(self, proc, probe, addr: int) -> str | None:
-        if probe.is_return and is_go_binary(probe.binary_path):
-            raise SiteRefused("return probes on Go binaries: Go's stack unwinder cannot tolerate a "
-                              "replaced return address")
+        go = is_go_binary(probe.binary_path)
+        if probe.is_return and go:
+            raise SiteRefused(f"return probe on a Go binary: {GO_RETURN_REFUSAL}")
+        shstk = _shadow_stack_enabled(proc.tgid)
+        if probe.is_return and shstk:
+            raise SiteRefused("return probes in a process with a CPU shadow stack (CET): a replaced return "
+                              "address would fault")
+        start, end, pad_end = _function_bounds(probe, addr)
+        if probe.is_return and addr != start:
+            raise SiteRefused("a return probe must sit on the function's first instruction")
         st = self._ready(proc)
         site = st.sites.get(addr)
         if site is not None:
@@ -157,42 +171,40 @@ class InTargetEngine:
                 return None
             if len(site.probes) >= SITE_MAX_PROBES:
                 raise SiteRefused(f"more than {SITE_MAX_PROBES} probes at one address")
-            self._add_to_site(site, self._probe_block(probe, addr).addr)
+            self._add_to_site(site, self._probe_block(probe, addr, addr == start).addr)
             site.probe_ids.add(probe.id)
             return None
-        pb = self._probe_block(probe, addr)
-        start, end = _function_bounds(probe, addr)
         reader = _reader(proc.mem)
-        plan = plan_site(reader, start, end, addr)
+        plan = plan_site(reader, start, end, addr, shadow_stack=shstk, pad_end=pad_end)
         self._check_threads(proc, addr, plan.length)
+        pb = self._probe_block(probe, addr, addr == start)
         block = self.arena.alloc(SITE.size, 64)
         tramp = self._tramp_space(proc, st, addr)
         code = TR.build_entry_trampoline(plan, tramp, runtime_header=self.plan.header_addr,
-                                         site_block=block.addr, return_trampoline=self.plan.ret_tramp_addr)
+                                         site_block=block.addr, return_trampoline=self.plan.ret_tramp_addr,
+                                         red_zone=not go)
         if len(code) > TRAMP_PAGE // 4:
             raise SiteRefused("trampoline too large")
         self._commit_tramp(st, tramp, len(code))
-        words = block.view.cast("Q")
-        words[SITE.word("addr")] = addr
-        words[SITE.word("length")] = plan.length
-        words[SITE.word("trampoline")] = tramp
-        words[SITE.word("probes")] = pb.addr
-        words[SITE.word("nprobes")] = 1
+        block.view[:SITE.size] = TR.site_block(plan, tramp, [pb.addr])
         write_code(proc.mem, tramp, code)
         orig = proc.mem.read(addr, plan.length)
         if orig is None:
             raise ProbeError(f"cannot read the site 0x{addr:x} in pid {proc.tgid}")
-        write_code(proc.mem, addr, TR.patch_bytes(addr, tramp, plan.length))
-        st.sites[addr] = SiteState(addr, orig, tramp, block, [pb.addr], plan, len(code), {probe.id})
+        patch = TR.patch_bytes(addr, tramp, plan.length)
+        if self.on_patch is not None:     # the guardian learns it before it happens
+            self.on_patch(proc.tgid, addr, orig, patch)
+        write_code(proc.mem, addr, patch)
+        st.sites[addr] = SiteState(addr, orig, tramp, block, [pb.addr], plan, len(code), {probe.id}, patch)
         return None
 
-    def _probe_block(self, probe, addr: int):
+    def _probe_block(self, probe, addr: int, at_entry: bool):
         pb = self.arena.alloc(PROBE_BLOCK.size, 64)
         w = pb.view.cast("Q")
         w[PROBE_BLOCK.word("func_ip")] = addr
         w[PROBE_BLOCK.word("cookie")] = probe.cookie
         w[PROBE_BLOCK.word("entry")] = probe.target_entry
-        w[PROBE_BLOCK.word("flags")] = PB_F_RETURN if probe.is_return else 0
+        w[PROBE_BLOCK.word("flags")] = (PB_F_RETURN if probe.is_return else 0) | (PB_F_AT_ENTRY if at_entry else 0)
         w[PROBE_BLOCK.word("probe_id")] = probe.id
         w[PROBE_BLOCK.word("enabled")] = 1
         self.blocks.setdefault(probe.id, []).append(pb)
@@ -255,10 +267,13 @@ class InTargetEngine:
             return
         rt = S.ProcRuntime(child_tgid, pst.rt.private, pst.rt.arena, pst.rt.image, dict(pst.rt.pages))
         cst = ProcState(rt, {a: SiteState(s.addr, s.orig, s.tramp, s.block, list(s.probes), s.plan, s.tramp_size,
-                                          set(s.probe_ids))
+                                          set(s.probe_ids), s.patch)
                              for a, s in pst.sites.items()},
                         [list(p) for p in pst.pages], pst.ready, pst.failed)
         self.procs[child_tgid] = cst
+        if self.on_patch is not None:
+            for s in cst.sites.values():
+                self.on_patch(child_tgid, s.addr, s.orig, s.patch)
         if rt.private:
             S.fix_forked_header(child_mem, self.plan, child_tgid)
 
@@ -358,21 +373,51 @@ class InTargetEngine:
         """Single-step a thread until it leaves our code (a program finishing its hit, a
         trampoline restoring registers); the sites are already restored, so it does not re-enter."""
         deadline = time.monotonic() + budget_s
-        while time.monotonic() < deadline:
-            try:
-                P.singlestep(tid)
-                _, status = os.waitpid(tid, P.WALL)
-            except (P.PtraceError, ChildProcessError):
-                return False
-            if not os.WIFSTOPPED(status):
-                return False
-            regs.get(tid)
-            if not self._inside(st, regs.vals[P.RIP]):
-                return True
-        return False
+        mem = P.ProcMem(tid)
+        try:
+            while time.monotonic() < deadline:
+                pushf = mem.read(regs.vals[P.RIP], 1) == b"\x9c"
+                try:
+                    P.singlestep(tid)
+                    _, status = os.waitpid(tid, P.WALL)
+                except (P.PtraceError, ChildProcessError):
+                    return False
+                if not os.WIFSTOPPED(status):
+                    return False
+                regs.get(tid)
+                if pushf:
+                    # a pushfq run under single-step saved the trap flag; the trampoline's popfq
+                    # would set it for real and the thread would die of SIGTRAP once released
+                    top = mem.read(regs.vals[P.RSP], 8)
+                    if top is not None:
+                        mem.write(regs.vals[P.RSP], _Q.pack(_Q.unpack(top)[0] & ~X86_TF))
+                if not self._inside(st, regs.vals[P.RIP]):
+                    return True
+            return False
+        finally:
+            mem.close()
+            # the kernel set TF for the steps: registers read now and written back later (an
+            # injected system call restores what it saved) would make it the thread's own TF
+            with contextlib.suppress(P.PtraceError):
+                regs.get(tid)
+                if regs.vals[P.EFLAGS] & X86_TF:
+                    regs.vals[P.EFLAGS] &= ~X86_TF
+                    regs.set(tid)
 
     def close(self) -> None:
         self.arena.close()
+
+
+def _shadow_stack_enabled(pid: int) -> bool:
+    """Does the process run with a CPU shadow stack (x86 CET user shadow stack)?"""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("x86_Thread_features:"):
+                    return "shstk" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
 
 
 def _reader(mem: P.ProcMem):
@@ -386,18 +431,28 @@ def _reader(mem: P.ProcMem):
     return read
 
 
-def _function_bounds(probe, addr: int) -> tuple[int, int]:
-    """The runtime [start, end) of the function holding the probe (end 0: size unknown)."""
-    from ubpf_py.probe.symbols import function_at
+def _function_bounds(probe, addr: int) -> tuple[int, int, int]:
+    """The runtime [start, end) of the function holding the probe (end 0: size unknown), and where
+    the next function or the end of its segment is (what follows ``end`` up to there is padding)."""
+    from ubpf_py.probe.symbols import function_at, load_elf
 
     try:
         sym = function_at(probe.binary_path, probe.file_offset)
+        info = load_elf(probe.binary_path)
     except UbpfError:
         sym = None
     if sym is None or sym.file_offset is None:
-        return addr, 0
+        return addr, 0, 0
     start = addr - (probe.file_offset - sym.file_offset)
-    return start, (start + sym.size) if sym.size else 0
+    if not sym.size:
+        return start, 0, 0
+    end_off = sym.file_offset + sym.size
+    nxt = min((s.file_offset for s in info.functions() if s.file_offset is not None and s.file_offset >= end_off),
+              default=None)
+    seg_end = next((seg.offset + seg.filesz for seg in info.segments
+                    if seg.executable and seg.offset <= sym.file_offset < seg.offset + seg.filesz), end_off)
+    pad_off = min(nxt, seg_end) if nxt is not None else seg_end
+    return start, start + sym.size, start + (pad_off - sym.file_offset)
 
 
 assert THREAD_BLOCK.size <= S.THREAD_SLOT_SIZE

@@ -36,6 +36,9 @@ _DIGEST = re.compile(r"ubpf_runtime_digest_([0-9a-f]+)$")
 #: helper flags the runtime refuses (returns -EOPNOTSUPP): programs using them stay on
 #: the ptrace path.  helper id -> flag mask
 UNSUPPORTED_FLAGS = {67: 1 << 11}   # bpf_get_stack with BPF_F_USER_BUILD_ID
+#: helpers whose in-target return value differs from the kernel's: a program that reads
+#: r0 after calling them stays on the ptrace path (see runtime/printk.c)
+RETURN_VALUE_DIFFERS = frozenset({6, 177})   # trace_printk/vprintk: 0 once queued, not the length
 
 
 def _cache_dir() -> Path:
@@ -119,6 +122,12 @@ class TracerRuntime:
     rb_commit: ctypes._CFuncPtr      # (record, discard) -> 0 / -EINVAL
     rb_output: ctypes._CFuncPtr      # (desc, data, size) -> 0 / -EAGAIN
     perf_output: ctypes._CFuncPtr    # (desc, cpu, data, size, flags) -> 0 / -errno
+    stack_store: ctypes._CFuncPtr    # (desc, ips, n, flags) -> stack id / -errno
+    stack_delete: ctypes._CFuncPtr   # (desc, id) -> 0 / -ENOENT
+    queue_push: ctypes._CFuncPtr     # (desc, value, flags) -> 0 / -errno
+    queue_take: ctypes._CFuncPtr     # (desc, out, remove) -> 0 / -ENOENT
+    bloom_push: ctypes._CFuncPtr     # (desc, value, flags) -> 0 / -EINVAL
+    bloom_peek: ctypes._CFuncPtr     # (desc, value) -> 0 (maybe present) / -ENOENT
 
     def helper(self, helper_id: int) -> ctypes._CFuncPtr:
         """``ubpf_helper_<id>(r1..r5, hit_frame)`` as a ctypes function (tests, benchmarks)."""
@@ -141,6 +150,12 @@ def tracer_runtime() -> TracerRuntime:
         img.fn("ubpf_rb_commit", F(_s64, _u64, _u64)),
         img.fn("ubpf_rb_output", F(_s64, _vp, _vp, _u64)),
         img.fn("ubpf_perf_output", F(_s64, _vp, _u64, _vp, _u64, _u64)),
+        img.fn("ubpf_stack_store", F(_s64, _vp, _vp, _u64, _u64)),
+        img.fn("ubpf_stack_delete", F(_s64, _vp, _u64)),
+        img.fn("ubpf_queue_push", F(_s64, _vp, _vp, _u64)),
+        img.fn("ubpf_queue_take", F(_s64, _vp, _vp, _u64)),
+        img.fn("ubpf_bloom_push", F(_s64, _vp, _vp, _u64)),
+        img.fn("ubpf_bloom_peek", F(_s64, _vp, _vp)),
     )
 
 

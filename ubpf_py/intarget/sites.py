@@ -17,8 +17,8 @@ and run there after the programs.  That is only correct when
   relative ``jmp``/``jcc``/``call`` are re-encoded in their rel32 forms, and a
   displaced ``call`` pushes the ORIGINAL return address (so the callee returns to
   the original code, not into the trampoline, and unwinders see the real caller);
-  ``loop``/``jrcxz``, ``syscall``, ``int3``, ``ud2`` and anything capstone cannot
-  decode are refused;
+  ``loop``/``jrcxz`` (rel8 only) branch over a short ``jmp`` onto a ``jmp rel32``;
+  ``syscall``, ``int3``, ``ud2`` and anything capstone cannot decode are refused;
 * control does not leave (``ret``/``jmp``) before 5 bytes are covered.
 
 A refusal raises ``SiteRefused`` whose message is a short phrase; the caller prints
@@ -52,6 +52,7 @@ JCC = "jcc"            # relative jcc: re-encoded as jcc rel32
 CALL = "call"          # relative call: push the original return address; jmp rel32 (ends the site)
 CALL_REG = "call_reg"  # call reg: push the original return address; jmp reg (ends the site)
 CALL_RIP = "call_rip"  # call [rip+d]: push the original return address; jmp [rip+d'] (ends the site)
+LOOP = "loop"          # loop*/jrcxz rel8: the same instruction over a short jmp, then jmp rel32
 END = "end"            # ret / indirect jmp (copied; ends the site)
 
 _ENDS = {JMP, CALL, CALL_REG, CALL_RIP, END}
@@ -62,7 +63,7 @@ _REFUSED_MNEMONICS = {
     "ud0": "an undefined instruction", "ud1": "an undefined instruction", "ud2": "ud2",
     "hlt": "hlt",
 }
-_LOOPS = {"loop", "loope", "loopne", "jrcxz", "jecxz", "jcxz"}
+_LOOPS = {"loop", "loope", "loopne", "jrcxz", "jecxz"}
 M64 = (1 << 64) - 1
 
 _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
@@ -127,7 +128,7 @@ class SitePlan:
 
     def exits(self) -> tuple[int, ...]:
         """Original-code addresses the relocated instructions can continue at (known statically)."""
-        out = [d.target for d in self.insns if d.kind in (JMP, JCC, CALL)]
+        out = [d.target for d in self.insns if d.kind in (JMP, JCC, LOOP, CALL)]
         if self.falls_through:
             out.append(self.resume)
         return tuple(dict.fromkeys(out))
@@ -139,11 +140,6 @@ def _decode_one(code: bytes, addr: int) -> capstone.CsInsn | None:
 
 def _text(insn: capstone.CsInsn) -> str:
     return f"{insn.mnemonic} {insn.op_str}".strip()
-
-
-def _is_branch(insn: capstone.CsInsn) -> bool:
-    g = insn.groups
-    return capstone.CS_GRP_JUMP in g or capstone.CS_GRP_CALL in g or capstone.CS_GRP_RET in g
 
 
 def _direct_target(insn: capstone.CsInsn) -> int | None:
@@ -159,14 +155,12 @@ def _has_rip_operand(insn: capstone.CsInsn) -> bool:
 
 def classify(insn: capstone.CsInsn) -> Displaced:
     """Classify one decoded instruction for relocation, or raise SiteRefused."""
-    mn = insn.mnemonic
+    mn = insn.mnemonic.split()[-1]     # "bnd jmp", "notrack call", "lock add": the operation
     raw = bytes(insn.bytes)
     text = _text(insn)
     addr = insn.address
     if mn in _REFUSED_MNEMONICS:
         raise SiteRefused(f"the patched bytes hold {_REFUSED_MNEMONICS[mn]} at 0x{addr:x}")
-    if mn in _LOOPS:
-        raise SiteRefused(f"'{text}' at 0x{addr:x} cannot be relocated")
     g = insn.groups
     if capstone.CS_GRP_INT in g or capstone.CS_GRP_IRET in g or capstone.CS_GRP_PRIVILEGE in g:
         raise SiteRefused(f"'{text}' at 0x{addr:x} cannot be relocated")
@@ -178,6 +172,8 @@ def classify(insn: capstone.CsInsn) -> Displaced:
             return Displaced(addr, raw, text, CALL, target=target)
         if mn == "jmp":
             return Displaced(addr, raw, text, JMP, target=target)
+        if mn in _LOOPS:
+            return Displaced(addr, raw, text, LOOP, target=target)
         op = insn.opcode
         if capstone.CS_GRP_JUMP in g and (0x70 <= op[0] <= 0x7F or (op[0] == 0x0F and 0x80 <= op[1] <= 0x8F)):
             cond = (op[0] if op[0] != 0x0F else op[1]) & 0xF
@@ -215,10 +211,9 @@ def _scan_branch_targets(read: Reader, start: int, end: int, lo: int, hi: int,
         for insn in _md.disasm(code[off:], start + off):
             if insn.address == boundary:
                 seen_boundary = True
-            if _is_branch(insn):
-                t = _direct_target(insn)
-                if t is not None and lo < t < hi:
-                    raise SiteRefused(f"a branch at 0x{insn.address:x} jumps into the patched bytes (to 0x{t:x})")
+            t = _direct_target(insn)
+            if t is not None and lo < t < hi:
+                raise SiteRefused(f"a branch at 0x{insn.address:x} jumps into the patched bytes (to 0x{t:x})")
             n += insn.size
         if n == 0:
             raise SiteRefused(f"cannot decode the function at 0x{start + off:x}")
@@ -228,18 +223,25 @@ def _scan_branch_targets(read: Reader, start: int, end: int, lo: int, hi: int,
 
 
 def plan_site(read: Reader, func_start: int, func_end: int, site: int,
-              extra_ranges: Iterable[tuple[int, int]] = ()) -> SitePlan:
+              extra_ranges: Iterable[tuple[int, int]] = (), shadow_stack: bool = False,
+              pad_end: int = 0) -> SitePlan:
     """Decide how to patch ``site`` in the function [func_start, func_end); ``func_end`` 0 = unknown size.
 
     ``read(addr, n)`` returns the target's code bytes.  ``extra_ranges`` are further
     code ranges whose direct branches must not land in the patched bytes (``foo.cold``).
+    ``shadow_stack``: the target runs with the CPU's shadow stack (CET SHSTK), where a
+    call turned into push + jmp makes the callee's ``ret`` fault, so displaced calls
+    are refused.
+    ``pad_end``: where the next function (or the section) starts; [func_end, pad_end) is then
+    alignment padding that nothing runs or branches to, which a short function's jump may
+    overlap (its whole tail moves into the trampoline and ends there with its ``ret``).
     """
     known = func_end != 0
     if known:
         if not func_start <= site < func_end:
             raise SiteRefused(f"0x{site:x} is outside its function [0x{func_start:x}, 0x{func_end:x})")
         if site + JMP_LEN > func_end:
-            raise SiteRefused(f"the function is too short for a 5-byte jump ({func_end - site} bytes from the site)")
+            return _plan_into_padding(read, func_start, func_end, site, pad_end, extra_ranges, shadow_stack)
         avail = min(func_end - site, JMP_LEN - 1 + MAX_INSN)
     else:
         avail = JMP_LEN - 1 + MAX_INSN
@@ -253,13 +255,13 @@ def plan_site(read: Reader, func_start: int, func_end: int, site: int,
         d = classify(insn)
         insns.append(d)
         covered += d.size
+        if d.kind in (CALL, CALL_REG, CALL_RIP) and shadow_stack:
+            raise SiteRefused(f"the call at 0x{d.addr:x} cannot be relocated under a CPU shadow stack")
         if d.kind in (CALL, CALL_REG, CALL_RIP) and covered < JMP_LEN:
             raise SiteRefused(f"the call at 0x{d.addr:x} would return into the patched bytes")
         if d.kind in _ENDS and covered < JMP_LEN:
             raise SiteRefused(f"control leaves the function {covered} bytes after the site ('{d.text}'),"
                               f" before the 5-byte jump ends")
-    if known and site + covered > func_end:
-        raise SiteRefused("the patched bytes would run past the end of the function")
     note = ""
     if known:
         _scan_branch_targets(read, func_start, func_end, site, site + covered, site)
@@ -270,6 +272,51 @@ def plan_site(read: Reader, func_start: int, func_end: int, site: int,
     for lo, hi in extra_ranges:
         _scan_branch_targets(read, lo, hi, site, site + covered, None)
     return SitePlan(site, covered, tuple(insns), note)
+
+
+def _plan_into_padding(read: Reader, func_start: int, func_end: int, site: int, pad_end: int,
+                       extra_ranges: Iterable[tuple[int, int]], shadow_stack: bool) -> SitePlan:
+    """A site fewer than 5 bytes before its function's end: the jump may also cover the padding
+    after the function when that padding holds only NOPs/int3 up to the next function, and the
+    function's last instruction leaves it (``ret``, ``jmp``): nothing then runs the patch's
+    tail or lands in it."""
+    short = SiteRefused(f"the function is too short for a 5-byte jump ({func_end - site} bytes from the site)")
+    if pad_end < site + JMP_LEN or not _all_padding(read(func_end, pad_end - func_end), func_end):
+        raise short
+    code = read(site, func_end - site)
+    insns: list[Displaced] = []
+    covered = 0
+    while covered < func_end - site:
+        insn = _decode_one(code[covered:], site + covered)
+        if insn is None:
+            raise SiteRefused(f"cannot decode the instruction at 0x{site + covered:x}")
+        d = classify(insn)
+        if d.kind in (CALL, CALL_REG, CALL_RIP):
+            raise short      # its return would land in the patched bytes
+        insns.append(d)
+        covered += d.size
+    if covered != func_end - site or insns[-1].kind not in (JMP, END):
+        raise short
+    _scan_branch_targets(read, func_start, func_end, site, site + JMP_LEN, site)
+    for lo, hi in extra_ranges:
+        _scan_branch_targets(read, lo, hi, site, site + JMP_LEN, None)
+    return SitePlan(site, JMP_LEN, tuple(insns),
+                    f"the jump's last {site + JMP_LEN - func_end} byte(s) cover alignment padding")
+
+
+def _all_padding(code: bytes, addr: int) -> bool:
+    """Is ``code`` nothing but NOPs and int3s (what assemblers align functions with)?"""
+    off = 0
+    while off < len(code):
+        if code[off] == 0xCC:
+            off += 1
+            continue
+        insn = _decode_one(code[off:], addr + off)
+        if insn is None or insn.mnemonic not in ("nop", "xchg") or \
+                (insn.mnemonic == "xchg" and insn.op_str != "ax, ax"):
+            return False
+        off += insn.size
+    return True
 
 
 # --- relocation -------------------------------------------------------------------------------------
@@ -308,6 +355,11 @@ def relocate_one(d: Displaced, at: int) -> bytes:
         return b"\xe9" + _rel32(at + 5, d.target, d.text)
     if d.kind == JCC:
         return bytes((0x0F, 0x80 | d.cond)) + _rel32(at + 6, d.target, d.text)
+    if d.kind == LOOP:
+        # loop/jrcxz have only a rel8 form: taken -> over "jmp +5" onto "jmp rel32 target";
+        # not taken -> "jmp +5" skips it.  rcx and the flags change exactly as in the original.
+        head = d.raw[:-1] + b"\x02\xeb\x05\xe9"
+        return head + _rel32(at + len(head) + 4, d.target, d.text)
     push = _push_u64(d.next)
     if d.kind == CALL:
         return push + b"\xe9" + _rel32(at + len(push) + 5, d.target, d.text)

@@ -20,7 +20,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from ubpf_py.abi.runtime import RT_F_FSGSBASE, RT_F_RDPID, RUNTIME_HEADER, RUNTIME_MAGIC, THREAD_BLOCK
+from ubpf_py.abi.runtime import RT_F_FSGSBASE, RUNTIME_HEADER, RUNTIME_MAGIC, THREAD_BLOCK
 from ubpf_py.errors import ProbeError
 from ubpf_py.intarget import vdso
 from ubpf_py.intarget.inject import (
@@ -34,11 +34,10 @@ from ubpf_py.intarget.inject import (
     write_code,
 )
 from ubpf_py.probe import ptrace as P
-from ubpf_py.sysinfo import cpu_has
 
 #: thread table: slots of SLOT_SIZE bytes (THREAD_BLOCK, then the runtime stack to the slot's
 #: end: room for 8 BPF frames of 512 bytes, helpers, and a signal frame delivered meanwhile)
-THREAD_SLOTS = 256
+THREAD_SLOTS = 4096
 THREAD_SLOT_SIZE = 64 * 1024
 PRIVATE_SIZE = PAGE + THREAD_SLOTS * THREAD_SLOT_SIZE
 #: arena: sparse, pages cost memory when touched
@@ -152,15 +151,19 @@ def map_arena(mapper: TargetMapper, mem: P.ProcMem, tid: int, plan: SpacePlan, f
     rt.arena = True
 
 
-def header_bytes(plan: SpacePlan, pid: int, printk_ring: int) -> bytes:
+def header_bytes(plan: SpacePlan, pid: int, printk_ring: int, tid_fs_off: int = 0) -> bytes:
     """This process's RUNTIME_HEADER (private: the pid and vDSO addresses are per process)."""
+    from ubpf_py.intarget.header import host_facts
+
     syms = vdso.vdso_symbols(pid)
-    flags = (RT_F_FSGSBASE if vdso.has_fsgsbase(pid) else 0) | (RT_F_RDPID if cpu_has("rdpid") else 0)
     words = [0] * (RUNTIME_HEADER.size // 8)
 
     def put(name: str, value: int) -> None:
         words[RUNTIME_HEADER.word(name)] = value
 
+    for name, value in host_facts().items():
+        put(name, value)
+    flags = words[RUNTIME_HEADER.word("flags")] | (RT_F_FSGSBASE if vdso.has_fsgsbase(pid) else 0)
     put("magic", RUNTIME_MAGIC)
     put("arena_base", plan.arena_addr)
     put("arena_size", plan.arena_size)
@@ -174,11 +177,28 @@ def header_bytes(plan: SpacePlan, pid: int, printk_ring: int) -> bytes:
     put("tracer_pid", os.getpid())
     put("generation", 1)
     put("pid", pid)
+    put("ret_trampoline", plan.ret_tramp_addr)
+    put("tid_fs_off", tid_fs_off)
     return struct.pack(f"<{len(words)}Q", *words)
 
 
-def write_header(mem: P.ProcMem, plan: SpacePlan, pid: int, printk_ring: int) -> None:
-    write_code(mem, plan.header_addr, header_bytes(plan, pid, printk_ring))
+def write_header(mem: P.ProcMem, plan: SpacePlan, pid: int, printk_ring: int, tids: list[int] = ()) -> None:
+    """``tids``: stopped threads whose thread control blocks show where the libc keeps the tid
+    (``header.tid_fs_offset``; the runtime then reads it instead of calling gettid)."""
+    from ubpf_py.intarget.header import tid_fs_offset
+
+    tcbs = {}
+    regs = P.RegsBuf()
+    for tid in tids:
+        try:
+            regs.get(tid)
+        except P.PtraceError:
+            continue
+        fs = regs.vals[P.FS_BASE]
+        data = mem.read(fs, 0x300) if fs else None
+        if data is not None:
+            tcbs[tid] = data
+    write_code(mem, plan.header_addr, header_bytes(plan, pid, printk_ring, tid_fs_offset(tcbs)))
 
 
 def fix_forked_header(mem: P.ProcMem, plan: SpacePlan, child: int) -> None:

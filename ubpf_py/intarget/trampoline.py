@@ -20,11 +20,18 @@ never repeats a layout.
     push a kernel-layout pt_regs (original values; ip = the site; rsp = the site's rsp;
         cs/ss = user selectors; orig_rax = -1 as the kernel's int3 entry reports)
     HIT_FRAME below it; for each SITE.probes[i] that is enabled:
-        return probe: push a SHADOW_ENTRY, [rsp] = the return trampoline
-        otherwise:    active += 1; entry(&pt_regs, &hit_frame); active -= 1; hits += 1
+        return probe: drop shadow entries of frames that are gone (rsp below ours, or
+                      equal to ours unless [rsp] already is the return trampoline: a
+                      tail call chaining two return probes, as the kernel tells them
+                      apart), push a SHADOW_ENTRY, [rsp] = the return trampoline
+                      (shadow stack full: ``missed`` += 1, the return address stays)
+        otherwise:    entry(&pt_regs, &hit_frame); hits += 1
     restore r8-r15, rbp from pt_regs, back to the target stack, busy = 0,
     pop the scratch registers, popfq, lea rsp,[rsp+128]
     relocated displaced instructions, jmp site+length
+
+For code without a red zone (Go) ``red_zone=False`` builds a variant that skips no
+red zone and uses 56 bytes of the target's stack instead of 184.
 
 Every general register and the flags come back exactly (the programs cannot write
 their context: the verifier forbids it).  Programs and the in-target runtime are
@@ -35,6 +42,17 @@ the target stack below our 184 bytes, or sees ``busy`` and skips its probes: the
 runtime stack is never entered twice.  A signal arriving while a program runs puts
 its frame on the runtime stack, so the thread slot must leave room for one (the
 tracer sizes slots; 64 KiB is plenty).
+
+**Thread slots** are claimed on a thread's first hit and never freed: the trampolines
+cannot tell a dead thread from a live one without a syscall.  A new thread that gets a
+dead thread's FS base (glibc reuses cached thread stacks, TLS included) inherits its
+slot; anything cached there per thread (the tid) must be checked by its user.  Size the
+table for the threads a target ever has (untouched slots cost no memory: the table is
+anonymous memory); a full table makes hits of new threads ``missed``, never a crash.
+Threads must have distinct FS bases (every libc and the Go runtime give each thread its
+own; a raw ``clone`` without CLONE_SETTLS does not, and two such threads would share a
+slot and its runtime stack: the tracer can spot them by comparing the fs_base of the
+tasks it sees).
 
 **Return trampoline** (one per process): entered by the probed function's ``ret``.
 It finds the thread block, discards shadow entries whose frame is gone (their rsp
@@ -52,6 +70,14 @@ above the main stack), there is no correct place to continue.  The trampoline th
 executes ``ud2`` at ``return_bug_offset()`` (SIGILL): stopping loudly at a known
 address is safer than returning to a guessed one, and it mirrors the kernel, which
 kills the task with SIGSEGV in that situation.  The tracer can recognise the address.
+
+**Limits shared with the kernel's uretprobes**: while a return probe's frame is live,
+its return slot holds the return trampoline's address, so an unwinder walking that
+stack (C++ exceptions, Go tracebacks, backtrace()) sees an address without unwind
+information.  A thread running with the CPU's user shadow stack (CET SHSTK,
+``x86_Thread_features: shstk`` in /proc/PID/status) faults on the replaced ``ret``:
+the tracer must refuse return probes for such targets (and plan sites with
+``shadow_stack=True``, which refuses displaced calls for the same reason).
 """
 
 from __future__ import annotations
@@ -70,6 +96,7 @@ from ubpf_py.abi.runtime import (
     SHADOW_DEPTH,
     SHADOW_ENTRY,
     SITE,
+    SITE_MAX_PROBES,
     THREAD_BLOCK,
 )
 from ubpf_py.errors import NotSupportedError
@@ -77,9 +104,16 @@ from ubpf_py.intarget.sites import JMP_LEN, SitePlan, SiteRefused, relocate
 
 #: multiplier of the thread-table hash (the asm and ``thread_slot_index`` share it)
 HASH_MUL = 0x9E3779B97F4A7C15
-#: bytes the trampolines keep on the target's stack below its rsp: red zone + flags + 6 registers
+#: the SysV red zone below rsp that leaf functions may use without moving rsp
+RED_ZONE = 128
+#: flags + the 6 scratch registers, saved on the target's stack below the red zone
 SAVE_AREA = 7 * 8
-TARGET_STACK_USE = 128 + SAVE_AREA
+#: bytes of the target's stack the trampolines use below its rsp
+TARGET_STACK_USE = RED_ZONE + SAVE_AREA
+#: a thread slot should hold its THREAD_BLOCK, the programs' stack (512 bytes of BPF stack plus
+#: the runtime helpers' frames) and, below them, a signal frame with full xsave state (up to
+#: ~11 KiB with AMX) and the frames of whatever handler the target runs there
+RECOMMENDED_SLOT_SIZE = 64 * 1024
 
 #: placeholder immediates; each is patched per copy
 _IMM = {"header": 0x1111_1111_1111_1111, "site": 0x2222_2222_2222_2222, "rettramp": 0x3333_3333_3333_3333}
@@ -92,7 +126,7 @@ def thread_slot_index(key: int, slots: int) -> int:
 
 # --- the assembly ---------------------------------------------------------------------------------
 
-def _sets() -> str:
+def _sets(red_zone: int) -> str:
     lines = []
     for prefix, lay in (("H", RUNTIME_HEADER), ("P", PROBE_BLOCK), ("T", THREAD_BLOCK),
                         ("E", SHADOW_ENTRY), ("S", SITE), ("F", HIT_FRAME), ("R", PT_REGS)):
@@ -100,7 +134,8 @@ def _sets() -> str:
             lines.append(f".set {prefix}_{name}, {off}")
     lines += [f".set E_SIZE, {SHADOW_ENTRY.size}", f".set F_SIZE, {HIT_FRAME.size}",
               f".set SHADOW_DEPTH, {SHADOW_DEPTH}", f".set PB_F_RETURN, {PB_F_RETURN}",
-              f".set SAVE_AREA, {SAVE_AREA}", f".set TARGET_USE, {TARGET_STACK_USE}"]
+              f".set SAVE_AREA, {SAVE_AREA}", f".set RED_ZONE, {red_zone}",
+              f".set TARGET_USE, {red_zone + SAVE_AREA}"]
     return "\n".join(lines)
 
 
@@ -108,7 +143,7 @@ def _save(p: str) -> str:
     """Leave the red zone, save flags and the six scratch registers on the target stack."""
     return f"""
 {p}_start:
-    lea rsp, [rsp - 128]
+    lea rsp, [rsp - RED_ZONE]
     pushfq
     cld
     push rax
@@ -129,6 +164,8 @@ def _lookup(p: str, found: str, missing: str) -> str:
     test rdx, rdx
     jz {missing}
     mov rsi, [rbx + H_thread_slots]
+    test rsi, rsi
+    jz {missing}
     mov rcx, rdx
     movabs rax, {HASH_MUL:#x}
     imul rcx, rax
@@ -202,17 +239,17 @@ def _enter_runtime() -> str:
 
 
 def _call_program() -> str:
-    """Run probe rbp's program (rsp = hit frame); counts active/hits."""
+    """Run probe rbp's program (rsp = hit frame); counts hits.  No in-flight counter: detach
+    finds threads inside programs by their rip and THREAD_BLOCK.busy, so a hit pays one
+    locked instruction on the probe's cache line, not three."""
     return """
     mov rax, [rbp + P_entry]
     test rax, rax
     jz 1f
-    lock inc qword ptr [rbp + P_active]
     mov [rsp + F_probe], rbp
-    mov rdi, [rsp + F_ctx]
+    lea rdi, [rsp + F_SIZE + 8]
     mov rsi, rsp
     call rax
-    lock dec qword ptr [rbp + P_active]
 1:
     lock inc qword ptr [rbp + P_hits]
 """
@@ -249,7 +286,7 @@ def _restore(p: str) -> str:
     pop rcx
     pop rax
     popfq
-    lea rsp, [rsp + 128]
+    lea rsp, [rsp + RED_ZONE]
 """
 
 
@@ -396,7 +433,7 @@ class Template:
         return out
 
 
-def assemble(asm: str) -> Template:
+def assemble(asm: str, red_zone: int = RED_ZONE) -> Template:
     """Assemble position-independent ``asm`` (Intel syntax) with LLVM; no relocations allowed."""
     import llvmlite.binding as llvm
     from elftools.elf.elffile import ELFFile
@@ -404,7 +441,7 @@ def assemble(asm: str) -> Template:
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     llvm.initialize_native_asmparser()
-    text = ".intel_syntax noprefix\n.text\n" + _sets() + "\n" + asm
+    text = ".intel_syntax noprefix\n.text\n" + _sets(red_zone) + "\n" + asm
     escaped = "".join(c if c.isalnum() or c in " _.,:[]+-*#" else f"\\{ord(c):02X}" for c in text)
     mod = llvm.parse_assembly(f'module asm "{escaped}"\n')
     tm = llvm.Target.from_triple("x86_64-unknown-linux-gnu").create_target_machine(reloc="pic")
@@ -419,8 +456,10 @@ def assemble(asm: str) -> Template:
 
 
 @functools.cache
-def entry_template() -> Template:
-    return assemble(_entry_asm())
+def entry_template(red_zone: bool = True) -> Template:
+    """The entry trampoline; ``red_zone=False`` for code with no red zone (Go's ABI has none, and
+    its goroutine stacks guarantee only ~128 spare bytes below a nosplit chain)."""
+    return assemble(_entry_asm(), RED_ZONE if red_zone else 0)
 
 
 @functools.cache
@@ -430,25 +469,63 @@ def return_template() -> Template:
 
 # --- per-site code ----------------------------------------------------------------------------------
 
+def fsgsbase_available() -> bool:
+    """Whether this machine lets user code run ``rdfsbase`` (AT_HWCAP2 & HWCAP2_FSGSBASE).
+
+    The kernel sets the bit for every process alike, so the tracer's answer holds for
+    its targets on the same machine.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.getauxval.restype = ctypes.c_ulong
+    libc.getauxval.argtypes = [ctypes.c_ulong]
+    at_hwcap2, hwcap2_fsgsbase = 26, 2
+    return bool(libc.getauxval(at_hwcap2) & hwcap2_fsgsbase)
+
+
 def _check_fsgsbase(has_fsgsbase: bool) -> None:
     if not has_fsgsbase:
         raise NotSupportedError("in-target probes without rdfsbase (CPU or kernel lacks FSGSBASE)")
 
 
 def build_entry_trampoline(plan: SitePlan, addr: int, *, runtime_header: int, site_block: int,
-                           return_trampoline: int, has_fsgsbase: bool = True) -> bytes:
-    """The entry trampoline of ``plan`` placed at ``addr`` (the site's SITE block at ``site_block``)."""
+                           return_trampoline: int, has_fsgsbase: bool = True, red_zone: bool = True) -> bytes:
+    """The entry trampoline of ``plan`` placed at ``addr`` (the site's SITE block at ``site_block``).
+
+    ``red_zone=False`` leaves no 128-byte gap below the target's rsp (for Go, whose ABI has
+    no red zone): the trampoline then uses only 56 bytes of the target's stack.
+    """
     _check_fsgsbase(has_fsgsbase)
-    t = entry_template()
+    t = entry_template(red_zone)
     code = t.patched(header=runtime_header, site=site_block, rettramp=return_trampoline)
     assert t.labels["entry_displaced"] == len(code)
     code += relocate(plan, addr + len(code))
     return bytes(code)
 
 
-def displaced_offset() -> int:
+def entry_size(plan: SitePlan, red_zone: bool = True) -> int:
+    """Bytes ``build_entry_trampoline`` will produce for ``plan`` (independent of the address)."""
+    return len(entry_template(red_zone).code) + len(relocate(plan, plan.site))
+
+
+def site_block(plan: SitePlan, trampoline: int, probes: list[int]) -> bytes:
+    """The SITE block's bytes for ``plan``: write them before patching the site.  Adding a probe
+    later: write ``probes[n]`` first, then store ``nprobes`` = n + 1 (one aligned 8-byte store)."""
+    if len(probes) > SITE_MAX_PROBES:
+        raise NotSupportedError(f"more than {SITE_MAX_PROBES} in-target probes on one address")
+    out = bytearray(SITE.size)
+    for name, value in (("addr", plan.site), ("length", plan.length), ("trampoline", trampoline),
+                        ("nprobes", len(probes))):
+        struct.pack_into("<Q", out, SITE.off(name), value)
+    for i, pb in enumerate(probes):
+        struct.pack_into("<Q", out, SITE.off("probes") + 8 * i, pb)
+    return bytes(out)
+
+
+def displaced_offset(red_zone: bool = True) -> int:
     """Offset in an entry trampoline where the relocated displaced instructions start."""
-    return entry_template().labels["entry_displaced"]
+    return entry_template(red_zone).labels["entry_displaced"]
 
 
 def build_return_trampoline(addr: int, runtime_header: int, has_fsgsbase: bool = True) -> bytes:

@@ -4,7 +4,9 @@ These are pure functions over a memory reader (``read(addr, n) -> bytes``) and a
 thread's registers; the tracer applies the result with every thread stopped:
 
 1. restore every patched site's bytes (no new entries into trampolines after that);
-2. for each thread, ``locate`` its rip: ``None`` means it is not in a trampoline.
+2. for each thread, ``locate`` its rip: ``None`` means it is not in a trampoline,
+   but a thread whose block ``is_busy`` is inside a program or the runtime (its
+   runtime stack holds a return address into a trampoline): let it run too.
    In a site's relocated instructions at an instruction boundary, ``resume_at`` is
    the original instruction that does the same thing: set rip there.  Anywhere else
    in a trampoline the thread must run until rip leaves it (``exits`` lists the
@@ -52,6 +54,11 @@ def find_thread_block(read: Reader, runtime_header: int, fs_base: int) -> int | 
     return None
 
 
+def is_busy(read: Reader, thread_block: int) -> bool:
+    """Whether the thread is inside a trampoline's program call (THREAD_BLOCK.busy)."""
+    return _u64(read, thread_block + THREAD_BLOCK.off("busy")) != 0
+
+
 @dataclass(frozen=True, slots=True)
 class ReturnFix:
     """Write ``value`` (the original return address) at stack slot ``addr``."""
@@ -94,6 +101,7 @@ class EntryTrampoline:
     addr: int
     size: int
     plan: SitePlan
+    red_zone: bool = True   # the variant it was built with (``build_entry_trampoline``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +123,7 @@ def locate(rip: int, entries: list[EntryTrampoline], return_trampoline: tuple[in
         if not t.addr <= rip < t.addr + t.size:
             continue
         off = rip - t.addr
-        disp = displaced_offset()
+        disp = displaced_offset(t.red_zone)
         if off >= disp:
             relocated = t.addr + disp
             starts = dict(relocated_offsets(t.plan, relocated))

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
-from ubpf_py.errors import KernelBackendError, UbpfError
+from ubpf_py.errors import KernelBackendError, TargetError, UbpfError
 from ubpf_py.kernel.events import LostEvent, PrintkEvent, RecordEvent
 from ubpf_py.live.attach import AttachRequest
 from ubpf_py.live.pump import EventSink, decode_record
@@ -29,12 +30,7 @@ class KernelBackend:
     name = "kernel"
 
     def __init__(self, spec: ObjectSpec) -> None:
-        from ubpf_py.kernel.syscall import kernel_bpf_skip_reason
-
-        reason = kernel_bpf_skip_reason()
-        if reason:
-            raise KernelBackendError(f"the kernel backend cannot use bpf() here: {reason} "
-                                     f"(run as root, or use the default userspace backend)")
+        require_kernel_bpf()
         self.spec = spec
         self.child: Any = None
         self.pid: int | None = None
@@ -55,12 +51,13 @@ class KernelBackend:
 
     def attach_pid(self, pid: int, *, follow_forks: bool = False) -> int:
         if not os.path.exists(f"/proc/{pid}"):
-            raise KernelBackendError(f"no such process: pid {pid}")
+            raise TargetError(f"no such process: pid {pid} (check the pid; it may have exited)")
         self.pid = pid
         return pid
 
     # ---- load / attach -----------------------------------------------------------------
     def load(self, *, engine: str, verifier: str, check_memory: bool, native_hits: bool, mode: str = "auto",
+             budget: int | None = None,
              programs: list[str] | None, sink: EventSink, event_type_id: int) -> Any:
         from ubpf_py.kernel.backend import KernelSession
 
@@ -73,12 +70,6 @@ class KernelBackend:
             raise UbpfError("attach needs a loaded object (call load() first)")
         links = self.session.attach_request(req)
         return links, "kernel uprobe"
-
-    def detach_probe(self, links: Any) -> None:
-        for link in links:
-            link.close()
-            if link in self.session.links:
-                self.session.links.remove(link)
 
     # ---- run ---------------------------------------------------------------------------
     def run(self, duration: float | None, tick: Callable[[], None] | None = None,
@@ -113,6 +104,27 @@ class KernelBackend:
         if self.child is not None:
             self._exit_maps = self.child.exit_maps
         return status
+
+    def end_command(self, grace: float) -> tuple[int | None, str]:
+        """The launched command ends with the session, as with the userspace backend: SIGTERM,
+        then SIGKILL after ``grace`` seconds; (exit code or -signal, how)."""
+        child = self.child
+        if child is None:
+            return None, ""
+        status = child.poll()
+        if status is not None:
+            return status, "had exited"
+        how = "terminated"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGTERM)
+        end = time.monotonic() + grace
+        while (status := child.poll()) is None:
+            if time.monotonic() > end and how == "terminated":
+                how = "killed"
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+            time.sleep(0.01)
+        return status, how
 
     def drain(self, timeout: float = 0.0) -> None:
         if self.session is None or self.sink is None:
@@ -161,6 +173,16 @@ class KernelBackend:
             self.session = None
         if self.child is not None and not self.child.released:
             self.kill_target()
+
+
+def require_kernel_bpf() -> None:
+    """KernelBackendError (exit code 5) when this process cannot use bpf() and uprobes."""
+    from ubpf_py.kernel.syscall import kernel_bpf_skip_reason
+
+    reason = kernel_bpf_skip_reason()
+    if reason:
+        raise KernelBackendError(f"the kernel backend cannot use bpf() here: {reason} "
+                                 f"(run as root, or use the default userspace backend)")
 
 
 def _proc_maps_json(text: str) -> list[dict]:

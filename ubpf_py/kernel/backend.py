@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -192,25 +191,22 @@ class KernelSession:
         ``__bpf_usdt_specs[spec id]`` holds the argument spec and the user's cookie, and a
         semaphore (if any) is the kernel's ref_ctr_offset."""
         try:
-            from ubpf_py.probe.usdt import UsdtSpecIds, encode_usdt_spec, find_usdt
+            from ubpf_py.probe.usdt import find_usdt
         except ImportError:
             raise NotSupportedError("USDT probes in the kernel backend (ubpf_py.probe.usdt is not available)") from None
+        from ubpf_py.live.sites import UsdtSpecs
+
         specs = self.coll.maps.get("__bpf_usdt_specs")
         if specs is None:
             raise KernelBackendError(f"program {req.program} is attached to a USDT probe but the object has no "
                                      "__bpf_usdt_specs map; build it with <bpf/usdt.bpf.h> and BPF_USDT")
         if self._usdt_ids is None:
-            self._usdt_ids = UsdtSpecIds(specs.max_entries)
+            self._usdt_ids = UsdtSpecs(specs.max_entries, lambda k, v: specs.update(k, v))
         path = resolve_binary_path(req.binary, self.cwd, self.target_pid)
         provider, name = req.usdt
         links = []
         for note in find_usdt(path, provider, name):
-            sid, new = self._usdt_ids.assign(note, req.cookie)
-            if new:
-                rc = specs.update(struct.pack("<I", sid), encode_usdt_spec(note, req.cookie))
-                if rc < 0:
-                    raise KernelBackendError(f"cannot store USDT spec {sid} for {provider}:{name}: "
-                                             f"{os.strerror(-rc)}", errno=-rc)
+            sid = self._usdt_ids.spec_id(note, req.cookie)
             assert note.file_offset is not None  # find_usdt rejects sites without one
             links.append(attach_uprobe(prog_fd, path, note.file_offset, pid=pid, cookie=sid,
                                        ref_ctr_offset=note.sema_offset))

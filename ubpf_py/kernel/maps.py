@@ -17,6 +17,7 @@ import functools
 import os
 from dataclasses import dataclass
 
+from ubpf_py.errors import KernelBackendError, KernelMapError
 from ubpf_py.kernel.syscall import (
     BPF_MAP_CREATE,
     BPF_MAP_DELETE_ELEM,
@@ -80,10 +81,10 @@ class KernelMap:
         )
         try:
             fd = bpf(BPF_MAP_CREATE, attr)
-        except Exception as exc:
-            exc.args = (f"{exc.args[0]} (map {name or '?'} type {map_type} key {key_size} "
-                        f"value {value_size} max_entries {max_entries} flags {flags:#x})",)
-            raise
+        except KernelBackendError as exc:
+            raise KernelMapError(f"{exc.args[0]} (map {name or '?'} type {map_type} key {key_size} "
+                                 f"value {value_size} max_entries {max_entries} flags {flags:#x})",
+                                 errno=exc.errno, log=exc.log) from None
         return cls(fd, map_type, key_size, value_size, max_entries, flags, name)
 
     # ---- sizes -------------------------------------------------------------------------

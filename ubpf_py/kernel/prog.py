@@ -13,7 +13,7 @@ import ctypes
 import os
 from dataclasses import dataclass
 
-from ubpf_py.errors import KernelBackendError
+from ubpf_py.errors import KernelBackendError, KernelVerifierError
 from ubpf_py.isa.instruction import Instruction, encode
 from ubpf_py.kernel.maps import kernel_object_name
 from ubpf_py.kernel.syscall import (
@@ -130,7 +130,8 @@ def prog_load(insns: list[Instruction] | bytes, prog_type: int, license: str = "
         name = prog_name or "program"
         msg = f"kernel verifier rejected {name}: {what}" if what else \
             f"BPF_PROG_LOAD of {name} failed: {os.strerror(err)} ({errno_name(err)})"
-        raise KernelBackendError(msg, errno=err, log=log)
+        cls = KernelVerifierError if what else KernelBackendError
+        raise cls(msg, errno=err, log=log)
     return rc
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ubpf_py.errors import NotSupportedError, ObjectLoadError, UbpfError
+from ubpf_py.errors import NotSupportedError, ObjectLoadError, UbpfError, VerifierError
 from ubpf_py.isa.instruction import Instruction
 from ubpf_py.isa.opcodes import (
     BPF_PSEUDO_MAP_IDX,
@@ -22,6 +22,7 @@ from ubpf_py.isa.opcodes import (
 )
 from ubpf_py.obj.spec import MapSpec, ObjectSpec, ProgramSpec
 from ubpf_py.sysinfo import possible_cpus
+from ubpf_py.vm.budget import DEFAULT_BUDGET
 from ubpf_py.vm.env import ExecEnv, HitContext
 from ubpf_py.vm.memory import HostBuffer, MemoryMap, Region
 
@@ -74,10 +75,12 @@ class Collection:
     def load(cls, spec: ObjectSpec, *, engine: str = "jit", verifier: str = "strict",
              programs: Iterable[str] | None = None, target_btf: Any = None,
              check_memory: bool = True, ncpus: int | None = None,
-             arena: Any = None) -> Collection:
+             arena: Any = None, budget: int | None = DEFAULT_BUDGET) -> Collection:
         """Load ``spec`` (or only the named ``programs`` and what they reference).  With
         ``arena`` (an ``intarget.arena.SharedArena``) every map's storage is allocated in
-        it, so the same maps serve programs running inside the target."""
+        it, so the same maps serve programs running inside the target.
+        ``budget``: per-run bound (``vm.budget``) of programs the verifier did not accept
+        (``verifier`` "off", or "warn" with a rejection); None or 0 = unbounded."""
         if engine not in ENGINES:
             raise UbpfError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
         if verifier not in VERIFIER_MODES:
@@ -91,6 +94,7 @@ class Collection:
         from ubpf_py.helpers import build_helper_table, check_helpers
         from ubpf_py.maps import create_map
         from ubpf_py.obj.globals import freeze
+        from ubpf_py.verifier import sanitize_dead_code
 
         ncpus = ncpus or possible_cpus()
         memory = MemoryMap()
@@ -103,8 +107,15 @@ class Collection:
         for name in _with_tail_call_targets(spec, wanted):
             prog = spec.programs[name]
             insns = _apply_core(spec, prog, target_btf)
+            try:
+                report = _verify(spec, prog, insns, verifier)
+            except VerifierError:
+                check_helpers(insns)  # an unknown helper is still named before the verifier's verdict
+                raise
+            if report is not None and report.ok and report.reachable is not None:
+                # dead code as the kernel sees it is never run: what only it uses is not needed
+                insns = sanitize_dead_code(insns, report.reachable)
             check_helpers(insns)
-            report = _verify(spec, prog, insns, verifier)
             prepared[name] = (prog, insns, report)
 
         # maps (all of them: globals and maps are shared between programs)
@@ -120,7 +131,9 @@ class Collection:
         loaded: dict[str, LoadedProgram] = {}
         for name, (prog, insns, report) in prepared.items():
             live_insns = relocate_maps(insns, spec.maps, live_maps, prog.name)
-            executable = _make_executable(engine, live_insns, env, check_memory)
+            unverified = report is None or not report.ok
+            executable = _make_executable(engine, live_insns, env, check_memory, name,
+                                          budget if unverified else None)
             loaded[name] = LoadedProgram(prog, live_insns, executable, env, report)
 
         _init_slots(spec, live_maps, loaded)
@@ -159,10 +172,10 @@ def _apply_core(spec: ObjectSpec, prog: ProgramSpec, target_btf: Any) -> list[In
 def _verify(spec: ObjectSpec, prog: ProgramSpec, insns: list[Instruction], mode: str) -> Any:
     if mode == "off":
         return None
-    from ubpf_py.verifier import verify_program
+    from ubpf_py.verifier import hidden_functions, verify_program
 
     checked = prog if insns is prog.instructions else _replace_insns(prog, insns)
-    return verify_program(checked, spec.maps, mode=mode, btf=spec.btf)
+    return verify_program(checked, spec.maps, mode=mode, btf=spec.btf, hidden=hidden_functions(spec.path))
 
 
 def _replace_insns(prog: ProgramSpec, insns: list[Instruction]) -> ProgramSpec:
@@ -205,14 +218,15 @@ def _s32(v: int) -> int:
     return v - (1 << 32) if v & 0x80000000 else v
 
 
-def _make_executable(engine: str, insns: list[Instruction], env: ExecEnv, check_memory: bool) -> Any:
+def _make_executable(engine: str, insns: list[Instruction], env: ExecEnv, check_memory: bool,
+                     name: str = "prog", budget: int | None = None) -> Any:
     if engine == "interp":
         from ubpf_py.vm.interpreter import Interpreter
 
-        return Interpreter(insns, env, check_memory=check_memory)
+        return Interpreter(insns, env, check_memory=check_memory, name=name, max_instructions=budget or None)
     from ubpf_py.vm.jit import JitProgram
 
-    return JitProgram(insns, env, check_memory=check_memory)
+    return JitProgram(insns, env, check_memory=check_memory, name=name, budget=budget or None)
 
 
 def _init_slots(spec: ObjectSpec, live_maps: list[Any], loaded: dict[str, LoadedProgram]) -> None:

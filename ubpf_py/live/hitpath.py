@@ -42,6 +42,9 @@ class ProbeStats:
     #: after attaching: "in-target" or "ptrace", and why not in the target
     path: str = ""
     path_reason: str = ""
+    #: in-target hits whose program did not run (the thread was already inside a program:
+    #: a signal handler; or the thread table was full), as the kernel's recursion guard counts them
+    missed: int = 0
 
 
 @dataclass
@@ -179,6 +182,8 @@ def collect_native_stats(session: Any, stats: list[ProbeStats]) -> None:
         if st.native or st.path == "in-target":
             st.hits = sum(st_all.hits.get(i, 0) for i in st.probe_ids)
             st.prog_ns = sum(st_all.handler_ns_by_probe.get(i, 0) for i in st.probe_ids)
+        if st.path == "in-target":
+            st.missed = sum(session.in_target_missed(i) for i in st.probe_ids)
 
 
 def stats_report(stats: list[ProbeStats]) -> dict:
@@ -188,8 +193,13 @@ def stats_report(stats: list[ProbeStats]) -> dict:
         per_hit = st.prog_ns / st.hits if st.hits else 0.0
         rows.append({"program": st.request.program, "target": st.request.describe(), "hits": st.hits,
                      "program_ns": st.prog_ns, "program_ns_per_hit": per_hit, "path": st.path,
-                     "path_reason": st.path_reason})
-        how = "in the target" if st.path == "in-target" else f"through ptrace ({st.path_reason or 'chosen'})"
-        lines.append(f"{st.request.program} on {st.request.describe()}: {st.hits} hits {how}, "
-                     f"{st.prog_ns / 1e6:.3f} ms in the program ({per_hit:.0f} ns/hit)")
+                     "path_reason": st.path_reason, "missed": st.missed})
+        if st.path == "in-target":    # programs are not timed in the target (a clock read per hit)
+            lines.append(f"{st.request.program} on {st.request.describe()}: {st.hits} hits in the target"
+                         + (f", {st.missed} missed (a program was already running on that thread)"
+                            if st.missed else ""))
+            continue
+        lines.append(f"{st.request.program} on {st.request.describe()}: {st.hits} hits through ptrace "
+                     f"({st.path_reason or 'chosen'}), {st.prog_ns / 1e6:.3f} ms in the program "
+                     f"({per_hit:.0f} ns/hit)")
     return {"probes": rows, "lines": lines}

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ubpf_py.errors import NotSupportedError
+from ubpf_py.isa.opcodes import LDDW
 
 MODES = ("auto", "intarget", "ptrace")
 
@@ -31,6 +32,8 @@ class InTargetPlan:
     reasons: dict[str, str] = field(default_factory=dict)
     image_addr: int = 0
     image_size: int = 0
+    #: the RINGBUF map printk records of in-target programs go through (None: no program prints)
+    printk_ring: Any = None
 
     def entry(self, program: str) -> int:
         return self.entries.get(program, 0)
@@ -56,35 +59,85 @@ def program_reason(lp: Any, verifier: str, helpers: frozenset[int]) -> str | Non
         return "not accepted by the verifier in strict mode"
     from ubpf_py.helpers.names import HELPER_NAMES
     from ubpf_py.vm.jit.compiler import scan_program
+    from ubpf_py.vm.jit.target import INLINE_HELPERS
 
     _starts, helper_ids, _callbacks, _callx = scan_program(lp.instructions)
-    missing = [h for h in helper_ids if h not in helpers]
+    missing = [h for h in helper_ids if h not in helpers and h not in INLINE_HELPERS]
     if missing:
         return "helper " + ", ".join(f"{HELPER_NAMES.get(h, 'helper')} (#{h})" for h in missing) + " is not available in the target"
+    from ubpf_py.intarget.runtime_obj import RETURN_VALUE_DIFFERS
+
+    for pc in _calls_whose_result_is_read(lp.instructions, RETURN_VALUE_DIFFERS):
+        h = lp.instructions[pc].imm
+        return (f"it reads the result of {HELPER_NAMES.get(h, 'helper')} (#{h}) at instruction {pc}, which "
+                f"differs in the target")
     return None
 
 
+def _calls_whose_result_is_read(insns: list, helper_ids: frozenset[int]) -> list[int]:
+    """Calls of ``helper_ids`` whose r0 may be read afterwards.  Conservative: the instructions
+    after the call are scanned in order; r0 written first (or ``exit``: a uprobe program's return
+    value is ignored) clears the call, anything else that may read r0 -- a use, a branch -- counts."""
+    out = []
+    for pc, ins in enumerate(insns):
+        if ins.opcode != 0x85 or ins.src != 0 or ins.imm not in helper_ids:
+            continue
+        for nxt in insns[pc + 1:]:
+            if nxt.opcode == 0:                         # the second slot of an lddw
+                continue
+            if nxt.opcode in (0x95, 0x85):              # exit (result ignored) / a call (r0 overwritten)
+                break
+            cls, op, x = nxt.opcode & 7, nxt.opcode & 0xF0, nxt.opcode & 8
+            if cls in (5, 6):                           # a branch: stop scanning, assume r0 is read
+                out.append(pc)
+                break
+            if cls in (4, 7):                           # ALU: reads dst (not mov), src if register
+                reads = (op != 0xB0 and nxt.dst == 0) or (x and nxt.src == 0)
+            elif cls == 1:                              # ldx: reads its base
+                reads = nxt.src == 0
+            elif cls == 2:                              # st: reads its base
+                reads = nxt.dst == 0
+            elif cls == 3:                              # stx / atomics: base and value
+                reads = nxt.dst == 0 or nxt.src == 0
+            else:                                       # lddw
+                reads = False
+            if reads:
+                out.append(pc)
+                break
+            if nxt.dst == 0 and cls in (0, 1, 4, 7):    # r0 written first: the result is dead
+                break
+    return out
+
+
 def prepare(session: Any, coll: Any, programs: list[str], *, verifier: str) -> InTargetPlan:
-    """Compile the eligible ``programs`` for the target, link them with the runtime and load the
-    image into the target (``session`` must have ``enable_in_target()``'d and ``coll`` must have
-    its maps in that arena)."""
+    """Compile the eligible ``programs`` (and the programs they tail-call) for the target, link
+    them with the runtime and load the image into the target (``session`` must have
+    ``enable_in_target()``'d and ``coll`` must have its maps in that arena)."""
     from ubpf_py.intarget import linker, runtime_obj
     from ubpf_py.vm.jit.target import compile_for_target
 
     plan = InTargetPlan()
     runtime = runtime_obj.object_bytes()
     helpers = runtime_obj.helper_ids()
+    arena = session.tracer.intarget.arena
+    prog_arrays = {m.handle_addr: m for m in coll.map_list if m.spec.type_name == "prog_array"}
+    tables = {h: (arena.alloc(8 * m.max_entries, 64), m.max_entries) for h, m in prog_arrays.items()}
+    tail_tables = {h: (buf.addr, n) for h, (buf, n) in tables.items()}
     codes = {}
-    for name in programs:
-        lp = coll.programs[name]
+    for name, lp in coll.programs.items():
         why = program_reason(lp, verifier, helpers)
         if why is None:
             try:
-                codes[name] = compile_for_target(lp.instructions, name, coll.env.maps_by_addr)
+                codes[name] = compile_for_target(lp.instructions, name, coll.env.maps_by_addr,
+                                                 tail_tables=tail_tables)
             except NotSupportedError as e:
                 why = e.what
         if why is not None:
             plan.reasons[name] = why
+    _drop_broken_tail_chains(coll, codes, prog_arrays, plan.reasons)
+    for name in list(plan.reasons):
+        if name not in programs:
+            del plan.reasons[name]
     if not codes:
         return plan
     objects = [("runtime", runtime)] + [(f"prog:{n}", c.obj) for n, c in codes.items()]
@@ -98,14 +151,62 @@ def prepare(session: Any, coll: Any, programs: list[str], *, verifier: str) -> I
         images[base] = linker.link(objects, base)
         return bytes(images[base].data)
 
-    printk = coll.maps.get(PRINTK_RING)
+    if any(set(c.helper_ids) & PRINTK_HELPERS for c in codes.values()):
+        plan.printk_ring = _printk_ring(arena)
+    printk = plan.printk_ring
     base = session.load_in_target_image(link, size, printk_ring=printk.handle_addr if printk else 0)
     image = images[base]
     for name, code in codes.items():
         plan.entries[name] = image.addr(code.entry)
+    by_exe = {id(coll.programs[n].executable): n for n in codes}
+    for h, (buf, n) in tables.items():
+        words = buf.view.cast("Q")
+        for i in range(n):
+            exe = prog_arrays[h].program_at(i)
+            if exe is not None and id(exe) in by_exe:
+                words[i] = image.addr(codes[by_exe[id(exe)]].tail_entry)
     plan.image_addr, plan.image_size = base, size
     return plan
 
 
-#: the internal ring buffer in-target printk records go through (created by the live layer)
+def _drop_broken_tail_chains(coll: Any, codes: dict[str, Any], prog_arrays: dict[int, Any],
+                             reasons: dict[str, str]) -> None:
+    """A program whose prog arrays hold a program that cannot run in the target cannot either
+    (its tail call would miss in the target where the tracer's would hit)."""
+    by_exe = {id(lp.executable): name for name, lp in coll.programs.items()}
+    changed = True
+    while changed:
+        changed = False
+        for name in list(codes):
+            handles = {h for h in codes[name].layout.map_consts if h in prog_arrays}
+            handles |= {ins.imm64 & ((1 << 64) - 1) for ins in coll.programs[name].instructions
+                        if ins.opcode == LDDW and (ins.imm64 & ((1 << 64) - 1)) in prog_arrays}
+            for h in handles:
+                m = prog_arrays[h]
+                for i in range(m.max_entries):
+                    exe = m.program_at(i)
+                    target = by_exe.get(id(exe)) if exe is not None else None
+                    if exe is not None and target not in codes:
+                        reasons[name] = (f"its tail call target {target or 'a program'} in {m.spec.name}[{i}] "
+                                         f"cannot run in the target")
+                        del codes[name]
+                        changed = True
+                        break
+                if name not in codes:
+                    break
+
+
+#: the internal ring buffer in-target printk records go through (not one of the object's maps)
 PRINTK_RING = ".ubpf_printk"
+PRINTK_RING_SIZE = 4 << 20
+#: bpf_trace_printk, bpf_trace_vprintk
+PRINTK_HELPERS = frozenset({6, 177})
+
+
+def _printk_ring(arena: Any) -> Any:
+    from ubpf_py.maps import create_map
+    from ubpf_py.maps.consts import RINGBUF
+    from ubpf_py.obj.spec import MapSpec
+
+    return create_map(MapSpec(PRINTK_RING, RINGBUF, 0, 0, PRINTK_RING_SIZE, internal=True),
+                      alloc=arena)

@@ -35,6 +35,10 @@ class RunOptions:
     native_hits: bool = True
     #: where programs run on a hit: "auto" (in the target where possible), "intarget", "ptrace"
     mode: str = "auto"
+    #: per-hit budget of programs the verifier did not accept (``vm.budget``; 0 = unbounded)
+    max_insns: int = 1_000_000
+    #: a command started with ``command`` keeps running when the session ends
+    keep_command: bool = False
     check_memory: bool = True
     verifier: str = "strict"
     verifier_log: bool = False

@@ -36,6 +36,9 @@ class OutputPump:
     perfbufs: list[Any] = field(default_factory=list)
     decoder: ValueDecoder | None = None
     event_type_id: int = 0
+    #: the in-target runtime's printk ring (``intarget.printk_ring``): programs running inside
+    #: the target print through it, formatted here exactly as the ptrace path formats
+    printk_ring: Any = None
 
     def __post_init__(self) -> None:
         for m in self.collection.map_list:
@@ -48,7 +51,7 @@ class OutputPump:
 
     @property
     def has_buffers(self) -> bool:
-        return bool(self.ringbufs or self.perfbufs)
+        return bool(self.ringbufs or self.perfbufs or self.printk_ring is not None)
 
     def printk(self, hit: HitContext, message: str) -> None:
         comm = hit.comm.decode(errors="replace") if isinstance(hit.comm, bytes) else str(hit.comm)
@@ -57,6 +60,13 @@ class OutputPump:
     def drain(self) -> None:
         """Deliver what the programs wrote.  Called after every hit on the Python path, so an
         empty buffer costs one integer comparison and builds nothing."""
+        pr = self.printk_ring
+        if pr is not None and pr.avail():
+            from ubpf_py.intarget.printk_ring import events
+
+            for ev in events(pr.records()):
+                self.sink.printk(ev.comm.rstrip(b"\0").decode(errors="replace"), ev.tgid, ev.tid, ev.cpu,
+                                 ev.ktime_ns, ev.text)
         for m in self.ringbufs:
             if m.avail():
                 for data in m.records():

@@ -17,7 +17,6 @@ from ubpf_py.errors import SymbolError, UbpfError
 from ubpf_py.live.attach import AttachRequest
 
 USDT_SPECS_MAP = "__bpf_usdt_specs"
-USDT_IP_MAP = "__bpf_usdt_ip_to_spec_id"
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from ubpf_py.live.pump import EventSink, OutputPump
 from ubpf_py.live.sites import resolve_sites, usdt_specs_for
 from ubpf_py.obj.spec import ObjectSpec
 from ubpf_py.output.values import ValueDecoder
+from ubpf_py.vm.budget import DEFAULT_BUDGET
 from ubpf_py.vm.memory import Region
 
 PT_REGS_SIZE = 168
@@ -87,18 +88,19 @@ class UserspaceBackend:
     def launch(self, argv: list[str], *, follow_forks: bool = False, stdout: Any = None) -> int:
         from ubpf_py.probe.engine import ProbeSession
 
-        self.session = ProbeSession.launch(argv, follow_forks=follow_forks, stdout=stdout)
+        self.session = ProbeSession.launch(argv, follow_forks=follow_forks, stdout=stdout, guardian=_guardian())
         return self.session.pid
 
     def attach_pid(self, pid: int, *, follow_forks: bool = False) -> int:
         from ubpf_py.probe.engine import ProbeSession
 
-        self.session = ProbeSession.attach(pid, follow_forks=follow_forks)
+        self.session = ProbeSession.attach(pid, follow_forks=follow_forks, guardian=_guardian())
         return pid
 
     # ---- load --------------------------------------------------------------------------
     def load(self, *, engine: str, verifier: str, check_memory: bool, native_hits: bool,
-             programs: list[str] | None, sink: EventSink, event_type_id: int, mode: str = "auto") -> Collection:
+             programs: list[str] | None, sink: EventSink, event_type_id: int, mode: str = "auto",
+             budget: int | None = None) -> Collection:
         """Load the programs; with ``mode`` auto/intarget the maps live in memory shared with the
         target and eligible programs are compiled into an image inside it (``live.intarget``)."""
         if mode not in MODES:
@@ -108,10 +110,12 @@ class UserspaceBackend:
             raise UsageError(f"--mode intarget: {no_target}")
         arena = self.session.enable_in_target() if no_target is None else None
         coll = Collection.load(self.spec, engine=engine, verifier=verifier, programs=programs,
-                               check_memory=check_memory, arena=arena)
+                               check_memory=check_memory, arena=arena,
+                               budget=DEFAULT_BUDGET if budget is None else budget)
         wanted = list(programs) if programs is not None else list(coll.programs)
         if arena is not None:
             self.in_target = prepare_in_target(self.session, coll, wanted, verifier=verifier)
+            self._printk_ring = self.in_target.printk_ring
         else:
             self.in_target = InTargetPlan(reasons=dict.fromkeys(wanted, no_target))
         if mode == "intarget" and self.in_target.reasons:
@@ -121,6 +125,7 @@ class UserspaceBackend:
         self._engine, self._native_allowed, self._mode = engine, native_hits, mode
         self.pump = OutputPump(sink, coll, decoder=ValueDecoder(self.spec.btf), event_type_id=event_type_id)
         coll.env.printk = self.pump.printk
+        self.pump.printk_ring = getattr(self, "_printk_ring", None)
         return coll
 
     def _ready(self) -> tuple[Any, Collection, HitPlumbing]:
@@ -162,11 +167,6 @@ class UserspaceBackend:
             add_native_poll(session, list(coll.programs.values()), plumbing)
         return st, detail
 
-    def detach_probe(self, st: ProbeStats) -> None:
-        from ubpf_py.errors import NotSupportedError
-
-        raise NotSupportedError("detaching one probe of a running userspace session (detach the object)")
-
     # ---- run ---------------------------------------------------------------------------
     def run(self, duration: float | None, tick: Callable[[], None] | None = None,
             tick_every: float | None = None) -> int | None:
@@ -195,11 +195,14 @@ class UserspaceBackend:
             plumbing.after_hit.append(guarded_tick)
             if session.native_loop:
                 session.add_poll(guarded_tick, tick_every)
-                old = signal.signal(TICK_SIGNAL, lambda s, f: None)   # wakes the C loop (wakeup fd)
-            else:
-                old = signal.signal(TICK_SIGNAL, lambda s, f: guarded_tick())
-            waker = _Waker(tick_every)
-            waker.start()
+            if threading.current_thread() is threading.main_thread():
+                # the C loop wakes on any handled signal (wakeup fd) and then runs its poll hooks;
+                # the Python loop runs the handler itself (in_program keeps it out of programs)
+                old = signal.signal(TICK_SIGNAL, (lambda s, f: None) if session.native_loop
+                                    else (lambda s, f: guarded_tick()))
+                waker = _Waker(tick_every)
+                waker.start()
+            # off the main thread (no signals there): ticks come with hits and C-loop polls only
         try:
             return session.run(duration=duration)
         finally:
@@ -217,7 +220,7 @@ class UserspaceBackend:
         pump = self.pump
         if pump is None or not any(st.path == "in-target" for st in self.stats):
             return tick, every
-        if not (pump.ringbufs or pump.perfbufs):
+        if not pump.has_buffers:
             return tick, every
         drain_every = poll_interval(pump)
         due = [time.monotonic() + (every or 0)]
@@ -261,10 +264,11 @@ class UserspaceBackend:
             with contextlib.suppress(UbpfError, OSError):
                 self.session.detach()
 
-    def kill_target(self) -> None:
-        if self.session is not None:
-            with contextlib.suppress(UbpfError, OSError):
-                self.session.kill()
+    def end_command(self, grace: float) -> tuple[int | None, str]:
+        """End a launched command that outlived the session (``ProbeSession.end_command``)."""
+        if self.session is None:
+            return None, ""
+        return self.session.end_command(grace)
 
     def close(self) -> None:
         """Detach, then free the arena the maps lived in (maps are unreadable afterwards)."""
@@ -295,6 +299,14 @@ class _Waker:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _guardian() -> bool:
+    """A guardian process puts the target back if this tracer is killed (kill -9): on by default,
+    ``UBPF_GUARDIAN=0`` turns it off."""
+    import os
+
+    return os.environ.get("UBPF_GUARDIAN", "1") != "0"
 
 
 def _register_ctx(memory: Any, buf: Any) -> None:

@@ -19,6 +19,7 @@ from ubpf_py.errors import MapError, NotSupportedError
 from ubpf_py.maps import consts
 from ubpf_py.maps.array import ArrayMap, PercpuArrayMap
 from ubpf_py.maps.base import Map, map_by_handle, map_by_id
+from ubpf_py.maps.budget import check_map
 from ubpf_py.maps.fd_array import ArrayOfMapsMap, HashOfMapsMap, ProgArrayMap
 from ubpf_py.maps.hash import HashMap, LruHashMap, LruPercpuHashMap, PercpuHashMap
 from ubpf_py.maps.lpm import LpmTrieMap
@@ -54,12 +55,13 @@ def create_map(spec: MapSpec, *, ncpus: int | None = None, alloc: Allocator | No
     (default: the machine's possible CPUs, as the kernel); ``alloc`` gives every byte of
     its storage (default ``vm.memory.HEAP``; a ``SharedArena`` for in-target execution).  Raises MapError (with
     ``.errno``, the kernel's answer to the same attributes) or NotSupportedError."""
-    cls = MAP_CLASSES.get(spec.type)
-    if cls is None:
-        raise NotSupportedError(f"map type {spec.type_name} (map '{spec.name}')")
     if spec.type == consts.PERF_EVENT_ARRAY and spec.max_entries == 0:
         # libbpf sizes perf event arrays to the number of CPUs when the object leaves it out
         spec.max_entries = ncpus or consts.possible_cpus()
+    check_map(spec, ncpus)      # unknown types, and what memory cannot honour, before allocating
+    cls = MAP_CLASSES.get(spec.type)
+    if cls is None:
+        raise NotSupportedError(f"map type {spec.type_name} (map '{spec.name}')")
     return cls(spec, ncpus, alloc)
 
 

@@ -74,7 +74,9 @@ class ArrayMap(Map):
             D.D_KIND: D.KIND_ARRAY, D.D_KEY_SIZE: 4, D.D_LIMIT: self.max_entries, D.D_TABLE: self._elem,
             D.D_VALUES: self._base, D.D_CPU_STRIDE: self._vstride if self.percpu else 0,
             D.D_VAL_STRIDE: self._elem,
-            D.D_VALUE_SIZE: self.value_size if self.value_size <= D.MAX_NATIVE_KEY else 0})
+            D.D_VALUE_SIZE: self.value_size if self.value_size <= D.MAX_NATIVE_KEY else 0,
+            D.W["value_size"]: self.value_size, D.W["max_entries"]: self.max_entries,
+            D.W["ncpus"]: self.ncpus if self.percpu else 1})
 
     def regions(self) -> list[Region]:
         return [Region.of(self._buf, f"map {self.name}", writable=not self.readonly_for_programs)]

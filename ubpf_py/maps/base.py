@@ -32,10 +32,11 @@ from collections.abc import Iterator
 
 from ubpf_py.errors import MapError
 from ubpf_py.maps import consts as C
-from ubpf_py.maps.descriptor import HANDLE_SIZE
+from ubpf_py.maps.descriptor import HANDLE_SIZE, W
 from ubpf_py.obj.spec import MapSpec
 from ubpf_py.vm.memory import HEAP, Allocator, Region
 
+SPIN_OFF_WORD = W["spin_off"]
 _ids = itertools.count(1)
 _BY_HANDLE: weakref.WeakValueDictionary[int, Map] = weakref.WeakValueDictionary()
 _BY_ID: weakref.WeakValueDictionary[int, Map] = weakref.WeakValueDictionary()
@@ -88,6 +89,16 @@ class Map:
         self.spin_lock_off: int | None = None
         _BY_HANDLE[self.handle_addr] = self
         _BY_ID[self.map_id] = self
+
+    @property
+    def spin_lock_off(self) -> int | None:
+        return self._spin_lock_off
+
+    @spin_lock_off.setter
+    def spin_lock_off(self, off: int | None) -> None:
+        self._spin_lock_off = off
+        # native updates (the C runtime) keep the lock word on BPF_F_LOCK too
+        self._handle.view.cast("Q")[SPIN_OFF_WORD] = 0 if off is None else off + 1
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.name!r} key={self.key_size} value={self.value_size} "

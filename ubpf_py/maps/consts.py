@@ -84,6 +84,9 @@ EBADF = 9
 EAGAIN = 11
 ENOMEM = 12
 EFAULT = 14
+ERANGE = 34
+#: x86-64 TASK_SIZE_MAX: addresses below are user space to the kernel
+TASK_SIZE = 0x00007FFFFFFFF000
 EBUSY = 16
 EEXIST = 17
 EINVAL = 22

@@ -26,10 +26,13 @@ from typing import Any
 
 from ubpf_py.abi.maps import (  # noqa: F401  (re-exported: the map code's names for them)
     KIND_ARRAY,
+    KIND_BLOOM,
     KIND_HASH,
     KIND_NONE,
     KIND_PERF,
+    KIND_QUEUE,
     KIND_RINGBUF,
+    KIND_STACK,
     LRU_NIL,
     MAP_DESC,
     RB_BUSY,

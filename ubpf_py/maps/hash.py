@@ -61,7 +61,8 @@ class HashMap(Map):
         self._ref = self.alloc.alloc(self.max_entries).array if self.lru else None
         self._evictions = 0
         # fast path of a program updating an existing element of a shared-value map
-        self._fast_update = not self.percpu and not self.lru and self._vals.single and self._c is None
+        self._fast_update = (not self.percpu and not self.lru and self._vals.single and self._c is None
+                             and bool(self._vals.buffers))    # NO_PREALLOC: nothing allocated yet
         self._vbase = self._vals.bases[0] if self._vals.buffers else 0
         self._vview = self._vals.views[0] if self._vals.buffers else None
         self._native = None
@@ -77,6 +78,7 @@ class HashMap(Map):
         while cap < 2 * n:
             cap <<= 1
         self._ctab = a.alloc(cap * 8, 64)
+        self._ctab2 = a.alloc(cap * 8, 64)   # the spare a rebuild fills (abi.maps)
         self._cfree = a.alloc(4 * n, 8)
         self._cused = a.alloc(n, 8)
         lru = [a.alloc(4 * n, 8), a.alloc(4 * n, 8)] if self.lru else [None, None]
@@ -89,7 +91,7 @@ class HashMap(Map):
             D.D_KEYS: keys.bases[0], D.D_KEY_STRIDE: keys.stride, D.D_VAL_STRIDE: vals.stride,
             D.D_REF: self._ref.ctypes.data if self._ref is not None else 0,
             D.D_VALUE_SIZE: self.value_size if self.value_size <= D.MAX_NATIVE_KEY else 0,
-            D.W["value_size"]: self.value_size, D.W["max_entries"]: n,
+            D.W["spare_table"]: self._ctab2.addr, D.W["value_size"]: self.value_size, D.W["max_entries"]: n,
             D.W["ncpus"]: self.ncpus if self.percpu else 1, D.W["free"]: self._cfree.addr,
             D.W["used"]: self._cused.addr,
             D.W["lru_prev"]: lru[0].addr if lru[0] is not None else 0,
@@ -101,16 +103,6 @@ class HashMap(Map):
     def evictions(self) -> int:
         """LRU elements evicted to make room."""
         return self._dw[D.W["evictions"]] if self._c is not None else self._evictions
-
-    @property
-    def spin_lock_off(self) -> int | None:
-        return self._spin_lock_off
-
-    @spin_lock_off.setter
-    def spin_lock_off(self, off: int | None) -> None:
-        self._spin_lock_off = off
-        if self._c is not None:   # the C update keeps the lock word on BPF_F_LOCK
-            self._dw[D.W["spin_off"]] = 0 if off is None else off + 1
 
     def _c_slots(self):
         """Live slots in slot order (the C allocator's ``used`` bytes, up to ``fresh``)."""

@@ -112,6 +112,15 @@ class PerfEventArrayMap(Map):
             D.W["max_entries"]: self.max_entries, D.W["ncpus"]: self.ncpus,
             D.W["perf_rings"]: hdrs.addr, D.D_KIND: D.KIND_PERF})
 
+    @property
+    def samples(self) -> int:
+        """A counter that moves whenever a sample is produced (drains compare it with the
+        last value seen): samples output here, or, when producers are the C runtime in a
+        target too, the bytes ever written to the rings."""
+        if self._c is not None:
+            return sum(r.head for r in self._rings.values())
+        return self._samples
+
     def set_buffer_pages(self, pages: int) -> None:
         """Per-CPU buffer size in pages (libbpf's perf_buffer__new page_cnt; a power of two)."""
         if pages <= 0 or pages & (pages - 1):
@@ -123,14 +132,6 @@ class PerfEventArrayMap(Map):
             self._make_shared_rings()   # new rings, published with the descriptor (kind last)
             return
         self.pages = pages
-
-    @property
-    def samples(self) -> int:
-        """A number that changes whenever a sample is written (readers compare it to decide
-        whether to drain): shared rings are written by the target too, so their heads count."""
-        if self._c is not None:
-            return sum(r.head for r in self._rings.values())
-        return self._samples
 
     @property
     def lost(self) -> int:
@@ -157,8 +158,7 @@ class PerfEventArrayMap(Map):
         if index != cpu:
             return -C.EOPNOTSUPP
         if self._c is not None:
-            rc = self._c.perf_output(self.handle_addr, cpu, bytes(data), len(data), flags)
-            return rc
+            return self._c.perf_output(self.handle_addr, cpu, bytes(data), len(data), flags)
         raw = len(data)
         padded = ((raw + 4 + 7) & ~7) - 4
         rec = _HDR.pack(PERF_RECORD_SAMPLE, 0, 8 + 4 + padded, padded) + bytes(data) + bytes(padded - raw)

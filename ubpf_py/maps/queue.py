@@ -10,17 +10,24 @@ bits rounded up to a power of two, and ``jhash``/``jhash2`` seeded with
 ``seed + i``.  With BPF_F_ZERO_SEED the seed is 0 and answers (including false
 positives) equal the kernel's; otherwise the seed is random, as in the kernel.
 There are never false negatives.
+
+On storage shared with a traced process (``maps.native_ops``) pushes, pops and
+bloom bits are the C runtime's (``runtime/queue.c``), with head/tail in the
+descriptor, so the target's threads and the tracer use one implementation.
 """
 
 from __future__ import annotations
 
+import ctypes
 import random
 
 import numpy as np
 
 from ubpf_py.maps import consts as C
+from ubpf_py.maps import descriptor as D
 from ubpf_py.maps.base import Map, check_flags_common, map_create_error
 from ubpf_py.maps.jhash import jhash, jhash2_bytes
+from ubpf_py.maps.native_ops import runtime_for
 from ubpf_py.obj.spec import MapSpec
 from ubpf_py.vm.memory import Allocator
 
@@ -42,8 +49,30 @@ class QueueMap(Map):
                                    f"max_entries {spec.max_entries})")
         self.size = self.max_entries + 1
         self._elems = self.alloc.alloc(self.size * self.value_size).array.reshape(self.size, self.value_size)
-        self.head = 0
-        self.tail = 0
+        self._ht = [0, 0]
+        self._c = runtime_for(self.alloc)
+        if self._c is not None:
+            self._dw = self._handle.view.cast("Q")
+            D.write_descriptor(self._handle.view, {
+                D.D_VALUES: self._elems.ctypes.data, D.D_VAL_STRIDE: self.value_size, D.D_LIMIT: self.size,
+                D.W["value_size"]: self.value_size, D.W["lifo"]: int(self.lifo), D.D_KIND: D.KIND_QUEUE})
+
+    # head/tail: Python ints, or descriptor words when C pushes and pops too
+    @property
+    def head(self) -> int:
+        return self._dw[D.W["head"]] if self._c is not None else self._ht[0]
+
+    @head.setter
+    def head(self, v: int) -> None:
+        self._ht[0] = v
+
+    @property
+    def tail(self) -> int:
+        return self._dw[D.W["tail"]] if self._c is not None else self._ht[1]
+
+    @tail.setter
+    def tail(self, v: int) -> None:
+        self._ht[1] = v
 
     def _full(self) -> bool:
         head = self.head + 1
@@ -59,6 +88,8 @@ class QueueMap(Map):
             return -C.EINVAL
         if len(value) != self.value_size:
             raise ValueError(f"map {self.name}: value is {len(value)} bytes, value_size is {self.value_size}")
+        if self._c is not None:
+            return self._c.queue_push(self.handle_addr, bytes(value), flags)
         with self.lock:
             if self._full():
                 if flags != C.BPF_EXIST:
@@ -69,6 +100,11 @@ class QueueMap(Map):
         return 0
 
     def _take(self, delete: bool) -> bytes | int:
+        if self._c is not None:
+            out = bytearray(self.value_size)
+            buf = (ctypes.c_char * len(out)).from_buffer(out)
+            rc = self._c.queue_take(self.handle_addr, buf, 1 if delete else 0)
+            return rc if rc else bytes(out)
         with self.lock:
             if self.head == self.tail:
                 return -C.ENOENT
@@ -143,6 +179,11 @@ class BloomFilterMap(Map):
         self._bits = self.alloc.alloc(nr_bits // 8).array
         self._aligned = self.value_size % 4 == 0
         self.seed = 0 if spec.flags & C.BPF_F_ZERO_SEED else random.getrandbits(32)
+        self._c = runtime_for(self.alloc)
+        if self._c is not None:
+            D.write_descriptor(self._handle.view, {
+                D.D_VALUES: self._bits.ctypes.data, D.D_LIMIT: nr_bits - 1, D.W["value_size"]: self.value_size,
+                D.W["seed"]: self.seed, D.W["nr_hash"]: self.nr_hash_funcs, D.D_KIND: D.KIND_BLOOM})
 
     def _hash(self, value: bytes, i: int) -> int:
         seed = (self.seed + i) & 0xFFFFFFFF
@@ -153,6 +194,8 @@ class BloomFilterMap(Map):
         if flags != C.BPF_ANY:
             return -C.EINVAL
         value = bytes(value)
+        if self._c is not None:
+            return self._c.bloom_push(self.handle_addr, value, flags)
         with self.lock:
             for i in range(self.nr_hash_funcs):
                 b = self._hash(value, i)
@@ -164,6 +207,8 @@ class BloomFilterMap(Map):
         if value is None:
             return -C.EINVAL
         value = bytes(value)
+        if self._c is not None:
+            return self._c.bloom_peek(self.handle_addr, value)
         for i in range(self.nr_hash_funcs):
             b = self._hash(value, i)
             if not self._bits[b >> 3] & (1 << (b & 7)):

@@ -19,8 +19,10 @@ import struct
 import numpy as np
 
 from ubpf_py.maps import consts as C
+from ubpf_py.maps import descriptor as D
 from ubpf_py.maps.base import Map, check_flags_common, map_create_error
 from ubpf_py.maps.jhash import jhash2
+from ubpf_py.maps.native_ops import runtime_for
 from ubpf_py.obj.spec import MapSpec
 from ubpf_py.vm.memory import Allocator
 
@@ -60,13 +62,33 @@ class StackTraceMap(Map):
         self._hash = self.alloc.alloc(n * 4).array.view(np.uint32)
         self._nr = self.alloc.alloc(n * 4).array.view(np.uint32)
         self._present = self.alloc.alloc(n).array.view(np.bool_)
-        self._count = 0
+        self._count_py = 0
+        # shared with a target: stack ids are stored by the C runtime (runtime/stackmap.c)
+        self._c = runtime_for(self.alloc) if not self.build_id else None
+        if self._c is not None:
+            self._dw = self._handle.view.cast("Q")
+            D.write_descriptor(self._handle.view, {
+                D.D_VALUES: self._data.ctypes.data, D.D_VAL_STRIDE: vs, D.D_LIMIT: n - 1,
+                D.D_TABLE: self._hash.ctypes.data, D.D_KEYS: self._nr.ctypes.data,
+                D.W["used"]: self._present.ctypes.data, D.W["max_entries"]: self.max_entries,
+                D.W["value_size"]: vs, D.D_KIND: D.KIND_STACK})
+
+    @property
+    def _count(self) -> int:
+        return self._dw[D.W["count"]] if self._c is not None else self._count_py
+
+    @_count.setter
+    def _count(self, v: int) -> None:
+        self._count_py = v
 
     # ---- program side -----------------------------------------------------------------------
     def get_stackid(self, trace: list[int], flags: int) -> int:
         """Store ``trace`` (frames innermost first, already cut to max_depth + skip) and return
         its id, or -EFAULT/-EEXIST/-ENOMEM as the kernel's __bpf_get_stackid."""
         skip = flags & C.BPF_F_SKIP_FIELD_MASK
+        if self._c is not None:
+            raw = struct.pack(f"<{len(trace)}Q", *(ip & 0xFFFFFFFFFFFFFFFF for ip in trace))
+            return self._c.stack_store(self.handle_addr, raw, len(trace), flags)
         if len(trace) <= skip:
             return -C.EFAULT
         ips = [ip & 0xFFFFFFFFFFFFFFFF for ip in trace[skip:]]
@@ -129,6 +151,8 @@ class StackTraceMap(Map):
         sid = _U32.unpack(key)[0]
         if sid >= self.n_buckets:
             return -C.E2BIG
+        if self._c is not None:
+            return self._c.stack_delete(self.handle_addr, sid)
         with self.lock:
             if not self._present[sid]:
                 return -C.ENOENT

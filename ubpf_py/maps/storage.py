@@ -45,8 +45,9 @@ class SlotStore:
         self.buffers: list[HostBuffer] = []
         self.bases: list[int] = []
         self.views: list[memoryview] = []
-        #: 1 per live slot (a bytearray: cheap to flip from Python, searchable with find)
-        self.used = bytearray(capacity)
+        #: 1 per live slot (a bytearray: cheap to flip from Python, searchable with find); it
+        #: grows with the chunks, so a BPF_F_NO_PREALLOC map costs nothing per unused entry
+        self.used = bytearray()
         self._free: list[int] = []
         self._fresh = 0
         self.listeners: list[Callable[[Region], None]] = []
@@ -61,6 +62,7 @@ class SlotStore:
     def _add_chunk(self) -> Region:
         i = len(self.buffers)
         buf = self.allocator.alloc(self._chunk_slots(i) * self.stride)
+        self.used.extend(bytes(self._chunk_slots(i)))
         self.buffers.append(buf)
         self.bases.append(buf.addr)
         self.views.append(buf.view)

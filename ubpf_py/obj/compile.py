@@ -10,6 +10,7 @@ build.  clang's diagnostics are passed through as they are.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -81,7 +82,7 @@ def vmlinux_header(cache_dir: Path) -> Path:
     if p.returncode != 0:
         raise ObjectLoadError(f"vmlinux.h: bpftool failed: {p.stderr.strip()[:300]}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(p.stdout)
     tmp.replace(out)
     return out
@@ -114,9 +115,13 @@ def compile_source(source: str, out: str | None = None, cflags: list[str] | None
         out_dir = _cache_dir() / "objects"
         out_dir.mkdir(parents=True, exist_ok=True)
         out = str(out_dir / f"{src.name.removesuffix('.c')}-{key}.o")
-    p = subprocess.run([clang, *args, "-c", str(src), "-o", out], capture_output=True, text=True)
+    tmp = f"{out}.{os.getpid()}.tmp"     # concurrent runs of one source must not see half a file
+    p = subprocess.run([clang, *args, "-c", str(src), "-o", tmp], capture_output=True, text=True)
     if p.stderr:
         sys.stderr.write(p.stderr)
     if p.returncode != 0:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise ObjectLoadError(f"{source}: clang failed (exit {p.returncode}); its messages are above")
+    os.replace(tmp, out)
     return out

@@ -17,7 +17,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from ubpf_py.errors import ObjectLoadError
+from ubpf_py.errors import MapError, ObjectLoadError
 from ubpf_py.obj import btf as B
 from ubpf_py.obj import kconfig as K
 from ubpf_py.obj.elffile import (
@@ -36,6 +36,7 @@ from ubpf_py.sysinfo import possible_cpus
 
 BPF_OBJ_NAME_LEN = 16
 BPF_F_RDONLY_PROG = 1 << 7
+BPF_F_WRONLY_PROG = 1 << 8
 BPF_F_MMAPABLE = 1 << 10
 
 T_PROG_ARRAY, T_PERF_EVENT_ARRAY = 3, 4
@@ -279,11 +280,21 @@ def _is_data_section(sec: Section) -> str | None:
     return None
 
 
+#: largest global data section (.bss has no bytes in the file: its size is only a number)
+MAX_DATA_SECTION = 1 << 30
+
+
 def collect_data_maps(raw: RawElf, btf: B.Btf | None, obj_name: str, table: MapTable) -> None:
     for sec in raw.sections:
         kind = _is_data_section(sec)
         if kind is None:
             continue
+        if sec.size > MAX_DATA_SECTION:
+            err = MapError(f"map '{internal_map_name(obj_name, sec.name)}' (global data section "
+                           f"{sec.name!r}) is {sec.size} bytes; the limit for one data section is "
+                           f"{MAX_DATA_SECTION} bytes (a corrupted object?)")
+            err.errno = 7  # type: ignore[attr-defined]  # E2BIG, as BPF_MAP_CREATE would say
+            raise err
         value_tid = 0
         if btf is not None:
             ids = btf.find_all(sec.name, B.KIND_DATASEC)

@@ -27,6 +27,7 @@ from ubpf_py.isa.opcodes import (
     BPF_JMP,
     BPF_PSEUDO_CALL,
     BPF_PSEUDO_FUNC,
+    BPF_PSEUDO_KFUNC_CALL,
     BPF_PSEUDO_MAP_IDX,
     BPF_PSEUDO_MAP_IDX_VALUE,
     LDDW,
@@ -80,7 +81,10 @@ def apply_data_relocs(raw: RawElf, fn: Function, rels: list[tuple[int, int]], ta
         where = f"program '{fn.name}' instruction {i}"
         if ins.opcode == CALL:
             if sym.shndx == SHN_UNDEF and sym.type == STT_NOTYPE:
-                raise NotSupportedError(f"kfunc call to extern '{sym.name}' ({where})")
+                # a kfunc call stays a kfunc call (no BTF id): the verifier refuses it where a
+                # path reaches it and the engines refuse it, but the rest of the object loads
+                fn.insns[i] = ins.replace(src=BPF_PSEUDO_KFUNC_CALL, imm=0)
+                continue
             if ins.src != BPF_PSEUDO_CALL:
                 raise RelocationError(f"{raw.path}: {where}: relocation '{sym.name}' on a helper call")
             fn.code_relocs[i] = sym_idx

@@ -99,7 +99,7 @@ def _btf_types(btf: Any) -> list[dict[str, Any]]:
     out = []
     for tid in range(1, btf.last_id + 1):
         t = btf.type(tid)
-        row: dict[str, Any] = {"id": tid, "kind": KIND_NAMES.get(t.kind, f"kind#{t.kind}"), "name": t.name}
+        row: dict[str, Any] = {"id": tid, "kind": KIND_NAMES.get(t.kind, f"kind#{t.kind}").upper(), "name": t.name}
         kind = row["kind"]
         if kind in ("INT", "STRUCT", "UNION", "ENUM", "ENUM64", "DATASEC", "FLOAT"):
             row["size"] = t.size

@@ -52,14 +52,17 @@ def key_labels(key: Any, prefix: str = "") -> dict[str, str]:
 
 
 def histogram_buckets(h: Histogram) -> tuple[list[tuple[str, float]], float]:
-    """Cumulative ``(le, count)`` buckets ending with ``+Inf``, and the ``_sum``."""
+    """Cumulative ``(le, count)`` buckets ending with ``+Inf``, and the ``_sum`` (``le`` spelt as
+    prometheus_client spells its own buckets: ``7.0``)."""
+    from prometheus_client.utils import floatToGoString
+
     buckets = []
     total = 0
     sum_value = 0
     for i, c in enumerate(h.slots):
         total += c
         sum_value += c * slot_lower_bound(i, h.kind)
-        buckets.append((str(slot_upper_bound(i, h.kind)), float(total)))
+        buckets.append((floatToGoString(slot_upper_bound(i, h.kind)), float(total)))
     buckets.append(("+Inf", float(total)))
     return buckets, float(sum_value)
 

@@ -64,13 +64,6 @@ class ValueDecoder:
             cache[size] = found[0] if len(found) == 1 else 0
         return cache[size]
 
-    def int_array(self, type_id: int, data: bytes) -> list[int] | None:
-        """The value as a list of integers when its type is an integer array."""
-        v = self.value(type_id, data)
-        if isinstance(v, list) and v and all(isinstance(x, int) for x in v):
-            return v
-        return None
-
     def sum_percpu(self, type_id: int, values: list[bytes], size: int) -> str | None:
         """Sum of per-CPU integer values (what bpftool/bpftrace show for counters)."""
         if size not in (1, 2, 4, 8):

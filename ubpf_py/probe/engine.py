@@ -263,6 +263,7 @@ class ProbeSession:
         tr = self.tracer
         if tr.intarget is None:
             tr.intarget = InTargetEngine.create(tr.main, arena_size or DEFAULT_ARENA_SIZE)
+            tr.intarget.on_patch = tr.on_patch
         return tr.intarget.arena
 
     def load_in_target_image(self, link: Callable[[int], bytes], code_size: int, printk_ring: int = 0) -> int:
@@ -277,6 +278,11 @@ class ProbeSession:
         code = link(eng.plan.image_addr)
         eng.set_image(code, eng.plan.image_addr, eng.plan.image_size, printk_ring)
         return eng.plan.image_addr
+
+    def in_target_missed(self, probe_id: int) -> int:
+        """In-target hits of probe ``probe_id`` whose program did not run (see PROBE_BLOCK.missed)."""
+        eng = self.tracer.intarget
+        return 0 if eng is None else eng.hits(probe_id)[1]
 
     def in_target_reason(self, probe_id: int) -> str | None:
         """Why probe ``probe_id`` (or one of its sites) runs on the ptrace path; None if it runs
@@ -400,14 +406,44 @@ class ProbeSession:
         self._detached = True
         self.tracer.threads.clear()
         self.tracer._close_all()
+        st = P.reap_group(self.pid)
+        if st is not None:
+            self._exit = os.WEXITSTATUS(st) if os.WIFEXITED(st) else -os.WTERMSIG(st)
+
+    def end_command(self, grace: float = 2.0) -> tuple[int | None, str]:
+        """End a launched target that outlived the session: SIGTERM, then SIGKILL after ``grace``
+        seconds.  Returns (its exit code or -signal, "terminated" / "killed" / "had exited");
+        (None, "") when there is nothing to end (attached with --pid, or already collected)."""
+        if not self._launched or self._exit is not None:
+            return self._exit, "had exited" if self._exit is not None else ""
+        if not self._detached:
+            self.detach()
+        how = "terminated"
+        time.sleep(0.05)      # a signal it got while traced (a terminal Ctrl-C) may be ending it
         try:
-            while True:
-                p, st = os.waitpid(self.pid, P.WALL)
-                if p == self.pid and (os.WIFEXITED(st) or os.WIFSIGNALED(st)):
-                    self._exit = os.WEXITSTATUS(st) if os.WIFEXITED(st) else -os.WTERMSIG(st)
-                    break
+            p, st = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
-            pass
+            return None, ""
+        if p:
+            self._exit = os.WEXITSTATUS(st) if os.WIFEXITED(st) else -os.WTERMSIG(st)
+            return self._exit, "had exited"
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            how = "had exited"
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                p, st = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return None, ""
+            if p:
+                self._exit = os.WEXITSTATUS(st) if os.WIFEXITED(st) else -os.WTERMSIG(st)
+                return self._exit, how
+            if time.monotonic() >= deadline and how != "killed":
+                how = "killed"
+                os.kill(self.pid, signal.SIGKILL)
+            time.sleep(0.01)
 
     def wait(self) -> int:
         """After detaching from a launched target: wait for it and return its exit code."""

@@ -21,6 +21,14 @@ detach writes ``q`` (the guardian exits); the tracer's death closes the pipe
    its real return address (slot found by rsp), and detaches;
 4. sends SIGCONT.
 
+In-target probes (jumps into trampolines) are recorded as *sites*: (tgid, address,
+original bytes, patch bytes).  The guardian puts the original bytes back only once
+every thread of the process is stopped (a multi-byte write must never be seen half
+done) and only where the patch is still there.  Trampolines, the runtime image and
+the arena stay mapped: a thread inside a program finishes it, and return addresses
+still pointing at the return trampoline keep working (it stays), so nothing else
+needs repair.
+
 Scratch pages stay mapped (a thread may still be inside an out-of-line slot;
 the slot jumps back by itself).  What a guardian cannot save: a thread that was
 stopped on an int3 at the moment of the kill (the kernel resumes it with the
@@ -52,9 +60,12 @@ BP = struct.Struct("<QQQ")    # tgid, addr, orig byte (tgid 0 = free)
 RET = struct.Struct("<QQQQ")  # tgid, slot, orig_ret, tramp
 MAX_BPS = 16384
 MAX_RETS = 16384
+SITE = struct.Struct("<QQQ16s16s")   # tgid, addr, length, original bytes, patch bytes (tgid 0 = free)
+MAX_SITES = 4096
 BP_OFF = TGID_OFF + MAX_TGIDS * 8
 RET_OFF = BP_OFF + MAX_BPS * BP.size
-SIZE = RET_OFF + MAX_RETS * RET.size
+SITE_OFF = RET_OFF + MAX_RETS * RET.size
+SIZE = SITE_OFF + MAX_SITES * SITE.size
 
 
 class GuardLog:
@@ -122,6 +133,26 @@ class GuardLog:
         for i in np.nonzero(rets[:, 0] == tgid)[0].tolist():
             self.remove(i)
         del rets
+        for i in range(MAX_SITES):
+            if SITE.unpack_from(self.mm, SITE_OFF + i * SITE.size)[0] == tgid:
+                SITE.pack_into(self.mm, SITE_OFF + i * SITE.size, 0, 0, 0, b"", b"")
+
+    def add_site(self, tgid: int, addr: int, orig: bytes, patch: bytes) -> None:
+        """An in-target site: ``patch`` was written over ``orig`` at ``addr``."""
+        self._note_tgid(tgid)
+        for i in range(MAX_SITES):
+            off = SITE_OFF + i * SITE.size
+            if SITE.unpack_from(self.mm, off)[0] == 0:
+                SITE.pack_into(self.mm, off, tgid, addr, len(orig), orig, patch)
+                return
+
+    def sites(self) -> list[tuple[int, int, bytes, bytes]]:
+        out = []
+        for i in range(MAX_SITES):
+            tgid, addr, n, orig, patch = SITE.unpack_from(self.mm, SITE_OFF + i * SITE.size)
+            if tgid:
+                out.append((tgid, addr, orig[:n], patch[:n]))
+        return out
 
     def mark_clean(self) -> None:
         HDR.pack_into(self.mm, 0, MAGIC, 1, self.nbp, MAX_RETS)
@@ -147,7 +178,8 @@ def restore_after_tracer_death(log: GuardLog) -> int:
     state, bps, rets = log.read()
     if state == 1:
         return 0
-    tgids = sorted({b[0] for b in bps} | {r[0] for r in rets} | set(first))
+    sites = log.sites()
+    tgids = sorted({b[0] for b in bps} | {r[0] for r in rets} | {s[0] for s in sites} | set(first))
     for t in tgids:
         if t not in first:
             with contextlib.suppress(OSError):
@@ -168,6 +200,11 @@ def restore_after_tracer_death(log: GuardLog) -> int:
                 if tramp and mem.read(slot, 8) == tramp.to_bytes(8, "little"):
                     mem.write(slot, orig_ret.to_bytes(8, "little"))
             _fix_threads(t, by_slot)                              # 3. registers
+            mine = [s for s in sites if s[0] == t]
+            if mine and _all_stopped(t):                          # 4. in-target jumps
+                for _, addr, orig, patch in mine:
+                    if mem.read(addr, len(patch)) == patch:
+                        mem.write(addr, orig)
             repaired += 1
         finally:
             mem.close()
@@ -175,6 +212,23 @@ def restore_after_tracer_death(log: GuardLog) -> int:
         with contextlib.suppress(OSError):
             os.kill(t, signal.SIGCONT)
     return repaired
+
+
+def _all_stopped(tgid: int, timeout: float = 0.5) -> bool:
+    """Wait until every thread of ``tgid`` is stopped (group stop after SIGSTOP, or a ptrace stop)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{tgid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{tgid}/task/{tid}/stat", "rb") as f:
+                    data = f.read()
+                    states.append(data[data.rindex(b")") + 2:data.rindex(b")") + 3])
+        if states and all(s in (b"T", b"t", b"Z", b"X") for s in states):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
 
 
 def _fix_threads(tgid: int, by_slot: dict[int, tuple[int, int]]) -> None:
@@ -291,6 +345,12 @@ class Guardian:
             log.add_bp(proc.tgid, addr, orig)
 
         tracer.on_arm = on_arm
+        tracer.on_patch = log.add_site
+        if tracer.intarget is not None:
+            tracer.intarget.on_patch = log.add_site
+            for tgid, st in tracer.intarget.procs.items():
+                for s in st.sites.values():
+                    log.add_site(tgid, s.addr, s.orig, s.patch)
         tracer.ret_log = log
         g = cls(pid, w, log)
         return g

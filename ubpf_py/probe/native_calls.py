@@ -10,12 +10,14 @@ from __future__ import annotations
 import ctypes
 import struct
 
+from ubpf_py.abi.runtime import FACTS
 from ubpf_py.errors import ProbeError
 from ubpf_py.probe.breakpoints import Probe
 
 _PROG = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64)
-#: the facts block of a native program (layout in native/hotloop.c)
-_FACTS = struct.Struct("<5Q")
+#: the facts block of a native program (``abi.runtime.FACTS``)
+_FACTS = struct.Struct(f"<{FACTS.size // 8}Q")
+assert [FACTS.word(n) for n in ("cpu", "pid_tgid", "uid_gid", "func_ip", "cookie")] == [0, 1, 2, 3, 4]
 M64 = (1 << 64) - 1
 _progs: dict[int, object] = {}
 
@@ -44,7 +46,7 @@ class NativeCallsMixin:
         """Run ``p``'s native program from Python (slow stops, return probes, Python loop):
         fill its facts block from ``hit`` first, raise its failure after."""
         if p.native_facts:
-            _FACTS.pack_into((ctypes.c_char * 40).from_address(p.native_facts), 0,
+            _FACTS.pack_into((ctypes.c_char * FACTS.size).from_address(p.native_facts), 0,
                              hit.cpu & M64, (hit.tgid << 32 | hit.tid) & M64,
                              ((hit.gid & 0xFFFFFFFF) << 32 | (hit.uid & 0xFFFFFFFF)),
                              hit.func_ip & M64, hit.cookie & M64)

@@ -190,3 +190,19 @@ def exe_path(pid: int) -> str:
         # magic link still opens the very file the process runs
         return f"/proc/{pid}/exe"
     return target
+
+
+def code_addresses(maps, path: str, file_offset: int) -> list[int]:
+    """Runtime addresses of ``file_offset`` of ``path`` in its executable private mappings.
+
+    The kernel also patches read-only mappings of the same page (VM_MAYEXEC); an int3 there
+    is never executed and would only corrupt data the program may read, so we skip them.
+    """
+    out = {m.start + file_offset - m.offset for m in mappings_of_file(maps, path)
+           if m.executable and m.private and not m.writable and m.contains_file_offset(file_offset)}
+    return sorted(out)
+
+
+def is_dynamic_linker(path: str) -> bool:
+    base = os.path.basename(path)
+    return base.startswith("ld-") and ".so" in base

@@ -16,6 +16,7 @@ import ctypes
 import errno as _errno
 import os
 import struct
+import time
 
 from ptrace.binding.func import (
     PTRACE_EVENT_CLONE,
@@ -296,6 +297,64 @@ def stop_sig(status: int) -> int:
 
 def stop_event(status: int) -> int:
     return (status >> 16) & 0xFF
+
+
+# --- waiting for one thread ----------------------------------------------
+
+def thread_dead(tid: int) -> bool:
+    """Is ``tid`` a zombie (or gone)?  A zombie thread-group leader whose other threads are
+    still around never reports its exit (the kernel holds it back until the group is empty,
+    and traced threads leave the group only when their tracer reaps them)."""
+    try:
+        with open(f"/proc/{tid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    state = stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3]
+    return state in (b"Z", b"X", b"x")
+
+
+def wait_tid(tid: int) -> int | None:
+    """``waitpid(tid, __WALL)`` that cannot hang on a thread unable to report: returns the wait
+    status, or None when ``tid`` is not our child any more or is a zombie whose report is held
+    back (a leader waiting for its other threads: ``waitpid(-1)`` gets it once they are reaped).
+
+    Polls with WNOHANG and short sleeps (50 us doubling to 2 ms) because a blocking waitpid
+    on a specific tid is exactly how a tracer deadlocks against an exiting thread group."""
+    delay = 5e-5
+    while True:
+        try:
+            p, st = os.waitpid(tid, WALL | os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if p:
+            return st
+        if thread_dead(tid):
+            try:
+                p, st = os.waitpid(tid, WALL | os.WNOHANG)
+            except ChildProcessError:
+                return None
+            return st if p else None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.002)
+
+
+def reap_group(pid: int, timeout: float = 5.0) -> int | None:
+    """After SIGKILL of traced process ``pid``: reap its threads, then its leader; the leader's
+    wait status (None if it was not ours or did not end within ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for tid in list_threads(pid):
+            if tid != pid:
+                wait_tid(tid)
+        try:
+            p, st = os.waitpid(pid, WALL | os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if p and (st & 0x7F) != 0x7F:
+            return st
+        time.sleep(0.001)
+    return None
 
 
 def attach_error(pid: int, err: int) -> TargetError:

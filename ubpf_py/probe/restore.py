@@ -27,23 +27,42 @@ class RestoreMixin:
     """Detach logic of the Tracer."""
 
     def stop_all(self) -> None:
-        """Bring every traced thread to a ptrace stop, handling what arrives meanwhile."""
+        """Bring every traced thread to a ptrace stop, handling what arrives meanwhile.
+
+        Never blocks on one thread: a zombie leader (its process is exiting, or it called
+        pthread_exit) cannot stop and reports its exit only after every other thread has been
+        reaped -- by us.  Such a leader is marked ``dead`` and skipped; once the others are
+        stopped or reaped its exit status is collected if the kernel releases it."""
         for _ in range(1000):
-            running = [t for t in self.threads.values() if not t.stopped]
+            running = [t for t in self.threads.values() if not t.stopped and not t.dead]
             if not running:
-                return
+                break
             for t in running:
                 P.interrupt(t.tid)
             for t in running:
-                while not t.stopped and t.tid in self.threads:
+                while not t.stopped and not t.dead and t.tid in self.threads:
                     st = self._early.pop(t.tid, None)
                     if st is None:
-                        try:
-                            _, st = os.waitpid(t.tid, P.WALL)
-                        except ChildProcessError:
-                            self.thread_gone(t, 0)
+                        st = P.wait_tid(t.tid)
+                        if st is None:
+                            if P.thread_dead(t.tid) and os.path.exists(f"/proc/{t.tid}"):
+                                t.dead = True       # a zombie leader: its report is held back
+                            else:
+                                self.thread_gone(t, 0)
                             break
                     self._stop_during_detach(t, st)
+        self._reap_dead_leaders()
+
+    def _reap_dead_leaders(self) -> None:
+        """Exit statuses of zombie leaders whose other threads are all gone by now."""
+        for t in [t for t in self.threads.values() if t.dead and t.tid == t.proc.tgid]:
+            if any(o is not t and not o.dead for o in t.proc.threads.values()):
+                continue
+            st = self._early.pop(t.tid, None)
+            if st is None:
+                st = P.wait_tid(t.tid)
+            if st is not None and (st & 0x7F) != 0x7F:
+                self.thread_gone(t, st)
 
     def _stop_during_detach(self, th: Thread, status: int) -> None:
         if (status & 0x7F) != 0x7F:

@@ -85,8 +85,8 @@ class Injector:
             regs.set(tid)
             P.cont(tid)
             while True:
-                _, status = os.waitpid(tid, P.WALL)
-                if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                status = P.wait_tid(tid)       # never blocks on a thread that cannot report
+                if status is None or os.WIFEXITED(status) or os.WIFSIGNALED(status):
                     raise ProbeError(f"thread {tid} exited while running an injected system call")
                 sig = P.stop_sig(status)
                 if sig == signal.SIGTRAP and P.stop_event(status) == 0:

@@ -37,7 +37,7 @@ from ubpf_py.probe import ptrace as P
 from ubpf_py.probe.breakpoints import Breakpoint, Probe
 from ubpf_py.probe.hits import HitFiller
 from ubpf_py.probe.native_calls import NativeCallsMixin
-from ubpf_py.probe.procmaps import file_offset_to_addr, mappings_of_file, read_maps
+from ubpf_py.probe.procmaps import code_addresses, file_offset_to_addr, is_dynamic_linker, read_maps
 from ubpf_py.probe.restore import RestoreMixin, clean_memory, release_semaphores
 from ubpf_py.probe.scratch import Injector, ScratchArea
 from ubpf_py.probe.uretprobe import MAX_DEPTH, RetEntry, ShadowStack
@@ -57,6 +57,8 @@ class Thread:
     pending_sig: int = 0
     #: stopped on one of our int3 bytes with the hit not finished yet (rewind on detach)
     at_bp: bool = False
+    #: a zombie that cannot stop (a leader whose exit waits for the other threads)
+    dead: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -116,6 +118,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         self.handler_ns = 0
         self.ret_log = None                   # guardian.ReturnLog when a guardian runs
         self.on_arm = None                    # guardian hook: (proc, addr, orig_byte)
+        self.on_patch = None                  # guardian hook: (tgid, addr, orig bytes, patch bytes)
         self._dl_offsets: dict[str, int | None] = {}
         self.errors: list[BaseException] = []
         self._regs_valid = False
@@ -229,7 +232,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
     def _arm_dl_watch(self, proc: Proc, maps) -> None:
         """Breakpoint the dynamic linker's _dl_debug_state: called around every dlopen/dlclose."""
         from ubpf_py.probe.symbols import resolve_function
-        for path in {m.path for m in maps if m.is_file and _is_dynamic_linker(m.path)}:
+        for path in {m.path for m in maps if m.is_file and is_dynamic_linker(m.path)}:
             if path not in self._dl_offsets:
                 try:
                     self._dl_offsets[path] = resolve_function(path, "_dl_debug_state")
@@ -262,8 +265,20 @@ class Tracer(RestoreMixin, NativeCallsMixin):
                 self._native_dirty = True
                 if self.ret_log is not None:
                     self.ret_log.remove_bp(proc.tgid, addr)
-        for probe in self.probes.values():
-            self.arm_probe(proc, probe, maps)
+        # a jump (5 bytes) may only be written with every thread stopped: stop the others now
+        running = [t for t in self.threads.values() if t is not th and not t.stopped]
+        if running and self.intarget is not None and any(p.target_entry for p in self.probes.values()):
+            self.stop_all()
+        else:
+            running = []
+        try:
+            for probe in self.probes.values():
+                self.arm_probe(proc, probe, maps)
+        finally:
+            for t in running:
+                if t.stopped and t.tid in self.threads:
+                    sig, t.pending_sig = t.pending_sig, 0
+                    self.resume(t, sig)
 
     # ------------------------------------------------------------------ loop
     def totals(self) -> tuple[int, int, int]:
@@ -285,10 +300,11 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             self.nl.lib.ub_request_stop(self.nl.state)
         main = self.main
         if main is not None and main.exit_status is None:
-            for t in main.threads.values():
-                if not t.stopped:
+            # every running thread: one of them may be a zombie leader (pthread_exit) that
+            # never stops, and the others may sit in system calls that never hit a probe
+            for t in list(main.threads.values()):
+                if not t.stopped and not t.dead:
                     P.interrupt(t.tid)
-                    break
 
     def loop(self, deadline: float | None = None) -> None:
         """Handle stops until the main process exits, a stop is requested or the deadline passes."""
@@ -355,7 +371,12 @@ class Tracer(RestoreMixin, NativeCallsMixin):
                     raise err
                 bp = th.proc.bps.get(self.v[P.RIP])
                 if bp is not None:
-                    self.finish(th, bp.plan)
+                    try:
+                        self.finish(th, bp.plan)
+                    except P.PtraceError as e:
+                        if e.errno != errno.ESRCH:
+                            raise
+                        th.stopped = th.at_bp = False   # killed meanwhile: its exit follows
             elif r < 0:
                 if -r == 10:    # ECHILD
                     break
@@ -424,6 +445,16 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         if th is None:
             self._early[tid] = status
             return
+        try:
+            self._dispatch(th, status)
+        except P.PtraceError as e:
+            if e.errno != errno.ESRCH:
+                raise
+            # the thread was killed while we held it (exit_group, exec in another thread,
+            # SIGKILL): it is not stopped any more and its exit is reported by waitpid
+            th.stopped = th.at_bp = False
+
+    def _dispatch(self, th: Thread, status: int) -> None:
         if (status & 0x7F) == 0x7F:          # stopped
             th.stopped = True
             sig = (status >> 8) & 0xFF
@@ -439,8 +470,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
 
     def resume(self, th: Thread, sig: int = 0) -> None:
         th.stopped = False
-        if not P.cont_quiet(th.tid, sig):
-            pass  # the thread vanished (SIGKILL, exec): its exit will be reported
+        P.cont_quiet(th.tid, sig)   # False: it vanished (SIGKILL, exec); its exit is reported
 
     # ------------------------------------------------------------------ hits
     def on_trap(self, th: Thread) -> bool:
@@ -451,6 +481,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             try:
                 self.regs.get(tid)
             except P.PtraceError:
+                th.stopped = False      # killed meanwhile: its exit is reported by waitpid
                 return True
         proc = th.proc
         bps = proc.bps if proc.vfork_parent is None else proc.vfork_parent.bps
@@ -682,10 +713,9 @@ class Tracer(RestoreMixin, NativeCallsMixin):
     def _wait_initial_stop(self, pid: int) -> int | None:
         """The first stop of an auto-attached child (it may already have been seen)."""
         st = self._early.pop(pid, None)
-        while st is None:
-            try:
-                _, st = os.waitpid(pid, P.WALL)
-            except ChildProcessError:
+        if st is None:
+            st = P.wait_tid(pid)
+            if st is None:
                 return None
         if (st & 0x7F) != 0x7F:
             return None
@@ -804,18 +834,3 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         if proc.vfork_parent is None and proc is not self.main:
             proc.mem.close()
 
-
-def code_addresses(maps, path: str, file_offset: int) -> list[int]:
-    """Runtime addresses of ``file_offset`` of ``path`` in its executable private mappings.
-
-    The kernel also patches read-only mappings of the same page (VM_MAYEXEC); an int3 there
-    is never executed and would only corrupt data the program may read, so we skip them.
-    """
-    out = {m.start + file_offset - m.offset for m in mappings_of_file(maps, path)
-           if m.executable and m.private and not m.writable and m.contains_file_offset(file_offset)}
-    return sorted(out)
-
-
-def _is_dynamic_linker(path: str) -> bool:
-    base = os.path.basename(path)
-    return base.startswith("ld-") and ".so" in base

@@ -13,20 +13,30 @@ a kprobe program on Linux 6.18, checked by a differential campaign
 
 * Precision: the kernel finds which scalars must be compared exactly when
   pruning by backtracking; we use a static over-approximation
-  (``structure.precision_demand``).  Both are sound; ours may explore more.
+  (``structure.precision_demand``) in which a branch's operands count only once
+  some path found that branch decided, and a static stack-slot liveness.  Both
+  are sound; ours may explore more (tests/test_verifier_precision.py).
 * Callbacks (bpf_loop, for_each_map_elem): scalars that keep changing between
   iterations are widened to unknown, so exploration converges (the kernel
   compares imprecise scalars as equal).  Sound; may reject a program whose
   callback needs an exact value that changes every iteration.
-* Reserved fields of every instruction are checked up front (the engines need
-  a valid encoding), the kernel only checks instructions it reaches.
+* Reserved fields are checked up front; writes to r10 and encodings
+  (``isa.validate``) only where a path reaches them, like the kernel.  The
+  report lists the reached instructions: the loader turns the rest into
+  ``ja -1`` (``sanitize_dead_code``) as the kernel does.
 * A wall-clock budget (default 30 s) on top of the 1,000,000-instruction limit.
 * The kernel fails with an internal "verifier bug: No program to jit" when a
   callback's address is taken but the callback is never verified; we accept.
-* Global functions whose BTF arguments are not scalars or the context are
-  verified inline with the caller's values (the kernel verifies them alone).
-* Not modelled: BTF-typed kernel pointers (kptrs, dynptrs, task storage,
-  spin locks, timers), kfuncs, may_goto, packet access (not a kprobe thing).
+* Global functions are verified alone against their BTF signature like the
+  kernel's; ``__arg_trusted`` (kernel objects) and ``__arg_arena`` arguments
+  are refused (not supported).
+* Not modelled (refused where reached): BTF-typed kernel pointers (kptrs,
+  dynptrs, task storage, spin locks, timers, ``bpf_get_current_task_btf``),
+  kfuncs, may_goto (the engines lack it), reads of ``struct bpf_map`` fields
+  through a map pointer, helpers on map types other than
+  ``protos.MODELLED_MAP_TYPES`` (sockmap, devmap, local storage, ...).
+  Comparison with the kernel's own verifier tests:
+  ``benchmarks/verifier_selftests.py``.
 """
 
 from __future__ import annotations
@@ -36,9 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ubpf_py.errors import InvalidInstructionError, NotSupportedError, VerifierError
+from ubpf_py.isa.instruction import Instruction
 from ubpf_py.obj.spec import MapSpec, ProgramSpec
 from ubpf_py.verifier import log as L
 from ubpf_py.verifier.checker import COMPLEXITY_LIMIT, Checker, Failure, describe_regs
+from ubpf_py.verifier.globalfuncs import global_functions, hidden_functions
 from ubpf_py.verifier.structure import StructureError, analyse
 
 MODES = ("strict", "warn", "off")
@@ -65,6 +77,8 @@ class VerifierReport:
     skipped: bool = False
     #: bytes of stack per function start
     stack_depth: dict[int, int] = field(default_factory=dict)
+    #: instructions some path reaches (accepted programs); the rest is dead code
+    reachable: frozenset[int] | None = None
 
     @property
     def message(self) -> str:
@@ -78,53 +92,18 @@ class VerifierReport:
         return f"program '{self.program}' rejected{where}{text}: {self.error}{hint}{src}"
 
 
-def _global_funcs(prog: ProgramSpec, btf: object | None) -> dict[int, list[str]]:
-    """Global (non-static) functions and their argument kinds, from BTF func_info.
-
-    The kernel verifies these separately, assuming only what their BTF types
-    say about the arguments.  Arguments we cannot model make us fall back to
-    verifying the function inline with the caller's exact values.
-    """
-    out: dict[int, list[str]] = {}
-    if btf is None:
-        return out
-    for start, tid in prog.func_info.items():
-        if start == 0:
-            continue
-        try:
-            fn = btf.type(tid)  # type: ignore[attr-defined]
-            if fn.linkage != 1:
-                continue
-            proto = btf.type(fn.type_id)  # type: ignore[attr-defined]
-            kinds = []
-            for p in proto.params:
-                t = btf.resolved(p.type_id)  # type: ignore[attr-defined]
-                kname = t.kind_name if isinstance(t.kind_name, str) else t.kind_name()
-                kname = kname.upper()
-                if kname in ("INT", "ENUM", "ENUM64"):
-                    kinds.append("scalar")
-                elif kname == "PTR" and btf.resolved(t.type_id).name in ("pt_regs",  # type: ignore[attr-defined]
-                                                                          "bpf_user_pt_regs_t"):
-                    kinds.append("ctx")
-                else:
-                    kinds = None
-                    break
-            if kinds is not None and len(kinds) <= 5:
-                out[start] = kinds
-        except Exception:
-            continue
-    return out
-
-
 def verify_program(prog: ProgramSpec, maps: list[MapSpec], *, mode: str = "strict", log_level: int = 1,
                    btf: object | None = None, time_budget: float = 30.0,
-                   test_mem_size: int | None = None) -> VerifierReport:
+                   test_mem_size: int | None = None, hidden: frozenset[str] | None = None) -> VerifierReport:
     """Verify one program; see the module docstring for the modes.
 
     ``time_budget`` (seconds) bounds the walk in wall-clock time on top of the
     kernel's 1,000,000-instruction complexity limit (Python is slower than C).
     ``test_mem_size`` replaces the pt_regs context by a writable buffer of that
     many bytes in r1 and its length in r2 (how bpf_conformance runs programs).
+    ``hidden`` names ``__hidden`` global functions, verified like static ones as after
+    libbpf's loading (``globalfuncs.hidden_functions(object path)``); by default they
+    are read from the object file the BTF was loaded from.
     """
     if mode not in MODES:
         raise VerifierError(f"unknown verifier mode {mode!r}: use strict, warn or off")
@@ -136,22 +115,55 @@ def verify_program(prog: ProgramSpec, maps: list[MapSpec], *, mode: str = "stric
     ck: Checker | None = None
     try:
         cfg = analyse(insns)
-        _isa_validate(insns)
     except StructureError as e:
         fail = Failure(e.msg, e.insn, e.hint, [], None, None)
-    except InvalidInstructionError as e:
-        fail = Failure(e.reason, e.index, "", [], None, None)
     except NotSupportedError as e:
         fail = Failure(str(e), 0, "", [], None, None)
     if fail is None:
-        ck = Checker(prog, maps, cfg, _global_funcs(prog, btf), log_level, time_budget)
+        ck = Checker(prog, maps, cfg, global_functions(prog, btf, _hidden(btf) if hidden is None else hidden), log_level, time_budget)
         ck.test_mem_size = test_mem_size
         fail = ck.run()
+    reachable: frozenset[int] | None = None
+    if fail is None and ck is not None:
+        # encodings are checked where the kernel checks them: on the instructions it reaches
+        reachable = frozenset(i for i, b in enumerate(ck.seen) if b)
+        try:
+            _isa_validate(sanitize_dead_code(insns, reachable))
+        except InvalidInstructionError as e:
+            fail = Failure(e.reason, e.index, "", [], None, None)
+        except NotSupportedError as e:
+            fail = Failure(str(e), 0, "", [], None, None)
     seconds = time.perf_counter() - t0
     report = _report(prog, fail, ck, seconds)
+    if report.ok:
+        report.reachable = reachable
     if not report.ok and mode == "strict":
         raise VerifierError(report.message, log=report.log, program=prog.name, insn_index=report.insn_index)
     return report
+
+
+def _hidden(btf: object | None) -> frozenset[str]:
+    """Hidden functions of the object file ``btf`` came from (its source is "PATH .BTF")."""
+    src = getattr(btf, "source", "")
+    if isinstance(src, str) and src.endswith(" .BTF"):
+        return hidden_functions(src[:-5])
+    return frozenset()
+
+
+#: what dead instructions become: "ja -1", the kernel's sanitize_dead_code trap
+DEAD_INSN = Instruction(0x05, off=-1)
+
+
+def sanitize_dead_code(insns: list[Instruction], reachable: frozenset[int] | set[int]) -> list[Instruction]:
+    """Replace every instruction no path reaches by ``ja -1``, as the kernel does.
+
+    Code that constants or frozen ``.rodata`` make dead (a helper the runtime does not
+    have, a kfunc call, a write to r10) is then neither compiled nor a reason to refuse
+    the program; the engines never execute it.
+    """
+    if len(reachable) == len(insns):
+        return list(insns)
+    return [ins if i in reachable else DEAD_INSN for i, ins in enumerate(insns)]
 
 
 def _isa_validate(insns: list) -> None:
@@ -209,13 +221,19 @@ def check_object(path: str | Path, mode: str = "warn", log_level: int = 1) -> li
     """
     from ubpf_py.obj.elf import load_object
 
-    obj = load_object(str(path))
+    return check_spec(load_object(str(path)), mode, log_level)
+
+
+def check_spec(obj, mode: str = "warn", log_level: int = 1) -> list[VerifierReport]:
+    """``check_object`` for an already loaded ``ObjectSpec``."""
+    hidden = hidden_functions(str(obj.path)) if getattr(obj, "path", None) else frozenset()
     out = []
     for prog in obj.programs.values():
         if mode == "off":
             out.append(VerifierReport(prog.name, True, skipped=True))
             continue
-        out.append(verify_program(prog, obj.maps, mode="warn", log_level=log_level, btf=obj.btf))
+        out.append(verify_program(prog, obj.maps, mode="warn", log_level=log_level, btf=obj.btf,
+                                  hidden=hidden))
     return out
 
 
@@ -229,4 +247,14 @@ def format_verdict(report: VerifierReport) -> str:
     return f"{report.program}: REJECTED {report.message}"
 
 
-__all__ = ["MODES", "VerifierReport", "check_object", "format_verdict", "verify_program"]
+__all__ = [
+    "DEAD_INSN",
+    "MODES",
+    "VerifierReport",
+    "check_object",
+    "check_spec",
+    "format_verdict",
+    "hidden_functions",
+    "sanitize_dead_code",
+    "verify_program",
+]

@@ -125,11 +125,16 @@ def _from_views(v64: View | None, v32: View | None) -> Scalar:
     return base.sync()
 
 
+_SHIFTS = (op.BPF_LSH, op.BPF_RSH, op.BPF_ARSH)
 _LOW_BITS_ONLY = (op.BPF_ADD, op.BPF_SUB, op.BPF_MUL, op.BPF_AND, op.BPF_OR, op.BPF_XOR)
 
 
 def scalar_alu(code: int, dst: Scalar, src: Scalar, bits: int) -> Scalar:
     """Abstract result of the scalar ALU operation ``code`` (BPF_ADD ... BPF_ARSH, BPF_NEG)."""
+    if code in _SHIFTS and src.umax >= bits:
+        # the kernel: shifts by bits or more are undefined, the result is unknown, all 64 bits
+        # even for a 32-bit shift (the engines mask the count; no value may be assumed)
+        return UNKNOWN
     if dst.is_const() and src.is_const():
         r = _concrete(code, dst.value, src.value, bits)
         if r is not None:

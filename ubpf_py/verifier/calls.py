@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ubpf_py.helpers.protos import KPROBE_ALLOWED, PROTOS, HelperProto, helper_name
+from ubpf_py.helpers.protos import KPROBE_ALLOWED, MODELLED_MAP_TYPES, PROTOS, HelperProto, helper_name
 from ubpf_py.isa.opcodes import MAX_CALL_DEPTH
+from ubpf_py.obj.mapdefs import BPF_F_RDONLY_PROG
 from ubpf_py.verifier import memory as M
 from ubpf_py.verifier import state as S
 from ubpf_py.verifier.memory import Reject
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
     from ubpf_py.verifier.checker import Checker
 
 MAX_VAR_SIZE = 1 << 29
+#: helpers that change a map (record_func_map refuses them on BPF_F_RDONLY_PROG maps):
+#: delete, update, push, pop
+_MAP_WRITING = frozenset({2, 3, 87, 88})
 MAX_ERRNO = 4095
 
 _MEM_TYPES = "fp, pkt, pkt_meta, map_key, map_value, mem, ringbuf_mem, buf, trusted_ptr_"
@@ -71,6 +75,9 @@ def check_helper(ck: Checker, st: S.VerifierState, pc: int, hid: int) -> bool:
     for i, kind in enumerate(proto.args):
         _check_arg(ck, st, pc, proto, i + 1, kind, regs[i + 1], meta)
     if meta.map >= 0:
+        m = ck.maps[meta.map]
+        if hid in _MAP_WRITING and (m.readonly or m.flags & BPF_F_RDONLY_PROG):
+            raise Reject("write into map forbidden", f"map '{m.name}' is read-only for programs")
         _check_map_compat(ck, proto, meta.map)
     if hid == 12 and st.refs:
         raise Reject("tail_call would lead to reference leak",
@@ -100,7 +107,7 @@ def _check_arg(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto, re
         size = m.key_size if kind == "map_key" else m.value_size
         if t not in _MEM_PTRS:
             raise _type_error(regno, reg, kind)
-        _mem_access(ck, st, regno, reg, size, write=kind == "uninit_map_value")
+        mem_access(ck, st, regno, reg, size, write=kind == "uninit_map_value")
         if kind == "map_key" and reg.type == S.STACK and reg.val.is_const():
             meta.const_key = _stack_const(st, reg, size)
         return
@@ -128,13 +135,16 @@ def _check_arg(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto, re
         meta.size_max = v.umax
         prev = st.cur.regs[meta.mem_regno]
         if v.umax == 0:
-            if prev.type not in _MEM_PTRS and not (prev.type == S.SCALAR and prev.val.is_const()
-                                                    and prev.val.value == 0):
+            if prev.type == S.SCALAR and prev.val.is_const() and prev.val.value == 0:
+                return
+            if prev.type not in _MEM_PTRS:
                 raise _type_error(meta.mem_regno, prev, "mem")
+            # a zero-sized access still needs a pointer that points inside its object
+            mem_access(ck, st, meta.mem_regno, prev, 0, write=meta.mem_write)
             return
         if prev.type == S.SCALAR:
             raise _type_error(meta.mem_regno, prev, "mem")
-        _mem_access(ck, st, meta.mem_regno, prev, v.umax, write=meta.mem_write)
+        mem_access(ck, st, meta.mem_regno, prev, v.umax, write=meta.mem_write)
         return
     if kind == "alloc_size":
         if t != S.SCALAR:
@@ -174,6 +184,13 @@ def _check_arg(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto, re
             raise Reject(f"R{regno} must be referenced when passed to release function")
         meta.ref = reg.ref
         return
+    if kind == "long_out":
+        if t not in _MEM_PTRS:
+            raise _type_error(regno, reg, "mem")
+        mem_access(ck, st, regno, reg, 8, write=True)  # bounds first, then alignment (the kernel's order)
+        if t == S.STACK:
+            M.check_aligned(reg, 0, 8)
+        return
     if kind == "const_str":
         if t != S.MAP_VALUE:
             raise _type_error(regno, reg, kind)
@@ -208,6 +225,9 @@ def _stack_const(st: S.VerifierState, reg: Reg, size: int) -> int | None:
 
 def _check_map_compat(ck: Checker, proto: HelperProto, map_idx: int) -> None:
     m = ck.maps[map_idx]
+    if m.type not in MODELLED_MAP_TYPES:
+        raise Reject(f"cannot pass map_type {m.type} into func {proto.full_name}#{proto.id}",
+                     f"not supported: map '{m.name}' ({m.type_name}) from a uprobe program")
     allowed_helpers = _special_helpers(m.type)
     if (proto.map_types is not None and m.type not in proto.map_types) or \
             (allowed_helpers is not None and proto.id not in allowed_helpers):
@@ -220,24 +240,23 @@ def _special_helpers(map_type: int) -> frozenset[int] | None:
     return SPECIAL_MAP_HELPERS.get(map_type)
 
 
-def _mem_access(ck: Checker, st: S.VerifierState, regno: int, reg: Reg, size: int, write: bool) -> None:
+def mem_access(ck: Checker, st: S.VerifierState, regno: int, reg: Reg, size: int, write: bool) -> None:
     t = reg.type
     if t == S.STACK:
         M.helper_stack_access(ck, st, regno, reg, size, write)
         return
     if t == S.MAP_VALUE:
         m = ck.maps[reg.map]
-        if write and m.readonly:
-            raise Reject(f"write into map forbidden, value_size={m.value_size} off={reg.off} size={size}")
-        M.region_check(ck, regno, reg, reg.off, size, m.value_size, "map value")
+        M.map_access_type(m, reg.off, size, write)
+        M.region_check(ck, regno, reg, reg.off, size, m.value_size, "map value", zero_ok=True)
         return
     if t in (S.RINGBUF_MEM, S.MEM):
-        M.region_check(ck, regno, reg, reg.off, size, reg.size, "memory")
+        M.region_check(ck, regno, reg, reg.off, size, reg.size, "memory", zero_ok=True)
         return
     if t == S.MAP_KEY:
         if write:
             raise Reject(f"write to change key R{regno} not allowed")
-        M.region_check(ck, regno, reg, reg.off, size, ck.maps[reg.map].key_size, "map key")
+        M.region_check(ck, regno, reg, reg.off, size, ck.maps[reg.map].key_size, "map key", zero_ok=True)
         return
     raise _type_error(regno, reg, "mem")
 
@@ -257,6 +276,8 @@ def _finish_helper(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto
         regs[0] = Reg(S.SCALAR, val)
     elif ret == "void":
         regs[0] = S.UNINIT
+    elif ret == "map_value_or_null" and meta.map in ck.inner_of:
+        regs[0] = Reg(S.MAP_PTR_OR_NULL, Scalar.const(0), map=ck.inner_of[meta.map], id=ck.new_id())
     elif ret == "map_value_or_null":
         if meta.const_key is not None and proto.id == 1 and \
                 ck.maps[meta.map].type in ELIDE_NULL_MAP_TYPES and meta.const_key < ck.maps[meta.map].max_entries:

@@ -19,22 +19,28 @@ from ubpf_py.isa.instruction import Instruction
 from ubpf_py.obj.spec import MapSpec, ProgramSpec
 from ubpf_py.verifier import alu as A
 from ubpf_py.verifier import calls as C
+from ubpf_py.verifier import globalfuncs as G
 from ubpf_py.verifier import memory as M
 from ubpf_py.verifier import state as S
 from ubpf_py.verifier.memory import Reject
 from ubpf_py.verifier.scalar import Scalar
 from ubpf_py.verifier.state import Checkpoint, Reg, VerifierState
-from ubpf_py.verifier.structure import Cfg, is_cond_jump, jump_target, precision_demand
+from ubpf_py.verifier.structure import STACK_ALL, Cfg, is_cond_jump, jump_target, precision_demand
 
 COMPLEXITY_LIMIT = 1_000_000
 JMP_SEQ_LIMIT = 8192
 MAX_STACK = 512
 PRIV_STACK_MIN = 64
+MAX_CALL_FRAMES = 8
 _ALU_STR = {op.BPF_ADD: "+=", op.BPF_SUB: "-=", op.BPF_MUL: "*=", op.BPF_DIV: "/=", op.BPF_OR: "|=",
             op.BPF_AND: "&=", op.BPF_LSH: "<<=", op.BPF_RSH: ">>=", op.BPF_NEG: "neg",
             op.BPF_MOD: "%=", op.BPF_XOR: "^=", op.BPF_MOV: "=", op.BPF_ARSH: "s>>=",
             op.BPF_END: "endian"}
 _HELPER_CALLBACKS = (164, 181)
+_FAST_K = frozenset({op.BPF_ADD, op.BPF_SUB, op.BPF_AND, op.BPF_OR, op.BPF_XOR})
+_FAST_K64 = frozenset(op.BPF_ALU64 | op.BPF_K | o for o in _FAST_K)
+#: pointer types a comparison with 0 decides (the kernel's reg_not_null)
+_NOT_NULL = frozenset({S.MAP_VALUE, S.MAP_KEY, S.MEM, S.RINGBUF_MEM})
 
 
 @dataclass
@@ -57,11 +63,18 @@ class Stats:
 
 
 class Checker:
-    def __init__(self, prog: ProgramSpec, maps: list[MapSpec], cfg: Cfg, global_funcs: dict[int, list[str]],
+    def __init__(self, prog: ProgramSpec, maps: list[MapSpec], cfg: Cfg, global_funcs: dict[int, G.GlobalFunc],
                  log_level: int = 1, time_budget: float = 30.0) -> None:
         self.prog = prog
         self.insns: list[Instruction] = prog.instructions
-        self.maps = maps
+        # inner map templates of map-in-maps get indexes after the object's maps: a lookup
+        # in the outer map gives a pointer to (a map like) the template
+        self.maps = list(maps)
+        self.inner_of: dict[int, int] = {}
+        for i, m in enumerate(maps):
+            if m.type in M.MAP_IN_MAP and m.inner is not None:
+                self.inner_of[i] = len(self.maps)
+                self.maps.append(m.inner)
         self.cfg = cfg
         self.sleepable = prog.sleepable
         self.global_funcs = global_funcs
@@ -70,6 +83,9 @@ class Checker:
         self.stats = Stats()
         self.explored: dict[int, list[Checkpoint]] = {}
         self.open_sigs: dict[int, dict[tuple, Checkpoint]] = {}
+        #: hashes of the top frame's registers of the open checkpoints per instruction (a cheap
+        #: pre-check before the full signature of the infinite-loop test)
+        self.open_fps: dict[int, dict[int, int]] = {}
         self.jumps = 0
         self._last_cp = (0, 0)
         self.time_budget = time_budget
@@ -83,9 +99,18 @@ class Checker:
                         if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == 0
                         and ins.imm in _HELPER_CALLBACKS}
         self._cur_trail: tuple | None = None
+        self.visit_points = cfg.prune_points | self.loop_ok
+        #: instructions some path reached (the rest is dead code, as the kernel sees it)
+        self.seen = bytearray(len(self.insns))
         self._to_verify: list[int] = []
         from ubpf_py.helpers.protos import PROTOS
-        self.demand = precision_demand(self.insns, cfg, {k: p.args for k, p in PROTOS.items()})
+        self._helper_args = {k: p.args for k, p in PROTOS.items()}
+        #: conditional jumps some path found decided by scalar values; precision demand is
+        #: recomputed when this grows.  A checkpoint is used for pruning only once every
+        #: path below it is finished, so every jump its paths decided is in here by then.
+        self.decided: set[int] = set()
+        self._demand_dirty = False
+        self.demand = precision_demand(self.insns, cfg, self._helper_args, self.decided)
         self._verified: set[int] = set()
 
     # -- bookkeeping used by the other modules -------------------------------------
@@ -110,15 +135,7 @@ class Checker:
         self.pending.append((st, pc, self._cur_trail))
 
     def check_global_call(self, st: VerifierState, pc: int, target: int) -> None:
-        args = self.global_funcs[target]
-        for i, kind in enumerate(args):
-            r = st.cur.regs[i + 1]
-            if r.type == S.NOT_INIT and kind != "scalar":
-                raise Reject(f"R{i + 1} !read_ok", f"argument {i + 1} of the global function was never set")
-            if kind == "scalar" and r.type != S.SCALAR:
-                raise Reject(f"R{i + 1} is not a scalar", "this argument of the global function is an integer")
-            if kind == "ctx" and (r.type != S.CTX or r.off):
-                raise Reject(f"arg#{i} expected pointer to ctx, but got {r.type}")
+        G.check_call(self, st, target)
         caller_sub = self.cfg.func_of(pc)
         self.callees.setdefault(caller_sub, set()).add(target)
         if target not in self._verified:
@@ -141,11 +158,11 @@ class Checker:
             start = self._to_verify.pop()
             self.in_global = True
             st = VerifierState([S.new_frame(0, -1, start)])
-            for i, kind in enumerate(self.global_funcs[start]):
-                st.cur.regs[i + 1] = Reg(S.CTX, Scalar.const(0)) if kind == "ctx" else S.UNKNOWN_SCALAR
+            G.entry_regs(self, st.cur, self.global_funcs[start])
             self.enter_function(start)
             self.explored.clear()
             self.open_sigs.clear()
+            self.open_fps.clear()
             fail = self._explore(st, start)
             if fail:
                 return fail
@@ -165,17 +182,19 @@ class Checker:
 
     def _walk(self, st: VerifierState, pc: int) -> None:
         insns = self.insns
-        prune = self.cfg.prune_points
+        prune = self.visit_points
         stats = self.stats
         level2 = self.log_level >= 2
+        seen = self.seen
         while True:
             self._fail_pc = pc
+            seen[pc] = 1
             stats.processed += 1
             if stats.processed > COMPLEXITY_LIMIT:
                 raise Reject(f"BPF program is too large. Processed {stats.processed} insn",
                              "the verifier explored 1,000,000 instructions without finishing; "
                              "simplify loops or branches")
-            if (pc in prune or pc in self.loop_ok) and self._visit(st, pc):
+            if pc in prune and self._visit(st, pc):
                 self._path_done(st)
                 return
             if not stats.processed & 0x3FFF and time.monotonic() > self.deadline:
@@ -189,10 +208,25 @@ class Checker:
                 self.trace.append(f"{pc}: {format_insn(ins, pc)} ; {describe_regs(st)}")
             code = ins.opcode
             cls = code & 0x07
-            if cls in (op.BPF_ALU, op.BPF_ALU64):
+            if code in _FAST_K64:
+                # r = constant OP immediate, 64-bit: the commonest loop step, done inline
+                regs = st.frames[-1].regs
+                d = regs[ins.dst]
+                if d.type == S.SCALAR and d.val.var.mask == 0 and ins.dst != 10:
+                    a = d.val.var.value
+                    b = ins.imm & 0xFFFFFFFFFFFFFFFF
+                    o = code & 0xF0
+                    r = (a + b) if o == op.BPF_ADD else (a - b) if o == op.BPF_SUB else \
+                        (a & b) if o == op.BPF_AND else (a | b) if o == op.BPF_OR else (a ^ b)
+                    regs[ins.dst] = Reg(S.SCALAR, Scalar.const(r))
+                else:
+                    self._alu(st, ins)
+                pc += 1
+            elif cls in (op.BPF_ALU, op.BPF_ALU64):
                 self._alu(st, ins)
                 pc += 1
             elif cls == op.BPF_LDX:
+                self._read(st, ins.src)
                 self._check_dst(ins.dst)
                 sext = code & 0xE0 == op.BPF_MEMSX
                 r = M.check_access(self, st, ins.src, ins.off, op.SIZE_BYTES[code & 0x18], False, sext=sext)
@@ -207,6 +241,7 @@ class Checker:
                 pc += 1
             elif code == op.LDDW:
                 self._lddw(st, pc, ins)
+                seen[pc + 1] = 1
                 pc += 2
             elif cls == op.BPF_LD:
                 raise Reject("BPF_LD_[ABS|IND] instructions not allowed for this program type")
@@ -231,7 +266,12 @@ class Checker:
                         return
 
     # -- pruning -----------------------------------------------------------------------
-    def _live_masks(self, st: VerifierState, pc: int) -> list[tuple[int, int]]:
+    def _live_masks(self, st: VerifierState, pc: int) -> list[tuple[int, int, int]]:
+        """Per frame: (live registers, precision demand, live stack slots).  The stacks of
+        caller frames stay fully live: the callee may read them through pointers."""
+        if self._demand_dirty:
+            self._demand_dirty = False
+            self.demand = precision_demand(self.insns, self.cfg, self._helper_args, self.decided)
         live = self.cfg.live_in
         demand = self.demand
         n = len(live)
@@ -239,17 +279,17 @@ class Checker:
         frames = st.frames
         for i in range(len(frames)):
             if i == len(frames) - 1:
-                out.append((live[pc], demand[pc]))
+                out.append((live[pc], demand[pc], self.cfg.stack_live[pc]))
                 continue
             callee = frames[i + 1]
             if callee.in_callback:
                 r = callee.callsite
-                out.append((live[r], demand[r]))
+                out.append((live[r], demand[r], STACK_ALL))
             elif callee.callsite + 1 < n:
                 r = callee.callsite + 1
-                out.append(((live[r] & ~0x3F) | 0x400, demand[r] & ~0x3F))
+                out.append(((live[r] & ~0x3F) | 0x400, demand[r] & ~0x3F, STACK_ALL))
             else:
-                out.append((0x400, 0))
+                out.append((0x400, 0, STACK_ALL))
         return out
 
     def _visit(self, st: VerifierState, pc: int) -> bool:
@@ -268,13 +308,17 @@ class Checker:
                 return True
             cp.misses += 1
         sigs = self.open_sigs.setdefault(pc, {})
-        sig = st.signature() if sigs or self._want_checkpoint(loop_ok) else ()
+        fps = self.open_fps.get(pc)
+        fp = hash(tuple([r.val.var for r in st.cur.regs]))  # equal states, equal fingerprints
+        # an identical open state is possible only if the current frame's registers match one
+        maybe_loop = bool(fps) and fp in fps
+        sig = st.signature() if maybe_loop or loop_ok else ()
         if not loop_ok:
-            cp = sigs.get(sig) if sigs else None
+            cp = sigs.get(sig) if sig and sigs else None
             if cp is not None and cp.branches > 0:
                 raise Reject(f"infinite loop detected at insn {pc}",
                              "this loop comes back to the same state: it can never exit")
-            if not self._want_checkpoint(False):
+            if not self._want_checkpoint(False, looping=bool(sigs)):
                 return False
         else:
             ancestors = [cp for cp in sigs.values() if cp.branches and len(cp.state.frames) == len(st.frames)]
@@ -288,16 +332,23 @@ class Checker:
         self._last_cp = (self.stats.processed, self.jumps)
         cp = Checkpoint(st.copy(), pc, st.parent)
         cp.sig = sig
+        cp.fp = fp
         st.parent = cp
         sigs[sig] = cp
+        fps = self.open_fps.setdefault(pc, {})
+        fps[fp] = fps.get(fp, 0) + 1
         self.stats.states += 1
         return False
 
-    def _want_checkpoint(self, force: bool) -> bool:
-        """The kernel's heuristic: a new checkpoint needs 2 jumps and 8 insns since the last."""
+    def _want_checkpoint(self, force: bool, looping: bool = False) -> bool:
+        """The kernel's heuristic: a new checkpoint needs 2 jumps and 8 insns since the last;
+        inside a loop (a checkpoint at this instruction is still open) 20 jumps or 100 insns,
+        since successive iterations differ and rarely help pruning."""
         if force:
             return True
         insns, jumps = self._last_cp
+        if looping:
+            return self.jumps - jumps >= 20 or self.stats.processed - insns >= 100
         return self.jumps - jumps >= 2 and self.stats.processed - insns >= 8
 
     def _path_done(self, st: VerifierState) -> None:
@@ -310,6 +361,11 @@ class Checker:
             sigs = self.open_sigs.get(cp.insn)
             if sigs is not None and sigs.get(cp.sig) is cp:
                 del sigs[cp.sig]
+                fps = self.open_fps[cp.insn]
+                if fps[cp.fp] <= 1:
+                    del fps[cp.fp]
+                else:
+                    fps[cp.fp] -= 1
             lst = self.explored.setdefault(cp.insn, [])
             lst.append(cp)
             if len(lst) > self.stats.max_states_per_insn:
@@ -334,9 +390,9 @@ class Checker:
         regs = st.cur.regs
         x = code & op.BPF_X
         if o == op.BPF_MOV:
-            self._check_dst(ins.dst)
-            if x:
+            if x:  # the kernel reads the source before it checks the destination
                 src = self._read(st, ins.src)
+                self._check_dst(ins.dst)
                 if ins.off:  # movsx
                     val = src.val.sext(ins.off // 8) if src.type == S.SCALAR else Scalar.unknown().sext(ins.off // 8)
                     regs[ins.dst] = Reg(S.SCALAR, val if bits == 64 else val.zext32())
@@ -345,15 +401,33 @@ class Checker:
                         src = Reg(S.SCALAR, src.val, id=self.new_id())
                         regs[ins.src] = src
                     regs[ins.dst] = src
+                elif src.type == S.SCALAR and src.val.umax <= 0xFFFFFFFF:
+                    # w3 = w2 of a value that fits in 32 bits: both registers stay linked
+                    if not src.id and not src.val.is_const():
+                        src = Reg(S.SCALAR, src.val, id=self.new_id())
+                        regs[ins.src] = src
+                    regs[ins.dst] = src
                 else:
                     val = src.val.zext32() if src.type == S.SCALAR else Scalar.unknown().zext32()
                     regs[ins.dst] = Reg(S.SCALAR, val)
             else:
+                self._check_dst(ins.dst)
                 v = ins.imm & 0xFFFFFFFF if bits == 32 else ins.imm
                 regs[ins.dst] = S.const_reg(v)
             return
-        self._check_dst(ins.dst)
+        if x and o != op.BPF_END:  # BPF_TO_BE shares the BPF_X bit; END has no source
+            self._read(st, ins.src)
         dst = self._read(st, ins.dst)
+        self._check_dst(ins.dst)
+        if not x and o in _FAST_K and dst.type == S.SCALAR and dst.val.var.mask == 0:
+            # constant OP immediate: the common loop-counter case, computed directly
+            m = (1 << bits) - 1
+            a = dst.val.var.value & m
+            b = ins.imm & m
+            r = (a + b) if o == op.BPF_ADD else (a - b) if o == op.BPF_SUB else \
+                (a & b) if o == op.BPF_AND else (a | b) if o == op.BPF_OR else (a ^ b)
+            regs[ins.dst] = Reg(S.SCALAR, Scalar.const(r & m))
+            return
         if o in (op.BPF_NEG, op.BPF_END):
             if dst.type != S.SCALAR:
                 regs[ins.dst] = S.UNKNOWN_SCALAR
@@ -404,6 +478,9 @@ class Checker:
         if o == op.BPF_SUB:
             if not dst.is_ptr:
                 raise Reject(f"R{d} tried to subtract pointer from scalar")
+            if ptr.type == S.STACK:
+                raise Reject(f"R{d} subtraction from stack pointer prohibited",
+                             "address stack slots by adding a negative offset (r1 += -8)")
             return self._ptr_offset(ptr, off, o, d)
         if o in (op.BPF_AND, op.BPF_OR, op.BPF_XOR):
             raise Reject(f"R{d} bitwise operator {_ALU_STR[o]} on pointer prohibited")
@@ -427,6 +504,12 @@ class Checker:
         code = ins.opcode
         size = op.SIZE_BYTES[code & 0x18]
         src = self._read(st, ins.src)
+        if src.type == S.SCALAR and not src.id and not src.val.is_const() and code & 0xE0 == op.BPF_MEM \
+                and st.cur.regs[ins.dst].type == S.STACK and src.val.umax >> (size * 8) == 0:
+            # a spill of a value that fits keeps it linked with the register (the kernel's
+            # assign_scalar_id_before_mov), so a later fill and compare refines both
+            src = Reg(S.SCALAR, src.val, id=self.new_id())
+            st.cur.regs[ins.src] = src
         if code & 0xE0 == op.BPF_ATOMIC:
             self._read(st, ins.dst)
             if ins.imm == op.BPF_CMPXCHG:
@@ -503,12 +586,13 @@ class Checker:
         target = jump_target(pc, ins)
         if dst.type == S.SCALAR and src.type == S.SCALAR:
             taken = A.branch_taken(o, dst.val, src.val, bits)
-            if taken == 1:
-                return target
-            if taken == 0:
-                return pc + 1
+            if taken >= 0:
+                self._decided(pc)
+                return target if taken == 1 else pc + 1
             yes = A.refine(o, dst.val, src.val, bits)
             no = A.refine(A.negate(o), dst.val, src.val, bits)
+            if yes is None or no is None:
+                self._decided(pc)
             if yes is None and no is None:
                 return -1
             if yes is None:
@@ -537,11 +621,19 @@ class Checker:
                 self.push(st.copy(), target)
                 self._replace(st, null_st)
                 return pc + 1
-            if ptr.type not in S.OR_NULL:
+            if ptr.type in _NOT_NULL:
                 return (target if o == op.BPF_JNE else pc + 1)
+            # ctx, stack, map and function pointers: the kernel's reg_not_null() does not vouch
+            # for them, so both sides are walked with the pointer unchanged (an access through
+            # the "null" ctx on the impossible side is still checked)
         del regs, ptr_no
         self.push(st.copy(), target)
         return pc + 1
+
+    def _decided(self, pc: int) -> None:
+        if pc not in self.decided:
+            self.decided.add(pc)
+            self._demand_dirty = True
 
     @staticmethod
     def _replace(st: VerifierState, other: VerifierState) -> None:
@@ -564,24 +656,42 @@ class Checker:
             if d > MAX_STACK:
                 return Failure(f"stack size of subprog at insn {start} is {d}. Too large", start, "", [], None, None)
 
-        def walk(sub: int, acc: int, chain: list[int]) -> Failure | None:
+        graph = self._static_calls()
+        seen: set[tuple[int, int, int]] = set()
+
+        def walk(sub: int, acc: int, frame: int) -> Failure | None:
+            # the kernel's check_max_stack_depth: a static walk over every call and callback
+            # reference in each function (reached or not), at most 8 frames deep
+            if frame >= MAX_CALL_FRAMES:
+                return Failure(f"the call stack of {frame} frames is too deep !", sub,
+                               "BPF allows 8 nested function frames; is a function recursive?", [], None, None)
             d = depth.get(sub, 0)
-            private = priv_ok and d >= PRIV_STACK_MIN
-            if not private:
+            if not (priv_ok and d >= PRIV_STACK_MIN):
                 acc += d
                 if acc > MAX_STACK:
-                    return Failure(f"combined stack size of {len(chain) + 1} calls is {acc}. Too large", sub,
+                    return Failure(f"combined stack size of {frame + 1} calls is {acc}. Too large", sub,
                                    "the functions on this call chain use more than 512 bytes of stack together",
                                    [], None, None)
-            if len(chain) > 16:
+            key = (sub, frame, acc)
+            if key in seen:
                 return None
-            for callee in sorted(self.callees.get(sub, ())):
-                f = walk(callee, acc, [*chain, sub])
+            seen.add(key)
+            for callee in graph.get(sub, ()):
+                f = walk(callee, acc, frame + 1)
                 if f:
                     return f
             return None
 
-        return walk(0, 0, [])
+        return walk(0, 0, 0)
+
+    def _static_calls(self) -> dict[int, list[int]]:
+        """Function start -> functions it calls or takes as callbacks, in instruction order."""
+        out: dict[int, list[int]] = {}
+        for i, ins in enumerate(self.insns):
+            if (ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_PSEUDO_CALL) or \
+                    (ins.opcode == op.LDDW and ins.src == op.BPF_PSEUDO_FUNC):
+                out.setdefault(self.cfg.func_of(i), []).append(i + ins.imm + 1)
+        return out
 
 
 def _sane_offset(v: Scalar, ptr: Reg) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ubpf_py.obj.mapdefs import BPF_F_RDONLY_PROG, BPF_F_WRONLY_PROG
+from ubpf_py.obj.spec import MapSpec
 from ubpf_py.verifier import state as S
 from ubpf_py.verifier import tnum as tn
 from ubpf_py.verifier.scalar import Scalar, s64, unknown_bits
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 PT_REGS_SIZE = 168
 MAX_VAR_OFF = 1 << 29
 MAP_TYPE_ARRAY_LIKE = {2, 6}  # array, percpu_array: direct value access allowed
+MAP_IN_MAP = {12, 13}  # array_of_maps, hash_of_maps
 
 
 class Reject(Exception):
@@ -32,6 +35,27 @@ class Reject(Exception):
         self.msg = msg
         self.hint = hint
         self.extra = extra or []
+
+
+def map_access_type(m: MapSpec, off: int, size: int, write: bool) -> None:
+    """check_map_access_type: BPF_F_RDONLY_PROG maps (and .rodata/.kconfig) refuse program
+    writes, BPF_F_WRONLY_PROG maps refuse program reads."""
+    if write and (m.readonly or m.flags & BPF_F_RDONLY_PROG):
+        raise Reject(f"write into map forbidden, value_size={m.value_size} off={off} size={size}",
+                     f"map '{m.name}' is read-only for programs (BPF_F_RDONLY_PROG, .rodata, .kconfig)")
+    if not write and m.flags & BPF_F_WRONLY_PROG:
+        raise Reject(f"read from map forbidden, value_size={m.value_size} off={off} size={size}",
+                     f"map '{m.name}' is write-only for programs (BPF_F_WRONLY_PROG)")
+
+
+def check_aligned(reg: Reg, insn_off: int, size: int) -> None:
+    """Stack accesses are always strictly aligned (check_ptr_alignment), variable part included."""
+    v = reg.val
+    a = tn.add(v.var, tn.const(reg.off + insn_off))
+    if (a.value | a.mask) & (size - 1):
+        var = str(s64(v.value)) if v.is_const() else str(v.var)
+        raise Reject(f"misaligned stack access off {var}+{reg.off}+{insn_off} size {size}",
+                     "stack accesses must be aligned to their size whatever the offset")
 
 
 def _loaded(size: int, sext: bool) -> Reg:
@@ -66,15 +90,22 @@ def region_check(ck: Checker, regno: int, reg: Reg, off: int, size: int, limit: 
 
 
 def stack_bounds(ck: Checker, regno: int, reg: Reg, off: int, size: int, kind: str) -> tuple[int, int]:
-    """Check a stack access stays in [-512, 0); return (min_off, max_off)."""
+    """check_stack_access_within_bounds: [min, max) must lie in [-512, 0); return (min, max).
+
+    ``kind`` is "read from", "write to" or "indirect access to" (a helper), as in the
+    kernel's messages.  A zero-sized access still needs its start inside the stack.
+    """
     v = reg.val
     if v.is_const():
         lo = s64(v.value) + off
         hi = lo + size
     else:
+        if v.smax >= MAX_VAR_OFF or v.smin <= -MAX_VAR_OFF:
+            raise Reject(f"invalid unbounded variable-offset {kind} stack R{regno}",
+                         "the BPF stack is the 512 bytes below r10; bound the offset")
         lo = v.smin + off
         hi = v.smax + off + size
-    if lo < -S.STACK_SIZE or hi > 0 or size < 0 or (v.smin == -(1 << 63)):
+    if lo < -S.STACK_SIZE or lo > -1 or hi > 0 or size < 0:
         if v.is_const():
             raise Reject(f"invalid {kind} stack R{regno} off={off} size={size}",
                          "the BPF stack is the 512 bytes below r10")
@@ -115,6 +146,8 @@ def check_access(ck: Checker, st: S.VerifierState, regno: int, insn_off: int, si
         if v.is_const() and (s64(v.value) + off) % size:
             raise Reject(f"misaligned stack access off {s64(v.value)}+{reg.off}+{insn_off} size {size}",
                          "stack accesses must be aligned to their size")
+        if not v.is_const():
+            check_aligned(reg, insn_off, size)
         lo, hi = stack_bounds(ck, regno, reg, off, size, "write to" if write else "read from")
         ck.note_stack(frame, -lo)
         if not v.is_const():
@@ -137,9 +170,7 @@ def check_access(ck: Checker, st: S.VerifierState, regno: int, insn_off: int, si
         return r
     if t == S.MAP_VALUE:
         m = ck.maps[reg.map]
-        if write and m.readonly:
-            raise Reject(f"write into map forbidden, value_size={m.value_size} off={off} size={size}",
-                         f"map '{m.name}' is read-only for programs (.rodata/.kconfig)")
+        map_access_type(m, off, size, write)
         region_check(ck, regno, reg, off, size, m.value_size, "map value")
         if write:
             return None
@@ -208,12 +239,14 @@ def write_stack(ck: Checker, frame: S.Frame, off: int, size: int, value: Reg | N
         _scrub(frame, slot)
     if value is not None and idx % 8 == 0:
         if value.type == S.SCALAR:
+            # the kernel saves the whole register even for a narrow spill (a fill truncates
+            # it); the id survives only when the value fits the spill
             width = value.val.umax.bit_length() if value.val.smin >= 0 else 64
-            if size == 8 or width <= size * 8:
-                frame.spills[slot] = value if size == 8 else Reg(S.SCALAR, value.val)
-                for j in range(size):
-                    frame.stack[idx + j] = S.S_SPILL
-                return
+            fits = size == 8 or width <= size * 8
+            frame.spills[slot] = value if fits or not value.id else Reg(S.SCALAR, value.val)
+            for j in range(size):
+                frame.stack[idx + j] = S.S_SPILL
+            return
         elif value.is_ptr:
             if size != 8:
                 raise Reject("invalid size of register spill", "pointers are spilled as 8-byte values")

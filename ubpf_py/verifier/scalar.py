@@ -30,8 +30,12 @@ def s32(v: int) -> int:
     return v - (1 << 32) if v >> 31 else v
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, eq=True)
 class Scalar:
+    """Immutable by convention (never assign a field): values are shared between states.
+    Not a frozen dataclass because frozen construction is several times slower, and the
+    verifier builds one of these for almost every instruction it walks."""
+
     var: Tnum
     umin: int
     umax: int
@@ -42,12 +46,21 @@ class Scalar:
     s32min: int
     s32max: int
 
+    def __hash__(self) -> int:
+        return hash((self.var, self.umin, self.umax, self.smin, self.smax, self.u32min, self.u32max,
+                     self.s32min, self.s32max))
+
     # -- construction ----------------------------------------------------------
     @staticmethod
     def const(v: int) -> Scalar:
         v &= U64
+        c = _CONSTS.get(v)
+        if c is not None:
+            return c
         lo = v & U32
-        return Scalar(Tnum(v, 0), v, v, s64(v), s64(v), lo, lo, s32(lo), s32(lo))
+        sv = v - (1 << 64) if v >> 63 else v
+        sl = lo - (1 << 32) if lo >> 31 else lo
+        return Scalar(Tnum(v, 0), v, v, sv, sv, lo, lo, sl, sl)
 
     @staticmethod
     def unknown() -> Scalar:
@@ -104,6 +117,17 @@ class Scalar:
 
     # -- consistency (reg_bounds_sync) ------------------------------------------
     def sync(self) -> Scalar:
+        key = (self.var, self.umin, self.umax, self.smin, self.smax, self.u32min, self.u32max,
+               self.s32min, self.s32max)
+        r = _SYNCED.get(key)
+        if r is None:
+            r = self._sync()
+            if len(_SYNCED) >= 65536:  # the same ranges recur on many paths; keep the cache bounded
+                _SYNCED.clear()
+            _SYNCED[key] = r
+        return r
+
+    def _sync(self) -> Scalar:
         v, umin, umax, smin, smax = self.var, self.umin, self.umax, self.smin, self.smax
         u32min, u32max, s32min, s32max = self.u32min, self.u32max, self.s32min, self.s32max
         if v.mask == 0 and umin <= v.value <= umax and smin <= s64(v.value) <= smax \
@@ -199,6 +223,13 @@ class Scalar:
         v = tn.sext(self.var, size)
         return Scalar(v, 0, U64, lo, hi, 0, U32, S32_MIN, S32_MAX).sync()
 
+
+#: results of Scalar.sync by field values (Scalars are immutable, sync is pure)
+_SYNCED: dict[tuple, Scalar] = {}
+
+#: small constants are built once (immediates and loop counters repeat a lot)
+_CONSTS: dict[int, Scalar] = {}
+_CONSTS.update({v & U64: Scalar.const(v) for v in range(-64, 4097)})
 
 UNKNOWN = Scalar(tn.UNKNOWN, 0, U64, S64_MIN, S64_MAX, 0, U32, S32_MIN, S32_MAX)
 

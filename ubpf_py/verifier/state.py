@@ -30,10 +30,13 @@ MEM = "mem"
 MEM_OR_NULL = "mem_or_null"
 FUNC = "func"
 MAP_KEY = "map_key"
+#: a lookup in a map-in-map: the inner map, or NULL
+MAP_PTR_OR_NULL = "map_ptr_or_null"
 
-OR_NULL = {MAP_VALUE_OR_NULL: MAP_VALUE, RINGBUF_MEM_OR_NULL: RINGBUF_MEM, MEM_OR_NULL: MEM}
+OR_NULL = {MAP_VALUE_OR_NULL: MAP_VALUE, RINGBUF_MEM_OR_NULL: RINGBUF_MEM, MEM_OR_NULL: MEM,
+           MAP_PTR_OR_NULL: MAP_PTR}
 POINTERS = {CTX, STACK, MAP_PTR, MAP_VALUE, MAP_VALUE_OR_NULL, RINGBUF_MEM, RINGBUF_MEM_OR_NULL,
-            MEM, MEM_OR_NULL, FUNC, MAP_KEY}
+            MEM, MEM_OR_NULL, FUNC, MAP_KEY, MAP_PTR_OR_NULL}
 
 # stack byte kinds
 S_INVALID = 0   # never written
@@ -42,10 +45,14 @@ S_ZERO = 2      # known zero
 S_SPILL = 3     # part of a spilled register
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=True)
 class Reg:
     """One register's abstract value.  Pointers use ``off`` (fixed part) and
-    ``val`` (variable part, a Scalar); scalars use ``val`` only."""
+    ``val`` (variable part, a Scalar); scalars use ``val`` only.
+
+    Immutable by convention (never assign a field; build a new Reg): registers are
+    shared between states.  Not a frozen dataclass because frozen construction is
+    several times slower and the walk builds one per instruction."""
 
     type: str = NOT_INIT
     val: Scalar = UNKNOWN
@@ -64,6 +71,17 @@ class Reg:
     subprog: int = -1
     #: for a scalar that used to be a pointer to a released object: the release insn + 1
     released_at: int = 0
+    #: cached hash (registers are immutable and shared between states; state signatures
+    #: hash every register at every prune point)
+    _h: int = field(default=0, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        h = self._h
+        if not h:
+            h = hash((self.type, self.val, self.off, self.map, self.size, self.id, self.ref, self.frame,
+                      self.subprog, self.released_at)) or 1
+            self._h = h
+        return h
 
     @property
     def is_ptr(self) -> bool:
@@ -123,6 +141,9 @@ class Frame:
     frameno: int
     #: set for bpf_loop-style callbacks: the helper call to return to
     in_callback: bool = False
+    #: for frames saved in checkpoints (never changed again): the stack bytes that are
+    #: known zero or spilled, as (index, kind); computed on the first comparison
+    known: tuple | None = None
 
     def copy(self) -> Frame:
         return Frame(list(self.regs), bytearray(self.stack), dict(self.spills), self.callsite,
@@ -148,6 +169,7 @@ class Checkpoint:
     hits: int = 0
     misses: int = 0
     sig: tuple = ()
+    fp: int = 0
 
 
 @dataclass(slots=True)
@@ -226,7 +248,9 @@ def reg_safe(old: Reg, cur: Reg, ids: _IdMap, exact: bool) -> bool:
     return ids.check(old.ref, cur.ref)
 
 
-def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -1) -> bool:
+def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -1, slots: int = -1) -> bool:
+    """Is ``cur``'s stack covered by ``old``'s?  Only slots in ``slots`` (bit k = slot k,
+    the slots a later instruction may read) matter, like the kernel's REG_LIVE_READ."""
     if exact:
         return old.stack == cur.stack and all(
             reg_safe(o, cur.spills.get(k, UNINIT), ids, True) for k, o in old.spills.items()) \
@@ -234,9 +258,11 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
     os_, cs = old.stack, cur.stack
     if os_ == cs and not old.spills and not cur.spills:
         return True
-    for i in range(STACK_SIZE):
-        k = os_[i]
-        if k <= S_MISC:
+    known = old.known
+    if known is None:
+        known = old.known = tuple((i, k) for i, k in enumerate(os_) if k > S_MISC)
+    for i, k in known:
+        if not (slots >> (i >> 3)) & 1:
             continue
         c = cs[i]
         if k == S_ZERO:
@@ -250,6 +276,8 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
         if c != S_SPILL:
             return False
     for slot, o in old.spills.items():
+        if not (slots >> slot) & 1:
+            continue
         c = cur.spills.get(slot)
         if c is None:
             # old spill bytes were all overwritten as misc in the old state's view? no: must match
@@ -264,7 +292,7 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
     return True
 
 
-def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int]] | None,
+def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int, int]] | None,
              exact: bool = False) -> bool:
     """The kernel's states_equal: is ``cur`` covered by the explored ``old``?
 
@@ -280,7 +308,7 @@ def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int]
     for fi, (of, cf) in enumerate(zip(old.frames, cur.frames, strict=True)):
         if of.callsite != cf.callsite or of.in_callback != cf.in_callback:
             return False
-        live, demand = masks[fi] if masks is not None else (0x7FF, -1)
+        live, demand, slots = masks[fi] if masks is not None else (0x7FF, -1, -1)
         for r in range(11):
             o, c = of.regs[r], cf.regs[r]
             if exact:
@@ -293,7 +321,7 @@ def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int]
                 continue
             if not reg_safe(o, c, ids, False):
                 return False
-        if not stack_safe(of, cf, ids, exact, demand):
+        if not stack_safe(of, cf, ids, exact, demand, slots):
             return False
     if len(old.refs) != len(cur.refs):
         return False

@@ -90,8 +90,6 @@ def check_fields(i: int, ins: Instruction) -> None:
     if cls == op.BPF_LD and code != op.LDDW:
         raise StructureError("BPF_LD_[ABS|IND] instructions not allowed for this program type", i,
                              "legacy packet loads are for socket filters, not uprobes")
-    if ins.dst == 10 and (cls in (op.BPF_ALU, op.BPF_ALU64, op.BPF_LDX) or code == op.LDDW):
-        raise StructureError("frame pointer is read only", i, "r10 cannot be written")
     if cls in (op.BPF_ALU, op.BPF_ALU64):
         o = code & 0xF0
         name = "BPF_ALU"
@@ -155,6 +153,9 @@ class Cfg:
     prune_points: set[int]
     #: live-in register bit sets per instruction
     live_in: list[int] = field(default_factory=list)
+    #: per instruction, the 8-byte stack slots (bit k = bytes [k*8-512, k*8-504)) of the
+    #: current frame that may still be read; STACK_ALL when unknown
+    stack_live: list[int] = field(default_factory=list)
     #: instruction -> function start
     owner: list[int] = field(default_factory=list)
 
@@ -225,11 +226,15 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
             if not s <= t < e:
                 raise StructureError(f"jump out of range from insn {i} to {t}", i,
                                      "the jump leaves its function")
-            prune.add(t)
             if is_cond_jump(code):
+                # the kernel's prune point is the conditional jump itself (one check covers
+                # both successors); its successors too (more chances to prune, fewer insns)
+                prune.add(i)
                 prune.add(i + 1)
+                prune.add(t)
                 succ[i] = (i + 1, t)
             else:
+                prune.add(t)
                 succ[i] = (t,)
         elif code == op.BPF_JMP | op.BPF_EXIT:
             succ[i] = ()
@@ -239,6 +244,8 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
             succ[i] = (i + 1,)
             if code == op.BPF_JMP | op.BPF_CALL:
                 prune.add(i + 1)
+                if ins.src == op.BPF_PSEUDO_CALL:
+                    prune.add(i)
         last = e - 1
         if (i == last or (code == op.LDDW and i + 1 == last)) and \
                 code not in (op.BPF_JMP | op.BPF_EXIT, op.BPF_JMP | op.BPF_JA, op.BPF_JMP32 | op.BPF_JA):
@@ -261,7 +268,74 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
                 raise StructureError(f"unreachable insn {j}", j, "dead code; the kernel refuses it too")
     cfg = Cfg(n, starts, ends, callbacks, prune, owner=owner)
     cfg.live_in = _liveness(insns, succ, second_slot)
+    cfg.stack_live = _stack_liveness(insns, succ, second_slot)
     return cfg
+
+
+STACK_ALL = (1 << 64) - 1
+#: helpers that read or write no memory through their arguments (their calls keep stack slots dead)
+_NO_MEMORY_HELPERS = frozenset({5, 7, 8, 14, 15, 35, 42, 80, 109, 117, 118, 123, 125, 160, 173, 174, 208})
+
+
+def _slots(off: int, size: int) -> int:
+    bits = 0
+    for a in range(off, off + size):
+        k = (512 + a) // 8
+        if 0 <= k < 64:
+            bits |= 1 << k
+    return bits
+
+
+def _stack_use_def(ins: Instruction) -> tuple[int, int]:
+    """(slots read, slots fully overwritten) by one instruction, for the current frame."""
+    code = ins.opcode
+    cls = code & 0x07
+    if cls == op.BPF_LDX:
+        return (_slots(ins.off, op.SIZE_BYTES[code & 0x18]) if ins.src == 10 else STACK_ALL), 0
+    if cls in (op.BPF_ST, op.BPF_STX):
+        size = op.SIZE_BYTES[code & 0x18]
+        if cls == op.BPF_STX and code & 0xE0 == op.BPF_ATOMIC:
+            return (_slots(ins.off, size) if ins.dst == 10 else STACK_ALL), 0
+        if ins.dst == 10 and size == 8 and ins.off % 8 == 0:
+            return 0, _slots(ins.off, 8)
+        return 0, 0
+    if code == op.BPF_JMP | op.BPF_CALL:
+        if ins.src == 0 and ins.imm in _NO_MEMORY_HELPERS:
+            return 0, 0
+        return STACK_ALL, 0  # helpers and callees may read the stack through pointers
+    return 0, 0
+
+
+def _stack_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], second: set[int]) -> list[int]:
+    """The kernel's stack-slot read marks, statically: a slot no later instruction of this
+    frame may read does not matter when comparing states (pointers into the stack make
+    every slot live at helper and function calls, and at loads through other registers)."""
+    n = len(insns)
+    ud = [(0, 0) if i in second else _stack_use_def(insns[i]) for i in range(n)]
+    live = [0] * n
+    preds: list[list[int]] = [[] for _ in range(n)]
+    for i in range(n):
+        for t in succ[i]:
+            if t < n:
+                preds[t].append(i)
+    work = list(range(n))
+    inq = [True] * n
+    while work:
+        i = work.pop()
+        inq[i] = False
+        out = 0
+        for t in succ[i]:
+            if t < n:
+                out |= live[t]
+        use, dfn = ud[i]
+        new = use | (out & ~dfn)
+        if new != live[i]:
+            live[i] = new
+            for p in preds[i]:
+                if not inq[p]:
+                    inq[p] = True
+                    work.append(p)
+    return live
 
 
 def _use_def(ins: Instruction) -> tuple[int, int]:
@@ -354,8 +428,13 @@ def _slot_bits(off: int, size: int) -> int:
     return bits
 
 
-def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, tuple[str, ...]]) -> list[int]:
-    """Per instruction: which registers / stack slots may later need exact values."""
+def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, tuple[str, ...]],
+                     decided: set[int] | None = None) -> list[int]:
+    """Per instruction: which registers / stack slots may later need exact values.
+
+    ``decided``: the conditional jumps whose outcome the walk has found decided by the
+    values (the kernel marks a branch's operands precise only then); None = all jumps.
+    """
     n = cfg.n
     second = {i + 1 for i, ins in enumerate(insns) if ins.opcode == op.LDDW}
     succ: list[tuple[int, ...]] = []
@@ -445,6 +524,8 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
                         res |= fact[cb] & ALL_STACK
                 return res
             if o == op.BPF_JA:
+                return out
+            if decided is not None and i not in decided:
                 return out
             return out | d | (s if code & op.BPF_X else 0)
         return out | 0x7FF

@@ -23,6 +23,7 @@ from ubpf_py.isa.disasm import format_instruction
 from ubpf_py.isa.instruction import Instruction
 from ubpf_py.isa.validate import validate
 from ubpf_py.vm import interp_ops
+from ubpf_py.vm.budget import runaway_fault
 from ubpf_py.vm.env import ExecEnv
 from ubpf_py.vm.interp_codegen import generate
 from ubpf_py.vm.memory import HostBuffer, Region
@@ -162,7 +163,7 @@ class Interpreter:
             while pc >= 0:
                 self._count += costs[pc]
                 if self._count > limit:
-                    raise VMFault(f"instruction budget of {limit} exceeded", pc)
+                    raise runaway_fault(self.name, limit, "instructions", pc, self.insns)
                 pc = blocks[pc](R)  # type: ignore[misc]
             if len(frames) == base:
                 return R[0]

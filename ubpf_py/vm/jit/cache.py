@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from ubpf_py.isa.instruction import Instruction, encode
 from ubpf_py.isa.validate import validate
 from ubpf_py.vm.jit import backend as _backend
+from ubpf_py.vm.jit import layout
 from ubpf_py.vm.jit.compiler import ProgramLayout, module_header, program_ir
 
 #: ``u64 entry(r1, r2, r3, r4, r5, rt)``.  PYFUNCTYPE keeps the GIL (helpers are Python
@@ -53,7 +54,9 @@ class CompiledCode:
 
 def cache_key(insns: list[Instruction], checked: bool, level: str) -> str:
     h = hashlib.blake2b(encode(insns), digest_size=12)
-    h.update(b"checked" if checked else b"unchecked")
+    h.update(b"checked" if checked & layout.CHECK_MEMORY else b"unchecked")
+    if checked & layout.BUDGET:
+        h.update(b"budget")
     h.update(level.encode())
     return h.hexdigest()
 

@@ -148,13 +148,31 @@ def _check_target(insns: list[Instruction], pc: int, target: int, what: str) -> 
         raise InvalidInstructionError(pc, f"{what} target {target} is not an instruction")
 
 
-def program_ir(insns: list[Instruction], prefix: str, checked: bool,
-               target: bool = False) -> tuple[str, ProgramLayout]:
+@dataclass(frozen=True, slots=True)
+class TargetInfo:
+    """What code compiled for the traced process needs to know (``vm.jit.target``)."""
+
+    #: prog-array map handle -> (address of its table of program entries in the arena, max_entries)
+    tail_tables: dict[int, tuple[int, int]]
+
+
+#: bpf_loop: compiled inline in target code (the callback is a BPF function of the same module)
+LOOP_HELPER = 181
+#: bpf_loop's limit on nr_loops (kernel BPF_MAX_LOOPS)
+MAX_LOOPS = 1 << 23
+#: tail calls one hit may take (kernel MAX_TAIL_CALL_CNT)
+MAX_TAIL_CALLS = 33
+
+
+def program_ir(insns: list[Instruction], prefix: str, checked: bool | int,
+               target: TargetInfo | None = None) -> tuple[str, ProgramLayout]:
     """IR text for one program (without the shared module header) and its layout.
+    ``checked``: mode bits ``layout.CHECK_MEMORY`` (True) and ``layout.BUDGET`` (every backward
+    jump counts down ``rt[SLOT_BUDGET]``, reset at entry; at zero the program faults).
 
     ``target``: code for the traced process (``vm.jit.target`` adds its entry): helpers are
-    direct calls of the in-target runtime, and what only the tracer can do (tail calls,
-    callbacks, callx) raises ``NotSupportedError``."""
+    direct calls of the in-target runtime, bpf_loop and tail calls are compiled inline, and
+    what only the tracer can do (callx, other callbacks) raises ``NotSupportedError``."""
     starts, helper_ids, callbacks, callx = scan_program(insns)
     helper_index = {h: k for k, h in enumerate(helper_ids)}
     bounds = [*starts, len(insns)]
@@ -164,7 +182,7 @@ def program_ir(insns: list[Instruction], prefix: str, checked: bool,
         parts.append(_function_ir(insns, prefix, start, bounds[k + 1], start in callbacks,
                                   helper_index, checked, fast, target))
     if not target:
-        parts.append(_entries_ir(prefix))
+        parts.append(_entries_ir(prefix, bool(checked & layout.BUDGET)))
     plan = ProgramLayout(prefix, tuple(helper_ids), bool(callbacks), TAIL_CALL_HELPER in helper_index,
                          callx, tuple(callbacks), tuple(fast.maps), tuple(sorted(fast.helpers)))
     return "\n".join(parts), plan
@@ -189,16 +207,23 @@ class _FastSites:
         return self.maps.setdefault(handle, len(self.maps))
 
 
-def _entries_ir(p: str) -> str:
+def _entries_ir(p: str, budgeted: bool = False) -> str:
     ef = layout.SLOT_ENTRY_FP
+    reset = ""
+    if budgeted:
+        reset = f"""
+  %bip = getelementptr i64, ptr %rt, i64 {layout.SLOT_BUDGET_INIT}
+  %bi = load i64, ptr %bip
+  %bp = getelementptr i64, ptr %rt, i64 {layout.SLOT_BUDGET}
+  store i64 %bi, ptr %bp"""
     return f"""
-define i64 @{p}_entry(i64 %a1, i64 %a2, i64 %a3, i64 %a4, i64 %a5, ptr %rt) {{
+define i64 @{p}_entry(i64 %a1, i64 %a2, i64 %a3, i64 %a4, i64 %a5, ptr %rt) {{{reset}
   %fpp = getelementptr i64, ptr %rt, i64 {ef}
   %fp = load i64, ptr %fpp
   %r = call i64 @{p}_f0(i64 %a1, i64 %a2, i64 %a3, i64 %a4, i64 %a5, i64 %fp, ptr %rt)
   ret i64 %r
 }}
-define i64 @{p}_entry1(i64 %a1, ptr %rt) {{
+define i64 @{p}_entry1(i64 %a1, ptr %rt) {{{reset}
   %fpp = getelementptr i64, ptr %rt, i64 {ef}
   %fp = load i64, ptr %fpp
   %r = call i64 @{p}_f0(i64 %a1, i64 0, i64 0, i64 0, i64 0, i64 %fp, ptr %rt)
@@ -234,9 +259,10 @@ def _labels(insns: list[Instruction], start: int, end: int) -> set[int]:
 
 
 def _function_ir(insns: list[Instruction], p: str, start: int, end: int, exported: bool,
-                 helper_index: dict[int, int], checked: bool, fast: _FastSites,
-                 target: bool = False) -> str:
-    f = FunctionEmitter(checked, start, target)
+                 helper_index: dict[int, int], checked: bool | int, fast: _FastSites,
+                 target: bool | TargetInfo | None = None) -> str:
+    f = FunctionEmitter(bool(checked & layout.CHECK_MEMORY), start, target)
+    budgeted = bool(checked & layout.BUDGET)
     labels = _labels(insns, start, end)
     attrs = " noinline" if start == 0 else ""
     e = f.emit
@@ -250,7 +276,7 @@ def _function_ir(insns: list[Instruction], p: str, start: int, end: int, exporte
         f.put(r, f"%a{r}" if 1 <= r <= 5 else "0")
     e(f"  %slop = getelementptr i64, ptr %rt, i64 {layout.SLOT_STACK_LO}")
     e("  %slo = load i64, ptr %slop")
-    if checked:
+    if checked & layout.CHECK_MEMORY:
         for name, slot in (("rcs", layout.SLOT_RCACHE_START), ("rcl", layout.SLOT_RCACHE_LIMIT),
                            ("wcs", layout.SLOT_WCACHE_START), ("wcl", layout.SLOT_WCACHE_LIMIT)):
             e(f"  %{name} = getelementptr i64, ptr %rt, i64 {slot}")
@@ -273,6 +299,8 @@ def _function_ir(insns: list[Instruction], p: str, start: int, end: int, exporte
                 e(f"  br label %L{pc}")
             f.label(f"L{pc}")
         f.pc = pc
+        if budgeted and _is_back_edge(insns[pc], pc):
+            _budget_tick(f, pc)
         terminated = _emit_insn(f, insns, pc, p, helper_index, fast)
     if not terminated:
         raise InvalidInstructionError(end - 1, "execution falls off the end of the function")
@@ -297,8 +325,6 @@ def _emit_insn(f: FunctionEmitter, insns: list[Instruction], pc: int, p: str,
         if ins.opcode != LDDW:
             raise NotSupportedError("legacy packet access (ld_abs/ld_ind)")
         if ins.src == BPF_PSEUDO_FUNC:
-            if f.target:
-                raise NotSupportedError("callbacks (bpf_loop, for_each_map_elem) in the traced process")
             f.put(ins.dst, f.op(f"ptrtoint ptr @{p}_f{pc + ins.imm + 1} to i64"))
         else:
             f.put(ins.dst, str(s64(ins.imm64)))
@@ -341,6 +367,36 @@ def _emit_jmp(f: FunctionEmitter, ins: Instruction, cls: int, pc: int, p: str,
     f.flush()
     f.emit(f"  br i1 {cond}, label %L{pc + ins.off + 1}, label %L{pc + 1}")
     return True
+
+
+def _is_back_edge(ins: Instruction, pc: int) -> bool:
+    """A jump whose target is at or before it (every loop has one)."""
+    cls = ins.opcode & 0x07
+    if cls not in (BPF_JMP, BPF_JMP32):
+        return False
+    code = ins.opcode & 0xF0
+    if code in (BPF_EXIT, BPF_CALL):
+        return False
+    off = ins.imm if (code == BPF_JA and cls == BPF_JMP32) else ins.off
+    return off < 0
+
+
+def _budget_tick(f: FunctionEmitter, pc: int) -> None:
+    """Count one back-edge; fault (FAULT_BUDGET, at this pc) when the budget is used up.
+    Counted whether or not a conditional jump is taken: a bound, not an exact count."""
+    f.flush()
+    bp = f.op(f"getelementptr i64, ptr %rt, i64 {layout.SLOT_BUDGET}")
+    left = f.op(f"load i64, ptr {bp}")
+    nleft = f.op(f"sub i64 {left}, 1")
+    f.emit(f"  store i64 {nleft}, ptr {bp}")
+    out = f.op(f"icmp eq i64 {nleft}, 0")
+    f.n += 1
+    n = f.n
+    f.emit(f"  br i1 {out}, label %budget{n}, label %go{n}")
+    f.emit(f"budget{n}:")
+    f.emit(f"  call void @bpf_fault(ptr %rt, i64 {pc}, i64 0, i64 {layout.FAULT_BUDGET << 16})")
+    f.emit("  br label %unwind")
+    f.emit(f"go{n}:")
 
 
 def _status_check(f: FunctionEmitter) -> None:
@@ -389,8 +445,11 @@ def _emit_call(f: FunctionEmitter, ins: Instruction, pc: int, p: str,
         return
     if f.target:
         if ins.imm == TAIL_CALL_HELPER:
-            raise NotSupportedError("tail calls in the traced process")
-        f.put(0, f.op(f"call i64 @{target_helper_symbol(ins.imm)}({args}, i64 %hf)"))
+            _emit_target_tail_call(f, pc, p)
+        elif ins.imm == LOOP_HELPER:
+            _emit_target_loop(f)
+        else:
+            f.put(0, f.op(f"call i64 @{target_helper_symbol(ins.imm)}({args}, i64 %hf)"))
         return
     fn = _fn_from_slot(f, "%htab", helper_index[ins.imm])
     _store_cur_fp(f)
@@ -483,6 +542,72 @@ def _emit_fast_call(f: FunctionEmitter, ins: Instruction, pc: int, p: str,
     f.emit(f"  br label %join{n}")
     f.emit(f"join{n}:")
     f.put(0, f.op(f"phi i64 [{fv}, %fastend{n}], [{sv}, %slowend{n}]"))
+
+
+def _emit_target_tail_call(f: FunctionEmitter, pc: int, p: str) -> None:
+    """bpf_tail_call in target code: the prog array's table (arena) holds the targets' entries
+    ``u64 tcentry(ctx, hit_frame, tail_calls)``; a hit makes this frame return the target's r0,
+    a miss (empty slot, index out of range, 33 calls taken) continues with r0 unchanged."""
+    r2 = f.get(2)
+    if not r2.lstrip("-").isdigit() or (int(r2) & ((1 << 64) - 1)) not in f.target.tail_tables:
+        raise NotSupportedError("a tail call through a prog array not known at compile time, in the traced process")
+    table, entries = f.target.tail_tables[int(r2) & ((1 << 64) - 1)]
+    r1 = f.get(1)
+    idx = f.op(f"and i64 {f.get(3)}, 4294967295")
+    f.n += 1
+    n = f.n
+    inb = f.op(f"icmp ult i64 {idx}, {entries}")
+    f.emit(f"  br i1 {inb}, label %tcslot{n}, label %tcmiss{n}")
+    f.emit(f"tcslot{n}:")
+    slotp = f.op(f"getelementptr i64, ptr inttoptr (i64 {table} to ptr), i64 {idx}")
+    ent = f.op(f"load atomic i64, ptr {slotp} unordered, align 8")
+    cntp = f.op(f"getelementptr i64, ptr %rt, i64 {layout.SLOT_TAIL_COUNT}")
+    cnt = f.op(f"load i64, ptr {cntp}")
+    have = f.op(f"icmp ne i64 {ent}, 0")
+    room = f.op(f"icmp ult i64 {cnt}, {MAX_TAIL_CALLS}")
+    go = f.op(f"and i1 {have}, {room}")
+    f.emit(f"  br i1 {go}, label %tchit{n}, label %tcmiss{n}")
+    f.emit(f"tchit{n}:")
+    fn = f.op(f"inttoptr i64 {ent} to ptr")
+    more = f.op(f"add i64 {cnt}, 1")
+    res = f.op(f"call i64 {fn}(i64 {r1}, i64 %hf, i64 {more})")
+    f.emit(f"  ret i64 {res}")
+    f.emit(f"tcmiss{n}:")
+
+
+def _emit_target_loop(f: FunctionEmitter) -> None:
+    """bpf_loop(nr_loops, callback, ctx, flags) in target code: the callback (a BPF function
+    of this program, by address) runs in a frame below the caller's, as the kernel's does;
+    returns the iterations run, -EINVAL for flags, -E2BIG above BPF_MAX_LOOPS."""
+    nloops = f.op(f"and i64 {f.get(1)}, 4294967295")
+    fn = f.op(f"inttoptr i64 {f.get(2)} to ptr")
+    ctx, flags = f.get(3), f.get(4)
+    f.n += 1
+    n = f.n
+    badf = f.op(f"icmp ne i64 {flags}, 0")
+    big = f.op(f"icmp ugt i64 {nloops}, {MAX_LOOPS}")
+    empty = f.op(f"icmp eq i64 {nloops}, 0")
+    nfp = f.op(f"sub i64 %fp, {layout.FRAME_SIZE}")
+    e = f.emit
+    e(f"  br label %lpstart{n}")
+    e(f"lpstart{n}:")
+    e(f"  br i1 {badf}, label %lpend{n}, label %lpchk{n}")
+    e(f"lpchk{n}:")
+    e(f"  br i1 {big}, label %lpend{n}, label %lpchk2{n}")
+    e(f"lpchk2{n}:")
+    e(f"  br i1 {empty}, label %lpend{n}, label %lpbody{n}")
+    e(f"lpbody{n}:")
+    e(f"  %lpi{n} = phi i64 [0, %lpchk2{n}], [%lpnext{n}, %lpcont{n}]")
+    ret = f.op(f"call i64 {fn}(i64 %lpi{n}, i64 {ctx}, i64 0, i64 0, i64 0, i64 {nfp}, ptr %rt)")
+    e(f"  %lpnext{n} = add i64 %lpi{n}, 1")
+    stop = f.op(f"icmp ne i64 {ret}, 0")
+    e(f"  br i1 {stop}, label %lpend{n}, label %lpcont{n}")
+    e(f"lpcont{n}:")
+    last = f.op(f"icmp uge i64 %lpnext{n}, {nloops}")
+    e(f"  br i1 {last}, label %lpend{n}, label %lpbody{n}")
+    e(f"lpend{n}:")
+    f.put(0, f.op(f"phi i64 [-22, %lpstart{n}], [-7, %lpchk{n}], [0, %lpchk2{n}], "
+                  f"[%lpnext{n}, %lpbody{n}], [%lpnext{n}, %lpcont{n}]"))
 
 
 def target_helper_symbol(helper_id: int) -> str:

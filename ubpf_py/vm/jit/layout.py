@@ -9,6 +9,7 @@ defined here, once, for both the IR generator and the runtime.
 
 from __future__ import annotations
 
+from ubpf_py.abi.runtime import FACTS as _FACTS
 from ubpf_py.isa.opcodes import MAX_CALL_DEPTH, STACK_SIZE
 
 #: 0 while running normally; non-zero makes every frame return at once (unwind)
@@ -72,14 +73,21 @@ SLOT_NATIVE = 29
 #: code compiled for the traced process (``vm.jit.target``): the ``struct ubpf_hit_frame``
 #: address the trampoline passed, handed to every runtime helper as its sixth argument
 SLOT_HIT_FRAME = 30
-NUM_SLOTS = 31
+#: code compiled for the traced process: tail calls taken so far in this hit (limit 33)
+SLOT_TAIL_COUNT = 31
+#: runaway bound of unverified programs (code compiled with BUDGET): back-edges left in this
+#: run, and the budget each entry starts from (0 = unbounded)
+SLOT_BUDGET = 32
+SLOT_BUDGET_INIT = 33
+NUM_SLOTS = 34
 
 #: The facts block of the native hit path: SLOT_CPU..SLOT_COOKIE are five consecutive
 #: u64 (cpu, tgid << 32 | tid, gid << 32 | uid, func_ip, cookie) -- exactly the block
 #: native/hotloop.c fills before calling a native program (``add_probe(native_facts=)``)
 FACTS_FIRST_SLOT = SLOT_CPU
-FACTS_WORDS = 5
-assert tuple(range(SLOT_CPU + 1, SLOT_CPU + 5)) == (SLOT_PID_TGID, SLOT_UID_GID, SLOT_FUNC_IP, SLOT_COOKIE)
+FACTS_WORDS = _FACTS.size // 8
+assert tuple(
+    FACTS_FIRST_SLOT + _FACTS.word(n) for n in ("cpu", "pid_tgid", "uid_gid", "func_ip", "cookie")) == (SLOT_CPU, SLOT_PID_TGID, SLOT_UID_GID, SLOT_FUNC_IP, SLOT_COOKIE)
 
 #: status values
 STATUS_OK = 0
@@ -89,6 +97,11 @@ STATUS_EXCEPTION = 2   # a Python exception from a helper, callback or tail-call
 #: FAULT_INFO encoding: size | write << 8 | kind << 16
 FAULT_MEMORY = 0
 FAULT_CALL_DEPTH = 1
+FAULT_BUDGET = 2
+
+#: the ``checked`` mode bits programs are compiled with (``True`` is CHECK_MEMORY)
+CHECK_MEMORY = 1
+BUDGET = 2
 
 FRAME_SIZE = STACK_SIZE
 STACK_TOTAL = STACK_SIZE * MAX_CALL_DEPTH

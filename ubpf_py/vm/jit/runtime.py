@@ -43,6 +43,7 @@ from ubpf_py.isa.instruction import Instruction
 from ubpf_py.isa.opcodes import MAX_TAIL_CALLS
 from ubpf_py.maps import descriptor as _descriptor
 from ubpf_py.vm import memory as _memory
+from ubpf_py.vm.budget import runaway_fault
 from ubpf_py.vm.env import ExecEnv
 from ubpf_py.vm.jit import backend as _backend
 from ubpf_py.vm.jit import fastpath as _fastpath
@@ -72,18 +73,23 @@ class JitProgram:
     """
 
     def __init__(self, insns: list[Instruction], env: ExecEnv, *, check_memory: bool = True,
-                 opt_level: str = _backend.DEFAULT_OPT_LEVEL) -> None:
+                 opt_level: str = _backend.DEFAULT_OPT_LEVEL, budget: int | None = None,
+                 name: str = "prog") -> None:
         self.env = env
         self.check_memory = check_memory
         self.insns = list(insns)
+        self.name = name
+        #: back-edges one run may take (unverified programs; None = unbounded, no cost)
+        self.budget = budget
+        mode = (L.CHECK_MEMORY if check_memory else 0) | (L.BUDGET if budget else 0)
         if opt_level not in _backend.PROGRAM_LEVELS:
             raise NotSupportedError(f"JIT optimisation level {opt_level!r} (use one of "
                                     f"{', '.join(_backend.PROGRAM_LEVELS)})")
         self._tier2: Future[CompiledCode] | None = None
         if opt_level == "tiered":
-            self.code, self._tier2 = CODE_CACHE.get_tiered(insns, check_memory)
+            self.code, self._tier2 = CODE_CACHE.get_tiered(insns, mode)
         else:
-            self.code = CODE_CACHE.get(insns, check_memory, opt_level)
+            self.code = CODE_CACHE.get(insns, mode, opt_level)
         self._callback_addrs = set(self.code.callback_addrs)
         plan = self.code.layout
         missing = [h for h in plan.helper_ids if h != TAIL_CALL_HELPER and h not in env.helpers]
@@ -96,6 +102,7 @@ class JitProgram:
         self._rt = (_U64 * L.NUM_SLOTS)()
         self._rt_addr = ctypes.addressof(self._rt)
         self._rt[L.SLOT_STACK_LO] = self.stack.addr
+        self._rt[L.SLOT_BUDGET_INIT] = budget or 0
         self._rt[L.SLOT_ENTRY_FP] = self.stack.addr + L.STACK_TOTAL
         for start, limit in ((L.SLOT_RCACHE_START, L.SLOT_RCACHE_LIMIT), (L.SLOT_WCACHE_START, L.SLOT_WCACHE_LIMIT)):
             self._rt[start] = self.stack.addr   # region caches start as the stack
@@ -463,6 +470,8 @@ class JitProgram:
         pc, addr, info = rt[L.SLOT_FAULT_PC], rt[L.SLOT_FAULT_ADDR], rt[L.SLOT_FAULT_INFO]
         if info >> 16 == L.FAULT_CALL_DEPTH:
             return VMFault("call depth exceeds the maximum of 8 frames", pc)
+        if info >> 16 == L.FAULT_BUDGET:
+            return runaway_fault(self.name, self.budget or 0, "backward jumps", pc, self.insns)
         size, write = info & 0xFF, bool(info >> 8 & 1)
         try:
             self.env.memory.check(addr, size, write, pc)

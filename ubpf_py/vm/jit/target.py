@@ -10,14 +10,18 @@ The same IR generator as the tracer-side JIT (``compiler``), in *target mode*:
   filled by the entry below -- no per-instance Python state exists;
 * only programs the verifier accepted in strict mode come here, so memory accesses are
   unchecked, as in the kernel;
-* what needs the tracer (tail calls, callbacks, callx) raises ``NotSupportedError``, and the
-  caller keeps that probe on the ptrace path with the reason;
+* bpf_loop runs its callback inline; tail calls jump through a table of program entries in
+  the arena (one per prog array, filled after linking: ``tail_tables``); what needs the
+  tracer (callx, other callbacks) raises ``NotSupportedError``, and the caller keeps that
+  probe on the ptrace path with the reason;
 * code generation uses general-purpose registers only (no SSE/AVX/x87): the trampolines save
   the general registers and the flags of the interrupted thread, not its vector state;
 * the result is an ELF relocatable object (position-independent, small code model) that the
   in-target linker places next to the runtime.
 
-Entry: ``u64 <prefix>_tentry(u64 ctx, struct ubpf_hit_frame *hf)``.
+Entries: ``u64 <prefix>_tentry(u64 ctx, struct ubpf_hit_frame *hf)`` (what a probe runs) and
+``u64 <prefix>_tcentry(u64 ctx, struct ubpf_hit_frame *hf, u64 tail_calls)`` (what a tail call
+to this program runs; the count carries the kernel's limit of 33 across the chain).
 """
 
 from __future__ import annotations
@@ -33,7 +37,18 @@ from ubpf_py.maps import descriptor as D
 from ubpf_py.sysinfo import cpu_has
 from ubpf_py.vm.jit import fastpath, layout
 from ubpf_py.vm.jit.backend import Backend, backend
-from ubpf_py.vm.jit.compiler import ProgramLayout, module_header, program_ir, target_helper_symbol
+from ubpf_py.vm.jit.compiler import (
+    LOOP_HELPER,
+    TAIL_CALL_HELPER,
+    ProgramLayout,
+    TargetInfo,
+    module_header,
+    program_ir,
+    target_helper_symbol,
+)
+
+#: helpers target code implements itself (no runtime function)
+INLINE_HELPERS = frozenset({TAIL_CALL_HELPER, LOOP_HELPER})
 
 #: x86-64 without any vector or x87 state (GCC's -mgeneral-regs-only)
 GENERAL_REGS_ONLY = "-sse,-sse2,-sse3,-ssse3,-sse4.1,-sse4.2,-avx,-avx2,-avx512f,-mmx,-x87,+soft-float"
@@ -48,6 +63,8 @@ class TargetCode:
     entry: str
     helper_ids: tuple[int, ...]
     layout: ProgramLayout
+    #: symbol of the tail-call entry
+    tail_entry: str = ""
 
 
 _lock = threading.Lock()
@@ -96,7 +113,11 @@ def _entry_ir(p: str, table: list[int], cpu: str) -> str:
         cpu_ir = "  %cpu = add i64 0, 0\n"
     return f"""
 @{p}_fastmaps = internal constant [{count} x i64] [{rows}], align 8
-define i64 @{p}_tentry(i64 %ctx, i64 %hf) "no-builtins" {{
+define i64 @{p}_tentry(i64 %ctx, i64 %hf) {{
+  %r = call i64 @{p}_tcentry(i64 %ctx, i64 %hf, i64 0)
+  ret i64 %r
+}}
+define i64 @{p}_tcentry(i64 %ctx, i64 %hf, i64 %tail_calls) "no-builtins" {{
   %rt = alloca [{n} x i64], align 16
   %stk = alloca [{layout.STACK_TOTAL} x i8], align 16
   %lo = ptrtoint ptr %stk to i64
@@ -111,6 +132,8 @@ define i64 @{p}_tentry(i64 %ctx, i64 %hf) "no-builtins" {{
   store i64 0, ptr %s3
   %s4 = getelementptr i64, ptr %rt, i64 {layout.SLOT_HIT_FRAME}
   store i64 %hf, ptr %s4
+  %s6 = getelementptr i64, ptr %rt, i64 {layout.SLOT_TAIL_COUNT}
+  store i64 %tail_calls, ptr %s6
 {cpu_ir}  %s5 = getelementptr i64, ptr %rt, i64 {layout.SLOT_CPU}
   store i64 %cpu, ptr %s5
   %r = call i64 @{p}_f0(i64 %ctx, i64 0, i64 0, i64 0, i64 0, i64 %fp, ptr %rt)
@@ -119,22 +142,23 @@ define i64 @{p}_tentry(i64 %ctx, i64 %hf) "no-builtins" {{
 """
 
 
-def target_ir(insns: list[Instruction], prefix: str, maps_by_addr: dict[int, Any]) -> tuple[str, ProgramLayout]:
+def target_ir(insns: list[Instruction], prefix: str, maps_by_addr: dict[int, Any],
+              tail_tables: dict[int, tuple[int, int]] | None = None) -> tuple[str, ProgramLayout]:
     """The whole LLVM module (text) of one program compiled for the target."""
-    body, plan = program_ir(insns, prefix, checked=False, target=True)
+    body, plan = program_ir(insns, prefix, checked=False, target=TargetInfo(dict(tail_tables or {})))
     percpu = any(getattr(maps_by_addr.get(h), "percpu", False) for h in plan.map_consts)
     cpu = ("rdpid" if cpu_has("rdpid") else "rdtscp") if percpu else "none"
     decls = "".join(f"declare i64 @{target_helper_symbol(h)}(i64, i64, i64, i64, i64, i64)\n"
-                    for h in plan.helper_ids)
+                    for h in plan.helper_ids if h not in INLINE_HELPERS)
     text = module_header() + decls + body + _entry_ir(prefix, _fast_map_table(plan, maps_by_addr), cpu)
     return text, plan
 
 
 def compile_for_target(insns: list[Instruction], name: str, maps_by_addr: dict[int, Any],
-                       level: str = "O2") -> TargetCode:
+                       level: str = "O2", tail_tables: dict[int, tuple[int, int]] | None = None) -> TargetCode:
     """Compile one verified program into an ELF relocatable object for the target."""
     prefix = "p_" + "".join(c if c.isalnum() else "_" for c in name)
-    text, plan = target_ir(insns, prefix, maps_by_addr)
+    text, plan = target_ir(insns, prefix, maps_by_addr, tail_tables)
     with _lock:
         tm = _machine()
         mod = llvm.parse_assembly(text, _ctx)
@@ -145,4 +169,4 @@ def compile_for_target(insns: list[Instruction], name: str, maps_by_addr: dict[i
                 fn.add_function_attribute("nounwind")
         Backend._optimise(mod, level, tm)
         obj = tm.emit_object(mod)
-    return TargetCode(name, obj, f"{prefix}_tentry", plan.helper_ids, plan)
+    return TargetCode(name, obj, f"{prefix}_tentry", plan.helper_ids, plan, f"{prefix}_tcentry")

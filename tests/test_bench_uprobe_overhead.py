@@ -1,0 +1,126 @@
+"""The overhead benchmark's machinery on a tiny N: the in-target and kernel engines must
+count every call exactly, the in-target column must really be the in-target path (the
+JSON "attached" events say so), the multi-thread run must count threads x N, and the
+goal verdicts must follow the numbers.  The full benchmark is
+``python -m benchmarks.uprobe_overhead``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from paths import REPO
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.uprobe_overhead import goals, runs
+
+N = 2000
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (kernel uprobes, ptrace of the benchmark target)"
+    from ubpf_py.kernel.syscall import kernel_bpf_skip_reason
+
+    return kernel_bpf_skip_reason()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    return runs.build(tmp_path_factory.mktemp("bench-build"))
+
+
+def _cpu() -> int:
+    return sorted(os.sched_getaffinity(0))[0]
+
+
+def test_intarget_counts_every_call_on_the_in_target_path(built: tuple[Path, Path], tmp_path: Path) -> None:
+    target, obj = built
+    job = runs.Job(runs.Row("f_push", "count", "both"), N, _cpu(), _cpu())
+    cell = runs.ubpf_run("intarget", obj, target, job, tmp_path)
+    assert cell.ok, f"{cell.error} (command: {cell.command})"
+    assert (cell.hits_entry, cell.hits_return) == (N, N)
+    assert cell.paths == ["count_entry:in-target", "count_exit:in-target"]
+    assert "--mode intarget" in (cell.command or "")
+    assert cell.baseline_ns is not None and cell.probed_ns is not None
+
+
+def test_kernel_counts_every_call(built: tuple[Path, Path], tmp_path: Path) -> None:
+    from ubpf_py.obj.elf import load_object
+
+    target, obj = built
+    job = runs.Job(runs.Row("f_push", "hash", "uprobe"), N, _cpu(), _cpu())
+    cell = runs.kernel_run(load_object(obj), target, job, tmp_path)
+    assert cell.ok, cell.error
+    assert (cell.hits_entry, cell.hits_return) == (N, 0)
+
+
+@pytest.mark.parametrize("engine", ["kernel", "intarget"])
+def test_threads_count_threads_times_n(engine: str, built: tuple[Path, Path], tmp_path: Path) -> None:
+    from ubpf_py.obj.elf import load_object
+
+    target, obj = built
+    job = runs.Job(runs.Row("f_push", "count", "uprobe"), N, threads=3)
+    if engine == "kernel":
+        cell = runs.kernel_run(load_object(obj), target, job, tmp_path)
+    else:
+        cell = runs.ubpf_run(engine, obj, target, job, tmp_path)
+    assert cell.ok, cell.error
+    assert (cell.hits_entry, cell.hits_return) == (3 * N, 0)
+    assert cell.threads == 3 and cell.calls_per_s and cell.calls_per_s > 0
+
+
+def test_a_probe_on_another_path_fails_the_cell() -> None:
+    row = runs.Row("f_push", "count", "both")
+    events: list[Any] = [
+        {"event": "attached", "program": "count_entry", "err": 0, "path": "in-target", "path_reason": ""},
+        {"event": "attached", "program": "count_exit", "err": 0, "path": "ptrace",
+         "path_reason": "function shorter than 5 bytes"},
+    ]
+    with pytest.raises(RuntimeError, match=r"count_exit took path 'ptrace' .*shorter.*expected 'in-target'"):
+        runs.check_paths(events, "intarget", row)
+    assert runs.check_paths(events[:1], "intarget", runs.Row("f_push", "count", "uprobe")) == \
+        ["count_entry:in-target"]
+    with pytest.raises(RuntimeError, match="no 'attached' event for count_exit"):
+        runs.check_paths(events[:1], "intarget", row)
+
+
+def _cell(engine: str, placement: str, ns: float | None, error: str | None = None, **kw: Any) -> dict[str, Any]:
+    return {"engine": engine, "placement": placement, "overhead_ns": ns, "error": error, **kw}
+
+
+def test_goal_verdicts_follow_the_numbers() -> None:
+    doc = {
+        "machine": {"cpus_usable": 2},
+        "rows": [
+            {"label": "f_push count uprobe", "cells": [_cell("intarget", "same", 40.0),
+                                                       _cell("intarget", "diff", 44.0)]},
+            {"label": "f_nop5 count uprobe", "cells": [_cell("intarget", "same", 52.0),
+                                                       _cell("intarget", "diff", 50.0)]},
+            {"label": "f_push hash uprobe", "cells": [_cell("intarget", "same", None, "RuntimeError: boom")]},
+            {"label": "f_push ring uprobe", "cells": [_cell("intarget", "same", 100.0),
+                                                      _cell("intarget", "diff", 300.0)]},
+        ],
+        "threads": {"cells": [_cell("intarget", "threads", 40.0, threads=1, calls_per_s=1e6),
+                              _cell("intarget", "threads", 40.0, threads=2, calls_per_s=1.7e6),
+                              _cell("intarget", "threads", 40.0, threads=4, calls_per_s=1.0e6)]},
+    }
+    by = {(v.goal.split(" <=")[0], v.where): v for v in goals.evaluate(doc)}
+    first = "count, uprobe, push/nop5/endbr64/RIP-relative first instruction"
+    assert by[(first, "f_push count uprobe")].verdict == "met"
+    assert by[(first, "f_push count uprobe")].measured == "40 / 44"
+    assert by[(first, "f_nop5 count uprobe")].verdict == "missed"
+    assert by[(first, "f_endbr count uprobe")].verdict == "not measured"
+    assert by[("hash", "f_push hash uprobe")].verdict == "missed (failed run)"
+    assert by[("ring", "f_push ring uprobe")].verdict == "missed"
+    rest = goals.evaluate(doc)[-2:]
+    assert rest[0].verdict == "missed" and "2 of 3 rows" in rest[0].measured  # ring: 300 > 100 x 1.1 + 5
+    assert rest[1].verdict == "missed" and "4: 1.00x" in rest[1].measured  # 4 threads fell back to 1x

@@ -1,0 +1,26 @@
+"""Which programs may run in the target: a program that reads the result of a helper whose
+in-target return value differs (trace_printk returns 0 once queued) stays on the ptrace path."""
+
+from __future__ import annotations
+
+import pytest
+
+from ubpf_py.isa.asm import assemble
+from ubpf_py.live.intarget import _calls_whose_result_is_read
+
+PRINTK = frozenset({6})
+
+
+@pytest.mark.parametrize("tail, read", [
+    ("exit\n", False),                                         # a uprobe program's r0 is ignored
+    ("mov %r0, 0\nexit\n", False),                              # overwritten first
+    ("mov %r2, %r10\nlddw %r1, 0\ncall 1\nexit\n", False),     # another call overwrites r0
+    ("add %r0, 1\nexit\n", True),                               # used
+    ("mov %r6, %r0\nexit\n", True),                             # copied
+    ("stxdw [%r10-8], %r0\nexit\n", True),                      # stored
+    ("ldxdw %r1, [%r0+0]\nexit\n", True),                       # dereferenced
+    ("jeq %r1, 0, +0\nexit\n", True),                           # a branch: assumed read (conservative)
+])
+def test_printk_result_reads(tail, read):
+    insns = assemble("mov %r1, %r10\nmov %r2, 8\ncall 6\n" + tail)
+    assert bool(_calls_whose_result_is_read(insns, PRINTK)) == read

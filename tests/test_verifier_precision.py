@@ -1,0 +1,84 @@
+"""Precision and pruning: tests that fail if precision tracking is weakened.
+
+Each program is safe on the path the verifier walks first and unsafe on a second
+path that reaches the same prune point with a different constant.  A verifier
+that prunes the second path as "the same" (treats the scalar as imprecise, drops a
+spilled slot, forgets a loop counter) accepts it.  Every test also runs the
+verifier with precision switched off and checks that the program is then wrongly
+accepted, so the test really depends on precision; the kernel's verdict is
+checked when root.  ``verifier_mutations.join_programs`` generates more of these
+for the kernel differential campaign (``test_join_programs_match_kernel``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import verifier_mutations as vm
+from kernel_verdict import kernel_skip_reason, kernel_verdict
+from test_verifier import prog
+
+from ubpf_py.verifier import checker, verify_program
+
+#: name -> (program, the kernel's error line)
+CASES = {
+    # one path's constant (-608) must survive the join where the other (-8) was seen first
+    "join_register": (vm.join_program(-8, -608, "none", "write"), "invalid write to stack R1 off=-608 size=8"),
+    # the same through a spill and fill at fp-24
+    "join_spill": (vm.join_program(-8, -608, "spill64", "write"), "invalid write to stack R1 off=-608 size=8"),
+    # the same through a register copy, and a helper writing at the offset
+    "join_copy_helper": (vm.join_program(-16, -520, "mov", "helper"),
+                         "invalid write to stack R1 off=-520 size=8"),
+    # a bounded loop between the join and the use: states inside the loop must keep r6 apart
+    "join_loop": (vm.join_program(-8, 8, "loop", "read"), "invalid read from stack R1 off=8 size=8"),
+    # the loop counter is the offset: iterations differ only in r1, the last one is out of the stack
+    "loop_counter_offset": ("mov %r1, -8\nloop:\nmov %r2, %r10\nadd %r2, %r1\nstdw [%r2+0], 0\n"
+                            "add %r1, -8\njsgt %r1, -528, loop\nmov %r0, 0\nexit",
+                            "invalid write to stack R2 off=-520 size=8"),
+}
+
+
+def _verify(text: str) -> object:
+    return verify_program(prog(text), [], mode="warn", time_budget=20)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_precision_keeps_the_unsafe_path(name: str) -> None:
+    text, kernel_error = CASES[name]
+    r = _verify(text)
+    assert not r.ok, f"accepted:\n{r.log}"
+    assert r.error == kernel_error, r.error
+
+
+@pytest.mark.parametrize("name", sorted(set(CASES) - {"loop_counter_offset"}))
+def test_weakened_precision_would_accept(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same programs pass when no scalar is precise: the tests above depend on precision.
+    (The loop case does not: a loop is unrolled, never pruned against its own open iteration.)"""
+    monkeypatch.setattr(checker, "precision_demand", lambda insns, *a, **k: [0] * len(insns))
+    assert _verify(CASES[name][0]).ok
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_precision_cases_match_kernel(name: str) -> None:
+    reason = kernel_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    ok, error, log = kernel_verdict(prog(CASES[name][0]), [])
+    assert not ok and error == CASES[name][1], log
+
+
+def test_join_programs_pruned_and_safe_both_ways() -> None:
+    """Safe joins are accepted (pruning does not reject what is safe) and prune."""
+    r = _verify(vm.join_program(-8, -16, "spill64", "write"))
+    assert r.ok, r.log
+
+
+@pytest.mark.kernel
+def test_join_programs_match_kernel() -> None:
+    reason = kernel_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    res = vm.run_join_campaign(80, 20261203)
+    wrong = [(o.mutant.detail, o.ours, o.our_error, o.kernel_error) for o in res.outcomes if o.ours != o.kernel]
+    assert not wrong, wrong
+    assert any(o.kernel for o in res.outcomes) and any(not o.kernel for o in res.outcomes)
