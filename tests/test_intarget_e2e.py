@@ -37,6 +37,7 @@ SRC = Path(__file__).resolve().parent / "targets" / "intarget"
 CALLS = 20_000
 THREADS, THREAD_CALLS, KERNEL_THREAD_CALLS = 8, 100_000, 10_000
 KILL_RUNS = 10
+RESTORE_WAIT = 5.0     # seconds the guardian gets to restore the sites after a tracer SIGKILL
 MANY_THREADS = 300
 SIGNALS = 50           # the kernel takes ~50 ms per hit that sends a signal
 TIMEOUT = 180
@@ -460,6 +461,7 @@ class KillResult:
     patched_before_kill: bool
     patched_after_kill: bool | None
     stderr: str
+    restore_s: float
 
 
 def run_kill(b: Build) -> KillResult:
@@ -482,11 +484,14 @@ def run_kill(b: Build) -> KillResult:
             _, se = p.communicate(timeout=TIMEOUT)
         finally:
             kill_pid(p)
-        time.sleep(0.5)
+        t0 = time.monotonic()                      # the guardian puts the bytes back: how soon
+        while target.poll() is None and patched(target.pid, exe) and time.monotonic() - t0 < RESTORE_WAIT:
+            time.sleep(0.05)
         after = patched(target.pid, exe) if target.poll() is None else None
+        restore_s = time.monotonic() - t0
         stop.touch()
         tso, tse = target.communicate(timeout=TIMEOUT)
-        return KillResult(target.returncode, tso, tse, before, after, se)
+        return KillResult(target.returncode, tso, tse, before, after, se, restore_s)
     finally:
         kill_pid(target)
         shutil.rmtree(d, ignore_errors=True)
@@ -774,7 +779,8 @@ def test_sigkill_of_the_tracer_target_survives(scenarios) -> None:
 
 
 def test_sigkill_of_the_tracer_probes_come_out(scenarios) -> None:
-    """After the same kills the guardian has put the original bytes back at every site: the
-    binary's text in the target equals the file 0.5 s after the tracer died."""
+    """After the same kills the guardian puts the original bytes back at every site: the
+    binary's text in the target equals the file within RESTORE_WAIT s of the tracer's death."""
     kills = _kills(scenarios)
-    assert all(k.patched_after_kill is False for k in kills), [k.patched_after_kill for k in kills]
+    print(f"\nguardian restore seconds: {[round(k.restore_s, 2) for k in kills]}")
+    assert all(k.patched_after_kill is False for k in kills), [(k.patched_after_kill, k.restore_s) for k in kills]

@@ -112,7 +112,7 @@ PROBED void nap(void)
 	__asm__ volatile("");
 }
 
-/* until stop_now: bursts of 100 checked calls, 1 ms apart (a corrupted register,
+/* until stop_now: bursts of 10 checked calls, 1 ms apart (a corrupted register,
  * return value or return address shows) */
 static void *thread_spin(void *p)
 {
@@ -123,7 +123,7 @@ static void *thread_spin(void *p)
 			return 0;
 		}
 		w->n++;
-		if (i % 100 == 99)
+		if (i % 10 == 9)
 			nap();
 	}
 	return 0;
