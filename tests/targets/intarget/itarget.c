@@ -49,7 +49,8 @@ PROBED long take(const void *p, long idx)
 	return (long)(uintptr_t)p & 1;
 }
 
-/* refused sites: a loop whose head is inside the first 5 bytes, and a 3-byte function */
+/* refused sites: a loop whose head is inside the first 5 bytes, and a 3-byte function
+ * followed at once by another (no alignment padding the jump could extend into) */
 __asm__(".text\n"
 	".globl branchy\n.type branchy,@function\n"
 	"branchy:\n"
@@ -64,13 +65,14 @@ __asm__(".text\n"
 	"\tmov %edi,%eax\n"
 	"\tret\n"
 	".size tiny,.-tiny\n"
-	/* a function right after it: no alignment padding the jump could overlap */
 	".globl tiny_next\n.type tiny_next,@function\n"
 	"tiny_next:\n"
+	"\tlea 1(%rdi),%eax\n"
 	"\tret\n"
 	".size tiny_next,.-tiny_next\n");
 long branchy(long n);
 long tiny(long n);
+long tiny_next(long n);
 
 static long loop(long n)
 {
@@ -110,7 +112,7 @@ PROBED void nap(void)
 	__asm__ volatile("");
 }
 
-/* until stop_now: bursts of 100 checked calls, 1 ms apart (a corrupted register,
+/* until stop_now: bursts of 10 checked calls, 1 ms apart (a corrupted register,
  * return value or return address shows) */
 static void *thread_spin(void *p)
 {
@@ -121,7 +123,7 @@ static void *thread_spin(void *p)
 			return 0;
 		}
 		w->n++;
-		if (i % 100 == 99)
+		if (i % 10 == 9)
 			nap();
 	}
 	return 0;
@@ -282,7 +284,7 @@ int main(int argc, char **argv)
 	} else if (!strcmp(mode, "refuse")) {     /* n calls of each refused function and of work */
 		long s = 0;
 		for (long i = 0; i < n; i++)
-			s += branchy(i % 7) + tiny(i) + work(i);
+			s += branchy(i % 7) + tiny(i) + tiny_next(i) + work(i);
 		printf("refuse sum=%ld\n", s);
 	} else if (!strcmp(mode, "threads")) {    /* threads N NTHREADS TIDFILE */
 		return threads(atoi(argv[3]), n, argv[4]);
