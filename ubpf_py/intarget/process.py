@@ -132,7 +132,7 @@ class InTargetEngine:
             S.install_image(mapper, proc.mem, tid, self.plan, self.code, ret, st.rt)
             S.write_header(proc.mem, self.plan, proc.tgid, self.printk_ring,
                            [t.tid for t in proc.threads.values() if t.stopped])
-        except UbpfError as e:
+        except (UbpfError, OSError, ValueError, struct.error) as e:
             st.failed = f"in-target runtime unavailable in pid {proc.tgid}: {e}"
             with contextlib.suppress(UbpfError, OSError):
                 S.uninstall(mapper, tid, self.plan, st.rt)

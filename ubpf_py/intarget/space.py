@@ -40,6 +40,7 @@ from ubpf_py.probe import ptrace as P
 THREAD_SLOTS = 4096
 THREAD_SLOT_SIZE = 64 * 1024
 PRIVATE_SIZE = PAGE + THREAD_SLOTS * THREAD_SLOT_SIZE
+_M64 = (1 << 64) - 1
 #: arena: sparse, pages cost memory when touched
 DEFAULT_ARENA_SIZE = 1 << 30
 #: image: the return trampoline goes in its last page
@@ -179,7 +180,7 @@ def header_bytes(plan: SpacePlan, pid: int, printk_ring: int, tid_fs_off: int = 
     put("pid", pid)
     put("ret_trampoline", plan.ret_tramp_addr)
     put("tid_fs_off", tid_fs_off)
-    return struct.pack(f"<{len(words)}Q", *words)
+    return struct.pack(f"<{len(words)}Q", *(w & _M64 for w in words))   # jiffies_base may be "negative"
 
 
 def write_header(mem: P.ProcMem, plan: SpacePlan, pid: int, printk_ring: int, tids: list[int] = ()) -> None:
