@@ -39,13 +39,21 @@ class GlobalDump:
     static_const: bool = False
 
 
+#: arrays with more entries than this are dumped without their all-zero elements
+DUMP_ALL_LIMIT = 1 << 16
+
+
 def snapshot_map(m: Any) -> MapDump:
-    """Copy a live map's entries (kernel iteration order)."""
+    """Copy a live map's entries (kernel iteration order; a huge array only its non-zero
+    elements -- printing millions of zeros helps nobody and took minutes)."""
     spec = m.spec
     tname = spec.type_name
     entries: list[tuple[bytes, Any]] | None
+    keys = m.nonzero_keys() if spec.max_entries > DUMP_ALL_LIMIT and hasattr(m, "nonzero_keys") else None
     if tname in NO_ENTRIES:
         entries = None
+    elif keys is not None:
+        entries = [(k, m.lookup_percpu(k) if tname in PERCPU else m.lookup(k)) for k in keys]
     elif tname in PERCPU:
         entries = [(k, m.lookup_percpu(k)) for k in m.keys()]  # noqa: SIM118 - Map.keys() walks get_next_key
     elif tname in ("queue", "stack", "bloom_filter"):
