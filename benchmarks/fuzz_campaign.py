@@ -81,9 +81,15 @@ def main() -> int:
                     o = run_cli_inprocess(argv)
                     problem = o.problem
                     slowest = max(slowest, o.seconds)
+                    if not problem and o.seconds > a.limit:
+                        # a run's own --duration timer replaces our SIGALRM: time it as well
+                        problem = f"hang: took {o.seconds:.0f} s"
+                    if o.seconds > 10:
+                        print(f"slow case {i} {how} {kind} {o.seconds:.1f} s", file=report, flush=True)
                     codes[how][o.code] += 1
                 except Hang:
                     problem, o = "hang", None
+                    print(f"hang {i} {how} {kind}", file=report, flush=True)
                 finally:
                     signal.setitimer(signal.ITIMER_REAL, 0)
                 if problem:

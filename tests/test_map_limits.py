@@ -31,6 +31,7 @@ def test_absurd_sizes_refused_at_once(t, n, errno):
     msg = str(ei.value)
     assert "'m'" in msg and str(n) in msg and "limit" in msg and "\n" not in msg
     assert ei.value.errno == errno
+    assert msg.endswith("[E2BIG]" if errno == C.E2BIG else "[ENOMEM]")
     assert ei.value.exit_code == 6
 
 
@@ -83,3 +84,34 @@ def test_cli_check_and_run_refuse_the_same_way(tmp_path):
     run = run_cli(str(obj), "--map-memory-limit", "1G", "-a", "on_work=/bin/true:main", "--", "/bin/true")
     assert run.returncode == 6
     assert assert_one_line_error(run, "'big'") == line
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("t", [C.HASH, C.ARRAY])
+def test_errno_matches_the_kernel(t):
+    """The kernel is the oracle: the same absurd map gets the same errno from BPF_MAP_CREATE."""
+    from ubpf_py.errors import KernelBackendError
+    from ubpf_py.kernel.maps import KernelMap
+    from ubpf_py.kernel.syscall import kernel_bpf_skip_reason
+
+    if reason := kernel_bpf_skip_reason():
+        pytest.skip(reason)
+    with pytest.raises(KernelBackendError) as kern:
+        KernelMap.create(t, 4, 8, 0xFFFFFFFF, name="absurd")
+    with pytest.raises(MapError) as ours:
+        create_map(_spec(t, 0xFFFFFFFF))
+    assert ours.value.errno == kern.value.errno
+
+
+def test_huge_array_dump_lists_only_nonzero_elements():
+    """A fuzzed object's 16M-entry array used to take minutes to dump at exit, one key at a time."""
+    from ubpf_py.output.dump import snapshot_map
+
+    m = create_map(_spec(C.ARRAY, 1 << 24))
+    assert m.update((12345).to_bytes(4, "little"), (7).to_bytes(8, "little"), C.BPF_ANY, None) == 0
+    t0 = time.monotonic()
+    d = snapshot_map(m)
+    assert time.monotonic() - t0 < 5
+    assert d.entries == [((12345).to_bytes(4, "little"), (7).to_bytes(8, "little"))]
+    small = create_map(_spec(C.ARRAY, 4))
+    assert len(snapshot_map(small).entries) == 4          # small arrays: every element, as before

@@ -231,10 +231,20 @@ class MapView:
         elif s.type_name in ("queue", "stack", "bloom_filter"):
             m = self._live
             entries = [(b"", v) for v in m.values()] if hasattr(m, "values") else []
+        elif s.max_entries > DUMP_ALL_LIMIT and hasattr(self._live, "nonzero_keys"):
+            # a huge array: only its non-zero elements (millions of zeros help nobody and took minutes)
+            m = self._live
+            get = m.lookup_percpu if s.type_name in PERCPU_TYPES else m.lookup
+            entries = [(k, get(k)) for k in m.nonzero_keys()]
         else:
             entries = self.items(raw=True)
         return MapDump(s.name, s.type_name, s.key_size, s.value_size, s.max_entries, s.internal,
                        s.key_type_id, s.value_type_id, entries, s.section)
+
+
+#: arrays with more entries than this are dumped without their all-zero elements
+DUMP_ALL_LIMIT = 1 << 16
+PERCPU_TYPES = ("percpu_array", "percpu_hash", "lru_percpu_hash")
 
 
 def _encode(x: Any, size: int, what: str) -> bytes:

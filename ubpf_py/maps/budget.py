@@ -119,7 +119,7 @@ def _refuse(spec: MapSpec, needed: int, limit: int, source: str, what: str) -> M
     errno = C.E2BIG if spec.type in _HASH_TYPES else C.ENOMEM
     err = MapError(f"map '{spec.name}' ({spec.type_name}, max_entries {spec.max_entries}, key "
                    f"{spec.key_size} value {spec.value_size}) {what} {_human(needed)}; the limit is "
-                   f"{_human(limit)} ({source})")
+                   f"{_human(limit)} ({source}) [{'E2BIG' if errno == C.E2BIG else 'ENOMEM'}]")
     err.errno = errno  # type: ignore[attr-defined]
     return err
 
@@ -128,8 +128,8 @@ def check_map(spec: MapSpec, ncpus: int | None = None, already: int = 0) -> int:
     """Raise MapError when ``spec`` cannot be honoured; returns its creation footprint.
     ``already``: bytes the other maps of the same object take."""
     if spec.type_name.startswith("type#"):
-        err = MapError(f"map '{spec.name}': unknown map type {spec.type} (the kernel refuses it "
-                       f"with EINVAL; use a BPF_MAP_TYPE_ value)")
+        err = MapError(f"map '{spec.name}': unknown map type {spec.type}; use a BPF_MAP_TYPE_ value "
+                       f"[EINVAL]")
         err.errno = C.EINVAL  # type: ignore[attr-defined]
         raise err
     limit, source = memory_limit()
