@@ -420,30 +420,34 @@ class ProbeSession:
             self.detach()
         how = "terminated"
         time.sleep(0.05)      # a signal it got while traced (a terminal Ctrl-C) may be ending it
-        try:
-            p, st = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            return None, ""
-        if p:
-            self._exit = os.WEXITSTATUS(st) if os.WIFEXITED(st) else -os.WTERMSIG(st)
-            return self._exit, "had exited"
+        done = self._reap_nowait()
+        if done is not None:
+            return (None, "") if done is False else (self._exit, "had exited")
         try:
             os.kill(self.pid, signal.SIGTERM)
         except ProcessLookupError:
             how = "had exited"
         deadline = time.monotonic() + grace
         while True:
-            try:
-                p, st = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                return None, ""
-            if p:
-                self._exit = os.WEXITSTATUS(st) if os.WIFEXITED(st) else -os.WTERMSIG(st)
-                return self._exit, how
+            done = self._reap_nowait()
+            if done is not None:
+                return (None, "") if done is False else (self._exit, how)
             if time.monotonic() >= deadline and how != "killed":
                 how = "killed"
                 os.kill(self.pid, signal.SIGKILL)
             time.sleep(0.01)
+
+    def _reap_nowait(self) -> bool | None:
+        """Collect the launched target if it has ended: True (``_exit`` set), None (still running),
+        False (not our child any more: collected elsewhere)."""
+        try:
+            p, st = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if not p:
+            return None
+        self._exit = os.WEXITSTATUS(st) if os.WIFEXITED(st) else -os.WTERMSIG(st)
+        return True
 
     def wait(self) -> int:
         """After detaching from a launched target: wait for it and return its exit code."""
