@@ -234,7 +234,7 @@ class MapView:
         elif s.max_entries > DUMP_ALL_LIMIT and hasattr(self._live, "nonzero_keys"):
             # a huge array: only its non-zero elements (millions of zeros help nobody and took minutes)
             m = self._live
-            get = m.lookup_percpu if s.type_name in PERCPU_TYPES else m.lookup
+            get = m.lookup_percpu if s.type_name in PERCPU else m.lookup
             entries = [(k, get(k)) for k in m.nonzero_keys()]
         else:
             entries = self.items(raw=True)
@@ -244,7 +244,6 @@ class MapView:
 
 #: arrays with more entries than this are dumped without their all-zero elements
 DUMP_ALL_LIMIT = 1 << 16
-PERCPU_TYPES = ("percpu_array", "percpu_hash", "lru_percpu_hash")
 
 
 def _encode(x: Any, size: int, what: str) -> bytes:
