@@ -28,6 +28,8 @@ non-fatal caveat (unknown function size) the caller shows with ``-v``.
 
 from __future__ import annotations
 
+import functools
+import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -398,8 +400,18 @@ def is_go_binary(path: str) -> bool:
     """A Go binary (``.go.buildinfo`` section or a ``runtime.main`` symbol).
 
     Return probes are refused there: Go's stack unwinder (GC, panics, tracebacks)
-    walks return addresses and cannot tolerate a replaced one.
+    walks return addresses and cannot tolerate a replaced one.  Asked for every armed
+    site, so the answer is kept per file version (a symbol-table scan costs milliseconds).
     """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return _is_go_file(path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _is_go_file(path: str, dev: int, ino: int, mtime_ns: int, size: int) -> bool:
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
     from elftools.elf.sections import SymbolTableSection
