@@ -124,11 +124,38 @@ struct iovec_ { u64 base, len; };
 
 /* Copy n bytes of this process at src: 0, or -EFAULT when any byte is unreadable
  * (process_vm_readv on ourselves: a bad pointer is an error, never a SIGSEGV). */
+/* Is [src, src + n) inside a stack page this hit has proved mapped?  At a function's first
+ * instruction the call just wrote the return address at [rsp]; after a return probe's ret,
+ * [rsp - 8] held it.  That page is the thread's own live stack, so reads there -- a caller's
+ * locals, arguments passed on the stack -- are plain copies, with no system call.  Any other
+ * site proves nothing about its rsp, and takes the safe path. */
+static int in_sp_page(const struct ubpf_hit_frame *hf, u64 src, u64 n)
+{
+	if (!hf || !hf->ctx || !hf->probe)
+		return 0;
+	u64 flags = ((const struct ubpf_probe_block *)hf->probe)->flags;
+	u64 rsp = ((const struct pt_regs *)hf->ctx)->rsp, anchor;
+	if (flags & UBPF_PB_F_RETURN)
+		anchor = rsp - 8;
+	else if (flags & UBPF_PB_F_AT_ENTRY)
+		anchor = rsp;
+	else
+		return 0;
+	u64 page = anchor & ~4095ull;
+	if (page < 0x10000)       /* below mmap_min_addr: not a stack (a test's empty frame) */
+		return 0;
+	return src >= page && n <= 4096 && src - page <= 4096 - n;
+}
+
 long rt_read_user(const struct ubpf_hit_frame *hf, void *dst, u64 src, u64 n)
 {
 	struct iovec_ l = {(u64)dst, n}, r = {src, n};
 	if (!n)
 		return 0;
+	if (in_sp_page(hf, src, n)) {
+		rt_copy(dst, (const void *)src, n);
+		return 0;
+	}
 	long got = rt_syscall6(SYS_process_vm_readv, (long)rt_getpid(hf), (long)&l, 1, (long)&r, 1, 0);
 	return got == (long)n ? 0 : -(long)UBPF_EFAULT;
 }

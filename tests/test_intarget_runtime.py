@@ -189,6 +189,28 @@ def test_probe_read_user_and_faults(arena, rt):
     m.close()
 
 
+def test_probe_read_user_in_the_stack_pointer_page(arena, rt):
+    """At a function's entry, reads inside the page holding rsp (where the call just wrote the
+    return address) are plain copies; reads crossing that page, and reads at other sites, take the
+    safe path and fault cleanly on an unreadable page."""
+    f = make_frame(arena)
+    m, base = _guarded_page()                   # page 0 readable, page 1 not
+    ctypes.memmove(base + 100, b"stack bytes!", 12)
+    f.set_probe("flags", PB_F_AT_ENTRY)
+    f.set_reg("rsp", base + 64)                 # the "stack pointer" lies in the readable page
+    dst = ctypes.create_string_buffer(b"\xaa" * 16, 16)
+    assert rt.helper(112)(ctypes.addressof(dst), 12, base + 100, 0, 0, f.addr) == 0
+    assert dst.raw[:12] == b"stack bytes!"
+    # crossing the page end leaves the fast path: the unreadable page makes it -EFAULT, zeroed
+    assert rt.helper(112)(ctypes.addressof(dst), 16, base + mmap.PAGESIZE - 8, 0, 0, f.addr) == neg(EFAULT)
+    assert dst.raw == bytes(16)
+    f.set_probe("flags", 0)                     # a site inside a function proves nothing about rsp
+    f.set_reg("rsp", base + mmap.PAGESIZE + 64)
+    assert rt.helper(112)(ctypes.addressof(dst), 8, base + mmap.PAGESIZE + 8, 0, 0, f.addr) == neg(EFAULT)
+    assert dst.raw[:8] == bytes(8)
+    m.close()
+
+
 def test_probe_read_user_str(arena, rt):
     f = make_frame(arena)
     src = ctypes.create_string_buffer(b"hello world")
