@@ -31,7 +31,7 @@ from ubpf_py.intarget import trampoline as TR
 from ubpf_py.intarget.arena import SharedArena
 from ubpf_py.intarget.inject import PROT_EXEC, PROT_READ, TargetMapper, write_code
 from ubpf_py.intarget.sites import GO_RETURN_REFUSAL, SiteRefused, is_go_binary, plan_site
-from ubpf_py.intarget.unpatch import EntryTrampoline, find_thread_block, locate, return_fixes
+from ubpf_py.intarget.unpatch import EntryTrampoline, find_thread_block, is_busy, locate, return_fixes
 from ubpf_py.probe import ptrace as P
 
 TRAMP_PAGE = 64 * 1024
@@ -340,12 +340,35 @@ class InTargetEngine:
                 regs.set(t.tid)
             elif self._inside(st, rip) and not self._step_out(st, t.tid, regs):
                 stuck = True
+            elif self._on_runtime_stack(proc.mem, regs):
+                # a signal handler interrupted a program: its frames are on our runtime stack (or
+                # it returns into a trampoline); that memory must outlive the handler
+                stuck = True
         st.sites.clear()
         if not stuck and proc.threads:
             mapper = TargetMapper(proc.inj, proc.tgid)
             with contextlib.suppress(UbpfError, OSError, P.PtraceError):
                 S.uninstall(mapper, proc.any_stopped_tid(), self.plan, st.rt)
         self.procs.pop(proc.tgid, None)
+
+    def _on_runtime_stack(self, mem: P.ProcMem, regs: P.RegsBuf) -> bool:
+        """Is the thread (registers in ``regs``) running on its runtime stack, or inside a program
+        call that a signal interrupted (THREAD_BLOCK.busy)?"""
+        rsp = regs.vals[P.RSP]
+        if self.plan.private_addr <= rsp < self.plan.private_addr + S.PRIVATE_SIZE:
+            return True
+
+        def read(addr: int, n: int) -> bytes:
+            data = mem.read(addr, n)
+            if data is None:
+                raise ProbeError(f"cannot read 0x{addr:x} in pid {mem.pid}")
+            return data
+
+        try:
+            tb = find_thread_block(read, self.plan.header_addr, regs.vals[P.FS_BASE])
+            return tb is not None and is_busy(read, tb)
+        except ProbeError:
+            return False
 
     def _return_fixes(self, mem: P.ProcMem, fs_base: int) -> list[tuple[int, int]]:
         """Stack slots of a thread still holding the return trampoline, with the original values."""
