@@ -4,19 +4,15 @@ tail calls, and function exit (references, return values, frames).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ubpf_py.helpers.protos import KPROBE_ALLOWED, MODELLED_MAP_TYPES, PROTOS, HelperProto, helper_name
 from ubpf_py.isa.opcodes import MAX_CALL_DEPTH
 from ubpf_py.obj.mapdefs import BPF_F_RDONLY_PROG
 from ubpf_py.verifier import memory as M
 from ubpf_py.verifier import state as S
+from ubpf_py.verifier.context import CheckContext
 from ubpf_py.verifier.memory import Reject
 from ubpf_py.verifier.scalar import UNKNOWN, Scalar
 from ubpf_py.verifier.state import Reg
-
-if TYPE_CHECKING:
-    from ubpf_py.verifier.checker import Checker
 
 MAX_VAR_SIZE = 1 << 29
 #: helpers that change a map (record_func_map refuses them on BPF_F_RDONLY_PROG maps):
@@ -55,7 +51,7 @@ class _Meta:
         self.const_key: int | None = None
 
 
-def check_helper(ck: Checker, st: S.VerifierState, pc: int, hid: int) -> bool:
+def check_helper(ck: CheckContext, st: S.VerifierState, pc: int, hid: int) -> bool:
     """Check a helper call; returns True when the current path entered a callback frame."""
     proto = PROTOS.get(hid)
     name = helper_name(hid)
@@ -88,7 +84,7 @@ def check_helper(ck: Checker, st: S.VerifierState, pc: int, hid: int) -> bool:
     return False
 
 
-def _check_arg(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto, regno: int, kind: str,
+def _check_arg(ck: CheckContext, st: S.VerifierState, pc: int, proto: HelperProto, regno: int, kind: str,
                reg: Reg, meta: _Meta) -> None:
     if reg.type == S.NOT_INIT:
         raise Reject(f"R{regno} !read_ok", f"argument {regno} of {proto.full_name} was never set")
@@ -223,7 +219,7 @@ def _stack_const(st: S.VerifierState, reg: Reg, size: int) -> int | None:
     return None
 
 
-def _check_map_compat(ck: Checker, proto: HelperProto, map_idx: int) -> None:
+def _check_map_compat(ck: CheckContext, proto: HelperProto, map_idx: int) -> None:
     m = ck.maps[map_idx]
     if m.type not in MODELLED_MAP_TYPES:
         cannot = f"cannot pass map_type {m.type} into func {proto.full_name}#{proto.id}"
@@ -243,7 +239,7 @@ def _special_helpers(map_type: int) -> frozenset[int] | None:
     return SPECIAL_MAP_HELPERS.get(map_type)
 
 
-def mem_access(ck: Checker, st: S.VerifierState, regno: int, reg: Reg, size: int, write: bool) -> None:
+def mem_access(ck: CheckContext, st: S.VerifierState, regno: int, reg: Reg, size: int, write: bool) -> None:
     t = reg.type
     if t == S.STACK:
         M.helper_stack_access(ck, st, regno, reg, size, write)
@@ -264,7 +260,7 @@ def mem_access(ck: Checker, st: S.VerifierState, regno: int, reg: Reg, size: int
     raise _type_error(regno, reg, "mem")
 
 
-def _finish_helper(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto, meta: _Meta) -> None:
+def _finish_helper(ck: CheckContext, st: S.VerifierState, pc: int, proto: HelperProto, meta: _Meta) -> None:
     regs = st.cur.regs
     if meta.ref:
         release_reference(st, meta.ref, pc)
@@ -310,7 +306,7 @@ def release_reference(st: S.VerifierState, ref: int, pc: int) -> None:
                 f.spills[k] = gone
 
 
-def _enter_callback(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProto, meta: _Meta) -> bool:
+def _enter_callback(ck: CheckContext, st: S.VerifierState, pc: int, proto: HelperProto, meta: _Meta) -> bool:
     """Push the 'helper returned' continuation, and move the current path into the callback."""
     after = st.copy()
     _finish_helper(ck, after, pc, proto, meta)
@@ -334,7 +330,7 @@ def _enter_callback(ck: Checker, st: S.VerifierState, pc: int, proto: HelperProt
     return True
 
 
-def check_pseudo_call(ck: Checker, st: S.VerifierState, pc: int, target: int) -> int:
+def check_pseudo_call(ck: CheckContext, st: S.VerifierState, pc: int, target: int) -> int:
     """A BPF-to-BPF call; returns the next instruction on the current path."""
     if len(st.frames) >= MAX_CALL_DEPTH:
         raise Reject(f"the call stack of {len(st.frames) + 1} frames is too deep",
@@ -355,7 +351,7 @@ def check_pseudo_call(ck: Checker, st: S.VerifierState, pc: int, target: int) ->
     return target
 
 
-def check_exit(ck: Checker, st: S.VerifierState, pc: int) -> int | None:
+def check_exit(ck: CheckContext, st: S.VerifierState, pc: int) -> int | None:
     """Process exit; returns where the path continues, or None when it is finished."""
     cur = st.cur
     r0 = cur.regs[0]

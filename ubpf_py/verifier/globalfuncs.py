@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from ubpf_py.obj.spec import ProgramSpec
 from ubpf_py.verifier import state as S
 from ubpf_py.verifier.calls import mem_access
+from ubpf_py.verifier.context import CheckContext
 from ubpf_py.verifier.memory import Reject
 from ubpf_py.verifier.scalar import Scalar
 from ubpf_py.verifier.state import Reg
-
-if TYPE_CHECKING:
-    from ubpf_py.verifier.checker import Checker
 
 #: the context types of a kprobe (= uprobe) program (btf_is_prog_ctx_type)
 CTX_TYPES = ("pt_regs", "bpf_user_pt_regs_t", "user_pt_regs")
@@ -162,7 +159,7 @@ def global_functions(prog: ProgramSpec, btf: object | None,
     return out
 
 
-def check_call(ck: Checker, st: S.VerifierState, target: int) -> None:
+def check_call(ck: CheckContext, st: S.VerifierState, target: int) -> None:
     """The call site: every argument register must fit the signature (else the kernel's
     "Caller passes invalid args into func#N ('name')")."""
     g = ck.global_funcs[target]
@@ -203,7 +200,7 @@ def check_call(ck: Checker, st: S.VerifierState, target: int) -> None:
                              [caller])
 
 
-def entry_regs(ck: Checker, frame: S.Frame, g: GlobalFunc) -> None:
+def entry_regs(ck: CheckContext, frame: S.Frame, g: GlobalFunc) -> None:
     """What the body may assume: only the declared argument types."""
     for i, a in enumerate(g.args):
         if a.kind == "ctx":

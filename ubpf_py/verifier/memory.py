@@ -9,18 +9,14 @@ size.  Messages are the kernel's (check_mem_access and friends).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ubpf_py.abi.kernel import PT_REGS_SIZE
 from ubpf_py.obj.mapdefs import BPF_F_RDONLY_PROG, BPF_F_WRONLY_PROG
 from ubpf_py.obj.spec import MapSpec
 from ubpf_py.verifier import state as S
 from ubpf_py.verifier import tnum as tn
+from ubpf_py.verifier.context import CheckContext
 from ubpf_py.verifier.scalar import Scalar, s64, unknown_bits
 from ubpf_py.verifier.state import Reg
-
-if TYPE_CHECKING:
-    from ubpf_py.verifier.checker import Checker
 
 MAX_VAR_OFF = 1 << 29
 MAP_TYPE_ARRAY_LIKE = {2, 6}  # array, percpu_array: direct value access allowed
@@ -64,7 +60,7 @@ def _loaded(size: int, sext: bool) -> Reg:
     return Reg(S.SCALAR, unknown_bits(size))
 
 
-def region_check(ck: Checker, regno: int, reg: Reg, off: int, size: int, limit: int,
+def region_check(ck: CheckContext, regno: int, reg: Reg, off: int, size: int, limit: int,
                  what: str, zero_ok: bool = False) -> None:
     """check_mem_region_access: [off + var, off + var + size) must lie in [0, limit)."""
     v = reg.val
@@ -89,7 +85,7 @@ def region_check(ck: Checker, regno: int, reg: Reg, off: int, size: int, limit: 
         raise Reject(bad(hi), hint, [f"R{regno} max value is outside of the allowed memory range"])
 
 
-def stack_bounds(ck: Checker, regno: int, reg: Reg, off: int, size: int, kind: str) -> tuple[int, int]:
+def stack_bounds(ck: CheckContext, regno: int, reg: Reg, off: int, size: int, kind: str) -> tuple[int, int]:
     """check_stack_access_within_bounds: [min, max) must lie in [-512, 0); return (min, max).
 
     ``kind`` is "read from", "write to" or "indirect access to" (a helper), as in the
@@ -114,7 +110,7 @@ def stack_bounds(ck: Checker, regno: int, reg: Reg, off: int, size: int, kind: s
     return lo, hi
 
 
-def check_access(ck: Checker, st: S.VerifierState, regno: int, insn_off: int, size: int,
+def check_access(ck: CheckContext, st: S.VerifierState, regno: int, insn_off: int, size: int,
                  write: bool, value: Reg | None = None, sext: bool = False,
                  atomic: bool = False) -> Reg | None:
     """Check one load/store through register ``regno``; return the loaded value for reads."""
@@ -232,7 +228,7 @@ def _scrub(frame: S.Frame, slot: int) -> None:
             frame.stack[base + j] = S.S_MISC
 
 
-def write_stack(ck: Checker, frame: S.Frame, off: int, size: int, value: Reg | None) -> None:
+def write_stack(ck: CheckContext, frame: S.Frame, off: int, size: int, value: Reg | None) -> None:
     idx = S.STACK_SIZE + off
     slot = idx // 8
     if slot in frame.spills:
@@ -282,7 +278,7 @@ def read_stack(frame: S.Frame, off: int, size: int) -> Reg:
     return Reg(S.SCALAR, unknown_bits(size))
 
 
-def helper_stack_access(ck: Checker, st: S.VerifierState, regno: int, reg: Reg, size: int,
+def helper_stack_access(ck: CheckContext, st: S.VerifierState, regno: int, reg: Reg, size: int,
                         write: bool) -> None:
     """A helper reads or fills ``size`` bytes at a stack pointer."""
     frame = st.frames[reg.frame]
