@@ -27,14 +27,12 @@ thread held at its breakpoint; ``JitProgram.raise_native_fault()`` raises the sa
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING
+from typing import Any
 
 from ubpf_py.vm.jit import backend as _backend
 from ubpf_py.vm.jit import fastpath as _fastpath
 from ubpf_py.vm.jit import layout as L
-
-if TYPE_CHECKING:
-    from ubpf_py.vm.jit.runtime import JitProgram
+from ubpf_py.vm.jit.compiler import ProgramLayout
 
 #: map / ring-buffer helpers whose standard implementations read only env.hit.cpu
 PY_SAFE_HELPERS = frozenset({1, 2, 3, 87, 88, 89, 130, 131, 132, 133, 134})
@@ -42,16 +40,17 @@ _PY_SAFE_MODULE = "ubpf_py.helpers.map_helpers"
 _ids = itertools.count()
 
 
-def ineligible_reason(prog: JitProgram) -> str | None:
-    """Why ``prog`` cannot run from the C loop without Python, or None when it can."""
-    plan = prog.code.layout
+def ineligible_reason(plan: ProgramLayout, native_helpers: tuple[int, ...],
+                      helpers: dict[int, Any]) -> str | None:
+    """Why a program cannot run from the C loop without Python, or None when it can: its
+    compiled ``plan``, the helpers running natively in its instance, its helper table."""
     if plan.uses_tail_call:
         return "it uses bpf_tail_call"
     if plan.uses_callbacks:
         return "it uses callbacks (bpf_loop, for_each_map_elem, ...)"
     if plan.uses_callx:
         return "it uses callx"
-    native = set(prog.native_paths["helpers"])
+    native = set(native_helpers)
     for hid in plan.helper_ids:
         if hid in _fastpath.FACT_SLOTS or hid in (5, 7, 125):
             if hid not in native:
@@ -59,7 +58,7 @@ def ineligible_reason(prog: JitProgram) -> str | None:
             continue
         if hid not in PY_SAFE_HELPERS:
             return f"helper {hid} needs per-hit state only the Python path provides"
-        fn = prog.env.helpers.get(hid)
+        fn = helpers.get(hid)
         if getattr(fn, "__module__", None) != _PY_SAFE_MODULE:
             return f"helper {hid} is not ubpf-py's standard implementation"
     return None

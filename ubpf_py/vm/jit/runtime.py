@@ -50,6 +50,7 @@ from ubpf_py.vm.jit import fastpath as _fastpath
 from ubpf_py.vm.jit import layout as L
 from ubpf_py.vm.jit.cache import CODE_CACHE, FUNC_TYPE, CompiledCode
 from ubpf_py.vm.jit.compiler import TAIL_CALL_HELPER
+from ubpf_py.vm.jit.native_hit import build_wrapper, ineligible_reason
 
 MASK = (1 << 64) - 1
 _U64 = ctypes.c_uint64
@@ -427,9 +428,7 @@ class JitProgram:
     # ------------------------------------------------------------------ native hit path
     def native_ineligible(self) -> str | None:
         """Why this instance cannot run from the probe engine's C loop (``native_hit``), or None."""
-        from ubpf_py.vm.jit.native_hit import ineligible_reason
-
-        return ineligible_reason(self)
+        return ineligible_reason(self.code.layout, self.native_paths["helpers"], self.env.helpers)
 
     def native_entry(self) -> int:
         """Address of ``uint64_t f(uint64_t ctx)`` running this instance with no Python per call
@@ -444,8 +443,6 @@ class JitProgram:
         if not addr:
             # the wrapper binds today's code: with tiered compilation, bind the O2 code
             self.wait_for_tier2()
-            from ubpf_py.vm.jit.native_hit import build_wrapper
-
             entry1 = ctypes.cast(self.code.entry1, ctypes.c_void_p).value or 0
             addr = self._native_addr = build_wrapper(entry1, self._rt_addr)
         self.native_sync()
