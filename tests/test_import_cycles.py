@@ -1,5 +1,6 @@
-"""No import cycles in the package: every import that runs (at module level or inside a
-function; ``if TYPE_CHECKING:`` imports never run and do not count) follows a layering.
+"""No import cycles in the package: every import (module level, inside a function, and under
+``if TYPE_CHECKING:`` too -- a type-only cycle is still two modules that need each other)
+follows a layering.
 
 ``from pkg import submodule`` is an edge to the submodule, not to the package; a cycle is a
 strongly connected group of two or more modules.
@@ -26,13 +27,6 @@ class _Imports(ast.NodeVisitor):
     def __init__(self, module: str, is_pkg: bool, mods: dict[str, Path]) -> None:
         self.module, self.mods, self.edges = module, mods, set()
         self.pkg = module if is_pkg else module.rsplit(".", 1)[0]
-
-    def visit_If(self, node: ast.If) -> None:
-        if "TYPE_CHECKING" in ast.unparse(node.test):
-            for n in node.orelse:
-                self.visit(n)
-            return
-        self.generic_visit(node)
 
     def visit_Import(self, node: ast.Import) -> None:
         for a in node.names:

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from ubpf_py.errors import ProbeError, TargetError
 from ubpf_py.probe import ptrace as P
 from ubpf_py.probe.breakpoints import Probe, check_offset
-from ubpf_py.probe.tracer import Proc, Tracer, new_proc
+from ubpf_py.probe.procs import Proc, new_proc
+from ubpf_py.probe.tracer import Tracer
 from ubpf_py.vm.env import HitContext
 from ubpf_py.vm.memory import HostBuffer
 

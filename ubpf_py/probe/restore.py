@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import TYPE_CHECKING
 
 from ubpf_py.errors import ProbeError
 from ubpf_py.probe import ptrace as P
-
-if TYPE_CHECKING:
-    from ubpf_py.probe.tracer import Proc, Thread
+from ubpf_py.probe.procs import Proc, Thread
 
 SIGTRAP = signal.SIGTRAP
 

@@ -29,73 +29,22 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from ubpf_py.errors import ProbeError, TargetError
+from ubpf_py.errors import ProbeError
 from ubpf_py.probe import ool as O
 from ubpf_py.probe import ptrace as P
 from ubpf_py.probe.breakpoints import Breakpoint, Probe
 from ubpf_py.probe.hits import HitFiller
 from ubpf_py.probe.native_calls import NativeCallsMixin
 from ubpf_py.probe.procmaps import code_addresses, file_offset_to_addr, is_dynamic_linker, read_maps
+from ubpf_py.probe.procs import Proc, Thread, new_proc
 from ubpf_py.probe.restore import RestoreMixin, clean_memory, release_semaphores
-from ubpf_py.probe.scratch import Injector, ScratchArea
 from ubpf_py.probe.uretprobe import MAX_DEPTH, RetEntry, ShadowStack
 from ubpf_py.vm.env import HitContext
 
 SIGTRAP = signal.SIGTRAP
 GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 _ENDBR64 = b"\xf3\x0f\x1e\xfa"
-
-
-@dataclass(slots=True, eq=False)
-class Thread:
-    tid: int
-    proc: Proc
-    shadow: ShadowStack = field(default_factory=ShadowStack)
-    stopped: bool = False
-    pending_sig: int = 0
-    #: stopped on one of our int3 bytes with the hit not finished yet (rewind on detach)
-    at_bp: bool = False
-    #: a zombie that cannot stop (a leader whose exit waits for the other threads)
-    dead: bool = False
-
-
-@dataclass(slots=True, eq=False)
-class Proc:
-    """One address space we patch (the target, followed fork children, a vfork child)."""
-
-    tgid: int
-    mem: P.ProcMem
-    inj: Injector
-    scratch: ScratchArea
-    bps: dict[int, Breakpoint] = field(default_factory=dict)
-    threads: dict[int, Thread] = field(default_factory=dict)
-    run_handlers: bool = True
-    #: a vfork child sharing its parent's memory (bps/scratch are the parent's objects)
-    vfork_parent: Proc | None = None
-    exit_status: int | None = None
-    #: USDT semaphores we incremented: address -> how many times (decremented on detach)
-    semas: dict[int, int] = field(default_factory=dict)
-    #: (probe id, semaphore address) pairs already counted
-    sema_done: set = field(default_factory=set)
-
-    def any_stopped_tid(self) -> int:
-        for t in self.threads.values():
-            if t.stopped:
-                return t.tid
-        raise ProbeError(f"no stopped thread in pid {self.tgid} to run an injected call")
-
-
-def new_proc(tgid: int) -> Proc:
-    try:
-        mem = P.ProcMem(tgid)
-    except OSError as e:
-        if e.errno in (errno.EACCES, errno.EPERM, errno.ESRCH, errno.ENOENT):
-            raise P.attach_error(tgid, errno.ESRCH if e.errno == errno.ENOENT else errno.EPERM) from None
-        raise TargetError(f"cannot open /proc/{tgid}/mem: {e.strerror} (run as the target's user or root)") from None
-    inj = Injector(mem)
-    return Proc(tgid, mem, inj, ScratchArea(mem, inj))
 
 
 class Tracer(RestoreMixin, NativeCallsMixin):
