@@ -13,3 +13,18 @@ PT_REGS_SIZE = PT_REGS.size  # 168
 #: user-mode segment selectors the kernel reports in pt_regs
 USER_CS = 0x33
 USER_SS = 0x2B
+
+#: x86-64 Linux numbers for the memory and system calls the tracer makes or injects
+PAGE_SIZE = 4096
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
+MAP_NORESERVE = 0x4000
+MAP_FIXED_NOREPLACE = 0x100000
+SYS_OPEN, SYS_CLOSE, SYS_MMAP, SYS_MPROTECT, SYS_MUNMAP, SYS_MEMFD_CREATE = 2, 3, 9, 10, 11, 319
+MFD_CLOEXEC = 1
+#: auxiliary vector: AT_HWCAP2 and its bit saying user space may use rdfsbase/wrfsbase
+AT_SYSINFO_EHDR = 33
+AT_HWCAP2 = 26
+HWCAP2_FSGSBASE = 2
+#: EFLAGS trap flag (single-step)
+X86_EFLAGS_TF = 1 << 8

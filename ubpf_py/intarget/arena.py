@@ -25,15 +25,19 @@ import threading
 
 import numpy as np
 
+from ubpf_py.abi.kernel import (
+    MAP_FIXED_NOREPLACE,
+    MAP_NORESERVE,
+    MAP_SHARED,
+    PAGE_SIZE,
+    PROT_READ,
+    PROT_WRITE,
+)
 from ubpf_py.abi.runtime import RUNTIME_HEADER, RUNTIME_MAGIC
 from ubpf_py.errors import UbpfError
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 DEFAULT_SIZE = 1 << 30
-PROT_READ, PROT_WRITE = 1, 2
-MAP_SHARED = 0x01
-MAP_NORESERVE = 0x4000
-MAP_FIXED_NOREPLACE = 0x100000
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 _libc = ctypes.CDLL(None, use_errno=True)

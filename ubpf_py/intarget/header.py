@@ -8,36 +8,23 @@ stack helpers return, and the jiffies calibration of bpf_jiffies64.
 
 from __future__ import annotations
 
-import ctypes
 import struct
 from collections.abc import Mapping
 
 from ubpf_py.abi.runtime import RT_F_FSGSBASE, RT_F_RDPID, RUNTIME_HEADER
 from ubpf_py.helpers.task_helpers import _jiffies_base
+from ubpf_py.intarget.vdso import has_fsgsbase
 from ubpf_py.maps.consts import perf_event_max_stack
 from ubpf_py.sysinfo import cpu_has
 
-AT_HWCAP2 = 26
-HWCAP2_FSGSBASE = 2
 #: where libcs keep the thread's tid in their struct pthread (offset from the FS base)
 KNOWN_TID_OFFSETS = (0x2D0, 0x30)   # glibc x86-64, musl x86-64
-
-
-def _fsgsbase() -> bool:
-    """rdfsbase works in user space (the kernel says so in AT_HWCAP2 of every process)."""
-    try:
-        getauxval = ctypes.CDLL(None).getauxval
-    except (OSError, AttributeError):
-        return False
-    getauxval.restype = ctypes.c_ulong
-    getauxval.argtypes = [ctypes.c_ulong]
-    return bool(getauxval(AT_HWCAP2) & HWCAP2_FSGSBASE)
 
 
 def host_facts() -> dict[str, int]:
     """Header fields that are the same for every process on this machine."""
     base, hz = _jiffies_base()
-    flags = (RT_F_RDPID if cpu_has("rdpid") else 0) | (RT_F_FSGSBASE if _fsgsbase() else 0)
+    flags = (RT_F_RDPID if cpu_has("rdpid") else 0) | (RT_F_FSGSBASE if has_fsgsbase() else 0)
     return {"flags": flags, "max_stack": perf_event_max_stack(), "hz": hz, "jiffies_base": base}
 
 

@@ -17,17 +17,25 @@ from __future__ import annotations
 import os
 import random
 
+from ubpf_py.abi.kernel import (
+    MAP_ANONYMOUS,
+    MAP_FIXED_NOREPLACE,
+    MAP_NORESERVE,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    MFD_CLOEXEC,
+    PAGE_SIZE,
+    SYS_CLOSE,
+    SYS_MEMFD_CREATE,
+    SYS_MMAP,
+    SYS_MUNMAP,
+)
 from ubpf_py.errors import ProbeError
 from ubpf_py.probe import ptrace as P
-from ubpf_py.probe.procmaps import read_maps
+from ubpf_py.probe.procmaps import near_hints, read_maps
 from ubpf_py.probe.scratch import Injector
 
-PAGE = 4096
-SYS_MMAP, SYS_MPROTECT, SYS_MUNMAP, SYS_CLOSE, SYS_MEMFD_CREATE = 9, 10, 11, 3, 319
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE = 0x01, 0x02, 0x20, 0x4000
-MAP_FIXED_NOREPLACE = 0x100000
-MFD_CLOEXEC = 1
+PAGE = PAGE_SIZE
 _M64 = (1 << 64) - 1
 #: where fixed runtime mappings are placed: far from PIE images (0x55..), mmap bases (0x7f..),
 #: Go heaps (0xc0_0000_0000) and non-PIE images (0x400000)
@@ -77,21 +85,8 @@ class TargetMapper:
 
     def map_near(self, tid: int, near: int, size: int, prot: int) -> int:
         """Private anonymous memory within +-2 GiB of ``near`` (trampolines)."""
-        maps = read_maps(self.pid)
         size = page_round(size)
-        holder = next((m for m in maps if m.start <= near < m.end), None)
-        lo = near
-        hi = near
-        if holder is not None and holder.inode:
-            same = [m for m in maps if m.inode == holder.inode and m.dev == holder.dev]
-            lo, hi = min(m.start for m in same), max(m.end for m in same)
-        hints = [(lo - k * 16 * PAGE - size) & ~(PAGE - 1) for k in range(1, 64)]
-        hints += [(hi + (1 << 28) + k * 16 * PAGE) & ~(PAGE - 1) for k in range(16)]
-        for h in hints:
-            if h <= 0x10000 or abs(h - near) > (1 << 31) - 2 * size:
-                continue
-            if any(not (h + size <= m.start or h >= m.end) for m in maps):
-                continue
+        for h in near_hints(read_maps(self.pid), near, size, PAGE):
             r = self.inj.syscall(tid, SYS_MMAP, h, size, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
                                  _M64, 0)
             if r == h:
@@ -99,9 +94,6 @@ class TargetMapper:
             if r > 0:
                 self.inj.syscall(tid, SYS_MUNMAP, r, size)
         raise ProbeError(f"no free memory within +-2 GiB of 0x{near:x} in pid {self.pid} for a trampoline")
-
-    def protect(self, tid: int, addr: int, size: int, prot: int) -> None:
-        self._call(tid, f"mprotect of 0x{addr:x}", SYS_MPROTECT, addr, page_round(size), prot)
 
     def unmap(self, tid: int, addr: int, size: int) -> None:
         self.inj.syscall(tid, SYS_MUNMAP, addr, page_round(size))

@@ -24,12 +24,13 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from ubpf_py.abi.kernel import PROT_EXEC, PROT_READ, X86_EFLAGS_TF
 from ubpf_py.abi.runtime import PB_F_AT_ENTRY, PB_F_RETURN, PROBE_BLOCK, SITE, SITE_MAX_PROBES, THREAD_BLOCK
 from ubpf_py.errors import ProbeError, UbpfError
 from ubpf_py.intarget import space as S
 from ubpf_py.intarget import trampoline as TR
 from ubpf_py.intarget.arena import SharedArena
-from ubpf_py.intarget.inject import PROT_EXEC, PROT_READ, TargetMapper, write_code
+from ubpf_py.intarget.inject import TargetMapper, write_code
 from ubpf_py.intarget.sites import GO_RETURN_REFUSAL, SiteRefused, is_go_binary, plan_site
 from ubpf_py.intarget.unpatch import EntryTrampoline, find_thread_block, is_busy, locate, return_fixes
 from ubpf_py.probe import ptrace as P
@@ -37,8 +38,7 @@ from ubpf_py.probe import ptrace as P
 TRAMP_PAGE = 64 * 1024
 TRAMP_ALIGN = 64
 _Q = struct.Struct("<Q")
-#: the x86 trap flag (EFLAGS bit 8)
-X86_TF = 1 << 8
+
 
 
 @dataclass(slots=True)
@@ -358,12 +358,7 @@ class InTargetEngine:
         if self.plan.private_addr <= rsp < self.plan.private_addr + S.PRIVATE_SIZE:
             return True
 
-        def read(addr: int, n: int) -> bytes:
-            data = mem.read(addr, n)
-            if data is None:
-                raise ProbeError(f"cannot read 0x{addr:x} in pid {mem.pid}")
-            return data
-
+        read = _strict_reader(mem)
         try:
             tb = find_thread_block(read, self.plan.header_addr, regs.vals[P.FS_BASE])
             return tb is not None and is_busy(read, tb)
@@ -372,12 +367,7 @@ class InTargetEngine:
 
     def _return_fixes(self, mem: P.ProcMem, fs_base: int) -> list[tuple[int, int]]:
         """Stack slots of a thread still holding the return trampoline, with the original values."""
-        def read(addr: int, n: int) -> bytes:
-            data = mem.read(addr, n)
-            if data is None:
-                raise ProbeError(f"cannot read 0x{addr:x} in pid {mem.pid}")
-            return data
-
+        read = _strict_reader(mem)
         try:
             tb = find_thread_block(read, self.plan.header_addr, fs_base)
             if tb is None:
@@ -413,7 +403,7 @@ class InTargetEngine:
                     # would set it for real and the thread would die of SIGTRAP once released
                     top = mem.read(regs.vals[P.RSP], 8)
                     if top is not None:
-                        mem.write(regs.vals[P.RSP], _Q.pack(_Q.unpack(top)[0] & ~X86_TF))
+                        mem.write(regs.vals[P.RSP], _Q.pack(_Q.unpack(top)[0] & ~X86_EFLAGS_TF))
                 if not self._inside(st, regs.vals[P.RIP]):
                     return True
             return False
@@ -423,8 +413,8 @@ class InTargetEngine:
             # injected system call restores what it saved) would make it the thread's own TF
             with contextlib.suppress(P.PtraceError):
                 regs.get(tid)
-                if regs.vals[P.EFLAGS] & X86_TF:
-                    regs.vals[P.EFLAGS] &= ~X86_TF
+                if regs.vals[P.EFLAGS] & X86_EFLAGS_TF:
+                    regs.vals[P.EFLAGS] &= ~X86_EFLAGS_TF
                     regs.set(tid)
 
     def close(self) -> None:
@@ -441,6 +431,16 @@ def _shadow_stack_enabled(pid: int) -> bool:
     except OSError:
         pass
     return False
+
+
+def _strict_reader(mem: P.ProcMem):
+    """``read(addr, n)`` of the target's memory for the detach helpers: all of it, or ProbeError."""
+    def read(addr: int, n: int) -> bytes:
+        data = mem.read(addr, n)
+        if data is None:
+            raise ProbeError(f"cannot read 0x{addr:x} in pid {mem.pid}")
+        return data
+    return read
 
 
 def _reader(mem: P.ProcMem):

@@ -13,11 +13,17 @@ import ctypes
 import os
 from collections.abc import Iterable, Mapping
 
+from ubpf_py.abi.kernel import (
+    MAP_ANONYMOUS,
+    MAP_FIXED_NOREPLACE,
+    MAP_PRIVATE,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+)
 from ubpf_py.intarget.arena import _MAP_FAILED, _libc
 from ubpf_py.intarget.linker import Image, LinkError, link
 
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
 _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 

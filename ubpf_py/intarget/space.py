@@ -20,23 +20,18 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from ubpf_py.abi.kernel import PAGE_SIZE as PAGE
+from ubpf_py.abi.kernel import PROT_EXEC, PROT_READ, PROT_WRITE, SYS_CLOSE, SYS_OPEN
 from ubpf_py.abi.runtime import RT_F_FSGSBASE, RUNTIME_HEADER, RUNTIME_MAGIC, THREAD_BLOCK
 from ubpf_py.errors import ProbeError
 from ubpf_py.intarget import vdso
-from ubpf_py.intarget.inject import (
-    PAGE,
-    PROT_EXEC,
-    PROT_READ,
-    PROT_WRITE,
-    TargetMapper,
-    free_range,
-    page_round,
-    write_code,
-)
+from ubpf_py.intarget.inject import TargetMapper, free_range, page_round, write_code
 from ubpf_py.probe import ptrace as P
 
-#: thread table: slots of SLOT_SIZE bytes (THREAD_BLOCK, then the runtime stack to the slot's
-#: end: room for 8 BPF frames of 512 bytes, helpers, and a signal frame delivered meanwhile)
+#: thread table: slots of THREAD_SLOT_SIZE bytes: the THREAD_BLOCK, then the runtime stack to the
+#: slot's end, with room for 8 BPF frames of 512 bytes, the runtime helpers' frames and, below
+#: them, a signal frame with full xsave state (up to ~11 KiB with AMX) and the frames of whatever
+#: handler the target runs there
 THREAD_SLOTS = 4096
 THREAD_SLOT_SIZE = 64 * 1024
 PRIVATE_SIZE = PAGE + THREAD_SLOTS * THREAD_SLOT_SIZE
@@ -134,13 +129,11 @@ def map_arena(mapper: TargetMapper, mem: P.ProcMem, tid: int, plan: SpacePlan, f
     The target opens the tracer's descriptor by path (``/proc/<tracer>/fd/N``): allowed when
     the target could ptrace-read the tracer (same user, or root); otherwise this fails with a
     message and the caller keeps that process's probes on the ptrace path."""
-    from ubpf_py.intarget.inject import SYS_CLOSE
-
     path = f"/proc/{os.getpid()}/fd/{fd}".encode() + b"\0"
     path_addr = plan.header_addr + PAGE - 64
     write_code(mem, path_addr, path)
     O_RDWR, O_CLOEXEC = 2, 0o2000000
-    tfd = mapper.inj.syscall(tid, 2, path_addr, O_RDWR | O_CLOEXEC, 0)   # open
+    tfd = mapper.inj.syscall(tid, SYS_OPEN, path_addr, O_RDWR | O_CLOEXEC, 0)
     write_code(mem, path_addr, b"\0" * len(path))
     if tfd < 0:
         raise ProbeError(f"pid {mem.pid} cannot open the shared arena ({os.strerror(-tfd)}): "

@@ -108,12 +108,6 @@ HASH_MUL = 0x9E3779B97F4A7C15
 RED_ZONE = 128
 #: flags + the 6 scratch registers, saved on the target's stack below the red zone
 SAVE_AREA = 7 * 8
-#: bytes of the target's stack the trampolines use below its rsp
-TARGET_STACK_USE = RED_ZONE + SAVE_AREA
-#: a thread slot should hold its THREAD_BLOCK, the programs' stack (512 bytes of BPF stack plus
-#: the runtime helpers' frames) and, below them, a signal frame with full xsave state (up to
-#: ~11 KiB with AMX) and the frames of whatever handler the target runs there
-RECOMMENDED_SLOT_SIZE = 64 * 1024
 
 #: placeholder immediates; each is patched per copy
 _IMM = {"header": 0x1111_1111_1111_1111, "site": 0x2222_2222_2222_2222, "rettramp": 0x3333_3333_3333_3333}
@@ -470,18 +464,11 @@ def return_template() -> Template:
 # --- per-site code ----------------------------------------------------------------------------------
 
 def fsgsbase_available() -> bool:
-    """Whether this machine lets user code run ``rdfsbase`` (AT_HWCAP2 & HWCAP2_FSGSBASE).
+    """Whether this machine lets user code run ``rdfsbase`` (the kernel sets AT_HWCAP2's bit for
+    every process alike, so the tracer's answer holds for its targets)."""
+    from ubpf_py.intarget.vdso import has_fsgsbase
 
-    The kernel sets the bit for every process alike, so the tracer's answer holds for
-    its targets on the same machine.
-    """
-    import ctypes
-
-    libc = ctypes.CDLL(None)
-    libc.getauxval.restype = ctypes.c_ulong
-    libc.getauxval.argtypes = [ctypes.c_ulong]
-    at_hwcap2, hwcap2_fsgsbase = 26, 2
-    return bool(libc.getauxval(at_hwcap2) & hwcap2_fsgsbase)
+    return has_fsgsbase()
 
 
 def _check_fsgsbase(has_fsgsbase: bool) -> None:

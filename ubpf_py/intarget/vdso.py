@@ -13,9 +13,7 @@ import struct
 
 from elftools.elf.elffile import ELFFile
 
-AT_SYSINFO_EHDR = 33
-AT_HWCAP2 = 26
-HWCAP2_FSGSBASE = 2
+from ubpf_py.abi.kernel import AT_HWCAP2, AT_SYSINFO_EHDR, HWCAP2_FSGSBASE
 
 
 def auxv(pid: int | str) -> dict[int, int]:
@@ -60,6 +58,6 @@ def vdso_symbols(pid: int | str = "self",
     return out
 
 
-def has_fsgsbase(pid: int) -> bool:
+def has_fsgsbase(pid: int | str = "self") -> bool:
     """Can the target use rdfsbase (CPU and kernel both allow it)?"""
     return bool(auxv(pid).get(AT_HWCAP2, 0) & HWCAP2_FSGSBASE)

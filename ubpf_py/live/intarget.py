@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ubpf_py.errors import NotSupportedError
+from ubpf_py.isa import opcodes as op
 from ubpf_py.isa.opcodes import LDDW
 
 MODES = ("auto", "intarget", "ptrace")
@@ -78,34 +79,35 @@ def _calls_whose_result_is_read(insns: list, helper_ids: frozenset[int]) -> list
     """Calls of ``helper_ids`` whose r0 may be read afterwards.  Conservative: the instructions
     after the call are scanned in order; r0 written first (or ``exit``: a uprobe program's return
     value is ignored) clears the call, anything else that may read r0 -- a use, a branch -- counts."""
+    call, exit_ = op.BPF_JMP | op.BPF_CALL, op.BPF_JMP | op.BPF_EXIT
     out = []
     for pc, ins in enumerate(insns):
-        if ins.opcode != 0x85 or ins.src != 0 or ins.imm not in helper_ids:
+        if ins.opcode != call or ins.src != op.BPF_CALL_HELPER or ins.imm not in helper_ids:
             continue
         for nxt in insns[pc + 1:]:
             if nxt.opcode == 0:                         # the second slot of an lddw
                 continue
-            if nxt.opcode in (0x95, 0x85):              # exit (result ignored) / a call (r0 overwritten)
+            if nxt.opcode in (exit_, call):             # exit (result ignored) / a call (r0 overwritten)
                 break
-            cls, op, x = nxt.opcode & 7, nxt.opcode & 0xF0, nxt.opcode & 8
-            if cls in (5, 6):                           # a branch: stop scanning, assume r0 is read
+            cls, code, x = nxt.opcode & 0x07, nxt.opcode & 0xF0, nxt.opcode & op.BPF_X
+            if cls in (op.BPF_JMP, op.BPF_JMP32):       # a branch: stop scanning, assume r0 is read
                 out.append(pc)
                 break
-            if cls in (4, 7):                           # ALU: reads dst (not mov), src if register
-                reads = (op != 0xB0 and nxt.dst == 0) or (x and nxt.src == 0)
-            elif cls == 1:                              # ldx: reads its base
+            if cls in (op.BPF_ALU, op.BPF_ALU64):       # reads dst (not mov), src if a register
+                reads = (code != op.BPF_MOV and nxt.dst == 0) or (x and nxt.src == 0)
+            elif cls == op.BPF_LDX:                     # reads its base
                 reads = nxt.src == 0
-            elif cls == 2:                              # st: reads its base
+            elif cls == op.BPF_ST:                      # reads its base
                 reads = nxt.dst == 0
-            elif cls == 3:                              # stx / atomics: base and value
+            elif cls == op.BPF_STX:                     # stx / atomics: base and value
                 reads = nxt.dst == 0 or nxt.src == 0
             else:                                       # lddw
                 reads = False
             if reads:
                 out.append(pc)
                 break
-            if nxt.dst == 0 and cls in (0, 1, 4, 7):    # r0 written first: the result is dead
-                break
+            if nxt.dst == 0 and cls in (op.BPF_LD, op.BPF_LDX, op.BPF_ALU, op.BPF_ALU64):
+                break                                   # r0 written first: the result is dead
     return out
 
 

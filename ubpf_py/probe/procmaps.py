@@ -206,3 +206,27 @@ def code_addresses(maps, path: str, file_offset: int) -> list[int]:
 def is_dynamic_linker(path: str) -> bool:
     base = os.path.basename(path)
     return base.startswith("ld-") and ".so" in base
+
+
+#: a jump or a RIP-relative operand reaches +-2 GiB
+REACH_32 = 1 << 31
+
+
+def near_hints(maps: list[Mapping], near: int, size: int, page: int = 4096) -> list[int]:
+    """Free addresses for ``size`` bytes within +-2 GiB of ``near`` (out-of-line slots and
+    trampolines: code that must reach, and be reached from, ``near`` with 32-bit offsets).
+
+    Candidates lie just below the lowest mapping of the object holding ``near`` (16-page steps),
+    then well above its highest one (past the brk heap of a non-PIE executable); those that
+    overlap a mapping, sit below 64 KiB or are out of reach are left out.  The caller still maps
+    with MAP_FIXED_NOREPLACE: the list is a guess at one moment."""
+    holder = next((m for m in maps if m.start <= near < m.end), None)
+    lo = hi = near
+    if holder is not None and holder.inode:
+        same = [m for m in maps if m.inode == holder.inode and m.dev == holder.dev]
+        lo, hi = min(m.start for m in same), max(m.end for m in same)
+    hints = [(lo - k * 16 * page - size) & ~(page - 1) for k in range(1, 64)]
+    hints += [(hi + (1 << 28) + k * 16 * page) & ~(page - 1) for k in range(16)]
+    return [h for h in hints
+            if h > 0x10000 and abs(h - near) <= REACH_32 - 2 * size
+            and all(h + size <= m.start or h >= m.end for m in maps)]

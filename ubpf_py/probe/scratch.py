@@ -20,17 +20,23 @@ import signal
 import struct
 from dataclasses import dataclass, field
 
+from ubpf_py.abi.kernel import (
+    MAP_ANONYMOUS,
+    MAP_FIXED_NOREPLACE,
+    MAP_PRIVATE,
+    PAGE_SIZE,
+    PROT_EXEC,
+    PROT_READ,
+    SYS_MMAP,
+    SYS_MUNMAP,
+)
 from ubpf_py.errors import ProbeError, TargetError
 from ubpf_py.probe import ptrace as P
 from ubpf_py.probe.ool import SLOT_SIZE
-from ubpf_py.probe.procmaps import read_maps
+from ubpf_py.probe.procmaps import near_hints, read_maps
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 SCRATCH_SIZE = PAGE
-SYS_MMAP = 9
-SYS_MUNMAP = 11
-PROT_READ, PROT_EXEC = 1, 4
-MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
 TRAMP_OFF = 16
 FIRST_SLOT = 64
 REACH = (1 << 31) - 2 * PAGE
@@ -130,23 +136,9 @@ class ScratchArea:
         hints: list[int] = []
         if near:
             try:
-                maps = read_maps(pid)
+                hints = near_hints(read_maps(pid), near, SCRATCH_SIZE, PAGE)
             except TargetError:
-                maps = []
-            # the lowest mapping of the object holding ``near``: place pages just below it
-            lo = near
-            holder = next((m for m in maps if m.start <= near < m.end), None)
-            if holder is not None and holder.inode:
-                lo = min(m.start for m in maps if m.inode == holder.inode and m.dev == holder.dev)
-            lo = max(lo, 0x10000 + 64 * 16 * PAGE)
-            for k in range(1, 48):
-                h = (lo - k * 16 * PAGE) & ~(PAGE - 1)
-                if h > 0x10000:
-                    hints.append(h)
-            hi = max((m.end for m in maps if holder is not None and m.inode == holder.inode
-                      and m.dev == holder.dev), default=near)
-            for k in range(1, 16):   # above: far enough from brk of a non-PIE executable
-                hints.append((hi + (1 << 28) + k * 16 * PAGE) & ~(PAGE - 1))
+                hints = []
         hints.append(0)
         for h in hints:
             flags = MAP_PRIVATE | MAP_ANONYMOUS | (MAP_FIXED_NOREPLACE if h else 0)
