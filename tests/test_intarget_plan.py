@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ubpf_py.isa.asm import assemble
-from ubpf_py.live.intarget import _calls_whose_result_is_read
+from ubpf_py.live.intarget import _calls_whose_flags_may_have, _calls_whose_result_is_read
 
 PRINTK = frozenset({6})
 
@@ -24,3 +24,16 @@ PRINTK = frozenset({6})
 def test_printk_result_reads(tail, read):
     insns = assemble("mov %r1, %r10\nmov %r2, 8\ncall 6\n" + tail)
     assert bool(_calls_whose_result_is_read(insns, PRINTK)) == read
+
+
+@pytest.mark.parametrize("prog, refused", [
+    ("mov %r4, 256\ncall 67\nexit\n", False),                       # BPF_F_USER_STACK only
+    ("mov %r4, 2304\ncall 67\nexit\n", True),                       # | BPF_F_USER_BUILD_ID
+    ("mov %r4, %r6\ncall 67\nexit\n", True),                        # not a constant
+    ("mov %r4, 256\njeq %r1, 0, +1\nmov %r1, 0\ncall 67\nexit\n", True),   # a jump lands before the call
+])
+def test_get_stack_build_id_flag_keeps_the_ptrace_path(prog, refused):
+    """The in-target runtime refuses BPF_F_USER_BUILD_ID (-EOPNOTSUPP) while the ptrace path supports
+    it: a program that may pass it must not run in the target."""
+    insns = assemble(prog)
+    assert bool(_calls_whose_flags_may_have(insns, 67, 4, 1 << 11)) == refused

@@ -34,8 +34,8 @@ PACKAGED = Path(__file__).resolve().parents[1] / "_runtime.o"
 _HELPER = re.compile(r"ubpf_helper_(\d+)$")
 _DIGEST = re.compile(r"ubpf_runtime_digest_([0-9a-f]+)$")
 #: helper flags the runtime refuses (returns -EOPNOTSUPP): programs using them stay on
-#: the ptrace path.  helper id -> flag mask
-UNSUPPORTED_FLAGS = {67: 1 << 11}   # bpf_get_stack with BPF_F_USER_BUILD_ID
+#: the ptrace path.  helper id -> (register holding the flags, flag mask)
+UNSUPPORTED_FLAGS = {67: (4, 1 << 11)}   # bpf_get_stack: flags in r4, BPF_F_USER_BUILD_ID
 #: helpers whose in-target return value differs from the kernel's: a program that reads
 #: r0 after calling them stays on the ptrace path (see runtime/printk.c)
 RETURN_VALUE_DIFFERS = frozenset({6, 177})   # trace_printk/vprintk: 0 once queued, not the length

@@ -66,13 +66,46 @@ def program_reason(lp: Any, verifier: str, helpers: frozenset[int]) -> str | Non
     missing = [h for h in helper_ids if h not in helpers and h not in INLINE_HELPERS]
     if missing:
         return "helper " + ", ".join(f"{HELPER_NAMES.get(h, 'helper')} (#{h})" for h in missing) + " is not available in the target"
-    from ubpf_py.intarget.runtime_obj import RETURN_VALUE_DIFFERS
+    from ubpf_py.intarget.runtime_obj import RETURN_VALUE_DIFFERS, UNSUPPORTED_FLAGS
 
     for pc in _calls_whose_result_is_read(lp.instructions, RETURN_VALUE_DIFFERS):
         h = lp.instructions[pc].imm
         return (f"it reads the result of {HELPER_NAMES.get(h, 'helper')} (#{h}) at instruction {pc}, which "
                 f"differs in the target")
+    for hid, (regno, mask) in UNSUPPORTED_FLAGS.items():
+        for pc in _calls_whose_flags_may_have(lp.instructions, hid, regno, mask):
+            return (f"{HELPER_NAMES.get(hid, 'helper')} (#{hid}) at instruction {pc} may get flags 0x{mask:x}, "
+                    f"which the in-target runtime does not support")
     return None
+
+
+def _calls_whose_flags_may_have(insns: list, helper_id: int, regno: int, mask: int) -> list[int]:
+    """Calls of ``helper_id`` whose flags argument (register ``regno``) is not a constant without
+    ``mask``.  Conservative: the last write of the register before the call, in straight-line code
+    (no jump lands in between), must be a ``mov`` of an immediate."""
+    call = op.BPF_JMP | op.BPF_CALL
+    targets = set()
+    for pc, ins in enumerate(insns):
+        cls, code = ins.opcode & 0x07, ins.opcode & 0xF0
+        if cls in (op.BPF_JMP, op.BPF_JMP32) and code not in (op.BPF_CALL, op.BPF_EXIT):
+            targets.add(pc + (ins.imm if cls == op.BPF_JMP32 and code == op.BPF_JA else ins.off) + 1)
+    out = []
+    for pc, ins in enumerate(insns):
+        if ins.opcode != call or ins.src != op.BPF_CALL_HELPER or ins.imm != helper_id:
+            continue
+        known = False
+        for back in range(pc - 1, -1, -1):
+            prev = insns[back]
+            if back + 1 in targets or prev.opcode & 0x07 in (op.BPF_JMP, op.BPF_JMP32):
+                break                                   # another path may reach the call
+            if prev.opcode == 0 or prev.dst != regno:
+                continue
+            known = prev.opcode in (op.BPF_ALU64 | op.BPF_MOV | op.BPF_K, op.BPF_ALU | op.BPF_MOV | op.BPF_K) \
+                and not (prev.imm & mask)
+            break
+        if not known:
+            out.append(pc)
+    return out
 
 
 def _calls_whose_result_is_read(insns: list, helper_ids: frozenset[int]) -> list[int]:
