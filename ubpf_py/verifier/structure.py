@@ -310,32 +310,7 @@ def _stack_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], secon
     """The kernel's stack-slot read marks, statically: a slot no later instruction of this
     frame may read does not matter when comparing states (pointers into the stack make
     every slot live at helper and function calls, and at loads through other registers)."""
-    n = len(insns)
-    ud = [(0, 0) if i in second else _stack_use_def(insns[i]) for i in range(n)]
-    live = [0] * n
-    preds: list[list[int]] = [[] for _ in range(n)]
-    for i in range(n):
-        for t in succ[i]:
-            if t < n:
-                preds[t].append(i)
-    work = list(range(n))
-    inq = [True] * n
-    while work:
-        i = work.pop()
-        inq[i] = False
-        out = 0
-        for t in succ[i]:
-            if t < n:
-                out |= live[t]
-        use, dfn = ud[i]
-        new = use | (out & ~dfn)
-        if new != live[i]:
-            live[i] = new
-            for p in preds[i]:
-                if not inq[p]:
-                    inq[p] = True
-                    work.append(p)
-    return live
+    return _backward_liveness(insns, succ, second, _stack_use_def)
 
 
 def _use_def(ins: Instruction) -> tuple[int, int]:
@@ -376,8 +351,16 @@ def _use_def(ins: Instruction) -> tuple[int, int]:
 
 
 def _liveness(insns: list[Instruction], succ: list[tuple[int, ...]], second: set[int]) -> list[int]:
+    """Registers live at each instruction (bit r); r10, the frame pointer, always is."""
+    return _backward_liveness(insns, succ, second, _use_def, always=1 << 10)
+
+
+def _backward_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], second: set[int],
+                       use_def, always: int = 0) -> list[int]:
+    """Live-in bit sets per instruction: a worklist solution of live = use | (live-out & ~def)
+    over the CFG (``use_def(insn) -> (use bits, def bits)``; lddw second slots use nothing)."""
     n = len(insns)
-    ud = [(0, 0) if i in second else _use_def(insns[i]) for i in range(n)]
+    ud = [(0, 0) if i in second else use_def(insns[i]) for i in range(n)]
     live = [0] * n
     preds: list[list[int]] = [[] for _ in range(n)]
     for i in range(n):
@@ -394,7 +377,7 @@ def _liveness(insns: list[Instruction], succ: list[tuple[int, ...]], second: set
             if t < n:
                 out |= live[t]
         use, dfn = ud[i]
-        new = (use | (out & ~dfn)) | (1 << 10)
+        new = use | (out & ~dfn) | always
         if new != live[i]:
             live[i] = new
             for p in preds[i]:
