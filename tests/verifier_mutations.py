@@ -19,6 +19,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernel_verdict import kernel_error_line
 
 from ubpf_py.isa import opcodes as op
 from ubpf_py.isa.instruction import Instruction
@@ -225,7 +228,7 @@ def run_campaign(build: Path, count: int, seed: int, verbose: bool = False,
                 kok = True
             except KernelBackendError as e:
                 kok = False
-                kerr = _kernel_error(e.log) or str(e)
+                kerr = kernel_error_line(e.log) or str(e)
             o = Outcome(m, rep.ok, kok, rep.error, kerr)
             res.outcomes.append(o)
             if verbose and o.ours != o.kernel:
@@ -305,20 +308,6 @@ def run_soundness(objects: dict[str, ObjectSpec], mutants: list[Mutant], runs_pe
     finally:
         signal.signal(signal.SIGALRM, old)
     return out
-
-
-def _kernel_error(log: str) -> str:
-    from ubpf_py.kernel.prog import _summary
-
-    lines = [ln for ln in log.strip().splitlines() if ln.strip()]
-    # the first line after the last instruction trace line is the kernel's reason
-    for k in range(len(lines) - 1, -1, -1):
-        ln = lines[k]
-        if (ln[:1].isdigit() and ": " in ln) or ln.startswith((";", "from ")):
-            rest = [x for x in lines[k + 1:] if not x.startswith(("processed ", "verification time",
-                                                                   "stack depth", "max_states"))]
-            return rest[0] if rest else _summary(log)
-    return _summary(log)
 
 
 def main(argv: list[str]) -> int:
@@ -421,7 +410,7 @@ def run_join_campaign(count: int, seed: int) -> CampaignResult:
             os.close(prog_load(spec.instructions, KPROBE, "GPL", prog_name="join"))
             kok = True
         except KernelBackendError as e:
-            kok, kerr = False, _kernel_error(e.log) or str(e)
+            kok, kerr = False, kernel_error_line(e.log) or str(e)
         res.outcomes.append(Outcome(Mutant("join", "join", "join", 0, desc, spec), rep.ok, kok, rep.error, kerr))
     res.seconds = time.perf_counter() - t0
     return res
