@@ -9,11 +9,13 @@ functions.  The kernel maps the same vDSO in every process, but its address is p
 from __future__ import annotations
 
 import io
+import os
 import struct
 
 from elftools.elf.elffile import ELFFile
 
 from ubpf_py.abi.kernel import AT_HWCAP2, AT_SYSINFO_EHDR, HWCAP2_FSGSBASE
+from ubpf_py.probe.procmaps import read_maps
 
 
 def auxv(pid: int | str) -> dict[int, int]:
@@ -33,13 +35,8 @@ def vdso_symbols(pid: int | str = "self",
     base = auxv(pid).get(AT_SYSINFO_EHDR, 0)
     if not base:
         return {}
-    size = 0
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            if line.rstrip().endswith("[vdso]"):
-                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-                if lo == base:
-                    size = hi - lo
+    maps = read_maps(os.getpid() if pid == "self" else int(pid))
+    size = next((m.end - m.start for m in maps if m.start == base and m.path == "[vdso]"), 0)
     if not size:
         return {}
     with open(f"/proc/{pid}/mem", "rb") as mem:
