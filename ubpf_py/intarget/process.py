@@ -60,8 +60,8 @@ class SiteState:
 class ProcState:
     rt: S.ProcRuntime
     sites: dict[int, SiteState] = field(default_factory=dict)
-    #: trampoline pages: [address, size, bytes used]
-    pages: list[list[int]] = field(default_factory=list)
+    #: trampoline page address -> bytes used (the pages themselves: ``rt.pages``)
+    tramp_used: dict[int, int] = field(default_factory=dict)
     ready: bool = False        # image + header installed
     failed: str = ""           # why this address space cannot run in-target probes
 
@@ -230,21 +230,20 @@ class InTargetEngine:
                     raise SiteRefused(f"thread {t.tid} is inside the bytes to patch")
 
     def _tramp_space(self, proc, st: ProcState, near: int) -> int:
-        for page in st.pages:
-            a, size, used = page
+        for a, size in st.rt.pages.items():
+            used = st.tramp_used.get(a, 0)
             if used + TRAMP_PAGE // 4 <= size and abs(a - near) < (1 << 31) - 2 * size:
                 return a + used
         mapper = TargetMapper(proc.inj, proc.tgid)
         a = mapper.map_near(proc.any_stopped_tid(), near, TRAMP_PAGE, PROT_READ | PROT_EXEC)
-        st.pages.append([a, TRAMP_PAGE, 0])
         st.rt.pages[a] = TRAMP_PAGE
         return a
 
     @staticmethod
     def _commit_tramp(st: ProcState, tramp: int, size: int) -> None:
-        for page in st.pages:
-            if page[0] <= tramp < page[0] + page[1]:
-                page[2] = tramp - page[0] + (size + TRAMP_ALIGN - 1) // TRAMP_ALIGN * TRAMP_ALIGN
+        for a, page_size in st.rt.pages.items():
+            if a <= tramp < a + page_size:
+                st.tramp_used[a] = tramp - a + (size + TRAMP_ALIGN - 1) // TRAMP_ALIGN * TRAMP_ALIGN
 
     # ------------------------------------------------------------------ counters
     def hits(self, probe_id: int) -> tuple[int, int]:
@@ -269,7 +268,7 @@ class InTargetEngine:
         cst = ProcState(rt, {a: SiteState(s.addr, s.orig, s.tramp, s.block, list(s.probes), s.plan, s.tramp_size,
                                           set(s.probe_ids), s.patch)
                              for a, s in pst.sites.items()},
-                        [list(p) for p in pst.pages], pst.ready, pst.failed)
+                        dict(pst.tramp_used), pst.ready, pst.failed)
         self.procs[child_tgid] = cst
         if self.on_patch is not None:
             for s in cst.sites.values():
@@ -290,12 +289,9 @@ class InTargetEngine:
                 child_mem.write(slot, _Q.pack(value))
 
     def forget(self, tgid: int) -> None:
-        """The address space is gone (exec or exit): nothing of ours is left in it."""
-        st = self.procs.pop(tgid, None)
-        if st is not None:
-            for s in st.sites.values():
-                with contextlib.suppress(ValueError):
-                    self._disable_site(s)
+        """The address space is gone (exec or exit): nothing of ours is left in it.  Its SITE blocks
+        stay as they are: a followed fork child shares them with its parent, which still runs."""
+        self.procs.pop(tgid, None)
 
     def forget_sites(self, tgid: int, gone) -> None:
         """Sites at addresses where ``gone(addr)`` (code unmapped by dlclose): a library mapped
