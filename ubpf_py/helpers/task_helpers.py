@@ -27,13 +27,13 @@ from pathlib import Path
 from ubpf_py.errors import VMFault
 from ubpf_py.helpers.context import HelperContext
 from ubpf_py.helpers.kernel_task import KernelObjects, cgroup_id, cgroup_path
+from ubpf_py.isa.opcodes import BPF_MAX_LOOPS
 from ubpf_py.vm.env import HelperFn
 
 EPERM = 1
 ENOENT = 2
 E2BIG = 7
 EINVAL = 22
-BPF_MAX_LOOPS = 1 << 23
 _M64 = 0xFFFFFFFFFFFFFFFF
 _CLOCK_MONOTONIC_COARSE = getattr(time, "CLOCK_MONOTONIC_COARSE", 6)
 _CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", 7)

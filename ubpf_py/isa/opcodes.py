@@ -99,6 +99,7 @@ NUM_REGS = 11          # r0..r10
 STACK_SIZE = 512       # bytes per frame
 MAX_CALL_DEPTH = 8     # frames (main program + 7 nested calls)
 MAX_TAIL_CALLS = 33    # MAX_TAIL_CALL_CNT
+BPF_MAX_LOOPS = 1 << 23    # bpf_loop's limit on nr_loops
 COMBINED_STACK_LIMIT = 512  # kernel's MAX_BPF_STACK across a call chain (without private stack)
 
 

@@ -45,6 +45,7 @@ from ubpf_py.isa.opcodes import (
     BPF_JSLT,
     BPF_LD,
     BPF_LDX,
+    BPF_MAX_LOOPS,
     BPF_PSEUDO_CALL,
     BPF_PSEUDO_FUNC,
     BPF_PSEUDO_KFUNC_CALL,
@@ -52,6 +53,7 @@ from ubpf_py.isa.opcodes import (
     BPF_STX,
     BPF_X,
     LDDW,
+    MAX_TAIL_CALLS,
 )
 from ubpf_py.vm.jit import fastpath, layout
 from ubpf_py.vm.jit.emit import FunctionEmitter, s32, s64
@@ -158,10 +160,6 @@ class TargetInfo:
 
 #: bpf_loop: compiled inline in target code (the callback is a BPF function of the same module)
 LOOP_HELPER = 181
-#: bpf_loop's limit on nr_loops (kernel BPF_MAX_LOOPS)
-MAX_LOOPS = 1 << 23
-#: tail calls one hit may take (kernel MAX_TAIL_CALL_CNT)
-MAX_TAIL_CALLS = 33
 
 
 def program_ir(insns: list[Instruction], prefix: str, checked: bool | int,
@@ -585,7 +583,7 @@ def _emit_target_loop(f: FunctionEmitter) -> None:
     f.n += 1
     n = f.n
     badf = f.op(f"icmp ne i64 {flags}, 0")
-    big = f.op(f"icmp ugt i64 {nloops}, {MAX_LOOPS}")
+    big = f.op(f"icmp ugt i64 {nloops}, {BPF_MAX_LOOPS}")
     empty = f.op(f"icmp eq i64 {nloops}, 0")
     nfp = f.op(f"sub i64 %fp, {layout.FRAME_SIZE}")
     e = f.emit
