@@ -126,7 +126,6 @@ class UserspaceBackend:
         filler.needs = facts_needed([self.spec.programs[n] for n in coll.programs], self.spec.maps)
         if arena is not None:
             self.in_target = prepare_in_target(self.session, coll, wanted, verifier=verifier)
-            self._printk_ring = self.in_target.printk_ring
         else:
             self.in_target = InTargetPlan(reasons=dict.fromkeys(wanted, no_target))
         if mode == "intarget" and self.in_target.reasons:
@@ -136,7 +135,7 @@ class UserspaceBackend:
         self._engine, self._native_allowed, self._mode = engine, native_hits, mode
         self.pump = OutputPump(sink, coll, decoder=ValueDecoder(self.spec.btf), event_type_id=event_type_id)
         coll.env.printk = self.pump.printk
-        self.pump.printk_ring = getattr(self, "_printk_ring", None)
+        self.pump.printk_ring = self.in_target.printk_ring
         return coll
 
     def _core_targets(self, programs: list[str], binaries: list[str] | None) -> Any:
