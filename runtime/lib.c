@@ -87,36 +87,54 @@ u64 rt_getpid(const struct ubpf_hit_frame *hf)
 }
 
 /* The tid without a syscall where the libc keeps it: glibc and musl hold the
- * thread's tid in their struct pthread at a fixed offset from the FS base (the
- * tracer finds and checks it on every thread: RUNTIME_HEADER.tid_fs_off), and keep
+ * thread's tid in their struct pthread at a fixed offset from the FS base, and keep
  * it right across fork (the child's word is set to its new tid) and thread-block
  * reuse (a new thread on a recycled TCB gets its own tid there; an exited thread's
- * word is cleared by the kernel through clear_child_tid).  The thread block caches
- * the tid once it was checked against gettid(), with a safe read of the word, for
- * this FS base; afterwards a hit compares the word with the cache -- any change
- * means another thread (or a fork) and falls back to the syscall. */
+ * word is cleared by the kernel through clear_child_tid).  The offset is the one the
+ * tracer found on the stopped threads (RUNTIME_HEADER.tid_fs_off), or -- when it
+ * found none, as for a command it launched and armed before the libc set up any
+ * thread -- one of the known libc offsets that this thread checks for itself.  The
+ * thread block caches the tid once it was checked against gettid(), with a safe read
+ * of the word, for this FS base; afterwards a hit compares the word with the cache --
+ * any change means another thread (or a fork) and falls back to the syscall. */
+static int tid_word_is(const struct ubpf_hit_frame *hf, u64 fs, u64 off, u64 tid)
+{
+	u32 word = 0;
+	return !rt_read_user(hf, &word, fs + off, 4) && word == (u32)tid;
+}
+
 u64 rt_gettid(const struct ubpf_hit_frame *hf)
 {
 	const struct ubpf_runtime_header *rt = hf ? (const void *)hf->runtime : 0;
 	struct ubpf_thread_block *tb = hf ? (struct ubpf_thread_block *)hf->thread : 0;
-	if (!rt || !tb || !rt->tid_fs_off || !(rt->flags & UBPF_RT_F_FSGSBASE))
+	if (!rt || !tb || !(rt->flags & UBPF_RT_F_FSGSBASE))
 		return (u64)rt_syscall0(SYS_gettid);
-	u64 off = rt->tid_fs_off, fs;
+	u64 fs;
 	__asm__ volatile("rdfsbase %0" : "=r"(fs));
 	if (tb->tid && tb->tid_fs == fs) {
 		u32 cur;
-		__asm__ volatile("movl %%fs:(%1), %0" : "=r"(cur) : "r"(off) : "memory");
+		__asm__ volatile("movl %%fs:(%1), %0" : "=r"(cur) : "r"(tb->tid_off) : "memory");
 		if (cur == (u32)tb->tid)
 			return cur;
 	}
 	u64 tid = (u64)rt_syscall0(SYS_gettid);
-	u32 word = 0;
-	if (!rt_read_user(hf, &word, fs + off, 4) && word == (u32)tid) {
-		tb->tid = tid;
-		tb->tid_fs = fs;
+	tb->tid = 0;
+	if (!fs)
+		return tid;          /* no thread pointer yet (the libc is starting up) */
+	if (rt->tid_fs_off) {
+		if (tid_word_is(hf, fs, rt->tid_fs_off, tid))
+			tb->tid_off = rt->tid_fs_off;
+		else
+			return tid;
+	} else if (tid_word_is(hf, fs, UBPF_TID_OFF_GLIBC, tid)) {
+		tb->tid_off = UBPF_TID_OFF_GLIBC;
+	} else if (tid_word_is(hf, fs, UBPF_TID_OFF_MUSL, tid)) {
+		tb->tid_off = UBPF_TID_OFF_MUSL;
 	} else {
-		tb->tid = 0;
+		return tid;
 	}
+	tb->tid_fs = fs;
+	tb->tid = tid;
 	return tid;
 }
 

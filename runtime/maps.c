@@ -106,8 +106,9 @@ static s64 array_update(const struct ubpf_map_desc *d, const void *key, const vo
 	if ((flags & 3) == UBPF_BPF_NOEXIST)
 		return -(s64)UBPF_EEXIST;
 	u8 *dst = (u8 *)d->values + i * d->val_stride;
-	if (d->cpu_stride && cpu < 0) {
-		rt_copy(dst, value, d->val_stride);
+	if (d->cpu_stride && cpu < 0) {   /* user space: every CPU's value, val_stride apart */
+		for (u64 c = 0; c < d->ncpus; c++)
+			rt_copy(dst + c * d->cpu_stride, (const u8 *)value + c * d->val_stride, d->val_stride);
 		return 0;
 	}
 	if (d->cpu_stride)

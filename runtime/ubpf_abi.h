@@ -10,6 +10,8 @@
 #define UBPF_PB_F_AT_ENTRY 0x2ULL
 #define UBPF_SHADOW_DEPTH 0x40ULL
 #define UBPF_SITE_MAX_PROBES 0x8ULL
+#define UBPF_TID_OFF_GLIBC 0x2d0ULL
+#define UBPF_TID_OFF_MUSL 0x30ULL
 #define UBPF_PRINTK_MAX_ARGS 0xcULL
 #define UBPF_PRINTK_MAX_FMT 0x400ULL
 #define UBPF_PRINTK_MAX_STR 0x200ULL
@@ -161,13 +163,14 @@ struct ubpf_probe_block {
 	uint64_t cookie;  /* attach cookie (bpf_get_attach_cookie) */
 	uint64_t entry;  /* program entry address; 0: no program (the trampoline only counts) */
 	uint64_t enabled;  /* 0: the trampoline skips the program (detach in progress) */
-	uint64_t hits;  /* programs run (atomic add) */
+	uint64_t hits;  /* programs run (atomic add) when ``pcpu_hits`` is 0 */
 	uint64_t missed;  /* hits skipped: the thread was already inside a program, or no thread slot */
-	uint64_t reserved0;  /* unused (detach finds threads inside programs by rip and THREAD_BLOCK.busy) */
+	uint64_t pcpu_hits;  /* address of (pcpu_mask + 1) cache lines whose first u64 counts the programs run on CPU (rdpid & pcpu_mask): threads on different CPUs never share the counter's line; 0: count in ``hits`` (no rdpid) */
 	uint64_t flags;  /* PB_F_* */
 	uint64_t probe_id;  /* the tracer's id for this probe */
 	uint64_t ns;  /* nanoseconds spent in the program when timing is on */
-	uint64_t reserved[6];
+	uint64_t pcpu_mask;  /* lines of ``pcpu_hits`` - 1 (a power of two minus one) */
+	uint64_t reserved[5];
 } __attribute__((aligned(8)));
 _Static_assert(sizeof(struct ubpf_probe_block) == 128, "ubpf_probe_block size");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, func_ip) == 0, "ubpf_probe_block.func_ip");
@@ -176,11 +179,12 @@ _Static_assert(__builtin_offsetof(struct ubpf_probe_block, entry) == 16, "ubpf_p
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, enabled) == 24, "ubpf_probe_block.enabled");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, hits) == 32, "ubpf_probe_block.hits");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, missed) == 40, "ubpf_probe_block.missed");
-_Static_assert(__builtin_offsetof(struct ubpf_probe_block, reserved0) == 48, "ubpf_probe_block.reserved0");
+_Static_assert(__builtin_offsetof(struct ubpf_probe_block, pcpu_hits) == 48, "ubpf_probe_block.pcpu_hits");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, flags) == 56, "ubpf_probe_block.flags");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, probe_id) == 64, "ubpf_probe_block.probe_id");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, ns) == 72, "ubpf_probe_block.ns");
-_Static_assert(__builtin_offsetof(struct ubpf_probe_block, reserved) == 80, "ubpf_probe_block.reserved");
+_Static_assert(__builtin_offsetof(struct ubpf_probe_block, pcpu_mask) == 80, "ubpf_probe_block.pcpu_mask");
+_Static_assert(__builtin_offsetof(struct ubpf_probe_block, reserved) == 88, "ubpf_probe_block.reserved");
 
 struct ubpf_shadow_entry {
 	uint64_t ret_addr;  /* the return address the entry trampoline replaced */
@@ -202,9 +206,10 @@ struct ubpf_thread_block {
 	uint64_t shadow_depth;  /* entries in use in ``shadow`` */
 	uint64_t tgid;  /* cached getpid(), valid while ``generation`` equals RUNTIME_HEADER.generation (the tracer bumps that on fork before the child runs a probe); 0: unknown */
 	uint64_t tid_fs;  /* the FS base ``tid`` was checked against */
+	uint64_t tid_off;  /* offset from the FS base of the tid word this thread checked itself (one of TID_OFFSETS), used while RUNTIME_HEADER.tid_fs_off is 0: a target launched by the tracer is armed before its libc has set up any thread */
 	uint64_t shadow[192];  /* return-probe shadow stack (ubpf_shadow_entry) */
 } __attribute__((aligned(64)));
-_Static_assert(sizeof(struct ubpf_thread_block) == 1600, "ubpf_thread_block size");
+_Static_assert(sizeof(struct ubpf_thread_block) == 1664, "ubpf_thread_block size");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, key) == 0, "ubpf_thread_block.key");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, busy) == 8, "ubpf_thread_block.busy");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, tid) == 16, "ubpf_thread_block.tid");
@@ -213,7 +218,8 @@ _Static_assert(__builtin_offsetof(struct ubpf_thread_block, prandom) == 32, "ubp
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow_depth) == 40, "ubpf_thread_block.shadow_depth");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, tgid) == 48, "ubpf_thread_block.tgid");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, tid_fs) == 56, "ubpf_thread_block.tid_fs");
-_Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow) == 64, "ubpf_thread_block.shadow");
+_Static_assert(__builtin_offsetof(struct ubpf_thread_block, tid_off) == 64, "ubpf_thread_block.tid_off");
+_Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow) == 72, "ubpf_thread_block.shadow");
 
 /* one per patched site, in the arena; its entry trampoline runs every probe listed here */
 struct ubpf_site {

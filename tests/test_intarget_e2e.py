@@ -618,6 +618,8 @@ def test_eight_threads_atomic_and_per_thread_keys(scenarios) -> None:
     assert {p for p, _ in r.paths().values()} == {"in-target"}, r.paths()
     assert r.counts()[0] == THREADS * THREAD_CALLS
     assert all(st["missed"] == 0 for st in r.stats().values()), r.stats()
+    # the runtime's own hit counters (per-CPU lines where rdpid works) add up exactly too
+    assert r.stats()["e0"]["hits"] == THREADS * THREAD_CALLS, r.stats()
     assert r.maps()["per_tid"] == dict.fromkeys(tids, THREAD_CALLS)
     assert len(tids) == THREADS
     k, ktids = oracle(scenarios, "kernel")

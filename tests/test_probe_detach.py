@@ -125,9 +125,10 @@ def test_detach_repeatedly_under_heavy_probing(mt):
 
 def _start_tracer(mt, tmp_path, sleep_us: int, guardian: bool, threads: int = 2):
     out = tmp_path / "target.out"
-    tr = subprocess.Popen([sys.executable, str(KILL_SCRIPT), "--tracer", str(mt), str(threads), str(sleep_us),
-                           "1" if guardian else "0", "1", str(out)], stdout=subprocess.PIPE, text=True,
-                          cwd=REPO)
+    with open(tmp_path / "tracer.err", "w") as err:
+        tr = subprocess.Popen([sys.executable, str(KILL_SCRIPT), "--tracer", str(mt), str(threads), str(sleep_us),
+                               "1" if guardian else "0", "1", str(out)], stdout=subprocess.PIPE, stderr=err,
+                              text=True, cwd=REPO)
     pid = int(tr.stdout.readline())
     return tr, pid, out
 
@@ -139,7 +140,7 @@ def test_tracer_signals_detach_cleanly(mt, tmp_path, sig):
         time.sleep(0.5)
         tr.send_signal(sig)
         assert tr.wait(timeout=20) is not None
-        assert not gone(pid, 0.2), "the target died with its tracer"
+        assert not gone(pid, 0.2), f"the target died with its tracer (rc {tr.returncode}): {(tmp_path / 'tracer.err').read_text()}"
         assert P.tracer_pid(pid) == 0
         data = (mt).read_bytes()
         snap = exec_snapshot(pid)

@@ -53,7 +53,19 @@ def tracer_main(target: str, threads: int, sleep_us: int, guardian: bool, native
 
     s.add_probe(target, off, h)
     s.add_probe(target, off, h, is_return=True)
-    print(s.pid, flush=True)
+    told = [False]
+
+    def ready() -> None:
+        """The pid goes out once the stop loop runs, with its signal handlers in place: a
+        signal sent right after reading it must find a tracer that can detach."""
+        if not told[0]:
+            told[0] = True
+            print(s.pid, flush=True)
+
+    if s.native_loop:
+        s.add_poll(ready, 3600.0)
+    else:
+        ready()
     s.run()
 
 

@@ -63,13 +63,16 @@ PROBE_BLOCK = Layout("ubpf_probe_block", [
     u64("cookie", "attach cookie (bpf_get_attach_cookie)"),
     u64("entry", "program entry address; 0: no program (the trampoline only counts)"),
     u64("enabled", "0: the trampoline skips the program (detach in progress)"),
-    u64("hits", "programs run (atomic add)"),
+    u64("hits", "programs run (atomic add) when ``pcpu_hits`` is 0"),
     u64("missed", "hits skipped: the thread was already inside a program, or no thread slot"),
-    u64("reserved0", "unused (detach finds threads inside programs by rip and THREAD_BLOCK.busy)"),
+    u64("pcpu_hits", "address of (pcpu_mask + 1) cache lines whose first u64 counts the programs "
+        "run on CPU (rdpid & pcpu_mask): threads on different CPUs never share the counter's line; "
+        "0: count in ``hits`` (no rdpid)"),
     u64("flags", "PB_F_*"),
     u64("probe_id", "the tracer's id for this probe"),
     u64("ns", "nanoseconds spent in the program when timing is on"),
-    u64s("reserved", 6),
+    u64("pcpu_mask", "lines of ``pcpu_hits`` - 1 (a power of two minus one)"),
+    u64s("reserved", 5),
 ], doc="one per probe, in the arena")
 
 SHADOW_ENTRY = Layout("ubpf_shadow_entry", [
@@ -90,10 +93,20 @@ THREAD_BLOCK = Layout("ubpf_thread_block", [
     u64("tgid", "cached getpid(), valid while ``generation`` equals RUNTIME_HEADER.generation "
         "(the tracer bumps that on fork before the child runs a probe); 0: unknown"),
     u64("tid_fs", "the FS base ``tid`` was checked against"),
+    u64("tid_off", "offset from the FS base of the tid word this thread checked itself (one of "
+        "TID_OFFSETS), used while RUNTIME_HEADER.tid_fs_off is 0: a target launched by the tracer "
+        "is armed before its libc has set up any thread"),
     u64s("shadow", SHADOW_DEPTH * SHADOW_ENTRY.size // 8, "return-probe shadow stack (ubpf_shadow_entry)"),
 ], doc="one per thread in the thread table; the runtime stack follows up to the slot's end", align=64)
 
 SITE_MAX_PROBES = 8
+#: at most this many per-CPU hit-counter lines per probe (CPUs beyond share lines, atomically)
+PCPU_HIT_LINES_MAX = 64
+CACHE_LINE = 64
+
+#: where libcs keep the thread's tid in their struct pthread (offset from the FS base):
+#: glibc x86-64, musl x86-64.  The tracer checks them on stopped threads, the runtime on itself.
+TID_OFFSETS = (0x2D0, 0x30)
 
 SITE = Layout("ubpf_site", [
     u64("addr", "the patched address: pt_regs ip of the site's entry probes"),
@@ -161,6 +174,8 @@ CONSTANTS = {
     "UBPF_PB_F_AT_ENTRY": PB_F_AT_ENTRY,
     "UBPF_SHADOW_DEPTH": SHADOW_DEPTH,
     "UBPF_SITE_MAX_PROBES": SITE_MAX_PROBES,
+    "UBPF_TID_OFF_GLIBC": TID_OFFSETS[0],
+    "UBPF_TID_OFF_MUSL": TID_OFFSETS[1],
     "UBPF_PRINTK_MAX_ARGS": PRINTK_MAX_ARGS,
     "UBPF_PRINTK_MAX_FMT": PRINTK_MAX_FMT,
     "UBPF_PRINTK_MAX_STR": PRINTK_MAX_STR,

@@ -11,14 +11,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 
-from ubpf_py.abi.runtime import RT_F_FSGSBASE, RT_F_RDPID, RUNTIME_HEADER
+from ubpf_py.abi.runtime import RT_F_FSGSBASE, RT_F_RDPID, RUNTIME_HEADER, TID_OFFSETS
 from ubpf_py.helpers.task_helpers import _jiffies_base
 from ubpf_py.intarget.vdso import has_fsgsbase
 from ubpf_py.maps.consts import perf_event_max_stack
 from ubpf_py.sysinfo import cpu_has
-
-#: where libcs keep the thread's tid in their struct pthread (offset from the FS base)
-KNOWN_TID_OFFSETS = (0x2D0, 0x30)   # glibc x86-64, musl x86-64
 
 
 def host_facts() -> dict[str, int]:
@@ -40,7 +37,7 @@ def tid_fs_offset(tcbs: Mapping[int, bytes]) -> int:
     def holds(off: int) -> bool:
         return off + 4 <= n and all(struct.unpack_from("<I", b, off)[0] == tid for tid, b in tcbs.items())
 
-    for off in KNOWN_TID_OFFSETS:
+    for off in TID_OFFSETS:
         if holds(off):
             return off
     common = [off for off in range(8, n, 4) if holds(off)]

@@ -25,15 +25,25 @@ import time
 from dataclasses import dataclass, field
 
 from ubpf_py.abi.kernel import PROT_EXEC, PROT_READ, X86_EFLAGS_TF
-from ubpf_py.abi.runtime import PB_F_AT_ENTRY, PB_F_RETURN, PROBE_BLOCK, SITE, SITE_MAX_PROBES, THREAD_BLOCK
+from ubpf_py.abi.runtime import (
+    CACHE_LINE,
+    PB_F_AT_ENTRY,
+    PB_F_RETURN,
+    PCPU_HIT_LINES_MAX,
+    PROBE_BLOCK,
+    SITE,
+    SITE_MAX_PROBES,
+    THREAD_BLOCK,
+)
 from ubpf_py.errors import ProbeError, UbpfError
 from ubpf_py.intarget import space as S
 from ubpf_py.intarget import trampoline as TR
-from ubpf_py.intarget.arena import SharedArena
+from ubpf_py.intarget.arena import ArenaBuffer, SharedArena
 from ubpf_py.intarget.inject import TargetMapper, write_code
 from ubpf_py.intarget.sites import GO_RETURN_REFUSAL, SiteRefused, is_go_binary, plan_site
 from ubpf_py.intarget.unpatch import EntryTrampoline, find_thread_block, is_busy, locate, return_fixes
 from ubpf_py.probe import ptrace as P
+from ubpf_py.sysinfo import cpu_has, possible_cpus
 
 TRAMP_PAGE = 64 * 1024
 TRAMP_ALIGN = 64
@@ -76,6 +86,8 @@ class InTargetEngine:
         self.code = b""
         self.printk_ring = 0
         self.procs: dict[int, ProcState] = {}
+        #: PROBE_BLOCK address -> its per-CPU hit counter lines (``pcpu_hit_lines``)
+        self.pcpu_hits: dict[int, ArenaBuffer] = {}
         #: probe id -> PROBE_BLOCK buffers (one per armed site instance)
         self.blocks: dict[int, list] = {}
         #: probe id -> why it is not (everywhere) in-target
@@ -207,6 +219,12 @@ class InTargetEngine:
         w[PROBE_BLOCK.word("flags")] = (PB_F_RETURN if probe.is_return else 0) | (PB_F_AT_ENTRY if at_entry else 0)
         w[PROBE_BLOCK.word("probe_id")] = probe.id
         w[PROBE_BLOCK.word("enabled")] = 1
+        lines = pcpu_hit_lines()
+        if lines:
+            counters = self.arena.alloc(lines * CACHE_LINE, CACHE_LINE)
+            self.pcpu_hits[pb.addr] = counters
+            w[PROBE_BLOCK.word("pcpu_mask")] = lines - 1
+            w[PROBE_BLOCK.word("pcpu_hits")] = counters.addr
         self.blocks.setdefault(probe.id, []).append(pb)
         return pb
 
@@ -253,6 +271,9 @@ class InTargetEngine:
             w = pb.view.cast("Q")
             hits += w[PROBE_BLOCK.word("hits")]
             missed += w[PROBE_BLOCK.word("missed")]
+            counters = self.pcpu_hits.get(pb.addr)
+            if counters is not None:
+                hits += sum(counters.view.cast("Q")[::CACHE_LINE // 8])
         return hits, missed
 
     def in_target(self, probe_id: int) -> bool:
@@ -475,3 +496,13 @@ def _function_bounds(probe, addr: int) -> tuple[int, int, int]:
 
 
 assert THREAD_BLOCK.size <= S.THREAD_SLOT_SIZE
+
+
+def pcpu_hit_lines() -> int:
+    """Hit-counter lines per probe: one per possible CPU (a power of two, at most
+    PCPU_HIT_LINES_MAX; CPUs beyond share lines, still atomically), or 0 -- one shared
+    counter -- when ``rdpid`` cannot tell the trampoline its CPU or there is one CPU."""
+    if not cpu_has("rdpid"):
+        return 0
+    n = min(possible_cpus(), PCPU_HIT_LINES_MAX)
+    return 0 if n <= 1 else 1 << (n - 1).bit_length()

@@ -89,6 +89,7 @@ from dataclasses import dataclass
 
 from ubpf_py.abi.kernel import PT_REGS, USER_CS, USER_SS
 from ubpf_py.abi.runtime import (
+    CACHE_LINE,
     HIT_FRAME,
     PB_F_RETURN,
     PROBE_BLOCK,
@@ -129,7 +130,7 @@ def _sets(red_zone: int) -> str:
     lines += [f".set E_SIZE, {SHADOW_ENTRY.size}", f".set F_SIZE, {HIT_FRAME.size}",
               f".set SHADOW_DEPTH, {SHADOW_DEPTH}", f".set PB_F_RETURN, {PB_F_RETURN}",
               f".set SAVE_AREA, {SAVE_AREA}", f".set RED_ZONE, {red_zone}",
-              f".set TARGET_USE, {red_zone + SAVE_AREA}"]
+              f".set TARGET_USE, {red_zone + SAVE_AREA}", f".set LINE_SHIFT, {CACHE_LINE.bit_length() - 1}"]
     return "\n".join(lines)
 
 
@@ -235,7 +236,8 @@ def _enter_runtime() -> str:
 def _call_program() -> str:
     """Run probe rbp's program (rsp = hit frame); counts hits.  No in-flight counter: detach
     finds threads inside programs by their rip and THREAD_BLOCK.busy, so a hit pays one
-    locked instruction on the probe's cache line, not three."""
+    locked instruction, on the line of the CPU it runs on where rdpid works (threads calling
+    the probed function on several CPUs would otherwise bounce one line between them)."""
     return """
     mov rax, [rbp + P_entry]
     test rax, rax
@@ -245,7 +247,17 @@ def _call_program() -> str:
     mov rsi, rsp
     call rax
 1:
+    mov rax, [rbp + P_pcpu_hits]
+    test rax, rax
+    jz 2f
+    rdpid rcx
+    and rcx, [rbp + P_pcpu_mask]
+    shl rcx, LINE_SHIFT
+    lock inc qword ptr [rax + rcx]
+    jmp 3f
+2:
     lock inc qword ptr [rbp + P_hits]
+3:
 """
 
 

@@ -1,7 +1,12 @@
 """ARRAY and PERCPU_ARRAY maps (ARRAY also holds global data: .data/.rodata/.bss/.kconfig).
 
-One HostBuffer holds every element (``round_up(value_size, 8)`` apart, per CPU
-for PERCPU_ARRAY), so ``lookup_addr`` is an address computation.  Elements
+One HostBuffer holds every element (``round_up(value_size, 8)`` apart), so
+``lookup_addr`` is an address computation.  PERCPU_ARRAY keeps one such run of
+elements per CPU, each starting on its own cache line, as the kernel keeps one
+per-CPU area per CPU: programs on different CPUs then never write to the same
+line (adjacent per-CPU copies would make a per-CPU counter as contended as a
+shared one).  User space sees the kernel's format: the CPUs' values
+``round_up(value_size, 8)`` apart.  Elements
 always exist: updates with BPF_NOEXIST fail with -EEXIST and deletion is
 -EINVAL, as in the kernel.  A global data map is an ARRAY with one element whose
 initial bytes are ``MapSpec.data``; ``.rodata``/``.kconfig`` are read-only to
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import struct
 
+from ubpf_py.abi.runtime import CACHE_LINE
 from ubpf_py.maps import consts as C
 from ubpf_py.maps import descriptor
 from ubpf_py.maps.base import Map, check_flags_common, check_update_flags, map_create_error, write_value
@@ -22,6 +28,11 @@ ARRAY_CREATE_FLAG_MASK = (C.BPF_F_NUMA_NODE | C.BPF_F_MMAPABLE | C.ACCESS_MASK |
                           | C.BPF_F_INNER_MAP)
 PCPU_MIN_UNIT_SIZE = 32 << 10
 _U32 = struct.Struct("<I")
+
+
+def _cache_lines(n: int) -> int:
+    """``n`` rounded up to whole cache lines."""
+    return (n + CACHE_LINE - 1) // CACHE_LINE * CACHE_LINE
 
 
 def check_array_spec(spec: MapSpec, percpu: bool, value_size_fixed: int | None = None) -> None:
@@ -60,8 +71,12 @@ class ArrayMap(Map):
         super().__init__(spec, ncpus, alloc)
         check_array_spec(spec, self.percpu)
         self._vstride = C.round8(self.value_size)
-        self._elem = self._vstride * (self.ncpus if self.percpu else 1)
-        self._buf = self.alloc.alloc(self._elem * self.max_entries)
+        #: bytes between one CPU's copy of the elements and the next CPU's (0: shared values)
+        self._cpu_stride = _cache_lines(self._vstride * self.max_entries) if self.percpu else 0
+        #: the user-space value: every CPU's copy, round8 apart (kernel format)
+        self._user_size = self._vstride * self.ncpus if self.percpu else self.value_size
+        self._buf = self.alloc.alloc(self._cpu_stride * self.ncpus if self.percpu
+                                     else self._vstride * self.max_entries)
         self._base = self._buf.addr
         self._view = self._buf.view
         if spec.data is not None:
@@ -71,9 +86,9 @@ class ArrayMap(Map):
             self._view[0:len(spec.data)] = spec.data
         D = descriptor
         descriptor.write_descriptor(self._handle.view, {
-            D.D_KIND: D.KIND_ARRAY, D.D_KEY_SIZE: 4, D.D_LIMIT: self.max_entries, D.D_TABLE: self._elem,
-            D.D_VALUES: self._base, D.D_CPU_STRIDE: self._vstride if self.percpu else 0,
-            D.D_VAL_STRIDE: self._elem,
+            D.D_KIND: D.KIND_ARRAY, D.D_KEY_SIZE: 4, D.D_LIMIT: self.max_entries, D.D_TABLE: self._vstride,
+            D.D_VALUES: self._base, D.D_CPU_STRIDE: self._cpu_stride,
+            D.D_VAL_STRIDE: self._vstride,
             D.D_VALUE_SIZE: self.value_size if self.value_size <= D.MAX_NATIVE_KEY else 0,
             D.W["value_size"]: self.value_size, D.W["max_entries"]: self.max_entries,
             D.W["ncpus"]: self.ncpus if self.percpu else 1})
@@ -93,15 +108,22 @@ class ArrayMap(Map):
         i = _U32.unpack(key)[0]
         if i >= self.max_entries:
             return 0
-        return self._base + i * self._elem
+        return self._base + i * self._vstride
+
+    def _read(self, i: int) -> bytes:
+        """Element ``i`` as user space sees it (every CPU's copy for per-CPU arrays)."""
+        off = i * self._vstride
+        if not self.percpu:
+            return bytes(self._view[off:off + self.value_size])
+        vs, cs = self._vstride, self._cpu_stride
+        return b"".join(self._view[off + c * cs:off + c * cs + vs] for c in range(self.ncpus))
 
     def lookup(self, key: bytes) -> bytes | None:
         self._check_key(key)
         i = self._index(key)
         if i >= self.max_entries:
             return None
-        off = i * self._elem
-        return bytes(self._view[off:off + (self._elem if self.percpu else self.value_size)])
+        return self._read(i)
 
     def update(self, key: bytes, value: bytes, flags: int = C.BPF_ANY, cpu: int | None = None) -> int:
         if (flags == 0 or flags == C.BPF_EXIST) and cpu is not None and not self.percpu \
@@ -109,7 +131,7 @@ class ArrayMap(Map):
             i = _U32.unpack(key)[0]   # a program's plain update: one copy
             if i >= self.max_entries:
                 return -C.E2BIG
-            off = i * self._elem
+            off = i * self._vstride
             self._view[off:off + len(value)] = value
             return 0
         rc = check_update_flags(flags, self.spin_lock_off is not None)
@@ -127,14 +149,16 @@ class ArrayMap(Map):
             return -C.E2BIG
         if flags & 3 == C.BPF_NOEXIST:
             return -C.EEXIST
-        off = i * self._elem
+        off = i * self._vstride
         with_lock = bool(flags & C.BPF_F_LOCK)
         with self.lock:
             if self.percpu and cpu is None:
-                self._view[off:off + self._elem] = value
+                vs, cs = self._vstride, self._cpu_stride
+                for c in range(self.ncpus):
+                    self._view[off + c * cs:off + c * cs + vs] = value[c * vs:(c + 1) * vs]
             else:
                 if self.percpu:
-                    off += cpu * self._vstride  # type: ignore[operator]
+                    off += cpu * self._cpu_stride  # type: ignore[operator]
                 write_value(self._view, off, value, self.spin_lock_off, with_lock)
         return 0
 
@@ -145,10 +169,8 @@ class ArrayMap(Map):
         return array_next_key(key, self.max_entries)
 
     def items(self):
-        step = self._elem if self.percpu else self.value_size
         for i in range(self.max_entries):
-            off = i * self._elem
-            yield _U32.pack(i), bytes(self._view[off:off + step])
+            yield _U32.pack(i), self._read(i)
 
     def keys(self) -> list[bytes]:
         return [_U32.pack(i) for i in range(self.max_entries)]
@@ -159,12 +181,14 @@ class ArrayMap(Map):
         import numpy as np
 
         out: list[bytes] = []
-        words = self._elem // 8              # elements are 8-byte aligned (round8 strides)
-        buf = np.frombuffer(self._view, dtype=np.uint64, count=words * self.max_entries)
+        words = self._vstride // 8           # elements are 8-byte aligned (round8 strides)
+        copies = self.ncpus if self.percpu else 1
+        per_copy = self._cpu_stride // 8 if self.percpu else words * self.max_entries
+        buf = np.frombuffer(self._view, dtype=np.uint64, count=per_copy * copies).reshape(copies, per_copy)
         for start in range(0, self.max_entries, chunk):
             n = min(chunk, self.max_entries - start)
-            rows = buf[start * words:(start + n) * words]
-            hit = rows != 0 if words == 1 else rows.reshape(n, words).any(axis=1)
+            rows = buf[:, start * words:(start + n) * words].reshape(copies, n, words)
+            hit = (rows != 0).any(axis=(0, 2))
             out.extend(_U32.pack(start + int(i)) for i in np.flatnonzero(hit))
         return out
 
@@ -181,4 +205,4 @@ class PercpuArrayMap(ArrayMap):
         i = _U32.unpack(key)[0]
         if i >= self.max_entries:
             return 0
-        return self._base + i * self._elem + cpu * self._vstride
+        return self._base + i * self._vstride + cpu * self._cpu_stride
