@@ -63,12 +63,16 @@ def test_kernel_counts_every_call(built: tuple[Path, Path], tmp_path: Path) -> N
     assert (cell.hits_entry, cell.hits_return) == (N, 0)
 
 
+@pytest.mark.parametrize("program", ["count", "pcount"])
 @pytest.mark.parametrize("engine", ["kernel", "intarget"])
-def test_threads_count_threads_times_n(engine: str, built: tuple[Path, Path], tmp_path: Path) -> None:
+def test_threads_count_threads_times_n(engine: str, program: str, built: tuple[Path, Path],
+                                       tmp_path: Path) -> None:
+    """Both multi-thread programs are checked: the shared counter and the per-CPU one, whose
+    copies (one per CPU, summed) must add up to threads x N."""
     from ubpf_py.obj.elf import load_object
 
     target, obj = built
-    job = runs.Job(runs.Row("f_push", "count", "uprobe"), N, threads=3)
+    job = runs.Job(runs.Row("f_push", program, "uprobe"), N, threads=3)
     if engine == "kernel":
         cell = runs.kernel_run(load_object(obj), target, job, tmp_path)
     else:
@@ -124,3 +128,9 @@ def test_goal_verdicts_follow_the_numbers() -> None:
     rest = goals.evaluate(doc)[-2:]
     assert rest[0].verdict == "missed" and "2 of 3 rows" in rest[0].measured  # ring: 300 > 100 x 1.1 + 5
     assert rest[1].verdict == "missed" and "4: 1.00x" in rest[1].measured  # 4 threads fell back to 1x
+    # the shared-counter series is shown, never judged: the per-CPU series alone decides
+    doc["threads"]["cells"][2]["calls_per_s"] = 1.8e6
+    doc["threads"]["cells"] += [_cell("intarget", "threads-shared", 40.0, threads=1, calls_per_s=1e6),
+                                _cell("intarget", "threads-shared", 40.0, threads=2, calls_per_s=0.9e6)]
+    scaling = goals.evaluate(doc)[-1]
+    assert scaling.verdict == "met" and "not judged: 1: 1.00x, 2: 0.90x" in scaling.measured

@@ -4,9 +4,12 @@
 //   hash_*   map-heavy: hash lookup, then update or in-place increment, per hit
 //   read_*   probe_read_user-heavy: 4 x 64 bytes of the target's stack per hit
 //   ring_*   ring buffer output of a 32-byte event per hit
-// Every program counts its hits in hits[0] (entry) or hits[1] (return), so the
-// driver can check that each run saw exactly N hits; hits[2] counts ring buffer
-// records the kernel could not reserve (consumer too slow).
+//   pcount_entry  the multi-thread run's program: a PERCPU_ARRAY counter, so threads on
+//                 different CPUs share no written line and the run measures the probe,
+//                 not the program's own contended atomic (count_entry shows that case)
+// Every program counts its hits in hits[0] (entry) or hits[1] (return) -- pcount in
+// phits[0], summed over CPUs -- so the driver can check that each run saw exactly N
+// hits; hits[2] counts ring buffer records the kernel could not reserve.
 #include <linux/bpf.h>
 #include <linux/ptrace.h>
 #include <bpf/bpf_helpers.h>
@@ -20,6 +23,14 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } hits SEC(".maps");
+
+/* pcount's counter: one copy per CPU, so threads on different CPUs write different lines */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 4);
+	__type(key, __u32);
+	__type(value, __u64);
+} phits SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -88,6 +99,14 @@ static __always_inline void ring_work(__u64 arg, __u32 slot)
 }
 
 SEC("uprobe") int count_entry(struct pt_regs *ctx) { count(0); return 0; }
+SEC("uprobe") int pcount_entry(struct pt_regs *ctx)
+{
+	__u32 slot = 0;
+	__u64 *v = bpf_map_lookup_elem(&phits, &slot);
+	if (v)
+		*v += 1;
+	return 0;
+}
 SEC("uretprobe") int count_exit(struct pt_regs *ctx) { count(1); return 0; }
 
 SEC("uprobe") int hash_entry(struct pt_regs *ctx) { hash_work(PT_REGS_PARM1(ctx)); count(0); return 0; }

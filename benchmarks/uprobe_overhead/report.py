@@ -124,28 +124,38 @@ def _threads_table(doc: dict[str, Any]) -> list[str]:
     th = doc.get("threads") or {}
     if not th.get("cells"):
         return []
-    k, i = goals.thread_series(doc, "kernel"), goals.thread_series(doc, "intarget")
-    lines = [f"## Threads calling the probed function together ({th['row']['label']})", "",
+    rows = th.get("rows") or {"threads": th["row"]}
+    lines = ["## Threads calling the probed function together", "",
              f"Each thread calls the function {doc['n_kernel']} times; hits checked = threads x N. "
              "calls/s = all threads' probed calls / wall time; ns added = mean per-thread ns per call, "
              "probed - unprobed. Threads are not pinned; with more threads than CPUs a thread's time "
              "includes the time it waited for a CPU, so ns added grows with threads / CPUs and calls/s "
-             "is the figure to compare.", "",
-             "| threads | kernel calls/s | in-target calls/s | in-target/kernel calls/s | kernel ns added "
-             "| in-target ns added |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "is the figure to compare. The per-CPU counter program (pcount) measures the probe: the "
+             "threads write no common line. The shared counter program (count) adds one atomic "
+             "increment of one shared word per call, which bounces that line between CPUs whoever runs "
+             "the program.", ""]
 
     def tput(c: dict[str, Any] | None) -> str:
         if not c or c["error"]:
             return _fmt(c)
         return f"{c['calls_per_s']:,.0f}" if c.get("calls_per_s") else "n/a"
 
-    for t in th["counts"]:
-        kc, ic = k.get(t), i.get(t)
-        ok = kc and ic and not kc["error"] and not ic["error"] and kc.get("calls_per_s")
-        ratio = f"{ic['calls_per_s'] / kc['calls_per_s']:.2f}x" if ok else "n/a"  # type: ignore[index]
-        lines.append(f"| {t} | {tput(kc)} | {tput(ic)} | {ratio} | {_fmt(kc)} | {_fmt(ic)} |")
-    return [*lines, ""]
+    for placement, row in rows.items():
+        k = goals.thread_series(doc, "kernel", placement)
+        i = goals.thread_series(doc, "intarget", placement)
+        if not k and not i:
+            continue
+        lines += [f"### {row['label']}", "",
+                  "| threads | kernel calls/s | in-target calls/s | in-target/kernel calls/s | kernel ns added "
+                  "| in-target ns added |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for t in th["counts"]:
+            kc, ic = k.get(t), i.get(t)
+            ok = kc and ic and not kc["error"] and not ic["error"] and kc.get("calls_per_s")
+            ratio = f"{ic['calls_per_s'] / kc['calls_per_s']:.2f}x" if ok else "n/a"  # type: ignore[index]
+            lines.append(f"| {t} | {tput(kc)} | {tput(ic)} | {ratio} | {_fmt(kc)} | {_fmt(ic)} |")
+        lines.append("")
+    return lines
 
 
 def _goals_table(doc: dict[str, Any]) -> list[str]:
@@ -189,7 +199,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += _overhead_tables(doc)
     lines += _threads_table(doc)
     all_cells = [(r["label"], c) for r in doc["rows"] for c in r["cells"]]
-    all_cells += [(f"{doc['threads']['row']['label']} x{c['threads']} threads", c)
+    thread_rows = doc.get("threads", {}).get("rows") or {"threads": doc.get("threads", {}).get("row", {})}
+    all_cells += [(f"{thread_rows.get(c['placement'], {}).get('label', '')} x{c['threads']} threads", c)
                   for c in doc.get("threads", {}).get("cells", [])]
     errors = [(label, c) for label, c in all_cells
               if c["error"] and not c["error"].startswith(("not available", "skipped"))]
@@ -260,19 +271,23 @@ def threads_chart(doc: dict[str, Any], path: Path) -> Path | None:
     if plt is None or not th.get("cells"):
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for engine in ("kernel", "intarget"):
-        series = goals.thread_series(doc, engine)
-        pts = sorted((t, c["calls_per_s"]) for t, c in series.items() if not c["error"] and c.get("calls_per_s"))
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=ENGINE_NAMES[engine],
-                    color=COLORS[engine])
+    rows = th.get("rows") or {"threads": th["row"]}
+    for placement, row in rows.items():
+        for engine in ("kernel", "intarget"):
+            series = goals.thread_series(doc, engine, placement)
+            pts = sorted((t, c["calls_per_s"]) for t, c in series.items()
+                         if not c["error"] and c.get("calls_per_s"))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        label=f"{ENGINE_NAMES[engine]}, {row['program']}", color=COLORS[engine],
+                        linestyle="-" if placement == "threads" else "--")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(th["counts"])
     ax.set_xticklabels([str(t) for t in th["counts"]])
     ax.set_xlabel("threads calling the probed function")
     ax.set_ylabel("probed calls per second (all threads)")
-    ax.set_title(f"{th['row']['label']}, {doc['machine']['cpus_usable']} CPUs", fontsize=10)
+    ax.set_title(f"uprobe f_push, {doc['machine']['cpus_usable']} CPUs", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -42,9 +42,14 @@ Cell, Job, Row = runs.Cell, runs.Job, runs.Row
 FUNCS = ["f_push", "f_endbr", "f_nop5", "f_riprel"]
 PROGRAMS = ["count", "hash", "read", "ring"]
 MODES = ["uprobe", "uretprobe", "both"]
-#: the multi-thread section: kernel vs in-target, count program, entry probe on f_push
+#: the multi-thread section: kernel vs in-target, entry probe on f_push; the per-CPU counter
+#: program measures the probe (threads share no written line), the shared counter program what a
+#: contended atomic in the program itself costs (the same in the kernel)
 THREAD_ENGINES = ["kernel", "intarget"]
-THREAD_ROW = Row("f_push", "count", "uprobe")
+THREAD_ROW = Row("f_push", "pcount", "uprobe")
+SHARED_THREAD_ROW = Row("f_push", "count", "uprobe")
+#: Cell.placement of the two multi-thread series
+THREAD_PLACEMENTS = {"threads": THREAD_ROW, "threads-shared": SHARED_THREAD_ROW}
 SKIPPED_QUICK = "skipped: --quick runs the different-CPU placement for the first row only"
 #: cell errors that are not failures
 NOT_RUN = ("not available", "skipped")
@@ -154,11 +159,12 @@ class Runner:
             plan.cells[row.label] = cells
 
     def run_threads(self) -> None:
-        for t in self.plan.threads:
-            for engine in (e for e in THREAD_ENGINES if e in self.plan.engines):
-                cell = self.cell(engine, Job(THREAD_ROW, self.plan.n_kernel, threads=t), "threads")
-                self.plan.thread_cells.append(cell)
-                _progress(f"{THREAD_ROW.label} x{t} threads", cell)
+        for placement, row in THREAD_PLACEMENTS.items():
+            for t in self.plan.threads:
+                for engine in (e for e in THREAD_ENGINES if e in self.plan.engines):
+                    cell = self.cell(engine, Job(row, self.plan.n_kernel, threads=t), placement)
+                    self.plan.thread_cells.append(cell)
+                    _progress(f"{row.label} x{t} threads", cell)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         "unavailable": {k: v for k, v in runner.unavailable.items() if v},
         "rows": [{**asdict(r), "label": r.label, "cells": [asdict(c) for c in plan.cells[r.label]]}
                  for r in plan.rows],
-        "threads": {"row": {**asdict(THREAD_ROW), "label": THREAD_ROW.label}, "counts": threads,
-                    "cells": [asdict(c) for c in plan.thread_cells]},
+        "threads": {"row": {**asdict(THREAD_ROW), "label": THREAD_ROW.label},
+                    "rows": {pl: {**asdict(r), "label": r.label} for pl, r in THREAD_PLACEMENTS.items()},
+                    "counts": threads, "cells": [asdict(c) for c in plan.thread_cells]},
     }
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     md = report.markdown(doc)

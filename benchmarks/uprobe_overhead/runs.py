@@ -172,8 +172,15 @@ def _new_cell(engine: str, job: Job) -> Cell:
     return Cell(engine, "", job.n, threads=job.threads, load1=round(os.getloadavg()[0], 2))
 
 
-def _hits_from_entries(entries: list[tuple[bytes, bytes]]) -> dict[int, int]:
-    return {struct.unpack("<I", k)[0]: struct.unpack("<Q", v[:8])[0] for k, v in entries}
+def hits_map(row: Row) -> str:
+    """The map a row's program counts its hits in (pcount: the per-CPU one)."""
+    return "phits" if row.program == "pcount" else "hits"
+
+
+def _hits_from_entries(entries: list[tuple[bytes, Any]]) -> dict[int, int]:
+    """key -> count; a per-CPU value (a list of per-CPU u64 values) is summed."""
+    return {struct.unpack("<I", k)[0]: sum(struct.unpack("<Q", x[:8])[0] for x in (v if isinstance(v, list) else [v]))
+            for k, v in entries}
 
 
 def _fail(cell: Cell, exc: BaseException) -> None:
@@ -199,7 +206,7 @@ def kernel_run(spec: Any, target: Path, job: Job, tmp: Path) -> Cell:
         if res.exit_code != 0:
             raise RuntimeError(f"target exited with {res.exit_code} (signal {res.signal})")
         _store_result(cell, _read_result(out), baseline=False)
-        hits = _hits_from_entries(res.maps["hits"]["entries"] or [])
+        hits = _hits_from_entries(res.maps[hits_map(job.row)]["entries"] or [])
         cell.hits_entry, cell.hits_return = hits.get(0, 0), hits.get(1, 0)
         cell.ring_drops = hits.get(2, 0)
         cell.records = len(res.records)
@@ -261,25 +268,25 @@ def _json_lines(stdout: str) -> list[Any]:
     return out
 
 
-def _find_hits(doc: Any) -> dict[int, int] | None:
-    """The ``hits`` map from ubpf-run's JSON output (maps at exit): a map event
+def _find_hits(doc: Any, name: str = "hits") -> dict[int, int] | None:
+    """The hits map ``name`` from ubpf-run's JSON output (maps at exit): a map event
     (``{"event": "map", "name": "hits", "decoded" | "entries": ...}``) or a
     ``{"maps": {"hits": {...}}}`` document; entries are [key, value] pairs of ints or
     of hex byte strings (the kernel oracle's format).  None when there is no such map."""
     if isinstance(doc, list):
         found = None
         for item in doc:
-            hits = _find_hits(item)
+            hits = _find_hits(item, name)
             if hits is not None:
                 found = hits  # the last print wins: the maps at exit
         return found
     if not isinstance(doc, dict):
         return None
-    if doc.get("name") == "hits" and ("decoded" in doc or "entries" in doc):
+    if doc.get("name") == name and ("decoded" in doc or "entries" in doc):
         return _hits_from_json(doc)
     maps = doc.get("maps")
-    if isinstance(maps, dict) and isinstance(maps.get("hits"), dict):
-        return _hits_from_json(maps["hits"])
+    if isinstance(maps, dict) and isinstance(maps.get(name), dict):
+        return _hits_from_json(maps[name])
     return None
 
 
@@ -355,9 +362,10 @@ def ubpf_run(engine: str, obj: Path, target: Path, job: Job, tmp: Path) -> Cell:
         events = _json_lines(proc.stdout)
         cell.paths = check_paths(events, engine, job.row)
         _store_result(cell, _read_result(out), baseline=False)
-        hits = _find_hits(events)
+        hits = _find_hits(events, hits_map(job.row))
         if hits is None:
-            raise RuntimeError("ubpf-run's JSON output has no 'hits' map, so hit counts cannot be checked")
+            raise RuntimeError(f"ubpf-run's JSON output has no {hits_map(job.row)!r} map, "
+                               "so hit counts cannot be checked")
         cell.hits_entry, cell.hits_return = hits.get(0, 0), hits.get(1, 0)
         cell.ring_drops = hits.get(2, 0)
         _check_hits(cell, job)
