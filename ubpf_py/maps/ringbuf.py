@@ -262,28 +262,40 @@ class RingBufMap(Map):
     # ---- consumer side (user space) ---------------------------------------------------------
     def records(self) -> Iterator[bytes]:
         """Committed records in order, advancing the consumer position as libbpf's
-        ring_buffer__consume does; stops at the first record still being written."""
+        ring_buffer__consume does; stops at the first record still being written.
+
+        The positions are read once per batch and the consumer position is stored once when
+        the batch ends (or the caller stops early): producers in the target read it on every
+        reserve, so a store per record would pull their cache line away once per record."""
         view = self._view
-        while True:
-            cons = self.consumer_pos
-            if cons >= self.producer_pos:
-                return
-            off = cons & self.mask
-            hlen = _U32.unpack_from(view, off)[0]
-            if hlen & C.BPF_RINGBUF_BUSY_BIT:
-                return
-            size = hlen & ~(C.BPF_RINGBUF_BUSY_BIT | C.BPF_RINGBUF_DISCARD_BIT)
-            rec = None
-            if not hlen & C.BPF_RINGBUF_DISCARD_BIT:
-                start = off + C.BPF_RINGBUF_HDR_SZ
-                end = start + size
-                if end <= self.size:
-                    rec = bytes(view[start:end])
-                else:
-                    rec = bytes(view[start:self.size]) + bytes(view[0:end - self.size])
-            self.consumer_pos = cons + ((size + C.BPF_RINGBUF_HDR_SZ + 7) & ~7)
-            if rec is not None:
-                yield rec
+        w = self._w
+        mask, size = self.mask, self.size
+        busy, discard, hdr = C.BPF_RINGBUF_BUSY_BIT, C.BPF_RINGBUF_DISCARD_BIT, C.BPF_RINGBUF_HDR_SZ
+        cons = w[D.D_RB_CONS]
+        try:
+            while True:
+                prod = w[D.D_RB_PROD]
+                if cons >= prod:
+                    return
+                while cons < prod:
+                    off = cons & mask
+                    hlen = _U32.unpack_from(view, off)[0]
+                    if hlen & busy:
+                        return
+                    n = hlen & ~(busy | discard)
+                    rec = None
+                    if not hlen & discard:
+                        start = off + hdr
+                        end = start + n
+                        if end <= size:
+                            rec = bytes(view[start:end])
+                        else:
+                            rec = bytes(view[start:size]) + bytes(view[0:end - size])
+                    cons += (n + hdr + 7) & ~7
+                    if rec is not None:
+                        yield rec
+        finally:
+            w[D.D_RB_CONS] = cons
 
     def consume(self) -> list[bytes]:
         """Every committed record not consumed yet."""
