@@ -73,22 +73,40 @@ HELPER(16)    /* bpf_get_current_comm(buf, size): strscpy_pad of this thread's c
 	return 0;
 }
 
+/* bpf_send_signal*: the kernel delivers the signal on the return to user mode, after the
+ * hit; a kill() here would deliver it at once, inside the program, on the runtime stack (a
+ * handler's own probe hits would then be skipped as nested).  So the signal is blocked for
+ * this thread first (the mask before the hit is kept in the thread block) and the
+ * trampoline restores the mask once the hit is over: the signal arrives there, on the
+ * target's stack.  send_signal is process-directed as in the kernel; while this thread
+ * blocks it another thread of the process may take it, where the kernel prefers the
+ * current one. */
+static u64 defer_and_send(const struct ubpf_hit_frame *hf, u64 sig, int thread)
+{
+	struct ubpf_thread_block *tb = (struct ubpf_thread_block *)hf->thread;
+	if (sig > 64)
+		return NEG(UBPF_EINVAL);
+	if (sig && tb) {
+		u64 set = 1ull << (sig - 1);
+		u64 *old = tb->sig_deferred ? 0 : &tb->sig_saved_mask;
+		if (rt_syscall6(UBPF_SYS_RT_SIGPROCMASK, UBPF_SIG_BLOCK, (long)&set, (long)old, 8, 0, 0) == 0)
+			tb->sig_deferred = 1;
+	}
+	if (thread)
+		return (u64)rt_syscall3(SYS_tgkill, rt_getpid(hf), rt_gettid(hf), sig);
+	return (u64)rt_syscall2(SYS_kill, rt_getpid(hf), sig);
+}
+
 HELPER(109)   /* bpf_send_signal: the whole process */
 {
 	(void)r2; (void)r3; (void)r4; (void)r5;
-	u64 sig = r1 & 0xffffffff;
-	if (sig > 64)
-		return NEG(UBPF_EINVAL);
-	return (u64)rt_syscall2(SYS_kill, rt_getpid(hf), sig);
+	return defer_and_send(hf, r1 & 0xffffffff, 0);
 }
 
 HELPER(117)   /* bpf_send_signal_thread: this thread */
 {
 	(void)r2; (void)r3; (void)r4; (void)r5;
-	u64 sig = r1 & 0xffffffff;
-	if (sig > 64)
-		return NEG(UBPF_EINVAL);
-	return (u64)rt_syscall3(SYS_tgkill, rt_getpid(hf), rt_gettid(hf), sig);
+	return defer_and_send(hf, r1 & 0xffffffff, 1);
 }
 
 HELPER(173)   /* bpf_get_func_ip */

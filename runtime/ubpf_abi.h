@@ -10,6 +10,8 @@
 #define UBPF_PB_F_AT_ENTRY 0x2ULL
 #define UBPF_SHADOW_DEPTH 0x40ULL
 #define UBPF_SITE_MAX_PROBES 0x8ULL
+#define UBPF_SYS_RT_SIGPROCMASK 0xeULL
+#define UBPF_SIG_BLOCK 0x0ULL
 #define UBPF_TID_OFF_GLIBC 0x2d0ULL
 #define UBPF_TID_OFF_MUSL 0x30ULL
 #define UBPF_PRINTK_MAX_ARGS 0xcULL
@@ -207,6 +209,9 @@ struct ubpf_thread_block {
 	uint64_t tgid;  /* cached getpid(), valid while ``generation`` equals RUNTIME_HEADER.generation (the tracer bumps that on fork before the child runs a probe); 0: unknown */
 	uint64_t tid_fs;  /* the FS base ``tid`` was checked against */
 	uint64_t tid_off;  /* offset from the FS base of the tid word this thread checked itself (one of TID_OFFSETS), used while RUNTIME_HEADER.tid_fs_off is 0: a target launched by the tracer is armed before its libc has set up any thread */
+	uint64_t sig_deferred;  /* 1: a program sent a signal; the trampoline restores ``sig_saved_mask`` when the hit is over, and the signal, blocked meanwhile, arrives then (as the kernel's arrives on the return to user mode, never inside the probe) */
+	uint64_t sig_saved_mask;  /* the thread's signal mask before the first deferred signal of this hit */
+	uint64_t sig_delivering;  /* non-zero while the trampoline's mask-restoring syscall runs: a handler of the deferred signal runs then, and returns into the trampoline (detach keeps our mappings) */
 	uint64_t shadow[192];  /* return-probe shadow stack (ubpf_shadow_entry) */
 } __attribute__((aligned(64)));
 _Static_assert(sizeof(struct ubpf_thread_block) == 1664, "ubpf_thread_block size");
@@ -219,7 +224,10 @@ _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow_depth) == 40,
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, tgid) == 48, "ubpf_thread_block.tgid");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, tid_fs) == 56, "ubpf_thread_block.tid_fs");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, tid_off) == 64, "ubpf_thread_block.tid_off");
-_Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow) == 72, "ubpf_thread_block.shadow");
+_Static_assert(__builtin_offsetof(struct ubpf_thread_block, sig_deferred) == 72, "ubpf_thread_block.sig_deferred");
+_Static_assert(__builtin_offsetof(struct ubpf_thread_block, sig_saved_mask) == 80, "ubpf_thread_block.sig_saved_mask");
+_Static_assert(__builtin_offsetof(struct ubpf_thread_block, sig_delivering) == 88, "ubpf_thread_block.sig_delivering");
+_Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow) == 96, "ubpf_thread_block.shadow");
 
 /* one per patched site, in the arena; its entry trampoline runs every probe listed here */
 struct ubpf_site {

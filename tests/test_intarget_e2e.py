@@ -682,13 +682,10 @@ def test_return_probes_match_kernel(scenarios) -> None:
     assert r.maps()["rets"][479001600] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="bpf_send_signal in the target is a kill() inside the program, so the "
-                   "signal is delivered at once, while the program runs (THREAD_BLOCK.busy=1, on the runtime "
-                   "stack): the handler's call of the probed function is skipped as 'missed' (N hits where the "
-                   "kernel and the ptrace path count 2N); the kernel delivers it when the hit is over")
 def test_send_signal_handler_hits_match_kernel(scenarios) -> None:
     """A program sends SIGUSR1 on each of 50 calls; the handler calls the probed function:
-    the kernel counts 100 hits (the signal arrives after the hit), so must the target."""
+    the kernel counts 100 hits (the signal arrives after the hit), so must the target (the
+    signal is blocked while the program runs and the trampoline unblocks it after the hit)."""
     k, kcalls = result(scenarios, ("signal", "kernel"), "kernel")
     assert k.rc == 0 and kcalls == [SIGNALS, SIGNALS] and k.counts()[7] == 2 * SIGNALS, k.why()
     r, calls = result(scenarios, ("signal", "userspace"))

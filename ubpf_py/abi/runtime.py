@@ -23,6 +23,7 @@ Calling conventions (SysV x86-64):
 
 from __future__ import annotations
 
+from ubpf_py.abi.kernel import SIG_BLOCK, SYS_RT_SIGPROCMASK
 from ubpf_py.abi.layout import Layout, u8s, u32, u64, u64s
 
 RUNTIME_MAGIC = 0x5542_5046_5254_0001  # "UBPFRT" v1
@@ -96,6 +97,12 @@ THREAD_BLOCK = Layout("ubpf_thread_block", [
     u64("tid_off", "offset from the FS base of the tid word this thread checked itself (one of "
         "TID_OFFSETS), used while RUNTIME_HEADER.tid_fs_off is 0: a target launched by the tracer "
         "is armed before its libc has set up any thread"),
+    u64("sig_deferred", "1: a program sent a signal; the trampoline restores ``sig_saved_mask`` when "
+        "the hit is over, and the signal, blocked meanwhile, arrives then (as the kernel's arrives on "
+        "the return to user mode, never inside the probe)"),
+    u64("sig_saved_mask", "the thread's signal mask before the first deferred signal of this hit"),
+    u64("sig_delivering", "non-zero while the trampoline's mask-restoring syscall runs: a handler of "
+        "the deferred signal runs then, and returns into the trampoline (detach keeps our mappings)"),
     u64s("shadow", SHADOW_DEPTH * SHADOW_ENTRY.size // 8, "return-probe shadow stack (ubpf_shadow_entry)"),
 ], doc="one per thread in the thread table; the runtime stack follows up to the slot's end", align=64)
 
@@ -174,6 +181,8 @@ CONSTANTS = {
     "UBPF_PB_F_AT_ENTRY": PB_F_AT_ENTRY,
     "UBPF_SHADOW_DEPTH": SHADOW_DEPTH,
     "UBPF_SITE_MAX_PROBES": SITE_MAX_PROBES,
+    "UBPF_SYS_RT_SIGPROCMASK": SYS_RT_SIGPROCMASK,
+    "UBPF_SIG_BLOCK": SIG_BLOCK,
     "UBPF_TID_OFF_GLIBC": TID_OFFSETS[0],
     "UBPF_TID_OFF_MUSL": TID_OFFSETS[1],
     "UBPF_PRINTK_MAX_ARGS": PRINTK_MAX_ARGS,

@@ -87,7 +87,7 @@ import io
 import struct
 from dataclasses import dataclass
 
-from ubpf_py.abi.kernel import PT_REGS, USER_CS, USER_SS
+from ubpf_py.abi.kernel import PT_REGS, SIG_SETMASK, SYS_RT_SIGPROCMASK, USER_CS, USER_SS
 from ubpf_py.abi.runtime import (
     CACHE_LINE,
     HIT_FRAME,
@@ -130,7 +130,8 @@ def _sets(red_zone: int) -> str:
     lines += [f".set E_SIZE, {SHADOW_ENTRY.size}", f".set F_SIZE, {HIT_FRAME.size}",
               f".set SHADOW_DEPTH, {SHADOW_DEPTH}", f".set PB_F_RETURN, {PB_F_RETURN}",
               f".set SAVE_AREA, {SAVE_AREA}", f".set RED_ZONE, {red_zone}",
-              f".set TARGET_USE, {red_zone + SAVE_AREA}", f".set LINE_SHIFT, {CACHE_LINE.bit_length() - 1}"]
+              f".set TARGET_USE, {red_zone + SAVE_AREA}", f".set LINE_SHIFT, {CACHE_LINE.bit_length() - 1}",
+              f".set SIG_SETMASK, {SIG_SETMASK}", f".set SYS_RT_SIGPROCMASK, {SYS_RT_SIGPROCMASK}"]
     return "\n".join(lines)
 
 
@@ -261,9 +262,12 @@ def _call_program() -> str:
 """
 
 
-def _leave_runtime() -> str:
-    """Restore r8-r15/rbp from pt_regs, switch back to the target stack, busy = 0."""
-    return """
+def _leave_runtime(p: str) -> str:
+    """Restore r8-r15/rbp from pt_regs, switch back to the target stack, busy = 0; then, if a
+    program sent a signal (bpf_send_signal*: blocked while it ran, THREAD_BLOCK.sig_deferred),
+    restore the thread's signal mask so the signal arrives now, after the hit and on the
+    target's stack, as the kernel delivers it on the return to user mode."""
+    return f"""
     mov rdi, r15
     add rsp, F_SIZE
     pop rax
@@ -279,6 +283,35 @@ def _leave_runtime() -> str:
     pop r8
     mov rsp, rax
     mov qword ptr [rdi + T_busy], 0
+    cmp qword ptr [rdi + T_sig_deferred], 0
+    jne {p}_deliver_signal
+{p}_left:
+"""
+
+
+def _deliver_signal(p: str) -> str:
+    """Out of line: rt_sigprocmask(SIG_SETMASK, &saved_mask, NULL, 8) on the target stack
+    (24 bytes more of it), keeping r10/r11 (the syscall's arguments and clobbers); rdi, rsi,
+    rdx, rax, rcx are restored afterwards from the save area.  ``sig_delivering`` counts the
+    handlers running from here (nested hits in a handler deliver their own) for detach."""
+    return f"""
+{p}_deliver_signal:
+    push r10
+    push r11
+    push rdi
+    mov qword ptr [rdi + T_sig_deferred], 0
+    lock inc qword ptr [rdi + T_sig_delivering]
+    lea rsi, [rdi + T_sig_saved_mask]
+    mov edi, SIG_SETMASK
+    xor edx, edx
+    mov r10d, 8
+    mov eax, SYS_RT_SIGPROCMASK
+    syscall
+    pop rdi
+    lock dec qword ptr [rdi + T_sig_delivering]
+    pop r11
+    pop r10
+    jmp {p}_left
 """
 
 
@@ -358,7 +391,7 @@ entry_shadow_full:
     lock inc qword ptr [rbp + P_missed]
     jmp entry_next
 entry_done:
-""" + _leave_runtime() + "    jmp entry_restore\n" + f"""
+""" + _leave_runtime("entry") + "    jmp entry_restore\n" + _deliver_signal("entry") + f"""
 entry_missed:
     movabs rsi, {_IMM['site']:#x}
 entry_imm_site2:
@@ -405,8 +438,9 @@ ret_match:
     je ret_restore
 """ + _enter_runtime() + """
     mov rbp, r12
-""" + _call_program() + _leave_runtime() + """
+""" + _call_program() + _leave_runtime("ret") + """
     jmp ret_restore
+""" + _deliver_signal("ret") + """
 ret_missed:
     lock inc qword ptr [rsi + P_missed]
 """ + _restore("ret") + """

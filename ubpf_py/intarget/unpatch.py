@@ -55,8 +55,10 @@ def find_thread_block(read: Reader, runtime_header: int, fs_base: int) -> int | 
 
 
 def is_busy(read: Reader, thread_block: int) -> bool:
-    """Whether the thread is inside a trampoline's program call (THREAD_BLOCK.busy)."""
-    return _u64(read, thread_block + THREAD_BLOCK.off("busy")) != 0
+    """Whether the thread is inside a trampoline's program call (THREAD_BLOCK.busy), or in a
+    handler of a signal a program sent, which returns into the trampoline (sig_delivering)."""
+    return (_u64(read, thread_block + THREAD_BLOCK.off("busy")) != 0
+            or _u64(read, thread_block + THREAD_BLOCK.off("sig_delivering")) != 0)
 
 
 @dataclass(frozen=True, slots=True)
