@@ -81,11 +81,6 @@ class ArrayMap(Map):
     def regions(self) -> list[Region]:
         return [Region.of(self._buf, f"map {self.name}", writable=not self.readonly_for_programs)]
 
-    @property
-    def value_addr(self) -> int:
-        """Address of element 0 (global data maps: where the section's bytes live)."""
-        return self._base
-
     def _index(self, key: bytes) -> int:
         return _U32.unpack(key)[0]
 

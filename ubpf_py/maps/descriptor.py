@@ -61,7 +61,6 @@ D_RB_DROPPED = MAP_DESC.word("rb_dropped")
 D_RB_FLAGS = MAP_DESC.word("rb_flags")      # RB_WAKEUP / RB_BUSY / RB_SHARED
 #: every descriptor word by its field name (the words the C runtime uses too)
 W = {f.name: MAP_DESC.word(f.name) for f in MAP_DESC.fields if f.count == 1}
-D_WORDS = MAP_DESC.size // 8
 HANDLE_SIZE = MAP_DESC.size
 
 #: largest key (value) a native lookup (update) checks with the region guard (one-byte size)
