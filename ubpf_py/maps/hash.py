@@ -74,9 +74,7 @@ class HashMap(Map):
     def _shared_setup(self) -> None:
         """Descriptor and slot-allocator state for the C operations (``abi.maps``)."""
         a, n = self.alloc, self.max_entries
-        cap = 64
-        while cap < 2 * n:
-            cap <<= 1
+        cap = D.table_entries(n)
         self._ctab = a.alloc(cap * 8, 64)
         self._ctab2 = a.alloc(cap * 8, 64)   # the spare a rebuild fills (abi.maps)
         self._cfree = a.alloc(4 * n, 8)
@@ -127,6 +125,8 @@ class HashMap(Map):
             D.D_KEYS: keys.bases[0], D.D_KEY_STRIDE: keys.stride, D.D_VAL_STRIDE: vals.stride,
             D.D_REF: self._ref.ctypes.data if self._ref is not None else 0,
             D.D_VALUE_SIZE: self.value_size if self.value_size <= D.MAX_NATIVE_KEY else 0,
+            # what C lookups read too (runtime/maps.c), so either side can read this index
+            D.W["max_entries"]: self.max_entries, D.W["ncpus"]: self.ncpus if self.percpu else 1,
             D.D_KIND: D.KIND_HASH})
         return nidx
 
