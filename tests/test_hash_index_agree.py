@@ -260,3 +260,27 @@ def test_c_lru_eviction_seen_by_jit_and_python(jit, crt, arena):
     for k in keys:
         want = c_find(crt, m, k)
         assert jit_find(jit, m, k) == want and py_find(m, k) == want
+
+
+def test_a_tombstone_is_never_a_slot(jit, crt):
+    """A hand-built index whose tombstone, read as ``slot + 1``, would name a stored copy of
+    the key just before key storage: every side skips it and finds the real slot after it."""
+    ks, stride = 4, 8
+    key = (0x1234567).to_bytes(ks, "little")
+    keys = HostBuffer(4 * stride)
+    keys.view[0:ks] = key                  # where "slot TOMBSTONE - 1" (= -2) would point
+    keys.view[2 * stride:2 * stride + ks] = key   # slot 0: the real element
+    n = D.table_entries(2)
+    tab = HostBuffer(n * 8)
+    t = tab.view.cast("Q")
+    mask = n - 1
+    h = D.key_hash(key) & mask
+    t[h], t[(h + 1) & mask] = D.TOMBSTONE, 1
+    handle = HostBuffer(D.HANDLE_SIZE)
+    D.write_descriptor(handle.view, {D.D_KEY_SIZE: ks, D.D_LIMIT: mask, D.D_TABLE: tab.addr,
+                                     D.D_KEYS: keys.addr + 2 * stride, D.D_KEY_STRIDE: stride,
+                                     D.W["max_entries"]: 2, D.D_KIND: D.KIND_HASH})
+    m = SimpleNamespace(handle_addr=handle.addr, _handle=handle)
+    assert jit_find(jit, m, key) == 0
+    assert c_find(crt, m, key) == 0
+    assert py_find(m, key) == 0
