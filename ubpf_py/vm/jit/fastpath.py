@@ -339,7 +339,7 @@ entry:
   %ks = load i64, ptr %ksp
   %vszp = getelementptr i64, ptr %dp, i64 {D.D_VALUE_SIZE}
   %vs = load i64, ptr %vszp
-  %badf = icmp ugt i64 %flags, 2
+  %badf = icmp ugt i64 %flags, {C.BPF_EXIST}
   %novs = icmp eq i64 %vs, 0
   %fb = or i1 %badf, %novs
   br i1 %fb, label %fallback, label %c0
@@ -367,12 +367,12 @@ absent:
 e2big:
   ret i64 -{E2BIG}
 hmiss:
-  %exist = icmp eq i64 %flags, 2
+  %exist = icmp eq i64 %flags, {C.BPF_EXIST}
   br i1 %exist, label %enoent, label %fallback
 enoent:
   ret i64 -{ENOENT}
 present:
-  %noexist = icmp eq i64 %flags, 1
+  %noexist = icmp eq i64 %flags, {C.BPF_NOEXIST}
   br i1 %noexist, label %eexist, label %copy
 eexist:
   ret i64 -{EEXIST}
@@ -433,7 +433,7 @@ define internal i64 @bpf_fast_rb_output(i64 %d, i64 %data, i64 %size, i64 %flags
                                         i64 %pc, i1 %chk) {{
 entry:
   %dp = inttoptr i64 %d to ptr
-  %badfl = and i64 %flags, -4
+  %badfl = and i64 %flags, {~(C.BPF_RB_NO_WAKEUP | C.BPF_RB_FORCE_WAKEUP)}
   %bad = icmp ne i64 %badfl, 0
   br i1 %bad, label %einval, label %f0
 einval:
@@ -451,7 +451,7 @@ f1:
   %chkit = and i1 %chk, %nonempty
   br i1 %chkit, label %check, label %go
 check:
-  %big = icmp ugt i64 %size, 255
+  %big = icmp ugt i64 %size, {D.MAX_NATIVE_KEY}
   br i1 %big, label %fallback, label %check1
 check1:
   %ok = call i1 @bpf_chk(ptr %rt, i64 %data, i64 %size, i64 %pc)
