@@ -15,23 +15,21 @@
  */
 #include "rt.h"
 
-#define FNV_BASIS 0xcbf29ce484222325ull
-#define FNV_PRIME 0x100000001b3ull
-
-/* the index hash, as maps/descriptor.py key_hash: FNV-1a over little-endian u64
- * words of the key (the last one zero-padded), folded */
+/* the index hash (ubpf_py/abi/maps.py; maps/descriptor.py key_hash, the JIT's
+ * @bpf_fast_hash): FNV-1a over little-endian u64 words of the key (the last one
+ * zero-padded), folded */
 static u64 key_hash(const u8 *key, u64 n)
 {
-	u64 h = FNV_BASIS;
+	u64 h = UBPF_FNV_BASIS;
 	if (n == 4) {
-		h = (h ^ *(const u32 *)key) * FNV_PRIME;
+		h = (h ^ *(const u32 *)key) * UBPF_FNV_PRIME;
 	} else {
 		for (u64 i = 0; i < n; i += 8) {
 			u64 w = 0;
 			u64 k = n - i < 8 ? n - i : 8;
 			for (u64 j = 0; j < k; j++)
 				w |= (u64)key[i + j] << (8 * j);
-			h = (h ^ w) * FNV_PRIME;
+			h = (h ^ w) * UBPF_FNV_PRIME;
 		}
 	}
 	return h ^ (h >> 32);
@@ -221,7 +219,7 @@ static void remove_slot(struct ubpf_map_desc *d, u64 slot, u64 pos)
 	if (d->ref)
 		lru_unlink(d, (u32)slot);
 	((u32 *)d->free)[d->nfree++] = (u32)slot;
-	if (d->tombs > (d->limit + 1) / 4)
+	if (d->tombs > (d->limit + 1) / UBPF_HASH_REBUILD_DIV)
 		rebuild(d);
 }
 

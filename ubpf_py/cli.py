@@ -276,7 +276,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     return run(run_options(args))
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
+def _raise_interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 

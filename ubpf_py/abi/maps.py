@@ -83,7 +83,28 @@ RB_WAKEUP = 1   # a Python consumer waits: Python producers wake it
 RB_BUSY = 2     # JIT fast paths must defer to the helper (Python inside, or positions owned by C)
 RB_SHARED = 4   # producers are the C runtime (in the target or the tracer): never clear RB_BUSY
 
+#: hash index entry of a deleted element (probes continue past it; inserts reuse it)
 TOMBSTONE = (1 << 64) - 1
+#: the index hash: FNV-1a (64-bit) over the key's little-endian u64 words, the last one
+#: zero-padded, folded as ``h ^ (h >> 32)`` (maps/descriptor.py key_hash, the JIT's
+#: @bpf_fast_hash and runtime/maps.c key_hash compute it from these)
+FNV_BASIS = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+#: a hash index is rebuilt when its tombstones exceed 1/REBUILD_DIV of the table
+REBUILD_DIV = 4
+#: fewest entries of a hash index table: small maps get room so tombstones rarely force a rebuild
+MIN_TABLE = 64
+
+
+def table_entries(max_entries: int) -> int:
+    """Entries of a hash map's index table: a power of two, at least twice max_entries
+    (a quarter of the table always stays empty, so probes terminate) and at least MIN_TABLE."""
+    cap = MIN_TABLE
+    while cap < 2 * max_entries:
+        cap <<= 1
+    return cap
+
+
 LRU_NIL = 0xFFFFFFFF
 #: attempts to take a map lock (pause, then sched_yield so a preempted holder can run); a
 #: holder that died or is stopped gives -EBUSY after this many, never a hung target
@@ -106,4 +127,5 @@ CONSTANTS = {
     "UBPF_KIND_QUEUE": KIND_QUEUE, "UBPF_KIND_BLOOM": KIND_BLOOM,
     "UBPF_RB_WAKEUP": RB_WAKEUP, "UBPF_RB_BUSY": RB_BUSY, "UBPF_RB_SHARED": RB_SHARED,
     "UBPF_TOMBSTONE": TOMBSTONE, "UBPF_LRU_NIL": LRU_NIL, "UBPF_LOCK_SPINS": LOCK_SPINS,
+    "UBPF_FNV_BASIS": FNV_BASIS, "UBPF_FNV_PRIME": FNV_PRIME, "UBPF_HASH_REBUILD_DIV": REBUILD_DIV,
 }

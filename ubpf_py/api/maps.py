@@ -1,9 +1,9 @@
 """Maps and globals of a :class:`~ubpf_py.api.BPFObject`, as Python mappings.
 
 Before ``load()`` a :class:`MapView` holds the map's *definition*, whose sizes
-may be changed (libbpf's ``bpf_map__set_max_entries`` / ``set_value_size`` /
-``set_key_size``); after it, the live map of either backend, read and written
-like a dict.  Keys and values are decoded through the object's BTF (integers,
+may be changed by assigning ``max_entries`` / ``value_size`` / ``key_size``
+(libbpf's ``bpf_map__set_max_entries`` and friends); after it, the live map of either
+backend, read and written like a dict.  Keys and values are decoded through the object's BTF (integers,
 dicts for structs, lists for arrays, strings for char arrays); ``raw=True``
 gives the bytes.  Struct keys come back as :class:`Struct`, a dict that can be a
 dict key itself.
@@ -82,15 +82,6 @@ class MapView:
     @max_entries.setter
     def max_entries(self, n: int) -> None:
         self._set("max_entries", n)
-
-    def set_max_entries(self, n: int) -> None:
-        self.max_entries = n
-
-    def set_value_size(self, n: int) -> None:
-        self.value_size = n
-
-    def set_key_size(self, n: int) -> None:
-        self.key_size = n
 
     def _set(self, attr: str, n: int) -> None:
         if self._owner.loaded:

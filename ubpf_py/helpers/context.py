@@ -131,9 +131,6 @@ class HelperContext:
             raise VMFault(f"string at 0x{addr:x} is not NUL-terminated inside {r.name}")
         return chunk[:nul]
 
-    def write_result(self, dst: int, data: bytes) -> None:
-        self.env.memory.write(dst, data)
-
     def fast_reader(self):
         """``read(addr, size) -> bytes``, checked like ``env.memory.read`` but remembering the
         last region (keys and values are usually on the program stack), revalidated whenever

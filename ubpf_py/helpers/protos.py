@@ -221,7 +221,3 @@ _NOT_FOR_KPROBE = frozenset({58, 160})
 
 #: every helper id a kprobe/uprobe program may call (kprobe_prog_func_proto on Linux 6.18)
 KPROBE_ALLOWED: frozenset[int] = frozenset(PROTOS) - _NOT_FOR_KPROBE
-
-
-def proto_for(helper_id: int) -> HelperProto | None:
-    return PROTOS.get(helper_id)

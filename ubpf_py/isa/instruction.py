@@ -36,10 +36,6 @@ class Instruction:
     imm_hi: int = 0
 
     @property
-    def is_lddw(self) -> bool:
-        return self.opcode == LDDW
-
-    @property
     def imm64(self) -> int:
         """The unsigned 64-bit immediate of a lddw (low | high << 32)."""
         return (self.imm & 0xFFFFFFFF) | ((self.imm_hi & 0xFFFFFFFF) << 32)

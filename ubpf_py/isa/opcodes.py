@@ -95,29 +95,10 @@ BPF_PSEUDO_KFUNC_CALL = 2
 LDDW = BPF_LD | BPF_IMM | BPF_DW  # 0x18
 
 # machine limits shared by the engines and the verifier
-NUM_REGS = 11          # r0..r10
 STACK_SIZE = 512       # bytes per frame
 MAX_CALL_DEPTH = 8     # frames (main program + 7 nested calls)
 MAX_TAIL_CALLS = 33    # MAX_TAIL_CALL_CNT
 BPF_MAX_LOOPS = 1 << 23    # bpf_loop's limit on nr_loops
-COMBINED_STACK_LIMIT = 512  # kernel's MAX_BPF_STACK across a call chain (without private stack)
-
-
-def insn_class(opcode: int) -> int:
-    """The instruction class (low three bits)."""
-    return opcode & 0x07
-
-
-def is_alu(opcode: int) -> bool:
-    return opcode & 0x07 in (BPF_ALU, BPF_ALU64)
-
-
-def is_jmp(opcode: int) -> bool:
-    return opcode & 0x07 in (BPF_JMP, BPF_JMP32)
-
-
-def is_mem(opcode: int) -> bool:
-    return opcode & 0x07 in (BPF_LDX, BPF_ST, BPF_STX)
 
 
 SIZE_BYTES = {BPF_B: 1, BPF_H: 2, BPF_W: 4, BPF_DW: 8}

@@ -132,14 +132,6 @@ class KernelMap:
             return None
         return vbuf.raw[: self.kernel_value_size]
 
-    def lookup_rc(self, key: bytes) -> tuple[int, bytes | None]:
-        """Like lookup but also returns the result code (0, -ENOENT, ...)."""
-        kbuf = self._key_buf(key)
-        vbuf = ctypes.create_string_buffer(self.kernel_value_size or 1)
-        rc = bpf_rc(BPF_MAP_LOOKUP_ELEM, MapElemAttr(map_fd=self.fd, key=self._addr(kbuf),
-                                                     value=ctypes.addressof(vbuf)))
-        return rc, (vbuf.raw[: self.kernel_value_size] if rc == 0 else None)
-
     def lookup_percpu(self, key: bytes) -> list[bytes] | None:
         """One ``value_size`` slice per possible CPU, or None when absent."""
         raw = self.lookup(key)

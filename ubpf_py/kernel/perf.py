@@ -33,7 +33,6 @@ PERF_FLAG_FD_CLOEXEC = 1 << 3
 
 # ioctls (linux/perf_event.h)
 PERF_EVENT_IOC_ENABLE = 0x2400
-PERF_EVENT_IOC_DISABLE = 0x2401
 PERF_EVENT_IOC_SET_BPF = 0x40042408
 
 UPROBE_PMU = Path("/sys/bus/event_source/devices/uprobe")

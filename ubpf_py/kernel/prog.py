@@ -30,14 +30,6 @@ from ubpf_py.kernel.syscall import (
 # enum bpf_prog_type
 SOCKET_FILTER = 1
 KPROBE = 2
-SCHED_CLS = 3
-SCHED_ACT = 4
-TRACEPOINT = 5
-XDP = 6
-PERF_EVENT = 7
-RAW_TRACEPOINT = 17
-TRACING = 26
-LSM = 29
 SYSCALL = 31
 
 # prog_flags

@@ -54,7 +54,6 @@ CMD_NAMES = {
 
 # enum bpf_attach_type values we use
 BPF_PERF_EVENT = 41
-BPF_TRACE_UPROBE_MULTI = 48
 
 
 class MapCreateAttr(ctypes.Structure):
@@ -134,12 +133,6 @@ class LinkCreateAttr(ctypes.Structure):
         ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
         ("bpf_cookie", ctypes.c_uint64), ("_rest", ctypes.c_uint64 * 4),
     ]
-
-
-class ObjInfoAttr(ctypes.Structure):
-    """BPF_OBJ_GET_INFO_BY_FD."""
-
-    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

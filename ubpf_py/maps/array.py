@@ -73,8 +73,6 @@ class ArrayMap(Map):
         self._vstride = C.round8(self.value_size)
         #: bytes between one CPU's copy of the elements and the next CPU's (0: shared values)
         self._cpu_stride = _cache_lines(self._vstride * self.max_entries) if self.percpu else 0
-        #: the user-space value: every CPU's copy, round8 apart (kernel format)
-        self._user_size = self._vstride * self.ncpus if self.percpu else self.value_size
         self._buf = self.alloc.alloc(self._cpu_stride * self.ncpus if self.percpu
                                      else self._vstride * self.max_entries)
         self._base = self._buf.addr
@@ -95,11 +93,6 @@ class ArrayMap(Map):
 
     def regions(self) -> list[Region]:
         return [Region.of(self._buf, f"map {self.name}", writable=not self.readonly_for_programs)]
-
-    @property
-    def value_addr(self) -> int:
-        """Address of element 0 (global data maps: where the section's bytes live)."""
-        return self._base
 
     def _index(self, key: bytes) -> int:
         return _U32.unpack(key)[0]

@@ -25,6 +25,8 @@ import struct
 from typing import Any
 
 from ubpf_py.abi.maps import (  # noqa: F401  (re-exported: the map code's names for them)
+    FNV_BASIS,
+    FNV_PRIME,
     KIND_ARRAY,
     KIND_BLOOM,
     KIND_HASH,
@@ -38,7 +40,9 @@ from ubpf_py.abi.maps import (  # noqa: F401  (re-exported: the map code's names
     RB_BUSY,
     RB_SHARED,
     RB_WAKEUP,
+    REBUILD_DIV,
     TOMBSTONE,
+    table_entries,
 )
 
 #: descriptor words (u64 index into the handle buffer), from the one layout in ubpf_py.abi.maps
@@ -61,14 +65,11 @@ D_RB_DROPPED = MAP_DESC.word("rb_dropped")
 D_RB_FLAGS = MAP_DESC.word("rb_flags")      # RB_WAKEUP / RB_BUSY / RB_SHARED
 #: every descriptor word by its field name (the words the C runtime uses too)
 W = {f.name: MAP_DESC.word(f.name) for f in MAP_DESC.fields if f.count == 1}
-D_WORDS = MAP_DESC.size // 8
 HANDLE_SIZE = MAP_DESC.size
 
 #: largest key (value) a native lookup (update) checks with the region guard (one-byte size)
 MAX_NATIVE_KEY = 255
 
-FNV_BASIS = 0xCBF29CE484222325
-FNV_PRIME = 0x100000001B3
 _M64 = (1 << 64) - 1
 _Q = struct.Struct("<Q")
 
@@ -106,9 +107,7 @@ class NativeIndex:
     MAX_ENTRIES = 1 << 22
 
     def __init__(self, max_entries: int, handle: memoryview, alloc: Any = None) -> None:
-        cap = 64   # small maps get room so tombstones rarely force a rebuild
-        while cap < 2 * max_entries:
-            cap <<= 1
+        cap = table_entries(max_entries)
         self.cap = cap
         self.mask = cap - 1
         self.live = 0
@@ -157,7 +156,7 @@ class NativeIndex:
         tab[i] = TOMBSTONE
         self.tombs += 1
         self.live -= 1
-        if self.tombs > self.cap // 4:
+        if self.tombs > self.cap // REBUILD_DIV:
             self.rebuild(entries)
 
     def rebuild(self, entries: dict[bytes, int]) -> None:

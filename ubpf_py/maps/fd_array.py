@@ -32,9 +32,6 @@ class ProgArrayMap(Map):
         #: programs user space may store by id (the loader registers every program it loads)
         self.known_programs: dict[int, Any] = {}
 
-    def register_program(self, prog_id: int, executable: Any) -> None:
-        self.known_programs[prog_id] = executable
-
     def set_program(self, index: int, executable: Any, prog_id: int = 0) -> None:
         """Put a program in a slot (loader: static ``__array(values, ...)`` initialisation)."""
         if not 0 <= index < self.max_entries:
@@ -138,9 +135,6 @@ class ArrayOfMapsMap(_MapInMapMixin, Map):
                                  spec.flags & ~C.BPF_F_INNER_MAP), False)
         self._slots: list[Map | None] = [None] * self.max_entries
 
-    def inner_at(self, index: int) -> Map | None:
-        return self._slots[index] if 0 <= index < self.max_entries else None
-
     def lookup_addr(self, key: bytes, cpu: int = 0) -> int:
         i = _U32.unpack(key)[0]
         if i >= self.max_entries:
@@ -191,9 +185,6 @@ class HashOfMapsMap(_MapInMapMixin, Map):
         if spec.max_entries == 0 or spec.key_size == 0:
             raise map_create_error(spec, "key_size and max_entries must be > 0")
         self._entries: dict[bytes, Map] = {}
-
-    def inner_for(self, key: bytes) -> Map | None:
-        return self._entries.get(bytes(key))
 
     def lookup_addr(self, key: bytes, cpu: int = 0) -> int:
         m = self._entries.get(key)

@@ -74,30 +74,35 @@ class HashMap(Map):
     def _shared_setup(self) -> None:
         """Descriptor and slot-allocator state for the C operations (``abi.maps``)."""
         a, n = self.alloc, self.max_entries
-        cap = 64
-        while cap < 2 * n:
-            cap <<= 1
+        cap = D.table_entries(n)
         self._ctab = a.alloc(cap * 8, 64)
         self._ctab2 = a.alloc(cap * 8, 64)   # the spare a rebuild fills (abi.maps)
         self._cfree = a.alloc(4 * n, 8)
         self._cused = a.alloc(n, 8)
         lru = [a.alloc(4 * n, 8), a.alloc(4 * n, 8)] if self.lru else [None, None]
         self._clru = lru
-        keys, vals = self._keys, self._vals
         self._dw = self._handle.view.cast("Q")
         D.write_descriptor(self._handle.view, {
-            D.D_KEY_SIZE: self.key_size, D.D_LIMIT: cap - 1, D.D_TABLE: self._ctab.addr,
+            **self._lookup_words(cap - 1, self._ctab.addr),
+            D.W["spare_table"]: self._ctab2.addr, D.W["value_size"]: self.value_size,
+            D.W["free"]: self._cfree.addr, D.W["used"]: self._cused.addr,
+            D.W["lru_prev"]: lru[0].addr if lru[0] is not None else 0,
+            D.W["lru_next"]: lru[1].addr if lru[1] is not None else 0,
+            D.W["lru_head"]: D.LRU_NIL, D.W["lru_tail"]: D.LRU_NIL})
+
+    def _lookup_words(self, mask: int, table_addr: int) -> dict[int, int]:
+        """The descriptor words a lookup reads -- the JIT's @bpf_fast_find / slot_addr and
+        runtime/maps.c's ubpf_map_lookup -- whichever side (NativeIndex or the C runtime)
+        keeps the index, so each side can read the other's."""
+        keys, vals = self._keys, self._vals
+        return {
+            D.D_KEY_SIZE: self.key_size, D.D_LIMIT: mask, D.D_TABLE: table_addr,
             D.D_VALUES: vals.bases[0], D.D_CPU_STRIDE: self._vstride if self.percpu else 0,
             D.D_KEYS: keys.bases[0], D.D_KEY_STRIDE: keys.stride, D.D_VAL_STRIDE: vals.stride,
             D.D_REF: self._ref.ctypes.data if self._ref is not None else 0,
             D.D_VALUE_SIZE: self.value_size if self.value_size <= D.MAX_NATIVE_KEY else 0,
-            D.W["spare_table"]: self._ctab2.addr, D.W["value_size"]: self.value_size, D.W["max_entries"]: n,
-            D.W["ncpus"]: self.ncpus if self.percpu else 1, D.W["free"]: self._cfree.addr,
-            D.W["used"]: self._cused.addr,
-            D.W["lru_prev"]: lru[0].addr if lru[0] is not None else 0,
-            D.W["lru_next"]: lru[1].addr if lru[1] is not None else 0,
-            D.W["lru_head"]: D.LRU_NIL, D.W["lru_tail"]: D.LRU_NIL,
-            D.D_KIND: D.KIND_HASH})
+            D.W["max_entries"]: self.max_entries, D.W["ncpus"]: self.ncpus if self.percpu else 1,
+            D.D_KIND: D.KIND_HASH}
 
     @property
     def evictions(self) -> int:
@@ -121,13 +126,7 @@ class HashMap(Map):
                 and self.key_size <= D.MAX_NATIVE_KEY and self.max_entries <= NativeIndex.MAX_ENTRIES):
             return None
         nidx = NativeIndex(self.max_entries, self._handle.view, self.alloc)
-        D.write_descriptor(self._handle.view, {
-            D.D_KEY_SIZE: self.key_size, D.D_LIMIT: nidx.mask, D.D_TABLE: nidx.table_addr,
-            D.D_VALUES: vals.bases[0], D.D_CPU_STRIDE: self._vstride if self.percpu else 0,
-            D.D_KEYS: keys.bases[0], D.D_KEY_STRIDE: keys.stride, D.D_VAL_STRIDE: vals.stride,
-            D.D_REF: self._ref.ctypes.data if self._ref is not None else 0,
-            D.D_VALUE_SIZE: self.value_size if self.value_size <= D.MAX_NATIVE_KEY else 0,
-            D.D_KIND: D.KIND_HASH})
+        D.write_descriptor(self._handle.view, self._lookup_words(nidx.mask, nidx.table_addr))
         return nidx
 
     def _validate(self, spec: MapSpec) -> None:

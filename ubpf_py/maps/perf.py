@@ -138,9 +138,6 @@ class PerfEventArrayMap(Map):
         """Samples dropped because a CPU's buffer was full (sum over CPUs)."""
         return sum(r.lost for r in self._rings.values())
 
-    def lost_per_cpu(self) -> dict[int, int]:
-        return {cpu: r.lost for cpu, r in self._rings.items()}
-
     # ---- producer -------------------------------------------------------------------------
     def output(self, cpu: int, data: bytes, flags: int = C.BPF_F_CURRENT_CPU) -> int:
         """bpf_perf_event_output on ``cpu``: 0, -EINVAL (flags), -E2BIG (index beyond

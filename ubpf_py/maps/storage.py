@@ -102,15 +102,6 @@ class SlotStore:
         """True when every slot lives in the first buffer (base + slot * stride)."""
         return (1 << self.chunk_shift) >= self.capacity
 
-    def slot_of(self, addr: int) -> int:
-        """The slot whose storage starts at ``addr`` (inverse of ``addr``)."""
-        per = 1 << self.chunk_shift
-        for i, base in enumerate(self.bases):
-            off = addr - base
-            if 0 <= off < per * self.stride:
-                return i * per + off // self.stride
-        raise KeyError(f"0x{addr:x} is not a slot of {self.name}")
-
     def addr(self, slot: int) -> int:
         return self.bases[slot >> self.chunk_shift] + (slot & ((1 << self.chunk_shift) - 1)) * self.stride
 

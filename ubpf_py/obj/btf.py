@@ -51,7 +51,6 @@ KIND_NAMES = {
     KIND_VAR: "var", KIND_DATASEC: "datasec", KIND_FLOAT: "float",
     KIND_DECL_TAG: "decl_tag", KIND_TYPE_TAG: "type_tag", KIND_ENUM64: "enum64",
 }
-KIND_BY_NAME = {v: k for k, v in KIND_NAMES.items()}
 
 #: kinds that only qualify another type (skipped when resolving)
 MODIFIER_KINDS = frozenset({KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG})

@@ -64,22 +64,11 @@ class BtfBuilder:
     def const(self, target: int) -> int:
         return self._add("", B.KIND_CONST, 0, target)
 
-    def volatile(self, target: int) -> int:
-        return self._add("", B.KIND_VOLATILE, 0, target)
-
-    def func_proto(self, ret: int, params: list[tuple[str, int]]) -> int:
-        body = b"".join(struct.pack("<II", self._str(n), t) for n, t in params)
-        return self._add("", B.KIND_FUNC_PROTO, len(params), ret, body)
-
     def func(self, name: str, proto: int, linkage: int = 1) -> int:
         return self._add(name, B.KIND_FUNC, linkage, proto)
 
     def var(self, name: str, type_id: int, linkage: int = 1) -> int:
         return self._add(name, B.KIND_VAR, 0, type_id, struct.pack("<I", linkage))
-
-    def datasec(self, name: str, size: int, vars_: list[tuple[int, int, int]]) -> int:
-        body = b"".join(struct.pack("<III", *v) for v in vars_)
-        return self._add(name, B.KIND_DATASEC, len(vars_), size, body)
 
     def float(self, name: str, size: int) -> int:
         return self._add(name, B.KIND_FLOAT, 0, size)

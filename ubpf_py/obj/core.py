@@ -57,7 +57,6 @@ def essential_name(name: str) -> str:
 class FieldSpec:
     """Where an access chain ends: bit offset from the root, field type, bitfield size."""
 
-    root_id: int
     bit_offset: int
     type_id: int
     bitfield: int
@@ -96,7 +95,7 @@ def _parse_local(btf: B.Btf, root: int, access: str) -> FieldSpec:
             bitfield = 0
         else:
             raise RelocationError(f"CO-RE: access '{access}' steps into non-aggregate {btf.type_name(tid)}")
-    return FieldSpec(root, bit, tid, bitfield, steps, desc)
+    return FieldSpec(bit, tid, bitfield, steps, desc)
 
 
 def _sizeof_or0(btf: B.Btf, tid: int) -> int:
@@ -223,7 +222,7 @@ def _match_target(lb: B.Btf, local: FieldSpec, tb: B.Btf, cand: int) -> FieldSpe
             bitfield = 0
     if not _fields_compat(lb, local.type_id, tb, tid):
         return None
-    return FieldSpec(cand, bit, tid, bitfield, local.steps, local.desc)
+    return FieldSpec(bit, tid, bitfield, local.steps, local.desc)
 
 
 def _field_value(btf: B.Btf, spec: FieldSpec, kind: int) -> tuple[int, int]:

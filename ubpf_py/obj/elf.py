@@ -95,7 +95,7 @@ def _build(raw: RawElf, kconfig: dict[str, str] | None) -> ObjectSpec:
             name=f.name, section=f.section, kind=info.kind, instructions=linked.insns, license=license_,
             attach=info.attach, sleepable=info.sleepable, multi=info.multi, multi_pattern=info.multi_pattern,
             functions=linked.functions, func_info=linked.func_info, line_info=linked.line_info,
-            core_relocs=linked.core, section_offset=f.start, autoload=info.autoload,
+            core_relocs=linked.core, autoload=info.autoload,
             attach_error=info.attach_error, attach_label=info.label)
     mapdefs.collect_init_slots(raw, btf, table, set(programs))
     return ObjectSpec(path=raw.path, programs=programs, maps=table.maps, license=license_, kern_version=kver,

@@ -117,7 +117,3 @@ def freeze(spec: ObjectSpec) -> None:
         if m.internal and (m.section == ".kconfig" or m.section.startswith(".rodata")):
             m.readonly = True
     setattr(spec, _FROZEN_ATTR, True)
-
-
-def is_frozen(spec: ObjectSpec) -> bool:
-    return bool(getattr(spec, _FROZEN_ATTR, False))

@@ -116,8 +116,6 @@ class ProgramSpec:
     func_info: dict[int, int] = field(default_factory=dict)
     line_info: list[LineInfo] = field(default_factory=list)
     core_relocs: list[CoreReloc] = field(default_factory=list)
-    #: instruction index in the original ELF section of instruction 0
-    section_offset: int = 0
     #: False for libbpf's SEC("?...") programs (not loaded unless asked for)
     autoload: bool = True
     #: why libbpf's auto-attach of this section fails (``uretprobe/readline``), "" otherwise

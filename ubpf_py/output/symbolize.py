@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 
 from ubpf_py.errors import UbpfError
 from ubpf_py.probe import demangle as dm
-from ubpf_py.probe.procmaps import Mapping, read_maps
+from ubpf_py.probe.procmaps import Mapping
 from ubpf_py.probe.symbols import STB_GLOBAL, STB_LOCAL, STB_WEAK, ElfInfo, Symbol, load_elf
 
 #: symbol preference at one address: global, then weak, then local names
@@ -501,10 +501,6 @@ class Symbolizer:
         self.debug_dirs = tuple(debug_dirs)
         self._cache: dict[tuple[int, bool], Frame] = {}
         self.update_maps(maps)
-
-    @classmethod
-    def for_pid(cls, pid: int) -> Symbolizer:
-        return cls(read_maps(pid), pid)
 
     def update_maps(self, maps: list[Mapping]) -> None:
         """Take a newer snapshot (after dlopen); already symbolized addresses are forgotten."""

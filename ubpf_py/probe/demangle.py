@@ -124,8 +124,3 @@ def name_variants(symbol: str) -> tuple[str, ...]:
 def display_name(symbol: str) -> str:
     """What listings show: the demangled name when there is one, else the symbol."""
     return demangle(symbol) or symbol
-
-
-def looks_demangled(name: str) -> bool:
-    """Whether a user-typed name can only be a demangled form (``::``, spaces, parens)."""
-    return "::" in name or "(" in name or " " in name or "<" in name

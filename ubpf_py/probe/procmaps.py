@@ -120,11 +120,6 @@ def mappings_of_file(maps: list[Mapping], path: str) -> list[Mapping]:
     return found
 
 
-def mappings_of_inode(maps: list[Mapping], dev: tuple[int, int], inode: int) -> list[Mapping]:
-    """Mappings of one (dev, inode): how the kernel identifies a uprobe's file."""
-    return [m for m in maps if m.inode == inode and m.dev == dev]
-
-
 def file_offset_to_addr(maps: list[Mapping], path: str, file_offset: int, *,
                         writable: bool = False) -> list[int]:
     """Runtime addresses of ``file_offset`` of ``path`` in these mappings.
@@ -166,14 +161,6 @@ def mapped_files(maps: list[Mapping]) -> list[str]:
         if m.is_file and m.path not in seen:
             seen[m.path] = None
     return list(seen)
-
-
-def load_bias(maps: list[Mapping], path: str, vaddr: int, file_offset: int) -> int | None:
-    """Runtime address minus link-time address for a file (PIE / shared library)."""
-    addrs = file_offset_to_addr(maps, path, file_offset)
-    if not addrs:
-        return None
-    return addrs[0] - vaddr
 
 
 def exe_path(pid: int) -> str:

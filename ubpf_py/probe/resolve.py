@@ -24,7 +24,6 @@ import os
 import shutil
 import subprocess
 from collections import deque
-from dataclasses import dataclass
 from functools import lru_cache
 
 from ubpf_py.errors import SymbolError, TargetError
@@ -232,13 +231,6 @@ def needed_closure(exe: str, pid: int | None = None, cwd: str | None = None) -> 
             except SymbolError:
                 continue
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessFunction:
-    binary: str
-    file_offset: int
-    note: str
 
 
 def _candidates(pid_or_exe: int | str, cwd: str | None) -> tuple[str, list[str], str]:

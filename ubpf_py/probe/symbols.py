@@ -113,10 +113,6 @@ class ElfInfo:
     notes_stapsdt: bytes | None
     _demangled: dict[str, list[Symbol]] | None = field(default=None, repr=False)
 
-    @property
-    def is_pie_or_lib(self) -> bool:
-        return self.e_type == ET_DYN
-
     def functions(self) -> list[Symbol]:
         """Defined function symbols of both tables (``.dynsym`` first)."""
         return [s for s in self.dynsym + self.symtab if s.defined]

@@ -29,11 +29,6 @@ def _limits(bits: int) -> tuple[int, int, int]:
     return (1 << bits) - 1, -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
-def _unbounded(bits: int) -> View:
-    m, lo, hi = _limits(bits)
-    return tn.unknown(bits), 0, m, lo, hi
-
-
 def _binop(code: int, a: View, b: View, bits: int) -> View | None:
     """Result view of ``a OP b`` in ``bits``-bit arithmetic, or None for 'unknown'."""
     m, smin_l, smax_l = _limits(bits)

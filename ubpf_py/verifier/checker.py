@@ -57,7 +57,6 @@ class Failure:
 class Stats:
     processed: int = 0
     states: int = 0
-    peak_states: int = 0
     max_states_per_insn: int = 0
     stack_depth: dict[int, int] = field(default_factory=dict)
 

@@ -82,9 +82,6 @@ class Scalar:
     def value(self) -> int:
         return self.var.value
 
-    def is_const32(self) -> bool:
-        return tn.subreg(self.var).mask == 0
-
     def empty(self) -> bool:
         return (self.umin > self.umax or self.smin > self.smax or self.u32min > self.u32max
                 or self.s32min > self.s32max)

@@ -38,8 +38,7 @@ OR_NULL = {MAP_VALUE_OR_NULL: MAP_VALUE, RINGBUF_MEM_OR_NULL: RINGBUF_MEM, MEM_O
 POINTERS = {CTX, STACK, MAP_PTR, MAP_VALUE, MAP_VALUE_OR_NULL, RINGBUF_MEM, RINGBUF_MEM_OR_NULL,
             MEM, MEM_OR_NULL, FUNC, MAP_KEY, MAP_PTR_OR_NULL}
 
-# stack byte kinds
-S_INVALID = 0   # never written
+# stack byte kinds (0: never written, the kind every byte starts with)
 S_MISC = 1      # written with something that is not a tracked register
 S_ZERO = 2      # known zero
 S_SPILL = 3     # part of a spilled register
@@ -121,10 +120,6 @@ UNKNOWN_SCALAR = Reg(SCALAR, UNKNOWN)
 
 def const_reg(v: int) -> Reg:
     return Reg(SCALAR, Scalar.const(v))
-
-
-def scalar_reg(s: Scalar) -> Reg:
-    return Reg(SCALAR, s)
 
 
 @dataclass(slots=True)

@@ -174,9 +174,6 @@ class MemoryMap:
         r = self.check(addr, size, True)
         _U[size].pack_into(r.view, addr - r.start, value & ((1 << (size * 8)) - 1))
 
-    def is_readable(self, addr: int, size: int) -> bool:
-        return self.find(addr, size) is not None
-
 
 def read_raw(addr: int, size: int) -> bytes:
     """Unchecked read of host memory (only for addresses a Region already vouched for)."""
