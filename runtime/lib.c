@@ -181,8 +181,22 @@ long rt_read_user(const struct ubpf_hit_frame *hf, void *dst, u64 src, u64 n)
 /* strncpy_from_user: at most size - 1 bytes then a NUL; the length copied including
  * the NUL, or -EFAULT when a byte before the NUL (or the limit) is unreadable.
  * Reads through a small bounce buffer, never across a page boundary in one read
- * (a string ending just before an unmapped page works), and writes nothing past
- * the NUL into dst. */
+ * (a string ending just before an unmapped page works).  Like the kernel, which
+ * copies 8-byte words while 8 bytes remain, the word holding the NUL is stored with
+ * its bytes after the NUL zeroed when that whole word is readable and fits in size;
+ * nothing else past the NUL is written. */
+static void zero_word_tail(const struct ubpf_hit_frame *hf, char *dst, u64 src, u64 nul, u64 size)
+{
+	u64 word = nul & ~7ull, end = word + 8;
+	char probe[8];
+	if (end > size || nul + 1 >= end)
+		return;
+	if ((src + word) >> 12 != (src + end - 1) >> 12 && rt_read_user(hf, probe, src + word, 8))
+		return;       /* the word runs into an unreadable page: copied a byte at a time */
+	for (u64 i = nul + 1; i < end; i++)
+		dst[i] = 0;
+}
+
 long rt_read_user_str(const struct ubpf_hit_frame *hf, char *dst, u64 src, u64 size)
 {
 	char tmp[256];
@@ -201,8 +215,10 @@ long rt_read_user_str(const struct ubpf_hit_frame *hf, char *dst, u64 src, u64 s
 			return -(long)UBPF_EFAULT;
 		for (u64 i = 0; i < chunk; i++) {
 			dst[got + i] = tmp[i];
-			if (!tmp[i])
+			if (!tmp[i]) {
+				zero_word_tail(hf, dst, src, got + i, size);
 				return (long)(got + i + 1);
+			}
 		}
 		got += chunk;
 	}

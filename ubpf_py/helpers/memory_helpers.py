@@ -68,7 +68,22 @@ def bind(hc: HelperContext, table: dict[int, HelperFn]) -> None:
         size = r2 & 0xFFFFFFFF
         if not size:
             return 0
-        return _str_result(r1, size, hc.user_str(r3, size), -EFAULT)
+        text = hc.user_str(r3, size)
+        rc = _str_result(r1, size, text, -EFAULT)
+        if text is not None and len(text) < size - 1:
+            _zero_word_tail(r1, r3, len(text), size)
+        return rc
+
+    def _zero_word_tail(dst: int, src: int, nul: int, size: int) -> None:
+        """The kernel's strncpy_from_user copies 8-byte words while at least 8 bytes remain:
+        the word holding the NUL is stored with the bytes after the NUL zeroed, when the
+        whole word was readable (a word running into an unmapped page is copied a byte at a
+        time, with nothing after the NUL written)."""
+        word = nul & ~7
+        end = word + 8
+        if end > size or nul + 1 >= end or env.hit.user_memory.read(src + word, 8) is None:
+            return
+        mem.write(dst + nul + 1, bytes(end - nul - 1))
 
     def probe_read_kernel_str(r1: int, r2: int, r3: int, r4: int, r5: int) -> int:
         size = r2 & 0xFFFFFFFF
