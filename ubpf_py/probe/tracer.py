@@ -35,10 +35,10 @@ from ubpf_py.probe import ool as O
 from ubpf_py.probe import ptrace as P
 from ubpf_py.probe.breakpoints import Breakpoint, Probe
 from ubpf_py.probe.hits import HitFiller
-from ubpf_py.probe.native_calls import NativeCallsMixin
+from ubpf_py.probe.native_calls import NativeCalls
 from ubpf_py.probe.procmaps import code_addresses, file_offset_to_addr, is_dynamic_linker, read_maps
 from ubpf_py.probe.procs import Proc, Thread, new_proc
-from ubpf_py.probe.restore import RestoreMixin, clean_memory, release_semaphores
+from ubpf_py.probe.restore import Restorer, clean_memory, release_semaphores
 from ubpf_py.probe.uretprobe import MAX_DEPTH, RetEntry, ShadowStack
 from ubpf_py.vm.env import HitContext
 
@@ -47,8 +47,13 @@ GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTO
 _ENDBR64 = b"\xf3\x0f\x1e\xfa"
 
 
-class Tracer(RestoreMixin, NativeCallsMixin):
-    """Traces one process tree; see the module docstring."""
+class Tracer:
+    """Traces one process tree; see the module docstring.
+
+    Composed of: ``restorer`` (stop every thread, put the target back), ``native_calls`` (native
+    programs run from Python), ``nl`` (the C stop loop and its mirror of the breakpoint table,
+    None without it), ``filler`` (the per-hit facts); the tracer itself keeps the tables and
+    handles stops."""
 
     def __init__(self, regs: P.RegsBuf, follow_forks: bool = False, exact_cpu: bool = True,
                  native: bool | None = None) -> None:
@@ -74,6 +79,9 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         self._cb_error: BaseException | None = None
         self._tokens: list[Breakpoint] = []
         self._native_dirty = True
+        self.native_calls = NativeCalls(regs.addr, self.probes)
+        self.restorer = Restorer(regs, self.threads, self.procs, self._early,
+                                 on_event=self.on_event, on_exit=self.thread_gone)
         #: called between runs of the C loop (before each run and every poll interval): the
         #: user's periodic work while hits of native programs never enter Python
         self.poll_hooks: list[Callable[[], None]] = []
@@ -217,7 +225,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         # a jump (5 bytes) may only be written with every thread stopped: stop the others now
         running = [t for t in self.threads.values() if t is not th and not t.stopped]
         if running and self.intarget is not None and any(p.target_entry for p in self.probes.values()):
-            self.stop_all()
+            self.restorer.stop_all()
         else:
             running = []
         try:
@@ -228,6 +236,10 @@ class Tracer(RestoreMixin, NativeCallsMixin):
                 if t.stopped and t.tid in self.threads:
                     sig, t.pending_sig = t.pending_sig, 0
                     self.resume(t, sig)
+
+    def detach(self) -> None:
+        """Stop every thread and put the target back exactly as it was (``Restorer.detach``)."""
+        self.restorer.detach(self.intarget, self.ret_log)
 
     # ------------------------------------------------------------------ loop
     def totals(self) -> tuple[int, int, int]:
@@ -311,7 +323,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
                 th.stopped = True
                 th.at_bp = True
                 if r == 4:      # a native program failed: its probe raises the recorded error
-                    self._raise_native_failure()
+                    self.native_calls.raise_failure()
                     break
                 if r == 2:
                     err, self._cb_error = self._cb_error, None
@@ -382,7 +394,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
                 hit.cookie = p.cookie
                 p.hits += 1
                 if p.native_fn:
-                    self._run_native(p, hit)
+                    self.native_calls.run(p, hit)
                 if p.handler is not None:
                     p.handler(hit)
             return 0
@@ -475,7 +487,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         """Run one probe's native program and/or Python handler, and account for it."""
         h0 = time.perf_counter_ns()
         if p.native_fn:
-            self._run_native(p, hit)
+            self.native_calls.run(p, hit)
         if p.handler is not None:
             p.handler(hit)
         dt = time.perf_counter_ns() - h0
