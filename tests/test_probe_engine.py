@@ -30,8 +30,7 @@ from ubpf_py.probe.engine import ProbeSession
 pytestmark = pytest.mark.ptrace
 
 _NO_C = pytest.mark.skipif(N.load() is None, reason="no C compiler for the native loop")
-LOOPS = [pytest.param(False, id="python"), pytest.param(True, id="native", marks=_NO_C),
-         pytest.param("ctypes", id="native-ctypes", marks=_NO_C)]
+LOOPS = [pytest.param(False, id="python"), pytest.param(True, id="native", marks=_NO_C)]
 
 
 @pytest.fixture(scope="session")
@@ -382,8 +381,6 @@ def test_handler_error_detaches_and_reraises(corpus_build, native):
     r, w = os.pipe()
     s = ProbeSession.launch(["./hello"], cwd=corpus_build, stdout=w, native=bool(native))
     os.close(w)
-    if native == "ctypes":
-        s.tracer.nl.ext_run = None
     calls = []
 
     def bad(h):

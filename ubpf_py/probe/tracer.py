@@ -23,7 +23,6 @@ fork children).  Every stop of every traced thread arrives through
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import signal
@@ -77,7 +76,6 @@ class Tracer:
         self.errors: list[BaseException] = []
         self._regs_valid = False
         self._cb_error: BaseException | None = None
-        self._tokens: list[Breakpoint] = []
         self._native_dirty = True
         self.native_calls = NativeCalls(regs.addr, self.probes)
         self.restorer = Restorer(regs, self.threads, self.procs, self._early,
@@ -258,7 +256,7 @@ class Tracer:
         makes a blocking waitpid return at once."""
         self._stop_requested = True
         if self.nl is not None:
-            self.nl.lib.ub_request_stop(self.nl.state)
+            self.nl.request_stop()
         main = self.main
         if main is not None and main.exit_status is None:
             # every running thread: one of them may be a zombie leader (pthread_exit) that
@@ -311,13 +309,13 @@ class Tracer:
                 with contextlib.suppress(OSError):
                     os.read(nl.wakeup_fd, 4096)      # signal bytes: the handlers have run by now
             if r == 1:
-                self._regs_valid = bool(nl.regs_valid.value)
+                self._regs_valid = nl.regs_valid
                 try:
-                    dispatch(nl.tid.value, nl.status.value)
+                    dispatch(nl.tid, nl.status)
                 finally:
                     self._regs_valid = False
             elif r == 2 or r == 3 or r == 4:
-                th = self.threads.get(nl.tid.value)
+                th = self.threads.get(nl.tid)
                 if th is None:
                     continue
                 th.stopped = True
@@ -344,63 +342,11 @@ class Tracer:
                 raise ProbeError(f"waitpid failed in the native loop: {os.strerror(-r)}")
 
     def _sync_native(self) -> None:
-        from ubpf_py.probe.native import BP_FAST, BP_PYCB
-        main = self.main
-        rows = []
-        tokens: list[Breakpoint] = []
-        if main is not None:
-            for bp in main.bps.values():
-                if not bp.armed:
-                    continue
-                plan = bp.plan
-                fast = (bp.internal is None and not bp.ret_probes and plan.kind != O.K_IND
-                        and main.run_handlers)
-                prog = facts = status = counter = cookie = 0
-                p0 = bp.probes[0] if len(bp.probes) == 1 else None
-                if (p0 is not None and p0.native_fn and p0.handler is None
-                        and not (p0.native_facts and self.filler.exact_cpu
-                                 and self.filler.needs & {"cpu", "ids"})):
-                    prog = p0.native_fn      # runs with no Python at all
-                    facts, status, cookie = p0.native_facts, p0.native_status, p0.cookie
-                    if p0.native_counter is None:
-                        p0.native_counter = (ctypes.c_uint64 * 2)()
-                    counter = ctypes.addressof(p0.native_counter)
-                flags = (BP_FAST if fast else 0) | (BP_PYCB if bp.probes and not prog else 0)
-                rows.append((bp.addr, plan.kind, plan.next, plan.slot, plan.target, plan.imm, plan.reg,
-                             plan.cond, len(tokens), flags, prog, facts, status, counter, cookie))
-                tokens.append(bp)
-        self._tokens = tokens
-        self.nl.load_tables(rows, list(main.threads) if main is not None else [])
-        if main is not None:
-            self.nl.set_ids(main.tgid, *self.filler.uid_gid(main.tgid))
+        """Mirror the breakpoint and thread tables into the C loop (after any change)."""
+        f, main = self.filler, self.main
+        self.nl.sync(main, exact_facts=f.exact_cpu and bool(f.needs & {"cpu", "ids"}),
+                     uid_gid=f.uid_gid(main.tgid) if main is not None else (0, 0))
         self._native_dirty = False
-
-    def _native_cb(self, token: int, tid: int, cpu: int) -> int:
-        """Called by the C loop for a hit with Python handlers (regs hold the thread's state,
-        ip = probe address).  Lean on purpose: the C loop times the handlers as a whole."""
-        try:
-            bp = self._tokens[token]
-            th = self.threads[tid]
-            f = self.filler
-            f.cur_thread = th
-            f.cur_at_entry = bp.at_entry
-            hit = f.hit
-            if hit.tid != tid:
-                f.switch(th.proc.tgid, tid)
-            f.refresh(hit.tgid, tid, cpu)
-            hit.func_ip = bp.addr
-            hit.is_return = False
-            for p in bp.probes:
-                hit.cookie = p.cookie
-                p.hits += 1
-                if p.native_fn:
-                    self.native_calls.run(p, hit)
-                if p.handler is not None:
-                    p.handler(hit)
-            return 0
-        except BaseException as e:
-            self._cb_error = e
-            return 1
 
     def dispatch(self, tid: int, status: int) -> None:
         th = self.threads.get(tid)
@@ -435,56 +381,83 @@ class Tracer:
         P.cont_quiet(th.tid, sig)   # False: it vanished (SIGKILL, exec); its exit is reported
 
     # ------------------------------------------------------------------ hits
+    # From "thread stopped at int3" to "program runs".  Two stop loops, one way to run programs:
+    #
+    #   C loop (native/hotloop.c run_loop)            Python loop (loop() above)
+    #   1. waitpid: a SIGTRAP stop                    1. waitpid -> dispatch -> on_trap
+    #   2. GETREGS into the pt_regs buffer            2. GETREGS (unless the C loop did)
+    #   3. breakpoint at ip - 1 (its table, BP_FAST)  3. breakpoint at ip - 1 (proc.bps)
+    #   4. ip = probe address                         4. ip = probe address (on_hit)
+    #   5. a native-only program: called in C         5. run_entry_probes
+    #      with its facts block; else _native_cb ->
+    #      run_entry_probes
+    #   then: run_entry_probes -> 6. HitFiller.fill -> 7. _call_probe: native program, handler
+    #   8. return probes: hijack_return (Python only: the C loop hands such breakpoints back)
+    #   9. finish the displaced instruction, SETREGS, CONT (apply_plan in C, finish() here)
+    # Anything the C loop does not handle comes back to dispatch() with its wait status.
+
     def on_trap(self, th: Thread) -> bool:
+        """A SIGTRAP stop: a hit of ours (handled, True) or the target's own trap (False)."""
         t0 = time.perf_counter_ns()
-        v = self.v
-        tid = th.tid
-        if not self._regs_valid:
+        if not self._regs_valid:                       # 2. registers
             try:
-                self.regs.get(tid)
+                self.regs.get(th.tid)
             except P.PtraceError:
                 th.stopped = False      # killed meanwhile: its exit is reported by waitpid
                 return True
         proc = th.proc
-        bps = proc.bps if proc.vfork_parent is None else proc.vfork_parent.bps
-        rip = v[P.RIP] - 1
-        bp = bps.get(rip)
+        owner = proc if proc.vfork_parent is None else proc.vfork_parent
+        rip = self.v[P.RIP] - 1                        # 3. the int3 has run: ip - 1 is the breakpoint
+        bp = owner.bps.get(rip)
         if bp is not None and bp.armed:
             th.at_bp = True
             self.on_hit(th, bp, t0)
             return True
-        scratch = proc.scratch if proc.vfork_parent is None else proc.vfork_parent.scratch
-        if rip == scratch.tramp and scratch.tramp:
+        if rip == owner.scratch.tramp and rip:        # a probed function returned (on_return)
             self.on_return(th, t0)
             return True
         return False
 
     def on_hit(self, th: Thread, bp: Breakpoint, t0: int) -> None:
-        v = self.v
         proc = th.proc
         bp.hits += 1
-        if bp.internal is not None:
+        if bp.internal is not None:                    # the dynamic linker's hook (dlopen/dlclose)
             bp.internal(th)
         if proc.run_handlers and bp.probes:
-            v[P.RIP] = bp.addr
-            self.entry_handlers(th, bp)
+            self.v[P.RIP] = bp.addr                    # 4. programs see ip = probe address
+            self.handler_ns += self.run_entry_probes(th, bp)     # 5.-7.
         if bp.ret_probes and (proc.run_handlers or proc.vfork_parent is None):
-            self.hijack_return(th, bp)
-        self.finish(th, bp.plan)
+            self.hijack_return(th, bp)                 # 8.
+        self.finish(th, bp.plan)                       # 9.
         self.total_hits += 1
         self.tracer_ns += time.perf_counter_ns() - t0
 
-    def entry_handlers(self, th: Thread, bp: Breakpoint) -> None:
-        """Run the entry probes of ``bp`` for thread ``th`` (regs hold its state, ip = bp.addr)."""
-        proc = th.proc
-        filler = self.filler
-        filler.cur_thread = th
-        filler.cur_at_entry = bp.at_entry
-        for p in bp.probes:
-            self._call_probe(p, filler.fill(proc.tgid, th.tid, bp.addr, p.cookie, False))
+    def _native_cb(self, token: int, tid: int, cpu: int) -> int:
+        """The C loop's call for a hit with Python handlers (steps 1-4 done in C: regs hold the
+        thread's state, ip = probe address; ``cpu`` is the loop's CPU, the approximation).
+        Returns 1 after an error (kept for loop_native to raise: the thread stays held at its
+        breakpoint).  The C loop times the call as a whole, so its time is not added here."""
+        try:
+            self.run_entry_probes(self.threads[tid], self.nl.tokens[token], cpu)
+            return 0
+        except BaseException as e:
+            self._cb_error = e
+            return 1
 
-    def _call_probe(self, p: Probe, hit: HitContext) -> None:
-        """Run one probe's native program and/or Python handler, and account for it."""
+    def run_entry_probes(self, th: Thread, bp: Breakpoint, cpu_hint: int = -1) -> int:
+        """Run the entry probes of ``bp`` for ``th`` (regs hold its state, ip = bp.addr); both
+        loops come here.  Returns the nanoseconds spent in programs and handlers."""
+        f = self.filler
+        f.cur_thread = th                              # for bpf_get_stack's unwinder
+        f.cur_at_entry = bp.at_entry
+        tgid, tid, ns = th.proc.tgid, th.tid, 0
+        for p in bp.probes:
+            ns += self._call_probe(p, f.fill(tgid, tid, bp.addr, p.cookie, False, cpu_hint))   # 6.
+        return ns
+
+    def _call_probe(self, p: Probe, hit: HitContext) -> int:
+        """7. Run one probe's native program and/or Python handler; count the hit and its time
+        (returned in ns) for the probe."""
         h0 = time.perf_counter_ns()
         if p.native_fn:
             self.native_calls.run(p, hit)
@@ -492,8 +465,8 @@ class Tracer:
             p.handler(hit)
         dt = time.perf_counter_ns() - h0
         p.handler_ns += dt
-        self.handler_ns += dt
         p.hits += 1
+        return dt
 
     def finish(self, th: Thread, plan: O.Plan) -> None:
         """Complete the displaced instruction (emulate or go out of line) and resume the thread."""
@@ -622,7 +595,8 @@ class Tracer:
             if proc.run_handlers:
                 try:
                     for p in e.probes:
-                        self._call_probe(p, filler.fill(proc.tgid, th.tid, e.func, p.cookie, True))
+                        self.handler_ns += self._call_probe(
+                            p, filler.fill(proc.tgid, th.tid, e.func, p.cookie, True))
                 except BaseException:
                     # the return went through the trampoline and its shadow entry is gone: put the
                     # thread at the real return address before the error ends tracing, or detaching
