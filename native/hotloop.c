@@ -394,6 +394,7 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 			if (poll(&p, 1, 0) > 0)
 				return 0;
 		}
+		/* 1. waitpid (steps as in ubpf_py/probe/tracer.py's hit section) */
 		pid_t tid = waitpid(-1, &st, __WALL | WNOHANG);
 		if (tid == 0) {
 			/* about to block: a signal that arrived while we handled the last stop (its
@@ -416,22 +417,22 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 			return 1;
 		}
 		u64 t0 = now_ns();
-		if (ptrace(PTRACE_GETREGS, tid, 0, r) < 0) {
+		if (ptrace(PTRACE_GETREGS, tid, 0, r) < 0) { /* 2. registers */
 			*out_tid = tid;
 			*out_status = st;
 			return 1;
 		}
-		struct ub_bp *b = bp_find(s, r[RIP] - 1);
+		struct ub_bp *b = bp_find(s, r[RIP] - 1); /* 3. the breakpoint (int3 has run) */
 		if (!b || !(b->flags & BP_FAST)) {
 			*out_tid = tid;
 			*out_status = st;
 			*regs_valid = 1;
 			return 1;
 		}
-		r[RIP] = b->addr;
+		r[RIP] = b->addr; /* 4. programs see ip = probe address */
 		if (b->prog || (b->flags & BP_PYCB)) {
 			u64 h0 = now_ns();
-			if (b->prog) {
+			if (b->prog) { /* 5. a native-only program, facts filled here */
 				if (b->facts) {
 					struct ubpf_facts *f = (struct ubpf_facts *)(uintptr_t)b->facts;
 					int cpu = sched_getcpu();
@@ -455,6 +456,7 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 					return 4;
 				}
 			}
+			/* 5. else Python: _native_cb -> run_entry_probes (6. fill, 7. call) */
 			if ((b->flags & BP_PYCB) && call_py(pc, b->token, tid, sched_getcpu())) {
 				s->handler_ns += now_ns() - h0;
 				*out_tid = tid;
@@ -464,7 +466,7 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 			}
 			s->handler_ns += now_ns() - h0;
 		}
-		if (apply_plan(tid, b, r)) {
+		if (apply_plan(tid, b, r)) { /* 9. finish the displaced instruction */
 			/* handlers ran; Python finishes the instruction (it delivers the fault) */
 			r[RIP] = b->addr;
 			*out_tid = tid;
