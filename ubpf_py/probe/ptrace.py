@@ -1,9 +1,9 @@
-"""Thin, allocation-light ptrace access through ctypes.
+"""Thin, allocation-light ptrace access through ctypes: the project's only ptrace layer.
 
 python-ptrace supplies the option/event constants; the calls themselves go
-straight to libc's ``ptrace``/``process_vm_readv`` through ctypes because the
-per-hit path must not build Python objects it does not need (python-ptrace's
-debugger classes allocate per call).
+straight to libc's ``ptrace``/``process_vm_readv`` through ctypes because
+python-ptrace has no PTRACE_SEIZE/INTERRUPT/LISTEN and no process_vm_readv, and
+its calls cost more per hit (measured: README.md, "Dependencies and design notes").
 
 Registers are read into a caller-owned buffer (``RegsBuf``): the first 168
 bytes of ``struct user_regs_struct`` are exactly the kernel's x86-64
@@ -15,16 +15,13 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import os
-import struct
 import time
 
 from ptrace.binding.func import (
     PTRACE_EVENT_CLONE,
     PTRACE_EVENT_EXEC,
-    PTRACE_EVENT_EXIT,
     PTRACE_EVENT_FORK,
     PTRACE_EVENT_VFORK,
-    PTRACE_EVENT_VFORK_DONE,
     PTRACE_O_TRACECLONE,
     PTRACE_O_TRACEEXEC,
     PTRACE_O_TRACEFORK,
@@ -35,27 +32,21 @@ from ubpf_py.abi.kernel import PT_REGS_SIZE
 from ubpf_py.errors import TargetError
 
 __all__ = [
-    "PTRACE_EVENT_CLONE", "PTRACE_EVENT_EXEC", "PTRACE_EVENT_EXIT", "PTRACE_EVENT_FORK",
-    "PTRACE_EVENT_STOP", "PTRACE_EVENT_VFORK", "PTRACE_EVENT_VFORK_DONE",
+    "PTRACE_EVENT_CLONE", "PTRACE_EVENT_EXEC", "PTRACE_EVENT_FORK", "PTRACE_EVENT_STOP",
+    "PTRACE_EVENT_VFORK",
 ]
 
-PTRACE_PEEKDATA = 2
-PTRACE_POKEDATA = 5
+# requests python-ptrace has no constant for (SEIZE and later), and the ones called here
 PTRACE_CONT = 7
-PTRACE_KILL = 8
 PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
-PTRACE_ATTACH = 16
 PTRACE_DETACH = 17
-PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
-PTRACE_GETSIGINFO = 0x4202
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
 PTRACE_EVENT_STOP = 128
-PTRACE_O_EXITKILL = 0x100000
 
 #: the options every traced thread gets (fork/vfork are always traced so that a
 #: child never runs with our int3 bytes; it is cleaned and released unless followed)
@@ -68,10 +59,6 @@ WALL = 0x40000000  # __WALL: wait for threads (clone children) too
 R15, R14, R13, R12, RBP, RBX, R11, R10, R9, R8, RAX, RCX, RDX, RSI, RDI, ORIG_RAX, RIP, CS, \
     EFLAGS, RSP, SS, FS_BASE, GS_BASE, DS, ES, FS, GS = range(27)
 USER_REGS_SIZE = 27 * 8
-
-SI_KERNEL = 0x80
-TRAP_BRKPT = 1
-TRAP_TRACE = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _ptrace = _libc.ptrace
@@ -168,25 +155,10 @@ def listen(tid: int) -> bool:
     return _ptrace(PTRACE_LISTEN, tid, 0, 0) != -1
 
 
-def set_options(tid: int, options: int) -> None:
-    ptrace(PTRACE_SETOPTIONS, tid, 0, options)
-
-
 def get_event_msg(tid: int) -> int:
     v = ctypes.c_ulong(0)
     ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(v))
     return v.value
-
-
-_SIGINFO = ctypes.create_string_buffer(128)
-
-
-def get_siginfo(tid: int) -> tuple[int, int, int]:
-    """(si_signo, si_code, si_addr-or-pid) of the signal that stopped ``tid``."""
-    ptrace(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(_SIGINFO))
-    signo, _, code = struct.unpack_from("<iii", _SIGINFO.raw, 0)
-    (addr,) = struct.unpack_from("<Q", _SIGINFO.raw, 16)
-    return signo, code, addr
 
 
 _syscall = _libc.syscall
@@ -215,13 +187,6 @@ def vm_read(pid: int, addr: int, size: int) -> bytes | None:
     if n != size:
         return None
     return buf.raw
-
-
-def vm_read_into(pid: int, addr: int, dst_addr: int, size: int) -> int:
-    """process_vm_readv into host memory at ``dst_addr``; bytes read (-1 on error)."""
-    local = IoVec(dst_addr, size)
-    remote = IoVec(addr, size)
-    return _pvr(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
 
 
 _U64 = ctypes.c_uint64(0)
