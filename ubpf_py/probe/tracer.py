@@ -469,68 +469,9 @@ class Tracer:
         return dt
 
     def finish(self, th: Thread, plan: O.Plan) -> None:
-        """Complete the displaced instruction (emulate or go out of line) and resume the thread."""
-        v = self.v
-        k = plan.kind
-        pid = th.proc.tgid
-        if k == O.K_OOL:
-            v[P.RIP] = plan.slot
-        elif k == O.K_SKIP:
-            v[P.RIP] = plan.next
-        elif k == O.K_PUSH:
-            sp = (v[P.RSP] - 8) & O.M64
-            if not P.vm_write_u64(pid, sp, v[plan.reg]):
-                return self._fault(th, plan)
-            v[P.RSP] = sp
-            v[P.RIP] = plan.next
-        elif k == O.K_MOVRBP:
-            v[P.RBP] = v[P.RSP]
-            v[P.RIP] = plan.next
-        elif k == O.K_SUBRSP:
-            v[P.RSP], v[P.EFLAGS] = O.sub_flags(v[P.EFLAGS], v[P.RSP], plan.imm)
-            v[P.RIP] = plan.next
-        elif k == O.K_JMP:
-            v[P.RIP] = plan.target
-        elif k == O.K_JCC:
-            rcx = v[P.RCX]
-            if plan.cond >= 18:
-                rcx = (rcx - 1) & O.M64
-                v[P.RCX] = rcx
-            v[P.RIP] = plan.target if O.cond_true(plan.cond, v[P.EFLAGS], rcx) else plan.next
-        elif k == O.K_CALL:
-            sp = (v[P.RSP] - 8) & O.M64
-            if not P.vm_write_u64(pid, sp, plan.next):
-                return self._fault(th, plan)
-            v[P.RSP] = sp
-            v[P.RIP] = plan.target
-        elif k == O.K_RET:
-            d = P.vm_read_u64(pid, v[P.RSP])
-            if d is None:
-                return self._fault(th, plan)
-            v[P.RIP] = d
-            v[P.RSP] = (v[P.RSP] + 8 + plan.imm) & O.M64
-        elif k == O.K_IND:
-            if plan.ind_mem is not None:
-                base, index, scale, disp = plan.ind_mem
-                ea = disp
-                if base == -2:
-                    ea += plan.next
-                elif base >= 0:
-                    ea += v[base]
-                if index >= 0:
-                    ea += v[index] * scale
-                d = P.vm_read_u64(pid, ea & O.M64)
-                if d is None:
-                    return self._fault(th, plan)
-                target = d
-            else:
-                target = v[plan.ind_reg]
-            if plan.ind_is_call:
-                sp = (v[P.RSP] - 8) & O.M64
-                if not P.vm_write_u64(pid, sp, plan.next):
-                    return self._fault(th, plan)
-                v[P.RSP] = sp
-            v[P.RIP] = target
+        """9. Complete the displaced instruction (emulate or go out of line) and resume the thread."""
+        if not O.complete(plan, self.v, th.proc.tgid):
+            return self._fault(th, plan)
         self.regs.set(th.tid)
         th.stopped = th.at_bp = False
         P.cont_quiet(th.tid, 0)
