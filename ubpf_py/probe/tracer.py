@@ -32,10 +32,11 @@ from collections.abc import Callable
 from ubpf_py.errors import ProbeError
 from ubpf_py.probe import ool as O
 from ubpf_py.probe import ptrace as P
+from ubpf_py.probe.arming import Armer
 from ubpf_py.probe.breakpoints import Breakpoint, Probe
 from ubpf_py.probe.hits import HitFiller
 from ubpf_py.probe.native_calls import NativeCalls
-from ubpf_py.probe.procmaps import code_addresses, file_offset_to_addr, is_dynamic_linker, read_maps
+from ubpf_py.probe.procmaps import read_maps
 from ubpf_py.probe.procs import Proc, Thread, new_proc
 from ubpf_py.probe.restore import Restorer, clean_memory, release_semaphores
 from ubpf_py.probe.uretprobe import MAX_DEPTH, RetEntry, ShadowStack
@@ -43,7 +44,6 @@ from ubpf_py.vm.env import HitContext
 
 SIGTRAP = signal.SIGTRAP
 GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
-_ENDBR64 = b"\xf3\x0f\x1e\xfa"
 
 
 class Tracer:
@@ -70,14 +70,13 @@ class Tracer:
         self.tracer_ns = 0
         self.handler_ns = 0
         self.ret_log = None                   # guardian.ReturnLog when a guardian runs
-        self.on_arm = None                    # guardian hook: (proc, addr, orig_byte)
         self.on_patch = None                  # guardian hook: (tgid, addr, orig bytes, patch bytes)
-        self._dl_offsets: dict[str, int | None] = {}
         self.errors: list[BaseException] = []
         self._regs_valid = False
         self._cb_error: BaseException | None = None
         self._native_dirty = True
         self.native_calls = NativeCalls(regs.addr, self.probes)
+        self.armer = Armer(self.probes, on_change=self._mark_dirty, on_dl_state=self._on_dl_state)
         self.restorer = Restorer(regs, self.threads, self.procs, self._early,
                                  on_event=self.on_event, on_exit=self.thread_gone)
         #: called between runs of the C loop (before each run and every poll interval): the
@@ -107,100 +106,21 @@ class Tracer:
         self.main = proc
         self.procs[proc.tgid] = proc
 
+    def _mark_dirty(self) -> None:
+        """A breakpoint or thread table changed: the C loop's mirror is rebuilt before it runs."""
+        self._native_dirty = True
+
     # ------------------------------------------------------------------ arming
     def arm_probe(self, proc: Proc, probe: Probe, maps=None) -> int:
         """Arm ``probe`` at every current mapping of its file in ``proc``; returns how many."""
-        if maps is None:
-            maps = read_maps(proc.tgid)
-        n = 0
-        if probe.ref_ctr_offset:
-            self._bump_semaphores(proc, probe, maps)
-        for addr in code_addresses(maps, probe.binary_path, probe.file_offset):
-            if probe.target_entry and self.intarget is not None:
-                reason = self.intarget.arm(proc, probe, addr)   # a jump to a trampoline, no stop per hit
-                if reason is None:
-                    n += 1
-                    continue
-                if probe.handler is None and not probe.native_fn:
-                    raise ProbeError(f"probe at 0x{addr:x} cannot run in the target: {reason}")
-            bp = self._breakpoint(proc, addr)
-            lst = bp.ret_probes if probe.is_return else bp.probes
-            if probe not in lst:
-                self._native_dirty = True
-                if probe.is_return:
-                    proc.scratch.ensure(proc.any_stopped_tid(), proc.tgid)
-                lst.append(probe)
-                n += 1
-        return n
-
-    def _bump_semaphores(self, proc: Proc, probe: Probe, maps) -> None:
-        """Increment the probe's USDT semaphore in every writable mapping of its file, once (the
-        kernel's ref_ctr_offset behaviour): the target then computes the probe's arguments."""
-        for a in file_offset_to_addr(maps, probe.binary_path, probe.ref_ctr_offset, writable=True):
-            if (probe.id, a) in proc.sema_done:
-                continue
-            cur = proc.mem.read(a, 2)
-            if cur is None or not proc.mem.write(a, ((int.from_bytes(cur, "little") + 1) & 0xFFFF).to_bytes(2, "little")):
-                raise ProbeError(f"cannot increment the USDT semaphore at 0x{a:x} in pid {proc.tgid}")
-            proc.sema_done.add((probe.id, a))
-            proc.semas[a] = proc.semas.get(a, 0) + 1
-
-    def _breakpoint(self, proc: Proc, addr: int) -> Breakpoint:
-        bp = proc.bps.get(addr)
-        if bp is not None:
-            return bp
-        # up to 16 bytes (the longest x86 instruction), but not past the end of the mapping
-        code = proc.mem.read(addr, 16) or proc.mem.read(addr, min(16, 4096 - (addr & 4095)))
-        if code is None:
-            raise ProbeError(f"cannot read target memory at 0x{addr:x} (pid {proc.tgid})")
-        if code[0] == 0xCC:
-            raise ProbeError(f"0x{addr:x} in pid {proc.tgid} already holds an int3 (another debugger?)")
-        plan = O.analyze(code, addr)
-        if plan.needs_slot:
-            tid = proc.any_stopped_tid()
-            slot = proc.scratch.alloc_slot(tid, proc.tgid, addr)
-            data = O.slot_code(plan, slot, O.disp_offset(plan))
-            if not proc.mem.write(slot, data):
-                raise ProbeError(f"cannot write out-of-line slot 0x{slot:x} in pid {proc.tgid}")
-            plan.slot = slot
-            page = proc.scratch.page_of(slot)
-            if page is not None:
-                page.users[slot] = plan
-        bp = Breakpoint(addr, bytes(code[:plan.length]), plan,
-                        at_entry=code[0] == 0x55 or code[:4] == _ENDBR64)
-        if self.on_arm is not None:
-            self.on_arm(proc, addr, bp.orig[0])
-        if not proc.mem.write(addr, b"\xcc"):
-            raise ProbeError(f"cannot write int3 at 0x{addr:x} in pid {proc.tgid}")
-        bp.armed = True
-        proc.bps[addr] = bp
-        self._native_dirty = True
-        return bp
+        return self.armer.arm_probe(proc, probe, maps, self.intarget)
 
     def arm_all(self, proc: Proc) -> None:
         """Arm every probe whose file is mapped in ``proc`` (after attach/exec/dlopen)."""
-        maps = read_maps(proc.tgid)
-        for probe in self.probes.values():
-            self.arm_probe(proc, probe, maps)
-        self._arm_dl_watch(proc, maps)
-
-    def _arm_dl_watch(self, proc: Proc, maps) -> None:
-        """Breakpoint the dynamic linker's _dl_debug_state: called around every dlopen/dlclose."""
-        from ubpf_py.probe.symbols import resolve_function
-        for path in {m.path for m in maps if m.is_file and is_dynamic_linker(m.path)}:
-            if path not in self._dl_offsets:
-                try:
-                    self._dl_offsets[path] = resolve_function(path, "_dl_debug_state")
-                except Exception:
-                    self._dl_offsets[path] = None
-            off = self._dl_offsets[path]
-            if off is None:
-                continue
-            for addr in code_addresses(maps, path, off):
-                bp = self._breakpoint(proc, addr)
-                bp.internal = self._on_dl_state
+        self.armer.arm_all(proc, self.intarget)
 
     def _on_dl_state(self, th: Thread) -> None:
+        """The dynamic linker's breakpoint: libraries came or went (dlopen/dlclose)."""
         proc = th.proc
         if proc.vfork_parent is not None:
             return
@@ -209,17 +129,10 @@ class Tracer:
         def unmapped(addr: int) -> bool:
             return not any(m.start <= addr < m.end and m.executable for m in maps)
 
-        # forget breakpoints and in-target sites whose code was unmapped (dlclose); the bytes
-        # went with the mapping, and a library mapped there again must be patched afresh
+        # forget breakpoints and in-target sites whose code was unmapped (dlclose)
         if self.intarget is not None:
             self.intarget.forget_sites(proc.tgid, unmapped)
-        for addr, bp in list(proc.bps.items()):
-            if unmapped(addr):
-                bp.armed = False
-                del proc.bps[addr]
-                self._native_dirty = True
-                if self.ret_log is not None:
-                    self.ret_log.remove_bp(proc.tgid, addr)
+        self.armer.forget_unmapped(proc, unmapped, self.ret_log)
         # a jump (5 bytes) may only be written with every thread stopped: stop the others now
         running = [t for t in self.threads.values() if t is not th and not t.stopped]
         if running and self.intarget is not None and any(p.target_entry for p in self.probes.values()):
@@ -621,9 +534,10 @@ class Tracer:
             cp.inj.stub = parent.inj.stub
             cp.semas = dict(parent.semas)
             cp.sema_done = set(parent.sema_done)
-            if self.on_arm is not None:
+            on_arm = self.armer.on_arm
+            if on_arm is not None:
                 for bp in cp.bps.values():
-                    self.on_arm(cp, bp.addr, bp.orig[0])
+                    on_arm(cp, bp.addr, bp.orig[0])
             if self.intarget is not None:
                 self.intarget.follow_fork(parent, child, cp.mem)
             self.procs[child] = cp
