@@ -201,7 +201,7 @@ class Tracer:
             if deadline is not None and time.monotonic() >= deadline:
                 break
             try:
-                tid, status = waitpid(-1, P.WALL)
+                tid, status = waitpid(-1, P.WALL)        # 1. the next stop (hits: see "hits" below)
             except ChildProcessError:
                 break
             dispatch(tid, status)
@@ -281,7 +281,7 @@ class Tracer:
             sig = (status >> 8) & 0xFF
             ev = status >> 16
             if ev == 0:
-                if sig == SIGTRAP and self.on_trap(th):
+                if sig == SIGTRAP and self.on_trap(th):   # a hit, or a function returned
                     return
                 self.resume(th, sig)
             else:
@@ -332,6 +332,7 @@ class Tracer:
         return False
 
     def on_hit(self, th: Thread, bp: Breakpoint, t0: int) -> None:
+        """Steps 4-9 of a hit at ``bp`` on the Python side (regs hold the thread's state)."""
         proc = th.proc
         bp.hits += 1
         if bp.internal is not None:                    # the dynamic linker's hook (dlopen/dlclose)
