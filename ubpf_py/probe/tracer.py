@@ -49,10 +49,12 @@ GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTO
 class Tracer:
     """Traces one process tree; see the module docstring.
 
-    Composed of: ``restorer`` (stop every thread, put the target back), ``native_calls`` (native
-    programs run from Python), ``nl`` (the C stop loop and its mirror of the breakpoint table,
-    None without it), ``filler`` (the per-hit facts); the tracer itself keeps the tables and
-    handles stops."""
+    Composed of objects with one job each: ``armer`` (writes the breakpoint tables: int3s, plans,
+    in-target jumps, semaphores), ``restorer`` (stops every thread, puts the target back),
+    ``native_calls`` (native programs run from Python), ``nl`` (the C stop loop and its mirror of
+    the breakpoint table; None without it), ``filler`` (the per-hit facts).  The tracer keeps the
+    process/thread/probe tables, runs the Python stop loop and handles every stop the C loop
+    hands back (the hit path: the "hits" section below)."""
 
     def __init__(self, regs: P.RegsBuf, follow_forks: bool = False, exact_cpu: bool = True,
                  native: bool | None = None) -> None:
@@ -71,7 +73,6 @@ class Tracer:
         self.handler_ns = 0
         self.ret_log = None                   # guardian.ReturnLog when a guardian runs
         self.on_patch = None                  # guardian hook: (tgid, addr, orig bytes, patch bytes)
-        self.errors: list[BaseException] = []
         self._regs_valid = False
         self._cb_error: BaseException | None = None
         self._native_dirty = True
@@ -91,7 +92,7 @@ class Tracer:
             if lib is not None:
                 self.nl = N.NativeLoop(lib, regs.addr, self._native_cb)
             elif native:
-                raise ProbeError("the native stop loop is not available (no C compiler?): "
+                raise ProbeError("the native stop loop is not available (no C compiler or Python headers?): "
                                  "build the package or run with native=False")
 
     # ------------------------------------------------------------------ setup
