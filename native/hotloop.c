@@ -9,11 +9,12 @@
  * does not recognise (events, signals, return trampolines, breakpoints marked
  * slow) is handed back to Python with the wait status.
  *
- * Handlers: a breakpoint may carry a Python callback token (called through a C
- * function pointer -- a ctypes CFUNCTYPE -- with the tid and the CPU the loop
- * runs on, the hit's cpu approximation) and/or a native program pointer
- * ``uint64_t prog(uint64_t ctx)`` called directly with the pt_regs address, so
- * a JIT-compiled BPF program can run with no Python at all.
+ * Handlers: a breakpoint may carry a Python callback token (the tracer's
+ * ``_native_cb(token, tid, cpu)``, called through the C API with the GIL taken
+ * back for the call; cpu is the CPU this loop runs on, the hit's cpu
+ * approximation) and/or a native program pointer ``uint64_t prog(uint64_t ctx)``
+ * called directly with the pt_regs address, so a JIT-compiled BPF program can
+ * run with no Python at all.
  *
  * Native programs may come with (all optional, Python-owned memory):
  *  - a facts block the loop fills before each call: struct ubpf_facts, generated from
@@ -30,9 +31,11 @@
  * Python can drain ring buffers while hits never enter it.
  *
  * Plan kinds must match ubpf_py/probe/ool.py.  Built as a CPython extension
- * module (setuptools) and loaded with ctypes; UBPF_NO_PYTHON builds a plain .so.
+ * module (setuptools); the loop is entered through the module's run(), the table
+ * functions are reached through ctypes (ubpf_py/probe/native.py).
  */
 #define _GNU_SOURCE
+#include <Python.h> /* first, as CPython asks */
 #include <errno.h>
 #include <sched.h>
 #include <signal.h>
@@ -47,10 +50,6 @@
 #include <time.h>
 
 #include "../runtime/ubpf_abi.h"
-
-#ifndef UBPF_NO_PYTHON
-#include <Python.h>
-#endif
 
 typedef uint64_t u64;
 
@@ -68,18 +67,14 @@ struct ub_bp {
 	int32_t kind, reg, cond, token, flags, used;
 };
 
-typedef int (*ub_cb)(int32_t token, int32_t tid, int32_t cpu);
-
 struct ub_loop {
 	struct ub_bp *bps;
 	uint32_t bmask;
 	int32_t *tids;
 	uint32_t tmask;
 	u64 *regs;
-	ub_cb cb;
 	u64 hits, tracer_ns, handler_ns;
 	volatile int32_t stop;
-	int32_t last_tid;      /* tid whose callback failed (stopped at the breakpoint) */
 	int32_t wakeup_fd;     /* Python's signal wakeup fd (signal.set_wakeup_fd), -1 = none */
 	uint32_t since_poll;
 	int32_t tgid;          /* process whose threads are in the tid table (facts) */
@@ -132,8 +127,7 @@ void ub_free(struct ub_loop *s)
 }
 
 /* bumped whenever an exported signature changes (native.py refuses a stale build) */
-int32_t ub_abi(void) { return 2; }
-void ub_set_cb(struct ub_loop *s, ub_cb cb) { s->cb = cb; }
+int32_t ub_abi(void) { return 3; }
 void ub_set_wakeup_fd(struct ub_loop *s, int32_t fd) { s->wakeup_fd = fd; }
 void ub_request_stop(struct ub_loop *s) { s->stop = 1; }
 void ub_set_ids(struct ub_loop *s, int32_t tgid, u64 uid_gid)
@@ -146,7 +140,6 @@ void ub_set_poll(struct ub_loop *s, u64 interval_ns)
 	s->poll_ns = interval_ns;
 	s->poll_at = interval_ns ? now_ns() + interval_ns : 0;
 }
-int32_t ub_last_tid(struct ub_loop *s) { return s->last_tid; }
 void ub_stats(struct ub_loop *s, u64 *out3)
 {
 	out3[0] = s->hits;
@@ -342,28 +335,51 @@ static int apply_plan(pid_t tid, const struct ub_bp *b, u64 *r)
 	}
 }
 
+/* The Python callback: the GIL is taken back only for the call (the loop runs without it). */
+struct py_call {
+	PyThreadState *ts;
+	PyObject *cb;
+	int failed;
+};
+
+static int call_py(struct py_call *pc, int32_t token, int32_t tid, int32_t cpu)
+{
+	PyObject *res;
+	long v;
+
+	PyEval_RestoreThread(pc->ts);
+	PyObject *args[3] = { PyLong_FromLong(token), PyLong_FromLong(tid), PyLong_FromLong(cpu) };
+	res = (args[0] && args[1] && args[2]) ? PyObject_Vectorcall(pc->cb, args, 3, NULL) : NULL;
+	Py_XDECREF(args[0]);
+	Py_XDECREF(args[1]);
+	Py_XDECREF(args[2]);
+	if (!res) {
+		pc->failed = 1;
+		v = 1;
+	} else {
+		v = PyLong_AsLong(res);
+		Py_DECREF(res);
+		if (v == -1 && PyErr_Occurred()) {
+			pc->failed = 1;
+			v = 1;
+		}
+	}
+	pc->ts = PyEval_SaveThread();
+	return v != 0;
+}
+
 /*
  * Run until a stop this loop does not handle.  Returns 1 with *tid and *status set
  * (*regs_valid = 1 when regs already hold that thread's registers), 0 when a
  * stop was requested or a signal interrupted waitpid, 2 when a Python callback
- * failed (thread ub_last_tid() is stopped at its breakpoint, regs valid, ip set
+ * failed (thread *tid is stopped at its breakpoint, regs valid, ip set
  * to the probe address), 3 when handlers ran but the emulated instruction
  * faulted (Python finishes it), 4 when a native program reported a failure in its
- * status word (thread ub_last_tid() held at its breakpoint as for 2), 5 when the poll
+ * status word (thread *tid held at its breakpoint as for 2), 5 when the poll
  * interval has passed (after a completed hit), -errno on error (-ECHILD: nothing to wait for).
  */
-/* how a Python handler is called: through the ctypes thunk (s->cb) or, in the
- * extension-module build, straight through the C API (call_py) */
-typedef int (*call_fn)(struct ub_loop *s, int32_t token, int32_t tid, int32_t cpu, void *arg);
-
-static int call_ctypes(struct ub_loop *s, int32_t token, int32_t tid, int32_t cpu, void *arg)
-{
-	(void)arg;
-	return s->cb ? s->cb(token, tid, cpu) : 0;
-}
-
 static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, int32_t *regs_valid,
-		    call_fn call, void *arg)
+		    struct py_call *pc)
 {
 	u64 *r = s->regs;
 	*regs_valid = 0;
@@ -378,6 +394,7 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 			if (poll(&p, 1, 0) > 0)
 				return 0;
 		}
+		/* 1. waitpid (steps as in ubpf_py/probe/tracer.py's hit section) */
 		pid_t tid = waitpid(-1, &st, __WALL | WNOHANG);
 		if (tid == 0) {
 			/* about to block: a signal that arrived while we handled the last stop (its
@@ -400,22 +417,22 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 			return 1;
 		}
 		u64 t0 = now_ns();
-		if (ptrace(PTRACE_GETREGS, tid, 0, r) < 0) {
+		if (ptrace(PTRACE_GETREGS, tid, 0, r) < 0) { /* 2. registers */
 			*out_tid = tid;
 			*out_status = st;
 			return 1;
 		}
-		struct ub_bp *b = bp_find(s, r[RIP] - 1);
+		struct ub_bp *b = bp_find(s, r[RIP] - 1); /* 3. the breakpoint (int3 has run) */
 		if (!b || !(b->flags & BP_FAST)) {
 			*out_tid = tid;
 			*out_status = st;
 			*regs_valid = 1;
 			return 1;
 		}
-		r[RIP] = b->addr;
+		r[RIP] = b->addr; /* 4. programs see ip = probe address */
 		if (b->prog || (b->flags & BP_PYCB)) {
 			u64 h0 = now_ns();
-			if (b->prog) {
+			if (b->prog) { /* 5. a native-only program, facts filled here */
 				if (b->facts) {
 					struct ubpf_facts *f = (struct ubpf_facts *)(uintptr_t)b->facts;
 					int cpu = sched_getcpu();
@@ -433,16 +450,15 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 				}
 				if (b->status && *(volatile u64 *)(uintptr_t)b->status) {
 					s->handler_ns += now_ns() - h0;
-					s->last_tid = tid;
 					*out_tid = tid;
 					*out_status = st;
 					*regs_valid = 1;
 					return 4;
 				}
 			}
-			if ((b->flags & BP_PYCB) && call(s, b->token, tid, sched_getcpu(), arg)) {
+			/* 5. else Python: _native_cb -> run_entry_probes (6. fill, 7. call) */
+			if ((b->flags & BP_PYCB) && call_py(pc, b->token, tid, sched_getcpu())) {
 				s->handler_ns += now_ns() - h0;
-				s->last_tid = tid;
 				*out_tid = tid;
 				*out_status = st;
 				*regs_valid = 1;
@@ -450,10 +466,9 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 			}
 			s->handler_ns += now_ns() - h0;
 		}
-		if (apply_plan(tid, b, r)) {
+		if (apply_plan(tid, b, r)) { /* 9. finish the displaced instruction */
 			/* handlers ran; Python finishes the instruction (it delivers the fault) */
 			r[RIP] = b->addr;
-			s->last_tid = tid;
 			*out_tid = tid;
 			*out_status = st;
 			*regs_valid = 1;
@@ -471,52 +486,12 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 	return 0;
 }
 
-int ub_run(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, int32_t *regs_valid)
-{
-	return run_loop(s, out_tid, out_status, regs_valid, call_ctypes, NULL);
-}
-
-#ifndef UBPF_NO_PYTHON
 /*
- * The extension-module build adds run(state_address, callback) -> (rc, tid, status, regs_valid):
- * the same loop, with the GIL released while it waits and handles stops, taken back only to
- * call ``callback(token, tid, cpu) -> int`` through the C API (cheaper than a ctypes thunk).
- * A callback that raises ends the loop and the exception propagates.
+ * run(state_address, callback) -> (rc, tid, status, regs_valid): the loop above, with the GIL
+ * released while it waits and handles stops, taken back only to call ``callback(token, tid,
+ * cpu) -> int`` (non-zero: it failed, rc 2).  A callback that raises ends the loop and the
+ * exception propagates.
  */
-struct py_call {
-	PyThreadState *ts;
-	PyObject *cb;
-	int failed;
-};
-
-static int call_py(struct ub_loop *s, int32_t token, int32_t tid, int32_t cpu, void *arg)
-{
-	struct py_call *pc = arg;
-	PyObject *res;
-	long v;
-
-	(void)s;
-	PyEval_RestoreThread(pc->ts);
-	PyObject *args[3] = { PyLong_FromLong(token), PyLong_FromLong(tid), PyLong_FromLong(cpu) };
-	res = (args[0] && args[1] && args[2]) ? PyObject_Vectorcall(pc->cb, args, 3, NULL) : NULL;
-	Py_XDECREF(args[0]);
-	Py_XDECREF(args[1]);
-	Py_XDECREF(args[2]);
-	if (!res) {
-		pc->failed = 1;
-		v = 1;
-	} else {
-		v = PyLong_AsLong(res);
-		Py_DECREF(res);
-		if (v == -1 && PyErr_Occurred()) {
-			pc->failed = 1;
-			v = 1;
-		}
-	}
-	pc->ts = PyEval_SaveThread();
-	return v != 0;
-}
-
 static PyObject *py_run(PyObject *self, PyObject *args)
 {
 	unsigned long long addr;
@@ -528,7 +503,7 @@ static PyObject *py_run(PyObject *self, PyObject *args)
 	if (!PyArg_ParseTuple(args, "KO", &addr, &pc.cb))
 		return NULL;
 	pc.ts = PyEval_SaveThread();
-	r = run_loop((struct ub_loop *)(uintptr_t)addr, &tid, &st, &rv, call_py, &pc);
+	r = run_loop((struct ub_loop *)(uintptr_t)addr, &tid, &st, &rv, &pc);
 	PyEval_RestoreThread(pc.ts);
 	if (pc.failed && PyErr_Occurred())
 		return NULL;
@@ -548,4 +523,3 @@ static struct PyModuleDef hotloop_module = {
 };
 
 PyMODINIT_FUNC PyInit__hotloop(void) { return PyModule_Create(&hotloop_module); }
-#endif

@@ -70,14 +70,12 @@ class Run:
 
 def run_probed(argv, probes, cwd=None, native=None, follow_forks=False, record=None) -> Run:
     """Launch ``argv`` with ``probes`` = [(binary, function, is_return[, cookie])] (``native``: None =
-    default loop, False = Python, True = C loop, "ctypes" = C loop with ctypes callbacks); every hit appends
+    default loop, False = Python, True = C loop); every hit appends
     ``record(name, is_return, hit)`` (default: (name, is_return, rdi or rax)) to the events."""
     r, w = os.pipe()
     s = ProbeSession.launch(argv, cwd=cwd, stdout=w, native=bool(native) if native is not None else None,
                             follow_forks=follow_forks)
     os.close(w)
-    if native == "ctypes":          # the C loop calling handlers through a ctypes thunk
-        s.tracer.nl.ext_run = None
     events: list[tuple] = []
 
     def make(name, is_ret):

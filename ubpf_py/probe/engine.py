@@ -189,7 +189,7 @@ class ProbeSession:
                     seized.add(tid)
                     tr.add_thread(proc, tid, stopped=False)
                     P.interrupt(tid)
-            tr.stop_all()
+            tr.restorer.stop_all()
         except BaseException:
             for tid in seized:
                 P.detach(tid)
@@ -406,7 +406,7 @@ class ProbeSession:
             pass
         self._detached = True
         self.tracer.threads.clear()
-        self.tracer._close_all()
+        self.tracer.restorer.close_all()
         st = P.reap_group(self.pid)
         if st is not None:
             self._exit = os.WEXITSTATUS(st) if os.WIFEXITED(st) else -os.WTERMSIG(st)

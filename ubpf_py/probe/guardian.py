@@ -344,7 +344,7 @@ class Guardian:
         def on_arm(proc, addr, orig):
             log.add_bp(proc.tgid, addr, orig)
 
-        tracer.on_arm = on_arm
+        tracer.armer.on_arm = on_arm
         tracer.on_patch = log.add_site
         if tracer.intarget is not None:
             tracer.intarget.on_patch = log.add_site

@@ -193,11 +193,14 @@ class HitFiller:
         h.comm = self.comm(tgid, tid)
         self.mem.pid = tgid
 
-    def fill(self, tgid: int, tid: int, func_ip: int, cookie: int, is_return: bool) -> HitContext:
+    def fill(self, tgid: int, tid: int, func_ip: int, cookie: int, is_return: bool,
+             cpu_hint: int = -1) -> HitContext:
+        """The hit of thread ``tid`` at ``func_ip`` (both stop loops call this for every probe).
+        ``cpu_hint``: the CPU the C loop runs on (the approximation when facts are not exact)."""
         h = self.hit
         if h.tid != tid or h.tgid != tgid:
             self.switch(tgid, tid)
-        self.refresh(tgid, tid)
+        self.refresh(tgid, tid, cpu_hint)
         h.func_ip = func_ip
         h.cookie = cookie
         h.is_return = is_return

@@ -1,12 +1,16 @@
 """Loading and driving the native stop loop (native/hotloop.c) through ctypes.
 
 The loop is built by the package build as the extension module
-``ubpf_py._hotloop`` (setup.py); its C functions are reached through ctypes,
-so no CPython API is involved per hit except the handler callback.  When the
-extension is missing (a source checkout that was never built) the file is
-compiled once with the system C compiler into a per-user cache; when that is
+``ubpf_py._hotloop`` (setup.py): its ``run()`` enters the loop (GIL released,
+taken back only to call the tracer's callback for hits with Python handlers),
+its table functions are reached through ctypes.  When the extension is missing
+(a source checkout that was never built) the file is compiled once with the
+system C compiler and Python's headers into a per-user cache; when that is
 impossible too, ``load()`` returns None and the pure-Python loop is used.
 ``UBPF_NATIVE=0`` forces the Python loop.
+
+``NativeLoop`` also keeps the loop's mirror of the breakpoint table (``sync``):
+which breakpoints the loop may finish itself, and what it calls at each.
 """
 
 from __future__ import annotations
@@ -19,17 +23,21 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
+
+from ubpf_py.probe import ool as O
+from ubpf_py.probe.breakpoints import Breakpoint
+from ubpf_py.probe.procs import Proc
 
 _SRC = Path(__file__).resolve().parents[2] / "native" / "hotloop.c"
 _lib: ctypes.CDLL | None = None
 _ext = None          # the extension module (its run() calls handlers through the C API)
 _tried = False
 
-CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32)
 BP_FAST, BP_PYCB = 1, 2
 #: ``ub_abi()`` of the hotloop.c this module speaks to
-ABI = 2
+ABI = 3
 #: run() results (see run_loop in hotloop.c)
 RC_NATIVE_FAULT, RC_POLL = 4, 5
 
@@ -39,11 +47,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ub_new.restype = vp
     lib.ub_new.argtypes = [u32, u32, vp]
     lib.ub_free.argtypes = [vp]
-    lib.ub_set_cb.argtypes = [vp, CB]
     lib.ub_request_stop.argtypes = [vp]
     lib.ub_set_wakeup_fd.argtypes = [vp, i32]
-    lib.ub_last_tid.argtypes = [vp]
-    lib.ub_last_tid.restype = i32
     lib.ub_stats.argtypes = [vp, ctypes.POINTER(u64)]
     lib.ub_abi.restype = i32
     lib.ub_abi.argtypes = []
@@ -59,14 +64,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ub_tid_add.restype = ctypes.c_int
     lib.ub_tid_del.argtypes = [vp, i32]
     lib.ub_tid_clear.argtypes = [vp]
-    lib.ub_run.argtypes = [vp, ctypes.POINTER(i32), ctypes.POINTER(i32), ctypes.POINTER(i32)]
-    lib.ub_run.restype = ctypes.c_int
     return lib
 
 
-def _build_cached() -> tuple[str, bool] | None:
-    """Compile native/hotloop.c into the user cache: as an extension module when Python's
-    headers are there (then ``run`` calls handlers through the C API), else a plain .so."""
+def _build_cached() -> str | None:
+    """Compile native/hotloop.c into the user cache as an extension module (needs Python's
+    headers; without them there is no C loop)."""
     if not _SRC.exists():
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -75,23 +78,20 @@ def _build_cached() -> tuple[str, bool] | None:
     digest = hashlib.sha256(_SRC.read_bytes() + sys.version.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ubpf-py"
     inc = sysconfig.get_paths().get("include", "")
-    variants = []
-    if inc and os.path.exists(os.path.join(inc, "Python.h")):
-        variants.append((cache / f"hotloop-{digest}-py.so", ["-I", inc], True))
-    variants.append((cache / f"hotloop-{digest}.so", ["-DUBPF_NO_PYTHON"], False))
-    for out, flags, is_ext in variants:
-        if out.exists():
-            return str(out), is_ext
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(f".{os.getpid()}.tmp")
-            subprocess.run([cc, "-O2", "-shared", "-fPIC", *flags, "-o", str(tmp), str(_SRC)],
-                           check=True, capture_output=True, timeout=120)
-            os.replace(tmp, out)
-            return str(out), is_ext
-        except (OSError, subprocess.SubprocessError):
-            continue
-    return None
+    if not inc or not os.path.exists(os.path.join(inc, "Python.h")):
+        return None
+    out = cache / f"hotloop-{digest}-py.so"
+    if out.exists():
+        return str(out)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run([cc, "-O2", "-shared", "-fPIC", "-I", inc, "-o", str(tmp), str(_SRC)],
+                       check=True, capture_output=True, timeout=120)
+        os.replace(tmp, out)
+        return str(out)
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _load_ext(path: str):
@@ -103,6 +103,13 @@ def _load_ext(path: str):
     return mod
 
 
+def _open(ext) -> ctypes.CDLL:
+    """The table functions of extension module ``ext`` (OSError/AttributeError: stale or foreign)."""
+    if not callable(getattr(ext, "run", None)):
+        raise AttributeError("no run()")
+    return _declare(ctypes.CDLL(ext.__file__))
+
+
 def load() -> ctypes.CDLL | None:
     """The native loop library, or None (then the Python loop runs)."""
     global _lib, _tried, _ext
@@ -111,63 +118,84 @@ def load() -> ctypes.CDLL | None:
     _tried = True
     if os.environ.get("UBPF_NATIVE", "1") == "0":
         return None
-    path = None
     try:
         import ubpf_py._hotloop as ext  # built by setup.py
-        path = ext.__file__
-        _ext = ext
-    except ImportError:
-        built = _build_cached()
-        if built is None:
-            return None
-        path, is_ext = built
-        if is_ext:
-            try:
-                _ext = _load_ext(path)
-            except ImportError:
-                _ext = None
-    if os.environ.get("UBPF_NATIVE_CTYPES") == "1":
-        _ext = None      # force the ctypes callback path (benchmarks compare both)
+        _lib, _ext = _open(ext), ext
+        return _lib
+    except (ImportError, AttributeError, OSError):
+        pass        # not built, or an old build (another ABI): the cached build instead
+    path = _build_cached()
+    if path is None:
+        return None
     try:
-        _lib = _declare(ctypes.CDLL(path))
-    except AttributeError:       # an old installed build without ub_abi
-        _lib = None
-        built = _build_cached()
-        if built is not None:
-            path, is_ext = built
-            _ext = _load_ext(path) if is_ext else None
-            try:
-                _lib = _declare(ctypes.CDLL(path))
-            except (OSError, AttributeError):
-                _lib = None
-    except OSError as e:
+        ext = _load_ext(path)
+        _lib, _ext = _open(ext), ext
+    except (ImportError, AttributeError, OSError) as e:
         print(f"ubpf-py: native loop unavailable ({e}); using the Python loop", file=sys.stderr)
-        _lib = None
+        _lib = _ext = None
     return _lib
 
 
 class NativeLoop:
-    """One ``struct ub_loop``: breakpoint and thread tables mirrored from the Python tracer."""
+    """One ``struct ub_loop``: the C stop loop, with breakpoint and thread tables mirrored from
+    the Python tracer (``sync``).  ``callback(token, tid, cpu) -> int`` is called for hits of
+    breakpoints with Python handlers (``tokens[token]`` is the breakpoint)."""
 
-    def __init__(self, lib: ctypes.CDLL, regs_addr: int, callback) -> None:
+    def __init__(self, lib: ctypes.CDLL, regs_addr: int, callback: Callable[[int, int, int], int]) -> None:
         self.lib = lib
         self.bp_cap = 1024
         self.state = lib.ub_new(self.bp_cap, 4096, regs_addr)
         if not self.state:
             raise MemoryError("native loop state")
-        self.cb = CB(callback)          # keep the thunk alive
         self.callback = callback
-        self.ext_run = getattr(_ext, "run", None)
-        lib.ub_set_cb(self.state, self.cb)
+        self.ext_run = _ext.run
         self.regs_addr = regs_addr
-        self.tid = ctypes.c_int32(0)
-        self.status = ctypes.c_int32(0)
-        self.regs_valid = ctypes.c_int32(0)
+        #: the breakpoints of the loaded table, by token
+        self.tokens: list[Breakpoint] = []
+        #: the last run()'s stop: thread, wait status, whether the register buffer holds its registers
+        self.tid = self.status = 0
+        self.regs_valid = False
         self._stats = (ctypes.c_uint64 * 3)()
+        self._carry = (0, 0, 0)
         self.wakeup_fd = -1
         self.poll_ns = 0
 
-    def load_tables(self, bps: list[tuple], tids) -> None:
+    def sync(self, main: Proc | None, exact_facts: bool, uid_gid: tuple[int, int]) -> None:
+        """Mirror ``main``'s armed breakpoints and threads into the loop's tables.
+
+        A breakpoint is finished in C (BP_FAST) unless Python must see it (dlopen watch, return
+        probes, indirect branches, a vfork child); a single probe with a native program and no
+        Python handler runs with no Python at all unless ``exact_facts`` asks for per-thread cpu
+        or ids it reads (the C loop has neither); other probes get the Python callback (BP_PYCB).
+        ``uid_gid``: the credentials the loop puts in native programs' facts blocks."""
+        rows = []
+        tokens: list[Breakpoint] = []
+        if main is not None:
+            for bp in main.bps.values():
+                if not bp.armed:
+                    continue
+                plan = bp.plan
+                fast = (bp.internal is None and not bp.ret_probes and plan.kind != O.K_IND
+                        and main.run_handlers)
+                prog = facts = status = counter = cookie = 0
+                p0 = bp.probes[0] if len(bp.probes) == 1 else None
+                if p0 is not None and p0.native_fn and p0.handler is None and not (p0.native_facts and exact_facts):
+                    prog = p0.native_fn      # runs with no Python at all
+                    facts, status, cookie = p0.native_facts, p0.native_status, p0.cookie
+                    if p0.native_counter is None:
+                        p0.native_counter = (ctypes.c_uint64 * 2)()
+                    counter = ctypes.addressof(p0.native_counter)
+                flags = (BP_FAST if fast else 0) | (BP_PYCB if bp.probes and not prog else 0)
+                rows.append((bp.addr, plan.kind, plan.next, plan.slot, plan.target, plan.imm, plan.reg,
+                             plan.cond, len(tokens), flags, prog, facts, status, counter, cookie))
+                tokens.append(bp)
+        self.tokens = tokens
+        self._load_tables(rows, list(main.threads) if main is not None else [])
+        if main is not None:
+            uid, gid = uid_gid
+            self.lib.ub_set_ids(self.state, main.tgid, (gid & 0xFFFFFFFF) << 32 | (uid & 0xFFFFFFFF))
+
+    def _load_tables(self, bps: list[tuple], tids) -> None:
         """Replace both tables.  ``bps``: (addr, kind, next, slot, target, imm, reg, cond, token,
         flags, prog, facts, status, counter, cookie) tuples (see hotloop.c)."""
         lib, s = self.lib, self.state
@@ -180,7 +208,6 @@ class NativeLoop:
             self.state = s = lib.ub_new(need, 4096, self.regs_addr)
             if not s:
                 raise MemoryError("native loop state")
-            lib.ub_set_cb(s, self.cb)
             lib.ub_set_wakeup_fd(s, self.wakeup_fd)
             lib.ub_set_poll(s, self.poll_ns)
             self.bp_cap = need
@@ -192,10 +219,6 @@ class NativeLoop:
         for t in tids:
             lib.ub_tid_add(s, t)
 
-    def set_ids(self, tgid: int, uid: int, gid: int) -> None:
-        """The process whose hits the loop handles: tgid and credentials for the facts block."""
-        self.lib.ub_set_ids(self.state, tgid, (gid & 0xFFFFFFFF) << 32 | (uid & 0xFFFFFFFF))
-
     def set_poll(self, interval_ns: int) -> None:
         """Return RC_POLL after a hit once ``interval_ns`` has passed (0 = never)."""
         self.poll_ns = interval_ns
@@ -205,16 +228,20 @@ class NativeLoop:
         self.wakeup_fd = fd
         self.lib.ub_set_wakeup_fd(self.state, fd)
 
+    def request_stop(self) -> None:
+        """Make run() return 0 at its next check (safe from a signal handler)."""
+        self.lib.ub_request_stop(self.state)
+
     def run(self) -> int:
-        if self.ext_run is not None:
-            r, self.tid.value, self.status.value, self.regs_valid.value = self.ext_run(self.state, self.callback)
-            return r
-        return self.lib.ub_run(self.state, ctypes.byref(self.tid), ctypes.byref(self.status),
-                               ctypes.byref(self.regs_valid))
+        """Run the loop until a stop it does not handle; the result codes are run_loop's
+        (hotloop.c), the stop is in ``tid``/``status``/``regs_valid``."""
+        r, self.tid, self.status, rv = self.ext_run(self.state, self.callback)
+        self.regs_valid = bool(rv)
+        return r
 
     def stats(self) -> tuple[int, int, int]:
         self.lib.ub_stats(self.state, self._stats)
-        c = getattr(self, "_carry", (0, 0, 0))
+        c = self._carry
         return (self._stats[0] + c[0], self._stats[1] + c[1], self._stats[2] + c[2])
 
     def close(self) -> None:

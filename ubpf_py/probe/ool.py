@@ -247,3 +247,76 @@ def sub_flags(fl: int, a: int, b: int) -> tuple[int, int]:
     if bin(res & 0xFF).count("1") % 2 == 0:
         fl |= PF
     return res, fl
+
+
+def complete(plan: Plan, v, pid: int) -> bool:
+    """Finish the displaced instruction of ``plan`` on registers ``v`` (a user_regs_struct u64
+    array) of a thread of ``pid``: emulate it, or point rip at its out-of-line slot.  False when
+    it would fault (a stack or memory operand not accessible): registers are then half-updated
+    and the caller delivers SIGSEGV at the instruction.  native/hotloop.c's apply_plan is the
+    same for every kind but K_IND."""
+    k = plan.kind
+    if k == K_OOL:
+        v[P.RIP] = plan.slot
+    elif k == K_SKIP:
+        v[P.RIP] = plan.next
+    elif k == K_PUSH:
+        sp = (v[P.RSP] - 8) & M64
+        if not P.vm_write_u64(pid, sp, v[plan.reg]):
+            return False
+        v[P.RSP] = sp
+        v[P.RIP] = plan.next
+    elif k == K_CALL:
+        sp = (v[P.RSP] - 8) & M64
+        if not P.vm_write_u64(pid, sp, plan.next):
+            return False
+        v[P.RSP] = sp
+        v[P.RIP] = plan.target
+    elif k == K_MOVRBP:
+        v[P.RBP] = v[P.RSP]
+        v[P.RIP] = plan.next
+    elif k == K_SUBRSP:
+        v[P.RSP], v[P.EFLAGS] = sub_flags(v[P.EFLAGS], v[P.RSP], plan.imm)
+        v[P.RIP] = plan.next
+    elif k == K_JMP:
+        v[P.RIP] = plan.target
+    elif k == K_JCC:
+        rcx = v[P.RCX]
+        if plan.cond >= 18:
+            rcx = (rcx - 1) & M64
+            v[P.RCX] = rcx
+        v[P.RIP] = plan.target if cond_true(plan.cond, v[P.EFLAGS], rcx) else plan.next
+    elif k == K_RET:
+        d = P.vm_read_u64(pid, v[P.RSP])
+        if d is None:
+            return False
+        v[P.RIP] = d
+        v[P.RSP] = (v[P.RSP] + 8 + plan.imm) & M64
+    elif k == K_IND:
+        return _indirect(plan, v, pid)
+    return True
+
+
+def _indirect(plan: Plan, v, pid: int) -> bool:
+    """K_IND: jmp/call through a register or a memory operand."""
+    if plan.ind_mem is not None:
+        base, index, scale, disp = plan.ind_mem
+        ea = disp
+        if base == -2:
+            ea += plan.next           # rip-relative
+        elif base >= 0:
+            ea += v[base]
+        if index >= 0:
+            ea += v[index] * scale
+        target = P.vm_read_u64(pid, ea & M64)
+        if target is None:
+            return False
+    else:
+        target = v[plan.ind_reg]
+    if plan.ind_is_call:
+        sp = (v[P.RSP] - 8) & M64
+        if not P.vm_write_u64(pid, sp, plan.next):
+            return False
+        v[P.RSP] = sp
+    v[P.RIP] = target
+    return True

@@ -1,9 +1,9 @@
-"""Thin, allocation-light ptrace access through ctypes.
+"""Thin, allocation-light ptrace access through ctypes: the project's only ptrace layer.
 
 python-ptrace supplies the option/event constants; the calls themselves go
-straight to libc's ``ptrace``/``process_vm_readv`` through ctypes because the
-per-hit path must not build Python objects it does not need (python-ptrace's
-debugger classes allocate per call).
+straight to libc's ``ptrace``/``process_vm_readv`` through ctypes because
+python-ptrace has no PTRACE_SEIZE/INTERRUPT/LISTEN and no process_vm_readv, and
+its calls cost more per hit (measured: README.md, "Dependencies and design notes").
 
 Registers are read into a caller-owned buffer (``RegsBuf``): the first 168
 bytes of ``struct user_regs_struct`` are exactly the kernel's x86-64
@@ -20,10 +20,8 @@ import time
 from ptrace.binding.func import (
     PTRACE_EVENT_CLONE,
     PTRACE_EVENT_EXEC,
-    PTRACE_EVENT_EXIT,
     PTRACE_EVENT_FORK,
     PTRACE_EVENT_VFORK,
-    PTRACE_EVENT_VFORK_DONE,
     PTRACE_O_TRACECLONE,
     PTRACE_O_TRACEEXEC,
     PTRACE_O_TRACEFORK,
@@ -33,10 +31,11 @@ from ptrace.binding.func import (
 from ubpf_py.errors import TargetError
 
 __all__ = [
-    "PTRACE_EVENT_CLONE", "PTRACE_EVENT_EXEC", "PTRACE_EVENT_EXIT", "PTRACE_EVENT_FORK",
-    "PTRACE_EVENT_STOP", "PTRACE_EVENT_VFORK", "PTRACE_EVENT_VFORK_DONE",
+    "PTRACE_EVENT_CLONE", "PTRACE_EVENT_EXEC", "PTRACE_EVENT_FORK", "PTRACE_EVENT_STOP",
+    "PTRACE_EVENT_VFORK",
 ]
 
+# requests python-ptrace has no constant for (SEIZE and later), and the ones called here
 PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
@@ -47,7 +46,6 @@ PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
 PTRACE_EVENT_STOP = 128
-PTRACE_O_EXITKILL = 0x100000
 
 #: the options every traced thread gets (fork/vfork are always traced so that a
 #: child never runs with our int3 bytes; it is cleaned and released unless followed)
@@ -158,7 +156,6 @@ def get_event_msg(tid: int) -> int:
     v = ctypes.c_ulong(0)
     ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(v))
     return v.value
-
 
 
 

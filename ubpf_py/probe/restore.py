@@ -1,9 +1,9 @@
 """Putting the target back: stop every thread, restore bytes, return addresses,
 semaphores and registers, unmap scratch pages, release the threads.
 
-A mixin of ``tracer.Tracer`` (it uses the tracer's thread/process tables and
-its event handling for whatever arrives while threads are being stopped).
-Order matters: registers of threads caught on an int3 or inside a scratch page
+``Restorer`` is owned by ``tracer.Tracer``; it shares the tracer's thread and
+process tables and is handed the two event handlers it needs for whatever arrives
+while threads are being stopped (a new thread or child, an exit).  Order matters: registers of threads caught on an int3 or inside a scratch page
 are fixed while the breakpoints are still known as armed, then the bytes are
 restored, then pages are unmapped from a thread that is no longer inside them.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 
 from ubpf_py.errors import ProbeError
 from ubpf_py.probe import ptrace as P
@@ -20,8 +21,25 @@ from ubpf_py.probe.procs import Proc, Thread
 SIGTRAP = signal.SIGTRAP
 
 
-class RestoreMixin:
-    """Detach logic of the Tracer."""
+class Restorer:
+    """Stops every thread of the traced tree and puts the target back (detach).
+
+    ``threads``, ``procs`` and ``early`` are the tracer's own tables (shared, not copied: the
+    tracer keeps them current); ``regs`` is the session's register buffer.  ``on_event(th, sig,
+    ev)`` handles a ptrace event stop (clone/fork/vfork/exec: the newcomer must be registered or
+    cleaned before the target is released) and ``on_exit(th, status)`` a thread that ended --
+    both are the tracer's, passed as callables so this class needs no tracer reference."""
+
+    def __init__(self, regs: P.RegsBuf, threads: dict[int, Thread], procs: dict[int, Proc],
+                 early: dict[int, int], on_event: Callable[[Thread, int, int], None],
+                 on_exit: Callable[[Thread, int], None]) -> None:
+        self.regs = regs
+        self.v = regs.vals
+        self.threads = threads
+        self.procs = procs
+        self._early = early
+        self.on_event = on_event
+        self.thread_gone = on_exit
 
     def stop_all(self) -> None:
         """Bring every traced thread to a ptrace stop, handling what arrives meanwhile.
@@ -94,16 +112,18 @@ class RestoreMixin:
         if ev == P.PTRACE_EVENT_STOP:
             return
 
-    def detach(self) -> None:
-        """Restore every patched byte and return address, unmap scratch pages, release all threads."""
+    def detach(self, intarget=None, ret_log=None) -> None:
+        """Restore every patched byte and return address, unmap scratch pages, release all threads.
+        ``intarget``: the in-target engine (its jumps and mappings go too); ``ret_log``: the
+        guardian's record of replaced return addresses (cleared as they are put back)."""
         if not self.threads:
-            self._close_all()
+            self.close_all()
             return
         self.stop_all()
         for proc in list(self.procs.values()):
             if proc.vfork_parent is not None:
                 continue
-            self._restore_proc(proc)
+            self._restore_proc(proc, intarget, ret_log)
         for proc in list(self.procs.values()):
             if proc.vfork_parent is not None:
                 continue
@@ -119,13 +139,13 @@ class RestoreMixin:
         for t in list(self.threads.values()):
             P.detach(t.tid, t.pending_sig)
         self.threads.clear()
-        self._close_all()
+        self.close_all()
 
-    def _restore_proc(self, proc: Proc) -> None:
+    def _restore_proc(self, proc: Proc, intarget, ret_log) -> None:
         borrowers = [t for cp in self.procs.values() if cp.vfork_parent is proc for t in cp.threads.values()]
         threads = list(proc.threads.values()) + borrowers
-        if self.intarget is not None:    # jumps, trampolines, replaced return addresses, mappings
-            self.intarget.restore(proc, threads)
+        if intarget is not None:    # jumps, trampolines, replaced return addresses, mappings
+            intarget.restore(proc, threads)
         for t in threads:                 # first: while the breakpoints are still known as armed
             self._fix_rip(proc, t)
         clean_memory(proc.mem, proc.bps.values(), [], proc.scratch.tramp)
@@ -136,8 +156,8 @@ class RestoreMixin:
         for t in threads:
             clean_memory(proc.mem, (), t.shadow.entries, proc.scratch.tramp)
             t.shadow.entries.clear()
-        if self.ret_log is not None:
-            self.ret_log.clear_pid(proc.tgid)
+        if ret_log is not None:
+            ret_log.clear_pid(proc.tgid)
 
     def _fix_rip(self, proc: Proc, t: Thread) -> None:
         """A thread left inside a scratch page is moved to the equivalent original address."""
@@ -171,7 +191,8 @@ class RestoreMixin:
             self.v[P.RIP] = new
             self.regs.set(t.tid)
 
-    def _close_all(self) -> None:
+    def close_all(self) -> None:
+        """Close every process's memory descriptor and forget the processes."""
         for proc in list(self.procs.values()):
             if proc.vfork_parent is None:
                 proc.mem.close()

@@ -23,7 +23,6 @@ fork children).  Every stop of every traced thread arrives through
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import signal
@@ -33,22 +32,29 @@ from collections.abc import Callable
 from ubpf_py.errors import ProbeError
 from ubpf_py.probe import ool as O
 from ubpf_py.probe import ptrace as P
+from ubpf_py.probe.arming import Armer
 from ubpf_py.probe.breakpoints import Breakpoint, Probe
 from ubpf_py.probe.hits import HitFiller
-from ubpf_py.probe.native_calls import NativeCallsMixin
-from ubpf_py.probe.procmaps import code_addresses, file_offset_to_addr, is_dynamic_linker, read_maps
+from ubpf_py.probe.native_calls import NativeCalls
+from ubpf_py.probe.procmaps import read_maps
 from ubpf_py.probe.procs import Proc, Thread, new_proc
-from ubpf_py.probe.restore import RestoreMixin, clean_memory, release_semaphores
+from ubpf_py.probe.restore import Restorer, clean_memory, release_semaphores
 from ubpf_py.probe.uretprobe import MAX_DEPTH, RetEntry, ShadowStack
 from ubpf_py.vm.env import HitContext
 
 SIGTRAP = signal.SIGTRAP
 GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
-_ENDBR64 = b"\xf3\x0f\x1e\xfa"
 
 
-class Tracer(RestoreMixin, NativeCallsMixin):
-    """Traces one process tree; see the module docstring."""
+class Tracer:
+    """Traces one process tree; see the module docstring.
+
+    Composed of objects with one job each: ``armer`` (writes the breakpoint tables: int3s, plans,
+    in-target jumps, semaphores), ``restorer`` (stops every thread, puts the target back),
+    ``native_calls`` (native programs run from Python), ``nl`` (the C stop loop and its mirror of
+    the breakpoint table; None without it), ``filler`` (the per-hit facts).  The tracer keeps the
+    process/thread/probe tables, runs the Python stop loop and handles every stop the C loop
+    hands back (the hit path: the "hits" section below)."""
 
     def __init__(self, regs: P.RegsBuf, follow_forks: bool = False, exact_cpu: bool = True,
                  native: bool | None = None) -> None:
@@ -66,14 +72,14 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         self.tracer_ns = 0
         self.handler_ns = 0
         self.ret_log = None                   # guardian.ReturnLog when a guardian runs
-        self.on_arm = None                    # guardian hook: (proc, addr, orig_byte)
         self.on_patch = None                  # guardian hook: (tgid, addr, orig bytes, patch bytes)
-        self._dl_offsets: dict[str, int | None] = {}
-        self.errors: list[BaseException] = []
         self._regs_valid = False
         self._cb_error: BaseException | None = None
-        self._tokens: list[Breakpoint] = []
         self._native_dirty = True
+        self.native_calls = NativeCalls(regs.addr, self.probes)
+        self.armer = Armer(self.probes, on_change=self._mark_dirty, on_dl_state=self._on_dl_state)
+        self.restorer = Restorer(regs, self.threads, self.procs, self._early,
+                                 on_event=self.on_event, on_exit=self.thread_gone)
         #: called between runs of the C loop (before each run and every poll interval): the
         #: user's periodic work while hits of native programs never enter Python
         self.poll_hooks: list[Callable[[], None]] = []
@@ -86,7 +92,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             if lib is not None:
                 self.nl = N.NativeLoop(lib, regs.addr, self._native_cb)
             elif native:
-                raise ProbeError("the native stop loop is not available (no C compiler?): "
+                raise ProbeError("the native stop loop is not available (no C compiler or Python headers?): "
                                  "build the package or run with native=False")
 
     # ------------------------------------------------------------------ setup
@@ -101,100 +107,21 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         self.main = proc
         self.procs[proc.tgid] = proc
 
+    def _mark_dirty(self) -> None:
+        """A breakpoint or thread table changed: the C loop's mirror is rebuilt before it runs."""
+        self._native_dirty = True
+
     # ------------------------------------------------------------------ arming
     def arm_probe(self, proc: Proc, probe: Probe, maps=None) -> int:
         """Arm ``probe`` at every current mapping of its file in ``proc``; returns how many."""
-        if maps is None:
-            maps = read_maps(proc.tgid)
-        n = 0
-        if probe.ref_ctr_offset:
-            self._bump_semaphores(proc, probe, maps)
-        for addr in code_addresses(maps, probe.binary_path, probe.file_offset):
-            if probe.target_entry and self.intarget is not None:
-                reason = self.intarget.arm(proc, probe, addr)   # a jump to a trampoline, no stop per hit
-                if reason is None:
-                    n += 1
-                    continue
-                if probe.handler is None and not probe.native_fn:
-                    raise ProbeError(f"probe at 0x{addr:x} cannot run in the target: {reason}")
-            bp = self._breakpoint(proc, addr)
-            lst = bp.ret_probes if probe.is_return else bp.probes
-            if probe not in lst:
-                self._native_dirty = True
-                if probe.is_return:
-                    proc.scratch.ensure(proc.any_stopped_tid(), proc.tgid)
-                lst.append(probe)
-                n += 1
-        return n
-
-    def _bump_semaphores(self, proc: Proc, probe: Probe, maps) -> None:
-        """Increment the probe's USDT semaphore in every writable mapping of its file, once (the
-        kernel's ref_ctr_offset behaviour): the target then computes the probe's arguments."""
-        for a in file_offset_to_addr(maps, probe.binary_path, probe.ref_ctr_offset, writable=True):
-            if (probe.id, a) in proc.sema_done:
-                continue
-            cur = proc.mem.read(a, 2)
-            if cur is None or not proc.mem.write(a, ((int.from_bytes(cur, "little") + 1) & 0xFFFF).to_bytes(2, "little")):
-                raise ProbeError(f"cannot increment the USDT semaphore at 0x{a:x} in pid {proc.tgid}")
-            proc.sema_done.add((probe.id, a))
-            proc.semas[a] = proc.semas.get(a, 0) + 1
-
-    def _breakpoint(self, proc: Proc, addr: int) -> Breakpoint:
-        bp = proc.bps.get(addr)
-        if bp is not None:
-            return bp
-        # up to 16 bytes (the longest x86 instruction), but not past the end of the mapping
-        code = proc.mem.read(addr, 16) or proc.mem.read(addr, min(16, 4096 - (addr & 4095)))
-        if code is None:
-            raise ProbeError(f"cannot read target memory at 0x{addr:x} (pid {proc.tgid})")
-        if code[0] == 0xCC:
-            raise ProbeError(f"0x{addr:x} in pid {proc.tgid} already holds an int3 (another debugger?)")
-        plan = O.analyze(code, addr)
-        if plan.needs_slot:
-            tid = proc.any_stopped_tid()
-            slot = proc.scratch.alloc_slot(tid, proc.tgid, addr)
-            data = O.slot_code(plan, slot, O.disp_offset(plan))
-            if not proc.mem.write(slot, data):
-                raise ProbeError(f"cannot write out-of-line slot 0x{slot:x} in pid {proc.tgid}")
-            plan.slot = slot
-            page = proc.scratch.page_of(slot)
-            if page is not None:
-                page.users[slot] = plan
-        bp = Breakpoint(addr, bytes(code[:plan.length]), plan,
-                        at_entry=code[0] == 0x55 or code[:4] == _ENDBR64)
-        if self.on_arm is not None:
-            self.on_arm(proc, addr, bp.orig[0])
-        if not proc.mem.write(addr, b"\xcc"):
-            raise ProbeError(f"cannot write int3 at 0x{addr:x} in pid {proc.tgid}")
-        bp.armed = True
-        proc.bps[addr] = bp
-        self._native_dirty = True
-        return bp
+        return self.armer.arm_probe(proc, probe, maps, self.intarget)
 
     def arm_all(self, proc: Proc) -> None:
         """Arm every probe whose file is mapped in ``proc`` (after attach/exec/dlopen)."""
-        maps = read_maps(proc.tgid)
-        for probe in self.probes.values():
-            self.arm_probe(proc, probe, maps)
-        self._arm_dl_watch(proc, maps)
-
-    def _arm_dl_watch(self, proc: Proc, maps) -> None:
-        """Breakpoint the dynamic linker's _dl_debug_state: called around every dlopen/dlclose."""
-        from ubpf_py.probe.symbols import resolve_function
-        for path in {m.path for m in maps if m.is_file and is_dynamic_linker(m.path)}:
-            if path not in self._dl_offsets:
-                try:
-                    self._dl_offsets[path] = resolve_function(path, "_dl_debug_state")
-                except Exception:
-                    self._dl_offsets[path] = None
-            off = self._dl_offsets[path]
-            if off is None:
-                continue
-            for addr in code_addresses(maps, path, off):
-                bp = self._breakpoint(proc, addr)
-                bp.internal = self._on_dl_state
+        self.armer.arm_all(proc, self.intarget)
 
     def _on_dl_state(self, th: Thread) -> None:
+        """The dynamic linker's breakpoint: libraries came or went (dlopen/dlclose)."""
         proc = th.proc
         if proc.vfork_parent is not None:
             return
@@ -203,21 +130,14 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         def unmapped(addr: int) -> bool:
             return not any(m.start <= addr < m.end and m.executable for m in maps)
 
-        # forget breakpoints and in-target sites whose code was unmapped (dlclose); the bytes
-        # went with the mapping, and a library mapped there again must be patched afresh
+        # forget breakpoints and in-target sites whose code was unmapped (dlclose)
         if self.intarget is not None:
             self.intarget.forget_sites(proc.tgid, unmapped)
-        for addr, bp in list(proc.bps.items()):
-            if unmapped(addr):
-                bp.armed = False
-                del proc.bps[addr]
-                self._native_dirty = True
-                if self.ret_log is not None:
-                    self.ret_log.remove_bp(proc.tgid, addr)
+        self.armer.forget_unmapped(proc, unmapped, self.ret_log)
         # a jump (5 bytes) may only be written with every thread stopped: stop the others now
         running = [t for t in self.threads.values() if t is not th and not t.stopped]
         if running and self.intarget is not None and any(p.target_entry for p in self.probes.values()):
-            self.stop_all()
+            self.restorer.stop_all()
         else:
             running = []
         try:
@@ -228,6 +148,10 @@ class Tracer(RestoreMixin, NativeCallsMixin):
                 if t.stopped and t.tid in self.threads:
                     sig, t.pending_sig = t.pending_sig, 0
                     self.resume(t, sig)
+
+    def detach(self) -> None:
+        """Stop every thread and put the target back exactly as it was (``Restorer.detach``)."""
+        self.restorer.detach(self.intarget, self.ret_log)
 
     # ------------------------------------------------------------------ loop
     def totals(self) -> tuple[int, int, int]:
@@ -246,7 +170,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         makes a blocking waitpid return at once."""
         self._stop_requested = True
         if self.nl is not None:
-            self.nl.lib.ub_request_stop(self.nl.state)
+            self.nl.request_stop()
         main = self.main
         if main is not None and main.exit_status is None:
             # every running thread: one of them may be a zombie leader (pthread_exit) that
@@ -278,7 +202,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             if deadline is not None and time.monotonic() >= deadline:
                 break
             try:
-                tid, status = waitpid(-1, P.WALL)
+                tid, status = waitpid(-1, P.WALL)        # 1. the next stop (hits: see "hits" below)
             except ChildProcessError:
                 break
             dispatch(tid, status)
@@ -299,19 +223,19 @@ class Tracer(RestoreMixin, NativeCallsMixin):
                 with contextlib.suppress(OSError):
                     os.read(nl.wakeup_fd, 4096)      # signal bytes: the handlers have run by now
             if r == 1:
-                self._regs_valid = bool(nl.regs_valid.value)
+                self._regs_valid = nl.regs_valid
                 try:
-                    dispatch(nl.tid.value, nl.status.value)
+                    dispatch(nl.tid, nl.status)
                 finally:
                     self._regs_valid = False
             elif r == 2 or r == 3 or r == 4:
-                th = self.threads.get(nl.tid.value)
+                th = self.threads.get(nl.tid)
                 if th is None:
                     continue
                 th.stopped = True
                 th.at_bp = True
                 if r == 4:      # a native program failed: its probe raises the recorded error
-                    self._raise_native_failure()
+                    self.native_calls.raise_failure()
                     break
                 if r == 2:
                     err, self._cb_error = self._cb_error, None
@@ -332,63 +256,11 @@ class Tracer(RestoreMixin, NativeCallsMixin):
                 raise ProbeError(f"waitpid failed in the native loop: {os.strerror(-r)}")
 
     def _sync_native(self) -> None:
-        from ubpf_py.probe.native import BP_FAST, BP_PYCB
-        main = self.main
-        rows = []
-        tokens: list[Breakpoint] = []
-        if main is not None:
-            for bp in main.bps.values():
-                if not bp.armed:
-                    continue
-                plan = bp.plan
-                fast = (bp.internal is None and not bp.ret_probes and plan.kind != O.K_IND
-                        and main.run_handlers)
-                prog = facts = status = counter = cookie = 0
-                p0 = bp.probes[0] if len(bp.probes) == 1 else None
-                if (p0 is not None and p0.native_fn and p0.handler is None
-                        and not (p0.native_facts and self.filler.exact_cpu
-                                 and self.filler.needs & {"cpu", "ids"})):
-                    prog = p0.native_fn      # runs with no Python at all
-                    facts, status, cookie = p0.native_facts, p0.native_status, p0.cookie
-                    if p0.native_counter is None:
-                        p0.native_counter = (ctypes.c_uint64 * 2)()
-                    counter = ctypes.addressof(p0.native_counter)
-                flags = (BP_FAST if fast else 0) | (BP_PYCB if bp.probes and not prog else 0)
-                rows.append((bp.addr, plan.kind, plan.next, plan.slot, plan.target, plan.imm, plan.reg,
-                             plan.cond, len(tokens), flags, prog, facts, status, counter, cookie))
-                tokens.append(bp)
-        self._tokens = tokens
-        self.nl.load_tables(rows, list(main.threads) if main is not None else [])
-        if main is not None:
-            self.nl.set_ids(main.tgid, *self.filler.uid_gid(main.tgid))
+        """Mirror the breakpoint and thread tables into the C loop (after any change)."""
+        f, main = self.filler, self.main
+        self.nl.sync(main, exact_facts=f.exact_cpu and bool(f.needs & {"cpu", "ids"}),
+                     uid_gid=f.uid_gid(main.tgid) if main is not None else (0, 0))
         self._native_dirty = False
-
-    def _native_cb(self, token: int, tid: int, cpu: int) -> int:
-        """Called by the C loop for a hit with Python handlers (regs hold the thread's state,
-        ip = probe address).  Lean on purpose: the C loop times the handlers as a whole."""
-        try:
-            bp = self._tokens[token]
-            th = self.threads[tid]
-            f = self.filler
-            f.cur_thread = th
-            f.cur_at_entry = bp.at_entry
-            hit = f.hit
-            if hit.tid != tid:
-                f.switch(th.proc.tgid, tid)
-            f.refresh(hit.tgid, tid, cpu)
-            hit.func_ip = bp.addr
-            hit.is_return = False
-            for p in bp.probes:
-                hit.cookie = p.cookie
-                p.hits += 1
-                if p.native_fn:
-                    self._run_native(p, hit)
-                if p.handler is not None:
-                    p.handler(hit)
-            return 0
-        except BaseException as e:
-            self._cb_error = e
-            return 1
 
     def dispatch(self, tid: int, status: int) -> None:
         th = self.threads.get(tid)
@@ -410,7 +282,7 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             sig = (status >> 8) & 0xFF
             ev = status >> 16
             if ev == 0:
-                if sig == SIGTRAP and self.on_trap(th):
+                if sig == SIGTRAP and self.on_trap(th):   # a hit, or a function returned
                     return
                 self.resume(th, sig)
             else:
@@ -423,129 +295,98 @@ class Tracer(RestoreMixin, NativeCallsMixin):
         P.cont_quiet(th.tid, sig)   # False: it vanished (SIGKILL, exec); its exit is reported
 
     # ------------------------------------------------------------------ hits
+    # From "thread stopped at int3" to "program runs".  Two stop loops, one way to run programs:
+    #
+    #   C loop (native/hotloop.c run_loop)            Python loop (loop() above)
+    #   1. waitpid: a SIGTRAP stop                    1. waitpid -> dispatch -> on_trap
+    #   2. GETREGS into the pt_regs buffer            2. GETREGS (unless the C loop did)
+    #   3. breakpoint at ip - 1 (its table, BP_FAST)  3. breakpoint at ip - 1 (proc.bps)
+    #   4. ip = probe address                         4. ip = probe address (on_hit)
+    #   5. a native-only program: called in C         5. run_entry_probes
+    #      with its facts block; else _native_cb ->
+    #      run_entry_probes
+    #   then: run_entry_probes -> 6. HitFiller.fill -> 7. _call_probe: native program, handler
+    #   8. return probes: hijack_return (Python only: the C loop hands such breakpoints back)
+    #   9. finish the displaced instruction, SETREGS, CONT (apply_plan in C, finish() here)
+    # Anything the C loop does not handle comes back to dispatch() with its wait status.
+
     def on_trap(self, th: Thread) -> bool:
+        """A SIGTRAP stop: a hit of ours (handled, True) or the target's own trap (False)."""
         t0 = time.perf_counter_ns()
-        v = self.v
-        tid = th.tid
-        if not self._regs_valid:
+        if not self._regs_valid:                       # 2. registers
             try:
-                self.regs.get(tid)
+                self.regs.get(th.tid)
             except P.PtraceError:
                 th.stopped = False      # killed meanwhile: its exit is reported by waitpid
                 return True
         proc = th.proc
-        bps = proc.bps if proc.vfork_parent is None else proc.vfork_parent.bps
-        rip = v[P.RIP] - 1
-        bp = bps.get(rip)
+        owner = proc if proc.vfork_parent is None else proc.vfork_parent
+        rip = self.v[P.RIP] - 1                        # 3. the int3 has run: ip - 1 is the breakpoint
+        bp = owner.bps.get(rip)
         if bp is not None and bp.armed:
             th.at_bp = True
             self.on_hit(th, bp, t0)
             return True
-        scratch = proc.scratch if proc.vfork_parent is None else proc.vfork_parent.scratch
-        if rip == scratch.tramp and scratch.tramp:
+        if rip == owner.scratch.tramp and rip:        # a probed function returned (on_return)
             self.on_return(th, t0)
             return True
         return False
 
     def on_hit(self, th: Thread, bp: Breakpoint, t0: int) -> None:
-        v = self.v
+        """Steps 4-9 of a hit at ``bp`` on the Python side (regs hold the thread's state)."""
         proc = th.proc
         bp.hits += 1
-        if bp.internal is not None:
+        if bp.internal is not None:                    # the dynamic linker's hook (dlopen/dlclose)
             bp.internal(th)
         if proc.run_handlers and bp.probes:
-            v[P.RIP] = bp.addr
-            self.entry_handlers(th, bp)
+            self.v[P.RIP] = bp.addr                    # 4. programs see ip = probe address
+            self.handler_ns += self.run_entry_probes(th, bp)     # 5.-7.
         if bp.ret_probes and (proc.run_handlers or proc.vfork_parent is None):
-            self.hijack_return(th, bp)
-        self.finish(th, bp.plan)
+            self.hijack_return(th, bp)                 # 8.
+        self.finish(th, bp.plan)                       # 9.
         self.total_hits += 1
         self.tracer_ns += time.perf_counter_ns() - t0
 
-    def entry_handlers(self, th: Thread, bp: Breakpoint) -> None:
-        """Run the entry probes of ``bp`` for thread ``th`` (regs hold its state, ip = bp.addr)."""
-        proc = th.proc
-        filler = self.filler
-        filler.cur_thread = th
-        filler.cur_at_entry = bp.at_entry
-        for p in bp.probes:
-            self._call_probe(p, filler.fill(proc.tgid, th.tid, bp.addr, p.cookie, False))
+    def _native_cb(self, token: int, tid: int, cpu: int) -> int:
+        """The C loop's call for a hit with Python handlers (steps 1-4 done in C: regs hold the
+        thread's state, ip = probe address; ``cpu`` is the loop's CPU, the approximation).
+        Returns 1 after an error (kept for loop_native to raise: the thread stays held at its
+        breakpoint).  The C loop times the call as a whole, so its time is not added here."""
+        try:
+            self.run_entry_probes(self.threads[tid], self.nl.tokens[token], cpu)
+            return 0
+        except BaseException as e:
+            self._cb_error = e
+            return 1
 
-    def _call_probe(self, p: Probe, hit: HitContext) -> None:
-        """Run one probe's native program and/or Python handler, and account for it."""
+    def run_entry_probes(self, th: Thread, bp: Breakpoint, cpu_hint: int = -1) -> int:
+        """Run the entry probes of ``bp`` for ``th`` (regs hold its state, ip = bp.addr); both
+        loops come here.  Returns the nanoseconds spent in programs and handlers."""
+        f = self.filler
+        f.cur_thread = th                              # for bpf_get_stack's unwinder
+        f.cur_at_entry = bp.at_entry
+        tgid, tid, ns = th.proc.tgid, th.tid, 0
+        for p in bp.probes:
+            ns += self._call_probe(p, f.fill(tgid, tid, bp.addr, p.cookie, False, cpu_hint))   # 6.
+        return ns
+
+    def _call_probe(self, p: Probe, hit: HitContext) -> int:
+        """7. Run one probe's native program and/or Python handler; count the hit and its time
+        (returned in ns) for the probe."""
         h0 = time.perf_counter_ns()
         if p.native_fn:
-            self._run_native(p, hit)
+            self.native_calls.run(p, hit)
         if p.handler is not None:
             p.handler(hit)
         dt = time.perf_counter_ns() - h0
         p.handler_ns += dt
-        self.handler_ns += dt
         p.hits += 1
+        return dt
 
     def finish(self, th: Thread, plan: O.Plan) -> None:
-        """Complete the displaced instruction (emulate or go out of line) and resume the thread."""
-        v = self.v
-        k = plan.kind
-        pid = th.proc.tgid
-        if k == O.K_OOL:
-            v[P.RIP] = plan.slot
-        elif k == O.K_SKIP:
-            v[P.RIP] = plan.next
-        elif k == O.K_PUSH:
-            sp = (v[P.RSP] - 8) & O.M64
-            if not P.vm_write_u64(pid, sp, v[plan.reg]):
-                return self._fault(th, plan)
-            v[P.RSP] = sp
-            v[P.RIP] = plan.next
-        elif k == O.K_MOVRBP:
-            v[P.RBP] = v[P.RSP]
-            v[P.RIP] = plan.next
-        elif k == O.K_SUBRSP:
-            v[P.RSP], v[P.EFLAGS] = O.sub_flags(v[P.EFLAGS], v[P.RSP], plan.imm)
-            v[P.RIP] = plan.next
-        elif k == O.K_JMP:
-            v[P.RIP] = plan.target
-        elif k == O.K_JCC:
-            rcx = v[P.RCX]
-            if plan.cond >= 18:
-                rcx = (rcx - 1) & O.M64
-                v[P.RCX] = rcx
-            v[P.RIP] = plan.target if O.cond_true(plan.cond, v[P.EFLAGS], rcx) else plan.next
-        elif k == O.K_CALL:
-            sp = (v[P.RSP] - 8) & O.M64
-            if not P.vm_write_u64(pid, sp, plan.next):
-                return self._fault(th, plan)
-            v[P.RSP] = sp
-            v[P.RIP] = plan.target
-        elif k == O.K_RET:
-            d = P.vm_read_u64(pid, v[P.RSP])
-            if d is None:
-                return self._fault(th, plan)
-            v[P.RIP] = d
-            v[P.RSP] = (v[P.RSP] + 8 + plan.imm) & O.M64
-        elif k == O.K_IND:
-            if plan.ind_mem is not None:
-                base, index, scale, disp = plan.ind_mem
-                ea = disp
-                if base == -2:
-                    ea += plan.next
-                elif base >= 0:
-                    ea += v[base]
-                if index >= 0:
-                    ea += v[index] * scale
-                d = P.vm_read_u64(pid, ea & O.M64)
-                if d is None:
-                    return self._fault(th, plan)
-                target = d
-            else:
-                target = v[plan.ind_reg]
-            if plan.ind_is_call:
-                sp = (v[P.RSP] - 8) & O.M64
-                if not P.vm_write_u64(pid, sp, plan.next):
-                    return self._fault(th, plan)
-                v[P.RSP] = sp
-            v[P.RIP] = target
+        """9. Complete the displaced instruction (emulate or go out of line) and resume the thread."""
+        if not O.complete(plan, self.v, th.proc.tgid):
+            return self._fault(th, plan)
         self.regs.set(th.tid)
         th.stopped = th.at_bp = False
         P.cont_quiet(th.tid, 0)
@@ -610,7 +451,8 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             if proc.run_handlers:
                 try:
                     for p in e.probes:
-                        self._call_probe(p, filler.fill(proc.tgid, th.tid, e.func, p.cookie, True))
+                        self.handler_ns += self._call_probe(
+                            p, filler.fill(proc.tgid, th.tid, e.func, p.cookie, True))
                 except BaseException:
                     # the return went through the trampoline and its shadow entry is gone: put the
                     # thread at the real return address before the error ends tracing, or detaching
@@ -694,9 +536,10 @@ class Tracer(RestoreMixin, NativeCallsMixin):
             cp.inj.stub = parent.inj.stub
             cp.semas = dict(parent.semas)
             cp.sema_done = set(parent.sema_done)
-            if self.on_arm is not None:
+            on_arm = self.armer.on_arm
+            if on_arm is not None:
                 for bp in cp.bps.values():
-                    self.on_arm(cp, bp.addr, bp.orig[0])
+                    on_arm(cp, bp.addr, bp.orig[0])
             if self.intarget is not None:
                 self.intarget.follow_fork(parent, child, cp.mem)
             self.procs[child] = cp
