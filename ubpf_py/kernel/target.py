@@ -16,16 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ubpf_py.errors import TargetError
+from ubpf_py.probe import ptrace as P
 
 _PR_SET_PDEATHSIG = 1
-_PTRACE_CONT = 7
-_PTRACE_SEIZE = 0x4206
-_PTRACE_O_TRACEEXIT = 0x40
-_PTRACE_O_TRACEEXEC = 0x10
-_PTRACE_EVENT_EXEC = 4
-_PTRACE_EVENT_EXIT = 6
-_PTRACE_EVENT_STOP = 128
-_WALL = 0x40000000
 
 
 @dataclass
@@ -49,8 +42,7 @@ class GatedChild:
         """Let the child exec its program (or, held at its exec, run it)."""
         if self.held:
             self.held = False
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.ptrace(ctypes.c_long(_PTRACE_CONT), ctypes.c_long(self.pid), None, None)
+            P.cont_quiet(self.pid)
             return
         if not self.released:
             os.write(self._gate_w, b"g\n")
@@ -61,12 +53,10 @@ class GatedChild:
         """PTRACE_SEIZE the child with PTRACE_O_TRACEEXIT so that ``poll`` can capture
         /proc/PID/maps at its exit (the oracle's method; the stop costs nothing per hit).
         Call before ``release``."""
-        libc = ctypes.CDLL(None, use_errno=True)
-        rc = libc.ptrace(ctypes.c_long(_PTRACE_SEIZE), ctypes.c_long(self.pid), None,
-                         ctypes.c_void_p(_PTRACE_O_TRACEEXIT | _PTRACE_O_TRACEEXEC))
-        if rc != 0:
-            err = ctypes.get_errno()
-            raise TargetError(f"cannot ptrace pid {self.pid} to watch its exit: {os.strerror(err)}")
+        try:
+            P.seize(self.pid, P.PTRACE_O_TRACEEXIT | P.PTRACE_O_TRACEEXEC)
+        except P.PtraceError as e:
+            raise TargetError(f"cannot ptrace pid {self.pid} to watch its exit: {os.strerror(e.errno)}") from e
         self.traced = True
 
     def run_to_exec(self) -> None:
@@ -76,20 +66,18 @@ class GatedChild:
         ``release()`` then runs it.  If the command cannot be started, the child has exited
         when this returns (``poll()`` gives its status)."""
         self.release()
-        libc = ctypes.CDLL(None, use_errno=True)
         while True:
             try:
-                _, status = os.waitpid(self.pid, _WALL)
+                _, status = os.waitpid(self.pid, P.WALL)
             except ChildProcessError:
                 return
             if not os.WIFSTOPPED(status):
                 self.proc.returncode = os.waitstatus_to_exitcode(status)
                 return
-            if status >> 16 == _PTRACE_EVENT_EXEC:
+            if status >> 16 == P.PTRACE_EVENT_EXEC:
                 self.held = True
                 return
-            sig = 0 if status >> 16 else os.WSTOPSIG(status)
-            libc.ptrace(ctypes.c_long(_PTRACE_CONT), ctypes.c_long(self.pid), None, ctypes.c_void_p(sig))
+            P.cont_quiet(self.pid, 0 if status >> 16 else os.WSTOPSIG(status))
 
     def poll(self) -> int | None:
         """The exit code (negative signal) once the child has ended, else None; while
@@ -98,10 +86,9 @@ class GatedChild:
             return self.proc.poll()
         if self.proc.returncode is not None:
             return self.proc.returncode
-        libc = ctypes.CDLL(None, use_errno=True)
         while True:
             try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG | _WALL)
+                pid, status = os.waitpid(self.pid, os.WNOHANG | P.WALL)
             except ChildProcessError:
                 return self.proc.returncode
             if pid == 0:
@@ -109,15 +96,15 @@ class GatedChild:
             if os.WIFSTOPPED(status):
                 sig = os.WSTOPSIG(status)
                 event = status >> 16
-                if event == _PTRACE_EVENT_EXIT:
+                if event == P.PTRACE_EVENT_EXIT:
                     try:
                         self.exit_maps = Path(f"/proc/{self.pid}/maps").read_text()
                     except OSError:
                         pass
                     sig = 0
-                elif event in (_PTRACE_EVENT_STOP, _PTRACE_EVENT_EXEC):
+                elif event in (P.PTRACE_EVENT_STOP, P.PTRACE_EVENT_EXEC):
                     sig = 0
-                libc.ptrace(ctypes.c_long(_PTRACE_CONT), ctypes.c_long(self.pid), None, ctypes.c_void_p(sig))
+                P.cont_quiet(self.pid, sig)
                 continue
             self.proc.returncode = os.waitstatus_to_exitcode(status)
             return self.proc.returncode

@@ -20,10 +20,12 @@ import time
 from ptrace.binding.func import (
     PTRACE_EVENT_CLONE,
     PTRACE_EVENT_EXEC,
+    PTRACE_EVENT_EXIT,
     PTRACE_EVENT_FORK,
     PTRACE_EVENT_VFORK,
     PTRACE_O_TRACECLONE,
     PTRACE_O_TRACEEXEC,
+    PTRACE_O_TRACEEXIT,
     PTRACE_O_TRACEFORK,
     PTRACE_O_TRACEVFORK,
 )
@@ -31,8 +33,8 @@ from ptrace.binding.func import (
 from ubpf_py.errors import TargetError
 
 __all__ = [
-    "PTRACE_EVENT_CLONE", "PTRACE_EVENT_EXEC", "PTRACE_EVENT_FORK", "PTRACE_EVENT_STOP",
-    "PTRACE_EVENT_VFORK",
+    "PTRACE_EVENT_CLONE", "PTRACE_EVENT_EXEC", "PTRACE_EVENT_EXIT", "PTRACE_EVENT_FORK", "PTRACE_EVENT_STOP",
+    "PTRACE_EVENT_VFORK", "PTRACE_O_TRACEEXIT",
 ]
 
 # requests python-ptrace has no constant for (SEIZE and later), and the ones called here

@@ -13,8 +13,8 @@ loop does not provide:
 * other helpers must be map or ring-buffer helpers of ``ubpf_py.helpers.map_helpers``
   (they read only ``env.hit.cpu``, which the trampolines copy from the facts block
   while ``SLOT_NATIVE`` is set) -- such Python trampolines are safe from the C loop:
-  it always runs with the GIL released (ctypes releases it around ``ub_run``, the
-  extension's ``run`` saves the thread state) and ctypes callbacks take it back;
+  it always runs with the GIL released (the extension's ``run`` saves the thread state)
+  and takes it back to call a Python handler;
 * no tail calls, callbacks or callx (they dispatch through Python with ``env`` state);
 * comm, printk, user-memory reads, stacks, signals, perf output stay Python: not eligible.
 
