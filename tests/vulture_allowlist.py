@@ -45,8 +45,5 @@ ALLOWED = [
     # --- probe/: owned by the tracer rewrite, re-check after merge ---
     _.run_s,                # probe/engine.py: SessionStats.run_s (set, never read)
     _.signum,               # probe/engine.py: on_signal(signum, frame) handler argument
-    _.cpu_of,               # probe/hits.py: HitFiller.cpu_of (no caller)
-    _.send_signal_thread,   # probe/hits.py: HitFiller.send_signal_thread (no caller)
-    _.RC_NATIVE_FAULT,      # probe/native.py: run() result code, not compared anywhere
     _.RC_POLL,              # probe/native.py: run() result code, not compared anywhere
 ]

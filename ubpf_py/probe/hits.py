@@ -32,10 +32,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _sched_getcpu = _libc.sched_getcpu
 _sched_getcpu.restype = ctypes.c_int
 _sched_getcpu.argtypes = []
-_tgkill = _libc.syscall
 _Q = struct.Struct("<Q")
 _QQ = struct.Struct("<QQ")
-SYS_TGKILL = 234
 
 
 class TargetMemory:
@@ -174,16 +172,6 @@ class HitFiller:
             v = self.ids[tgid] = (uid, gid)
         return v
 
-    def cpu_of(self, tgid: int, tid: int) -> int:
-        if not self.exact_cpu:
-            return _sched_getcpu()
-        try:
-            with open(f"/proc/{tgid}/task/{tid}/stat", "rb") as f:
-                data = f.read()
-            return int(data[data.rindex(b")") + 2:].split()[36])
-        except (OSError, ValueError, IndexError):
-            return _sched_getcpu()
-
     def switch(self, tgid: int, tid: int) -> None:
         """The hit is in another thread than the previous one: refresh the per-thread facts."""
         h = self.hit
@@ -255,6 +243,3 @@ class HitFiller:
             return -e.errno
         return 0
 
-    def send_signal_thread(self, sig: int) -> int:
-        r = _tgkill(SYS_TGKILL, self.hit.tgid, self.hit.tid, sig)
-        return -ctypes.get_errno() if r < 0 else 0

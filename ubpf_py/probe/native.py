@@ -38,8 +38,10 @@ _tried = False
 BP_FAST, BP_PYCB = 1, 2
 #: ``ub_abi()`` of the hotloop.c this module speaks to
 ABI = 3
-#: run() results (see run_loop in hotloop.c)
-RC_NATIVE_FAULT, RC_POLL = 4, 5
+#: run() results (see run_loop in hotloop.c): stopped by a request or a signal; a stop for
+#: Python (tid/status set); a Python handler failed; handlers ran but the displaced instruction
+#: faulted (Python finishes it); a native program failed; the poll interval has passed
+RC_INTERRUPTED, RC_STOP, RC_HANDLER_FAILED, RC_FINISH, RC_NATIVE_FAULT, RC_POLL = 0, 1, 2, 3, 4, 5
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:

@@ -35,6 +35,7 @@ from ubpf_py.probe import ptrace as P
 from ubpf_py.probe.arming import Armer
 from ubpf_py.probe.breakpoints import Breakpoint, Probe
 from ubpf_py.probe.hits import HitFiller
+from ubpf_py.probe.native import RC_FINISH, RC_HANDLER_FAILED, RC_INTERRUPTED, RC_NATIVE_FAULT, RC_STOP
 from ubpf_py.probe.native_calls import NativeCalls
 from ubpf_py.probe.procmaps import read_maps
 from ubpf_py.probe.procs import Proc, Thread, new_proc
@@ -219,25 +220,25 @@ class Tracer:
             for hook in self.poll_hooks:
                 hook()
             r = nl.run()
-            if r == 0 and nl.wakeup_fd >= 0:
+            if r == RC_INTERRUPTED and nl.wakeup_fd >= 0:
                 with contextlib.suppress(OSError):
                     os.read(nl.wakeup_fd, 4096)      # signal bytes: the handlers have run by now
-            if r == 1:
+            if r == RC_STOP:
                 self._regs_valid = nl.regs_valid
                 try:
                     dispatch(nl.tid, nl.status)
                 finally:
                     self._regs_valid = False
-            elif r == 2 or r == 3 or r == 4:
+            elif r in (RC_HANDLER_FAILED, RC_FINISH, RC_NATIVE_FAULT):
                 th = self.threads.get(nl.tid)
                 if th is None:
                     continue
                 th.stopped = True
                 th.at_bp = True
-                if r == 4:      # a native program failed: its probe raises the recorded error
+                if r == RC_NATIVE_FAULT:      # a native program failed: its probe raises the recorded error
                     self.native_calls.raise_failure()
                     break
-                if r == 2:
+                if r == RC_HANDLER_FAILED:
                     err, self._cb_error = self._cb_error, None
                     if err is None:
                         break
@@ -251,7 +252,7 @@ class Tracer:
                             raise
                         th.stopped = th.at_bp = False   # killed meanwhile: its exit follows
             elif r < 0:
-                if -r == 10:    # ECHILD
+                if -r == errno.ECHILD:
                     break
                 raise ProbeError(f"waitpid failed in the native loop: {os.strerror(-r)}")
 
