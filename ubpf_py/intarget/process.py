@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import struct
 import time
 from dataclasses import dataclass, field
@@ -355,7 +356,7 @@ class InTargetEngine:
             if pos is not None and pos.resume_at is not None:
                 regs.vals[P.RIP] = pos.resume_at     # same state as the original instruction
                 regs.set(t.tid)
-            elif self._inside(st, rip) and not self._step_out(st, t.tid, regs):
+            elif self._inside(st, rip) and not self._step_out(st, t, regs):
                 stuck = True
             elif self._on_runtime_stack(proc.mem, regs):
                 # a signal handler interrupted a program: its frames are on our runtime stack (or
@@ -399,9 +400,12 @@ class InTargetEngine:
             return True
         return any(a <= rip < a + size for a, size in st.rt.pages.items())
 
-    def _step_out(self, st: ProcState, tid: int, regs: P.RegsBuf, budget_s: float = 2.0) -> bool:
+    def _step_out(self, st: ProcState, thread, regs: P.RegsBuf, budget_s: float = 2.0) -> bool:
         """Single-step a thread until it leaves our code (a program finishing its hit, a
-        trampoline restoring registers); the sites are already restored, so it does not re-enter."""
+        trampoline restoring registers); the sites are already restored, so it does not re-enter.
+        A signal that arrives meanwhile (a terminal's Ctrl-C to the whole group) stops the step
+        instead of the trap: it is kept for the detach (``Thread.pending_sig``), never dropped."""
+        tid = thread.tid
         deadline = time.monotonic() + budget_s
         mem = P.ProcMem(tid)
         try:
@@ -414,6 +418,12 @@ class InTargetEngine:
                     return False
                 if not os.WIFSTOPPED(status):
                     return False
+                sig = os.WSTOPSIG(status)
+                if status >> 16 == 0 and sig != signal.SIGTRAP:
+                    if not thread.pending_sig:
+                        thread.pending_sig = sig
+                    elif sig != thread.pending_sig:
+                        thread.proc.inj.deferred_signals.append((tid, sig))
                 regs.get(tid)
                 if pushf:
                     # a pushfq run under single-step saved the trap flag; the trampoline's popfq

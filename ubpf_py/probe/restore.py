@@ -120,6 +120,7 @@ class Restorer:
             self.close_all()
             return
         self.stop_all()
+        later: list[tuple[int, int, int]] = []
         for proc in list(self.procs.values()):
             if proc.vfork_parent is not None:
                 continue
@@ -136,8 +137,12 @@ class Restorer:
                 t = self.threads.get(tid)
                 if t is not None and not t.pending_sig:
                     t.pending_sig = sig
+                elif t is not None and t.pending_sig != sig:
+                    later.append((proc.tgid, tid, sig))
         for t in list(self.threads.values()):
             P.detach(t.tid, t.pending_sig)
+        for tgid, tid, sig in later:      # a second signal held for one thread: sent again now
+            P.tgkill(tgid, tid, sig)
         self.threads.clear()
         self.close_all()
 
