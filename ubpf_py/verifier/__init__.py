@@ -25,6 +25,11 @@ a kprobe program on Linux 6.18, checked by a differential campaign
   report lists the reached instructions: the loader turns the rest into
   ``ja -1`` (``sanitize_dead_code``) as the kernel does.
 * A wall-clock budget (default 30 s) on top of the 1,000,000-instruction limit.
+* ``may_goto`` is verified as the kernel does (exit side first, the loop body one
+  may_goto depth deeper with changed imprecise scalars widened, an iteration pruned
+  against an earlier one at another depth).  The engines run the kernel's counted
+  budget (BPF_MAX_LOOPS fall-throughs per call, then the jump is taken); an x86-64
+  kernel of 6.15 or later JITs a *timed* may_goto instead (about 250 ms per call).
 * The kernel fails with an internal "verifier bug: No program to jit" when a
   callback's address is taken but the callback is never verified; we accept.
 * Global functions are verified alone against their BTF signature like the
@@ -32,7 +37,7 @@ a kprobe program on Linux 6.18, checked by a differential campaign
   are refused (not supported).
 * Not modelled (refused where reached): BTF-typed kernel pointers (kptrs,
   dynptrs, task storage, spin locks, timers, ``bpf_get_current_task_btf``),
-  kfuncs, may_goto (the engines lack it), reads of ``struct bpf_map`` fields
+  kfuncs, reads of ``struct bpf_map`` fields
   through a map pointer, helpers on map types other than
   ``protos.MODELLED_MAP_TYPES`` (sockmap, devmap, local storage, ...).
   Comparison with the kernel's own verifier tests:

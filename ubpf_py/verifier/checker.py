@@ -98,6 +98,12 @@ class Checker:
         self.loop_ok = {i for i, ins in enumerate(self.insns)
                         if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == 0
                         and ins.imm in _HELPER_CALLBACKS}
+        #: may_goto instructions: like callback calls, a state there may be pruned against an
+        #: ancestor still being explored (the kernel's loop handling for may_goto)
+        self.may_gotos = {i for i, ins in enumerate(self.insns) if ins.opcode == op.MAY_GOTO}
+        #: per may_goto: the open checkpoints still tried for pruning (newest last)
+        self.may_goto_open: dict[int, list[Checkpoint]] = {}
+        self.loop_ok |= self.may_gotos
         self._cur_trail: tuple | None = None
         self.visit_points = cfg.prune_points | self.loop_ok
         #: instructions some path reached (the rest is dead code, as the kernel sees it)
@@ -163,6 +169,7 @@ class Checker:
             self.explored.clear()
             self.open_sigs.clear()
             self.open_fps.clear()
+            self.may_goto_open.clear()
             fail = self._explore(st, start)
             if fail:
                 return fail
@@ -258,6 +265,9 @@ class Checker:
                 elif o == op.BPF_JA:
                     self.jumps += 1
                     pc = jump_target(pc, ins)
+                elif code == op.MAY_GOTO:
+                    self.jumps += 1
+                    pc = self._may_goto(st, pc, ins)
                 else:
                     self.jumps += 1
                     pc = self._cond(st, pc, ins)
@@ -299,7 +309,16 @@ class Checker:
         masks = None
         candidates = lst or []
         if loop_ok:
-            candidates = [*candidates, *self.open_sigs.get(pc, {}).values()]
+            if pc in self.may_gotos:
+                # the kernel: an ancestor at a different may_goto depth (an earlier iteration);
+                # like the kernel, one that missed 64 times more than it hit is dropped
+                keep = self.may_goto_open.setdefault(pc, [])
+                keep[:] = [cp for cp in keep if cp.branches and cp.misses <= 64 * cp.hits + 64]
+                depth = st.may_goto_depth
+                opened = [cp for cp in keep if cp.state.may_goto_depth != depth]
+            else:
+                opened = self.open_sigs.get(pc, {}).values()
+            candidates = [*candidates, *opened]
         for cp in candidates:
             if masks is None:
                 masks = self._live_masks(st, pc)
@@ -320,7 +339,7 @@ class Checker:
                              "this loop comes back to the same state: it can never exit")
             if not self._want_checkpoint(False, looping=bool(sigs)):
                 return False
-        else:
+        elif pc not in self.may_gotos:  # (may_goto widens its loop-body side only: _may_goto)
             ancestors = [cp for cp in sigs.values() if cp.branches and len(cp.state.frames) == len(st.frames)]
             if ancestors:
                 S.widen(ancestors[-1].state, st)
@@ -334,6 +353,8 @@ class Checker:
         cp.sig = sig
         cp.fp = fp
         st.parent = cp
+        if pc in self.may_gotos:
+            self.may_goto_open.setdefault(pc, []).append(cp)
         sigs[sig] = cp
         fps = self.open_fps.setdefault(pc, {})
         fps[fp] = fps.get(fp, 0) + 1
@@ -629,6 +650,23 @@ class Checker:
         del regs, ptr_no
         self.push(st.copy(), target)
         return pc + 1
+
+    def _may_goto(self, st: VerifierState, pc: int, ins: Instruction) -> int:
+        """Both sides are possible: the loop body (fall-through) is pushed one may_goto level
+        deeper, with the scalars that changed since the previous iteration and are not
+        precise widened; the walk goes on at the target (the exit side), as the kernel does."""
+        body = st.copy()
+        body.may_goto_depth += 1
+        prev = None
+        for cp in reversed(self.may_goto_open.get(pc, ())):
+            if cp is not st.parent and cp.branches and len(cp.state.frames) == len(st.frames) and \
+                    all(a.callsite == b.callsite for a, b in zip(cp.state.frames, st.frames, strict=True)):
+                prev = cp
+                break
+        if prev is not None:
+            S.widen_imprecise(prev.state, body, self._live_masks(st, pc))
+        self.push(body, pc + 1)
+        return jump_target(pc, ins)
 
     def _decided(self, pc: int) -> None:
         if pc not in self.decided:

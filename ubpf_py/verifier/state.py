@@ -180,6 +180,8 @@ class VerifierState:
     parent: Checkpoint | None = None
     #: history of (insn, description) for the error log of this path
     last_jumps: tuple[tuple[int, int], ...] = ()
+    #: how many may_goto fall-throughs this path took (the kernel's may_goto_depth)
+    may_goto_depth: int = 0
 
     @property
     def cur(self) -> Frame:
@@ -189,11 +191,11 @@ class VerifierState:
         """Hashable exact description (for the infinite-loop check)."""
         return (tuple((f.callsite, f.in_callback, tuple(f.regs), bytes(f.stack),
                        tuple(sorted(f.spills.items()))) for f in self.frames),
-                tuple(sorted(self.refs.items())))
+                tuple(sorted(self.refs.items())), self.may_goto_depth)
 
     def copy(self) -> VerifierState:
         return VerifierState([f.copy() for f in self.frames], dict(self.refs), self.parent,
-                             self.last_jumps)
+                             self.last_jumps, self.may_goto_depth)
 
 
 # -- pruning ------------------------------------------------------------------------
@@ -346,4 +348,28 @@ def widen(old: VerifierState, cur: VerifierState) -> None:
         for slot, c in list(cf.spills.items()):
             o = of.spills.get(slot)
             if c.type == SCALAR and (o is None or (o.type == SCALAR and not o.val.within(c.val))):
+                cf.spills[slot] = UNKNOWN_SCALAR
+
+
+def widen_imprecise(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int, int]]) -> None:
+    """The kernel's widen_imprecise_scalars at may_goto: scalars of ``cur`` whose exact value
+    is never needed again (``masks``: per frame (live, precision demand, live slots)) and that
+    differ from the previous iteration's ``old`` become unknown, so loop iterations converge.
+    Precise scalars keep their values; widening is an over-approximation, hence sound."""
+    if len(old.frames) != len(cur.frames):
+        return
+    for fi, (of, cf) in enumerate(zip(old.frames, cur.frames, strict=True)):
+        if of.callsite != cf.callsite:
+            return
+        demand = masks[fi][1]
+        for i in range(10):
+            o, c = of.regs[i], cf.regs[i]
+            if o.type == SCALAR and c.type == SCALAR and not (demand >> i) & 1 and o.val != c.val:
+                cf.regs[i] = UNKNOWN_SCALAR
+        if demand & (1 << 11):
+            continue
+        for slot, c in list(cf.spills.items()):
+            o = of.spills.get(slot)
+            if c.type == SCALAR and o is not None and o.type == SCALAR and o.val != c.val \
+                    and not (demand >> (16 + slot)) & 1:
                 cf.spills[slot] = UNKNOWN_SCALAR

@@ -42,7 +42,7 @@ def _valid_opcodes() -> frozenset[int]:
                   op.BPF_JLT, op.BPF_JLE, op.BPF_JSLT, op.BPF_JSLE):
             ok.add(cls | o | op.BPF_K)
             ok.add(cls | o | op.BPF_X)
-    ok.update({op.BPF_JMP | op.BPF_CALL, op.BPF_JMP | op.BPF_EXIT})
+    ok.update({op.BPF_JMP | op.BPF_CALL, op.BPF_JMP | op.BPF_EXIT, op.MAY_GOTO})
     ok.add(op.LDDW)
     for sz in (op.BPF_B, op.BPF_H, op.BPF_W):
         ok.add(op.BPF_LD | op.BPF_ABS | sz)
@@ -125,7 +125,10 @@ def check_fields(i: int, ins: Instruction) -> None:
             raise StructureError("BPF_STX uses reserved fields", i)
     elif cls in (op.BPF_JMP, op.BPF_JMP32):
         o = code & 0xF0
-        if o == op.BPF_CALL:
+        if code == op.MAY_GOTO:
+            if ins.src != op.BPF_MAY_GOTO or ins.dst or ins.imm:
+                raise StructureError(f"invalid may_goto imm {ins.imm}", i)
+        elif o == op.BPF_CALL:
             if ins.off or ins.dst or ins.src not in (0, 1, 2):
                 raise StructureError("BPF_CALL uses reserved fields", i)
         elif o == op.BPF_EXIT:
@@ -344,7 +347,7 @@ def _use_def(ins: Instruction) -> tuple[int, int]:
             return 0x3E, 0x3F
         if o == op.BPF_EXIT:
             return 1, 0
-        if o == op.BPF_JA:
+        if o == op.BPF_JA or code == op.MAY_GOTO:
             return 0, 0
         return d | (s if code & op.BPF_X else 0), 0
     return 0, 0
@@ -448,11 +451,15 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
         sites[s].extend((c, c + 1) for c in cb_sites)
 
     def exit_fact(i: int) -> int:
+        # r0 at a function's exit is precise if a caller needs it precisely after the call
+        # (the kernel backtracks through the return); a callback's always is (checked in [0, 1])
         f = cfg.owner[i]
-        out = 1
+        out = 1 if f in cfg.callbacks else 0
         for _, resume in sites.get(f, ()):
-            if resume < n and fact[resume] & (SLOT_MASK | ALL_STACK):
-                out |= ALL_STACK
+            if resume < n:
+                if fact[resume] & (SLOT_MASK | ALL_STACK):
+                    out |= ALL_STACK
+                out |= fact[resume] & 1
         return out
 
     def transfer(i: int, out: int) -> int:
@@ -491,7 +498,8 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
         if cls in (op.BPF_JMP, op.BPF_JMP32):
             o = code & 0xF0
             if o == op.BPF_EXIT:
-                return 1 if cfg.owner[i] == 0 else exit_fact(i)
+                # the main program's return value is never checked for kprobe programs
+                return 0 if cfg.owner[i] == 0 else exit_fact(i)
             if o == op.BPF_CALL:
                 res = out & ~0x3F
                 if ins.src == op.BPF_PSEUDO_CALL:
@@ -506,7 +514,7 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
                     for cb in cfg.callbacks:
                         res |= fact[cb] & ALL_STACK
                 return res
-            if o == op.BPF_JA:
+            if o == op.BPF_JA or code == op.MAY_GOTO:
                 return out
             if decided is not None and i not in decided:
                 return out
@@ -549,10 +557,13 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
             # exits depend on callers' facts
         for f, lst in sites.items():
             for _, resume in lst:
-                if resume < n and fact[resume] & (SLOT_MASK | ALL_STACK):
+                if resume >= n:
+                    continue
+                want = (ALL_STACK if fact[resume] & (SLOT_MASK | ALL_STACK) else 0) | (fact[resume] & 1)
+                if want:
                     for j in range(f, cfg.ends[f]):
                         ins = insns[j]
-                        if ins.opcode == op.BPF_JMP | op.BPF_EXIT and not fact[j] & ALL_STACK:
-                            fact[j] |= ALL_STACK
+                        if ins.opcode == op.BPF_JMP | op.BPF_EXIT and want & ~fact[j]:
+                            fact[j] |= want
                             changed = True
     return fact
