@@ -37,8 +37,9 @@ a kprobe program on Linux 6.18, checked by a differential campaign
   are refused (not supported).
 * Not modelled (refused where reached): BTF-typed kernel pointers (kptrs,
   dynptrs, task storage, spin locks, timers, ``bpf_get_current_task_btf``),
-  kfuncs, reads of ``struct bpf_map`` fields
-  through a map pointer, helpers on map types other than
+  kfuncs, reads of ``struct bpf_map`` fields other than map_type, key_size,
+  value_size, max_entries, map_extra and map_flags (``mapfields``: those become the
+  loaded map's values), helpers on map types other than
   ``protos.MODELLED_MAP_TYPES`` (sockmap, devmap, local storage, ...).
   Comparison with the kernel's own verifier tests:
   ``benchmarks/verifier_selftests.py``.
@@ -56,6 +57,7 @@ from ubpf_py.obj.spec import MapSpec, ProgramSpec
 from ubpf_py.verifier import log as L
 from ubpf_py.verifier.checker import COMPLEXITY_LIMIT, Checker, Failure, describe_regs
 from ubpf_py.verifier.globalfuncs import global_functions, hidden_functions
+from ubpf_py.verifier.mapfields import rewrites as map_field_rewrites
 from ubpf_py.verifier.structure import StructureError, analyse
 
 MODES = ("strict", "warn", "off")
@@ -84,6 +86,9 @@ class VerifierReport:
     stack_depth: dict[int, int] = field(default_factory=dict)
     #: instructions some path reaches (accepted programs); the rest is dead code
     reachable: frozenset[int] | None = None
+    #: accepted programs: loads of struct bpf_map fields -> the move of the loaded map's value
+    #: that replaces them (``mapfields``; the loader applies it with ``sanitize_dead_code``)
+    rewrites: dict[int, Instruction] = field(default_factory=dict)
 
     @property
     def message(self) -> str:
@@ -129,11 +134,13 @@ def verify_program(prog: ProgramSpec, maps: list[MapSpec], *, mode: str = "stric
         ck.test_mem_size = test_mem_size
         fail = ck.run()
     reachable: frozenset[int] | None = None
+    rewrites: dict[int, Instruction] = {}
     if fail is None and ck is not None:
         # encodings are checked where the kernel checks them: on the instructions it reaches
         reachable = frozenset(i for i, b in enumerate(ck.seen) if b)
+        rewrites = map_field_rewrites(insns, ck.map_field_loads)
         try:
-            _isa_validate(sanitize_dead_code(insns, reachable))
+            _isa_validate(sanitize_dead_code(insns, reachable, rewrites))
         except InvalidInstructionError as e:
             fail = Failure(e.reason, e.index, "", [], None, None)
         except NotSupportedError as e:
@@ -142,6 +149,7 @@ def verify_program(prog: ProgramSpec, maps: list[MapSpec], *, mode: str = "stric
     report = _report(prog, fail, ck, seconds)
     if report.ok:
         report.reachable = reachable
+        report.rewrites = rewrites
     if not report.ok and mode == "strict":
         raise VerifierError(report.message, log=report.log, program=prog.name, insn_index=report.insn_index)
     return report
@@ -159,16 +167,20 @@ def _hidden(btf: object | None) -> frozenset[str]:
 DEAD_INSN = Instruction(0x05, off=-1)
 
 
-def sanitize_dead_code(insns: list[Instruction], reachable: frozenset[int] | set[int]) -> list[Instruction]:
+def sanitize_dead_code(insns: list[Instruction], reachable: frozenset[int] | set[int],
+                       rewrites: dict[int, Instruction] | None = None) -> list[Instruction]:
     """Replace every instruction no path reaches by ``ja -1``, as the kernel does.
 
     Code that constants or frozen ``.rodata`` make dead (a helper the runtime does not
     have, a kfunc call, a write to r10) is then neither compiled nor a reason to refuse
-    the program; the engines never execute it.
+    the program; the engines never execute it.  ``rewrites`` (``VerifierReport.rewrites``)
+    replaces the loads of ``struct bpf_map`` fields by the loaded map's values.
     """
-    if len(reachable) == len(insns):
-        return list(insns)
-    return [ins if i in reachable else DEAD_INSN for i, ins in enumerate(insns)]
+    out = list(insns) if len(reachable) == len(insns) else \
+        [ins if i in reachable else DEAD_INSN for i, ins in enumerate(insns)]
+    for i, ins in (rewrites or {}).items():
+        out[i] = ins
+    return out
 
 
 def _isa_validate(insns: list) -> None:

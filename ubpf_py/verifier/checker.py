@@ -20,6 +20,7 @@ from ubpf_py.obj.spec import MapSpec, ProgramSpec
 from ubpf_py.verifier import alu as A
 from ubpf_py.verifier import calls as C
 from ubpf_py.verifier import globalfuncs as G
+from ubpf_py.verifier import mapfields as MF
 from ubpf_py.verifier import memory as M
 from ubpf_py.verifier import state as S
 from ubpf_py.verifier.memory import Reject
@@ -70,6 +71,8 @@ class Checker:
         # inner map templates of map-in-maps get indexes after the object's maps: a lookup
         # in the outer map gives a pointer to (a map like) the template
         self.maps = list(maps)
+        self.n_object_maps = len(maps)
+        self.map_field_loads: dict[int, tuple[tuple, int]] = {}
         self.inner_of: dict[int, int] = {}
         for i, m in enumerate(maps):
             if m.type in M.MAP_IN_MAP and m.inner is not None:
@@ -236,13 +239,20 @@ class Checker:
                 self._read(st, ins.src)
                 self._check_dst(ins.dst)
                 sext = code & 0xE0 == op.BPF_MEMSX
-                r = M.check_access(self, st, ins.src, ins.off, op.SIZE_BYTES[code & 0x18], False, sext=sext)
+                size = op.SIZE_BYTES[code & 0x18]
+                src = st.cur.regs[ins.src]
+                if src.type == S.MAP_PTR:
+                    r = MF.check_read(self, src, ins.src, src.off + ins.off, size, False, sext, pc)
+                else:
+                    r = M.check_access(self, st, ins.src, ins.off, size, False, sext=sext)
                 st.cur.regs[ins.dst] = r
                 pc += 1
             elif cls == op.BPF_STX:
+                self._no_map_ptr_write(st, ins, pc)
                 self._store(st, ins)
                 pc += 1
             elif cls == op.BPF_ST:
+                self._no_map_ptr_write(st, ins, pc)
                 M.check_access(self, st, ins.dst, ins.off, op.SIZE_BYTES[code & 0x18], True,
                                value=S.const_reg(ins.imm))
                 pc += 1
@@ -520,6 +530,15 @@ class Checker:
         if nv.smin == -(1 << 63) or nv.smin <= -M.MAX_VAR_OFF or nv.smin >= M.MAX_VAR_OFF:
             raise Reject(f"math between {ptr.type} pointer and register with unbounded min value is not allowed")
         return Reg(ptr.type, nv, ptr.off, ptr.map, ptr.size, ptr.id, ptr.ref, ptr.frame, ptr.subprog)
+
+    def _no_map_ptr_write(self, st: VerifierState, ins: Instruction, pc: int) -> None:
+        """A store through a map pointer: the kernel's message for its struct (always refused)."""
+        dst = st.cur.regs[ins.dst]
+        if dst.type == S.MAP_PTR:
+            if ins.opcode & 0x07 == op.BPF_STX:
+                self._read(st, ins.src)
+            MF.check_read(self, dst, ins.dst, dst.off + ins.off, op.SIZE_BYTES[ins.opcode & 0x18], True,
+                          False, pc)
 
     def _store(self, st: VerifierState, ins: Instruction) -> None:
         code = ins.opcode

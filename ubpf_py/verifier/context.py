@@ -26,6 +26,10 @@ class CheckContext(Protocol):
     global_funcs: dict[int, Any]
     #: the walk is inside a global function verified alone
     in_global: bool
+    #: how many of ``maps`` are the object's (the rest are inner-map templates)
+    n_object_maps: int
+    #: struct bpf_map field loads: insn -> ((map, field, offset in field, size, sign-extended), value)
+    map_field_loads: dict[int, tuple[tuple, int]]
 
     def new_id(self) -> int: ...
 
