@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ubpf_py.helpers.protos import PROTOS
 from ubpf_py.isa import opcodes as op
 from ubpf_py.isa.instruction import Instruction
 
@@ -276,6 +277,8 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
 
 
 STACK_ALL = (1 << 64) - 1
+#: helper id -> number of parameters (from the prototypes the checker uses)
+_HELPER_NPARAMS = {hid: len(p.args) for hid, p in PROTOS.items()}
 #: helpers that read or write no memory through their arguments (their calls keep stack slots dead)
 _NO_MEMORY_HELPERS = frozenset({5, 7, 8, 14, 15, 35, 42, 80, 109, 117, 118, 123, 125, 160, 173, 174, 208})
 
@@ -344,7 +347,10 @@ def _use_def(ins: Instruction) -> tuple[int, int]:
     if cls in (op.BPF_JMP, op.BPF_JMP32):
         o = code & 0xF0
         if o == op.BPF_CALL:
-            return 0x3E, 0x3F
+            # a helper reads only its parameters (the kernel's compute_live_registers uses the
+            # prototype too); other calls may read r1-r5
+            n = _HELPER_NPARAMS.get(ins.imm, 5) if ins.src == op.BPF_CALL_HELPER else 5
+            return ((1 << (n + 1)) - 2), 0x3F
         if o == op.BPF_EXIT:
             return 1, 0
         if o == op.BPF_JA or code == op.MAY_GOTO:
