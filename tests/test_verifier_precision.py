@@ -19,6 +19,12 @@ from test_verifier import prog
 
 from ubpf_py.verifier import checker, verify_program
 
+SPILL_VS_MISC = "\n".join(
+    ["call 7", "mov %r7, %r0", "mov %r9, 0"] + ["add %r9, 1"] * 6
+    + ["jset %r7, 1, alt", "mov %r6, -8", "stxdw [%r10-24], %r6", "ja join",
+       "alt:", "mov %r1, %r10", "add %r1, -24", "mov %r2, 8", "mov %r3, 0", "call 113",
+       "join:", "ldxdw %r6, [%r10-24]", "mov %r1, %r10", "add %r1, %r6", "stdw [%r1+0], 0", "mov %r0, 0", "exit"])
+
 #: name -> (program, the kernel's error line)
 CASES = {
     # one path's constant (-608) must survive the join where the other (-8) was seen first
@@ -28,6 +34,15 @@ CASES = {
     # the same through a register copy, and a helper writing at the offset
     "join_copy_helper": (vm.join_program(-16, -520, "mov", "helper"),
                          "invalid write to stack R1 off=-520 size=8"),
+    # the spill is filled (or made) through a stack pointer other than r10
+    "join_fill_via_pointer": (vm.join_program(-8, -608, "fill_via_pointer", "write"),
+                              "invalid write to stack R1 off=-608 size=8"),
+    "join_spill_via_pointer": (vm.join_program(-8, -608, "spill_via_pointer", "write"),
+                               "invalid write to stack R1 off=-608 size=8"),
+    # one path spills -8 at fp-24, the other has a helper fill it (unknown bytes): a precise spill
+    # never covers unknown bytes (an imprecise one does, as in the kernel's stacksafe)
+    "join_spill_vs_helper_bytes": (SPILL_VS_MISC, "math between fp pointer and register with unbounded min "
+                                                  "value is not allowed"),
     # a bounded loop between the join and the use: states inside the loop must keep r6 apart
     "join_loop": (vm.join_program(-8, 8, "loop", "read"), "invalid read from stack R1 off=8 size=8"),
     # the loop counter is the offset: iterations differ only in r1, the last one is out of the stack
@@ -54,6 +69,27 @@ def test_weakened_precision_would_accept(name: str, monkeypatch: pytest.MonkeyPa
     """The same programs pass when no scalar is precise: the tests above depend on precision.
     (The loop case does not: a loop is unrolled, never pruned against its own open iteration.)"""
     monkeypatch.setattr(checker, "precision_demand", lambda insns, *a, **k: [0] * len(insns))
+    assert _verify(CASES[name][0]).ok
+
+
+def test_precise_spill_does_not_cover_unknown_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the spill/unknown-bytes rule applied to precise spills too, the unsafe path is pruned."""
+    from ubpf_py.verifier import state
+
+    monkeypatch.setattr(state, "_imprecise_spill_vs_misc", lambda *a: True)
+    assert _verify(SPILL_VS_MISC).ok
+
+
+@pytest.mark.parametrize("name", ["join_fill_via_pointer", "join_spill_via_pointer"])
+def test_stack_pointer_accesses_keep_slots_precise(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only accesses the walk saw go through a stack pointer make stack slots precise; a
+    verifier that forgot them (no access reaches the stack) would accept these."""
+    from ubpf_py.verifier import structure
+
+    real = structure.precision_demand
+    monkeypatch.setattr(checker, "precision_demand",
+                        lambda insns, cfg, helpers, decided=None, stack_access=None:
+                        real(insns, cfg, helpers, decided, set()))
     assert _verify(CASES[name][0]).ok
 
 

@@ -118,8 +118,12 @@ class Checker:
         #: recomputed when this grows.  A checkpoint is used for pruning only once every
         #: path below it is finished, so every jump its paths decided is in here by then.
         self.decided: set[int] = set()
+        #: loads/stores some path made through a stack pointer other than r10 (the others never
+        #: touch the stack, so their values do not make stack slots precise); same argument
+        self.stack_access: set[int] = set()
         self._demand_dirty = False
-        self.demand = precision_demand(self.insns, cfg, self._helper_args, self.decided)
+        self.demand = precision_demand(self.insns, cfg, self._helper_args, self.decided,
+                                       self.stack_access)
         self._verified: set[int] = set()
 
     # -- bookkeeping used by the other modules -------------------------------------
@@ -241,6 +245,8 @@ class Checker:
                 sext = code & 0xE0 == op.BPF_MEMSX
                 size = op.SIZE_BYTES[code & 0x18]
                 src = st.cur.regs[ins.src]
+                if src.type == S.STACK and ins.src != 10:
+                    self._stack_access(pc)
                 if src.type == S.MAP_PTR:
                     r = MF.check_read(self, src, ins.src, src.off + ins.off, size, False, sext, pc)
                 else:
@@ -291,7 +297,8 @@ class Checker:
         caller frames stay fully live: the callee may read them through pointers."""
         if self._demand_dirty:
             self._demand_dirty = False
-            self.demand = precision_demand(self.insns, self.cfg, self._helper_args, self.decided)
+            self.demand = precision_demand(self.insns, self.cfg, self._helper_args, self.decided,
+                                           self.stack_access)
         live = self.cfg.live_in
         demand = self.demand
         n = len(live)
@@ -531,9 +538,17 @@ class Checker:
             raise Reject(f"math between {ptr.type} pointer and register with unbounded min value is not allowed")
         return Reg(ptr.type, nv, ptr.off, ptr.map, ptr.size, ptr.id, ptr.ref, ptr.frame, ptr.subprog)
 
+    def _stack_access(self, pc: int) -> None:
+        if pc not in self.stack_access:
+            self.stack_access.add(pc)
+            self._demand_dirty = True
+
     def _no_map_ptr_write(self, st: VerifierState, ins: Instruction, pc: int) -> None:
-        """A store through a map pointer: the kernel's message for its struct (always refused)."""
+        """A store through a map pointer: the kernel's message for its struct (always refused).
+        (Also notes stores through stack pointers other than r10, for precision demand.)"""
         dst = st.cur.regs[ins.dst]
+        if dst.type == S.STACK and ins.dst != 10:
+            self._stack_access(pc)
         if dst.type == S.MAP_PTR:
             if ins.opcode & 0x07 == op.BPF_STX:
                 self._read(st, ins.src)

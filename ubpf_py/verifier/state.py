@@ -275,13 +275,15 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
                 if sp is not None and sp.type == SCALAR and sp.val.is_const() and sp.val.value == 0:
                     continue
             return False
-        if c != S_SPILL:
+        if c != S_SPILL and not _imprecise_spill_vs_misc(old, cur, i >> 3, demand):
             return False
     for slot, o in old.spills.items():
         if not (slots >> slot) & 1:
             continue
         c = cur.spills.get(slot)
         if c is None:
+            if _imprecise_spill_vs_misc(old, cur, slot, demand):
+                continue
             # old spill bytes were all overwritten as misc in the old state's view? no: must match
             if any(os_[slot * 8 + j] == S_SPILL for j in range(8)):
                 return False
@@ -292,6 +294,19 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
         if not reg_safe(o, c, ids, False):
             return False
     return True
+
+
+def _imprecise_spill_vs_misc(old: Frame, cur: Frame, slot: int, demand: int) -> bool:
+    """The kernel's stacksafe for privileged programs: an 8-byte spilled scalar whose value no
+    later instruction needs exactly covers a slot of unknown bytes (misc, or never written: a
+    privileged program may read those as an unknown scalar)."""
+    o = old.spills.get(slot)
+    if o is None or o.type != SCALAR or demand & ((1 << 11) | (1 << (16 + slot))):
+        return False
+    base = slot * 8
+    if any(old.stack[base + j] != S_SPILL for j in range(8)) or slot in cur.spills:
+        return False
+    return all(cur.stack[base + j] <= S_MISC for j in range(8))
 
 
 def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int, int]] | None,

@@ -421,11 +421,14 @@ def _slot_bits(off: int, size: int) -> int:
 
 
 def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, tuple[str, ...]],
-                     decided: set[int] | None = None) -> list[int]:
+                     decided: set[int] | None = None, stack_access: set[int] | None = None) -> list[int]:
     """Per instruction: which registers / stack slots may later need exact values.
 
     ``decided``: the conditional jumps whose outcome the walk has found decided by the
     values (the kernel marks a branch's operands precise only then); None = all jumps.
+    ``stack_access``: the loads/stores through a register other than r10 that the walk found
+    pointing into the stack (only those can read or write a stack slot; the kernel knows the
+    pointer's type when it backtracks); None = every such access may.
     """
     n = cfg.n
     second = {i + 1 for i, ins in enumerate(insns) if ins.opcode == op.LDDW}
@@ -486,7 +489,10 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
         if cls == op.BPF_LDX:
             res = out & ~d
             if out & d:
-                res |= _slot_bits(ins.off, op.SIZE_BYTES[code & 0x18]) if ins.src == 10 else ALL_STACK
+                if ins.src == 10:
+                    res |= _slot_bits(ins.off, op.SIZE_BYTES[code & 0x18])
+                elif stack_access is None or i in stack_access:
+                    res |= ALL_STACK
             return res | s
         if cls in (op.BPF_ST, op.BPF_STX):
             res = out | d
@@ -496,7 +502,7 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
                 if ins.dst == 10:
                     if out & (ALL_STACK | _slot_bits(ins.off, op.SIZE_BYTES[code & 0x18])):
                         res |= s
-                elif out & (ALL_STACK | SLOT_MASK):
+                elif out & (ALL_STACK | SLOT_MASK) and (stack_access is None or i in stack_access):
                     res |= s
             return res
         if code == op.LDDW:
