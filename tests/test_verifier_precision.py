@@ -20,8 +20,8 @@ from test_verifier import prog
 from ubpf_py.verifier import checker, verify_program
 
 SPILL_VS_MISC = "\n".join(
-    ["call 7", "mov %r7, %r0", "mov %r9, 0"] + ["add %r9, 1"] * 6
-    + ["jset %r7, 1, alt", "mov %r6, -8", "stxdw [%r10-24], %r6", "ja join",
+    ["call 7", "mov %r7, %r0", "mov %r9, 0", "jset %r7, 1, alt", "mov %r6, -8", "stxdw [%r10-24], %r6"]
+    + ["add %r9, 1"] * 6 + ["ja join",
        "alt:", "mov %r1, %r10", "add %r1, -24", "mov %r2, 8", "mov %r3, 0", "call 113",
        "join:", "ldxdw %r6, [%r10-24]", "mov %r1, %r10", "add %r1, %r6", "stdw [%r1+0], 0", "mov %r0, 0", "exit"])
 

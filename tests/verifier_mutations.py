@@ -358,9 +358,11 @@ JOIN_USES = ("write", "read", "helper")
 
 def join_program(a: int, b: int, transport: str, use: str, pad: int = 6) -> str:
     """Assembly of one join-dependent program (bpf_conformance syntax)."""
-    lines = ["call 7", "mov %r7, %r0", "mov %r9, 0"]
-    lines += ["add %r9, 1"] * pad  # enough instructions since the last checkpoint
-    lines += [f"mov %r6, {a}", "jset %r7, 1, alt", "ja join", "alt:", f"mov %r6, {b}", "join:"]
+    lines = ["call 7", "mov %r7, %r0", "mov %r9, 0", "jset %r7, 1, alt", f"mov %r6, {a}"]
+    # enough instructions since the last checkpoint (calls and exits count as jumps, as in the
+    # kernel) that the path walked first leaves one at the join
+    lines += ["add %r9, 1"] * pad
+    lines += ["ja join", "alt:", f"mov %r6, {b}", "join:"]
     if transport == "mov":
         lines += ["mov %r8, %r6", "mov %r6, 0", "mov %r6, %r8"]
     elif transport == "spill64":

@@ -270,6 +270,7 @@ class Checker:
                 raise Reject("BPF_LD_[ABS|IND] instructions not allowed for this program type")
             else:
                 o = code & 0xF0
+                self.jumps += 1   # the kernel's jmps_processed counts calls and exits too
                 if o == op.BPF_CALL:
                     pc = self._call(st, pc, ins)
                 elif o == op.BPF_EXIT:
@@ -279,13 +280,10 @@ class Checker:
                         return
                     pc = nxt
                 elif o == op.BPF_JA:
-                    self.jumps += 1
                     pc = jump_target(pc, ins)
                 elif code == op.MAY_GOTO:
-                    self.jumps += 1
                     pc = self._may_goto(st, pc, ins)
                 else:
-                    self.jumps += 1
                     pc = self._cond(st, pc, ins)
                     if pc < 0:
                         self._path_done(st)
