@@ -141,8 +141,8 @@ class Frame:
     frameno: int
     #: set for bpf_loop-style callbacks: the helper call to return to
     in_callback: bool = False
-    #: for frames saved in checkpoints (never changed again): the stack bytes that are
-    #: known zero or spilled, as (index, kind); computed on the first comparison
+    #: for frames saved in checkpoints (never changed again): the stack slots that hold
+    #: known-zero or spilled bytes, as (slot, byte kinds); computed on the first comparison
     known: tuple | None = None
 
     def copy(self) -> Frame:
@@ -262,25 +262,35 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
         return True
     known = old.known
     if known is None:
-        known = old.known = tuple((i, k) for i, k in enumerate(os_) if k > S_MISC)
-    for i, k in known:
-        if not (slots >> (i >> 3)) & 1:
+        known = old.known = _known_slots(os_)
+    for slot, pat in known:
+        if not (slots >> slot) & 1:
             continue
-        c = cs[i]
-        if k == S_ZERO:
-            if c == S_ZERO:
+        base = slot * 8
+        if cs[base:base + 8] == pat:   # the same byte kinds: every known byte matches
+            continue
+        for j in range(8):
+            k = pat[j]
+            if k <= S_MISC:
                 continue
-            if c == S_SPILL:
-                sp = cur.spills.get(i // 8)
-                if sp is not None and sp.type == SCALAR and sp.val.is_const() and sp.val.value == 0:
+            c = cs[base + j]
+            if k == S_ZERO:
+                if c == S_ZERO:
                     continue
-            return False
-        if c != S_SPILL and not _imprecise_spill_vs_misc(old, cur, i >> 3, demand):
-            return False
+                if c == S_SPILL:
+                    sp = cur.spills.get(slot)
+                    if sp is not None and sp.type == SCALAR and sp.val.is_const() and sp.val.value == 0:
+                        continue
+                return False
+            if c != S_SPILL and not _imprecise_spill_vs_misc(old, cur, slot, demand):
+                return False
+    cspills = cur.spills
     for slot, o in old.spills.items():
         if not (slots >> slot) & 1:
             continue
-        c = cur.spills.get(slot)
+        c = cspills.get(slot)
+        if c is o and not o.id and not o.ref:
+            continue
         if c is None:
             if _imprecise_spill_vs_misc(old, cur, slot, demand):
                 continue
@@ -294,6 +304,16 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
         if not reg_safe(o, c, ids, False):
             return False
     return True
+
+
+def _known_slots(stack: bytearray) -> tuple[tuple[int, bytes], ...]:
+    """(slot, its 8 byte kinds) of every slot holding a known-zero or spilled byte."""
+    out = []
+    for slot in range(len(stack) // 8):
+        pat = bytes(stack[slot * 8:slot * 8 + 8])
+        if max(pat) > S_MISC:
+            out.append((slot, pat))
+    return tuple(out)
 
 
 def _imprecise_spill_vs_misc(old: Frame, cur: Frame, slot: int, demand: int) -> bool:
@@ -326,8 +346,11 @@ def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int,
         if of.callsite != cf.callsite or of.in_callback != cf.in_callback:
             return False
         live, demand, slots = masks[fi] if masks is not None else (0x7FF, -1, -1)
+        oregs, cregs = of.regs, cf.regs
         for r in range(11):
-            o, c = of.regs[r], cf.regs[r]
+            o, c = oregs[r], cregs[r]
+            if o is c and not o.id and not o.ref:
+                continue   # registers are shared between states: the same object is covered
             if exact:
                 if not reg_safe(o, c, ids, True):
                     return False
