@@ -88,7 +88,7 @@ def test_stack_pointer_accesses_keep_slots_precise(name: str, monkeypatch: pytes
 
     real = structure.precision_demand
     monkeypatch.setattr(checker, "precision_demand",
-                        lambda insns, cfg, helpers, decided=None, stack_access=None:
+                        lambda insns, cfg, helpers, decided=None, stack_access=None, **kw:
                         real(insns, cfg, helpers, decided, set()))
     assert _verify(CASES[name][0]).ok
 

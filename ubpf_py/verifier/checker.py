@@ -122,6 +122,8 @@ class Checker:
         #: touch the stack, so their values do not make stack slots precise); same argument
         self.stack_access: set[int] = set()
         self._demand_dirty = False
+        #: instructions added to ``decided``/``stack_access`` since ``demand`` was computed
+        self._demand_new: set[int] = set()
         self.demand = precision_demand(self.insns, cfg, self._helper_args, self.decided,
                                        self.stack_access)
         self._verified: set[int] = set()
@@ -296,7 +298,8 @@ class Checker:
         if self._demand_dirty:
             self._demand_dirty = False
             self.demand = precision_demand(self.insns, self.cfg, self._helper_args, self.decided,
-                                           self.stack_access)
+                                           self.stack_access, init=self.demand, dirty=self._demand_new)
+            self._demand_new = set()
         live = self.cfg.live_in
         demand = self.demand
         n = len(live)
@@ -539,6 +542,7 @@ class Checker:
     def _stack_access(self, pc: int) -> None:
         if pc not in self.stack_access:
             self.stack_access.add(pc)
+            self._demand_new.add(pc)
             self._demand_dirty = True
 
     def _no_map_ptr_write(self, st: VerifierState, ins: Instruction, pc: int) -> None:
@@ -703,6 +707,7 @@ class Checker:
     def _decided(self, pc: int) -> None:
         if pc not in self.decided:
             self.decided.add(pc)
+            self._demand_new.add(pc)
             self._demand_dirty = True
 
     @staticmethod

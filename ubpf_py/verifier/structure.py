@@ -162,6 +162,8 @@ class Cfg:
     stack_live: list[int] = field(default_factory=list)
     #: instruction -> function start
     owner: list[int] = field(default_factory=list)
+    #: ``precision_demand``'s graph, built on first use
+    demand_graph: tuple | None = None
 
     def func_of(self, insn: int) -> int:
         return self.owner[insn]
@@ -420,16 +422,11 @@ def _slot_bits(off: int, size: int) -> int:
     return bits
 
 
-def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, tuple[str, ...]],
-                     decided: set[int] | None = None, stack_access: set[int] | None = None) -> list[int]:
-    """Per instruction: which registers / stack slots may later need exact values.
-
-    ``decided``: the conditional jumps whose outcome the walk has found decided by the
-    values (the kernel marks a branch's operands precise only then); None = all jumps.
-    ``stack_access``: the loads/stores through a register other than r10 that the walk found
-    pointing into the stack (only those can read or write a stack slot; the kernel knows the
-    pointer's type when it backtracks); None = every such access may.
-    """
+def _demand_graph(insns: list[Instruction], cfg: Cfg) -> tuple:
+    """(lddw second slots, successors, predecessors, call sites per function) for
+    ``precision_demand``; built once per program (kept on the Cfg)."""
+    if cfg.demand_graph is not None:
+        return cfg.demand_graph
     n = cfg.n
     second = {i + 1 for i, ins in enumerate(insns) if ins.opcode == op.LDDW}
     succ: list[tuple[int, ...]] = []
@@ -447,7 +444,6 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
             succ.append((i + 2,))
         else:
             succ.append((i + 1,))
-    fact = [0] * n
     # call sites of each function: start -> [(call insn, resumes at)]
     sites: dict[int, list[tuple[int, int]]] = {}
     for i, ins in enumerate(insns):
@@ -458,6 +454,31 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
     for s in cfg.callbacks:
         sites.setdefault(s, []).extend((c, c) for c in cb_sites)
         sites[s].extend((c, c + 1) for c in cb_sites)
+    preds: list[list[int]] = [[] for _ in range(n)]
+    for i in range(n):
+        for t in succ[i]:
+            if t < n:
+                preds[t].append(i)
+    cfg.demand_graph = (second, succ, preds, sites)
+    return cfg.demand_graph
+
+
+def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, tuple[str, ...]],
+                     decided: set[int] | None = None, stack_access: set[int] | None = None, *,
+                     init: list[int] | None = None, dirty: set[int] | None = None) -> list[int]:
+    """Per instruction: which registers / stack slots may later need exact values.
+
+    ``decided``: the conditional jumps whose outcome the walk has found decided by the
+    values (the kernel marks a branch's operands precise only then); None = all jumps.
+    ``stack_access``: the loads/stores through a register other than r10 that the walk found
+    pointing into the stack (only those can read or write a stack slot; the kernel knows the
+    pointer's type when it backtracks); None = every such access may.
+    ``init``/``dirty``: the fixpoint computed with smaller sets and the instructions added to
+    them since; facts only grow with the sets, so the walk resumes from there.
+    """
+    n = cfg.n
+    second, succ, preds, sites = _demand_graph(insns, cfg)
+    fact = list(init) if init is not None else [0] * n
 
     def exit_fact(i: int) -> int:
         # r0 at a function's exit is precise if a caller needs it precisely after the call
@@ -533,17 +554,15 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
             return out | d | (s if code & op.BPF_X else 0)
         return out | 0x7FF
 
-    preds: list[list[int]] = [[] for _ in range(n)]
-    for i in range(n):
-        for t in succ[i]:
-            if t < n:
-                preds[t].append(i)
     changed = True
     rounds = 0
     while changed and rounds < 50:
         changed = False
         rounds += 1
-        work = [i for i in range(n) if i not in second]
+        if rounds == 1 and init is not None and dirty is not None:
+            work = sorted(i for i in dirty if i not in second)
+        else:
+            work = [i for i in range(n) if i not in second]
         inq = set(work)
         while work:
             i = work.pop()
