@@ -202,94 +202,99 @@ class Checker:
         stats = self.stats
         level2 = self.log_level >= 2
         seen = self.seen
-        while True:
-            self._fail_pc = pc
-            seen[pc] = 1
-            stats.processed += 1
-            if stats.processed > COMPLEXITY_LIMIT:
-                raise Reject(f"BPF program is too large. Processed {stats.processed} insn",
-                             "the verifier explored 1,000,000 instructions without finishing; "
-                             "simplify loops or branches")
-            if pc in prune and self._visit(st, pc):
-                self._path_done(st)
-                return
-            if not stats.processed & 0x3FFF and time.monotonic() > self.deadline:
-                raise Reject(f"verification exceeded the {self.time_budget:g} s time budget after "
-                             f"{stats.processed} insns", "the kernel would keep going up to 1,000,000 "
-                             "instructions; simplify loops or raise the budget")
-            self._cur_trail = (pc, self._cur_trail)
-            ins = insns[pc]
-            if level2:
-                from ubpf_py.verifier.log import format_insn
-                self.trace.append(f"{pc}: {format_insn(ins, pc)} ; {describe_regs(st)}")
-            code = ins.opcode
-            cls = code & 0x07
-            if code in _FAST_K64:
-                # r = constant OP immediate, 64-bit: the commonest loop step, done inline
-                regs = st.frames[-1].regs
-                d = regs[ins.dst]
-                if d.type == S.SCALAR and d.val.var.mask == 0 and ins.dst != 10:
-                    a = d.val.var.value
-                    b = ins.imm & 0xFFFFFFFFFFFFFFFF
-                    o = code & 0xF0
-                    r = (a + b) if o == op.BPF_ADD else (a - b) if o == op.BPF_SUB else \
-                        (a & b) if o == op.BPF_AND else (a | b) if o == op.BPF_OR else (a ^ b)
-                    regs[ins.dst] = Reg(S.SCALAR, Scalar.const(r))
-                else:
+        try:
+            while True:
+                seen[pc] = 1
+                stats.processed += 1
+                if stats.processed > COMPLEXITY_LIMIT:
+                    raise Reject(f"BPF program is too large. Processed {stats.processed} insn",
+                                 "the verifier explored 1,000,000 instructions without finishing; "
+                                 "simplify loops or branches")
+                if pc in prune and self._visit(st, pc):
+                    self._path_done(st)
+                    return
+                if not stats.processed & 0x3FFF and time.monotonic() > self.deadline:
+                    raise Reject(f"verification exceeded the {self.time_budget:g} s time budget after "
+                                 f"{stats.processed} insns", "the kernel would keep going up to 1,000,000 "
+                                 "instructions; simplify loops or raise the budget")
+                self._cur_trail = (pc, self._cur_trail)
+                ins = insns[pc]
+                if level2:
+                    from ubpf_py.verifier.log import format_insn
+                    self.trace.append(f"{pc}: {format_insn(ins, pc)} ; {describe_regs(st)}")
+                code = ins.opcode
+                cls = code & 0x07
+                if code in _FAST_K64:
+                    # r = constant OP immediate, 64-bit: the commonest loop step, done inline
+                    regs = st.frames[-1].regs
+                    d = regs[ins.dst]
+                    if d.type == S.SCALAR and d.val.var.mask == 0 and ins.dst != 10:
+                        a = d.val.var.value
+                        b = ins.imm & 0xFFFFFFFFFFFFFFFF
+                        o = code & 0xF0
+                        r = (a + b) if o == op.BPF_ADD else (a - b) if o == op.BPF_SUB else \
+                            (a & b) if o == op.BPF_AND else (a | b) if o == op.BPF_OR else (a ^ b)
+                        regs[ins.dst] = Reg(S.SCALAR, Scalar.const(r))
+                    else:
+                        self._alu(st, ins)
+                    pc += 1
+                elif cls in (op.BPF_ALU, op.BPF_ALU64):
                     self._alu(st, ins)
-                pc += 1
-            elif cls in (op.BPF_ALU, op.BPF_ALU64):
-                self._alu(st, ins)
-                pc += 1
-            elif cls == op.BPF_LDX:
-                self._read(st, ins.src)
-                self._check_dst(ins.dst)
-                sext = code & 0xE0 == op.BPF_MEMSX
-                size = op.SIZE_BYTES[code & 0x18]
-                src = st.cur.regs[ins.src]
-                if src.type == S.STACK and ins.src != 10:
-                    self._stack_access(pc)
-                if src.type == S.MAP_PTR:
-                    r = MF.check_read(self, src, ins.src, src.off + ins.off, size, False, sext, pc)
+                    pc += 1
+                elif cls == op.BPF_LDX:
+                    self._read(st, ins.src)
+                    self._check_dst(ins.dst)
+                    sext = code & 0xE0 == op.BPF_MEMSX
+                    size = op.SIZE_BYTES[code & 0x18]
+                    src = st.cur.regs[ins.src]
+                    if src.type == S.STACK and ins.src != 10:
+                        self._stack_access(pc)
+                    if src.type == S.MAP_PTR:
+                        r = MF.check_read(self, src, ins.src, src.off + ins.off, size, False, sext, pc)
+                    else:
+                        r = M.check_access(self, st, ins.src, ins.off, size, False, sext=sext)
+                    st.cur.regs[ins.dst] = r
+                    pc += 1
+                elif cls == op.BPF_STX:
+                    self._no_map_ptr_write(st, ins, pc)
+                    self._store(st, ins)
+                    pc += 1
+                elif cls == op.BPF_ST:
+                    self._no_map_ptr_write(st, ins, pc)
+                    M.check_access(self, st, ins.dst, ins.off, op.SIZE_BYTES[code & 0x18], True,
+                                   value=S.const_reg(ins.imm))
+                    pc += 1
+                elif code == op.LDDW:
+                    self._lddw(st, pc, ins)
+                    seen[pc + 1] = 1
+                    pc += 2
+                elif cls == op.BPF_LD:
+                    raise Reject("BPF_LD_[ABS|IND] instructions not allowed for this program type")
                 else:
-                    r = M.check_access(self, st, ins.src, ins.off, size, False, sext=sext)
-                st.cur.regs[ins.dst] = r
-                pc += 1
-            elif cls == op.BPF_STX:
-                self._no_map_ptr_write(st, ins, pc)
-                self._store(st, ins)
-                pc += 1
-            elif cls == op.BPF_ST:
-                self._no_map_ptr_write(st, ins, pc)
-                M.check_access(self, st, ins.dst, ins.off, op.SIZE_BYTES[code & 0x18], True,
-                               value=S.const_reg(ins.imm))
-                pc += 1
-            elif code == op.LDDW:
-                self._lddw(st, pc, ins)
-                seen[pc + 1] = 1
-                pc += 2
-            elif cls == op.BPF_LD:
-                raise Reject("BPF_LD_[ABS|IND] instructions not allowed for this program type")
-            else:
-                o = code & 0xF0
-                self.jumps += 1   # the kernel's jmps_processed counts calls and exits too
-                if o == op.BPF_CALL:
-                    pc = self._call(st, pc, ins)
-                elif o == op.BPF_EXIT:
-                    nxt = C.check_exit(self, st, pc)
-                    if nxt is None:
-                        self._path_done(st)
-                        return
-                    pc = nxt
-                elif o == op.BPF_JA:
-                    pc = jump_target(pc, ins)
-                elif code == op.MAY_GOTO:
-                    pc = self._may_goto(st, pc, ins)
-                else:
-                    pc = self._cond(st, pc, ins)
-                    if pc < 0:
-                        self._path_done(st)
-                        return
+                    o = code & 0xF0
+                    self.jumps += 1   # the kernel's jmps_processed counts calls and exits too
+                    if o == op.BPF_CALL:
+                        pc = self._call(st, pc, ins)
+                    elif o == op.BPF_EXIT:
+                        nxt = C.check_exit(self, st, pc)
+                        if nxt is None:
+                            self._path_done(st)
+                            return
+                        pc = nxt
+                    elif code == op.BPF_JMP | op.BPF_JA:
+                        pc += ins.off + 1
+                    elif o == op.BPF_JA:
+                        pc = jump_target(pc, ins)
+                    elif code == op.MAY_GOTO:
+                        pc = self._may_goto(st, pc, ins)
+                    else:
+                        pc = self._cond(st, pc, ins)
+                        if pc < 0:
+                            self._path_done(st)
+                            return
+        except Reject:
+            self._fail_pc = pc   # the instruction being checked (set here, not per insn)
+            raise
 
     # -- pruning -----------------------------------------------------------------------
     def _live_masks(self, st: VerifierState, pc: int) -> list[tuple[int, int, int]]:
@@ -344,10 +349,11 @@ class Checker:
                 cp.hits += 1
                 return True
             cp.misses += 1
-        sigs = self.open_sigs.setdefault(pc, {})
+        sigs = self.open_sigs.get(pc)
         fps = self.open_fps.get(pc)
-        fp = hash(tuple([r.val.var for r in st.cur.regs]))  # equal states, equal fingerprints
         # an identical open state is possible only if the current frame's registers match one
+        # (registers are immutable and cache their hash: equal states, equal fingerprints)
+        fp = hash(tuple(st.cur.regs)) if fps or loop_ok else 0
         maybe_loop = bool(fps) and fp in fps
         sig = st.signature() if maybe_loop or loop_ok else ()
         if not loop_ok:
@@ -355,12 +361,21 @@ class Checker:
             if cp is not None and cp.branches > 0:
                 raise Reject(f"infinite loop detected at insn {pc}",
                              "this loop comes back to the same state: it can never exit")
-            if not self._want_checkpoint(False, looping=bool(sigs)):
+            # the kernel's heuristic (``_want_checkpoint``), inline: this runs at every prune point
+            insns, jumps = self._last_cp
+            if sigs:
+                if self.jumps - jumps < 20 and self.stats.processed - insns < 100:
+                    return False
+            elif self.jumps - jumps < 2 or self.stats.processed - insns < 8:
                 return False
-        elif pc not in self.may_gotos:  # (may_goto widens its loop-body side only: _may_goto)
+            if not fps:
+                fp = hash(tuple(st.cur.regs))
+        elif pc not in self.may_gotos and sigs:  # (may_goto widens its loop-body side only: _may_goto)
             ancestors = [cp for cp in sigs.values() if cp.branches and len(cp.state.frames) == len(st.frames)]
             if ancestors:
                 S.widen(ancestors[-1].state, st)
+        if sigs is None:
+            sigs = self.open_sigs[pc] = {}
         # forget finished states that never help (the kernel's miss heuristic)
         if lst is not None and len(lst) > 8:
             lst[:] = [cp for cp in lst if cp.misses <= 3 * cp.hits + 3]
