@@ -26,7 +26,16 @@ from ubpf_py.verifier import state as S
 from ubpf_py.verifier.memory import Reject
 from ubpf_py.verifier.scalar import Scalar
 from ubpf_py.verifier.state import Checkpoint, Reg, VerifierState
-from ubpf_py.verifier.structure import STACK_ALL, Cfg, is_cond_jump, jump_target, precision_demand
+from ubpf_py.verifier.structure import ALL_STACK as ALL_STACK_DEMAND
+from ubpf_py.verifier.structure import (
+    SLOT0,
+    STACK_ALL,
+    Cfg,
+    is_cond_jump,
+    jump_target,
+    observed_stack_liveness,
+    precision_demand,
+)
 
 COMPLEXITY_LIMIT = 1_000_000
 JMP_SEQ_LIMIT = 8192
@@ -121,11 +130,17 @@ class Checker:
         #: loads/stores some path made through a stack pointer other than r10 (the others never
         #: touch the stack, so their values do not make stack slots precise); same argument
         self.stack_access: set[int] = set()
+        #: stack slots each helper call was seen to read (``structure.observed_stack_liveness``)
+        self.helper_reads: dict[int, int] = {}
+        #: helper calls -> stack slots (precision-demand bits) whose exact value they need
+        self.precise_reads: dict[int, int] = {}
+        self._helper_pc = -1
+        self._slots_dirty = True
         self._demand_dirty = False
         #: instructions added to ``decided``/``stack_access`` since ``demand`` was computed
         self._demand_new: set[int] = set()
         self.demand = precision_demand(self.insns, cfg, self._helper_args, self.decided,
-                                       self.stack_access)
+                                       self.stack_access, self.precise_reads)
         self._verified: set[int] = set()
 
     # -- bookkeeping used by the other modules -------------------------------------
@@ -303,8 +318,12 @@ class Checker:
         if self._demand_dirty:
             self._demand_dirty = False
             self.demand = precision_demand(self.insns, self.cfg, self._helper_args, self.decided,
-                                           self.stack_access, init=self.demand, dirty=self._demand_new)
+                                           self.stack_access, self.precise_reads, init=self.demand,
+                                           dirty=self._demand_new)
             self._demand_new = set()
+        if self._slots_dirty:
+            self._slots_dirty = False
+            self.stack_live = observed_stack_liveness(self.insns, self.cfg, self.stack_access, self.helper_reads)
         live = self.cfg.live_in
         demand = self.demand
         n = len(live)
@@ -312,7 +331,7 @@ class Checker:
         frames = st.frames
         for i in range(len(frames)):
             if i == len(frames) - 1:
-                out.append((live[pc], demand[pc], self.cfg.stack_live[pc]))
+                out.append((live[pc], demand[pc], self.stack_live[pc]))
                 continue
             callee = frames[i + 1]
             if callee.in_callback:
@@ -559,6 +578,31 @@ class Checker:
             self.stack_access.add(pc)
             self._demand_new.add(pc)
             self._demand_dirty = True
+            self._slots_dirty = True
+
+    def note_precise_stack(self, st: VerifierState, frame: int, lo: int, hi: int) -> None:
+        """The helper call being checked needs the exact value of stack bytes [lo, hi) of
+        ``frame`` (a constant map key): they become precision demand at that call."""
+        pc = self._helper_pc
+        if pc < 0:
+            return
+        bits = (_slot_bits(lo, hi) << SLOT0) if frame == len(st.frames) - 1 else ALL_STACK_DEMAND
+        old = self.precise_reads.get(pc, 0)
+        if bits & ~old:
+            self.precise_reads[pc] = old | bits
+            self._demand_new.add(pc)
+            self._demand_dirty = True
+
+    def note_helper_stack_read(self, st: VerifierState, frame: int, lo: int, hi: int) -> None:
+        """A helper call reads stack bytes [lo, hi) of ``frame`` (for stack-slot liveness)."""
+        pc = self._helper_pc
+        if pc < 0:
+            return
+        bits = STACK_ALL if frame != len(st.frames) - 1 else _slot_bits(lo, hi)
+        old = self.helper_reads.get(pc, 0)
+        if bits & ~old:
+            self.helper_reads[pc] = old | bits
+            self._slots_dirty = True
 
     def _no_map_ptr_write(self, st: VerifierState, ins: Instruction, pc: int) -> None:
         """A store through a map pointer: the kernel's message for its struct (always refused).
@@ -638,7 +682,11 @@ class Checker:
             raise Reject("calling kernel functions is not supported", "not supported: kfunc calls")
         if ins.imm == 12:
             self.has_tail_call.add(self.cfg.func_of(pc))
-        entered = C.check_helper(self, st, pc, ins.imm)
+        self._helper_pc = pc
+        try:
+            entered = C.check_helper(self, st, pc, ins.imm)
+        finally:
+            self._helper_pc = -1
         if entered:
             return st.cur.subprog
         return pc + 1
@@ -782,6 +830,15 @@ class Checker:
                     (ins.opcode == op.LDDW and ins.src == op.BPF_PSEUDO_FUNC):
                 out.setdefault(self.cfg.func_of(i), []).append(i + ins.imm + 1)
         return out
+
+
+def _slot_bits(lo: int, hi: int) -> int:
+    """Bits of the 8-byte stack slots bytes [lo, hi) (offsets from the frame top) touch."""
+    if hi <= lo:
+        return 0
+    first = (S.STACK_SIZE + lo) // 8
+    last = (S.STACK_SIZE + hi - 1) // 8
+    return ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
 
 
 def _sane_offset(v: Scalar, ptr: Reg) -> None:

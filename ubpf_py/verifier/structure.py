@@ -164,6 +164,9 @@ class Cfg:
     owner: list[int] = field(default_factory=list)
     #: ``precision_demand``'s graph, built on first use
     demand_graph: tuple | None = None
+    #: successors per instruction and the lddw second slots (for recomputing liveness)
+    succ: list[tuple[int, ...]] = field(default_factory=list)
+    second: set[int] = field(default_factory=set)
 
     def func_of(self, insn: int) -> int:
         return self.owner[insn]
@@ -273,6 +276,7 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
             if j not in seen and j not in second_slot:
                 raise StructureError(f"unreachable insn {j}", j, "dead code; the kernel refuses it too")
     cfg = Cfg(n, starts, ends, callbacks, prune, owner=owner)
+    cfg.succ, cfg.second = succ, second_slot
     cfg.live_in = _liveness(insns, succ, second_slot)
     cfg.stack_live = _stack_liveness(insns, succ, second_slot)
     return cfg
@@ -321,6 +325,31 @@ def _stack_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], secon
     return _backward_liveness(insns, succ, second, _stack_use_def)
 
 
+#: helpers whose stack reads all go through their memory arguments (no callbacks)
+OBSERVED_HELPERS = frozenset(h for h, p in PROTOS.items() if not {"func", "stack_or_null"} & set(p.args))
+
+
+def observed_stack_liveness(insns: list[Instruction], cfg: Cfg, stack_access: set[int],
+                            helper_reads: dict[int, int]) -> list[int]:
+    """Stack-slot liveness with what the walk saw: a load through a register other than r10
+    reads the stack only if some path had a stack pointer there (``stack_access``), and a
+    helper call reads the slots some path passed it (``helper_reads``: call -> slot bits, all
+    of them when a pointer into another frame was passed).  Like the kernel's, this is used
+    for finished checkpoints only, whose paths have all been walked."""
+    def use_def(i: int) -> tuple[int, int]:
+        ins = insns[i]
+        code = ins.opcode
+        cls = code & 0x07
+        if cls == op.BPF_LDX and ins.src != 10:
+            return (STACK_ALL if i in stack_access else 0), 0
+        if cls == op.BPF_STX and code & 0xE0 == op.BPF_ATOMIC and ins.dst != 10:
+            return (STACK_ALL if i in stack_access else 0), 0
+        if code == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_CALL_HELPER and ins.imm in OBSERVED_HELPERS:
+            return helper_reads.get(i, 0), 0
+        return _stack_use_def(ins)
+    return _backward_liveness(insns, cfg.succ, cfg.second, use_def, by_index=True)
+
+
 def _use_def(ins: Instruction) -> tuple[int, int]:
     code = ins.opcode
     cls = code & 0x07
@@ -367,11 +396,12 @@ def _liveness(insns: list[Instruction], succ: list[tuple[int, ...]], second: set
 
 
 def _backward_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], second: set[int],
-                       use_def, always: int = 0) -> list[int]:
+                       use_def, always: int = 0, by_index: bool = False) -> list[int]:
     """Live-in bit sets per instruction: a worklist solution of live = use | (live-out & ~def)
-    over the CFG (``use_def(insn) -> (use bits, def bits)``; lddw second slots use nothing)."""
+    over the CFG (``use_def(insn) -> (use bits, def bits)``, or ``use_def(index)`` with
+    ``by_index``; lddw second slots use nothing)."""
     n = len(insns)
-    ud = [(0, 0) if i in second else use_def(insns[i]) for i in range(n)]
+    ud = [(0, 0) if i in second else use_def(i if by_index else insns[i]) for i in range(n)]
     live = [0] * n
     preds: list[list[int]] = [[] for _ in range(n)]
     for i in range(n):
@@ -409,7 +439,7 @@ def _backward_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], se
 # 16-79 stack slots (slot k = bytes [k*8-512, k*8-504)).
 
 ALL_STACK = 1 << 11
-_SLOT0 = 16
+SLOT0 = _SLOT0 = 16
 SLOT_MASK = ((1 << 64) - 1) << _SLOT0
 
 
@@ -464,7 +494,8 @@ def _demand_graph(insns: list[Instruction], cfg: Cfg) -> tuple:
 
 
 def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, tuple[str, ...]],
-                     decided: set[int] | None = None, stack_access: set[int] | None = None, *,
+                     decided: set[int] | None = None, stack_access: set[int] | None = None,
+                     precise_reads: dict[int, int] | None = None, *,
                      init: list[int] | None = None, dirty: set[int] | None = None) -> list[int]:
     """Per instruction: which registers / stack slots may later need exact values.
 
@@ -473,6 +504,8 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
     ``stack_access``: the loads/stores through a register other than r10 that the walk found
     pointing into the stack (only those can read or write a stack slot; the kernel knows the
     pointer's type when it backtracks); None = every such access may.
+    ``precise_reads``: helper call -> stack-slot demand bits whose exact value it needs (a
+    constant map key that decides whether the lookup can fail).
     ``init``/``dirty``: the fixpoint computed with smaller sets and the instructions added to
     them since; facts only grow with the sets, so the walk resumes from there.
     """
@@ -519,7 +552,8 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
             res = out | d
             if cls == op.BPF_STX:
                 if code & 0xE0 == op.BPF_ATOMIC:
-                    return res | s | 1 | ALL_STACK
+                    on_stack = ins.dst == 10 or stack_access is None or i in stack_access
+                    return res | s | 1 | (ALL_STACK if on_stack else 0)
                 if ins.dst == 10:
                     if out & (ALL_STACK | _slot_bits(ins.off, op.SIZE_BYTES[code & 0x18])):
                         res |= s
@@ -542,6 +576,8 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
                 for k, kind in enumerate(args):
                     if kind != "anything":
                         res |= 1 << (k + 1)
+                if precise_reads:
+                    res |= precise_reads.get(i, 0)
                 if ins.imm in (164, 181):
                     res |= ALL_STACK if not cfg.callbacks else 0
                     for cb in cfg.callbacks:
