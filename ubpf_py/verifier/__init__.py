@@ -19,7 +19,7 @@ a kprobe program on Linux 6.18, checked by a differential campaign
   prototype's parameters, as in the kernel's compute_live_registers).  Sound (a
   checkpoint prunes only once every path below it is finished, so everything its
   paths decided or accessed is known); it may explore more or less than the kernel
-  (libbpf-tools: within a few % on all but 11 of 134 programs,
+  (libbpf-tools: 29.6k instructions against the kernel's 33.0k over 134 programs,
   benchmarks/verifier_speed.py; tests/test_verifier_precision.py).
 * Callbacks (bpf_loop, for_each_map_elem): scalars that keep changing between
   iterations are widened to unknown, so exploration converges (the kernel
