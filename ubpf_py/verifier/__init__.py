@@ -15,8 +15,10 @@ a kprobe program on Linux 6.18, checked by a differential campaign
   pruning by backtracking; we use a static over-approximation
   (``structure.precision_demand``) in which a branch's operands count only once
   some path found that branch decided and stack slots only through accesses some
-  path made with a stack pointer, and a static liveness (a helper reads only its
-  prototype's parameters, as in the kernel's compute_live_registers).  Sound (a
+  path made with a stack pointer (or a spilled constant map key a lookup relied on),
+  and a liveness that is static for registers (a helper reads only its prototype's
+  parameters, as in the kernel's compute_live_registers) and for stack slots uses the
+  slots each helper call and stack-pointer access was seen to read.  Sound (a
   checkpoint prunes only once every path below it is finished, so everything its
   paths decided or accessed is known); it may explore more or less than the kernel
   (libbpf-tools: 29.6k instructions against the kernel's 33.0k over 134 programs,
