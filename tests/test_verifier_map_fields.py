@@ -247,3 +247,31 @@ def test_values_equal_the_kernels(printer: Path, engine: str, mode: str) -> None
     if (reason := kernel_skip_reason()) is not None:
         pytest.skip(reason)
     assert _printed(printer, "--backend", "kernel") == ours
+
+
+# -- arithmetic on a map pointer ------------------------------------------------------------
+
+#: (name, program, the kernel's error line or None) -- the kernel lets a map pointer take a known 0
+ARITH = [
+    ("map_ptr_plus_zero", "lddw %r1, 0xfa00000001\nmov %r2, 0\nadd %r1, %r2\nstw [%r10-4], 0\n"
+     "mov %r2, %r10\nadd %r2, -4\ncall 1\nmov %r0, 0\nexit", None),
+    ("zero_plus_map_ptr", "lddw %r2, 0xfa00000001\nmov %r1, 0\nadd %r1, %r2\nstw [%r10-4], 0\n"
+     "mov %r2, %r10\nadd %r2, -4\ncall 1\nmov %r0, 0\nexit", None),
+    ("map_ptr_plus_four", "lddw %r1, 0xfa00000001\nadd %r1, 4\nmov %r0, 0\nexit",
+     "R1 pointer arithmetic on map_ptr prohibited"),
+]
+
+
+@pytest.mark.parametrize("name,text,error", ARITH, ids=[a[0] for a in ARITH])
+def test_map_pointer_arithmetic(name: str, text: str, error: str | None) -> None:
+    from test_verifier import MAPS, prog
+
+    r = verify_program(prog(text), MAPS, mode="warn")
+    assert r.ok == (error is None), r.error
+    if error:
+        assert r.error == error
+    if kernel_skip_reason() is None:
+        ok, line, _log = kernel_verdict(prog(text), MAPS)
+        assert ok == (error is None), line
+        if error:
+            assert line == error

@@ -543,6 +543,8 @@ class Checker:
         if ptr.type in S.OR_NULL:
             raise Reject(f"R{d} pointer arithmetic on {ptr.type} prohibited, null-check it first",
                          "compare the pointer with 0 before doing arithmetic on it")
+        if ptr.type == S.MAP_PTR and o == op.BPF_ADD and off.val.is_const() and off.val.value == 0:
+            return ptr   # the kernel lets a map pointer take a known 0 (adjust_ptr_min_max_vals)
         if ptr.type in (S.MAP_PTR, S.FUNC):
             raise Reject(f"R{d} pointer arithmetic on {ptr.type} prohibited")
         _sane_offset(off.val, ptr)
