@@ -352,15 +352,17 @@ if __name__ == "__main__":
 # when it prunes accepts the unsafe path because the safe one was seen first.
 
 JOIN_OFFSETS = (-8, -16, -64, -512, -520, -608, -4, 0, 8)
-JOIN_TRANSPORTS = ("none", "mov", "spill64", "spill32_fill32", "loop")
+JOIN_TRANSPORTS = ("none", "mov", "spill64", "spill32_fill32", "loop", "fill_via_pointer", "spill_via_pointer")
 JOIN_USES = ("write", "read", "helper")
 
 
 def join_program(a: int, b: int, transport: str, use: str, pad: int = 6) -> str:
     """Assembly of one join-dependent program (bpf_conformance syntax)."""
-    lines = ["call 7", "mov %r7, %r0", "mov %r9, 0"]
-    lines += ["add %r9, 1"] * pad  # enough instructions since the last checkpoint
-    lines += [f"mov %r6, {a}", "jset %r7, 1, alt", "ja join", "alt:", f"mov %r6, {b}", "join:"]
+    lines = ["call 7", "mov %r7, %r0", "mov %r9, 0", "jset %r7, 1, alt", f"mov %r6, {a}"]
+    # enough instructions since the last checkpoint (calls and exits count as jumps, as in the
+    # kernel) that the path walked first leaves one at the join
+    lines += ["add %r9, 1"] * pad
+    lines += ["ja join", "alt:", f"mov %r6, {b}", "join:"]
     if transport == "mov":
         lines += ["mov %r8, %r6", "mov %r6, 0", "mov %r6, %r8"]
     elif transport == "spill64":
@@ -368,6 +370,11 @@ def join_program(a: int, b: int, transport: str, use: str, pad: int = 6) -> str:
     elif transport == "spill32_fill32":
         # a negative offset does not fit 32 bits: kept as a value, the fill zero-extends it
         lines += ["stxw [%r10-24], %r6", "mov %r6, 0", "ldxw %r6, [%r10-24]", "lsh %r6, 32", "arsh %r6, 32"]
+    elif transport == "fill_via_pointer":
+        # spilled with r10, filled through another stack pointer (a load the walk sees reach the stack)
+        lines += ["stxdw [%r10-24], %r6", "mov %r6, 0", "mov %r2, %r10", "add %r2, -24", "ldxdw %r6, [%r2+0]"]
+    elif transport == "spill_via_pointer":
+        lines += ["mov %r2, %r10", "add %r2, -24", "stxdw [%r2+0], %r6", "mov %r6, 0", "ldxdw %r6, [%r10-24]"]
     elif transport == "loop":
         lines += ["mov %r8, 0", "loop:", "add %r8, 1", "jlt %r8, 3, loop"]
     lines += ["mov %r1, %r10", "add %r1, %r6"]

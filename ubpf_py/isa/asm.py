@@ -226,6 +226,10 @@ class _Assembler:
             self._want(line, 1)
             self.emit(Instruction(op.BPF_JMP | op.BPF_JA, 0, 0, self.target(line, ops[0], "off"), 0))
             return
+        if m == "may_goto":  # Linux extension: taken once the frame's loop budget is used up
+            self._want(line, 1)
+            self.emit(Instruction(op.MAY_GOTO, 0, 0, self.target(line, ops[0], "off"), 0))
+            return
         if m == "ja32":
             self._want(line, 1)
             self.emit(Instruction(op.BPF_JMP32 | op.BPF_JA, 0, 0, 0, self.target(line, ops[0], "imm")))
@@ -278,7 +282,7 @@ class _Assembler:
         base = mnemonic[:-2] if mnemonic.endswith(("32", "64")) else mnemonic
         if base in _ALU_OPS:
             return self.alu
-        if base in _JMP_OPS or mnemonic in ("ja", "ja32"):
+        if base in _JMP_OPS or mnemonic in ("ja", "ja32", "may_goto"):
             return self.jmp
         if re.fullmatch(r"(be|le|swap|bswap)(16|32|64)", mnemonic):
             return self.endian
@@ -375,6 +379,8 @@ def format_asm(ins: Instruction) -> str:
             return f"ja {_rel(ins.off)}"
         if code == op.BPF_JMP32 | op.BPF_JA:
             return f"ja32 {_rel(ins.imm)}"
+        if code == op.MAY_GOTO:
+            return f"may_goto {_rel(ins.off)}"
         if code == op.BPF_JMP | op.BPF_EXIT:
             return "exit"
         if code == op.BPF_JMP | op.BPF_X | op.BPF_CALL:

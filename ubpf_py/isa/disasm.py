@@ -77,6 +77,8 @@ def _jmp(ins: Instruction) -> str:
         return f"goto {_target(ins.off)}"
     if ins.opcode == op.BPF_JMP32 | op.BPF_JA:
         return f"gotol {_target(ins.imm)}"
+    if ins.opcode == op.MAY_GOTO:
+        return f"may_goto {_target(ins.off)}"
     if ins.opcode == op.BPF_JMP | op.BPF_CALL:
         return f"call {_s32(ins.imm)}"
     if ins.opcode == op.BPF_JMP | op.BPF_X | op.BPF_CALL:

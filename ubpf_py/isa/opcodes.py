@@ -69,6 +69,11 @@ BPF_JLT = 0xA0
 BPF_JLE = 0xB0
 BPF_JSLT = 0xC0
 BPF_JSLE = 0xD0
+#: Linux's conditional pseudo-jump class (may_goto is its only member, src_reg 0)
+BPF_JCOND = 0xE0
+BPF_MAY_GOTO = 0
+#: may_goto, the whole opcode: BPF_JMP | BPF_JCOND
+MAY_GOTO = BPF_JMP | BPF_JCOND
 
 # atomic operations (imm field of BPF_STX | BPF_ATOMIC)
 BPF_FETCH = 0x01

@@ -87,6 +87,9 @@ def _build_rules() -> dict[int, _Rule]:
                                                        op.BPF_PSEUDO_KFUNC_CALL}))
     rules[op.BPF_JMP | op.BPF_X | op.BPF_CALL] = _Rule("callx", "r", "z", ZERO, ZERO)
     rules[op.BPF_JMP | op.BPF_EXIT] = _Rule("exit", "z", "z", ZERO, ZERO)
+    # Linux's may_goto (BPF_JCOND, src_reg BPF_MAY_GOTO): a jump taken once the frame's loop
+    # budget is used up; registers and imm are reserved
+    rules[op.MAY_GOTO] = _Rule("may_goto", "z", "z", ANY, ZERO)
 
     rules[op.LDDW] = _Rule("lddw", "w", "p", ZERO, ANY, frozenset(range(0, 7)))
     for size, sname in _SIZE_NAMES.items():

@@ -128,7 +128,7 @@ class Collection:
             if report is not None and report.ok and report.reachable is not None:
                 # dead code as the kernel sees it is never run: what only it uses (unknown helpers,
                 # poisoned CO-RE instructions behind bpf_core_field_exists) is not needed
-                insns = sanitize_dead_code(insns, report.reachable)
+                insns = sanitize_dead_code(insns, report.reachable, report.rewrites)
                 kept = [i for pc, i in enumerate(insns) if pc not in poisoned]
             check_helpers(kept)
             prepared[name] = (prog, insns, report)

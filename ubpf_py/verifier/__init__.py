@@ -14,8 +14,15 @@ a kprobe program on Linux 6.18, checked by a differential campaign
 * Precision: the kernel finds which scalars must be compared exactly when
   pruning by backtracking; we use a static over-approximation
   (``structure.precision_demand``) in which a branch's operands count only once
-  some path found that branch decided, and a static stack-slot liveness.  Both
-  are sound; ours may explore more (tests/test_verifier_precision.py).
+  some path found that branch decided and stack slots only through accesses some
+  path made with a stack pointer (or a spilled constant map key a lookup relied on),
+  and a liveness that is static for registers (a helper reads only its prototype's
+  parameters, as in the kernel's compute_live_registers) and for stack slots uses the
+  slots each helper call and stack-pointer access was seen to read.  Sound (a
+  checkpoint prunes only once every path below it is finished, so everything its
+  paths decided or accessed is known); it may explore more or less than the kernel
+  (libbpf-tools: 29.6k instructions against the kernel's 33.0k over 134 programs,
+  benchmarks/verifier_speed.py; tests/test_verifier_precision.py).
 * Callbacks (bpf_loop, for_each_map_elem): scalars that keep changing between
   iterations are widened to unknown, so exploration converges (the kernel
   compares imprecise scalars as equal).  Sound; may reject a program whose
@@ -25,6 +32,11 @@ a kprobe program on Linux 6.18, checked by a differential campaign
   report lists the reached instructions: the loader turns the rest into
   ``ja -1`` (``sanitize_dead_code``) as the kernel does.
 * A wall-clock budget (default 30 s) on top of the 1,000,000-instruction limit.
+* ``may_goto`` is verified as the kernel does (exit side first, the loop body one
+  may_goto depth deeper with changed imprecise scalars widened, an iteration pruned
+  against an earlier one at another depth).  The engines run the kernel's counted
+  budget (BPF_MAX_LOOPS fall-throughs per call, then the jump is taken); an x86-64
+  kernel of 6.15 or later JITs a *timed* may_goto instead (about 250 ms per call).
 * The kernel fails with an internal "verifier bug: No program to jit" when a
   callback's address is taken but the callback is never verified; we accept.
 * Global functions are verified alone against their BTF signature like the
@@ -32,8 +44,9 @@ a kprobe program on Linux 6.18, checked by a differential campaign
   are refused (not supported).
 * Not modelled (refused where reached): BTF-typed kernel pointers (kptrs,
   dynptrs, task storage, spin locks, timers, ``bpf_get_current_task_btf``),
-  kfuncs, may_goto (the engines lack it), reads of ``struct bpf_map`` fields
-  through a map pointer, helpers on map types other than
+  kfuncs, reads of ``struct bpf_map`` fields other than map_type, key_size,
+  value_size, max_entries, map_extra and map_flags (``mapfields``: those become the
+  loaded map's values), helpers on map types other than
   ``protos.MODELLED_MAP_TYPES`` (sockmap, devmap, local storage, ...).
   Comparison with the kernel's own verifier tests:
   ``benchmarks/verifier_selftests.py``.
@@ -51,6 +64,7 @@ from ubpf_py.obj.spec import MapSpec, ProgramSpec
 from ubpf_py.verifier import log as L
 from ubpf_py.verifier.checker import COMPLEXITY_LIMIT, Checker, Failure, describe_regs
 from ubpf_py.verifier.globalfuncs import global_functions, hidden_functions
+from ubpf_py.verifier.mapfields import rewrites as map_field_rewrites
 from ubpf_py.verifier.structure import StructureError, analyse
 
 MODES = ("strict", "warn", "off")
@@ -79,6 +93,9 @@ class VerifierReport:
     stack_depth: dict[int, int] = field(default_factory=dict)
     #: instructions some path reaches (accepted programs); the rest is dead code
     reachable: frozenset[int] | None = None
+    #: accepted programs: loads of struct bpf_map fields -> the move of the loaded map's value
+    #: that replaces them (``mapfields``; the loader applies it with ``sanitize_dead_code``)
+    rewrites: dict[int, Instruction] = field(default_factory=dict)
 
     @property
     def message(self) -> str:
@@ -124,11 +141,13 @@ def verify_program(prog: ProgramSpec, maps: list[MapSpec], *, mode: str = "stric
         ck.test_mem_size = test_mem_size
         fail = ck.run()
     reachable: frozenset[int] | None = None
+    rewrites: dict[int, Instruction] = {}
     if fail is None and ck is not None:
         # encodings are checked where the kernel checks them: on the instructions it reaches
         reachable = frozenset(i for i, b in enumerate(ck.seen) if b)
+        rewrites = map_field_rewrites(insns, ck.map_field_loads)
         try:
-            _isa_validate(sanitize_dead_code(insns, reachable))
+            _isa_validate(sanitize_dead_code(insns, reachable, rewrites))
         except InvalidInstructionError as e:
             fail = Failure(e.reason, e.index, "", [], None, None)
         except NotSupportedError as e:
@@ -137,6 +156,7 @@ def verify_program(prog: ProgramSpec, maps: list[MapSpec], *, mode: str = "stric
     report = _report(prog, fail, ck, seconds)
     if report.ok:
         report.reachable = reachable
+        report.rewrites = rewrites
     if not report.ok and mode == "strict":
         raise VerifierError(report.message, log=report.log, program=prog.name, insn_index=report.insn_index)
     return report
@@ -154,16 +174,20 @@ def _hidden(btf: object | None) -> frozenset[str]:
 DEAD_INSN = Instruction(0x05, off=-1)
 
 
-def sanitize_dead_code(insns: list[Instruction], reachable: frozenset[int] | set[int]) -> list[Instruction]:
+def sanitize_dead_code(insns: list[Instruction], reachable: frozenset[int] | set[int],
+                       rewrites: dict[int, Instruction] | None = None) -> list[Instruction]:
     """Replace every instruction no path reaches by ``ja -1``, as the kernel does.
 
     Code that constants or frozen ``.rodata`` make dead (a helper the runtime does not
     have, a kfunc call, a write to r10) is then neither compiled nor a reason to refuse
-    the program; the engines never execute it.
+    the program; the engines never execute it.  ``rewrites`` (``VerifierReport.rewrites``)
+    replaces the loads of ``struct bpf_map`` fields by the loaded map's values.
     """
-    if len(reachable) == len(insns):
-        return list(insns)
-    return [ins if i in reachable else DEAD_INSN for i, ins in enumerate(insns)]
+    out = list(insns) if len(reachable) == len(insns) else \
+        [ins if i in reachable else DEAD_INSN for i, ins in enumerate(insns)]
+    for i, ins in (rewrites or {}).items():
+        out[i] = ins
+    return out
 
 
 def _isa_validate(insns: list) -> None:

@@ -11,7 +11,7 @@ from ubpf_py.verifier import memory as M
 from ubpf_py.verifier import state as S
 from ubpf_py.verifier.context import CheckContext
 from ubpf_py.verifier.memory import Reject
-from ubpf_py.verifier.scalar import UNKNOWN, Scalar
+from ubpf_py.verifier.scalar import UNKNOWN, Scalar, s64
 from ubpf_py.verifier.state import Reg
 
 MAX_VAR_SIZE = 1 << 29
@@ -39,7 +39,7 @@ def _type_error(regno: int, reg: Reg, kind: str) -> Reject:
 class _Meta:
     """What earlier arguments told us about later ones (the kernel's bpf_call_arg_meta)."""
 
-    __slots__ = ("const_key", "func", "map", "mem_regno", "mem_write", "ref", "size_max")
+    __slots__ = ("const_key", "func", "key_at", "map", "mem_regno", "mem_write", "ref", "size_max")
 
     def __init__(self) -> None:
         self.map = -1
@@ -49,6 +49,8 @@ class _Meta:
         self.func = -1
         self.ref = 0
         self.const_key: int | None = None
+        #: (frame, offset, size) of a constant key on the stack
+        self.key_at: tuple[int, int, int] | None = None
 
 
 def check_helper(ck: CheckContext, st: S.VerifierState, pc: int, hid: int) -> bool:
@@ -106,6 +108,7 @@ def _check_arg(ck: CheckContext, st: S.VerifierState, pc: int, proto: HelperProt
         mem_access(ck, st, regno, reg, size, write=kind == "uninit_map_value")
         if kind == "map_key" and reg.type == S.STACK and reg.val.is_const():
             meta.const_key = _stack_const(st, reg, size)
+            meta.key_at = (reg.frame, s64(reg.off + reg.val.value), size)
         return
     if kind in ("mem", "mem_or_null", "uninit_mem"):
         meta.mem_regno = regno
@@ -278,6 +281,14 @@ def _finish_helper(ck: CheckContext, st: S.VerifierState, pc: int, proto: Helper
     elif ret == "map_value_or_null" and meta.map in ck.inner_of:
         regs[0] = Reg(S.MAP_PTR_OR_NULL, Scalar.const(0), map=ck.inner_of[meta.map], id=ck.new_id())
     elif ret == "map_value_or_null":
+        if meta.const_key is not None and proto.id == 1 and ck.maps[meta.map].type in ELIDE_NULL_MAP_TYPES \
+                and meta.key_at is not None:
+            # the result's type depends on the key's value: a spilled key is precise, as in the
+            # kernel's get_constant_map_key (known-zero bytes are compared exactly anyway)
+            frame, off, size = meta.key_at
+            kinds = st.frames[frame].stack[S.STACK_SIZE + off:S.STACK_SIZE + off + size]
+            if any(k != S.S_ZERO for k in kinds):
+                ck.note_precise_stack(st, frame, off, off + size)
         if meta.const_key is not None and proto.id == 1 and \
                 ck.maps[meta.map].type in ELIDE_NULL_MAP_TYPES and meta.const_key < ck.maps[meta.map].max_entries:
             # Linux 6.13+: an array lookup with a constant in-range key cannot fail

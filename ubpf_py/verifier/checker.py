@@ -20,12 +20,22 @@ from ubpf_py.obj.spec import MapSpec, ProgramSpec
 from ubpf_py.verifier import alu as A
 from ubpf_py.verifier import calls as C
 from ubpf_py.verifier import globalfuncs as G
+from ubpf_py.verifier import mapfields as MF
 from ubpf_py.verifier import memory as M
 from ubpf_py.verifier import state as S
 from ubpf_py.verifier.memory import Reject
 from ubpf_py.verifier.scalar import Scalar
 from ubpf_py.verifier.state import Checkpoint, Reg, VerifierState
-from ubpf_py.verifier.structure import STACK_ALL, Cfg, is_cond_jump, jump_target, precision_demand
+from ubpf_py.verifier.structure import ALL_STACK as ALL_STACK_DEMAND
+from ubpf_py.verifier.structure import (
+    SLOT0,
+    STACK_ALL,
+    Cfg,
+    is_cond_jump,
+    jump_target,
+    observed_stack_liveness,
+    precision_demand,
+)
 
 COMPLEXITY_LIMIT = 1_000_000
 JMP_SEQ_LIMIT = 8192
@@ -69,6 +79,8 @@ class Checker:
         # inner map templates of map-in-maps get indexes after the object's maps: a lookup
         # in the outer map gives a pointer to (a map like) the template
         self.maps = list(maps)
+        self.n_object_maps = len(maps)
+        self.map_field_loads: dict[int, tuple[tuple, int]] = {}
         self.inner_of: dict[int, int] = {}
         for i, m in enumerate(maps):
             if m.type in M.MAP_IN_MAP and m.inner is not None:
@@ -97,6 +109,12 @@ class Checker:
         self.loop_ok = {i for i, ins in enumerate(self.insns)
                         if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == 0
                         and ins.imm in _HELPER_CALLBACKS}
+        #: may_goto instructions: like callback calls, a state there may be pruned against an
+        #: ancestor still being explored (the kernel's loop handling for may_goto)
+        self.may_gotos = {i for i, ins in enumerate(self.insns) if ins.opcode == op.MAY_GOTO}
+        #: per may_goto: the open checkpoints still tried for pruning (newest last)
+        self.may_goto_open: dict[int, list[Checkpoint]] = {}
+        self.loop_ok |= self.may_gotos
         self._cur_trail: tuple | None = None
         self.visit_points = cfg.prune_points | self.loop_ok
         #: instructions some path reached (the rest is dead code, as the kernel sees it)
@@ -108,8 +126,20 @@ class Checker:
         #: recomputed when this grows.  A checkpoint is used for pruning only once every
         #: path below it is finished, so every jump its paths decided is in here by then.
         self.decided: set[int] = set()
+        #: loads/stores some path made through a stack pointer other than r10 (the others never
+        #: touch the stack, so their values do not make stack slots precise); same argument
+        self.stack_access: set[int] = set()
+        #: stack slots each helper call was seen to read (``structure.observed_stack_liveness``)
+        self.helper_reads: dict[int, int] = {}
+        #: helper calls -> stack slots (precision-demand bits) whose exact value they need
+        self.precise_reads: dict[int, int] = {}
+        self._helper_pc = -1
+        self._slots_dirty = True
         self._demand_dirty = False
-        self.demand = precision_demand(self.insns, cfg, self._helper_args, self.decided)
+        #: instructions added to ``decided``/``stack_access`` since ``demand`` was computed
+        self._demand_new: set[int] = set()
+        self.demand = precision_demand(self.insns, cfg, self._helper_args, self.decided,
+                                       self.stack_access, self.precise_reads)
         self._verified: set[int] = set()
 
     # -- bookkeeping used by the other modules -------------------------------------
@@ -162,6 +192,7 @@ class Checker:
             self.explored.clear()
             self.open_sigs.clear()
             self.open_fps.clear()
+            self.may_goto_open.clear()
             fail = self._explore(st, start)
             if fail:
                 return fail
@@ -185,84 +216,99 @@ class Checker:
         stats = self.stats
         level2 = self.log_level >= 2
         seen = self.seen
-        while True:
-            self._fail_pc = pc
-            seen[pc] = 1
-            stats.processed += 1
-            if stats.processed > COMPLEXITY_LIMIT:
-                raise Reject(f"BPF program is too large. Processed {stats.processed} insn",
-                             "the verifier explored 1,000,000 instructions without finishing; "
-                             "simplify loops or branches")
-            if pc in prune and self._visit(st, pc):
-                self._path_done(st)
-                return
-            if not stats.processed & 0x3FFF and time.monotonic() > self.deadline:
-                raise Reject(f"verification exceeded the {self.time_budget:g} s time budget after "
-                             f"{stats.processed} insns", "the kernel would keep going up to 1,000,000 "
-                             "instructions; simplify loops or raise the budget")
-            self._cur_trail = (pc, self._cur_trail)
-            ins = insns[pc]
-            if level2:
-                from ubpf_py.verifier.log import format_insn
-                self.trace.append(f"{pc}: {format_insn(ins, pc)} ; {describe_regs(st)}")
-            code = ins.opcode
-            cls = code & 0x07
-            if code in _FAST_K64:
-                # r = constant OP immediate, 64-bit: the commonest loop step, done inline
-                regs = st.frames[-1].regs
-                d = regs[ins.dst]
-                if d.type == S.SCALAR and d.val.var.mask == 0 and ins.dst != 10:
-                    a = d.val.var.value
-                    b = ins.imm & 0xFFFFFFFFFFFFFFFF
-                    o = code & 0xF0
-                    r = (a + b) if o == op.BPF_ADD else (a - b) if o == op.BPF_SUB else \
-                        (a & b) if o == op.BPF_AND else (a | b) if o == op.BPF_OR else (a ^ b)
-                    regs[ins.dst] = Reg(S.SCALAR, Scalar.const(r))
-                else:
+        try:
+            while True:
+                seen[pc] = 1
+                stats.processed += 1
+                if stats.processed > COMPLEXITY_LIMIT:
+                    raise Reject(f"BPF program is too large. Processed {stats.processed} insn",
+                                 "the verifier explored 1,000,000 instructions without finishing; "
+                                 "simplify loops or branches")
+                if pc in prune and self._visit(st, pc):
+                    self._path_done(st)
+                    return
+                if not stats.processed & 0x3FFF and time.monotonic() > self.deadline:
+                    raise Reject(f"verification exceeded the {self.time_budget:g} s time budget after "
+                                 f"{stats.processed} insns", "the kernel would keep going up to 1,000,000 "
+                                 "instructions; simplify loops or raise the budget")
+                self._cur_trail = (pc, self._cur_trail)
+                ins = insns[pc]
+                if level2:
+                    from ubpf_py.verifier.log import format_insn
+                    self.trace.append(f"{pc}: {format_insn(ins, pc)} ; {describe_regs(st)}")
+                code = ins.opcode
+                cls = code & 0x07
+                if code in _FAST_K64:
+                    # r = constant OP immediate, 64-bit: the commonest loop step, done inline
+                    regs = st.frames[-1].regs
+                    d = regs[ins.dst]
+                    if d.type == S.SCALAR and d.val.var.mask == 0 and ins.dst != 10:
+                        a = d.val.var.value
+                        b = ins.imm & 0xFFFFFFFFFFFFFFFF
+                        o = code & 0xF0
+                        r = (a + b) if o == op.BPF_ADD else (a - b) if o == op.BPF_SUB else \
+                            (a & b) if o == op.BPF_AND else (a | b) if o == op.BPF_OR else (a ^ b)
+                        regs[ins.dst] = Reg(S.SCALAR, Scalar.const(r))
+                    else:
+                        self._alu(st, ins)
+                    pc += 1
+                elif cls in (op.BPF_ALU, op.BPF_ALU64):
                     self._alu(st, ins)
-                pc += 1
-            elif cls in (op.BPF_ALU, op.BPF_ALU64):
-                self._alu(st, ins)
-                pc += 1
-            elif cls == op.BPF_LDX:
-                self._read(st, ins.src)
-                self._check_dst(ins.dst)
-                sext = code & 0xE0 == op.BPF_MEMSX
-                r = M.check_access(self, st, ins.src, ins.off, op.SIZE_BYTES[code & 0x18], False, sext=sext)
-                st.cur.regs[ins.dst] = r
-                pc += 1
-            elif cls == op.BPF_STX:
-                self._store(st, ins)
-                pc += 1
-            elif cls == op.BPF_ST:
-                M.check_access(self, st, ins.dst, ins.off, op.SIZE_BYTES[code & 0x18], True,
-                               value=S.const_reg(ins.imm))
-                pc += 1
-            elif code == op.LDDW:
-                self._lddw(st, pc, ins)
-                seen[pc + 1] = 1
-                pc += 2
-            elif cls == op.BPF_LD:
-                raise Reject("BPF_LD_[ABS|IND] instructions not allowed for this program type")
-            else:
-                o = code & 0xF0
-                if o == op.BPF_CALL:
-                    pc = self._call(st, pc, ins)
-                elif o == op.BPF_EXIT:
-                    nxt = C.check_exit(self, st, pc)
-                    if nxt is None:
-                        self._path_done(st)
-                        return
-                    pc = nxt
-                elif o == op.BPF_JA:
-                    self.jumps += 1
-                    pc = jump_target(pc, ins)
+                    pc += 1
+                elif cls == op.BPF_LDX:
+                    self._read(st, ins.src)
+                    self._check_dst(ins.dst)
+                    sext = code & 0xE0 == op.BPF_MEMSX
+                    size = op.SIZE_BYTES[code & 0x18]
+                    src = st.cur.regs[ins.src]
+                    if src.type == S.STACK and ins.src != 10:
+                        self._stack_access(pc)
+                    if src.type == S.MAP_PTR:
+                        r = MF.check_read(self, src, ins.src, src.off + ins.off, size, False, sext, pc)
+                    else:
+                        r = M.check_access(self, st, ins.src, ins.off, size, False, sext=sext)
+                    st.cur.regs[ins.dst] = r
+                    pc += 1
+                elif cls == op.BPF_STX:
+                    self._no_map_ptr_write(st, ins, pc)
+                    self._store(st, ins)
+                    pc += 1
+                elif cls == op.BPF_ST:
+                    self._no_map_ptr_write(st, ins, pc)
+                    M.check_access(self, st, ins.dst, ins.off, op.SIZE_BYTES[code & 0x18], True,
+                                   value=S.const_reg(ins.imm))
+                    pc += 1
+                elif code == op.LDDW:
+                    self._lddw(st, pc, ins)
+                    seen[pc + 1] = 1
+                    pc += 2
+                elif cls == op.BPF_LD:
+                    raise Reject("BPF_LD_[ABS|IND] instructions not allowed for this program type")
                 else:
-                    self.jumps += 1
-                    pc = self._cond(st, pc, ins)
-                    if pc < 0:
-                        self._path_done(st)
-                        return
+                    o = code & 0xF0
+                    self.jumps += 1   # the kernel's jmps_processed counts calls and exits too
+                    if o == op.BPF_CALL:
+                        pc = self._call(st, pc, ins)
+                    elif o == op.BPF_EXIT:
+                        nxt = C.check_exit(self, st, pc)
+                        if nxt is None:
+                            self._path_done(st)
+                            return
+                        pc = nxt
+                    elif code == op.BPF_JMP | op.BPF_JA:
+                        pc += ins.off + 1
+                    elif o == op.BPF_JA:
+                        pc = jump_target(pc, ins)
+                    elif code == op.MAY_GOTO:
+                        pc = self._may_goto(st, pc, ins)
+                    else:
+                        pc = self._cond(st, pc, ins)
+                        if pc < 0:
+                            self._path_done(st)
+                            return
+        except Reject:
+            self._fail_pc = pc   # the instruction being checked (set here, not per insn)
+            raise
 
     # -- pruning -----------------------------------------------------------------------
     def _live_masks(self, st: VerifierState, pc: int) -> list[tuple[int, int, int]]:
@@ -270,7 +316,13 @@ class Checker:
         caller frames stay fully live: the callee may read them through pointers."""
         if self._demand_dirty:
             self._demand_dirty = False
-            self.demand = precision_demand(self.insns, self.cfg, self._helper_args, self.decided)
+            self.demand = precision_demand(self.insns, self.cfg, self._helper_args, self.decided,
+                                           self.stack_access, self.precise_reads, init=self.demand,
+                                           dirty=self._demand_new)
+            self._demand_new = set()
+        if self._slots_dirty:
+            self._slots_dirty = False
+            self.stack_live = observed_stack_liveness(self.insns, self.cfg, self.stack_access, self.helper_reads)
         live = self.cfg.live_in
         demand = self.demand
         n = len(live)
@@ -278,7 +330,7 @@ class Checker:
         frames = st.frames
         for i in range(len(frames)):
             if i == len(frames) - 1:
-                out.append((live[pc], demand[pc], self.cfg.stack_live[pc]))
+                out.append((live[pc], demand[pc], self.stack_live[pc]))
                 continue
             callee = frames[i + 1]
             if callee.in_callback:
@@ -298,7 +350,16 @@ class Checker:
         masks = None
         candidates = lst or []
         if loop_ok:
-            candidates = [*candidates, *self.open_sigs.get(pc, {}).values()]
+            if pc in self.may_gotos:
+                # the kernel: an ancestor at a different may_goto depth (an earlier iteration);
+                # like the kernel, one that missed 64 times more than it hit is dropped
+                keep = self.may_goto_open.setdefault(pc, [])
+                keep[:] = [cp for cp in keep if cp.branches and cp.misses <= 64 * cp.hits + 64]
+                depth = st.may_goto_depth
+                opened = [cp for cp in keep if cp.state.may_goto_depth != depth]
+            else:
+                opened = self.open_sigs.get(pc, {}).values()
+            candidates = [*candidates, *opened]
         for cp in candidates:
             if masks is None:
                 masks = self._live_masks(st, pc)
@@ -306,10 +367,11 @@ class Checker:
                 cp.hits += 1
                 return True
             cp.misses += 1
-        sigs = self.open_sigs.setdefault(pc, {})
+        sigs = self.open_sigs.get(pc)
         fps = self.open_fps.get(pc)
-        fp = hash(tuple([r.val.var for r in st.cur.regs]))  # equal states, equal fingerprints
         # an identical open state is possible only if the current frame's registers match one
+        # (registers are immutable and cache their hash: equal states, equal fingerprints)
+        fp = hash(tuple(st.cur.regs)) if fps or loop_ok else 0
         maybe_loop = bool(fps) and fp in fps
         sig = st.signature() if maybe_loop or loop_ok else ()
         if not loop_ok:
@@ -317,12 +379,21 @@ class Checker:
             if cp is not None and cp.branches > 0:
                 raise Reject(f"infinite loop detected at insn {pc}",
                              "this loop comes back to the same state: it can never exit")
-            if not self._want_checkpoint(False, looping=bool(sigs)):
+            # the kernel's heuristic (``_want_checkpoint``), inline: this runs at every prune point
+            insns, jumps = self._last_cp
+            if sigs:
+                if self.jumps - jumps < 20 and self.stats.processed - insns < 100:
+                    return False
+            elif self.jumps - jumps < 2 or self.stats.processed - insns < 8:
                 return False
-        else:
+            if not fps:
+                fp = hash(tuple(st.cur.regs))
+        elif pc not in self.may_gotos and sigs:  # (may_goto widens its loop-body side only: _may_goto)
             ancestors = [cp for cp in sigs.values() if cp.branches and len(cp.state.frames) == len(st.frames)]
             if ancestors:
                 S.widen(ancestors[-1].state, st)
+        if sigs is None:
+            sigs = self.open_sigs[pc] = {}
         # forget finished states that never help (the kernel's miss heuristic)
         if lst is not None and len(lst) > 8:
             lst[:] = [cp for cp in lst if cp.misses <= 3 * cp.hits + 3]
@@ -333,6 +404,8 @@ class Checker:
         cp.sig = sig
         cp.fp = fp
         st.parent = cp
+        if pc in self.may_gotos:
+            self.may_goto_open.setdefault(pc, []).append(cp)
         sigs[sig] = cp
         fps = self.open_fps.setdefault(pc, {})
         fps[fp] = fps.get(fp, 0) + 1
@@ -469,6 +542,8 @@ class Checker:
         if ptr.type in S.OR_NULL:
             raise Reject(f"R{d} pointer arithmetic on {ptr.type} prohibited, null-check it first",
                          "compare the pointer with 0 before doing arithmetic on it")
+        if ptr.type == S.MAP_PTR and o == op.BPF_ADD and off.val.is_const() and off.val.value == 0:
+            return ptr   # the kernel lets a map pointer take a known 0 (adjust_ptr_min_max_vals)
         if ptr.type in (S.MAP_PTR, S.FUNC):
             raise Reject(f"R{d} pointer arithmetic on {ptr.type} prohibited")
         _sane_offset(off.val, ptr)
@@ -498,6 +573,49 @@ class Checker:
         if nv.smin == -(1 << 63) or nv.smin <= -M.MAX_VAR_OFF or nv.smin >= M.MAX_VAR_OFF:
             raise Reject(f"math between {ptr.type} pointer and register with unbounded min value is not allowed")
         return Reg(ptr.type, nv, ptr.off, ptr.map, ptr.size, ptr.id, ptr.ref, ptr.frame, ptr.subprog)
+
+    def _stack_access(self, pc: int) -> None:
+        if pc not in self.stack_access:
+            self.stack_access.add(pc)
+            self._demand_new.add(pc)
+            self._demand_dirty = True
+            self._slots_dirty = True
+
+    def note_precise_stack(self, st: VerifierState, frame: int, lo: int, hi: int) -> None:
+        """The helper call being checked needs the exact value of stack bytes [lo, hi) of
+        ``frame`` (a constant map key): they become precision demand at that call."""
+        pc = self._helper_pc
+        if pc < 0:
+            return
+        bits = (_slot_bits(lo, hi) << SLOT0) if frame == len(st.frames) - 1 else ALL_STACK_DEMAND
+        old = self.precise_reads.get(pc, 0)
+        if bits & ~old:
+            self.precise_reads[pc] = old | bits
+            self._demand_new.add(pc)
+            self._demand_dirty = True
+
+    def note_helper_stack_read(self, st: VerifierState, frame: int, lo: int, hi: int) -> None:
+        """A helper call reads stack bytes [lo, hi) of ``frame`` (for stack-slot liveness)."""
+        pc = self._helper_pc
+        if pc < 0:
+            return
+        bits = STACK_ALL if frame != len(st.frames) - 1 else _slot_bits(lo, hi)
+        old = self.helper_reads.get(pc, 0)
+        if bits & ~old:
+            self.helper_reads[pc] = old | bits
+            self._slots_dirty = True
+
+    def _no_map_ptr_write(self, st: VerifierState, ins: Instruction, pc: int) -> None:
+        """A store through a map pointer: the kernel's message for its struct (always refused).
+        (Also notes stores through stack pointers other than r10, for precision demand.)"""
+        dst = st.cur.regs[ins.dst]
+        if dst.type == S.STACK and ins.dst != 10:
+            self._stack_access(pc)
+        if dst.type == S.MAP_PTR:
+            if ins.opcode & 0x07 == op.BPF_STX:
+                self._read(st, ins.src)
+            MF.check_read(self, dst, ins.dst, dst.off + ins.off, op.SIZE_BYTES[ins.opcode & 0x18], True,
+                          False, pc)
 
     def _store(self, st: VerifierState, ins: Instruction) -> None:
         code = ins.opcode
@@ -565,7 +683,11 @@ class Checker:
             raise Reject("calling kernel functions is not supported", "not supported: kfunc calls")
         if ins.imm == 12:
             self.has_tail_call.add(self.cfg.func_of(pc))
-        entered = C.check_helper(self, st, pc, ins.imm)
+        self._helper_pc = pc
+        try:
+            entered = C.check_helper(self, st, pc, ins.imm)
+        finally:
+            self._helper_pc = -1
         if entered:
             return st.cur.subprog
         return pc + 1
@@ -629,9 +751,27 @@ class Checker:
         self.push(st.copy(), target)
         return pc + 1
 
+    def _may_goto(self, st: VerifierState, pc: int, ins: Instruction) -> int:
+        """Both sides are possible: the loop body (fall-through) is pushed one may_goto level
+        deeper, with the scalars that changed since the previous iteration and are not
+        precise widened; the walk goes on at the target (the exit side), as the kernel does."""
+        body = st.copy()
+        body.may_goto_depth += 1
+        prev = None
+        for cp in reversed(self.may_goto_open.get(pc, ())):
+            if cp is not st.parent and cp.branches and len(cp.state.frames) == len(st.frames) and \
+                    all(a.callsite == b.callsite for a, b in zip(cp.state.frames, st.frames, strict=True)):
+                prev = cp
+                break
+        if prev is not None:
+            S.widen_imprecise(prev.state, body, self._live_masks(st, pc))
+        self.push(body, pc + 1)
+        return jump_target(pc, ins)
+
     def _decided(self, pc: int) -> None:
         if pc not in self.decided:
             self.decided.add(pc)
+            self._demand_new.add(pc)
             self._demand_dirty = True
 
     @staticmethod
@@ -691,6 +831,15 @@ class Checker:
                     (ins.opcode == op.LDDW and ins.src == op.BPF_PSEUDO_FUNC):
                 out.setdefault(self.cfg.func_of(i), []).append(i + ins.imm + 1)
         return out
+
+
+def _slot_bits(lo: int, hi: int) -> int:
+    """Bits of the 8-byte stack slots bytes [lo, hi) (offsets from the frame top) touch."""
+    if hi <= lo:
+        return 0
+    first = (S.STACK_SIZE + lo) // 8
+    last = (S.STACK_SIZE + hi - 1) // 8
+    return ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
 
 
 def _sane_offset(v: Scalar, ptr: Reg) -> None:

@@ -26,6 +26,10 @@ class CheckContext(Protocol):
     global_funcs: dict[int, Any]
     #: the walk is inside a global function verified alone
     in_global: bool
+    #: how many of ``maps`` are the object's (the rest are inner-map templates)
+    n_object_maps: int
+    #: struct bpf_map field loads: insn -> ((map, field, offset in field, size, sign-extended), value)
+    map_field_loads: dict[int, tuple[tuple, int]]
 
     def new_id(self) -> int: ...
 
@@ -36,3 +40,7 @@ class CheckContext(Protocol):
     def push(self, st: S.VerifierState, pc: int) -> None: ...
 
     def check_global_call(self, st: S.VerifierState, pc: int, target: int) -> None: ...
+
+    def note_helper_stack_read(self, st: S.VerifierState, frame: int, lo: int, hi: int) -> None: ...
+
+    def note_precise_stack(self, st: S.VerifierState, frame: int, lo: int, hi: int) -> None: ...

@@ -284,5 +284,7 @@ def helper_stack_access(ck: CheckContext, st: S.VerifierState, regno: int, reg: 
     frame = st.frames[reg.frame]
     lo, hi = stack_bounds(ck, regno, reg, reg.off, size, "write to" if write else "read from")
     ck.note_stack(frame, -lo)
+    if not write:
+        ck.note_helper_stack_read(st, reg.frame, lo, hi)
     if write:
         mark_misc(frame, lo, hi)

@@ -136,8 +136,8 @@ class Frame:
     frameno: int
     #: set for bpf_loop-style callbacks: the helper call to return to
     in_callback: bool = False
-    #: for frames saved in checkpoints (never changed again): the stack bytes that are
-    #: known zero or spilled, as (index, kind); computed on the first comparison
+    #: for frames saved in checkpoints (never changed again): the stack slots that hold
+    #: known-zero or spilled bytes, as (slot, byte kinds); computed on the first comparison
     known: tuple | None = None
 
     def copy(self) -> Frame:
@@ -175,6 +175,8 @@ class VerifierState:
     parent: Checkpoint | None = None
     #: history of (insn, description) for the error log of this path
     last_jumps: tuple[tuple[int, int], ...] = ()
+    #: how many may_goto fall-throughs this path took (the kernel's may_goto_depth)
+    may_goto_depth: int = 0
 
     @property
     def cur(self) -> Frame:
@@ -184,11 +186,11 @@ class VerifierState:
         """Hashable exact description (for the infinite-loop check)."""
         return (tuple((f.callsite, f.in_callback, tuple(f.regs), bytes(f.stack),
                        tuple(sorted(f.spills.items()))) for f in self.frames),
-                tuple(sorted(self.refs.items())))
+                tuple(sorted(self.refs.items())), self.may_goto_depth)
 
     def copy(self) -> VerifierState:
         return VerifierState([f.copy() for f in self.frames], dict(self.refs), self.parent,
-                             self.last_jumps)
+                             self.last_jumps, self.may_goto_depth)
 
 
 # -- pruning ------------------------------------------------------------------------
@@ -255,26 +257,38 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
         return True
     known = old.known
     if known is None:
-        known = old.known = tuple((i, k) for i, k in enumerate(os_) if k > S_MISC)
-    for i, k in known:
-        if not (slots >> (i >> 3)) & 1:
+        known = old.known = _known_slots(os_)
+    for slot, pat in known:
+        if not (slots >> slot) & 1:
             continue
-        c = cs[i]
-        if k == S_ZERO:
-            if c == S_ZERO:
+        base = slot * 8
+        if cs[base:base + 8] == pat:   # the same byte kinds: every known byte matches
+            continue
+        for j in range(8):
+            k = pat[j]
+            if k <= S_MISC:
                 continue
-            if c == S_SPILL:
-                sp = cur.spills.get(i // 8)
-                if sp is not None and sp.type == SCALAR and sp.val.is_const() and sp.val.value == 0:
+            c = cs[base + j]
+            if k == S_ZERO:
+                if c == S_ZERO:
                     continue
-            return False
-        if c != S_SPILL:
-            return False
+                if c == S_SPILL:
+                    sp = cur.spills.get(slot)
+                    if sp is not None and sp.type == SCALAR and sp.val.is_const() and sp.val.value == 0:
+                        continue
+                return False
+            if c != S_SPILL and not _imprecise_spill_vs_misc(old, cur, slot, demand):
+                return False
+    cspills = cur.spills
     for slot, o in old.spills.items():
         if not (slots >> slot) & 1:
             continue
-        c = cur.spills.get(slot)
+        c = cspills.get(slot)
+        if c is o and not o.id and not o.ref:
+            continue
         if c is None:
+            if _imprecise_spill_vs_misc(old, cur, slot, demand):
+                continue
             # old spill bytes were all overwritten as misc in the old state's view? no: must match
             if any(os_[slot * 8 + j] == S_SPILL for j in range(8)):
                 return False
@@ -285,6 +299,29 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
         if not reg_safe(o, c, ids, False):
             return False
     return True
+
+
+def _known_slots(stack: bytearray) -> tuple[tuple[int, bytes], ...]:
+    """(slot, its 8 byte kinds) of every slot holding a known-zero or spilled byte."""
+    out = []
+    for slot in range(len(stack) // 8):
+        pat = bytes(stack[slot * 8:slot * 8 + 8])
+        if max(pat) > S_MISC:
+            out.append((slot, pat))
+    return tuple(out)
+
+
+def _imprecise_spill_vs_misc(old: Frame, cur: Frame, slot: int, demand: int) -> bool:
+    """The kernel's stacksafe for privileged programs: an 8-byte spilled scalar whose value no
+    later instruction needs exactly covers a slot of unknown bytes (misc, or never written: a
+    privileged program may read those as an unknown scalar)."""
+    o = old.spills.get(slot)
+    if o is None or o.type != SCALAR or demand & ((1 << 11) | (1 << (16 + slot))):
+        return False
+    base = slot * 8
+    if any(old.stack[base + j] != S_SPILL for j in range(8)) or slot in cur.spills:
+        return False
+    return all(cur.stack[base + j] <= S_MISC for j in range(8))
 
 
 def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int, int]] | None,
@@ -304,8 +341,11 @@ def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int,
         if of.callsite != cf.callsite or of.in_callback != cf.in_callback:
             return False
         live, demand, slots = masks[fi] if masks is not None else (0x7FF, -1, -1)
+        oregs, cregs = of.regs, cf.regs
         for r in range(11):
-            o, c = of.regs[r], cf.regs[r]
+            o, c = oregs[r], cregs[r]
+            if o is c and not o.id and not o.ref:
+                continue   # registers are shared between states: the same object is covered
             if exact:
                 if not reg_safe(o, c, ids, True):
                     return False
@@ -341,4 +381,28 @@ def widen(old: VerifierState, cur: VerifierState) -> None:
         for slot, c in list(cf.spills.items()):
             o = of.spills.get(slot)
             if c.type == SCALAR and (o is None or (o.type == SCALAR and not o.val.within(c.val))):
+                cf.spills[slot] = UNKNOWN_SCALAR
+
+
+def widen_imprecise(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int, int]]) -> None:
+    """The kernel's widen_imprecise_scalars at may_goto: scalars of ``cur`` whose exact value
+    is never needed again (``masks``: per frame (live, precision demand, live slots)) and that
+    differ from the previous iteration's ``old`` become unknown, so loop iterations converge.
+    Precise scalars keep their values; widening is an over-approximation, hence sound."""
+    if len(old.frames) != len(cur.frames):
+        return
+    for fi, (of, cf) in enumerate(zip(old.frames, cur.frames, strict=True)):
+        if of.callsite != cf.callsite:
+            return
+        demand = masks[fi][1]
+        for i in range(10):
+            o, c = of.regs[i], cf.regs[i]
+            if o.type == SCALAR and c.type == SCALAR and not (demand >> i) & 1 and o.val != c.val:
+                cf.regs[i] = UNKNOWN_SCALAR
+        if demand & (1 << 11):
+            continue
+        for slot, c in list(cf.spills.items()):
+            o = of.spills.get(slot)
+            if c.type == SCALAR and o is not None and o.type == SCALAR and o.val != c.val \
+                    and not (demand >> (16 + slot)) & 1:
                 cf.spills[slot] = UNKNOWN_SCALAR

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ubpf_py.helpers.protos import PROTOS
 from ubpf_py.isa import opcodes as op
 from ubpf_py.isa.instruction import Instruction
 
@@ -42,7 +43,7 @@ def _valid_opcodes() -> frozenset[int]:
                   op.BPF_JLT, op.BPF_JLE, op.BPF_JSLT, op.BPF_JSLE):
             ok.add(cls | o | op.BPF_K)
             ok.add(cls | o | op.BPF_X)
-    ok.update({op.BPF_JMP | op.BPF_CALL, op.BPF_JMP | op.BPF_EXIT})
+    ok.update({op.BPF_JMP | op.BPF_CALL, op.BPF_JMP | op.BPF_EXIT, op.MAY_GOTO})
     ok.add(op.LDDW)
     for sz in (op.BPF_B, op.BPF_H, op.BPF_W):
         ok.add(op.BPF_LD | op.BPF_ABS | sz)
@@ -125,7 +126,10 @@ def check_fields(i: int, ins: Instruction) -> None:
             raise StructureError("BPF_STX uses reserved fields", i)
     elif cls in (op.BPF_JMP, op.BPF_JMP32):
         o = code & 0xF0
-        if o == op.BPF_CALL:
+        if code == op.MAY_GOTO:
+            if ins.src != op.BPF_MAY_GOTO or ins.dst or ins.imm:
+                raise StructureError(f"invalid may_goto imm {ins.imm}", i)
+        elif o == op.BPF_CALL:
             if ins.off or ins.dst or ins.src not in (0, 1, 2):
                 raise StructureError("BPF_CALL uses reserved fields", i)
         elif o == op.BPF_EXIT:
@@ -158,6 +162,11 @@ class Cfg:
     stack_live: list[int] = field(default_factory=list)
     #: instruction -> function start
     owner: list[int] = field(default_factory=list)
+    #: ``precision_demand``'s graph, built on first use
+    demand_graph: tuple | None = None
+    #: successors per instruction and the lddw second slots (for recomputing liveness)
+    succ: list[tuple[int, ...]] = field(default_factory=list)
+    second: set[int] = field(default_factory=set)
 
     def func_of(self, insn: int) -> int:
         return self.owner[insn]
@@ -267,12 +276,15 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
             if j not in seen and j not in second_slot:
                 raise StructureError(f"unreachable insn {j}", j, "dead code; the kernel refuses it too")
     cfg = Cfg(n, starts, ends, callbacks, prune, owner=owner)
+    cfg.succ, cfg.second = succ, second_slot
     cfg.live_in = _liveness(insns, succ, second_slot)
     cfg.stack_live = _stack_liveness(insns, succ, second_slot)
     return cfg
 
 
 STACK_ALL = (1 << 64) - 1
+#: helper id -> number of parameters (from the prototypes the checker uses)
+_HELPER_NPARAMS = {hid: len(p.args) for hid, p in PROTOS.items()}
 #: helpers that read or write no memory through their arguments (their calls keep stack slots dead)
 _NO_MEMORY_HELPERS = frozenset({5, 7, 8, 14, 15, 35, 42, 80, 109, 117, 118, 123, 125, 160, 173, 174, 208})
 
@@ -313,6 +325,31 @@ def _stack_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], secon
     return _backward_liveness(insns, succ, second, _stack_use_def)
 
 
+#: helpers whose stack reads all go through their memory arguments (no callbacks)
+OBSERVED_HELPERS = frozenset(h for h, p in PROTOS.items() if not {"func", "stack_or_null"} & set(p.args))
+
+
+def observed_stack_liveness(insns: list[Instruction], cfg: Cfg, stack_access: set[int],
+                            helper_reads: dict[int, int]) -> list[int]:
+    """Stack-slot liveness with what the walk saw: a load through a register other than r10
+    reads the stack only if some path had a stack pointer there (``stack_access``), and a
+    helper call reads the slots some path passed it (``helper_reads``: call -> slot bits, all
+    of them when a pointer into another frame was passed).  Like the kernel's, this is used
+    for finished checkpoints only, whose paths have all been walked."""
+    def use_def(i: int) -> tuple[int, int]:
+        ins = insns[i]
+        code = ins.opcode
+        cls = code & 0x07
+        if cls == op.BPF_LDX and ins.src != 10:
+            return (STACK_ALL if i in stack_access else 0), 0
+        if cls == op.BPF_STX and code & 0xE0 == op.BPF_ATOMIC and ins.dst != 10:
+            return (STACK_ALL if i in stack_access else 0), 0
+        if code == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_CALL_HELPER and ins.imm in OBSERVED_HELPERS:
+            return helper_reads.get(i, 0), 0
+        return _stack_use_def(ins)
+    return _backward_liveness(insns, cfg.succ, cfg.second, use_def, by_index=True)
+
+
 def _use_def(ins: Instruction) -> tuple[int, int]:
     code = ins.opcode
     cls = code & 0x07
@@ -341,10 +378,13 @@ def _use_def(ins: Instruction) -> tuple[int, int]:
     if cls in (op.BPF_JMP, op.BPF_JMP32):
         o = code & 0xF0
         if o == op.BPF_CALL:
-            return 0x3E, 0x3F
+            # a helper reads only its parameters (the kernel's compute_live_registers uses the
+            # prototype too); other calls may read r1-r5
+            n = _HELPER_NPARAMS.get(ins.imm, 5) if ins.src == op.BPF_CALL_HELPER else 5
+            return ((1 << (n + 1)) - 2), 0x3F
         if o == op.BPF_EXIT:
             return 1, 0
-        if o == op.BPF_JA:
+        if o == op.BPF_JA or code == op.MAY_GOTO:
             return 0, 0
         return d | (s if code & op.BPF_X else 0), 0
     return 0, 0
@@ -356,11 +396,12 @@ def _liveness(insns: list[Instruction], succ: list[tuple[int, ...]], second: set
 
 
 def _backward_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], second: set[int],
-                       use_def, always: int = 0) -> list[int]:
+                       use_def, always: int = 0, by_index: bool = False) -> list[int]:
     """Live-in bit sets per instruction: a worklist solution of live = use | (live-out & ~def)
-    over the CFG (``use_def(insn) -> (use bits, def bits)``; lddw second slots use nothing)."""
+    over the CFG (``use_def(insn) -> (use bits, def bits)``, or ``use_def(index)`` with
+    ``by_index``; lddw second slots use nothing)."""
     n = len(insns)
-    ud = [(0, 0) if i in second else use_def(insns[i]) for i in range(n)]
+    ud = [(0, 0) if i in second else use_def(i if by_index else insns[i]) for i in range(n)]
     live = [0] * n
     preds: list[list[int]] = [[] for _ in range(n)]
     for i in range(n):
@@ -398,7 +439,7 @@ def _backward_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], se
 # 16-79 stack slots (slot k = bytes [k*8-512, k*8-504)).
 
 ALL_STACK = 1 << 11
-_SLOT0 = 16
+SLOT0 = _SLOT0 = 16
 SLOT_MASK = ((1 << 64) - 1) << _SLOT0
 
 
@@ -411,13 +452,11 @@ def _slot_bits(off: int, size: int) -> int:
     return bits
 
 
-def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, tuple[str, ...]],
-                     decided: set[int] | None = None) -> list[int]:
-    """Per instruction: which registers / stack slots may later need exact values.
-
-    ``decided``: the conditional jumps whose outcome the walk has found decided by the
-    values (the kernel marks a branch's operands precise only then); None = all jumps.
-    """
+def _demand_graph(insns: list[Instruction], cfg: Cfg) -> tuple:
+    """(lddw second slots, successors, predecessors, call sites per function) for
+    ``precision_demand``; built once per program (kept on the Cfg)."""
+    if cfg.demand_graph is not None:
+        return cfg.demand_graph
     n = cfg.n
     second = {i + 1 for i, ins in enumerate(insns) if ins.opcode == op.LDDW}
     succ: list[tuple[int, ...]] = []
@@ -435,7 +474,6 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
             succ.append((i + 2,))
         else:
             succ.append((i + 1,))
-    fact = [0] * n
     # call sites of each function: start -> [(call insn, resumes at)]
     sites: dict[int, list[tuple[int, int]]] = {}
     for i, ins in enumerate(insns):
@@ -446,13 +484,45 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
     for s in cfg.callbacks:
         sites.setdefault(s, []).extend((c, c) for c in cb_sites)
         sites[s].extend((c, c + 1) for c in cb_sites)
+    preds: list[list[int]] = [[] for _ in range(n)]
+    for i in range(n):
+        for t in succ[i]:
+            if t < n:
+                preds[t].append(i)
+    cfg.demand_graph = (second, succ, preds, sites)
+    return cfg.demand_graph
+
+
+def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, tuple[str, ...]],
+                     decided: set[int] | None = None, stack_access: set[int] | None = None,
+                     precise_reads: dict[int, int] | None = None, *,
+                     init: list[int] | None = None, dirty: set[int] | None = None) -> list[int]:
+    """Per instruction: which registers / stack slots may later need exact values.
+
+    ``decided``: the conditional jumps whose outcome the walk has found decided by the
+    values (the kernel marks a branch's operands precise only then); None = all jumps.
+    ``stack_access``: the loads/stores through a register other than r10 that the walk found
+    pointing into the stack (only those can read or write a stack slot; the kernel knows the
+    pointer's type when it backtracks); None = every such access may.
+    ``precise_reads``: helper call -> stack-slot demand bits whose exact value it needs (a
+    constant map key that decides whether the lookup can fail).
+    ``init``/``dirty``: the fixpoint computed with smaller sets and the instructions added to
+    them since; facts only grow with the sets, so the walk resumes from there.
+    """
+    n = cfg.n
+    second, succ, preds, sites = _demand_graph(insns, cfg)
+    fact = list(init) if init is not None else [0] * n
 
     def exit_fact(i: int) -> int:
+        # r0 at a function's exit is precise if a caller needs it precisely after the call
+        # (the kernel backtracks through the return); a callback's always is (checked in [0, 1])
         f = cfg.owner[i]
-        out = 1
+        out = 1 if f in cfg.callbacks else 0
         for _, resume in sites.get(f, ()):
-            if resume < n and fact[resume] & (SLOT_MASK | ALL_STACK):
-                out |= ALL_STACK
+            if resume < n:
+                if fact[resume] & (SLOT_MASK | ALL_STACK):
+                    out |= ALL_STACK
+                out |= fact[resume] & 1
         return out
 
     def transfer(i: int, out: int) -> int:
@@ -473,17 +543,21 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
         if cls == op.BPF_LDX:
             res = out & ~d
             if out & d:
-                res |= _slot_bits(ins.off, op.SIZE_BYTES[code & 0x18]) if ins.src == 10 else ALL_STACK
+                if ins.src == 10:
+                    res |= _slot_bits(ins.off, op.SIZE_BYTES[code & 0x18])
+                elif stack_access is None or i in stack_access:
+                    res |= ALL_STACK
             return res | s
         if cls in (op.BPF_ST, op.BPF_STX):
             res = out | d
             if cls == op.BPF_STX:
                 if code & 0xE0 == op.BPF_ATOMIC:
-                    return res | s | 1 | ALL_STACK
+                    on_stack = ins.dst == 10 or stack_access is None or i in stack_access
+                    return res | s | 1 | (ALL_STACK if on_stack else 0)
                 if ins.dst == 10:
                     if out & (ALL_STACK | _slot_bits(ins.off, op.SIZE_BYTES[code & 0x18])):
                         res |= s
-                elif out & (ALL_STACK | SLOT_MASK):
+                elif out & (ALL_STACK | SLOT_MASK) and (stack_access is None or i in stack_access):
                     res |= s
             return res
         if code == op.LDDW:
@@ -491,7 +565,8 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
         if cls in (op.BPF_JMP, op.BPF_JMP32):
             o = code & 0xF0
             if o == op.BPF_EXIT:
-                return 1 if cfg.owner[i] == 0 else exit_fact(i)
+                # the main program's return value is never checked for kprobe programs
+                return 0 if cfg.owner[i] == 0 else exit_fact(i)
             if o == op.BPF_CALL:
                 res = out & ~0x3F
                 if ins.src == op.BPF_PSEUDO_CALL:
@@ -501,29 +576,29 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
                 for k, kind in enumerate(args):
                     if kind != "anything":
                         res |= 1 << (k + 1)
+                if precise_reads:
+                    res |= precise_reads.get(i, 0)
                 if ins.imm in (164, 181):
                     res |= ALL_STACK if not cfg.callbacks else 0
                     for cb in cfg.callbacks:
                         res |= fact[cb] & ALL_STACK
                 return res
-            if o == op.BPF_JA:
+            if o == op.BPF_JA or code == op.MAY_GOTO:
                 return out
             if decided is not None and i not in decided:
                 return out
             return out | d | (s if code & op.BPF_X else 0)
         return out | 0x7FF
 
-    preds: list[list[int]] = [[] for _ in range(n)]
-    for i in range(n):
-        for t in succ[i]:
-            if t < n:
-                preds[t].append(i)
     changed = True
     rounds = 0
     while changed and rounds < 50:
         changed = False
         rounds += 1
-        work = [i for i in range(n) if i not in second]
+        if rounds == 1 and init is not None and dirty is not None:
+            work = sorted(i for i in dirty if i not in second)
+        else:
+            work = [i for i in range(n) if i not in second]
         inq = set(work)
         while work:
             i = work.pop()
@@ -549,10 +624,13 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
             # exits depend on callers' facts
         for f, lst in sites.items():
             for _, resume in lst:
-                if resume < n and fact[resume] & (SLOT_MASK | ALL_STACK):
+                if resume >= n:
+                    continue
+                want = (ALL_STACK if fact[resume] & (SLOT_MASK | ALL_STACK) else 0) | (fact[resume] & 1)
+                if want:
                     for j in range(f, cfg.ends[f]):
                         ins = insns[j]
-                        if ins.opcode == op.BPF_JMP | op.BPF_EXIT and not fact[j] & ALL_STACK:
-                            fact[j] |= ALL_STACK
+                        if ins.opcode == op.BPF_JMP | op.BPF_EXIT and want & ~fact[j]:
+                            fact[j] |= want
                             changed = True
     return fact

@@ -294,6 +294,8 @@ def _terminator(ins: Instruction, pc: int) -> str:
         return f"return {nxt + ins.imm}"
     if code == op.BPF_JA:
         return f"return {nxt + ins.off}"
+    if ins.opcode == op.MAY_GOTO:
+        return f"return MAYGOTO(R, {nxt + ins.off}, {nxt})"
     return f"return {nxt + ins.off} if {_cond(ins)} else {nxt}"
 
 

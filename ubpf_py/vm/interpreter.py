@@ -3,6 +3,8 @@
 Semantics are the kernel's (RFC 9669 + Linux): 32-bit ALU ops zero-extend,
 shift counts are masked, x/0 = 0, x%0 = x (32-bit: zero-extended), INT_MIN/-1
 wraps, BPF-to-BPF calls get their own 512-byte frame (at most 8 frames),
+``may_goto`` falls through while its frame's loop budget lasts (the kernel's
+hidden per-call counter: ``BPF_MAX_LOOPS`` decrements, then the jump is taken),
 helpers come from ``env.helpers``, helper 12 is the tail call protocol of
 docs/ARCHITECTURE.md and callbacks run through ``env.invoke_callback``.
 
@@ -48,7 +50,8 @@ class Interpreter:
     """
 
     def __init__(self, insns: list[Instruction], env: ExecEnv, *, check_memory: bool = True,
-                 max_instructions: int | None = None, name: str = "prog") -> None:
+                 max_instructions: int | None = None, name: str = "prog",
+                 loop_budget: int = op.BPF_MAX_LOOPS) -> None:
         validate(insns)
         _check_loadable(insns)
         self.insns = list(insns)
@@ -60,6 +63,10 @@ class Interpreter:
         self.stack_region = Region.of(self.stack_buffer, f"stack of {name}")
         self.stack_top = self.stack_buffer.addr + self.stack_buffer.size
         self._frames: list[tuple[int, int, int, int, int, int]] = []
+        #: may_goto budget of each frame (index = frame depth), reset when the frame starts;
+        #: ``loop_budget`` is the kernel's BPF_MAX_LOOPS (smaller only to test exhaustion)
+        self.loop_budget = loop_budget
+        self._loops = [loop_budget] * (op.MAX_CALL_DEPTH + 1)
         self._ctx = 0
         self._running = 0
         self._count = 0
@@ -90,7 +97,7 @@ class Interpreter:
             "BSWAP32": interp_ops.bswap32, "BSWAP64": interp_ops.bswap64,
             "ATOMIC": mem.atomic, "CMPXCHG": mem.cmpxchg,
             "HELPER": self._helper, "CALL": self._call, "CALLX": self._callx,
-            "TAIL": self._tail_call, "FALLOFF": self._fall_off,
+            "TAIL": self._tail_call, "FALLOFF": self._fall_off, "MAYGOTO": self._may_goto,
         }
         for size in (1, 2, 4, 8):
             ns[f"LD{size}"] = mem.loads[size]
@@ -114,12 +121,22 @@ class Interpreter:
                 raise VMFault(f"in helper {helper_id}: {e.reason}", pc) from e
             raise
 
+    def _may_goto(self, R: list[int], taken: int, nxt: int) -> int:
+        """The kernel's rewrite of may_goto: ``if budget == 0 goto taken; budget -= 1``."""
+        depth = (self.stack_top - R[10]) // op.STACK_SIZE
+        left = self._loops[depth]
+        if left == 0:
+            return taken
+        self._loops[depth] = left - 1
+        return nxt
+
     def _call(self, R: list[int], ret: int, target: int, pc: int) -> int:
         frames = self._frames
         if len(frames) + 1 >= op.MAX_CALL_DEPTH:
             raise VMFault(f"call depth exceeds {op.MAX_CALL_DEPTH} frames", pc)
         frames.append((ret, R[6], R[7], R[8], R[9], R[10]))
         R[10] -= op.STACK_SIZE
+        self._loops[len(frames)] = self.loop_budget
         return target
 
     def _callx(self, R: list[int], value: int, ret: int, pc: int) -> int:
@@ -186,6 +203,7 @@ class Interpreter:
         self._running += 1
         R = [0, r1 & M64, r2 & M64, r3 & M64, r4 & M64, r5 & M64, 0, 0, 0, 0,
              self.stack_top - op.STACK_SIZE * base]
+        self._loops[base] = self.loop_budget
         try:
             return self._loop(R, 0, base)
         except VMFault as e:
@@ -225,6 +243,7 @@ class Interpreter:
         base = len(frames)
         R = [0, r1 & M64, r2 & M64, r3 & M64, r4 & M64, r5 & M64, 0, 0, 0, 0,
              self.stack_top - op.STACK_SIZE * base]
+        self._loops[base] = self.loop_budget
         try:
             return self._loop(R, target, base)
         finally:

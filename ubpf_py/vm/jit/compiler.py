@@ -54,6 +54,7 @@ from ubpf_py.isa.opcodes import (
     BPF_X,
     LDDW,
     MAX_TAIL_CALLS,
+    MAY_GOTO,
 )
 from ubpf_py.vm.jit import fastpath, layout
 from ubpf_py.vm.jit.emit import FunctionEmitter, s32, s64
@@ -272,6 +273,11 @@ def _function_ir(insns: list[Instruction], p: str, start: int, end: int, exporte
         e(f"  %R{r} = alloca i64")
     for r in range(10):
         f.put(r, f"%a{r}" if 1 <= r <= 5 else "0")
+    if any(insns[i].opcode == MAY_GOTO and _is_real(insns, i) for i in range(start, end)):
+        # may_goto's budget: one counter per call of this function, like the kernel's hidden
+        # stack slot that the function's prologue sets to BPF_MAX_LOOPS
+        e("  %MG = alloca i64")
+        e(f"  store i64 {BPF_MAX_LOOPS}, ptr %MG")
     e(f"  %slop = getelementptr i64, ptr %rt, i64 {layout.SLOT_STACK_LO}")
     e("  %slo = load i64, ptr %slop")
     if checked & layout.CHECK_MEMORY:
@@ -348,6 +354,15 @@ def _emit_jmp(f: FunctionEmitter, ins: Instruction, cls: int, pc: int, p: str,
         target = pc + (ins.imm if cls == BPF_JMP32 else ins.off) + 1
         f.flush()
         f.emit(f"  br label %L{target}")
+        return True
+    if ins.opcode == MAY_GOTO:
+        # the kernel's rewrite: if (budget == 0) goto target; budget -= 1
+        left = f.op("load i64, ptr %MG")
+        done = f.op(f"icmp eq i64 {left}, 0")
+        dec = f.op(f"sub i64 {left}, 1")
+        f.emit(f"  store i64 {f.op(f'select i1 {done}, i64 0, i64 {dec}')}, ptr %MG")
+        f.flush()
+        f.emit(f"  br i1 {done}, label %L{pc + ins.off + 1}, label %L{pc + 1}")
         return True
     if code != BPF_JSET and code not in _CONDS:
         raise InvalidInstructionError(pc, f"unknown jump opcode 0x{ins.opcode:02x}")
