@@ -73,8 +73,11 @@ class ArrayMap(Map):
         self._vstride = C.round8(self.value_size)
         #: bytes between one CPU's copy of the elements and the next CPU's (0: shared values)
         self._cpu_stride = _cache_lines(self._vstride * self.max_entries) if self.percpu else 0
-        self._buf = self.alloc.alloc(self._cpu_stride * self.ncpus if self.percpu
-                                     else self._vstride * self.max_entries)
+        #: bytes programs may reach (the buffer is padded to whole cache lines beyond it)
+        self._used = self._cpu_stride * self.ncpus if self.percpu else self._vstride * self.max_entries
+        # values on whole cache lines of their own (none shared with another map's data or a
+        # descriptor that other CPUs read on every lookup)
+        self._buf = self.alloc.alloc(_cache_lines(self._used), CACHE_LINE)
         self._base = self._buf.addr
         self._view = self._buf.view
         if spec.data is not None:
@@ -92,7 +95,8 @@ class ArrayMap(Map):
             D.W["ncpus"]: self.ncpus if self.percpu else 1})
 
     def regions(self) -> list[Region]:
-        return [Region.of(self._buf, f"map {self.name}", writable=not self.readonly_for_programs)]
+        return [Region.of(self._buf, f"map {self.name}", writable=not self.readonly_for_programs,
+                          size=self._used)]
 
     def _index(self, key: bytes) -> int:
         return _U32.unpack(key)[0]

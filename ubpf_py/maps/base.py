@@ -30,6 +30,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 
+from ubpf_py.abi.runtime import CACHE_LINE
 from ubpf_py.errors import MapError
 from ubpf_py.maps import consts as C
 from ubpf_py.maps.descriptor import HANDLE_SIZE, W
@@ -80,7 +81,9 @@ class Map:
         #: where every byte of this map's storage comes from (``vm.memory.HEAP`` or a shared arena)
         self.alloc: Allocator = alloc or HEAP
         #: the handle doubles as the native descriptor JIT code reads (``maps.descriptor``)
-        self._handle = self.alloc.alloc(HANDLE_SIZE)
+        # whole cache lines of its own: programs on every CPU read the descriptor on each lookup,
+        # so no map value written per hit may share its line
+        self._handle = self.alloc.alloc(HANDLE_SIZE, CACHE_LINE)
         self.handle_addr: int = self._handle.addr
         self.lock = threading.Lock()
         self.frozen = False

@@ -379,7 +379,10 @@ class Checker:
             if cp is not None and cp.branches > 0:
                 raise Reject(f"infinite loop detected at insn {pc}",
                              "this loop comes back to the same state: it can never exit")
-            # the kernel's heuristic (``_want_checkpoint``), inline: this runs at every prune point
+            # the kernel's checkpoint heuristic, inline (this runs at every prune point): a new
+            # checkpoint needs 2 jumps and 8 insns since the last; inside a loop (a checkpoint at
+            # this instruction is still open) 20 jumps or 100 insns, since successive iterations
+            # differ and rarely help pruning
             insns, jumps = self._last_cp
             if sigs:
                 if self.jumps - jumps < 20 and self.stats.processed - insns < 100:
@@ -411,17 +414,6 @@ class Checker:
         fps[fp] = fps.get(fp, 0) + 1
         self.stats.states += 1
         return False
-
-    def _want_checkpoint(self, force: bool, looping: bool = False) -> bool:
-        """The kernel's heuristic: a new checkpoint needs 2 jumps and 8 insns since the last;
-        inside a loop (a checkpoint at this instruction is still open) 20 jumps or 100 insns,
-        since successive iterations differ and rarely help pruning."""
-        if force:
-            return True
-        insns, jumps = self._last_cp
-        if looping:
-            return self.jumps - jumps >= 20 or self.stats.processed - insns >= 100
-        return self.jumps - jumps >= 2 and self.stats.processed - insns >= 8
 
     def _path_done(self, st: VerifierState) -> None:
         """A path ended: checkpoints whose every path has ended become usable for pruning."""
