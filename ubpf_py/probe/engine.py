@@ -322,7 +322,7 @@ class ProbeSession:
         old: dict[int, object] = {}
         deadline = None if duration is None else time.monotonic() + duration
 
-        def on_signal(signum, frame):
+        def on_signal(_signum, _frame):
             tr.request_stop()
 
         wake_r = wake_w = -1
