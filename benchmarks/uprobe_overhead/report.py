@@ -126,7 +126,7 @@ def _threads_table(doc: dict[str, Any]) -> list[str]:
         return []
     rows = th.get("rows") or {"threads": th["row"]}
     lines = ["## Threads calling the probed function together", "",
-             f"Each thread calls the function {doc['n_kernel']} times; hits checked = threads x N. "
+             f"Each thread calls the function {doc.get('n_threads', doc['n_kernel'])} times; hits checked = threads x N. "
              "calls/s = all threads' probed calls / wall time; ns added = mean per-thread ns per call, "
              "probed - unprobed. Threads are not pinned; with more threads than CPUs a thread's time "
              "includes the time it waited for a CPU, so ns added grows with threads / CPUs and calls/s "

@@ -63,6 +63,7 @@ class Plan:
     n_ubpf: int
     engines: list[str]
     threads: list[int]
+    n_threads: int
     cells: dict[str, list[Cell]] = field(default_factory=dict)
     thread_cells: list[Cell] = field(default_factory=list)
 
@@ -162,7 +163,7 @@ class Runner:
         for placement, row in THREAD_PLACEMENTS.items():
             for t in self.plan.threads:
                 for engine in (e for e in THREAD_ENGINES if e in self.plan.engines):
-                    cell = self.cell(engine, Job(row, self.plan.n_kernel, threads=t), placement)
+                    cell = self.cell(engine, Job(row, self.plan.n_threads, threads=t), placement)
                     self.plan.thread_cells.append(cell)
                     _progress(f"{row.label} x{t} threads", cell)
 
@@ -173,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="directory for results.{md,json} and the charts (default results/, "
                                   "--quick: results-quick/, so a quick run never overwrites the full one)")
     ap.add_argument("--build-dir", default=os.path.join(tempfile.gettempdir(), "ubpf-py-bench"))
-    ap.add_argument("--n", type=int, help="calls per kernel and in-target run (default 50000, quick 20000); "
-                                          "per thread in the multi-thread runs")
+    ap.add_argument("--n", type=int, help="calls per kernel and in-target run (default 50000, quick 20000)")
+    ap.add_argument("--n-threads", type=int,
+                    help="calls per thread in the multi-thread runs (default 500000, quick 100000): an "
+                         "in-target call takes tens of ns, so each run must last tens of ms for a "
+                         "thread's start or one preemption not to decide its calls/s")
     ap.add_argument("--n-ubpf", type=int, help="calls per ptrace JIT/interp run (default 3000, quick 2000)")
     ap.add_argument("--engines", default=",".join(runs.ENGINES), help="subset of " + ",".join(runs.ENGINES))
     ap.add_argument("--threads", default="1,2,4,8",
@@ -199,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--threads takes comma-separated counts such as 1,2,4,8, not {args.threads!r}")
     plan = Plan(plan_rows(args.quick), ["same", "diff"],
                 args.n or (20_000 if args.quick else 50_000),
-                args.n_ubpf or (2_000 if args.quick else 3_000), engines, threads)
+                args.n_ubpf or (2_000 if args.quick else 3_000), engines, threads,
+                args.n_threads or (100_000 if args.quick else 500_000))
     repeat = args.repeat or (1 if args.quick else 3)
     out = Path(args.out or HERE / ("results-quick" if args.quick else "results"))
     target, obj = runs.build(Path(args.build_dir))
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "uprobe_overhead", "quick": args.quick, "elapsed_s": round(elapsed, 1),
         "machine": {**report.machine_info(), "load_avg_start": load_start}, "quiet_wait": quiet,
         "repeat": repeat, "repeat_ubpf": args.repeat_ubpf,
-        "n_kernel": plan.n_kernel, "n_ubpf": plan.n_ubpf, "engines": engines,
+        "n_kernel": plan.n_kernel, "n_ubpf": plan.n_ubpf, "n_threads": plan.n_threads, "engines": engines,
         "unavailable": {k: v for k, v in runner.unavailable.items() if v},
         "rows": [{**asdict(r), "label": r.label, "cells": [asdict(c) for c in plan.cells[r.label]]}
                  for r in plan.rows],
