@@ -23,3 +23,15 @@ def compile_bpf(source: str, directory: Path, name: str, *, debug: bool = True) 
     subprocess.run([clang, *BPF_CFLAGS, *(["-g"] if debug else []), "-c", str(src), "-o", str(out)],
                    check=True, capture_output=True)
     return out
+
+
+def build_target_and_program(directory: Path, target: tuple[str, str], program: tuple[str, str]) -> Path:
+    """A C target (``(name, source)``, gcc -O1) and a BPF program (``(name, source)``) built side by
+    side in ``directory``; skips when gcc is missing.  Returns ``directory``."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the target")
+    exe, source = target
+    (directory / f"{exe}.c").write_text(source)
+    subprocess.run(["gcc", "-O1", "-o", str(directory / exe), str(directory / f"{exe}.c")], check=True)
+    compile_bpf(program[1], directory, program[0])
+    return directory

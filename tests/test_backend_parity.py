@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from bpf_build import compile_bpf
+from bpf_build import build_target_and_program
 from cli_util import REPO
 
 from ubpf_py.kernel.syscall import kernel_bpf_skip_reason
@@ -51,13 +50,7 @@ char LICENSE[] SEC("license") = "GPL";
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build the target")
-    d = tmp_path_factory.mktemp("parity")
-    (d / "reader.c").write_text(TARGET)
-    subprocess.run(["gcc", "-O1", "-o", str(d / "reader"), str(d / "reader.c")], check=True)
-    compile_bpf(PROG, d, "parity")
-    return d
+    return build_target_and_program(tmp_path_factory.mktemp("parity"), ("reader", TARGET), ("parity", PROG))
 
 
 def _events(d: Path, backend: str) -> list[dict]:

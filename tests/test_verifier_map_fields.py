@@ -12,12 +12,10 @@ against the running kernel, values against ``--backend kernel`` on the same obje
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from bpf_build import compile_bpf
+from bpf_build import build_target_and_program, compile_bpf
 from cli_util import run_cli
 from kernel_verdict import kernel_skip_reason, kernel_verdict
 
@@ -224,13 +222,8 @@ char LICENSE[] SEC("license") = "GPL";
 
 @pytest.fixture(scope="module")
 def printer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build the target")
-    d = tmp_path_factory.mktemp("mapfields_cli")
-    (d / "target.c").write_text(TARGET)
-    subprocess.run(["gcc", "-O1", "-o", str(d / "target"), str(d / "target.c")], check=True)
-    compile_bpf(PRINTER, d, "printer")
-    return d
+    return build_target_and_program(tmp_path_factory.mktemp("mapfields_cli"), ("target", TARGET),
+                                    ("printer", PRINTER))
 
 
 def _printed(d: Path, *args: str) -> list[str]:
