@@ -42,8 +42,23 @@ _STRTOL = ("stdw [%r10-16], 0x31\nmov %r1, %r10\nadd %r1, -16\nmov %r2, 4\nmov %
            "add %r4, {res}\ncall {h}\nmov %r0, 0\nexit")
 _VAR_FP = "ldxw %r2, [%r1+0]\nand %r2, {mask}\nmov %r1, %r10\nadd %r1, {base}\nadd %r1, %r2\n"
 
+#: two paths join with r1 = fp-16 (explored first, safe) and r1 = fp-8 (unsafe: it writes at fp+0);
+#: the state at the join may be pruned only if stack pointers with different offsets are told apart
+_JOIN_STACK_PTRS = ("ldxw %r2, [%r1+0]\njne %r2, 0, +7\nmov %r1, %r10\nadd %r1, -16\n"
+                    + "mov %r3, 0\n" * 4 + "ja +6\nmov %r1, %r10\nadd %r1, -8\n" + "mov %r3, 0\n" * 4
+                    + "stdw [%r1+8], 0\nmov %r0, 0\nexit")
+
+#: the same for map value pointers: value + 0 first (safe), then value + 24 (writes at off 32 of 32)
+_JOIN_VALUE_PTRS = ("mov %r6, %r1\n" + _lookup(1) + "ldxw %r2, [%r6+0]\njne %r2, 0, +7\nmov %r1, %r0\nadd %r1, 0\n"
+                    + "mov %r3, 0\n" * 4 + "ja +6\nmov %r1, %r0\nadd %r1, 24\n" + "mov %r3, 0\n" * 4
+                    + "stdw [%r1+8], 0\nmov %r0, 0\nexit")
+
 #: (name, program, None when accepted else the kernel's error line)
 CASES = [
+    # pruning: a checkpoint must not cover a stack pointer at another offset
+    ("join_stack_pointers_differ", _JOIN_STACK_PTRS, "invalid write to stack R1 off=0 size=8"),
+    ("join_map_value_pointers_differ", _JOIN_VALUE_PTRS,
+     "invalid access to map value, value_size=32 off=32 size=8"),
     # map access flags (unsafe accepts before: an unchecked engine would write a read-only map)
     ("rdonly_prog_map_write", _lookup(5) + "stdw [%r0+0], 1\nmov %r0, 0\nexit",
      "write into map forbidden, value_size=48 off=0 size=8"),
