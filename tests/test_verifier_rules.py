@@ -192,3 +192,33 @@ def test_rule_matches_kernel(name: str, text: str, kernel_error: str | None) -> 
         assert ok, log
     else:
         assert not ok and error == kernel_error, log
+
+
+#: BPF_END (le/be) with a reserved field set, as (src, off, imm): each alone is refused
+END_RESERVED = [(1, 0, 16), (0, 1, 32), (0, 0, 24)]
+
+
+def _end_program(src: int, off: int, imm: int):
+    from ubpf_py.isa.instruction import Instruction
+    from ubpf_py.obj.spec import ProgramSpec
+
+    insns = [Instruction(0xB7, 0, 0, 0, 0), Instruction(0xD4, 0, src, off, imm), Instruction(0x95)]
+    return ProgramSpec("end", "uprobe", "uprobe", insns)
+
+
+@pytest.mark.parametrize(("src", "off", "imm"), END_RESERVED)
+def test_end_reserved_fields(src: int, off: int, imm: int) -> None:
+    r = verify_program(_end_program(src, off, imm), RULE_MAPS, mode="warn")
+    assert not r.ok and r.error == "BPF_END uses reserved fields", r.error
+    assert verify_program(_end_program(0, 0, 16), RULE_MAPS, mode="warn").ok
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize(("src", "off", "imm"), END_RESERVED)
+def test_end_reserved_fields_match_kernel(src: int, off: int, imm: int) -> None:
+    reason = kernel_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    ours = verify_program(_end_program(src, off, imm), RULE_MAPS, mode="warn")
+    ok, error, log = kernel_verdict(_end_program(src, off, imm), RULE_MAPS)
+    assert (ok, error) == (ours.ok, ours.error), log
