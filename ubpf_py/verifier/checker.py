@@ -18,6 +18,7 @@ from ubpf_py.isa import opcodes as op
 from ubpf_py.isa.instruction import Instruction
 from ubpf_py.obj.spec import MapSpec, ProgramSpec
 from ubpf_py.verifier import alu as A
+from ubpf_py.verifier import arith as AR
 from ubpf_py.verifier import calls as C
 from ubpf_py.verifier import globalfuncs as G
 from ubpf_py.verifier import mapfields as MF
@@ -42,13 +43,7 @@ JMP_SEQ_LIMIT = 8192
 MAX_STACK = 512
 PRIV_STACK_MIN = 64
 MAX_CALL_FRAMES = 8
-_ALU_STR = {op.BPF_ADD: "+=", op.BPF_SUB: "-=", op.BPF_MUL: "*=", op.BPF_DIV: "/=", op.BPF_OR: "|=",
-            op.BPF_AND: "&=", op.BPF_LSH: "<<=", op.BPF_RSH: ">>=", op.BPF_NEG: "neg",
-            op.BPF_MOD: "%=", op.BPF_XOR: "^=", op.BPF_MOV: "=", op.BPF_ARSH: "s>>=",
-            op.BPF_END: "endian"}
 _HELPER_CALLBACKS = (164, 181)
-_FAST_K = frozenset({op.BPF_ADD, op.BPF_SUB, op.BPF_AND, op.BPF_OR, op.BPF_XOR})
-_FAST_K64 = frozenset(op.BPF_ALU64 | op.BPF_K | o for o in _FAST_K)
 #: pointer types a comparison with 0 decides (the kernel's reg_not_null)
 _NOT_NULL = frozenset({S.MAP_VALUE, S.MAP_KEY, S.MEM, S.RINGBUF_MEM})
 
@@ -238,7 +233,7 @@ class Checker:
                     self.trace.append(f"{pc}: {format_insn(ins, pc)} ; {describe_regs(st)}")
                 code = ins.opcode
                 cls = code & 0x07
-                if code in _FAST_K64:
+                if code in AR.FAST_K64:
                     # r = constant OP immediate, 64-bit: the commonest loop step, done inline
                     regs = st.frames[-1].regs
                     d = regs[ins.dst]
@@ -250,14 +245,14 @@ class Checker:
                             (a & b) if o == op.BPF_AND else (a | b) if o == op.BPF_OR else (a ^ b)
                         regs[ins.dst] = Reg(S.SCALAR, Scalar.const(r))
                     else:
-                        self._alu(st, ins)
+                        AR.check_alu(self, st, ins)
                     pc += 1
                 elif cls in (op.BPF_ALU, op.BPF_ALU64):
-                    self._alu(st, ins)
+                    AR.check_alu(self, st, ins)
                     pc += 1
                 elif cls == op.BPF_LDX:
-                    self._read(st, ins.src)
-                    self._check_dst(ins.dst)
+                    AR.read_reg(st, ins.src)
+                    AR.check_dst(ins.dst)
                     sext = code & 0xE0 == op.BPF_MEMSX
                     size = op.SIZE_BYTES[code & 0x18]
                     src = st.cur.regs[ins.src]
@@ -437,135 +432,6 @@ class Checker:
             cp = cp.parent
 
     # -- instructions ------------------------------------------------------------------
-    def _check_dst(self, regno: int) -> None:
-        if regno == 10:
-            raise Reject("frame pointer is read only", "r10 cannot be written")
-
-    def _read(self, st: VerifierState, regno: int) -> Reg:
-        r = st.cur.regs[regno]
-        if r.type == S.NOT_INIT:
-            raise Reject(f"R{regno} !read_ok", f"r{regno} is read before anything was stored in it")
-        return r
-
-    def _alu(self, st: VerifierState, ins: Instruction) -> None:
-        code = ins.opcode
-        bits = 64 if code & 0x07 == op.BPF_ALU64 else 32
-        o = code & 0xF0
-        regs = st.cur.regs
-        x = code & op.BPF_X
-        if o == op.BPF_MOV:
-            if x:  # the kernel reads the source before it checks the destination
-                src = self._read(st, ins.src)
-                self._check_dst(ins.dst)
-                if ins.off:  # movsx
-                    val = src.val.sext(ins.off // 8) if src.type == S.SCALAR else Scalar.unknown().sext(ins.off // 8)
-                    regs[ins.dst] = Reg(S.SCALAR, val if bits == 64 else val.zext32())
-                elif bits == 64:
-                    if src.type == S.SCALAR and not src.id and not src.val.is_const():
-                        src = Reg(S.SCALAR, src.val, id=self.new_id())
-                        regs[ins.src] = src
-                    regs[ins.dst] = src
-                elif src.type == S.SCALAR and src.val.umax <= 0xFFFFFFFF:
-                    # w3 = w2 of a value that fits in 32 bits: both registers stay linked
-                    if not src.id and not src.val.is_const():
-                        src = Reg(S.SCALAR, src.val, id=self.new_id())
-                        regs[ins.src] = src
-                    regs[ins.dst] = src
-                else:
-                    val = src.val.zext32() if src.type == S.SCALAR else Scalar.unknown().zext32()
-                    regs[ins.dst] = Reg(S.SCALAR, val)
-            else:
-                self._check_dst(ins.dst)
-                v = ins.imm & 0xFFFFFFFF if bits == 32 else ins.imm
-                regs[ins.dst] = S.const_reg(v)
-            return
-        if x and o != op.BPF_END:  # BPF_TO_BE shares the BPF_X bit; END has no source
-            self._read(st, ins.src)
-        dst = self._read(st, ins.dst)
-        self._check_dst(ins.dst)
-        if not x and o in _FAST_K and dst.type == S.SCALAR and dst.val.var.mask == 0:
-            # constant OP immediate: the common loop-counter case, computed directly
-            m = (1 << bits) - 1
-            a = dst.val.var.value & m
-            b = ins.imm & m
-            r = (a + b) if o == op.BPF_ADD else (a - b) if o == op.BPF_SUB else \
-                (a & b) if o == op.BPF_AND else (a | b) if o == op.BPF_OR else (a ^ b)
-            regs[ins.dst] = Reg(S.SCALAR, Scalar.const(r & m))
-            return
-        if o in (op.BPF_NEG, op.BPF_END):
-            if dst.type != S.SCALAR:
-                regs[ins.dst] = S.UNKNOWN_SCALAR
-                return
-            if o == op.BPF_NEG:
-                regs[ins.dst] = Reg(S.SCALAR, A.scalar_alu(op.BPF_NEG, dst.val, dst.val, bits))
-            else:
-                regs[ins.dst] = Reg(S.SCALAR, _endian(dst.val, ins, bits))
-            return
-        if x:
-            src = self._read(st, ins.src)
-        else:
-            if o in (op.BPF_DIV, op.BPF_MOD) and ins.imm == 0:
-                raise Reject("div by zero", "dividing by the constant 0")
-            if o in (op.BPF_LSH, op.BPF_RSH, op.BPF_ARSH) and not 0 <= ins.imm < bits:
-                raise Reject(f"invalid shift {ins.imm}", f"shift amounts are 0..{bits - 1}")
-            src = S.const_reg(ins.imm if bits == 64 else ins.imm & 0xFFFFFFFF)
-        if dst.type != S.SCALAR or src.type != S.SCALAR:
-            regs[ins.dst] = self._ptr_alu(o, bits, dst, src, ins)
-            return
-        if o in (op.BPF_DIV, op.BPF_MOD):
-            res = Scalar.unknown() if bits == 64 else Scalar.unknown().zext32()
-            if src.val.is_const() and dst.val.is_const():
-                res = _divmod(o, ins.off, dst.val.value, src.val.value, bits)
-            regs[ins.dst] = Reg(S.SCALAR, res)
-            return
-        regs[ins.dst] = Reg(S.SCALAR, A.scalar_alu(o, dst.val, src.val, bits))
-
-    def _ptr_alu(self, o: int, bits: int, dst: Reg, src: Reg, ins: Instruction) -> Reg:
-        d = ins.dst
-        if bits == 32:
-            if o == op.BPF_SUB:
-                return S.UNKNOWN_SCALAR
-            raise Reject(f"R{d} 32-bit pointer arithmetic prohibited", "pointers are 64-bit; use 64-bit ALU")
-        if dst.is_ptr and src.is_ptr:
-            if o == op.BPF_SUB:
-                return S.UNKNOWN_SCALAR
-            raise Reject(f"R{d} pointer {_ALU_STR[o]} pointer prohibited")
-        ptr, off = (dst, src) if dst.is_ptr else (src, dst)
-        if ptr.type in S.OR_NULL:
-            raise Reject(f"R{d} pointer arithmetic on {ptr.type} prohibited, null-check it first",
-                         "compare the pointer with 0 before doing arithmetic on it")
-        if ptr.type == S.MAP_PTR and o == op.BPF_ADD and off.val.is_const() and off.val.value == 0:
-            return ptr   # the kernel lets a map pointer take a known 0 (adjust_ptr_min_max_vals)
-        if ptr.type in (S.MAP_PTR, S.FUNC):
-            raise Reject(f"R{d} pointer arithmetic on {ptr.type} prohibited")
-        _sane_offset(off.val, ptr)
-        if o == op.BPF_ADD:
-            return self._ptr_offset(ptr, off, o, d)
-        if o == op.BPF_SUB:
-            if not dst.is_ptr:
-                raise Reject(f"R{d} tried to subtract pointer from scalar")
-            if ptr.type == S.STACK:
-                raise Reject(f"R{d} subtraction from stack pointer prohibited",
-                             "address stack slots by adding a negative offset (r1 += -8)")
-            return self._ptr_offset(ptr, off, o, d)
-        if o in (op.BPF_AND, op.BPF_OR, op.BPF_XOR):
-            raise Reject(f"R{d} bitwise operator {_ALU_STR[o]} on pointer prohibited")
-        raise Reject(f"R{d} pointer arithmetic with {_ALU_STR[o]} operator prohibited",
-                     "only adding or subtracting integers keeps a pointer a pointer")
-
-    def _ptr_offset(self, ptr: Reg, off: Reg, o: int, d: int) -> Reg:
-        v = off.val
-        if v.is_const():
-            c = v.smin
-            new_off = ptr.off + c if o == op.BPF_ADD else ptr.off - c
-            if new_off >= M.MAX_VAR_OFF or new_off <= -M.MAX_VAR_OFF:
-                raise Reject(f"{ptr.type} pointer offset {new_off} is not allowed")
-            return Reg(ptr.type, ptr.val, new_off, ptr.map, ptr.size, ptr.id, ptr.ref, ptr.frame, ptr.subprog)
-        nv = A.scalar_alu(o, ptr.val, v, 64)
-        if nv.smin == -(1 << 63) or nv.smin <= -M.MAX_VAR_OFF or nv.smin >= M.MAX_VAR_OFF:
-            raise Reject(f"math between {ptr.type} pointer and register with unbounded min value is not allowed")
-        return Reg(ptr.type, nv, ptr.off, ptr.map, ptr.size, ptr.id, ptr.ref, ptr.frame, ptr.subprog)
-
     def _stack_access(self, pc: int) -> None:
         if pc not in self.stack_access:
             self.stack_access.add(pc)
@@ -605,14 +471,14 @@ class Checker:
             self._stack_access(pc)
         if dst.type == S.MAP_PTR:
             if ins.opcode & 0x07 == op.BPF_STX:
-                self._read(st, ins.src)
+                AR.read_reg(st, ins.src)
             MF.check_read(self, dst, ins.dst, dst.off + ins.off, op.SIZE_BYTES[ins.opcode & 0x18], True,
                           False, pc)
 
     def _store(self, st: VerifierState, ins: Instruction) -> None:
         code = ins.opcode
         size = op.SIZE_BYTES[code & 0x18]
-        src = self._read(st, ins.src)
+        src = AR.read_reg(st, ins.src)
         if src.type == S.SCALAR and not src.id and not src.val.is_const() and code & 0xE0 == op.BPF_MEM \
                 and st.cur.regs[ins.dst].type == S.STACK and src.val.umax >> (size * 8) == 0:
             # a spill of a value that fits keeps it linked with the register (the kernel's
@@ -620,22 +486,22 @@ class Checker:
             src = Reg(S.SCALAR, src.val, id=self.new_id())
             st.cur.regs[ins.src] = src
         if code & 0xE0 == op.BPF_ATOMIC:
-            self._read(st, ins.dst)
+            AR.read_reg(st, ins.dst)
             if ins.imm == op.BPF_CMPXCHG:
-                self._read(st, 0)
+                AR.read_reg(st, 0)
             r = M.check_access(self, st, ins.dst, ins.off, size, True, atomic=True)
             if r is None:
                 r = Reg(S.SCALAR, Scalar.unknown() if size == 8 else Scalar.urange(0, 0xFFFFFFFF))
             if ins.imm == op.BPF_CMPXCHG:
                 st.cur.regs[0] = r
             elif ins.imm & op.BPF_FETCH:
-                self._check_dst(ins.src)
+                AR.check_dst(ins.src)
                 st.cur.regs[ins.src] = r
             return
         M.check_access(self, st, ins.dst, ins.off, size, True, value=src)
 
     def _lddw(self, st: VerifierState, pc: int, ins: Instruction) -> None:
-        self._check_dst(ins.dst)
+        AR.check_dst(ins.dst)
         regs = st.cur.regs
         src = ins.src
         if src == 0:
@@ -689,9 +555,9 @@ class Checker:
         bits = 32 if code & 0x07 == op.BPF_JMP32 else 64
         o = code & 0xF0
         regs = st.cur.regs
-        dst = self._read(st, ins.dst)
+        dst = AR.read_reg(st, ins.dst)
         if code & op.BPF_X:
-            src = self._read(st, ins.src)
+            src = AR.read_reg(st, ins.src)
             src_no = ins.src
         else:
             src = S.const_reg(ins.imm if bits == 64 else ins.imm & 0xFFFFFFFF)
@@ -834,22 +700,6 @@ def _slot_bits(lo: int, hi: int) -> int:
     return ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
 
 
-def _sane_offset(v: Scalar, ptr: Reg) -> None:
-    """The kernel's check_reg_sane_offset for the scalar added to a pointer."""
-    t = ptr.type
-    if v.is_const():
-        c = v.smin
-        if c >= M.MAX_VAR_OFF or c <= -M.MAX_VAR_OFF:
-            raise Reject(f"math between {t} pointer and {c} is not allowed")
-    elif v.smin == -(1 << 63):
-        raise Reject(f"math between {t} pointer and register with unbounded min value is not allowed",
-                     "bound the offset (e.g. 'if (i < N)' or 'i &= MASK') before adding it")
-    elif v.smin >= M.MAX_VAR_OFF or v.smin <= -M.MAX_VAR_OFF:
-        raise Reject(f"value {v.smin} makes {t} pointer be out of bounds")
-    if ptr.off >= M.MAX_VAR_OFF or ptr.off <= -M.MAX_VAR_OFF:
-        raise Reject(f"{t} pointer offset {ptr.off} is not allowed")
-
-
 def _round16(v: int) -> int:
     return (v + 15) // 16 * 16
 
@@ -883,37 +733,6 @@ def _mark_null(st: VerifierState, ptr: Reg, is_null: bool) -> None:
                                                                    x.size, 0, x.ref, x.frame, x.subprog)
     if is_null and ptr.ref:
         st.refs.pop(ptr.ref, None)
-
-
-def _endian(v: Scalar, ins: Instruction, bits: int) -> Scalar:
-    width = ins.imm
-    m = (1 << width) - 1
-    swap = (ins.opcode & 0x07 == op.BPF_ALU64) or (ins.opcode & op.BPF_TO_BE)
-    if not swap:
-        return v.trunc(width // 8)
-    if v.is_const():
-        b = (v.value & m).to_bytes(width // 8, "little")
-        return Scalar.const(int.from_bytes(b, "big"))
-    return Scalar.urange(0, m) if width < 64 else Scalar.unknown()
-
-
-def _divmod(o: int, signed: int, a: int, b: int, bits: int) -> Scalar:
-    m = (1 << bits) - 1
-    a &= m
-    b &= m
-    if signed:
-        sa = a - (1 << bits) if a >> (bits - 1) else a
-        sb = b - (1 << bits) if b >> (bits - 1) else b
-        if sb == 0:
-            r = 0 if o == op.BPF_DIV else sa
-        else:
-            q = abs(sa) // abs(sb) * (1 if (sa < 0) == (sb < 0) else -1)
-            r = q if o == op.BPF_DIV else sa - q * sb
-    elif b == 0:
-        r = 0 if o == op.BPF_DIV else a
-    else:
-        r = a // b if o == op.BPF_DIV else a % b
-    return Scalar.const(r & m)
 
 
 def describe_regs(st: VerifierState) -> str:
