@@ -114,6 +114,9 @@ CACHE_LINE = 64
 #: where libcs keep the thread's tid in their struct pthread (offset from the FS base):
 #: glibc x86-64, musl x86-64.  The tracer checks them on stopped threads, the runtime on itself.
 TID_OFFSETS = (0x2D0, 0x30)
+# runtime/lib.c checks each offset by its header name (UBPF_TID_OFF_GLIBC, _MUSL, below): a new
+# libc needs a name there too, not just an entry here
+assert len(TID_OFFSETS) == 2, "add the new offset to CONSTANTS and to rt_gettid in runtime/lib.c"
 
 SITE = Layout("ubpf_site", [
     u64("addr", "the patched address: pt_regs ip of the site's entry probes"),

@@ -183,7 +183,8 @@ class HitFiller:
 
     def fill(self, tgid: int, tid: int, func_ip: int, cookie: int, is_return: bool,
              cpu_hint: int = -1) -> HitContext:
-        """The hit of thread ``tid`` at ``func_ip`` (both stop loops call this for every probe).
+        """The hit of thread ``tid`` at ``func_ip`` (both stop loops call this once per stop; the
+        caller sets ``cookie`` per probe).
         ``cpu_hint``: the CPU the C loop runs on (the approximation when facts are not exact)."""
         h = self.hit
         if h.tid != tid or h.tgid != tgid:

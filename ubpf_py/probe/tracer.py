@@ -366,9 +366,12 @@ class Tracer:
         f = self.filler
         f.cur_thread = th                              # for bpf_get_stack's unwinder
         f.cur_at_entry = bp.at_entry
-        tgid, tid, ns = th.proc.tgid, th.tid, 0
+        ns = 0
+        # 6. the facts, read once per stop: the thread is held, they cannot change between its probes
+        hit = f.fill(th.proc.tgid, th.tid, bp.addr, 0, False, cpu_hint)
         for p in bp.probes:
-            ns += self._call_probe(p, f.fill(tgid, tid, bp.addr, p.cookie, False, cpu_hint))   # 6.
+            hit.cookie = p.cookie
+            ns += self._call_probe(p, hit)
         return ns
 
     def _call_probe(self, p: Probe, hit: HitContext) -> int:
@@ -449,11 +452,12 @@ class Tracer:
             e = sh.entries.pop()
             self._log_drop(e)
             v[P.RIP] = e.orig_ret
-            if proc.run_handlers:
+            if proc.run_handlers and e.probes:
                 try:
+                    hit = filler.fill(proc.tgid, th.tid, e.func, 0, True)   # once per return, as above
                     for p in e.probes:
-                        self.handler_ns += self._call_probe(
-                            p, filler.fill(proc.tgid, th.tid, e.func, p.cookie, True))
+                        hit.cookie = p.cookie
+                        self.handler_ns += self._call_probe(p, hit)
                 except BaseException:
                     # the return went through the trampoline and its shadow entry is gone: put the
                     # thread at the real return address before the error ends tracing, or detaching
