@@ -21,6 +21,7 @@ from ubpf_py.isa import opcodes as op
 from ubpf_py.isa.instruction import Instruction
 from ubpf_py.obj.spec import MapSpec
 from ubpf_py.verifier import state as S
+from ubpf_py.verifier.btfwalk import struct_access
 from ubpf_py.verifier.context import CheckContext
 from ubpf_py.verifier.memory import Reject
 from ubpf_py.verifier.scalar import Scalar, unknown_bits
@@ -55,7 +56,7 @@ def check_read(ck: CheckContext, reg: S.Reg, regno: int, off: int, size: int, wr
                pc: int) -> S.Reg:
     """Check a load (or refuse a store) through map pointer ``reg``; returns the loaded register
     and records the constant the loader puts in its place (``ck.map_field_loads``)."""
-    from ubpf_py.obj.btf import KIND_ARRAY, KIND_PTR, KIND_STRUCT, KIND_UNION
+    from ubpf_py.obj.btf import KIND_STRUCT
 
     m = ck.maps[reg.map]
     btf = _kernel_btf()
@@ -70,51 +71,22 @@ def check_read(ck: CheckContext, reg: S.Reg, regno: int, off: int, size: int, wr
         raise Reject(f"R{regno} is {sname} invalid negative access: off={off}")
     if write:
         raise Reject(f"only read from {sname} is supported", "a map's kernel struct is read-only")
-    # the kernel's btf_struct_walk, down to a scalar member
-    tname = sname
-    t = btf.resolved(tid)
-    path = []
-    while True:
-        if off + size > t.size:
-            raise Reject(f"access beyond struct {tname} at off {off} size {size}")
-        for mem in t.members:
-            moff = mem.bit_offset // 8
-            if off + size <= moff:
-                mem = None
-                break
-            msize = btf.size_of(mem.type_id)
-            if off >= moff + msize:
-                continue
-            break
-        else:
-            mem = None
-        if mem is None:
-            raise Reject(f"struct {tname} doesn't have field at offset {off}")
-        mt = btf.resolved(mem.type_id)
-        if mt.kind in (KIND_STRUCT, KIND_UNION) and off + size <= moff + msize:
-            path.append(mem.name)
-            tname, t, off = mt.name, mt, off - moff
-            continue
-        if mt.kind == KIND_PTR and (msize != size or off != moff):
-            raise Reject(f"cannot access ptr member {mem.name} with moff {moff} in struct {tname} "
-                         f"with off {off} size {size}")
-        if mt.kind != KIND_PTR and off + size > moff + msize:
-            raise Reject(f"access beyond the end of member {mem.name} (mend:{moff + msize}) in struct "
-                         f"{tname} with off {off} size {size}")
-        break
-    if path != ["map"] or tname != "bpf_map" or mem.name not in KNOWN_FIELDS or mt.kind == KIND_ARRAY:
-        where = ".".join([*path, mem.name]) if mem.name else ".".join(path)
-        raise Reject(f"reading field '{where}' of struct {sname} through a map pointer is not supported",
+    w = struct_access(btf, tid, off, size)
+    names = [mem for _struct, mem in w.path]
+    name = names[-1]
+    if w.pointer or names[:-1] != ["map"] or w.path[-1][0] != "bpf_map" or name not in KNOWN_FIELDS \
+            or w.is_array:
+        raise Reject(f"reading field '{'.'.join(names)}' of struct {sname} through a map pointer is not supported",
                      _NOT_SUPPORTED)
     if reg.map >= ck.n_object_maps:
-        raise Reject(f"reading struct bpf_map field '{mem.name}' of an inner map is not supported",
+        raise Reject(f"reading struct bpf_map field '{name}' of an inner map is not supported",
                      "not supported: the inner map is only known when the program runs")
-    value = int.from_bytes(field_value(m, mem.name).to_bytes(msize, "little")[off - moff:off - moff + size],
-                           "little")
+    lo = w.inner_off
+    value = int.from_bytes(field_value(m, name).to_bytes(w.msize, "little")[lo:lo + size], "little")
     if size == 8 and value >> 31:
-        raise Reject(f"reading struct bpf_map field '{mem.name}' = {value:#x} is not supported",
+        raise Reject(f"reading struct bpf_map field '{name}' = {value:#x} is not supported",
                      "not supported: 64-bit field values from 2**31 up")
-    record(ck, pc, (reg.map, mem.name, off - moff, size, sext), value)
+    record(ck, pc, (reg.map, name, lo, size, sext), value)
     # like the kernel: an unknown scalar of the access size (the value is the loaded map's)
     return S.Reg(S.SCALAR, Scalar.unknown().sext(size) if sext else unknown_bits(size))
 
