@@ -16,7 +16,7 @@ pid, tgid, comm        the hit (``env.hit``: tid, tgid, per-thread comm)
 cred, real_cred        -> a ``struct cred``: uid/gid/euid/egid/suid/sgid/
                        fsuid/fsgid from /proc/TGID/task/TID/status
 real_parent, parent    -> a task with pid, tgid, comm of the parent process
-group_leader           -> this task (a leader) or a task for the leader
+group_leader           -> this task (a leader) or the leader, filled like it
 start_boottime,        /proc/.../stat field 22 (USER_HZ ticks: 10 ms
 start_time             resolution; start_time = boottime - suspend offset)
 =====================  ==================================================
@@ -24,8 +24,19 @@ start_time             resolution; start_time = boottime - suspend offset)
 Any other byte of these objects is unknown here: ``bpf_probe_read_kernel`` of a
 range touching one fails like a fault in the kernel (-EFAULT, destination
 zeroed); ``HelperContext.kernel_read`` asks :meth:`KernelObjects.readable`.
-(A direct load through ``bpf_get_current_task_btf``'s pointer reads the zero
-the buffer holds, as the kernel's fault-tolerant BTF loads return zero on fault.)
+
+Direct loads through ``bpf_get_current_task_btf()``'s pointer (PTR_TO_BTF_ID,
+``verifier.btfptr``) read the same buffers.  ``MODEL`` says, per kind of object,
+which fields hold a value and where the filled pointers lead; the verifier follows
+it along the loads, so that what it cannot give a value is decided before the
+program runs: a field without a source reads 0 (the buffer's zero), a pointer
+without a source is NULL here, and every load through such a pointer is replaced by
+``dst = 0`` -- what the kernel's fault-tolerant BPF_PROBE_MEM load gives when it
+faults.  Zero is the only value an engine can give there without a kernel behind
+it, and it is the value the program must already cope with (the kernel gives it for
+every NULL pointer on the way); the loader names each such field in a one-line
+warning, so the zero is never silent.  Filled pointers are always set, so no engine
+ever loads through a NULL pointer here.
 """
 
 from __future__ import annotations
@@ -42,6 +53,17 @@ _TASK_FIELDS = ("pid", "tgid", "comm", "real_parent", "parent", "group_leader", 
                 "start_time", "start_boottime")
 _CRED_FIELDS = ("uid", "euid", "suid", "fsuid", "gid", "egid", "sgid", "fsgid")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+#: kinds of objects (a PTR_TO_BTF_ID register's provenance in the verifier; 0: none, NULL here)
+OBJ_NONE, OBJ_TASK, OBJ_PARENT, OBJ_CRED = 0, 1, 2, 3
+#: kind -> (struct, fields with a value, pointer field -> the kind of object it points to)
+MODEL: dict[int, tuple[str, frozenset[str], dict[str, int]]] = {
+    OBJ_TASK: ("task_struct", frozenset({"pid", "tgid", "comm", "start_time", "start_boottime"}),
+               {"real_parent": OBJ_PARENT, "parent": OBJ_PARENT, "group_leader": OBJ_TASK,
+                "cred": OBJ_CRED, "real_cred": OBJ_CRED}),
+    OBJ_PARENT: ("task_struct", frozenset({"pid", "tgid", "comm"}), {}),
+    OBJ_CRED: ("cred", frozenset(_CRED_FIELDS), {}),
+}
 
 
 class KernelObject:
@@ -129,6 +151,7 @@ class KernelObjects:
         self.leader = self._new(tsize, "kernel task_struct (group leader)")
         self.parent = self._new(tsize, "kernel task_struct (real_parent)")
         self.cred = self._new(csize, "kernel cred (current)")
+        self.leader_cred = self._new(csize, "kernel cred (group leader)")
 
     def _new(self, size: int, name: str) -> KernelObject:
         obj = KernelObject(self.env, size, name)
@@ -155,6 +178,30 @@ class KernelObjects:
         self._field(obj, "task.tgid", tgid)
         self._field(obj, "task.comm", comm[:15])
 
+    def _fill_full(self, obj: KernelObject, cred: KernelObject, tgid: int, tid: int, comm: bytes,
+                   leader: KernelObject) -> None:
+        """A task of the traced process (OBJ_TASK): ids, comm, creds, start times and its
+        pointers, which are always set (``MODEL``: loads through them are never NULL here)."""
+        self._fill_task(obj, tid, tgid, comm)
+        self._field(obj, "task.group_leader", leader.addr)
+        for name in ("real_parent", "parent"):
+            self._field(obj, f"task.{name}", self.parent.addr)
+        for name in ("cred", "real_cred"):
+            self._field(obj, f"task.{name}", cred.addr)
+        status = _proc_status(tgid, tid)
+        uids, gids = status.get("Uid", "").split(), status.get("Gid", "").split()
+        if len(uids) == 4 and len(gids) == 4:
+            for name, v in zip(("uid", "euid", "suid", "fsuid"), uids, strict=True):
+                self._field(cred, f"cred.{name}", int(v))
+            for name, v in zip(("gid", "egid", "sgid", "fsgid"), gids, strict=True):
+                self._field(cred, f"cred.{name}", int(v))
+        ticks = _start_ticks(tgid, tid)
+        if ticks is not None:
+            boot_ns = ticks * 1_000_000_000 // _CLK_TCK
+            suspended = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+            self._field(obj, "task.start_boottime", boot_ns)
+            self._field(obj, "task.start_time", max(boot_ns - suspended, 0))
+
     def current_task(self) -> int:
         """Rebuild the objects for the thread of this hit; return the task's address."""
         if self.layout is None:
@@ -162,34 +209,14 @@ class KernelObjects:
         hit = self.env.hit
         for o in self.objects:
             o.clear()
-        status = _proc_status(hit.tgid, hit.tid)
-        task = self.task
-        self._fill_task(task, hit.tid, hit.tgid, hit.comm)
-        leader = task
-        if hit.tid != hit.tgid:
-            leader = self.leader
-            self._fill_task(leader, hit.tgid, hit.tgid, _comm_of(hit.tgid, hit.tgid))
-        self._field(task, "task.group_leader", leader.addr)
-        ppid = int(status.get("PPid", "0") or 0)
+        leader = self.task if hit.tid == hit.tgid else self.leader
+        self._fill_full(self.task, self.cred, hit.tgid, hit.tid, hit.comm, leader)
+        if leader is not self.task:
+            self._fill_full(leader, self.leader_cred, hit.tgid, hit.tgid, _comm_of(hit.tgid, hit.tgid), leader)
+        ppid = int(_proc_status(hit.tgid, hit.tgid).get("PPid", "0") or 0)
         if ppid:
             self._fill_task(self.parent, ppid, ppid, _comm_of(ppid, ppid))
-            self._field(task, "task.real_parent", self.parent.addr)
-            self._field(task, "task.parent", self.parent.addr)
-        uids, gids = status.get("Uid", "").split(), status.get("Gid", "").split()
-        if len(uids) == 4 and len(gids) == 4:
-            for name, v in zip(("uid", "euid", "suid", "fsuid"), uids, strict=True):
-                self._field(self.cred, f"cred.{name}", int(v))
-            for name, v in zip(("gid", "egid", "sgid", "fsgid"), gids, strict=True):
-                self._field(self.cred, f"cred.{name}", int(v))
-            self._field(task, "task.cred", self.cred.addr)
-            self._field(task, "task.real_cred", self.cred.addr)
-        ticks = _start_ticks(hit.tgid, hit.tid)
-        if ticks is not None:
-            boot_ns = ticks * 1_000_000_000 // _CLK_TCK
-            suspended = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
-            self._field(task, "task.start_boottime", boot_ns)
-            self._field(task, "task.start_time", max(boot_ns - suspended, 0))
-        return task.addr
+        return self.task.addr
 
 
 def _comm_of(tgid: int, tid: int) -> bytes:

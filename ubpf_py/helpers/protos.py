@@ -190,6 +190,7 @@ _PROTOS = [
     _p(134, "map", "anything", map_types=frozenset({_RINGBUF})),
     _p(148, "uninit_mem", "size_or_zero", "anything", sleepable_only=True),
     _p(160),
+    _p(158, ret="btf_task"),
     _p(164, "map", "func", "stack_or_null", "anything", callback="for_each"),
     _p(165, "mem_or_null", "size_or_zero", "const_str", "mem_or_null", "size_or_zero"),
     _p(173, "ctx"),
@@ -205,7 +206,7 @@ _PROTOS = [
 ]
 
 #: helpers a kprobe program may call whose arguments are BTF-typed kernel objects
-_BTF_ONLY = (93, 94, 141, 149, 153, 154, 156, 157, 158, 169, 170, 171, 172, 175, 180, 194,
+_BTF_ONLY = (93, 94, 141, 149, 153, 154, 156, 157, 169, 170, 171, 172, 175, 180, 194,
              197, 198, 199, 200, 201, 202, 203, 209, 210, 211)
 
 PROTOS: dict[int, HelperProto] = {p.id: p for p in _PROTOS}

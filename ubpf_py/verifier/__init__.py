@@ -62,9 +62,12 @@ from ubpf_py.errors import InvalidInstructionError, NotSupportedError, VerifierE
 from ubpf_py.isa.instruction import Instruction
 from ubpf_py.obj.spec import MapSpec, ProgramSpec
 from ubpf_py.verifier import log as L
+from ubpf_py.verifier.btfptr import notes as btf_notes
+from ubpf_py.verifier.btfptr import rewrites as btf_rewrites
 from ubpf_py.verifier.checker import COMPLEXITY_LIMIT, Checker, Failure, describe_regs
 from ubpf_py.verifier.globalfuncs import global_functions, hidden_functions
 from ubpf_py.verifier.mapfields import rewrites as map_field_rewrites
+from ubpf_py.verifier.memory import Reject
 from ubpf_py.verifier.structure import StructureError, analyse
 
 MODES = ("strict", "warn", "off")
@@ -96,6 +99,8 @@ class VerifierReport:
     #: accepted programs: loads of struct bpf_map fields -> the move of the loaded map's value
     #: that replaces them (``mapfields``; the loader applies it with ``sanitize_dead_code``)
     rewrites: dict[int, Instruction] = field(default_factory=dict)
+    #: accepted programs: what the loader warns about (fields read directly that have no value here)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def message(self) -> str:
@@ -147,6 +152,10 @@ def verify_program(prog: ProgramSpec, maps: list[MapSpec], *, mode: str = "stric
         reachable = frozenset(i for i, b in enumerate(ck.seen) if b)
         rewrites = map_field_rewrites(insns, ck.map_field_loads)
         try:
+            rewrites.update(btf_rewrites(insns, ck.btf_loads))
+        except Reject as e:
+            fail = Failure(e.msg, 0, e.hint, [], None, None)
+        try:
             _isa_validate(sanitize_dead_code(insns, reachable, rewrites))
         except InvalidInstructionError as e:
             fail = Failure(e.reason, e.index, "", [], None, None)
@@ -157,6 +166,7 @@ def verify_program(prog: ProgramSpec, maps: list[MapSpec], *, mode: str = "stric
     if report.ok:
         report.reachable = reachable
         report.rewrites = rewrites
+        report.notes = btf_notes(ck.btf_loads) if ck is not None else []
     if not report.ok and mode == "strict":
         raise VerifierError(report.message, log=report.log, program=prog.name, insn_index=report.insn_index)
     return report

@@ -7,6 +7,7 @@ from __future__ import annotations
 from ubpf_py.helpers.protos import KPROBE_ALLOWED, MODELLED_MAP_TYPES, PROTOS, HelperProto, helper_name
 from ubpf_py.isa.opcodes import MAX_CALL_DEPTH
 from ubpf_py.obj.mapdefs import BPF_F_RDONLY_PROG
+from ubpf_py.verifier import btfptr as BP
 from ubpf_py.verifier import memory as M
 from ubpf_py.verifier import state as S
 from ubpf_py.verifier.context import CheckContext
@@ -295,6 +296,8 @@ def _finish_helper(ck: CheckContext, st: S.VerifierState, pc: int, proto: Helper
             regs[0] = Reg(S.MAP_VALUE, Scalar.const(0), map=meta.map)
         else:
             regs[0] = Reg(S.MAP_VALUE_OR_NULL, Scalar.const(0), map=meta.map, id=ck.new_id())
+    elif ret == "btf_task":
+        regs[0] = BP.current_task()
     elif ret == "ringbuf_mem_or_null":
         ck.new_id()
         ref = ck.new_id()

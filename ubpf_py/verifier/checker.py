@@ -19,6 +19,7 @@ from ubpf_py.isa.instruction import Instruction
 from ubpf_py.obj.spec import MapSpec, ProgramSpec
 from ubpf_py.verifier import alu as A
 from ubpf_py.verifier import arith as AR
+from ubpf_py.verifier import btfptr as BP
 from ubpf_py.verifier import calls as C
 from ubpf_py.verifier import globalfuncs as G
 from ubpf_py.verifier import mapfields as MF
@@ -45,7 +46,7 @@ PRIV_STACK_MIN = 64
 MAX_CALL_FRAMES = 8
 _HELPER_CALLBACKS = (164, 181)
 #: pointer types a comparison with 0 decides (the kernel's reg_not_null)
-_NOT_NULL = frozenset({S.MAP_VALUE, S.MAP_KEY, S.MEM, S.RINGBUF_MEM})
+_NOT_NULL = frozenset({S.MAP_VALUE, S.MAP_KEY, S.MEM, S.RINGBUF_MEM, S.TRUSTED_BTF_PTR})
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Checker:
         self.maps = list(maps)
         self.n_object_maps = len(maps)
         self.map_field_loads: dict[int, tuple[tuple, int]] = {}
+        self.btf_loads: dict[int, set[tuple]] = {}
         self.inner_of: dict[int, int] = {}
         for i, m in enumerate(maps):
             if m.type in M.MAP_IN_MAP and m.inner is not None:
@@ -260,6 +262,8 @@ class Checker:
                         self._stack_access(pc)
                     if src.type == S.MAP_PTR:
                         r = MF.check_read(self, src, ins.src, src.off + ins.off, size, False, sext, pc)
+                    elif src.type in S.BTF_PTR_NON_NULL:
+                        r = BP.check_access(self, src, ins.src, src.off + ins.off, size, False, sext, pc)
                     else:
                         r = M.check_access(self, st, ins.src, ins.off, size, False, sext=sext)
                     st.cur.regs[ins.dst] = r
@@ -474,6 +478,11 @@ class Checker:
                 AR.read_reg(st, ins.src)
             MF.check_read(self, dst, ins.dst, dst.off + ins.off, op.SIZE_BYTES[ins.opcode & 0x18], True,
                           False, pc)
+        elif dst.type in S.BTF_PTR_NON_NULL:
+            if ins.opcode & 0x07 == op.BPF_STX:
+                AR.read_reg(st, ins.src)
+            BP.check_access(self, dst, ins.dst, dst.off + ins.off, op.SIZE_BYTES[ins.opcode & 0x18], True,
+                            False, pc)
 
     def _store(self, st: VerifierState, ins: Instruction) -> None:
         code = ins.opcode

@@ -30,6 +30,8 @@ class CheckContext(Protocol):
     n_object_maps: int
     #: struct bpf_map field loads: insn -> ((map, field, offset in field, size, sign-extended), value)
     map_field_loads: dict[int, tuple[tuple, int]]
+    #: loads through kernel pointers (``btfptr``): insn -> {(object kind, struct, field, has a value)}
+    btf_loads: dict[int, set[tuple]]
 
     def new_id(self) -> int: ...
 

@@ -33,10 +33,18 @@ MAP_KEY = "map_key"
 #: a lookup in a map-in-map: the inner map, or NULL
 MAP_PTR_OR_NULL = "map_ptr_or_null"
 
+#: PTR_TO_BTF_ID (``btfptr``): "[user_][percpu_][rcu_][untrusted_][trusted_]ptr_[or_null_]" like
+#: reg_type_str(); ``map`` holds the kernel BTF type id, ``size`` the object kind it points to
+BTF_PTR_NON_NULL = frozenset(
+    "".join(p for bit, p in enumerate(("user_", "percpu_", "rcu_", "untrusted_", "trusted_")) if k >> bit & 1)
+    + "ptr_" for k in range(32))
+TRUSTED_BTF_PTR = "trusted_ptr_"
+
 OR_NULL = {MAP_VALUE_OR_NULL: MAP_VALUE, RINGBUF_MEM_OR_NULL: RINGBUF_MEM, MEM_OR_NULL: MEM,
-           MAP_PTR_OR_NULL: MAP_PTR}
+           MAP_PTR_OR_NULL: MAP_PTR, **{t + "or_null_": t for t in BTF_PTR_NON_NULL}}
+BTF_PTRS = BTF_PTR_NON_NULL | {t + "or_null_" for t in BTF_PTR_NON_NULL}
 POINTERS = {CTX, STACK, MAP_PTR, MAP_VALUE, MAP_VALUE_OR_NULL, RINGBUF_MEM, RINGBUF_MEM_OR_NULL,
-            MEM, MEM_OR_NULL, FUNC, MAP_KEY, MAP_PTR_OR_NULL}
+            MEM, MEM_OR_NULL, FUNC, MAP_KEY, MAP_PTR_OR_NULL, *BTF_PTRS}
 
 # stack byte kinds (0: never written, the kind every byte starts with)
 S_MISC = 1      # written with something that is not a tracked register

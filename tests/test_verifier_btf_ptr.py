@@ -1,0 +1,96 @@
+"""Direct loads through ``bpf_get_current_task_btf()`` (the kernel's PTR_TO_BTF_ID).
+
+The kernel verifies ``task->pid`` as a load from a typed kernel pointer: constant offset
+inside a member of the struct's BTF, read only, pointer members giving further typed
+pointers.  Every case here is checked against the running kernel (loaded as a kprobe
+program, as ubpf-py models uprobes): same verdict, same final error line.
+"""
+
+from __future__ import annotations
+
+import pytest
+from kernel_verdict import kernel_skip_reason, kernel_verdict
+from test_verifier import MAPS, prog
+
+from ubpf_py.obj.btf import KIND_STRUCT, load_kernel_btf
+from ubpf_py.verifier import verify_program
+
+BTF = load_kernel_btf()
+pytestmark = pytest.mark.skipif(BTF is None, reason="needs the kernel's BTF (/sys/kernel/btf/vmlinux)")
+
+
+def _off(struct: str, field: str) -> int:
+    _m, bit = BTF.member(BTF.find(struct, KIND_STRUCT), field)
+    return bit // 8
+
+
+def _cases() -> list[tuple[str, str, str | None]]:
+    if BTF is None:
+        return []
+    task = BTF.type(BTF.find("task_struct", KIND_STRUCT))
+    pid, parent, mm, comm = (_off("task_struct", f) for f in ("pid", "real_parent", "mm", "comm"))
+    tgid = _off("task_struct", "tgid")
+    return [
+        ("pid_tgid", f"call 158\nldxw %r1, [%r0+{pid}]\nldxw %r0, [%r0+{tgid}]\nadd %r0, %r1\nexit", None),
+        ("parent_tgid", f"call 158\nldxdw %r1, [%r0+{parent}]\nldxw %r0, [%r1+{tgid}]\nexit", None),
+        ("comm_bytes", f"call 158\nldxh %r0, [%r0+{comm + 6}]\nexit", None),
+        ("const_add_then_load", f"call 158\nadd %r0, {pid}\nldxw %r0, [%r0+0]\nexit", None),
+        ("negative", "call 158\nldxw %r0, [%r0-8]\nexit", "R0 is ptr_task_struct invalid negative access: off=-8"),
+        ("beyond_struct", f"call 158\nldxdw %r0, [%r0+{task.size}]\nexit",
+         f"access beyond struct task_struct at off {task.size} size 8"),
+        ("half_pointer", f"call 158\nldxw %r0, [%r0+{parent}]\nexit",
+         f"cannot access ptr member real_parent with moff {parent} in struct task_struct with off {parent} size 4"),
+        ("variable_offset", "call 158\nmov %r6, %r0\ncall 7\nand %r0, 8\nadd %r6, %r0\nldxw %r0, [%r6+0]\nexit",
+         "R6 is ptr_task_struct invalid variable offset: off=0, var_off=(0x0; 0x8)"),
+        ("store_imm", f"call 158\nstw [%r0+{pid}], 1\nmov %r0, 0\nexit", "only read is supported"),
+        ("store_reg", f"call 158\nmov %r1, 1\nstxw [%r0+{pid}], %r1\nmov %r0, 0\nexit", "only read is supported"),
+        ("store_through_loaded", f"call 158\nldxdw %r1, [%r0+{mm}]\nstdw [%r1+0], 0\nmov %r0, 0\nexit",
+         "only read is supported"),
+        # a trusted pointer is never NULL: the NULL side (an invalid stack write) is dead
+        ("trusted_not_null", "call 158\njeq %r0, 0, +2\nmov %r0, 0\nexit\nstdw [%r10+8], 0\nmov %r0, 0\nexit", None),
+        # a pointer loaded from a field may be NULL: both sides are walked
+        ("loaded_may_be_null", f"call 158\nldxdw %r1, [%r0+{mm}]\njeq %r1, 0, +2\nmov %r0, 0\nexit\n"
+         "stdw [%r10+8], 0\nmov %r0, 0\nexit", "invalid write to stack R10 off=8 size=8"),
+        ("probe_read_src", f"call 158\nmov %r3, %r0\nadd %r3, {pid}\nmov %r1, %r10\nadd %r1, -8\nmov %r2, 4\n"
+         "call 113\nmov %r0, 0\nexit", None),
+        ("arith_32bit", "call 158\nadd32 %r0, 8\nmov %r0, 0\nexit", "R0 32-bit pointer arithmetic prohibited"),
+        ("task_btf_is_not_a_scalar", "call 158\nmul %r0, 2\nexit",
+         "R0 pointer arithmetic with *= operator prohibited"),
+    ]
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("name,text,error", CASES, ids=[c[0] for c in CASES])
+def test_verdict_and_message_equal_the_kernels(name: str, text: str, error: str | None) -> None:
+    r = verify_program(prog(text), MAPS, mode="warn")
+    assert r.ok == (error is None), (r.error, r.log)
+    if error:
+        assert r.error == error
+    if (reason := kernel_skip_reason()) is not None:
+        pytest.skip(reason)
+    ok, line, _log = kernel_verdict(prog(text), MAPS)
+    assert ok == (error is None), line
+    if error:
+        assert line == error
+
+
+def test_loads_through_a_null_pointer_become_zero_moves() -> None:
+    """task->mm has no userspace source: it is NULL here, so the load through it is replaced by
+    ``r0 = 0`` (the kernel's faulting PROBE_MEM load) and both loads are named in a note."""
+    mm = _off("task_struct", "mm")
+    count = _off("mm_struct", "map_count")
+    r = verify_program(prog(f"call 158\nldxdw %r1, [%r0+{mm}]\nldxw %r0, [%r1+{count}]\nexit"), MAPS, mode="warn")
+    assert r.ok, r.log
+    assert set(r.rewrites) == {2}
+    assert (r.rewrites[2].opcode, r.rewrites[2].dst, r.rewrites[2].imm) == (0xB7, 0, 0)
+    assert [n.split(" reads ")[1].split(" directly")[0] for n in r.notes] == ["task_struct.mm", "mm_struct.map_count"]
+
+
+def test_fields_with_values_are_not_noted() -> None:
+    pid, parent = _off("task_struct", "pid"), _off("task_struct", "real_parent")
+    tgid = _off("task_struct", "tgid")
+    r = verify_program(prog(f"call 158\nldxw %r2, [%r0+{pid}]\nldxdw %r1, [%r0+{parent}]\n"
+                            f"ldxw %r0, [%r1+{tgid}]\nexit"), MAPS, mode="warn")
+    assert r.ok and not r.notes and not r.rewrites, (r.log, r.notes)
