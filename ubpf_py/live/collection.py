@@ -9,6 +9,7 @@ addresses, then compilation/preparation for the chosen engine.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from ubpf_py.isa.opcodes import (
 from ubpf_py.obj.core import POISON_HELPER
 from ubpf_py.obj.spec import MapSpec, ObjectSpec, ProgramSpec
 from ubpf_py.sysinfo import possible_cpus
+from ubpf_py.verifier.btfptr import KernelFieldWarning
 from ubpf_py.vm.budget import DEFAULT_BUDGET
 from ubpf_py.vm.env import ExecEnv, HitContext
 from ubpf_py.vm.memory import HostBuffer, MemoryMap, Region
@@ -125,6 +127,9 @@ class Collection:
             except VerifierError:
                 check_helpers(kept)  # an unknown helper is still named before the verifier's verdict
                 raise
+            if report is not None and report.ok:
+                for note in report.notes:
+                    warnings.warn(f"program '{name}': {note}", KernelFieldWarning, stacklevel=2)
             if report is not None and report.ok and report.reachable is not None:
                 # dead code as the kernel sees it is never run: what only it uses (unknown helpers,
                 # poisoned CO-RE instructions behind bpf_core_field_exists) is not needed

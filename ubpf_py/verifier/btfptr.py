@@ -36,6 +36,11 @@ from ubpf_py.verifier.context import CheckContext
 from ubpf_py.verifier.memory import Reject
 from ubpf_py.verifier.scalar import Scalar, unknown_bits
 
+
+class KernelFieldWarning(UserWarning):
+    """A program reads a kernel field directly that has no value here (it reads 0)."""
+
+
 PTR_TRUSTED = 16
 PTR_MAYBE_NULL = 32
 _PREFIX = ((MEM_USER, "user_"), (MEM_PERCPU, "percpu_"), (MEM_RCU, "rcu_"), (PTR_UNTRUSTED, "untrusted_"),
