@@ -94,3 +94,106 @@ def test_fields_with_values_are_not_noted() -> None:
     r = verify_program(prog(f"call 158\nldxw %r2, [%r0+{pid}]\nldxdw %r1, [%r0+{parent}]\n"
                             f"ldxw %r0, [%r1+{tgid}]\nexit"), MAPS, mode="warn")
     assert r.ok and not r.notes and not r.rewrites, (r.log, r.notes)
+
+
+# -- compiled C: what real tools write (filelife's BPF_CORE_READ(task, fs, pwd.mnt), direct loads) --
+
+C_SOURCE = r"""
+#include <vmlinux.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+
+SEC("uprobe") int filelife_cwd(void *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+	return BPF_CORE_READ(task, fs, pwd.mnt) != 0;
+}
+SEC("uprobe") int direct_ids(void *ctx)
+{
+	struct task_struct *t = bpf_get_current_task_btf();
+	return t->pid + t->tgid + t->real_parent->tgid + t->group_leader->pid;
+}
+SEC("uprobe") int cred_uid(void *ctx)
+{
+	struct task_struct *t = bpf_get_current_task_btf();
+	const struct cred *c = t->cred;
+	return c ? c->uid.val : 0;
+}
+SEC("uprobe") int write_pid(void *ctx)
+{
+	struct task_struct *t = bpf_get_current_task_btf();
+	t->pid = 1;
+	return 0;
+}
+SEC("uprobe") int comm_word(void *ctx)
+{
+	struct task_struct *t = bpf_get_current_task_btf();
+	return *(__u32 *)&t->comm[4];
+}
+char LICENSE[] SEC("license") = "GPL";
+"""
+C_EXPECTED = {"filelife_cwd": None, "direct_ids": None, "cred_uid": None, "comm_word": None,
+              "write_pid": "only read is supported"}
+
+
+@pytest.fixture(scope="module")
+def c_obj(tmp_path_factory: pytest.TempPathFactory):
+    import shutil
+    import subprocess
+
+    from bpf_build import BPF_CFLAGS
+    from paths import build_realworld
+
+    if shutil.which("clang") is None or shutil.which("bpftool") is None:
+        pytest.skip("clang and bpftool (vmlinux.h) are needed")
+    inc = build_realworld() / "include"
+    d = tmp_path_factory.mktemp("btfptr")
+    (d / "p.bpf.c").write_text(C_SOURCE)
+    subprocess.run(["clang", *BPF_CFLAGS[:-1], "-g", f"-I{inc}", "-idirafter", "/usr/include/x86_64-linux-gnu",
+                    "-c", str(d / "p.bpf.c"), "-o", str(d / "p.bpf.o")], check=True, capture_output=True)
+    return d / "p.bpf.o"
+
+
+@pytest.mark.parametrize("name", sorted(C_EXPECTED))
+def test_compiled_programs_agree_with_the_kernel(c_obj, name: str) -> None:
+    import dataclasses
+
+    from ubpf_py.obj import core
+    from ubpf_py.obj.elf import load_object
+
+    spec = load_object(str(c_obj))
+    p = spec.programs[name]
+    p = dataclasses.replace(p, instructions=core.apply_core_relocs(p, spec.btf, strict=False))
+    r = verify_program(p, spec.maps, mode="warn")
+    want = C_EXPECTED[name]
+    assert r.ok == (want is None), r.error
+    if want:
+        assert r.error == want
+    if (reason := kernel_skip_reason()) is not None:
+        pytest.skip(reason)
+    ok, line, _log = kernel_verdict(p, spec.maps)
+    assert ok == (want is None), line
+    if want:
+        assert line == want
+
+
+def test_filelife_check_verdicts_equal_the_kernels() -> None:
+    """libbpf-tools' filelife (bpf_get_current_task_btf + BPF_CORE_READ) under ``--check``: every
+    program's verdict equals the kernel's.  filelife is not in ../shared/realworld; point
+    UBPF_LIBBPF_TOOLS at a directory of libbpf-tools objects built against this kernel."""
+    import os
+    from pathlib import Path
+
+    from cli_util import run_cli
+    from test_realworld_tools import _kernel_verdict
+
+    obj = Path(os.environ.get("UBPF_LIBBPF_TOOLS", "/nonexistent")) / "filelife.bpf.o"
+    if not obj.exists():
+        pytest.skip("set UBPF_LIBBPF_TOOLS to a directory holding a built filelife.bpf.o")
+    p = run_cli("--check", str(obj), timeout=300)
+    ours = {ln.split(":")[0]: ": OK" in ln for ln in p.stdout.splitlines() if " insns" in ln or ": REJECTED" in ln}
+    assert ours.get("vfs_create") is True, p.stdout    # calls bpf_get_current_task_btf
+    if (reason := kernel_skip_reason()) is not None:
+        pytest.skip(reason)
+    assert {n: _kernel_verdict(obj, n, []) for n in ours} == ours
