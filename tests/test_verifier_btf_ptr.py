@@ -53,6 +53,12 @@ def _cases() -> list[tuple[str, str, str | None]]:
          "stdw [%r10+8], 0\nmov %r0, 0\nexit", "invalid write to stack R10 off=8 size=8"),
         ("probe_read_src", f"call 158\nmov %r3, %r0\nadd %r3, {pid}\nmov %r1, %r10\nadd %r1, -8\nmov %r2, 4\n"
          "call 113\nmov %r0, 0\nexit", None),
+        ("return_pointer", "call 158\nexit", None),
+        ("spill_and_fill", f"call 158\nstxdw [%r10-8], %r0\nldxdw %r1, [%r10-8]\nldxw %r0, [%r1+{pid}]\nexit", None),
+        ("narrow_fill", "call 158\nstxdw [%r10-8], %r0\nldxw %r1, [%r10-8]\nmov %r0, 0\nexit",
+         "invalid size of register fill"),
+        ("into_map_value", "call 158\nmov %r6, %r0\nstw [%r10-4], 0\nlddw %r1, 0xfa00000001\nmov %r2, %r10\n"
+         "add %r2, -4\ncall 1\njeq %r0, 0, +1\nstxdw [%r0+0], %r6\nmov %r0, 0\nexit", None),
         ("arith_32bit", "call 158\nadd32 %r0, 8\nmov %r0, 0\nexit", "R0 32-bit pointer arithmetic prohibited"),
         ("task_btf_is_not_a_scalar", "call 158\nmul %r0, 2\nexit",
          "R0 pointer arithmetic with *= operator prohibited"),
