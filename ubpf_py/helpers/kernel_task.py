@@ -179,7 +179,7 @@ class KernelObjects:
         self._field(obj, "task.comm", comm[:15])
 
     def _fill_full(self, obj: KernelObject, cred: KernelObject, tgid: int, tid: int, comm: bytes,
-                   leader: KernelObject) -> None:
+                   leader: KernelObject) -> dict[str, str]:
         """A task of the traced process (OBJ_TASK): ids, comm, creds, start times and its
         pointers, which are always set (``MODEL``: loads through them are never NULL here)."""
         self._fill_task(obj, tid, tgid, comm)
@@ -201,6 +201,7 @@ class KernelObjects:
             suspended = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
             self._field(obj, "task.start_boottime", boot_ns)
             self._field(obj, "task.start_time", max(boot_ns - suspended, 0))
+        return status
 
     def current_task(self) -> int:
         """Rebuild the objects for the thread of this hit; return the task's address."""
@@ -210,10 +211,10 @@ class KernelObjects:
         for o in self.objects:
             o.clear()
         leader = self.task if hit.tid == hit.tgid else self.leader
-        self._fill_full(self.task, self.cred, hit.tgid, hit.tid, hit.comm, leader)
+        status = self._fill_full(self.task, self.cred, hit.tgid, hit.tid, hit.comm, leader)
         if leader is not self.task:
             self._fill_full(leader, self.leader_cred, hit.tgid, hit.tgid, _comm_of(hit.tgid, hit.tgid), leader)
-        ppid = int(_proc_status(hit.tgid, hit.tgid).get("PPid", "0") or 0)
+        ppid = int(status.get("PPid", "0") or 0)   # the same for every thread of the process
         if ppid:
             self._fill_task(self.parent, ppid, ppid, _comm_of(ppid, ppid))
         return self.task.addr
