@@ -1,7 +1,8 @@
 """Direct field loads through ``bpf_get_current_task_btf()`` give the traced thread's values.
 
 ``task->pid``, ``task->tgid``, ``task->real_parent->tgid``, ``task->group_leader->pid``,
-``task->comm`` and ``task->cred->uid`` are plain loads from a PTR_TO_BTF_ID register; the
+``task->comm``, ``task->cred->uid`` and the ``real_parent`` chain up to the kernel's
+init_task are plain loads from a PTR_TO_BTF_ID register; the
 target passes what the kernel tells it (getppid, gettid, getpid) to the probed function, a
 second thread renames itself, and the program compares.  The interpreter, the JIT and the
 kernel (``--backend kernel``, the same object and target) must agree; a field with no
@@ -63,6 +64,16 @@ SEC("uprobe") int BPF_KPROBE(probe, long ppid, long tid, long pid)
 	mm_count = t->mm->map_count;
 	return 0;
 }
+long chain[8];
+SEC("uprobe") int BPF_KPROBE(ancestry, long ppid)
+{
+	struct task_struct *t = bpf_get_current_task_btf();
+	for (int i = 0; i < 8; i++) {
+		t = t->real_parent;
+		chain[i] = t->tgid;
+	}
+	return 0;
+}
 char LICENSE[] SEC("license") = "GPL";
 """
 
@@ -89,7 +100,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(d: Path, *args: str) -> tuple[dict, list[dict], str]:
-    p = run_cli("direct.bpf.o", *args, "-f", "json", "--attach", "probe=./t:hit", "--", "./t", cwd=d)
+    p = run_cli("direct.bpf.o", *args, "-f", "json", "--attach", "probe=./t:hit", "--attach", "ancestry=./t:hit",
+                "--", "./t", cwd=d)
     assert p.returncode == 0, p.stderr
     events = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
     return {e["name"]: e["value"] for e in events if e.get("event") == "global"}, events, p.stderr
@@ -105,6 +117,9 @@ def test_direct_loads_give_the_threads_values(built: Path, engine: str) -> None:
     assert warned and all(ln.startswith("ubpf-run: warning: program 'probe': insn ") for ln in warned)
     assert any("task_struct.mm" in ln for ln in warned) and any("mm_struct.map_count" in ln for ln in warned)
     assert not any(f in ln for ln in warned for f in ("task_struct.pid", "task_struct.tgid", "task_struct.comm"))
+    # the real_parent chain: ubpf-run, this test process, ..., init, the kernel's init_task (pid 0)
+    c = g["chain"]
+    assert c[1] == os.getpid() and (1 not in c or not any(c[c.index(1) + 1:])), c
     if engine == "jit":   # the in-target runtime has no task object: the program runs in the tracer
         att = [e for e in events if e.get("event") == "attached"]
         assert att and "bpf_get_current_task_btf" in att[0]["path_reason"], att
@@ -124,3 +139,5 @@ def test_the_kernel_gives_the_same(built: Path) -> None:
     g, _events, _stderr = _run(built, "--backend", "kernel")
     assert {k: g[k] for k in EXPECTED} == EXPECTED
     assert g["mm_null"] == 0 and g["mm_count"] > 0    # the kernel has the mm ubpf-py does not model
+    ours, _events, _stderr = _run(built, "--engine", "jit")
+    assert g["chain"][1:] == ours["chain"][1:]        # [0] is the ubpf-run of each run

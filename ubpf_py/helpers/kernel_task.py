@@ -15,7 +15,9 @@ task field             source
 pid, tgid, comm        the hit (``env.hit``: tid, tgid, per-thread comm)
 cred, real_cred        -> a ``struct cred``: uid/gid/euid/egid/suid/sgid/
                        fsuid/fsgid from /proc/TGID/task/TID/status
-real_parent, parent    -> a task with pid, tgid, comm of the parent process
+real_parent, parent    -> a task with pid, tgid, comm of the parent process,
+                       whose real_parent is its parent's, up to init and the
+                       kernel's init_task (pid 0, "swapper/0", its own parent)
 group_leader           -> this task (a leader) or the leader, filled like it
 start_boottime,        /proc/.../stat field 22 (USER_HZ ticks: 10 ms
 start_time             resolution; start_time = boottime - suspend offset)
@@ -53,6 +55,8 @@ _TASK_FIELDS = ("pid", "tgid", "comm", "real_parent", "parent", "group_leader", 
                 "start_time", "start_boottime")
 _CRED_FIELDS = ("uid", "euid", "suid", "fsuid", "gid", "egid", "sgid", "fsgid")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: deepest real_parent chain modelled (then the chain jumps to init_task)
+MAX_ANCESTORS = 62
 
 #: kinds of objects (a PTR_TO_BTF_ID register's provenance in the verifier; 0: none, NULL here)
 OBJ_NONE, OBJ_TASK, OBJ_PARENT, OBJ_CRED = 0, 1, 2, 3
@@ -61,7 +65,8 @@ MODEL: dict[int, tuple[str, frozenset[str], dict[str, int]]] = {
     OBJ_TASK: ("task_struct", frozenset({"pid", "tgid", "comm", "start_time", "start_boottime"}),
                {"real_parent": OBJ_PARENT, "parent": OBJ_PARENT, "group_leader": OBJ_TASK,
                 "cred": OBJ_CRED, "real_cred": OBJ_CRED}),
-    OBJ_PARENT: ("task_struct", frozenset({"pid", "tgid", "comm"}), {}),
+    OBJ_PARENT: ("task_struct", frozenset({"pid", "tgid", "comm"}),
+                 {"real_parent": OBJ_PARENT, "parent": OBJ_PARENT, "group_leader": OBJ_PARENT}),
     OBJ_CRED: ("cred", frozenset(_CRED_FIELDS), {}),
 }
 
@@ -152,6 +157,9 @@ class KernelObjects:
         self.parent = self._new(tsize, "kernel task_struct (real_parent)")
         self.cred = self._new(csize, "kernel cred (current)")
         self.leader_cred = self._new(csize, "kernel cred (group leader)")
+        #: the parent's ancestors, made as deep chains are met; the chain above a parent, by pid
+        self.ancestors: list[KernelObject] = []
+        self._above: dict[int, list[tuple[int, bytes]]] = {}
 
     def _new(self, size: int, name: str) -> KernelObject:
         obj = KernelObject(self.env, size, name)
@@ -215,9 +223,36 @@ class KernelObjects:
         if leader is not self.task:
             self._fill_full(leader, self.leader_cred, hit.tgid, hit.tgid, _comm_of(hit.tgid, hit.tgid), leader)
         ppid = int(status.get("PPid", "0") or 0)   # the same for every thread of the process
-        if ppid:
-            self._fill_task(self.parent, ppid, ppid, _comm_of(ppid, ppid))
+        chain = [(ppid, _comm_of(ppid, ppid)), *self._chain_above(ppid)] if ppid else []
+        self._fill_ancestors([*chain, (0, b"swapper/0")])
         return self.task.addr
+
+    def _chain_above(self, ppid: int) -> list[tuple[int, bytes]]:
+        """(pid, comm) of the parent's ancestors up to init.  Read once per parent: they change
+        only when one of them exits (the orphan is then re-parented), which the cache misses."""
+        above = self._above.get(ppid)
+        if above is None:
+            above = []
+            pid = int(_proc_status(ppid, ppid).get("PPid", "0") or 0)
+            while pid > 0 and len(above) < MAX_ANCESTORS:
+                above.append((pid, _comm_of(pid, pid)))
+                pid = int(_proc_status(pid, pid).get("PPid", "0") or 0)
+            self._above[ppid] = above
+        return above
+
+    def _fill_ancestors(self, chain: list[tuple[int, bytes]]) -> None:
+        """The real_parent chain as task objects (OBJ_PARENT): the first is ``self.parent``, the
+        last is the kernel's init_task (pid 0, its own parent), so no pointer in it is NULL."""
+        tsize = self.layout["task.__size"][1] if self.layout else 0
+        while len(self.ancestors) < len(chain) - 1:
+            self.ancestors.append(self._new(tsize, f"kernel task_struct (ancestor {len(self.ancestors) + 2})"))
+        objs = [self.parent, *self.ancestors]
+        for i, (pid, comm) in enumerate(chain):
+            obj, up = objs[i], objs[min(i + 1, len(chain) - 1)]
+            self._fill_task(obj, pid, pid, comm)
+            self._field(obj, "task.real_parent", up.addr)
+            self._field(obj, "task.parent", up.addr)
+            self._field(obj, "task.group_leader", obj.addr)
 
 
 def _comm_of(tgid: int, tid: int) -> bytes:
