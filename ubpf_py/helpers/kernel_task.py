@@ -86,7 +86,10 @@ class KernelObject:
         self.valid.append((off, off + len(data)))
 
     def clear(self) -> None:
-        self.buf.view[:] = bytes(self.size)
+        """Back to all zeros: only ``put`` writes the buffer, so only what it wrote is reset."""
+        view = self.buf.view
+        for s, e in self.valid:
+            view[s:e] = bytes(e - s)
         self.valid.clear()
 
     def readable(self, addr: int, size: int) -> bool:
@@ -160,6 +163,7 @@ class KernelObjects:
         #: the parent's ancestors, made as deep chains are met; the chain above a parent, by pid
         self.ancestors: list[KernelObject] = []
         self._above: dict[int, list[tuple[int, bytes]]] = {}
+        self._starts: dict[tuple[int, int], int | None] = {}
 
     def _new(self, size: int, name: str) -> KernelObject:
         obj = KernelObject(self.env, size, name)
@@ -203,7 +207,9 @@ class KernelObjects:
                 self._field(cred, f"cred.{name}", int(v))
             for name, v in zip(("gid", "egid", "sgid", "fsgid"), gids, strict=True):
                 self._field(cred, f"cred.{name}", int(v))
-        ticks = _start_ticks(tgid, tid)
+        ticks = self._starts.get((tgid, tid))
+        if ticks is None:   # a thread's start time never changes: read once per thread
+            ticks = self._starts[(tgid, tid)] = _start_ticks(tgid, tid)
         if ticks is not None:
             boot_ns = ticks * 1_000_000_000 // _CLK_TCK
             suspended = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
