@@ -59,6 +59,15 @@ def _cases() -> list[tuple[str, str, str | None]]:
          "invalid size of register fill"),
         ("into_map_value", "call 158\nmov %r6, %r0\nstw [%r10-4], 0\nlddw %r1, 0xfa00000001\nmov %r2, %r10\n"
          "add %r2, -4\ncall 1\njeq %r0, 0, +1\nstxdw [%r0+0], %r6\nmov %r0, 0\nexit", None),
+        # a trusted task is readable memory for helpers (the kernel walks the BTF for the size)...
+        ("helper_reads_comm", f"call 158\nmov %r2, %r0\nadd %r2, {comm}\nlddw %r1, 0xfa00000002\nmov %r3, 16\n"
+         "mov %r4, 0\ncall 130\nmov %r0, 0\nexit", None),
+        ("helper_reads_past_comm", f"call 158\nmov %r2, %r0\nadd %r2, {comm}\nlddw %r1, 0xfa00000002\n"
+         "mov %r3, 17\nmov %r4, 0\ncall 130\nmov %r0, 0\nexit",
+         f"access beyond the end of member comm (mend:{comm + 16}) in struct task_struct with off {comm} size 17"),
+        # ... but never written by one
+        ("helper_writes_task", f"call 158\nmov %r1, %r0\nadd %r1, {pid}\nmov %r2, 4\nmov %r3, 0\ncall 113\n"
+         "mov %r0, 0\nexit", "bpf_probe_read_kernel() may write into memory pointed by R1 type=trusted_ptr_"),
         ("arith_32bit", "call 158\nadd32 %r0, 8\nmov %r0, 0\nexit", "R0 32-bit pointer arithmetic prohibited"),
         ("task_btf_is_not_a_scalar", "call 158\nmul %r0, 2\nexit",
          "R0 pointer arithmetic with *= operator prohibited"),

@@ -124,7 +124,8 @@ def _loaded_flags(ck: CheckContext, btf, reg: S.Reg, w: Walk) -> int:
 
 def check_access(ck: CheckContext, reg: S.Reg, regno: int, off: int, size: int, write: bool, sext: bool,
                  pc: int) -> S.Reg | None:
-    """A load (or store) of ``size`` bytes at ``reg + off`` (``off`` includes ``reg.off``)."""
+    """A load (or store) of ``size`` bytes at ``reg + off`` (``off`` includes ``reg.off``) by the
+    instruction at ``pc`` (-1: a helper reads it; nothing to rewrite)."""
     btf = kernel_btf()
     tname = btf.type(reg.map).name
     # (a program built without a license section -- assembled text -- is not held to it: the
@@ -164,7 +165,9 @@ def check_access(ck: CheckContext, reg: S.Reg, regno: int, off: int, size: int, 
         out = S.Reg(S.SCALAR, Scalar.unknown().sext(size) if sext else unknown_bits(size))
         has_value = model is not None and top in model[1]
     field = ".".join(m for _s, m in w.path if m)
-    ck.btf_loads.setdefault(pc, set()).add((src_kind, tname, field, has_value))
+    # helper reads are kept under -2 - (the call's insn): noted, never rewritten
+    key = pc if pc >= 0 else -2 - getattr(ck, "_helper_pc", -1)
+    ck.btf_loads.setdefault(key, set()).add((src_kind, tname, field, has_value))
     return out
 
 
@@ -173,6 +176,8 @@ def rewrites(insns: list[Instruction], loads: dict[int, set[tuple]]) -> dict[int
     value the kernel's faulting BPF_PROBE_MEM load gives."""
     out = {}
     for pc, seen in loads.items():
+        if pc < 0:
+            continue    # a helper's read
         kinds = {k for k, *_rest in seen}
         if kinds == {OBJ_NONE}:
             out[pc] = Instruction(op.BPF_ALU64 | op.BPF_MOV | op.BPF_K, insns[pc].dst, 0, 0, 0)
@@ -186,11 +191,12 @@ def rewrites(insns: list[Instruction], loads: dict[int, set[tuple]]) -> dict[int
 def notes(loads: dict[int, set[tuple]]) -> list[str]:
     """One line per field read directly that has no value here (it reads as 0)."""
     out = []
-    for pc in sorted(loads):
-        for kind, tname, field, has_value in sorted(loads[pc]):
+    for key in sorted(loads, key=lambda k: k if k >= 0 else -2 - k):
+        for kind, tname, field, has_value in sorted(loads[key]):
             if has_value:
                 continue
             how = "through a pointer ubpf-py has no object for" if kind == OBJ_NONE else "a field ubpf-py has no source for"
-            out.append(f"insn {pc} reads {tname}.{field} directly, {how}: it reads 0 here "
-                       "(the kernel's value for a faulting load); read it with a helper to see the fault")
+            who = f"insn {key} reads" if key >= 0 else f"the helper called at insn {-2 - key} reads"
+            out.append(f"{who} {tname}.{field} directly, {how}: it reads 0 here "
+                       "(the kernel's value for a faulting load); read it with bpf_probe_read_kernel to see the fault")
     return out

@@ -116,6 +116,11 @@ def _check_arg(ck: CheckContext, st: S.VerifierState, pc: int, proto: HelperProt
         meta.mem_write = kind == "uninit_mem"
         if kind == "mem_or_null" and t == S.SCALAR and reg.val.is_const() and reg.val.value == 0:
             return
+        if t == S.TRUSTED_BTF_PTR:   # a trusted kernel object is readable memory (mem_types)
+            if meta.mem_write:
+                raise Reject(f"{proto.full_name}() may write into memory pointed by R{regno} type={t}",
+                             "kernel objects are read-only for uprobe programs")
+            return
         if t not in _MEM_PTRS:
             raise _type_error(regno, reg, kind)
         return
@@ -137,7 +142,7 @@ def _check_arg(ck: CheckContext, st: S.VerifierState, pc: int, proto: HelperProt
         if v.umax == 0:
             if prev.type == S.SCALAR and prev.val.is_const() and prev.val.value == 0:
                 return
-            if prev.type not in _MEM_PTRS:
+            if prev.type not in _MEM_PTRS and prev.type != S.TRUSTED_BTF_PTR:
                 raise _type_error(meta.mem_regno, prev, "mem")
             # a zero-sized access still needs a pointer that points inside its object
             mem_access(ck, st, meta.mem_regno, prev, 0, write=meta.mem_write)
@@ -260,6 +265,9 @@ def mem_access(ck: CheckContext, st: S.VerifierState, regno: int, reg: Reg, size
         if write:
             raise Reject(f"write to change key R{regno} not allowed")
         M.region_check(ck, regno, reg, reg.off, size, ck.maps[reg.map].key_size, "map key", zero_ok=True)
+        return
+    if t == S.TRUSTED_BTF_PTR and not write:
+        BP.check_access(ck, reg, regno, reg.off, size, False, False, -1)   # the kernel walks it as a read
         return
     raise _type_error(regno, reg, "mem")
 
