@@ -212,3 +212,34 @@ def test_filelife_check_verdicts_equal_the_kernels() -> None:
     if (reason := kernel_skip_reason()) is not None:
         pytest.skip(reason)
     assert {n: _kernel_verdict(obj, n, []) for n in ours} == ours
+
+
+def test_random_field_loads_agree_with_the_kernel() -> None:
+    """Loads of random size at random offsets of task_struct and of the structs its pointer
+    members lead to (unions, arrays, bitfields, nested and anonymous structs, holes, the end):
+    ubpf-py's verdict and final message equal the kernel's for every one."""
+    import random
+
+    if (reason := kernel_skip_reason()) is not None:
+        pytest.skip(reason)
+    task = BTF.find("task_struct", KIND_STRUCT)
+    tsize = BTF.type(task).size
+    via = [(_off("task_struct", f), BTF.find(s, KIND_STRUCT)) for f, s in
+           (("mm", "mm_struct"), ("fs", "fs_struct"), ("signal", "signal_struct"), ("real_parent", "task_struct"),
+            ("cred", "cred"), ("files", "files_struct"))]
+    rng = random.Random(7)
+    differ = []
+    for _ in range(150):
+        size = rng.choice([1, 2, 4, 8])
+        sfx = {1: "b", 2: "h", 4: "w", 8: "dw"}[size]
+        if rng.random() < 0.5:
+            text = f"call 158\nldx{sfx} %r0, [%r0+{rng.randrange(tsize + 16)}]\nmov %r0, 0\nexit"
+        else:
+            poff, sid = rng.choice(via)
+            off = rng.randrange(BTF.type(sid).size + 8)
+            text = f"call 158\nldxdw %r1, [%r0+{poff}]\nldx{sfx} %r0, [%r1+{off}]\nmov %r0, 0\nexit"
+        r = verify_program(prog(text), MAPS, mode="warn")
+        ok, line, _log = kernel_verdict(prog(text), MAPS)
+        if r.ok != ok or (not ok and r.error != line):
+            differ.append((text, r.error, line))
+    assert not differ, differ[:5]

@@ -80,7 +80,7 @@ def struct_access(btf: Btf, tid: int, off: int, size: int) -> Walk:
     for _ in range(256):
         tid = btf.resolve(tid)
         t = btf.type(tid)
-        tname = t.name
+        tname = t.name or "(anon)"   # how the kernel prints a nameless type or member
         if t.kind not in (KIND_STRUCT, KIND_UNION):
             raise Reject(f"Type '{tname}' is not a struct")
         if t.kind == KIND_UNION and t.vlen != 1:
@@ -89,7 +89,7 @@ def struct_access(btf: Btf, tid: int, off: int, size: int) -> Walk:
             tid2, off2 = _flex_tail(btf, t, off, size)
             if tid2 is None:
                 raise Reject(f"access beyond struct {tname} at off {off} size {size}")
-            path.append((tname, t.members[-1].name))
+            path.append((t.name, t.members[-1].name))
             if tid2 == -1:
                 return Walk(False, flags=flags, path=path)
             tid, off = tid2, off2
@@ -102,7 +102,7 @@ def struct_access(btf: Btf, tid: int, off: int, size: int) -> Walk:
             if mem.bitfield_size:
                 end_bit = mem.bit_offset + mem.bitfield_size
                 if off <= moff and (end_bit + 7) // 8 <= off + size:
-                    path.append((tname, mem.name))
+                    path.append((t.name, mem.name))
                     return Walk(False, flags=flags, path=path)
                 continue
             if off < moff:
@@ -118,13 +118,14 @@ def struct_access(btf: Btf, tid: int, off: int, size: int) -> Walk:
                     continue    # an empty array
                 msize = esize
                 moff += (off - moff) // msize * msize
-            path.append((tname, mem.name))
+            path.append((t.name, mem.name))
+            mname = mem.name or "(anon)"
             if mtype.kind in (KIND_STRUCT, KIND_UNION):
                 nested = (elem_id, off - moff)
                 break
             if mtype.kind == KIND_PTR:
                 if msize != size or off != moff:
-                    raise Reject(f"cannot access ptr member {mem.name} with moff {moff} in struct {tname} "
+                    raise Reject(f"cannot access ptr member {mname} with moff {moff} in struct {tname} "
                                  f"with off {off} size {size}")
                 tag = btf.type(mtype.type_id)
                 tmp = _TAG_FLAGS.get(tag.name, 0) if tag.kind == KIND_TYPE_TAG else 0
@@ -132,7 +133,7 @@ def struct_access(btf: Btf, tid: int, off: int, size: int) -> Walk:
                 if btf.type(target).kind in (KIND_STRUCT, KIND_UNION):
                     return Walk(True, target, flags | tmp, path, 0, msize, is_array)
             if off + size > true_end and not flags & PTR_UNTRUSTED:
-                raise Reject(f"access beyond the end of member {mem.name} (mend:{true_end}) in struct {tname} "
+                raise Reject(f"access beyond the end of member {mname} (mend:{true_end}) in struct {tname} "
                              f"with off {off} size {size}")
             return Walk(False, flags=flags, path=path, inner_off=off - moff, msize=msize, is_array=is_array)
         if nested is None:
