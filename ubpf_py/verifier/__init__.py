@@ -42,9 +42,11 @@ a kprobe program on Linux 6.18, checked by a differential campaign
 * Global functions are verified alone against their BTF signature like the
   kernel's; ``__arg_trusted`` (kernel objects) and ``__arg_arena`` arguments
   are refused (not supported).
-* Not modelled (refused where reached): BTF-typed kernel pointers (kptrs,
-  dynptrs, task storage, spin locks, timers, ``bpf_get_current_task_btf``),
-  kfuncs, reads of ``struct bpf_map`` fields other than map_type, key_size,
+* ``bpf_get_current_task_btf`` returns a typed kernel pointer (PTR_TO_BTF_ID,
+  ``btfptr``): direct loads through it and the pointers loaded from it are checked
+  as the kernel does; helpers that take BTF-typed arguments stay refused.
+* Not modelled (refused where reached): other BTF-typed kernel pointers (kptrs,
+  dynptrs, task storage, spin locks, timers), kfuncs, reads of ``struct bpf_map`` fields other than map_type, key_size,
   value_size, max_entries, map_extra and map_flags (``mapfields``: those become the
   loaded map's values), helpers on map types other than
   ``protos.MODELLED_MAP_TYPES`` (sockmap, devmap, local storage, ...).
