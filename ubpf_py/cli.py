@@ -284,6 +284,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from ubpf_py.maps.budget import check_spec_maps
     from ubpf_py.obj.elf import load_object
     from ubpf_py.verifier import check_spec, format_verdict
+    from ubpf_py.verifier.btfptr import KernelFieldWarning
 
     spec = load_object(args.object)
     check_spec_maps(spec)          # the map a run could not create fails --check the same way
@@ -295,6 +296,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     for rep in reports:
         print(format_verdict(rep))
         rejected += not rep.ok
+        for note in rep.notes if rep.ok else ():   # fields read directly that have no value here
+            warnings.warn(f"program '{rep.program}': {note}", KernelFieldWarning, stacklevel=1)
         if rep.log and (args.verifier_log or not rep.ok):  # the log on rejection, always
             print(rep.log.rstrip())
     return 3 if rejected else 0
