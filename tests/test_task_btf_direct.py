@@ -141,3 +141,10 @@ def test_the_kernel_gives_the_same(built: Path) -> None:
     assert g["mm_null"] == 0 and g["mm_count"] > 0    # the kernel has the mm ubpf-py does not model
     ours, _events, _stderr = _run(built, "--engine", "jit")
     assert g["chain"][1:] == ours["chain"][1:]        # [0] is the ubpf-run of each run
+
+
+def test_check_names_the_fields_without_a_value(built: Path) -> None:
+    p = run_cli("--check", "direct.bpf.o", cwd=built)
+    assert p.returncode == 0, p.stderr
+    assert sorted({ln.split(" reads ")[1].split(" directly")[0] for ln in p.stderr.splitlines()}) == \
+        ["mm_struct.map_count", "task_struct.mm"], p.stderr
