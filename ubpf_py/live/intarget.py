@@ -6,7 +6,8 @@ these hold, else it takes the ptrace path and the reason is reported per probe:
 * the run allows it (``--mode auto|intarget``; ``--mode ptrace`` keeps everything in the tracer);
 * the JIT is the engine (the interpreter is the tracer-side reference engine);
 * the verifier accepted it in strict mode: in the target it runs unchecked, as in the kernel;
-* the target compiler supports it (no tail calls, callbacks or callx yet);
+* the target compiler supports it (no callx, no callbacks other than bpf_loop's and
+  for_each_map_elem's, tail calls only through prog arrays known at compile time);
 * the in-target runtime implements every helper it calls.
 
 The image is the runtime object plus every eligible program, linked for one address in the
