@@ -37,3 +37,49 @@ def test_get_stack_build_id_flag_keeps_the_ptrace_path(prog, refused):
     it: a program that may pass it must not run in the target."""
     insns = assemble(prog)
     assert bool(_calls_whose_flags_may_have(insns, 67, 4, 1 << 11)) == refused
+
+
+LPM_PROG = r"""
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+char LICENSE[] SEC("license") = "GPL";
+struct k { __u32 plen; __u32 addr; };
+struct { __uint(type, BPF_MAP_TYPE_LPM_TRIE); __uint(max_entries, 16); __type(key, struct k);
+	__type(value, __u64); __uint(map_flags, BPF_F_NO_PREALLOC); } trie SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1); __type(key, __u32);
+	__type(value, __u64); } plain SEC(".maps");
+SEC("uprobe") int uses_trie(void *ctx)
+{
+	struct k key = {32, 0x0100000a};
+	__u64 *v = bpf_map_lookup_elem(&trie, &key);
+	return v ? *v : 0;
+}
+SEC("uprobe") int uses_array(void *ctx)
+{
+	__u32 z = 0;
+	__u64 *v = bpf_map_lookup_elem(&plain, &z);
+	return v ? *v : 0;
+}
+"""
+
+
+def test_a_map_without_native_operations_keeps_the_ptrace_path(tmp_path):
+    """A map the runtime has no descriptor kind for would look empty in the target (lookups NULL,
+    updates failing): the program stays on the ptrace path, naming the map."""
+    from bpf_build import compile_bpf
+    from intarget_fixture import needs_runtime
+
+    if needs_runtime.args[0]:
+        pytest.skip(needs_runtime.kwargs["reason"])
+    from ubpf_py.intarget import runtime_obj
+    from ubpf_py.intarget.arena import SharedArena
+    from ubpf_py.live.collection import Collection
+    from ubpf_py.live.intarget import program_reason
+    from ubpf_py.obj.elf import load_object
+
+    obj = compile_bpf(LPM_PROG, tmp_path, "lpm")
+    coll = Collection.load(load_object(str(obj)), arena=SharedArena(8 << 20))
+    helpers = runtime_obj.helper_ids()
+    assert program_reason(coll.program("uses_trie"), "strict", helpers) == \
+        "map trie (lpm_trie) is not available in the target"
+    assert program_reason(coll.program("uses_array"), "strict", helpers) is None

@@ -8,7 +8,10 @@ these hold, else it takes the ptrace path and the reason is reported per probe:
 * the verifier accepted it in strict mode: in the target it runs unchecked, as in the kernel;
 * the target compiler supports it (no callx, no callbacks other than bpf_loop's and
   for_each_map_elem's, tail calls only through prog arrays known at compile time);
-* the in-target runtime implements every helper it calls.
+* the in-target runtime implements every helper it calls;
+* the in-target runtime implements every map it refers to (a map whose descriptor has no
+  native kind -- an LPM trie, a build-id stack map -- would look empty in the target), and
+  for map-in-map, the inner maps it can hand out.
 
 The image is the runtime object plus every eligible program, linked for one address in the
 target (``ProbeSession.load_in_target_image``); each probe then gets its program's entry.
@@ -67,6 +70,9 @@ def program_reason(lp: Any, verifier: str, helpers: frozenset[int]) -> str | Non
     missing = [h for h in helper_ids if h not in helpers and h not in INLINE_HELPERS]
     if missing:
         return "helper " + ", ".join(f"{HELPER_NAMES.get(h, 'helper')} (#{h})" for h in missing) + " is not available in the target"
+    why = _map_reason(lp.instructions, getattr(lp.env, "maps_by_addr", {}))
+    if why is not None:
+        return why
     from ubpf_py.intarget.runtime_obj import RETURN_VALUE_DIFFERS, UNSUPPORTED_FLAGS
 
     for pc in _calls_whose_result_is_read(lp.instructions, RETURN_VALUE_DIFFERS):
@@ -77,6 +83,34 @@ def program_reason(lp: Any, verifier: str, helpers: frozenset[int]) -> str | Non
         for pc in _calls_whose_flags_may_have(lp.instructions, hid, regno, mask):
             return (f"{HELPER_NAMES.get(hid, 'helper')} (#{hid}) at instruction {pc} may get flags 0x{mask:x}, "
                     f"which the in-target runtime does not support")
+    return None
+
+
+def _map_reason(insns: list, maps_by_addr: dict[int, Any]) -> str | None:
+    """Why a map the program loads (``lddw`` of a map handle) cannot serve it in the target:
+    the runtime works from a map's descriptor, and a descriptor of kind 0 means no native
+    operations (lookups would miss, updates fail), unlike the ptrace path's Python map."""
+    from ubpf_py.maps import descriptor as D
+
+    seen = set()
+    for ins in insns:
+        if ins.opcode != LDDW:
+            continue
+        m = maps_by_addr.get(ins.imm64 & ((1 << 64) - 1))
+        if m is None or id(m) in seen:
+            continue
+        seen.add(id(m))
+        why = _native_map_reason(m, D)
+        if why is not None:
+            return why
+    return None
+
+
+def _native_map_reason(m: Any, D: Any) -> str | None:
+    if m.spec.type_name == "prog_array":
+        return None                                      # tail calls: entry tables (prepare)
+    if D.read_word(m.handle_addr, D.D_KIND) == D.KIND_NONE:
+        return f"map {m.name} ({m.spec.type_name}) is not available in the target"
     return None
 
 
