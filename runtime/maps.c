@@ -1,6 +1,6 @@
 /*
- * ARRAY / PERCPU_ARRAY and the HASH family (HASH, PERCPU_HASH, LRU_HASH,
- * LRU_PERCPU_HASH), driven by the map descriptor (struct ubpf_map_desc,
+ * ARRAY / PERCPU_ARRAY, the HASH family (HASH, PERCPU_HASH, LRU_HASH,
+ * LRU_PERCPU_HASH) and map-in-map lookups, driven by the map descriptor (struct ubpf_map_desc,
  * ubpf_py/abi/maps.py).  This is the one implementation of hash inserts and
  * deletes: the target's threads run it from the helpers below and the tracer's
  * Python map objects call the same functions (ubpf_map_*) through ctypes on a
@@ -344,11 +344,28 @@ static inline s64 cpu_in_range(const struct ubpf_map_desc *d, s64 cpu)
 	return cpu > 0 && d->cpu_stride && (u64)cpu >= d->ncpus ? (s64)((u64)cpu % d->ncpus) : cpu;
 }
 
+/* map-in-map: the inner map's handle (its descriptor), 0 for an empty slot.  The
+ * handle is read with one atomic load: the tracer stores whole handles (abi/maps.py) */
+static u64 inner_map(struct ubpf_map_desc *d, const void *key)
+{
+	if (d->kind == UBPF_KIND_ARRAY_OF_MAPS) {
+		u32 i = *(const u32 *)key;
+		return i < d->limit && d->values ? LOAD(&((u64 *)d->values)[i]) : 0;
+	}
+	struct ubpf_map_desc *store = (struct ubpf_map_desc *)d->values;
+	if (!store || store->kind != UBPF_KIND_HASH)
+		return 0;
+	u64 e = find(store, key);
+	return e ? LOAD((u64 *)slot_value(store, e - 1)) : 0;
+}
+
 u64 ubpf_map_lookup(struct ubpf_map_desc *d, const void *key, s64 cpu)
 {
 	cpu = cpu_in_range(d, cpu);
 	if (d->kind == UBPF_KIND_ARRAY)
 		return array_lookup(d, key, cpu);
+	if (d->kind == UBPF_KIND_ARRAY_OF_MAPS || d->kind == UBPF_KIND_HASH_OF_MAPS)
+		return inner_map(d, key);
 	if (d->kind != UBPF_KIND_HASH)
 		return 0;
 	u64 e = find(d, key);

@@ -48,6 +48,15 @@ struct { __uint(type, BPF_MAP_TYPE_LPM_TRIE); __uint(max_entries, 16); __type(ke
 	__type(value, __u64); __uint(map_flags, BPF_F_NO_PREALLOC); } trie SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1); __type(key, __u32);
 	__type(value, __u64); } plain SEC(".maps");
+struct inner_trie { __uint(type, BPF_MAP_TYPE_LPM_TRIE); __uint(max_entries, 16); __type(key, struct k);
+	__type(value, __u64); __uint(map_flags, BPF_F_NO_PREALLOC); } trie2 SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS); __uint(max_entries, 2); __type(key, __u32);
+	__array(values, struct inner_trie); } tries SEC(".maps") = { .values = { [0] = &trie2 } };
+SEC("uprobe") int uses_tries(void *ctx)
+{
+	__u32 z = 0;
+	return bpf_map_lookup_elem(&tries, &z) != 0;
+}
 SEC("uprobe") int uses_trie(void *ctx)
 {
 	struct k key = {32, 0x0100000a};
@@ -82,4 +91,6 @@ def test_a_map_without_native_operations_keeps_the_ptrace_path(tmp_path):
     helpers = runtime_obj.helper_ids()
     assert program_reason(coll.program("uses_trie"), "strict", helpers) == \
         "map trie (lpm_trie) is not available in the target"
+    assert program_reason(coll.program("uses_tries"), "strict", helpers) == \
+        "map tries holds lpm_trie maps, which are not available in the target"
     assert program_reason(coll.program("uses_array"), "strict", helpers) is None

@@ -78,6 +78,14 @@ KIND_STACK = 6
 KIND_QUEUE = 7
 #: BLOOM_FILTER: values = bit array, limit = bits - 1
 KIND_BLOOM = 8
+#: ARRAY_OF_MAPS: values = u64[limit] inner map handle addresses (0: empty slot), limit =
+#: max_entries; a program's lookup returns the handle itself.  The tracer changes a slot with
+#: one aligned 8-byte store and inner descriptors are never freed (arena), so a lookup racing
+#: an update sees the old or the new inner map, both valid
+KIND_ARRAY_OF_MAPS = 9
+#: HASH_OF_MAPS: values = handle address of a KIND_HASH map (same key size, 8-byte values:
+#: the inner map handles) that holds the elements; inserts/deletes are that map's (locked)
+KIND_HASH_OF_MAPS = 10
 
 RB_WAKEUP = 1   # a Python consumer waits: Python producers wake it
 RB_BUSY = 2     # JIT fast paths must defer to the helper (Python inside, or positions owned by C)
@@ -125,6 +133,7 @@ CONSTANTS = {
     "UBPF_KIND_NONE": KIND_NONE, "UBPF_KIND_ARRAY": KIND_ARRAY, "UBPF_KIND_HASH": KIND_HASH,
     "UBPF_KIND_RINGBUF": KIND_RINGBUF, "UBPF_KIND_PERF": KIND_PERF, "UBPF_KIND_STACK": KIND_STACK,
     "UBPF_KIND_QUEUE": KIND_QUEUE, "UBPF_KIND_BLOOM": KIND_BLOOM,
+    "UBPF_KIND_ARRAY_OF_MAPS": KIND_ARRAY_OF_MAPS, "UBPF_KIND_HASH_OF_MAPS": KIND_HASH_OF_MAPS,
     "UBPF_RB_WAKEUP": RB_WAKEUP, "UBPF_RB_BUSY": RB_BUSY, "UBPF_RB_SHARED": RB_SHARED,
     "UBPF_TOMBSTONE": TOMBSTONE, "UBPF_LRU_NIL": LRU_NIL, "UBPF_LOCK_SPINS": LOCK_SPINS,
     "UBPF_FNV_BASIS": FNV_BASIS, "UBPF_FNV_PRIME": FNV_PRIME, "UBPF_HASH_REBUILD_DIV": REBUILD_DIV,

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ubpf_py.abi.bpf import MapType
 from ubpf_py.errors import NotSupportedError
 from ubpf_py.isa import opcodes as op
 from ubpf_py.isa.opcodes import LDDW
@@ -111,7 +112,19 @@ def _native_map_reason(m: Any, D: Any) -> str | None:
         return None                                      # tail calls: entry tables (prepare)
     if D.read_word(m.handle_addr, D.D_KIND) == D.KIND_NONE:
         return f"map {m.name} ({m.spec.type_name}) is not available in the target"
+    if getattr(m, "holds_maps", False):
+        # the inner maps it may hand out: any map of its template's type
+        inner = m.inner_template
+        if inner.type not in _NATIVE_INNER_TYPES:
+            return (f"map {m.name} holds {MapType(inner.type).name.lower()} maps, which are not "
+                    f"available in the target")
     return None
+
+
+#: inner map types whose maps in the arena have a native descriptor the runtime serves
+_NATIVE_INNER_TYPES = frozenset({MapType.ARRAY, MapType.PERCPU_ARRAY, MapType.HASH, MapType.PERCPU_HASH,
+                                 MapType.LRU_HASH, MapType.LRU_PERCPU_HASH, MapType.RINGBUF,
+                                 MapType.QUEUE, MapType.STACK, MapType.BLOOM_FILTER})
 
 
 def _calls_whose_flags_may_have(insns: list, helper_id: int, regno: int, mask: int) -> list[int]:
