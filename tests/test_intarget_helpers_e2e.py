@@ -7,6 +7,8 @@ every probe), ``--mode ptrace`` and (root) ``--backend kernel`` give the same ma
 * map-in-map: ARRAY_OF_MAPS / HASH_OF_MAPS lookups giving inner maps (or NULL) used by the
   following map helpers and by for_each (tests/targets/mapinmap).  The outer maps' dumps hold
   map ids, which differ between ubpf-py and the kernel: those two are compared without them.
+* LPM trie lookups, inserts (full trie: -ENOSPC, prefixlen 33: -EINVAL) and deletes from a
+  program (tests/targets/lpm).
 """
 
 from __future__ import annotations
@@ -98,3 +100,19 @@ def test_map_in_map_in_target_ptrace_and_kernel(mapinmap) -> None:
     assert min(stats["array_hits"], stats["array_misses"], stats["hash_hits"], stats["hash_misses"]) > 0
     assert stats["inserts"] > 0 and stats["walked"] == 4 * stats["array_hits"]
     check(results, ["bump"], ids=("outer_a", "outer_h"))
+
+
+@pytest.fixture(scope="module")
+def lpm(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("lpm-e2e")
+    subprocess.run(["gcc", "-O2", "-o", str(d / "router"), str(SRC / "lpm" / "router.c")], check=True)
+    return compile_bpf((SRC / "lpm" / "lpm.bpf.c").read_text(), d, "lpm"), d / "router"
+
+
+def test_lpm_trie_in_target_ptrace_and_kernel(lpm) -> None:
+    obj, exe = lpm
+    results = three_ways(obj, {"route": f"{exe}:route"}, [str(exe)])
+    maps = results["auto"]["maps"]
+    assert len(maps["routes"]) > 5 and len(maps["matches"]) > 5
+    assert json.loads(maps["results"][0])[1] < 0          # some inserts were refused
+    check(results, ["route"])

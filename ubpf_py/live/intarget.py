@@ -10,7 +10,7 @@ these hold, else it takes the ptrace path and the reason is reported per probe:
   for_each_map_elem's, tail calls only through prog arrays known at compile time);
 * the in-target runtime implements every helper it calls;
 * the in-target runtime implements every map it refers to (a map whose descriptor has no
-  native kind -- an LPM trie, a build-id stack map -- would look empty in the target), and
+  native kind -- a build-id stack map, a cgroup array -- would look empty in the target), and
   for map-in-map, the inner maps it can hand out.
 
 The image is the runtime object plus every eligible program, linked for one address in the
@@ -112,6 +112,10 @@ def _native_map_reason(m: Any, D: Any) -> str | None:
         return None                                      # tail calls: entry tables (prepare)
     if D.read_word(m.handle_addr, D.D_KIND) == D.KIND_NONE:
         return f"map {m.name} ({m.spec.type_name}) is not available in the target"
+    return _inner_map_reason(m)
+
+
+def _inner_map_reason(m: Any) -> str | None:
     if getattr(m, "holds_maps", False):
         # the inner maps it may hand out: any map of its template's type
         inner = m.inner_template
@@ -124,7 +128,7 @@ def _native_map_reason(m: Any, D: Any) -> str | None:
 #: inner map types whose maps in the arena have a native descriptor the runtime serves
 _NATIVE_INNER_TYPES = frozenset({MapType.ARRAY, MapType.PERCPU_ARRAY, MapType.HASH, MapType.PERCPU_HASH,
                                  MapType.LRU_HASH, MapType.LRU_PERCPU_HASH, MapType.RINGBUF,
-                                 MapType.QUEUE, MapType.STACK, MapType.BLOOM_FILTER})
+                                 MapType.QUEUE, MapType.STACK, MapType.BLOOM_FILTER, MapType.LPM_TRIE})
 
 
 def _calls_whose_flags_may_have(insns: list, helper_id: int, regno: int, mask: int) -> list[int]:

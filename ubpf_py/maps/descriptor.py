@@ -32,6 +32,7 @@ from ubpf_py.abi.maps import (  # noqa: F401  (re-exported: the map code's names
     KIND_BLOOM,
     KIND_HASH,
     KIND_HASH_OF_MAPS,
+    KIND_LPM,
     KIND_NONE,
     KIND_PERF,
     KIND_QUEUE,
