@@ -7,6 +7,8 @@ every probe), ``--mode ptrace`` and (root) ``--backend kernel`` give the same ma
 * map-in-map: ARRAY_OF_MAPS / HASH_OF_MAPS lookups giving inner maps (or NULL) used by the
   following map helpers and by for_each (tests/targets/mapinmap).  The outer maps' dumps hold
   map ids, which differ between ubpf-py and the kernel: those two are compared without them.
+* bpf_snprintf of the target's strings, numbers and a stack address, into a large and a small
+  buffer (tests/targets/snprintf).
 * LPM trie lookups, inserts (full trie: -ENOSPC, prefixlen 33: -EINVAL) and deletes from a
   program (tests/targets/lpm).
 """
@@ -116,3 +118,19 @@ def test_lpm_trie_in_target_ptrace_and_kernel(lpm) -> None:
     assert len(maps["routes"]) > 5 and len(maps["matches"]) > 5
     assert json.loads(maps["results"][0])[1] < 0          # some inserts were refused
     check(results, ["route"])
+
+
+@pytest.fixture(scope="module")
+def snprintf(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("snprintf-e2e")
+    subprocess.run(["gcc", "-O2", "-o", str(d / "say"), str(SRC / "snprintf" / "say.c")], check=True)
+    return compile_bpf((SRC / "snprintf" / "fmt.bpf.c").read_text(), d, "fmt"), d / "say"
+
+
+def test_snprintf_in_target_ptrace_and_kernel(snprintf) -> None:
+    obj, exe = snprintf
+    results = three_ways(obj, {"say": f"{exe}:say"}, [str(exe)])
+    lines = [json.loads(x)[1] for x in results["auto"]["maps"]["lines"]]
+    assert len(lines) == 40 and any(line["ret"] > 96 for line in lines)     # some were cut short
+    assert all(line["ret_small"] >= 9 and len(line["small"]) == 7 for line in lines)
+    check(results, ["say"])
