@@ -482,6 +482,19 @@ static u64 inner_map(struct ubpf_map_desc *d, const void *key)
 	return e ? LOAD((u64 *)slot_value(store, e - 1)) : 0;
 }
 
+/* the tracer putting an inner map in an ARRAY_OF_MAPS slot (0: empty), one atomic store
+ * that lookups racing it see whole; -E2BIG past the end */
+RT_API s64 ubpf_map_set_inner(struct ubpf_map_desc *d, u64 index, u64 handle);
+s64 ubpf_map_set_inner(struct ubpf_map_desc *d, u64 index, u64 handle)
+{
+	if (d->kind != UBPF_KIND_ARRAY_OF_MAPS || !d->values)
+		return -(s64)UBPF_EINVAL;
+	if (index >= d->limit)
+		return -(s64)UBPF_E2BIG;
+	STORE(&((u64 *)d->values)[index], handle);
+	return 0;
+}
+
 u64 ubpf_map_lookup(struct ubpf_map_desc *d, const void *key, s64 cpu)
 {
 	cpu = cpu_in_range(d, cpu);

@@ -16,7 +16,6 @@ in the target).
 
 from __future__ import annotations
 
-import ctypes
 import struct
 from typing import Any
 
@@ -148,18 +147,17 @@ class ArrayOfMapsMap(_MapInMapMixin, Map):
         check_array_spec(MapSpec(spec.name, spec.type, spec.key_size, 4, spec.max_entries,
                                  spec.flags & ~C.BPF_F_INNER_MAP), False)
         self._slots: list[Map | None] = [None] * self.max_entries
-        self._handles = None
-        if self._shared:
+        self._c = runtime_for(self.alloc)
+        if self._c is not None:
             buf = self.alloc.alloc(8 * self.max_entries, 64)
-            self._handles = (ctypes.c_uint64 * self.max_entries).from_address(buf.addr)
             D.write_descriptor(self._handle.view, {
                 D.D_KIND: D.KIND_ARRAY_OF_MAPS, D.D_KEY_SIZE: 4, D.D_LIMIT: self.max_entries,
                 D.D_VALUES: buf.addr, D.W["value_size"]: 4, D.W["max_entries"]: self.max_entries})
 
     def _set(self, i: int, m: Map | None) -> None:
         self._slots[i] = m
-        if self._handles is not None:
-            self._handles[i] = 0 if m is None else m.handle_addr   # one aligned 8-byte store
+        if self._c is not None:   # one atomic store of the whole handle (runtime/maps.c)
+            self._c.set_inner(self.handle_addr, i, 0 if m is None else m.handle_addr)
 
     def lookup_addr(self, key: bytes, cpu: int = 0) -> int:
         i = _U32.unpack(key)[0]
