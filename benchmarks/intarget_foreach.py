@@ -3,8 +3,9 @@ target (``ubpf-run --mode intarget``) and in the kernel (``--backend kernel``, r
 
 Two programs on the same function (``f_push`` of the uprobe_overhead target, pinned to one
 CPU, tracer on another): ``count`` (one counter) and ``foreach`` (the same counter after the
-walk), so ``foreach - count`` is the walk's cost on each side.  Each cell is the median of
-``--repeat`` baseline/probed pairs (benchmarks/uprobe_overhead/runs.py).  A third table gives
+walk), so ``foreach - count`` is the walk's cost on each side.  Each cell is the median of 5
+baseline/probed pairs (1 with ``--quick``; benchmarks/uprobe_overhead/runs.py), the engines'
+rounds interleaved.  A third table gives
 the program body alone, run in this process by the same C loop the helper benchmark uses
 (no trampoline): what the walk costs the target code.
 
@@ -16,10 +17,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
-from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -41,7 +42,8 @@ def _build(tmp: Path) -> tuple[Path, Path]:
 
 
 def probed(n: int, repeat: int) -> list[tuple[str, str, float | str]]:
-    """(program, engine, ns added per call or the error) for count and foreach."""
+    """(program, engine, median ns added per call, or the error) for count and foreach; the
+    engines' rounds are interleaved so a change in the machine's load hits both alike."""
     from ubpf_py.kernel.syscall import kernel_bpf_skip_reason
     from ubpf_py.obj.elf import load_object
 
@@ -49,15 +51,25 @@ def probed(n: int, repeat: int) -> list[tuple[str, str, float | str]]:
     target, obj = _build(tmp)
     cpus = sorted(os.sched_getaffinity(0))
     tcpu, rcpu = cpus[0], cpus[-1]
-    out = []
+    engines = ["intarget"] + ([] if kernel_bpf_skip_reason() else ["kernel"])
+    spec = load_object(str(obj))
+    out: list[tuple[str, str, float | str]] = []
     for prog in ("count", "foreach"):
         job = runs.Job(runs.Row("f_push", prog, "uprobe"), n, target_cpu=tcpu, tracer_cpu=rcpu)
-        cells = {"intarget": runs.repeated(partial(runs.ubpf_run, "intarget", obj, target, job, tmp), repeat)}
-        if not kernel_bpf_skip_reason():
-            spec = load_object(str(obj))
-            cells["kernel"] = runs.repeated(partial(runs.kernel_run, spec, target, job, tmp), repeat)
-        for engine, c in cells.items():
-            out.append((prog, engine, c.overhead_ns if c.ok else f"failed: {c.error}"))
+        samples: dict[str, list[float]] = {e: [] for e in engines}
+        errors: dict[str, str] = {}
+        for _ in range(repeat):
+            for engine in engines:
+                if engine in errors:
+                    continue
+                cell = (runs.kernel_run(spec, target, job, tmp) if engine == "kernel"
+                        else runs.ubpf_run(engine, obj, target, job, tmp))
+                if cell.ok:
+                    samples[engine].append(cell.overhead_ns)
+                else:
+                    errors[engine] = f"failed: {cell.error}"
+        for engine in engines:
+            out.append((prog, engine, errors.get(engine) or statistics.median(samples[engine])))
     shutil.rmtree(tmp, ignore_errors=True)
     return out
 
