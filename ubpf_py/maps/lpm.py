@@ -83,8 +83,9 @@ class LpmTrieMap(Map):
         """The store, prefix-length bitmap and counts of the shared layout (``abi.maps``)."""
         a, ks = self.alloc, self.key_size
         self._key_off = C.round8(self.value_size)
-        self._store = HashMap(MapSpec(f"{self.name}.prefixes", C.HASH, ks, self._key_off + ks, self.max_entries),
-                              alloc=a)
+        # programs may not write a BPF_F_RDONLY_PROG trie's values: nor the store's (regions)
+        self._store = HashMap(MapSpec(f"{self.name}.prefixes", C.HASH, ks, self._key_off + ks, self.max_entries,
+                                      self.flags & C.BPF_F_RDONLY_PROG), alloc=a)
         bits = a.alloc(8 * (self.max_prefixlen // 64 + 1), 64)
         counts = a.alloc(4 * (self.max_prefixlen + 1), 64)
         D.write_descriptor(self._handle.view, {
