@@ -1,6 +1,6 @@
 /*
- * ARRAY / PERCPU_ARRAY and the HASH family (HASH, PERCPU_HASH, LRU_HASH,
- * LRU_PERCPU_HASH), driven by the map descriptor (struct ubpf_map_desc,
+ * ARRAY / PERCPU_ARRAY, the HASH family (HASH, PERCPU_HASH, LRU_HASH,
+ * LRU_PERCPU_HASH), LPM_TRIE (on a HASH store) and map-in-map lookups, driven by the map descriptor (struct ubpf_map_desc,
  * ubpf_py/abi/maps.py).  This is the one implementation of hash inserts and
  * deletes: the target's threads run it from the helpers below and the tracer's
  * Python map objects call the same functions (ubpf_map_*) through ctypes on a
@@ -252,9 +252,23 @@ static s64 alloc_slot(struct ubpf_map_desc *d)
 	return -1;
 }
 
-static s64 store_value(struct ubpf_map_desc *d, u64 slot, const u8 *value, s64 cpu, int keep_lock, int fresh)
+/* an LPM trie's element in its store (see LPM_TRIE below): the trie's value, then at
+ * key_off the key exactly as given (the kernel keeps the bits past the prefix too) */
+struct lpm_parts {
+	u64 value_len;
+	const u8 *key;
+	u64 key_off, key_len;
+};
+
+static s64 store_value(struct ubpf_map_desc *d, u64 slot, const u8 *value, s64 cpu, int keep_lock, int fresh,
+		       const struct lpm_parts *lpm)
 {
 	u8 *dst = slot_value(d, slot);
+	if (lpm) {
+		rt_copy(dst, value, lpm->value_len);
+		rt_copy(dst + lpm->key_off, lpm->key, lpm->key_len);
+		return 0;
+	}
 	if (!d->cpu_stride)
 		return write_value(d, dst, value, d->value_size, keep_lock);
 	if (cpu < 0) {    /* user space: the whole per-CPU buffer */
@@ -266,7 +280,8 @@ static s64 store_value(struct ubpf_map_desc *d, u64 slot, const u8 *value, s64 c
 	return write_value(d, dst + (u64)cpu * d->cpu_stride, value, d->value_size, keep_lock);
 }
 
-static s64 hash_update(struct ubpf_map_desc *d, const u8 *key, const u8 *value, u64 flags, s64 cpu)
+static s64 hash_update(struct ubpf_map_desc *d, const u8 *key, const u8 *value, u64 flags, s64 cpu,
+			const struct lpm_parts *lpm)
 {
 	s64 rc = check_flags(d, flags);
 	if (rc)
@@ -280,7 +295,7 @@ static s64 hash_update(struct ubpf_map_desc *d, const u8 *key, const u8 *value, 
 		if (mode == UBPF_BPF_NOEXIST) {
 			rc = -(s64)UBPF_EEXIST;
 		} else {
-			rc = store_value(d, e - 1, value, cpu, keep_lock, 0);
+			rc = store_value(d, e - 1, value, cpu, keep_lock, 0, lpm);
 			if (d->ref)
 				((u8 *)d->ref)[e - 1] = 1;
 		}
@@ -300,7 +315,7 @@ static s64 hash_update(struct ubpf_map_desc *d, const u8 *key, const u8 *value, 
 		slot = alloc_slot(d);
 	}
 	rt_copy(slot_key(d, (u64)slot), key, d->key_size);
-	store_value(d, (u64)slot, value, cpu, 0, 1);
+	store_value(d, (u64)slot, value, cpu, 0, 1, lpm);
 	((u8 *)d->used)[slot] = 1;
 	if (d->ref) {
 		((u8 *)d->ref)[slot] = 0;
@@ -328,6 +343,114 @@ static s64 hash_delete(struct ubpf_map_desc *d, const u8 *key)
 	return rc;
 }
 
+/* ---- LPM_TRIE ------------------------------------------------------------------------ */
+/*
+ * A trie's elements live in a HASH store (d->values, abi/maps.py KIND_LPM) keyed by the
+ * canonical key -- prefixlen and the data masked to it -- whose values are the trie's
+ * value followed, at round8(value_size), by the key as given.  The prefix lengths in use
+ * are a bitmap (d->keys, bit p set while some element has prefixlen p) with a count per
+ * length (d->table, u32s).  A lookup tries the lengths in use, longest first, each with
+ * one lock-free probe of the store: the result is the kernel's longest prefix match (and
+ * maps/lpm.py's).  Updates and deletes hold d->lock (the store's own lock nests inside),
+ * so the counts and the bitmap follow the store exactly; a lookup racing an insert may
+ * miss the new prefix until its bit is set, as a kernel lookup racing the RCU publish.
+ */
+static void lpm_canon(u8 *out, const u8 *key, u32 plen, u64 n)
+{
+	u64 full = plen / 8, rest = plen % 8;
+	*(u32 *)out = plen;
+	for (u64 j = 0; j + 4 < n; j++) {
+		u8 b = key[4 + j];
+		out[4 + j] = j < full ? b : (j == full && rest ? (u8)(b & (0xff << (8 - rest))) : 0);
+	}
+}
+
+static struct ubpf_map_desc *lpm_store(const struct ubpf_map_desc *d)
+{
+	struct ubpf_map_desc *store = (struct ubpf_map_desc *)d->values;
+	if (!store || store->kind != UBPF_KIND_HASH || d->key_size < 5 || d->key_size > UBPF_LPM_KEY_MAX
+	    || !d->keys || !d->table)
+		return 0;
+	return store;
+}
+
+static u64 lpm_lookup(struct ubpf_map_desc *d, const u8 *key)
+{
+	struct ubpf_map_desc *store = lpm_store(d);
+	u8 buf[UBPF_LPM_KEY_MAX];
+	if (!store)
+		return 0;
+	const u64 *bits = (const u64 *)d->keys;
+	u64 plen = *(const u32 *)key;
+	if (plen > d->limit)
+		return 0;      /* as the kernel's trie_lookup_elem (and maps/lpm.py) */
+	for (s64 p = (s64)plen; p >= 0; p--) {
+		u64 w = LOAD(&bits[p >> 6]) & (~0ull >> (63 - (p & 63)));   /* lengths <= p in this word */
+		if (!w) {
+			p &= ~63;      /* none: on to the word below */
+			continue;
+		}
+		p = (p & ~63) + 63 - __builtin_clzll(w);
+		lpm_canon(buf, key, (u32)p, d->key_size);
+		u64 e = find(store, buf);
+		if (e)
+			return (u64)slot_value(store, e - 1);
+	}
+	return 0;
+}
+
+static s64 lpm_update(struct ubpf_map_desc *d, const u8 *key, const u8 *value, u64 flags)
+{
+	struct ubpf_map_desc *store = lpm_store(d);
+	u8 buf[UBPF_LPM_KEY_MAX];
+	s64 rc;
+	if (!store)
+		return -(s64)UBPF_EINVAL;
+	u32 plen = *(const u32 *)key;
+	if (flags > UBPF_BPF_EXIST || plen > d->limit)
+		return -(s64)UBPF_EINVAL;
+	lpm_canon(buf, key, plen, d->key_size);
+	struct lpm_parts parts = { d->value_size, key, (d->value_size + 7) & ~7ull, d->key_size };
+	if ((rc = rt_lock(&d->lock)))
+		return rc;
+	if (flags != UBPF_BPF_EXIST && !find(store, buf) && store->count >= d->max_entries) {
+		rc = -(s64)UBPF_ENOSPC;
+	} else {
+		u64 was = store->count;
+		rc = hash_update(store, buf, value, flags, 0, &parts);
+		if (!rc && store->count != was) {
+			u32 *counts = (u32 *)d->table;
+			if (counts[plen]++ == 0)
+				__atomic_fetch_or(&((u64 *)d->keys)[plen >> 6], 1ull << (plen & 63), __ATOMIC_RELEASE);
+		}
+	}
+	rt_unlock(&d->lock);
+	return rc;
+}
+
+static s64 lpm_delete(struct ubpf_map_desc *d, const u8 *key)
+{
+	struct ubpf_map_desc *store = lpm_store(d);
+	u8 buf[UBPF_LPM_KEY_MAX];
+	s64 rc;
+	if (!store)
+		return -(s64)UBPF_EINVAL;
+	u32 plen = *(const u32 *)key;
+	if (plen > d->limit)
+		return -(s64)UBPF_EINVAL;
+	lpm_canon(buf, key, plen, d->key_size);
+	if ((rc = rt_lock(&d->lock)))
+		return rc;
+	rc = hash_delete(store, buf);
+	if (!rc) {
+		u32 *counts = (u32 *)d->table;
+		if (--counts[plen] == 0)
+			__atomic_fetch_and(&((u64 *)d->keys)[plen >> 6], ~(1ull << (plen & 63)), __ATOMIC_RELEASE);
+	}
+	rt_unlock(&d->lock);
+	return rc;
+}
+
 /* ---- entry points (tracer through ctypes, helpers below) ------------------------------ */
 
 /* slot + 1 of key in a hash map (no LRU reference), 0 when absent: the tracer's lookup */
@@ -344,11 +467,43 @@ static inline s64 cpu_in_range(const struct ubpf_map_desc *d, s64 cpu)
 	return cpu > 0 && d->cpu_stride && (u64)cpu >= d->ncpus ? (s64)((u64)cpu % d->ncpus) : cpu;
 }
 
+/* map-in-map: the inner map's handle (its descriptor), 0 for an empty slot.  The
+ * handle is read with one atomic load: the tracer stores whole handles (abi/maps.py) */
+static u64 inner_map(struct ubpf_map_desc *d, const void *key)
+{
+	if (d->kind == UBPF_KIND_ARRAY_OF_MAPS) {
+		u32 i = *(const u32 *)key;
+		return i < d->limit && d->values ? LOAD(&((u64 *)d->values)[i]) : 0;
+	}
+	struct ubpf_map_desc *store = (struct ubpf_map_desc *)d->values;
+	if (!store || store->kind != UBPF_KIND_HASH)
+		return 0;
+	u64 e = find(store, key);
+	return e ? LOAD((u64 *)slot_value(store, e - 1)) : 0;
+}
+
+/* the tracer putting an inner map in an ARRAY_OF_MAPS slot (0: empty), one atomic store
+ * that lookups racing it see whole; -E2BIG past the end */
+RT_API s64 ubpf_map_set_inner(struct ubpf_map_desc *d, u64 index, u64 handle);
+s64 ubpf_map_set_inner(struct ubpf_map_desc *d, u64 index, u64 handle)
+{
+	if (d->kind != UBPF_KIND_ARRAY_OF_MAPS || !d->values)
+		return -(s64)UBPF_EINVAL;
+	if (index >= d->limit)
+		return -(s64)UBPF_E2BIG;
+	STORE(&((u64 *)d->values)[index], handle);
+	return 0;
+}
+
 u64 ubpf_map_lookup(struct ubpf_map_desc *d, const void *key, s64 cpu)
 {
 	cpu = cpu_in_range(d, cpu);
 	if (d->kind == UBPF_KIND_ARRAY)
 		return array_lookup(d, key, cpu);
+	if (d->kind == UBPF_KIND_ARRAY_OF_MAPS || d->kind == UBPF_KIND_HASH_OF_MAPS)
+		return inner_map(d, key);
+	if (d->kind == UBPF_KIND_LPM)
+		return lpm_lookup(d, key);
 	if (d->kind != UBPF_KIND_HASH)
 		return 0;
 	u64 e = find(d, key);
@@ -365,7 +520,9 @@ s64 ubpf_map_update(struct ubpf_map_desc *d, const void *key, const void *value,
 	if (d->kind == UBPF_KIND_ARRAY)
 		return array_update(d, key, value, flags, cpu);
 	if (d->kind == UBPF_KIND_HASH)
-		return hash_update(d, key, value, flags, cpu);
+		return hash_update(d, key, value, flags, cpu, 0);
+	if (d->kind == UBPF_KIND_LPM)
+		return lpm_update(d, key, value, flags);
 	return -(s64)UBPF_EOPNOTSUPP;
 }
 
@@ -375,6 +532,8 @@ s64 ubpf_map_delete(struct ubpf_map_desc *d, const void *key)
 		return -(s64)UBPF_EINVAL;
 	if (d->kind == UBPF_KIND_HASH)
 		return hash_delete(d, key);
+	if (d->kind == UBPF_KIND_LPM)
+		return lpm_delete(d, key);
 	return -(s64)UBPF_EOPNOTSUPP;
 }
 

@@ -103,3 +103,21 @@ def test_object_has_no_vector_instructions_and_only_pic_relocations() -> None:
     relocs = {line.split()[1] for line in dis.splitlines() if "R_X86_64" in line}
     assert relocs <= {"R_X86_64_PLT32", "R_X86_64_PC32"}, relocs
     assert code.helper_ids == (5,)
+
+
+def test_for_each_on_a_map_the_runtime_cannot_walk_is_named() -> None:
+    """bpf_for_each_map_elem calls the runtime's walker; on a constant map it cannot iterate
+    (anything but ARRAY / HASH-family descriptors) the program stays in the tracer."""
+    from ubpf_py.isa.asm import assemble
+    from ubpf_py.maps import consts as C
+    from ubpf_py.maps import create_map
+    from ubpf_py.obj.spec import MapSpec
+
+    q = create_map(MapSpec("q", C.QUEUE, 0, 8, 4))
+    a = create_map(MapSpec("a", C.ARRAY, 4, 8, 4))
+    prog = "lddw %r1, {h}\nmov %r2, 0\nmov %r3, 0\nmov %r4, 0\ncall 164\nexit\n"
+    maps = {q.handle_addr: q, a.handle_addr: a}
+    with pytest.raises(NotSupportedError, match="bpf_for_each_map_elem on a map the in-target runtime cannot walk"):
+        T.target_ir(assemble(prog.format(h=q.handle_addr)), "fe_q", maps)
+    text, _plan = T.target_ir(assemble(prog.format(h=a.handle_addr)), "fe_a", maps)
+    assert "call i64 @ubpf_for_each_elem(" in text and "declare i64 @ubpf_for_each_elem" in text

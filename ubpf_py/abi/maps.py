@@ -78,6 +78,23 @@ KIND_STACK = 6
 KIND_QUEUE = 7
 #: BLOOM_FILTER: values = bit array, limit = bits - 1
 KIND_BLOOM = 8
+#: ARRAY_OF_MAPS: values = u64[limit] inner map handle addresses (0: empty slot), limit =
+#: max_entries; a program's lookup returns the handle itself.  The tracer changes a slot with
+#: one aligned 8-byte store and inner descriptors are never freed (arena), so a lookup racing
+#: an update sees the old or the new inner map, both valid
+KIND_ARRAY_OF_MAPS = 9
+#: HASH_OF_MAPS: values = handle address of a KIND_HASH map (same key size, 8-byte values:
+#: the inner map handles) that holds the elements; inserts/deletes are that map's (locked)
+KIND_HASH_OF_MAPS = 10
+#: LPM_TRIE: values = handle address of a KIND_HASH store keyed by the canonical key
+#: (prefixlen, data masked to it) whose values are the trie's value then, at
+#: round8(value_size), the key as given; keys = bitmap of the prefix lengths in use
+#: ((limit + 64) // 64 u64 words), table = u32 count per prefix length; limit = max
+#: prefixlen; lock = the trie's update lock (runtime/maps.c LPM_TRIE)
+KIND_LPM = 11
+#: largest LPM data part (the kernel's LPM_DATA_SIZE_MAX) and whole key
+LPM_DATA_SIZE_MAX = 256
+LPM_KEY_MAX = 4 + LPM_DATA_SIZE_MAX
 
 RB_WAKEUP = 1   # a Python consumer waits: Python producers wake it
 RB_BUSY = 2     # JIT fast paths must defer to the helper (Python inside, or positions owned by C)
@@ -125,6 +142,8 @@ CONSTANTS = {
     "UBPF_KIND_NONE": KIND_NONE, "UBPF_KIND_ARRAY": KIND_ARRAY, "UBPF_KIND_HASH": KIND_HASH,
     "UBPF_KIND_RINGBUF": KIND_RINGBUF, "UBPF_KIND_PERF": KIND_PERF, "UBPF_KIND_STACK": KIND_STACK,
     "UBPF_KIND_QUEUE": KIND_QUEUE, "UBPF_KIND_BLOOM": KIND_BLOOM,
+    "UBPF_KIND_ARRAY_OF_MAPS": KIND_ARRAY_OF_MAPS, "UBPF_KIND_HASH_OF_MAPS": KIND_HASH_OF_MAPS,
+    "UBPF_KIND_LPM": KIND_LPM, "UBPF_LPM_KEY_MAX": LPM_KEY_MAX,
     "UBPF_RB_WAKEUP": RB_WAKEUP, "UBPF_RB_BUSY": RB_BUSY, "UBPF_RB_SHARED": RB_SHARED,
     "UBPF_TOMBSTONE": TOMBSTONE, "UBPF_LRU_NIL": LRU_NIL, "UBPF_LOCK_SPINS": LOCK_SPINS,
     "UBPF_FNV_BASIS": FNV_BASIS, "UBPF_FNV_PRIME": FNV_PRIME, "UBPF_HASH_REBUILD_DIV": REBUILD_DIV,

@@ -128,6 +128,7 @@ class TracerRuntime:
     queue_take: ctypes._CFuncPtr     # (desc, out, remove) -> 0 / -ENOENT
     bloom_push: ctypes._CFuncPtr     # (desc, value, flags) -> 0 / -EINVAL
     bloom_peek: ctypes._CFuncPtr     # (desc, value) -> 0 (maybe present) / -ENOENT
+    set_inner: ctypes._CFuncPtr      # (ARRAY_OF_MAPS desc, index, inner handle or 0) -> 0 / -errno
 
     def helper(self, helper_id: int) -> ctypes._CFuncPtr:
         """``ubpf_helper_<id>(r1..r5, hit_frame)`` as a ctypes function (tests, benchmarks)."""
@@ -156,6 +157,7 @@ def tracer_runtime() -> TracerRuntime:
         img.fn("ubpf_queue_take", F(_s64, _vp, _vp, _u64)),
         img.fn("ubpf_bloom_push", F(_s64, _vp, _vp, _u64)),
         img.fn("ubpf_bloom_peek", F(_s64, _vp, _vp)),
+        img.fn("ubpf_map_set_inner", F(_s64, _vp, _u64, _u64)),
     )
 
 

@@ -6,8 +6,12 @@ these hold, else it takes the ptrace path and the reason is reported per probe:
 * the run allows it (``--mode auto|intarget``; ``--mode ptrace`` keeps everything in the tracer);
 * the JIT is the engine (the interpreter is the tracer-side reference engine);
 * the verifier accepted it in strict mode: in the target it runs unchecked, as in the kernel;
-* the target compiler supports it (no tail calls, callbacks or callx yet);
-* the in-target runtime implements every helper it calls.
+* the target compiler supports it (no callx, no callbacks other than bpf_loop's and
+  for_each_map_elem's, tail calls only through prog arrays known at compile time);
+* the in-target runtime implements every helper it calls;
+* the in-target runtime implements every map it refers to (a map whose descriptor has no
+  native kind -- a build-id stack map, a cgroup array -- would look empty in the target), and
+  for map-in-map, the inner maps it can hand out.
 
 The image is the runtime object plus every eligible program, linked for one address in the
 target (``ProbeSession.load_in_target_image``); each probe then gets its program's entry.
@@ -18,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ubpf_py.abi.bpf import MapType
 from ubpf_py.errors import NotSupportedError
 from ubpf_py.isa import opcodes as op
 from ubpf_py.isa.opcodes import LDDW
@@ -66,6 +71,9 @@ def program_reason(lp: Any, verifier: str, helpers: frozenset[int]) -> str | Non
     missing = [h for h in helper_ids if h not in helpers and h not in INLINE_HELPERS]
     if missing:
         return "helper " + ", ".join(f"{HELPER_NAMES.get(h, 'helper')} (#{h})" for h in missing) + " is not available in the target"
+    why = _map_reason(lp.instructions, getattr(lp.env, "maps_by_addr", {}))
+    if why is not None:
+        return why
     from ubpf_py.intarget.runtime_obj import RETURN_VALUE_DIFFERS, UNSUPPORTED_FLAGS
 
     for pc in _calls_whose_result_is_read(lp.instructions, RETURN_VALUE_DIFFERS):
@@ -77,6 +85,50 @@ def program_reason(lp: Any, verifier: str, helpers: frozenset[int]) -> str | Non
             return (f"{HELPER_NAMES.get(hid, 'helper')} (#{hid}) at instruction {pc} may get flags 0x{mask:x}, "
                     f"which the in-target runtime does not support")
     return None
+
+
+def _map_reason(insns: list, maps_by_addr: dict[int, Any]) -> str | None:
+    """Why a map the program loads (``lddw`` of a map handle) cannot serve it in the target:
+    the runtime works from a map's descriptor, and a descriptor of kind 0 means no native
+    operations (lookups would miss, updates fail), unlike the ptrace path's Python map."""
+    from ubpf_py.maps import descriptor as D
+
+    seen = set()
+    for ins in insns:
+        if ins.opcode != LDDW:
+            continue
+        m = maps_by_addr.get(ins.imm64 & ((1 << 64) - 1))
+        if m is None or id(m) in seen:
+            continue
+        seen.add(id(m))
+        why = _native_map_reason(m, D)
+        if why is not None:
+            return why
+    return None
+
+
+def _native_map_reason(m: Any, D: Any) -> str | None:
+    if m.spec.type_name == "prog_array":
+        return None                                      # tail calls: entry tables (prepare)
+    if D.read_word(m.handle_addr, D.D_KIND) == D.KIND_NONE:
+        return f"map {m.name} ({m.spec.type_name}) is not available in the target"
+    return _inner_map_reason(m)
+
+
+def _inner_map_reason(m: Any) -> str | None:
+    if getattr(m, "holds_maps", False):
+        # the inner maps it may hand out: any map of its template's type
+        inner = m.inner_template
+        if inner.type not in _NATIVE_INNER_TYPES:
+            return (f"map {m.name} holds {MapType(inner.type).name.lower()} maps, which are not "
+                    f"available in the target")
+    return None
+
+
+#: inner map types whose maps in the arena have a native descriptor the runtime serves
+_NATIVE_INNER_TYPES = frozenset({MapType.ARRAY, MapType.PERCPU_ARRAY, MapType.HASH, MapType.PERCPU_HASH,
+                                 MapType.LRU_HASH, MapType.LRU_PERCPU_HASH, MapType.RINGBUF,
+                                 MapType.QUEUE, MapType.STACK, MapType.BLOOM_FILTER, MapType.LPM_TRIE})
 
 
 def _calls_whose_flags_may_have(insns: list, helper_id: int, regno: int, mask: int) -> list[int]:

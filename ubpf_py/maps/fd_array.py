@@ -5,6 +5,13 @@ lookups of these maps; we have no fds, so updates take ids too).  Programs get
 what the kernel gives them: a tail-call target for PROG_ARRAY (through
 ``program_at``), and for map-in-map lookups the inner map's *handle address*,
 which the program then passes to other map helpers.
+
+Map-in-map maps on a shared arena (in-target execution) also keep their slots where the
+in-target runtime reads them (``abi.maps`` KIND_ARRAY_OF_MAPS / KIND_HASH_OF_MAPS): a u64
+handle per array slot, or a C hash map from key to handle.  Every change writes the shared
+copy with whole 8-byte stores, so a program in the target racing it sees the old or the new
+inner map; inner maps must then live in the same arena (a handle elsewhere would mean nothing
+in the target).
 """
 
 from __future__ import annotations
@@ -13,8 +20,11 @@ import struct
 from typing import Any
 
 from ubpf_py.maps import consts as C
+from ubpf_py.maps import descriptor as D
 from ubpf_py.maps.array import array_next_key, check_array_spec
 from ubpf_py.maps.base import Map, check_flags_common, map_by_id, map_create_error
+from ubpf_py.maps.hash import HashMap
+from ubpf_py.maps.native_ops import runtime_for
 from ubpf_py.obj.spec import MapSpec
 from ubpf_py.vm.memory import Allocator
 
@@ -114,6 +124,7 @@ class _MapInMapMixin:
             raise map_create_error(spec, "inner maps cannot themselves be map-in-map or prog arrays")
         self.inner_template = spec.inner
         self._dynamic = bool(spec.inner.flags & C.BPF_F_INNER_MAP)
+        self._shared = runtime_for(self.alloc) is not None
 
     def resolve_inner(self, value: bytes | Map) -> Map | int:
         """A user-space value (inner map id or a Map) -> the map, or -errno."""
@@ -122,6 +133,8 @@ class _MapInMapMixin:
             return -C.EBADF
         if not _inner_compatible(self.inner_template, inner, self._dynamic):
             return -C.EINVAL
+        if self._shared and not self.alloc.contains(inner.handle_addr, D.HANDLE_SIZE):
+            return -C.EINVAL     # not in this arena: its handle means nothing in the target
         return inner
 
 
@@ -134,6 +147,17 @@ class ArrayOfMapsMap(_MapInMapMixin, Map):
         check_array_spec(MapSpec(spec.name, spec.type, spec.key_size, 4, spec.max_entries,
                                  spec.flags & ~C.BPF_F_INNER_MAP), False)
         self._slots: list[Map | None] = [None] * self.max_entries
+        self._c = runtime_for(self.alloc)
+        if self._c is not None:
+            buf = self.alloc.alloc(8 * self.max_entries, 64)
+            D.write_descriptor(self._handle.view, {
+                D.D_KIND: D.KIND_ARRAY_OF_MAPS, D.D_KEY_SIZE: 4, D.D_LIMIT: self.max_entries,
+                D.D_VALUES: buf.addr, D.W["value_size"]: 4, D.W["max_entries"]: self.max_entries})
+
+    def _set(self, i: int, m: Map | None) -> None:
+        self._slots[i] = m
+        if self._c is not None:   # one atomic store of the whole handle (runtime/maps.c)
+            self._c.set_inner(self.handle_addr, i, 0 if m is None else m.handle_addr)
 
     def lookup_addr(self, key: bytes, cpu: int = 0) -> int:
         i = _U32.unpack(key)[0]
@@ -158,7 +182,8 @@ class ArrayOfMapsMap(_MapInMapMixin, Map):
         inner = self.resolve_inner(value)
         if isinstance(inner, int):
             return inner
-        self._slots[i] = inner
+        with self.lock:
+            self._set(i, inner)
         return 0
 
     def delete(self, key: bytes, cpu: int | None = None) -> int:
@@ -166,9 +191,10 @@ class ArrayOfMapsMap(_MapInMapMixin, Map):
         i = _U32.unpack(key)[0]
         if i >= self.max_entries:
             return -C.E2BIG
-        if self._slots[i] is None:
-            return -C.ENOENT
-        self._slots[i] = None
+        with self.lock:
+            if self._slots[i] is None:
+                return -C.ENOENT
+            self._set(i, None)
         return 0
 
     def get_next_key(self, key: bytes | None) -> bytes | None:
@@ -185,6 +211,14 @@ class HashOfMapsMap(_MapInMapMixin, Map):
         if spec.max_entries == 0 or spec.key_size == 0:
             raise map_create_error(spec, "key_size and max_entries must be > 0")
         self._entries: dict[bytes, Map] = {}
+        #: shared: the C hash map (key -> u64 inner handle) the in-target runtime reads
+        self._store = None
+        if self._shared:
+            self._store = HashMap(MapSpec(f"{spec.name}.slots", C.HASH, spec.key_size, 8, spec.max_entries),
+                                  alloc=self.alloc)
+            D.write_descriptor(self._handle.view, {
+                D.D_KIND: D.KIND_HASH_OF_MAPS, D.D_KEY_SIZE: spec.key_size, D.D_VALUES: self._store.handle_addr,
+                D.W["value_size"]: 4, D.W["max_entries"]: self.max_entries})
 
     def lookup_addr(self, key: bytes, cpu: int = 0) -> int:
         m = self._entries.get(key)
@@ -212,12 +246,21 @@ class HashOfMapsMap(_MapInMapMixin, Map):
                 return -C.ENOENT
             if not exists and len(self._entries) >= self.max_entries:
                 return -C.E2BIG
+            if self._store is not None:
+                rc = self._store.update(key, inner.handle_addr.to_bytes(8, "little"), C.BPF_ANY)
+                if rc:
+                    return rc
             self._entries[key] = inner
         return 0
 
     def delete(self, key: bytes, cpu: int | None = None) -> int:
+        key = bytes(key)
         with self.lock:
-            return 0 if self._entries.pop(bytes(key), None) is not None else -C.ENOENT
+            if self._entries.pop(key, None) is None:
+                return -C.ENOENT
+            if self._store is not None:
+                self._store.delete(key)
+            return 0
 
     def get_next_key(self, key: bytes | None) -> bytes | None:
         keys = list(self._entries)

@@ -157,10 +157,17 @@ class TargetInfo:
 
     #: prog-array map handle -> (address of its table of program entries in the arena, max_entries)
     tail_tables: dict[int, tuple[int, int]]
+    #: map handles the runtime's for_each can walk (ARRAY and HASH-family descriptors); a
+    #: bpf_for_each_map_elem on another constant map is NotSupportedError.  None: not checked
+    for_each_maps: frozenset[int] | None = None
 
 
 #: bpf_loop: compiled inline in target code (the callback is a BPF function of the same module)
 LOOP_HELPER = 181
+#: bpf_for_each_map_elem: in target code a call of the runtime's ``ubpf_for_each_elem``, which
+#: calls the callback (a BPF function of the same module) with its frame and runtime block
+FOR_EACH_HELPER = 164
+FOR_EACH_SYMBOL = "ubpf_for_each_elem"
 
 
 def program_ir(insns: list[Instruction], prefix: str, checked: bool | int,
@@ -170,7 +177,8 @@ def program_ir(insns: list[Instruction], prefix: str, checked: bool | int,
     jump counts down ``rt[SLOT_BUDGET]``, reset at entry; at zero the program faults).
 
     ``target``: code for the traced process (``vm.jit.target`` adds its entry): helpers are
-    direct calls of the in-target runtime, bpf_loop and tail calls are compiled inline, and
+    direct calls of the in-target runtime, bpf_loop and tail calls are compiled inline,
+    for_each_map_elem calls the runtime's walker with the callback's frame, and
     what only the tracer can do (callx, other callbacks) raises ``NotSupportedError``."""
     starts, helper_ids, callbacks, callx = scan_program(insns)
     helper_index = {h: k for k, h in enumerate(helper_ids)}
@@ -461,6 +469,8 @@ def _emit_call(f: FunctionEmitter, ins: Instruction, pc: int, p: str,
             _emit_target_tail_call(f, pc, p)
         elif ins.imm == LOOP_HELPER:
             _emit_target_loop(f)
+        elif ins.imm == FOR_EACH_HELPER:
+            _emit_target_for_each(f)
         else:
             f.put(0, f.op(f"call i64 @{target_helper_symbol(ins.imm)}({args}, i64 %hf)"))
         return
@@ -621,6 +631,20 @@ def _emit_target_loop(f: FunctionEmitter) -> None:
     e(f"lpend{n}:")
     f.put(0, f.op(f"phi i64 [-22, %lpstart{n}], [-7, %lpchk{n}], [0, %lpchk2{n}], "
                   f"[%lpnext{n}, %lpbody{n}], [%lpnext{n}, %lpcont{n}]"))
+
+
+def _emit_target_for_each(f: FunctionEmitter) -> None:
+    """bpf_for_each_map_elem(map, callback, ctx, flags) in target code: the runtime walks the
+    map (runtime/foreach.c) and calls the callback in a frame below the caller's, as bpf_loop's
+    inline loop does; a constant map the runtime cannot walk keeps the program in the tracer."""
+    r1 = f.get(1)
+    known = f.target.for_each_maps
+    if known is not None and r1.lstrip("-").isdigit() and (int(r1) & ((1 << 64) - 1)) not in known:
+        raise NotSupportedError("bpf_for_each_map_elem on a map the in-target runtime cannot walk "
+                                "(only array and hash maps), in the traced process")
+    nfp = f.op(f"sub i64 %fp, {layout.FRAME_SIZE}")
+    args = ", ".join(f"i64 {f.get(r)}" for r in range(1, 5))
+    f.put(0, f.op(f"call i64 @{FOR_EACH_SYMBOL}({args}, i64 {nfp}, ptr %rt, i64 %hf)"))
 
 
 def target_helper_symbol(helper_id: int) -> str:

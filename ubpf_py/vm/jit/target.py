@@ -10,7 +10,8 @@ The same IR generator as the tracer-side JIT (``compiler``), in *target mode*:
   filled by the entry below -- no per-instance Python state exists;
 * only programs the verifier accepted in strict mode come here, so memory accesses are
   unchecked, as in the kernel;
-* bpf_loop runs its callback inline; tail calls jump through a table of program entries in
+* bpf_loop runs its callback inline, bpf_for_each_map_elem calls the runtime's map walker with
+  the callback and its frame; tail calls jump through a table of program entries in
   the arena (one per prog array, filled after linking: ``tail_tables``); what needs the
   tracer (callx, other callbacks) raises ``NotSupportedError``, and the caller keeps that
   probe on the ptrace path with the reason;
@@ -38,6 +39,8 @@ from ubpf_py.sysinfo import cpu_has
 from ubpf_py.vm.jit import fastpath, layout
 from ubpf_py.vm.jit.backend import Backend, backend
 from ubpf_py.vm.jit.compiler import (
+    FOR_EACH_HELPER,
+    FOR_EACH_SYMBOL,
     LOOP_HELPER,
     TAIL_CALL_HELPER,
     ProgramLayout,
@@ -47,8 +50,10 @@ from ubpf_py.vm.jit.compiler import (
     target_helper_symbol,
 )
 
-#: helpers target code implements itself (no runtime function)
-INLINE_HELPERS = frozenset({TAIL_CALL_HELPER, LOOP_HELPER})
+#: helpers target code implements itself (no ``ubpf_helper_<id>`` runtime function): tail calls
+#: and bpf_loop inline, for_each_map_elem through the runtime's walker (it needs the callback's
+#: frame and runtime block, which helpers do not get)
+INLINE_HELPERS = frozenset({TAIL_CALL_HELPER, LOOP_HELPER, FOR_EACH_HELPER})
 
 #: x86-64 without any vector or x87 state (GCC's -mgeneral-regs-only)
 GENERAL_REGS_ONLY = "-sse,-sse2,-sse3,-ssse3,-sse4.1,-sse4.2,-avx,-avx2,-avx512f,-mmx,-x87,+soft-float"
@@ -99,6 +104,16 @@ def _fast_map_table(plan: ProgramLayout, maps_by_addr: dict[int, Any]) -> list[i
     return table
 
 
+def _walkable_maps(maps_by_addr: dict[int, Any]) -> frozenset[int]:
+    """Handles of the maps runtime/foreach.c can walk: ARRAY and HASH-family descriptors."""
+    out = set()
+    for handle, m in maps_by_addr.items():
+        if getattr(m, "handle_addr", None) == handle and not getattr(m, "holds_maps", True) \
+                and D.read_word(handle, D.D_KIND) in (D.KIND_ARRAY, D.KIND_HASH):
+            out.add(handle)
+    return frozenset(out)
+
+
 def _entry_ir(p: str, table: list[int], cpu: str) -> str:
     n = layout.NUM_SLOTS
     rows = ", ".join(f"i64 {v if v < 1 << 63 else v - (1 << 64)}" for v in table) or "i64 0"
@@ -145,11 +160,14 @@ define i64 @{p}_tcentry(i64 %ctx, i64 %hf, i64 %tail_calls) "no-builtins" {{
 def target_ir(insns: list[Instruction], prefix: str, maps_by_addr: dict[int, Any],
               tail_tables: dict[int, tuple[int, int]] | None = None) -> tuple[str, ProgramLayout]:
     """The whole LLVM module (text) of one program compiled for the target."""
-    body, plan = program_ir(insns, prefix, checked=False, target=TargetInfo(dict(tail_tables or {})))
+    body, plan = program_ir(insns, prefix, checked=False,
+                            target=TargetInfo(dict(tail_tables or {}), _walkable_maps(maps_by_addr)))
     percpu = any(getattr(maps_by_addr.get(h), "percpu", False) for h in plan.map_consts)
     cpu = ("rdpid" if cpu_has("rdpid") else "rdtscp") if percpu else "none"
     decls = "".join(f"declare i64 @{target_helper_symbol(h)}(i64, i64, i64, i64, i64, i64)\n"
                     for h in plan.helper_ids if h not in INLINE_HELPERS)
+    if FOR_EACH_HELPER in plan.helper_ids:
+        decls += f"declare i64 @{FOR_EACH_SYMBOL}(i64, i64, i64, i64, i64, ptr, i64)\n"
     text = module_header() + decls + body + _entry_ir(prefix, _fast_map_table(plan, maps_by_addr), cpu)
     return text, plan
 
