@@ -51,6 +51,7 @@ def test_intarget_counts_every_call_on_the_in_target_path(built: tuple[Path, Pat
     assert cell.paths == ["count_entry:in-target", "count_exit:in-target"]
     assert "--mode intarget" in (cell.command or "")
     assert cell.baseline_ns is not None and cell.probed_ns is not None
+    assert cell.cpu_share is not None and 0 < cell.cpu_share <= 1.05  # the target reports its CPU time
 
 
 def test_kernel_counts_every_call(built: tuple[Path, Path], tmp_path: Path) -> None:
@@ -134,3 +135,48 @@ def test_goal_verdicts_follow_the_numbers() -> None:
                                 _cell("intarget", "threads-shared", 40.0, threads=2, calls_per_s=0.9e6)]
     scaling = goals.evaluate(doc)[-1]
     assert scaling.verdict == "met" and "not judged: 1: 1.00x, 2: 0.90x" in scaling.measured
+
+
+def _pair(engine: str, base: float, probed: float, share: float | None = 1.0, error: str | None = None) -> runs.Cell:
+    c = runs.Cell(engine, "", 10, baseline_ns=base, probed_ns=probed, error=error, cpu_share=share,
+                  overhead_ns=None if error else probed - base, calls_per_s=1e9 / probed, load1=0.5)
+    return c
+
+
+def test_repetitions_are_interleaved_and_combined_with_their_spread() -> None:
+    """Rounds alternate the jobs (same, diff, same, diff, ...): a load change falls on both
+    placements; a job stops at its first failure; a cell keeps the median and the spread."""
+    from benchmarks.uprobe_overhead import run
+
+    order: list[str] = []
+    script = {"same": iter([(1, 21), (1, 31), (1, 26)]), "diff": iter([(1, 41), (1, 11), (1, 36)])}
+
+    def one(engine: str, job: runs.Job) -> runs.Cell:
+        key = "same" if job.tracer_cpu == 0 else "diff"
+        order.append(f"{engine}:{key}")
+        if engine == "jit":
+            return _pair(engine, 1, 2, error="RuntimeError: boom")
+        b, p = next(script[key])
+        return _pair(engine, b, p, share=0.5 if p > 35 else 1.0)
+
+    runner = object.__new__(run.Runner)
+    runner.one = one  # type: ignore[method-assign]
+    row = runs.Row("f_push", "count", "uprobe")
+    jobs = {("intarget", "same"): runs.Job(row, 10, 0, 0), ("intarget", "diff"): runs.Job(row, 10, 0, 1),
+            ("jit", "same"): runs.Job(row, 10, 0, 0)}
+    cells = runner._interleaved(jobs, {"intarget": 3, "jit": 3})
+    assert order == ["intarget:same", "intarget:diff", "jit:same"] + ["intarget:same", "intarget:diff"] * 2
+    same, diff = cells[("intarget", "same")], cells[("intarget", "diff")]
+    assert (same.overhead_ns, same.overhead_min, same.overhead_max) == (25, 20, 30)
+    assert (diff.overhead_ns, diff.overhead_min, diff.overhead_max) == (35, 10, 40)
+    assert diff.shares == [0.5, 1.0, 0.5] and diff.cpu_share == 0.5 and same.cpu_share == 1.0
+    assert len(same.samples) == 3 and len(same.tputs) == 3
+    assert cells[("jit", "same")].error == "RuntimeError: boom"
+
+
+def test_cpu_share_is_cpu_time_over_wall_time_per_usable_cpu() -> None:
+    res = {"ns_total": 1000, "cpu_ns_total": 900, "threads": 1}
+    assert runs.cpu_share(res) == 0.9
+    res = {"ns_total": 1000, "cpu_ns_total": 1000 * min(4, runs.USABLE_CPUS), "threads": 4}
+    assert runs.cpu_share(res) == 1.0
+    assert runs.cpu_share({"ns_total": 1000}) is None
