@@ -139,7 +139,8 @@ def test_goal_verdicts_follow_the_numbers() -> None:
 
 def _pair(engine: str, base: float, probed: float, share: float | None = 1.0, error: str | None = None) -> runs.Cell:
     c = runs.Cell(engine, "", 10, baseline_ns=base, probed_ns=probed, error=error, cpu_share=share,
-                  overhead_ns=None if error else probed - base, calls_per_s=1e9 / probed, load1=0.5)
+                  overhead_ns=None if error else probed - base, calls_per_s=1e9 / probed, load1=0.5,
+                  baseline_cpu_ns=base, probed_cpu_ns=probed * (share or 1))
     return c
 
 
@@ -170,6 +171,7 @@ def test_repetitions_are_interleaved_and_combined_with_their_spread() -> None:
     assert (same.overhead_ns, same.overhead_min, same.overhead_max) == (25, 20, 30)
     assert (diff.overhead_ns, diff.overhead_min, diff.overhead_max) == (35, 10, 40)
     assert diff.shares == [0.5, 1.0, 0.5] and diff.cpu_share == 0.5 and same.cpu_share == 1.0
+    assert diff.cpu_overhead_ns == 17 and same.cpu_overhead_ns == 25   # CPU ns: 20.5-1, 11-1, 18-1
     assert len(same.samples) == 3 and len(same.tputs) == 3
     assert cells[("jit", "same")].error == "RuntimeError: boom"
 

@@ -151,7 +151,10 @@ def _threads_table(doc: dict[str, Any]) -> list[str]:
              "increment of one shared word per call, which bounces that line between CPUs whoever runs "
              "the program. min-max = the lowest and highest in-target calls/s of the rounds; CPU share = "
              "the threads' CPU time / (wall time x min(threads, CPUs)), median of the rounds: below 1, "
-             "other work (or the tracer) held a CPU the threads could have used.", ""]
+             "other work (or the tracer) held a CPU the threads could have used. CPU ns added = the threads' "
+             "CPU time per call, probed - unprobed (median): waiting for a CPU does not count there, "
+             "contending for a cache line does, so it stays flat with threads when they share no "
+             "written line.", ""]
 
     def tput(c: dict[str, Any] | None) -> str:
         if not c or c["error"]:
@@ -165,14 +168,14 @@ def _threads_table(doc: dict[str, Any]) -> list[str]:
             continue
         lines += [f"### {row['label']}", "",
                   "| threads | kernel calls/s | in-target calls/s | in-target min-max calls/s | in-target CPU share "
-                  "| in-target/kernel calls/s | kernel ns added | in-target ns added |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| in-target/kernel calls/s | kernel ns added | in-target ns added | in-target CPU ns added |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for t in th["counts"]:
             kc, ic = k.get(t), i.get(t)
             ok = kc and ic and not kc["error"] and not ic["error"] and kc.get("calls_per_s")
             ratio = f"{ic['calls_per_s'] / kc['calls_per_s']:.2f}x" if ok else "n/a"  # type: ignore[index]
             lines.append(f"| {t} | {tput(kc)} | {tput(ic)} | {_tput_spread(ic)} | {_share(ic)} | {ratio} "
-                         f"| {_fmt(kc)} | {_fmt(ic)} |")
+                         f"| {_fmt(kc)} | {_fmt(ic)} | {_cpu_added(ic)} |")
         lines.append("")
     return lines
 
@@ -182,6 +185,10 @@ def _tput_spread(c: dict[str, Any] | None) -> str:
     if not c or c["error"] or not c.get("tputs"):
         return "n/a"
     return f"{min(c['tputs']):,.0f}-{max(c['tputs']):,.0f}"
+
+
+def _cpu_added(c: dict[str, Any] | None) -> str:
+    return "n/a" if not c or c["error"] or c.get("cpu_overhead_ns") is None else f"{c['cpu_overhead_ns']:.0f}"
 
 
 def _share(c: dict[str, Any] | None) -> str:
@@ -207,7 +214,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"N = {doc['n_kernel']} calls per kernel run, {doc.get('n_intarget', doc['n_kernel'])} per in-target "
         f"run, {doc['n_ubpf']} per ptrace JIT/interp run{' (quick mode)' if doc['quick'] else ''}; median of "
-        f"{doc['repeat']} (kernel, in-target) / {doc.get('repeat_ubpf', 1)} (ptrace JIT, interp) baseline+probed "
+        f"{doc['repeat']} (in-target) / {doc.get('repeat_kernel', doc['repeat'])} (kernel) / "
+        f"{doc.get('repeat_ubpf', 1)} (ptrace JIT, interp) baseline+probed "
         "pair(s) per cell, the repetitions interleaved: each round runs both CPU placements once. "
         "In-target min-max = the lowest and highest ns added of a cell's repetitions; CPU share = the "
         "probed run's CPU time / its wall time (median): below 1, other work ran on the target's CPU "

@@ -117,10 +117,11 @@ class Runner:
     every column alike instead of on whichever ran last; a cell then combines its rounds
     (medians, with the spread kept)."""
 
-    def __init__(self, plan: Plan, target: Path, obj: Path, tmp: Path, repeat: int, repeat_ubpf: int,
+    def __init__(self, plan: Plan, target: Path, obj: Path, tmp: Path, repeats: dict[str, int],
                  repeat_threads: int) -> None:
         self.plan, self.target, self.obj, self.tmp = plan, target, obj, tmp
-        self.repeat, self.repeat_ubpf, self.repeat_threads = repeat, repeat_ubpf, repeat_threads
+        #: pairs per cell by engine
+        self.repeats, self.repeat_threads = repeats, repeat_threads
         self.spec: Any = None
         self.unavailable: dict[str, str | None] = {}
         if "kernel" in plan.engines:
@@ -144,7 +145,7 @@ class Runner:
         return reason
 
     def reps_for(self, engine: str) -> int:
-        return self.repeat if engine in runs.FAST_ENGINES else self.repeat_ubpf
+        return self.repeats.get(engine, 1)
 
     def one(self, engine: str, job: Job) -> Cell:
         """One baseline + probed pair."""
@@ -235,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,2,4,8",
                     help="thread counts of the multi-thread section ('' to skip it)")
     ap.add_argument("--repeat", type=int,
-                    help="baseline+probed pairs per kernel/in-target cell, median kept, rounds "
-                         "interleaved over the two CPU placements (default 5, quick 1)")
+                    help="baseline+probed pairs per in-target cell, median kept, rounds interleaved "
+                         "over the two CPU placements (default 5, quick 1)")
+    ap.add_argument("--repeat-kernel", type=int,
+                    help="baseline+probed pairs per kernel cell (default 3, quick 1)")
     ap.add_argument("--repeat-threads", type=int,
                     help="rounds of the multi-thread section, each running every thread count once "
                          "(default 5, quick 1)")
@@ -263,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.n_threads or (100_000 if args.quick else 500_000),
                 args.n_threads_intarget or (200_000 if args.quick else 2_000_000))
     repeat = args.repeat or (1 if args.quick else 5)
+    repeat_kernel = args.repeat_kernel or (1 if args.quick else 3)
+    repeats = {"kernel": repeat_kernel, "intarget": repeat, "jit": args.repeat_ubpf, "interp": args.repeat_ubpf}
     repeat_threads = args.repeat_threads or (1 if args.quick else 5)
     out = Path(args.out or HERE / ("results-quick" if args.quick else "results"))
     target, obj = runs.build(Path(args.build_dir))
@@ -271,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
 
     with tempfile.TemporaryDirectory(prefix="ubpf-bench-") as tmpd:
-        runner = Runner(plan, target, obj, Path(tmpd), repeat, args.repeat_ubpf, repeat_threads)
+        runner = Runner(plan, target, obj, Path(tmpd), repeats, repeat_threads)
         runner.run_rows(args.quick)
         runner.run_threads()
 
@@ -280,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "uprobe_overhead", "quick": args.quick, "elapsed_s": round(elapsed, 1),
         "machine": {**report.machine_info(), "load_avg_start": load_start}, "quiet_wait": quiet,
-        "repeat": repeat, "repeat_ubpf": args.repeat_ubpf, "repeat_threads": repeat_threads,
+        "repeat": repeat, "repeat_kernel": repeat_kernel, "repeat_ubpf": args.repeat_ubpf,
+        "repeat_threads": repeat_threads,
         "n_kernel": plan.n_kernel, "n_intarget": plan.n_intarget, "n_ubpf": plan.n_ubpf,
         "n_threads": plan.n_threads_kernel, "n_threads_intarget": plan.n_threads_intarget, "engines": engines,
         "unavailable": {k: v for k, v in runner.unavailable.items() if v},

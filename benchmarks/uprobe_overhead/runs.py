@@ -123,6 +123,13 @@ class Cell:
     shares: list[float] = field(default_factory=list)
     #: every repetition's probed calls/s (multi-thread cells)
     tputs: list[float] = field(default_factory=list)
+    #: CPU ns per call (the calling threads' CPU time / calls) of the baseline and the probed run
+    baseline_cpu_ns: float | None = None
+    probed_cpu_ns: float | None = None
+    #: probed - baseline CPU ns per call, median over repetitions: the probe's cost in CPU time,
+    #: which time other work held the CPU does not inflate (threads contending for a cache line
+    #: spend more CPU time per call; threads waiting for a CPU do not)
+    cpu_overhead_ns: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -176,14 +183,21 @@ def cpu_share(res: dict[str, Any]) -> float | None:
     return round(float(cpu) / (float(wall) * min(int(res.get("threads") or 1), USABLE_CPUS)), 3)
 
 
+def _cpu_per_call(res: dict[str, Any]) -> float | None:
+    calls, cpu = res.get("calls"), res.get("cpu_ns_total")
+    return float(cpu) / float(calls) if calls and cpu is not None else None
+
+
 def _store_result(cell: Cell, res: dict[str, Any], baseline: bool) -> None:
     if baseline:
+        cell.baseline_cpu_ns = _cpu_per_call(res)
         cell.baseline_ns = float(res["ns_per_call"])
         cell.baseline_calls_per_s = float(res.get("calls_per_s") or 0) or None
     else:
         cell.probed_ns = float(res["ns_per_call"])
         cell.calls_per_s = float(res.get("calls_per_s") or 0) or None
         cell.cpu_share = cpu_share(res)
+        cell.probed_cpu_ns = _cpu_per_call(res)
 
 
 def baseline_run(target: Path, job: Job, cell: Cell, tmp: Path) -> None:
@@ -430,6 +444,12 @@ def combine(cells: list[Cell]) -> Cell:
     out.calls_per_s = statistics.median(out.tputs) if out.tputs else None
     base_tput = [c.baseline_calls_per_s for c in cells if c.baseline_calls_per_s]
     out.baseline_calls_per_s = statistics.median(base_tput) if base_tput else None
+    cpu = [(c.baseline_cpu_ns, c.probed_cpu_ns) for c in cells
+           if c.baseline_cpu_ns is not None and c.probed_cpu_ns is not None]
+    if cpu:
+        out.baseline_cpu_ns = statistics.median(b for b, _ in cpu)
+        out.probed_cpu_ns = statistics.median(p for _, p in cpu)
+        out.cpu_overhead_ns = statistics.median(p - b for b, p in cpu)
     out.shares = [c.cpu_share for c in cells if c.cpu_share is not None]
     out.cpu_share = statistics.median(out.shares) if out.shares else None
     out.ring_drops = max(c.ring_drops for c in cells)
