@@ -182,3 +182,15 @@ def test_cpu_share_is_cpu_time_over_wall_time_per_usable_cpu() -> None:
     res = {"ns_total": 1000, "cpu_ns_total": 1000 * min(4, runs.USABLE_CPUS), "threads": 4}
     assert runs.cpu_share(res) == 1.0
     assert runs.cpu_share({"ns_total": 1000}) is None
+
+
+def test_same_vs_diff_names_the_worst_row_with_its_spread_and_judges_medians() -> None:
+    doc = {"machine": {"cpus_usable": 2}, "rows": [
+        {"label": "f_push read uprobe", "cells": [
+            _cell("intarget", "same", 82.0, overhead_min=80.0, overhead_max=85.0),
+            _cell("intarget", "diff", 96.0, overhead_min=81.0, overhead_max=130.0)]}]}
+    v = goals.evaluate(doc)[-2]
+    assert v.measured == "0 of 1 rows; largest diff - same: f_push read uprobe (82 [80-85] / 96 [81-130])"
+    assert v.verdict == "missed"          # 96 > 82 x 1.1 + 5 = 95.2: the medians decide, not the spread
+    doc["rows"][0]["cells"][1]["overhead_ns"] = 95.0
+    assert goals.evaluate(doc)[-2].verdict == "met"
