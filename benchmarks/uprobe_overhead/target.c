@@ -135,13 +135,16 @@ struct worker {
 	struct loop_out out;
 };
 
-static pthread_barrier_t start_line;
+static pthread_barrier_t start_line, finish_line;
 
 static void *work(void *arg)
 {
 	struct worker *w = arg;
 	pthread_barrier_wait(&start_line);
 	timed_loop_mid_page(w->fn, w->n, &w->out);
+	/* no thread exits while another is still timed: a traced thread's exit stops it for the
+	 * tracer, whose handling of that stop would take CPU time from the threads still running */
+	pthread_barrier_wait(&finish_line);
 	return NULL;
 }
 
@@ -153,6 +156,8 @@ static int run_threads(long (*fn)(long, const char *), long n, int threads,
 	if (!w)
 		return 12;
 	int err = pthread_barrier_init(&start_line, NULL, (unsigned)threads);
+	if (!err)
+		err = pthread_barrier_init(&finish_line, NULL, (unsigned)threads);
 	int started = 0;
 	for (; !err && started < threads; started++) {
 		w[started].fn = fn;
