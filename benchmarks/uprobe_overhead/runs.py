@@ -25,7 +25,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -412,18 +411,6 @@ def ubpf_run(engine: str, obj: Path, target: Path, job: Job, tmp: Path) -> Cell:
     except Exception as exc:
         _fail(cell, exc)
     return cell
-
-
-def repeated(fn: Callable[[], Cell], repeat: int) -> Cell:
-    """Run ``fn() -> Cell`` ``repeat`` times (each a baseline + probed pair) and combine them;
-    the first failing repetition makes the cell fail."""
-    cells = []
-    for _ in range(repeat):
-        c = fn()
-        cells.append(c)
-        if not c.ok:
-            break
-    return combine(cells)
 
 
 def combine(cells: list[Cell]) -> Cell:
