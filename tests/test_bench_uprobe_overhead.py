@@ -54,6 +54,20 @@ def test_intarget_counts_every_call_on_the_in_target_path(built: tuple[Path, Pat
     assert cell.cpu_share is not None and 0 < cell.cpu_share <= 1.05  # the target reports its CPU time
 
 
+def test_intarget_ring_pages_fault_in_at_attach_not_on_hits(built: tuple[Path, Path], tmp_path: Path) -> None:
+    """20,000 ring records (40 bytes each) fill about 200 pages of the ring: the in-target runtime
+    maps every page of the maps before the first hit (the kernel allocates its maps up front), so
+    the probed loop takes no page fault per new page (a first touch costs microseconds in a VM,
+    as much as a hundred records)."""
+    target, obj = built
+    n = 20_000
+    job = runs.Job(runs.Row("f_push", "ring", "uprobe"), n, _cpu(), _cpu())
+    cell = runs.ubpf_run("intarget", obj, target, job, tmp_path)
+    assert cell.ok, f"{cell.error} (command: {cell.command})"
+    assert cell.hits_entry == n and cell.ring_drops == 0
+    assert cell.faults is not None and cell.faults < 50, cell.faults
+
+
 def test_kernel_counts_every_call(built: tuple[Path, Path], tmp_path: Path) -> None:
     from ubpf_py.obj.elf import load_object
 

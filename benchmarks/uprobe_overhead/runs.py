@@ -125,6 +125,9 @@ class Cell:
     #: CPU ns per call (the calling threads' CPU time / calls) of the baseline and the probed run
     baseline_cpu_ns: float | None = None
     probed_cpu_ns: float | None = None
+    #: page faults the probed run's calling threads took while timed (the highest over repetitions):
+    #: memory a probe touches for the first time on a hit (say, ring buffer pages) shows here
+    faults: int | None = None
     #: probed - baseline CPU ns per call, median over repetitions: the probe's cost in CPU time,
     #: which time other work held the CPU does not inflate (threads contending for a cache line
     #: spend more CPU time per call; threads waiting for a CPU do not)
@@ -197,6 +200,7 @@ def _store_result(cell: Cell, res: dict[str, Any], baseline: bool) -> None:
         cell.calls_per_s = float(res.get("calls_per_s") or 0) or None
         cell.cpu_share = cpu_share(res)
         cell.probed_cpu_ns = _cpu_per_call(res)
+        cell.faults = res.get("faults")
 
 
 def baseline_run(target: Path, job: Job, cell: Cell, tmp: Path) -> None:
@@ -437,6 +441,8 @@ def combine(cells: list[Cell]) -> Cell:
         out.baseline_cpu_ns = statistics.median(b for b, _ in cpu)
         out.probed_cpu_ns = statistics.median(p for _, p in cpu)
         out.cpu_overhead_ns = statistics.median(p - b for b, p in cpu)
+    faults = [c.faults for c in cells if c.faults is not None]
+    out.faults = max(faults) if faults else None
     out.shares = [c.cpu_share for c in cells if c.cpu_share is not None]
     out.cpu_share = statistics.median(out.shares) if out.shares else None
     out.ring_drops = max(c.ring_drops for c in cells)

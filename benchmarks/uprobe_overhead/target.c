@@ -20,6 +20,8 @@
 //   calls_per_s calls / ns_total: the throughput the threads got together
 //   ns_per_call the mean over threads of (that thread's time / N): what one call cost
 //               its caller, comparable with the single-thread figure
+//   faults      page faults the calling threads took in their loops (a probe's first touch of
+//               memory, e.g. ring buffer pages, shows here)
 //   cpu_ns_total the CPU time the calling threads got in their loops together
 //               (CLOCK_THREAD_CPUTIME_ID): cpu_ns_total / (ns_total x min(T, CPUs)) is the
 //               share of the CPUs the run got, which tells a run slowed by other work on
@@ -33,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 
 long g_zero = 0;
@@ -94,7 +97,14 @@ static long long cpu_ns(void) { return clock_ns(CLOCK_THREAD_CPUTIME_ID); }
 struct loop_out {
 	long sum;
 	long long t0, t1, cpu;
+	long faults;     /* page faults this thread took in its loop */
 };
+
+static long thread_faults(void)
+{
+	struct rusage ru;
+	return getrusage(RUSAGE_THREAD, &ru) ? 0 : ru.ru_minflt + ru.ru_majflt;
+}
 
 static __attribute__((noinline)) void timed_loop(long (*fn)(long, const char *), long n, struct loop_out *o)
 {
@@ -105,10 +115,12 @@ static __attribute__((noinline)) void timed_loop(long (*fn)(long, const char *),
 	long sum = 0;
 	/* the CPU-time reads (system calls) inside the wall-clock bounds: cpu <= wall */
 	o->t0 = now_ns();
+	long f0 = thread_faults();
 	long long c0 = cpu_ns();
 	for (long i = 0; i < n; i++)
 		sum += f(i, buf);
 	o->cpu = cpu_ns() - c0;
+	o->faults = thread_faults() - f0;
 	o->t1 = now_ns();
 	o->sum = sum;
 }
@@ -150,7 +162,7 @@ static void *work(void *arg)
 
 /* T threads calling fn n times each, concurrently; returns 0 or an errno */
 static int run_threads(long (*fn)(long, const char *), long n, int threads,
-		       long long *wall, double *per_call, long long *cpu, long *sum)
+		       long long *wall, double *per_call, long long *cpu, long *faults, long *sum)
 {
 	struct worker *w = calloc((size_t)threads, sizeof(*w));
 	if (!w)
@@ -175,6 +187,7 @@ static int run_threads(long (*fn)(long, const char *), long n, int threads,
 	double per = 0;
 	*sum = 0;
 	*cpu = 0;
+	*faults = 0;
 	for (int i = 0; i < threads; i++) {
 		pthread_join(w[i].tid, NULL);
 		struct loop_out *o = &w[i].out;
@@ -185,6 +198,7 @@ static int run_threads(long (*fn)(long, const char *), long n, int threads,
 		per += n ? (double)(o->t1 - o->t0) / n : 0.0;
 		*sum += o->sum;
 		*cpu += o->cpu;
+		*faults += o->faults;
 	}
 	*wall = last - first;
 	*per_call = per / threads;
@@ -232,10 +246,10 @@ int main(int argc, char **argv)
 	}
 	long long wall, cpu;
 	double per_call;
-	long sum;
+	long sum, faults;
 	int nthreads = threads ? threads : 1;
 	if (threads) {
-		int err = run_threads(fn, n, threads, &wall, &per_call, &cpu, &sum);
+		int err = run_threads(fn, n, threads, &wall, &per_call, &cpu, &faults, &sum);
 		if (err) {
 			fprintf(stderr, "cannot start %d threads: %s\n", threads, strerror(err));
 			return 1;
@@ -246,12 +260,13 @@ int main(int argc, char **argv)
 		sum = o.sum;
 		wall = o.t1 - o.t0;
 		cpu = o.cpu;
+		faults = o.faults;
 		per_call = n ? (double)wall / n : 0.0;
 	}
 	long calls = n * nthreads;
 	fprintf(out, "{\"func\": \"%s\", \"n\": %ld, \"threads\": %d, \"calls\": %ld, \"ns_total\": %lld, "
-		"\"ns_per_call\": %.3f, \"calls_per_s\": %.1f, \"cpu_ns_total\": %lld, \"checksum\": %ld}\n",
-		argv[1], n, nthreads, calls, wall, per_call, wall > 0 ? calls * 1e9 / (double)wall : 0.0, cpu, sum);
+		"\"ns_per_call\": %.3f, \"calls_per_s\": %.1f, \"cpu_ns_total\": %lld, \"faults\": %ld, \"checksum\": %ld}\n",
+		argv[1], n, nthreads, calls, wall, per_call, wall > 0 ? calls * 1e9 / (double)wall : 0.0, cpu, faults, sum);
 	if (out != stdout)
 		fclose(out);
 	return 0;
