@@ -208,3 +208,12 @@ def test_same_vs_diff_names_the_worst_row_with_its_spread_and_judges_medians() -
     assert v.verdict == "missed"          # 96 > 82 x 1.1 + 5 = 95.2: the medians decide, not the spread
     doc["rows"][0]["cells"][1]["overhead_ns"] = 95.0
     assert goals.evaluate(doc)[-2].verdict == "met"
+
+
+def test_scaling_is_the_median_of_per_round_ratios() -> None:
+    """Round 2 ran under load (every thread count slow): paired per round, it cancels out; the
+    ratio of the medians (1.5 / 1.0 here) would not."""
+    one = {"calls_per_s": 1.0, "tputs": [1.0, 0.5, 1.0]}
+    two = {"calls_per_s": 1.5, "tputs": [1.9, 0.95, 1.5]}
+    assert goals.speedup(two, one) == 1.9
+    assert goals.speedup({"calls_per_s": 1.5}, one) == 1.5      # no rounds kept: medians

@@ -8,6 +8,7 @@ with the failure named, and cells not run make it "not measured".
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +111,16 @@ def thread_series(doc: dict[str, Any], engine: str, placement: str = "threads") 
             if c["engine"] == engine and c.get("placement", "threads") == placement}
 
 
+def speedup(c: dict[str, Any], one: dict[str, Any]) -> float:
+    """T-thread calls/s over 1-thread calls/s: the median of the per-round ratios when both cells
+    kept their rounds (a round runs every thread count back to back, so its ratio compares runs
+    made under the same load), else the ratio of the medians."""
+    a, b = c.get("tputs") or [], one.get("tputs") or []
+    if a and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b, strict=True))
+    return c["calls_per_s"] / one["calls_per_s"]
+
+
 def _scaling_parts(series: dict[int, dict[str, Any]], cpus: int) -> tuple[list[str], str]:
     """("T: x" per thread count, verdict) of one series against its 1-thread throughput."""
     one = series.get(1)
@@ -126,7 +137,7 @@ def _scaling_parts(series: dict[int, dict[str, Any]], cpus: int) -> tuple[list[s
             parts.append(f"{t}: FAILED")
             verdict = "missed (failed run)"
             continue
-        x = c["calls_per_s"] / one["calls_per_s"]
+        x = speedup(c, one)
         share = f" (CPU share {c['cpu_share']:.2f})" if c.get("cpu_share") is not None else ""
         parts.append(f"{t}: {x:.2f}x{share}")
         if x < SCALING_SHARE * min(t, cpus) and verdict == "met":
