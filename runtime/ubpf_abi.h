@@ -166,33 +166,33 @@ _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, hz) == 120, "ubpf_
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, jiffies_base) == 128, "ubpf_runtime_header.jiffies_base");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, tid_fs_off) == 136, "ubpf_runtime_header.tid_fs_off");
 
-/* one per probe, in the arena */
+/* one per probe, in the arena, on cache lines of its own */
 struct ubpf_probe_block {
 	uint64_t func_ip;  /* address of the probed instruction (bpf_get_func_ip, pt_regs ip of entry probes) */
 	uint64_t cookie;  /* attach cookie (bpf_get_attach_cookie) */
 	uint64_t entry;  /* program entry address; 0: no program (the trampoline only counts) */
 	uint64_t enabled;  /* 0: the trampoline skips the program (detach in progress) */
-	uint64_t hits;  /* programs run (atomic add) when ``pcpu_hits`` is 0 */
-	uint64_t missed;  /* hits skipped: the thread was already inside a program, or no thread slot */
 	uint64_t pcpu_hits;  /* address of (pcpu_mask + 1) cache lines whose first u64 counts the programs run on CPU (rdpid & pcpu_mask): threads on different CPUs never share the counter's line; 0: count in ``hits`` (no rdpid) */
 	uint64_t flags;  /* PB_F_* */
-	uint64_t probe_id;  /* the tracer's id for this probe */
-	uint64_t ns;  /* nanoseconds spent in the program when timing is on */
 	uint64_t pcpu_mask;  /* lines of ``pcpu_hits`` - 1 (a power of two minus one) */
+	uint64_t probe_id;  /* the tracer's id for this probe */
+	uint64_t hits;  /* programs run (atomic add) when ``pcpu_hits`` is 0 */
+	uint64_t missed;  /* hits skipped: the thread was already inside a program, or no thread slot */
+	uint64_t ns;  /* nanoseconds spent in the program when timing is on */
 	uint64_t reserved[5];
-} __attribute__((aligned(8)));
+} __attribute__((aligned(64)));
 _Static_assert(sizeof(struct ubpf_probe_block) == 128, "ubpf_probe_block size");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, func_ip) == 0, "ubpf_probe_block.func_ip");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, cookie) == 8, "ubpf_probe_block.cookie");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, entry) == 16, "ubpf_probe_block.entry");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, enabled) == 24, "ubpf_probe_block.enabled");
-_Static_assert(__builtin_offsetof(struct ubpf_probe_block, hits) == 32, "ubpf_probe_block.hits");
-_Static_assert(__builtin_offsetof(struct ubpf_probe_block, missed) == 40, "ubpf_probe_block.missed");
-_Static_assert(__builtin_offsetof(struct ubpf_probe_block, pcpu_hits) == 48, "ubpf_probe_block.pcpu_hits");
-_Static_assert(__builtin_offsetof(struct ubpf_probe_block, flags) == 56, "ubpf_probe_block.flags");
-_Static_assert(__builtin_offsetof(struct ubpf_probe_block, probe_id) == 64, "ubpf_probe_block.probe_id");
-_Static_assert(__builtin_offsetof(struct ubpf_probe_block, ns) == 72, "ubpf_probe_block.ns");
-_Static_assert(__builtin_offsetof(struct ubpf_probe_block, pcpu_mask) == 80, "ubpf_probe_block.pcpu_mask");
+_Static_assert(__builtin_offsetof(struct ubpf_probe_block, pcpu_hits) == 32, "ubpf_probe_block.pcpu_hits");
+_Static_assert(__builtin_offsetof(struct ubpf_probe_block, flags) == 40, "ubpf_probe_block.flags");
+_Static_assert(__builtin_offsetof(struct ubpf_probe_block, pcpu_mask) == 48, "ubpf_probe_block.pcpu_mask");
+_Static_assert(__builtin_offsetof(struct ubpf_probe_block, probe_id) == 56, "ubpf_probe_block.probe_id");
+_Static_assert(__builtin_offsetof(struct ubpf_probe_block, hits) == 64, "ubpf_probe_block.hits");
+_Static_assert(__builtin_offsetof(struct ubpf_probe_block, missed) == 72, "ubpf_probe_block.missed");
+_Static_assert(__builtin_offsetof(struct ubpf_probe_block, ns) == 80, "ubpf_probe_block.ns");
 _Static_assert(__builtin_offsetof(struct ubpf_probe_block, reserved) == 88, "ubpf_probe_block.reserved");
 
 struct ubpf_shadow_entry {
@@ -236,15 +236,15 @@ _Static_assert(__builtin_offsetof(struct ubpf_thread_block, sig_saved_mask) == 8
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, sig_delivering) == 88, "ubpf_thread_block.sig_delivering");
 _Static_assert(__builtin_offsetof(struct ubpf_thread_block, shadow) == 96, "ubpf_thread_block.shadow");
 
-/* one per patched site, in the arena; its entry trampoline runs every probe listed here */
+/* one per patched site, in the arena, on cache lines of its own (read on every hit of the site); its entry trampoline runs every probe listed here */
 struct ubpf_site {
 	uint64_t addr;  /* the patched address: pt_regs ip of the site's entry probes */
 	uint64_t length;  /* bytes the patch covers; the relocated code resumes at addr + length */
 	uint64_t trampoline;  /* address of the site's entry trampoline */
 	uint64_t nprobes;  /* entries of ``probes`` in use: the tracer fills probes[n], then stores n + 1 */
 	uint64_t probes[8];  /* PROBE_BLOCK addresses, run in order (return probes: shadow push) */
-} __attribute__((aligned(8)));
-_Static_assert(sizeof(struct ubpf_site) == 96, "ubpf_site size");
+} __attribute__((aligned(64)));
+_Static_assert(sizeof(struct ubpf_site) == 128, "ubpf_site size");
 _Static_assert(__builtin_offsetof(struct ubpf_site, addr) == 0, "ubpf_site.addr");
 _Static_assert(__builtin_offsetof(struct ubpf_site, length) == 8, "ubpf_site.length");
 _Static_assert(__builtin_offsetof(struct ubpf_site, trampoline) == 16, "ubpf_site.trampoline");

@@ -23,7 +23,14 @@ import pytest
 from intarget_harness import Harness, build_lib, set_u64, u64
 
 from ubpf_py.abi.kernel import PT_REGS, USER_CS, USER_SS
-from ubpf_py.abi.runtime import PB_F_RETURN, PROBE_BLOCK, RUNTIME_HEADER, SHADOW_DEPTH, THREAD_BLOCK
+from ubpf_py.abi.runtime import (
+    CACHE_LINE,
+    PB_F_RETURN,
+    PROBE_BLOCK,
+    RUNTIME_HEADER,
+    SHADOW_DEPTH,
+    THREAD_BLOCK,
+)
 from ubpf_py.intarget.sites import SiteRefused, is_go_binary, plan_site, relocate
 from ubpf_py.intarget.trampoline import fsgsbase_available, patch_bytes, return_bug_offset, thread_slot_index
 
@@ -332,6 +339,49 @@ def test_disabled_probe_and_no_program(h):
     assert f(1, 2) == 5
     assert h.global_u64("prog_calls") == 0
     assert h.counter(site.probes[0], "hits") == 0 and h.counter(site.probes[1], "hits") == 1
+
+
+def _has_rdpid() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " rdpid" in line for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not _has_rdpid(), reason="needs 2 CPUs and rdpid")
+def test_per_cpu_hit_counters_are_a_cache_line_apart(h):
+    """With ``pcpu_hits`` set, a hit counts on the line of the CPU it runs on (rdpid & mask),
+    CACHE_LINE bytes apart: threads calling a probed function on two CPUs share no written line
+    (the multi-thread benchmark's scaling depends on it); the shared ``hits`` word stays 0."""
+    import threading
+
+    site = h.probe("asm_nop5", [("prog_count", 0)])
+    reset(h)
+    pb = site.probes[0]
+    lines = 4
+    counters = h._alloc(lines * CACHE_LINE)
+    set_u64(pb + PROBE_BLOCK.off("pcpu_mask"), lines - 1)
+    set_u64(pb + PROBE_BLOCK.off("pcpu_hits"), counters)
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    f = h.fn("asm_nop5", 2)
+    calls = {cpu: 5_000 + 1_000 * i for i, cpu in enumerate(cpus)}
+
+    def run(cpu: int) -> None:
+        os.sched_setaffinity(0, {cpu})       # this thread only
+        for i in range(calls[cpu]):
+            f(i, 1)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in cpus]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    want = [0] * lines
+    for cpu in cpus:
+        want[cpu & (lines - 1)] += calls[cpu]
+    assert [u64(counters + i * CACHE_LINE) for i in range(lines)] == want
+    assert h.counter(pb, "hits") == 0 and h.global_u64("prog_calls") == sum(calls.values())
 
 
 def test_eight_threads_exact(h):

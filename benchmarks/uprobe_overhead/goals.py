@@ -8,6 +8,7 @@ with the failure named, and cells not run make it "not measured".
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,14 @@ def _ns(c: dict[str, Any] | None) -> str:
     return "FAILED" if c["error"] else f"{c['overhead_ns']:.0f}"
 
 
+def _with_spread(c: dict[str, Any] | None) -> str:
+    """"median [min-max]" ns added of a cell (just the median when it has one repetition)."""
+    text = _ns(c)
+    if c and not c["error"] and c.get("overhead_min") is not None and c["overhead_min"] != c["overhead_max"]:
+        text += f" [{c['overhead_min']:.0f}-{c['overhead_max']:.0f}]"
+    return text
+
+
 def _ns_goal(goal: NsGoal, rows: dict[str, dict[str, Any]]) -> list[Verdict]:
     out = []
     for label in goal.rows:
@@ -89,8 +98,9 @@ def _same_vs_diff(doc: dict[str, Any]) -> Verdict:
         return Verdict(goal, "every row", "-", "not measured")
     slower = [(lbl, s, d) for lbl, s, d in pairs if d > s * mult + add]
     worst = max(pairs, key=lambda p: p[2] - p[1])
+    row = next(r for r in doc["rows"] if r["label"] == worst[0])
     measured = (f"{len(pairs) - len(slower)} of {len(pairs)} rows; largest diff - same: "
-                f"{worst[0]} ({worst[1]:.0f} / {worst[2]:.0f})")
+                f"{worst[0]} ({_with_spread(_cell(row, 'same'))} / {_with_spread(_cell(row, 'diff'))})")
     return Verdict(goal, "every row with both placements", measured, "missed" if slower else "met")
 
 
@@ -99,6 +109,16 @@ def thread_series(doc: dict[str, Any], engine: str, placement: str = "threads") 
     per-CPU counter program; "threads-shared": the shared atomic counter)."""
     return {c["threads"]: c for c in doc.get("threads", {}).get("cells", [])
             if c["engine"] == engine and c.get("placement", "threads") == placement}
+
+
+def speedup(c: dict[str, Any], one: dict[str, Any]) -> float:
+    """T-thread calls/s over 1-thread calls/s: the median of the per-round ratios when both cells
+    kept their rounds (a round runs every thread count back to back, so its ratio compares runs
+    made under the same load), else the ratio of the medians."""
+    a, b = c.get("tputs") or [], one.get("tputs") or []
+    if a and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b, strict=True))
+    return c["calls_per_s"] / one["calls_per_s"]
 
 
 def _scaling_parts(series: dict[int, dict[str, Any]], cpus: int) -> tuple[list[str], str]:
@@ -117,8 +137,9 @@ def _scaling_parts(series: dict[int, dict[str, Any]], cpus: int) -> tuple[list[s
             parts.append(f"{t}: FAILED")
             verdict = "missed (failed run)"
             continue
-        x = c["calls_per_s"] / one["calls_per_s"]
-        parts.append(f"{t}: {x:.2f}x")
+        x = speedup(c, one)
+        share = f" (CPU share {c['cpu_share']:.2f})" if c.get("cpu_share") is not None else ""
+        parts.append(f"{t}: {x:.2f}x{share}")
         if x < SCALING_SHARE * min(t, cpus) and verdict == "met":
             verdict = "missed"
     return parts, verdict

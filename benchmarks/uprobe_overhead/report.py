@@ -73,6 +73,15 @@ def _fmt(cell: dict[str, Any] | None) -> str:
     return f"{cell['overhead_ns']:.0f}"
 
 
+def _spread(cell: dict[str, Any] | None) -> str:
+    """"min-max (CPU share)" of a cell's repetitions: how far apart its runs were, and whether
+    the timed target got its CPU (a share well below 1: other work ran there meanwhile)."""
+    if not cell or cell["error"] or cell.get("overhead_min") is None:
+        return "n/a"
+    text = f"{cell['overhead_min']:.0f}-{cell['overhead_max']:.0f}"
+    return text + (f" ({cell['cpu_share']:.2f})" if cell.get("cpu_share") is not None else "")
+
+
 def _ratio(a: dict[str, Any] | None, k: dict[str, Any] | None) -> str:
     if not a or not k or a["error"] or k["error"] or not k["overhead_ns"] or k["overhead_ns"] <= 0:
         return "n/a"
@@ -103,7 +112,9 @@ def _engines(doc: dict[str, Any]) -> list[str]:
 def _overhead_tables(doc: dict[str, Any]) -> list[str]:
     engines = _engines(doc)
     ratios = [e for e in ("intarget", "jit") if e in engines and "kernel" in engines]
+    spread = ["intarget"] if "intarget" in engines else []
     head = (["function", "program", "probe", "baseline ns"] + [SHORT_NAMES[e] for e in engines]
+            + [f"{SHORT_NAMES[e]} min-max (CPU share)" for e in spread]
             + [f"{SHORT_NAMES[e]}/kernel" for e in ratios])
     lines: list[str] = []
     for placement, title in PLACEMENTS.items():
@@ -114,6 +125,7 @@ def _overhead_tables(doc: dict[str, Any]) -> list[str]:
             base = next((c["baseline_ns"] for c in cells.values() if c.get("baseline_ns") is not None), None)
             vals = [r["func"], r["program"], r["mode"], f"{base:.1f}" if base is not None else "n/a"]
             vals += [_fmt(cells.get(e)) for e in engines]
+            vals += [_spread(cells.get(e)) for e in spread]
             vals += [_ratio(cells.get(e), cells.get("kernel")) for e in ratios]
             lines.append("| " + " | ".join(vals) + " |")
         lines.append("")
@@ -125,15 +137,24 @@ def _threads_table(doc: dict[str, Any]) -> list[str]:
     if not th.get("cells"):
         return []
     rows = th.get("rows") or {"threads": th["row"]}
+    n_k = doc.get("n_threads", doc["n_kernel"])
+    n_i = doc.get("n_threads_intarget", n_k)
     lines = ["## Threads calling the probed function together", "",
-             f"Each thread calls the function {doc.get('n_threads', doc['n_kernel'])} times; hits checked = threads x N. "
+             f"Each thread calls the function N = {n_k} (kernel) / {n_i} (in-target) times; hits checked = "
+             f"threads x N; median of {doc.get('repeat_threads', doc['repeat'])} rounds, each round running "
+             "every thread count once. "
              "calls/s = all threads' probed calls / wall time; ns added = mean per-thread ns per call, "
              "probed - unprobed. Threads are not pinned; with more threads than CPUs a thread's time "
              "includes the time it waited for a CPU, so ns added grows with threads / CPUs and calls/s "
              "is the figure to compare. The per-CPU counter program (pcount) measures the probe: the "
              "threads write no common line. The shared counter program (count) adds one atomic "
              "increment of one shared word per call, which bounces that line between CPUs whoever runs "
-             "the program.", ""]
+             "the program. min-max = the lowest and highest in-target calls/s of the rounds; CPU share = "
+             "the threads' CPU time / (wall time x min(threads, CPUs)), median of the rounds: below 1, "
+             "other work (or the tracer) held a CPU the threads could have used. CPU ns added = the threads' "
+             "CPU time per call, probed - unprobed (median): waiting for a CPU does not count there, "
+             "contending for a cache line does, so it stays flat with threads when they share no "
+             "written line.", ""]
 
     def tput(c: dict[str, Any] | None) -> str:
         if not c or c["error"]:
@@ -146,16 +167,32 @@ def _threads_table(doc: dict[str, Any]) -> list[str]:
         if not k and not i:
             continue
         lines += [f"### {row['label']}", "",
-                  "| threads | kernel calls/s | in-target calls/s | in-target/kernel calls/s | kernel ns added "
-                  "| in-target ns added |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| threads | kernel calls/s | in-target calls/s | in-target min-max calls/s | in-target CPU share "
+                  "| in-target/kernel calls/s | kernel ns added | in-target ns added | in-target CPU ns added |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for t in th["counts"]:
             kc, ic = k.get(t), i.get(t)
             ok = kc and ic and not kc["error"] and not ic["error"] and kc.get("calls_per_s")
             ratio = f"{ic['calls_per_s'] / kc['calls_per_s']:.2f}x" if ok else "n/a"  # type: ignore[index]
-            lines.append(f"| {t} | {tput(kc)} | {tput(ic)} | {ratio} | {_fmt(kc)} | {_fmt(ic)} |")
+            lines.append(f"| {t} | {tput(kc)} | {tput(ic)} | {_tput_spread(ic)} | {_share(ic)} | {ratio} "
+                         f"| {_fmt(kc)} | {_fmt(ic)} | {_cpu_added(ic)} |")
         lines.append("")
     return lines
+
+
+def _tput_spread(c: dict[str, Any] | None) -> str:
+    """Lowest-highest calls/s of a thread cell's rounds (from its (baseline, probed) ns samples)."""
+    if not c or c["error"] or not c.get("tputs"):
+        return "n/a"
+    return f"{min(c['tputs']):,.0f}-{max(c['tputs']):,.0f}"
+
+
+def _cpu_added(c: dict[str, Any] | None) -> str:
+    return "n/a" if not c or c["error"] or c.get("cpu_overhead_ns") is None else f"{c['cpu_overhead_ns']:.0f}"
+
+
+def _share(c: dict[str, Any] | None) -> str:
+    return "n/a" if not c or c["error"] or c.get("cpu_share") is None else f"{c['cpu_share']:.2f}"
 
 
 def _goals_table(doc: dict[str, Any]) -> list[str]:
@@ -175,10 +212,14 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{m['virtualized']}), kernel {m['kernel']}, Python {m['python']}.",
         _load_line(doc),
         "",
-        f"N = {doc['n_kernel']} calls per kernel and in-target run, {doc['n_ubpf']} per ptrace JIT/interp "
-        f"run{' (quick mode)' if doc['quick'] else ''}; median of {doc['repeat']} (kernel, in-target) / "
-        f"{doc.get('repeat_ubpf', 1)} (ptrace JIT, interp) baseline+probed pair(s) per cell; "
-        f"total time {doc['elapsed_s']} s.",
+        f"N = {doc['n_kernel']} calls per kernel run, {doc.get('n_intarget', doc['n_kernel'])} per in-target "
+        f"run, {doc['n_ubpf']} per ptrace JIT/interp run{' (quick mode)' if doc['quick'] else ''}; median of "
+        f"{doc['repeat']} (in-target) / {doc.get('repeat_kernel', doc['repeat'])} (kernel) / "
+        f"{doc.get('repeat_ubpf', 1)} (ptrace JIT, interp) baseline+probed "
+        "pair(s) per cell, the repetitions interleaved: each round runs both CPU placements once. "
+        "In-target min-max = the lowest and highest ns added of a cell's repetitions; CPU share = the "
+        "probed run's CPU time / its wall time (median): below 1, other work ran on the target's CPU "
+        f"while it was timed. Total time {doc['elapsed_s']} s.",
         "",
         "Cells: ns added per call of the probed function = probed run - unprobed baseline run "
         "just before it (same CPUs). 'both' = entry + return probe on the same call. "

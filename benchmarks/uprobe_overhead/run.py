@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +56,27 @@ NOT_RUN = ("not available", "skipped")
 
 @dataclass
 class Plan:
+    """What to run.  Calls per run differ by engine so that every timed loop lasts long enough
+    (tens of ms or more) for a timer tick, a page fault or one preemption not to decide it: a
+    kernel uprobe costs about 1 us per call, an in-target probe tens of ns."""
+
     rows: list[Row]
     placements: list[str]
     n_kernel: int
+    n_intarget: int
     n_ubpf: int
     engines: list[str]
     threads: list[int]
-    n_threads: int
+    n_threads_kernel: int
+    n_threads_intarget: int
     cells: dict[str, list[Cell]] = field(default_factory=dict)
     thread_cells: list[Cell] = field(default_factory=list)
 
     def n_for(self, engine: str) -> int:
-        return self.n_kernel if engine in runs.FAST_ENGINES else self.n_ubpf
+        return {"kernel": self.n_kernel, "intarget": self.n_intarget}.get(engine, self.n_ubpf)
+
+    def n_threads_for(self, engine: str) -> int:
+        return self.n_threads_kernel if engine == "kernel" else self.n_threads_intarget
 
 
 def plan_rows(quick: bool) -> list[Row]:
@@ -102,11 +110,18 @@ def wait_for_quiet(max_load: float, max_wait_s: float) -> dict[str, Any]:
 
 
 class Runner:
-    """Runs the cells of a plan; knows which engines are available and why not."""
+    """Runs the cells of a plan; knows which engines are available and why not.
 
-    def __init__(self, plan: Plan, target: Path, obj: Path, tmp: Path, repeat: int, repeat_ubpf: int) -> None:
+    Repetitions are interleaved: each round runs every placement (rows) or thread count
+    (multi-thread section) once, so a change in the machine's load during the run falls on
+    every column alike instead of on whichever ran last; a cell then combines its rounds
+    (medians, with the spread kept)."""
+
+    def __init__(self, plan: Plan, target: Path, obj: Path, tmp: Path, repeats: dict[str, int],
+                 repeat_threads: int) -> None:
         self.plan, self.target, self.obj, self.tmp = plan, target, obj, tmp
-        self.repeat, self.repeat_ubpf = repeat, repeat_ubpf
+        #: pairs per cell by engine
+        self.repeats, self.repeat_threads = repeats, repeat_threads
         self.spec: Any = None
         self.unavailable: dict[str, str | None] = {}
         if "kernel" in plan.engines:
@@ -129,42 +144,74 @@ class Runner:
                 reason = f"cannot load {self.obj.name}: {exc}"
         return reason
 
-    def cell(self, engine: str, job: Job, placement: str) -> Cell:
-        why = self.unavailable.get(engine)
-        if why:
-            cell = Cell(engine, placement, job.n, threads=job.threads, error=f"not available: {why}")
-        elif engine == "kernel":
-            cell = runs.repeated(partial(runs.kernel_run, self.spec, self.target, job, self.tmp), self.repeat)
-        else:
-            reps = self.repeat if engine in runs.FAST_ENGINES else self.repeat_ubpf
-            cell = runs.repeated(partial(runs.ubpf_run, engine, self.obj, self.target, job, self.tmp), reps)
-        cell.placement = placement
-        return cell
+    def reps_for(self, engine: str) -> int:
+        return self.repeats.get(engine, 1)
+
+    def one(self, engine: str, job: Job) -> Cell:
+        """One baseline + probed pair."""
+        if engine == "kernel":
+            return runs.kernel_run(self.spec, self.target, job, self.tmp)
+        return runs.ubpf_run(engine, self.obj, self.target, job, self.tmp)
+
+    def _interleaved(self, jobs: dict[tuple[str, Any], Job], reps: dict[str, int]) -> dict[tuple[str, Any], Cell]:
+        """Run every (engine, key) job ``reps[engine]`` times, one round of all jobs after
+        another; a job stops repeating at its first failure.  -> combined cells."""
+        done: dict[tuple[str, Any], list[Cell]] = {k: [] for k in jobs}
+        for rnd in range(max(reps.values(), default=0)):
+            for (engine, key), job in jobs.items():
+                got = done[(engine, key)]
+                if rnd < reps[engine] and (not got or got[-1].ok):
+                    got.append(self.one(engine, job))
+        return {k: runs.combine(v) for k, v in done.items() if v}
 
     def run_rows(self, quick: bool) -> None:
         plan = self.plan
         for r_i, row in enumerate(plan.rows):
-            cells: list[Cell] = []
+            fixed: dict[tuple[str, str], Cell] = {}
+            jobs: dict[tuple[str, Any], Job] = {}
             for placement in plan.placements:
                 cpus = cpus_for(placement)
                 for engine in plan.engines:
                     n = plan.n_for(engine)
-                    if quick and placement == "diff" and r_i > 0:
-                        cell = Cell(engine, placement, n, error=SKIPPED_QUICK)
+                    why = self.unavailable.get(engine)
+                    if why:
+                        fixed[(engine, placement)] = Cell(engine, placement, n, error=f"not available: {why}")
+                    elif quick and placement == "diff" and r_i > 0:
+                        fixed[(engine, placement)] = Cell(engine, placement, n, error=SKIPPED_QUICK)
                     elif cpus is None:
-                        cell = Cell(engine, placement, n, error="not available: needs 2 CPUs")
+                        fixed[(engine, placement)] = Cell(engine, placement, n, error="not available: needs 2 CPUs")
                     else:
-                        cell = self.cell(engine, Job(row, n, cpus[0], cpus[1]), placement)
+                        jobs[(engine, placement)] = Job(row, n, cpus[0], cpus[1])
+            ran = self._interleaved(jobs, {e: self.reps_for(e) for e in plan.engines})
+            cells: list[Cell] = []
+            for placement in plan.placements:
+                for engine in plan.engines:
+                    cell = fixed.get((engine, placement)) or ran[(engine, placement)]
+                    cell.placement = placement
                     cells.append(cell)
                     _progress(row.label, cell)
             plan.cells[row.label] = cells
 
     def run_threads(self) -> None:
+        plan = self.plan
+        engines = [e for e in THREAD_ENGINES if e in plan.engines]
         for placement, row in THREAD_PLACEMENTS.items():
-            for t in self.plan.threads:
-                for engine in (e for e in THREAD_ENGINES if e in self.plan.engines):
-                    cell = self.cell(engine, Job(row, self.plan.n_threads, threads=t), placement)
-                    self.plan.thread_cells.append(cell)
+            jobs: dict[tuple[str, Any], Job] = {}
+            fixed: dict[tuple[str, Any], Cell] = {}
+            for t in plan.threads:
+                for engine in engines:
+                    n = plan.n_threads_for(engine)
+                    why = self.unavailable.get(engine)
+                    if why:
+                        fixed[(engine, t)] = Cell(engine, placement, n, threads=t, error=f"not available: {why}")
+                    else:
+                        jobs[(engine, t)] = Job(row, n, threads=t)
+            ran = self._interleaved(jobs, {e: self.repeat_threads for e in engines})
+            for t in plan.threads:
+                for engine in engines:
+                    cell = fixed.get((engine, t)) or ran[(engine, t)]
+                    cell.placement = placement
+                    plan.thread_cells.append(cell)
                     _progress(f"{row.label} x{t} threads", cell)
 
 
@@ -174,17 +221,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="directory for results.{md,json} and the charts (default results/, "
                                   "--quick: results-quick/, so a quick run never overwrites the full one)")
     ap.add_argument("--build-dir", default=os.path.join(tempfile.gettempdir(), "ubpf-py-bench"))
-    ap.add_argument("--n", type=int, help="calls per kernel and in-target run (default 50000, quick 20000)")
+    ap.add_argument("--n", type=int, help="calls per kernel run (default 50000, quick 20000)")
+    ap.add_argument("--n-intarget", type=int,
+                    help="calls per in-target run (default 200000, quick 50000): an in-target call "
+                         "takes tens of ns, so a run needs this many to last several ms")
     ap.add_argument("--n-threads", type=int,
-                    help="calls per thread in the multi-thread runs (default 500000, quick 100000): an "
-                         "in-target call takes tens of ns, so each run must last tens of ms for a "
-                         "thread's start or one preemption not to decide its calls/s")
+                    help="calls per thread in the kernel's multi-thread runs (default 500000, quick 100000)")
+    ap.add_argument("--n-threads-intarget", type=int,
+                    help="calls per thread in the in-target multi-thread runs (default 2000000, quick "
+                         "200000): each run must last long enough (100 ms or more) for a thread's start "
+                         "or one preemption not to decide its calls/s")
     ap.add_argument("--n-ubpf", type=int, help="calls per ptrace JIT/interp run (default 3000, quick 2000)")
     ap.add_argument("--engines", default=",".join(runs.ENGINES), help="subset of " + ",".join(runs.ENGINES))
     ap.add_argument("--threads", default="1,2,4,8",
                     help="thread counts of the multi-thread section ('' to skip it)")
     ap.add_argument("--repeat", type=int,
-                    help="baseline+probed pairs per kernel/in-target cell, median kept (default 3, quick 1)")
+                    help="baseline+probed pairs per in-target cell, median kept, rounds interleaved "
+                         "over the two CPU placements (default 5, quick 1)")
+    ap.add_argument("--repeat-kernel", type=int,
+                    help="baseline+probed pairs per kernel cell (default 3, quick 1)")
+    ap.add_argument("--repeat-threads", type=int,
+                    help="rounds of the multi-thread section, each running every thread count once "
+                         "(default 5, quick 1)")
     ap.add_argument("--repeat-ubpf", type=int, default=1,
                     help="pairs per ptrace JIT/interp cell (default 1: each run costs seconds)")
     ap.add_argument("--wait-load", type=float, metavar="LOAD",
@@ -203,9 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--threads takes comma-separated counts such as 1,2,4,8, not {args.threads!r}")
     plan = Plan(plan_rows(args.quick), ["same", "diff"],
                 args.n or (20_000 if args.quick else 50_000),
+                args.n_intarget or (50_000 if args.quick else 200_000),
                 args.n_ubpf or (2_000 if args.quick else 3_000), engines, threads,
-                args.n_threads or (100_000 if args.quick else 500_000))
-    repeat = args.repeat or (1 if args.quick else 3)
+                args.n_threads or (100_000 if args.quick else 500_000),
+                args.n_threads_intarget or (200_000 if args.quick else 2_000_000))
+    repeat = args.repeat or (1 if args.quick else 5)
+    repeat_kernel = args.repeat_kernel or (1 if args.quick else 3)
+    repeats = {"kernel": repeat_kernel, "intarget": repeat, "jit": args.repeat_ubpf, "interp": args.repeat_ubpf}
+    repeat_threads = args.repeat_threads or (1 if args.quick else 5)
     out = Path(args.out or HERE / ("results-quick" if args.quick else "results"))
     target, obj = runs.build(Path(args.build_dir))
     quiet = wait_for_quiet(args.wait_load, args.wait_max) if args.wait_load is not None else None
@@ -213,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
 
     with tempfile.TemporaryDirectory(prefix="ubpf-bench-") as tmpd:
-        runner = Runner(plan, target, obj, Path(tmpd), repeat, args.repeat_ubpf)
+        runner = Runner(plan, target, obj, Path(tmpd), repeats, repeat_threads)
         runner.run_rows(args.quick)
         runner.run_threads()
 
@@ -222,8 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "uprobe_overhead", "quick": args.quick, "elapsed_s": round(elapsed, 1),
         "machine": {**report.machine_info(), "load_avg_start": load_start}, "quiet_wait": quiet,
-        "repeat": repeat, "repeat_ubpf": args.repeat_ubpf,
-        "n_kernel": plan.n_kernel, "n_ubpf": plan.n_ubpf, "n_threads": plan.n_threads, "engines": engines,
+        "repeat": repeat, "repeat_kernel": repeat_kernel, "repeat_ubpf": args.repeat_ubpf,
+        "repeat_threads": repeat_threads,
+        "n_kernel": plan.n_kernel, "n_intarget": plan.n_intarget, "n_ubpf": plan.n_ubpf,
+        "n_threads": plan.n_threads_kernel, "n_threads_intarget": plan.n_threads_intarget, "engines": engines,
         "unavailable": {k: v for k, v in runner.unavailable.items() if v},
         "rows": [{**asdict(r), "label": r.label, "cells": [asdict(c) for c in plan.cells[r.label]]}
                  for r in plan.rows],

@@ -25,7 +25,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,9 @@ EXPECTED_PATH = {"intarget": "in-target", "jit": "ptrace", "interp": "ptrace"}
 ENGINES = ["kernel", "intarget", "jit", "interp"]
 #: engines cheap enough per hit for the kernel's N and repeat count
 FAST_ENGINES = ("kernel", "intarget")
+#: CPUs this process may use: a run's CPU share is its threads' CPU time over wall time x
+#: min(threads, CPUs)
+USABLE_CPUS = len(os.sched_getaffinity(0))
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,10 @@ class Cell:
     ring_drops: int = 0
     records: int = 0
     wall_s: float = 0.0
-    #: 1-minute load average when the cell started
+    #: 1-minute load average when the cell started (combined cells: the highest of its runs)
     load1: float | None = None
+    #: the 1-minute load average at the start of every repetition
+    loads: list[float] = field(default_factory=list)
     #: "program:path (reason)" of every attached probe (ubpf-run engines)
     paths: list[str] = field(default_factory=list)
     #: the ubpf-run command line, to reproduce a failure
@@ -107,6 +111,27 @@ class Cell:
     error: str | None = None
     #: (baseline, probed) ns per call of every repetition; the cell reports medians
     samples: list[tuple[float, float]] = field(default_factory=list)
+    #: lowest and highest (probed - baseline) over the repetitions: the cell's spread
+    overhead_min: float | None = None
+    overhead_max: float | None = None
+    #: share of the CPUs the probed run's calling threads got (their CPU time / (wall time x
+    #: min(threads, CPUs))), median over repetitions: near 1 on a quiet machine; lower means
+    #: other work (or the tracer) took CPU time from the target while it was timed
+    cpu_share: float | None = None
+    #: every repetition's ``cpu_share``
+    shares: list[float] = field(default_factory=list)
+    #: every repetition's probed calls/s (multi-thread cells)
+    tputs: list[float] = field(default_factory=list)
+    #: CPU ns per call (the calling threads' CPU time / calls) of the baseline and the probed run
+    baseline_cpu_ns: float | None = None
+    probed_cpu_ns: float | None = None
+    #: page faults the probed run's calling threads took while timed (the highest over repetitions):
+    #: memory a probe touches for the first time on a hit (say, ring buffer pages) shows here
+    faults: int | None = None
+    #: probed - baseline CPU ns per call, median over repetitions: the probe's cost in CPU time,
+    #: which time other work held the CPU does not inflate (threads contending for a cache line
+    #: spend more CPU time per call; threads waiting for a CPU do not)
+    cpu_overhead_ns: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -152,13 +177,30 @@ def _read_result(path: Path) -> dict[str, Any]:
     return json.loads(text.splitlines()[-1])
 
 
+def cpu_share(res: dict[str, Any]) -> float | None:
+    """The share of the CPUs a target run's calling threads got while timed (see Cell.cpu_share)."""
+    wall, cpu = res.get("ns_total"), res.get("cpu_ns_total")
+    if not wall or cpu is None:
+        return None
+    return round(float(cpu) / (float(wall) * min(int(res.get("threads") or 1), USABLE_CPUS)), 3)
+
+
+def _cpu_per_call(res: dict[str, Any]) -> float | None:
+    calls, cpu = res.get("calls"), res.get("cpu_ns_total")
+    return float(cpu) / float(calls) if calls and cpu is not None else None
+
+
 def _store_result(cell: Cell, res: dict[str, Any], baseline: bool) -> None:
     if baseline:
+        cell.baseline_cpu_ns = _cpu_per_call(res)
         cell.baseline_ns = float(res["ns_per_call"])
         cell.baseline_calls_per_s = float(res.get("calls_per_s") or 0) or None
     else:
         cell.probed_ns = float(res["ns_per_call"])
         cell.calls_per_s = float(res.get("calls_per_s") or 0) or None
+        cell.cpu_share = cpu_share(res)
+        cell.probed_cpu_ns = _cpu_per_call(res)
+        cell.faults = res.get("faults")
 
 
 def baseline_run(target: Path, job: Job, cell: Cell, tmp: Path) -> None:
@@ -375,25 +417,36 @@ def ubpf_run(engine: str, obj: Path, target: Path, job: Job, tmp: Path) -> Cell:
     return cell
 
 
-def repeated(fn: Callable[[], Cell], repeat: int) -> Cell:
-    """Run ``fn() -> Cell`` ``repeat`` times (each a baseline + probed pair) and keep the
-    medians; the first failing repetition makes the cell fail."""
-    cells = []
-    for _ in range(repeat):
-        c = fn()
-        if not c.ok:
-            return c
-        cells.append(c)
+def combine(cells: list[Cell]) -> Cell:
+    """One cell from repetitions of the same measurement (each a baseline + probed pair): the
+    medians, with the spread of the overhead and every run's CPU share kept; a failed
+    repetition makes the cell that failure."""
+    failed = next((c for c in cells if not c.ok), None)
+    if failed is not None:
+        return failed
     out = cells[0]
-    out.samples = [(c.baseline_ns, c.probed_ns) for c in cells]
+    out.samples = [(c.baseline_ns, c.probed_ns) for c in cells]  # type: ignore[misc]
     out.baseline_ns = statistics.median(b for b, _ in out.samples)
     out.probed_ns = statistics.median(p for _, p in out.samples)
-    out.overhead_ns = statistics.median(p - b for b, p in out.samples)
-    tput = [c.calls_per_s for c in cells if c.calls_per_s]
-    out.calls_per_s = statistics.median(tput) if tput else None
+    added = [p - b for b, p in out.samples]
+    out.overhead_ns = statistics.median(added)
+    out.overhead_min, out.overhead_max = min(added), max(added)
+    out.tputs = [c.calls_per_s for c in cells if c.calls_per_s]
+    out.calls_per_s = statistics.median(out.tputs) if out.tputs else None
     base_tput = [c.baseline_calls_per_s for c in cells if c.baseline_calls_per_s]
     out.baseline_calls_per_s = statistics.median(base_tput) if base_tput else None
+    cpu = [(c.baseline_cpu_ns, c.probed_cpu_ns) for c in cells
+           if c.baseline_cpu_ns is not None and c.probed_cpu_ns is not None]
+    if cpu:
+        out.baseline_cpu_ns = statistics.median(b for b, _ in cpu)
+        out.probed_cpu_ns = statistics.median(p for _, p in cpu)
+        out.cpu_overhead_ns = statistics.median(p - b for b, p in cpu)
+    faults = [c.faults for c in cells if c.faults is not None]
+    out.faults = max(faults) if faults else None
+    out.shares = [c.cpu_share for c in cells if c.cpu_share is not None]
+    out.cpu_share = statistics.median(out.shares) if out.shares else None
     out.ring_drops = max(c.ring_drops for c in cells)
     out.wall_s = sum(c.wall_s for c in cells)
-    out.load1 = max(c.load1 or 0.0 for c in cells)
+    out.loads = [c.load1 for c in cells if c.load1 is not None]
+    out.load1 = max(out.loads) if out.loads else None
     return out

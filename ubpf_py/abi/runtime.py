@@ -60,21 +60,28 @@ PB_F_RETURN = 1        # a return probe: the entry trampoline replaces the retur
 PB_F_AT_ENTRY = 2      # the probed instruction is the function's first: [rsp] is the return address
 
 PROBE_BLOCK = Layout("ubpf_probe_block", [
+    # line 0: read by the trampoline on every hit, from every CPU; written by the tracer only
     u64("func_ip", "address of the probed instruction (bpf_get_func_ip, pt_regs ip of entry probes)"),
     u64("cookie", "attach cookie (bpf_get_attach_cookie)"),
     u64("entry", "program entry address; 0: no program (the trampoline only counts)"),
     u64("enabled", "0: the trampoline skips the program (detach in progress)"),
-    u64("hits", "programs run (atomic add) when ``pcpu_hits`` is 0"),
-    u64("missed", "hits skipped: the thread was already inside a program, or no thread slot"),
     u64("pcpu_hits", "address of (pcpu_mask + 1) cache lines whose first u64 counts the programs "
         "run on CPU (rdpid & pcpu_mask): threads on different CPUs never share the counter's line; "
         "0: count in ``hits`` (no rdpid)"),
     u64("flags", "PB_F_*"),
-    u64("probe_id", "the tracer's id for this probe"),
-    u64("ns", "nanoseconds spent in the program when timing is on"),
     u64("pcpu_mask", "lines of ``pcpu_hits`` - 1 (a power of two minus one)"),
+    u64("probe_id", "the tracer's id for this probe"),
+    # line 1: counters hits write (atomic adds); on a line of their own, so a counted hit never
+    # takes away from the other CPUs the line they read on every hit
+    u64("hits", "programs run (atomic add) when ``pcpu_hits`` is 0"),
+    u64("missed", "hits skipped: the thread was already inside a program, or no thread slot"),
+    u64("ns", "nanoseconds spent in the program when timing is on"),
     u64s("reserved", 5),
-], doc="one per probe, in the arena")
+], doc="one per probe, in the arena, on cache lines of its own", align=64)
+
+#: PROBE_BLOCK fields the trampolines read on every hit, and those hits write: never on one line
+PROBE_BLOCK_READ_PER_HIT = ("func_ip", "cookie", "entry", "enabled", "pcpu_hits", "flags", "pcpu_mask")
+PROBE_BLOCK_WRITTEN_PER_HIT = ("hits", "missed", "ns")
 
 SHADOW_ENTRY = Layout("ubpf_shadow_entry", [
     u64("ret_addr", "the return address the entry trampoline replaced"),
@@ -124,7 +131,8 @@ SITE = Layout("ubpf_site", [
     u64("trampoline", "address of the site's entry trampoline"),
     u64("nprobes", "entries of ``probes`` in use: the tracer fills probes[n], then stores n + 1"),
     u64s("probes", SITE_MAX_PROBES, "PROBE_BLOCK addresses, run in order (return probes: shadow push)"),
-], doc="one per patched site, in the arena; its entry trampoline runs every probe listed here")
+], doc="one per patched site, in the arena, on cache lines of its own (read on every hit of the site); "
+       "its entry trampoline runs every probe listed here", align=64)
 
 #: the facts block of a native program run from the tracer's C stop loop (native/hotloop.c fills it,
 #: the JIT reads it as its runtime block's slots SLOT_CPU.., Python paths fill it with ``pack_into``)

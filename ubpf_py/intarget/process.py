@@ -145,6 +145,9 @@ class InTargetEngine:
             S.install_image(mapper, proc.mem, tid, self.plan, self.code, ret, st.rt)
             S.write_header(proc.mem, self.plan, proc.tgid, self.printk_ring,
                            [t.tid for t in proc.threads.values() if t.stopped])
+            # the maps are all allocated by now: their storage faults in here, not on hits (the
+            # kernel's maps are allocated up front too)
+            mapper.populate(tid, self.arena.addr, self.arena.used)
         except (UbpfError, OSError, ValueError, struct.error) as e:
             st.failed = f"in-target runtime unavailable in pid {proc.tgid}: {e}"
             with contextlib.suppress(UbpfError, OSError):
