@@ -22,6 +22,9 @@ MAP_NORESERVE = 0x4000
 MAP_FIXED_NOREPLACE = 0x100000
 SYS_OPEN, SYS_CLOSE, SYS_MMAP, SYS_MUNMAP, SYS_MEMFD_CREATE = 2, 3, 9, 11, 319
 SYS_RT_SIGPROCMASK = 14
+SYS_MADVISE = 28
+#: madvise: a fork child gets this range zero-filled (Linux 4.14+)
+MADV_WIPEONFORK = 18
 SIG_BLOCK, SIG_SETMASK = 0, 2
 MFD_CLOEXEC = 1
 #: auxiliary vector: AT_HWCAP2 and its bit saying user space may use rdfsbase/wrfsbase

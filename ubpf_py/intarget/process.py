@@ -286,7 +286,8 @@ class InTargetEngine:
         pst = self.procs.get(parent.tgid)
         if pst is None:
             return
-        rt = S.ProcRuntime(child_tgid, pst.rt.private, pst.rt.arena, pst.rt.image, dict(pst.rt.pages))
+        rt = S.ProcRuntime(child_tgid, pst.rt.private, pst.rt.arena, pst.rt.image, dict(pst.rt.pages),
+                           pst.rt.wipe_on_fork)
         cst = ProcState(rt, {a: SiteState(s.addr, s.orig, s.tramp, s.block, list(s.probes), s.plan, s.tramp_size,
                                           set(s.probe_ids), s.patch)
                              for a, s in pst.sites.items()},
@@ -297,6 +298,7 @@ class InTargetEngine:
                 self.on_patch(child_tgid, s.addr, s.orig, s.patch)
         if rt.private:
             S.fix_forked_header(child_mem, self.plan, child_tgid)
+            S.open_gate(child_mem, self.plan)     # wiped by the fork: this child's programs run
 
     def clean_fork_child(self, parent, child_mem: P.ProcMem, forking_fs_base: int) -> None:
         """A fork child that is not followed: original bytes at every site, original return
