@@ -335,11 +335,15 @@ class ProbeSession:
                 wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
                 old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
                 tr.nl.set_wakeup_fd(wake_r)
+                # the in-target dlopen notification (runtime/dlnotify.c) wakes the loop with SIGURG
+                old[signal.SIGURG] = signal.signal(signal.SIGURG, lambda _s, _f: None)
+                tr.wakeup_ready = True
             if duration is not None:
                 signal.setitimer(signal.ITIMER_REAL, max(duration, 1e-3))
         t0 = time.monotonic()
 
         def restore() -> None:
+            tr.wakeup_ready = False
             self._run_s += time.monotonic() - t0
             self._restore_signals(main, old, duration)
             if wake_r >= 0:
