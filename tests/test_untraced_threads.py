@@ -190,3 +190,27 @@ def test_detach_puts_back_untraced_threads(built):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (attach to a non-child)")
 def test_tracer_sigkill_with_untraced_threads(built):
     _spin(built, "kill")
+
+
+def test_exec_by_an_untraced_thread_ends_cleanly(built):
+    """Known gap: an exec by a thread we do not trace is not reported to the tracer (the kernel
+    releases the traced leader without a stop; seizing the exec'ing thread meanwhile deadlocks on
+    the exec's cred_guard_mutex), so the new image runs without probes.  What must hold: the
+    target runs to its end and the tracer ends cleanly with the old image's counts."""
+    w = workdir()
+    gate, tids, out = w / "gate", w / "tids", w / "out.jsonl"
+    exe = str(built / "dyn")
+    p = cli(str(built / "it.bpf.o"), *_progs(built, {"e0": f"{exe}:work"}), "-f", "json", "-o", str(out), "--",
+            exe, "exec", str(CALLS), str(gate), str(tids))
+    try:
+        wait_for(lambda: attached(out, 1), "the attach", p)
+        gate.touch()
+        so, se = p.communicate(timeout=TIMEOUT)
+    finally:
+        kill_pid(p)
+    try:
+        assert p.returncode == 0 and so == "ok\n", se[-3000:]
+        assert len(tids.read_text().splitlines()) == 2
+        assert _counts(_events(out))[0] == CALLS        # the exec'd image's calls are not seen
+    finally:
+        shutil.rmtree(w, ignore_errors=True)

@@ -7,6 +7,8 @@
  *                                        and calls lib_work CALLS times
  *   spin NTHREADS GATE STOP              after GATE: threads call work/fact and sleep in nap
  *                                        until STOP exists; prints "ok" (or "BAD")
+ *   exec CALLS GATE OUT                  after GATE: a new thread calls work CALLS times, then
+ *                                        execs this binary as "late 2 CALLS GATE OUT"
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -163,8 +165,27 @@ static int spin(int n, const char *gate, const char *stop)
 	return bad != 0;
 }
 
+static const char *exec_argv[7];
+
+static void *exec_thread(void *p)
+{
+	(void)p;
+	loop(atol(exec_argv[3]));
+	execv("/proc/self/exe", (char **)exec_argv);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
+	if (argc >= 5 && !strcmp(argv[1], "exec")) {
+		pthread_t t;
+		const char *a[7] = {argv[0], "late", "2", argv[2], argv[3], argv[4], 0};
+		memcpy(exec_argv, a, sizeof a);
+		wait_file(argv[3]);
+		pthread_create(&t, 0, exec_thread, 0);
+		pthread_join(t, 0);
+		return 9;                 /* not reached: the exec replaces the process */
+	}
 	if (argc >= 6 && !strcmp(argv[1], "late"))
 		return late(atoi(argv[2]), atol(argv[3]), argv[4], argv[5], argc > 6 ? argv[6] : 0);
 	if (argc >= 5 && !strcmp(argv[1], "spin"))
