@@ -57,8 +57,9 @@ TRACE_OPTIONS = (PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC | PTRACE_O_TRACEFORK
 
 #: the options of a process whose probes all run in the target (no int3 anywhere): threads it
 #: creates are not traced at all (no stop per new thread); fork/exec are still seen from the
-#: threads that are traced
-NOCLONE_OPTIONS = TRACE_OPTIONS & ~PTRACE_O_TRACECLONE
+#: threads that are traced, and the exit stop of the leader tells of an exec by an untraced
+#: thread (the kernel reports that exec to nobody: ``Tracer.on_leader_exit``)
+NOCLONE_OPTIONS = (TRACE_OPTIONS & ~PTRACE_O_TRACECLONE) | PTRACE_O_TRACEEXIT
 
 WALL = 0x40000000  # __WALL: wait for threads (clone children) too
 

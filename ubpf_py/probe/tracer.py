@@ -563,6 +563,31 @@ class Tracer:
             self.on_exec(th)
             self.resume(th)
             return
+        if ev == P.PTRACE_EVENT_EXIT and th.tid == th.proc.tgid and th.proc.no_clone:
+            self.on_leader_exit(th)
+            return
+        self.resume(th)
+
+    def on_leader_exit(self, th: Thread) -> None:
+        """The traced leader of a process with untraced threads is exiting: the group ends, or an
+        untraced thread execs (reported to nobody).  In the second case the new image is seized
+        and armed like any exec (``UntracedThreads.catch_exec``)."""
+        proc = th.proc
+        execing = self.untraced.exec_under_way(proc)
+        self.resume(th)
+        if not execing:
+            return
+        st = self.untraced.catch_exec(proc.tgid)
+        if st is None or (st & 0x7F) != 0x7F:
+            if st is not None:
+                self.thread_gone(th, st)
+            return
+        th.stopped = True
+        th.dead = False
+        if (st >> 16) == P.PTRACE_EVENT_EXEC:
+            self.on_event(th, (st >> 8) & 0xFF, P.PTRACE_EVENT_EXEC)
+            return
+        self.on_exec(th)            # seized just after the exec's own stop: the same work now
         self.resume(th)
 
     def _wait_initial_stop(self, pid: int) -> int | None:
@@ -648,6 +673,9 @@ class Tracer:
         leader = proc.threads.get(tgid) or self.add_thread(proc, tgid, stopped=True)
         leader.stopped = True
         leader.shadow = ShadowStack()
+        if proc.no_clone:           # the new image starts tracing every thread until armed again
+            P.set_options(tgid, P.TRACE_OPTIONS)
+            proc.no_clone = False
         for bp in proc.bps.values():
             bp.armed = False
         proc.bps.clear()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Callable
 
 from ubpf_py.probe import ptrace as P
@@ -106,3 +107,49 @@ class UntracedThreads:
             self.threads.pop(t.tid, None)
             t.proc.threads.pop(t.tid, None)
         self.on_change()
+
+    @staticmethod
+    def exec_under_way(proc: Proc) -> bool:
+        """At the traced leader's exit stop: is another thread of ``proc`` waiting in an exec for the
+        leader to go (state D in de_thread), rather than the group exiting?  Such an exec is
+        reported to nobody (the exec'ing thread is not traced)."""
+        for tid in P.list_threads(proc.tgid):
+            if tid == proc.tgid:
+                continue
+            try:
+                with open(f"/proc/{proc.tgid}/task/{tid}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] == b"D":
+                return True
+        return False
+
+    @staticmethod
+    def catch_exec(tgid: int, budget_s: float = 0.5) -> int | None:
+        """The leader of ``tgid`` was let go from its exit stop while an untraced thread execs:
+        seize the pid as soon as the exec'ing thread has taken it over (EPERM until then: the old
+        leader is still ours).  Attached before the exec finishes, the next stop is its
+        PTRACE_EVENT_EXEC; after, an interrupt stops it (the new image may have run a little).
+        Returns that stop's wait status, or None (no exec after all, or it could not be seized)."""
+        deadline = time.monotonic() + budget_s
+        while True:
+            try:
+                P.seize(tgid, P.TRACE_OPTIONS)
+                break
+            except P.PtraceError as e:
+                if e.errno == errno.ESRCH or time.monotonic() >= deadline:
+                    return None
+            time.sleep(0)
+        stop_by = time.monotonic() + 0.02
+        while True:
+            try:
+                pid, st = os.waitpid(tgid, P.WALL | os.WNOHANG)
+            except ChildProcessError:
+                return None
+            if pid:
+                return st
+            if stop_by and time.monotonic() >= stop_by:
+                P.interrupt(tgid)
+                stop_by = 0
+            time.sleep(0.0002)
