@@ -127,6 +127,56 @@ def _size(maps_line: str) -> int:
     return hi - lo
 
 
+SLOW_PROG = """
+#include <linux/bpf.h>
+#include <linux/ptrace.h>
+#include <bpf/bpf_helpers.h>
+char LICENSE[] SEC("license") = "GPL";
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 2); __type(key, __u32); __type(value, __u64); } counts SEC(".maps");
+static __always_inline void bump(__u32 i)
+{
+	__u64 *v = bpf_map_lookup_elem(&counts, &i);
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+SEC("uprobe") int e0(struct pt_regs *ctx) { bump(0); return 0; }
+/* a helper the in-target runtime lacks: this program takes the ptrace path (an int3) */
+SEC("uprobe") int slow(struct pt_regs *ctx)
+{
+	struct bpf_pidns_info ns = {};
+	bpf_get_ns_current_pid_tgid(0, 0, &ns, sizeof(ns));
+	bump(1);
+	return 0;
+}
+"""
+
+
+def test_late_library_with_a_ptrace_probe_traces_every_thread_again(built):
+    """An untraced thread dlopens a library whose probe needs an int3: before it is armed, every
+    untraced thread is seized for good (an int3 would kill an untraced thread); the probe then
+    counts every call and nobody dies of SIGTRAP."""
+    w = workdir()
+    prog = compile_bpf(SLOW_PROG, w, "slow")
+    gate, tids, out = w / "gate", w / "tids", w / "out.jsonl"
+    exe, lib = str(built / "dyn"), str(built / "libit.so")
+    p = cli(str(prog), *_progs(built, {"e0": f"{exe}:work", "slow": f"{lib}:lib_work"}), "-f", "json", "-o",
+            str(out), "--", exe, "late", str(THREADS), str(CALLS), str(gate), str(tids), lib)
+    try:
+        wait_for(lambda: attached(out, 2), "the attach", p)
+        gate.touch()
+        so, se = p.communicate(timeout=TIMEOUT)
+    finally:
+        kill_pid(p)
+    try:
+        assert p.returncode == 0 and so == "ok\n", se[-3000:]
+        ev = _events(out)
+        assert {e["program"]: e["path"] for e in ev if e.get("event") == "attached"} == \
+            {"e0": "in-target", "slow": "ptrace"}
+        assert _counts(ev) == {0: THREADS * CALLS, 1: CALLS}
+    finally:
+        shutil.rmtree(w, ignore_errors=True)
+
+
 def _spin(d: Path, stop_how: str) -> None:
     """``spin``: attach (--pid), then the target starts 4 threads calling work/fact and sleeping in
     nap (return-probed: mostly blocked there with the return address replaced).  ``stop_how``:

@@ -180,7 +180,8 @@ class Tracer:
             self.settle_clone_tracing()
         finally:
             self.untraced.release(seized)
-            for t in running:
+            # those kept (the process went back to tracing every thread) run on like the others
+            for t in running + [t for t in seized if not t.temp]:
                 if t.stopped and t.tid in self.threads:
                     sig, t.pending_sig = t.pending_sig, 0
                     self.resume(t, sig)

@@ -64,7 +64,8 @@ class UntracedThreads:
         if want == proc.no_clone:
             return
         if not want:
-            for t in self.seize_untraced(proc):       # kept for good: they may meet an int3 now
+            self.seize_untraced(proc)
+            for t in proc.threads.values():          # kept for good: they may meet an int3 now
                 t.temp = False
         opts = P.NOCLONE_OPTIONS if want else P.TRACE_OPTIONS
         for t in list(proc.threads.values()):
