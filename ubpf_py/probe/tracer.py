@@ -189,6 +189,10 @@ class Tracer:
     def detach(self) -> None:
         """Stop every thread and put the target back exactly as it was (``Restorer.detach``);
         threads we do not trace are seized first, so each one is put back too."""
+        eng = self.intarget
+        req = eng.dl_pending() if eng is not None else 0
+        if req:     # a thread waiting in ubpf_dl_notify returns at once (it is stepped out of our code)
+            eng.dl_answer(req)
         for proc in list(self.procs.values()):
             if proc.no_clone and proc.exit_status is None:
                 self.restorer.stop_all()
