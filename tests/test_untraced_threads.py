@@ -19,11 +19,13 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from bpf_build import compile_bpf
+from cli_util import NOBODY
 from test_intarget_e2e import TIMEOUT, _events, attached, cli, file_text, kill_pid, patched, wait_for, workdir
 
 from ubpf_py.intarget import runtime_obj
@@ -40,15 +42,18 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("untraced")
+def built():
+    d = Path(tempfile.mkdtemp(prefix="ubpf-untraced-"))
     late = str(SRC / "untraced" / "late.c")
     subprocess.run(["gcc", "-O2", "-pthread", "-o", str(d / "dyn"), late, "-ldl"], check=True)
     subprocess.run(["gcc", "-O2", "-static", "-pthread", "-DNO_DLOPEN", "-o", str(d / "static"), late], check=True)
     subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(d / "libit.so"), str(SRC / "intarget" / "libit.c")],
                    check=True)
     compile_bpf((SRC / "intarget" / "it.bpf.c").read_text(), d, "it")
-    return d
+    for p in [d, *d.iterdir()]:
+        p.chmod(0o755)                        # uid 65534 runs them
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _progs(d: Path, progs: dict[str, str]) -> list[str]:
@@ -266,4 +271,35 @@ def test_exec_by_an_untraced_thread_is_followed(built):
         # CALLS before the exec, 2 x CALLS by the new image's threads (its fork child: none)
         assert _counts(_events(out))[0] == 3 * CALLS
     finally:
+        shutil.rmtree(w, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (trace another user's process)")
+def test_dlopen_notification_in_another_users_process(built):
+    """The target may not signal a tracer of another user (its SIGURG fails with EPERM): the
+    tracer's own watcher of the request word wakes it, and the library is armed in time."""
+    w = workdir()
+    gate, tids, out = w / "gate", w / "tids", w / "out.jsonl"
+    exe, lib = str(built / "dyn"), str(built / "libit.so")
+    target = subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                               exe, "late", "4", str(CALLS), str(gate), str(tids), lib],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: Path(f"/proc/{target.pid}/exe").resolve() == Path(exe), "the target's exec")
+        p = cli(str(built / "it.bpf.o"), *_progs(built, {"e0": f"{exe}:work", "e1": f"{lib}:lib_work"}), "-f", "json",
+                "-o", str(out), "--pid", str(target.pid))
+        try:
+            wait_for(lambda: attached(out, 2), "the attach", p)
+            gate.touch()
+            tso, tse = target.communicate(timeout=TIMEOUT)
+            p.send_signal(signal.SIGINT)
+            _, se = p.communicate(timeout=TIMEOUT)
+        finally:
+            kill_pid(p)
+        assert target.returncode == 0 and tso == "ok\n", tse[-2000:]
+        assert p.returncode == 0, se[-3000:]
+        counts = _counts(_events(out))
+        assert (counts[0], counts[1]) == (4 * CALLS, CALLS)
+    finally:
+        kill_pid(target)
         shutil.rmtree(w, ignore_errors=True)

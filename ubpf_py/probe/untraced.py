@@ -19,8 +19,11 @@ costs, not needed otherwise).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -154,3 +157,31 @@ class UntracedThreads:
                 P.interrupt(tgid)
                 stop_by = 0
             time.sleep(0.0002)
+
+
+class DlWaker:
+    """Wakes the tracing (main) thread with SIGURG when a thread of the target waits in
+    ``ubpf_dl_notify``.  The target sends SIGURG to the tracer itself, but only where it may
+    signal it (same user, or root): a root tracer of another user's process is never woken that
+    way, so this thread watches the shared request word every ``every`` seconds as well."""
+
+    def __init__(self, tracer, every: float = 0.005) -> None:
+        self.tracer = tracer
+        self.every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ubpf-dl-waker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        main = threading.main_thread().ident
+        while not self._stop.wait(self.every):
+            eng = self.tracer.intarget
+            if eng is not None and eng.dl_words is not None and eng.dl_pending():
+                with contextlib.suppress(OSError, ValueError):
+                    signal.pthread_kill(main, signal.SIGURG)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
