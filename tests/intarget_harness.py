@@ -25,6 +25,7 @@ from ubpf_py.abi.runtime import (
     THREAD_BLOCK,
 )
 from ubpf_py.intarget.sites import SitePlan, plan_site
+from ubpf_py.intarget.space import GATE_OFFSET
 from ubpf_py.intarget.trampoline import (
     build_entry_trampoline,
     build_return_trampoline,
@@ -106,7 +107,9 @@ class Harness:
         lo = (self.base + text_lo) & ~(PAGE - 1)
         hi = (self.base + text_hi + PAGE - 1) & ~(PAGE - 1)
         assert _libc.mprotect(lo, hi - lo, PROT_RWX) == 0
-        self.arena = mmap(1 << 20)
+        # the header's page and, GATE_OFFSET further on, the gate (open); untouched pages cost nothing
+        self.arena = mmap(GATE_OFFSET + PAGE)
+        set_u64(self.arena + GATE_OFFSET, 1)
         self.table = mmap(self.slots * self.slot_size)
         self.code = self._near_code_page(1 << 20)
         self.code_used = 0

@@ -32,6 +32,7 @@ from ubpf_py.abi.runtime import (
     THREAD_BLOCK,
 )
 from ubpf_py.intarget.sites import SiteRefused, is_go_binary, plan_site, relocate
+from ubpf_py.intarget.space import GATE_OFFSET
 from ubpf_py.intarget.trampoline import fsgsbase_available, patch_bytes, return_bug_offset, thread_slot_index
 
 pytestmark = [pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc"),
@@ -382,6 +383,21 @@ def test_per_cpu_hit_counters_are_a_cache_line_apart(h):
         want[cpu & (lines - 1)] += calls[cpu]
     assert [u64(counters + i * CACHE_LINE) for i in range(lines)] == want
     assert h.counter(pb, "hits") == 0 and h.global_u64("prog_calls") == sum(calls.values())
+
+
+def test_closed_gate_runs_and_counts_nothing(h):
+    """A fork child sees the gate word zero (its page is MADV_WIPEONFORK): entry and return
+    probes run no program and count nothing (the arena is the parent's), results unchanged."""
+    site = h.probe("c_rec", [("prog_count", 0), ("prog_count", PB_F_RETURN)])
+    reset(h)
+    set_u64(h.arena + GATE_OFFSET, 0)
+    try:
+        assert h.fn("c_rec")(20) == 210
+    finally:
+        set_u64(h.arena + GATE_OFFSET, 1)
+    assert h.global_u64("prog_calls") == 0
+    assert [h.counter(pb, k) for pb in site.probes for k in ("hits", "missed")] == [0, 0, 0, 0]
+    assert h.fn("c_rec")(20) == 210 and h.global_u64("prog_calls") == 42
 
 
 def test_eight_threads_exact(h):

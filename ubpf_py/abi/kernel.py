@@ -25,6 +25,8 @@ SYS_RT_SIGPROCMASK = 14
 SYS_MADVISE = 28
 #: madvise: fault a range in writable now (Linux 5.14; older kernels answer EINVAL)
 MADV_POPULATE_WRITE = 23
+#: madvise: a fork child gets this range zero-filled (Linux 4.14+)
+MADV_WIPEONFORK = 18
 SIG_BLOCK, SIG_SETMASK = 0, 2
 MFD_CLOEXEC = 1
 #: auxiliary vector: AT_HWCAP2 and its bit saying user space may use rdfsbase/wrfsbase

@@ -19,6 +19,7 @@ image (``Probe.target_entry``) that the live layer linked there.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import struct
@@ -96,6 +97,9 @@ class InTargetEngine:
         #: called with (tgid, address, original bytes, patch bytes) before a site is patched
         #: (the guardian's record, so a killed tracer's sites can be put back)
         self.on_patch = None
+        #: the image's ``ubpf_dl_notify`` (0: none) and its request/answer words in the arena
+        self.dl_notify = 0
+        self.dl_words: ArenaBuffer | None = None
 
     # ------------------------------------------------------------------ set-up
     @classmethod
@@ -194,11 +198,17 @@ class InTargetEngine:
         plan = plan_site(reader, start, end, addr, shadow_stack=shstk, pad_end=pad_end)
         self._check_threads(proc, addr, plan.length)
         pb = self._probe_block(probe, addr, addr == start)
+        self._patch_site(proc, st, plan, pb, probe.id, red_zone=not go)
+        return None
+
+    def _patch_site(self, proc, st: ProcState, plan, pb, probe_id: int, red_zone: bool = True) -> None:
+        """Give ``plan``'s site a SITE block holding ``pb`` and a trampoline, then write its jump."""
+        addr = plan.site
         block = self.arena.alloc(SITE.size, 64)
         tramp = self._tramp_space(proc, st, addr)
         code = TR.build_entry_trampoline(plan, tramp, runtime_header=self.plan.header_addr,
                                          site_block=block.addr, return_trampoline=self.plan.ret_tramp_addr,
-                                         red_zone=not go)
+                                         red_zone=red_zone)
         if len(code) > TRAMP_PAGE // 4:
             raise SiteRefused("trampoline too large")
         self._commit_tramp(st, tramp, len(code))
@@ -211,8 +221,51 @@ class InTargetEngine:
         if self.on_patch is not None:     # the guardian learns it before it happens
             self.on_patch(proc.tgid, addr, orig, patch)
         write_code(proc.mem, addr, patch)
-        st.sites[addr] = SiteState(addr, orig, tramp, block, [pb.addr], plan, len(code), {probe.id}, patch)
+        st.sites[addr] = SiteState(addr, orig, tramp, block, [pb.addr], plan, len(code), {probe_id}, patch)
+
+    # ------------------------------------------------------------------ the dynamic linker
+    def arm_dl_watch(self, proc, addr: int, size: int) -> str | None:
+        """Patch the dynamic linker's ``_dl_debug_state`` (at ``addr``, ``size`` bytes) with a jump whose
+        "program" is the runtime's ``ubpf_dl_notify`` (runtime/dlnotify.c): dlopen/dlclose then tell
+        the tracer without an int3.  Returns None when patched, else why not (keep the int3).
+        Its jump may cover the alignment padding up to the next 16-byte boundary (the function
+        is a lone ``ret``), never more."""
+        if not self.dl_notify:
+            return "the in-target image has no dynamic-linker notification"
+        try:
+            st = self._ready(proc)
+            if addr in st.sites:
+                return None
+            end = addr + size
+            plan = plan_site(_reader(proc.mem), addr, end, addr, shadow_stack=_shadow_stack_enabled(proc.tgid),
+                             pad_end=(end + 15) & ~15)
+            self._check_threads(proc, addr, plan.length)
+            if self.dl_words is None:
+                self.dl_words = self.arena.alloc(CACHE_LINE, CACHE_LINE)
+            pb = self.arena.alloc(PROBE_BLOCK.size, 64)
+            w = pb.view.cast("Q")
+            w[PROBE_BLOCK.word("func_ip")] = addr
+            w[PROBE_BLOCK.word("cookie")] = self.dl_words.addr
+            w[PROBE_BLOCK.word("entry")] = self.dl_notify
+            w[PROBE_BLOCK.word("flags")] = PB_F_AT_ENTRY
+            w[PROBE_BLOCK.word("enabled")] = 1
+            self._patch_site(proc, st, plan, pb, -1)
+        except (SiteRefused, ProbeError, UbpfError) as e:
+            return getattr(e, "reason", None) or str(e)
         return None
+
+    def dl_pending(self) -> int:
+        """Notifications not answered yet: the request count to answer with, or 0."""
+        if self.dl_words is None:
+            return 0
+        w = self.dl_words.view.cast("Q")
+        req = w[0]
+        return req if req != w[1] else 0
+
+    def dl_answer(self, req: int) -> None:
+        """Release the threads waiting in ``ubpf_dl_notify`` for notifications up to ``req``."""
+        self.dl_words.view.cast("Q")[1] = req
+        futex_wake(self.dl_words.addr + 8)
 
     def _probe_block(self, probe, addr: int, at_entry: bool):
         pb = self.arena.alloc(PROBE_BLOCK.size, 64)
@@ -289,7 +342,8 @@ class InTargetEngine:
         pst = self.procs.get(parent.tgid)
         if pst is None:
             return
-        rt = S.ProcRuntime(child_tgid, pst.rt.private, pst.rt.arena, pst.rt.image, dict(pst.rt.pages))
+        rt = S.ProcRuntime(child_tgid, pst.rt.private, pst.rt.arena, pst.rt.image, dict(pst.rt.pages),
+                           pst.rt.wipe_on_fork)
         cst = ProcState(rt, {a: SiteState(s.addr, s.orig, s.tramp, s.block, list(s.probes), s.plan, s.tramp_size,
                                           set(s.probe_ids), s.patch)
                              for a, s in pst.sites.items()},
@@ -300,6 +354,7 @@ class InTargetEngine:
                 self.on_patch(child_tgid, s.addr, s.orig, s.patch)
         if rt.private:
             S.fix_forked_header(child_mem, self.plan, child_tgid)
+            S.open_gate(child_mem, self.plan)     # wiped by the fork: this child's programs run
 
     def clean_fork_child(self, parent, child_mem: P.ProcMem, forking_fs_base: int) -> None:
         """A fork child that is not followed: original bytes at every site, original return
@@ -449,6 +504,17 @@ class InTargetEngine:
 
     def close(self) -> None:
         self.arena.close()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+SYS_FUTEX, FUTEX_WAKE = 202, 1
+
+
+def futex_wake(addr: int) -> None:
+    """FUTEX_WAKE every waiter on the shared word at ``addr`` (arena memory: the target's mapping of
+    the same file is the same futex)."""
+    _libc.syscall(ctypes.c_long(SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_long(FUTEX_WAKE),
+                  ctypes.c_long(0x7FFFFFFF), None, None, ctypes.c_long(0))
 
 
 def _shadow_stack_enabled(pid: int) -> bool:

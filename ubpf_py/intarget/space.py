@@ -6,7 +6,11 @@ every address stored in the shared arena (probe blocks, program entries) is vali
 
 * the **arena** (shared memfd, ``arena``): maps, probe blocks, the printk ring;
 * the **private area** (anonymous, read-write, copied by fork): one page holding this
-  process's ``RUNTIME_HEADER`` (its pid, vDSO addresses...), then the thread table;
+  process's ``RUNTIME_HEADER`` (its pid, vDSO addresses...), then the thread table, then the
+  **gate page** (``MADV_WIPEONFORK``): its first word is 1 while this process's programs may
+  run; a fork child -- also one the tracer never sees, forked by a thread it does not trace --
+  reads 0 there, so its trampolines run no program and count nothing in the shared arena
+  (shadow stacks stay intact: its pending returns still go back where they should);
 * the **image** (anonymous, read+exec): the linked runtime and programs, then the return
   trampoline.
 
@@ -20,8 +24,16 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from ubpf_py.abi.kernel import (
+    MADV_WIPEONFORK,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+    SYS_CLOSE,
+    SYS_MADVISE,
+    SYS_OPEN,
+)
 from ubpf_py.abi.kernel import PAGE_SIZE as PAGE
-from ubpf_py.abi.kernel import PROT_EXEC, PROT_READ, PROT_WRITE, SYS_CLOSE, SYS_OPEN
 from ubpf_py.abi.runtime import RT_F_FSGSBASE, RUNTIME_HEADER, RUNTIME_MAGIC, THREAD_BLOCK
 from ubpf_py.errors import ProbeError
 from ubpf_py.intarget import vdso
@@ -34,7 +46,9 @@ from ubpf_py.probe import ptrace as P
 #: handler the target runs there
 THREAD_SLOTS = 4096
 THREAD_SLOT_SIZE = 64 * 1024
-PRIVATE_SIZE = PAGE + THREAD_SLOTS * THREAD_SLOT_SIZE
+#: the gate page's offset from the header (the trampolines test ``[header + GATE_OFFSET]``)
+GATE_OFFSET = PAGE + THREAD_SLOTS * THREAD_SLOT_SIZE
+PRIVATE_SIZE = GATE_OFFSET + PAGE
 _M64 = (1 << 64) - 1
 #: arena: sparse, pages cost memory when touched
 DEFAULT_ARENA_SIZE = 1 << 30
@@ -76,6 +90,9 @@ class ProcRuntime:
     image: bool = False
     #: trampoline pages: address -> size
     pages: dict[int, int] = field(default_factory=dict)
+    #: the gate page is MADV_WIPEONFORK (False: an old kernel; a fork child copies an open gate,
+    #: so only forks the tracer sees -- traced threads -- are safe)
+    wipe_on_fork: bool = False
 
 
 def plan_space(pid: int, arena_size: int = DEFAULT_ARENA_SIZE) -> SpacePlan:
@@ -102,6 +119,14 @@ def reserve_image(plan: SpacePlan, pid: int, code_size: int) -> None:
 def install_private(mapper: TargetMapper, mem: P.ProcMem, tid: int, plan: SpacePlan, rt: ProcRuntime) -> None:
     mapper.map_fixed(tid, plan.private_addr, PRIVATE_SIZE, PROT_READ | PROT_WRITE)
     rt.private = True
+    gate = plan.header_addr + GATE_OFFSET
+    rt.wipe_on_fork = mapper.inj.syscall(tid, SYS_MADVISE, gate, PAGE, MADV_WIPEONFORK) == 0
+    open_gate(mem, plan)
+
+
+def open_gate(mem: P.ProcMem, plan: SpacePlan) -> None:
+    """Let this process's trampolines run programs (a new install, or a fork child we follow)."""
+    write_code(mem, plan.header_addr + GATE_OFFSET, struct.pack("<Q", 1))
 
 
 def create_arena(mapper: TargetMapper, mem: P.ProcMem, tid: int, plan: SpacePlan, rt: ProcRuntime) -> int:

@@ -10,6 +10,8 @@ never repeats a layout.
 
     lea rsp,[rsp-128]            skip the target's red zone; nothing is written above here
     pushfq; cld; push rax,rcx,rdx,rbx,rsi,rdi      56 bytes of the target's stack, all we use
+    [header + GATE_OFFSET] == 0   a fork child (the gate page is wiped on fork): no
+                                  program, no count, straight to the displaced code
     rdfsbase rdx                  the thread's key (FS base), no syscall
     hash + linear probing in RUNTIME_HEADER.thread_table, claiming a free slot
         with lock cmpxchg           (no slot: every probe's ``missed`` += 1, skip)
@@ -57,7 +59,8 @@ tasks it sees).
 **Return trampoline** (one per process): entered by the probed function's ``ret``.
 It finds the thread block, discards shadow entries whose frame is gone (their rsp
 is below the current one: longjmp or an exception unwound past them without
-returning), takes the entry whose rsp + 8 equals the current rsp, runs that probe's
+returning), takes the entry whose rsp + 8 equals the current rsp, puts its return address back,
+and (gate open: not a fork child) runs that probe's
 program with pt_regs.ip = the original return address and rsp = the current rsp
 (what the kernel's uretprobe reports), restores everything and continues with
 ``jmp [rsp-8]``: the slot that held the return address before the ``ret`` now holds
@@ -102,6 +105,7 @@ from ubpf_py.abi.runtime import (
 )
 from ubpf_py.errors import NotSupportedError
 from ubpf_py.intarget.sites import JMP_LEN, SitePlan, SiteRefused, relocate
+from ubpf_py.intarget.space import GATE_OFFSET
 
 #: multiplier of the thread-table hash (the asm and ``thread_slot_index`` share it)
 HASH_MUL = 0x9E3779B97F4A7C15
@@ -131,7 +135,8 @@ def _sets(red_zone: int) -> str:
               f".set SHADOW_DEPTH, {SHADOW_DEPTH}", f".set PB_F_RETURN, {PB_F_RETURN}",
               f".set SAVE_AREA, {SAVE_AREA}", f".set RED_ZONE, {red_zone}",
               f".set TARGET_USE, {red_zone + SAVE_AREA}", f".set LINE_SHIFT, {CACHE_LINE.bit_length() - 1}",
-              f".set SIG_SETMASK, {SIG_SETMASK}", f".set SYS_RT_SIGPROCMASK, {SYS_RT_SIGPROCMASK}"]
+              f".set SIG_SETMASK, {SIG_SETMASK}", f".set SYS_RT_SIGPROCMASK, {SYS_RT_SIGPROCMASK}",
+              f".set GATE_OFFSET, {GATE_OFFSET}"]
     return "\n".join(lines)
 
 
@@ -330,7 +335,10 @@ def _restore(p: str) -> str:
 
 
 def _entry_asm() -> str:
-    return _save("entry") + _lookup("entry", "entry_found", "entry_missed") + f"""
+    return _save("entry") + """
+    cmp qword ptr [rbx + GATE_OFFSET], 0
+    je entry_restore
+""" + _lookup("entry", "entry_found", "entry_missed") + f"""
 entry_found:
     cmp qword ptr [rdi + T_busy], 0
     jne entry_missed
@@ -432,6 +440,8 @@ ret_match:
     dec rax
     mov [rdi + T_shadow_depth], rax
     mov [rdx], rcx
+    cmp qword ptr [rbx + GATE_OFFSET], 0
+    je ret_restore
     cmp qword ptr [rdi + T_busy], 0
     jne ret_missed
     cmp qword ptr [rsi + P_enabled], 0

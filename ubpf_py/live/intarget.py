@@ -243,6 +243,7 @@ def prepare(session: Any, coll: Any, programs: list[str], *, verifier: str) -> I
     printk = plan.printk_ring
     base = session.load_in_target_image(link, size, printk_ring=printk.handle_addr if printk else 0)
     image = images[base]
+    session.tracer.intarget.dl_notify = image.symbols.get("ubpf_dl_notify", 0)   # dlopen without an int3
     for name, code in codes.items():
         plan.entries[name] = image.addr(code.entry)
     by_exe = {id(coll.programs[n].executable): n for n in codes}

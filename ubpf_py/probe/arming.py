@@ -60,12 +60,12 @@ class Armer:
                 n += 1
         return n
 
-    def arm_all(self, proc: Proc, intarget=None) -> None:
+    def arm_all(self, proc: Proc, intarget=None, dl_in_target: bool = False) -> None:
         """Arm every probe whose file is mapped in ``proc`` (after attach/exec/dlopen)."""
         maps = read_maps(proc.tgid)
         for probe in self.probes.values():
             self.arm_probe(proc, probe, maps, intarget)
-        self._arm_dl_watch(proc, maps)
+        self.arm_dl_watch(proc, maps, intarget if dl_in_target else None)
 
     def forget_unmapped(self, proc: Proc, unmapped: Callable[[int], bool], ret_log=None) -> None:
         """Forget breakpoints whose code was unmapped (dlclose): the bytes went with the mapping,
@@ -125,18 +125,42 @@ class Armer:
         self.on_change()
         return bp
 
-    def _arm_dl_watch(self, proc: Proc, maps) -> None:
-        """Breakpoint the dynamic linker's _dl_debug_state: called around every dlopen/dlclose."""
-        from ubpf_py.probe.symbols import resolve_function
+    def arm_dl_watch(self, proc: Proc, maps=None, intarget=None, ret_log=None) -> None:
+        """Watch the dynamic linker's _dl_debug_state (called around every dlopen/dlclose): with
+        ``intarget``, by a jump into the runtime's notification (``InTargetEngine.arm_dl_watch``;
+        an int3 armed there before is removed), else -- or when that is refused -- by an int3.
+        ``ret_log``: the guardian's record (a removed int3 leaves it)."""
+        from ubpf_py.probe.symbols import function_at, resolve_function
+        if maps is None:
+            maps = read_maps(proc.tgid)
         for path in {m.path for m in maps if m.is_file and is_dynamic_linker(m.path)}:
             if path not in self._dl_offsets:
                 try:
-                    self._dl_offsets[path] = resolve_function(path, "_dl_debug_state")
+                    off = resolve_function(path, "_dl_debug_state")
+                    sym = function_at(path, off)
+                    self._dl_offsets[path] = (off, sym.size if sym is not None and sym.file_offset == off else 0)
                 except Exception:
                     self._dl_offsets[path] = None
-            off = self._dl_offsets[path]
-            if off is None:
+            found = self._dl_offsets[path]
+            if found is None:
                 continue
+            off, size = found
             for addr in code_addresses(maps, path, off):
+                if intarget is not None and size:
+                    self._drop_int3(proc, addr, ret_log)      # the site is planned on the original bytes
+                    if intarget.arm_dl_watch(proc, addr, size) is None:
+                        continue
                 bp = self.breakpoint(proc, addr)
                 bp.internal = self.on_dl_state
+
+    def _drop_int3(self, proc: Proc, addr: int, ret_log) -> None:
+        """Put back the byte under our int3 at ``addr`` (no thread is stopped on it)."""
+        bp = proc.bps.pop(addr, None)
+        if bp is None:
+            return
+        if bp.armed and not proc.mem.write(addr, bp.orig[:1]):
+            raise ProbeError(f"cannot restore the byte at 0x{addr:x} in pid {proc.tgid}")
+        bp.armed = False
+        self.on_change()
+        if ret_log is not None:
+            ret_log.remove_bp(proc.tgid, addr)

@@ -31,6 +31,7 @@ from ubpf_py.probe import ptrace as P
 from ubpf_py.probe.breakpoints import Probe, check_offset
 from ubpf_py.probe.procs import Proc, new_proc
 from ubpf_py.probe.tracer import Tracer
+from ubpf_py.probe.untraced import DlWaker
 from ubpf_py.vm.env import HitContext
 from ubpf_py.vm.memory import HostBuffer
 
@@ -327,6 +328,7 @@ class ProbeSession:
 
         wake_r = wake_w = -1
         old_wakeup = -1
+        dl_waker = None
         if main:
             for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
                 old[s] = signal.signal(s, on_signal)
@@ -335,11 +337,20 @@ class ProbeSession:
                 wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
                 old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
                 tr.nl.set_wakeup_fd(wake_r)
+                # the in-target dlopen notification (runtime/dlnotify.c) wakes the loop with SIGURG
+                # (sent by the target, and by dl_waker where the target may not signal us)
+                old[signal.SIGURG] = signal.signal(signal.SIGURG, lambda _s, _f: None)
+                tr.wakeup_ready = True
+                dl_waker = DlWaker(tr)
+                dl_waker.start()
             if duration is not None:
                 signal.setitimer(signal.ITIMER_REAL, max(duration, 1e-3))
         t0 = time.monotonic()
 
         def restore() -> None:
+            tr.wakeup_ready = False
+            if dl_waker is not None:
+                dl_waker.stop()
             self._run_s += time.monotonic() - t0
             self._restore_signals(main, old, duration)
             if wake_r >= 0:

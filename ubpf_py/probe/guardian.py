@@ -201,7 +201,7 @@ def restore_after_tracer_death(log: GuardLog) -> int:
                     mem.write(slot, orig_ret.to_bytes(8, "little"))
             _fix_threads(t, by_slot)                              # 3. registers
             mine = [s for s in sites if s[0] == t]
-            if mine and _all_stopped(t):                          # 4. in-target jumps
+            if mine and _all_stopped(t):        # 4. in-target jumps
                 for _, addr, orig, patch in mine:
                     if mem.read(addr, len(patch)) == patch:
                         mem.write(addr, orig)
@@ -214,10 +214,18 @@ def restore_after_tracer_death(log: GuardLog) -> int:
     return repaired
 
 
-def _all_stopped(tgid: int, timeout: float = 0.5) -> bool:
-    """Wait until every thread of ``tgid`` is stopped (group stop after SIGSTOP, or a ptrace stop)."""
+def _all_stopped(tgid: int, timeout: float = 3.0) -> bool:
+    """Wait until every thread of ``tgid`` is stopped (group stop after SIGSTOP, or a ptrace stop).
+    Threads the dying tracer still held join the group stop only once the kernel has detached
+    them, which takes long on a loaded machine: SIGSTOP is sent again every 100 ms meanwhile
+    (a thread released from its ptrace stop may have consumed the first one)."""
     deadline = time.monotonic() + timeout
+    resend = time.monotonic() + 0.1
     while True:
+        if time.monotonic() >= resend:
+            with contextlib.suppress(OSError):
+                os.kill(tgid, signal.SIGSTOP)
+            resend = time.monotonic() + 0.1
         states = []
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{tgid}/task"):

@@ -27,6 +27,9 @@ class Thread:
     at_bp: bool = False
     #: a zombie that cannot stop (a leader whose exit waits for the other threads)
     dead: bool = False
+    #: a thread the process created while it was not traced (``Proc.no_clone``), seized only to
+    #: stop the world for a moment (late arming, detach) and released afterwards
+    temp: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -47,6 +50,9 @@ class Proc:
     semas: dict[int, int] = field(default_factory=dict)
     #: (probe id, semaphore address) pairs already counted
     sema_done: set = field(default_factory=set)
+    #: its traced threads run with ``NOCLONE_OPTIONS``: threads it creates are not traced (every
+    #: probe runs in the target and no int3 is armed; see ``Tracer.settle_clone_tracing``)
+    no_clone: bool = False
 
     def any_stopped_tid(self) -> int:
         for t in self.threads.values():

@@ -43,6 +43,7 @@ PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
 PTRACE_DETACH = 17
+PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
@@ -53,6 +54,12 @@ PTRACE_EVENT_STOP = 128
 #: child never runs with our int3 bytes; it is cleaned and released unless followed)
 TRACE_OPTIONS = (PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC | PTRACE_O_TRACEFORK
                  | PTRACE_O_TRACEVFORK)
+
+#: the options of a process whose probes all run in the target (no int3 anywhere): threads it
+#: creates are not traced at all (no stop per new thread); fork/exec are still seen from the
+#: threads that are traced, and the exit stop of the leader tells of an exec by an untraced
+#: thread (the kernel reports that exec to nobody: ``Tracer.on_leader_exit``)
+NOCLONE_OPTIONS = (TRACE_OPTIONS & ~PTRACE_O_TRACECLONE) | PTRACE_O_TRACEEXIT
 
 WALL = 0x40000000  # __WALL: wait for threads (clone children) too
 
@@ -140,6 +147,11 @@ def cont_quiet(tid: int, sig: int = 0) -> bool:
 
 def seize(pid: int, options: int = TRACE_OPTIONS) -> None:
     ptrace(PTRACE_SEIZE, pid, 0, options)
+
+
+def set_options(tid: int, options: int) -> bool:
+    """PTRACE_SETOPTIONS on a stopped tracee (options are per thread); False if it vanished."""
+    return _ptrace(PTRACE_SETOPTIONS, tid, 0, options) != -1
 
 
 def interrupt(tid: int) -> bool:

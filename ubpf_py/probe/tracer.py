@@ -40,6 +40,7 @@ from ubpf_py.probe.native_calls import NativeCalls
 from ubpf_py.probe.procmaps import read_maps
 from ubpf_py.probe.procs import Proc, Thread, new_proc
 from ubpf_py.probe.restore import Restorer, clean_memory, release_semaphores
+from ubpf_py.probe.untraced import UntracedThreads
 from ubpf_py.probe.uretprobe import MAX_DEPTH, RetEntry, ShadowStack
 from ubpf_py.vm.env import HitContext
 
@@ -81,11 +82,16 @@ class Tracer:
         self.armer = Armer(self.probes, on_change=self._mark_dirty, on_dl_state=self._on_dl_state)
         self.restorer = Restorer(regs, self.threads, self.procs, self._early,
                                  on_event=self.on_event, on_exit=self.thread_gone)
+        #: threads created by a process whose probes all run in the target are not traced
+        self.untraced = UntracedThreads(self.threads, self.add_thread, self.restorer.stop_all, self._mark_dirty)
         #: called between runs of the C loop (before each run and every poll interval): the
         #: user's periodic work while hits of native programs never enter Python
         self.poll_hooks: list[Callable[[], None]] = []
         #: the in-target half (``intarget.process.InTargetEngine``) once the session enables it
         self.intarget = None
+        #: a signal (SIGURG: the in-target dlopen notification) wakes the C loop (the session set
+        #: up the wake-up pipe for this run)
+        self.wakeup_ready = False
         self.nl = None
         if native is not False:
             from ubpf_py.probe import native as N
@@ -119,13 +125,40 @@ class Tracer:
 
     def arm_all(self, proc: Proc) -> None:
         """Arm every probe whose file is mapped in ``proc`` (after attach/exec/dlopen)."""
-        self.armer.arm_all(proc, self.intarget)
+        self.armer.arm_all(proc, self.intarget, self._dl_in_target())
+
+    def _dl_in_target(self) -> bool:
+        """May the dynamic linker's watch be an in-target jump (``runtime/dlnotify.c``) instead of an
+        int3?  Its notification wakes the C loop through the session's signal wake-up pipe."""
+        eng = self.intarget
+        return (eng is not None and bool(eng.dl_notify) and self.nl is not None and self.wakeup_ready
+                and self.untraced.enabled and not self.follow_forks)
 
     def _on_dl_state(self, th: Thread) -> None:
         """The dynamic linker's breakpoint: libraries came or went (dlopen/dlclose)."""
-        proc = th.proc
-        if proc.vfork_parent is not None:
+        if th.proc.vfork_parent is not None:
             return
+        self._rearm_libraries(th.proc, th, stop_all=bool(
+            self.intarget is not None and any(p.target_entry for p in self.probes.values())))
+
+    def poll_dl_notify(self) -> None:
+        """The in-target form of the breakpoint above: a thread in ``ubpf_dl_notify`` waits for us."""
+        eng = self.intarget
+        req = eng.dl_pending() if eng is not None else 0
+        if not req:
+            return
+        try:
+            for proc in list(self.procs.values()):
+                if proc.exit_status is None and proc.vfork_parent is None and proc.threads:
+                    self._rearm_libraries(proc, None, stop_all=True)
+        finally:
+            eng.dl_answer(req)
+
+    def _rearm_libraries(self, proc: Proc, th: Thread | None, stop_all: bool) -> None:
+        """Libraries of ``proc`` came or went: forget what was unmapped, arm what is new.  ``th``: the
+        thread held at the int3 (None: the in-target notification).  A jump (5 bytes) may only be
+        written with every thread stopped, so with ``stop_all`` the others are stopped now (the
+        untraced ones seized for the moment) and let go afterwards."""
         maps = read_maps(proc.tgid)
 
         def unmapped(addr: int) -> bool:
@@ -135,24 +168,52 @@ class Tracer:
         if self.intarget is not None:
             self.intarget.forget_sites(proc.tgid, unmapped)
         self.armer.forget_unmapped(proc, unmapped, self.ret_log)
-        # a jump (5 bytes) may only be written with every thread stopped: stop the others now
-        running = [t for t in self.threads.values() if t is not th and not t.stopped]
-        if running and self.intarget is not None and any(p.target_entry for p in self.probes.values()):
-            self.restorer.stop_all()
-        else:
-            running = []
+        running = [t for t in self.threads.values() if t is not th and not t.stopped] if stop_all else []
+        seized: list[Thread] = []
         try:
+            if running:
+                self.restorer.stop_all()
+            if stop_all:
+                seized = self.untraced.seize_untraced(proc)
             for probe in self.probes.values():
                 self.arm_probe(proc, probe, maps)
+            self.settle_clone_tracing()
         finally:
-            for t in running:
+            self.untraced.release(seized)
+            # those kept (the process went back to tracing every thread) run on like the others
+            for t in running + [t for t in seized if not t.temp]:
                 if t.stopped and t.tid in self.threads:
                     sig, t.pending_sig = t.pending_sig, 0
                     self.resume(t, sig)
 
     def detach(self) -> None:
-        """Stop every thread and put the target back exactly as it was (``Restorer.detach``)."""
+        """Stop every thread and put the target back exactly as it was (``Restorer.detach``);
+        threads we do not trace are seized first, so each one is put back too."""
+        eng = self.intarget
+        req = eng.dl_pending() if eng is not None else 0
+        if req:     # a thread waiting in ubpf_dl_notify returns at once (it is stepped out of our code)
+            eng.dl_answer(req)
+        for proc in list(self.procs.values()):
+            if proc.no_clone and proc.exit_status is None:
+                self.restorer.stop_all()
+                self.untraced.seize_untraced(proc)
         self.restorer.detach(self.intarget, self.ret_log)
+
+    def settle_clone_tracing(self) -> None:
+        """Trace the threads each process creates from now on only if it needs it (an int3 armed,
+        forks followed; ``UntracedThreads``).  Stops the threads of a process that changes."""
+        for proc in list(self.procs.values()):
+            if proc.exit_status is not None:
+                continue
+            if self._dl_in_target() and any(bp.internal is not None for bp in proc.bps.values()) \
+                    and all((t.stopped or t.dead) and not t.at_bp for t in proc.threads.values()):
+                self.armer.arm_dl_watch(proc, None, self.intarget, self.ret_log)   # int3 -> jump
+            want = self.untraced.eligible(proc, self.intarget, self.follow_forks)
+            if want == proc.no_clone or not (self.untraced.enabled or proc.no_clone):
+                continue
+            if any(not t.stopped and not t.dead for t in proc.threads.values()):
+                self.restorer.stop_all()
+            self.untraced.settle(proc, want)
 
     # ------------------------------------------------------------------ loop
     def totals(self) -> tuple[int, int, int]:
@@ -192,6 +253,7 @@ class Tracer:
                 else:
                     P.tgkill(proc.tgid, tid, sig)
             proc.inj.deferred_signals.clear()
+        self.settle_clone_tracing()
         for t in list(self.threads.values()):     # threads held at attach/exec/injection stops
             if t.stopped:
                 sig, t.pending_sig = t.pending_sig, 0
@@ -215,6 +277,7 @@ class Tracer:
         while self.main is not None and self.main.exit_status is None and not self._stop_requested:
             if deadline is not None and time.monotonic() >= deadline:
                 break
+            self.poll_dl_notify()
             if self._native_dirty:
                 self._sync_native()
             for hook in self.poll_hooks:
@@ -505,6 +568,31 @@ class Tracer:
             self.on_exec(th)
             self.resume(th)
             return
+        if ev == P.PTRACE_EVENT_EXIT and th.tid == th.proc.tgid and th.proc.no_clone:
+            self.on_leader_exit(th)
+            return
+        self.resume(th)
+
+    def on_leader_exit(self, th: Thread) -> None:
+        """The traced leader of a process with untraced threads is exiting: the group ends, or an
+        untraced thread execs (reported to nobody).  In the second case the new image is seized
+        and armed like any exec (``UntracedThreads.catch_exec``)."""
+        proc = th.proc
+        execing = self.untraced.exec_under_way(proc)
+        self.resume(th)
+        if not execing:
+            return
+        st = self.untraced.catch_exec(proc.tgid)
+        if st is None or (st & 0x7F) != 0x7F:
+            if st is not None:
+                self.thread_gone(th, st)
+            return
+        th.stopped = True
+        th.dead = False
+        if (st >> 16) == P.PTRACE_EVENT_EXEC:
+            self.on_event(th, (st >> 8) & 0xFF, P.PTRACE_EVENT_EXEC)
+            return
+        self.on_exec(th)            # seized just after the exec's own stop: the same work now
         self.resume(th)
 
     def _wait_initial_stop(self, pid: int) -> int | None:
@@ -590,6 +678,9 @@ class Tracer:
         leader = proc.threads.get(tgid) or self.add_thread(proc, tgid, stopped=True)
         leader.stopped = True
         leader.shadow = ShadowStack()
+        if proc.no_clone:           # the new image starts tracing every thread until armed again
+            P.set_options(tgid, P.TRACE_OPTIONS)
+            proc.no_clone = False
         for bp in proc.bps.values():
             bp.armed = False
         proc.bps.clear()
@@ -607,6 +698,7 @@ class Tracer:
         if self.intarget is not None:
             self.intarget.forget(tgid)
         self.arm_all(proc)
+        self.settle_clone_tracing()
 
     def thread_gone(self, th: Thread, status: int) -> None:
         proc = th.proc
