@@ -303,3 +303,42 @@ def test_dlopen_notification_in_another_users_process(built):
     finally:
         kill_pid(target)
         shutil.rmtree(w, ignore_errors=True)
+
+
+def _guardian_switches(tracer: int, target_exe: str) -> int:
+    """Voluntary context switches (wake-ups) of ubpf-run's guardian child so far."""
+    kids = Path(f"/proc/{tracer}/task/{tracer}/children").read_text().split()
+    guard = [int(k) for k in kids if os.path.realpath(f"/proc/{k}/exe") != os.path.realpath(target_exe)]
+    assert len(guard) == 1, f"expected one guardian child of {tracer} besides the target: {kids}"
+    for line in Path(f"/proc/{guard[0]}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc/PID/status")
+
+
+@pytest.mark.parametrize("mode", ["auto", "ptrace"])
+def test_guardian_sleeps_while_nothing_in_the_target_traps(built, mode):
+    """The guardian polls the tracer's PF_EXITING flag (every 500 us, real-time priority) only
+    once an int3 is in a target: with every probe in-target it blocks on its pipe and takes no
+    CPU time from the target's threads; a ptrace-path probe (an int3) turns the polling on."""
+    w = workdir()
+    gate, tids, out = w / "gate", w / "tids", w / "out.jsonl"
+    exe = str(built / "dyn")
+    p = cli(str(built / "it.bpf.o"), *_progs(built, {"e0": f"{exe}:work"}), "-f", "json", "-o", str(out),
+            "--mode", mode, "--", exe, "late", "1", "10", str(gate), str(tids))
+    try:
+        wait_for(lambda: attached(out, 1), "the attach", p)
+        time.sleep(0.1)
+        before = _guardian_switches(p.pid, exe)
+        time.sleep(1.0)
+        woke = _guardian_switches(p.pid, exe) - before
+        gate.touch()
+        so, se = p.communicate(timeout=TIMEOUT)
+        assert p.returncode == 0 and so == "ok\n", se[-3000:]
+    finally:
+        kill_pid(p)
+        shutil.rmtree(w, ignore_errors=True)
+    if mode == "auto":
+        assert woke <= 5, f"the guardian woke {woke} times in 1 s with no int3 in the target"
+    else:
+        assert woke >= 100, f"the guardian woke only {woke} times in 1 s with an int3 in the target"
