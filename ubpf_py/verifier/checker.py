@@ -88,7 +88,7 @@ class Checker:
         self.trace: list[str] = []
         self.stats = Stats()
         self.explored: dict[int, list[Checkpoint]] = {}
-        self.open_sigs: dict[int, dict[tuple, Checkpoint]] = {}
+        self.open_sigs: dict[int, dict[S.Signature, Checkpoint]] = {}
         #: hashes of the top frame's registers of the open checkpoints per instruction (a cheap
         #: pre-check before the full signature of the infinite-loop test)
         self.open_fps: dict[int, dict[int, int]] = {}
@@ -368,9 +368,9 @@ class Checker:
         # (registers are immutable and cache their hash: equal states, equal fingerprints)
         fp = hash(tuple(st.cur.regs)) if fps or loop_ok else 0
         maybe_loop = bool(fps) and fp in fps
-        sig = st.signature() if maybe_loop or loop_ok else ()
+        sig = S.Signature(st, fp) if maybe_loop or loop_ok else None
         if not loop_ok:
-            cp = sigs.get(sig) if sig and sigs else None
+            cp = sigs.get(sig) if sig is not None and sigs else None
             if cp is not None and cp.branches > 0:
                 raise Reject(f"infinite loop detected at insn {pc}",
                              "this loop comes back to the same state: it can never exit")
@@ -389,16 +389,19 @@ class Checker:
         elif pc not in self.may_gotos and sigs:  # (may_goto widens its loop-body side only: _may_goto)
             ancestors = [cp for cp in sigs.values() if cp.branches and len(cp.state.frames) == len(st.frames)]
             if ancestors:
+                sig.freeze()   # the checkpoint is filed under the state before widening
                 S.widen(ancestors[-1].state, st)
         if sigs is None:
             sigs = self.open_sigs[pc] = {}
         # forget finished states that never help (the kernel's miss heuristic)
         if lst is not None and len(lst) > 8:
             lst[:] = [cp for cp in lst if cp.misses <= 3 * cp.hits + 3]
-        if not sig:
-            sig = st.signature()
         self._last_cp = (self.stats.processed, self.jumps)
         cp = Checkpoint(st.copy(), pc, st.parent)
+        if sig is None:
+            sig = S.Signature(cp.state, fp)
+        elif sig.full is None:
+            sig.state = cp.state   # an equal copy that no path changes
         cp.sig = sig
         cp.fp = fp
         st.parent = cp

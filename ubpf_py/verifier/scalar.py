@@ -89,6 +89,8 @@ class Scalar:
     def within(self, other: Scalar) -> bool:
         """True if ``other``'s possible values are all possible values of self
         (the kernel's range_within plus tnum_in)."""
+        if self is other:   # values are shared between states: the commonest case at a prune point
+            return True
         return (self.umin <= other.umin and other.umax <= self.umax and self.smin <= other.smin
                 and other.smax <= self.smax and self.u32min <= other.u32min
                 and other.u32max <= self.u32max and self.s32min <= other.s32min

@@ -163,7 +163,7 @@ class Checkpoint:
     loop_ok: bool = False
     hits: int = 0
     misses: int = 0
-    sig: tuple = ()
+    sig: Signature | None = None
     fp: int = 0
 
 
@@ -191,6 +191,39 @@ class VerifierState:
     def copy(self) -> VerifierState:
         return VerifierState([f.copy() for f in self.frames], dict(self.refs), self.parent,
                              self.last_jumps, self.may_goto_depth)
+
+
+class Signature:
+    """A dict key equal for states with equal ``signature()``s, cheap to build and hash.
+
+    Every checkpoint is filed under its signature (the infinite-loop check looks an
+    identical open state up), but states are rarely identical: the hash uses only the
+    top frame's register hash ``fp`` and stack bytes, and the full signature is built
+    only when two keys' hashes meet.  ``state`` must not change while the key is in
+    use, unless ``freeze`` took the full signature first."""
+
+    __slots__ = ("full", "h", "state")
+
+    def __init__(self, state: VerifierState, fp: int) -> None:
+        self.state = state
+        self.full: tuple | None = None
+        self.h = hash((fp, bytes(state.frames[-1].stack), len(state.frames), state.may_goto_depth))
+
+    def freeze(self) -> None:
+        if self.full is None:
+            self.full = self.state.signature()
+
+    def __hash__(self) -> int:
+        return self.h
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Signature) or self.h != other.h:
+            return False
+        self.freeze()
+        other.freeze()
+        return self.full == other.full
 
 
 # -- pruning ------------------------------------------------------------------------
@@ -324,6 +357,10 @@ def _imprecise_spill_vs_misc(old: Frame, cur: Frame, slot: int, demand: int) -> 
     return all(cur.stack[base + j] <= S_MISC for j in range(8))
 
 
+#: bit set -> the register numbers in it, ascending (pruning visits only live registers)
+_BIT_INDEXES = tuple(tuple(r for r in range(11) if (m >> r) & 1) for m in range(1 << 11))
+
+
 def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int, int]] | None,
              exact: bool = False) -> bool:
     """The kernel's states_equal: is ``cur`` covered by the explored ``old``?
@@ -333,33 +370,56 @@ def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int,
     (``structure.precision_demand``).  Dead registers are ignored, and scalars
     whose exact value is never needed again match any scalar, like the
     kernel's liveness and precision marks.
+
+    This runs at every prune point against every explored state there, so it is
+    written for speed: only live registers are visited, and the commonest cases
+    (the same shared register object, a scalar that is not precise, a precise
+    scalar inside the old range) are decided inline before ``reg_safe``.
     """
-    if len(old.frames) != len(cur.frames):
+    ofrs, cfrs = old.frames, cur.frames
+    if len(ofrs) != len(cfrs):
         return False
     ids = _IdMap()
-    for fi, (of, cf) in enumerate(zip(old.frames, cur.frames, strict=True)):
+    for fi in range(len(ofrs)):
+        of, cf = ofrs[fi], cfrs[fi]
         if of.callsite != cf.callsite or of.in_callback != cf.in_callback:
             return False
-        live, demand, slots = masks[fi] if masks is not None else (0x7FF, -1, -1)
         oregs, cregs = of.regs, cf.regs
-        for r in range(11):
+        if exact:
+            for r in range(11):
+                o, c = oregs[r], cregs[r]
+                if o is c and not o.id and not o.ref:
+                    continue
+                if not reg_safe(o, c, ids, True):
+                    return False
+            if not stack_safe(of, cf, ids, True):
+                return False
+            continue
+        live, demand, slots = masks[fi] if masks is not None else (0x7FF, -1, -1)
+        for r in _BIT_INDEXES[live & 0x7FF]:
             o, c = oregs[r], cregs[r]
             if o is c and not o.id and not o.ref:
                 continue   # registers are shared between states: the same object is covered
-            if exact:
-                if not reg_safe(o, c, ids, True):
+            ot = o.type
+            if ot == SCALAR:
+                if c.type != SCALAR:
                     return False
-                continue
-            if not (live >> r) & 1:
-                continue
-            if o.type == SCALAR and c.type == SCALAR and not (demand >> r) & 1:
+                if not (demand >> r) & 1:
+                    continue
+                ov = o.val
+                if not ov.within(c.val):
+                    return False
+                if o.id and ov.var.mask and c.id and not ids.check(o.id, c.id):
+                    return False
                 continue
             if not reg_safe(o, c, ids, False):
                 return False
-        if not stack_safe(of, cf, ids, exact, demand, slots):
+        if not stack_safe(of, cf, ids, False, demand, slots):
             return False
     if len(old.refs) != len(cur.refs):
         return False
+    if not old.refs:
+        return True
     return all(ids.check(o, c) for o, c in zip(sorted(old.refs), sorted(cur.refs), strict=True))
 
 

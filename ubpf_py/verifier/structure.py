@@ -167,6 +167,8 @@ class Cfg:
     #: successors per instruction and the lddw second slots (for recomputing liveness)
     succ: list[tuple[int, ...]] = field(default_factory=list)
     second: set[int] = field(default_factory=set)
+    #: predecessors per instruction (the backward analyses run several times per program)
+    preds: list[list[int]] = field(default_factory=list)
 
     def func_of(self, insn: int) -> int:
         return self.owner[insn]
@@ -276,9 +278,14 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
             if j not in seen and j not in second_slot:
                 raise StructureError(f"unreachable insn {j}", j, "dead code; the kernel refuses it too")
     cfg = Cfg(n, starts, ends, callbacks, prune, owner=owner)
-    cfg.succ, cfg.second = succ, second_slot
-    cfg.live_in = _liveness(insns, succ, second_slot)
-    cfg.stack_live = _stack_liveness(insns, succ, second_slot)
+    preds: list[list[int]] = [[] for _ in range(n)]
+    for i in range(n):
+        for t in succ[i]:
+            if t < n:
+                preds[t].append(i)
+    cfg.succ, cfg.second, cfg.preds = succ, second_slot, preds
+    cfg.live_in = _liveness(insns, succ, preds, second_slot)
+    cfg.stack_live = _stack_liveness(insns, succ, preds, second_slot)
     return cfg
 
 
@@ -318,11 +325,12 @@ def _stack_use_def(ins: Instruction) -> tuple[int, int]:
     return 0, 0
 
 
-def _stack_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], second: set[int]) -> list[int]:
+def _stack_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], preds: list[list[int]],
+                    second: set[int]) -> list[int]:
     """The kernel's stack-slot read marks, statically: a slot no later instruction of this
     frame may read does not matter when comparing states (pointers into the stack make
     every slot live at helper and function calls, and at loads through other registers)."""
-    return _backward_liveness(insns, succ, second, _stack_use_def)
+    return _backward_liveness(insns, succ, preds, second, _stack_use_def)
 
 
 #: helpers whose stack reads all go through their memory arguments (no callbacks)
@@ -347,7 +355,7 @@ def observed_stack_liveness(insns: list[Instruction], cfg: Cfg, stack_access: se
         if code == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_CALL_HELPER and ins.imm in OBSERVED_HELPERS:
             return helper_reads.get(i, 0), 0
         return _stack_use_def(ins)
-    return _backward_liveness(insns, cfg.succ, cfg.second, use_def, by_index=True)
+    return _backward_liveness(insns, cfg.succ, cfg.preds, cfg.second, use_def, by_index=True)
 
 
 def _use_def(ins: Instruction) -> tuple[int, int]:
@@ -390,24 +398,20 @@ def _use_def(ins: Instruction) -> tuple[int, int]:
     return 0, 0
 
 
-def _liveness(insns: list[Instruction], succ: list[tuple[int, ...]], second: set[int]) -> list[int]:
+def _liveness(insns: list[Instruction], succ: list[tuple[int, ...]], preds: list[list[int]],
+              second: set[int]) -> list[int]:
     """Registers live at each instruction (bit r); r10, the frame pointer, always is."""
-    return _backward_liveness(insns, succ, second, _use_def, always=1 << 10)
+    return _backward_liveness(insns, succ, preds, second, _use_def, always=1 << 10)
 
 
-def _backward_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], second: set[int],
-                       use_def, always: int = 0, by_index: bool = False) -> list[int]:
+def _backward_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], preds: list[list[int]],
+                       second: set[int], use_def, always: int = 0, by_index: bool = False) -> list[int]:
     """Live-in bit sets per instruction: a worklist solution of live = use | (live-out & ~def)
     over the CFG (``use_def(insn) -> (use bits, def bits)``, or ``use_def(index)`` with
     ``by_index``; lddw second slots use nothing)."""
     n = len(insns)
     ud = [(0, 0) if i in second else use_def(i if by_index else insns[i]) for i in range(n)]
     live = [0] * n
-    preds: list[list[int]] = [[] for _ in range(n)]
-    for i in range(n):
-        for t in succ[i]:
-            if t < n:
-                preds[t].append(i)
     work = list(range(n))
     inq = [True] * n
     while work:
@@ -457,23 +461,8 @@ def _demand_graph(insns: list[Instruction], cfg: Cfg) -> tuple:
     ``precision_demand``; built once per program (kept on the Cfg)."""
     if cfg.demand_graph is not None:
         return cfg.demand_graph
-    n = cfg.n
-    second = {i + 1 for i, ins in enumerate(insns) if ins.opcode == op.LDDW}
-    succ: list[tuple[int, ...]] = []
-    for i, ins in enumerate(insns):
-        code = ins.opcode
-        if i in second:
-            succ.append(())
-        elif is_cond_jump(code):
-            succ.append((i + 1, jump_target(i, ins)))
-        elif is_uncond_jump(code):
-            succ.append((jump_target(i, ins),))
-        elif code == op.BPF_JMP | op.BPF_EXIT:
-            succ.append(())
-        elif code == op.LDDW:
-            succ.append((i + 2,))
-        else:
-            succ.append((i + 1,))
+    # the same graph ``analyse`` built (lddw second slots have no successors)
+    second, succ, preds = cfg.second, cfg.succ, cfg.preds
     # call sites of each function: start -> [(call insn, resumes at)]
     sites: dict[int, list[tuple[int, int]]] = {}
     for i, ins in enumerate(insns):
@@ -484,11 +473,6 @@ def _demand_graph(insns: list[Instruction], cfg: Cfg) -> tuple:
     for s in cfg.callbacks:
         sites.setdefault(s, []).extend((c, c) for c in cb_sites)
         sites[s].extend((c, c + 1) for c in cb_sites)
-    preds: list[list[int]] = [[] for _ in range(n)]
-    for i in range(n):
-        for t in succ[i]:
-            if t < n:
-                preds[t].append(i)
     cfg.demand_graph = (second, succ, preds, sites)
     return cfg.demand_graph
 
@@ -590,15 +574,16 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
             return out | d | (s if code & op.BPF_X else 0)
         return out | 0x7FF
 
-    changed = True
-    rounds = 0
-    while changed and rounds < 50:
-        changed = False
-        rounds += 1
-        if rounds == 1 and init is not None and dirty is not None:
-            work = sorted(i for i in dirty if i not in second)
-        else:
-            work = [i for i in range(n) if i not in second]
+    # a worklist over the instructions whose facts may grow: all of them, or those whose
+    # transfer changed since ``init``; then the exits whose callers' facts grew (an exit's fact
+    # depends on the instruction after each call to its function, which is no successor), and
+    # only their predecessors again, until nothing grows
+    if init is not None and dirty is not None:
+        work = sorted(i for i in dirty if i not in second)
+    else:
+        work = [i for i in range(n) if i not in second]
+    ends = cfg.ends
+    for _ in range(50):
         inq = set(work)
         while work:
             i = work.pop()
@@ -610,7 +595,6 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
             new = transfer(i, out) | fact[i]
             if new != fact[i]:
                 fact[i] = new
-                changed = True
                 for p in preds[i]:
                     if p not in inq:
                         inq.add(p)
@@ -621,16 +605,19 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
                         if c not in inq:
                             inq.add(c)
                             work.append(c)
-            # exits depend on callers' facts
+        # exits depend on callers' facts
+        grown: set[int] = set()
         for f, lst in sites.items():
             for _, resume in lst:
                 if resume >= n:
                     continue
                 want = (ALL_STACK if fact[resume] & (SLOT_MASK | ALL_STACK) else 0) | (fact[resume] & 1)
                 if want:
-                    for j in range(f, cfg.ends[f]):
-                        ins = insns[j]
-                        if ins.opcode == op.BPF_JMP | op.BPF_EXIT and want & ~fact[j]:
+                    for j in range(f, ends[f]):
+                        if insns[j].opcode == op.BPF_JMP | op.BPF_EXIT and want & ~fact[j]:
                             fact[j] |= want
-                            changed = True
+                            grown.add(j)
+        if not grown:
+            break
+        work = sorted(grown.union(*(preds[j] for j in grown)))
     return fact
