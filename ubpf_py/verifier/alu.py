@@ -124,8 +124,27 @@ _SHIFTS = (op.BPF_LSH, op.BPF_RSH, op.BPF_ARSH)
 _LOW_BITS_ONLY = (op.BPF_ADD, op.BPF_SUB, op.BPF_MUL, op.BPF_AND, op.BPF_OR, op.BPF_XOR)
 
 
+#: memo tables of the pure transfer functions below, keyed by (op, operands, width).  The walk
+#: repeats the same operations on the same values on many paths (a few percent of the calls
+#: over the libbpf-tools are distinct), and values are immutable; bounded like Scalar.sync's.
+_MEMO_ALU: dict[tuple, Scalar] = {}
+_MEMO_REFINE: dict[tuple, tuple[Scalar, Scalar] | None] = {}
+_MEMO_TAKEN: dict[tuple, int] = {}
+_MEMO_MAX = 65536
+
+
 def scalar_alu(code: int, dst: Scalar, src: Scalar, bits: int) -> Scalar:
     """Abstract result of the scalar ALU operation ``code`` (BPF_ADD ... BPF_ARSH, BPF_NEG)."""
+    key = (code, dst, src, bits)
+    r = _MEMO_ALU.get(key)
+    if r is None:
+        if len(_MEMO_ALU) >= _MEMO_MAX:
+            _MEMO_ALU.clear()
+        r = _MEMO_ALU[key] = _scalar_alu(code, dst, src, bits)
+    return r
+
+
+def _scalar_alu(code: int, dst: Scalar, src: Scalar, bits: int) -> Scalar:
     if code in _SHIFTS and src.umax >= bits:
         # the kernel: shifts by bits or more are undefined, the result is unknown, all 64 bits
         # even for a 32-bit shift (the engines mask the count; no value may be assumed)
@@ -200,6 +219,16 @@ def negate(code: int) -> int:
 
 def branch_taken(code: int, a: Scalar, b: Scalar, bits: int) -> int:
     """1 if ``a OP b`` always holds, 0 if never, -1 if it depends."""
+    key = (code, a, b, bits)
+    r = _MEMO_TAKEN.get(key)
+    if r is None:
+        if len(_MEMO_TAKEN) >= _MEMO_MAX:
+            _MEMO_TAKEN.clear()
+        r = _MEMO_TAKEN[key] = _branch_taken(code, a, b, bits)
+    return r
+
+
+def _branch_taken(code: int, a: Scalar, b: Scalar, bits: int) -> int:
     at, aumin, aumax, asmin, asmax = view(a, bits)
     bt, bumin, bumax, bsmin, bsmax = view(b, bits)
     if code == op.BPF_JEQ:
@@ -260,6 +289,18 @@ def _apply(s: Scalar, v: View, bits: int) -> Scalar | None:
 
 def refine(code: int, a: Scalar, b: Scalar, bits: int) -> tuple[Scalar, Scalar] | None:
     """Narrow ``a`` and ``b`` assuming ``a OP b`` holds; None if it cannot hold."""
+    key = (code, a, b, bits)
+    try:
+        return _MEMO_REFINE[key]
+    except KeyError:
+        pass
+    if len(_MEMO_REFINE) >= _MEMO_MAX:
+        _MEMO_REFINE.clear()
+    r = _MEMO_REFINE[key] = _refine(code, a, b, bits)
+    return r
+
+
+def _refine(code: int, a: Scalar, b: Scalar, bits: int) -> tuple[Scalar, Scalar] | None:
     m, smin_l, smax_l = _limits(bits)
     at, aumin, aumax, asmin, asmax = view(a, bits)
     bt, bumin, bumax, bsmin, bsmax = view(b, bits)

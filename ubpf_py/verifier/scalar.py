@@ -11,7 +11,7 @@ The same class also describes the *variable part* of a pointer's offset.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ubpf_py.verifier import tnum as tn
 from ubpf_py.verifier.tnum import U32, U64, Tnum
@@ -45,10 +45,16 @@ class Scalar:
     u32max: int
     s32min: int
     s32max: int
+    #: cached hash (values are immutable and keys of the ALU memo tables)
+    _h: int = field(default=0, compare=False, repr=False)
 
     def __hash__(self) -> int:
-        return hash((self.var, self.umin, self.umax, self.smin, self.smax, self.u32min, self.u32max,
-                     self.s32min, self.s32max))
+        h = self._h
+        if not h:
+            h = hash((self.var, self.umin, self.umax, self.smin, self.smax, self.u32min, self.u32max,
+                      self.s32min, self.s32max)) or 1
+            self._h = h
+        return h
 
     # -- construction ----------------------------------------------------------
     @staticmethod
