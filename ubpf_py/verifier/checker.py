@@ -93,6 +93,7 @@ class Checker:
         #: pre-check before the full signature of the infinite-loop test)
         self.open_fps: dict[int, dict[int, int]] = {}
         self.jumps = 0
+        #: (insns, jumps) processed at the last checkpoint at one of the kernel's prune points
         self._last_cp = (0, 0)
         self.time_budget = time_budget
         self.test_mem_size: int | None = None
@@ -378,6 +379,9 @@ class Checker:
             # checkpoint needs 2 jumps and 8 insns since the last; inside a loop (a checkpoint at
             # this instruction is still open) 20 jumps or 100 insns, since successive iterations
             # differ and rarely help pruning
+            # The spacing counts from the last checkpoint at one of the kernel's own prune
+            # points: checkpoints at our extra points (fall-throughs of conditional jumps) never
+            # keep one from where the kernel would have it, so pruning stays at least as strong
             insns, jumps = self._last_cp
             if sigs:
                 if self.jumps - jumps < 20 and self.stats.processed - insns < 100:
@@ -396,7 +400,8 @@ class Checker:
         # forget finished states that never help (the kernel's miss heuristic)
         if lst is not None and len(lst) > 8:
             lst[:] = [cp for cp in lst if cp.misses <= 3 * cp.hits + 3]
-        self._last_cp = (self.stats.processed, self.jumps)
+        if pc not in self.cfg.extra_points:
+            self._last_cp = (self.stats.processed, self.jumps)
         cp = Checkpoint(st.copy(), pc, st.parent)
         if sig is None:
             sig = S.Signature(cp.state, fp)

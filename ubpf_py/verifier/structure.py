@@ -167,6 +167,9 @@ class Cfg:
     #: successors per instruction and the lddw second slots (for recomputing liveness)
     succ: list[tuple[int, ...]] = field(default_factory=list)
     second: set[int] = field(default_factory=set)
+    #: prune points the kernel does not have (fall-throughs of conditional jumps): a
+    #: checkpoint there does not count for the kernel's spacing of checkpoints
+    extra_points: set[int] = field(default_factory=set)
     #: predecessors per instruction (the backward analyses run several times per program)
     preds: list[list[int]] = field(default_factory=list)
 
@@ -226,6 +229,7 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
         check_fields(i, ins)
     # jumps stay within their function, never into a lddw's second slot
     prune: set[int] = set(starts)
+    fallthrough: set[int] = set()
     succ: list[tuple[int, ...]] = [()] * n
     for i, ins in enumerate(insns):
         if i in second_slot:
@@ -238,10 +242,11 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
                 raise StructureError(f"jump out of range from insn {i} to {t}", i,
                                      "the jump leaves its function")
             if is_cond_jump(code):
-                # the kernel's prune point is the conditional jump itself (one check covers
-                # both successors); its successors too (more chances to prune, fewer insns)
+                # the kernel's prune points are the conditional jump itself (one check covers
+                # both successors) and its target; the fall-through too here (more chances to
+                # prune, fewer insns), an extra point that the checkpoint spacing ignores
                 prune.add(i)
-                prune.add(i + 1)
+                fallthrough.add(i + 1)
                 prune.add(t)
                 succ[i] = (i + 1, t)
             else:
@@ -277,7 +282,8 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
         for j in range(s, ends[s]):
             if j not in seen and j not in second_slot:
                 raise StructureError(f"unreachable insn {j}", j, "dead code; the kernel refuses it too")
-    cfg = Cfg(n, starts, ends, callbacks, prune, owner=owner)
+    cfg = Cfg(n, starts, ends, callbacks, prune | fallthrough, owner=owner)
+    cfg.extra_points = fallthrough - prune
     preds: list[list[int]] = [[] for _ in range(n)]
     for i in range(n):
         for t in succ[i]:
