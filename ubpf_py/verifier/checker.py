@@ -44,6 +44,9 @@ MAX_STACK = 512
 PRIV_STACK_MIN = 64
 MAX_CALL_FRAMES = 8
 _HELPER_CALLBACKS = (164, 181)
+_FAST_K64 = AR.FAST_K64
+_ALU_CLASSES = (op.BPF_ALU, op.BPF_ALU64)
+_LDX = op.BPF_LDX
 #: pointer types a comparison with 0 decides (the kernel's reg_not_null)
 _NOT_NULL = frozenset({S.MAP_VALUE, S.MAP_KEY, S.MEM, S.RINGBUF_MEM})
 
@@ -71,6 +74,7 @@ class Checker:
                  log_level: int = 1, time_budget: float = 30.0) -> None:
         self.prog = prog
         self.insns: list[Instruction] = prog.instructions
+        A.reset_memo()
         # inner map templates of map-in-maps get indexes after the object's maps: a lookup
         # in the outer map gives a pointer to (a map like) the template
         self.maps = list(maps)
@@ -171,10 +175,10 @@ class Checker:
     def run(self) -> Failure | None:
         st = VerifierState([S.new_frame(0, -1, 0)])
         if self.test_mem_size is None:
-            st.cur.regs[1] = Reg(S.CTX, Scalar.const(0))
+            st.frames[-1].regs[1] = Reg(S.CTX, Scalar.const(0))
         else:  # a bpf_conformance-style run: r1 = packet-like memory, r2 = its length
-            st.cur.regs[1] = Reg(S.MEM, Scalar.const(0), size=self.test_mem_size)
-            st.cur.regs[2] = S.const_reg(self.test_mem_size)
+            st.frames[-1].regs[1] = Reg(S.MEM, Scalar.const(0), size=self.test_mem_size)
+            st.frames[-1].regs[2] = S.const_reg(self.test_mem_size)
         self.enter_function(0)
         fail = self._explore(st, 0)
         if fail:
@@ -215,15 +219,15 @@ class Checker:
         try:
             while True:
                 seen[pc] = 1
-                stats.processed += 1
-                if stats.processed > COMPLEXITY_LIMIT:
-                    raise Reject(f"BPF program is too large. Processed {stats.processed} insn",
+                processed = stats.processed = stats.processed + 1
+                if processed > COMPLEXITY_LIMIT:
+                    raise Reject(f"BPF program is too large. Processed {processed} insn",
                                  "the verifier explored 1,000,000 instructions without finishing; "
                                  "simplify loops or branches")
                 if pc in prune and self._visit(st, pc):
                     self._path_done(st)
                     return
-                if not stats.processed & 0x3FFF and time.monotonic() > self.deadline:
+                if not processed & 0x3FFF and time.monotonic() > self.deadline:
                     raise Reject(f"verification exceeded the {self.time_budget:g} s time budget after "
                                  f"{stats.processed} insns", "the kernel would keep going up to 1,000,000 "
                                  "instructions; simplify loops or raise the budget")
@@ -234,7 +238,7 @@ class Checker:
                     self.trace.append(f"{pc}: {format_insn(ins, pc)} ; {describe_regs(st)}")
                 code = ins.opcode
                 cls = code & 0x07
-                if code in AR.FAST_K64:
+                if code in _FAST_K64:
                     # r = constant OP immediate, 64-bit: the commonest loop step, done inline
                     regs = st.frames[-1].regs
                     d = regs[ins.dst]
@@ -248,22 +252,22 @@ class Checker:
                     else:
                         AR.check_alu(self, st, ins)
                     pc += 1
-                elif cls in (op.BPF_ALU, op.BPF_ALU64):
+                elif cls in _ALU_CLASSES:
                     AR.check_alu(self, st, ins)
                     pc += 1
-                elif cls == op.BPF_LDX:
+                elif cls == _LDX:
                     AR.read_reg(st, ins.src)
                     AR.check_dst(ins.dst)
                     sext = code & 0xE0 == op.BPF_MEMSX
                     size = op.SIZE_BYTES[code & 0x18]
-                    src = st.cur.regs[ins.src]
+                    src = st.frames[-1].regs[ins.src]
                     if src.type == S.STACK and ins.src != 10:
                         self._stack_access(pc)
                     if src.type == S.MAP_PTR:
                         r = MF.check_read(self, src, ins.src, src.off + ins.off, size, False, sext, pc)
                     else:
                         r = M.check_access(self, st, ins.src, ins.off, size, False, sext=sext)
-                    st.cur.regs[ins.dst] = r
+                    st.frames[-1].regs[ins.dst] = r
                     pc += 1
                 elif cls == op.BPF_STX:
                     self._no_map_ptr_write(st, ins, pc)
@@ -321,9 +325,11 @@ class Checker:
             self.stack_live = observed_stack_liveness(self.insns, self.cfg, self.stack_access, self.helper_reads)
         live = self.cfg.live_in
         demand = self.demand
+        frames = st.frames
+        if len(frames) == 1:
+            return [(live[pc], demand[pc], self.stack_live[pc])]
         n = len(live)
         out = []
-        frames = st.frames
         for i in range(len(frames)):
             if i == len(frames) - 1:
                 out.append((live[pc], demand[pc], self.stack_live[pc]))
@@ -367,7 +373,7 @@ class Checker:
         fps = self.open_fps.get(pc)
         # an identical open state is possible only if the current frame's registers match one
         # (registers are immutable and cache their hash: equal states, equal fingerprints)
-        fp = hash(tuple(st.cur.regs)) if fps or loop_ok else 0
+        fp = hash(tuple(st.frames[-1].regs)) if fps or loop_ok else 0
         maybe_loop = bool(fps) and fp in fps
         sig = S.Signature(st, fp) if maybe_loop or loop_ok else None
         if not loop_ok:
@@ -389,7 +395,7 @@ class Checker:
             elif self.jumps - jumps < 2 or self.stats.processed - insns < 8:
                 return False
             if not fps:
-                fp = hash(tuple(st.cur.regs))
+                fp = hash(tuple(st.frames[-1].regs))
         elif pc not in self.may_gotos and sigs:  # (may_goto widens its loop-body side only: _may_goto)
             ancestors = [cp for cp in sigs.values() if cp.branches and len(cp.state.frames) == len(st.frames)]
             if ancestors:
@@ -474,7 +480,7 @@ class Checker:
     def _no_map_ptr_write(self, st: VerifierState, ins: Instruction, pc: int) -> None:
         """A store through a map pointer: the kernel's message for its struct (always refused).
         (Also notes stores through stack pointers other than r10, for precision demand.)"""
-        dst = st.cur.regs[ins.dst]
+        dst = st.frames[-1].regs[ins.dst]
         if dst.type == S.STACK and ins.dst != 10:
             self._stack_access(pc)
         if dst.type == S.MAP_PTR:
@@ -488,11 +494,11 @@ class Checker:
         size = op.SIZE_BYTES[code & 0x18]
         src = AR.read_reg(st, ins.src)
         if src.type == S.SCALAR and not src.id and not src.val.is_const() and code & 0xE0 == op.BPF_MEM \
-                and st.cur.regs[ins.dst].type == S.STACK and src.val.umax >> (size * 8) == 0:
+                and st.frames[-1].regs[ins.dst].type == S.STACK and src.val.umax >> (size * 8) == 0:
             # a spill of a value that fits keeps it linked with the register (the kernel's
             # assign_scalar_id_before_mov), so a later fill and compare refines both
             src = Reg(S.SCALAR, src.val, id=self.new_id())
-            st.cur.regs[ins.src] = src
+            st.frames[-1].regs[ins.src] = src
         if code & 0xE0 == op.BPF_ATOMIC:
             AR.read_reg(st, ins.dst)
             if ins.imm == op.BPF_CMPXCHG:
@@ -501,20 +507,20 @@ class Checker:
             if r is None:
                 r = Reg(S.SCALAR, Scalar.unknown() if size == 8 else Scalar.urange(0, 0xFFFFFFFF))
             if ins.imm == op.BPF_CMPXCHG:
-                st.cur.regs[0] = r
+                st.frames[-1].regs[0] = r
             elif ins.imm & op.BPF_FETCH:
                 AR.check_dst(ins.src)
-                st.cur.regs[ins.src] = r
+                st.frames[-1].regs[ins.src] = r
             return
         M.check_access(self, st, ins.dst, ins.off, size, True, value=src)
 
     def _lddw(self, st: VerifierState, pc: int, ins: Instruction) -> None:
         AR.check_dst(ins.dst)
-        regs = st.cur.regs
+        regs = st.frames[-1].regs
         src = ins.src
         if src == 0:
             regs[ins.dst] = S.const_reg(ins.imm64)
-        elif src == op.BPF_PSEUDO_MAP_IDX or src == op.BPF_PSEUDO_MAP_IDX_VALUE:
+        elif src in (op.BPF_PSEUDO_MAP_IDX, op.BPF_PSEUDO_MAP_IDX_VALUE):
             idx = ins.imm
             if not 0 <= idx < len(self.maps):
                 raise Reject(f"map index {idx} is out of range: the object has {len(self.maps)} maps")
@@ -555,14 +561,14 @@ class Checker:
         finally:
             self._helper_pc = -1
         if entered:
-            return st.cur.subprog
+            return st.frames[-1].subprog
         return pc + 1
 
     def _cond(self, st: VerifierState, pc: int, ins: Instruction) -> int:
         code = ins.opcode
         bits = 32 if code & 0x07 == op.BPF_JMP32 else 64
         o = code & 0xF0
-        regs = st.cur.regs
+        regs = st.frames[-1].regs
         dst = AR.read_reg(st, ins.dst)
         if code & op.BPF_X:
             src = AR.read_reg(st, ins.src)
@@ -647,7 +653,7 @@ class Checker:
 
     def _apply_refine(self, st: VerifierState, dst_no: int, src_no: int, vals: tuple) -> None:
         a, b = vals
-        regs = st.cur.regs
+        regs = st.frames[-1].regs
         _set_scalar(st, dst_no, a)
         if src_no >= 0:
             _set_scalar(st, src_no, b)
@@ -713,7 +719,7 @@ def _round16(v: int) -> int:
 
 
 def _set_scalar(st: VerifierState, regno: int, val: Scalar) -> None:
-    regs = st.cur.regs
+    regs = st.frames[-1].regs
     r = regs[regno]
     if r.type != S.SCALAR:
         return

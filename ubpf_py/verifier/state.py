@@ -137,7 +137,8 @@ class Frame:
     #: set for bpf_loop-style callbacks: the helper call to return to
     in_callback: bool = False
     #: for frames saved in checkpoints (never changed again): the stack slots that hold
-    #: known-zero or spilled bytes, as (slot, byte kinds); computed on the first comparison
+    #: known-zero or spilled bytes, as (slot bit set, ((slot, byte kinds), ...)); computed on the
+    #: first comparison
     known: tuple | None = None
 
     def copy(self) -> Frame:
@@ -291,7 +292,8 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
     known = old.known
     if known is None:
         known = old.known = _known_slots(os_)
-    for slot, pat in known:
+    mask, entries = known
+    for slot, pat in (entries if mask & slots else ()):
         if not (slots >> slot) & 1:
             continue
         base = slot * 8
@@ -334,14 +336,24 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
     return True
 
 
-def _known_slots(stack: bytearray) -> tuple[tuple[int, bytes], ...]:
-    """(slot, its 8 byte kinds) of every slot holding a known-zero or spilled byte."""
+#: stack byte kind -> 1 if it is known (zero or spilled), for bytes.translate
+_KNOWN_KIND = bytes(1 if k > S_MISC else 0 for k in range(256))
+
+
+def _known_slots(stack: bytearray) -> tuple[int, tuple[tuple[int, bytes], ...]]:
+    """(bit set of the slots holding a known-zero or spilled byte, (slot, its 8 byte kinds) of
+    each of them).  Computed once per checkpoint frame; most slots are not known."""
+    flags = bytes(stack).translate(_KNOWN_KIND)
     out = []
-    for slot in range(len(stack) // 8):
-        pat = bytes(stack[slot * 8:slot * 8 + 8])
-        if max(pat) > S_MISC:
-            out.append((slot, pat))
-    return tuple(out)
+    mask = 0
+    i = flags.find(1)
+    while i >= 0:
+        slot = i >> 3
+        base = slot << 3
+        out.append((slot, bytes(stack[base:base + 8])))
+        mask |= 1 << slot
+        i = flags.find(1, base + 8)
+    return mask, tuple(out)
 
 
 def _imprecise_spill_vs_misc(old: Frame, cur: Frame, slot: int, demand: int) -> bool:
