@@ -46,7 +46,10 @@ MAX_CALL_FRAMES = 8
 _HELPER_CALLBACKS = (164, 181)
 _FAST_K64 = AR.FAST_K64
 _ALU_CLASSES = (op.BPF_ALU, op.BPF_ALU64)
-_LDX = op.BPF_LDX
+_LDX, _STX, _ST, _LDDW = op.BPF_LDX, op.BPF_STX, op.BPF_ST, op.LDDW
+_JMP_CLASSES = (op.BPF_JMP, op.BPF_JMP32)
+_JA64, _JA, _CALL, _EXIT, _MAY_GOTO = op.BPF_JMP | op.BPF_JA, op.BPF_JA, op.BPF_CALL, op.BPF_EXIT, op.MAY_GOTO
+_SIZE_BYTES = op.SIZE_BYTES
 #: pointer types a comparison with 0 decides (the kernel's reg_not_null)
 _NOT_NULL = frozenset({S.MAP_VALUE, S.MAP_KEY, S.MEM, S.RINGBUF_MEM})
 
@@ -259,8 +262,9 @@ class Checker:
                     AR.read_reg(st, ins.src)
                     AR.check_dst(ins.dst)
                     sext = code & 0xE0 == op.BPF_MEMSX
-                    size = op.SIZE_BYTES[code & 0x18]
-                    src = st.frames[-1].regs[ins.src]
+                    size = _SIZE_BYTES[code & 0x18]
+                    regs = st.frames[-1].regs
+                    src = regs[ins.src]
                     if src.type == S.STACK and ins.src != 10:
                         self._stack_access(pc)
                     if src.type == S.MAP_PTR:
@@ -269,43 +273,43 @@ class Checker:
                         r = M.check_access(self, st, ins.src, ins.off, size, False, sext=sext)
                     st.frames[-1].regs[ins.dst] = r
                     pc += 1
-                elif cls == op.BPF_STX:
-                    self._no_map_ptr_write(st, ins, pc)
-                    self._store(st, ins)
-                    pc += 1
-                elif cls == op.BPF_ST:
-                    self._no_map_ptr_write(st, ins, pc)
-                    M.check_access(self, st, ins.dst, ins.off, op.SIZE_BYTES[code & 0x18], True,
-                                   value=S.const_reg(ins.imm))
-                    pc += 1
-                elif code == op.LDDW:
-                    self._lddw(st, pc, ins)
-                    seen[pc + 1] = 1
-                    pc += 2
-                elif cls == op.BPF_LD:
-                    raise Reject("BPF_LD_[ABS|IND] instructions not allowed for this program type")
-                else:
+                elif cls in _JMP_CLASSES:
                     o = code & 0xF0
                     self.jumps += 1   # the kernel's jmps_processed counts calls and exits too
-                    if o == op.BPF_CALL:
+                    if code == _JA64:
+                        pc += ins.off + 1
+                    elif o == _CALL:
                         pc = self._call(st, pc, ins)
-                    elif o == op.BPF_EXIT:
+                    elif o == _EXIT:
                         nxt = C.check_exit(self, st, pc)
                         if nxt is None:
                             self._path_done(st)
                             return
                         pc = nxt
-                    elif code == op.BPF_JMP | op.BPF_JA:
-                        pc += ins.off + 1
-                    elif o == op.BPF_JA:
+                    elif o == _JA:
                         pc = jump_target(pc, ins)
-                    elif code == op.MAY_GOTO:
+                    elif code == _MAY_GOTO:
                         pc = self._may_goto(st, pc, ins)
                     else:
                         pc = self._cond(st, pc, ins)
                         if pc < 0:
                             self._path_done(st)
                             return
+                elif cls == _STX:
+                    self._no_map_ptr_write(st, ins, pc)
+                    self._store(st, ins)
+                    pc += 1
+                elif cls == _ST:
+                    self._no_map_ptr_write(st, ins, pc)
+                    M.check_access(self, st, ins.dst, ins.off, _SIZE_BYTES[code & 0x18], True,
+                                   value=S.const_reg(ins.imm))
+                    pc += 1
+                elif code == _LDDW:
+                    self._lddw(st, pc, ins)
+                    seen[pc + 1] = 1
+                    pc += 2
+                else:  # BPF_LD
+                    raise Reject("BPF_LD_[ABS|IND] instructions not allowed for this program type")
         except Reject:
             self._fail_pc = pc   # the instruction being checked (set here, not per insn)
             raise
@@ -373,7 +377,7 @@ class Checker:
         fps = self.open_fps.get(pc)
         # an identical open state is possible only if the current frame's registers match one
         # (registers are immutable and cache their hash: equal states, equal fingerprints)
-        fp = hash(tuple(st.frames[-1].regs)) if fps or loop_ok else 0
+        fp = S.regs_fp(st.frames[-1].regs) if fps or loop_ok else 0
         maybe_loop = bool(fps) and fp in fps
         sig = S.Signature(st, fp) if maybe_loop or loop_ok else None
         if not loop_ok:
@@ -395,7 +399,7 @@ class Checker:
             elif self.jumps - jumps < 2 or self.stats.processed - insns < 8:
                 return False
             if not fps:
-                fp = hash(tuple(st.frames[-1].regs))
+                fp = S.regs_fp(st.frames[-1].regs)
         elif pc not in self.may_gotos and sigs:  # (may_goto widens its loop-body side only: _may_goto)
             ancestors = [cp for cp in sigs.values() if cp.branches and len(cp.state.frames) == len(st.frames)]
             if ancestors:

@@ -51,8 +51,12 @@ class Scalar:
     def __hash__(self) -> int:
         h = self._h
         if not h:
-            h = hash((self.var, self.umin, self.umax, self.smin, self.smax, self.u32min, self.u32max,
-                      self.s32min, self.s32max)) or 1
+            var = self.var
+            if var.mask == 0:   # constants (equal scalars have equal tnums: the same formula)
+                h = hash(var.value) ^ 0x5BD1E995 or 1
+            else:
+                h = hash((var, self.umin, self.umax, self.smin, self.smax, self.u32min, self.u32max,
+                          self.s32min, self.s32max)) or 1
             self._h = h
         return h
 

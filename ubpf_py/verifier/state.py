@@ -11,6 +11,7 @@ current path safe, so it can stop (state pruning).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from ubpf_py.verifier.scalar import UNKNOWN, Scalar
 
@@ -112,6 +113,18 @@ class Reg:
             parts.append(f"insn={self.subprog}")
         inner = ",".join(p for p in parts if p)
         return f"{self.type}({inner})" if inner else self.type
+
+
+_GET_H = attrgetter("_h")
+
+
+def regs_fp(regs: list[Reg]) -> int:
+    """A hash of a register file, equal for equal registers: built from each register's cached
+    hash with C-level calls only (it runs at every prune point with open checkpoints)."""
+    hs = tuple(map(_GET_H, regs))
+    if 0 in hs:   # a register never hashed yet: the same tuple, computing what is missing
+        hs = tuple([r._h or hash(r) for r in regs])
+    return hash(hs)
 
 
 UNINIT = Reg()
