@@ -405,7 +405,10 @@ def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int,
     if len(ofrs) != len(cfrs):
         return False
     ids = _IdMap()
-    for fi in range(len(ofrs)):
+    # innermost frame first: a callee's state differs far more often than its callers', whose
+    # whole stacks are compared (the answer does not depend on the order: every id pair met
+    # must fit one bijection, whichever comes first)
+    for fi in range(len(ofrs) - 1, -1, -1):
         of, cf = ofrs[fi], cfrs[fi]
         if of.callsite != cf.callsite or of.in_callback != cf.in_callback:
             return False

@@ -66,6 +66,16 @@ _CLASS_NAME = {op.BPF_ALU: "BPF_ALU", op.BPF_ALU64: "BPF_ALU", op.BPF_LDX: "BPF_
                op.BPF_ST: "BPF_ST", op.BPF_STX: "BPF_STX"}
 
 
+def _cond_jump_opcodes() -> frozenset[int]:
+    return frozenset(c for c in VALID_OPCODES if c & 0x07 in (op.BPF_JMP, op.BPF_JMP32)
+                     and c & 0xF0 not in (op.BPF_JA, op.BPF_CALL, op.BPF_EXIT))
+
+
+#: the valid conditional jumps, and those with the two unconditional ones (ja, gotol)
+_COND_JUMP_OPCODES = _cond_jump_opcodes()
+_JUMP_OPCODES = _COND_JUMP_OPCODES | {op.BPF_JMP | op.BPF_JA, op.BPF_JMP32 | op.BPF_JA}
+
+
 def is_cond_jump(code: int) -> bool:
     c = code & 0x07
     o = code & 0xF0
@@ -221,8 +231,7 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
     ends = {s: (starts[k + 1] if k + 1 < len(starts) else n) for k, s in enumerate(starts)}
     owner = [0] * n
     for s in starts:
-        for j in range(s, ends[s]):
-            owner[j] = s
+        owner[s:ends[s]] = [s] * (ends[s] - s)
     for i, ins in enumerate(insns):
         if i in second_slot:
             continue
@@ -236,12 +245,12 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
             continue
         code = ins.opcode
         s, e = owner[i], ends[owner[i]]
-        if is_cond_jump(code) or is_uncond_jump(code):
+        if code in _JUMP_OPCODES:
             t = jump_target(i, ins)
             if not s <= t < e:
                 raise StructureError(f"jump out of range from insn {i} to {t}", i,
                                      "the jump leaves its function")
-            if is_cond_jump(code):
+            if code in _COND_JUMP_OPCODES:
                 # the kernel's prune points are the conditional jump itself (one check covers
                 # both successors) and its target; the fall-through too here (more chances to
                 # prune, fewer insns), an extra point that the checkpoint spacing ignores
@@ -290,8 +299,7 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
             if t < n:
                 preds[t].append(i)
     cfg.succ, cfg.second, cfg.preds = succ, second_slot, preds
-    cfg.live_in = _liveness(insns, succ, preds, second_slot)
-    cfg.stack_live = _stack_liveness(insns, succ, preds, second_slot)
+    cfg.live_in, cfg.stack_live = _liveness(insns, succ, preds, second_slot)
     return cfg
 
 
@@ -329,14 +337,6 @@ def _stack_use_def(ins: Instruction) -> tuple[int, int]:
             return 0, 0
         return STACK_ALL, 0  # helpers and callees may read the stack through pointers
     return 0, 0
-
-
-def _stack_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], preds: list[list[int]],
-                    second: set[int]) -> list[int]:
-    """The kernel's stack-slot read marks, statically: a slot no later instruction of this
-    frame may read does not matter when comparing states (pointers into the stack make
-    every slot live at helper and function calls, and at loads through other registers)."""
-    return _backward_liveness(insns, succ, preds, second, _stack_use_def)
 
 
 #: helpers whose stack reads all go through their memory arguments (no callbacks)
@@ -404,10 +404,25 @@ def _use_def(ins: Instruction) -> tuple[int, int]:
     return 0, 0
 
 
+_LIVE_SLOT0 = 16
+
+
+def _reg_stack_use_def(ins: Instruction) -> tuple[int, int]:
+    """``_use_def`` (registers, bits 0-10) and ``_stack_use_def`` (stack slots, bits 16-79)
+    of one instruction in one bit set: the two liveness problems share one pass."""
+    ru, rd = _use_def(ins)
+    su, sd = _stack_use_def(ins)
+    return ru | (su << _LIVE_SLOT0), rd | (sd << _LIVE_SLOT0)
+
+
 def _liveness(insns: list[Instruction], succ: list[tuple[int, ...]], preds: list[list[int]],
-              second: set[int]) -> list[int]:
-    """Registers live at each instruction (bit r); r10, the frame pointer, always is."""
-    return _backward_liveness(insns, succ, preds, second, _use_def, always=1 << 10)
+              second: set[int]) -> tuple[list[int], list[int]]:
+    """Registers live at each instruction (bit r; r10, the frame pointer, always is) and the
+    kernel's stack-slot read marks, statically: a slot no later instruction of this frame may
+    read does not matter when comparing states (pointers into the stack make every slot live
+    at helper and function calls, and at loads through other registers)."""
+    both = _backward_liveness(insns, succ, preds, second, _reg_stack_use_def, always=1 << 10)
+    return [x & 0x7FF for x in both], [x >> _LIVE_SLOT0 for x in both]
 
 
 def _backward_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], preds: list[list[int]],
