@@ -81,7 +81,7 @@ def check_alu(ck: CheckContext, st: VerifierState, ins: Instruction) -> None:
             check_dst(ins.dst)
             if ins.off:  # movsx
                 val = src.val.sext(ins.off // 8) if src.type == SCALAR else Scalar.unknown().sext(ins.off // 8)
-                regs[ins.dst] = Reg(SCALAR, val if bits == 64 else val.zext32())
+                regs[ins.dst] = S.scalar_reg(val if bits == 64 else val.zext32())
             elif bits == 64:
                 if src.type == SCALAR and not src.id and not src.val.is_const():
                     src = Reg(SCALAR, src.val, id=ck.new_id())
@@ -95,7 +95,7 @@ def check_alu(ck: CheckContext, st: VerifierState, ins: Instruction) -> None:
                 regs[ins.dst] = src
             else:
                 val = src.val.zext32() if src.type == SCALAR else Scalar.unknown().zext32()
-                regs[ins.dst] = Reg(SCALAR, val)
+                regs[ins.dst] = S.scalar_reg(val)
         else:
             check_dst(ins.dst)
             v = ins.imm & 0xFFFFFFFF if bits == 32 else ins.imm
@@ -112,16 +112,16 @@ def check_alu(ck: CheckContext, st: VerifierState, ins: Instruction) -> None:
         b = ins.imm & m
         r = (a + b) if o == BPF_ADD else (a - b) if o == BPF_SUB else \
             (a & b) if o == BPF_AND else (a | b) if o == BPF_OR else (a ^ b)
-        regs[ins.dst] = Reg(SCALAR, Scalar.const(r & m))
+        regs[ins.dst] = S.scalar_reg(Scalar.const(r & m))
         return
     if o in (BPF_NEG, BPF_END):
         if dst.type != SCALAR:
             regs[ins.dst] = UNKNOWN_SCALAR
             return
         if o == BPF_NEG:
-            regs[ins.dst] = Reg(SCALAR, A.scalar_alu(BPF_NEG, dst.val, dst.val, bits))
+            regs[ins.dst] = S.scalar_reg(A.scalar_alu(BPF_NEG, dst.val, dst.val, bits))
         else:
-            regs[ins.dst] = Reg(SCALAR, _endian(dst.val, ins, bits))
+            regs[ins.dst] = S.scalar_reg(_endian(dst.val, ins, bits))
         return
     if x:
         src = read_reg(st, ins.src)
@@ -138,9 +138,9 @@ def check_alu(ck: CheckContext, st: VerifierState, ins: Instruction) -> None:
         res = Scalar.unknown() if bits == 64 else Scalar.unknown().zext32()
         if src.val.is_const() and dst.val.is_const():
             res = _divmod(o, ins.off, dst.val.value, src.val.value, bits)
-        regs[ins.dst] = Reg(SCALAR, res)
+        regs[ins.dst] = S.scalar_reg(res)
         return
-    regs[ins.dst] = Reg(SCALAR, A.scalar_alu(o, dst.val, src.val, bits))
+    regs[ins.dst] = S.scalar_reg(A.scalar_alu(o, dst.val, src.val, bits))
 
 
 def _ptr_alu(o: int, bits: int, dst: Reg, src: Reg, ins: Instruction) -> Reg:

@@ -78,6 +78,7 @@ class Checker:
         self.prog = prog
         self.insns: list[Instruction] = prog.instructions
         A.reset_memo()
+        S.reset_memo()
         # inner map templates of map-in-maps get indexes after the object's maps: a lookup
         # in the outer map gives a pointer to (a map like) the template
         self.maps = list(maps)
@@ -727,7 +728,7 @@ def _set_scalar(st: VerifierState, regno: int, val: Scalar) -> None:
     r = regs[regno]
     if r.type != S.SCALAR:
         return
-    regs[regno] = Reg(S.SCALAR, val, id=r.id)
+    regs[regno] = Reg(S.SCALAR, val, id=r.id) if r.id else S.scalar_reg(val)
     if r.id:
         for f in st.frames:
             for i, x in enumerate(f.regs):

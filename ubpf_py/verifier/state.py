@@ -131,8 +131,28 @@ UNINIT = Reg()
 UNKNOWN_SCALAR = Reg(SCALAR, UNKNOWN)
 
 
+#: id-less scalar registers by value, shared: registers are immutable, and a shared object
+#: is cheap to compare (the identity test of ``subsumes``) and hashes once.  Emptied per
+#: program (``reset_memo``) like the ALU memo tables.
+_SCALAR_REGS: dict[Scalar, Reg] = {}
+
+
+def scalar_reg(val: Scalar) -> Reg:
+    """``Reg(SCALAR, val)``, the same object for equal values."""
+    r = _SCALAR_REGS.get(val)
+    if r is None:
+        if len(_SCALAR_REGS) >= 65536:
+            _SCALAR_REGS.clear()
+        r = _SCALAR_REGS[val] = Reg(SCALAR, val)
+    return r
+
+
+def reset_memo() -> None:
+    _SCALAR_REGS.clear()
+
+
 def const_reg(v: int) -> Reg:
-    return Reg(SCALAR, Scalar.const(v))
+    return scalar_reg(Scalar.const(v))
 
 
 @dataclass(slots=True)
