@@ -142,8 +142,9 @@ class Checker:
         self._demand_dirty = False
         #: instructions added to ``decided``/``stack_access`` since ``demand`` was computed
         self._demand_new: set[int] = set()
-        self.demand = precision_demand(self.insns, cfg, self._helper_args, self.decided,
-                                       self.stack_access, self.precise_reads)
+        #: precision demand per instruction, computed when first needed (a program that never
+        #: compares states never needs it), then kept up to date as the sets above grow
+        self.demand: list[int] | None = None
         self._verified: set[int] = set()
 
     # -- bookkeeping used by the other modules -------------------------------------
@@ -319,7 +320,12 @@ class Checker:
     def _live_masks(self, st: VerifierState, pc: int) -> list[tuple[int, int, int]]:
         """Per frame: (live registers, precision demand, live stack slots).  The stacks of
         caller frames stay fully live: the callee may read them through pointers."""
-        if self._demand_dirty:
+        if self.demand is None:
+            self._demand_dirty = False
+            self._demand_new = set()
+            self.demand = precision_demand(self.insns, self.cfg, self._helper_args, self.decided,
+                                           self.stack_access, self.precise_reads)
+        elif self._demand_dirty:
             self._demand_dirty = False
             self.demand = precision_demand(self.insns, self.cfg, self._helper_args, self.decided,
                                            self.stack_access, self.precise_reads, init=self.demand,
