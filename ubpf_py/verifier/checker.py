@@ -221,6 +221,9 @@ class Checker:
         stats = self.stats
         level2 = self.log_level >= 2
         seen = self.seen
+        # the path's last instructions, for error reports; kept local and published in
+        # ``_cur_trail`` where it is read: by ``push`` (jumps and calls) and on a rejection
+        trail = self._cur_trail
         try:
             while True:
                 seen[pc] = 1
@@ -236,7 +239,7 @@ class Checker:
                     raise Reject(f"verification exceeded the {self.time_budget:g} s time budget after "
                                  f"{stats.processed} insns", "the kernel would keep going up to 1,000,000 "
                                  "instructions; simplify loops or raise the budget")
-                self._cur_trail = (pc, self._cur_trail)
+                trail = (pc, trail)
                 ins = insns[pc]
                 if level2:
                     from ubpf_py.verifier.log import format_insn
@@ -276,6 +279,7 @@ class Checker:
                     st.frames[-1].regs[ins.dst] = r
                     pc += 1
                 elif cls in _JMP_CLASSES:
+                    self._cur_trail = trail
                     o = code & 0xF0
                     self.jumps += 1   # the kernel's jmps_processed counts calls and exits too
                     if code == _JA64:
@@ -314,6 +318,7 @@ class Checker:
                     raise Reject("BPF_LD_[ABS|IND] instructions not allowed for this program type")
         except Reject:
             self._fail_pc = pc   # the instruction being checked (set here, not per insn)
+            self._cur_trail = trail
             raise
 
     # -- pruning -----------------------------------------------------------------------
@@ -359,6 +364,12 @@ class Checker:
     def _visit(self, st: VerifierState, pc: int) -> bool:
         """Prune point: stop if a finished state covers this one; detect loops; checkpoint."""
         lst = self.explored.get(pc)
+        if not lst and not self.open_fps.get(pc) and pc not in self.loop_ok:
+            # a third of the visits: nothing to compare with here, only the checkpoint spacing
+            # below decides (no open checkpoint here, so the out-of-loop rule)
+            insns, jumps = self._last_cp
+            if self.jumps - jumps < 2 or self.stats.processed - insns < 8:
+                return False
         loop_ok = pc in self.loop_ok
         masks = None
         candidates = lst or []
