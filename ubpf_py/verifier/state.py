@@ -173,6 +173,9 @@ class Frame:
     #: known-zero or spilled bytes, as (slot bit set, ((slot, byte kinds), ...)); computed on the
     #: first comparison
     known: tuple | None = None
+    #: for checkpoint frames: 1 if no spilled register has an id or a reference (then equal
+    #: stacks are covered without comparing slot by slot), -1 until computed
+    plain: int = -1
 
     def copy(self) -> Frame:
         return Frame(list(self.regs), bytearray(self.stack), dict(self.spills), self.callsite,
@@ -320,13 +323,27 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
             reg_safe(o, cur.spills.get(k, UNINIT), ids, True) for k, o in old.spills.items()) \
             and len(old.spills) == len(cur.spills)
     os_, cs = old.stack, cur.stack
-    if os_ == cs and not old.spills and not cur.spills:
-        return True
-    known = old.known
-    if known is None:
-        known = old.known = _known_slots(os_)
-    mask, entries = known
-    for slot, pat in (entries if mask & slots else ()):
+    if os_ == cs:
+        ospills = old.spills
+        if not ospills and not cur.spills:
+            return True
+        # the same bytes and equal spilled registers (a C-level dict compare: registers are
+        # shared) cover each other when no id or reference needs matching: the common case of
+        # a caller's frame, unchanged while the callee runs, whose whole stack is live
+        plain = old.plain
+        if plain < 0:
+            plain = old.plain = int(not any(r.id or r.ref for r in ospills.values()))
+        if plain and ospills == cur.spills:
+            return True
+        entries = ()   # equal bytes: every known byte matches
+    else:
+        known = old.known
+        if known is None:
+            known = old.known = _known_slots(os_)
+        mask, entries = known
+        if not mask & slots:
+            entries = ()
+    for slot, pat in entries:
         if not (slots >> slot) & 1:
             continue
         base = slot * 8
@@ -349,10 +366,10 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
                 return False
     cspills = cur.spills
     for slot, o in old.spills.items():
-        if not (slots >> slot) & 1:
-            continue
         c = cspills.get(slot)
         if c is o and not o.id and not o.ref:
+            continue
+        if not (slots >> slot) & 1:
             continue
         if c is None:
             if _imprecise_spill_vs_misc(old, cur, slot, demand):
