@@ -139,6 +139,10 @@ class Checker:
         self.precise_reads: dict[int, int] = {}
         self._helper_pc = -1
         self._slots_dirty = True
+        #: observed stack liveness (``structure.observed_stack_liveness``), computed when first
+        #: needed, and the instructions whose stack reads grew since
+        self.stack_live: list[int] | None = None
+        self._slots_new: set[int] = set()
         self._demand_dirty = False
         #: instructions added to ``decided``/``stack_access`` since ``demand`` was computed
         self._demand_new: set[int] = set()
@@ -338,7 +342,9 @@ class Checker:
             self._demand_new = set()
         if self._slots_dirty:
             self._slots_dirty = False
-            self.stack_live = observed_stack_liveness(self.insns, self.cfg, self.stack_access, self.helper_reads)
+            self.stack_live = observed_stack_liveness(self.insns, self.cfg, self.stack_access, self.helper_reads,
+                                                      self.stack_live, self._slots_new)
+            self._slots_new = set()
         live = self.cfg.live_in
         demand = self.demand
         frames = st.frames
@@ -474,6 +480,7 @@ class Checker:
             self._demand_new.add(pc)
             self._demand_dirty = True
             self._slots_dirty = True
+            self._slots_new.add(pc)
 
     def note_precise_stack(self, st: VerifierState, frame: int, lo: int, hi: int) -> None:
         """The helper call being checked needs the exact value of stack bytes [lo, hi) of
@@ -498,6 +505,7 @@ class Checker:
         if bits & ~old:
             self.helper_reads[pc] = old | bits
             self._slots_dirty = True
+            self._slots_new.add(pc)
 
     def _no_map_ptr_write(self, st: VerifierState, ins: Instruction, pc: int) -> None:
         """A store through a map pointer: the kernel's message for its struct (always refused).

@@ -180,6 +180,10 @@ class Cfg:
     #: prune points the kernel does not have (fall-throughs of conditional jumps): a
     #: checkpoint there does not count for the kernel's spacing of checkpoints
     extra_points: set[int] = field(default_factory=set)
+    #: (stack slots used, stack slots defined) per instruction, as ``_stack_use_def``
+    stack_ud: list[tuple[int, int]] = field(default_factory=list)
+    #: (insn, is a helper call) whose stack reads ``observed_stack_liveness`` learns in the walk
+    observed_sites: list[tuple[int, bool]] | None = None
     #: predecessors per instruction (the backward analyses run several times per program)
     preds: list[list[int]] = field(default_factory=list)
 
@@ -299,7 +303,7 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
             if t < n:
                 preds[t].append(i)
     cfg.succ, cfg.second, cfg.preds = succ, second_slot, preds
-    cfg.live_in, cfg.stack_live = _liveness(insns, succ, preds, second_slot)
+    cfg.live_in, cfg.stack_live = _liveness(insns, cfg)
     return cfg
 
 
@@ -344,24 +348,37 @@ OBSERVED_HELPERS = frozenset(h for h, p in PROTOS.items() if not {"func", "stack
 
 
 def observed_stack_liveness(insns: list[Instruction], cfg: Cfg, stack_access: set[int],
-                            helper_reads: dict[int, int]) -> list[int]:
+                            helper_reads: dict[int, int], prev: list[int] | None = None,
+                            dirty: set[int] | None = None) -> list[int]:
     """Stack-slot liveness with what the walk saw: a load through a register other than r10
     reads the stack only if some path had a stack pointer there (``stack_access``), and a
     helper call reads the slots some path passed it (``helper_reads``: call -> slot bits, all
     of them when a pointer into another frame was passed).  Like the kernel's, this is used
-    for finished checkpoints only, whose paths have all been walked."""
-    def use_def(i: int) -> tuple[int, int]:
-        ins = insns[i]
-        code = ins.opcode
-        cls = code & 0x07
-        if cls == op.BPF_LDX and ins.src != 10:
-            return (STACK_ALL if i in stack_access else 0), 0
-        if cls == op.BPF_STX and code & 0xE0 == op.BPF_ATOMIC and ins.dst != 10:
-            return (STACK_ALL if i in stack_access else 0), 0
-        if code == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_CALL_HELPER and ins.imm in OBSERVED_HELPERS:
-            return helper_reads.get(i, 0), 0
-        return _stack_use_def(ins)
-    return _backward_liveness(insns, cfg.succ, cfg.preds, cfg.second, use_def, by_index=True)
+    for finished checkpoints only, whose paths have all been walked.  ``prev``/``dirty``: the
+    result before the instructions in ``dirty`` were added to those (reads only grow)."""
+    second = cfg.second
+    if cfg.observed_sites is None:
+        # the instructions whose stack reads depend on what the walk saw: loads and atomics
+        # through a register other than r10 (False), calls of observed helpers (True)
+        sites = []
+        for i, ins in enumerate(insns):
+            code = ins.opcode
+            cls = code & 0x07
+            if i in second:
+                continue
+            if (cls == op.BPF_LDX and ins.src != 10) or \
+                    (cls == op.BPF_STX and code & 0xE0 == op.BPF_ATOMIC and ins.dst != 10):
+                sites.append((i, False))
+            elif code == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_CALL_HELPER and \
+                    ins.imm in OBSERVED_HELPERS:
+                sites.append((i, True))
+        cfg.observed_sites = sites
+    ud = list(cfg.stack_ud)
+    for i, helper in cfg.observed_sites:
+        ud[i] = (helper_reads.get(i, 0) if helper else STACK_ALL if i in stack_access else 0), 0
+    if prev is None or dirty is None:
+        return _backward_liveness(cfg.succ, cfg.preds, ud)
+    return _backward_liveness(cfg.succ, cfg.preds, ud, init=prev, work=[i for i in dirty if i not in second])
 
 
 def _use_def(ins: Instruction) -> tuple[int, int]:
@@ -407,34 +424,37 @@ def _use_def(ins: Instruction) -> tuple[int, int]:
 _LIVE_SLOT0 = 16
 
 
-def _reg_stack_use_def(ins: Instruction) -> tuple[int, int]:
-    """``_use_def`` (registers, bits 0-10) and ``_stack_use_def`` (stack slots, bits 16-79)
-    of one instruction in one bit set: the two liveness problems share one pass."""
-    ru, rd = _use_def(ins)
-    su, sd = _stack_use_def(ins)
-    return ru | (su << _LIVE_SLOT0), rd | (sd << _LIVE_SLOT0)
-
-
-def _liveness(insns: list[Instruction], succ: list[tuple[int, ...]], preds: list[list[int]],
-              second: set[int]) -> tuple[list[int], list[int]]:
+def _liveness(insns: list[Instruction], cfg: Cfg) -> tuple[list[int], list[int]]:
     """Registers live at each instruction (bit r; r10, the frame pointer, always is) and the
     kernel's stack-slot read marks, statically: a slot no later instruction of this frame may
     read does not matter when comparing states (pointers into the stack make every slot live
-    at helper and function calls, and at loads through other registers)."""
-    both = _backward_liveness(insns, succ, preds, second, _reg_stack_use_def, always=1 << 10)
-    return [x & 0x7FF for x in both], [x >> _LIVE_SLOT0 for x in both]
+    at helper and function calls, and at loads through other registers).  Both problems are
+    solved in one pass (registers in bits 0-10, stack slots from bit 16); the stack's
+    (use, def) per instruction stays on ``cfg`` for ``observed_stack_liveness``."""
+    second = cfg.second
+    none = (0, 0)
+    reg_ud = [none if i in second else _use_def(ins) for i, ins in enumerate(insns)]
+    stack_ud = [none if i in second else _stack_use_def(ins) for i, ins in enumerate(insns)]
+    cfg.stack_ud = stack_ud
+    both = [(ru | (su << _LIVE_SLOT0), rd | (sd << _LIVE_SLOT0))
+            for (ru, rd), (su, sd) in zip(reg_ud, stack_ud, strict=True)]
+    live = _backward_liveness(cfg.succ, cfg.preds, both, always=1 << 10)
+    return [x & 0x7FF for x in live], [x >> _LIVE_SLOT0 for x in live]
 
 
-def _backward_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], preds: list[list[int]],
-                       second: set[int], use_def, always: int = 0, by_index: bool = False) -> list[int]:
+def _backward_liveness(succ: list[tuple[int, ...]], preds: list[list[int]], ud: list[tuple[int, int]],
+                       always: int = 0, init: list[int] | None = None,
+                       work: list[int] | None = None) -> list[int]:
     """Live-in bit sets per instruction: a worklist solution of live = use | (live-out & ~def)
-    over the CFG (``use_def(insn) -> (use bits, def bits)``, or ``use_def(index)`` with
-    ``by_index``; lddw second slots use nothing)."""
-    n = len(insns)
-    ud = [(0, 0) if i in second else use_def(i if by_index else insns[i]) for i in range(n)]
-    live = [0] * n
-    work = list(range(n))
-    inq = [True] * n
+    over the CFG (``ud``: (use bits, def bits) per instruction, nothing for lddw second slots).
+    ``init``/``work``: the solution before some uses grew and the instructions whose uses
+    grew; uses only grow, so the walk resumes from there to the same fixpoint."""
+    n = len(ud)
+    live = [0] * n if init is None else list(init)
+    work = list(range(n)) if work is None else sorted(work)
+    inq = [False] * n
+    for i in work:
+        inq[i] = True
     while work:
         i = work.pop()
         inq[i] = False
