@@ -15,8 +15,72 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ubpf_py.helpers.protos import PROTOS
-from ubpf_py.isa import opcodes as op
 from ubpf_py.isa.instruction import Instruction
+from ubpf_py.isa.opcodes import (
+    ATOMIC_ADD,
+    ATOMIC_AND,
+    ATOMIC_OR,
+    ATOMIC_XOR,
+    BPF_ABS,
+    BPF_ADD,
+    BPF_ALU,
+    BPF_ALU64,
+    BPF_AND,
+    BPF_ARSH,
+    BPF_ATOMIC,
+    BPF_B,
+    BPF_CALL,
+    BPF_CALL_HELPER,
+    BPF_CMPXCHG,
+    BPF_DIV,
+    BPF_DW,
+    BPF_END,
+    BPF_EXIT,
+    BPF_FETCH,
+    BPF_H,
+    BPF_IND,
+    BPF_JA,
+    BPF_JEQ,
+    BPF_JGE,
+    BPF_JGT,
+    BPF_JLE,
+    BPF_JLT,
+    BPF_JMP,
+    BPF_JMP32,
+    BPF_JNE,
+    BPF_JSET,
+    BPF_JSGE,
+    BPF_JSGT,
+    BPF_JSLE,
+    BPF_JSLT,
+    BPF_K,
+    BPF_LD,
+    BPF_LDX,
+    BPF_LSH,
+    BPF_MAY_GOTO,
+    BPF_MEM,
+    BPF_MEMSX,
+    BPF_MOD,
+    BPF_MOV,
+    BPF_MUL,
+    BPF_NEG,
+    BPF_OR,
+    BPF_PSEUDO_CALL,
+    BPF_PSEUDO_FUNC,
+    BPF_RSH,
+    BPF_ST,
+    BPF_STX,
+    BPF_SUB,
+    BPF_TO_BE,
+    BPF_TO_LE,
+    BPF_W,
+    BPF_X,
+    BPF_XCHG,
+    BPF_XOR,
+    LDDW,
+    MAY_GOTO,
+    SIZE_BYTES,
+)
 
 
 class StructureError(Exception):
@@ -29,65 +93,65 @@ class StructureError(Exception):
 
 def _valid_opcodes() -> frozenset[int]:
     ok: set[int] = set()
-    for cls in (op.BPF_ALU, op.BPF_ALU64):
-        for o in (op.BPF_ADD, op.BPF_SUB, op.BPF_MUL, op.BPF_DIV, op.BPF_OR, op.BPF_AND, op.BPF_LSH,
-                  op.BPF_RSH, op.BPF_MOD, op.BPF_XOR, op.BPF_MOV, op.BPF_ARSH):
-            ok.add(cls | o | op.BPF_K)
-            ok.add(cls | o | op.BPF_X)
-        ok.add(cls | op.BPF_NEG)
-    ok.update({op.BPF_ALU | op.BPF_END | op.BPF_TO_LE, op.BPF_ALU | op.BPF_END | op.BPF_TO_BE,
-               op.BPF_ALU64 | op.BPF_END | op.BPF_TO_LE})
-    for cls in (op.BPF_JMP, op.BPF_JMP32):
-        ok.add(cls | op.BPF_JA)
-        for o in (op.BPF_JEQ, op.BPF_JGT, op.BPF_JGE, op.BPF_JSET, op.BPF_JNE, op.BPF_JSGT, op.BPF_JSGE,
-                  op.BPF_JLT, op.BPF_JLE, op.BPF_JSLT, op.BPF_JSLE):
-            ok.add(cls | o | op.BPF_K)
-            ok.add(cls | o | op.BPF_X)
-    ok.update({op.BPF_JMP | op.BPF_CALL, op.BPF_JMP | op.BPF_EXIT, op.MAY_GOTO})
-    ok.add(op.LDDW)
-    for sz in (op.BPF_B, op.BPF_H, op.BPF_W):
-        ok.add(op.BPF_LD | op.BPF_ABS | sz)
-        ok.add(op.BPF_LD | op.BPF_IND | sz)
-        ok.add(op.BPF_LDX | op.BPF_MEMSX | sz)
-    for sz in (op.BPF_B, op.BPF_H, op.BPF_W, op.BPF_DW):
-        ok.add(op.BPF_LDX | op.BPF_MEM | sz)
-        ok.add(op.BPF_ST | op.BPF_MEM | sz)
-        ok.add(op.BPF_STX | op.BPF_MEM | sz)
-    ok.add(op.BPF_STX | op.BPF_ATOMIC | op.BPF_W)
-    ok.add(op.BPF_STX | op.BPF_ATOMIC | op.BPF_DW)
+    for cls in (BPF_ALU, BPF_ALU64):
+        for o in (BPF_ADD, BPF_SUB, BPF_MUL, BPF_DIV, BPF_OR, BPF_AND, BPF_LSH,
+                  BPF_RSH, BPF_MOD, BPF_XOR, BPF_MOV, BPF_ARSH):
+            ok.add(cls | o | BPF_K)
+            ok.add(cls | o | BPF_X)
+        ok.add(cls | BPF_NEG)
+    ok.update({BPF_ALU | BPF_END | BPF_TO_LE, BPF_ALU | BPF_END | BPF_TO_BE,
+               BPF_ALU64 | BPF_END | BPF_TO_LE})
+    for cls in (BPF_JMP, BPF_JMP32):
+        ok.add(cls | BPF_JA)
+        for o in (BPF_JEQ, BPF_JGT, BPF_JGE, BPF_JSET, BPF_JNE, BPF_JSGT, BPF_JSGE,
+                  BPF_JLT, BPF_JLE, BPF_JSLT, BPF_JSLE):
+            ok.add(cls | o | BPF_K)
+            ok.add(cls | o | BPF_X)
+    ok.update({BPF_JMP | BPF_CALL, BPF_JMP | BPF_EXIT, MAY_GOTO})
+    ok.add(LDDW)
+    for sz in (BPF_B, BPF_H, BPF_W):
+        ok.add(BPF_LD | BPF_ABS | sz)
+        ok.add(BPF_LD | BPF_IND | sz)
+        ok.add(BPF_LDX | BPF_MEMSX | sz)
+    for sz in (BPF_B, BPF_H, BPF_W, BPF_DW):
+        ok.add(BPF_LDX | BPF_MEM | sz)
+        ok.add(BPF_ST | BPF_MEM | sz)
+        ok.add(BPF_STX | BPF_MEM | sz)
+    ok.add(BPF_STX | BPF_ATOMIC | BPF_W)
+    ok.add(BPF_STX | BPF_ATOMIC | BPF_DW)
     return frozenset(ok)
 
 
 VALID_OPCODES = _valid_opcodes()
-ATOMIC_OPS = {op.ATOMIC_ADD, op.ATOMIC_OR, op.ATOMIC_AND, op.ATOMIC_XOR,
-              op.ATOMIC_ADD | op.BPF_FETCH, op.ATOMIC_OR | op.BPF_FETCH, op.ATOMIC_AND | op.BPF_FETCH,
-              op.ATOMIC_XOR | op.BPF_FETCH, op.BPF_XCHG, op.BPF_CMPXCHG}
-_CLASS_NAME = {op.BPF_ALU: "BPF_ALU", op.BPF_ALU64: "BPF_ALU", op.BPF_LDX: "BPF_LDX",
-               op.BPF_ST: "BPF_ST", op.BPF_STX: "BPF_STX"}
+ATOMIC_OPS = {ATOMIC_ADD, ATOMIC_OR, ATOMIC_AND, ATOMIC_XOR,
+              ATOMIC_ADD | BPF_FETCH, ATOMIC_OR | BPF_FETCH, ATOMIC_AND | BPF_FETCH,
+              ATOMIC_XOR | BPF_FETCH, BPF_XCHG, BPF_CMPXCHG}
+_CLASS_NAME = {BPF_ALU: "BPF_ALU", BPF_ALU64: "BPF_ALU", BPF_LDX: "BPF_LDX",
+               BPF_ST: "BPF_ST", BPF_STX: "BPF_STX"}
 
 
 def _cond_jump_opcodes() -> frozenset[int]:
-    return frozenset(c for c in VALID_OPCODES if c & 0x07 in (op.BPF_JMP, op.BPF_JMP32)
-                     and c & 0xF0 not in (op.BPF_JA, op.BPF_CALL, op.BPF_EXIT))
+    return frozenset(c for c in VALID_OPCODES if c & 0x07 in (BPF_JMP, BPF_JMP32)
+                     and c & 0xF0 not in (BPF_JA, BPF_CALL, BPF_EXIT))
 
 
 #: the valid conditional jumps, and those with the two unconditional ones (ja, gotol)
 _COND_JUMP_OPCODES = _cond_jump_opcodes()
-_JUMP_OPCODES = _COND_JUMP_OPCODES | {op.BPF_JMP | op.BPF_JA, op.BPF_JMP32 | op.BPF_JA}
+_JUMP_OPCODES = _COND_JUMP_OPCODES | {BPF_JMP | BPF_JA, BPF_JMP32 | BPF_JA}
 
 
 def is_cond_jump(code: int) -> bool:
     c = code & 0x07
     o = code & 0xF0
-    return c in (op.BPF_JMP, op.BPF_JMP32) and o not in (op.BPF_JA, op.BPF_CALL, op.BPF_EXIT)
+    return c in (BPF_JMP, BPF_JMP32) and o not in (BPF_JA, BPF_CALL, BPF_EXIT)
 
 
 def is_uncond_jump(code: int) -> bool:
-    return code in (op.BPF_JMP | op.BPF_JA, op.BPF_JMP32 | op.BPF_JA)
+    return code in (BPF_JMP | BPF_JA, BPF_JMP32 | BPF_JA)
 
 
 def jump_target(i: int, ins: Instruction) -> int:
-    if ins.opcode == op.BPF_JMP32 | op.BPF_JA:
+    if ins.opcode == BPF_JMP32 | BPF_JA:
         return i + ins.imm + 1
     return i + ins.off + 1
 
@@ -96,59 +160,59 @@ def check_fields(i: int, ins: Instruction) -> None:
     """Reserved-field checks (the kernel does these in do_check; we do them up front)."""
     code = ins.opcode
     cls = code & 0x07
-    if ins.dst > 10 or (ins.src > 10 and not (code == op.LDDW or code == op.BPF_JMP | op.BPF_CALL)):
+    if ins.dst > 10 or (ins.src > 10 and not (code == LDDW or code == BPF_JMP | BPF_CALL)):
         raise StructureError(f"R{max(ins.dst, ins.src)} is invalid", i, "registers are r0..r10")
-    if cls == op.BPF_LD and code != op.LDDW:
+    if cls == BPF_LD and code != LDDW:
         raise StructureError("BPF_LD_[ABS|IND] instructions not allowed for this program type", i,
                              "legacy packet loads are for socket filters, not uprobes")
-    if cls in (op.BPF_ALU, op.BPF_ALU64):
+    if cls in (BPF_ALU, BPF_ALU64):
         o = code & 0xF0
         name = "BPF_ALU"
-        if o == op.BPF_NEG:
+        if o == BPF_NEG:
             if ins.src or ins.off or ins.imm:
                 raise StructureError("BPF_NEG uses reserved fields", i)
-        elif o == op.BPF_END:
+        elif o == BPF_END:
             if ins.src or ins.off or ins.imm not in (16, 32, 64):
                 raise StructureError("BPF_END uses reserved fields", i)
-        elif o == op.BPF_MOV:
-            if code & op.BPF_X:
-                allowed = (0, 8, 16, 32) if cls == op.BPF_ALU64 else (0, 8, 16)
+        elif o == BPF_MOV:
+            if code & BPF_X:
+                allowed = (0, 8, 16, 32) if cls == BPF_ALU64 else (0, 8, 16)
                 if ins.imm or ins.off not in allowed:
                     raise StructureError("BPF_MOV uses reserved fields", i)
             elif ins.src or ins.off:
                 raise StructureError("BPF_MOV uses reserved fields", i)
         else:
-            allowed_off = (0, 1) if o in (op.BPF_DIV, op.BPF_MOD) else (0,)
-            if ins.off not in allowed_off or (code & op.BPF_X and ins.imm) or \
-                    (not code & op.BPF_X and ins.src):
+            allowed_off = (0, 1) if o in (BPF_DIV, BPF_MOD) else (0,)
+            if ins.off not in allowed_off or (code & BPF_X and ins.imm) or \
+                    (not code & BPF_X and ins.src):
                 raise StructureError(f"{name} uses reserved fields", i)
-    elif cls == op.BPF_LDX:
+    elif cls == BPF_LDX:
         if ins.imm:
             raise StructureError("BPF_LDX uses reserved fields", i)
-    elif cls == op.BPF_ST:
+    elif cls == BPF_ST:
         if ins.src:
             raise StructureError("BPF_ST uses reserved fields", i)
-    elif cls == op.BPF_STX:
-        if code & 0xE0 == op.BPF_ATOMIC:
+    elif cls == BPF_STX:
+        if code & 0xE0 == BPF_ATOMIC:
             if ins.imm not in ATOMIC_OPS:
                 raise StructureError(f"BPF_ATOMIC uses invalid atomic opcode {ins.imm:02x}", i)
         elif ins.imm:
             raise StructureError("BPF_STX uses reserved fields", i)
-    elif cls in (op.BPF_JMP, op.BPF_JMP32):
+    elif cls in (BPF_JMP, BPF_JMP32):
         o = code & 0xF0
-        if code == op.MAY_GOTO:
-            if ins.src != op.BPF_MAY_GOTO or ins.dst or ins.imm:
+        if code == MAY_GOTO:
+            if ins.src != BPF_MAY_GOTO or ins.dst or ins.imm:
                 raise StructureError(f"invalid may_goto imm {ins.imm}", i)
-        elif o == op.BPF_CALL:
+        elif o == BPF_CALL:
             if ins.off or ins.dst or ins.src not in (0, 1, 2):
                 raise StructureError("BPF_CALL uses reserved fields", i)
-        elif o == op.BPF_EXIT:
+        elif o == BPF_EXIT:
             if ins.src or ins.dst or ins.off or ins.imm:
                 raise StructureError("BPF_EXIT uses reserved fields", i)
-        elif o == op.BPF_JA:
-            if ins.src or ins.dst or (cls == op.BPF_JMP and ins.imm) or (cls == op.BPF_JMP32 and ins.off):
+        elif o == BPF_JA:
+            if ins.src or ins.dst or (cls == BPF_JMP and ins.imm) or (cls == BPF_JMP32 and ins.off):
                 raise StructureError("BPF_JA uses reserved fields", i)
-        elif code & op.BPF_X:
+        elif code & BPF_X:
             if ins.imm:
                 raise StructureError("BPF_JMP/JMP32 uses reserved fields", i)
         elif ins.src:
@@ -204,14 +268,14 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
         ins = insns[i]
         if ins.opcode not in VALID_OPCODES:
             raise StructureError(f"unknown opcode {ins.opcode:02x}", i, "not a BPF instruction")
-        if ins.opcode == op.LDDW:
+        if ins.opcode == LDDW:
             if i + 1 >= n or insns[i + 1].opcode != 0 or insns[i + 1].dst or insns[i + 1].src \
                     or insns[i + 1].off:
                 raise StructureError("invalid bpf_ld_imm64 insn", i,
                                      "lddw needs a second slot with opcode 0")
             if ins.off:
                 raise StructureError("invalid bpf_ld_imm64 insn", i)
-            if ins.src == op.BPF_PSEUDO_FUNC:
+            if ins.src == BPF_PSEUDO_FUNC:
                 t = i + ins.imm + 1
                 if not 0 <= t < n:
                     raise StructureError("call to invalid destination", i)
@@ -220,7 +284,7 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
             second_slot.add(i + 1)
             i += 2
             continue
-        if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_PSEUDO_CALL:
+        if ins.opcode == BPF_JMP | BPF_CALL and ins.src == BPF_PSEUDO_CALL:
             t = i + ins.imm + 1
             if not 0 <= t < n:
                 raise StructureError(f"jump out of range from insn {i} to {t}", i)
@@ -265,19 +329,19 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
             else:
                 prune.add(t)
                 succ[i] = (t,)
-        elif code == op.BPF_JMP | op.BPF_EXIT:
+        elif code == BPF_JMP | BPF_EXIT:
             succ[i] = ()
-        elif code == op.LDDW:
+        elif code == LDDW:
             succ[i] = (i + 2,)
         else:
             succ[i] = (i + 1,)
-            if code == op.BPF_JMP | op.BPF_CALL:
+            if code == BPF_JMP | BPF_CALL:
                 prune.add(i + 1)
-                if ins.src == op.BPF_PSEUDO_CALL:
+                if ins.src == BPF_PSEUDO_CALL:
                     prune.add(i)
         last = e - 1
-        if (i == last or (code == op.LDDW and i + 1 == last)) and \
-                code not in (op.BPF_JMP | op.BPF_EXIT, op.BPF_JMP | op.BPF_JA, op.BPF_JMP32 | op.BPF_JA):
+        if (i == last or (code == LDDW and i + 1 == last)) and \
+                code not in (BPF_JMP | BPF_EXIT, BPF_JMP | BPF_JA, BPF_JMP32 | BPF_JA):
             raise StructureError("last insn is not an exit or jmp", i,
                                      "every function must end in exit or a jump")
     # reachability, function by function
@@ -327,16 +391,16 @@ def _stack_use_def(ins: Instruction) -> tuple[int, int]:
     """(slots read, slots fully overwritten) by one instruction, for the current frame."""
     code = ins.opcode
     cls = code & 0x07
-    if cls == op.BPF_LDX:
-        return (_slots(ins.off, op.SIZE_BYTES[code & 0x18]) if ins.src == 10 else STACK_ALL), 0
-    if cls in (op.BPF_ST, op.BPF_STX):
-        size = op.SIZE_BYTES[code & 0x18]
-        if cls == op.BPF_STX and code & 0xE0 == op.BPF_ATOMIC:
+    if cls == BPF_LDX:
+        return (_slots(ins.off, SIZE_BYTES[code & 0x18]) if ins.src == 10 else STACK_ALL), 0
+    if cls in (BPF_ST, BPF_STX):
+        size = SIZE_BYTES[code & 0x18]
+        if cls == BPF_STX and code & 0xE0 == BPF_ATOMIC:
             return (_slots(ins.off, size) if ins.dst == 10 else STACK_ALL), 0
         if ins.dst == 10 and size == 8 and ins.off % 8 == 0:
             return 0, _slots(ins.off, 8)
         return 0, 0
-    if code == op.BPF_JMP | op.BPF_CALL:
+    if code == BPF_JMP | BPF_CALL:
         if ins.src == 0 and ins.imm in _NO_MEMORY_HELPERS:
             return 0, 0
         return STACK_ALL, 0  # helpers and callees may read the stack through pointers
@@ -366,10 +430,10 @@ def observed_stack_liveness(insns: list[Instruction], cfg: Cfg, stack_access: se
             cls = code & 0x07
             if i in second:
                 continue
-            if (cls == op.BPF_LDX and ins.src != 10) or \
-                    (cls == op.BPF_STX and code & 0xE0 == op.BPF_ATOMIC and ins.dst != 10):
+            if (cls == BPF_LDX and ins.src != 10) or \
+                    (cls == BPF_STX and code & 0xE0 == BPF_ATOMIC and ins.dst != 10):
                 sites.append((i, False))
-            elif code == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_CALL_HELPER and \
+            elif code == BPF_JMP | BPF_CALL and ins.src == BPF_CALL_HELPER and \
                     ins.imm in OBSERVED_HELPERS:
                 sites.append((i, True))
         cfg.observed_sites = sites
@@ -385,39 +449,39 @@ def _use_def(ins: Instruction) -> tuple[int, int]:
     code = ins.opcode
     cls = code & 0x07
     d, s = 1 << ins.dst, 1 << ins.src
-    if cls in (op.BPF_ALU, op.BPF_ALU64):
+    if cls in (BPF_ALU, BPF_ALU64):
         o = code & 0xF0
-        if o == op.BPF_MOV:
-            return (s if code & op.BPF_X else 0), d
-        if o in (op.BPF_NEG, op.BPF_END):
+        if o == BPF_MOV:
+            return (s if code & BPF_X else 0), d
+        if o in (BPF_NEG, BPF_END):
             return d, d
-        return d | (s if code & op.BPF_X else 0), d
-    if cls == op.BPF_LDX:
+        return d | (s if code & BPF_X else 0), d
+    if cls == BPF_LDX:
         return s, d
-    if cls == op.BPF_ST:
+    if cls == BPF_ST:
         return d, 0
-    if cls == op.BPF_STX:
-        if code & 0xE0 == op.BPF_ATOMIC:
-            if ins.imm == op.BPF_CMPXCHG:
+    if cls == BPF_STX:
+        if code & 0xE0 == BPF_ATOMIC:
+            if ins.imm == BPF_CMPXCHG:
                 return d | s | 1, 1
-            return d | s, (s if ins.imm & op.BPF_FETCH else 0)
+            return d | s, (s if ins.imm & BPF_FETCH else 0)
         return d | s, 0
-    if code == op.LDDW:
+    if code == LDDW:
         return 0, d
-    if cls == op.BPF_LD:  # ABS/IND
+    if cls == BPF_LD:  # ABS/IND
         return (1 << 6) | s, 0x3F
-    if cls in (op.BPF_JMP, op.BPF_JMP32):
+    if cls in (BPF_JMP, BPF_JMP32):
         o = code & 0xF0
-        if o == op.BPF_CALL:
+        if o == BPF_CALL:
             # a helper reads only its parameters (the kernel's compute_live_registers uses the
             # prototype too); other calls may read r1-r5
-            n = _HELPER_NPARAMS.get(ins.imm, 5) if ins.src == op.BPF_CALL_HELPER else 5
+            n = _HELPER_NPARAMS.get(ins.imm, 5) if ins.src == BPF_CALL_HELPER else 5
             return ((1 << (n + 1)) - 2), 0x3F
-        if o == op.BPF_EXIT:
+        if o == BPF_EXIT:
             return 1, 0
-        if o == op.BPF_JA or code == op.MAY_GOTO:
+        if o == BPF_JA or code == MAY_GOTO:
             return 0, 0
-        return d | (s if code & op.BPF_X else 0), 0
+        return d | (s if code & BPF_X else 0), 0
     return 0, 0
 
 
@@ -507,10 +571,10 @@ def _demand_graph(insns: list[Instruction], cfg: Cfg) -> tuple:
     # call sites of each function: start -> [(call insn, resumes at)]
     sites: dict[int, list[tuple[int, int]]] = {}
     for i, ins in enumerate(insns):
-        if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_PSEUDO_CALL:
+        if ins.opcode == BPF_JMP | BPF_CALL and ins.src == BPF_PSEUDO_CALL:
             sites.setdefault(i + ins.imm + 1, []).append((i, i + 1))
     cb_sites = [i for i, ins in enumerate(insns)
-                if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == 0 and ins.imm in (164, 181)]
+                if ins.opcode == BPF_JMP | BPF_CALL and ins.src == 0 and ins.imm in (164, 181)]
     for s in cfg.callbacks:
         sites.setdefault(s, []).extend((c, c) for c in cb_sites)
         sites[s].extend((c, c + 1) for c in cb_sites)
@@ -555,46 +619,46 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
         code = ins.opcode
         cls = code & 0x07
         d, s = 1 << ins.dst, 1 << ins.src
-        if cls in (op.BPF_ALU, op.BPF_ALU64):
+        if cls in (BPF_ALU, BPF_ALU64):
             o = code & 0xF0
-            if o == op.BPF_MOV:
+            if o == BPF_MOV:
                 res = out & ~d
-                if code & op.BPF_X and out & d:
+                if code & BPF_X and out & d:
                     res |= s
                 return res
-            if code & op.BPF_X and out & d:
+            if code & BPF_X and out & d:
                 return out | s
             return out
-        if cls == op.BPF_LDX:
+        if cls == BPF_LDX:
             res = out & ~d
             if out & d:
                 if ins.src == 10:
-                    res |= _slot_bits(ins.off, op.SIZE_BYTES[code & 0x18])
+                    res |= _slot_bits(ins.off, SIZE_BYTES[code & 0x18])
                 elif stack_access is None or i in stack_access:
                     res |= ALL_STACK
             return res | s
-        if cls in (op.BPF_ST, op.BPF_STX):
+        if cls in (BPF_ST, BPF_STX):
             res = out | d
-            if cls == op.BPF_STX:
-                if code & 0xE0 == op.BPF_ATOMIC:
+            if cls == BPF_STX:
+                if code & 0xE0 == BPF_ATOMIC:
                     on_stack = ins.dst == 10 or stack_access is None or i in stack_access
                     return res | s | 1 | (ALL_STACK if on_stack else 0)
                 if ins.dst == 10:
-                    if out & (ALL_STACK | _slot_bits(ins.off, op.SIZE_BYTES[code & 0x18])):
+                    if out & (ALL_STACK | _slot_bits(ins.off, SIZE_BYTES[code & 0x18])):
                         res |= s
                 elif out & (ALL_STACK | SLOT_MASK) and (stack_access is None or i in stack_access):
                     res |= s
             return res
-        if code == op.LDDW:
+        if code == LDDW:
             return out & ~d
-        if cls in (op.BPF_JMP, op.BPF_JMP32):
+        if cls in (BPF_JMP, BPF_JMP32):
             o = code & 0xF0
-            if o == op.BPF_EXIT:
+            if o == BPF_EXIT:
                 # the main program's return value is never checked for kprobe programs
                 return 0 if cfg.owner[i] == 0 else exit_fact(i)
-            if o == op.BPF_CALL:
+            if o == BPF_CALL:
                 res = out & ~0x3F
-                if ins.src == op.BPF_PSEUDO_CALL:
+                if ins.src == BPF_PSEUDO_CALL:
                     t = i + ins.imm + 1
                     return res | 0x3E | (fact[t] & ALL_STACK if 0 <= t < n else ALL_STACK)
                 args = helper_args.get(ins.imm, ("x",) * 5)
@@ -608,11 +672,11 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
                     for cb in cfg.callbacks:
                         res |= fact[cb] & ALL_STACK
                 return res
-            if o == op.BPF_JA or code == op.MAY_GOTO:
+            if o == BPF_JA or code == MAY_GOTO:
                 return out
             if decided is not None and i not in decided:
                 return out
-            return out | d | (s if code & op.BPF_X else 0)
+            return out | d | (s if code & BPF_X else 0)
         return out | 0x7FF
 
     # a worklist over the instructions whose facts may grow: all of them, or those whose
@@ -655,7 +719,7 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
                 want = (ALL_STACK if fact[resume] & (SLOT_MASK | ALL_STACK) else 0) | (fact[resume] & 1)
                 if want:
                     for j in range(f, ends[f]):
-                        if insns[j].opcode == op.BPF_JMP | op.BPF_EXIT and want & ~fact[j]:
+                        if insns[j].opcode == BPF_JMP | BPF_EXIT and want & ~fact[j]:
                             fact[j] |= want
                             grown.add(j)
         if not grown:
