@@ -29,6 +29,7 @@ from ubpf_py.verifier.scalar import Scalar
 from ubpf_py.verifier.state import Checkpoint, Reg, VerifierState
 from ubpf_py.verifier.structure import ALL_STACK as ALL_STACK_DEMAND
 from ubpf_py.verifier.structure import (
+    HELPER_ARGS,
     SLOT0,
     STACK_ALL,
     Cfg,
@@ -124,8 +125,7 @@ class Checker:
         #: instructions some path reached (the rest is dead code, as the kernel sees it)
         self.seen = bytearray(len(self.insns))
         self._to_verify: list[int] = []
-        from ubpf_py.helpers.protos import PROTOS
-        self._helper_args = {k: p.args for k, p in PROTOS.items()}
+        self._helper_args = HELPER_ARGS
         #: conditional jumps some path found decided by scalar values; precision demand is
         #: recomputed when this grows.  A checkpoint is used for pruning only once every
         #: path below it is finished, so every jump its paths decided is in here by then.

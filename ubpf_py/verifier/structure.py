@@ -374,6 +374,8 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
 STACK_ALL = (1 << 64) - 1
 #: helper id -> number of parameters (from the prototypes the checker uses)
 _HELPER_NPARAMS = {hid: len(p.args) for hid, p in PROTOS.items()}
+#: helper id -> argument kinds (``precision_demand``'s ``helper_args``)
+HELPER_ARGS = {hid: p.args for hid, p in PROTOS.items()}
 #: helpers that read or write no memory through their arguments (their calls keep stack slots dead)
 _NO_MEMORY_HELPERS = frozenset({5, 7, 8, 14, 15, 35, 42, 80, 109, 117, 118, 123, 125, 160, 173, 174, 208})
 
