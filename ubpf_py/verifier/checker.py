@@ -598,7 +598,6 @@ class Checker:
         code = ins.opcode
         bits = 32 if code & 0x07 == op.BPF_JMP32 else 64
         o = code & 0xF0
-        regs = st.frames[-1].regs
         dst = AR.read_reg(st, ins.dst)
         if code & op.BPF_X:
             src = AR.read_reg(st, ins.src)
@@ -649,7 +648,7 @@ class Checker:
             # ctx, stack, map and function pointers: the kernel's reg_not_null() does not vouch
             # for them, so both sides are walked with the pointer unchanged (an access through
             # the "null" ctx on the impossible side is still checked)
-        del regs, ptr_no
+        del ptr_no
         self.push(st.copy(), target)
         return pc + 1
 
@@ -683,11 +682,9 @@ class Checker:
 
     def _apply_refine(self, st: VerifierState, dst_no: int, src_no: int, vals: tuple) -> None:
         a, b = vals
-        regs = st.frames[-1].regs
         _set_scalar(st, dst_no, a)
         if src_no >= 0:
             _set_scalar(st, src_no, b)
-        del regs
 
     # -- stack depth -------------------------------------------------------------------------
     def _check_stack_depth(self) -> Failure | None:
@@ -753,15 +750,23 @@ def _set_scalar(st: VerifierState, regno: int, val: Scalar) -> None:
     r = regs[regno]
     if r.type != S.SCALAR:
         return
-    regs[regno] = Reg(S.SCALAR, val, id=r.id) if r.id else S.scalar_reg(val)
-    if r.id:
-        for f in st.frames:
-            for i, x in enumerate(f.regs):
-                if x.type == S.SCALAR and x.id == r.id:
-                    f.regs[i] = Reg(S.SCALAR, val, id=r.id)
-            for k, x in f.spills.items():
-                if x.type == S.SCALAR and x.id == r.id:
-                    f.spills[k] = Reg(S.SCALAR, val, id=r.id)
+    rid = r.id
+    if not rid:
+        regs[regno] = S.scalar_reg(val)
+        return
+    # every copy linked by the id gets the same (immutable, shared) register
+    new = regs[regno] = Reg(S.SCALAR, val, id=rid)
+    scalar = S.SCALAR
+    for f in st.frames:
+        fregs = f.regs
+        for i in range(11):
+            x = fregs[i]
+            if x.id == rid and x.type == scalar:
+                fregs[i] = new
+        spills = f.spills
+        for k, x in spills.items():
+            if x.id == rid and x.type == scalar:
+                spills[k] = new
 
 
 def _mark_null(st: VerifierState, ptr: Reg, is_null: bool) -> None:
