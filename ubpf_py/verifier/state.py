@@ -78,8 +78,9 @@ class Reg:
     def __hash__(self) -> int:
         h = self._h
         if not h:
-            h = hash((self.type, self.val, self.off, self.map, self.size, self.id, self.ref, self.frame,
-                      self.subprog, self.released_at)) or 1
+            # the fields that tell registers apart in practice (equal registers agree on all of
+            # them, so this is a valid hash); cheaper than hashing a tuple of every field
+            h = (hash(self.val) ^ hash(self.type) ^ (self.off << 4) ^ (self.id << 24) ^ (self.map << 40)) or 1
             self._h = h
         return h
 
