@@ -30,3 +30,15 @@ def conformance_dir() -> Path:
 
 def root_skip_reason() -> str | None:
     return None if os.geteuid() == 0 else "needs root"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_verifier_memo() -> None:
+    """The verifier memoises its pure value functions (``alu.scalar_alu``, ``refine``,
+    ``branch_taken``) and shares scalar registers (``state.scalar_reg``), emptied per program;
+    empty them per test too, so a test that monkeypatches one of the functions behind them
+    leaves no results for the next."""
+    from ubpf_py.verifier import alu, state
+
+    alu.reset_memo()
+    state.reset_memo()

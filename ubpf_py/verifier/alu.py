@@ -10,7 +10,30 @@ too, so that we accept the same programs.
 
 from __future__ import annotations
 
-from ubpf_py.isa import opcodes as op
+from ubpf_py.isa.opcodes import (
+    BPF_ADD,
+    BPF_AND,
+    BPF_ARSH,
+    BPF_JEQ,
+    BPF_JGE,
+    BPF_JGT,
+    BPF_JLE,
+    BPF_JLT,
+    BPF_JNE,
+    BPF_JSET,
+    BPF_JSGE,
+    BPF_JSGT,
+    BPF_JSLE,
+    BPF_JSLT,
+    BPF_LSH,
+    BPF_MOV,
+    BPF_MUL,
+    BPF_NEG,
+    BPF_OR,
+    BPF_RSH,
+    BPF_SUB,
+    BPF_XOR,
+)
 from ubpf_py.verifier import tnum as tn
 from ubpf_py.verifier.scalar import UNKNOWN, Scalar, s32, s64
 from ubpf_py.verifier.tnum import U32, U64, Tnum
@@ -35,7 +58,7 @@ def _binop(code: int, a: View, b: View, bits: int) -> View | None:
     at, aumin, aumax, asmin, asmax = a
     bt, bumin, bumax, bsmin, bsmax = b
     sgn = s64 if bits == 64 else s32
-    if code == op.BPF_ADD:
+    if code == BPF_ADD:
         t = tn.add(at, bt, bits)
         umin, umax = aumin + bumin, aumax + bumax
         if umax > m:
@@ -44,7 +67,7 @@ def _binop(code: int, a: View, b: View, bits: int) -> View | None:
         if smin < smin_l or smax > smax_l:
             smin, smax = smin_l, smax_l
         return t, umin, umax, smin, smax
-    if code == op.BPF_SUB:
+    if code == BPF_SUB:
         t = tn.sub(at, bt, bits)
         umin, umax = aumin - bumax, aumax - bumin
         if umin < 0:
@@ -53,7 +76,7 @@ def _binop(code: int, a: View, b: View, bits: int) -> View | None:
         if smin < smin_l or smax > smax_l:
             smin, smax = smin_l, smax_l
         return t, umin, umax, smin, smax
-    if code == op.BPF_MUL:
+    if code == BPF_MUL:
         t = tn.mul(at, bt, bits)
         if aumax * bumax <= m:
             umin, umax = aumin * bumin, aumax * bumax
@@ -64,7 +87,7 @@ def _binop(code: int, a: View, b: View, bits: int) -> View | None:
         if smin < smin_l or smax > smax_l:
             smin, smax = smin_l, smax_l
         return t, umin, umax, smin, smax
-    if code == op.BPF_AND:
+    if code == BPF_AND:
         t = tn.and_(at, bt)
         umin, umax = t.value, min(aumax, bumax)
         if asmin < 0 or bsmin < 0:
@@ -74,27 +97,27 @@ def _binop(code: int, a: View, b: View, bits: int) -> View | None:
             if smin > smax:
                 smin, smax = smin_l, smax_l
         return t, umin, umax, smin, smax
-    if code in (op.BPF_OR, op.BPF_XOR):
-        t = tn.or_(at, bt) if code == op.BPF_OR else tn.xor(at, bt)
-        umin = max(aumin, bumin) if code == op.BPF_OR else t.value
+    if code in (BPF_OR, BPF_XOR):
+        t = tn.or_(at, bt) if code == BPF_OR else tn.xor(at, bt)
+        umin = max(aumin, bumin) if code == BPF_OR else t.value
         umax = t.value | t.mask
         if asmin < 0 or bsmin < 0 or sgn(umax) < 0:
             smin, smax = smin_l, smax_l
         else:
             smin, smax = umin, umax
         return t, umin, umax, smin, smax
-    if code in (op.BPF_LSH, op.BPF_RSH, op.BPF_ARSH):
+    if code in (BPF_LSH, BPF_RSH, BPF_ARSH):
         if not bt.is_const() or bt.value >= bits:
             return None
         sh = bt.value
-        if code == op.BPF_LSH:
+        if code == BPF_LSH:
             t = tn.lshift(at, sh, bits)
             if aumax > (m >> sh):
                 umin, umax = 0, m
             else:
                 umin, umax = aumin << sh, aumax << sh
             return t, umin, umax, smin_l, smax_l
-        if code == op.BPF_RSH:
+        if code == BPF_RSH:
             t = tn.rshift(at, sh)
             return t, aumin >> sh, aumax >> sh, smin_l, smax_l
         t = tn.arshift(at, sh, bits)
@@ -120,12 +143,39 @@ def _from_views(v64: View | None, v32: View | None) -> Scalar:
     return base.sync()
 
 
-_SHIFTS = (op.BPF_LSH, op.BPF_RSH, op.BPF_ARSH)
-_LOW_BITS_ONLY = (op.BPF_ADD, op.BPF_SUB, op.BPF_MUL, op.BPF_AND, op.BPF_OR, op.BPF_XOR)
+_SHIFTS = (BPF_LSH, BPF_RSH, BPF_ARSH)
+_LOW_BITS_ONLY = (BPF_ADD, BPF_SUB, BPF_MUL, BPF_AND, BPF_OR, BPF_XOR)
+
+
+#: memo tables of the pure transfer functions below, keyed by (op, operands, width).  The walk
+#: repeats the same operations on the same values on many paths (a few percent of the calls
+#: over the libbpf-tools are distinct), and values are immutable; bounded like Scalar.sync's,
+#: and emptied for every program (``reset_memo``) so that timings never profit from an
+#: earlier verification of the same program.
+_MEMO_ALU: dict[tuple, Scalar] = {}
+_MEMO_REFINE: dict[tuple, tuple[Scalar, Scalar] | None] = {}
+_MEMO_TAKEN: dict[tuple, int] = {}
+_MEMO_MAX = 65536
+
+
+def reset_memo() -> None:
+    _MEMO_ALU.clear()
+    _MEMO_REFINE.clear()
+    _MEMO_TAKEN.clear()
 
 
 def scalar_alu(code: int, dst: Scalar, src: Scalar, bits: int) -> Scalar:
     """Abstract result of the scalar ALU operation ``code`` (BPF_ADD ... BPF_ARSH, BPF_NEG)."""
+    key = (code, dst, src, bits)
+    r = _MEMO_ALU.get(key)
+    if r is None:
+        if len(_MEMO_ALU) >= _MEMO_MAX:
+            _MEMO_ALU.clear()
+        r = _MEMO_ALU[key] = _scalar_alu(code, dst, src, bits)
+    return r
+
+
+def _scalar_alu(code: int, dst: Scalar, src: Scalar, bits: int) -> Scalar:
     if code in _SHIFTS and src.umax >= bits:
         # the kernel: shifts by bits or more are undefined, the result is unknown, all 64 bits
         # even for a 32-bit shift (the engines mask the count; no value may be assumed)
@@ -134,9 +184,9 @@ def scalar_alu(code: int, dst: Scalar, src: Scalar, bits: int) -> Scalar:
         r = _concrete(code, dst.value, src.value, bits)
         if r is not None:
             return Scalar.const(r)
-    if code == op.BPF_NEG:
-        return scalar_alu(op.BPF_SUB, Scalar.const(0), dst, bits)
-    if code == op.BPF_MOV:
+    if code == BPF_NEG:
+        return scalar_alu(BPF_SUB, Scalar.const(0), dst, bits)
+    if code == BPF_MOV:
         return src if bits == 64 else src.zext32()
     if bits == 32:
         r = _binop(code, view(dst, 32), view(src, 32), 32)
@@ -155,27 +205,27 @@ def _concrete(code: int, a: int, b: int, bits: int) -> int | None:
     m = (1 << bits) - 1
     a &= m
     b &= m
-    if code == op.BPF_ADD:
+    if code == BPF_ADD:
         return (a + b) & m
-    if code == op.BPF_SUB:
+    if code == BPF_SUB:
         return (a - b) & m
-    if code == op.BPF_MUL:
+    if code == BPF_MUL:
         return (a * b) & m
-    if code == op.BPF_AND:
+    if code == BPF_AND:
         return a & b
-    if code == op.BPF_OR:
+    if code == BPF_OR:
         return a | b
-    if code == op.BPF_XOR:
+    if code == BPF_XOR:
         return a ^ b
-    if code == op.BPF_NEG:
+    if code == BPF_NEG:
         return (-a) & m
-    if code == op.BPF_MOV:
+    if code == BPF_MOV:
         return b
-    if code == op.BPF_LSH:
+    if code == BPF_LSH:
         return (a << (b & (bits - 1))) & m
-    if code == op.BPF_RSH:
+    if code == BPF_RSH:
         return a >> (b & (bits - 1))
-    if code == op.BPF_ARSH:
+    if code == BPF_ARSH:
         sa = a - (1 << bits) if a >> (bits - 1) else a
         return (sa >> (b & (bits - 1))) & m
     return None
@@ -183,14 +233,14 @@ def _concrete(code: int, a: int, b: int, bits: int) -> int | None:
 
 # -- conditional jumps ----------------------------------------------------------
 
-_NEGATE = {op.BPF_JEQ: op.BPF_JNE, op.BPF_JNE: op.BPF_JEQ, op.BPF_JGT: op.BPF_JLE,
-           op.BPF_JLE: op.BPF_JGT, op.BPF_JGE: op.BPF_JLT, op.BPF_JLT: op.BPF_JGE,
-           op.BPF_JSGT: op.BPF_JSLE, op.BPF_JSLE: op.BPF_JSGT, op.BPF_JSGE: op.BPF_JSLT,
-           op.BPF_JSLT: op.BPF_JSGE, op.BPF_JSET: -1, -1: op.BPF_JSET}
-_SWAP = {op.BPF_JEQ: op.BPF_JEQ, op.BPF_JNE: op.BPF_JNE, op.BPF_JGT: op.BPF_JLT,
-         op.BPF_JLT: op.BPF_JGT, op.BPF_JGE: op.BPF_JLE, op.BPF_JLE: op.BPF_JGE,
-         op.BPF_JSGT: op.BPF_JSLT, op.BPF_JSLT: op.BPF_JSGT, op.BPF_JSGE: op.BPF_JSLE,
-         op.BPF_JSLE: op.BPF_JSGE, op.BPF_JSET: op.BPF_JSET, -1: -1}
+_NEGATE = {BPF_JEQ: BPF_JNE, BPF_JNE: BPF_JEQ, BPF_JGT: BPF_JLE,
+           BPF_JLE: BPF_JGT, BPF_JGE: BPF_JLT, BPF_JLT: BPF_JGE,
+           BPF_JSGT: BPF_JSLE, BPF_JSLE: BPF_JSGT, BPF_JSGE: BPF_JSLT,
+           BPF_JSLT: BPF_JSGE, BPF_JSET: -1, -1: BPF_JSET}
+_SWAP = {BPF_JEQ: BPF_JEQ, BPF_JNE: BPF_JNE, BPF_JGT: BPF_JLT,
+         BPF_JLT: BPF_JGT, BPF_JGE: BPF_JLE, BPF_JLE: BPF_JGE,
+         BPF_JSGT: BPF_JSLT, BPF_JSLT: BPF_JSGT, BPF_JSGE: BPF_JSLE,
+         BPF_JSLE: BPF_JSGE, BPF_JSET: BPF_JSET, -1: -1}
 JSET_FALSE = -1
 
 
@@ -200,41 +250,51 @@ def negate(code: int) -> int:
 
 def branch_taken(code: int, a: Scalar, b: Scalar, bits: int) -> int:
     """1 if ``a OP b`` always holds, 0 if never, -1 if it depends."""
+    key = (code, a, b, bits)
+    r = _MEMO_TAKEN.get(key)
+    if r is None:
+        if len(_MEMO_TAKEN) >= _MEMO_MAX:
+            _MEMO_TAKEN.clear()
+        r = _MEMO_TAKEN[key] = _branch_taken(code, a, b, bits)
+    return r
+
+
+def _branch_taken(code: int, a: Scalar, b: Scalar, bits: int) -> int:
     at, aumin, aumax, asmin, asmax = view(a, bits)
     bt, bumin, bumax, bsmin, bsmax = view(b, bits)
-    if code == op.BPF_JEQ:
+    if code == BPF_JEQ:
         if at.is_const() and bt.is_const():
             return int(at.value == bt.value)
         if aumin > bumax or aumax < bumin or asmin > bsmax or asmax < bsmin or not tn.consistent(at, bt):
             return 0
         return -1
-    if code == op.BPF_JNE:
-        r = branch_taken(op.BPF_JEQ, a, b, bits)
+    if code == BPF_JNE:
+        r = branch_taken(BPF_JEQ, a, b, bits)
         return r if r < 0 else 1 - r
-    if code == op.BPF_JSET:
+    if code == BPF_JSET:
         if at.value & bt.value:
             return 1
         if not ((at.value | at.mask) & (bt.value | bt.mask)):
             return 0
         return -1
     if code == JSET_FALSE:
-        r = branch_taken(op.BPF_JSET, a, b, bits)
+        r = branch_taken(BPF_JSET, a, b, bits)
         return r if r < 0 else 1 - r
-    if code == op.BPF_JGT:
+    if code == BPF_JGT:
         return 1 if aumin > bumax else 0 if aumax <= bumin else -1
-    if code == op.BPF_JGE:
+    if code == BPF_JGE:
         return 1 if aumin >= bumax else 0 if aumax < bumin else -1
-    if code == op.BPF_JLT:
+    if code == BPF_JLT:
         return 1 if aumax < bumin else 0 if aumin >= bumax else -1
-    if code == op.BPF_JLE:
+    if code == BPF_JLE:
         return 1 if aumax <= bumin else 0 if aumin > bumax else -1
-    if code == op.BPF_JSGT:
+    if code == BPF_JSGT:
         return 1 if asmin > bsmax else 0 if asmax <= bsmin else -1
-    if code == op.BPF_JSGE:
+    if code == BPF_JSGE:
         return 1 if asmin >= bsmax else 0 if asmax < bsmin else -1
-    if code == op.BPF_JSLT:
+    if code == BPF_JSLT:
         return 1 if asmax < bsmin else 0 if asmin >= bsmax else -1
-    if code == op.BPF_JSLE:
+    if code == BPF_JSLE:
         return 1 if asmax <= bsmin else 0 if asmin > bsmax else -1
     return -1
 
@@ -260,23 +320,35 @@ def _apply(s: Scalar, v: View, bits: int) -> Scalar | None:
 
 def refine(code: int, a: Scalar, b: Scalar, bits: int) -> tuple[Scalar, Scalar] | None:
     """Narrow ``a`` and ``b`` assuming ``a OP b`` holds; None if it cannot hold."""
+    key = (code, a, b, bits)
+    try:
+        return _MEMO_REFINE[key]
+    except KeyError:
+        pass
+    if len(_MEMO_REFINE) >= _MEMO_MAX:
+        _MEMO_REFINE.clear()
+    r = _MEMO_REFINE[key] = _refine(code, a, b, bits)
+    return r
+
+
+def _refine(code: int, a: Scalar, b: Scalar, bits: int) -> tuple[Scalar, Scalar] | None:
     m, smin_l, smax_l = _limits(bits)
     at, aumin, aumax, asmin, asmax = view(a, bits)
     bt, bumin, bumax, bsmin, bsmax = view(b, bits)
     full = tn.unknown(bits)
-    if code == op.BPF_JEQ:
+    if code == BPF_JEQ:
         t = tn.intersect(at, bt) if tn.consistent(at, bt) else None
         if t is None:
             return None
         v = (t, max(aumin, bumin), min(aumax, bumax), max(asmin, bsmin), min(asmax, bsmax))
         na, nb = _apply(a, v, bits), _apply(b, v, bits)
-    elif code == op.BPF_JNE:
+    elif code == BPF_JNE:
         na, nb = a, b
         if bt.is_const():
             na = _exclude(a, bt.value, bits)
         if at.is_const():
             nb = _exclude(b, at.value, bits)
-    elif code == op.BPF_JSET:
+    elif code == BPF_JSET:
         na, nb = a, b
         if bt.is_const() and bt.value and bt.value & (bt.value - 1) == 0:
             na = _apply(a, (Tnum(bt.value, full.mask & ~bt.value), 0, m, smin_l, smax_l), bits)
@@ -284,18 +356,18 @@ def refine(code: int, a: Scalar, b: Scalar, bits: int) -> tuple[Scalar, Scalar] 
         na, nb = a, b
         if bt.is_const():
             na = _apply(a, (Tnum(0, full.mask & ~bt.value), 0, m, smin_l, smax_l), bits)
-    elif code in (op.BPF_JGT, op.BPF_JGE):
-        d = 1 if code == op.BPF_JGT else 0
+    elif code in (BPF_JGT, BPF_JGE):
+        d = 1 if code == BPF_JGT else 0
         na = _apply(a, (full, bumin + d, m, smin_l, smax_l), bits) if bumin + d <= m else None
         nb = _apply(b, (full, 0, aumax - d, smin_l, smax_l), bits) if aumax - d >= 0 else None
-    elif code in (op.BPF_JLT, op.BPF_JLE):
+    elif code in (BPF_JLT, BPF_JLE):
         r = refine(_SWAP[code], b, a, bits)
         return None if r is None else (r[1], r[0])
-    elif code in (op.BPF_JSGT, op.BPF_JSGE):
-        d = 1 if code == op.BPF_JSGT else 0
+    elif code in (BPF_JSGT, BPF_JSGE):
+        d = 1 if code == BPF_JSGT else 0
         na = _apply(a, (full, 0, m, bsmin + d, smax_l), bits) if bsmin + d <= smax_l else None
         nb = _apply(b, (full, 0, m, smin_l, asmax - d), bits) if asmax - d >= smin_l else None
-    elif code in (op.BPF_JSLT, op.BPF_JSLE):
+    elif code in (BPF_JSLT, BPF_JSLE):
         r = refine(_SWAP[code], b, a, bits)
         return None if r is None else (r[1], r[0])
     else:

@@ -30,6 +30,7 @@ from ubpf_py.verifier.scalar import Scalar
 from ubpf_py.verifier.state import Checkpoint, Reg, VerifierState
 from ubpf_py.verifier.structure import ALL_STACK as ALL_STACK_DEMAND
 from ubpf_py.verifier.structure import (
+    HELPER_ARGS,
     SLOT0,
     STACK_ALL,
     Cfg,
@@ -45,6 +46,12 @@ MAX_STACK = 512
 PRIV_STACK_MIN = 64
 MAX_CALL_FRAMES = 8
 _HELPER_CALLBACKS = (164, 181)
+_FAST_K64 = AR.FAST_K64
+_ALU_CLASSES = (op.BPF_ALU, op.BPF_ALU64)
+_LDX, _STX, _ST, _LDDW = op.BPF_LDX, op.BPF_STX, op.BPF_ST, op.LDDW
+_JMP_CLASSES = (op.BPF_JMP, op.BPF_JMP32)
+_JA64, _JA, _CALL, _EXIT, _MAY_GOTO = op.BPF_JMP | op.BPF_JA, op.BPF_JA, op.BPF_CALL, op.BPF_EXIT, op.MAY_GOTO
+_SIZE_BYTES = op.SIZE_BYTES
 #: pointer types a comparison with 0 decides (the kernel's reg_not_null)
 _NOT_NULL = frozenset({S.MAP_VALUE, S.MAP_KEY, S.MEM, S.RINGBUF_MEM, S.TRUSTED_BTF_PTR})
 
@@ -72,6 +79,8 @@ class Checker:
                  log_level: int = 1, time_budget: float = 30.0) -> None:
         self.prog = prog
         self.insns: list[Instruction] = prog.instructions
+        A.reset_memo()
+        S.reset_memo()
         # inner map templates of map-in-maps get indexes after the object's maps: a lookup
         # in the outer map gives a pointer to (a map like) the template
         self.maps = list(maps)
@@ -90,11 +99,12 @@ class Checker:
         self.trace: list[str] = []
         self.stats = Stats()
         self.explored: dict[int, list[Checkpoint]] = {}
-        self.open_sigs: dict[int, dict[tuple, Checkpoint]] = {}
+        self.open_sigs: dict[int, dict[S.Signature, Checkpoint]] = {}
         #: hashes of the top frame's registers of the open checkpoints per instruction (a cheap
         #: pre-check before the full signature of the infinite-loop test)
         self.open_fps: dict[int, dict[int, int]] = {}
         self.jumps = 0
+        #: (insns, jumps) processed at the last checkpoint at one of the kernel's prune points
         self._last_cp = (0, 0)
         self.time_budget = time_budget
         self.test_mem_size: int | None = None
@@ -117,8 +127,7 @@ class Checker:
         #: instructions some path reached (the rest is dead code, as the kernel sees it)
         self.seen = bytearray(len(self.insns))
         self._to_verify: list[int] = []
-        from ubpf_py.helpers.protos import PROTOS
-        self._helper_args = {k: p.args for k, p in PROTOS.items()}
+        self._helper_args = HELPER_ARGS
         #: conditional jumps some path found decided by scalar values; precision demand is
         #: recomputed when this grows.  A checkpoint is used for pruning only once every
         #: path below it is finished, so every jump its paths decided is in here by then.
@@ -132,11 +141,16 @@ class Checker:
         self.precise_reads: dict[int, int] = {}
         self._helper_pc = -1
         self._slots_dirty = True
+        #: observed stack liveness (``structure.observed_stack_liveness``), computed when first
+        #: needed, and the instructions whose stack reads grew since
+        self.stack_live: list[int] | None = None
+        self._slots_new: set[int] = set()
         self._demand_dirty = False
         #: instructions added to ``decided``/``stack_access`` since ``demand`` was computed
         self._demand_new: set[int] = set()
-        self.demand = precision_demand(self.insns, cfg, self._helper_args, self.decided,
-                                       self.stack_access, self.precise_reads)
+        #: precision demand per instruction, computed when first needed (a program that never
+        #: compares states never needs it), then kept up to date as the sets above grow
+        self.demand: list[int] | None = None
         self._verified: set[int] = set()
 
     # -- bookkeeping used by the other modules -------------------------------------
@@ -172,10 +186,10 @@ class Checker:
     def run(self) -> Failure | None:
         st = VerifierState([S.new_frame(0, -1, 0)])
         if self.test_mem_size is None:
-            st.cur.regs[1] = Reg(S.CTX, Scalar.const(0))
+            st.frames[-1].regs[1] = Reg(S.CTX, Scalar.const(0))
         else:  # a bpf_conformance-style run: r1 = packet-like memory, r2 = its length
-            st.cur.regs[1] = Reg(S.MEM, Scalar.const(0), size=self.test_mem_size)
-            st.cur.regs[2] = S.const_reg(self.test_mem_size)
+            st.frames[-1].regs[1] = Reg(S.MEM, Scalar.const(0), size=self.test_mem_size)
+            st.frames[-1].regs[2] = S.const_reg(self.test_mem_size)
         self.enter_function(0)
         fail = self._explore(st, 0)
         if fail:
@@ -213,29 +227,32 @@ class Checker:
         stats = self.stats
         level2 = self.log_level >= 2
         seen = self.seen
+        # the path's last instructions, for error reports; kept local and published in
+        # ``_cur_trail`` where it is read: by ``push`` (jumps and calls) and on a rejection
+        trail = self._cur_trail
         try:
             while True:
                 seen[pc] = 1
-                stats.processed += 1
-                if stats.processed > COMPLEXITY_LIMIT:
-                    raise Reject(f"BPF program is too large. Processed {stats.processed} insn",
+                processed = stats.processed = stats.processed + 1
+                if processed > COMPLEXITY_LIMIT:
+                    raise Reject(f"BPF program is too large. Processed {processed} insn",
                                  "the verifier explored 1,000,000 instructions without finishing; "
                                  "simplify loops or branches")
                 if pc in prune and self._visit(st, pc):
                     self._path_done(st)
                     return
-                if not stats.processed & 0x3FFF and time.monotonic() > self.deadline:
+                if not processed & 0x3FFF and time.monotonic() > self.deadline:
                     raise Reject(f"verification exceeded the {self.time_budget:g} s time budget after "
                                  f"{stats.processed} insns", "the kernel would keep going up to 1,000,000 "
                                  "instructions; simplify loops or raise the budget")
-                self._cur_trail = (pc, self._cur_trail)
+                trail = (pc, trail)
                 ins = insns[pc]
                 if level2:
                     from ubpf_py.verifier.log import format_insn
                     self.trace.append(f"{pc}: {format_insn(ins, pc)} ; {describe_regs(st)}")
                 code = ins.opcode
                 cls = code & 0x07
-                if code in AR.FAST_K64:
+                if code in _FAST_K64:
                     # r = constant OP immediate, 64-bit: the commonest loop step, done inline
                     regs = st.frames[-1].regs
                     d = regs[ins.dst]
@@ -249,15 +266,16 @@ class Checker:
                     else:
                         AR.check_alu(self, st, ins)
                     pc += 1
-                elif cls in (op.BPF_ALU, op.BPF_ALU64):
+                elif cls in _ALU_CLASSES:
                     AR.check_alu(self, st, ins)
                     pc += 1
-                elif cls == op.BPF_LDX:
+                elif cls == _LDX:
                     AR.read_reg(st, ins.src)
                     AR.check_dst(ins.dst)
                     sext = code & 0xE0 == op.BPF_MEMSX
-                    size = op.SIZE_BYTES[code & 0x18]
-                    src = st.cur.regs[ins.src]
+                    size = _SIZE_BYTES[code & 0x18]
+                    regs = st.frames[-1].regs
+                    src = regs[ins.src]
                     if src.type == S.STACK and ins.src != 10:
                         self._stack_access(pc)
                     if src.type == S.MAP_PTR:
@@ -266,54 +284,61 @@ class Checker:
                         r = BP.check_access(self, src, ins.src, src.off + ins.off, size, False, sext, pc)
                     else:
                         r = M.check_access(self, st, ins.src, ins.off, size, False, sext=sext)
-                    st.cur.regs[ins.dst] = r
+                    st.frames[-1].regs[ins.dst] = r
                     pc += 1
-                elif cls == op.BPF_STX:
-                    self._no_map_ptr_write(st, ins, pc)
-                    self._store(st, ins)
-                    pc += 1
-                elif cls == op.BPF_ST:
-                    self._no_map_ptr_write(st, ins, pc)
-                    M.check_access(self, st, ins.dst, ins.off, op.SIZE_BYTES[code & 0x18], True,
-                                   value=S.const_reg(ins.imm))
-                    pc += 1
-                elif code == op.LDDW:
-                    self._lddw(st, pc, ins)
-                    seen[pc + 1] = 1
-                    pc += 2
-                elif cls == op.BPF_LD:
-                    raise Reject("BPF_LD_[ABS|IND] instructions not allowed for this program type")
-                else:
+                elif cls in _JMP_CLASSES:
+                    self._cur_trail = trail
                     o = code & 0xF0
                     self.jumps += 1   # the kernel's jmps_processed counts calls and exits too
-                    if o == op.BPF_CALL:
+                    if code == _JA64:
+                        pc += ins.off + 1
+                    elif o == _CALL:
                         pc = self._call(st, pc, ins)
-                    elif o == op.BPF_EXIT:
+                    elif o == _EXIT:
                         nxt = C.check_exit(self, st, pc)
                         if nxt is None:
                             self._path_done(st)
                             return
                         pc = nxt
-                    elif code == op.BPF_JMP | op.BPF_JA:
-                        pc += ins.off + 1
-                    elif o == op.BPF_JA:
+                    elif o == _JA:
                         pc = jump_target(pc, ins)
-                    elif code == op.MAY_GOTO:
+                    elif code == _MAY_GOTO:
                         pc = self._may_goto(st, pc, ins)
                     else:
                         pc = self._cond(st, pc, ins)
                         if pc < 0:
                             self._path_done(st)
                             return
+                elif cls == _STX:
+                    self._no_map_ptr_write(st, ins, pc)
+                    self._store(st, ins)
+                    pc += 1
+                elif cls == _ST:
+                    self._no_map_ptr_write(st, ins, pc)
+                    M.check_access(self, st, ins.dst, ins.off, _SIZE_BYTES[code & 0x18], True,
+                                   value=S.const_reg(ins.imm))
+                    pc += 1
+                elif code == _LDDW:
+                    self._lddw(st, pc, ins)
+                    seen[pc + 1] = 1
+                    pc += 2
+                else:  # BPF_LD
+                    raise Reject("BPF_LD_[ABS|IND] instructions not allowed for this program type")
         except Reject:
             self._fail_pc = pc   # the instruction being checked (set here, not per insn)
+            self._cur_trail = trail
             raise
 
     # -- pruning -----------------------------------------------------------------------
     def _live_masks(self, st: VerifierState, pc: int) -> list[tuple[int, int, int]]:
         """Per frame: (live registers, precision demand, live stack slots).  The stacks of
         caller frames stay fully live: the callee may read them through pointers."""
-        if self._demand_dirty:
+        if self.demand is None:
+            self._demand_dirty = False
+            self._demand_new = set()
+            self.demand = precision_demand(self.insns, self.cfg, self._helper_args, self.decided,
+                                           self.stack_access, self.precise_reads)
+        elif self._demand_dirty:
             self._demand_dirty = False
             self.demand = precision_demand(self.insns, self.cfg, self._helper_args, self.decided,
                                            self.stack_access, self.precise_reads, init=self.demand,
@@ -321,12 +346,16 @@ class Checker:
             self._demand_new = set()
         if self._slots_dirty:
             self._slots_dirty = False
-            self.stack_live = observed_stack_liveness(self.insns, self.cfg, self.stack_access, self.helper_reads)
+            self.stack_live = observed_stack_liveness(self.insns, self.cfg, self.stack_access, self.helper_reads,
+                                                      self.stack_live, self._slots_new)
+            self._slots_new = set()
         live = self.cfg.live_in
         demand = self.demand
+        frames = st.frames
+        if len(frames) == 1:
+            return [(live[pc], demand[pc], self.stack_live[pc])]
         n = len(live)
         out = []
-        frames = st.frames
         for i in range(len(frames)):
             if i == len(frames) - 1:
                 out.append((live[pc], demand[pc], self.stack_live[pc]))
@@ -345,6 +374,12 @@ class Checker:
     def _visit(self, st: VerifierState, pc: int) -> bool:
         """Prune point: stop if a finished state covers this one; detect loops; checkpoint."""
         lst = self.explored.get(pc)
+        if not lst and not self.open_fps.get(pc) and pc not in self.loop_ok:
+            # a third of the visits: nothing to compare with here, only the checkpoint spacing
+            # below decides (no open checkpoint here, so the out-of-loop rule)
+            insns, jumps = self._last_cp
+            if self.jumps - jumps < 2 or self.stats.processed - insns < 8:
+                return False
         loop_ok = pc in self.loop_ok
         masks = None
         candidates = lst or []
@@ -370,11 +405,11 @@ class Checker:
         fps = self.open_fps.get(pc)
         # an identical open state is possible only if the current frame's registers match one
         # (registers are immutable and cache their hash: equal states, equal fingerprints)
-        fp = hash(tuple(st.cur.regs)) if fps or loop_ok else 0
+        fp = S.regs_fp(st.frames[-1].regs) if fps or loop_ok else 0
         maybe_loop = bool(fps) and fp in fps
-        sig = st.signature() if maybe_loop or loop_ok else ()
+        sig = S.Signature(st, fp) if maybe_loop or loop_ok else None
         if not loop_ok:
-            cp = sigs.get(sig) if sig and sigs else None
+            cp = sigs.get(sig) if sig is not None and sigs else None
             if cp is not None and cp.branches > 0:
                 raise Reject(f"infinite loop detected at insn {pc}",
                              "this loop comes back to the same state: it can never exit")
@@ -382,6 +417,9 @@ class Checker:
             # checkpoint needs 2 jumps and 8 insns since the last; inside a loop (a checkpoint at
             # this instruction is still open) 20 jumps or 100 insns, since successive iterations
             # differ and rarely help pruning
+            # The spacing counts from the last checkpoint at one of the kernel's own prune
+            # points: checkpoints at our extra points (fall-throughs of conditional jumps) never
+            # keep one from where the kernel would have it, so pruning stays at least as strong
             insns, jumps = self._last_cp
             if sigs:
                 if self.jumps - jumps < 20 and self.stats.processed - insns < 100:
@@ -389,20 +427,24 @@ class Checker:
             elif self.jumps - jumps < 2 or self.stats.processed - insns < 8:
                 return False
             if not fps:
-                fp = hash(tuple(st.cur.regs))
+                fp = S.regs_fp(st.frames[-1].regs)
         elif pc not in self.may_gotos and sigs:  # (may_goto widens its loop-body side only: _may_goto)
             ancestors = [cp for cp in sigs.values() if cp.branches and len(cp.state.frames) == len(st.frames)]
             if ancestors:
+                sig.freeze()   # the checkpoint is filed under the state before widening
                 S.widen(ancestors[-1].state, st)
         if sigs is None:
             sigs = self.open_sigs[pc] = {}
         # forget finished states that never help (the kernel's miss heuristic)
         if lst is not None and len(lst) > 8:
             lst[:] = [cp for cp in lst if cp.misses <= 3 * cp.hits + 3]
-        if not sig:
-            sig = st.signature()
-        self._last_cp = (self.stats.processed, self.jumps)
+        if pc not in self.cfg.extra_points:
+            self._last_cp = (self.stats.processed, self.jumps)
         cp = Checkpoint(st.copy(), pc, st.parent)
+        if sig is None:
+            sig = S.Signature(cp.state, fp)
+        elif sig.full is None:
+            sig.state = cp.state   # an equal copy that no path changes
         cp.sig = sig
         cp.fp = fp
         st.parent = cp
@@ -442,6 +484,7 @@ class Checker:
             self._demand_new.add(pc)
             self._demand_dirty = True
             self._slots_dirty = True
+            self._slots_new.add(pc)
 
     def note_precise_stack(self, st: VerifierState, frame: int, lo: int, hi: int) -> None:
         """The helper call being checked needs the exact value of stack bytes [lo, hi) of
@@ -466,11 +509,12 @@ class Checker:
         if bits & ~old:
             self.helper_reads[pc] = old | bits
             self._slots_dirty = True
+            self._slots_new.add(pc)
 
     def _no_map_ptr_write(self, st: VerifierState, ins: Instruction, pc: int) -> None:
         """A store through a map pointer: the kernel's message for its struct (always refused).
         (Also notes stores through stack pointers other than r10, for precision demand.)"""
-        dst = st.cur.regs[ins.dst]
+        dst = st.frames[-1].regs[ins.dst]
         if dst.type == S.STACK and ins.dst != 10:
             self._stack_access(pc)
         if dst.type == S.MAP_PTR:
@@ -489,11 +533,11 @@ class Checker:
         size = op.SIZE_BYTES[code & 0x18]
         src = AR.read_reg(st, ins.src)
         if src.type == S.SCALAR and not src.id and not src.val.is_const() and code & 0xE0 == op.BPF_MEM \
-                and st.cur.regs[ins.dst].type == S.STACK and src.val.umax >> (size * 8) == 0:
+                and st.frames[-1].regs[ins.dst].type == S.STACK and src.val.umax >> (size * 8) == 0:
             # a spill of a value that fits keeps it linked with the register (the kernel's
             # assign_scalar_id_before_mov), so a later fill and compare refines both
             src = Reg(S.SCALAR, src.val, id=self.new_id())
-            st.cur.regs[ins.src] = src
+            st.frames[-1].regs[ins.src] = src
         if code & 0xE0 == op.BPF_ATOMIC:
             AR.read_reg(st, ins.dst)
             if ins.imm == op.BPF_CMPXCHG:
@@ -502,20 +546,20 @@ class Checker:
             if r is None:
                 r = Reg(S.SCALAR, Scalar.unknown() if size == 8 else Scalar.urange(0, 0xFFFFFFFF))
             if ins.imm == op.BPF_CMPXCHG:
-                st.cur.regs[0] = r
+                st.frames[-1].regs[0] = r
             elif ins.imm & op.BPF_FETCH:
                 AR.check_dst(ins.src)
-                st.cur.regs[ins.src] = r
+                st.frames[-1].regs[ins.src] = r
             return
         M.check_access(self, st, ins.dst, ins.off, size, True, value=src)
 
     def _lddw(self, st: VerifierState, pc: int, ins: Instruction) -> None:
         AR.check_dst(ins.dst)
-        regs = st.cur.regs
+        regs = st.frames[-1].regs
         src = ins.src
         if src == 0:
             regs[ins.dst] = S.const_reg(ins.imm64)
-        elif src == op.BPF_PSEUDO_MAP_IDX or src == op.BPF_PSEUDO_MAP_IDX_VALUE:
+        elif src in (op.BPF_PSEUDO_MAP_IDX, op.BPF_PSEUDO_MAP_IDX_VALUE):
             idx = ins.imm
             if not 0 <= idx < len(self.maps):
                 raise Reject(f"map index {idx} is out of range: the object has {len(self.maps)} maps")
@@ -556,14 +600,13 @@ class Checker:
         finally:
             self._helper_pc = -1
         if entered:
-            return st.cur.subprog
+            return st.frames[-1].subprog
         return pc + 1
 
     def _cond(self, st: VerifierState, pc: int, ins: Instruction) -> int:
         code = ins.opcode
         bits = 32 if code & 0x07 == op.BPF_JMP32 else 64
         o = code & 0xF0
-        regs = st.cur.regs
         dst = AR.read_reg(st, ins.dst)
         if code & op.BPF_X:
             src = AR.read_reg(st, ins.src)
@@ -614,7 +657,7 @@ class Checker:
             # ctx, stack, map and function pointers: the kernel's reg_not_null() does not vouch
             # for them, so both sides are walked with the pointer unchanged (an access through
             # the "null" ctx on the impossible side is still checked)
-        del regs, ptr_no
+        del ptr_no
         self.push(st.copy(), target)
         return pc + 1
 
@@ -648,11 +691,9 @@ class Checker:
 
     def _apply_refine(self, st: VerifierState, dst_no: int, src_no: int, vals: tuple) -> None:
         a, b = vals
-        regs = st.cur.regs
         _set_scalar(st, dst_no, a)
         if src_no >= 0:
             _set_scalar(st, src_no, b)
-        del regs
 
     # -- stack depth -------------------------------------------------------------------------
     def _check_stack_depth(self) -> Failure | None:
@@ -714,19 +755,27 @@ def _round16(v: int) -> int:
 
 
 def _set_scalar(st: VerifierState, regno: int, val: Scalar) -> None:
-    regs = st.cur.regs
+    regs = st.frames[-1].regs
     r = regs[regno]
     if r.type != S.SCALAR:
         return
-    regs[regno] = Reg(S.SCALAR, val, id=r.id)
-    if r.id:
-        for f in st.frames:
-            for i, x in enumerate(f.regs):
-                if x.type == S.SCALAR and x.id == r.id:
-                    f.regs[i] = Reg(S.SCALAR, val, id=r.id)
-            for k, x in f.spills.items():
-                if x.type == S.SCALAR and x.id == r.id:
-                    f.spills[k] = Reg(S.SCALAR, val, id=r.id)
+    rid = r.id
+    if not rid:
+        regs[regno] = S.scalar_reg(val)
+        return
+    # every copy linked by the id gets the same (immutable, shared) register
+    new = regs[regno] = Reg(S.SCALAR, val, id=rid)
+    scalar = S.SCALAR
+    for f in st.frames:
+        fregs = f.regs
+        for i in range(11):
+            x = fregs[i]
+            if x.id == rid and x.type == scalar:
+                fregs[i] = new
+        spills = f.spills
+        for k, x in spills.items():
+            if x.id == rid and x.type == scalar:
+                spills[k] = new
 
 
 def _mark_null(st: VerifierState, ptr: Reg, is_null: bool) -> None:

@@ -11,7 +11,7 @@ The same class also describes the *variable part* of a pointer's offset.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ubpf_py.verifier import tnum as tn
 from ubpf_py.verifier.tnum import U32, U64, Tnum
@@ -45,10 +45,20 @@ class Scalar:
     u32max: int
     s32min: int
     s32max: int
+    #: cached hash (values are immutable and keys of the ALU memo tables)
+    _h: int = field(default=0, compare=False, repr=False)
 
     def __hash__(self) -> int:
-        return hash((self.var, self.umin, self.umax, self.smin, self.smax, self.u32min, self.u32max,
-                     self.s32min, self.s32max))
+        h = self._h
+        if not h:
+            var = self.var
+            if var.mask == 0:   # constants (equal scalars have equal tnums: the same formula)
+                h = hash(var.value) ^ 0x5BD1E995 or 1
+            else:
+                h = hash((var, self.umin, self.umax, self.smin, self.smax, self.u32min, self.u32max,
+                          self.s32min, self.s32max)) or 1
+            self._h = h
+        return h
 
     # -- construction ----------------------------------------------------------
     @staticmethod
@@ -89,6 +99,8 @@ class Scalar:
     def within(self, other: Scalar) -> bool:
         """True if ``other``'s possible values are all possible values of self
         (the kernel's range_within plus tnum_in)."""
+        if self is other:   # values are shared between states: the commonest case at a prune point
+            return True
         return (self.umin <= other.umin and other.umax <= self.umax and self.smin <= other.smin
                 and other.smax <= self.smax and self.u32min <= other.u32min
                 and other.u32max <= self.u32max and self.s32min <= other.s32min

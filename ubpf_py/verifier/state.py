@@ -11,6 +11,7 @@ current path safe, so it can stop (state pruning).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from ubpf_py.verifier.scalar import UNKNOWN, Scalar
 
@@ -85,8 +86,9 @@ class Reg:
     def __hash__(self) -> int:
         h = self._h
         if not h:
-            h = hash((self.type, self.val, self.off, self.map, self.size, self.id, self.ref, self.frame,
-                      self.subprog, self.released_at)) or 1
+            # the fields that tell registers apart in practice (equal registers agree on all of
+            # them, so this is a valid hash); cheaper than hashing a tuple of every field
+            h = (hash(self.val) ^ hash(self.type) ^ (self.off << 4) ^ (self.id << 24) ^ (self.map << 40)) or 1
             self._h = h
         return h
 
@@ -122,12 +124,44 @@ class Reg:
         return f"{self.type}({inner})" if inner else self.type
 
 
+_GET_H = attrgetter("_h")
+
+
+def regs_fp(regs: list[Reg]) -> int:
+    """A hash of a register file, equal for equal registers: built from each register's cached
+    hash with C-level calls only (it runs at every prune point with open checkpoints)."""
+    hs = tuple(map(_GET_H, regs))
+    if 0 in hs:   # a register never hashed yet: the same tuple, computing what is missing
+        hs = tuple([r._h or hash(r) for r in regs])
+    return hash(hs)
+
+
 UNINIT = Reg()
 UNKNOWN_SCALAR = Reg(SCALAR, UNKNOWN)
 
 
+#: id-less scalar registers by value, shared: registers are immutable, and a shared object
+#: is cheap to compare (the identity test of ``subsumes``) and hashes once.  Emptied per
+#: program (``reset_memo``) like the ALU memo tables.
+_SCALAR_REGS: dict[Scalar, Reg] = {}
+
+
+def scalar_reg(val: Scalar) -> Reg:
+    """``Reg(SCALAR, val)``, the same object for equal values."""
+    r = _SCALAR_REGS.get(val)
+    if r is None:
+        if len(_SCALAR_REGS) >= 65536:
+            _SCALAR_REGS.clear()
+        r = _SCALAR_REGS[val] = Reg(SCALAR, val)
+    return r
+
+
+def reset_memo() -> None:
+    _SCALAR_REGS.clear()
+
+
 def const_reg(v: int) -> Reg:
-    return Reg(SCALAR, Scalar.const(v))
+    return scalar_reg(Scalar.const(v))
 
 
 @dataclass(slots=True)
@@ -145,8 +179,12 @@ class Frame:
     #: set for bpf_loop-style callbacks: the helper call to return to
     in_callback: bool = False
     #: for frames saved in checkpoints (never changed again): the stack slots that hold
-    #: known-zero or spilled bytes, as (slot, byte kinds); computed on the first comparison
+    #: known-zero or spilled bytes, as (slot bit set, ((slot, byte kinds), ...)); computed on the
+    #: first comparison
     known: tuple | None = None
+    #: for checkpoint frames: 1 if no spilled register has an id or a reference (then equal
+    #: stacks are covered without comparing slot by slot), -1 until computed
+    plain: int = -1
 
     def copy(self) -> Frame:
         return Frame(list(self.regs), bytearray(self.stack), dict(self.spills), self.callsite,
@@ -171,7 +209,7 @@ class Checkpoint:
     loop_ok: bool = False
     hits: int = 0
     misses: int = 0
-    sig: tuple = ()
+    sig: Signature | None = None
     fp: int = 0
 
 
@@ -199,6 +237,39 @@ class VerifierState:
     def copy(self) -> VerifierState:
         return VerifierState([f.copy() for f in self.frames], dict(self.refs), self.parent,
                              self.last_jumps, self.may_goto_depth)
+
+
+class Signature:
+    """A dict key equal for states with equal ``signature()``s, cheap to build and hash.
+
+    Every checkpoint is filed under its signature (the infinite-loop check looks an
+    identical open state up), but states are rarely identical: the hash uses only the
+    top frame's register hash ``fp`` and stack bytes, and the full signature is built
+    only when two keys' hashes meet.  ``state`` must not change while the key is in
+    use, unless ``freeze`` took the full signature first."""
+
+    __slots__ = ("full", "h", "state")
+
+    def __init__(self, state: VerifierState, fp: int) -> None:
+        self.state = state
+        self.full: tuple | None = None
+        self.h = hash((fp, bytes(state.frames[-1].stack), len(state.frames), state.may_goto_depth))
+
+    def freeze(self) -> None:
+        if self.full is None:
+            self.full = self.state.signature()
+
+    def __hash__(self) -> int:
+        return self.h
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Signature) or self.h != other.h:
+            return False
+        self.freeze()
+        other.freeze()
+        return self.full == other.full
 
 
 # -- pruning ------------------------------------------------------------------------
@@ -261,12 +332,27 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
             reg_safe(o, cur.spills.get(k, UNINIT), ids, True) for k, o in old.spills.items()) \
             and len(old.spills) == len(cur.spills)
     os_, cs = old.stack, cur.stack
-    if os_ == cs and not old.spills and not cur.spills:
-        return True
-    known = old.known
-    if known is None:
-        known = old.known = _known_slots(os_)
-    for slot, pat in known:
+    if os_ == cs:
+        ospills = old.spills
+        if not ospills and not cur.spills:
+            return True
+        # the same bytes and equal spilled registers (a C-level dict compare: registers are
+        # shared) cover each other when no id or reference needs matching: the common case of
+        # a caller's frame, unchanged while the callee runs, whose whole stack is live
+        plain = old.plain
+        if plain < 0:
+            plain = old.plain = int(not any(r.id or r.ref for r in ospills.values()))
+        if plain and ospills == cur.spills:
+            return True
+        entries = ()   # equal bytes: every known byte matches
+    else:
+        known = old.known
+        if known is None:
+            known = old.known = _known_slots(os_)
+        mask, entries = known
+        if not mask & slots:
+            entries = ()
+    for slot, pat in entries:
         if not (slots >> slot) & 1:
             continue
         base = slot * 8
@@ -289,10 +375,10 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
                 return False
     cspills = cur.spills
     for slot, o in old.spills.items():
-        if not (slots >> slot) & 1:
-            continue
         c = cspills.get(slot)
         if c is o and not o.id and not o.ref:
+            continue
+        if not (slots >> slot) & 1:
             continue
         if c is None:
             if _imprecise_spill_vs_misc(old, cur, slot, demand):
@@ -309,14 +395,24 @@ def stack_safe(old: Frame, cur: Frame, ids: _IdMap, exact: bool, demand: int = -
     return True
 
 
-def _known_slots(stack: bytearray) -> tuple[tuple[int, bytes], ...]:
-    """(slot, its 8 byte kinds) of every slot holding a known-zero or spilled byte."""
+#: stack byte kind -> 1 if it is known (zero or spilled), for bytes.translate
+_KNOWN_KIND = bytes(1 if k > S_MISC else 0 for k in range(256))
+
+
+def _known_slots(stack: bytearray) -> tuple[int, tuple[tuple[int, bytes], ...]]:
+    """(bit set of the slots holding a known-zero or spilled byte, (slot, its 8 byte kinds) of
+    each of them).  Computed once per checkpoint frame; most slots are not known."""
+    flags = bytes(stack).translate(_KNOWN_KIND)
     out = []
-    for slot in range(len(stack) // 8):
-        pat = bytes(stack[slot * 8:slot * 8 + 8])
-        if max(pat) > S_MISC:
-            out.append((slot, pat))
-    return tuple(out)
+    mask = 0
+    i = flags.find(1)
+    while i >= 0:
+        slot = i >> 3
+        base = slot << 3
+        out.append((slot, bytes(stack[base:base + 8])))
+        mask |= 1 << slot
+        i = flags.find(1, base + 8)
+    return mask, tuple(out)
 
 
 def _imprecise_spill_vs_misc(old: Frame, cur: Frame, slot: int, demand: int) -> bool:
@@ -332,6 +428,10 @@ def _imprecise_spill_vs_misc(old: Frame, cur: Frame, slot: int, demand: int) -> 
     return all(cur.stack[base + j] <= S_MISC for j in range(8))
 
 
+#: bit set -> the register numbers in it, ascending (pruning visits only live registers)
+_BIT_INDEXES = tuple(tuple(r for r in range(11) if (m >> r) & 1) for m in range(1 << 11))
+
+
 def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int, int]] | None,
              exact: bool = False) -> bool:
     """The kernel's states_equal: is ``cur`` covered by the explored ``old``?
@@ -341,33 +441,59 @@ def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int,
     (``structure.precision_demand``).  Dead registers are ignored, and scalars
     whose exact value is never needed again match any scalar, like the
     kernel's liveness and precision marks.
+
+    This runs at every prune point against every explored state there, so it is
+    written for speed: only live registers are visited, and the commonest cases
+    (the same shared register object, a scalar that is not precise, a precise
+    scalar inside the old range) are decided inline before ``reg_safe``.
     """
-    if len(old.frames) != len(cur.frames):
+    ofrs, cfrs = old.frames, cur.frames
+    if len(ofrs) != len(cfrs):
         return False
     ids = _IdMap()
-    for fi, (of, cf) in enumerate(zip(old.frames, cur.frames, strict=True)):
+    # innermost frame first: a callee's state differs far more often than its callers', whose
+    # whole stacks are compared (the answer does not depend on the order: every id pair met
+    # must fit one bijection, whichever comes first)
+    for fi in range(len(ofrs) - 1, -1, -1):
+        of, cf = ofrs[fi], cfrs[fi]
         if of.callsite != cf.callsite or of.in_callback != cf.in_callback:
             return False
-        live, demand, slots = masks[fi] if masks is not None else (0x7FF, -1, -1)
         oregs, cregs = of.regs, cf.regs
-        for r in range(11):
+        if exact:
+            for r in range(11):
+                o, c = oregs[r], cregs[r]
+                if o is c and not o.id and not o.ref:
+                    continue
+                if not reg_safe(o, c, ids, True):
+                    return False
+            if not stack_safe(of, cf, ids, True):
+                return False
+            continue
+        live, demand, slots = masks[fi] if masks is not None else (0x7FF, -1, -1)
+        for r in _BIT_INDEXES[live & 0x7FF]:
             o, c = oregs[r], cregs[r]
             if o is c and not o.id and not o.ref:
                 continue   # registers are shared between states: the same object is covered
-            if exact:
-                if not reg_safe(o, c, ids, True):
+            ot = o.type
+            if ot == SCALAR:
+                if c.type != SCALAR:
                     return False
-                continue
-            if not (live >> r) & 1:
-                continue
-            if o.type == SCALAR and c.type == SCALAR and not (demand >> r) & 1:
+                if not (demand >> r) & 1:
+                    continue
+                ov = o.val
+                if not ov.within(c.val):
+                    return False
+                if o.id and ov.var.mask and c.id and not ids.check(o.id, c.id):
+                    return False
                 continue
             if not reg_safe(o, c, ids, False):
                 return False
-        if not stack_safe(of, cf, ids, exact, demand, slots):
+        if not stack_safe(of, cf, ids, False, demand, slots):
             return False
     if len(old.refs) != len(cur.refs):
         return False
+    if not old.refs:
+        return True
     return all(ids.check(o, c) for o, c in zip(sorted(old.refs), sorted(cur.refs), strict=True))
 
 

@@ -15,8 +15,72 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ubpf_py.helpers.protos import PROTOS
-from ubpf_py.isa import opcodes as op
 from ubpf_py.isa.instruction import Instruction
+from ubpf_py.isa.opcodes import (
+    ATOMIC_ADD,
+    ATOMIC_AND,
+    ATOMIC_OR,
+    ATOMIC_XOR,
+    BPF_ABS,
+    BPF_ADD,
+    BPF_ALU,
+    BPF_ALU64,
+    BPF_AND,
+    BPF_ARSH,
+    BPF_ATOMIC,
+    BPF_B,
+    BPF_CALL,
+    BPF_CALL_HELPER,
+    BPF_CMPXCHG,
+    BPF_DIV,
+    BPF_DW,
+    BPF_END,
+    BPF_EXIT,
+    BPF_FETCH,
+    BPF_H,
+    BPF_IND,
+    BPF_JA,
+    BPF_JEQ,
+    BPF_JGE,
+    BPF_JGT,
+    BPF_JLE,
+    BPF_JLT,
+    BPF_JMP,
+    BPF_JMP32,
+    BPF_JNE,
+    BPF_JSET,
+    BPF_JSGE,
+    BPF_JSGT,
+    BPF_JSLE,
+    BPF_JSLT,
+    BPF_K,
+    BPF_LD,
+    BPF_LDX,
+    BPF_LSH,
+    BPF_MAY_GOTO,
+    BPF_MEM,
+    BPF_MEMSX,
+    BPF_MOD,
+    BPF_MOV,
+    BPF_MUL,
+    BPF_NEG,
+    BPF_OR,
+    BPF_PSEUDO_CALL,
+    BPF_PSEUDO_FUNC,
+    BPF_RSH,
+    BPF_ST,
+    BPF_STX,
+    BPF_SUB,
+    BPF_TO_BE,
+    BPF_TO_LE,
+    BPF_W,
+    BPF_X,
+    BPF_XCHG,
+    BPF_XOR,
+    LDDW,
+    MAY_GOTO,
+    SIZE_BYTES,
+)
 
 
 class StructureError(Exception):
@@ -29,55 +93,65 @@ class StructureError(Exception):
 
 def _valid_opcodes() -> frozenset[int]:
     ok: set[int] = set()
-    for cls in (op.BPF_ALU, op.BPF_ALU64):
-        for o in (op.BPF_ADD, op.BPF_SUB, op.BPF_MUL, op.BPF_DIV, op.BPF_OR, op.BPF_AND, op.BPF_LSH,
-                  op.BPF_RSH, op.BPF_MOD, op.BPF_XOR, op.BPF_MOV, op.BPF_ARSH):
-            ok.add(cls | o | op.BPF_K)
-            ok.add(cls | o | op.BPF_X)
-        ok.add(cls | op.BPF_NEG)
-    ok.update({op.BPF_ALU | op.BPF_END | op.BPF_TO_LE, op.BPF_ALU | op.BPF_END | op.BPF_TO_BE,
-               op.BPF_ALU64 | op.BPF_END | op.BPF_TO_LE})
-    for cls in (op.BPF_JMP, op.BPF_JMP32):
-        ok.add(cls | op.BPF_JA)
-        for o in (op.BPF_JEQ, op.BPF_JGT, op.BPF_JGE, op.BPF_JSET, op.BPF_JNE, op.BPF_JSGT, op.BPF_JSGE,
-                  op.BPF_JLT, op.BPF_JLE, op.BPF_JSLT, op.BPF_JSLE):
-            ok.add(cls | o | op.BPF_K)
-            ok.add(cls | o | op.BPF_X)
-    ok.update({op.BPF_JMP | op.BPF_CALL, op.BPF_JMP | op.BPF_EXIT, op.MAY_GOTO})
-    ok.add(op.LDDW)
-    for sz in (op.BPF_B, op.BPF_H, op.BPF_W):
-        ok.add(op.BPF_LD | op.BPF_ABS | sz)
-        ok.add(op.BPF_LD | op.BPF_IND | sz)
-        ok.add(op.BPF_LDX | op.BPF_MEMSX | sz)
-    for sz in (op.BPF_B, op.BPF_H, op.BPF_W, op.BPF_DW):
-        ok.add(op.BPF_LDX | op.BPF_MEM | sz)
-        ok.add(op.BPF_ST | op.BPF_MEM | sz)
-        ok.add(op.BPF_STX | op.BPF_MEM | sz)
-    ok.add(op.BPF_STX | op.BPF_ATOMIC | op.BPF_W)
-    ok.add(op.BPF_STX | op.BPF_ATOMIC | op.BPF_DW)
+    for cls in (BPF_ALU, BPF_ALU64):
+        for o in (BPF_ADD, BPF_SUB, BPF_MUL, BPF_DIV, BPF_OR, BPF_AND, BPF_LSH,
+                  BPF_RSH, BPF_MOD, BPF_XOR, BPF_MOV, BPF_ARSH):
+            ok.add(cls | o | BPF_K)
+            ok.add(cls | o | BPF_X)
+        ok.add(cls | BPF_NEG)
+    ok.update({BPF_ALU | BPF_END | BPF_TO_LE, BPF_ALU | BPF_END | BPF_TO_BE,
+               BPF_ALU64 | BPF_END | BPF_TO_LE})
+    for cls in (BPF_JMP, BPF_JMP32):
+        ok.add(cls | BPF_JA)
+        for o in (BPF_JEQ, BPF_JGT, BPF_JGE, BPF_JSET, BPF_JNE, BPF_JSGT, BPF_JSGE,
+                  BPF_JLT, BPF_JLE, BPF_JSLT, BPF_JSLE):
+            ok.add(cls | o | BPF_K)
+            ok.add(cls | o | BPF_X)
+    ok.update({BPF_JMP | BPF_CALL, BPF_JMP | BPF_EXIT, MAY_GOTO})
+    ok.add(LDDW)
+    for sz in (BPF_B, BPF_H, BPF_W):
+        ok.add(BPF_LD | BPF_ABS | sz)
+        ok.add(BPF_LD | BPF_IND | sz)
+        ok.add(BPF_LDX | BPF_MEMSX | sz)
+    for sz in (BPF_B, BPF_H, BPF_W, BPF_DW):
+        ok.add(BPF_LDX | BPF_MEM | sz)
+        ok.add(BPF_ST | BPF_MEM | sz)
+        ok.add(BPF_STX | BPF_MEM | sz)
+    ok.add(BPF_STX | BPF_ATOMIC | BPF_W)
+    ok.add(BPF_STX | BPF_ATOMIC | BPF_DW)
     return frozenset(ok)
 
 
 VALID_OPCODES = _valid_opcodes()
-ATOMIC_OPS = {op.ATOMIC_ADD, op.ATOMIC_OR, op.ATOMIC_AND, op.ATOMIC_XOR,
-              op.ATOMIC_ADD | op.BPF_FETCH, op.ATOMIC_OR | op.BPF_FETCH, op.ATOMIC_AND | op.BPF_FETCH,
-              op.ATOMIC_XOR | op.BPF_FETCH, op.BPF_XCHG, op.BPF_CMPXCHG}
-_CLASS_NAME = {op.BPF_ALU: "BPF_ALU", op.BPF_ALU64: "BPF_ALU", op.BPF_LDX: "BPF_LDX",
-               op.BPF_ST: "BPF_ST", op.BPF_STX: "BPF_STX"}
+ATOMIC_OPS = {ATOMIC_ADD, ATOMIC_OR, ATOMIC_AND, ATOMIC_XOR,
+              ATOMIC_ADD | BPF_FETCH, ATOMIC_OR | BPF_FETCH, ATOMIC_AND | BPF_FETCH,
+              ATOMIC_XOR | BPF_FETCH, BPF_XCHG, BPF_CMPXCHG}
+_CLASS_NAME = {BPF_ALU: "BPF_ALU", BPF_ALU64: "BPF_ALU", BPF_LDX: "BPF_LDX",
+               BPF_ST: "BPF_ST", BPF_STX: "BPF_STX"}
+
+
+def _cond_jump_opcodes() -> frozenset[int]:
+    return frozenset(c for c in VALID_OPCODES if c & 0x07 in (BPF_JMP, BPF_JMP32)
+                     and c & 0xF0 not in (BPF_JA, BPF_CALL, BPF_EXIT))
+
+
+#: the valid conditional jumps, and those with the two unconditional ones (ja, gotol)
+_COND_JUMP_OPCODES = _cond_jump_opcodes()
+_JUMP_OPCODES = _COND_JUMP_OPCODES | {BPF_JMP | BPF_JA, BPF_JMP32 | BPF_JA}
 
 
 def is_cond_jump(code: int) -> bool:
     c = code & 0x07
     o = code & 0xF0
-    return c in (op.BPF_JMP, op.BPF_JMP32) and o not in (op.BPF_JA, op.BPF_CALL, op.BPF_EXIT)
+    return c in (BPF_JMP, BPF_JMP32) and o not in (BPF_JA, BPF_CALL, BPF_EXIT)
 
 
 def is_uncond_jump(code: int) -> bool:
-    return code in (op.BPF_JMP | op.BPF_JA, op.BPF_JMP32 | op.BPF_JA)
+    return code in (BPF_JMP | BPF_JA, BPF_JMP32 | BPF_JA)
 
 
 def jump_target(i: int, ins: Instruction) -> int:
-    if ins.opcode == op.BPF_JMP32 | op.BPF_JA:
+    if ins.opcode == BPF_JMP32 | BPF_JA:
         return i + ins.imm + 1
     return i + ins.off + 1
 
@@ -86,59 +160,59 @@ def check_fields(i: int, ins: Instruction) -> None:
     """Reserved-field checks (the kernel does these in do_check; we do them up front)."""
     code = ins.opcode
     cls = code & 0x07
-    if ins.dst > 10 or (ins.src > 10 and not (code == op.LDDW or code == op.BPF_JMP | op.BPF_CALL)):
+    if ins.dst > 10 or (ins.src > 10 and not (code == LDDW or code == BPF_JMP | BPF_CALL)):
         raise StructureError(f"R{max(ins.dst, ins.src)} is invalid", i, "registers are r0..r10")
-    if cls == op.BPF_LD and code != op.LDDW:
+    if cls == BPF_LD and code != LDDW:
         raise StructureError("BPF_LD_[ABS|IND] instructions not allowed for this program type", i,
                              "legacy packet loads are for socket filters, not uprobes")
-    if cls in (op.BPF_ALU, op.BPF_ALU64):
+    if cls in (BPF_ALU, BPF_ALU64):
         o = code & 0xF0
         name = "BPF_ALU"
-        if o == op.BPF_NEG:
+        if o == BPF_NEG:
             if ins.src or ins.off or ins.imm:
                 raise StructureError("BPF_NEG uses reserved fields", i)
-        elif o == op.BPF_END:
+        elif o == BPF_END:
             if ins.src or ins.off or ins.imm not in (16, 32, 64):
                 raise StructureError("BPF_END uses reserved fields", i)
-        elif o == op.BPF_MOV:
-            if code & op.BPF_X:
-                allowed = (0, 8, 16, 32) if cls == op.BPF_ALU64 else (0, 8, 16)
+        elif o == BPF_MOV:
+            if code & BPF_X:
+                allowed = (0, 8, 16, 32) if cls == BPF_ALU64 else (0, 8, 16)
                 if ins.imm or ins.off not in allowed:
                     raise StructureError("BPF_MOV uses reserved fields", i)
             elif ins.src or ins.off:
                 raise StructureError("BPF_MOV uses reserved fields", i)
         else:
-            allowed_off = (0, 1) if o in (op.BPF_DIV, op.BPF_MOD) else (0,)
-            if ins.off not in allowed_off or (code & op.BPF_X and ins.imm) or \
-                    (not code & op.BPF_X and ins.src):
+            allowed_off = (0, 1) if o in (BPF_DIV, BPF_MOD) else (0,)
+            if ins.off not in allowed_off or (code & BPF_X and ins.imm) or \
+                    (not code & BPF_X and ins.src):
                 raise StructureError(f"{name} uses reserved fields", i)
-    elif cls == op.BPF_LDX:
+    elif cls == BPF_LDX:
         if ins.imm:
             raise StructureError("BPF_LDX uses reserved fields", i)
-    elif cls == op.BPF_ST:
+    elif cls == BPF_ST:
         if ins.src:
             raise StructureError("BPF_ST uses reserved fields", i)
-    elif cls == op.BPF_STX:
-        if code & 0xE0 == op.BPF_ATOMIC:
+    elif cls == BPF_STX:
+        if code & 0xE0 == BPF_ATOMIC:
             if ins.imm not in ATOMIC_OPS:
                 raise StructureError(f"BPF_ATOMIC uses invalid atomic opcode {ins.imm:02x}", i)
         elif ins.imm:
             raise StructureError("BPF_STX uses reserved fields", i)
-    elif cls in (op.BPF_JMP, op.BPF_JMP32):
+    elif cls in (BPF_JMP, BPF_JMP32):
         o = code & 0xF0
-        if code == op.MAY_GOTO:
-            if ins.src != op.BPF_MAY_GOTO or ins.dst or ins.imm:
+        if code == MAY_GOTO:
+            if ins.src != BPF_MAY_GOTO or ins.dst or ins.imm:
                 raise StructureError(f"invalid may_goto imm {ins.imm}", i)
-        elif o == op.BPF_CALL:
+        elif o == BPF_CALL:
             if ins.off or ins.dst or ins.src not in (0, 1, 2):
                 raise StructureError("BPF_CALL uses reserved fields", i)
-        elif o == op.BPF_EXIT:
+        elif o == BPF_EXIT:
             if ins.src or ins.dst or ins.off or ins.imm:
                 raise StructureError("BPF_EXIT uses reserved fields", i)
-        elif o == op.BPF_JA:
-            if ins.src or ins.dst or (cls == op.BPF_JMP and ins.imm) or (cls == op.BPF_JMP32 and ins.off):
+        elif o == BPF_JA:
+            if ins.src or ins.dst or (cls == BPF_JMP and ins.imm) or (cls == BPF_JMP32 and ins.off):
                 raise StructureError("BPF_JA uses reserved fields", i)
-        elif code & op.BPF_X:
+        elif code & BPF_X:
             if ins.imm:
                 raise StructureError("BPF_JMP/JMP32 uses reserved fields", i)
         elif ins.src:
@@ -167,6 +241,15 @@ class Cfg:
     #: successors per instruction and the lddw second slots (for recomputing liveness)
     succ: list[tuple[int, ...]] = field(default_factory=list)
     second: set[int] = field(default_factory=set)
+    #: prune points the kernel does not have (fall-throughs of conditional jumps): a
+    #: checkpoint there does not count for the kernel's spacing of checkpoints
+    extra_points: set[int] = field(default_factory=set)
+    #: (stack slots used, stack slots defined) per instruction, as ``_stack_use_def``
+    stack_ud: list[tuple[int, int]] = field(default_factory=list)
+    #: (insn, is a helper call) whose stack reads ``observed_stack_liveness`` learns in the walk
+    observed_sites: list[tuple[int, bool]] | None = None
+    #: predecessors per instruction (the backward analyses run several times per program)
+    preds: list[list[int]] = field(default_factory=list)
 
     def func_of(self, insn: int) -> int:
         return self.owner[insn]
@@ -185,14 +268,14 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
         ins = insns[i]
         if ins.opcode not in VALID_OPCODES:
             raise StructureError(f"unknown opcode {ins.opcode:02x}", i, "not a BPF instruction")
-        if ins.opcode == op.LDDW:
+        if ins.opcode == LDDW:
             if i + 1 >= n or insns[i + 1].opcode != 0 or insns[i + 1].dst or insns[i + 1].src \
                     or insns[i + 1].off:
                 raise StructureError("invalid bpf_ld_imm64 insn", i,
                                      "lddw needs a second slot with opcode 0")
             if ins.off:
                 raise StructureError("invalid bpf_ld_imm64 insn", i)
-            if ins.src == op.BPF_PSEUDO_FUNC:
+            if ins.src == BPF_PSEUDO_FUNC:
                 t = i + ins.imm + 1
                 if not 0 <= t < n:
                     raise StructureError("call to invalid destination", i)
@@ -201,7 +284,7 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
             second_slot.add(i + 1)
             i += 2
             continue
-        if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_PSEUDO_CALL:
+        if ins.opcode == BPF_JMP | BPF_CALL and ins.src == BPF_PSEUDO_CALL:
             t = i + ins.imm + 1
             if not 0 <= t < n:
                 raise StructureError(f"jump out of range from insn {i} to {t}", i)
@@ -216,48 +299,49 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
     ends = {s: (starts[k + 1] if k + 1 < len(starts) else n) for k, s in enumerate(starts)}
     owner = [0] * n
     for s in starts:
-        for j in range(s, ends[s]):
-            owner[j] = s
+        owner[s:ends[s]] = [s] * (ends[s] - s)
     for i, ins in enumerate(insns):
         if i in second_slot:
             continue
         check_fields(i, ins)
     # jumps stay within their function, never into a lddw's second slot
     prune: set[int] = set(starts)
+    fallthrough: set[int] = set()
     succ: list[tuple[int, ...]] = [()] * n
     for i, ins in enumerate(insns):
         if i in second_slot:
             continue
         code = ins.opcode
         s, e = owner[i], ends[owner[i]]
-        if is_cond_jump(code) or is_uncond_jump(code):
+        if code in _JUMP_OPCODES:
             t = jump_target(i, ins)
             if not s <= t < e:
                 raise StructureError(f"jump out of range from insn {i} to {t}", i,
                                      "the jump leaves its function")
-            if is_cond_jump(code):
-                # the kernel's prune point is the conditional jump itself (one check covers
-                # both successors); its successors too (more chances to prune, fewer insns)
+            if code in _COND_JUMP_OPCODES:
+                # the kernel's prune points are the conditional jump itself (one check covers
+                # both successors) and its target; the fall-through too here (more chances to
+                # prune, fewer insns), an extra point that the checkpoint spacing ignores
                 prune.add(i)
-                prune.add(i + 1)
+                fallthrough.add(i + 1)
                 prune.add(t)
                 succ[i] = (i + 1, t)
             else:
                 prune.add(t)
                 succ[i] = (t,)
-        elif code == op.BPF_JMP | op.BPF_EXIT:
+        elif code == BPF_JMP | BPF_EXIT:
             succ[i] = ()
-        elif code == op.LDDW:
+        elif code == LDDW:
             succ[i] = (i + 2,)
         else:
             succ[i] = (i + 1,)
-            if code == op.BPF_JMP | op.BPF_CALL:
+            if code == BPF_JMP | BPF_CALL:
                 prune.add(i + 1)
-                if ins.src == op.BPF_PSEUDO_CALL:
+                if ins.src == BPF_PSEUDO_CALL:
                     prune.add(i)
         last = e - 1
-        if (i == last or (code == op.LDDW and i + 1 == last)) and \
-                code not in (op.BPF_JMP | op.BPF_EXIT, op.BPF_JMP | op.BPF_JA, op.BPF_JMP32 | op.BPF_JA):
+        if (i == last or (code == LDDW and i + 1 == last)) and \
+                code not in (BPF_JMP | BPF_EXIT, BPF_JMP | BPF_JA, BPF_JMP32 | BPF_JA):
             raise StructureError("last insn is not an exit or jmp", i,
                                      "every function must end in exit or a jump")
     # reachability, function by function
@@ -275,16 +359,23 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
         for j in range(s, ends[s]):
             if j not in seen and j not in second_slot:
                 raise StructureError(f"unreachable insn {j}", j, "dead code; the kernel refuses it too")
-    cfg = Cfg(n, starts, ends, callbacks, prune, owner=owner)
-    cfg.succ, cfg.second = succ, second_slot
-    cfg.live_in = _liveness(insns, succ, second_slot)
-    cfg.stack_live = _stack_liveness(insns, succ, second_slot)
+    cfg = Cfg(n, starts, ends, callbacks, prune | fallthrough, owner=owner)
+    cfg.extra_points = fallthrough - prune
+    preds: list[list[int]] = [[] for _ in range(n)]
+    for i in range(n):
+        for t in succ[i]:
+            if t < n:
+                preds[t].append(i)
+    cfg.succ, cfg.second, cfg.preds = succ, second_slot, preds
+    cfg.live_in, cfg.stack_live = _liveness(insns, cfg)
     return cfg
 
 
 STACK_ALL = (1 << 64) - 1
 #: helper id -> number of parameters (from the prototypes the checker uses)
 _HELPER_NPARAMS = {hid: len(p.args) for hid, p in PROTOS.items()}
+#: helper id -> argument kinds (``precision_demand``'s ``helper_args``)
+HELPER_ARGS = {hid: p.args for hid, p in PROTOS.items()}
 #: helpers that read or write no memory through their arguments (their calls keep stack slots dead)
 _NO_MEMORY_HELPERS = frozenset({5, 7, 8, 14, 15, 35, 42, 80, 109, 117, 118, 123, 125, 160, 173, 174, 208})
 
@@ -302,27 +393,20 @@ def _stack_use_def(ins: Instruction) -> tuple[int, int]:
     """(slots read, slots fully overwritten) by one instruction, for the current frame."""
     code = ins.opcode
     cls = code & 0x07
-    if cls == op.BPF_LDX:
-        return (_slots(ins.off, op.SIZE_BYTES[code & 0x18]) if ins.src == 10 else STACK_ALL), 0
-    if cls in (op.BPF_ST, op.BPF_STX):
-        size = op.SIZE_BYTES[code & 0x18]
-        if cls == op.BPF_STX and code & 0xE0 == op.BPF_ATOMIC:
+    if cls == BPF_LDX:
+        return (_slots(ins.off, SIZE_BYTES[code & 0x18]) if ins.src == 10 else STACK_ALL), 0
+    if cls in (BPF_ST, BPF_STX):
+        size = SIZE_BYTES[code & 0x18]
+        if cls == BPF_STX and code & 0xE0 == BPF_ATOMIC:
             return (_slots(ins.off, size) if ins.dst == 10 else STACK_ALL), 0
         if ins.dst == 10 and size == 8 and ins.off % 8 == 0:
             return 0, _slots(ins.off, 8)
         return 0, 0
-    if code == op.BPF_JMP | op.BPF_CALL:
+    if code == BPF_JMP | BPF_CALL:
         if ins.src == 0 and ins.imm in _NO_MEMORY_HELPERS:
             return 0, 0
         return STACK_ALL, 0  # helpers and callees may read the stack through pointers
     return 0, 0
-
-
-def _stack_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], second: set[int]) -> list[int]:
-    """The kernel's stack-slot read marks, statically: a slot no later instruction of this
-    frame may read does not matter when comparing states (pointers into the stack make
-    every slot live at helper and function calls, and at loads through other registers)."""
-    return _backward_liveness(insns, succ, second, _stack_use_def)
 
 
 #: helpers whose stack reads all go through their memory arguments (no callbacks)
@@ -330,86 +414,113 @@ OBSERVED_HELPERS = frozenset(h for h, p in PROTOS.items() if not {"func", "stack
 
 
 def observed_stack_liveness(insns: list[Instruction], cfg: Cfg, stack_access: set[int],
-                            helper_reads: dict[int, int]) -> list[int]:
+                            helper_reads: dict[int, int], prev: list[int] | None = None,
+                            dirty: set[int] | None = None) -> list[int]:
     """Stack-slot liveness with what the walk saw: a load through a register other than r10
     reads the stack only if some path had a stack pointer there (``stack_access``), and a
     helper call reads the slots some path passed it (``helper_reads``: call -> slot bits, all
     of them when a pointer into another frame was passed).  Like the kernel's, this is used
-    for finished checkpoints only, whose paths have all been walked."""
-    def use_def(i: int) -> tuple[int, int]:
-        ins = insns[i]
-        code = ins.opcode
-        cls = code & 0x07
-        if cls == op.BPF_LDX and ins.src != 10:
-            return (STACK_ALL if i in stack_access else 0), 0
-        if cls == op.BPF_STX and code & 0xE0 == op.BPF_ATOMIC and ins.dst != 10:
-            return (STACK_ALL if i in stack_access else 0), 0
-        if code == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_CALL_HELPER and ins.imm in OBSERVED_HELPERS:
-            return helper_reads.get(i, 0), 0
-        return _stack_use_def(ins)
-    return _backward_liveness(insns, cfg.succ, cfg.second, use_def, by_index=True)
+    for finished checkpoints only, whose paths have all been walked.  ``prev``/``dirty``: the
+    result before the instructions in ``dirty`` were added to those (reads only grow)."""
+    second = cfg.second
+    if cfg.observed_sites is None:
+        # the instructions whose stack reads depend on what the walk saw: loads and atomics
+        # through a register other than r10 (False), calls of observed helpers (True)
+        sites = []
+        for i, ins in enumerate(insns):
+            code = ins.opcode
+            cls = code & 0x07
+            if i in second:
+                continue
+            if (cls == BPF_LDX and ins.src != 10) or \
+                    (cls == BPF_STX and code & 0xE0 == BPF_ATOMIC and ins.dst != 10):
+                sites.append((i, False))
+            elif code == BPF_JMP | BPF_CALL and ins.src == BPF_CALL_HELPER and \
+                    ins.imm in OBSERVED_HELPERS:
+                sites.append((i, True))
+        cfg.observed_sites = sites
+    ud = list(cfg.stack_ud)
+    for i, helper in cfg.observed_sites:
+        ud[i] = (helper_reads.get(i, 0) if helper else STACK_ALL if i in stack_access else 0), 0
+    if prev is None or dirty is None:
+        return _backward_liveness(cfg.succ, cfg.preds, ud)
+    return _backward_liveness(cfg.succ, cfg.preds, ud, init=prev, work=[i for i in dirty if i not in second])
 
 
 def _use_def(ins: Instruction) -> tuple[int, int]:
     code = ins.opcode
     cls = code & 0x07
     d, s = 1 << ins.dst, 1 << ins.src
-    if cls in (op.BPF_ALU, op.BPF_ALU64):
+    if cls in (BPF_ALU, BPF_ALU64):
         o = code & 0xF0
-        if o == op.BPF_MOV:
-            return (s if code & op.BPF_X else 0), d
-        if o in (op.BPF_NEG, op.BPF_END):
+        if o == BPF_MOV:
+            return (s if code & BPF_X else 0), d
+        if o in (BPF_NEG, BPF_END):
             return d, d
-        return d | (s if code & op.BPF_X else 0), d
-    if cls == op.BPF_LDX:
+        return d | (s if code & BPF_X else 0), d
+    if cls == BPF_LDX:
         return s, d
-    if cls == op.BPF_ST:
+    if cls == BPF_ST:
         return d, 0
-    if cls == op.BPF_STX:
-        if code & 0xE0 == op.BPF_ATOMIC:
-            if ins.imm == op.BPF_CMPXCHG:
+    if cls == BPF_STX:
+        if code & 0xE0 == BPF_ATOMIC:
+            if ins.imm == BPF_CMPXCHG:
                 return d | s | 1, 1
-            return d | s, (s if ins.imm & op.BPF_FETCH else 0)
+            return d | s, (s if ins.imm & BPF_FETCH else 0)
         return d | s, 0
-    if code == op.LDDW:
+    if code == LDDW:
         return 0, d
-    if cls == op.BPF_LD:  # ABS/IND
+    if cls == BPF_LD:  # ABS/IND
         return (1 << 6) | s, 0x3F
-    if cls in (op.BPF_JMP, op.BPF_JMP32):
+    if cls in (BPF_JMP, BPF_JMP32):
         o = code & 0xF0
-        if o == op.BPF_CALL:
+        if o == BPF_CALL:
             # a helper reads only its parameters (the kernel's compute_live_registers uses the
             # prototype too); other calls may read r1-r5
-            n = _HELPER_NPARAMS.get(ins.imm, 5) if ins.src == op.BPF_CALL_HELPER else 5
+            n = _HELPER_NPARAMS.get(ins.imm, 5) if ins.src == BPF_CALL_HELPER else 5
             return ((1 << (n + 1)) - 2), 0x3F
-        if o == op.BPF_EXIT:
+        if o == BPF_EXIT:
             return 1, 0
-        if o == op.BPF_JA or code == op.MAY_GOTO:
+        if o == BPF_JA or code == MAY_GOTO:
             return 0, 0
-        return d | (s if code & op.BPF_X else 0), 0
+        return d | (s if code & BPF_X else 0), 0
     return 0, 0
 
 
-def _liveness(insns: list[Instruction], succ: list[tuple[int, ...]], second: set[int]) -> list[int]:
-    """Registers live at each instruction (bit r); r10, the frame pointer, always is."""
-    return _backward_liveness(insns, succ, second, _use_def, always=1 << 10)
+_LIVE_SLOT0 = 16
 
 
-def _backward_liveness(insns: list[Instruction], succ: list[tuple[int, ...]], second: set[int],
-                       use_def, always: int = 0, by_index: bool = False) -> list[int]:
+def _liveness(insns: list[Instruction], cfg: Cfg) -> tuple[list[int], list[int]]:
+    """Registers live at each instruction (bit r; r10, the frame pointer, always is) and the
+    kernel's stack-slot read marks, statically: a slot no later instruction of this frame may
+    read does not matter when comparing states (pointers into the stack make every slot live
+    at helper and function calls, and at loads through other registers).  Both problems are
+    solved in one pass (registers in bits 0-10, stack slots from bit 16); the stack's
+    (use, def) per instruction stays on ``cfg`` for ``observed_stack_liveness``."""
+    second = cfg.second
+    none = (0, 0)
+    reg_ud = [none if i in second else _use_def(ins) for i, ins in enumerate(insns)]
+    stack_ud = [none if i in second else _stack_use_def(ins) for i, ins in enumerate(insns)]
+    cfg.stack_ud = stack_ud
+    both = [(ru | (su << _LIVE_SLOT0), rd | (sd << _LIVE_SLOT0))
+            for (ru, rd), (su, sd) in zip(reg_ud, stack_ud, strict=True)]
+    live = _backward_liveness(cfg.succ, cfg.preds, both, always=1 << 10)
+    return [x & 0x7FF for x in live], [x >> _LIVE_SLOT0 for x in live]
+
+
+def _backward_liveness(succ: list[tuple[int, ...]], preds: list[list[int]], ud: list[tuple[int, int]],
+                       always: int = 0, init: list[int] | None = None,
+                       work: list[int] | None = None) -> list[int]:
     """Live-in bit sets per instruction: a worklist solution of live = use | (live-out & ~def)
-    over the CFG (``use_def(insn) -> (use bits, def bits)``, or ``use_def(index)`` with
-    ``by_index``; lddw second slots use nothing)."""
-    n = len(insns)
-    ud = [(0, 0) if i in second else use_def(i if by_index else insns[i]) for i in range(n)]
-    live = [0] * n
-    preds: list[list[int]] = [[] for _ in range(n)]
-    for i in range(n):
-        for t in succ[i]:
-            if t < n:
-                preds[t].append(i)
-    work = list(range(n))
-    inq = [True] * n
+    over the CFG (``ud``: (use bits, def bits) per instruction, nothing for lddw second slots).
+    ``init``/``work``: the solution before some uses grew and the instructions whose uses
+    grew; uses only grow, so the walk resumes from there to the same fixpoint."""
+    n = len(ud)
+    live = [0] * n if init is None else list(init)
+    work = list(range(n)) if work is None else sorted(work)
+    inq = [False] * n
+    for i in work:
+        inq[i] = True
     while work:
         i = work.pop()
         inq[i] = False
@@ -457,38 +568,18 @@ def _demand_graph(insns: list[Instruction], cfg: Cfg) -> tuple:
     ``precision_demand``; built once per program (kept on the Cfg)."""
     if cfg.demand_graph is not None:
         return cfg.demand_graph
-    n = cfg.n
-    second = {i + 1 for i, ins in enumerate(insns) if ins.opcode == op.LDDW}
-    succ: list[tuple[int, ...]] = []
-    for i, ins in enumerate(insns):
-        code = ins.opcode
-        if i in second:
-            succ.append(())
-        elif is_cond_jump(code):
-            succ.append((i + 1, jump_target(i, ins)))
-        elif is_uncond_jump(code):
-            succ.append((jump_target(i, ins),))
-        elif code == op.BPF_JMP | op.BPF_EXIT:
-            succ.append(())
-        elif code == op.LDDW:
-            succ.append((i + 2,))
-        else:
-            succ.append((i + 1,))
+    # the same graph ``analyse`` built (lddw second slots have no successors)
+    second, succ, preds = cfg.second, cfg.succ, cfg.preds
     # call sites of each function: start -> [(call insn, resumes at)]
     sites: dict[int, list[tuple[int, int]]] = {}
     for i, ins in enumerate(insns):
-        if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_PSEUDO_CALL:
+        if ins.opcode == BPF_JMP | BPF_CALL and ins.src == BPF_PSEUDO_CALL:
             sites.setdefault(i + ins.imm + 1, []).append((i, i + 1))
     cb_sites = [i for i, ins in enumerate(insns)
-                if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == 0 and ins.imm in (164, 181)]
+                if ins.opcode == BPF_JMP | BPF_CALL and ins.src == 0 and ins.imm in (164, 181)]
     for s in cfg.callbacks:
         sites.setdefault(s, []).extend((c, c) for c in cb_sites)
         sites[s].extend((c, c + 1) for c in cb_sites)
-    preds: list[list[int]] = [[] for _ in range(n)]
-    for i in range(n):
-        for t in succ[i]:
-            if t < n:
-                preds[t].append(i)
     cfg.demand_graph = (second, succ, preds, sites)
     return cfg.demand_graph
 
@@ -530,46 +621,46 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
         code = ins.opcode
         cls = code & 0x07
         d, s = 1 << ins.dst, 1 << ins.src
-        if cls in (op.BPF_ALU, op.BPF_ALU64):
+        if cls in (BPF_ALU, BPF_ALU64):
             o = code & 0xF0
-            if o == op.BPF_MOV:
+            if o == BPF_MOV:
                 res = out & ~d
-                if code & op.BPF_X and out & d:
+                if code & BPF_X and out & d:
                     res |= s
                 return res
-            if code & op.BPF_X and out & d:
+            if code & BPF_X and out & d:
                 return out | s
             return out
-        if cls == op.BPF_LDX:
+        if cls == BPF_LDX:
             res = out & ~d
             if out & d:
                 if ins.src == 10:
-                    res |= _slot_bits(ins.off, op.SIZE_BYTES[code & 0x18])
+                    res |= _slot_bits(ins.off, SIZE_BYTES[code & 0x18])
                 elif stack_access is None or i in stack_access:
                     res |= ALL_STACK
             return res | s
-        if cls in (op.BPF_ST, op.BPF_STX):
+        if cls in (BPF_ST, BPF_STX):
             res = out | d
-            if cls == op.BPF_STX:
-                if code & 0xE0 == op.BPF_ATOMIC:
+            if cls == BPF_STX:
+                if code & 0xE0 == BPF_ATOMIC:
                     on_stack = ins.dst == 10 or stack_access is None or i in stack_access
                     return res | s | 1 | (ALL_STACK if on_stack else 0)
                 if ins.dst == 10:
-                    if out & (ALL_STACK | _slot_bits(ins.off, op.SIZE_BYTES[code & 0x18])):
+                    if out & (ALL_STACK | _slot_bits(ins.off, SIZE_BYTES[code & 0x18])):
                         res |= s
                 elif out & (ALL_STACK | SLOT_MASK) and (stack_access is None or i in stack_access):
                     res |= s
             return res
-        if code == op.LDDW:
+        if code == LDDW:
             return out & ~d
-        if cls in (op.BPF_JMP, op.BPF_JMP32):
+        if cls in (BPF_JMP, BPF_JMP32):
             o = code & 0xF0
-            if o == op.BPF_EXIT:
+            if o == BPF_EXIT:
                 # the main program's return value is never checked for kprobe programs
                 return 0 if cfg.owner[i] == 0 else exit_fact(i)
-            if o == op.BPF_CALL:
+            if o == BPF_CALL:
                 res = out & ~0x3F
-                if ins.src == op.BPF_PSEUDO_CALL:
+                if ins.src == BPF_PSEUDO_CALL:
                     t = i + ins.imm + 1
                     return res | 0x3E | (fact[t] & ALL_STACK if 0 <= t < n else ALL_STACK)
                 args = helper_args.get(ins.imm, ("x",) * 5)
@@ -583,22 +674,23 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
                     for cb in cfg.callbacks:
                         res |= fact[cb] & ALL_STACK
                 return res
-            if o == op.BPF_JA or code == op.MAY_GOTO:
+            if o == BPF_JA or code == MAY_GOTO:
                 return out
             if decided is not None and i not in decided:
                 return out
-            return out | d | (s if code & op.BPF_X else 0)
+            return out | d | (s if code & BPF_X else 0)
         return out | 0x7FF
 
-    changed = True
-    rounds = 0
-    while changed and rounds < 50:
-        changed = False
-        rounds += 1
-        if rounds == 1 and init is not None and dirty is not None:
-            work = sorted(i for i in dirty if i not in second)
-        else:
-            work = [i for i in range(n) if i not in second]
+    # a worklist over the instructions whose facts may grow: all of them, or those whose
+    # transfer changed since ``init``; then the exits whose callers' facts grew (an exit's fact
+    # depends on the instruction after each call to its function, which is no successor), and
+    # only their predecessors again, until nothing grows
+    if init is not None and dirty is not None:
+        work = sorted(i for i in dirty if i not in second)
+    else:
+        work = [i for i in range(n) if i not in second]
+    ends = cfg.ends
+    for _ in range(50):
         inq = set(work)
         while work:
             i = work.pop()
@@ -610,7 +702,6 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
             new = transfer(i, out) | fact[i]
             if new != fact[i]:
                 fact[i] = new
-                changed = True
                 for p in preds[i]:
                     if p not in inq:
                         inq.add(p)
@@ -621,16 +712,19 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
                         if c not in inq:
                             inq.add(c)
                             work.append(c)
-            # exits depend on callers' facts
+        # exits depend on callers' facts
+        grown: set[int] = set()
         for f, lst in sites.items():
             for _, resume in lst:
                 if resume >= n:
                     continue
                 want = (ALL_STACK if fact[resume] & (SLOT_MASK | ALL_STACK) else 0) | (fact[resume] & 1)
                 if want:
-                    for j in range(f, cfg.ends[f]):
-                        ins = insns[j]
-                        if ins.opcode == op.BPF_JMP | op.BPF_EXIT and want & ~fact[j]:
+                    for j in range(f, ends[f]):
+                        if insns[j].opcode == BPF_JMP | BPF_EXIT and want & ~fact[j]:
                             fact[j] |= want
-                            changed = True
+                            grown.add(j)
+        if not grown:
+            break
+        work = sorted(grown.union(*(preds[j] for j in grown)))
     return fact
