@@ -135,10 +135,9 @@ def check_alu(ck: CheckContext, st: VerifierState, ins: Instruction) -> None:
         regs[ins.dst] = _ptr_alu(o, bits, dst, src, ins)
         return
     if o in (BPF_DIV, BPF_MOD):
-        res = Scalar.unknown() if bits == 64 else Scalar.unknown().zext32()
-        if src.val.is_const() and dst.val.is_const():
-            res = _divmod(o, ins.off, dst.val.value, src.val.value, bits)
-        regs[ins.dst] = S.scalar_reg(res)
+        # the kernel (adjust_scalar_min_max_vals, 6.18) tracks no range through a division, not
+        # even of two constants: folding them here would accept programs the kernel refuses
+        regs[ins.dst] = S.scalar_reg(Scalar.unknown() if bits == 64 else Scalar.unknown().zext32())
         return
     regs[ins.dst] = S.scalar_reg(A.scalar_alu(o, dst.val, src.val, bits))
 
@@ -217,22 +216,3 @@ def _endian(v: Scalar, ins: Instruction, bits: int) -> Scalar:
         b = (v.value & m).to_bytes(width // 8, "little")
         return Scalar.const(int.from_bytes(b, "big"))
     return Scalar.urange(0, m) if width < 64 else Scalar.unknown()
-
-
-def _divmod(o: int, signed: int, a: int, b: int, bits: int) -> Scalar:
-    m = (1 << bits) - 1
-    a &= m
-    b &= m
-    if signed:
-        sa = a - (1 << bits) if a >> (bits - 1) else a
-        sb = b - (1 << bits) if b >> (bits - 1) else b
-        if sb == 0:
-            r = 0 if o == BPF_DIV else sa
-        else:
-            q = abs(sa) // abs(sb) * (1 if (sa < 0) == (sb < 0) else -1)
-            r = q if o == BPF_DIV else sa - q * sb
-    elif b == 0:
-        r = 0 if o == BPF_DIV else a
-    else:
-        r = a // b if o == BPF_DIV else a % b
-    return Scalar.const(r & m)
