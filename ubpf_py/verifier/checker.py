@@ -27,6 +27,7 @@ from ubpf_py.verifier import memory as M
 from ubpf_py.verifier import state as S
 from ubpf_py.verifier.memory import Reject
 from ubpf_py.verifier.scalar import Scalar
+from ubpf_py.verifier.stackdepth import check_stack_depth
 from ubpf_py.verifier.state import Checkpoint, Reg, VerifierState
 from ubpf_py.verifier.structure import ALL_STACK as ALL_STACK_DEMAND
 from ubpf_py.verifier.structure import (
@@ -42,9 +43,6 @@ from ubpf_py.verifier.structure import (
 
 COMPLEXITY_LIMIT = 1_000_000
 JMP_SEQ_LIMIT = 8192
-MAX_STACK = 512
-PRIV_STACK_MIN = 64
-MAX_CALL_FRAMES = 8
 _HELPER_CALLBACKS = (164, 181)
 _FAST_K64 = AR.FAST_K64
 _ALU_CLASSES = (op.BPF_ALU, op.BPF_ALU64)
@@ -697,48 +695,8 @@ class Checker:
 
     # -- stack depth -------------------------------------------------------------------------
     def _check_stack_depth(self) -> Failure | None:
-        depth = {k: _round16(v) for k, v in self.stats.stack_depth.items()}
-        priv_ok = not self.has_tail_call
-        for start, d in depth.items():
-            if d > MAX_STACK:
-                return Failure(f"stack size of subprog at insn {start} is {d}. Too large", start, "", [], None, None)
-
-        graph = self._static_calls()
-        seen: set[tuple[int, int, int]] = set()
-
-        def walk(sub: int, acc: int, frame: int) -> Failure | None:
-            # the kernel's check_max_stack_depth: a static walk over every call and callback
-            # reference in each function (reached or not), at most 8 frames deep
-            if frame >= MAX_CALL_FRAMES:
-                return Failure(f"the call stack of {frame} frames is too deep !", sub,
-                               "BPF allows 8 nested function frames; is a function recursive?", [], None, None)
-            d = depth.get(sub, 0)
-            if not (priv_ok and d >= PRIV_STACK_MIN):
-                acc += d
-                if acc > MAX_STACK:
-                    return Failure(f"combined stack size of {frame + 1} calls is {acc}. Too large", sub,
-                                   "the functions on this call chain use more than 512 bytes of stack together",
-                                   [], None, None)
-            key = (sub, frame, acc)
-            if key in seen:
-                return None
-            seen.add(key)
-            for callee in graph.get(sub, ()):
-                f = walk(callee, acc, frame + 1)
-                if f:
-                    return f
-            return None
-
-        return walk(0, 0, 0)
-
-    def _static_calls(self) -> dict[int, list[int]]:
-        """Function start -> functions it calls or takes as callbacks, in instruction order."""
-        out: dict[int, list[int]] = {}
-        for i, ins in enumerate(self.insns):
-            if (ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_PSEUDO_CALL) or \
-                    (ins.opcode == op.LDDW and ins.src == op.BPF_PSEUDO_FUNC):
-                out.setdefault(self.cfg.func_of(i), []).append(i + ins.imm + 1)
-        return out
+        bad = check_stack_depth(self.insns, self.cfg.func_of, self.stats.stack_depth, self.has_tail_call)
+        return None if bad is None else Failure(bad.message, bad.pc, bad.hint, [], None, None)
 
 
 def _slot_bits(lo: int, hi: int) -> int:
@@ -748,10 +706,6 @@ def _slot_bits(lo: int, hi: int) -> int:
     first = (S.STACK_SIZE + lo) // 8
     last = (S.STACK_SIZE + hi - 1) // 8
     return ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
-
-
-def _round16(v: int) -> int:
-    return (v + 15) // 16 * 16
 
 
 def _set_scalar(st: VerifierState, regno: int, val: Scalar) -> None:

@@ -146,10 +146,6 @@ def is_cond_jump(code: int) -> bool:
     return c in (BPF_JMP, BPF_JMP32) and o not in (BPF_JA, BPF_CALL, BPF_EXIT)
 
 
-def is_uncond_jump(code: int) -> bool:
-    return code in (BPF_JMP | BPF_JA, BPF_JMP32 | BPF_JA)
-
-
 def jump_target(i: int, ins: Instruction) -> int:
     if ins.opcode == BPF_JMP32 | BPF_JA:
         return i + ins.imm + 1
