@@ -53,6 +53,9 @@ _VERIFIER_TESTS = ["tests/test_verifier_rules.py", "tests/test_verifier_precisio
                    "tests/test_verifier_dead_code.py", "tests/test_verifier_corpus.py", "tests/test_may_goto.py",
                    "tests/test_verifier_globals.py", "tests/test_verifier_kernel_diff.py", "tests/test_loader.py",
                    "tests/test_verifier_map_fields.py"]
+#: a 1.5 s bound on a signal's effect fails under the load of a mutation run on a shared machine (not because
+#: of the mutant); the restore checks it also makes are in test_probe_detach.py
+_DESELECT_TIMED = "--deselect=tests/test_session_lifetime.py::test_signal_ends_session_fast_and_restores"
 #: group -> (module globs, tests relevant to every module of the group), fast files first (-x stops early)
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "verifier": (["ubpf_py/verifier/*.py"], _VERIFIER_TESTS),
@@ -70,7 +73,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_may_goto.py", "tests/test_maps.py", "tests/test_helpers.py", "tests/test_conformance.py",
             "tests/test_fastpath.py"]),
     "restore": (["ubpf_py/probe/restore.py"],
-                ["tests/test_probe_detach.py", "tests/test_usdt.py", "tests/test_session_lifetime.py",
+                ["tests/test_probe_detach.py", "tests/test_usdt.py", "tests/test_session_lifetime.py", _DESELECT_TIMED,
                  "tests/test_target_edges.py"]),
 }
 #: modules whose behaviour is also checked by tests outside their group (a helper prototype is a verifier rule)
@@ -171,7 +174,11 @@ def group_of(path: str) -> str:
 
 
 def tests_for(site: Site) -> list[str]:
+    """The group's tests, the module's extra ones and the group's mutation-kill tests."""
     base = GROUPS[site.group][1]
+    kills = f"tests/test_mutation_kills_{site.group}.py"
+    if (ROOT / kills).exists():
+        base = [kills, *base]
     return base + [t for t in EXTRA_TESTS.get(site.path, []) if t not in base]
 
 
@@ -256,7 +263,7 @@ def main() -> int:
                       "environment first", file=sys.stderr)
                 return 2
             timeouts[g] = 3 * secs + 60
-            print(f"baseline {g}: {len(tests)} test files pass in {secs:.0f}s", flush=True)
+            print(f"baseline {g}: {sum(t.endswith('.py') for t in tests)} test files pass in {secs:.0f}s", flush=True)
         free = list(copies)
 
         def one(site: Site) -> tuple[Site, bool, str, float]:
