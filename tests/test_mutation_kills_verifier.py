@@ -47,6 +47,33 @@ CASES = {
     "prune_not_across_call_sites": (CROSS_SITE, "R3 !read_ok"),
     # 2**24 paths: accepted only because joins prune (no pruning: the 1M-instruction limit)
     "diamond_chain_prunes": (_diamonds(24), ""),
+    # a tail call with a reserved ringbuf record outstanding; the program would release it if the
+    # tail call returned, so only the call's own check refuses it (calls.py#20: that raise dropped)
+    "tail_call_with_reference": ("\n".join(
+        ["mov %r9, %r1", "lddw %r1, 0xfa00000002", "mov %r2, 8", "mov %r3, 0", "call 131", "jeq %r0, 0, out",
+         "mov %r6, %r0", "mov %r1, %r9", "lddw %r2, 0xfa00000004", "mov %r3, 0", "call 12",
+         "mov %r1, %r6", "mov %r2, 0", "call 132", "out:", "mov %r0, 0", "exit"]),
+        "Unreleased reference id=2 alloc_insn=5"),
+    # a null check on a lookup result also clears its copy spilled before the check
+    # (checker.py#222: the spilled copies matched by a different id)
+    "spilled_copy_checked_non_null": ("\n".join(
+        ["stdw [%r10-8], 0", "mov %r2, %r10", "add %r2, -8", "lddw %r1, 0xfa00000000", "call 1",
+         "stxdw [%r10-16], %r0", "jeq %r0, 0, out", "ldxdw %r1, [%r10-16]", "ldxdw %r0, [%r1+0]", "out:",
+         "mov %r0, 0", "exit"]), ""),
+}
+
+#: kernel verdicts ubpf-py does not give yet (name -> (program, kernel error or "", why))
+KNOWN_DIFFERENCES = {
+    # the kernel's atomic fetch from a stack slot reads it like a fill (the spilled register);
+    # ubpf-py returns an unknown scalar.  Fixing it needs precision_demand (structure.py) to treat
+    # an atomic fetch as a fill first, or pruning would become unsound.
+    "atomic_fetch_of_spilled_pointer": (
+        "stxdw [%r10-24], %r1\nmov %r3, 0\nlock fetch add [%r10-24], %r3\nldxdw %r0, [%r3+0]\n"
+        "mov %r0, 0\nexit", "", "atomic fetch from the stack returns an unknown scalar, not the spill"),
+    "atomic_fetch_of_spilled_constant": (
+        "mov %r6, -16\nstxdw [%r10-24], %r6\nmov %r6, 0\nlock fetch add [%r10-24], %r6\nmov %r1, %r10\n"
+        "add %r1, %r6\nstdw [%r1+0], 0\nmov %r0, 0\nexit", "",
+        "atomic fetch from the stack returns an unknown scalar, not the spill"),
 }
 
 
@@ -58,12 +85,20 @@ def test_verdict(name: str) -> None:
     assert r.error == kernel_error, r.log
 
 
+@pytest.mark.parametrize("name", sorted(KNOWN_DIFFERENCES))
+def test_known_difference(name: str, request: pytest.FixtureRequest) -> None:
+    text, kernel_error, why = KNOWN_DIFFERENCES[name]
+    request.applymarker(pytest.mark.xfail(strict=True, reason=why))
+    r = verify_program(prog(text), MAPS, mode="warn", time_budget=10)
+    assert (r.ok, r.error) == (not kernel_error, kernel_error), r.log
+
+
 @pytest.mark.kernel
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(CASES) + sorted(KNOWN_DIFFERENCES))
 def test_kernel_agrees(name: str) -> None:
     reason = kernel_skip_reason()
     if reason:
         pytest.skip(reason)
-    text, kernel_error = CASES[name]
+    text, kernel_error = (CASES.get(name) or KNOWN_DIFFERENCES[name])[:2]
     ok, error, log = kernel_verdict(prog(text), MAPS)
     assert (ok, error) == (not kernel_error, kernel_error), log
