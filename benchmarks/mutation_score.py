@@ -51,8 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _VERIFIER_TESTS = ["tests/test_verifier_rules.py", "tests/test_verifier_precision.py",
                    "tests/test_verifier_domain_exhaustive.py", "tests/test_verifier.py",
                    "tests/test_verifier_dead_code.py", "tests/test_verifier_corpus.py", "tests/test_may_goto.py",
-                   "tests/test_verifier_globals.py", "tests/test_verifier_kernel_diff.py", "tests/test_loader.py",
-                   "tests/test_verifier_map_fields.py"]
+                   "tests/test_verifier_kernel_diff.py"]
 #: a 1.5 s bound on a signal's effect fails under the load of a mutation run on a shared machine (not because
 #: of the mutant); the restore checks it also makes are in test_probe_detach.py
 _DESELECT_TIMED = "--deselect=tests/test_session_lifetime.py::test_signal_ends_session_fast_and_restores"
@@ -81,6 +80,9 @@ EXTRA_TESTS: dict[str, list[str]] = {
     "ubpf_py/helpers/protos.py": ["tests/test_verifier_rules.py", "tests/test_verifier.py",
                                   "tests/test_verifier_corpus.py"],
     "ubpf_py/helpers/names.py": ["tests/test_verifier_rules.py", "tests/test_verifier_corpus.py"],
+    "ubpf_py/verifier/globalfuncs.py": ["tests/test_verifier_globals.py", "tests/test_loader.py"],
+    "ubpf_py/verifier/calls.py": ["tests/test_verifier_globals.py"],
+    "ubpf_py/verifier/mapfields.py": ["tests/test_verifier_map_fields.py", "tests/test_loader.py"],
     "ubpf_py/vm/jit/target.py": ["tests/test_jit_target.py"],
     "ubpf_py/vm/jit/native_hit.py": ["tests/test_native_hits.py"],
     "ubpf_py/vm/jit/cache.py": ["tests/test_jit_target.py"],

@@ -62,6 +62,7 @@ CASES = {
          "mov %r0, 0", "exit"]), ""),
 }
 
+_UNBOUNDED = "math between fp pointer and register with unbounded min value is not allowed"
 #: kernel verdicts ubpf-py does not give yet (name -> (program, kernel error or "", why))
 KNOWN_DIFFERENCES = {
     # the kernel's atomic fetch from a stack slot reads it like a fill (the spilled register);
@@ -74,6 +75,18 @@ KNOWN_DIFFERENCES = {
         "mov %r6, -16\nstxdw [%r10-24], %r6\nmov %r6, 0\nlock fetch add [%r10-24], %r6\nmov %r1, %r10\n"
         "add %r1, %r6\nstdw [%r1+0], 0\nmov %r0, 0\nexit", "",
         "atomic fetch from the stack returns an unknown scalar, not the spill"),
+    # the kernel (6.18) makes every div/mod result unknown, constants included; arith.py folds
+    # constant operands (_divmod), so these are accepts where the kernel rejects.  Found through
+    # the surviving mutant arith.py#134; the fix (drop the fold) belongs to arith.py.
+    "div_of_constants_is_unknown": (
+        "mov %r1, 16\nmov %r2, 2\ndiv %r1, %r2\nneg %r1\nmov %r3, %r10\nadd %r3, %r1\nstdw [%r3+0], 0\n"
+        "mov %r0, 0\nexit", _UNBOUNDED, "arith.py folds div of constants; the kernel does not"),
+    "sdiv_of_constants_is_unknown": (
+        "mov %r1, 32\nmov %r2, -2\nsdiv %r1, %r2\nmov %r3, %r10\nadd %r3, %r1\nstdw [%r3+0], 0\n"
+        "mov %r0, 0\nexit", _UNBOUNDED, "arith.py folds sdiv of constants; the kernel does not"),
+    "mod_imm_of_constant_is_unknown": (
+        "mov %r1, 16\nmod %r1, 7\nneg %r1\nmov %r3, %r10\nadd %r3, %r1\nstb [%r3+0], 0\nmov %r0, 0\nexit",
+        _UNBOUNDED, "arith.py folds mod of constants; the kernel does not"),
 }
 
 
