@@ -115,3 +115,12 @@ def test_kernel_agrees(name: str) -> None:
     text, kernel_error = (CASES.get(name) or KNOWN_DIFFERENCES[name])[:2]
     ok, error, log = kernel_verdict(prog(text), MAPS)
     assert (ok, error) == (not kernel_error, kernel_error), log
+
+
+def test_empty_program_is_refused_not_crashed() -> None:
+    """No instructions: a one-line refusal (the kernel refuses insn_cnt 0 with EINVAL), never a
+    traceback from the later passes (structure.py#20: the raise dropped)."""
+    from ubpf_py.obj.spec import ProgramSpec
+
+    r = verify_program(ProgramSpec("e", "uprobe", "uprobe", []), [], mode="warn")
+    assert not r.ok and r.error == "empty program"
