@@ -60,6 +60,18 @@ CASES = {
         ["stdw [%r10-8], 0", "mov %r2, %r10", "add %r2, -8", "lddw %r1, 0xfa00000000", "call 1",
          "stxdw [%r10-16], %r0", "jeq %r0, 0, out", "ldxdw %r1, [%r10-16]", "ldxdw %r0, [%r1+0]", "out:",
          "mov %r0, 0", "exit"]), ""),
+    # r0 in [-2**31, 2**31]; r0 != 0x80000000 (a 64-bit constant) trims smax, not smin, so the
+    # branch on r0 == -2**31 stays possible (alu.py#178: the constant's signed value taken as 32-bit)
+    "exclude_64bit_constant_from_range": ("\n".join(
+        ["call 7", "mov %r6, %r0", "and %r6, 1", "call 7", "lsh %r0, 32", "arsh %r0, 32", "add %r0, %r6",
+         "lddw %r2, 0x80000000", "jeq %r0, %r2, out", "jsle %r0, -2147483648, bad", "out:", "mov %r0, 0", "exit",
+         "bad:", "stdw [%r10+0], 0", "mov %r0, 0", "exit"]), "invalid write to stack R10 off=0 size=8"),
+    # a map value pointer plus an index in [-4, 3]: the kernel's own reason (memory.py#53)
+    "negative_map_value_index": ("\n".join(
+        ["stw [%r10-4], 0", "mov %r2, %r10", "add %r2, -4", "lddw %r1, 0xfa00000001", "call 1", "jeq %r0, 0, out",
+         "mov %r6, %r0", "call 7", "and %r0, 7", "sub %r0, 4", "add %r6, %r0", "ldxb %r1, [%r6+0]", "out:",
+         "mov %r0, 0", "exit"]),
+        "R6 min value is negative, either use unsigned index or do a if (index >=0) check."),
 }
 
 _UNBOUNDED = "math between fp pointer and register with unbounded min value is not allowed"
@@ -124,3 +136,19 @@ def test_empty_program_is_refused_not_crashed() -> None:
 
     r = verify_program(ProgramSpec("e", "uprobe", "uprobe", []), [], mode="warn")
     assert not r.ok and r.error == "empty program"
+
+
+def test_tnum_lshift_contains_every_result() -> None:
+    """Soundness of the shift on every 3-bit tnum: each concrete ``(x << s) mod 2**3`` is a member
+    (tnum.py#138: the result kept a bit past the width, a value no register can hold)."""
+    from ubpf_py.verifier import tnum as tn
+
+    for v in range(8):
+        for m in range(8):
+            if v & m:
+                continue
+            a = tn.Tnum(v, m)
+            for s in range(4):
+                r = tn.lshift(a, s, 3)
+                for x in (x for x in range(8) if a.has(x)):
+                    assert r.has((x << s) & 7), (a, s, x, r)
