@@ -63,7 +63,7 @@ def check_helper(ck: CheckContext, st: S.VerifierState, pc: int, hid: int) -> bo
         raise Reject(f"program of this type cannot use helper {name}#{hid}",
                      "uprobe programs run as kprobe programs; this helper is for another program type")
     if proto.sleepable_only and not ck.sleepable:
-        raise Reject(f"program of this type cannot use helper {name}#{hid}",
+        raise Reject("helper call might sleep in a non-sleepable prog",
                      "this helper may only be called from sleepable (uprobe.s) programs")
     if proto.btf_only:
         raise Reject(f"helper {name}#{hid} takes BTF-typed kernel objects; not supported by ubpf-py",
