@@ -175,11 +175,12 @@ def group_of(path: str) -> str:
                      "pass a module of one of them")
 
 
-def tests_for(site: Site) -> list[str]:
-    """The group's tests, the module's extra ones and the group's mutation-kill tests."""
+def tests_for(site: Site, root: Path = ROOT) -> list[str]:
+    """The group's tests, the module's extra ones and the group's mutation-kill tests (if ``root``,
+    the copy the tests run in, has them)."""
     base = GROUPS[site.group][1]
     kills = f"tests/test_mutation_kills_{site.group}.py"
-    if (ROOT / kills).exists():
+    if (root / kills).exists():
         base = [kills, *base]
     return base + [t for t in EXTRA_TESTS.get(site.path, []) if t not in base]
 
@@ -199,6 +200,9 @@ def run(copy: Path, tests: list[str], timeout: float) -> tuple[bool, str, float]
         p.communicate()
         return True, "timeout", time.monotonic() - t0
     text = out.decode(errors="replace")
+    if p.returncode in (4, 5):   # pytest's usage error / nothing collected: the run is broken, not the mutant
+        raise SystemExit(f"mutation_score: error: pytest could not run {' '.join(tests)}: "
+                         f"{text.strip().splitlines()[-1:]}")
     m = _FAILED.search(text)
     why = m.group(1) if m else (text.strip().splitlines() or ["?"])[-1][:100]
     return p.returncode != 0, why, time.monotonic() - t0
@@ -258,7 +262,7 @@ def main() -> int:
         copies = [_make_copy(tmp, n) for n in range(max(1, args.jobs))]
         timeouts = {}
         for g in sorted({s.group for s in chosen}):
-            tests = sorted({t for s in chosen if s.group == g for t in tests_for(s)})
+            tests = sorted({t for s in chosen if s.group == g for t in tests_for(s, copies[0])})
             killed, why, secs = run(copies[0], tests, 1800)
             if killed:
                 print(f"mutation_score: error: the unmutated tests of group {g} fail ({why}); fix the "
@@ -275,7 +279,7 @@ def main() -> int:
             try:
                 target.write_text(mutant_source(ROOT / site.path, site))
                 _drop_pyc(target)
-                killed, why, secs = run(copy, tests_for(site), timeouts[site.group])
+                killed, why, secs = run(copy, tests_for(site, copy), timeouts[site.group])
             finally:
                 target.write_text(original)
                 _drop_pyc(target)
