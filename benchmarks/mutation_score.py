@@ -159,8 +159,9 @@ class _Mutate(ast.NodeTransformer):
         return node
 
 
-def mutant_source(path: Path, site: Site) -> str:
-    tree = ast.parse(path.read_text())
+def mutant_source(source: str, site: Site) -> str:
+    """``source`` (the module as it was when the sample was drawn) with ``site`` mutated."""
+    tree = ast.parse(source)
     target = _candidates(tree)[site.index][1]
     tree = _Mutate(target).visit(tree)
     ast.fix_missing_locations(tree)
@@ -277,7 +278,7 @@ def main() -> int:
             target = copy / site.path
             original = target.read_text()
             try:
-                target.write_text(mutant_source(ROOT / site.path, site))
+                target.write_text(mutant_source(original, site))   # the copy's text: the tree may change
                 _drop_pyc(target)
                 killed, why, secs = run(copy, tests_for(site, copy), timeouts[site.group])
             finally:
