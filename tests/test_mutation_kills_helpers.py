@@ -60,3 +60,29 @@ def test_runtime_names_are_the_verifiers() -> None:
 
     for hid in range(1, 212):
         assert runtime_name(hid) == helper_name(hid), hid
+
+
+def test_strings_ending_at_the_last_byte_of_a_region() -> None:
+    """A string whose NUL is the last byte of the program's memory is a string: the kernel's
+    strncpy_from_kernel_nofault returns 1 (the NUL) and an empty format prints nothing and
+    returns 0 (context.py#19/#26: the first byte checked as two)."""
+    from test_helpers import Rig
+
+    rig = Rig()
+    last = rig.at(len(rig.buf) - 1)
+    rig.buf.view[len(rig.buf) - 1] = 0
+    rig.buf.view[0:8] = b"\xff" * 8
+    assert rig.call(115, rig.at(0), 8, last) == 1          # bpf_probe_read_kernel_str
+    assert bytes(rig.buf.view[0:2]) == b"\0\xff"
+    assert rig.call(6, last, 1) == 0 and rig.printed == [""]   # bpf_trace_printk("")
+
+
+def test_bpf_loop_without_an_engine_is_a_clear_fault() -> None:
+    """Called with no engine to run the callback (task_helpers.py#27: the check dropped, the
+    call then failed with a TypeError instead of the VMFault the runner reports)."""
+    from test_helpers import Rig
+
+    from ubpf_py.errors import VMFault
+
+    with pytest.raises(VMFault, match="callback support"):
+        Rig().call(181, 3, 0x1000, 0, 0)
