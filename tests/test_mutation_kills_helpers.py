@@ -75,6 +75,8 @@ def test_strings_ending_at_the_last_byte_of_a_region() -> None:
     assert rig.call(115, rig.at(0), 8, last) == 1          # bpf_probe_read_kernel_str
     assert bytes(rig.buf.view[0:2]) == b"\0\xff"
     assert rig.call(6, last, 1) == 0 and rig.printed == [""]   # bpf_trace_printk("")
+    rig.buf.view[0] = ord("a")
+    assert rig.call(182, rig.at(0), 1, last) == 1          # bpf_strncmp("a", 1, ""): 'a' > NUL
 
 
 def test_bpf_loop_without_an_engine_is_a_clear_fault() -> None:
