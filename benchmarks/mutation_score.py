@@ -108,9 +108,24 @@ class Site:
         return f"{self.path}#{self.index}"
 
 
+def _annotation_nodes(tree: ast.AST) -> set[int]:
+    """Nodes inside type annotations: never evaluated (``from __future__ import annotations``),
+    so a mutant there is equivalent by construction and is not generated."""
+    roots = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg | ast.AnnAssign) and node.annotation is not None:
+            roots.append(node.annotation)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.returns is not None:
+            roots.append(node.returns)
+    return {id(n) for r in roots for n in ast.walk(r)}
+
+
 def _candidates(tree: ast.AST) -> list[tuple[str, ast.AST]]:
     out = []
+    skip = _annotation_nodes(tree)
     for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Compare) and type(node.ops[0]) in _CMP_SWAP:
             out.append(("compare", node))
         elif isinstance(node, ast.BinOp) and type(node.op) in _BIN_SWAP:
