@@ -205,6 +205,12 @@ def run(copy: Path, tests: list[str], timeout: float) -> tuple[bool, str, float]
     """(killed, first failing test or 'timeout', seconds).  The run is its own session so a hang is
     ended with everything it started, by that session's id."""
     env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+    # the tests find the shared corpus and builds next to *their* repository: point them at the
+    # original's, or every test needing them would skip in the copy (and kill nothing)
+    env.setdefault("UBPF_SHARED", str(ROOT.parent / "shared"))
+    for var, name in (("UBPF_CORPUS_BUILD", ".corpus-build"), ("UBPF_REALWORLD_BUILD", ".realworld-build")):
+        if (ROOT / name).is_dir():
+            env.setdefault(var, str(ROOT / name))
     t0 = time.monotonic()
     p = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
                          cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
