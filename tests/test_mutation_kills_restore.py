@@ -16,6 +16,8 @@ pytestmark = pytest.mark.ptrace
 SRC = r"""
 #include <stdio.h>
 #include <unistd.h>
+/* a USDT-style semaphore: a u16 in an allocated, written section with file contents */
+__attribute__((section(".probes"), used)) unsigned short probe_sema;
 __attribute__((noinline)) int slow(int x)
 {
     char c;
@@ -104,6 +106,44 @@ def test_detach_while_a_probed_syscall_blocks(blocker, native):
         proc.stdin.flush()
         out, _ = proc.communicate(timeout=20)
         assert (proc.returncode, out) == (0, b"n=1 c=x\n")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _u16_at_file_offset(pid: int, path, off: int) -> int:
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5] == str(path):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                foff = int(parts[2], 16)
+                if foff <= off < foff + hi - lo:
+                    with open(f"/proc/{pid}/mem", "rb") as mem:
+                        mem.seek(lo + off - foff)
+                        return int.from_bytes(mem.read(2), "little")
+    raise KeyError(f"offset {off:#x} of {path} not mapped in {pid}")
+
+
+def test_detach_releases_usdt_semaphores(blocker):
+    """A probe with a semaphore (ref_ctr_offset) counts it up while armed and back down on
+    detach, as the kernel's uprobe unregister does (restore.py#59: counted up again)."""
+    proc = subprocess.Popen([str(blocker)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        sema = func_offset(blocker, "probe_sema")
+        assert _u16_at_file_offset(proc.pid, blocker, sema) == 0
+        s = ProbeSession.attach(proc.pid)
+        s.add_probe(str(blocker), func_offset(blocker, "slow"), lambda h: None, ref_ctr_offset=sema)
+        assert _u16_at_file_offset(proc.pid, blocker, sema) == 1
+        assert s.run(duration=0.2) is None
+        assert P.tracer_pid(proc.pid) == 0
+        assert _u16_at_file_offset(proc.pid, blocker, sema) == 0
+        proc.stdin.write(b"gr")
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=20)
+        assert (proc.returncode, out) == (0, b"r=42\n")
     finally:
         if proc.poll() is None:
             proc.kill()
