@@ -66,3 +66,19 @@ def test_ringbuf_oversized_reserve_is_one_drop():
     rb, _ = _ring()
     assert rb.reserve(RINGBUF_MAX_RECORD_SZ + 1) == 0
     assert rb.dropped == 1
+
+
+def test_ringbuf_commit_and_discard_in_a_shared_arena():
+    """The same rules through the tracer-side C runtime that in-target maps use: a submitted
+    record is read, a discarded one is skipped (ringbuf.py#103: every commit a discard)."""
+    from ubpf_py.intarget.arena import SharedArena
+    from ubpf_py.maps import create_map
+    from ubpf_py.obj.spec import MapSpec
+
+    rb = create_map(MapSpec("rb", C.RINGBUF, 0, 0, 4096), alloc=SharedArena(1 << 20))
+    if rb._c is None:
+        pytest.skip("the tracer-side runtime could not be built (no C compiler)")
+    kept, dropped = rb.reserve(8), rb.reserve(8)
+    rb.commit(dropped, discard=True)
+    rb.commit(kept)
+    assert len(rb.consume()) == 1
