@@ -75,6 +75,10 @@ CASES = {
     # a complete lddw in the last two slots: the program lacks a final exit, not a whole lddw
     # (structure.py#464: the lddw bound checked one slot too far)
     "lddw_in_the_last_two_slots": ("mov %r0, 0\nexit\nlddw %r1, 5", "last insn is not an exit or jmp"),
+    # a constant of 2**29 added to a pointer: the kernel's bound is exclusive (arith.py#95)
+    "pointer_plus_max_var_off": ("mov %r1, %r10\nadd %r1, 0x20000000\nmov %r0, 0\nexit",
+                                 "math between fp pointer and 536870912 is not allowed"),
+    "pointer_plus_max_var_off_minus_1": ("mov %r1, %r10\nadd %r1, 0x1fffffff\nmov %r0, 0\nexit", ""),
 }
 
 _UNBOUNDED = "math between fp pointer and register with unbounded min value is not allowed"
