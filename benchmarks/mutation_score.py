@@ -1,6 +1,7 @@
 """Mutation testing: break the code on purpose and check that the tests notice.
 
-Run (slow, about 20-40 minutes for the default sample on one core; not in CI):
+Run (slow; not in CI: the default 80 mutants take about an hour on a shared 2-core machine,
+``--per-group 6`` about 25 minutes; the restore group costs most, its tests start processes):
   python3 benchmarks/mutation_score.py                      # 16 mutants per module group, seed 1
   python3 benchmarks/mutation_score.py --per-group 20 --seed 7 --groups verifier maps
   python3 benchmarks/mutation_score.py --only ubpf_py/maps/hash.py#41   # rerun one mutant
