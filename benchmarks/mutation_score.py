@@ -74,7 +74,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_fastpath.py"]),
     "restore": (["ubpf_py/probe/restore.py"],
                 ["tests/test_probe_detach.py", "tests/test_usdt.py", "tests/test_session_lifetime.py", _DESELECT_TIMED,
-                 "tests/test_target_edges.py"]),
+                 "tests/test_target_edges.py", "tests/test_probe_engine.py"]),
 }
 #: modules whose behaviour is also checked by tests outside their group (a helper prototype is a verifier rule)
 EXTRA_TESTS: dict[str, list[str]] = {
