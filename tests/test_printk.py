@@ -56,6 +56,12 @@ VALID = [
     (b"%10s|%-10s|%3s|", [S(0), S(0), S(16)]),
     (b"%s %s", [S(128), S(448)]),                    # the 512-byte argument buffer truncates
     (b"%s %s %s", [S(128), S(448), S(0)]),          # ... and runs out: -ENOSPC at run time
+    # 505 bytes of strings, then a pointer aligned to 508 leaves 4 of the 8 it needs: -ENOSPC
+    # (the alignment before a pointer argument; a mutation-testing survivor)
+    (b"%s%s%px", [S(128), S(545), 0x1234]),
+    (b"%s%s%px", [S(128), S(549), 0x1234]),           # 501 bytes: 504 + 8 fits exactly
+    # %pB takes its text and a NUL: 497 + 7 = 504, the pointer fits; one byte more and it does not
+    (b"%s%s%pB%px", [S(128), S(553), 0x1234, 0x1234]),
     (b"caf\xc3\xa9 %d \xe9", [1]),                     # bytes >= 0x80 pass
     (b"%s", [S(768)]),
     (b"null %s!", [0]),

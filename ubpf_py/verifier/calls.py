@@ -64,7 +64,7 @@ def check_helper(ck: CheckContext, st: S.VerifierState, pc: int, hid: int) -> bo
         raise Reject(f"program of this type cannot use helper {name}#{hid}",
                      "uprobe programs run as kprobe programs; this helper is for another program type")
     if proto.sleepable_only and not ck.sleepable:
-        raise Reject(f"program of this type cannot use helper {name}#{hid}",
+        raise Reject("helper call might sleep in a non-sleepable prog",
                      "this helper may only be called from sleepable (uprobe.s) programs")
     if proto.btf_only:
         raise Reject(f"helper {name}#{hid} takes BTF-typed kernel objects; not supported by ubpf-py",
@@ -79,8 +79,10 @@ def check_helper(ck: CheckContext, st: S.VerifierState, pc: int, hid: int) -> bo
             raise Reject("write into map forbidden", f"map '{m.name}' is read-only for programs")
         _check_map_compat(ck, proto, meta.map)
     if hid == 12 and st.refs:
-        raise Reject("tail_call would lead to reference leak",
-                     "submit or discard every reserved ringbuf record before bpf_tail_call")
+        ref, insn = next(iter(st.refs.items()))     # the kernel's check_resource_leak wording
+        raise Reject(f"Unreleased reference id={ref} alloc_insn={insn}",
+                     "submit or discard every reserved ringbuf record before bpf_tail_call",
+                     extra=["tail_call would lead to reference leak"])
     if proto.callback and meta.func >= 0:
         return _enter_callback(ck, st, pc, proto, meta)
     _finish_helper(ck, st, pc, proto, meta)

@@ -74,7 +74,8 @@ def region_check(ck: CheckContext, regno: int, reg: Reg, off: int, size: int, li
 
     hint = f"the {what} is {limit} bytes; bound the offset before the access"
     if v.smin < 0 and (v.smin == -(1 << 63) or off + v.smin < 0):
-        raise Reject(f"R{regno} min value is negative, either use unsigned index or 'var &= const'", hint)
+        raise Reject(f"R{regno} min value is negative, either use unsigned index or do a if (index >=0) check.",
+                     hint)
     lo = off + v.smin
     if lo < 0 or lo + size > limit or (size == 0 and not zero_ok):
         raise Reject(bad(lo), hint, [f"R{regno} min value is outside of the allowed memory range"])

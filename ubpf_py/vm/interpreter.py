@@ -91,7 +91,7 @@ class Interpreter:
     def _namespace(self) -> dict[str, Any]:
         mem = self._mem
         ns: dict[str, Any] = {
-            "M64": M64, "M32": M32, "S64": 1 << 63, "S32": 1 << 31,
+            # (M64, M32, S64 and S32 are inlined as literals by the code generator)
             "SDIV64": interp_ops.sdiv64, "SMOD64": interp_ops.smod64,
             "SDIV32": interp_ops.sdiv32, "SMOD32": interp_ops.smod32,
             "BSWAP32": interp_ops.bswap32, "BSWAP64": interp_ops.bswap64,

@@ -1,0 +1,18 @@
+"""Engine behaviour written to kill mutants that survived ``benchmarks/mutation_score.py``
+(named ``path#index`` in each test's docstring)."""
+
+from __future__ import annotations
+
+from engines import make_env
+
+from ubpf_py.isa.asm import assemble
+from ubpf_py.vm.interpreter import Interpreter
+
+
+def test_instruction_budget_is_per_run_not_per_program() -> None:
+    """Each run may use most of the budget; runs after the first start from zero again
+    (interpreter.py#28: the nesting count never returned to zero, so the count carried over)."""
+    te = make_env()
+    prog = Interpreter(assemble("mov %r0, 0\nloop:\nadd %r0, 1\njlt %r0, 200, loop\nexit"), te.env,
+                       max_instructions=500)
+    assert [prog.run(0) for _ in range(3)] == [200, 200, 200]
