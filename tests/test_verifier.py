@@ -330,9 +330,11 @@ def test_bpf_loop_callbacks() -> None:
 
 
 def test_stack_depth_per_frame() -> None:
-    # 3 frames x 400 bytes: allowed with the kernel's private per-subprog stacks (Linux 6.13+)
+    # 3 frames x 400 bytes: every frame counts, as on the CI kernel (6.18 gives kprobe programs
+    # no private per-subprogram stacks; kernel-checked); the first chain over 512 is reported
     big = "stdw [%r10-400], 0\n"
-    accepts(big + "call local f\nexit\nf:\n" + big + "call local g\nexit\ng:\n" + big + "mov %r0, 0\nexit")
+    rejects(big + "call local f\nexit\nf:\n" + big + "call local g\nexit\ng:\n" + big + "mov %r0, 0\nexit",
+            "combined stack size of 2 calls is 800. Too large")
     # a tail call turns private stacks off: the frames share 512 bytes again (kernel-checked)
     rejects(big + "mov %r6, %r1\ncall local f\nmov %r1, %r6\nlddw %r2, 0xfa00000004\nmov %r3, 0\n"
             "call 12\nmov %r0, 0\nexit\nf:\n" + big + "mov %r0, 0\nexit",

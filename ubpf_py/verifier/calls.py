@@ -5,6 +5,7 @@ tail calls, and function exit (references, return values, frames).
 from __future__ import annotations
 
 from ubpf_py.helpers.protos import KPROBE_ALLOWED, MODELLED_MAP_TYPES, PROTOS, HelperProto, helper_name
+from ubpf_py.isa import opcodes as op
 from ubpf_py.isa.opcodes import MAX_CALL_DEPTH
 from ubpf_py.obj.mapdefs import BPF_F_RDONLY_PROG
 from ubpf_py.verifier import btfptr as BP
@@ -410,3 +411,19 @@ def check_exit(ck: CheckContext, st: S.VerifierState, pc: int) -> int | None:
     for r in range(1, 6):
         caller.regs[r] = S.UNINIT
     return cur.callsite + 1
+
+
+def abnormal_return_in_subprog(insns: list, func_of, has_btf: bool) -> tuple[str, int] | None:
+    """The kernel's check_abnormal_return: without BTF func_info the kernel cannot check how a
+    subprogram leaves, so a tail call or LD_ABS/LD_IND (which may end the program) in any
+    subprogram -- reached or not -- refuses the load before the walk.  (message, insn) or None."""
+    if has_btf:
+        return None
+    for pc, ins in enumerate(insns):
+        if func_of(pc) == 0:
+            continue
+        if ins.opcode & 0x07 == op.BPF_LD and ins.opcode & 0xE0 in (op.BPF_ABS, op.BPF_IND):
+            return "LD_ABS is not allowed in subprogs without BTF", pc
+        if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == op.BPF_CALL_HELPER and ins.imm == 12:
+            return "tail_call is not allowed in subprogs without BTF", pc
+    return None

@@ -110,7 +110,6 @@ class Checker:
         self.id_gen = 0
         self.in_global = False
         self.callees: dict[int, set[int]] = {}
-        self.has_tail_call: set[int] = set()
         self.loop_ok = {i for i, ins in enumerate(self.insns)
                         if ins.opcode == op.BPF_JMP | op.BPF_CALL and ins.src == 0
                         and ins.imm in _HELPER_CALLBACKS}
@@ -188,6 +187,10 @@ class Checker:
         else:  # a bpf_conformance-style run: r1 = packet-like memory, r2 = its length
             st.frames[-1].regs[1] = Reg(S.MEM, Scalar.const(0), size=self.test_mem_size)
             st.frames[-1].regs[2] = S.const_reg(self.test_mem_size)
+        bad = C.abnormal_return_in_subprog(self.insns, self.cfg.func_of, bool(self.prog.func_info))
+        if bad:
+            return Failure(bad[0], bad[1], "build the object with BTF (clang -g) so subprograms carry func_info",
+                           [], None, None)
         self.enter_function(0)
         fail = self._explore(st, 0)
         if fail:
@@ -590,8 +593,6 @@ class Checker:
             return C.check_pseudo_call(self, st, pc, target)
         if ins.src == op.BPF_PSEUDO_KFUNC_CALL:
             raise Reject("calling kernel functions is not supported", "not supported: kfunc calls")
-        if ins.imm == 12:
-            self.has_tail_call.add(self.cfg.func_of(pc))
         self._helper_pc = pc
         try:
             entered = C.check_helper(self, st, pc, ins.imm)
@@ -695,7 +696,7 @@ class Checker:
 
     # -- stack depth -------------------------------------------------------------------------
     def _check_stack_depth(self) -> Failure | None:
-        bad = check_stack_depth(self.insns, self.cfg.func_of, self.stats.stack_depth, self.has_tail_call)
+        bad = check_stack_depth(self.insns, self.cfg.func_of, self.stats.stack_depth)
         return None if bad is None else Failure(bad.message, bad.pc, bad.hint, [], None, None)
 
 
