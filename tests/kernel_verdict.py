@@ -86,3 +86,25 @@ def kernel_verdict(prog: ProgramSpec, maps: list[MapSpec], btf_fd: int = 0,
     finally:
         for km in kmaps.values():
             km.close()
+
+
+def invalid_case_here(corpus_build, case: dict) -> dict:
+    """An invalid-set manifest entry with this machine's kernel verdict where it differs.
+
+    The manifest is one kernel's answer; kernels differ where a rule is optional (private
+    per-subprogram stacks, 6.13+, are not given everywhere), and the kernel running here is the
+    oracle.  Its verdict comes from the corpus's reference loader (``kernel_oracle --verify``);
+    with no kernel that can load programs the manifest stands."""
+    import json
+    import subprocess
+
+    oracle = corpus_build / "kernel_oracle"
+    if kernel_skip_reason() is not None or not oracle.is_file():
+        return case
+    out = subprocess.run([str(oracle), "--verify", str(corpus_build / "invalid" / f"{case['name']}.o")],
+                         capture_output=True, text=True, timeout=60)
+    doc = json.loads(out.stdout)
+    if doc["verdict"] == case["verdict"]:
+        return case
+    return {**case, "verdict": doc["verdict"], "kernel_error": doc.get("error") or None,
+            "note": f"this machine's kernel differs from the manifest ({case.get('note', '')})"}

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
-from kernel_verdict import kernel_skip_reason
+from kernel_verdict import invalid_case_here
 from paths import CORPUS
 
 from ubpf_py.helpers.protos import _NOT_FOR_KPROBE, KPROBE_ALLOWED, PROTOS
@@ -52,28 +51,12 @@ def _invalid_cases() -> list[dict]:
     return json.loads(INVALID_MANIFEST.read_text())["programs"]
 
 
-def _live_verdict(corpus_build: Path, obj_path: Path) -> dict | None:
-    """The running kernel's verdict on ``obj_path`` from the corpus's reference loader
-    (``kernel_oracle --verify``), or None where no kernel can load programs.  The recorded
-    manifest is one kernel's answer; where kernels differ (private per-subprogram stacks, 6.13+,
-    are not given everywhere) the kernel on this machine is the oracle."""
-    oracle = corpus_build / "kernel_oracle"
-    if kernel_skip_reason() is not None or not oracle.is_file():
-        return None
-    out = subprocess.run([str(oracle), "--verify", str(obj_path)], capture_output=True, text=True, timeout=60)
-    doc = json.loads(out.stdout)
-    return {"verdict": doc["verdict"], "kernel_error": doc.get("error") or None}
-
-
 @pytest.mark.parametrize("case", _invalid_cases(), ids=lambda c: c["name"])
 def test_invalid_set_matches_kernel_verdicts(corpus_build: Path, case: dict) -> None:
     from ubpf_py.obj.elf import load_object
 
-    path = corpus_build / "invalid" / f"{case['name']}.o"
-    live = _live_verdict(corpus_build, path)
-    if live is not None and live["verdict"] != case["verdict"]:
-        case = {**case, **live, "note": f"this machine's kernel differs from the manifest: {case.get('note', '')}"}
-    obj = load_object(str(path))
+    case = invalid_case_here(corpus_build, case)
+    obj = load_object(str(corpus_build / "invalid" / f"{case['name']}.o"))
     (prog,) = obj.programs.values()
     r = verify_program(prog, obj.maps, mode="warn", btf=obj.btf)
     if case["verdict"] == "accept":
