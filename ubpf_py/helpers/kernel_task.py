@@ -163,7 +163,6 @@ class KernelObjects:
         #: the parent's ancestors, made as deep chains are met; the chain above a parent, by pid
         self.ancestors: list[KernelObject] = []
         self._above: dict[int, list[tuple[int, bytes]]] = {}
-        self._starts: dict[tuple[int, int], int | None] = {}
 
     def _new(self, size: int, name: str) -> KernelObject:
         obj = KernelObject(self.env, size, name)
@@ -207,9 +206,8 @@ class KernelObjects:
                 self._field(cred, f"cred.{name}", int(v))
             for name, v in zip(("gid", "egid", "sgid", "fsgid"), gids, strict=True):
                 self._field(cred, f"cred.{name}", int(v))
-        ticks = self._starts.get((tgid, tid))
-        if ticks is None:   # a thread's start time never changes: read once per thread
-            ticks = self._starts[(tgid, tid)] = _start_ticks(tgid, tid)
+        # read per call: a tid can be reused by a later thread, whose start time the kernel reports
+        ticks = _start_ticks(tgid, tid)
         if ticks is not None:
             boot_ns = ticks * 1_000_000_000 // _CLK_TCK
             suspended = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
