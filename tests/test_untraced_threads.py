@@ -80,6 +80,16 @@ def _tracers(pid: int) -> dict[int, int]:
     return out
 
 
+def _run_gated(p: subprocess.Popen, out: Path, probes: int, gate: Path) -> tuple[str, str]:
+    """Let the target's work start (the gate file) once ``probes`` are attached; its output."""
+    try:
+        wait_for(lambda: attached(out, probes), "the attach", p)
+        gate.touch()
+        return p.communicate(timeout=TIMEOUT)
+    finally:
+        kill_pid(p)
+
+
 def run_late(d: Path, kind: str, *extra: str) -> tuple[subprocess.CompletedProcess, list[dict], list[tuple[int, int]]]:
     """``late`` with THREADS threads started after the attach; (ubpf-run's result, its events,
     [(tid, TracerPid)] of the late threads)."""
@@ -92,12 +102,7 @@ def run_late(d: Path, kind: str, *extra: str) -> tuple[subprocess.CompletedProce
         progs["e1"] = f"{d / 'libit.so'}:lib_work"
         argv.append(str(d / "libit.so"))
     p = cli(str(d / "it.bpf.o"), *_progs(d, progs), "-f", "json", "-o", str(out), "-v", *extra, "--", *argv)
-    try:
-        wait_for(lambda: attached(out, len(progs)), "the attach", p)
-        gate.touch()
-        so, se = p.communicate(timeout=TIMEOUT)
-    finally:
-        kill_pid(p)
+    so, se = _run_gated(p, out, len(progs), gate)
     late = [tuple(int(x) for x in line.split()) for line in tids.read_text().splitlines()] if tids.exists() else []
     r = subprocess.CompletedProcess(p.args, p.returncode, so, se)
     ev = _events(out)
@@ -166,12 +171,7 @@ def test_late_library_with_a_ptrace_probe_traces_every_thread_again(built):
     exe, lib = str(built / "dyn"), str(built / "libit.so")
     p = cli(str(prog), *_progs(built, {"e0": f"{exe}:work", "slow": f"{lib}:lib_work"}), "-f", "json", "-o",
             str(out), "--", exe, "late", str(THREADS), str(CALLS), str(gate), str(tids), lib)
-    try:
-        wait_for(lambda: attached(out, 2), "the attach", p)
-        gate.touch()
-        so, se = p.communicate(timeout=TIMEOUT)
-    finally:
-        kill_pid(p)
+    so, se = _run_gated(p, out, 2, gate)
     try:
         assert p.returncode == 0 and so == "ok\n", se[-3000:]
         ev = _events(out)
@@ -258,12 +258,7 @@ def test_exec_by_an_untraced_thread_is_followed(built):
     exe = str(built / "dyn")
     p = cli(str(built / "it.bpf.o"), *_progs(built, {"e0": f"{exe}:work"}), "-f", "json", "-o", str(out), "--",
             exe, "exec", str(CALLS), str(gate), str(tids))
-    try:
-        wait_for(lambda: attached(out, 1), "the attach", p)
-        gate.touch()
-        so, se = p.communicate(timeout=TIMEOUT)
-    finally:
-        kill_pid(p)
+    so, se = _run_gated(p, out, 1, gate)
     try:
         assert p.returncode == 0 and so == "ok\n", se[-3000:]
         late = [tuple(int(x) for x in line.split()) for line in tids.read_text().splitlines()]
