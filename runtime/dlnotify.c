@@ -10,11 +10,11 @@
  *
  * The probe block's cookie is the address of two u64 words in the shared arena: [0] requests
  * (bumped here), [1] answers (set by the tracer to the requests it handled, then FUTEX_WAKE).
- * The tracer is woken with SIGURG (ignored by default: harmless if the tracer is not
+ * The tracer is woken with UBPF_DL_NOTIFY_SIGNAL, SIGURG (ignored by default: harmless if the tracer is not
  * listening); a tracer that never answers costs the thread at most WAIT_MS. */
 #include "rt.h"
 
-enum { SYS_futex = 202, FUTEX_WAIT = 0, SIGURG = 23, WAIT_MS = 2000, SLICE_MS = 20 };
+enum { SYS_futex = 202, FUTEX_WAIT = 0, WAIT_MS = 2000, SLICE_MS = 20 };
 
 struct rt_timespec { long sec, nsec; };
 
@@ -26,7 +26,7 @@ RT_API u64 ubpf_dl_notify(u64 ctx, const struct ubpf_hit_frame *hf)
 	u64 *words = (u64 *)(uintptr_t)pb->cookie;
 	u64 seq = __atomic_add_fetch(&words[0], 1, __ATOMIC_SEQ_CST);
 	if (h->tracer_pid)
-		rt_syscall2(SYS_kill, h->tracer_pid, SIGURG);
+		rt_syscall2(SYS_kill, h->tracer_pid, UBPF_DL_NOTIFY_SIGNAL);
 	struct rt_timespec slice = { 0, SLICE_MS * 1000000L };
 	for (int waited = 0; waited < WAIT_MS; waited += SLICE_MS) {
 		u64 ack = LOAD(&words[1]);

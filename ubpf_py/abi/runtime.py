@@ -23,6 +23,8 @@ Calling conventions (SysV x86-64):
 
 from __future__ import annotations
 
+import signal
+
 from ubpf_py.abi.kernel import SIG_BLOCK, SYS_RT_SIGPROCMASK
 from ubpf_py.abi.layout import Layout, u8s, u32, u64, u64s
 
@@ -184,6 +186,10 @@ PRINTK_BLOB = Layout("ubpf_printk_blob", [
 ], doc="memory a printk argument pointed at, copied at call time")
 
 ALL = [RUNTIME_HEADER, PROBE_BLOCK, SHADOW_ENTRY, THREAD_BLOCK, SITE, FACTS, HIT_FRAME, PRINTK_RECORD, PRINTK_BLOB]
+#: the signal ``ubpf_dl_notify`` (runtime/dlnotify.c) sends the tracer, whose loop it wakes
+#: (ignored by default: harmless to a tracer that is not listening)
+DL_NOTIFY_SIGNAL = int(signal.SIGURG)
+
 CONSTANTS = {
     "UBPF_RUNTIME_MAGIC": RUNTIME_MAGIC,
     "UBPF_RT_F_FSGSBASE": RT_F_FSGSBASE,
@@ -194,6 +200,7 @@ CONSTANTS = {
     "UBPF_SITE_MAX_PROBES": SITE_MAX_PROBES,
     "UBPF_SYS_RT_SIGPROCMASK": SYS_RT_SIGPROCMASK,
     "UBPF_SIG_BLOCK": SIG_BLOCK,
+    "UBPF_DL_NOTIFY_SIGNAL": DL_NOTIFY_SIGNAL,
     "UBPF_TID_OFF_GLIBC": TID_OFFSETS[0],
     "UBPF_TID_OFF_MUSL": TID_OFFSETS[1],
     "UBPF_PRINTK_MAX_ARGS": PRINTK_MAX_ARGS,

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ubpf_py.abi.runtime import DL_NOTIFY_SIGNAL
 from ubpf_py.errors import ProbeError, TargetError
 from ubpf_py.probe import ptrace as P
 from ubpf_py.probe.breakpoints import Probe, check_offset
@@ -339,7 +340,7 @@ class ProbeSession:
                 tr.nl.set_wakeup_fd(wake_r)
                 # the in-target dlopen notification (runtime/dlnotify.c) wakes the loop with SIGURG
                 # (sent by the target, and by dl_waker where the target may not signal us)
-                old[signal.SIGURG] = signal.signal(signal.SIGURG, lambda _s, _f: None)
+                old[DL_NOTIFY_SIGNAL] = signal.signal(DL_NOTIFY_SIGNAL, lambda _s, _f: None)
                 tr.wakeup_ready = True
                 dl_waker = DlWaker(tr)
                 dl_waker.start()

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from ubpf_py.abi.runtime import DL_NOTIFY_SIGNAL
 from ubpf_py.probe import ptrace as P
 from ubpf_py.probe.procs import Proc, Thread
 
@@ -180,7 +181,7 @@ class DlWaker:
             eng = self.tracer.intarget
             if eng is not None and eng.dl_words is not None and eng.dl_pending():
                 with contextlib.suppress(OSError, ValueError):
-                    signal.pthread_kill(main, signal.SIGURG)
+                    signal.pthread_kill(main, DL_NOTIFY_SIGNAL)
 
     def stop(self) -> None:
         self._stop.set()
