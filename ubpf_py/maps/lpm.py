@@ -50,6 +50,12 @@ def _bits(data: bytes, plen: int) -> str:
     return "".join("1" if data[i >> 3] & (0x80 >> (i & 7)) else "0" for i in range(plen))
 
 
+def _postorder_key(ident: tuple[int, bytes]) -> str:
+    """Sort key of (prefixlen, masked data) for the kernel's post-order walk: more specific
+    prefixes before those containing them, "0" branches before "1"."""
+    return _bits(ident[1], ident[0]) + "2"
+
+
 class LpmTrieMap(Map):
     """Longest prefix match map."""
 
@@ -105,13 +111,14 @@ class LpmTrieMap(Map):
         self._vals.listeners.append(fn)
 
     def _shared_entries(self) -> list[tuple[tuple[int, bytes], bytes, bytes]]:
-        """((prefixlen, masked data), key as given, value) of every element of the store."""
+        """((prefixlen, masked data), key as given, value) of every element of the store, in the
+        kernel's post-order (the order ``_postorder`` gives the Python index)."""
         out = []
         for canon, v in self._store.items():
             plen = _U32.unpack_from(canon)[0]
             out.append(((plen, bytes(canon[4:])), bytes(v[self._key_off:self._key_off + self.key_size]),
                         bytes(v[:self.value_size])))
-        return out
+        return sorted(out, key=lambda e: _postorder_key(e[0]))
 
     def _split(self, key: bytes) -> tuple[int, bytes]:
         self._check_key(key)
@@ -199,12 +206,12 @@ class LpmTrieMap(Map):
 
     def _postorder(self) -> list[tuple[int, bytes]]:
         if self._order is None:
-            self._order = sorted(self._index, key=lambda ident: _bits(ident[1], ident[0]) + "2")
+            self._order = sorted(self._index, key=_postorder_key)
         return self._order
 
     def get_next_key(self, key: bytes | None) -> bytes | None:
         if self._c is not None:
-            entries = sorted(self._shared_entries(), key=lambda e: _bits(e[0][1], e[0][0]) + "2")
+            entries = self._shared_entries()
             if not entries:
                 return None
             if key is not None:
@@ -232,7 +239,7 @@ class LpmTrieMap(Map):
 
     def items(self):
         if self._c is not None:
-            for _ident, k, v in sorted(self._shared_entries(), key=lambda e: _bits(e[0][1], e[0][0]) + "2"):
+            for _ident, k, v in self._shared_entries():
                 yield k, v
             return
         for ident in self._postorder():
