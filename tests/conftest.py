@@ -42,3 +42,14 @@ def _fresh_verifier_memo() -> None:
 
     alu.reset_memo()
     state.reset_memo()
+
+
+@pytest.fixture
+def pinned():
+    """Run on one CPU, so that the CPU in-target C code reads (rdpid) is the one the tracer
+    side is told; the affinity is put back afterwards."""
+    old = os.sched_getaffinity(0)
+    cpu = min(old)
+    os.sched_setaffinity(0, {cpu})
+    yield cpu
+    os.sched_setaffinity(0, old)

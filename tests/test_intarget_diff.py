@@ -36,16 +36,6 @@ def rt():
     return runtime_obj.tracer_runtime()
 
 
-@pytest.fixture
-def pinned():
-    """Run on one CPU so the C helpers' CPU (rdpid) is the one the Python side is told."""
-    old = os.sched_getaffinity(0)
-    cpu = min(old)
-    os.sched_setaffinity(0, {cpu})
-    yield cpu
-    os.sched_setaffinity(0, old)
-
-
 class PySide:
     """The Python helpers bound to an env holding ``maps`` and a scratch buffer."""
 

@@ -10,7 +10,6 @@ The end-to-end runs (in-target vs ptrace vs the kernel) are in test_intarget_hel
 from __future__ import annotations
 
 import ctypes
-import os
 import random
 from pathlib import Path
 
@@ -35,16 +34,6 @@ ENTRY = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64)
 @pytest.fixture(scope="module")
 def obj(tmp_path_factory) -> Path:
     return compile_bpf(SRC.read_text(), tmp_path_factory.mktemp("foreach"), "foreach")
-
-
-@pytest.fixture
-def pinned():
-    """One CPU: the target code's CPU (rdpid) is the one the tracer side is told."""
-    old = os.sched_getaffinity(0)
-    cpu = min(old)
-    os.sched_setaffinity(0, {cpu})
-    yield cpu
-    os.sched_setaffinity(0, old)
 
 
 class TracerSide:
