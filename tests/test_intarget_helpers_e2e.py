@@ -71,11 +71,17 @@ def check(results: dict[str, dict], programs: list[str], ids: tuple[str, ...] = 
     assert ours == kernel
 
 
+def _build(tmp_path_factory, sub: str, target_c: str, prog_c: str) -> tuple[Path, Path]:
+    """(object, target executable) built from tests/targets/SUB/PROG_C and TARGET_C."""
+    d = tmp_path_factory.mktemp(f"{sub}-e2e")
+    exe = d / Path(target_c).stem
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(SRC / sub / target_c)], check=True)
+    return compile_bpf((SRC / sub / prog_c).read_text(), d, prog_c.removesuffix(".bpf.c")), exe
+
+
 @pytest.fixture(scope="module")
 def foreach(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("foreach-e2e")
-    subprocess.run(["gcc", "-O2", "-o", str(d / "walker"), str(SRC / "foreach" / "walker.c")], check=True)
-    return compile_bpf((SRC / "foreach" / "foreach.bpf.c").read_text(), d, "foreach"), d / "walker"
+    return _build(tmp_path_factory, "foreach", "walker.c", "foreach.bpf.c")
 
 
 def test_for_each_map_elem_in_target_ptrace_and_kernel(foreach) -> None:
@@ -90,9 +96,7 @@ def test_for_each_map_elem_in_target_ptrace_and_kernel(foreach) -> None:
 
 @pytest.fixture(scope="module")
 def mapinmap(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("mim-e2e")
-    subprocess.run(["gcc", "-O2", "-o", str(d / "mim"), str(SRC / "mapinmap" / "mim.c")], check=True)
-    return compile_bpf((SRC / "mapinmap" / "mim.bpf.c").read_text(), d, "mim"), d / "mim"
+    return _build(tmp_path_factory, "mapinmap", "mim.c", "mim.bpf.c")
 
 
 def test_map_in_map_in_target_ptrace_and_kernel(mapinmap) -> None:
@@ -106,9 +110,7 @@ def test_map_in_map_in_target_ptrace_and_kernel(mapinmap) -> None:
 
 @pytest.fixture(scope="module")
 def lpm(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("lpm-e2e")
-    subprocess.run(["gcc", "-O2", "-o", str(d / "router"), str(SRC / "lpm" / "router.c")], check=True)
-    return compile_bpf((SRC / "lpm" / "lpm.bpf.c").read_text(), d, "lpm"), d / "router"
+    return _build(tmp_path_factory, "lpm", "router.c", "lpm.bpf.c")
 
 
 def test_lpm_trie_in_target_ptrace_and_kernel(lpm) -> None:
@@ -122,9 +124,7 @@ def test_lpm_trie_in_target_ptrace_and_kernel(lpm) -> None:
 
 @pytest.fixture(scope="module")
 def snprintf(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("snprintf-e2e")
-    subprocess.run(["gcc", "-O2", "-o", str(d / "say"), str(SRC / "snprintf" / "say.c")], check=True)
-    return compile_bpf((SRC / "snprintf" / "fmt.bpf.c").read_text(), d, "fmt"), d / "say"
+    return _build(tmp_path_factory, "snprintf", "say.c", "fmt.bpf.c")
 
 
 def test_snprintf_in_target_ptrace_and_kernel(snprintf) -> None:
