@@ -399,17 +399,26 @@ static u64 lpm_lookup(struct ubpf_map_desc *d, const u8 *key)
 	return 0;
 }
 
-static s64 lpm_update(struct ubpf_map_desc *d, const u8 *key, const u8 *value, u64 flags)
+/* The store of trie d and the canonical form of key in buf (its prefixlen in *plen); NULL when
+ * d has no store or the prefixlen is past the data (both -EINVAL for an update or delete). */
+static struct ubpf_map_desc *lpm_keyed(struct ubpf_map_desc *d, const u8 *key, u8 *buf, u32 *plen)
 {
 	struct ubpf_map_desc *store = lpm_store(d);
+	*plen = *(const u32 *)key;
+	if (!store || *plen > d->limit)
+		return 0;
+	lpm_canon(buf, key, *plen, d->key_size);
+	return store;
+}
+
+static s64 lpm_update(struct ubpf_map_desc *d, const u8 *key, const u8 *value, u64 flags)
+{
 	u8 buf[UBPF_LPM_KEY_MAX];
+	u32 plen;
 	s64 rc;
-	if (!store)
+	struct ubpf_map_desc *store = lpm_keyed(d, key, buf, &plen);
+	if (!store || flags > UBPF_BPF_EXIST)
 		return -(s64)UBPF_EINVAL;
-	u32 plen = *(const u32 *)key;
-	if (flags > UBPF_BPF_EXIST || plen > d->limit)
-		return -(s64)UBPF_EINVAL;
-	lpm_canon(buf, key, plen, d->key_size);
 	struct lpm_parts parts = { d->value_size, key, (d->value_size + 7) & ~7ull, d->key_size };
 	if ((rc = rt_lock(&d->lock)))
 		return rc;
@@ -430,15 +439,12 @@ static s64 lpm_update(struct ubpf_map_desc *d, const u8 *key, const u8 *value, u
 
 static s64 lpm_delete(struct ubpf_map_desc *d, const u8 *key)
 {
-	struct ubpf_map_desc *store = lpm_store(d);
 	u8 buf[UBPF_LPM_KEY_MAX];
+	u32 plen;
 	s64 rc;
+	struct ubpf_map_desc *store = lpm_keyed(d, key, buf, &plen);
 	if (!store)
 		return -(s64)UBPF_EINVAL;
-	u32 plen = *(const u32 *)key;
-	if (plen > d->limit)
-		return -(s64)UBPF_EINVAL;
-	lpm_canon(buf, key, plen, d->key_size);
 	if ((rc = rt_lock(&d->lock)))
 		return rc;
 	rc = hash_delete(store, buf);
