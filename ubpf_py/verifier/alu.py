@@ -158,24 +158,33 @@ _MEMO_TAKEN: dict[tuple, int] = {}
 _MEMO_MAX = 65536
 
 
+_MISS = object()
+
+
 def reset_memo() -> None:
     _MEMO_ALU.clear()
     _MEMO_REFINE.clear()
     _MEMO_TAKEN.clear()
 
 
-def scalar_alu(code: int, dst: Scalar, src: Scalar, bits: int) -> Scalar:
-    """Abstract result of the scalar ALU operation ``code`` (BPF_ADD ... BPF_ARSH, BPF_NEG)."""
-    key = (code, dst, src, bits)
-    r = _MEMO_ALU.get(key)
-    if r is None:
-        if len(_MEMO_ALU) >= _MEMO_MAX:
-            _MEMO_ALU.clear()
-        r = _MEMO_ALU[key] = _scalar_alu(code, dst, src, bits)
-    return r
+def _memoised(table: dict, compute):
+    """``compute(code, a, b, bits)`` answered from ``table`` when it was asked before (its
+    results, None included, depend on the arguments only)."""
+    def cached(code: int, a: Scalar, b: Scalar, bits: int):
+        key = (code, a, b, bits)
+        r = table.get(key, _MISS)
+        if r is _MISS:
+            if len(table) >= _MEMO_MAX:
+                table.clear()
+            r = table[key] = compute(code, a, b, bits)
+        return r
+    cached.__doc__ = compute.__doc__
+    cached.__name__ = compute.__name__.lstrip("_")
+    return cached
 
 
 def _scalar_alu(code: int, dst: Scalar, src: Scalar, bits: int) -> Scalar:
+    """Abstract result of the scalar ALU operation ``code`` (BPF_ADD ... BPF_ARSH, BPF_NEG)."""
     if code in _SHIFTS and src.umax >= bits:
         # the kernel: shifts by bits or more are undefined, the result is unknown, all 64 bits
         # even for a 32-bit shift (the engines mask the count; no value may be assumed)
@@ -248,18 +257,8 @@ def negate(code: int) -> int:
     return _NEGATE[code]
 
 
-def branch_taken(code: int, a: Scalar, b: Scalar, bits: int) -> int:
-    """1 if ``a OP b`` always holds, 0 if never, -1 if it depends."""
-    key = (code, a, b, bits)
-    r = _MEMO_TAKEN.get(key)
-    if r is None:
-        if len(_MEMO_TAKEN) >= _MEMO_MAX:
-            _MEMO_TAKEN.clear()
-        r = _MEMO_TAKEN[key] = _branch_taken(code, a, b, bits)
-    return r
-
-
 def _branch_taken(code: int, a: Scalar, b: Scalar, bits: int) -> int:
+    """1 if ``a OP b`` always holds, 0 if never, -1 if it depends."""
     at, aumin, aumax, asmin, asmax = view(a, bits)
     bt, bumin, bumax, bsmin, bsmax = view(b, bits)
     if code == BPF_JEQ:
@@ -318,20 +317,10 @@ def _apply(s: Scalar, v: View, bits: int) -> Scalar | None:
     return None if r.empty() else r
 
 
-def refine(code: int, a: Scalar, b: Scalar, bits: int) -> tuple[Scalar, Scalar] | None:
-    """Narrow ``a`` and ``b`` assuming ``a OP b`` holds; None if it cannot hold."""
-    key = (code, a, b, bits)
-    try:
-        return _MEMO_REFINE[key]
-    except KeyError:
-        pass
-    if len(_MEMO_REFINE) >= _MEMO_MAX:
-        _MEMO_REFINE.clear()
-    r = _MEMO_REFINE[key] = _refine(code, a, b, bits)
-    return r
 
 
 def _refine(code: int, a: Scalar, b: Scalar, bits: int) -> tuple[Scalar, Scalar] | None:
+    """Narrow ``a`` and ``b`` assuming ``a OP b`` holds; None if it cannot hold."""
     m, smin_l, smax_l = _limits(bits)
     at, aumin, aumax, asmin, asmax = view(a, bits)
     bt, bumin, bumax, bsmin, bsmax = view(b, bits)
@@ -394,6 +383,12 @@ def _exclude(s: Scalar, c: int, bits: int) -> Scalar | None:
     if umin > umax or smin > smax:
         return None
     return _apply(s, (tn.unknown(bits), umin, umax, smin, smax), bits)
+
+
+# the transfer functions the walk calls, memoised (see _MEMO_ALU)
+scalar_alu = _memoised(_MEMO_ALU, _scalar_alu)
+branch_taken = _memoised(_MEMO_TAKEN, _branch_taken)
+refine = _memoised(_MEMO_REFINE, _refine)
 
 
 __all__ = ["JSET_FALSE", "U64", "branch_taken", "negate", "refine", "scalar_alu", "view"]
