@@ -30,11 +30,14 @@ still pointing at the return trampoline keep working (it stays), so nothing else
 needs repair.
 
 Scratch pages stay mapped (a thread may still be inside an out-of-line slot;
-the slot jumps back by itself).  What a guardian cannot save: a thread that was
-stopped on an int3 at the moment of the kill (the kernel resumes it with the
-SIGTRAP pending: it dies before anyone can act), and a thread that reaches an
-int3 between the tracer's death and step 1.  benchmarks/ptrace_floor/kill_survival.py
-measures how often targets survive.
+the slot jumps back by itself).  A thread that was stopped on an int3 at the
+moment of the kill is resumed by the kernel with SIGTRAP pending, and a thread may
+reach an int3 before step 1: both would die of the default action.  The trap guard
+(``trapguard.py``), a SIGTRAP handler the tracer installs in the target with its first
+int3, keeps them waiting until steps 2-3 are done and sends them on.  What it cannot
+save: targets with their own SIGTRAP handler (it is not installed there), threads
+that block SIGTRAP.  benchmarks/ptrace_floor/kill_survival.py measures how often
+targets survive.
 """
 
 from __future__ import annotations
@@ -223,7 +226,7 @@ def restore_after_tracer_death(log: GuardLog) -> int:
                 by_slot[slot] = (orig_ret, tramp)
                 if tramp and mem.read(slot, 8) == tramp.to_bytes(8, "little"):
                     mem.write(slot, orig_ret.to_bytes(8, "little"))
-            _fix_threads(t, by_slot)                              # 3. registers
+            _fix_threads(t, by_slot, {b[1] for b in bps if b[0] == t})   # 3. registers
             mine = [s for s in sites if s[0] == t]
             if mine and _all_stopped(t):        # 4. in-target jumps
                 for _, addr, orig, patch in mine:
@@ -263,8 +266,13 @@ def _all_stopped(tgid: int, timeout: float = 3.0) -> bool:
         time.sleep(0.001)
 
 
-def _fix_threads(tgid: int, by_slot: dict[int, tuple[int, int]]) -> None:
-    if not by_slot:
+def _fix_threads(tgid: int, by_slot: dict[int, tuple[int, int]], bp_addrs: set[int]) -> None:
+    """Step 3: seize each thread for a moment; one on a return trampoline goes to its real return
+    address.  The stop our seize reports may be a signal-delivery stop (the dead tracer's threads
+    come back from their int3 stops with SIGTRAP pending): ours is finished here when we can (the
+    breakpoint's byte is back: run its instruction; a return: the real address), any other signal
+    is given back on detach, never swallowed."""
+    if not by_slot and not bp_addrs:
         return
     tramps = {tr for _, tr in by_slot.values() if tr}
     regs = P.RegsBuf()
@@ -273,9 +281,12 @@ def _fix_threads(tgid: int, by_slot: dict[int, tuple[int, int]]) -> None:
             P.seize(tid, 0)
         except OSError:
             continue
+        give = 0
         try:
             P.interrupt(tid)
-            os.waitpid(tid, P.WALL)
+            _, status = os.waitpid(tid, P.WALL)
+            sig = P.stop_sig(status) if os.WIFSTOPPED(status) and P.stop_event(status) == 0 else 0
+            give = sig
             regs.get(tid)
             rip, rsp = regs.vals[P.RIP], regs.vals[P.RSP]
             if rip in tramps or rip - 1 in tramps:
@@ -283,10 +294,15 @@ def _fix_threads(tgid: int, by_slot: dict[int, tuple[int, int]]) -> None:
                 if ent is not None:
                     regs.vals[P.RIP] = ent[0]
                     regs.set(tid)
+                    give = 0 if sig == signal.SIGTRAP else sig
+            elif sig == signal.SIGTRAP and rip - 1 in bp_addrs:
+                regs.vals[P.RIP] = rip - 1       # the original byte is back: the instruction runs now
+                regs.set(tid)
+                give = 0
         except OSError:
             pass
         finally:
-            P.detach(tid)
+            P.detach(tid, give)
 
 
 PF_EXITING = 0x4
@@ -358,6 +374,7 @@ class Guardian:
                 for bp in proc.bps.values():
                     if bp.armed:
                         log.add_bp(proc.tgid, bp.addr, bp.orig[0])
+                        proc.scratch.guard_trap(bp.addr, proc.tgid, proc.any_stopped_tid)
         r, w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
@@ -391,6 +408,8 @@ class Guardian:
 
         def on_arm(proc, addr, orig):
             log.add_bp(proc.tgid, addr, orig)
+            # the target's own SIGTRAP handler keeps a thread alive that traps after our death
+            proc.scratch.guard_trap(addr, proc.tgid, proc.any_stopped_tid)
 
         tracer.armer.on_arm = on_arm
         tracer.on_patch = log.add_site
