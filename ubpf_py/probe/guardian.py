@@ -43,6 +43,7 @@ targets survive.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import select
@@ -266,43 +267,66 @@ def _all_stopped(tgid: int, timeout: float = 3.0) -> bool:
         time.sleep(0.001)
 
 
-def _fix_threads(tgid: int, by_slot: dict[int, tuple[int, int]], bp_addrs: set[int]) -> None:
-    """Step 3: seize each thread for a moment; one on a return trampoline goes to its real return
-    address.  The stop our seize reports may be a signal-delivery stop (the dead tracer's threads
-    come back from their int3 stops with SIGTRAP pending): ours is finished here when we can (the
-    breakpoint's byte is back: run its instruction; a return: the real address), any other signal
-    is given back on detach, never swallowed."""
+def _fix_threads(tgid: int, by_slot: dict[int, tuple[int, int]], bp_addrs: set[int],
+                 timeout: float = 3.0) -> None:
+    """Step 3: seize each thread for a moment and put it where it can run on.
+
+    Why.  A thread the tracer was handling when it died (its stop already collected by the
+    tracer's waitpid, which clears the stop's signal in the kernel) is released with no signal
+    at all.  With a trap guard the tracer has put its rip back on the int3 at once
+    (``abi.runtime.BP_REWIND``), so it traps again into the guard; without one, or caught in the
+    microsecond before that, it would run on from just after our int3 (in the middle of the
+    instruction), or from the return trampoline.  When the guardian wins the race with the
+    dying tracer, such a thread is held by the group stop (step 1), so here, once the dead tracer
+    has let go of it (seizing fails until then: retried): after an int3 of ours (its byte is back
+    now) it goes back to the breakpoint, on a return trampoline to its real return address.  A
+    pending SIGTRAP of ours is finished here too; any other signal is given back on detach.
+
+    One case is ambiguous: an emulated one-byte instruction (``push rbp``) leaves the thread right
+    after the breakpoint too, if the tracer died between writing its registers and resuming it
+    (a window of a few microseconds against the whole hit); the thread is sent back then, which
+    is right for the far more likely case."""
     if not by_slot and not bp_addrs:
         return
     tramps = {tr for _, tr in by_slot.values() if tr}
     regs = P.RegsBuf()
-    for tid in P.list_threads(tgid):
-        try:
-            P.seize(tid, 0)
-        except OSError:
-            continue
-        give = 0
-        try:
-            P.interrupt(tid)
-            _, status = os.waitpid(tid, P.WALL)
-            sig = P.stop_sig(status) if os.WIFSTOPPED(status) and P.stop_event(status) == 0 else 0
-            give = sig
-            regs.get(tid)
-            rip, rsp = regs.vals[P.RIP], regs.vals[P.RSP]
-            if rip in tramps or rip - 1 in tramps:
-                ent = by_slot.get(rsp - 8)
-                if ent is not None:
-                    regs.vals[P.RIP] = ent[0]
+    todo = set(P.list_threads(tgid))
+    deadline = time.monotonic() + timeout
+    while todo:
+        for tid in sorted(todo):
+            try:
+                P.seize(tid, 0)
+            except OSError as e:
+                if e.errno != errno.EPERM:          # gone; EPERM: the dead tracer still holds it
+                    todo.discard(tid)
+                continue
+            todo.discard(tid)
+            give = 0
+            try:
+                P.interrupt(tid)
+                _, status = os.waitpid(tid, P.WALL)
+                sig = P.stop_sig(status) if os.WIFSTOPPED(status) and P.stop_event(status) == 0 else 0
+                give = sig
+                regs.get(tid)
+                rip, rsp = regs.vals[P.RIP], regs.vals[P.RSP]
+                new = None
+                if rip in tramps or rip - 1 in tramps:
+                    ent = by_slot.get(rsp - 8)
+                    new = ent[0] if ent is not None else None
+                elif rip - 1 in bp_addrs:
+                    new = rip - 1                   # the original byte is back: the instruction runs now
+                if new is not None:
+                    regs.vals[P.RIP] = new
                     regs.set(tid)
-                    give = 0 if sig == signal.SIGTRAP else sig
-            elif sig == signal.SIGTRAP and rip - 1 in bp_addrs:
-                regs.vals[P.RIP] = rip - 1       # the original byte is back: the instruction runs now
-                regs.set(tid)
-                give = 0
-        except OSError:
-            pass
-        finally:
-            P.detach(tid, give)
+                    if sig == signal.SIGTRAP:
+                        give = 0
+            except OSError:
+                pass
+            finally:
+                P.detach(tid, give)
+        if not todo or time.monotonic() >= deadline:
+            return
+        time.sleep(0.001)
 
 
 PF_EXITING = 0x4

@@ -387,6 +387,9 @@ class Tracer:
         owner = proc if proc.vfork_parent is None else proc.vfork_parent
         rip = self.v[P.RIP] - 1                        # 3. the int3 has run: ip - 1 is the breakpoint
         bp = owner.bps.get(rip)
+        if not self._regs_valid and owner.scratch.guard is not None and (
+                (bp is not None and bp.armed) or (rip == owner.scratch.tramp and rip)):
+            P.set_rip(th.tid, rip)     # as the C loop's BP_REWIND: killed from here, it traps again
         if bp is not None and bp.armed:
             th.at_bp = True
             self.on_hit(th, bp, t0)

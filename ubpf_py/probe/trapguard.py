@@ -27,6 +27,11 @@ from the registers the kernel saved:
 * anything else is the target's own trap, or a SIGTRAP somebody sent: it gets what it would have
   got without us (the default action: the disposition is reset and the signal raised again).
 
+A thread the tracer was handling when it died comes back with no signal (collecting a stop with
+waitpid clears its signal in the kernel): so the tracer, when a guard is installed, puts the rip
+of every thread it collects from our int3 back on that int3 at once (``abi.runtime.BP_REWIND``,
+one PTRACE_POKEUSER per hit); killed at any later point, the thread traps again, into the guard.
+
 A wait gives up after ``WAIT_TICKS`` x ``TICK_NS`` (5 s; the guardian repairs in milliseconds)
 and then takes the default action too: no guardian, no repair.  The handler uses only system
 calls, no libc, and its signal frame is the kernel's, below the red zone.
