@@ -1,5 +1,6 @@
 """The traced thread as the kernel's ``struct task_struct`` (bpf_get_current_task[_btf])
-and its cgroup (bpf_get_current_cgroup_id, bpf_current_task_under_cgroup).
+and its cgroup (bpf_get_current_cgroup_id, bpf_current_task_under_cgroup,
+bpf_get_cgroup_classid).
 
 Real tools walk the current task with CO-RE reads: ``BPF_CORE_READ(task,
 real_parent, tgid)``, ``task->cred->uid``, ``task->start_time``.  Their offsets
@@ -306,4 +307,40 @@ def cgroup_id(tgid: int, tid: int) -> int:
     try:
         return os.stat(path).st_ino
     except OSError:
+        return 0
+
+
+def net_cls_classid_file(mountinfo: str, cgroups: str) -> str | None:
+    """The ``net_cls.classid`` file of the thread's cgroup in a cgroup v1 hierarchy that has
+    the net_cls controller (``mountinfo``: /proc/self/mountinfo, ``cgroups``: the thread's
+    /proc/.../cgroup), or None when no such hierarchy is mounted."""
+    mount = None
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fs = right.split()
+        if fs[:1] == ["cgroup"] and len(fs) >= 3 and "net_cls" in fs[2].split(","):
+            mount = left.split()[4]
+            break
+    if mount is None:
+        return None
+    for m in re.finditer(r"^\d+:([^:]*):(/.*)$", cgroups, re.M):
+        if "net_cls" in m.group(1).split(","):
+            return os.path.normpath(mount + m.group(2)) + "/net_cls.classid"
+    return None
+
+
+def cgroup_classid(tgid: int, tid: int) -> int:
+    """bpf_get_cgroup_classid as kprobe programs have it (bpf_get_cgroup_classid_curr): the
+    net_cls classid of the thread's cgroup.  Without a v1 net_cls hierarchy every task is in
+    the controller's root, whose classid is 0 (net_cls exists only in cgroup v1)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mountinfo = f.read()
+        with open(f"/proc/{tgid}/task/{tid}/cgroup") as f:
+            path = net_cls_classid_file(mountinfo, f.read())
+        if path is None:
+            return 0
+        with open(path) as f:
+            return int(f.read().strip()) & 0xFFFFFFFF
+    except (OSError, ValueError):
         return 0

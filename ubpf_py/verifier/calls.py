@@ -61,9 +61,12 @@ def check_helper(ck: CheckContext, st: S.VerifierState, pc: int, hid: int) -> bo
     name = helper_name(hid)
     if name == "unknown":
         raise Reject(f"invalid func unknown#{hid}", "no helper has this number")
-    if proto is None or hid not in KPROBE_ALLOWED:
+    if hid not in KPROBE_ALLOWED:
         raise Reject(f"program of this type cannot use helper {name}#{hid}",
                      "uprobe programs run as kprobe programs; this helper is for another program type")
+    if proto is None:
+        raise Reject(f"helper {name}#{hid} is not modelled by ubpf-py",
+                     f"not supported: {name}; run the program with the kernel backend")
     if proto.sleepable_only and not ck.sleepable:
         raise Reject("helper call might sleep in a non-sleepable prog",
                      "this helper may only be called from sleepable (uprobe.s) programs")
