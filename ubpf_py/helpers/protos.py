@@ -25,6 +25,7 @@ Argument kinds (the kernel's ``enum bpf_arg_type``, simplified):
 ``ringbuf_mem``     a reserved ringbuf record, released by the call (ARG_PTR_TO_RINGBUF_MEM | OBJ_RELEASE)
 ``const_str``       pointer into a read-only map holding a NUL-terminated string (ARG_PTR_TO_CONST_STR)
 ``long_out``        8 aligned bytes the helper writes (ARG_PTR_TO_FIXED_SIZE_MEM | MEM_UNINIT | MEM_ALIGNED)
+``btf_task``        a ``struct task_struct *`` the kernel trusts (ARG_PTR_TO_BTF_ID, the task's BTF id)
 
 Return kinds: ``int`` (unknown scalar), ``void``, ``map_value_or_null``,
 ``ringbuf_mem_or_null``.
@@ -200,7 +201,7 @@ _PROTOS = [
     _p(177, "mem", "size", "mem_or_null", "size_or_zero"),
     _p(181, "anything", "func", "stack_or_null", "anything", callback="loop"),
     _p(182, "mem", "size", "const_str"),
-    _p(191, "uninit_mem", "size_or_zero", "anything", "anything", "anything", sleepable_only=True),
+    _p(191, "uninit_mem", "size_or_zero", "anything", "btf_task", "anything", sleepable_only=True),
     _p(195, "map", "map_key", "anything", ret="map_value_or_null",
        map_types=frozenset({_PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH})),
     _p(208),

@@ -11,6 +11,7 @@ from ubpf_py.obj.mapdefs import BPF_F_RDONLY_PROG
 from ubpf_py.verifier import btfptr as BP
 from ubpf_py.verifier import memory as M
 from ubpf_py.verifier import state as S
+from ubpf_py.verifier.btfwalk import struct_access
 from ubpf_py.verifier.context import CheckContext
 from ubpf_py.verifier.memory import Reject
 from ubpf_py.verifier.scalar import UNKNOWN, Scalar, s64
@@ -215,7 +216,32 @@ def _check_arg(ck: CheckContext, st: S.VerifierState, pc: int, proto: HelperProt
         if o < 0 or o >= m.value_size or b"\0" not in data[o:]:
             raise Reject("string is not zero-terminated")
         return
+    if kind == "btf_task":
+        _check_task_arg(regno, reg)
+        return
     raise Reject(f"unsupported helper argument kind {kind}")
+
+
+#: the register types an ARG_PTR_TO_BTF_ID argument takes (the kernel's btf_ptr_types)
+_BTF_ID_ARG_TYPES = ("ptr_", "trusted_ptr_", "rcu_ptr_")
+
+
+def _check_task_arg(regno: int, reg: Reg) -> None:
+    """A ``struct task_struct *`` argument (ARG_PTR_TO_BTF_ID with the task's BTF id):
+    check_reg_type, then check_func_arg_reg_off, in the kernel's order and words."""
+    if reg.type not in _BTF_ID_ARG_TYPES:
+        raise Reject(f"R{regno} type={reg.type} expected={', '.join(_BTF_ID_ARG_TYPES)}",
+                     "pass a task pointer the kernel trusts: bpf_get_current_task_btf() "
+                     "(pointers loaded from kernel objects are not)")
+    btf = BP.kernel_btf()
+    if reg.off or btf.type(reg.map).name != "task_struct":
+        # btf_struct_ids_match walks one byte at the offset first: its complaint (an offset
+        # outside the struct) is the kernel's first line.  (The walk would also take a
+        # task_struct embedded at that offset of another struct; no kernel struct has one.)
+        struct_access(btf, reg.map, reg.off & 0xFFFFFFFF, 1)
+        raise Reject(f"R{regno} is of type {btf.type(reg.map).name} but task_struct is expected")
+    if not reg.val.is_const() or reg.val.value:
+        raise Reject(f"variable {reg.type} access var_off={reg.val.var} disallowed")
 
 
 ELIDE_NULL_MAP_TYPES = {2, 6}  # array, percpu_array
