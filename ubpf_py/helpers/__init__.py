@@ -26,7 +26,7 @@ BPF_FUNC_TAIL_CALL = 12
 SUPPORTED_HELPERS: frozenset[int] = frozenset({
     1, 2, 3, 4, 5, 6, 7, 8, 12, 14, 15, 16, 17, 25, 27, 35, 36, 37, 45, 67, 80, 87, 88, 89, 93, 94, 109,
     112, 113, 114, 115, 118, 120, 125, 130, 131, 132, 133, 134, 148, 160, 164, 165, 173, 174, 191,
-    158, 177, 181, 182,
+    141, 158, 175, 177, 181, 182,
 })
 
 #: helpers whose standard implementations the JIT may replace with native code

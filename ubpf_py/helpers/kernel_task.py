@@ -60,7 +60,11 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 MAX_ANCESTORS = 62
 
 #: kinds of objects (a PTR_TO_BTF_ID register's provenance in the verifier; 0: none, NULL here)
-OBJ_NONE, OBJ_TASK, OBJ_PARENT, OBJ_CRED = 0, 1, 2, 3
+OBJ_NONE, OBJ_TASK, OBJ_PARENT, OBJ_CRED, OBJ_PT_REGS = 0, 1, 2, 3, 4
+#: every member of x86-64's struct pt_regs ("" are the anonymous cs and ss unions): the current
+#: task's registers (bpf_task_pt_regs) are the probe's context, all of it filled
+_PT_REGS_FIELDS = ("r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx", "dx",
+                   "si", "di", "orig_ax", "ip", "flags", "sp", "")
 #: kind -> (struct, fields with a value, pointer field -> the kind of object it points to)
 MODEL: dict[int, tuple[str, frozenset[str], dict[str, int]]] = {
     OBJ_TASK: ("task_struct", frozenset({"pid", "tgid", "comm", "start_time", "start_boottime"}),
@@ -69,6 +73,7 @@ MODEL: dict[int, tuple[str, frozenset[str], dict[str, int]]] = {
     OBJ_PARENT: ("task_struct", frozenset({"pid", "tgid", "comm"}),
                  {"real_parent": OBJ_PARENT, "parent": OBJ_PARENT, "group_leader": OBJ_PARENT}),
     OBJ_CRED: ("cred", frozenset(_CRED_FIELDS), {}),
+    OBJ_PT_REGS: ("pt_regs", frozenset(_PT_REGS_FIELDS), {}),
 }
 
 
@@ -231,6 +236,11 @@ class KernelObjects:
         chain = [(ppid, _comm_of(ppid, ppid)), *self._chain_above(ppid)] if ppid else []
         self._fill_ancestors([*chain, (0, b"swapper/0")])
         return self.task.addr
+
+    def is_current(self, addr: int) -> bool:
+        """Is ``addr`` the current thread's task object (what a helper taking a task can be given
+        for the traced thread itself)?"""
+        return self.layout is not None and addr == self.task.addr
 
     def _chain_above(self, ppid: int) -> list[tuple[int, bytes]]:
         """(pid, comm) of the parent's ancestors up to init.  Read once per parent: they change

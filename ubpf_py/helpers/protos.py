@@ -28,7 +28,8 @@ Argument kinds (the kernel's ``enum bpf_arg_type``, simplified):
 ``btf_task``        a ``struct task_struct *`` the kernel trusts (ARG_PTR_TO_BTF_ID, the task's BTF id)
 
 Return kinds: ``int`` (unknown scalar), ``void``, ``map_value_or_null``,
-``ringbuf_mem_or_null``.
+``ringbuf_mem_or_null``, ``btf_task`` (bpf_get_current_task_btf's trusted task),
+``btf_pt_regs`` (RET_PTR_TO_BTF_ID ``struct pt_regs *``: bpf_task_pt_regs).
 """
 
 from __future__ import annotations
@@ -190,6 +191,7 @@ _PROTOS = [
     _p(132, "ringbuf_mem", "anything", ret="void"),
     _p(133, "ringbuf_mem", "anything", ret="void"),
     _p(134, "map", "anything", map_types=frozenset({_RINGBUF})),
+    _p(141, "btf_task", "uninit_mem", "size_or_zero", "anything", ret_refine=_STR),
     _p(148, "uninit_mem", "size_or_zero", "anything", sleepable_only=True),
     _p(160),
     _p(158, ret="btf_task"),
@@ -197,6 +199,7 @@ _PROTOS = [
     _p(165, "mem_or_null", "size_or_zero", "const_str", "mem_or_null", "size_or_zero"),
     _p(173, "ctx"),
     _p(174, "ctx"),
+    _p(175, "btf_task", ret="btf_pt_regs"),
     _p(176, "uninit_mem", "size_or_zero", "anything"),
     _p(177, "mem", "size", "mem_or_null", "size_or_zero"),
     _p(181, "anything", "func", "stack_or_null", "anything", callback="loop"),
@@ -208,7 +211,7 @@ _PROTOS = [
 ]
 
 #: helpers a kprobe program may call whose arguments are BTF-typed kernel objects
-_BTF_ONLY = (93, 94, 141, 149, 153, 154, 156, 157, 169, 170, 171, 172, 175, 180, 194,
+_BTF_ONLY = (93, 94, 149, 153, 154, 156, 157, 169, 170, 171, 172, 180, 194,
              197, 198, 199, 200, 201, 202, 203, 209, 210, 211)
 
 PROTOS: dict[int, HelperProto] = {p.id: p for p in _PROTOS}

@@ -26,7 +26,7 @@ without a value here is named once, in a warning at load (``notes``).
 
 from __future__ import annotations
 
-from ubpf_py.helpers.kernel_task import MODEL, OBJ_NONE, OBJ_TASK
+from ubpf_py.helpers.kernel_task import MODEL, OBJ_NONE, OBJ_PT_REGS, OBJ_TASK
 from ubpf_py.isa import opcodes as op
 from ubpf_py.isa.instruction import Instruction
 from ubpf_py.obj.btf import KIND_STRUCT
@@ -75,6 +75,14 @@ def current_task() -> S.Reg:
         raise Reject("bpf_get_current_task_btf needs the kernel's BTF",
                      "not supported: no /sys/kernel/btf/vmlinux (CONFIG_DEBUG_INFO_BTF) on this machine")
     return S.Reg(S.TRUSTED_BTF_PTR, Scalar.const(0), map=tid, size=OBJ_TASK)
+
+
+def task_pt_regs(task_kind: int) -> S.Reg:
+    """The result of bpf_task_pt_regs (RET_PTR_TO_BTF_ID: a plain, non-NULL ``struct pt_regs *``).
+    The current task's registers are the probe's context here; another task's have no object."""
+    btf = kernel_btf()
+    kind = OBJ_PT_REGS if task_kind == OBJ_TASK else OBJ_NONE
+    return S.Reg("ptr_", Scalar.const(0), map=btf.find("pt_regs", KIND_STRUCT), size=kind)
 
 
 def _on_safe_list(btf, struct_id: int, field: str, target: int, suffix: str) -> bool:

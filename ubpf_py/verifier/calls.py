@@ -42,7 +42,7 @@ def _type_error(regno: int, reg: Reg, kind: str) -> Reject:
 class _Meta:
     """What earlier arguments told us about later ones (the kernel's bpf_call_arg_meta)."""
 
-    __slots__ = ("const_key", "func", "key_at", "map", "mem_regno", "mem_write", "ref", "size_max")
+    __slots__ = ("const_key", "func", "key_at", "map", "mem_regno", "mem_write", "ref", "size_max", "task_kind")
 
     def __init__(self) -> None:
         self.map = -1
@@ -54,6 +54,8 @@ class _Meta:
         self.const_key: int | None = None
         #: (frame, offset, size) of a constant key on the stack
         self.key_at: tuple[int, int, int] | None = None
+        #: the object kind of a ``btf_task`` argument (``kernel_task.OBJ_*``)
+        self.task_kind = 0
 
 
 def check_helper(ck: CheckContext, st: S.VerifierState, pc: int, hid: int) -> bool:
@@ -218,6 +220,7 @@ def _check_arg(ck: CheckContext, st: S.VerifierState, pc: int, proto: HelperProt
         return
     if kind == "btf_task":
         _check_task_arg(regno, reg)
+        meta.task_kind = reg.size
         return
     raise Reject(f"unsupported helper argument kind {kind}")
 
@@ -338,6 +341,8 @@ def _finish_helper(ck: CheckContext, st: S.VerifierState, pc: int, proto: Helper
             regs[0] = Reg(S.MAP_VALUE_OR_NULL, Scalar.const(0), map=meta.map, id=ck.new_id())
     elif ret == "btf_task":
         regs[0] = BP.current_task()
+    elif ret == "btf_pt_regs":
+        regs[0] = BP.task_pt_regs(meta.task_kind)
     elif ret == "ringbuf_mem_or_null":
         ck.new_id()
         ref = ck.new_id()
