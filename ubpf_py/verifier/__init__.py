@@ -46,7 +46,8 @@ a kprobe program on Linux 6.18, checked by a differential campaign
   ``btfptr``): direct loads through it and the pointers loaded from it are checked
   as the kernel does; a ``struct task_struct *`` argument (bpf_copy_from_user_task,
   bpf_task_pt_regs, bpf_get_task_stack) is checked as the kernel's ARG_PTR_TO_BTF_ID;
-  other helpers that take BTF-typed arguments stay refused.
+  a pointer member to no struct loads as ``rdonly_untrusted_mem`` (6.17+; loads
+  through it read 0 here); other helpers that take BTF-typed arguments stay refused.
 * Sleepable programs (``uprobe.s``) follow the kernel's extra rules (``sleepable``:
   the map types they may use; sleepable-only helpers; untrusted loaded pointers),
   checked against the kernel loading them with BPF_F_SLEEPABLE
