@@ -102,6 +102,13 @@ CASES = {
         "call 12\nmov %r0, 0\nexit", "tail_call is not allowed in subprogs without BTF"),
 }
 
+_JUMPS = "call 7\nmov %r8, %r0\njeq %r8, 11, +0\njeq %r8, 12, +0\njeq %r8, 13, +0\n" + "mov %r7, 0\n" * 8
+#: -16 spilled on the path walked first, -600 on the other; both reach j, then two more jumps
+_JOIN = (_JUMPS + "jeq %r8, 0, b\nmov %r6, -16\nstxdw [%r10-24], %r6\nja j\nb:\nmov %r6, -600\n"
+         "stxdw [%r10-24], %r6\nj:\n" + "mov %r7, 0\n" * 4 + "jeq %r8, 14, +0\njeq %r8, 15, +0\n")
+#: the fetched value as an offset from the frame pointer
+_USE = "mov %r1, %r10\nadd %r1, %r6\nstdw [%r1+0], 0\nmov %r0, 0\nexit"
+
 #: an atomic fetch from a stack slot reads it as a load would (check_atomic_rmw calls
 #: check_mem_access with the fetched register as the destination): a spilled register comes back
 #: whole, and the slot then holds an unknown value.  ubpf-py returned an unknown scalar (false
@@ -135,12 +142,14 @@ _FETCH_CASES = {
     "atomic_xchg_of_spilled_reference": (
         "lddw %r1, 0xfa00000002\nmov %r2, 8\nmov %r3, 0\ncall 131\njeq %r0, 0, out\nstxdw [%r10-8], %r0\n"
         "mov %r6, 0\nlock xchg [%r10-8], %r6\nmov %r1, %r6\nmov %r2, 0\ncall 132\nout:\nmov %r0, 0\nexit", ""),
-    # two paths spill different constants and join before the fetch: pruning at the join
-    # must not take -600 for -16 (the fetched value is precise)
-    "atomic_fetch_after_join_is_precise": (
-        "call 7\njeq %r0, 0, b\nmov %r6, -16\nstxdw [%r10-24], %r6\nja j\nb:\nmov %r6, -600\n"
-        "stxdw [%r10-24], %r6\nj:\nmov %r7, 0\nmov %r6, 0\nlock fetch add [%r10-24], %r6\nmov %r1, %r10\n"
-        "add %r1, %r6\nstdw [%r1+0], 0\nmov %r0, 0\nexit", "invalid write to stack R1 off=-600 size=8"),
+    # two paths spill different constants and join before the fetch, far enough apart for a
+    # checkpoint at the join: pruning there must not take -600 for -16 (the fetched value is
+    # precise; with the atomic's stack demand dropped from precision_demand this was accepted)
+    "atomic_fetch_after_join_is_precise": (_JOIN + "mov %r6, 0\nlock fetch add [%r10-24], %r6\n" + _USE,
+                                           "invalid write to stack R1 off=-600 size=8"),
+    "atomic_fetch_after_join_via_r2": (
+        _JOIN + "mov %r2, %r10\nadd %r2, -24\nmov %r6, 0\nlock fetch add [%r2+0], %r6\n" + _USE,
+        "invalid write to stack R1 off=-600 size=8"),
 }
 CASES.update(_FETCH_CASES)
 
