@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-threads", type=int,
                     help="calls per thread in the kernel's multi-thread runs (default 500000, quick 100000)")
     ap.add_argument("--n-threads-intarget", type=int,
-                    help="calls per thread in the in-target multi-thread runs (default 2000000, quick "
-                         "200000): each run must last long enough (100 ms or more) for a thread's start "
+                    help="calls per thread in the in-target multi-thread runs (default 6000000, quick "
+                         "200000): each run must last long enough (250 ms or more at 2 threads) for a thread's start "
                          "or one preemption not to decide its calls/s")
     ap.add_argument("--n-ubpf", type=int, help="calls per ptrace JIT/interp run (default 3000, quick 2000)")
     ap.add_argument("--engines", default=",".join(runs.ENGINES), help="subset of " + ",".join(runs.ENGINES))
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.n_intarget or (50_000 if args.quick else 200_000),
                 args.n_ubpf or (2_000 if args.quick else 3_000), engines, threads,
                 args.n_threads or (100_000 if args.quick else 500_000),
-                args.n_threads_intarget or (200_000 if args.quick else 2_000_000))
+                args.n_threads_intarget or (200_000 if args.quick else 6_000_000))
     repeat = args.repeat or (1 if args.quick else 5)
     repeat_kernel = args.repeat_kernel or (1 if args.quick else 3)
     repeats = {"kernel": repeat_kernel, "intarget": repeat, "jit": args.repeat_ubpf, "interp": args.repeat_ubpf}
