@@ -168,6 +168,22 @@ def test_tracer_signals_detach_cleanly(mt, tmp_path, sig, guardian):
             os.kill(pid, signal.SIGKILL)
 
 
+def _code_intact(pid: int, exe, off: int, data: bytes) -> bool:
+    """The 8 bytes at file offset ``off`` of ``exe`` are the file's in every executable mapping."""
+    mem = P.ProcMem(pid)
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for ln in f:
+                p = ln.split()
+                if len(p) > 5 and p[5] == str(exe) and "x" in p[1]:
+                    a = int(p[0].split("-")[0], 16) + off - int(p[2], 16)
+                    if mem.read(a, 8) != data[off:off + 8]:
+                        return False
+    finally:
+        mem.close()
+    return True
+
+
 def test_guardian_repairs_after_kill9(mt, tmp_path):
     """kill -9 of the tracer: with the guardian the target lives on intact; without it, it dies."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -184,18 +200,7 @@ def test_guardian_repairs_after_kill9(mt, tmp_path):
         reaped, st = os.waitpid(pid, os.WNOHANG)
         if reaped == pid:
             return False, f"died: {st:#x}"
-        mem = P.ProcMem(pid)
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                for ln in f:
-                    p = ln.split()
-                    if len(p) > 5 and p[5] == str(mt) and "x" in p[1]:
-                        lo = int(p[0].split("-")[0], 16)
-                        foff = int(p[2], 16)
-                        a = lo + off - foff
-                        assert mem.read(a, 8) == data[off:off + 8]
-        finally:
-            mem.close()
+        assert _code_intact(pid, mt, off, data)
         os.kill(pid, signal.SIGTERM)
         _, st = os.waitpid(pid, 0)
         ok = os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
@@ -231,16 +236,7 @@ def test_every_kill9_under_heavy_probing_survives(mt, tmp_path):
             r, st = os.waitpid(pid, os.WNOHANG)
             reaped = r == pid
             assert not reaped, f"round {rnd}: the target died with its tracer ({st:#x})"
-            mem = P.ProcMem(pid)
-            try:
-                with open(f"/proc/{pid}/maps") as f:
-                    for ln in f:
-                        p = ln.split()
-                        if len(p) > 5 and p[5] == str(mt) and "x" in p[1]:
-                            a = int(p[0].split("-")[0], 16) + off - int(p[2], 16)
-                            assert mem.read(a, 8) == data[off:off + 8], f"round {rnd}: int3 left"
-            finally:
-                mem.close()
+            assert _code_intact(pid, mt, off, data), f"round {rnd}: int3 left"
             time.sleep(0.2)                          # a stray trap would kill it now
             os.kill(pid, signal.SIGTERM)
             _, st = os.waitpid(pid, 0)

@@ -9,15 +9,12 @@ another task's registers or stack, and a task's kernel stack.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from bpf_build import BPF_CFLAGS
+from bpf_build import build_task_test
 from cli_util import run_cli
 from kernel_verdict import kernel_skip_reason
-from paths import build_realworld
 
 TARGET = r"""
 __attribute__((noinline)) int leaf(long a, long b) { __asm__ volatile(""); return (int)(a + b); }
@@ -61,19 +58,7 @@ EXPECTED = {"same_ip": 1, "same_sp": 1, "arg_a": 5, "arg_b": 7, "same_stack": 1,
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    clang = shutil.which("clang")
-    if clang is None or shutil.which("gcc") is None or shutil.which("bpftool") is None:
-        pytest.skip("clang, gcc and bpftool (vmlinux.h) are needed")
-    if not Path("/sys/kernel/btf/vmlinux").exists():
-        pytest.skip("needs the kernel's BTF (/sys/kernel/btf/vmlinux)")
-    inc = build_realworld() / "include"
-    d = tmp_path_factory.mktemp("taskhelpers")
-    (d / "t.c").write_text(TARGET)
-    subprocess.run(["gcc", "-O1", "-fno-omit-frame-pointer", "-o", str(d / "t"), str(d / "t.c")], check=True)
-    (d / "th.bpf.c").write_text(PROG)
-    subprocess.run([clang, *BPF_CFLAGS[:-1], "-g", f"-I{inc}", "-idirafter", "/usr/include/x86_64-linux-gnu",
-                    "-c", str(d / "th.bpf.c"), "-o", str(d / "th.bpf.o")], check=True, capture_output=True)
-    return d
+    return build_task_test(tmp_path_factory.mktemp("taskhelpers"), TARGET, ["-O1", "-fno-omit-frame-pointer"], ("th", PROG))
 
 
 def _run(d: Path, *args: str) -> dict:
