@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(default 5, quick 1)")
     ap.add_argument("--repeat-ubpf", type=int, default=1,
                     help="pairs per ptrace JIT/interp cell (default 1: each run costs seconds)")
+    ap.add_argument("--threads-only", action="store_true",
+                    help="run only the multi-thread section (e.g. to study scaling); write it with --out "
+                         "somewhere else than the committed full run")
     ap.add_argument("--wait-load", type=float, metavar="LOAD",
                     help="first wait until the 1-minute load average is at most LOAD")
     ap.add_argument("--wait-max", type=float, default=600, metavar="S",
@@ -277,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="ubpf-bench-") as tmpd:
         runner = Runner(plan, target, obj, Path(tmpd), repeats, repeat_threads)
-        runner.run_rows(args.quick)
+        if not args.threads_only:
+            runner.run_rows(args.quick)
         runner.run_threads()
 
     elapsed = time.monotonic() - t_start
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_kernel": plan.n_kernel, "n_intarget": plan.n_intarget, "n_ubpf": plan.n_ubpf,
         "n_threads": plan.n_threads_kernel, "n_threads_intarget": plan.n_threads_intarget, "engines": engines,
         "unavailable": {k: v for k, v in runner.unavailable.items() if v},
-        "rows": [{**asdict(r), "label": r.label, "cells": [asdict(c) for c in plan.cells[r.label]]}
+        "rows": [{**asdict(r), "label": r.label, "cells": [asdict(c) for c in plan.cells.get(r.label, [])]}
                  for r in plan.rows],
         "threads": {"row": {**asdict(THREAD_ROW), "label": THREAD_ROW.label},
                     "rows": {pl: {**asdict(r), "label": r.label} for pl, r in THREAD_PLACEMENTS.items()},
