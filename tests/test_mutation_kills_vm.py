@@ -16,3 +16,16 @@ def test_instruction_budget_is_per_run_not_per_program() -> None:
     prog = Interpreter(assemble("mov %r0, 0\nloop:\nadd %r0, 1\njlt %r0, 200, loop\nexit"), te.env,
                        max_instructions=500)
     assert [prog.run(0) for _ in range(3)] == [200, 200, 200]
+
+
+def test_running_past_the_end_names_the_last_instruction() -> None:
+    """An unverified program that runs past its end faults at its last instruction, the one that
+    ran (interpreter.py:ReplaceBinaryOperator_Sub_Pow#0: one past the end was named)."""
+    import pytest
+
+    from ubpf_py.errors import VMFault
+
+    te = make_env()
+    prog = Interpreter(assemble("mov %r0, 1\njeq %r0, 1, +1\nexit\nmov %r0, 2"), te.env)
+    with pytest.raises(VMFault, match=r"instruction 3: execution ran past the last instruction"):
+        prog.run(0)
