@@ -108,6 +108,13 @@ CASES = {
         ["call 7", "mov %r6, %r0", *["mov %r2, 0"] * 4, "jset %r6, 1, other", "stb [%r10-15], 0", "ja join",
          "other:", "stxb [%r10-15], %r6", "join:", "ldxb %r1, [%r10-15]", "mov %r3, %r10", "add %r3, %r1",
          "stdw [%r3-8], 0", "mov %r0, 0", "exit"]), "misaligned stack access off (0x0; 0xff)+0+-8 size 8"),
+    # f returns 0 on its first path, 1000 on its second: the caller's fp + r0 needs r0 exactly, so
+    # the join at f's exit must not prune the second path (structure.py:ReplaceBinaryOperator_Add_Pow#28:
+    # call sites keyed by a wrong callee start, the caller's demand lost at f's exit)
+    "precise_return_value_at_callee_join": ("\n".join(
+        ["mov %r6, 0", "call local f", "mov %r3, %r10", "add %r3, %r0", "stdw [%r3-8], 0", "mov %r0, 0", "exit",
+         "f:", "call 7", *["mov %r2, 0"] * 6, "jne %r0, 0, bad", "mov %r0, 0", *["mov %r2, 0"] * 8, "ja out",
+         "bad:", "mov %r0, 1000", "out:", "exit"]), "invalid write to stack R3 off=992 size=8"),
     # without BTF func_info a subprogram may not tail call (check_abnormal_return), even unreached
     "tail_call_in_subprog_without_btf": (
         "mov %r6, %r1\ncall local f\nmov %r0, 0\nexit\nf:\nlddw %r2, 0xfa00000004\nmov %r3, 0\n"
