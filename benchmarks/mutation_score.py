@@ -1,32 +1,24 @@
 """Mutation testing: break the code on purpose and check that the tests notice.
 
-Built on cosmic-ray (``pip install -e '.[mutation]'``); slow, not in CI.  From the repository root:
-  python3 benchmarks/mutation_score.py --per-group 6 --seed 5         # 30 mutants, about 30 min
+Built on cosmic-ray (``pip install -e '.[mutation]'``); slow, by hand, not in CI.  From the repository root:
+  python3 benchmarks/mutation_score.py --per-group 8 --seed 5         # 40 mutants, 35-60 min
   python3 benchmarks/mutation_score.py --groups verifier maps --per-group 20 --seed 7
-  python3 benchmarks/mutation_score.py --only 'ubpf_py/maps/hash.py:core/NumberReplacer#4'
-  python3 benchmarks/mutation_score.py --per-group 6 --seed 5 --list  # show the sample, run nothing
+  python3 benchmarks/mutation_score.py --only 'ubpf_py/maps/hash.py:core/NumberReplacer#4'  # rerun one
+  python3 benchmarks/mutation_score.py --per-group 8 --seed 5 --list  # show the sample, run nothing
 
-cosmic-ray generates the mutants (``cosmic-ray init``), applies one at a time and runs the tests
-(``cosmic-ray exec``).  This script adds, thinly:
-- per-group sessions: verifier/, maps/, helpers/, vm/ (with vm/jit/) and probe/restore.py each get
-  their own session whose test command runs only the group's tests (fast files first, ``-x``), plus
-  ``tests/test_mutation_kills_<group>.py`` (tests written for survivors); a module with extra
-  relevant tests (``EXTRA_TESTS``) gets its own session.  A mutant of the map code is judged by the
-  map tests, so one run costs seconds and a kill is attributed to a test of the module.
-- a seeded random sample of ``--per-group`` work items per group: cosmic-ray creates all of them at
-  ``init``; the others are marked skipped in its work-db so ``exec`` runs only the sample.  Mutants
-  inside type annotations are skipped too (never evaluated under ``from __future__ import
-  annotations``: equivalent by construction).
-- a throw-away copy of the repository: cosmic-ray mutates files in place; the working tree is
-  never touched.
-- the unmutated tests of each group must pass first (a broken environment is not a kill); the
-  timeout is 3x that baseline + 60 s (a hang is a kill).
-- a pytest usage error (exit 4 or 5) is not a kill: it is reported as an error.
-Mutants are named ``path:operator#occurrence`` (cosmic-ray's identity of a work item; it changes
-when code is added above it).  ``--keep DIR`` keeps the session databases for ``cr-report``.
-Survivors are printed with their diff; each must be judged by hand: equivalent (no behaviour can
-change) or a test gap (add a test, kernel-checked where a kernel can answer).  The last measured
-scores and judged survivors are in benchmarks/README.md ("Mutation score").
+cosmic-ray makes the mutants (``cosmic-ray init``), applies each and runs the tests (``exec``).
+This script adds, thinly: one session per group (verifier/, maps/, helpers/, vm/ with vm/jit/,
+probe/restore.py) whose test command runs only that group's tests (fast files first, ``-x``) plus
+``tests/test_mutation_kills_<group>.py``, so a run costs seconds and a kill names a test of the
+module (a module with ``EXTRA_TESTS`` gets its own session); a seeded random sample of
+``--per-group`` work items per group (the rest, and mutants inside never-evaluated annotations,
+are marked skipped in cosmic-ray's work-db, so ``exec`` runs only the sample); a throw-away copy
+of the repository (cosmic-ray mutates in place: the working tree is never touched); the
+unmutated tests must pass first (timeout 3x that baseline + 60 s; a hang is a kill); a pytest
+usage error is reported, not counted as a kill.  Mutants are named ``path:operator#occurrence``
+(changes when code is added above).  ``--keep DIR`` keeps the session databases (``cr-report``).
+Each printed survivor is judged by hand: equivalent, or a test gap to close (kernel-checked where
+a kernel can answer); the scores and judgements are in benchmarks/README.md ("Mutation score").
 """
 
 from __future__ import annotations
@@ -43,49 +35,41 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_VERIFIER_TESTS = ["tests/test_verifier_rules.py", "tests/test_verifier_precision.py",
-                   "tests/test_verifier_domain_exhaustive.py", "tests/test_verifier.py",
-                   "tests/test_verifier_dead_code.py", "tests/test_verifier_corpus.py", "tests/test_may_goto.py",
-                   "tests/test_verifier_kernel_diff.py"]
+
+def _t(names: str) -> list[str]:
+    return [f"tests/test_{n}.py" for n in names.split()]
+
+
 #: a 1.5 s bound on a signal's effect fails under the load of a mutation run on a shared machine (not because
 #: of the mutant); the restore checks it also makes are in test_probe_detach.py
 _DESELECT_TIMED = "--deselect=tests/test_session_lifetime.py::test_signal_ends_session_fast_and_restores"
 #: group -> (cosmic-ray module-path, tests relevant to every module of the group), fast files first (-x stops early)
 GROUPS: dict[str, tuple[str, list[str]]] = {
-    "verifier": ("ubpf_py/verifier", _VERIFIER_TESTS),
-    "maps": ("ubpf_py/maps",
-             ["tests/test_maps.py", "tests/test_maps_kernel.py", "tests/test_hash_index_agree.py",
-              "tests/test_map_limits.py", "tests/test_helpers.py", "tests/test_intarget_maps.py",
-              "tests/test_intarget_runtime.py", "tests/test_intarget_diff.py", "tests/test_output.py",
-              "tests/test_fastpath.py"]),
-    "helpers": ("ubpf_py/helpers",
-                ["tests/test_helpers.py", "tests/test_printk.py", "tests/test_kernel_syscall.py",
-                 "tests/test_intarget_runtime.py", "tests/test_intarget_diff.py", "tests/test_fastpath.py",
-                 "tests/test_backend_parity.py", "tests/test_hit_facts.py", "tests/test_task_helpers.py"]),
-    "vm": ("ubpf_py/vm",
-           ["tests/test_interpreter.py", "tests/test_jit.py", "tests/test_kernel_alu_diff.py",
-            "tests/test_may_goto.py", "tests/test_maps.py", "tests/test_helpers.py", "tests/test_conformance.py",
-            "tests/test_fastpath.py"]),
-    "restore": ("ubpf_py/probe/restore.py",
-                ["tests/test_probe_detach.py", "tests/test_usdt.py", "tests/test_session_lifetime.py", _DESELECT_TIMED,
-                 "tests/test_target_edges.py", "tests/test_probe_engine.py"]),
+    "verifier": ("ubpf_py/verifier", _t("verifier_rules verifier_precision verifier_domain_exhaustive verifier "
+                                        "verifier_dead_code verifier_corpus may_goto verifier_kernel_diff")),
+    "maps": ("ubpf_py/maps", _t("maps maps_kernel hash_index_agree map_limits helpers intarget_maps "
+                                "intarget_runtime intarget_diff output fastpath")),
+    "helpers": ("ubpf_py/helpers", _t("helpers printk kernel_syscall intarget_runtime intarget_diff fastpath "
+                                      "backend_parity hit_facts task_helpers")),
+    "vm": ("ubpf_py/vm", _t("interpreter jit kernel_alu_diff may_goto maps helpers conformance fastpath")),
+    "restore": ("ubpf_py/probe/restore.py", [*_t("probe_detach usdt session_lifetime"), _DESELECT_TIMED,
+                                             *_t("target_edges probe_engine")]),
 }
 #: modules whose behaviour is also checked by tests outside their group (a helper prototype is a verifier rule)
 EXTRA_TESTS: dict[str, list[str]] = {
-    "ubpf_py/helpers/protos.py": ["tests/test_verifier_rules.py", "tests/test_verifier.py",
-                                  "tests/test_verifier_corpus.py"],
-    "ubpf_py/helpers/names.py": ["tests/test_verifier_rules.py", "tests/test_verifier_corpus.py"],
-    "ubpf_py/verifier/globalfuncs.py": ["tests/test_verifier_globals.py", "tests/test_loader.py"],
-    "ubpf_py/verifier/calls.py": ["tests/test_verifier_globals.py"],
-    "ubpf_py/verifier/mapfields.py": ["tests/test_verifier_map_fields.py", "tests/test_loader.py"],
-    "ubpf_py/vm/jit/target.py": ["tests/test_jit_target.py"],
-    "ubpf_py/vm/jit/native_hit.py": ["tests/test_native_hits.py"],
-    "ubpf_py/vm/jit/cache.py": ["tests/test_jit_target.py"],
+    "ubpf_py/helpers/protos.py": _t("verifier_rules verifier verifier_corpus"),
+    "ubpf_py/helpers/names.py": _t("verifier_rules verifier_corpus"),
+    "ubpf_py/verifier/globalfuncs.py": _t("verifier_globals loader"),
+    "ubpf_py/verifier/calls.py": _t("verifier_globals"),
+    "ubpf_py/verifier/mapfields.py": _t("verifier_map_fields loader"),
+    "ubpf_py/vm/jit/target.py": _t("jit_target"),
+    "ubpf_py/vm/jit/native_hit.py": _t("native_hits"),
+    "ubpf_py/vm/jit/cache.py": _t("jit_target"),
 }
 _USAGE_ERROR = "mutation_score: pytest usage error"
 _FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
@@ -120,17 +104,20 @@ def _config(s: Session, timeout: float) -> str:
 
 
 def _annotations(path: Path) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Where the type annotations are (every module here has ``from __future__ import annotations``)."""
     tree = ast.parse(path.read_text())
-    if not any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and n.names[0].name == "annotations"
-               for n in tree.body):
-        return []
     roots = [n.annotation for n in ast.walk(tree) if isinstance(n, ast.arg | ast.AnnAssign) and n.annotation]
     roots += [n.returns for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.returns]
     return [((r.lineno, r.col_offset), (r.end_lineno or 0, r.end_col_offset or 0)) for r in roots]
 
 
-def name(mutation) -> str:
-    return f"{mutation.module_path}:{mutation.operator_name}#{mutation.occurrence}"
+def name(item) -> str:
+    m = item.mutations[0]
+    return f"{m.module_path}:{m.operator_name}#{m.occurrence}"
+
+
+def _file(tmp: Path, s: Session, ext: str) -> str:
+    return str(tmp / f"{s.group}{s.index}.{ext}")
 
 
 def _env(copy: Path) -> dict[str, str]:
@@ -155,27 +142,31 @@ def init_and_sample(copy: Path, tmp: Path, groups: list[str], per_group: int, se
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
     chosen: dict[Session, list] = {}
     for g in groups:
-        items = []
-        for s in sessions(g):
-            (tmp / f"{g}{s.index}.toml").write_text(_config(s, 60))
-            _cosmic_ray(copy, "init", str(tmp / f"{g}{s.index}.toml"), str(tmp / f"{g}{s.index}.sqlite"))
-            with use_db(str(tmp / f"{g}{s.index}.sqlite")) as db:
+        items, todo = [], sessions(g)
+        if only:   # mutate just the named files (the occurrence numbering is per file): a faster init
+            named = {n.split(":")[0] for n in only}
+            todo = [replace(s, modules=fs, excluded=()) for s in todo if (fs := tuple(sorted(
+                f for f in named if Path(f).is_relative_to(s.modules[0]) and f not in s.excluded)))]
+        for s in todo:
+            Path(_file(tmp, s, "toml")).write_text(_config(s, 60))
+            _cosmic_ray(copy, "init", _file(tmp, s, "toml"), _file(tmp, s, "sqlite"))
+            with use_db(_file(tmp, s, "sqlite")) as db:
                 items += [(s, item) for item in db.work_items]
         spans = {p: _annotations(copy / p) for p in {str(i.mutations[0].module_path) for _, i in items}}
         items = sorted(((s, i) for s, i in items if not any(
             a <= i.mutations[0].start_pos < b for a, b in spans[str(i.mutations[0].module_path)])),
             key=lambda si: (str(si[1].mutations[0].module_path), si[1].mutations[0].operator_name,
                             si[1].mutations[0].occurrence))
-        picked = [si for si in items if name(si[1].mutations[0]) in only] if only else \
+        picked = [si for si in items if name(si[1]) in only] if only else \
             random.Random(f"{seed}-{g}").sample(items, min(per_group, len(items)))
-        for s in sessions(g):
+        for s in todo:
             keep = {i.job_id for t, i in picked if t == s}
-            with use_db(str(tmp / f"{g}{s.index}.sqlite")) as db:
+            with use_db(_file(tmp, s, "sqlite")) as db:
                 db.set_multiple_results([i.job_id for i in db.work_items if i.job_id not in keep],
                                         WorkResult(output="not sampled", worker_outcome=WorkerOutcome.SKIPPED))
             if keep:
                 chosen[s] = [i for t, i in picked if t == s]
-    missing = set(only) - {name(i.mutations[0]) for items in chosen.values() for i in items}
+    missing = set(only) - {name(i) for items in chosen.values() for i in items}
     if missing:
         raise SystemExit(f"mutation_score: error: no mutant {', '.join(sorted(missing))}; use --list to see names")
     return chosen
@@ -225,10 +216,8 @@ def main() -> int:
                                                                    ".realworld-build", ".ruff_cache"))
         chosen = init_and_sample(copies[0], tmp, groups, args.per_group, args.seed, args.only)
         if args.list:
-            for s, items in chosen.items():
-                for i in items:
-                    m = i.mutations[0]
-                    print(f"{s.group:9} {name(m):70} line {m.start_pos[0]:4} {m.definition_name}")
+            print("".join(f"{s.group:9} {name(i):70} line {i.mutations[0].start_pos[0]:4} "
+                          f"{i.mutations[0].definition_name}\n" for s, items in chosen.items() for i in items), end="")
             return 0
         timeouts = {}
         for g in dict.fromkeys(s.group for s in chosen):
@@ -241,8 +230,8 @@ def main() -> int:
         def execute(s: Session) -> Session:
             copy = free.pop()
             try:
-                (tmp / f"{s.group}{s.index}.toml").write_text(_config(s, timeouts[s.group]))
-                _cosmic_ray(copy, "exec", str(tmp / f"{s.group}{s.index}.toml"), str(tmp / f"{s.group}{s.index}.sqlite"))
+                Path(_file(tmp, s, "toml")).write_text(_config(s, timeouts[s.group]))
+                _cosmic_ray(copy, "exec", _file(tmp, s, "toml"), _file(tmp, s, "sqlite"))
             finally:
                 free.append(copy)
             return s
@@ -257,7 +246,7 @@ def report(tmp: Path, done: list[Session], groups: list[str], keep: Path | None)
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome
     rows, broken = [], []
     for s in done:
-        with use_db(str(tmp / f"{s.group}{s.index}.sqlite")) as db:
+        with use_db(_file(tmp, s, "sqlite")) as db:
             for item, r in db.completed_work_items:
                 if r.worker_outcome == WorkerOutcome.SKIPPED:
                     continue
@@ -270,10 +259,9 @@ def report(tmp: Path, done: list[Session], groups: list[str], keep: Path | None)
                 rows.append((s.group, item, r.test_outcome == TestOutcome.KILLED, why, r.diff or ""))
         if keep:
             keep.mkdir(parents=True, exist_ok=True)
-            shutil.copy(tmp / f"{s.group}{s.index}.sqlite", keep)
+            shutil.copy(_file(tmp, s, "sqlite"), keep)
     for _, item, killed, why, _ in rows:
-        m = item.mutations[0]
-        print(f"{name(m):70} line {m.start_pos[0]:4} {f'killed by {why}' if killed else 'SURVIVED'}")
+        print(f"{name(item):70} line {item.mutations[0].start_pos[0]:4} {f'killed by {why}' if killed else 'SURVIVED'}")
     print("\ngroup      killed/total")
     for g in groups:
         rs = [k for grp, _, k, _, _ in rows if grp == g]
@@ -284,11 +272,11 @@ def report(tmp: Path, done: list[Session], groups: list[str], keep: Path | None)
           "survivors (judge each: equivalent or a test gap):")
     for _, item, killed, _, diff in rows:
         if not killed:
-            print(f"  {name(item.mutations[0])} (line {item.mutations[0].start_pos[0]})")
+            print(f"  {name(item)} (line {item.mutations[0].start_pos[0]})")
             print("".join(f"      {line}\n" for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in
                           ("+++", "---")), end="")
     for item, out in broken:
-        print(f"mutation_score: error: {name(item.mutations[0])} did not run: {out.strip()[-300:]}", file=sys.stderr)
+        print(f"mutation_score: error: {name(item)} did not run: {out.strip()[-300:]}", file=sys.stderr)
     return 2 if broken else 0
 
 

@@ -1,5 +1,6 @@
 """Map behaviour checked against the kernel's maps, written to kill mutants that survived
-``benchmarks/mutation_score.py`` (named ``path#index`` in each test's docstring).
+``benchmarks/mutation_score.py`` (named in each test's docstring: ``path#index`` from the earlier hand-written mutator,
+``path:operator#occurrence`` from cosmic-ray).
 
 Where the kernel can be asked (user-space map operations through ``bpf()``), the same
 operations run on a kernel map and compare every result; ring-buffer producer rules

@@ -1,5 +1,6 @@
 """Detach restores what a return probe changed, written to kill mutants that survived
-``benchmarks/mutation_score.py`` (named ``path#index`` in the test's docstring)."""
+``benchmarks/mutation_score.py`` (named in each test's docstring: ``path#index`` from the
+earlier hand-written mutator, ``path:operator#occurrence`` from cosmic-ray)."""
 
 from __future__ import annotations
 

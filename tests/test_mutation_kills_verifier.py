@@ -3,8 +3,8 @@
 Each case is a behaviour the kernel has and the suite did not check: the
 expected verdict is the kernel's (checked against the running kernel when root),
 never a detail of ubpf-py's implementation.  The mutant each case was written
-for is named in its comment (``path#index`` as the script names it, at the
-commit that added the case).
+for is named in its comment (``path#index`` from the earlier hand-written mutator,
+``path:operator#occurrence`` from cosmic-ray, at the commit that added the case).
 """
 
 from __future__ import annotations

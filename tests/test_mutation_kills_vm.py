@@ -1,5 +1,6 @@
 """Engine behaviour written to kill mutants that survived ``benchmarks/mutation_score.py``
-(named ``path#index`` in each test's docstring)."""
+(named in each test's docstring: ``path#index`` from the earlier hand-written mutator,
+``path:operator#occurrence`` from cosmic-ray)."""
 
 from __future__ import annotations
 
