@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import pytest
 from engines import make_env
 
+from ubpf_py.errors import VMFault
 from ubpf_py.isa.asm import assemble
 from ubpf_py.vm.interpreter import Interpreter
 
@@ -19,14 +21,14 @@ def test_instruction_budget_is_per_run_not_per_program() -> None:
     assert [prog.run(0) for _ in range(3)] == [200, 200, 200]
 
 
-def test_running_past_the_end_names_the_last_instruction() -> None:
+
+@pytest.mark.parametrize("text, last", [("mov %r0, 1\njeq %r0, 1, +1\nexit\nmov %r0, 2", 3),
+                                        ("mov %r0, 1\njeq %r0, 2, -2", 1)])
+def test_running_past_the_end_names_the_last_instruction(text: str, last: int) -> None:
     """An unverified program that runs past its end faults at its last instruction, the one that
-    ran (interpreter.py:ReplaceBinaryOperator_Sub_Pow#0: one past the end was named)."""
-    import pytest
-
-    from ubpf_py.errors import VMFault
-
+    ran: a plain one, or a conditional jump not taken (interpreter.py:ReplaceBinaryOperator_Sub_Pow#0:
+    one past the end was named for the jump's fall-through)."""
     te = make_env()
-    prog = Interpreter(assemble("mov %r0, 1\njeq %r0, 1, +1\nexit\nmov %r0, 2"), te.env)
-    with pytest.raises(VMFault, match=r"instruction 3: execution ran past the last instruction"):
+    prog = Interpreter(assemble(text), te.env)
+    with pytest.raises(VMFault, match=rf"instruction {last}: execution ran past the last instruction"):
         prog.run(0)
