@@ -97,6 +97,7 @@ def sessions(group: str) -> list[Session]:
 
 
 def _config(s: Session, timeout: float) -> str:
+    # cosmic-ray is imported where used: this file is also the sessions' test command (--pytest)
     from cosmic_ray.config import serialize_config
     command = shlex.join([sys.executable, "benchmarks/mutation_score.py", "--pytest", *s.tests])
     return serialize_config({"module-path": list(s.modules), "excluded-modules": list(s.excluded),
