@@ -72,7 +72,7 @@ EXTRA_TESTS: dict[str, list[str]] = {
     "ubpf_py/vm/jit/cache.py": _t("jit_target"),
 }
 _USAGE_ERROR = "mutation_score: pytest usage error"
-_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", re.M)
 
 
 @dataclass(frozen=True)
