@@ -116,6 +116,35 @@ def test_detach_while_a_probed_syscall_blocks(blocker, native):
             proc.wait()
 
 
+
+@pytest.mark.parametrize("native", [False, True])
+def test_detach_in_an_out_of_line_copy_inside_a_return_probed_function(blocker, native):
+    """The thread blocks in the out-of-line copy of a probed syscall inside a function whose
+    return the engine also probes: at detach the thread is moved back to the original code and
+    the function's return address restored, so it returns to its caller
+    (restore.py:ReplaceAndWithOr#17: a thread away from the trampoline lost a return entry)."""
+    proc = subprocess.Popen([str(blocker), "raw"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        s = ProbeSession.attach(proc.pid, native=native)
+        hits = []
+        s.add_probe(str(blocker), func_offset(blocker, "rawread"), lambda h: hits.append("ret"), is_return=True)
+        s.add_probe(str(blocker), func_offset(blocker, "sysinsn"), lambda h: hits.append("sys"))
+        proc.stdin.write(b"g")
+        proc.stdin.flush()
+        assert s.run(duration=0.5) is None
+        assert hits == ["sys"]
+        assert P.tracer_pid(proc.pid) == 0
+        proc.stdin.write(b"x")
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=20)
+        assert (proc.returncode, out) == (0, b"n=1 c=x\n")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _u16_at_file_offset(pid: int, path, off: int) -> int:
     with open(f"/proc/{pid}/maps") as maps:
         for line in maps:
