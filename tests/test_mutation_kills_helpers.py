@@ -128,3 +128,21 @@ def test_printk_width_digits_are_1_to_9_first() -> None:
             assert got > 0 and rig.printed[-1] == "        5"
         else:
             assert got == want
+
+
+def test_fake_kernel_object_read_from_inside_a_field() -> None:
+    """A read of a modelled kernel object that starts inside a field with a value (e.g. the
+    second half of ``comm``) is readable up to that field's end, like a kernel probe read of
+    the real object (kernel_task.py:ReplaceComparisonOperator_LtE_Eq#0: only reads starting
+    at a field's first byte were)."""
+    from engines import make_env
+
+    from ubpf_py.helpers.kernel_task import KernelObject
+
+    obj = KernelObject(make_env().env, 64, "task")
+    obj.put(16, b"comm-abc")
+    obj.put(24, b"\1\0\0\0")
+    base = obj.addr
+    assert obj.readable(base + 16, 8) and obj.readable(base + 20, 4) and obj.readable(base + 20, 8)
+    assert obj.readable(base + 27, 1)
+    assert not obj.readable(base + 20, 12) and not obj.readable(base + 8, 4)

@@ -1,5 +1,6 @@
 """Detach restores what a return probe changed, written to kill mutants that survived
-``benchmarks/mutation_score.py`` (named ``path#index`` in the test's docstring)."""
+``benchmarks/mutation_score.py`` (named in each test's docstring: ``path#index`` from the
+earlier hand-written mutator, ``path:operator#occurrence`` from cosmic-ray)."""
 
 from __future__ import annotations
 
@@ -25,12 +26,13 @@ __attribute__((noinline)) int slow(int x)
         return -1;
     return x + 1;
 }
-/* read(0, buf, 1) through a syscall instruction of our own, at a symbol to probe */
+/* read(0, buf, 1) through a syscall instruction of our own, at a symbol to probe; the two bytes
+   before it (inc %eax: -1 -> 0 = read) turn a restart two bytes too early into write (1) */
 __attribute__((noinline)) long rawread(char *buf)
 {
     long ret;
-    __asm__ volatile(".globl sysinsn\nsysinsn: syscall"
-             : "=a"(ret) : "a"(0L), "D"(0L), "S"(buf), "d"(1L) : "rcx", "r11", "memory");
+    __asm__ volatile("inc %%eax\n.globl sysinsn\nsysinsn: syscall"
+             : "=a"(ret) : "a"(-1L), "D"(0L), "S"(buf), "d"(1L) : "rcx", "r11", "memory");
     return ret;
 }
 int main(int argc, char **argv)
@@ -90,7 +92,9 @@ def test_detach_inside_a_return_probed_function(blocker, native):
 def test_detach_while_a_probed_syscall_blocks(blocker, native):
     """A probe on a syscall instruction that then blocks: at detach the thread is stopped in
     the copy of the instruction the engine runs out of line, and must be moved back to the
-    original address (restore.py#55: the offset inside the copy added the wrong way)."""
+    original address (restore.py#55: the offset inside the copy added the wrong way;
+    restore.py:AddNot#27: moved to the start of the instruction, so the kernel's restart of the
+    interrupted read went two bytes before it)."""
     proc = subprocess.Popen([str(blocker), "raw"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert proc.stdout.readline() == b"ready\n"
@@ -101,6 +105,35 @@ def test_detach_while_a_probed_syscall_blocks(blocker, native):
         proc.stdin.flush()
         assert s.run(duration=0.5) is None
         assert hits == [1]
+        assert P.tracer_pid(proc.pid) == 0
+        proc.stdin.write(b"x")
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=20)
+        assert (proc.returncode, out) == (0, b"n=1 c=x\n")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_detach_in_an_out_of_line_copy_inside_a_return_probed_function(blocker, native):
+    """The thread blocks in the out-of-line copy of a probed syscall inside a function whose
+    return the engine also probes: at detach the thread is moved back to the original code and
+    the function's return address restored, so it returns to its caller
+    (restore.py:ReplaceAndWithOr#17: a thread away from the trampoline lost a return entry)."""
+    proc = subprocess.Popen([str(blocker), "raw"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        s = ProbeSession.attach(proc.pid, native=native)
+        hits = []
+        s.add_probe(str(blocker), func_offset(blocker, "rawread"), lambda h: hits.append("ret"), is_return=True)
+        s.add_probe(str(blocker), func_offset(blocker, "sysinsn"), lambda h: hits.append("sys"))
+        proc.stdin.write(b"g")
+        proc.stdin.flush()
+        assert s.run(duration=0.5) is None
+        assert hits == ["sys"]
         assert P.tracer_pid(proc.pid) == 0
         proc.stdin.write(b"x")
         proc.stdin.flush()

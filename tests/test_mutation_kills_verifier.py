@@ -3,8 +3,8 @@
 Each case is a behaviour the kernel has and the suite did not check: the
 expected verdict is the kernel's (checked against the running kernel when root),
 never a detail of ubpf-py's implementation.  The mutant each case was written
-for is named in its comment (``path#index`` as the script names it, at the
-commit that added the case).
+for is named in its comment (``path#index`` from the earlier hand-written mutator,
+``path:operator#occurrence`` from cosmic-ray, at the commit that added the case).
 """
 
 from __future__ import annotations
@@ -96,6 +96,25 @@ CASES = {
     "combined_stack_counts_every_frame": (
         "stb [%r10-504], 0\ncall local f\nmov %r0, 0\nexit\nf:\nstb [%r10-1], 0\nmov %r0, 0\nexit",
         "combined stack size of 2 calls is 528. Too large"),
+    # a non-fetch atomic add leaves its source register as it was: r1 stays -16
+    # (checker.py:ReplaceBinaryOperator_BitAnd_BitXor#20: every non-fetch atomic made it unknown)
+    "non_fetch_atomic_keeps_source": (
+        "mov %r1, -16\nstdw [%r10-8], 0\nlock add [%r10-8], %r1\nmov %r3, %r10\nadd %r3, %r1\n"
+        "stdw [%r3+0], 0\nmov %r0, 0\nexit", ""),
+    # a zero byte (an unaligned store: not a spill) on the first path, an unknown one on the
+    # second: the join must not prune, the second path's fp + byte is misaligned
+    # (state.py:ReplaceBinaryOperator_RShift_LShift#3: the old state's known slots misplaced)
+    "join_zero_byte_vs_unknown_byte": ("\n".join(
+        ["call 7", "mov %r6, %r0", *["mov %r2, 0"] * 4, "jset %r6, 1, other", "stb [%r10-15], 0", "ja join",
+         "other:", "stxb [%r10-15], %r6", "join:", "ldxb %r1, [%r10-15]", "mov %r3, %r10", "add %r3, %r1",
+         "stdw [%r3-8], 0", "mov %r0, 0", "exit"]), "misaligned stack access off (0x0; 0xff)+0+-8 size 8"),
+    # f returns 0 on its first path, 1000 on its second: the caller's fp + r0 needs r0 exactly, so
+    # the join at f's exit must not prune the second path (structure.py:ReplaceBinaryOperator_Add_Pow#28:
+    # call sites keyed by a wrong callee start, the caller's demand lost at f's exit)
+    "precise_return_value_at_callee_join": ("\n".join(
+        ["mov %r6, 0", "call local f", "mov %r3, %r10", "add %r3, %r0", "stdw [%r3-8], 0", "mov %r0, 0", "exit",
+         "f:", "call 7", *["mov %r2, 0"] * 6, "jne %r0, 0, bad", "mov %r0, 0", *["mov %r2, 0"] * 8, "ja out",
+         "bad:", "mov %r0, 1000", "out:", "exit"]), "invalid write to stack R3 off=992 size=8"),
     # without BTF func_info a subprogram may not tail call (check_abnormal_return), even unreached
     "tail_call_in_subprog_without_btf": (
         "mov %r6, %r1\ncall local f\nmov %r0, 0\nexit\nf:\nlddw %r2, 0xfa00000004\nmov %r3, 0\n"

@@ -1,10 +1,13 @@
 """Engine behaviour written to kill mutants that survived ``benchmarks/mutation_score.py``
-(named ``path#index`` in each test's docstring)."""
+(named in each test's docstring: ``path#index`` from the earlier hand-written mutator,
+``path:operator#occurrence`` from cosmic-ray)."""
 
 from __future__ import annotations
 
+import pytest
 from engines import make_env
 
+from ubpf_py.errors import VMFault
 from ubpf_py.isa.asm import assemble
 from ubpf_py.vm.interpreter import Interpreter
 
@@ -16,3 +19,16 @@ def test_instruction_budget_is_per_run_not_per_program() -> None:
     prog = Interpreter(assemble("mov %r0, 0\nloop:\nadd %r0, 1\njlt %r0, 200, loop\nexit"), te.env,
                        max_instructions=500)
     assert [prog.run(0) for _ in range(3)] == [200, 200, 200]
+
+
+
+@pytest.mark.parametrize("text, last", [("mov %r0, 1\njeq %r0, 1, +1\nexit\nmov %r0, 2", 3),
+                                        ("mov %r0, 1\njeq %r0, 2, -2", 1)])
+def test_running_past_the_end_names_the_last_instruction(text: str, last: int) -> None:
+    """An unverified program that runs past its end faults at its last instruction, the one that
+    ran: a plain one, or a conditional jump not taken (interpreter.py:ReplaceBinaryOperator_Sub_Pow#0:
+    one past the end was named for the jump's fall-through)."""
+    te = make_env()
+    prog = Interpreter(assemble(text), te.env)
+    with pytest.raises(VMFault, match=rf"instruction {last}: execution ran past the last instruction"):
+        prog.run(0)
