@@ -251,20 +251,54 @@ class Cfg:
         return self.owner[insn]
 
 
+#: what an instruction does to the control flow, by opcode (valid opcodes only): the next
+#: instruction (_PLAIN), a conditional jump (_COND, may_goto too), ja (_JA), gotol (_JA32),
+#: exit, lddw (two slots) and call.  ``analyse`` dispatches on it once per instruction.
+_PLAIN, _COND, _JA, _JA32, _EXIT, _LDDW, _CALL = range(7)
+_FLOW = {c: (_COND if c in _COND_JUMP_OPCODES else _JA if c == BPF_JMP | BPF_JA
+             else _JA32 if c == BPF_JMP32 | BPF_JA else _EXIT if c == BPF_JMP | BPF_EXIT
+             else _LDDW if c == LDDW else _CALL if c == BPF_JMP | BPF_CALL else _PLAIN)
+         for c in VALID_OPCODES}
+
+
 def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -> Cfg:
-    """Run every structural check and return the control-flow facts."""
+    """Run every structural check and return the control-flow facts.
+
+    The checks report what the kernel's would, in its order: opcodes and lddw/call
+    encodings first (in instruction order), then function starts inside a lddw, reserved
+    fields, jumps leaving their function and function ends, and reachability last.  One pass
+    over the instructions does the first group and collects the jumps and calls; the later
+    checks look only at those (this runs once per program verified: it is kept cheap)."""
     n = len(insns)
     if n == 0:
         raise StructureError("empty program", 0, "the program has no instructions")
     second_slot = set()
     subprogs = {0}
     callbacks: set[int] = set()
+    flow = _FLOW
+    succ: list[tuple[int, ...]] = [()] * n
+    #: (insn, target, conditional) per jump, and the call instructions, in instruction order
+    jumps: list[tuple[int, int, bool]] = []
+    calls: list[int] = []
     i = 0
     while i < n:
         ins = insns[i]
-        if ins.opcode not in VALID_OPCODES:
-            raise StructureError(f"unknown opcode {ins.opcode:02x}", i, "not a BPF instruction")
-        if ins.opcode == LDDW:
+        kind = flow.get(ins.opcode)
+        if kind == _PLAIN:
+            succ[i] = (i + 1,)
+        elif kind == _COND:
+            t = i + ins.off + 1
+            succ[i] = (i + 1, t)
+            jumps.append((i, t, True))
+        elif kind == _CALL:
+            succ[i] = (i + 1,)
+            calls.append(i)
+            if ins.src == BPF_PSEUDO_CALL:
+                t = i + ins.imm + 1
+                if not 0 <= t < n:
+                    raise StructureError(f"jump out of range from insn {i} to {t}", i)
+                subprogs.add(t)
+        elif kind == _LDDW:
             if i + 1 >= n or insns[i + 1].opcode != 0 or insns[i + 1].dst or insns[i + 1].src \
                     or insns[i + 1].off:
                 raise StructureError("invalid bpf_ld_imm64 insn", i,
@@ -277,14 +311,16 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
                     raise StructureError("call to invalid destination", i)
                 subprogs.add(t)
                 callbacks.add(t)
+            succ[i] = (i + 2,)
             second_slot.add(i + 1)
             i += 2
             continue
-        if ins.opcode == BPF_JMP | BPF_CALL and ins.src == BPF_PSEUDO_CALL:
-            t = i + ins.imm + 1
-            if not 0 <= t < n:
-                raise StructureError(f"jump out of range from insn {i} to {t}", i)
-            subprogs.add(t)
+        elif kind in (_JA, _JA32):
+            t = i + (ins.off if kind == _JA else ins.imm) + 1
+            succ[i] = (t,)
+            jumps.append((i, t, False))
+        elif kind is None:
+            raise StructureError(f"unknown opcode {ins.opcode:02x}", i, "not a BPF instruction")
         i += 1
     if function_starts:
         subprogs.update(s for s in function_starts if 0 <= s < n)
@@ -300,46 +336,35 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
         if i in second_slot:
             continue
         check_fields(i, ins)
-    # jumps stay within their function, never into a lddw's second slot
+    # jumps stay within their function; every function ends in exit or a jump (the first
+    # problem in instruction order is reported, a jump's before its function's end)
+    bad_jump = next(((i, t) for i, t, _ in jumps if not owner[i] <= t < ends[owner[i]]), None)
+    bad_end = None
+    for s in starts:
+        last = ends[s] - 1
+        i = last - 1 if last in second_slot else last
+        if flow[insns[i].opcode] not in (_EXIT, _JA, _JA32) and (bad_end is None or i < bad_end):
+            bad_end = i
+    if bad_jump is not None and (bad_end is None or bad_jump[0] <= bad_end):
+        i, t = bad_jump
+        raise StructureError(f"jump out of range from insn {i} to {t}", i, "the jump leaves its function")
+    if bad_end is not None:
+        raise StructureError("last insn is not an exit or jmp", bad_end,
+                             "every function must end in exit or a jump")
+    # the kernel's prune points are a conditional jump itself (one check covers both
+    # successors) and its target; the fall-through too here (more chances to prune, fewer
+    # insns), an extra point that the checkpoint spacing ignores
     prune: set[int] = set(starts)
     fallthrough: set[int] = set()
-    succ: list[tuple[int, ...]] = [()] * n
-    for i, ins in enumerate(insns):
-        if i in second_slot:
-            continue
-        code = ins.opcode
-        s, e = owner[i], ends[owner[i]]
-        if code in _JUMP_OPCODES:
-            t = jump_target(i, ins)
-            if not s <= t < e:
-                raise StructureError(f"jump out of range from insn {i} to {t}", i,
-                                     "the jump leaves its function")
-            if code in _COND_JUMP_OPCODES:
-                # the kernel's prune points are the conditional jump itself (one check covers
-                # both successors) and its target; the fall-through too here (more chances to
-                # prune, fewer insns), an extra point that the checkpoint spacing ignores
-                prune.add(i)
-                fallthrough.add(i + 1)
-                prune.add(t)
-                succ[i] = (i + 1, t)
-            else:
-                prune.add(t)
-                succ[i] = (t,)
-        elif code == BPF_JMP | BPF_EXIT:
-            succ[i] = ()
-        elif code == LDDW:
-            succ[i] = (i + 2,)
-        else:
-            succ[i] = (i + 1,)
-            if code == BPF_JMP | BPF_CALL:
-                prune.add(i + 1)
-                if ins.src == BPF_PSEUDO_CALL:
-                    prune.add(i)
-        last = e - 1
-        if (i == last or (code == LDDW and i + 1 == last)) and \
-                code not in (BPF_JMP | BPF_EXIT, BPF_JMP | BPF_JA, BPF_JMP32 | BPF_JA):
-            raise StructureError("last insn is not an exit or jmp", i,
-                                     "every function must end in exit or a jump")
+    for i, t, cond in jumps:
+        if cond:
+            prune.add(i)
+            fallthrough.add(i + 1)
+        prune.add(t)
+    for i in calls:
+        prune.add(i + 1)
+        if insns[i].src == BPF_PSEUDO_CALL:
+            prune.add(i)
     # reachability, function by function
     for s in starts:
         seen = {s}
@@ -352,9 +377,10 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
                 if t not in seen:
                     seen.add(t)
                     todo.append(t)
-        for j in range(s, ends[s]):
-            if j not in seen and j not in second_slot:
-                raise StructureError(f"unreachable insn {j}", j, "dead code; the kernel refuses it too")
+        if len(seen) < ends[s] - s:
+            for j in range(s, ends[s]):
+                if j not in seen and j not in second_slot:
+                    raise StructureError(f"unreachable insn {j}", j, "dead code; the kernel refuses it too")
     cfg = Cfg(n, starts, ends, callbacks, prune | fallthrough, owner=owner)
     cfg.extra_points = fallthrough - prune
     preds: list[list[int]] = [[] for _ in range(n)]
