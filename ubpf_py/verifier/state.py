@@ -125,6 +125,7 @@ class Reg:
 
 
 _GET_H = attrgetter("_h")
+_new = object.__new__
 
 
 def regs_fp(regs: list[Reg]) -> int:
@@ -187,8 +188,19 @@ class Frame:
     plain: int = -1
 
     def copy(self) -> Frame:
-        return Frame(list(self.regs), bytearray(self.stack), dict(self.spills), self.callsite,
-                     self.subprog, self.frameno, self.in_callback)
+        # filled slot by slot (no dataclass __init__ call): the walk copies every frame of the
+        # state at each branch and each checkpoint
+        f = _new(Frame)
+        f.regs = self.regs[:]
+        f.stack = self.stack[:]
+        f.spills = self.spills.copy()
+        f.callsite = self.callsite
+        f.subprog = self.subprog
+        f.frameno = self.frameno
+        f.in_callback = self.in_callback
+        f.known = None
+        f.plain = -1
+        return f
 
 
 def new_frame(frameno: int, callsite: int, subprog: int) -> Frame:
@@ -235,8 +247,13 @@ class VerifierState:
                 tuple(sorted(self.refs.items())), self.may_goto_depth)
 
     def copy(self) -> VerifierState:
-        return VerifierState([f.copy() for f in self.frames], dict(self.refs), self.parent,
-                             self.last_jumps, self.may_goto_depth)
+        s = _new(VerifierState)
+        s.frames = [f.copy() for f in self.frames]
+        s.refs = self.refs.copy()
+        s.parent = self.parent
+        s.last_jumps = self.last_jumps
+        s.may_goto_depth = self.may_goto_depth
+        return s
 
 
 class Signature:

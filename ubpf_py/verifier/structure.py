@@ -712,27 +712,56 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
     else:
         work = [i for i in range(n) if i not in second]
     ends = cfg.ends
+    callees = sites.keys() | cfg.callbacks
+    alu_classes = (BPF_ALU, BPF_ALU64)
+    jmp_classes = (BPF_JMP, BPF_JMP32)
+    no_test = (BPF_JA, BPF_CALL, BPF_EXIT)
     for _ in range(50):
-        inq = set(work)
+        inq = bytearray(n)
+        for i in work:
+            inq[i] = 1
         while work:
             i = work.pop()
-            inq.discard(i)
+            inq[i] = 0
             out = 0
             for t in succ[i]:
                 if t < n:
                     out |= fact[t]
-            new = transfer(i, out) | fact[i]
-            if new != fact[i]:
+            # the commonest transfers inline (the same rules as ``transfer``): this loop runs
+            # over every instruction of the program once per verification
+            ins = insns[i]
+            code = ins.opcode
+            cls = code & 0x07
+            if cls in alu_classes:
+                d = 1 << ins.dst
+                if code & 0xF0 == BPF_MOV:
+                    new = out & ~d
+                    if code & BPF_X and out & d:
+                        new |= 1 << ins.src
+                elif code & BPF_X and out & d:
+                    new = out | 1 << ins.src
+                else:
+                    new = out
+            elif cls in jmp_classes and code & 0xF0 not in no_test and code != MAY_GOTO:
+                if decided is not None and i not in decided:
+                    new = out
+                else:
+                    new = out | 1 << ins.dst | (1 << ins.src if code & BPF_X else 0)
+            else:
+                new = transfer(i, out)
+            old = fact[i]
+            new |= old
+            if new != old:
                 fact[i] = new
                 for p in preds[i]:
-                    if p not in inq:
-                        inq.add(p)
+                    if not inq[p]:
+                        inq[p] = 1
                         work.append(p)
                 # calls into this function's start feed their callers
-                if i in sites or i in cfg.callbacks:
+                if i in callees:
                     for c, _ in sites.get(i, ()):
-                        if c not in inq:
-                            inq.add(c)
+                        if not inq[c]:
+                            inq[c] = 1
                             work.append(c)
         # exits depend on callers' facts
         grown: set[int] = set()
