@@ -520,12 +520,30 @@ def _liveness(insns: list[Instruction], cfg: Cfg) -> tuple[list[int], list[int]]
     solved in one pass (registers in bits 0-10, stack slots from bit 16); the stack's
     (use, def) per instruction stays on ``cfg`` for ``observed_stack_liveness``."""
     second = cfg.second
+    n = len(insns)
     none = (0, 0)
-    reg_ud = [none if i in second else _use_def(ins) for i, ins in enumerate(insns)]
-    stack_ud = [none if i in second else _stack_use_def(ins) for i, ins in enumerate(insns)]
+    stack_ud = [none] * n
+    both = [none] * n
+    alu = (BPF_ALU, BPF_ALU64)
+    for i, ins in enumerate(insns):
+        if i in second:
+            continue
+        code = ins.opcode
+        if code & 0x07 in alu:
+            # the commonest instructions, inline (``_use_def``'s rule; no stack effect)
+            d = 1 << ins.dst
+            o = code & 0xF0
+            if o == BPF_MOV:
+                both[i] = ((1 << ins.src if code & BPF_X else 0), d)
+            elif o in (BPF_NEG, BPF_END):
+                both[i] = (d, d)
+            else:
+                both[i] = (d | (1 << ins.src if code & BPF_X else 0), d)
+            continue
+        ru, rd = _use_def(ins)
+        stack_ud[i] = su_sd = _stack_use_def(ins)
+        both[i] = (ru | (su_sd[0] << _LIVE_SLOT0), rd | (su_sd[1] << _LIVE_SLOT0))
     cfg.stack_ud = stack_ud
-    both = [(ru | (su << _LIVE_SLOT0), rd | (sd << _LIVE_SLOT0))
-            for (ru, rd), (su, sd) in zip(reg_ud, stack_ud, strict=True)]
     live = _backward_liveness(cfg.succ, cfg.preds, both, always=1 << 10)
     return [x & 0x7FF for x in live], [x >> _LIVE_SLOT0 for x in live]
 
