@@ -235,6 +235,9 @@ class VerifierState:
     last_jumps: tuple[tuple[int, int], ...] = ()
     #: how many may_goto fall-throughs this path took (the kernel's may_goto_depth)
     may_goto_depth: int = 0
+    #: for checkpoint states: the register of the innermost frame whose range last failed
+    #: to cover a compared state (``subsumes`` tries it first: most misses repeat), or -1
+    miss: int = field(default=-1, compare=False, repr=False)
 
     @property
     def cur(self) -> Frame:
@@ -253,6 +256,7 @@ class VerifierState:
         s.parent = self.parent
         s.last_jumps = self.last_jumps
         s.may_goto_depth = self.may_goto_depth
+        s.miss = -1
         return s
 
 
@@ -467,6 +471,15 @@ def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int,
     ofrs, cfrs = old.frames, cur.frames
     if len(ofrs) != len(cfrs):
         return False
+    last = len(ofrs) - 1
+    h = old.miss
+    if h >= 0 and not exact and masks is not None:
+        # the register that failed last time, first: a precise scalar out of the old range is
+        # a miss whatever else matches (the full test below would find it too)
+        o, c = ofrs[last].regs[h], cfrs[last].regs[h]
+        live, demand, _ = masks[last]
+        if o.type == SCALAR and c.type == SCALAR and (live & demand) >> h & 1 and not o.val.within(c.val):
+            return False
     ids = _IdMap()
     # innermost frame first: a callee's state differs far more often than its callers', whose
     # whole stacks are compared (the answer does not depend on the order: every id pair met
@@ -499,6 +512,8 @@ def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int,
                     continue
                 ov = o.val
                 if not ov.within(c.val):
+                    if fi == last:
+                        old.miss = r
                     return False
                 if o.id and ov.var.mask and c.id and not ids.check(o.id, c.id):
                     return False
