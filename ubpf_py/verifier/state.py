@@ -474,12 +474,17 @@ def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int,
     last = len(ofrs) - 1
     h = old.miss
     if h >= 0 and not exact and masks is not None:
-        # the register that failed last time, first: a precise scalar out of the old range is
-        # a miss whatever else matches (the full test below would find it too)
+        # the register that failed last time, first: a live register that is not covered is a
+        # miss whatever else matches (the full test below would find it too; a fresh id map
+        # accepts every id pair the full one does)
         o, c = ofrs[last].regs[h], cfrs[last].regs[h]
         live, demand, _ = masks[last]
-        if o.type == SCALAR and c.type == SCALAR and (live & demand) >> h & 1 and not o.val.within(c.val):
-            return False
+        if o is not c and live >> h & 1:
+            if o.type == SCALAR:
+                if c.type != SCALAR or (demand >> h & 1 and not o.val.within(c.val)):
+                    return False
+            elif not reg_safe(o, c, _IdMap(), False):
+                return False
     ids = _IdMap()
     # innermost frame first: a callee's state differs far more often than its callers', whose
     # whole stacks are compared (the answer does not depend on the order: every id pair met
@@ -507,6 +512,8 @@ def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int,
             ot = o.type
             if ot == SCALAR:
                 if c.type != SCALAR:
+                    if fi == last:
+                        old.miss = r
                     return False
                 if not (demand >> r) & 1:
                     continue
@@ -519,6 +526,8 @@ def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int,
                     return False
                 continue
             if not reg_safe(o, c, ids, False):
+                if fi == last:
+                    old.miss = r
                 return False
         if not stack_safe(of, cf, ids, False, demand, slots):
             return False
