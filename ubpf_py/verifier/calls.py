@@ -4,7 +4,14 @@ tail calls, and function exit (references, return values, frames).
 
 from __future__ import annotations
 
-from ubpf_py.helpers.protos import KPROBE_ALLOWED, MODELLED_MAP_TYPES, PROTOS, HelperProto, helper_name
+from ubpf_py.helpers.protos import (
+    KPROBE_ALLOWED,
+    MODELLED_MAP_TYPES,
+    PROTOS,
+    SPECIAL_MAP_HELPERS,
+    HelperProto,
+    helper_name,
+)
 from ubpf_py.isa import opcodes as op
 from ubpf_py.isa.opcodes import MAX_CALL_DEPTH
 from ubpf_py.obj.mapdefs import BPF_F_RDONLY_PROG
@@ -247,7 +254,6 @@ def _check_map_compat(ck: CheckContext, proto: HelperProto, map_idx: int) -> Non
 
 
 def _special_helpers(map_type: int) -> frozenset[int] | None:
-    from ubpf_py.helpers.protos import SPECIAL_MAP_HELPERS
     return SPECIAL_MAP_HELPERS.get(map_type)
 
 
