@@ -5,6 +5,7 @@ tail calls, and function exit (references, return values, frames).
 from __future__ import annotations
 
 from ubpf_py.helpers.protos import (
+    HELPER_NAMES_BY_ID,
     KPROBE_ALLOWED,
     MODELLED_MAP_TYPES,
     PROTOS,
@@ -65,17 +66,16 @@ class _Meta:
 def check_helper(ck: CheckContext, st: S.VerifierState, pc: int, hid: int) -> bool:
     """Check a helper call; returns True when the current path entered a callback frame."""
     proto = PROTOS.get(hid)
-    name = helper_name(hid)
-    if name == "unknown":
+    if not 0 < hid < len(HELPER_NAMES_BY_ID):   # (helper_name's "unknown", without building a name)
         raise Reject(f"invalid func unknown#{hid}", "no helper has this number")
     if proto is None or hid not in KPROBE_ALLOWED:
-        raise Reject(f"program of this type cannot use helper {name}#{hid}",
+        raise Reject(f"program of this type cannot use helper {helper_name(hid)}#{hid}",
                      "uprobe programs run as kprobe programs; this helper is for another program type")
     if proto.sleepable_only and not ck.sleepable:
         raise Reject("helper call might sleep in a non-sleepable prog",
                      "this helper may only be called from sleepable (uprobe.s) programs")
     if proto.btf_only:
-        raise Reject(f"helper {name}#{hid} takes BTF-typed kernel objects; not supported by ubpf-py",
+        raise Reject(f"helper {helper_name(hid)}#{hid} takes BTF-typed kernel objects; not supported by ubpf-py",
                      "not supported: helpers with BTF object arguments")
     regs = st.cur.regs
     meta = _Meta()
