@@ -58,8 +58,11 @@ enum { K_SKIP = 1, K_PUSH, K_MOVRBP, K_SUBRSP, K_OOL, K_JMP, K_JCC, K_CALL, K_RE
 enum { R15, R14, R13, R12, RBP, RBX, R11, R10, R9, R8, RAX, RCX, RDX, RSI, RDI, ORIG_RAX, RIP, CS,
        EFLAGS, RSP, SS };
 
-#define BP_FAST 1     /* this loop may finish the hit */
-#define BP_PYCB 2     /* call the Python callback */
+/* UBPF_BP_FAST: this loop may finish the hit; UBPF_BP_PYCB: call the Python callback;
+ * UBPF_BP_REWIND: rip back on the int3 at once (see ubpf_py/abi/runtime.py) */
+#define BP_FAST UBPF_BP_FAST
+#define BP_PYCB UBPF_BP_PYCB
+#define BP_REWIND UBPF_BP_REWIND
 
 struct ub_bp {
 	u64 addr, next, slot, target, imm, prog;
@@ -423,6 +426,8 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 			return 1;
 		}
 		struct ub_bp *b = bp_find(s, r[RIP] - 1); /* 3. the breakpoint (int3 has run) */
+		if (b && (b->flags & BP_REWIND)) /* killed from here on, the thread traps again */
+			ptrace(PTRACE_POKEUSER, tid, (void *)(uintptr_t)(RIP * sizeof(u64)), (void *)(uintptr_t)b->addr);
 		if (!b || !(b->flags & BP_FAST)) {
 			*out_tid = tid;
 			*out_status = st;

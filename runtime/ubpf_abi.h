@@ -3,6 +3,9 @@
 #define UBPF_ABI_H
 #include <stdint.h>
 
+#define UBPF_BP_FAST 0x1ULL
+#define UBPF_BP_PYCB 0x2ULL
+#define UBPF_BP_REWIND 0x4ULL
 #define UBPF_RUNTIME_MAGIC 0x5542504652540001ULL
 #define UBPF_RT_F_FSGSBASE 0x1ULL
 #define UBPF_RT_F_RDPID 0x2ULL

@@ -35,3 +35,25 @@ def build_target_and_program(directory: Path, target: tuple[str, str], program: 
     subprocess.run(["gcc", "-O1", "-o", str(directory / exe), str(directory / f"{exe}.c")], check=True)
     compile_bpf(program[1], directory, program[0])
     return directory
+
+
+def build_task_test(directory: Path, target_src: str, gcc_flags: list[str], prog: tuple[str, str]) -> Path:
+    """A C target ``t`` (gcc ``gcc_flags``) and a BPF program (``(name, source)``) that includes the
+    kernel's vmlinux.h (from ../shared/realworld's build, which bpftool makes from this kernel's
+    BTF): the task-struct tests' set-up.  Skips when clang, gcc, bpftool or the BTF is missing."""
+    from paths import build_realworld
+
+    clang = shutil.which("clang")
+    if clang is None or shutil.which("gcc") is None or shutil.which("bpftool") is None:
+        pytest.skip("clang, gcc and bpftool (vmlinux.h) are needed")
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        pytest.skip("needs the kernel's BTF (/sys/kernel/btf/vmlinux)")
+    inc = build_realworld() / "include"
+    (directory / "t.c").write_text(target_src)
+    subprocess.run(["gcc", *gcc_flags, "-o", str(directory / "t"), str(directory / "t.c")], check=True)
+    name, source = prog
+    (directory / f"{name}.bpf.c").write_text(source)
+    subprocess.run([clang, *BPF_CFLAGS[:-1], "-g", f"-I{inc}", "-idirafter", "/usr/include/x86_64-linux-gnu",
+                    "-c", str(directory / f"{name}.bpf.c"), "-o", str(directory / f"{name}.bpf.o")],
+                   check=True, capture_output=True)
+    return directory

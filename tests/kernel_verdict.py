@@ -3,7 +3,8 @@
 Maps are created from their ``MapSpec`` (flags included; read-only global data
 is created ``BPF_F_RDONLY_PROG``, filled and frozen as libbpf does), the
 program's map references are relocated to the new fds and the program is
-loaded as a kprobe program, which is how ubpf-py's verifier models uprobes.
+loaded as a kprobe program, which is how ubpf-py's verifier models uprobes (with
+BPF_F_SLEEPABLE when the spec is sleepable, as libbpf loads ``uprobe.s``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def kernel_verdict(prog: ProgramSpec, maps: list[MapSpec], btf_fd: int = 0,
     """(accepted, error line, whole log) from the running kernel's verifier."""
     from ubpf_py.errors import KernelBackendError
     from ubpf_py.kernel.loader import relocate_for_kernel
-    from ubpf_py.kernel.prog import KPROBE, prog_load
+    from ubpf_py.kernel.prog import BPF_F_SLEEPABLE, KPROBE, prog_load
 
     used = {ins.imm for ins in prog.instructions if ins.opcode == 0x18 and ins.src in (5, 6)}
     kmaps = {}
@@ -74,9 +75,9 @@ def kernel_verdict(prog: ProgramSpec, maps: list[MapSpec], btf_fd: int = 0,
             kmaps[i] = _create(maps[i])
         fds = [kmaps[i].fd if i in kmaps else -1 for i in range(len(maps))]
         insns = relocate_for_kernel(prog.instructions, fds)
-        kw: dict = {}
+        kw: dict = {"prog_flags": BPF_F_SLEEPABLE} if prog.sleepable else {}
         if func_info is not None and btf_fd > 0:
-            kw = {"btf_fd": btf_fd, "func_info": func_info}
+            kw.update(btf_fd=btf_fd, func_info=func_info)
         try:
             fd = prog_load(insns, KPROBE, "GPL", prog_name=prog.name[:15], log_level=1, **kw)
         except KernelBackendError as e:

@@ -37,6 +37,7 @@ SRC = Path(__file__).resolve().parent / "targets" / "intarget"
 CALLS = 20_000
 THREADS, THREAD_CALLS, KERNEL_THREAD_CALLS = 8, 100_000, 10_000
 KILL_RUNS = 10
+KILL_RUNS_PTRACE = 5
 RESTORE_WAIT = 5.0     # seconds the guardian gets to restore the sites after a tracer SIGKILL
 MANY_THREADS = 300
 SIGNALS = 50           # the kernel takes ~50 ms per hit that sends a signal
@@ -464,8 +465,9 @@ class KillResult:
     restore_s: float
 
 
-def run_kill(b: Build) -> KillResult:
-    """SIGKILL the tracer while a 4-thread target calls work and fact (entry and return probes)."""
+def run_kill(b: Build, mode: str = "intarget") -> KillResult:
+    """SIGKILL the tracer while a 4-thread target calls work and fact (entry and return probes);
+    ``mode`` ptrace: every probe an int3 (threads held on one at the kill carry its SIGTRAP)."""
     exe = b.bins["dyn"]
     d = workdir()
     stop, out = d / "stop", d / "out.jsonl"
@@ -475,7 +477,8 @@ def run_kill(b: Build) -> KillResult:
         assert target.stdout.readline() == "ready\n"
         progs = {"e0": ("dyn", "work"), "r3": ("dyn", "work"), "a0": ("dyn", "fact"), "r0": ("dyn", "fact"),
                  "r4": ("dyn", "nap")}
-        p = cli(str(b.bpf), *attach_args(b, progs), "-f", "json", "-o", str(out), "--pid", str(target.pid))
+        p = cli(str(b.bpf), *attach_args(b, progs), "-f", "json", "-o", str(out), "--pid", str(target.pid),
+                *(("--mode", mode) if mode != "intarget" else ()))
         try:
             wait_for(lambda: attached(out, len(progs)), "the attach", p)
             before = patched(target.pid, exe)
@@ -546,6 +549,8 @@ def scenarios(build: Build):
         start(("detach",), run_detach, build)
         for i in range(KILL_RUNS):
             start(("kill", i), run_kill, build)
+        for i in range(KILL_RUNS_PTRACE):
+            start(("kill-ptrace", i), run_kill, build, "ptrace")
     yield fut, {"kernel": kernel_why, "nobody": nobody_why, "root": root_why, **build.missing}
     for f in fut.values():
         f.cancel()
@@ -773,6 +778,17 @@ def test_sigkill_of_the_tracer_target_survives(scenarios) -> None:
     assert all(k.patched_before_kill for k in kills)
     bad = [(k.target_rc, k.target_out, k.target_err[-300:]) for k in kills if k.target_rc != 0 or k.target_out != "ok\n"]
     assert not bad, f"{len(bad)} of {KILL_RUNS} targets did not survive: {bad}"
+
+
+def test_sigkill_of_the_tracer_ptrace_path_target_survives(scenarios) -> None:
+    """The same kills with every probe on the ptrace path (--mode ptrace: int3 bytes, threads held
+    in the tracer per hit): the trap guard and the guardian bring every target through, with the
+    probes out."""
+    kills = [result(scenarios, ("kill-ptrace", i), "root") for i in range(KILL_RUNS_PTRACE)]
+    assert all(k.patched_before_kill for k in kills)
+    bad = [(k.target_rc, k.target_out, k.target_err[-300:]) for k in kills if k.target_rc != 0 or k.target_out != "ok\n"]
+    assert not bad, f"{len(bad)} of {KILL_RUNS_PTRACE} targets did not survive: {bad}"
+    assert all(k.patched_after_kill is False for k in kills), [(k.patched_after_kill, k.restore_s) for k in kills]
 
 
 def test_sigkill_of_the_tracer_probes_come_out(scenarios) -> None:

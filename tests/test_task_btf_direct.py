@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from bpf_build import BPF_CFLAGS
+from bpf_build import build_task_test
 from cli_util import run_cli
 from kernel_verdict import kernel_skip_reason
-from paths import build_realworld
 
 TARGET = r"""
 #define _GNU_SOURCE
@@ -84,19 +81,7 @@ EXPECTED = {"calls": 2, "pid_ok": 2, "tgid_ok": 2, "ppid_ok": 2, "leader_ok": 2,
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    clang = shutil.which("clang")
-    if clang is None or shutil.which("gcc") is None or shutil.which("bpftool") is None:
-        pytest.skip("clang, gcc and bpftool (vmlinux.h) are needed")
-    if not Path("/sys/kernel/btf/vmlinux").exists():
-        pytest.skip("needs the kernel's BTF (/sys/kernel/btf/vmlinux)")
-    inc = build_realworld() / "include"
-    d = tmp_path_factory.mktemp("taskbtf")
-    (d / "t.c").write_text(TARGET)
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(d / "t"), str(d / "t.c")], check=True)
-    (d / "direct.bpf.c").write_text(PROG)
-    subprocess.run([clang, *BPF_CFLAGS[:-1], "-g", f"-I{inc}", "-idirafter", "/usr/include/x86_64-linux-gnu",
-                    "-c", str(d / "direct.bpf.c"), "-o", str(d / "direct.bpf.o")], check=True, capture_output=True)
-    return d
+    return build_task_test(tmp_path_factory.mktemp("taskbtf"), TARGET, ["-O1", "-pthread"], ("direct", PROG))
 
 
 def _run(d: Path, *args: str) -> tuple[dict, list[dict], str]:

@@ -16,7 +16,7 @@ from bpf_build import BPF_CFLAGS
 from cli_util import run_cli
 from paths import build_realworld
 
-from ubpf_py.helpers.kernel_task import cgroup_id
+from ubpf_py.helpers.kernel_task import cgroup_classid, cgroup_id, net_cls_classid_file
 from ubpf_py.kernel.syscall import kernel_bpf_skip_reason
 
 TARGET = r"""
@@ -38,7 +38,7 @@ PROG = r"""
 #include <bpf/bpf_core_read.h>
 struct { __uint(type, BPF_MAP_TYPE_CGROUP_ARRAY); __uint(max_entries, 1); __type(key, u32); __type(value, u32); }
     cg SEC(".maps");
-long pid, tgid, ppid, parent_tgid, leader_pid, start_ok, cgid, under, bad_rc = 1, bad_val = -1;
+long pid, tgid, ppid, parent_tgid, leader_pid, start_ok, cgid, classid = -1, under, bad_rc = 1, bad_val = -1;
 long uid[3], gid[3], euid[3];
 char comm[16], pcomm[16];
 SEC("uprobe") int BPF_KPROBE(probe, unsigned int n)
@@ -60,6 +60,7 @@ SEC("uprobe") int BPF_KPROBE(probe, unsigned int n)
 	u64 st = BPF_CORE_READ(t, start_boottime);
 	start_ok = st > 0 && st < bpf_ktime_get_boot_ns();
 	cgid = bpf_get_current_cgroup_id();
+	classid = bpf_get_cgroup_classid(0);   /* kprobe form: no argument */
 	under = bpf_current_task_under_cgroup(&cg, 0);
 	if (bpf_get_prandom_u32() != 12345) {   /* mm has no userspace source: it must fault */
 		long v = 77;
@@ -96,6 +97,7 @@ def _run(d: Path, backend: str) -> dict:
 def _comparable(g: dict) -> dict:
     return {"self": [g.get("pid") == g.get("tgid") == g.get("leader_pid"), g.get("ppid") == g.get("parent_tgid")],
             "comm": [g.get("comm"), g.get("pcomm")], "start_ok": g.get("start_ok"), "cgid": g.get("cgid"),
+            "classid": g.get("classid", 0),
             "under": g.get("under"), "ids": [g.get("uid", [0] * 3)[1:], g.get("gid", [0] * 3)[1:],
                                             g.get("euid", [0] * 3)[1:]]}
 
@@ -107,12 +109,26 @@ def test_task_fields_and_cgroup_like_the_kernel(built: Path) -> None:
     assert c["self"] == [True, True] and c["comm"][0] == "t" and c["start_ok"] == 1
     assert c["under"] == -11    # empty cgroup-array slot: -EAGAIN
     assert c["cgid"] == cgroup_id(os.getpid(), os.getpid())  # the target was born in our cgroup
+    assert c["classid"] == cgroup_classid(os.getpid(), os.getpid())
     reason = kernel_bpf_skip_reason()
     if reason:
         pytest.skip(reason)
     kernel = _run(built, "kernel")
     assert _comparable(kernel) == c
     assert kernel["ppid"] != ours["ppid"] or kernel["pid"] != ours["pid"]  # real pids, not constants
+
+
+def test_net_cls_classid_file() -> None:
+    """bpf_get_cgroup_classid reads the thread's cgroup in the v1 hierarchy holding net_cls;
+    with none mounted (cgroup v2 only) it is the controller's root: classid 0."""
+    mountinfo = ("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
+                 "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
+                 "33 31 0:30 / /sys/fs/cgroup/net_cls,net_prio rw - cgroup cgroup rw,net_cls,net_prio\n"
+                 "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n")
+    cgroups = "3:cpu:/a\n2:net_cls,net_prio:/svc/x\n0::/user.slice\n"
+    assert net_cls_classid_file(mountinfo, cgroups) == "/sys/fs/cgroup/net_cls,net_prio/svc/x/net_cls.classid"
+    assert net_cls_classid_file(mountinfo.replace("net_cls,", ""), cgroups) is None
+    assert net_cls_classid_file(mountinfo, "0::/user.slice\n") is None
 
 
 def test_cgroup_array_slots() -> None:

@@ -145,6 +145,16 @@ def _scaling_parts(series: dict[int, dict[str, Any]], cpus: int) -> tuple[list[s
     return parts, verdict
 
 
+def _baseline_scaling(series: dict[int, dict[str, Any]]) -> str:
+    """"T: x" of the unprobed function's calls/s (each cell's baseline runs) against 1 thread: what
+    the machine itself gives the calling loop, the ceiling of any probe's scaling."""
+    one = series.get(1)
+    if not one or not one.get("baseline_calls_per_s"):
+        return ""
+    return ", ".join(f"{t}: {c['baseline_calls_per_s'] / one['baseline_calls_per_s']:.2f}x"
+                     for t, c in sorted(series.items()) if c.get("baseline_calls_per_s"))
+
+
 def _scaling(doc: dict[str, Any]) -> Verdict:
     """Judged on the per-CPU counter program (the probe's own scaling); the shared-counter
     program's figures are shown beside it, not judged: its atomic bounces one line between the
@@ -154,8 +164,12 @@ def _scaling(doc: dict[str, Any]) -> Verdict:
             "x 1 thread)")
     rows = (doc.get("threads") or {}).get("rows") or {}
     label = (rows.get("threads") or (doc.get("threads") or {}).get("row") or {}).get("label", "threads")
-    parts, verdict = _scaling_parts(thread_series(doc, ENGINE), cpus)
+    series = thread_series(doc, ENGINE)
+    parts, verdict = _scaling_parts(series, cpus)
     measured = ", ".join(parts)
+    base = _baseline_scaling(series)
+    if base:
+        measured += f" (the unprobed function in the same runs: {base})"
     shared = thread_series(doc, ENGINE, "threads-shared")
     if shared:
         sparts, _ = _scaling_parts(shared, cpus)

@@ -154,7 +154,9 @@ def _threads_table(doc: dict[str, Any]) -> list[str]:
              "other work (or the tracer) held a CPU the threads could have used. CPU ns added = the threads' "
              "CPU time per call, probed - unprobed (median): waiting for a CPU does not count there, "
              "contending for a cache line does, so it stays flat with threads when they share no "
-             "written line.", ""]
+             "written line. Unprobed calls/s = the same threads calling the function with no probe (the "
+             "in-target cell's baseline runs, median): how far the machine itself lets the calling loop "
+             "scale.", ""]
 
     def tput(c: dict[str, Any] | None) -> str:
         if not c or c["error"]:
@@ -168,14 +170,16 @@ def _threads_table(doc: dict[str, Any]) -> list[str]:
             continue
         lines += [f"### {row['label']}", "",
                   "| threads | kernel calls/s | in-target calls/s | in-target min-max calls/s | in-target CPU share "
-                  "| in-target/kernel calls/s | kernel ns added | in-target ns added | in-target CPU ns added |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| in-target/kernel calls/s | kernel ns added | in-target ns added | in-target CPU ns added "
+                  "| unprobed calls/s |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for t in th["counts"]:
             kc, ic = k.get(t), i.get(t)
             ok = kc and ic and not kc["error"] and not ic["error"] and kc.get("calls_per_s")
             ratio = f"{ic['calls_per_s'] / kc['calls_per_s']:.2f}x" if ok else "n/a"  # type: ignore[index]
+            base = ic.get("baseline_calls_per_s") if ic and not ic["error"] else None
             lines.append(f"| {t} | {tput(kc)} | {tput(ic)} | {_tput_spread(ic)} | {_share(ic)} | {ratio} "
-                         f"| {_fmt(kc)} | {_fmt(ic)} | {_cpu_added(ic)} |")
+                         f"| {_fmt(kc)} | {_fmt(ic)} | {_cpu_added(ic)} | {f'{base:,.0f}' if base else 'n/a'} |")
         lines.append("")
     return lines
 

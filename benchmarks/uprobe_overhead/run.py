@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-threads", type=int,
                     help="calls per thread in the kernel's multi-thread runs (default 500000, quick 100000)")
     ap.add_argument("--n-threads-intarget", type=int,
-                    help="calls per thread in the in-target multi-thread runs (default 2000000, quick "
-                         "200000): each run must last long enough (100 ms or more) for a thread's start "
+                    help="calls per thread in the in-target multi-thread runs (default 6000000, quick "
+                         "200000): each run must last long enough (250 ms or more at 2 threads) for a thread's start "
                          "or one preemption not to decide its calls/s")
     ap.add_argument("--n-ubpf", type=int, help="calls per ptrace JIT/interp run (default 3000, quick 2000)")
     ap.add_argument("--engines", default=",".join(runs.ENGINES), help="subset of " + ",".join(runs.ENGINES))
@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(default 5, quick 1)")
     ap.add_argument("--repeat-ubpf", type=int, default=1,
                     help="pairs per ptrace JIT/interp cell (default 1: each run costs seconds)")
+    ap.add_argument("--threads-only", action="store_true",
+                    help="run only the multi-thread section (e.g. to study scaling); write it with --out "
+                         "somewhere else than the committed full run")
     ap.add_argument("--wait-load", type=float, metavar="LOAD",
                     help="first wait until the 1-minute load average is at most LOAD")
     ap.add_argument("--wait-max", type=float, default=600, metavar="S",
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.n_intarget or (50_000 if args.quick else 200_000),
                 args.n_ubpf or (2_000 if args.quick else 3_000), engines, threads,
                 args.n_threads or (100_000 if args.quick else 500_000),
-                args.n_threads_intarget or (200_000 if args.quick else 2_000_000))
+                args.n_threads_intarget or (200_000 if args.quick else 6_000_000))
     repeat = args.repeat or (1 if args.quick else 5)
     repeat_kernel = args.repeat_kernel or (1 if args.quick else 3)
     repeats = {"kernel": repeat_kernel, "intarget": repeat, "jit": args.repeat_ubpf, "interp": args.repeat_ubpf}
@@ -277,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="ubpf-bench-") as tmpd:
         runner = Runner(plan, target, obj, Path(tmpd), repeats, repeat_threads)
-        runner.run_rows(args.quick)
+        if not args.threads_only:
+            runner.run_rows(args.quick)
         runner.run_threads()
 
     elapsed = time.monotonic() - t_start
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_kernel": plan.n_kernel, "n_intarget": plan.n_intarget, "n_ubpf": plan.n_ubpf,
         "n_threads": plan.n_threads_kernel, "n_threads_intarget": plan.n_threads_intarget, "engines": engines,
         "unavailable": {k: v for k, v in runner.unavailable.items() if v},
-        "rows": [{**asdict(r), "label": r.label, "cells": [asdict(c) for c in plan.cells[r.label]]}
+        "rows": [{**asdict(r), "label": r.label, "cells": [asdict(c) for c in plan.cells.get(r.label, [])]}
                  for r in plan.rows],
         "threads": {"row": {**asdict(THREAD_ROW), "label": THREAD_ROW.label},
                     "rows": {pl: {**asdict(r), "label": r.label} for pl, r in THREAD_PLACEMENTS.items()},

@@ -190,7 +190,18 @@ ALL = [RUNTIME_HEADER, PROBE_BLOCK, SHADOW_ENTRY, THREAD_BLOCK, SITE, FACTS, HIT
 #: (ignored by default: harmless to a tracer that is not listening)
 DL_NOTIFY_SIGNAL = int(signal.SIGURG)
 
+#: flags of a breakpoint row in the tracer's C stop loop (native/hotloop.c, probe/native.py):
+#: BP_FAST the loop finishes the hit itself; BP_PYCB it calls Python's callback; BP_REWIND it puts
+#: the thread's rip back on the int3 as soon as it has collected the stop (that collection clears
+#: the stop's signal in the kernel: a tracer killed while handling the hit would otherwise leave
+#: the thread to run on from inside the instruction; from the int3 it traps again, into the trap
+#: guard, probe/trapguard.py)
+BP_FAST, BP_PYCB, BP_REWIND = 1, 2, 4
+
 CONSTANTS = {
+    "UBPF_BP_FAST": BP_FAST,
+    "UBPF_BP_PYCB": BP_PYCB,
+    "UBPF_BP_REWIND": BP_REWIND,
     "UBPF_RUNTIME_MAGIC": RUNTIME_MAGIC,
     "UBPF_RT_F_FSGSBASE": RT_F_FSGSBASE,
     "UBPF_RT_F_RDPID": RT_F_RDPID,

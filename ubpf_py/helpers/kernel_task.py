@@ -1,5 +1,6 @@
 """The traced thread as the kernel's ``struct task_struct`` (bpf_get_current_task[_btf])
-and its cgroup (bpf_get_current_cgroup_id, bpf_current_task_under_cgroup).
+and its cgroup (bpf_get_current_cgroup_id, bpf_current_task_under_cgroup,
+bpf_get_cgroup_classid).
 
 Real tools walk the current task with CO-RE reads: ``BPF_CORE_READ(task,
 real_parent, tgid)``, ``task->cred->uid``, ``task->start_time``.  Their offsets
@@ -59,7 +60,11 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 MAX_ANCESTORS = 62
 
 #: kinds of objects (a PTR_TO_BTF_ID register's provenance in the verifier; 0: none, NULL here)
-OBJ_NONE, OBJ_TASK, OBJ_PARENT, OBJ_CRED = 0, 1, 2, 3
+OBJ_NONE, OBJ_TASK, OBJ_PARENT, OBJ_CRED, OBJ_PT_REGS = 0, 1, 2, 3, 4
+#: every member of x86-64's struct pt_regs ("" are the anonymous cs and ss unions): the current
+#: task's registers (bpf_task_pt_regs) are the probe's context, all of it filled
+_PT_REGS_FIELDS = ("r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx", "dx",
+                   "si", "di", "orig_ax", "ip", "flags", "sp", "")
 #: kind -> (struct, fields with a value, pointer field -> the kind of object it points to)
 MODEL: dict[int, tuple[str, frozenset[str], dict[str, int]]] = {
     OBJ_TASK: ("task_struct", frozenset({"pid", "tgid", "comm", "start_time", "start_boottime"}),
@@ -68,6 +73,7 @@ MODEL: dict[int, tuple[str, frozenset[str], dict[str, int]]] = {
     OBJ_PARENT: ("task_struct", frozenset({"pid", "tgid", "comm"}),
                  {"real_parent": OBJ_PARENT, "parent": OBJ_PARENT, "group_leader": OBJ_PARENT}),
     OBJ_CRED: ("cred", frozenset(_CRED_FIELDS), {}),
+    OBJ_PT_REGS: ("pt_regs", frozenset(_PT_REGS_FIELDS), {}),
 }
 
 
@@ -231,6 +237,11 @@ class KernelObjects:
         self._fill_ancestors([*chain, (0, b"swapper/0")])
         return self.task.addr
 
+    def is_current(self, addr: int) -> bool:
+        """Is ``addr`` the current thread's task object (what a helper taking a task can be given
+        for the traced thread itself)?"""
+        return self.layout is not None and addr == self.task.addr
+
     def _chain_above(self, ppid: int) -> list[tuple[int, bytes]]:
         """(pid, comm) of the parent's ancestors up to init.  Read once per parent: they change
         only when one of them exits (the orphan is then re-parented), which the cache misses."""
@@ -306,4 +317,40 @@ def cgroup_id(tgid: int, tid: int) -> int:
     try:
         return os.stat(path).st_ino
     except OSError:
+        return 0
+
+
+def net_cls_classid_file(mountinfo: str, cgroups: str) -> str | None:
+    """The ``net_cls.classid`` file of the thread's cgroup in a cgroup v1 hierarchy that has
+    the net_cls controller (``mountinfo``: /proc/self/mountinfo, ``cgroups``: the thread's
+    /proc/.../cgroup), or None when no such hierarchy is mounted."""
+    mount = None
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fs = right.split()
+        if fs[:1] == ["cgroup"] and len(fs) >= 3 and "net_cls" in fs[2].split(","):
+            mount = left.split()[4]
+            break
+    if mount is None:
+        return None
+    for m in re.finditer(r"^\d+:([^:]*):(/.*)$", cgroups, re.M):
+        if "net_cls" in m.group(1).split(","):
+            return os.path.normpath(mount + m.group(2)) + "/net_cls.classid"
+    return None
+
+
+def cgroup_classid(tgid: int, tid: int) -> int:
+    """bpf_get_cgroup_classid as kprobe programs have it (bpf_get_cgroup_classid_curr): the
+    net_cls classid of the thread's cgroup.  Without a v1 net_cls hierarchy every task is in
+    the controller's root, whose classid is 0 (net_cls exists only in cgroup v1)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mountinfo = f.read()
+        with open(f"/proc/{tgid}/task/{tid}/cgroup") as f:
+            path = net_cls_classid_file(mountinfo, f.read())
+        if path is None:
+            return 0
+        with open(path) as f:
+            return int(f.read().strip()) & 0xFFFFFFFF
+    except (OSError, ValueError):
         return 0

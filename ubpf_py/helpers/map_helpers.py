@@ -127,6 +127,18 @@ def bind(hc: HelperContext, table: dict[int, HelperFn]) -> None:
             mem.write(buf, bytes(size))
         return err
 
+    def get_task_stack(r1: int, r2: int, r3: int, r4: int, r5: int) -> int:
+        # the current task's user stack is the probe's (__bpf_get_stack with its user regs);
+        # its kernel stack -- the uprobe handler's frames -- has no source here
+        ko = hc.kernel_objects
+        if ko is None or not ko.is_current(r1):
+            raise VMFault(f"bpf_get_task_stack: 0x{r1:x} is not the current task; "
+                          "not supported: another task's stack")
+        if not r4 & ~C.BPF_F_SKIP_FIELD_MASK:    # a kernel stack (other flag mixes: get_stack's -EINVAL)
+            raise VMFault("bpf_get_task_stack without BPF_F_USER_STACK: not supported: "
+                          "kernel stacks (the kernel's frames of the uprobe handler)")
+        return get_stack(0, r2, r3, r4, 0)
+
     # ---- 130-134: ring buffer -----------------------------------------------------------------
     def _ringbuf(addr: int) -> RingBufMap:
         m = maps.get(addr) or get_map(addr)
@@ -201,7 +213,7 @@ def bind(hc: HelperContext, table: dict[int, HelperFn]) -> None:
 
     table.update({
         1: map_lookup_elem, 2: map_update_elem, 3: map_delete_elem,
-        25: perf_event_output, 27: get_stackid, 67: get_stack,
+        25: perf_event_output, 27: get_stackid, 67: get_stack, 141: get_task_stack,
         87: map_push_elem, 88: map_pop_elem, 89: map_peek_elem,
         130: ringbuf_output, 131: ringbuf_reserve, 132: ringbuf_submit, 133: ringbuf_discard,
         134: ringbuf_query, 164: for_each_map_elem,

@@ -1,4 +1,5 @@
-"""Probe-read family (4, 36, 45, 112-115) and bpf_strncmp (182).
+"""Probe-read family (4, 36, 45, 112-115), the sleepable copies (148 bpf_copy_from_user,
+191 bpf_copy_from_user_task) and bpf_strncmp (182).
 
 Kernel rules kept here:
 
@@ -8,6 +9,10 @@ Kernel rules kept here:
 * the ``_str`` variants copy at most ``size - 1`` bytes plus a NUL and return
   the copied length including the NUL (``size`` when truncated); they do not
   clear the rest of the destination;
+* bpf_copy_from_user reads the traced process like bpf_probe_read_user (the kernel
+  faults the pages in instead of failing; here the process's memory is read as it is);
+  bpf_copy_from_user_task refuses flags (-EINVAL) and reads the task's process, which
+  the verifier allows to be the current task only (a trusted task_struct pointer);
 * legacy ``bpf_probe_read``/``bpf_probe_read_str`` (4, 45) on x86-64 read user
   memory for user-space addresses.  Here the program's own memory (stack, maps:
   "kernel" memory to the program) is tried first, then the traced process.
@@ -15,10 +20,12 @@ Kernel rules kept here:
 
 from __future__ import annotations
 
+from ubpf_py.errors import VMFault
 from ubpf_py.helpers.context import HelperContext
 from ubpf_py.vm.env import HelperFn
 
 EFAULT = 14
+EINVAL = 22
 
 
 def bind(hc: HelperContext, table: dict[int, HelperFn]) -> None:
@@ -41,6 +48,15 @@ def bind(hc: HelperContext, table: dict[int, HelperFn]) -> None:
         if not size:
             return 0
         return _done(r1, hc.user_read(r3, size), size, -EFAULT)
+
+    def copy_from_user_task(r1: int, r2: int, r3: int, r4: int, r5: int) -> int:
+        if r5:
+            return -EINVAL
+        ko = hc.kernel_objects
+        if ko is None or getattr(ko, "task", None) is None or r4 not in (ko.task.addr, ko.leader.addr):
+            raise VMFault(f"bpf_copy_from_user_task: 0x{r4:x} is not a task of the traced process; "
+                          "not supported: reading another process's memory")
+        return probe_read_user(r1, r2, r3, 0, 0)
 
     def probe_read_kernel(r1: int, r2: int, r3: int, r4: int, r5: int) -> int:
         size = r2 & 0xFFFFFFFF
@@ -120,5 +136,5 @@ def bind(hc: HelperContext, table: dict[int, HelperFn]) -> None:
     table.update({
         4: probe_read, 36: probe_write_user, 45: probe_read_str,
         112: probe_read_user, 113: probe_read_kernel, 114: probe_read_user_str,
-        115: probe_read_kernel_str, 182: strncmp,
+        115: probe_read_kernel_str, 148: probe_read_user, 182: strncmp, 191: copy_from_user_task,
     })

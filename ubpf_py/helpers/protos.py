@@ -25,9 +25,11 @@ Argument kinds (the kernel's ``enum bpf_arg_type``, simplified):
 ``ringbuf_mem``     a reserved ringbuf record, released by the call (ARG_PTR_TO_RINGBUF_MEM | OBJ_RELEASE)
 ``const_str``       pointer into a read-only map holding a NUL-terminated string (ARG_PTR_TO_CONST_STR)
 ``long_out``        8 aligned bytes the helper writes (ARG_PTR_TO_FIXED_SIZE_MEM | MEM_UNINIT | MEM_ALIGNED)
+``btf_task``        a ``struct task_struct *`` the kernel trusts (ARG_PTR_TO_BTF_ID, the task's BTF id)
 
 Return kinds: ``int`` (unknown scalar), ``void``, ``map_value_or_null``,
-``ringbuf_mem_or_null``.
+``ringbuf_mem_or_null``, ``btf_task`` (bpf_get_current_task_btf's trusted task),
+``btf_pt_regs`` (RET_PTR_TO_BTF_ID ``struct pt_regs *``: bpf_task_pt_regs).
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ _PROTOS = [
     _p(14),
     _p(15),
     _p(16, "uninit_mem", "size"),
+    _p(17),     # kprobe programs get bpf_get_cgroup_classid_curr_proto: no arguments
     _p(22, "map", "anything", map_types=frozenset({_PERF_EVENT_ARRAY})),
     _p(25, "ctx", "map", "anything", "mem", "size_or_zero", map_types=frozenset({_PERF_EVENT_ARRAY})),
     _p(27, "ctx", "map", "anything", map_types=frozenset({_STACK_TRACE})),
@@ -188,6 +191,7 @@ _PROTOS = [
     _p(132, "ringbuf_mem", "anything", ret="void"),
     _p(133, "ringbuf_mem", "anything", ret="void"),
     _p(134, "map", "anything", map_types=frozenset({_RINGBUF})),
+    _p(141, "btf_task", "uninit_mem", "size_or_zero", "anything", ret_refine=_STR),
     _p(148, "uninit_mem", "size_or_zero", "anything", sleepable_only=True),
     _p(160),
     _p(158, ret="btf_task"),
@@ -195,30 +199,40 @@ _PROTOS = [
     _p(165, "mem_or_null", "size_or_zero", "const_str", "mem_or_null", "size_or_zero"),
     _p(173, "ctx"),
     _p(174, "ctx"),
+    _p(175, "btf_task", ret="btf_pt_regs"),
     _p(176, "uninit_mem", "size_or_zero", "anything"),
     _p(177, "mem", "size", "mem_or_null", "size_or_zero"),
     _p(181, "anything", "func", "stack_or_null", "anything", callback="loop"),
     _p(182, "mem", "size", "const_str"),
-    _p(191, "uninit_mem", "size_or_zero", "anything", "anything", "anything", sleepable_only=True),
+    _p(191, "uninit_mem", "size_or_zero", "anything", "btf_task", "anything", sleepable_only=True),
     _p(195, "map", "map_key", "anything", ret="map_value_or_null",
        map_types=frozenset({_PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH})),
     _p(208),
 ]
 
 #: helpers a kprobe program may call whose arguments are BTF-typed kernel objects
-_BTF_ONLY = (93, 94, 141, 149, 153, 154, 156, 157, 169, 170, 171, 172, 175, 180, 194,
+_BTF_ONLY = (93, 94, 149, 153, 154, 156, 157, 169, 170, 171, 172, 180, 194,
              197, 198, 199, 200, 201, 202, 203, 209, 210, 211)
 
 PROTOS: dict[int, HelperProto] = {p.id: p for p in _PROTOS}
 for _hid in _BTF_ONLY:
     PROTOS[_hid] = _p(_hid, btf_only=True)
 
-#: helpers with a prototype that kprobe programs still may not call (checked against Linux
-#: 6.18: "program of this type cannot use helper"): bpf_override_return (kprobes on
-#: error-injectable kernel functions only) and bpf_ktime_get_coarse_ns (not for tracing).
-#: bpf_probe_write_user stays allowed: the kernel allows it to CAP_SYS_ADMIN loaders on
-#: machines that are not locked down, and here it writes the traced process's memory.
-_NOT_FOR_KPROBE = frozenset({58, 160})
+#: every helper id a kprobe (= uprobe) program may call: what kprobe_prog_func_proto hands it on
+#: Linux 6.18, read off the running kernel for every id by tests/test_mutation_kills_helpers.py.
+#: A fact about the kernel, kept apart from PROTOS (what ubpf-py models): derived from PROTOS, a
+#: helper ubpf-py had no prototype for was refused as if the kernel refused it
+#: (bpf_get_cgroup_classid).  bpf_probe_write_user (36) is in: the kernel allows it to
+#: CAP_SYS_ADMIN loaders on machines that are not locked down, and here it writes the traced
+#: process's memory.
+KPROBE_ALLOWED: frozenset[int] = frozenset({
+    1, 2, 3, 4, 5, 6, 7, 8, 12, 14, 15, 16, 17, 22, 25, 27, 35, 36, 37, 42, 45, 55, 67, 80, 87, 88, 89,
+    93, 94, 105, 106, 109, 112, 113, 114, 115, 117, 118, 120, 123, 125, 130, 131, 132, 133, 134, 141,
+    148, 149, 153, 154, 156, 157, 158, 164, 165, 169, 170, 171, 172, 173, 174, 175, 176, 177, 180, 181,
+    182, 191, 194, 195, 197, 198, 199, 200, 201, 202, 203, 208, 209, 210, 211,
+})
 
-#: every helper id a kprobe/uprobe program may call (kprobe_prog_func_proto on Linux 6.18)
-KPROBE_ALLOWED: frozenset[int] = frozenset(PROTOS) - _NOT_FOR_KPROBE
+#: helpers with a prototype that kprobe programs still may not call ("program of this type
+#: cannot use helper"): bpf_override_return (kprobes on error-injectable kernel functions only)
+#: and bpf_ktime_get_coarse_ns (not for tracing); the runtime has them for other uses
+_NOT_FOR_KPROBE = frozenset(PROTOS) - KPROBE_ALLOWED

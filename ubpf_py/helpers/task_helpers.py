@@ -4,7 +4,8 @@
 15 get_current_uid_gid, 16 get_current_comm, 93/94 spin_lock/unlock, 109 send_signal,
 118 jiffies64, 120 get_ns_current_pid_tgid, 125 ktime_get_boot_ns, 160 ktime_get_coarse_ns,
 173 get_func_ip, 174 get_attach_cookie, 181 loop; 35/158 get_current_task[_btf],
-37 current_task_under_cgroup, 80 get_current_cgroup_id (``helpers.kernel_task``).
+17 get_cgroup_classid, 37 current_task_under_cgroup, 80 get_current_cgroup_id,
+175 task_pt_regs (``helpers.kernel_task``).
 
 Per-hit facts come from ``env.hit`` (filled by the probe engine).  Clocks are the
 kernel's: CLOCK_MONOTONIC, CLOCK_BOOTTIME, CLOCK_MONOTONIC_COARSE; jiffies are
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from ubpf_py.errors import VMFault
 from ubpf_py.helpers.context import HelperContext
-from ubpf_py.helpers.kernel_task import KernelObjects, cgroup_id, cgroup_path
+from ubpf_py.helpers.kernel_task import KernelObjects, cgroup_classid, cgroup_id, cgroup_path
 from ubpf_py.isa.opcodes import BPF_MAX_LOOPS
 from ubpf_py.vm.env import HelperFn
 
@@ -211,9 +212,23 @@ def bind(hc: HelperContext, table: dict[int, HelperFn]) -> None:
             hc.kernel_objects = KernelObjects(env)
         return hc.kernel_objects.current_task()
 
+    def task_pt_regs(r1: int, r2: int, r3: int, r4: int, r5: int) -> int:
+        # the current thread's user registers are the probe's context (the kernel's
+        # task_pt_regs(current) in a uprobe); the verifier lets a program pass the current task
+        # or, outside sleepable programs, its parent or group leader
+        ko = hc.kernel_objects
+        if ko is None or not ko.is_current(r1):
+            raise VMFault(f"bpf_task_pt_regs: 0x{r1:x} is not the current task; "
+                          "not supported: another task's registers")
+        return env.hit.ctx_addr
+
     def get_current_cgroup_id(r1: int, r2: int, r3: int, r4: int, r5: int) -> int:
         hit = env.hit
         return cgroup_id(hit.tgid, hit.tid)
+
+    def get_cgroup_classid(r1: int, r2: int, r3: int, r4: int, r5: int) -> int:
+        hit = env.hit
+        return cgroup_classid(hit.tgid, hit.tid)
 
     def current_task_under_cgroup(r1: int, r2: int, r3: int, r4: int, r5: int) -> int:
         m = hc.map(r1)
@@ -224,8 +239,8 @@ def bind(hc: HelperContext, table: dict[int, HelperFn]) -> None:
         return under(r2 & 0xFFFFFFFF, cgroup_path(hit.tgid, hit.tid))
 
     table.update({
-        35: get_current_task, 37: current_task_under_cgroup, 80: get_current_cgroup_id,
-        158: get_current_task,
+        17: get_cgroup_classid, 35: get_current_task, 37: current_task_under_cgroup, 80: get_current_cgroup_id,
+        158: get_current_task, 175: task_pt_regs,
         5: ktime_get_ns, 7: get_prandom_u32, 8: get_smp_processor_id, 14: get_current_pid_tgid,
         15: get_current_uid_gid, 16: get_current_comm, 93: spin_lock, 94: spin_unlock,
         109: send_signal, 118: get_jiffies64, 120: get_ns_current_pid_tgid, 125: ktime_get_boot_ns,

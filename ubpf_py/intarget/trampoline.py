@@ -86,7 +86,6 @@ the tracer must refuse return probes for such targets (and plan sites with
 from __future__ import annotations
 
 import functools
-import io
 import struct
 from dataclasses import dataclass
 
@@ -106,6 +105,7 @@ from ubpf_py.abi.runtime import (
 from ubpf_py.errors import NotSupportedError
 from ubpf_py.intarget.sites import JMP_LEN, SitePlan, SiteRefused, relocate
 from ubpf_py.intarget.space import GATE_OFFSET
+from ubpf_py.probe import x86asm
 
 #: multiplier of the thread-table hash (the asm and ``thread_slot_index`` share it)
 HASH_MUL = 0x9E3779B97F4A7C15
@@ -484,25 +484,9 @@ class Template:
 
 
 def assemble(asm: str, red_zone: int = RED_ZONE) -> Template:
-    """Assemble position-independent ``asm`` (Intel syntax) with LLVM; no relocations allowed."""
-    import llvmlite.binding as llvm
-    from elftools.elf.elffile import ELFFile
-
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
-    llvm.initialize_native_asmparser()
-    text = ".intel_syntax noprefix\n.text\n" + _sets(red_zone) + "\n" + asm
-    escaped = "".join(c if c.isalnum() or c in " _.,:[]+-*#" else f"\\{ord(c):02X}" for c in text)
-    mod = llvm.parse_assembly(f'module asm "{escaped}"\n')
-    tm = llvm.Target.from_triple("x86_64-unknown-linux-gnu").create_target_machine(reloc="pic")
-    elf = ELFFile(io.BytesIO(tm.emit_object(mod)))
-    if elf.get_section_by_name(".rela.text") is not None:
-        raise AssertionError("trampoline assembly must not need relocations")
-    code = elf.get_section_by_name(".text").data()
-    text_idx = next(i for i, s in enumerate(elf.iter_sections()) if s.name == ".text")
-    labels = {s.name: s["st_value"] for s in elf.get_section_by_name(".symtab").iter_symbols()
-              if s.name and s["st_shndx"] == text_idx}
-    return Template(bytes(code), labels)
+    """Assemble position-independent ``asm`` (Intel syntax) with the layout ``.set`` symbols."""
+    code, labels = x86asm.assemble(_sets(red_zone) + "\n" + asm)
+    return Template(code, labels)
 
 
 @functools.cache

@@ -30,16 +30,20 @@ still pointing at the return trampoline keep working (it stays), so nothing else
 needs repair.
 
 Scratch pages stay mapped (a thread may still be inside an out-of-line slot;
-the slot jumps back by itself).  What a guardian cannot save: a thread that was
-stopped on an int3 at the moment of the kill (the kernel resumes it with the
-SIGTRAP pending: it dies before anyone can act), and a thread that reaches an
-int3 between the tracer's death and step 1.  benchmarks/ptrace_floor/kill_survival.py
-measures how often targets survive.
+the slot jumps back by itself).  A thread that was stopped on an int3 at the
+moment of the kill is resumed by the kernel with SIGTRAP pending, and a thread may
+reach an int3 before step 1: both would die of the default action.  The trap guard
+(``trapguard.py``), a SIGTRAP handler the tracer installs in the target with its first
+int3, keeps them waiting until steps 2-3 are done and sends them on.  What it cannot
+save: targets with their own SIGTRAP handler (it is not installed there), threads
+that block SIGTRAP.  benchmarks/ptrace_floor/kill_survival.py measures how often
+targets survive.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import select
@@ -223,7 +227,7 @@ def restore_after_tracer_death(log: GuardLog) -> int:
                 by_slot[slot] = (orig_ret, tramp)
                 if tramp and mem.read(slot, 8) == tramp.to_bytes(8, "little"):
                     mem.write(slot, orig_ret.to_bytes(8, "little"))
-            _fix_threads(t, by_slot)                              # 3. registers
+            _fix_threads(t, by_slot, {b[1] for b in bps if b[0] == t})   # 3. registers
             mine = [s for s in sites if s[0] == t]
             if mine and _all_stopped(t):        # 4. in-target jumps
                 for _, addr, orig, patch in mine:
@@ -263,30 +267,66 @@ def _all_stopped(tgid: int, timeout: float = 3.0) -> bool:
         time.sleep(0.001)
 
 
-def _fix_threads(tgid: int, by_slot: dict[int, tuple[int, int]]) -> None:
-    if not by_slot:
+def _fix_threads(tgid: int, by_slot: dict[int, tuple[int, int]], bp_addrs: set[int],
+                 timeout: float = 3.0) -> None:
+    """Step 3: seize each thread for a moment and put it where it can run on.
+
+    Why.  A thread the tracer was handling when it died (its stop already collected by the
+    tracer's waitpid, which clears the stop's signal in the kernel) is released with no signal
+    at all.  With a trap guard the tracer has put its rip back on the int3 at once
+    (``abi.runtime.BP_REWIND``), so it traps again into the guard; without one, or caught in the
+    microsecond before that, it would run on from just after our int3 (in the middle of the
+    instruction), or from the return trampoline.  When the guardian wins the race with the
+    dying tracer, such a thread is held by the group stop (step 1), so here, once the dead tracer
+    has let go of it (seizing fails until then: retried): after an int3 of ours (its byte is back
+    now) it goes back to the breakpoint, on a return trampoline to its real return address.  A
+    pending SIGTRAP of ours is finished here too; any other signal is given back on detach.
+
+    One case is ambiguous: an emulated one-byte instruction (``push rbp``) leaves the thread right
+    after the breakpoint too, if the tracer died between writing its registers and resuming it
+    (a window of a few microseconds against the whole hit); the thread is sent back then, which
+    is right for the far more likely case."""
+    if not by_slot and not bp_addrs:
         return
     tramps = {tr for _, tr in by_slot.values() if tr}
     regs = P.RegsBuf()
-    for tid in P.list_threads(tgid):
-        try:
-            P.seize(tid, 0)
-        except OSError:
-            continue
-        try:
-            P.interrupt(tid)
-            os.waitpid(tid, P.WALL)
-            regs.get(tid)
-            rip, rsp = regs.vals[P.RIP], regs.vals[P.RSP]
-            if rip in tramps or rip - 1 in tramps:
-                ent = by_slot.get(rsp - 8)
-                if ent is not None:
-                    regs.vals[P.RIP] = ent[0]
+    todo = set(P.list_threads(tgid))
+    deadline = time.monotonic() + timeout
+    while todo:
+        for tid in sorted(todo):
+            try:
+                P.seize(tid, 0)
+            except OSError as e:
+                if e.errno != errno.EPERM:          # gone; EPERM: the dead tracer still holds it
+                    todo.discard(tid)
+                continue
+            todo.discard(tid)
+            give = 0
+            try:
+                P.interrupt(tid)
+                _, status = os.waitpid(tid, P.WALL)
+                sig = P.stop_sig(status) if os.WIFSTOPPED(status) and P.stop_event(status) == 0 else 0
+                give = sig
+                regs.get(tid)
+                rip, rsp = regs.vals[P.RIP], regs.vals[P.RSP]
+                new = None
+                if rip in tramps or rip - 1 in tramps:
+                    ent = by_slot.get(rsp - 8)
+                    new = ent[0] if ent is not None else None
+                elif rip - 1 in bp_addrs:
+                    new = rip - 1                   # the original byte is back: the instruction runs now
+                if new is not None:
+                    regs.vals[P.RIP] = new
                     regs.set(tid)
-        except OSError:
-            pass
-        finally:
-            P.detach(tid)
+                    if sig == signal.SIGTRAP:
+                        give = 0
+            except OSError:
+                pass
+            finally:
+                P.detach(tid, give)
+        if not todo or time.monotonic() >= deadline:
+            return
+        time.sleep(0.001)
 
 
 PF_EXITING = 0x4
@@ -358,6 +398,7 @@ class Guardian:
                 for bp in proc.bps.values():
                     if bp.armed:
                         log.add_bp(proc.tgid, bp.addr, bp.orig[0])
+                        proc.scratch.guard_trap(bp.addr, proc.tgid, proc.any_stopped_tid)
         r, w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
@@ -391,6 +432,8 @@ class Guardian:
 
         def on_arm(proc, addr, orig):
             log.add_bp(proc.tgid, addr, orig)
+            # the target's own SIGTRAP handler keeps a thread alive that traps after our death
+            proc.scratch.guard_trap(addr, proc.tgid, proc.any_stopped_tid)
 
         tracer.armer.on_arm = on_arm
         tracer.on_patch = log.add_site

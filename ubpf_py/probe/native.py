@@ -26,6 +26,7 @@ import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
+from ubpf_py.abi.runtime import BP_FAST, BP_PYCB, BP_REWIND
 from ubpf_py.probe import ool as O
 from ubpf_py.probe.breakpoints import Breakpoint
 from ubpf_py.probe.procs import Proc
@@ -35,7 +36,6 @@ _lib: ctypes.CDLL | None = None
 _ext = None          # the extension module (its run() calls handlers through the C API)
 _tried = False
 
-BP_FAST, BP_PYCB = 1, 2
 #: ``ub_abi()`` of the hotloop.c this module speaks to
 ABI = 3
 #: run() results (see run_loop in hotloop.c): stopped by a request or a signal; a stop for
@@ -173,6 +173,8 @@ class NativeLoop:
         rows = []
         tokens: list[Breakpoint] = []
         if main is not None:
+            #: a trap guard in the target: every hit is rewound at once (abi.runtime.BP_REWIND)
+            rewind = BP_REWIND if main.scratch.guard is not None else 0
             for bp in main.bps.values():
                 if not bp.armed:
                     continue
@@ -187,10 +189,12 @@ class NativeLoop:
                     if p0.native_counter is None:
                         p0.native_counter = (ctypes.c_uint64 * 2)()
                     counter = ctypes.addressof(p0.native_counter)
-                flags = (BP_FAST if fast else 0) | (BP_PYCB if bp.probes and not prog else 0)
+                flags = (BP_FAST if fast else 0) | (BP_PYCB if bp.probes and not prog else 0) | rewind
                 rows.append((bp.addr, plan.kind, plan.next, plan.slot, plan.target, plan.imm, plan.reg,
                              plan.cond, len(tokens), flags, prog, facts, status, counter, cookie))
                 tokens.append(bp)
+            if rewind and main.scratch.tramp:   # returns through the trampoline: Python's, rewound first
+                rows.append((main.scratch.tramp, 0, 0, 0, 0, 0, 0, 0, -1, BP_REWIND, 0, 0, 0, 0, 0))
         self.tokens = tokens
         self._load_tables(rows, list(main.threads) if main is not None else [])
         if main is not None:

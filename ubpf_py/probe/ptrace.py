@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 # requests python-ptrace has no constant for (SEIZE and later), and the ones called here
+PTRACE_POKEUSER = 6
 PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
@@ -138,6 +139,11 @@ class RegsBuf:
 
 def cont(tid: int, sig: int = 0) -> None:
     ptrace(PTRACE_CONT, tid, 0, sig)
+
+
+def set_rip(tid: int, rip: int) -> bool:
+    """Move a stopped thread's rip (one PTRACE_POKEUSER, cheaper than SETREGS); False if it vanished."""
+    return _ptrace(PTRACE_POKEUSER, tid, 8 * RIP, rip) != -1
 
 
 def cont_quiet(tid: int, sig: int = 0) -> bool:

@@ -10,6 +10,7 @@ restored, then pages are unmapped from a thread that is no longer inside them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from ubpf_py.errors import ProbeError
 from ubpf_py.probe import ptrace as P
 from ubpf_py.probe.procs import Proc, Thread
+from ubpf_py.probe.scratch import Injector
 
 SIGTRAP = signal.SIGTRAP
 
@@ -129,7 +131,7 @@ class Restorer:
             if proc.vfork_parent is not None:
                 continue
             try:
-                if proc.scratch.pages and proc.threads:
+                if (proc.scratch.pages or proc.scratch.guard is not None) and proc.threads:
                     proc.scratch.unmap_all(proc.any_stopped_tid())
             except (ProbeError, P.PtraceError, OSError):
                 pass    # left mapped: harmless (nothing refers to it any more)
@@ -223,3 +225,16 @@ def clean_memory(mem: P.ProcMem, bps, shadow_entries, tramp: int) -> None:
         for e in shadow_entries:
             if mem.read(e.slot, 8) == t:
                 mem.write(e.slot, e.orig_ret.to_bytes(8, "little"))
+
+
+def restore_child_disposition(parent: Proc, mem: P.ProcMem, child: int) -> None:
+    """An unfollowed fork child (stopped, ``mem`` open on it) inherited the trap guard's SIGTRAP
+    handler: give it its original disposition back.  Its copy of the guard area stays mapped, like
+    the scratch pages; a failure leaves the handler, which then only ever takes the default action."""
+    guard = parent.scratch.guard
+    if guard is None:
+        return
+    inj = Injector(mem)
+    inj.stub = parent.inj.stub
+    with contextlib.suppress(ProbeError, P.PtraceError, OSError):
+        guard.copy_for(mem).restore_disposition(inj, child)

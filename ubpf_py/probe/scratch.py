@@ -9,8 +9,12 @@ read from rax before registers and bytes are put back.  Pages are placed within
 binary) so rip-relative operands and the jump back stay 32-bit.
 
 Layout of every page: offset 0 ``mov eax, nr; syscall; int3`` (later injections), offset 16
-``int3`` (the return-probe trampoline; only the first page's is used), slots
+``int3`` (the return-probe trampoline; only the first page's is used), offset 40 the word
+``trapguard.SCRATCH_MAGIC`` (the trap guard's handler recognises our pages by it), slots
 of ``SLOT_SIZE`` bytes from offset 64.
+
+The area also owns the address space's trap guard (``trapguard.TrapGuard``), when a guardian
+asks for one: it lives and goes with the scratch pages.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import os
 import signal
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ubpf_py.abi.kernel import (
@@ -34,11 +39,12 @@ from ubpf_py.errors import ProbeError, TargetError
 from ubpf_py.probe import ptrace as P
 from ubpf_py.probe.ool import SLOT_SIZE
 from ubpf_py.probe.procmaps import near_hints, read_maps
+from ubpf_py.probe.trapguard import SCRATCH_FIRST_SLOT, SCRATCH_MAGIC, SCRATCH_MAGIC_OFF, TrapGuard
 
 PAGE = PAGE_SIZE
 SCRATCH_SIZE = PAGE
 TRAMP_OFF = 16
-FIRST_SLOT = 64
+FIRST_SLOT = SCRATCH_FIRST_SLOT
 REACH = (1 << 31) - 2 * PAGE
 
 
@@ -121,6 +127,9 @@ class ScratchArea:
         self.mem = mem
         self.inj = injector
         self.pages: list[ScratchPage] = []
+        self.guard: TrapGuard | None = None
+        #: a guard was tried in this address space (installed, or refused: do not ask again)
+        self.guard_tried = False
 
     @property
     def tramp(self) -> int:
@@ -149,14 +158,30 @@ class ScratchArea:
                 self.inj.syscall(tid, SYS_MUNMAP, r, SCRATCH_SIZE)
                 continue
             page = ScratchPage(r, SCRATCH_SIZE)
-            head = b"\xcc" * FIRST_SLOT
-            if not self.mem.write(r, head):
+            head = bytearray(b"\xcc" * FIRST_SLOT)
+            struct.pack_into("<Q", head, SCRATCH_MAGIC_OFF, SCRATCH_MAGIC)
+            if not self.mem.write(r, bytes(head)):
                 raise ProbeError(f"cannot write scratch page 0x{r:x} of pid {pid}")
             self.pages.append(page)
+            if self.guard is not None and len(self.pages) == 1:
+                self.guard.set_tramp(page.tramp)
             if not self.inj.stub:
                 self.inj.stub = r
             return page
         raise ProbeError(f"cannot map a scratch page within reach of 0x{near:x} in pid {pid}")
+
+    def guard_trap(self, addr: int, pid: int, stopped_tid: Callable[[], int]) -> None:
+        """An int3 is about to be written at ``addr``: record it in the trap guard (installed on the
+        first call, in thread ``stopped_tid()``; best effort: a target that refuses it keeps running
+        unguarded, as before)."""
+        if self.guard is None and not self.guard_tried:
+            self.guard_tried = True
+            try:
+                self.guard = TrapGuard.install(self.inj, self.mem, stopped_tid(), pid, self.tramp)
+            except ProbeError:
+                self.guard = None
+        if self.guard is not None:
+            self.guard.note(addr)
 
     def ensure(self, tid: int, pid: int) -> None:
         """Make sure at least one page (the trampoline) exists."""
@@ -176,7 +201,10 @@ class ScratchArea:
         return a
 
     def unmap_all(self, tid: int) -> None:
-        """Remove every page from the target (all threads stopped, none inside a page)."""
+        """Remove every page and the trap guard from the target (all threads stopped, none inside)."""
+        if self.guard is not None:
+            guard, self.guard = self.guard, None
+            guard.remove(self.inj, tid)
         for p in reversed(self.pages):
             if p.addr == self.inj.stub:
                 continue
@@ -190,4 +218,6 @@ class ScratchArea:
     def forget(self) -> None:
         """The address space is gone (exec): drop the bookkeeping."""
         self.pages.clear()
+        self.guard = None
+        self.guard_tried = False
         self.inj.stub = 0

@@ -39,7 +39,7 @@ from ubpf_py.probe.native import RC_FINISH, RC_HANDLER_FAILED, RC_INTERRUPTED, R
 from ubpf_py.probe.native_calls import NativeCalls
 from ubpf_py.probe.procmaps import read_maps
 from ubpf_py.probe.procs import Proc, Thread, new_proc
-from ubpf_py.probe.restore import Restorer, clean_memory, release_semaphores
+from ubpf_py.probe.restore import Restorer, clean_memory, release_semaphores, restore_child_disposition
 from ubpf_py.probe.untraced import UntracedThreads
 from ubpf_py.probe.uretprobe import MAX_DEPTH, RetEntry, ShadowStack
 from ubpf_py.vm.env import HitContext
@@ -387,6 +387,9 @@ class Tracer:
         owner = proc if proc.vfork_parent is None else proc.vfork_parent
         rip = self.v[P.RIP] - 1                        # 3. the int3 has run: ip - 1 is the breakpoint
         bp = owner.bps.get(rip)
+        if not self._regs_valid and owner.scratch.guard is not None and (
+                (bp is not None and bp.armed) or (rip == owner.scratch.tramp and rip)):
+            P.set_rip(th.tid, rip)     # as the C loop's BP_REWIND: killed from here, it traps again
         if bp is not None and bp.armed:
             th.at_bp = True
             self.on_hit(th, bp, t0)
@@ -499,6 +502,10 @@ class Tracer:
             self.ret_log.remove(e.log_index)
 
     def on_return(self, th: Thread, t0: int) -> None:
+        """A probed function returned through the trampoline: run its return probes, resume the
+        thread at the real return address.  The guardian's records of the entries go only after
+        the thread runs on: killed before that, the guardian must still know the return address
+        (the trap guard waits for it to put it back into the stack slot)."""
         v = self.v
         proc = th.proc
         slot = (v[P.RSP] - 8) & O.M64
@@ -511,9 +518,10 @@ class Tracer:
         filler = self.filler
         filler.cur_thread = th
         filler.cur_at_entry = False
+        popped: list[RetEntry] = []
         while True:
             e = sh.entries.pop()
-            self._log_drop(e)
+            popped.append(e)
             v[P.RIP] = e.orig_ret
             if proc.run_handlers and e.probes:
                 try:
@@ -527,10 +535,12 @@ class Tracer:
                     # would resume it inside the unmapped scratch page
                     while e.chained and sh.entries:
                         e = sh.entries.pop()
-                        self._log_drop(e)
+                        popped.append(e)
                     v[P.RIP] = e.orig_ret
                     with contextlib.suppress(P.PtraceError):
                         self.regs.set(th.tid)
+                    for d in popped:
+                        self._log_drop(d)
                     raise
             if not e.chained or not sh.entries:
                 break
@@ -538,6 +548,8 @@ class Tracer:
         self.regs.set(th.tid)
         th.stopped = False
         P.cont_quiet(th.tid, 0)
+        for d in popped:
+            self._log_drop(d)
         self.total_hits += 1
         self.tracer_ns += time.perf_counter_ns() - t0
 
@@ -627,6 +639,9 @@ class Tracer:
                       for a, bp in parent.bps.items()}
             cp.scratch.pages = list(parent.scratch.pages)
             cp.inj.stub = parent.inj.stub
+            if parent.scratch.guard is not None:      # the child has the guard's copy and handler
+                cp.scratch.guard = parent.scratch.guard.copy_for(cp.mem)
+            cp.scratch.guard_tried = parent.scratch.guard_tried
             cp.semas = dict(parent.semas)
             cp.sema_done = set(parent.sema_done)
             on_arm = self.armer.on_arm
@@ -653,6 +668,8 @@ class Tracer:
             if self.intarget is not None:
                 self.regs.get(th.tid)
                 self.intarget.clean_fork_child(parent, mem, self.v[P.FS_BASE])
+            if parent.scratch.guard is not None:      # its SIGTRAP disposition back, too
+                restore_child_disposition(parent, mem, child)
         finally:
             mem.close()
         P.detach(child)

@@ -136,7 +136,12 @@ class UntracedThreads:
         seize the pid as soon as the exec'ing thread has taken it over (EPERM until then: the old
         leader is still ours).  Attached before the exec finishes, the next stop is its
         PTRACE_EVENT_EXEC; after, an interrupt stops it (the new image may have run a little).
-        Returns that stop's wait status, or None (no exec after all, or it could not be seized)."""
+        Returns that stop's wait status, or None (no exec after all, or it could not be seized).
+
+        Why not seize the exec'ing thread itself while the leader is still held (no window at
+        all)?  PTRACE_SEIZE takes the process's cred_guard_mutex, which the exec holds while it
+        waits in de_thread for the leader to go: the tracer would block until the leader goes,
+        and the leader goes only when the tracer lets it (tried: a deadlock)."""
         deadline = time.monotonic() + budget_s
         while True:
             try:

@@ -44,7 +44,14 @@ a kprobe program on Linux 6.18, checked by a differential campaign
   are refused (not supported).
 * ``bpf_get_current_task_btf`` returns a typed kernel pointer (PTR_TO_BTF_ID,
   ``btfptr``): direct loads through it and the pointers loaded from it are checked
-  as the kernel does; helpers that take BTF-typed arguments stay refused.
+  as the kernel does; a ``struct task_struct *`` argument (bpf_copy_from_user_task,
+  bpf_task_pt_regs, bpf_get_task_stack) is checked as the kernel's ARG_PTR_TO_BTF_ID;
+  a pointer member to no struct loads as ``rdonly_untrusted_mem`` (6.17+; loads
+  through it read 0 here); other helpers that take BTF-typed arguments stay refused.
+* Sleepable programs (``uprobe.s``) follow the kernel's extra rules (``sleepable``:
+  the map types they may use; sleepable-only helpers; untrusted loaded pointers),
+  checked against the kernel loading them with BPF_F_SLEEPABLE
+  (tests/test_verifier_sleepable.py).
 * Not modelled (refused where reached): other BTF-typed kernel pointers (kptrs,
   dynptrs, task storage, spin locks, timers), kfuncs, reads of ``struct bpf_map`` fields other than map_type, key_size,
   value_size, max_entries, map_extra and map_flags (``mapfields``: those become the
@@ -70,6 +77,7 @@ from ubpf_py.verifier.checker import COMPLEXITY_LIMIT, Checker, Failure, describ
 from ubpf_py.verifier.globalfuncs import global_functions, hidden_functions
 from ubpf_py.verifier.mapfields import rewrites as map_field_rewrites
 from ubpf_py.verifier.memory import Reject
+from ubpf_py.verifier.sleepable import check_maps as check_sleepable_maps
 from ubpf_py.verifier.structure import StructureError, analyse
 
 MODES = ("strict", "warn", "off")
@@ -138,6 +146,8 @@ def verify_program(prog: ProgramSpec, maps: list[MapSpec], *, mode: str = "stric
     fail: Failure | None = None
     ck: Checker | None = None
     try:
+        if prog.sleepable:
+            check_sleepable_maps(insns, maps)
         cfg = analyse(insns)
     except StructureError as e:
         fail = Failure(e.msg, e.insn, e.hint, [], None, None)

@@ -156,6 +156,8 @@ def _ptr_alu(o: int, bits: int, dst: Reg, src: Reg, ins: Instruction) -> Reg:
     if ptr.type in OR_NULL:
         raise Reject(f"R{d} pointer arithmetic on {ptr.type} prohibited, null-check it first",
                      "compare the pointer with 0 before doing arithmetic on it")
+    if ptr.type == S.RDONLY_UNTRUSTED_MEM:
+        return ptr   # loads through it take any offset: the kernel tracks none (6.17+)
     if ptr.type == MAP_PTR and o == BPF_ADD and off.val.is_const() and off.val.value == 0:
         return ptr   # the kernel lets a map pointer take a known 0 (adjust_ptr_min_max_vals)
     if ptr.type in (MAP_PTR, FUNC):

@@ -26,7 +26,7 @@ without a value here is named once, in a warning at load (``notes``).
 
 from __future__ import annotations
 
-from ubpf_py.helpers.kernel_task import MODEL, OBJ_NONE, OBJ_TASK
+from ubpf_py.helpers.kernel_task import MODEL, OBJ_NONE, OBJ_PT_REGS, OBJ_TASK
 from ubpf_py.isa import opcodes as op
 from ubpf_py.isa.instruction import Instruction
 from ubpf_py.obj.btf import KIND_STRUCT
@@ -75,6 +75,14 @@ def current_task() -> S.Reg:
         raise Reject("bpf_get_current_task_btf needs the kernel's BTF",
                      "not supported: no /sys/kernel/btf/vmlinux (CONFIG_DEBUG_INFO_BTF) on this machine")
     return S.Reg(S.TRUSTED_BTF_PTR, Scalar.const(0), map=tid, size=OBJ_TASK)
+
+
+def task_pt_regs(task_kind: int) -> S.Reg:
+    """The result of bpf_task_pt_regs (RET_PTR_TO_BTF_ID: a plain, non-NULL ``struct pt_regs *``).
+    The current task's registers are the probe's context here; another task's have no object."""
+    btf = kernel_btf()
+    kind = OBJ_PT_REGS if task_kind == OBJ_TASK else OBJ_NONE
+    return S.Reg("ptr_", Scalar.const(0), map=btf.find("pt_regs", KIND_STRUCT), size=kind)
 
 
 def _on_safe_list(btf, struct_id: int, field: str, target: int, suffix: str) -> bool:
@@ -126,6 +134,8 @@ def check_access(ck: CheckContext, reg: S.Reg, regno: int, off: int, size: int, 
                  pc: int) -> S.Reg | None:
     """A load (or store) of ``size`` bytes at ``reg + off`` (``off`` includes ``reg.off``) by the
     instruction at ``pc`` (-1: a helper reads it; nothing to rewrite)."""
+    if reg.type == S.RDONLY_UNTRUSTED_MEM:
+        return _untyped_access(ck, reg, regno, size, write, sext, pc)
     btf = kernel_btf()
     tname = btf.type(reg.map).name
     # (a program built without a license section -- assembled text -- is not held to it: the
@@ -152,7 +162,10 @@ def check_access(ck: CheckContext, reg: S.Reg, regno: int, off: int, size: int, 
     src_kind = reg.size
     model = MODEL.get(src_kind)
     top = w.path[0][1] if w.path else ""
-    if w.pointer:
+    if w.pointer and w.untyped:
+        out = S.Reg(S.RDONLY_UNTRUSTED_MEM, Scalar.const(0), map=w.next_id)
+        has_value = False
+    elif w.pointer:
         kind = OBJ_NONE
         if model is not None and len(w.path) == 1 and top in model[2] and \
                 btf.type(w.next_id).name == MODEL[model[2][top]][0]:
@@ -169,6 +182,18 @@ def check_access(ck: CheckContext, reg: S.Reg, regno: int, off: int, size: int, 
     key = pc if pc >= 0 else -2 - getattr(ck, "_helper_pc", -1)
     ck.btf_loads.setdefault(key, set()).add((src_kind, tname, field, has_value))
     return out
+
+
+def _untyped_access(ck: CheckContext, reg: S.Reg, regno: int, size: int, write: bool, sext: bool,
+                    pc: int) -> S.Reg:
+    """A load through rdonly_untrusted_mem: any offset, any size, read only (the kernel makes it a
+    faulting BPF_PROBE_MEM load and tracks no bounds).  No such object exists here: it reads 0."""
+    if write:
+        raise Reject(f"R{regno} cannot write into {S.RDONLY_UNTRUSTED_MEM}",
+                     "kernel memory is read-only for uprobe programs")
+    pointee = kernel_btf().type(reg.map).name or "(anon)"
+    ck.btf_loads.setdefault(pc, set()).add((OBJ_NONE, pointee, "", False))   # helpers refuse it: pc >= 0
+    return S.Reg(S.SCALAR, Scalar.unknown().sext(size) if sext else unknown_bits(size))
 
 
 def rewrites(insns: list[Instruction], loads: dict[int, set[tuple]]) -> dict[int, Instruction]:
@@ -197,6 +222,7 @@ def notes(loads: dict[int, set[tuple]]) -> list[str]:
                 continue
             how = "through a pointer ubpf-py has no object for" if kind == OBJ_NONE else "a field ubpf-py has no source for"
             who = f"insn {key} reads" if key >= 0 else f"the helper called at insn {-2 - key} reads"
-            out.append(f"{who} {tname}.{field} directly, {how}: it reads 0 here "
+            what = f"{tname}.{field}" if field else f"memory through a '{tname} *' field"
+            out.append(f"{who} {what} directly, {how}: it reads 0 here "
                        "(the kernel's value for a faulting load); read it with bpf_probe_read_kernel to see the fault")
     return out

@@ -46,6 +46,9 @@ class Walk:
     inner_off: int = 0
     msize: int = 0
     is_array: bool = False
+    #: a pointer member to no struct (``int *``, ``void *``: ``next_id`` is the pointee, 0 for
+    #: void): Linux 6.17+ loads it as PTR_TO_MEM | MEM_RDONLY | PTR_UNTRUSTED (WALK_PTR_UNTRUSTED)
+    untyped: bool = False
 
     @property
     def field_name(self) -> str:
@@ -132,6 +135,7 @@ def struct_access(btf: Btf, tid: int, off: int, size: int) -> Walk:
                 target = btf.resolve(mtype.type_id)
                 if btf.type(target).kind in (KIND_STRUCT, KIND_UNION):
                     return Walk(True, target, flags | tmp, path, 0, msize, is_array)
+                return Walk(True, target, flags, path, 0, msize, is_array, untyped=True)
             if off + size > true_end and not flags & PTR_UNTRUSTED:
                 raise Reject(f"access beyond the end of member {mname} (mend:{true_end}) in struct {tname} "
                              f"with off {off} size {size}")

@@ -19,6 +19,7 @@ from ubpf_py.obj.mapdefs import BPF_F_RDONLY_PROG
 from ubpf_py.verifier import btfptr as BP
 from ubpf_py.verifier import memory as M
 from ubpf_py.verifier import state as S
+from ubpf_py.verifier.btfwalk import struct_access
 from ubpf_py.verifier.context import CheckContext
 from ubpf_py.verifier.memory import Reject
 from ubpf_py.verifier.scalar import UNKNOWN, Scalar, s64
@@ -49,7 +50,7 @@ def _type_error(regno: int, reg: Reg, kind: str) -> Reject:
 class _Meta:
     """What earlier arguments told us about later ones (the kernel's bpf_call_arg_meta)."""
 
-    __slots__ = ("const_key", "func", "key_at", "map", "mem_regno", "mem_write", "ref", "size_max")
+    __slots__ = ("const_key", "func", "key_at", "map", "mem_regno", "mem_write", "ref", "size_max", "task_kind")
 
     def __init__(self) -> None:
         self.map = -1
@@ -61,6 +62,8 @@ class _Meta:
         self.const_key: int | None = None
         #: (frame, offset, size) of a constant key on the stack
         self.key_at: tuple[int, int, int] | None = None
+        #: the object kind of a ``btf_task`` argument (``kernel_task.OBJ_*``)
+        self.task_kind = 0
 
 
 def check_helper(ck: CheckContext, st: S.VerifierState, pc: int, hid: int) -> bool:
@@ -68,9 +71,13 @@ def check_helper(ck: CheckContext, st: S.VerifierState, pc: int, hid: int) -> bo
     proto = PROTOS.get(hid)
     if not 0 < hid < len(HELPER_NAMES_BY_ID):   # (helper_name's "unknown", without building a name)
         raise Reject(f"invalid func unknown#{hid}", "no helper has this number")
-    if proto is None or hid not in KPROBE_ALLOWED:
+    if hid not in KPROBE_ALLOWED:
         raise Reject(f"program of this type cannot use helper {helper_name(hid)}#{hid}",
                      "uprobe programs run as kprobe programs; this helper is for another program type")
+    if proto is None:
+        name = helper_name(hid)
+        raise Reject(f"helper {name}#{hid} is not modelled by ubpf-py",
+                     f"not supported: {name}; run the program with the kernel backend")
     if proto.sleepable_only and not ck.sleepable:
         raise Reject("helper call might sleep in a non-sleepable prog",
                      "this helper may only be called from sleepable (uprobe.s) programs")
@@ -219,7 +226,33 @@ def _check_arg(ck: CheckContext, st: S.VerifierState, pc: int, proto: HelperProt
         if o < 0 or o >= m.value_size or b"\0" not in data[o:]:
             raise Reject("string is not zero-terminated")
         return
+    if kind == "btf_task":
+        _check_task_arg(regno, reg)
+        meta.task_kind = reg.size
+        return
     raise Reject(f"unsupported helper argument kind {kind}")
+
+
+#: the register types an ARG_PTR_TO_BTF_ID argument takes (the kernel's btf_ptr_types)
+_BTF_ID_ARG_TYPES = ("ptr_", "trusted_ptr_", "rcu_ptr_")
+
+
+def _check_task_arg(regno: int, reg: Reg) -> None:
+    """A ``struct task_struct *`` argument (ARG_PTR_TO_BTF_ID with the task's BTF id):
+    check_reg_type, then check_func_arg_reg_off, in the kernel's order and words."""
+    if reg.type not in _BTF_ID_ARG_TYPES:
+        raise Reject(f"R{regno} type={reg.type} expected={', '.join(_BTF_ID_ARG_TYPES)}",
+                     "pass a task pointer the kernel trusts: bpf_get_current_task_btf() "
+                     "(pointers loaded from kernel objects are not)")
+    btf = BP.kernel_btf()
+    if reg.off or btf.type(reg.map).name != "task_struct":
+        # btf_struct_ids_match walks one byte at the offset first: its complaint (an offset
+        # outside the struct) is the kernel's first line.  (The walk would also take a
+        # task_struct embedded at that offset of another struct; no kernel struct has one.)
+        struct_access(btf, reg.map, reg.off & 0xFFFFFFFF, 1)
+        raise Reject(f"R{regno} is of type {btf.type(reg.map).name} but task_struct is expected")
+    if not reg.val.is_const() or reg.val.value:
+        raise Reject(f"variable {reg.type} access var_off={reg.val.var} disallowed")
 
 
 ELIDE_NULL_MAP_TYPES = {2, 6}  # array, percpu_array
@@ -315,6 +348,8 @@ def _finish_helper(ck: CheckContext, st: S.VerifierState, pc: int, proto: Helper
             regs[0] = Reg(S.MAP_VALUE_OR_NULL, Scalar.const(0), map=meta.map, id=ck.new_id())
     elif ret == "btf_task":
         regs[0] = BP.current_task()
+    elif ret == "btf_pt_regs":
+        regs[0] = BP.task_pt_regs(meta.task_kind)
     elif ret == "ringbuf_mem_or_null":
         ck.new_id()
         ref = ck.new_id()

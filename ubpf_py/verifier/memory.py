@@ -169,8 +169,11 @@ def check_access(ck: CheckContext, st: S.VerifierState, regno: int, insn_off: in
                 return None
             return _loaded(size, sext)
         if atomic:
+            # the kernel reads the slot as a load would (check_atomic_rmw: a fetch is a fill and
+            # gets the spilled register), then writes an unknown value over it
+            r = read_stack(frame, lo, size)
             mark_misc(frame, lo, hi)
-            return _loaded(size, False)
+            return r
         if write:
             if value is not None and value.type == S.STACK and size == 8 and frame is not st.cur:
                 raise Reject("cannot spill pointers to stack into stack frame of the caller",

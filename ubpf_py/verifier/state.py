@@ -36,14 +36,19 @@ MAP_PTR_OR_NULL = "map_ptr_or_null"
 
 #: PTR_TO_BTF_ID (``btfptr``): "[user_][percpu_][rcu_][untrusted_][trusted_]ptr_[or_null_]" like
 #: reg_type_str(); ``map`` holds the kernel BTF type id, ``size`` the object kind it points to
-BTF_PTR_NON_NULL = frozenset(
+_BTF_ID_PTRS = frozenset(
     "".join(p for bit, p in enumerate(("user_", "percpu_", "rcu_", "untrusted_", "trusted_")) if k >> bit & 1)
     + "ptr_" for k in range(32))
 TRUSTED_BTF_PTR = "trusted_ptr_"
+#: PTR_TO_MEM | MEM_RDONLY | PTR_UNTRUSTED (``btfptr``, Linux 6.17+): a pointer loaded from a kernel
+#: struct member that points to no struct (``int *``, ``void *``); ``map`` holds the pointee's BTF id
+RDONLY_UNTRUSTED_MEM = "rdonly_untrusted_mem"
+#: pointers into kernel objects, never NULL-checked first: loads and stores through them are btfptr's
+BTF_PTR_NON_NULL = _BTF_ID_PTRS | {RDONLY_UNTRUSTED_MEM}
 
 OR_NULL = {MAP_VALUE_OR_NULL: MAP_VALUE, RINGBUF_MEM_OR_NULL: RINGBUF_MEM, MEM_OR_NULL: MEM,
-           MAP_PTR_OR_NULL: MAP_PTR, **{t + "or_null_": t for t in BTF_PTR_NON_NULL}}
-BTF_PTRS = BTF_PTR_NON_NULL | {t + "or_null_" for t in BTF_PTR_NON_NULL}
+           MAP_PTR_OR_NULL: MAP_PTR, **{t + "or_null_": t for t in _BTF_ID_PTRS}}
+BTF_PTRS = BTF_PTR_NON_NULL | {t + "or_null_" for t in _BTF_ID_PTRS}
 POINTERS = {CTX, STACK, MAP_PTR, MAP_VALUE, MAP_VALUE_OR_NULL, RINGBUF_MEM, RINGBUF_MEM_OR_NULL,
             MEM, MEM_OR_NULL, FUNC, MAP_KEY, MAP_PTR_OR_NULL, *BTF_PTRS}
 
