@@ -145,12 +145,17 @@ def validate(insns: list[Instruction]) -> None:
         if rule is None:
             _unknown(i, ins)
         dst, src = ins.dst, ins.src
-        _check_reg(i, rule, "dst", rule.dst, dst)
-        if rule.src == "p":
+        # register fields: the accepting cases inline (this runs for every slot of every
+        # program loaded), ``_check_reg`` words the rejection
+        kind = rule.dst
+        if (dst if kind == "z" else dst > 10 or (dst == 10 and kind == "w")):
+            _check_reg(i, rule, "dst", kind, dst)
+        kind = rule.src
+        if kind == "p":
             if rule.src_values is None or src not in rule.src_values:
                 raise InvalidInstructionError(i, f"src field {src} of {rule.name} is not a valid pseudo source")
-        else:
-            _check_reg(i, rule, "src", rule.src, src)
+        elif (src if kind == "z" else src > 10 or (src == 10 and kind == "w")):
+            _check_reg(i, rule, "src", kind, src)
         if rule.off is not None and ins.off not in rule.off:
             _fail_field(i, rule, "offset", ins.off, rule.off)
         if rule.imm is not None and ins.imm not in rule.imm:

@@ -4,7 +4,15 @@ tail calls, and function exit (references, return values, frames).
 
 from __future__ import annotations
 
-from ubpf_py.helpers.protos import KPROBE_ALLOWED, MODELLED_MAP_TYPES, PROTOS, HelperProto, helper_name
+from ubpf_py.helpers.protos import (
+    HELPER_NAMES_BY_ID,
+    KPROBE_ALLOWED,
+    MODELLED_MAP_TYPES,
+    PROTOS,
+    SPECIAL_MAP_HELPERS,
+    HelperProto,
+    helper_name,
+)
 from ubpf_py.isa import opcodes as op
 from ubpf_py.isa.opcodes import MAX_CALL_DEPTH
 from ubpf_py.obj.mapdefs import BPF_F_RDONLY_PROG
@@ -61,20 +69,20 @@ class _Meta:
 def check_helper(ck: CheckContext, st: S.VerifierState, pc: int, hid: int) -> bool:
     """Check a helper call; returns True when the current path entered a callback frame."""
     proto = PROTOS.get(hid)
-    name = helper_name(hid)
-    if name == "unknown":
+    if not 0 < hid < len(HELPER_NAMES_BY_ID):   # (helper_name's "unknown", without building a name)
         raise Reject(f"invalid func unknown#{hid}", "no helper has this number")
     if hid not in KPROBE_ALLOWED:
-        raise Reject(f"program of this type cannot use helper {name}#{hid}",
+        raise Reject(f"program of this type cannot use helper {helper_name(hid)}#{hid}",
                      "uprobe programs run as kprobe programs; this helper is for another program type")
     if proto is None:
+        name = helper_name(hid)
         raise Reject(f"helper {name}#{hid} is not modelled by ubpf-py",
                      f"not supported: {name}; run the program with the kernel backend")
     if proto.sleepable_only and not ck.sleepable:
         raise Reject("helper call might sleep in a non-sleepable prog",
                      "this helper may only be called from sleepable (uprobe.s) programs")
     if proto.btf_only:
-        raise Reject(f"helper {name}#{hid} takes BTF-typed kernel objects; not supported by ubpf-py",
+        raise Reject(f"helper {helper_name(hid)}#{hid} takes BTF-typed kernel objects; not supported by ubpf-py",
                      "not supported: helpers with BTF object arguments")
     regs = st.cur.regs
     meta = _Meta()
@@ -279,7 +287,6 @@ def _check_map_compat(ck: CheckContext, proto: HelperProto, map_idx: int) -> Non
 
 
 def _special_helpers(map_type: int) -> frozenset[int] | None:
-    from ubpf_py.helpers.protos import SPECIAL_MAP_HELPERS
     return SPECIAL_MAP_HELPERS.get(map_type)
 
 

@@ -148,6 +148,8 @@ class Checker:
         #: precision demand per instruction, computed when first needed (a program that never
         #: compares states never needs it), then kept up to date as the sets above grow
         self.demand: list[int] | None = None
+        #: ``_live_masks`` of multi-frame states by (insn, call chain)
+        self._mask_cache: dict[tuple, list[tuple[int, int, int]]] = {}
         self._verified: set[int] = set()
 
     # -- bookkeeping used by the other modules -------------------------------------
@@ -335,17 +337,20 @@ class Checker:
         """Per frame: (live registers, precision demand, live stack slots).  The stacks of
         caller frames stay fully live: the callee may read them through pointers."""
         if self.demand is None:
+            self._mask_cache.clear()
             self._demand_dirty = False
             self._demand_new = set()
             self.demand = precision_demand(self.insns, self.cfg, self._helper_args, self.decided,
                                            self.stack_access, self.precise_reads)
         elif self._demand_dirty:
+            self._mask_cache.clear()
             self._demand_dirty = False
             self.demand = precision_demand(self.insns, self.cfg, self._helper_args, self.decided,
                                            self.stack_access, self.precise_reads, init=self.demand,
                                            dirty=self._demand_new)
             self._demand_new = set()
         if self._slots_dirty:
+            self._mask_cache.clear()
             self._slots_dirty = False
             self.stack_live = observed_stack_liveness(self.insns, self.cfg, self.stack_access, self.helper_reads,
                                                       self.stack_live, self._slots_new)
@@ -355,8 +360,14 @@ class Checker:
         frames = st.frames
         if len(frames) == 1:
             return [(live[pc], demand[pc], self.stack_live[pc])]
+        # several frames: the same for every state at pc with the same call chain, until the
+        # facts above grow (``_mask_cache`` is then emptied)
+        key = (pc, *[(f.callsite, f.in_callback) for f in frames[1:]])
+        out = self._mask_cache.get(key)
+        if out is not None:
+            return out
+        out = self._mask_cache[key] = []
         n = len(live)
-        out = []
         for i in range(len(frames)):
             if i == len(frames) - 1:
                 out.append((live[pc], demand[pc], self.stack_live[pc]))

@@ -55,15 +55,31 @@ def check_aligned(reg: Reg, insn_off: int, size: int) -> None:
 
 
 def _loaded(size: int, sext: bool) -> Reg:
-    if sext:
-        return Reg(S.SCALAR, Scalar.unknown().sext(size))
-    return Reg(S.SCALAR, unknown_bits(size))
+    """The register a load of ``size`` unknown bytes gives: one shared object per kind
+    (registers are immutable; loads are among the commonest instructions)."""
+    r = _LOADED.get((size, sext))
+    if r is None:
+        r = _LOADED[size, sext] = Reg(S.SCALAR, Scalar.unknown().sext(size) if sext else unknown_bits(size))
+    return r
+
+
+_LOADED: dict[tuple[int, bool], Reg] = {}
 
 
 def region_check(ck: CheckContext, regno: int, reg: Reg, off: int, size: int, limit: int,
                  what: str, zero_ok: bool = False) -> None:
     """check_mem_region_access: [off + var, off + var + size) must lie in [0, limit)."""
     v = reg.val
+    lo = off + v.smin
+    hi = off + v.umax
+    if v.smin < 0 or lo < 0 or lo + size > limit or (size == 0 and not zero_ok) or v.umax >= MAX_VAR_OFF \
+            or hi + size > limit:
+        _region_reject(regno, v, off, size, limit, what, zero_ok)
+
+
+def _region_reject(regno: int, v: Scalar, off: int, size: int, limit: int, what: str, zero_ok: bool) -> None:
+    """``region_check``'s rejections, worded (kept out of the accepting path, which runs at
+    every map value and memory access)."""
 
     def bad(o: int) -> str:
         if what == "map value":

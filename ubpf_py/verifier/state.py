@@ -130,6 +130,7 @@ class Reg:
 
 
 _GET_H = attrgetter("_h")
+_new = object.__new__
 
 
 def regs_fp(regs: list[Reg]) -> int:
@@ -192,8 +193,19 @@ class Frame:
     plain: int = -1
 
     def copy(self) -> Frame:
-        return Frame(list(self.regs), bytearray(self.stack), dict(self.spills), self.callsite,
-                     self.subprog, self.frameno, self.in_callback)
+        # filled slot by slot (no dataclass __init__ call): the walk copies every frame of the
+        # state at each branch and each checkpoint
+        f = _new(Frame)
+        f.regs = self.regs[:]
+        f.stack = self.stack[:]
+        f.spills = self.spills.copy()
+        f.callsite = self.callsite
+        f.subprog = self.subprog
+        f.frameno = self.frameno
+        f.in_callback = self.in_callback
+        f.known = None
+        f.plain = -1
+        return f
 
 
 def new_frame(frameno: int, callsite: int, subprog: int) -> Frame:
@@ -228,6 +240,9 @@ class VerifierState:
     last_jumps: tuple[tuple[int, int], ...] = ()
     #: how many may_goto fall-throughs this path took (the kernel's may_goto_depth)
     may_goto_depth: int = 0
+    #: for checkpoint states: the register of the innermost frame whose range last failed
+    #: to cover a compared state (``subsumes`` tries it first: most misses repeat), or -1
+    miss: int = field(default=-1, compare=False, repr=False)
 
     @property
     def cur(self) -> Frame:
@@ -240,8 +255,14 @@ class VerifierState:
                 tuple(sorted(self.refs.items())), self.may_goto_depth)
 
     def copy(self) -> VerifierState:
-        return VerifierState([f.copy() for f in self.frames], dict(self.refs), self.parent,
-                             self.last_jumps, self.may_goto_depth)
+        s = _new(VerifierState)
+        s.frames = [f.copy() for f in self.frames]
+        s.refs = self.refs.copy()
+        s.parent = self.parent
+        s.last_jumps = self.last_jumps
+        s.may_goto_depth = self.may_goto_depth
+        s.miss = -1
+        return s
 
 
 class Signature:
@@ -455,6 +476,20 @@ def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int,
     ofrs, cfrs = old.frames, cur.frames
     if len(ofrs) != len(cfrs):
         return False
+    last = len(ofrs) - 1
+    h = old.miss
+    if h >= 0 and not exact and masks is not None:
+        # the register that failed last time, first: a live register that is not covered is a
+        # miss whatever else matches (the full test below would find it too; a fresh id map
+        # accepts every id pair the full one does)
+        o, c = ofrs[last].regs[h], cfrs[last].regs[h]
+        live, demand, _ = masks[last]
+        if o is not c and live >> h & 1:
+            if o.type == SCALAR:
+                if c.type != SCALAR or (demand >> h & 1 and not o.val.within(c.val)):
+                    return False
+            elif not reg_safe(o, c, _IdMap(), False):
+                return False
     ids = _IdMap()
     # innermost frame first: a callee's state differs far more often than its callers', whose
     # whole stacks are compared (the answer does not depend on the order: every id pair met
@@ -482,16 +517,22 @@ def subsumes(old: VerifierState, cur: VerifierState, masks: list[tuple[int, int,
             ot = o.type
             if ot == SCALAR:
                 if c.type != SCALAR:
+                    if fi == last:
+                        old.miss = r
                     return False
                 if not (demand >> r) & 1:
                     continue
                 ov = o.val
                 if not ov.within(c.val):
+                    if fi == last:
+                        old.miss = r
                     return False
                 if o.id and ov.var.mask and c.id and not ids.check(o.id, c.id):
                     return False
                 continue
             if not reg_safe(o, c, ids, False):
+                if fi == last:
+                    old.miss = r
                 return False
         if not stack_safe(of, cf, ids, False, demand, slots):
             return False

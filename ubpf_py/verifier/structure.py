@@ -251,20 +251,54 @@ class Cfg:
         return self.owner[insn]
 
 
+#: what an instruction does to the control flow, by opcode (valid opcodes only): the next
+#: instruction (_PLAIN), a conditional jump (_COND, may_goto too), ja (_JA), gotol (_JA32),
+#: exit, lddw (two slots) and call.  ``analyse`` dispatches on it once per instruction.
+_PLAIN, _COND, _JA, _JA32, _EXIT, _LDDW, _CALL = range(7)
+_FLOW = {c: (_COND if c in _COND_JUMP_OPCODES else _JA if c == BPF_JMP | BPF_JA
+             else _JA32 if c == BPF_JMP32 | BPF_JA else _EXIT if c == BPF_JMP | BPF_EXIT
+             else _LDDW if c == LDDW else _CALL if c == BPF_JMP | BPF_CALL else _PLAIN)
+         for c in VALID_OPCODES}
+
+
 def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -> Cfg:
-    """Run every structural check and return the control-flow facts."""
+    """Run every structural check and return the control-flow facts.
+
+    The checks report what the kernel's would, in its order: opcodes and lddw/call
+    encodings first (in instruction order), then function starts inside a lddw, reserved
+    fields, jumps leaving their function and function ends, and reachability last.  One pass
+    over the instructions does the first group and collects the jumps and calls; the later
+    checks look only at those (this runs once per program verified: it is kept cheap)."""
     n = len(insns)
     if n == 0:
         raise StructureError("empty program", 0, "the program has no instructions")
     second_slot = set()
     subprogs = {0}
     callbacks: set[int] = set()
+    flow = _FLOW
+    succ: list[tuple[int, ...]] = [()] * n
+    #: (insn, target, conditional) per jump, and the call instructions, in instruction order
+    jumps: list[tuple[int, int, bool]] = []
+    calls: list[int] = []
     i = 0
     while i < n:
         ins = insns[i]
-        if ins.opcode not in VALID_OPCODES:
-            raise StructureError(f"unknown opcode {ins.opcode:02x}", i, "not a BPF instruction")
-        if ins.opcode == LDDW:
+        kind = flow.get(ins.opcode)
+        if kind == _PLAIN:
+            succ[i] = (i + 1,)
+        elif kind == _COND:
+            t = i + ins.off + 1
+            succ[i] = (i + 1, t)
+            jumps.append((i, t, True))
+        elif kind == _CALL:
+            succ[i] = (i + 1,)
+            calls.append(i)
+            if ins.src == BPF_PSEUDO_CALL:
+                t = i + ins.imm + 1
+                if not 0 <= t < n:
+                    raise StructureError(f"jump out of range from insn {i} to {t}", i)
+                subprogs.add(t)
+        elif kind == _LDDW:
             if i + 1 >= n or insns[i + 1].opcode != 0 or insns[i + 1].dst or insns[i + 1].src \
                     or insns[i + 1].off:
                 raise StructureError("invalid bpf_ld_imm64 insn", i,
@@ -277,14 +311,16 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
                     raise StructureError("call to invalid destination", i)
                 subprogs.add(t)
                 callbacks.add(t)
+            succ[i] = (i + 2,)
             second_slot.add(i + 1)
             i += 2
             continue
-        if ins.opcode == BPF_JMP | BPF_CALL and ins.src == BPF_PSEUDO_CALL:
-            t = i + ins.imm + 1
-            if not 0 <= t < n:
-                raise StructureError(f"jump out of range from insn {i} to {t}", i)
-            subprogs.add(t)
+        elif kind in (_JA, _JA32):
+            t = i + (ins.off if kind == _JA else ins.imm) + 1
+            succ[i] = (t,)
+            jumps.append((i, t, False))
+        elif kind is None:
+            raise StructureError(f"unknown opcode {ins.opcode:02x}", i, "not a BPF instruction")
         i += 1
     if function_starts:
         subprogs.update(s for s in function_starts if 0 <= s < n)
@@ -300,46 +336,35 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
         if i in second_slot:
             continue
         check_fields(i, ins)
-    # jumps stay within their function, never into a lddw's second slot
+    # jumps stay within their function; every function ends in exit or a jump (the first
+    # problem in instruction order is reported, a jump's before its function's end)
+    bad_jump = next(((i, t) for i, t, _ in jumps if not owner[i] <= t < ends[owner[i]]), None)
+    bad_end = None
+    for s in starts:
+        last = ends[s] - 1
+        i = last - 1 if last in second_slot else last
+        if flow[insns[i].opcode] not in (_EXIT, _JA, _JA32) and (bad_end is None or i < bad_end):
+            bad_end = i
+    if bad_jump is not None and (bad_end is None or bad_jump[0] <= bad_end):
+        i, t = bad_jump
+        raise StructureError(f"jump out of range from insn {i} to {t}", i, "the jump leaves its function")
+    if bad_end is not None:
+        raise StructureError("last insn is not an exit or jmp", bad_end,
+                             "every function must end in exit or a jump")
+    # the kernel's prune points are a conditional jump itself (one check covers both
+    # successors) and its target; the fall-through too here (more chances to prune, fewer
+    # insns), an extra point that the checkpoint spacing ignores
     prune: set[int] = set(starts)
     fallthrough: set[int] = set()
-    succ: list[tuple[int, ...]] = [()] * n
-    for i, ins in enumerate(insns):
-        if i in second_slot:
-            continue
-        code = ins.opcode
-        s, e = owner[i], ends[owner[i]]
-        if code in _JUMP_OPCODES:
-            t = jump_target(i, ins)
-            if not s <= t < e:
-                raise StructureError(f"jump out of range from insn {i} to {t}", i,
-                                     "the jump leaves its function")
-            if code in _COND_JUMP_OPCODES:
-                # the kernel's prune points are the conditional jump itself (one check covers
-                # both successors) and its target; the fall-through too here (more chances to
-                # prune, fewer insns), an extra point that the checkpoint spacing ignores
-                prune.add(i)
-                fallthrough.add(i + 1)
-                prune.add(t)
-                succ[i] = (i + 1, t)
-            else:
-                prune.add(t)
-                succ[i] = (t,)
-        elif code == BPF_JMP | BPF_EXIT:
-            succ[i] = ()
-        elif code == LDDW:
-            succ[i] = (i + 2,)
-        else:
-            succ[i] = (i + 1,)
-            if code == BPF_JMP | BPF_CALL:
-                prune.add(i + 1)
-                if ins.src == BPF_PSEUDO_CALL:
-                    prune.add(i)
-        last = e - 1
-        if (i == last or (code == LDDW and i + 1 == last)) and \
-                code not in (BPF_JMP | BPF_EXIT, BPF_JMP | BPF_JA, BPF_JMP32 | BPF_JA):
-            raise StructureError("last insn is not an exit or jmp", i,
-                                     "every function must end in exit or a jump")
+    for i, t, cond in jumps:
+        if cond:
+            prune.add(i)
+            fallthrough.add(i + 1)
+        prune.add(t)
+    for i in calls:
+        prune.add(i + 1)
+        if insns[i].src == BPF_PSEUDO_CALL:
+            prune.add(i)
     # reachability, function by function
     for s in starts:
         seen = {s}
@@ -352,9 +377,10 @@ def analyse(insns: list[Instruction], function_starts: set[int] | None = None) -
                 if t not in seen:
                     seen.add(t)
                     todo.append(t)
-        for j in range(s, ends[s]):
-            if j not in seen and j not in second_slot:
-                raise StructureError(f"unreachable insn {j}", j, "dead code; the kernel refuses it too")
+        if len(seen) < ends[s] - s:
+            for j in range(s, ends[s]):
+                if j not in seen and j not in second_slot:
+                    raise StructureError(f"unreachable insn {j}", j, "dead code; the kernel refuses it too")
     cfg = Cfg(n, starts, ends, callbacks, prune | fallthrough, owner=owner)
     cfg.extra_points = fallthrough - prune
     preds: list[list[int]] = [[] for _ in range(n)]
@@ -494,12 +520,30 @@ def _liveness(insns: list[Instruction], cfg: Cfg) -> tuple[list[int], list[int]]
     solved in one pass (registers in bits 0-10, stack slots from bit 16); the stack's
     (use, def) per instruction stays on ``cfg`` for ``observed_stack_liveness``."""
     second = cfg.second
+    n = len(insns)
     none = (0, 0)
-    reg_ud = [none if i in second else _use_def(ins) for i, ins in enumerate(insns)]
-    stack_ud = [none if i in second else _stack_use_def(ins) for i, ins in enumerate(insns)]
+    stack_ud = [none] * n
+    both = [none] * n
+    alu = (BPF_ALU, BPF_ALU64)
+    for i, ins in enumerate(insns):
+        if i in second:
+            continue
+        code = ins.opcode
+        if code & 0x07 in alu:
+            # the commonest instructions, inline (``_use_def``'s rule; no stack effect)
+            d = 1 << ins.dst
+            o = code & 0xF0
+            if o == BPF_MOV:
+                both[i] = ((1 << ins.src if code & BPF_X else 0), d)
+            elif o in (BPF_NEG, BPF_END):
+                both[i] = (d, d)
+            else:
+                both[i] = (d | (1 << ins.src if code & BPF_X else 0), d)
+            continue
+        ru, rd = _use_def(ins)
+        stack_ud[i] = su_sd = _stack_use_def(ins)
+        both[i] = (ru | (su_sd[0] << _LIVE_SLOT0), rd | (su_sd[1] << _LIVE_SLOT0))
     cfg.stack_ud = stack_ud
-    both = [(ru | (su << _LIVE_SLOT0), rd | (sd << _LIVE_SLOT0))
-            for (ru, rd), (su, sd) in zip(reg_ud, stack_ud, strict=True)]
     live = _backward_liveness(cfg.succ, cfg.preds, both, always=1 << 10)
     return [x & 0x7FF for x in live], [x >> _LIVE_SLOT0 for x in live]
 
@@ -686,27 +730,56 @@ def precision_demand(insns: list[Instruction], cfg: Cfg, helper_args: dict[int, 
     else:
         work = [i for i in range(n) if i not in second]
     ends = cfg.ends
+    callees = sites.keys() | cfg.callbacks
+    alu_classes = (BPF_ALU, BPF_ALU64)
+    jmp_classes = (BPF_JMP, BPF_JMP32)
+    no_test = (BPF_JA, BPF_CALL, BPF_EXIT)
     for _ in range(50):
-        inq = set(work)
+        inq = bytearray(n)
+        for i in work:
+            inq[i] = 1
         while work:
             i = work.pop()
-            inq.discard(i)
+            inq[i] = 0
             out = 0
             for t in succ[i]:
                 if t < n:
                     out |= fact[t]
-            new = transfer(i, out) | fact[i]
-            if new != fact[i]:
+            # the commonest transfers inline (the same rules as ``transfer``): this loop runs
+            # over every instruction of the program once per verification
+            ins = insns[i]
+            code = ins.opcode
+            cls = code & 0x07
+            if cls in alu_classes:
+                d = 1 << ins.dst
+                if code & 0xF0 == BPF_MOV:
+                    new = out & ~d
+                    if code & BPF_X and out & d:
+                        new |= 1 << ins.src
+                elif code & BPF_X and out & d:
+                    new = out | 1 << ins.src
+                else:
+                    new = out
+            elif cls in jmp_classes and code & 0xF0 not in no_test and code != MAY_GOTO:
+                if decided is not None and i not in decided:
+                    new = out
+                else:
+                    new = out | 1 << ins.dst | (1 << ins.src if code & BPF_X else 0)
+            else:
+                new = transfer(i, out)
+            old = fact[i]
+            new |= old
+            if new != old:
                 fact[i] = new
                 for p in preds[i]:
-                    if p not in inq:
-                        inq.add(p)
+                    if not inq[p]:
+                        inq[p] = 1
                         work.append(p)
                 # calls into this function's start feed their callers
-                if i in sites or i in cfg.callbacks:
+                if i in callees:
                     for c, _ in sites.get(i, ()):
-                        if c not in inq:
-                            inq.add(c)
+                        if not inq[c]:
+                            inq[c] = 1
                             work.append(c)
         # exits depend on callers' facts
         grown: set[int] = set()
