@@ -50,7 +50,7 @@ import contextlib
 import functools
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ubpf_py.abi.kernel import (
     MAP_ANONYMOUS,
@@ -80,7 +80,12 @@ from ubpf_py.probe import x86asm
 
 if TYPE_CHECKING:
     from ubpf_py.probe import ptrace as P
-    from ubpf_py.probe.scratch import Injector
+
+
+class Injector(Protocol):
+    """What the guard needs of ``scratch.Injector`` (which owns this module's guards: no import back)."""
+
+    def syscall(self, tid: int, nr: int, *args: int) -> int: ...
 
 SIGTRAP = 5
 #: every scratch page carries this word at SCRATCH_MAGIC_OFF (its head is int3 padding otherwise):
