@@ -60,6 +60,20 @@ def blocker(tmp_path_factory):
     return build_c(d / "blocker.c", d / "blocker")
 
 
+def _detach_then_finish(s, proc, hits: list, want_hits: list, resume: bytes, want_out: bytes) -> None:
+    """Release the target into its probed code ("g"), detach after 0.5 s with it still there, then
+    let it finish (``resume``): the hits seen, no tracer left, and its exit and output intact."""
+    proc.stdin.write(b"g")
+    proc.stdin.flush()
+    assert s.run(duration=0.5) is None            # detached with the thread still inside
+    assert hits == want_hits
+    assert P.tracer_pid(proc.pid) == 0
+    proc.stdin.write(resume)
+    proc.stdin.flush()
+    out, _ = proc.communicate(timeout=20)
+    assert (proc.returncode, out) == (0, want_out)
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_detach_inside_a_return_probed_function(blocker, native):
     """Detached while the thread sits inside a function whose return address the return
@@ -73,15 +87,7 @@ def test_detach_inside_a_return_probed_function(blocker, native):
         off = func_offset(blocker, "slow")
         s.add_probe(str(blocker), off, lambda h: hits.append("entry"))
         s.add_probe(str(blocker), off, lambda h: hits.append("return"), is_return=True)
-        proc.stdin.write(b"g")
-        proc.stdin.flush()
-        assert s.run(duration=0.5) is None            # detached with the thread inside slow()
-        assert hits == ["entry"]
-        assert P.tracer_pid(proc.pid) == 0
-        proc.stdin.write(b"r")
-        proc.stdin.flush()
-        out, _ = proc.communicate(timeout=20)
-        assert (proc.returncode, out) == (0, b"r=42\n")
+        _detach_then_finish(s, proc, hits, ["entry"], b"r", b"r=42\n")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -101,20 +107,11 @@ def test_detach_while_a_probed_syscall_blocks(blocker, native):
         s = ProbeSession.attach(proc.pid, native=native)
         hits = []
         s.add_probe(str(blocker), func_offset(blocker, "sysinsn"), lambda h: hits.append(1))
-        proc.stdin.write(b"g")
-        proc.stdin.flush()
-        assert s.run(duration=0.5) is None
-        assert hits == [1]
-        assert P.tracer_pid(proc.pid) == 0
-        proc.stdin.write(b"x")
-        proc.stdin.flush()
-        out, _ = proc.communicate(timeout=20)
-        assert (proc.returncode, out) == (0, b"n=1 c=x\n")
+        _detach_then_finish(s, proc, hits, [1], b"x", b"n=1 c=x\n")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
 
 
 @pytest.mark.parametrize("native", [False, True])
@@ -130,15 +127,7 @@ def test_detach_in_an_out_of_line_copy_inside_a_return_probed_function(blocker, 
         hits = []
         s.add_probe(str(blocker), func_offset(blocker, "rawread"), lambda h: hits.append("ret"), is_return=True)
         s.add_probe(str(blocker), func_offset(blocker, "sysinsn"), lambda h: hits.append("sys"))
-        proc.stdin.write(b"g")
-        proc.stdin.flush()
-        assert s.run(duration=0.5) is None
-        assert hits == ["sys"]
-        assert P.tracer_pid(proc.pid) == 0
-        proc.stdin.write(b"x")
-        proc.stdin.flush()
-        out, _ = proc.communicate(timeout=20)
-        assert (proc.returncode, out) == (0, b"n=1 c=x\n")
+        _detach_then_finish(s, proc, hits, ["sys"], b"x", b"n=1 c=x\n")
     finally:
         if proc.poll() is None:
             proc.kill()
