@@ -8,6 +8,7 @@ exactly as it would unprobed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -131,6 +132,22 @@ def _run_cli(capfd, monkeypatch, cwd: Path, argv: list[str]) -> tuple[int, dict,
     return rc, events, err, calls["run"]
 
 
+def _children() -> set[int]:
+    """This process's children, zombies included (every thread's /proc children list)."""
+    out: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            out.update(int(p) for p in (task / "children").read_text().split())
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _maps(events: dict) -> dict:
     return {e["name"]: e for e in events.get("map", [])}
 
@@ -179,6 +196,7 @@ def test_native_fault_is_clean_error_and_target_untouched(corpus_build, tmp_path
     obj = _bpf_object(tmp_path, FAULTY_C.replace('SEC("uprobe")', f'SEC("{section}")'))
     # a single-threaded target: the one thread that faulted is the whole story
     plain = subprocess.run(["./hello"], cwd=corpus_build, capture_output=True, text=True, timeout=60)
+    before = _children()
     rc, ev, err, runs = _run_cli(capfd, monkeypatch, corpus_build,
                                  [str(obj), "--verifier", "off", "-a", "deref_arg=./hello:add",
                                   "--keep-command", "--", "./hello"])
@@ -189,7 +207,9 @@ def test_native_fault_is_clean_error_and_target_untouched(corpus_build, tmp_path
     assert "Traceback" not in err
     # the launched target was detached with every byte restored: it runs on to the same end
     # (its printed sum checks every add() result) and exit code as without probes
-    _, status = os.waitpid(-1, 0)
+    # wait for that target by pid: another test in this worker may have left a child to reap
+    (target,) = [pid for pid in _children() - before if _comm(pid) == "hello"]
+    _, status = os.waitpid(target, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == plain.returncode == 0
     later = capfd.readouterr().out.splitlines()
     target_out = ev["target_stdout"] + later
