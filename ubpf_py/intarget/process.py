@@ -181,6 +181,9 @@ class InTargetEngine:
         if probe.is_return and shstk:
             raise SiteRefused("return probes in a process with a CPU shadow stack (CET): a replaced return "
                               "address would fault")
+        why = namespace_reason(proc.tgid, probe.target_reports_ids)
+        if why is not None:
+            raise SiteRefused(why)
         start, end, pad_end = _function_bounds(probe, addr)
         if probe.is_return and addr != start:
             raise SiteRefused("a return probe must sit on the function's first instruction")
@@ -575,6 +578,30 @@ def _function_bounds(probe, addr: int) -> tuple[int, int, int]:
 
 
 assert THREAD_BLOCK.size <= S.THREAD_SLOT_SIZE
+
+
+def namespace_reason(tgid: int, kinds: frozenset[str]) -> str | None:
+    """Why a program that reports ids of ``kinds`` ("pid", "uid") cannot run in ``tgid``: the
+    process is in a child pid namespace (``NStgid`` in /proc lists more than one id) or a user
+    namespace that maps ids (``uid_map`` is not the identity), where getpid()/getuid() in the
+    target give other ids than the kernel's helpers (the initial namespaces', which is also what
+    the tracer sees).  None: the target's ids are the tracer's."""
+    try:
+        if "pid" in kinds:
+            with open(f"/proc/{tgid}/status") as f:
+                ids = next((ln.split()[1:] for ln in f if ln.startswith("NStgid:")), [])
+            if len(ids) > 1:
+                return (f"the process is in a child pid namespace (pid {ids[-1]} there, {ids[0]} here): in "
+                        f"the target its thread ids would be that namespace's, not the kernel's")
+        if "uid" in kinds:
+            for name in ("uid_map", "gid_map"):
+                with open(f"/proc/{tgid}/{name}") as f:
+                    if f.read().split() != ["0", "0", "4294967295"]:
+                        return (f"the process is in a user namespace that maps ids ({name} is not the "
+                                f"identity): in the target its uid/gid would be that namespace's, not the kernel's")
+    except OSError:
+        return None
+    return None
 
 
 def pcpu_hit_lines() -> int:

@@ -91,6 +91,10 @@ def hit_runner(prog: LoadedProgram, st: ProbeStats, plumbing: HitPlumbing) -> di
         st.target_entry = plan.entry(prog.name)
         st.reason = plan.reasons.get(prog.name, "")
         kw["target_entry"] = st.target_entry
+        if st.target_entry:
+            from ubpf_py.live.intarget import reported_ids
+
+            kw["target_reports_ids"] = reported_ids(prog)
     return kw
 
 

@@ -87,6 +87,23 @@ def program_reason(lp: Any, verifier: str, helpers: frozenset[int]) -> str | Non
     return None
 
 
+#: helpers whose in-target results carry ids as the target sees them (its own namespaces), by
+#: kind: bpf_get_current_pid_tgid and the pid of printk lines (trace_printk, trace_vprintk);
+#: bpf_get_current_uid_gid
+ID_REPORTING_HELPERS = {"pid": frozenset({6, 14, 177}), "uid": frozenset({15})}
+
+
+def reported_ids(lp: Any) -> frozenset[str]:
+    """The kinds of ids ``lp`` reports.  The kernel reports them in the initial namespaces (the
+    tracer's view); in the target, getpid()/getuid() give the target's own namespaces' ids, so a
+    probe of such a program stays on the ptrace path in a process of a child pid or user
+    namespace."""
+    from ubpf_py.vm.jit.compiler import scan_program
+
+    used = set(scan_program(lp.instructions)[1])
+    return frozenset(kind for kind, ids in ID_REPORTING_HELPERS.items() if used & ids)
+
+
 def _map_reason(insns: list, maps_by_addr: dict[int, Any]) -> str | None:
     """Why a map the program loads (``lddw`` of a map handle) cannot serve it in the target:
     the runtime works from a map's descriptor, and a descriptor of kind 0 means no native

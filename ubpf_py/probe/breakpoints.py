@@ -47,6 +47,10 @@ class Probe:
     #: in-target program: its entry address in the session's in-target image (0 = none);
     #: sites that cannot take a jump fall back to an int3 and ``handler``/``native_fn``
     target_entry: int = 0
+    #: the ids the in-target program reports ("pid": pid/tgid, printk lines; "uid": uid/gid): in a
+    #: process of a child pid or user namespace it takes the ptrace path
+    #: (``intarget.process.namespace_reason``)
+    target_reports_ids: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)

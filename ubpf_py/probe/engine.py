@@ -211,7 +211,8 @@ class ProbeSession:
                   is_return: bool = False, cookie: int = 0, native_prog: int = 0,
                   native_facts: int = 0, native_status: int = 0,
                   native_error: Callable[[], None] | None = None,
-                  ref_ctr_offset: int = 0, target_entry: int = 0) -> int:
+                  ref_ctr_offset: int = 0, target_entry: int = 0,
+                  target_reports_ids: frozenset[str] = frozenset()) -> int:
         """Attach ``handler`` at ``file_offset`` of ``binary_path``; armed in every mapping of that
         file now and whenever it is mapped later (dlopen, exec).  Returns the probe id.
 
@@ -229,7 +230,9 @@ class ProbeSession:
         ``target_entry``: the program's entry in the in-target image (``enable_in_target`` and
         ``load_in_target_image`` first): the site gets a jump into a trampoline that runs it in
         the target with no stop; where a site refuses (``in_target_reason``) the probe falls
-        back to an int3 and ``handler``/``native_prog``."""
+        back to an int3 and ``handler``/``native_prog``.  ``target_reports_ids``: the ids the in-target
+        program reports ("pid", "uid"): it stays on the ptrace path in a process of a child pid or
+        user namespace (where the target sees other ids than the tracer and the kernel)."""
         if handler is None and not native_prog and not target_entry:
             raise ProbeError("add_probe needs a handler, a native_prog or a target_entry")
         if target_entry and self.tracer.intarget is None:
@@ -242,7 +245,8 @@ class ProbeSession:
         check_offset(binary_path, file_offset)
         probe = Probe(self._next_id, binary_path, file_offset, handler, is_return, cookie & ((1 << 64) - 1),
                       native_fn=native_prog, ref_ctr_offset=ref_ctr_offset, native_facts=native_facts,
-                      native_status=native_status, native_error=native_error, target_entry=target_entry)
+                      native_status=native_status, native_error=native_error, target_entry=target_entry,
+                      target_reports_ids=target_reports_ids)
         self._next_id += 1
         tr = self.tracer
         tr.probes[probe.id] = probe
