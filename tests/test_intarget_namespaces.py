@@ -139,7 +139,7 @@ def test_ids_in_a_namespaced_target_are_the_kernels(built, how):
         assert pid_tgid == pid << 32 | pid          # the tracer's (and the kernel's) view
         assert uid_gid == os.getgid() << 32 | os.getuid()
         if kernel_bpf_skip_reason() is None:         # the kernel, on the same target, is the oracle
-            k_attached, k_maps = _run(built, pid, "--backend", "kernel")
+            _, k_maps = _run(built, pid, "--backend", "kernel")
             assert k_maps["ids"] == maps["ids"]
     finally:
         _stop(p, pid)

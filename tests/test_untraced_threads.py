@@ -90,6 +90,25 @@ def _run_gated(p: subprocess.Popen, out: Path, probes: int, gate: Path) -> tuple
         kill_pid(p)
 
 
+def _child_running(parent: int, word: str, timeout: float = TIMEOUT) -> int:
+    """The pid of ``parent``'s child whose command line has ``word`` (once it has)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            try:
+                kids = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for kid in kids:
+                try:
+                    if word in Path(f"/proc/{kid}/cmdline").read_bytes().decode(errors="replace").split("\0"):
+                        return int(kid)
+                except OSError:
+                    continue
+        time.sleep(0.02)
+    raise AssertionError(f"no child of {parent} runs {word!r}")
+
+
 def run_late(d: Path, kind: str, *extra: str) -> tuple[subprocess.CompletedProcess, list[dict], list[tuple[int, int]]]:
     """``late`` with THREADS threads started after the attach; (ubpf-run's result, its events,
     [(tid, TracerPid)] of the late threads)."""
@@ -258,7 +277,17 @@ def test_exec_by_an_untraced_thread_is_followed(built):
     exe = str(built / "dyn")
     p = cli(str(built / "it.bpf.o"), *_progs(built, {"e0": f"{exe}:work"}), "-f", "json", "-o", str(out), "--",
             exe, "exec", str(CALLS), str(gate), str(tids))
-    so, se = _run_gated(p, out, 1, gate)
+    try:
+        wait_for(lambda: attached(out, 1), "the attach", p)
+        gate.touch()
+        # the new image waits for GATE.exec until the tracer has armed it: how soon the tracer
+        # finds an image exec'd by an untraced thread depends on the load (untraced.py)
+        target = _child_running(p.pid, "late")
+        wait_for(lambda: patched(target, Path(exe)), "the new image armed", p)
+        Path(f"{gate}.exec").touch()
+        so, se = p.communicate(timeout=TIMEOUT)
+    finally:
+        kill_pid(p)
     try:
         assert p.returncode == 0 and so == "ok\n", se[-3000:]
         late = [tuple(int(x) for x in line.split()) for line in tids.read_text().splitlines()]

@@ -8,7 +8,7 @@
  *   spin NTHREADS GATE STOP              after GATE: threads call work/fact and sleep in nap
  *                                        until STOP exists; prints "ok" (or "BAD")
  *   exec CALLS GATE OUT                  after GATE: a new thread calls work CALLS times, then
- *                                        execs this binary as "late 2 CALLS GATE OUT"
+ *                                        execs this binary as "late 2 CALLS GATE.exec OUT"
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -179,7 +179,9 @@ int main(int argc, char **argv)
 {
 	if (argc >= 5 && !strcmp(argv[1], "exec")) {
 		pthread_t t;
-		const char *a[7] = {argv[0], "late", "2", argv[2], argv[3], argv[4], 0};
+		static char gate2[4096];  /* the new image waits for GATE.exec: the tracer arms it first */
+		snprintf(gate2, sizeof gate2, "%s.exec", argv[3]);
+		const char *a[7] = {argv[0], "late", "2", argv[2], gate2, argv[4], 0};
 		memcpy(exec_argv, a, sizeof a);
 		wait_file(argv[3]);
 		pthread_create(&t, 0, exec_thread, 0);
