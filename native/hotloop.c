@@ -381,6 +381,34 @@ static int call_py(struct py_call *pc, int32_t token, int32_t tid, int32_t cpu)
  * status word (thread *tid held at its breakpoint as for 2), 5 when the poll
  * interval has passed (after a completed hit), -errno on error (-ECHILD: nothing to wait for).
  */
+/* 1. The next stop.  Why peek first (WNOWAIT): reaping a stop clears its SIGTRAP in the
+ * kernel, so a tracer killed between the reap and the rewind of a hit left the thread with
+ * no signal, right after our int3 -- in the middle of the instruction once the guardian had
+ * put the byte back (seen: 1 kill of 60 under load, SIGSEGV).  So a SIGTRAP stop of a known
+ * thread on a BP_REWIND breakpoint is rewound while the kernel still holds its SIGTRAP, and
+ * reaped only then: killed at any point, the thread either traps again into the trap guard
+ * (which takes a SIGTRAP at the int3 as well as just after it) or runs from the int3.
+ * *have_regs: s->regs holds the stop's registers as they were (rip after the int3). */
+static pid_t collect(struct ub_loop *s, int *st, int nohang, int *have_regs)
+{
+	siginfo_t si;
+	*have_regs = 0;
+	si.si_pid = 0;
+	if (waitid(P_ALL, 0, &si, WEXITED | WSTOPPED | __WALL | WNOWAIT | (nohang ? WNOHANG : 0)) < 0)
+		return -1;
+	if (si.si_pid == 0)
+		return 0;
+	if (si.si_code == CLD_TRAPPED && si.si_status == SIGTRAP && tid_slot(s, si.si_pid, 0) &&
+	    ptrace(PTRACE_GETREGS, si.si_pid, 0, s->regs) == 0) {
+		struct ub_bp *b = bp_find(s, s->regs[RIP] - 1);
+		*have_regs = 1;
+		if (b && (b->flags & BP_REWIND))
+			ptrace(PTRACE_POKEUSER, si.si_pid, (void *)(uintptr_t)(RIP * sizeof(u64)),
+			       (void *)(uintptr_t)b->addr);
+	}
+	return waitpid(si.si_pid, st, __WALL);
+}
+
 static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, int32_t *regs_valid,
 		    struct py_call *pc)
 {
@@ -388,7 +416,7 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 	*regs_valid = 0;
 	s->stop = 0;
 	while (!s->stop) {
-		int st;
+		int st, have_regs;
 		/* a signal that arrived while we were busy (not in waitpid) leaves no EINTR behind:
 		 * Python's wakeup fd tells us, checked every 64 hits */
 		if (s->wakeup_fd >= 0 && ++s->since_poll >= 64) {
@@ -398,7 +426,7 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 				return 0;
 		}
 		/* 1. waitpid (steps as in ubpf_py/probe/tracer.py's hit section) */
-		pid_t tid = waitpid(-1, &st, __WALL | WNOHANG);
+		pid_t tid = collect(s, &st, 1, &have_regs);
 		if (tid == 0) {
 			/* about to block: a signal that arrived while we handled the last stop (its
 			 * Python handler has not run: we hold no GIL) must not wait for the next stop,
@@ -410,7 +438,7 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 			}
 			if (s->stop)
 				return 0;
-			tid = waitpid(-1, &st, __WALL);
+			tid = collect(s, &st, 0, &have_regs);
 		}
 		if (tid < 0)
 			return errno == EINTR ? 0 : -errno;
@@ -420,13 +448,13 @@ static int run_loop(struct ub_loop *s, int32_t *out_tid, int32_t *out_status, in
 			return 1;
 		}
 		u64 t0 = now_ns();
-		if (ptrace(PTRACE_GETREGS, tid, 0, r) < 0) { /* 2. registers */
+		if (!have_regs && ptrace(PTRACE_GETREGS, tid, 0, r) < 0) { /* 2. registers */
 			*out_tid = tid;
 			*out_status = st;
 			return 1;
 		}
 		struct ub_bp *b = bp_find(s, r[RIP] - 1); /* 3. the breakpoint (int3 has run) */
-		if (b && (b->flags & BP_REWIND)) /* killed from here on, the thread traps again */
+		if (!have_regs && b && (b->flags & BP_REWIND)) /* killed from here on, it traps again */
 			ptrace(PTRACE_POKEUSER, tid, (void *)(uintptr_t)(RIP * sizeof(u64)), (void *)(uintptr_t)b->addr);
 		if (!b || !(b->flags & BP_FAST)) {
 			*out_tid = tid;

@@ -31,6 +31,9 @@ A thread the tracer was handling when it died comes back with no signal (collect
 waitpid clears its signal in the kernel): so the tracer, when a guard is installed, puts the rip
 of every thread it collects from our int3 back on that int3 at once (``abi.runtime.BP_REWIND``,
 one PTRACE_POKEUSER per hit); killed at any later point, the thread traps again, into the guard.
+The C loop rewinds before it reaps the stop (``native/hotloop.c`` collect): a tracer killed in
+between leaves the SIGTRAP pending with rip already on the int3 (or on the return trampoline),
+which the handler takes like a trap just after it.
 
 A wait gives up after ``WAIT_TICKS`` x ``TICK_NS`` (5 s; the guardian repairs in milliseconds)
 and then takes the default action too: no guardian, no repair.  The handler uses only system
@@ -143,9 +146,9 @@ trap_handler:
     mov rax, [rbx + D_tramp]
     test rax, rax
     jz tg_not_ret
-    mov rcx, r14
+    mov rcx, r13
     sub rcx, rax
-    cmp rcx, TRAMP_SPAN
+    cmp rcx, TRAMP_SPAN + 1
     jae tg_not_ret
     mov ebp, WAIT_TICKS
 tg_ret_wait:
