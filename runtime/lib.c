@@ -243,12 +243,12 @@ int rt_prog_mem(const struct ubpf_hit_frame *hf, u64 addr, u64 n)
 	       n <= tsz - (addr - rt->thread_table);
 }
 
-/* The CPU this thread runs on: rdpid when the tracer found it usable, else
+/* The CPU this thread runs on now: rdpid when the tracer found it usable, else
  * rdtscp's TSC_AUX (Linux keeps the CPU number in its low 12 bits), which every
- * x86-64 CPU Linux supports has; getcpu() only without a runtime header. */
-u64 rt_cpu(const struct ubpf_hit_frame *hf)
+ * x86-64 CPU Linux supports has; getcpu() only without a runtime header.  A thread
+ * can be migrated right after: per-CPU data goes by the hit's owned id (rt_cpu). */
+u64 rt_cpu_sample(const struct ubpf_runtime_header *rt)
 {
-	const struct ubpf_runtime_header *rt = hf ? (const void *)hf->runtime : 0;
 	if (rt && (rt->flags & UBPF_RT_F_RDPID)) {
 		u64 v;
 		__asm__ volatile("rdpid %0" : "=r"(v));
@@ -262,6 +262,16 @@ u64 rt_cpu(const struct ubpf_hit_frame *hf)
 	unsigned cpu = 0;
 	rt_syscall3(SYS_getcpu, &cpu, 0, 0);
 	return cpu;
+}
+
+/* The hit's CPU: the id it owns (cpuclaim.c) while a program using per-CPU data runs,
+ * so bpf_get_smp_processor_id, per-CPU map copies, for_each and printk agree for the
+ * whole hit, as under the kernel's migrate_disable; else the CPU sampled now. */
+u64 rt_cpu(const struct ubpf_hit_frame *hf)
+{
+	if (hf && hf->cpu_owner)
+		return hf->cpu;
+	return rt_cpu_sample(hf ? (const void *)hf->runtime : 0);
 }
 
 struct timespec_ { long sec, nsec; };

@@ -77,6 +77,7 @@ RT_INTERNAL u64 rt_getpid(const struct ubpf_hit_frame *hf);
 RT_INTERNAL int rt_prog_mem(const struct ubpf_hit_frame *hf, u64 addr, u64 n);
 RT_INTERNAL u64 rt_gettid(const struct ubpf_hit_frame *hf);
 RT_INTERNAL u64 rt_cpu(const struct ubpf_hit_frame *hf);
+RT_INTERNAL u64 rt_cpu_sample(const struct ubpf_runtime_header *rt);
 RT_INTERNAL u64 rt_ktime(const struct ubpf_hit_frame *hf, int clock);
 RT_INTERNAL u64 rt_unwind(const struct ubpf_hit_frame *hf, u64 *out, u64 max);
 

@@ -12,6 +12,8 @@
 #define UBPF_PB_F_RETURN 0x1ULL
 #define UBPF_PB_F_AT_ENTRY 0x2ULL
 #define UBPF_SHADOW_DEPTH 0x40ULL
+#define UBPF_CPU_CLAIM_TSC 0x4000000ULL
+#define UBPF_CPU_CLAIM_SPINS 0x10ULL
 #define UBPF_SITE_MAX_PROBES 0x8ULL
 #define UBPF_SYS_RT_SIGPROCMASK 0xeULL
 #define UBPF_SIG_BLOCK 0x0ULL
@@ -149,8 +151,10 @@ struct ubpf_runtime_header {
 	uint64_t hz;  /* CONFIG_HZ, for bpf_jiffies64 (0: the helper returns 0 jiffies since boot) */
 	uint64_t jiffies_base;  /* jiffies at CLOCK_MONOTONIC 0 (helpers/task_helpers.py _jiffies_base) */
 	uint64_t tid_fs_off;  /* offset from the FS base of the libc's thread-id word (struct pthread tid), checked by the tracer on every thread; 0: unknown (gettid() per call) */
+	uint64_t cpu_owners;  /* address (in the arena: shared by every process of the session) of ``cpu_ids`` CPU_OWNER lines; 0: none (a hit uses the CPU it samples, unowned) */
+	uint64_t cpu_ids;  /* CPU ids a hit can own: the possible CPUs, the per-CPU maps' ``ncpus`` */
 } __attribute__((aligned(8)));
-_Static_assert(sizeof(struct ubpf_runtime_header) == 144, "ubpf_runtime_header size");
+_Static_assert(sizeof(struct ubpf_runtime_header) == 160, "ubpf_runtime_header size");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, magic) == 0, "ubpf_runtime_header.magic");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, arena_base) == 8, "ubpf_runtime_header.arena_base");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, arena_size) == 16, "ubpf_runtime_header.arena_size");
@@ -169,6 +173,8 @@ _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, max_stack) == 112,
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, hz) == 120, "ubpf_runtime_header.hz");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, jiffies_base) == 128, "ubpf_runtime_header.jiffies_base");
 _Static_assert(__builtin_offsetof(struct ubpf_runtime_header, tid_fs_off) == 136, "ubpf_runtime_header.tid_fs_off");
+_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, cpu_owners) == 144, "ubpf_runtime_header.cpu_owners");
+_Static_assert(__builtin_offsetof(struct ubpf_runtime_header, cpu_ids) == 152, "ubpf_runtime_header.cpu_ids");
 
 /* one per probe, in the arena, on cache lines of its own */
 struct ubpf_probe_block {
@@ -181,7 +187,7 @@ struct ubpf_probe_block {
 	uint64_t pcpu_mask;  /* lines of ``pcpu_hits`` - 1 (a power of two minus one) */
 	uint64_t probe_id;  /* the tracer's id for this probe */
 	uint64_t hits;  /* programs run (atomic add) when ``pcpu_hits`` is 0 */
-	uint64_t missed;  /* hits skipped: the thread was already inside a program, or no thread slot */
+	uint64_t missed;  /* hits skipped: the thread was already inside a program, no thread slot, or no CPU id free in time (a per-CPU program; it then takes back its count from ``hits``) */
 	uint64_t ns;  /* nanoseconds spent in the program when timing is on */
 	uint64_t reserved[5];
 } __attribute__((aligned(64)));
@@ -270,18 +276,31 @@ _Static_assert(__builtin_offsetof(struct ubpf_facts, uid_gid) == 16, "ubpf_facts
 _Static_assert(__builtin_offsetof(struct ubpf_facts, func_ip) == 24, "ubpf_facts.func_ip");
 _Static_assert(__builtin_offsetof(struct ubpf_facts, cookie) == 32, "ubpf_facts.cookie");
 
-/* on the runtime stack; the second argument of a program entry, the sixth of a helper */
+/* on the runtime stack; the second argument of a program entry, the sixth of a helper (a multiple of 16 bytes: the trampoline calls programs with it on top of the stack) */
 struct ubpf_hit_frame {
 	uint64_t ctx;  /* the pt_regs built by the trampoline */
 	uint64_t probe;  /* PROBE_BLOCK */
 	uint64_t thread;  /* THREAD_BLOCK */
 	uint64_t runtime;  /* RUNTIME_HEADER */
+	uint64_t cpu;  /* the CPU id this hit owns (valid while ``cpu_owner`` is non-zero) */
+	uint64_t cpu_owner;  /* the CPU_OWNER.owner word the hit holds, released (stored 0) when the program that claimed it returns; 0: no CPU id claimed yet (the trampoline zeroes it per hit). Without owner lines it points at ``cpu`` itself: the release then clears a dead word */
 } __attribute__((aligned(8)));
-_Static_assert(sizeof(struct ubpf_hit_frame) == 32, "ubpf_hit_frame size");
+_Static_assert(sizeof(struct ubpf_hit_frame) == 48, "ubpf_hit_frame size");
 _Static_assert(__builtin_offsetof(struct ubpf_hit_frame, ctx) == 0, "ubpf_hit_frame.ctx");
 _Static_assert(__builtin_offsetof(struct ubpf_hit_frame, probe) == 8, "ubpf_hit_frame.probe");
 _Static_assert(__builtin_offsetof(struct ubpf_hit_frame, thread) == 16, "ubpf_hit_frame.thread");
 _Static_assert(__builtin_offsetof(struct ubpf_hit_frame, runtime) == 24, "ubpf_hit_frame.runtime");
+_Static_assert(__builtin_offsetof(struct ubpf_hit_frame, cpu) == 32, "ubpf_hit_frame.cpu");
+_Static_assert(__builtin_offsetof(struct ubpf_hit_frame, cpu_owner) == 40, "ubpf_hit_frame.cpu_owner");
+
+/* one per CPU id, a cache line each (a thread takes its own CPU's line; others only when that one is taken) */
+struct ubpf_cpu_owner {
+	uint64_t owner;  /* 0: free; 1: a hit owns this id (compare-and-swap 0 -> 1, released with a store) */
+	uint64_t reserved[7];
+} __attribute__((aligned(64)));
+_Static_assert(sizeof(struct ubpf_cpu_owner) == 64, "ubpf_cpu_owner size");
+_Static_assert(__builtin_offsetof(struct ubpf_cpu_owner, owner) == 0, "ubpf_cpu_owner.owner");
+_Static_assert(__builtin_offsetof(struct ubpf_cpu_owner, reserved) == 8, "ubpf_cpu_owner.reserved");
 
 /* one bpf_trace_printk call, in the printk ring (RUNTIME_HEADER.printk_ring); the tracer formats it with helpers/printk_format.py */
 struct ubpf_printk_record {

@@ -54,6 +54,9 @@ RUNTIME_HEADER = Layout("ubpf_runtime_header", [
     u64("jiffies_base", "jiffies at CLOCK_MONOTONIC 0 (helpers/task_helpers.py _jiffies_base)"),
     u64("tid_fs_off", "offset from the FS base of the libc's thread-id word (struct pthread tid), "
         "checked by the tracer on every thread; 0: unknown (gettid() per call)"),
+    u64("cpu_owners", "address (in the arena: shared by every process of the session) of ``cpu_ids`` "
+        "CPU_OWNER lines; 0: none (a hit uses the CPU it samples, unowned)"),
+    u64("cpu_ids", "CPU ids a hit can own: the possible CPUs, the per-CPU maps' ``ncpus``"),
 ], doc="at the start of the arena")
 
 #: PROBE_BLOCK.flags
@@ -76,7 +79,8 @@ PROBE_BLOCK = Layout("ubpf_probe_block", [
     # line 1: counters hits write (atomic adds); on a line of their own, so a counted hit never
     # takes away from the other CPUs the line they read on every hit
     u64("hits", "programs run (atomic add) when ``pcpu_hits`` is 0"),
-    u64("missed", "hits skipped: the thread was already inside a program, or no thread slot"),
+    u64("missed", "hits skipped: the thread was already inside a program, no thread slot, or no "
+        "CPU id free in time (a per-CPU program; it then takes back its count from ``hits``)"),
     u64("ns", "nanoseconds spent in the program when timing is on"),
     u64s("reserved", 5),
 ], doc="one per probe, in the arena, on cache lines of its own", align=64)
@@ -151,7 +155,27 @@ HIT_FRAME = Layout("ubpf_hit_frame", [
     u64("probe", "PROBE_BLOCK"),
     u64("thread", "THREAD_BLOCK"),
     u64("runtime", "RUNTIME_HEADER"),
-], doc="on the runtime stack; the second argument of a program entry, the sixth of a helper")
+    u64("cpu", "the CPU id this hit owns (valid while ``cpu_owner`` is non-zero)"),
+    u64("cpu_owner", "the CPU_OWNER.owner word the hit holds, released (stored 0) when the program "
+        "that claimed it returns; 0: no CPU id claimed yet (the trampoline zeroes it per hit). "
+        "Without owner lines it points at ``cpu`` itself: the release then clears a dead word"),
+], doc="on the runtime stack; the second argument of a program entry, the sixth of a helper "
+       "(a multiple of 16 bytes: the trampoline calls programs with it on top of the stack)")
+
+#: CPU_OWNER lines in the arena (RUNTIME_HEADER.cpu_owners): a hit of a program that uses per-CPU
+#: data owns one id for its whole run (tail calls and callbacks included), so no two hits ever use
+#: one CPU's copies at once -- the kernel gets this from running programs with migration disabled;
+#: here a thread can be preempted and migrated in the middle of a program
+CPU_OWNER = Layout("ubpf_cpu_owner", [
+    u64("owner", "0: free; 1: a hit owns this id (compare-and-swap 0 -> 1, released with a store)"),
+    u64s("reserved", 7),
+], doc="one per CPU id, a cache line each (a thread takes its own CPU's line; others only when "
+       "that one is taken)", align=64)
+#: TSC cycles a hit waits for a free id (spinning, then sched_yield) before it skips its program
+#: and counts it missed: a stopped owner (detach stops every thread) must never hang a spinner
+CPU_CLAIM_TSC = 1 << 26
+#: rounds over the ids with ``pause`` before the claim yields the CPU between rounds
+CPU_CLAIM_SPINS = 16
 
 #: PRINTK_RECORD: most arguments bpf_trace_vprintk takes, most format bytes recorded
 PRINTK_MAX_ARGS = 12
@@ -185,7 +209,8 @@ PRINTK_BLOB = Layout("ubpf_printk_blob", [
     u32("len", "bytes that follow, padded to 8"),
 ], doc="memory a printk argument pointed at, copied at call time")
 
-ALL = [RUNTIME_HEADER, PROBE_BLOCK, SHADOW_ENTRY, THREAD_BLOCK, SITE, FACTS, HIT_FRAME, PRINTK_RECORD, PRINTK_BLOB]
+ALL = [RUNTIME_HEADER, PROBE_BLOCK, SHADOW_ENTRY, THREAD_BLOCK, SITE, FACTS, HIT_FRAME, CPU_OWNER, PRINTK_RECORD,
+       PRINTK_BLOB]
 #: the signal ``ubpf_dl_notify`` (runtime/dlnotify.c) sends the tracer, whose loop it wakes
 #: (ignored by default: harmless to a tracer that is not listening)
 DL_NOTIFY_SIGNAL = int(signal.SIGURG)
@@ -208,6 +233,8 @@ CONSTANTS = {
     "UBPF_PB_F_RETURN": PB_F_RETURN,
     "UBPF_PB_F_AT_ENTRY": PB_F_AT_ENTRY,
     "UBPF_SHADOW_DEPTH": SHADOW_DEPTH,
+    "UBPF_CPU_CLAIM_TSC": CPU_CLAIM_TSC,
+    "UBPF_CPU_CLAIM_SPINS": CPU_CLAIM_SPINS,
     "UBPF_SITE_MAX_PROBES": SITE_MAX_PROBES,
     "UBPF_SYS_RT_SIGPROCMASK": SYS_RT_SIGPROCMASK,
     "UBPF_SIG_BLOCK": SIG_BLOCK,
@@ -222,3 +249,5 @@ CONSTANTS = {
     "UBPF_PK_BLOB_FAULT": PK_BLOB_FAULT,
     "UBPF_PK_BLOB_PROG": PK_BLOB_PROG,
 }
+
+assert HIT_FRAME.size % 16 == 0, "the trampolines call programs with the hit frame on top of a 16-aligned stack"

@@ -8,8 +8,8 @@ without translation, and the tracer reads maps and drains rings without stopping
 the target.
 
 The file is sparse (``ftruncate``): pages cost memory only once touched.  The
-``RUNTIME_HEADER`` (``ubpf_py.abi.runtime``) sits at offset 0; allocation is a
-thread-safe bump pointer after it.  Nothing is ever freed individually (maps
+``RUNTIME_HEADER`` (``ubpf_py.abi.runtime``) sits at offset 0, then the CPU_OWNER lines;
+allocation is a thread-safe bump pointer after them.  Nothing is ever freed individually (maps
 live as long as the session; the arena goes away whole with ``close()``).
 
 The lead's injector maps ``arena.fd`` (through ``/proc/<tracer>/fd/<fd>`` or an
@@ -33,8 +33,9 @@ from ubpf_py.abi.kernel import (
     PROT_READ,
     PROT_WRITE,
 )
-from ubpf_py.abi.runtime import RUNTIME_HEADER, RUNTIME_MAGIC
+from ubpf_py.abi.runtime import CACHE_LINE, CPU_OWNER, RUNTIME_HEADER, RUNTIME_MAGIC
 from ubpf_py.errors import UbpfError
+from ubpf_py.sysinfo import possible_cpus
 
 PAGE = PAGE_SIZE
 DEFAULT_SIZE = 1 << 30
@@ -114,6 +115,17 @@ class SharedArena:
         hw[RUNTIME_HEADER.word("arena_size")] = size
         hw[RUNTIME_HEADER.word("pid")] = os.getpid()
         hw[RUNTIME_HEADER.word("magic")] = RUNTIME_MAGIC
+        # the CPU ids hits of per-CPU programs own (runtime/cpuclaim.c): here, so every process
+        # of the session (they share the maps) shares them; every process's header points here
+        ids = possible_cpus()
+        owners = self.alloc(ids * CPU_OWNER.size, CACHE_LINE)
+        hw[RUNTIME_HEADER.word("cpu_owners")] = owners.addr
+        hw[RUNTIME_HEADER.word("cpu_ids")] = ids
+
+    def cpu_owners(self) -> tuple[int, int]:
+        """(address, count) of the CPU_OWNER lines: RUNTIME_HEADER.cpu_owners / cpu_ids."""
+        hw = self.header.view.cast("Q")
+        return hw[RUNTIME_HEADER.word("cpu_owners")], hw[RUNTIME_HEADER.word("cpu_ids")]
 
     @property
     def used(self) -> int:

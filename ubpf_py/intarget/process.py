@@ -148,7 +148,7 @@ class InTargetEngine:
             ret = TR.build_return_trampoline(self.plan.ret_tramp_addr, self.plan.header_addr)
             S.install_image(mapper, proc.mem, tid, self.plan, self.code, ret, st.rt)
             S.write_header(proc.mem, self.plan, proc.tgid, self.printk_ring,
-                           [t.tid for t in proc.threads.values() if t.stopped])
+                           [t.tid for t in proc.threads.values() if t.stopped], self.arena.cpu_owners())
             # the maps are all allocated by now: their storage faults in here, not on hits (the
             # kernel's maps are allocated up front too)
             mapper.populate(tid, self.arena.addr, self.arena.used)
@@ -334,7 +334,9 @@ class InTargetEngine:
             counters = self.pcpu_hits.get(pb.addr)
             if counters is not None:
                 hits += sum(counters.view.cast("Q")[::CACHE_LINE // 8])
-        return hits, missed
+        # modulo 2**64: a per-CPU program skipped for want of a CPU id takes its count back from
+        # ``hits`` (runtime/cpuclaim.c), which the trampoline may not have added yet
+        return hits & (2**64 - 1), missed
 
     def in_target(self, probe_id: int) -> bool:
         return bool(self.blocks.get(probe_id))

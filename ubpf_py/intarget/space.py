@@ -170,8 +170,10 @@ def map_arena(mapper: TargetMapper, mem: P.ProcMem, tid: int, plan: SpacePlan, f
     rt.arena = True
 
 
-def header_bytes(plan: SpacePlan, pid: int, printk_ring: int, tid_fs_off: int = 0) -> bytes:
-    """This process's RUNTIME_HEADER (private: the pid and vDSO addresses are per process)."""
+def header_bytes(plan: SpacePlan, pid: int, printk_ring: int, tid_fs_off: int = 0,
+                 cpu_owners: tuple[int, int] = (0, 0)) -> bytes:
+    """This process's RUNTIME_HEADER (private: the pid and vDSO addresses are per process);
+    ``cpu_owners``: the arena's CPU_OWNER lines (``SharedArena.cpu_owners``), shared by all."""
     from ubpf_py.intarget.header import host_facts
 
     syms = vdso.vdso_symbols(pid)
@@ -198,10 +200,13 @@ def header_bytes(plan: SpacePlan, pid: int, printk_ring: int, tid_fs_off: int = 
     put("pid", pid)
     put("ret_trampoline", plan.ret_tramp_addr)
     put("tid_fs_off", tid_fs_off)
+    put("cpu_owners", cpu_owners[0])
+    put("cpu_ids", cpu_owners[1])
     return struct.pack(f"<{len(words)}Q", *(w & _M64 for w in words))   # jiffies_base may be "negative"
 
 
-def write_header(mem: P.ProcMem, plan: SpacePlan, pid: int, printk_ring: int, tids: list[int] = ()) -> None:
+def write_header(mem: P.ProcMem, plan: SpacePlan, pid: int, printk_ring: int, tids: list[int] = (),
+                 cpu_owners: tuple[int, int] = (0, 0)) -> None:
     """``tids``: stopped threads whose thread control blocks show where the libc keeps the tid
     (``header.tid_fs_offset``; the runtime then reads it instead of calling gettid)."""
     from ubpf_py.intarget.header import tid_fs_offset
@@ -217,7 +222,7 @@ def write_header(mem: P.ProcMem, plan: SpacePlan, pid: int, printk_ring: int, ti
         data = mem.read(fs, 0x300) if fs else None
         if data is not None:
             tcbs[tid] = data
-    write_code(mem, plan.header_addr, header_bytes(plan, pid, printk_ring, tid_fs_offset(tcbs)))
+    write_code(mem, plan.header_addr, header_bytes(plan, pid, printk_ring, tid_fs_offset(tcbs), cpu_owners))
 
 
 def fix_forked_header(mem: P.ProcMem, plan: SpacePlan, child: int) -> None:

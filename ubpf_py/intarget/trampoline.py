@@ -21,7 +21,7 @@ never repeats a layout.
     busy = 1; rsp = slot end & ~15          the per-thread runtime stack
     push a kernel-layout pt_regs (original values; ip = the site; rsp = the site's rsp;
         cs/ss = user selectors; orig_rax = -1 as the kernel's int3 entry reports)
-    HIT_FRAME below it; for each SITE.probes[i] that is enabled:
+    HIT_FRAME below it (no CPU id owned yet); for each SITE.probes[i] that is enabled:
         return probe: drop shadow entries of frames that are gone (rsp below ours, or
                       equal to ours unless [rsp] already is the return trampoline: a
                       tail call chaining two return probes, as the kernel tells them
@@ -234,6 +234,7 @@ def _enter_runtime() -> str:
     mov [rsp + F_ctx], rax
     mov [rsp + F_thread], rdi
     mov [rsp + F_runtime], rbx
+    mov qword ptr [rsp + F_cpu_owner], 0
     mov r12, rsi
     mov r15, rdi
 """

@@ -200,7 +200,7 @@ def stats_report(stats: list[ProbeStats]) -> dict:
                      "path_reason": st.path_reason, "missed": st.missed})
         if st.path == "in-target":    # programs are not timed in the target (a clock read per hit)
             lines.append(f"{st.request.program} on {st.request.describe()}: {st.hits} hits in the target"
-                         + (f", {st.missed} missed (a program was already running on that thread)"
+                         + (f", {st.missed} missed (a program was already running on that thread, or no CPU id came free)"
                             if st.missed else ""))
             continue
         lines.append(f"{st.request.program} on {st.request.describe()}: {st.hits} hits through ptrace "

@@ -15,6 +15,10 @@ The same IR generator as the tracer-side JIT (``compiler``), in *target mode*:
   the arena (one per prog array, filled after linking: ``tail_tables``); what needs the
   tracer (callx, other callbacks) raises ``NotSupportedError``, and the caller keeps that
   probe on the ptrace path with the reason;
+* a program that uses per-CPU data (``uses_cpu``) owns a CPU id for its hit: its entry calls
+  the runtime's ``ubpf_cpu_claim`` (runtime/cpuclaim.c, the kernel's migrate_disable in
+  effect), puts the id in ``SLOT_CPU`` and releases it when the program returns; other
+  programs get no claim code;
 * code generation uses general-purpose registers only (no SSE/AVX/x87): the trampolines save
   the general registers and the flags of the interrupted thread, not its vector state;
 * the result is an ELF relocatable object (position-independent, small code model) that the
@@ -33,9 +37,10 @@ from typing import Any
 
 import llvmlite.binding as llvm
 
+from ubpf_py.abi.runtime import HIT_FRAME
 from ubpf_py.isa.instruction import Instruction
+from ubpf_py.isa.opcodes import LDDW
 from ubpf_py.maps import descriptor as D
-from ubpf_py.sysinfo import cpu_has
 from ubpf_py.vm.jit import fastpath, layout
 from ubpf_py.vm.jit.backend import Backend, backend
 from ubpf_py.vm.jit.compiler import (
@@ -81,7 +86,6 @@ def _machine() -> llvm.TargetMachine:
     global _tm, _ctx
     if _tm is None:
         backend()   # initialises the native target
-        llvm.initialize_native_asmparser()   # inline asm (rdpid) in target code
         target = llvm.Target.from_default_triple()
         _tm = target.create_target_machine(cpu="x86-64", features=GENERAL_REGS_ONLY, opt=2,
                                            reloc="pic", codemodel="small")
@@ -114,18 +118,68 @@ def _walkable_maps(maps_by_addr: dict[int, Any]) -> frozenset[int]:
     return frozenset(out)
 
 
-def _entry_ir(p: str, table: list[int], cpu: str) -> str:
+#: bpf_get_smp_processor_id
+SMP_PROCESSOR_ID = 8
+#: the runtime's CPU-id claim (runtime/cpuclaim.c)
+CLAIM_SYMBOL = "ubpf_cpu_claim"
+
+
+def uses_cpu(insns: list[Instruction], plan: ProgramLayout, maps_by_addr: dict[int, Any]) -> bool:
+    """Whether a hit of this program must own a CPU id (runtime/cpuclaim.c): it refers to a
+    per-CPU map (or to a map of maps while the collection has per-CPU maps that could be inner
+    maps), or asks for its CPU number (which programs use to pick their own slot of a map).
+    Anything else pays nothing for the claim."""
+    if SMP_PROCESSOR_ID in plan.helper_ids:
+        return True
+    percpu_any = any(getattr(m, "percpu", False) for m in maps_by_addr.values())
+    for ins in insns:
+        if ins.opcode != LDDW or ins.src != 0:
+            continue
+        m = maps_by_addr.get(ins.imm64)
+        if m is not None and (getattr(m, "percpu", False) or (percpu_any and getattr(m, "holds_maps", False))):
+            return True
+    return False
+
+
+def _claim_ir(claim: bool) -> tuple[str, str]:
+    """IR of the entry before and after the program's call: nothing, or own a CPU id for the hit
+    unless an earlier program of the tail-call chain already owns one (HIT_FRAME.cpu_owner
+    non-zero; the trampoline zeroes it per hit), and release it (a store) when the program
+    returns -- only the entry that claimed releases, so tail calls keep the id."""
+    if not claim:
+        return "  %cpu = add i64 0, 0\n", "  ret i64 %r\n"
+    before = f"""  %ownp = inttoptr i64 %hfo to ptr
+  %held = load i64, ptr %ownp
+  %need = icmp eq i64 %held, 0
+  br i1 %need, label %claim, label %have
+claim:
+  %rc = call i64 @{CLAIM_SYMBOL}(i64 %hf)
+  %ok = icmp eq i64 %rc, 0
+  br i1 %ok, label %have, label %skip
+skip:
+  ret i64 0
+have:
+  %cpup = inttoptr i64 %hfc to ptr
+  %cpu = load i64, ptr %cpup
+"""
+    after = """  br i1 %need, label %release, label %done
+release:
+  %word = load i64, ptr %ownp
+  %wordp = inttoptr i64 %word to ptr
+  store atomic i64 0, ptr %wordp release, align 8
+  store i64 0, ptr %ownp
+  ret i64 %r
+done:
+  ret i64 %r
+"""
+    return before, after
+
+
+def _entry_ir(p: str, table: list[int], claim: bool) -> str:
     n = layout.NUM_SLOTS
     rows = ", ".join(f"i64 {v if v < 1 << 63 else v - (1 << 64)}" for v in table) or "i64 0"
     count = max(1, len(table))
-    if cpu == "rdpid":
-        cpu_ir = ('  %aux = call i64 asm sideeffect "rdpid $0", "=r"()\n'
-                  '  %cpu = and i64 %aux, 4095\n')
-    elif cpu == "rdtscp":
-        cpu_ir = ('  %aux32 = call i32 asm sideeffect "rdtscp", "={ecx},~{eax},~{edx}"()\n'
-                  '  %aux = zext i32 %aux32 to i64\n  %cpu = and i64 %aux, 4095\n')
-    else:
-        cpu_ir = "  %cpu = add i64 0, 0\n"
+    before, after = _claim_ir(claim)
     return f"""
 @{p}_fastmaps = internal constant [{count} x i64] [{rows}], align 8
 define i64 @{p}_tentry(i64 %ctx, i64 %hf) {{
@@ -135,7 +189,9 @@ define i64 @{p}_tentry(i64 %ctx, i64 %hf) {{
 define i64 @{p}_tcentry(i64 %ctx, i64 %hf, i64 %tail_calls) "no-builtins" {{
   %rt = alloca [{n} x i64], align 16
   %stk = alloca [{layout.STACK_TOTAL} x i8], align 16
-  %lo = ptrtoint ptr %stk to i64
+  %hfo = add i64 %hf, {HIT_FRAME.off("cpu_owner")}
+  %hfc = add i64 %hf, {HIT_FRAME.off("cpu")}
+{before}  %lo = ptrtoint ptr %stk to i64
   %fp = add i64 %lo, {layout.STACK_TOTAL}
   store i64 0, ptr %rt
   %s1 = getelementptr i64, ptr %rt, i64 {layout.SLOT_STACK_LO}
@@ -149,11 +205,10 @@ define i64 @{p}_tcentry(i64 %ctx, i64 %hf, i64 %tail_calls) "no-builtins" {{
   store i64 %hf, ptr %s4
   %s6 = getelementptr i64, ptr %rt, i64 {layout.SLOT_TAIL_COUNT}
   store i64 %tail_calls, ptr %s6
-{cpu_ir}  %s5 = getelementptr i64, ptr %rt, i64 {layout.SLOT_CPU}
+  %s5 = getelementptr i64, ptr %rt, i64 {layout.SLOT_CPU}
   store i64 %cpu, ptr %s5
   %r = call i64 @{p}_f0(i64 %ctx, i64 0, i64 0, i64 0, i64 0, i64 %fp, ptr %rt)
-  ret i64 %r
-}}
+{after}}}
 """
 
 
@@ -162,13 +217,13 @@ def target_ir(insns: list[Instruction], prefix: str, maps_by_addr: dict[int, Any
     """The whole LLVM module (text) of one program compiled for the target."""
     body, plan = program_ir(insns, prefix, checked=False,
                             target=TargetInfo(dict(tail_tables or {}), _walkable_maps(maps_by_addr)))
-    percpu = any(getattr(maps_by_addr.get(h), "percpu", False) for h in plan.map_consts)
-    cpu = ("rdpid" if cpu_has("rdpid") else "rdtscp") if percpu else "none"
-    decls = "".join(f"declare i64 @{target_helper_symbol(h)}(i64, i64, i64, i64, i64, i64)\n"
+    claim = uses_cpu(insns, plan, maps_by_addr)
+    decls = f"declare i64 @{CLAIM_SYMBOL}(i64)\n" if claim else ""
+    decls += "".join(f"declare i64 @{target_helper_symbol(h)}(i64, i64, i64, i64, i64, i64)\n"
                     for h in plan.helper_ids if h not in INLINE_HELPERS)
     if FOR_EACH_HELPER in plan.helper_ids:
         decls += f"declare i64 @{FOR_EACH_SYMBOL}(i64, i64, i64, i64, i64, ptr, i64)\n"
-    text = module_header() + decls + body + _entry_ir(prefix, _fast_map_table(plan, maps_by_addr), cpu)
+    text = module_header() + decls + body + _entry_ir(prefix, _fast_map_table(plan, maps_by_addr), claim)
     return text, plan
 
 
